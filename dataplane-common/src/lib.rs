@@ -1,0 +1,316 @@
+//! Map keys and values shared by the eBPF datapath and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the
+//! layout byte for byte. Addresses and ports are stored in **network byte
+//! order**, exactly as they appear in packets: the datapath compares them with
+//! header fields without swapping, and userspace converts with the helpers at
+//! the bottom of this file.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Names of the maps as pinned under the agent's bpffs directory. They are
+/// part of the operator interface (`bpftool map dump pinned DIR/NAME`).
+pub mod map_names {
+    pub const SERVICE_IPS: &str = "SERVICE_IPS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Capacities of the maps. The agent refuses what does not fit rather than
+/// letting a map insert fail half way through a service.
+pub mod capacity {
+    pub const SERVICE_IPS: u32 = 65_536;
+    pub const SERVICES: u32 = 131_072;
+    pub const BACKEND_SLOTS: u32 = 1_048_576;
+    pub const BACKENDS: u32 = 262_144;
+    pub const CONNTRACK: u32 = 262_144;
+    /// Most backends one service port may have.
+    pub const BACKENDS_PER_SERVICE: u32 = 4_096;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of `SERVICES`: one frontend (ClusterIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Service IP, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Stable id of this frontend; keys its backend slots and names it in
+    /// conntrack entries.
+    pub service_id: u32,
+    /// Number of valid slots `0..backend_count` in `BACKEND_SLOTS`. Zero means
+    /// the service exists but has no endpoints: new connections are rejected.
+    pub backend_count: u32,
+    pub flags: u32,
+    /// ClientIP session affinity timeout in seconds; 0 when affinity is off.
+    pub affinity_timeout_s: u32,
+}
+
+/// Key of `BACKEND_SLOTS`: the n-th backend of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of `BACKENDS` (keyed by a `u32` backend id): where a pod listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Backend {
+    /// Pod IP, network byte order.
+    pub addr: u32,
+    /// Target port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Direction of a conntrack key.
+pub mod ct_dir {
+    /// Client to service, as seen leaving the client pod (before DNAT).
+    pub const ORIGINAL: u8 = 0;
+    /// Backend to client, as seen after DNAT (the reply tuple).
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of `CONNTRACK`. Each flow has two entries: the original tuple (looked up
+/// on packets from the client pod) and the reply tuple (looked up on packets
+/// towards the client pod, or from it when the flow is hairpinned).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// One of [`ct_dir`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// TCP state of a flow as far as timeouts care.
+pub mod ct_state {
+    /// SYN sent, no reply yet (or a UDP flow that has seen no reply).
+    pub const OPENING: u8 = 0;
+    pub const ESTABLISHED: u8 = 1;
+    /// FIN seen in both directions, or a RST.
+    pub const CLOSING: u8 = 2;
+}
+
+/// Flags of a conntrack entry.
+pub mod ct_flags {
+    /// Client and backend are the same pod: the source is rewritten to the
+    /// service IP too, so the pod does not see its own address as source.
+    pub const HAIRPIN: u8 = 1 << 0;
+    pub const SEEN_REPLY: u8 = 1 << 1;
+    pub const FIN_ORIGINAL: u8 = 1 << 2;
+    pub const FIN_REPLY: u8 = 1 << 3;
+}
+
+/// Value of `CONNTRACK`. Both entries of a flow carry the full translation;
+/// the original-direction entry is authoritative for state and lifetime.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of flow creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet in either direction.
+    pub last_seen_ns: u64,
+    pub client_addr: u32,
+    pub service_addr: u32,
+    pub backend_addr: u32,
+    pub client_port: u16,
+    pub service_port: u16,
+    pub backend_port: u16,
+    pub proto: u8,
+    /// One of [`ct_state`].
+    pub state: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Bits of [`ct_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Conntrack lifetimes, in seconds, after the last packet of a flow.
+pub mod ct_timeout {
+    pub const TCP_OPENING_S: u64 = 60;
+    pub const TCP_ESTABLISHED_S: u64 = 6 * 3600;
+    pub const TCP_CLOSING_S: u64 = 10;
+    pub const UDP_S: u64 = 60;
+}
+
+impl CtEntry {
+    /// How long after `last_seen_ns` this flow's entries stay valid.
+    pub fn lifetime_ns(&self) -> u64 {
+        let secs = if self.proto == IPPROTO_TCP {
+            match self.state {
+                ct_state::ESTABLISHED => ct_timeout::TCP_ESTABLISHED_S,
+                ct_state::CLOSING => ct_timeout::TCP_CLOSING_S,
+                _ => ct_timeout::TCP_OPENING_S,
+            }
+        } else {
+            ct_timeout::UDP_S
+        };
+        secs * 1_000_000_000
+    }
+
+    pub fn is_expired(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns()
+    }
+}
+
+/// Indices of the per-CPU `COUNTERS` array: what the datapath did and every
+/// reason it dropped or rejected a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A new flow to a service got a backend.
+    NewFlow = 0,
+    /// A packet followed an existing conntrack entry.
+    Established = 1,
+    /// A reply was translated back to the service address.
+    ReplyTranslated = 2,
+    /// New connection to a service without endpoints: rejected.
+    RejectNoEndpoints = 3,
+    /// TCP packet of a flow whose backend was removed: reset sent.
+    ResetBackendGone = 4,
+    /// UDP flow whose backend was removed: moved to a live backend.
+    UdpFlowMoved = 5,
+    /// Packet to a service IP that could not be parsed safely (truncated
+    /// header, fragment, IP options where not supported): left untouched.
+    Malformed = 6,
+    /// Packet to a service IP on a port/protocol that is not a service.
+    UnknownPort = 7,
+    /// A checksum or store helper failed while rewriting: dropped.
+    RewriteFailed = 8,
+    /// Conntrack insert failed (map full beyond LRU eviction): dropped.
+    CtInsertFailed = 9,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::NewFlow,
+        Counter::Established,
+        Counter::ReplyTranslated,
+        Counter::RejectNoEndpoints,
+        Counter::ResetBackendGone,
+        Counter::UdpFlowMoved,
+        Counter::Malformed,
+        Counter::UnknownPort,
+        Counter::RewriteFailed,
+        Counter::CtInsertFailed,
+    ];
+
+    /// Stable snake_case name used in metrics and `inspect`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::NewFlow => "new_flow",
+            Counter::Established => "established",
+            Counter::ReplyTranslated => "reply_translated",
+            Counter::RejectNoEndpoints => "reject_no_endpoints",
+            Counter::ResetBackendGone => "reset_backend_gone",
+            Counter::UdpFlowMoved => "udp_flow_moved",
+            Counter::Malformed => "malformed",
+            Counter::UnknownPort => "unknown_port",
+            Counter::RewriteFailed => "rewrite_failed",
+            Counter::CtInsertFailed => "ct_insert_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)], bytemuck::Pod (no padding holes, any
+    // bit pattern valid), which is exactly what aya::Pod requires.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendSlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtEntry {}
+}
+
+/// Network-order u32 of an IPv4 address, as stored in maps.
+pub fn ipv4_to_map(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// Octets of a map-stored (network-order) IPv4 address.
+pub fn ipv4_from_map(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// Network-order port as stored in maps.
+pub fn port_to_map(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Host-order port from a map-stored port.
+pub fn port_from_map(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // bytemuck's derive already refuses padding; these pin the sizes the
+        // eBPF side was verified with.
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 48);
+    }
+
+    #[test]
+    fn tcp_lifetime_follows_state() {
+        let mut e = CtEntry { proto: IPPROTO_TCP, last_seen_ns: 0, ..Default::default() };
+        assert!(!e.is_expired(59 * 1_000_000_000));
+        assert!(e.is_expired(61 * 1_000_000_000));
+        e.state = ct_state::ESTABLISHED;
+        assert!(!e.is_expired(3600 * 1_000_000_000));
+        e.state = ct_state::CLOSING;
+        assert!(e.is_expired(11 * 1_000_000_000));
+    }
+
+    #[test]
+    fn byte_order_helpers_round_trip() {
+        let a = ipv4_to_map([10, 96, 0, 10]);
+        assert_eq!(ipv4_from_map(a), [10, 96, 0, 10]);
+        assert_eq!(a.to_ne_bytes()[0], 10);
+        assert_eq!(port_from_map(port_to_map(8080)), 8080);
+        assert_eq!(port_to_map(80).to_ne_bytes(), [0, 80]);
+    }
+}

@@ -1,1 +1,26 @@
-fn main() {}
+//! dataplane-agent: keeps the eBPF service dataplane of one node in sync with
+//! the cluster's Services and EndpointSlices.
+
+use clap::{Parser, Subcommand};
+use dataplane_agent::run;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "eBPF service dataplane agent (kube-proxy replacement)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the datapath on this node and keep it in sync.
+    Run(run::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(options) => run::run(options),
+    }
+}

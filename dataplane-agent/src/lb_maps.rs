@@ -1,0 +1,192 @@
+//! The load-balancing maps as the sync engine sees them: a small trait so the
+//! engine runs the same against the pinned BPF maps and against an in-memory
+//! double in unit tests.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use dataplane_common::{map_names, Backend, BackendSlotKey, ServiceKey, ServiceValue};
+
+/// A write to one of the load-balancing maps failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} in map {map} failed")]
+pub struct LbMapError {
+    pub map: &'static str,
+    pub op: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+/// Everything the load-balancing maps hold, read back at start-up so that a
+/// restarted agent adopts what its predecessor programmed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LbSnapshot {
+    pub service_ips: BTreeMap<u32, u32>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub slots: BTreeMap<(u32, u32), u32>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+pub trait LbMaps {
+    fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError>;
+    fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError>;
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError>;
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError>;
+    fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError>;
+    fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError>;
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError>;
+    fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError>;
+    fn snapshot(&self) -> Result<LbSnapshot, LbMapError>;
+}
+
+/// The pinned BPF maps.
+pub struct BpfLbMaps {
+    service_ips: HashMap<MapData, u32, u32>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, BackendSlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let map: Map = ebpf.take_map(name).ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
+    Ok(HashMap::try_from(map)?)
+}
+
+impl BpfLbMaps {
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            service_ips: take(ebpf, map_names::SERVICE_IPS)?,
+            services: take(ebpf, map_names::SERVICES)?,
+            slots: take(ebpf, map_names::BACKEND_SLOTS)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+        })
+    }
+}
+
+fn err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> LbMapError {
+    move |source| LbMapError { map, op, source }
+}
+
+/// Deleting what is already gone is success: the desired state holds.
+fn removed(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl LbMaps for BpfLbMaps {
+    fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError> {
+        self.service_ips.insert(addr, port_count, 0).map_err(err(map_names::SERVICE_IPS, "insert"))
+    }
+    fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError> {
+        removed(self.service_ips.remove(&addr)).map_err(err(map_names::SERVICE_IPS, "delete"))
+    }
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError> {
+        self.services.insert(key, value, 0).map_err(err(map_names::SERVICES, "insert"))
+    }
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
+        removed(self.services.remove(&key)).map_err(err(map_names::SERVICES, "delete"))
+    }
+    fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError> {
+        self.slots.insert(key, backend_id, 0).map_err(err(map_names::BACKEND_SLOTS, "insert"))
+    }
+    fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError> {
+        removed(self.slots.remove(&key)).map_err(err(map_names::BACKEND_SLOTS, "delete"))
+    }
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError> {
+        self.backends.insert(id, backend, 0).map_err(err(map_names::BACKENDS, "insert"))
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
+        removed(self.backends.remove(&id)).map_err(err(map_names::BACKENDS, "delete"))
+    }
+    fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
+        let mut snap = LbSnapshot::default();
+        for entry in self.service_ips.iter() {
+            let (k, v) = entry.map_err(err(map_names::SERVICE_IPS, "iterate"))?;
+            snap.service_ips.insert(k, v);
+        }
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(err(map_names::SERVICES, "iterate"))?;
+            snap.services.insert(k, v);
+        }
+        for entry in self.slots.iter() {
+            let (k, v) = entry.map_err(err(map_names::BACKEND_SLOTS, "iterate"))?;
+            snap.slots.insert((k.service_id, k.slot), v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(err(map_names::BACKENDS, "iterate"))?;
+            snap.backends.insert(k, v);
+        }
+        Ok(snap)
+    }
+}
+
+/// In-memory maps that count every write, for unit tests of the engine.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct MemLbMaps {
+    pub state: LbSnapshot,
+    pub writes: usize,
+    /// Fails the next write to this map, once.
+    pub fail_next_write_to: Option<&'static str>,
+}
+
+#[cfg(test)]
+impl MemLbMaps {
+    fn write(&mut self, map: &'static str) -> Result<(), LbMapError> {
+        if self.fail_next_write_to == Some(map) {
+            self.fail_next_write_to = None;
+            return Err(LbMapError { map, op: "insert", source: MapError::KeyNotFound });
+        }
+        self.writes += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl LbMaps for MemLbMaps {
+    fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError> {
+        self.write(map_names::SERVICE_IPS)?;
+        self.state.service_ips.insert(addr, port_count);
+        Ok(())
+    }
+    fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError> {
+        self.write(map_names::SERVICE_IPS)?;
+        self.state.service_ips.remove(&addr);
+        Ok(())
+    }
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError> {
+        self.write(map_names::SERVICES)?;
+        self.state.services.insert(key, value);
+        Ok(())
+    }
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
+        self.write(map_names::SERVICES)?;
+        self.state.services.remove(&key);
+        Ok(())
+    }
+    fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError> {
+        self.write(map_names::BACKEND_SLOTS)?;
+        self.state.slots.insert((key.service_id, key.slot), backend_id);
+        Ok(())
+    }
+    fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError> {
+        self.write(map_names::BACKEND_SLOTS)?;
+        self.state.slots.remove(&(key.service_id, key.slot));
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError> {
+        self.write(map_names::BACKENDS)?;
+        self.state.backends.insert(id, backend);
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
+        self.write(map_names::BACKENDS)?;
+        self.state.backends.remove(&id);
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
+        Ok(self.state.clone())
+    }
+}

@@ -1,0 +1,698 @@
+//! The sync engine: the one place where the internal model of services and
+//! endpoints becomes map writes. It keeps what it programmed in memory, diffs
+//! each service's desired frontends against it and writes only the
+//! difference, in an order that never shows the datapath a service without
+//! backends it still has.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use dataplane_common::{
+    capacity, ipv4_to_map, port_to_map, Backend, BackendSlotKey, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+};
+use log::{debug, info};
+
+use crate::{
+    lb_maps::{LbMapError, LbMaps, LbSnapshot},
+    model::{Frontend, FrontendSpec, Protocol, ServiceName},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("service {service} {frontend}: {count} endpoints, more than the {max} one service port may have")]
+    TooManyBackends { service: ServiceName, frontend: Frontend, count: usize, max: u32 },
+    #[error("service {service} {frontend}: already served by service {owner}")]
+    FrontendConflict { service: ServiceName, frontend: Frontend, owner: ServiceName },
+    #[error("service {service}: map {map} would hold {needed} entries, more than its capacity {capacity}")]
+    CapacityExceeded { service: ServiceName, map: &'static str, needed: usize, capacity: u32 },
+    #[error("service {service}: writing the maps failed")]
+    Map {
+        service: ServiceName,
+        #[source]
+        source: LbMapError,
+    },
+    #[error("reading the maps back failed")]
+    Snapshot(#[source] LbMapError),
+}
+
+impl SyncError {
+    /// Short cause label, for metrics and logs.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            SyncError::TooManyBackends { .. } => "too_many_backends",
+            SyncError::FrontendConflict { .. } => "frontend_conflict",
+            SyncError::CapacityExceeded { .. } => "capacity",
+            SyncError::Map { .. } | SyncError::Snapshot(_) => "map_write",
+        }
+    }
+}
+
+/// What one frontend looks like in the maps.
+#[derive(Debug, Clone)]
+struct Programmed {
+    /// None for frontends adopted from a previous agent and not yet claimed.
+    owner: Option<ServiceName>,
+    value: ServiceValue,
+    /// Backend id per slot.
+    slots: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BackendRef {
+    id: u32,
+    refs: u32,
+}
+
+#[derive(Debug, Default)]
+struct IdAllocator {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl IdAllocator {
+    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let next = used.last().map_or(1, |max| max + 1);
+        let free = (1..next).filter(|id| !used.contains(id)).collect();
+        Self { next, free }
+    }
+    fn allocate(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            let id = self.next;
+            self.next += 1;
+            id
+        })
+    }
+    fn release(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// Counts of what one sync changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    pub frontends_changed: usize,
+    pub frontends_removed: usize,
+}
+
+pub struct SyncEngine<M: LbMaps> {
+    maps: M,
+    frontends: HashMap<ServiceKey, Programmed>,
+    owned: HashMap<ServiceName, BTreeSet<ServiceKey>>,
+    backends: HashMap<Backend, BackendRef>,
+    backend_by_id: HashMap<u32, Backend>,
+    service_ips: HashMap<u32, u32>,
+    service_ids: IdAllocator,
+    backend_ids: IdAllocator,
+    slot_count: usize,
+    /// A write failed part way: memory may not match the maps. The next sync
+    /// first reads the maps back.
+    diverged: bool,
+}
+
+pub fn service_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: ipv4_to_map(frontend.ip.octets()),
+        port: port_to_map(frontend.port),
+        proto: proto_number(frontend.proto),
+        _pad: 0,
+    }
+}
+
+fn proto_number(proto: Protocol) -> u8 {
+    match proto {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+    }
+}
+
+fn backends_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
+    spec.backends
+        .iter()
+        .map(|b| Backend {
+            addr: ipv4_to_map(b.ip.octets()),
+            port: port_to_map(b.port),
+            proto: proto_number(frontend.proto),
+            flags: 0,
+        })
+        .collect()
+}
+
+/// New slot layout: backends that stay keep their slot, so a change of one
+/// endpoint rewrites one slot, not the whole service.
+fn plan_slots(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
+    let wanted: BTreeSet<Backend> = new.iter().copied().collect();
+    let mut layout: Vec<Option<Backend>> = vec![None; new.len()];
+    let mut placed = BTreeSet::new();
+    for (slot, backend) in old.iter().enumerate().take(new.len()) {
+        if wanted.contains(backend) && placed.insert(*backend) {
+            layout[slot] = Some(*backend);
+        }
+    }
+    // Newcomers, and survivors whose slot is past the new end, fill the holes.
+    let mut rest = new.iter().filter(|b| !placed.contains(*b)).copied();
+    layout
+        .into_iter()
+        .map(|slot| slot.or_else(|| rest.next()).expect("one backend per hole"))
+        .collect()
+}
+
+impl<M: LbMaps> SyncEngine<M> {
+    /// Takes over whatever the maps already hold (a previous agent's work), so
+    /// that the first sync only writes the difference.
+    pub fn adopt(maps: M) -> Result<Self, SyncError> {
+        let mut engine = Self {
+            maps,
+            frontends: HashMap::new(),
+            owned: HashMap::new(),
+            backends: HashMap::new(),
+            backend_by_id: HashMap::new(),
+            service_ips: HashMap::new(),
+            service_ids: IdAllocator::default(),
+            backend_ids: IdAllocator::default(),
+            slot_count: 0,
+            diverged: false,
+        };
+        engine.reload()?;
+        Ok(engine)
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    fn reload(&mut self) -> Result<(), SyncError> {
+        let LbSnapshot { service_ips, services, slots, backends } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
+        let by_id: HashMap<u32, Backend> = backends.clone().into_iter().collect();
+        let owners: HashMap<ServiceKey, ServiceName> = self
+            .frontends
+            .iter()
+            .filter_map(|(key, p)| p.owner.clone().map(|o| (*key, o)))
+            .collect();
+        self.frontends.clear();
+        self.backends.clear();
+        self.backend_by_id.clear();
+        self.slot_count = 0;
+        for (key, value) in &services {
+            let ids: Vec<u32> = (0..value.backend_count).filter_map(|slot| slots.get(&(value.service_id, slot)).copied()).collect();
+            let complete = ids.len() == value.backend_count as usize && ids.iter().all(|id| by_id.contains_key(id));
+            let mut value = *value;
+            let ids = if complete { ids } else { Vec::new() };
+            value.backend_count = ids.len() as u32;
+            for id in &ids {
+                let backend = by_id[id];
+                self.backends.entry(backend).or_insert(BackendRef { id: *id, refs: 0 }).refs += 1;
+                self.backend_by_id.insert(*id, backend);
+            }
+            self.slot_count += ids.len();
+            self.frontends.insert(*key, Programmed { owner: owners.get(key).cloned(), value, slots: ids });
+        }
+        // Leftovers no slot points at (an agent stopped mid-sync) go now.
+        for id in backends.keys().filter(|id| !self.backend_by_id.contains_key(id)) {
+            self.maps.remove_backend(*id).map_err(SyncError::Snapshot)?;
+        }
+        let counts: HashMap<u32, u32> = services.values().map(|v| (v.service_id, v.backend_count)).collect();
+        for &(service_id, slot) in slots.keys() {
+            if counts.get(&service_id).is_none_or(|count| slot >= *count) {
+                self.maps.remove_slot(BackendSlotKey { service_id, slot }).map_err(SyncError::Snapshot)?;
+            }
+        }
+        self.service_ips = service_ips.into_iter().collect();
+        self.service_ids = IdAllocator::from_used(services.values().map(|v| v.service_id));
+        self.backend_ids = IdAllocator::from_used(self.backend_by_id.keys().copied());
+        self.owned.retain(|_, keys| {
+            keys.retain(|k| self.frontends.contains_key(k));
+            !keys.is_empty()
+        });
+        self.diverged = false;
+        Ok(())
+    }
+
+    fn slot_backends(&self, p: &Programmed) -> Vec<Backend> {
+        p.slots.iter().filter_map(|id| self.backend_by_id.get(id).copied()).collect()
+    }
+
+    /// Makes the maps hold exactly `frontends` for `service` (an empty list
+    /// removes the service). Nothing is written if the request cannot be
+    /// programmed whole.
+    pub fn sync_service(
+        &mut self,
+        service: &ServiceName,
+        frontends: &[(Frontend, FrontendSpec)],
+    ) -> Result<SyncStats, SyncError> {
+        if self.diverged {
+            self.reload()?;
+        }
+        self.check(service, frontends)?;
+        let result = self.apply(service, frontends);
+        if result.is_err() {
+            self.diverged = true;
+        }
+        result
+    }
+
+    fn check(&self, service: &ServiceName, frontends: &[(Frontend, FrontendSpec)]) -> Result<(), SyncError> {
+        let mut new_frontends = 0usize;
+        let mut slot_delta: isize = 0;
+        let old_keys = self.owned.get(service).cloned().unwrap_or_default();
+        let mut new_backends: BTreeSet<Backend> = BTreeSet::new();
+        for (frontend, spec) in frontends {
+            let count = spec.backends.len();
+            if count > capacity::BACKENDS_PER_SERVICE as usize {
+                return Err(SyncError::TooManyBackends {
+                    service: service.clone(),
+                    frontend: *frontend,
+                    count,
+                    max: capacity::BACKENDS_PER_SERVICE,
+                });
+            }
+            let key = service_key(frontend);
+            match self.frontends.get(&key) {
+                Some(Programmed { owner: Some(owner), .. }) if owner != service => {
+                    return Err(SyncError::FrontendConflict {
+                        service: service.clone(),
+                        frontend: *frontend,
+                        owner: owner.clone(),
+                    });
+                }
+                Some(p) => slot_delta += count as isize - p.slots.len() as isize,
+                None => {
+                    new_frontends += 1;
+                    slot_delta += count as isize;
+                }
+            }
+            new_backends.extend(backends_of(frontend, spec).into_iter().filter(|b| !self.backends.contains_key(b)));
+        }
+        let removed_slots: usize = old_keys
+            .iter()
+            .filter(|k| !frontends.iter().any(|(f, _)| service_key(f) == **k))
+            .filter_map(|k| self.frontends.get(k))
+            .map(|p| p.slots.len())
+            .sum();
+        let limits = [
+            ("SERVICES", self.frontends.len() + new_frontends, capacity::SERVICES),
+            ("BACKEND_SLOTS", (self.slot_count as isize + slot_delta) as usize - removed_slots, capacity::BACKEND_SLOTS),
+            ("BACKENDS", self.backends.len() + new_backends.len(), capacity::BACKENDS),
+        ];
+        for (map, needed, capacity) in limits {
+            if needed > capacity as usize {
+                return Err(SyncError::CapacityExceeded { service: service.clone(), map, needed, capacity });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, service: &ServiceName, frontends: &[(Frontend, FrontendSpec)]) -> Result<SyncStats, SyncError> {
+        let map_err = |source| SyncError::Map { service: service.clone(), source };
+        let mut stats = SyncStats::default();
+        let mut keys = BTreeSet::new();
+        for (frontend, spec) in frontends {
+            let key = service_key(frontend);
+            keys.insert(key);
+            if self.program_frontend(service, key, frontend, spec).map_err(map_err)? {
+                stats.frontends_changed += 1;
+            }
+        }
+        let old = self.owned.remove(service).unwrap_or_default();
+        for key in old.difference(&keys) {
+            self.unprogram_frontend(*key).map_err(map_err)?;
+            info!("service {service} {}: removed", describe_key(key));
+            stats.frontends_removed += 1;
+        }
+        if !keys.is_empty() {
+            self.owned.insert(service.clone(), keys);
+        }
+        Ok(stats)
+    }
+
+    /// Returns whether anything was written.
+    fn program_frontend(
+        &mut self,
+        service: &ServiceName,
+        key: ServiceKey,
+        frontend: &Frontend,
+        spec: &FrontendSpec,
+    ) -> Result<bool, LbMapError> {
+        let desired = backends_of(frontend, spec);
+        let affinity = spec.affinity_timeout_s.unwrap_or(0);
+        let existing = self.frontends.get(&key).cloned();
+        let old_backends = existing.as_ref().map(|p| self.slot_backends(p)).unwrap_or_default();
+        let old_set: BTreeSet<Backend> = old_backends.iter().copied().collect();
+        let new_set: BTreeSet<Backend> = desired.iter().copied().collect();
+        if let Some(p) = &existing {
+            if old_set == new_set && p.value.affinity_timeout_s == affinity {
+                // Claim a frontend adopted from a previous agent.
+                self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
+                return Ok(false);
+            }
+        }
+
+        // 1. Backends first, so every slot written below points at one.
+        let mut ids = Vec::with_capacity(desired.len());
+        let layout = plan_slots(&old_backends, &desired);
+        for backend in &layout {
+            ids.push(self.acquire_backend(*backend)?);
+        }
+        // 2. Slots, before the count that makes them visible.
+        let service_id = match &existing {
+            Some(p) => p.value.service_id,
+            None => self.service_ids.allocate(),
+        };
+        let old_slots = existing.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
+        for (slot, id) in ids.iter().enumerate() {
+            if old_slots.get(slot) != Some(id) {
+                self.maps.set_slot(BackendSlotKey { service_id, slot: slot as u32 }, *id)?;
+            }
+        }
+        // 3. The service entry (and its IP in the pre-filter) with the count.
+        let value = ServiceValue { service_id, backend_count: ids.len() as u32, flags: 0, affinity_timeout_s: affinity };
+        self.maps.set_service(key, value)?;
+        if existing.is_none() {
+            let ports = self.service_ips.get(&key.addr).copied().unwrap_or(0) + 1;
+            self.maps.set_service_ip(key.addr, ports)?;
+            self.service_ips.insert(key.addr, ports);
+        }
+        // 4. Slots past the new count, then backends nobody uses any more.
+        for slot in ids.len()..old_slots.len() {
+            self.maps.remove_slot(BackendSlotKey { service_id, slot: slot as u32 })?;
+        }
+        self.slot_count = self.slot_count + ids.len() - old_slots.len();
+        for backend in &old_backends {
+            self.release_backend(*backend)?;
+        }
+        self.frontends.insert(key, Programmed { owner: Some(service.clone()), value, slots: ids });
+        info!(
+            "service {service} {frontend}: {} endpoints{}",
+            desired.len(),
+            if desired.is_empty() { " (connections are rejected)" } else { "" }
+        );
+        debug!("service {service} {frontend}: service id {service_id}");
+        Ok(true)
+    }
+
+    fn unprogram_frontend(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
+        let Some(p) = self.frontends.get(&key).cloned() else { return Ok(()) };
+        let backends = self.slot_backends(&p);
+        // The service entry goes first: from then on no new flow reads a slot.
+        self.maps.remove_service(key)?;
+        for slot in 0..p.slots.len() {
+            self.maps.remove_slot(BackendSlotKey { service_id: p.value.service_id, slot: slot as u32 })?;
+        }
+        match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
+            0 | 1 => {
+                self.maps.remove_service_ip(key.addr)?;
+                self.service_ips.remove(&key.addr);
+            }
+            n => {
+                self.maps.set_service_ip(key.addr, n - 1)?;
+                self.service_ips.insert(key.addr, n - 1);
+            }
+        }
+        for backend in backends {
+            self.release_backend(backend)?;
+        }
+        self.slot_count -= p.slots.len();
+        self.service_ids.release(p.value.service_id);
+        self.frontends.remove(&key);
+        Ok(())
+    }
+
+    fn acquire_backend(&mut self, backend: Backend) -> Result<u32, LbMapError> {
+        if let Some(r) = self.backends.get_mut(&backend) {
+            r.refs += 1;
+            return Ok(r.id);
+        }
+        let id = self.backend_ids.allocate();
+        self.maps.set_backend(id, backend)?;
+        self.backends.insert(backend, BackendRef { id, refs: 1 });
+        self.backend_by_id.insert(id, backend);
+        Ok(id)
+    }
+
+    fn release_backend(&mut self, backend: Backend) -> Result<(), LbMapError> {
+        let Some(r) = self.backends.get_mut(&backend) else { return Ok(()) };
+        r.refs -= 1;
+        if r.refs == 0 {
+            let id = r.id;
+            self.maps.remove_backend(id)?;
+            self.backends.remove(&backend);
+            self.backend_by_id.remove(&id);
+            self.backend_ids.release(id);
+        }
+        Ok(())
+    }
+
+    /// Full sync: every service in `all` is programmed, everything else
+    /// (services deleted while no agent ran, leftovers of an older agent) is
+    /// removed. Errors of one service do not stop the others.
+    pub fn sync_all(&mut self, all: &BTreeMap<ServiceName, Vec<(Frontend, FrontendSpec)>>) -> (SyncStats, Vec<SyncError>) {
+        let mut stats = SyncStats::default();
+        let mut errors = Vec::new();
+        for (service, frontends) in all {
+            match self.sync_service(service, frontends) {
+                Ok(s) => {
+                    stats.frontends_changed += s.frontends_changed;
+                    stats.frontends_removed += s.frontends_removed;
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let stale_services: Vec<ServiceName> = self.owned.keys().filter(|s| !all.contains_key(*s)).cloned().collect();
+        for service in stale_services {
+            match self.sync_service(&service, &[]) {
+                Ok(s) => stats.frontends_removed += s.frontends_removed,
+                Err(e) => errors.push(e),
+            }
+        }
+        let unclaimed: Vec<ServiceKey> =
+            self.frontends.iter().filter(|(_, p)| p.owner.is_none()).map(|(k, _)| *k).collect();
+        for key in unclaimed {
+            match self.unprogram_frontend(key) {
+                Ok(()) => {
+                    info!("{}: removed (left by a previous agent, no longer a service)", describe_key(&key));
+                    stats.frontends_removed += 1;
+                }
+                Err(source) => {
+                    self.diverged = true;
+                    errors.push(SyncError::Snapshot(source));
+                }
+            }
+        }
+        (stats, errors)
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+}
+
+fn describe_key(key: &ServiceKey) -> String {
+    let ip = std::net::Ipv4Addr::from(dataplane_common::ipv4_from_map(key.addr));
+    let proto = match key.proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        _ => "?",
+    };
+    format!("{ip}:{}/{proto}", dataplane_common::port_from_map(key.port))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        lb_maps::MemLbMaps,
+        model::{BackendAddr, ObjectRef},
+    };
+
+    fn name(n: &str) -> ServiceName {
+        ObjectRef { namespace: "default".into(), name: n.into() }
+    }
+
+    fn frontend(ip: [u8; 4], port: u16) -> Frontend {
+        Frontend { ip: Ipv4Addr::from(ip), port, proto: Protocol::Tcp }
+    }
+
+    fn spec(service: &str, backends: &[u8]) -> FrontendSpec {
+        FrontendSpec {
+            service: name(service),
+            port_name: None,
+            backends: backends.iter().map(|last| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, *last), port: 8080 }).collect(),
+            affinity_timeout_s: None,
+        }
+    }
+
+    fn engine() -> SyncEngine<MemLbMaps> {
+        SyncEngine::adopt(MemLbMaps::default()).unwrap()
+    }
+
+    /// What the datapath would see for a frontend: its backends in slot order.
+    fn programmed(maps: &MemLbMaps, f: &Frontend) -> Option<Vec<u8>> {
+        let value = maps.state.services.get(&service_key(f))?;
+        Some(
+            (0..value.backend_count)
+                .map(|slot| {
+                    let id = maps.state.slots[&(value.service_id, slot)];
+                    dataplane_common::ipv4_from_map(maps.state.backends[&id].addr)[3]
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn service_is_programmed_with_all_its_backends() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))]).unwrap();
+        let mut got = programmed(e.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(got, vec![10, 11, 12]);
+        assert_eq!(e.maps().state.service_ips[&service_key(&web).addr], 1);
+    }
+
+    #[test]
+    fn unchanged_service_writes_nothing() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        let writes = e.maps().writes;
+        let stats = e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        assert_eq!(e.maps().writes, writes);
+        assert_eq!(stats, SyncStats::default());
+    }
+
+    #[test]
+    fn one_endpoint_change_rewrites_one_slot_and_keeps_the_others_in_place() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))]).unwrap();
+        let before = programmed(e.maps(), &web).unwrap();
+        let writes = e.maps().writes;
+        // 11 replaced by 13: new backend, its slot, the count, old backend gone.
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 12, 13]))]).unwrap();
+        let after = programmed(e.maps(), &web).unwrap();
+        assert_eq!(e.maps().writes - writes, 4);
+        for (b, a) in before.iter().zip(&after) {
+            if *b != 11 {
+                assert_eq!(a, b, "surviving backends keep their slots");
+            }
+        }
+        assert!(after.contains(&13) && !after.contains(&11));
+        assert_eq!(e.maps().state.backends.len(), 3);
+    }
+
+    #[test]
+    fn shrinking_service_deletes_trailing_slots_and_unused_backends() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12, 13]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[13]))]).unwrap();
+        assert_eq!(programmed(e.maps(), &web).unwrap(), vec![13]);
+        assert_eq!(e.maps().state.slots.len(), 1);
+        assert_eq!(e.maps().state.backends.len(), 1);
+    }
+
+    #[test]
+    fn service_without_endpoints_stays_programmed_with_zero_backends() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[]))]).unwrap();
+        assert_eq!(programmed(e.maps(), &web).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn deleting_a_service_clears_every_map() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let web_udp = Frontend { proto: Protocol::Udp, ..web };
+        e.sync_service(&name("web"), &[(web, spec("web", &[10])), (web_udp, spec("web", &[10]))]).unwrap();
+        assert_eq!(e.maps().state.service_ips[&service_key(&web).addr], 2);
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert_eq!(e.maps().state, LbSnapshot::default());
+    }
+
+    #[test]
+    fn backends_shared_by_two_services_are_written_once_and_kept_while_used() {
+        let mut e = engine();
+        let a = frontend([10, 96, 0, 10], 80);
+        let b = frontend([10, 96, 0, 11], 80);
+        e.sync_service(&name("a"), &[(a, spec("a", &[10]))]).unwrap();
+        e.sync_service(&name("b"), &[(b, spec("b", &[10]))]).unwrap();
+        assert_eq!(e.maps().state.backends.len(), 1);
+        e.sync_service(&name("a"), &[]).unwrap();
+        assert_eq!(programmed(e.maps(), &b).unwrap(), vec![10]);
+    }
+
+    #[test]
+    fn too_many_backends_is_refused_whole_and_names_the_service() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let huge = FrontendSpec {
+            backends: (0..=capacity::BACKENDS_PER_SERVICE)
+                .map(|i| BackendAddr { ip: Ipv4Addr::from(0x0af4_0000 + i), port: 80 })
+                .collect(),
+            ..spec("web", &[])
+        };
+        let ok = frontend([10, 96, 0, 10], 443);
+        let err = e.sync_service(&name("web"), &[(ok, spec("web", &[10])), (web, huge)]).unwrap_err();
+        assert!(matches!(err, SyncError::TooManyBackends { .. }));
+        assert!(err.to_string().contains("default/web"), "{err}");
+        assert_eq!(e.maps().writes, 0, "nothing of the refused service was written");
+    }
+
+    #[test]
+    fn two_services_claiming_one_frontend_conflict() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("a"), &[(web, spec("a", &[10]))]).unwrap();
+        let err = e.sync_service(&name("b"), &[(web, spec("b", &[11]))]).unwrap_err();
+        assert!(err.to_string().contains("default/a"), "{err}");
+        assert_eq!(programmed(e.maps(), &web).unwrap(), vec![10]);
+    }
+
+    #[test]
+    fn restarted_agent_adopts_maps_and_rewrites_nothing_unchanged() {
+        let mut first = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let gone = frontend([10, 96, 0, 99], 80);
+        first.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        first.sync_service(&name("gone"), &[(gone, spec("gone", &[12]))]).unwrap();
+        let maps = MemLbMaps { state: first.maps().state.clone(), ..Default::default() };
+        let before = programmed(&maps, &web);
+
+        let mut second = SyncEngine::adopt(maps).unwrap();
+        let all = BTreeMap::from([(name("web"), vec![(web, spec("web", &[10, 11]))])]);
+        let (stats, errors) = second.sync_all(&all);
+        assert!(errors.is_empty());
+        assert_eq!(programmed(second.maps(), &web), before, "web untouched");
+        assert_eq!(programmed(second.maps(), &gone), None, "service deleted while down is removed");
+        assert_eq!(stats.frontends_changed, 0);
+        assert_eq!(stats.frontends_removed, 1);
+    }
+
+    #[test]
+    fn failed_write_is_reported_and_next_sync_repairs_from_the_maps() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10]))]).unwrap();
+        e.maps.fail_next_write_to = Some(dataplane_common::map_names::SERVICES);
+        let err = e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap_err();
+        assert_eq!(err.cause(), "map_write");
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        let mut got = programmed(e.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(got, vec![10, 11]);
+    }
+
+    #[test]
+    fn slot_plan_keeps_survivors_and_fills_holes() {
+        let b = |n: u32| Backend { addr: n, port: 0, proto: 6, flags: 0 };
+        assert_eq!(plan_slots(&[b(1), b(2), b(3)], &[b(1), b(3), b(4)]), vec![b(1), b(4), b(3)]);
+        assert_eq!(plan_slots(&[b(1), b(2), b(3)], &[b(3)]), vec![b(3)]);
+        assert_eq!(plan_slots(&[], &[b(1), b(2)]), vec![b(1), b(2)]);
+    }
+}

@@ -1,0 +1,211 @@
+//! tc programs of the service dataplane.
+//!
+//! `from_pod` runs on tc ingress of a pod's host-side interface (packets the
+//! pod sends): service DNAT, conntrack, rejects, hairpin replies.
+//! `to_pod` runs on tc egress of the same interface (packets to the pod):
+//! reverse translation of backend replies to the service address.
+//!
+//! Pipeline: parse -> service IP filter -> conntrack -> service lookup ->
+//! backend selection -> conntrack create -> NAT rewrite. Every outcome is an
+//! explicit verdict; every drop or reject has a counter.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod skb;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, IPPROTO_TCP};
+
+use crate::{
+    conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_original_key, ct4_update},
+    lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    maps::count,
+    nat::{nat4_rewrite_dst, nat4_rewrite_src},
+    parse::{parse_ipv4_flow, Ipv4Flow, ParseError},
+    reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
+};
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    try_from_pod(&ctx).unwrap_or_else(|verdict| verdict)
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    try_to_pod(&ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// The error side carries the verdict for packets that cannot go on as they
+/// are (half-rewritten, or refused).
+type Verdict = Result<i32, i32>;
+
+fn drop_with(counter: Counter) -> i32 {
+    count(counter);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn try_from_pod(ctx: &TcContext) -> Verdict {
+    let mut flow = match parse_ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(ParseError::NotIpv4L4) => return Ok(TC_ACT_OK),
+        Err(ParseError::Malformed { dst_addr }) => {
+            if dst_addr != 0 && lb4_is_service_ip(dst_addr) {
+                count(Counter::Malformed);
+            }
+            return Ok(TC_ACT_OK);
+        }
+    };
+    if !lb4_is_service_ip(flow.dst_addr) {
+        return Ok(TC_ACT_OK);
+    }
+    let now = skb::now_ns();
+
+    if let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
+        // SAFETY: copied out of the map value at once.
+        let ct = unsafe { *entry };
+        let expired = ct.is_expired(now) || ct4_is_reopen(&ct, &flow);
+        let backend_alive = lb4_lookup_backend(ct.backend_id)
+            .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
+        if !expired && backend_alive {
+            count(Counter::Established);
+            ct4_update(entry, &flow, ct_dir::ORIGINAL, now);
+            return forward_established(ctx, &mut flow, &ct);
+        }
+        ct4_delete(&ct);
+        if !expired && flow.proto == IPPROTO_TCP {
+            // The backend is gone: its connection state is lost with it, so
+            // the client is told at once instead of timing out.
+            count(Counter::ResetBackendGone);
+            return reject4_tcp_reset(ctx, &flow).map_err(|_| TC_ACT_SHOT);
+        }
+        if !expired {
+            count(Counter::UdpFlowMoved);
+        }
+    } else if let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) {
+        // Reply of a hairpinned flow: the backend answers the service IP,
+        // which stands for the client (itself).
+        // SAFETY: copied out of the map value at once.
+        let ct = unsafe { *entry };
+        return reply_translate(ctx, &mut flow, &ct, now);
+    }
+
+    new_flow(ctx, &mut flow, now)
+}
+
+#[inline(always)]
+fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
+    let Some(service) = lb4_lookup_service(flow) else {
+        count(Counter::UnknownPort);
+        return Ok(TC_ACT_OK);
+    };
+    let Some((backend_id, backend)) = lb4_select_backend(&service) else {
+        count(Counter::RejectNoEndpoints);
+        let rejected = if flow.proto == IPPROTO_TCP {
+            reject4_tcp_reset(ctx, flow)
+        } else {
+            reject4_icmp_port_unreachable(ctx, flow)
+        };
+        return rejected.map_err(|_| TC_ACT_SHOT);
+    };
+    let hairpin = backend.addr == flow.src_addr;
+    let entry = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        client_addr: flow.src_addr,
+        service_addr: flow.dst_addr,
+        backend_addr: backend.addr,
+        client_port: flow.src_port,
+        service_port: flow.dst_port,
+        backend_port: backend.port,
+        proto: flow.proto,
+        state: ct_state::OPENING,
+        backend_id,
+        service_id: service.service_id,
+        flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
+        _pad: [0; 3],
+    };
+    let Ok(ct) = ct4_create(&entry) else {
+        return Err(drop_with(Counter::CtInsertFailed));
+    };
+    count(Counter::NewFlow);
+    forward_established(ctx, flow, &ct)
+}
+
+/// Client -> service packet of a known flow: DNAT to its backend, and in a
+/// hairpin flow SNAT to the service IP so the pod does not get a packet from
+/// its own address (which it would drop as a martian).
+#[inline(always)]
+fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Verdict {
+    if ct.flags & ct_flags::HAIRPIN != 0 {
+        nat4_rewrite_src(ctx, flow, ct.service_addr, flow.src_port)
+            .map_err(|_| drop_with(Counter::RewriteFailed))?;
+    }
+    nat4_rewrite_dst(ctx, flow, ct.backend_addr, ct.backend_port)
+        .map_err(|_| drop_with(Counter::RewriteFailed))?;
+    Ok(TC_ACT_OK)
+}
+
+/// Backend -> client packet: the source becomes the service again.
+#[inline(always)]
+fn reply_translate(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64) -> Verdict {
+    let original = ct4_original_key(ct);
+    let Some(owner) = ct4_lookup(&original) else {
+        // The flow is gone (expired, evicted, or its backend removed): its
+        // reply entry is stale.
+        ct4_delete(ct);
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: read of a live map value.
+    if unsafe { (*owner).is_expired(now) } {
+        ct4_delete(ct);
+        return Ok(TC_ACT_OK);
+    }
+    ct4_update(owner, flow, ct_dir::REPLY, now);
+    count(Counter::ReplyTranslated);
+    nat4_rewrite_src(ctx, flow, ct.service_addr, ct.service_port)
+        .map_err(|_| drop_with(Counter::RewriteFailed))?;
+    if ct.flags & ct_flags::HAIRPIN != 0 {
+        nat4_rewrite_dst(ctx, flow, ct.client_addr, ct.client_port)
+            .map_err(|_| drop_with(Counter::RewriteFailed))?;
+    }
+    Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn try_to_pod(ctx: &TcContext) -> Verdict {
+    let mut flow = match parse_ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(_) => return Ok(TC_ACT_OK),
+    };
+    let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: copied out of the map value at once.
+    let ct = unsafe { *entry };
+    if ct.flags & ct_flags::HAIRPIN != 0 {
+        // Hairpin replies are translated on the way out of the pod.
+        return Ok(TC_ACT_OK);
+    }
+    reply_translate(ctx, &mut flow, &ct, skb::now_ns())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

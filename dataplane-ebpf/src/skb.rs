@@ -1,0 +1,69 @@
+//! Narrow wrappers over the socket-buffer helpers the datapath needs beyond
+//! what `TcContext` exposes. Every `unsafe` block of the datapath lives here.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, __sk_buff},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+
+fn raw(ctx: &TcContext) -> *mut __sk_buff {
+    ctx.skb.skb
+}
+
+/// Index of the interface the packet is on (the pod's host-side veth).
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the kernel hands the program a valid __sk_buff context for its
+    // whole run; `ifindex` is a readable field of it.
+    unsafe { (*raw(ctx)).ifindex }
+}
+
+/// Resizes the packet to exactly `len` bytes (grow with zeroes or trim).
+#[inline(always)]
+pub fn change_tail(ctx: &TcContext, len: u32) -> Result<(), i64> {
+    // SAFETY: helper call on the program's own context; flags must be 0.
+    let ret = unsafe { bpf_skb_change_tail(raw(ctx), len, 0) };
+    if ret == 0 { Ok(()) } else { Err(ret) }
+}
+
+/// Sends the packet out of `ifindex` (egress) and returns the verdict for it.
+#[inline(always)]
+pub fn redirect_egress(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; the verdict it returns is TC_ACT_REDIRECT or
+    // TC_ACT_SHOT, both valid tc verdicts.
+    let ret = unsafe { bpf_redirect(ifindex, 0) };
+    if ret == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT } else { aya_ebpf::bindings::TC_ACT_SHOT }
+}
+
+/// One's-complement sum of `words` added to `seed` (not folded).
+#[inline(always)]
+pub fn csum_add_words<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {
+    // SAFETY: `words` is a live stack buffer of exactly N*4 bytes; the helper
+    // only reads `to_size` bytes from it; `from` is null with size 0.
+    let sum = unsafe {
+        bpf_csum_diff(core::ptr::null_mut(), 0, words.as_mut_ptr(), (N * 4) as u32, seed)
+    };
+    sum as u32
+}
+
+/// CLOCK_MONOTONIC nanoseconds, the clock conntrack timestamps use.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments or side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn random_u32() -> u32 {
+    // SAFETY: helper without arguments or side effects.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// Folds a 32-bit one's-complement sum into the 16-bit checksum field value.
+#[inline(always)]
+pub fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

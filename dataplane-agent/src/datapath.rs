@@ -92,7 +92,7 @@ impl Datapath {
         if self.attached.contains_key(&ifindex) {
             return Ok(());
         }
-        if !KernelVersion::at_least(6, 6, 0) {
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
             // Already present is fine: another tool may share the qdisc.
             if let Err(e) = tc::qdisc_add_clsact(ifname) {
                 warn!("adding clsact qdisc on {ifname}: {e} (continuing, it may already exist)");

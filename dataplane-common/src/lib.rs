@@ -72,7 +72,7 @@ pub struct BackendSlotKey {
 
 /// Value of `BACKENDS` (keyed by a `u32` backend id): where a pod listens.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Backend {
     /// Pod IP, network byte order.
     pub addr: u32,

@@ -30,11 +30,17 @@ pub fn lb4_select_backend(svc: &ServiceValue) -> Option<(u32, Backend)> {
         return None;
     }
     let slot = skb::random_u32() % svc.backend_count;
-    // SAFETY: value copied out of the map at once (see above).
-    let backend_id = BACKEND_SLOTS
-        .get_ptr(BackendSlotKey { service_id: svc.service_id, slot })
-        .map(|v| unsafe { *v })?;
+    // The agent shrinks a service by lowering the count before deleting the
+    // slots past it; a reader that saw the old count may miss its slot and
+    // then takes slot 0, which always exists while the count is non-zero.
+    let backend_id = lb4_slot(svc.service_id, slot).or_else(|| lb4_slot(svc.service_id, 0))?;
     lb4_lookup_backend(backend_id).map(|b| (backend_id, b))
+}
+
+#[inline(always)]
+fn lb4_slot(service_id: u32, slot: u32) -> Option<u32> {
+    // SAFETY: value copied out of the map at once (see above).
+    BACKEND_SLOTS.get_ptr(BackendSlotKey { service_id, slot }).map(|v| unsafe { *v })
 }
 
 #[inline(always)]

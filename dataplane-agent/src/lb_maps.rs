@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use dataplane_common::{map_names, Backend, BackendSlotKey, ServiceKey, ServiceValue};
+use dataplane_common::{map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue};
 
 /// A write to one of the load-balancing maps failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,7 @@ pub struct LbSnapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub slots: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, Backend>,
+    pub names: BTreeMap<u32, String>,
 }
 
 pub trait LbMaps {
@@ -36,6 +37,8 @@ pub trait LbMaps {
     fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError>;
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError>;
     fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError>;
+    fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError>;
+    fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError>;
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError>;
 }
 
@@ -45,6 +48,7 @@ pub struct BpfLbMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
+    names: HashMap<MapData, u32, ServiceLabel>,
 }
 
 fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str) -> anyhow::Result<HashMap<MapData, K, V>> {
@@ -59,6 +63,7 @@ impl BpfLbMaps {
             services: take(ebpf, map_names::SERVICES)?,
             slots: take(ebpf, map_names::BACKEND_SLOTS)?,
             backends: take(ebpf, map_names::BACKENDS)?,
+            names: take(ebpf, map_names::SERVICE_NAMES)?,
         })
     }
 }
@@ -100,8 +105,18 @@ impl LbMaps for BpfLbMaps {
     fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
         removed(self.backends.remove(&id)).map_err(err(map_names::BACKENDS, "delete"))
     }
+    fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError> {
+        self.names.insert(service_id, ServiceLabel::new(label), 0).map_err(err(map_names::SERVICE_NAMES, "insert"))
+    }
+    fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
+        removed(self.names.remove(&service_id)).map_err(err(map_names::SERVICE_NAMES, "delete"))
+    }
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
         let mut snap = LbSnapshot::default();
+        for entry in self.names.iter() {
+            let (k, v) = entry.map_err(err(map_names::SERVICE_NAMES, "iterate"))?;
+            snap.names.insert(k, v.as_str().to_owned());
+        }
         for entry in self.service_ips.iter() {
             let (k, v) = entry.map_err(err(map_names::SERVICE_IPS, "iterate"))?;
             snap.service_ips.insert(k, v);
@@ -184,6 +199,16 @@ impl LbMaps for MemLbMaps {
     fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
         self.write(map_names::BACKENDS)?;
         self.state.backends.remove(&id);
+        Ok(())
+    }
+    fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError> {
+        self.write(map_names::SERVICE_NAMES)?;
+        self.state.names.insert(service_id, label.to_owned());
+        Ok(())
+    }
+    fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
+        self.write(map_names::SERVICE_NAMES)?;
+        self.state.names.remove(&service_id);
         Ok(())
     }
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {

@@ -181,7 +181,8 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     fn reload(&mut self) -> Result<(), SyncError> {
-        let LbSnapshot { service_ips, services, slots, backends } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
+        let LbSnapshot { service_ips, services, slots, backends, names } =
+            self.maps.snapshot().map_err(SyncError::Snapshot)?;
         let by_id: HashMap<u32, Backend> = backends.clone().into_iter().collect();
         let owners: HashMap<ServiceKey, ServiceName> = self
             .frontends
@@ -215,6 +216,10 @@ impl<M: LbMaps> SyncEngine<M> {
             if counts.get(&service_id).is_none_or(|count| slot >= *count) {
                 self.maps.remove_slot(BackendSlotKey { service_id, slot }).map_err(SyncError::Snapshot)?;
             }
+        }
+        let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
+        for id in names.keys().filter(|id| !service_ids.contains(id)) {
+            self.maps.remove_service_name(*id).map_err(SyncError::Snapshot)?;
         }
         self.service_ips = service_ips.into_iter().collect();
         self.service_ids = IdAllocator::from_used(services.values().map(|v| v.service_id));
@@ -338,10 +343,17 @@ impl<M: LbMaps> SyncEngine<M> {
         let old_backends = existing.as_ref().map(|p| self.slot_backends(p)).unwrap_or_default();
         let old_set: BTreeSet<Backend> = old_backends.iter().copied().collect();
         let new_set: BTreeSet<Backend> = desired.iter().copied().collect();
+        let label = match &spec.port_name {
+            Some(port) if !port.is_empty() => format!("{service}:{port}"),
+            _ => service.to_string(),
+        };
         if let Some(p) = &existing {
-            if old_set == new_set && p.value.affinity_timeout_s == affinity {
-                // Claim a frontend adopted from a previous agent.
+            if p.owner.is_none() {
+                // A frontend adopted from a previous agent: claim it.
+                self.maps.set_service_name(p.value.service_id, &label)?;
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
+            }
+            if old_set == new_set && p.value.affinity_timeout_s == affinity {
                 return Ok(false);
             }
         }
@@ -365,6 +377,9 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         // 3. The service entry (and its IP in the pre-filter) with the count.
         let value = ServiceValue { service_id, backend_count: ids.len() as u32, flags: 0, affinity_timeout_s: affinity };
+        if existing.is_none() {
+            self.maps.set_service_name(service_id, &label)?;
+        }
         self.maps.set_service(key, value)?;
         if existing.is_none() {
             let ports = self.service_ips.get(&key.addr).copied().unwrap_or(0) + 1;
@@ -410,6 +425,7 @@ impl<M: LbMaps> SyncEngine<M> {
         for backend in backends {
             self.release_backend(backend)?;
         }
+        self.maps.remove_service_name(p.value.service_id)?;
         self.slot_count -= p.slots.len();
         self.service_ids.release(p.value.service_id);
         self.frontends.remove(&key);

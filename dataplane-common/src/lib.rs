@@ -18,6 +18,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
 }
 
 /// Capacities of the maps. The agent refuses what does not fit rather than
@@ -60,6 +61,33 @@ pub struct ServiceValue {
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
+}
+
+/// Value of `SERVICE_NAMES` (keyed by service id): `namespace/name:port`,
+/// NUL-padded. Only for operators (`inspect`, `bpftool`); the datapath never
+/// reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceLabel {
+    pub bytes: [u8; 128],
+}
+
+impl ServiceLabel {
+    /// Truncates at a character boundary if the label is longer than 127 bytes.
+    pub fn new(label: &str) -> Self {
+        let mut bytes = [0u8; 128];
+        let mut end = label.len().min(127);
+        while !label.is_char_boundary(end) {
+            end -= 1;
+        }
+        bytes[..end].copy_from_slice(&label.as_bytes()[..end]);
+        Self { bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.bytes.iter().position(|b| *b == 0).unwrap_or(self.bytes.len());
+        core::str::from_utf8(&self.bytes[..end]).unwrap_or("<invalid label>")
+    }
 }
 
 /// Key of `BACKEND_SLOTS`: the n-th backend of a service.
@@ -255,6 +283,8 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceLabel {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -303,6 +333,14 @@ mod tests {
         assert!(!e.is_expired(3600 * 1_000_000_000));
         e.state = ct_state::CLOSING;
         assert!(e.is_expired(11 * 1_000_000_000));
+    }
+
+    #[test]
+    fn service_label_round_trips_and_truncates_on_char_boundary() {
+        assert_eq!(ServiceLabel::new("default/web:http").as_str(), "default/web:http");
+        let long = "é".repeat(100);
+        let label = ServiceLabel::new(&long);
+        assert_eq!(label.as_str().len(), 126);
     }
 
     #[test]

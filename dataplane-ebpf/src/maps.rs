@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    capacity, Backend, BackendSlotKey, CtEntry, CtKey, Counter, ServiceKey, ServiceValue,
+    capacity, Backend, BackendSlotKey, CtEntry, CtKey, Counter, ServiceKey, ServiceLabel, ServiceValue,
 };
 
 /// Hash maps the agent fills incrementally are not preallocated: their
@@ -35,6 +35,13 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS,
 /// instead of refusing new connections; entries also carry their own expiry.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// Service id -> `namespace/name:port`, written by the agent for operators
+/// (`inspect`, `bpftool map dump`). Lives in this object so it is pinned and
+/// adopted like every other map.
+#[map(name = "SERVICE_NAMES")]
+#[expect(dead_code, reason = "read and written by userspace only")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceLabel> = HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 /// Per-CPU counters indexed by `Counter`.
 #[map(name = "COUNTERS")]

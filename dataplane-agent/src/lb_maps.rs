@@ -51,12 +51,30 @@ pub struct BpfLbMaps {
     names: HashMap<MapData, u32, ServiceLabel>,
 }
 
+fn pinned<K: aya::Pod, V: aya::Pod>(dir: &std::path::Path, name: &'static str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    use anyhow::Context as _;
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(HashMap::try_from(Map::from_map_data(data)?)?)
+}
+
 fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str) -> anyhow::Result<HashMap<MapData, K, V>> {
     let map: Map = ebpf.take_map(name).ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
     Ok(HashMap::try_from(map)?)
 }
 
 impl BpfLbMaps {
+    /// The maps a running (or stopped) agent pinned under `dir`.
+    pub fn from_pins(dir: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            service_ips: pinned(dir, map_names::SERVICE_IPS)?,
+            services: pinned(dir, map_names::SERVICES)?,
+            slots: pinned(dir, map_names::BACKEND_SLOTS)?,
+            backends: pinned(dir, map_names::BACKENDS)?,
+            names: pinned(dir, map_names::SERVICE_NAMES)?,
+        })
+    }
+
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         Ok(Self {
             service_ips: take(ebpf, map_names::SERVICE_IPS)?,

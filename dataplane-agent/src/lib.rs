@@ -9,6 +9,7 @@ pub mod bpffs;
 pub mod conntrack;
 pub mod datapath;
 pub mod healthz;
+pub mod inspect;
 pub mod interfaces;
 pub mod lb_maps;
 pub mod model;

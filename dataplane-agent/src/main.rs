@@ -2,7 +2,7 @@
 //! the cluster's Services and EndpointSlices.
 
 use clap::{Parser, Subcommand};
-use dataplane_agent::run;
+use dataplane_agent::{inspect, run};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "eBPF service dataplane agent (kube-proxy replacement)")]
@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Load the datapath on this node and keep it in sync.
     Run(run::Options),
+    /// Show what the datapath holds, read from the pinned maps.
+    Inspect(inspect::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -22,5 +24,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(options) => run::run(options),
+        Command::Inspect(options) => inspect::run(options),
     }
 }

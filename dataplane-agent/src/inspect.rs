@@ -1,0 +1,317 @@
+//! `dataplane-agent inspect`: reads the pinned maps directly (no running
+//! agent needed) and prints them in operator terms.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
+};
+use dataplane_common::{
+    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, port_from_map, Backend, CtEntry, CtKey, Counter,
+    ServiceKey, ServiceLabel, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde::Serialize;
+
+use crate::{conntrack::monotonic_now_ns, lb_maps::BpfLbMaps, lb_maps::LbMaps as _};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    #[command(subcommand)]
+    pub what: What,
+    /// Where the agent pinned its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane", global = true)]
+    pub bpffs: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    pub output: Format,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum What {
+    /// Services with their frontends and backends.
+    Services,
+    /// Backends (pod IP:port) and the services using them.
+    Backends,
+    /// Tracked flows: original and translated tuples, state, age, expiry.
+    Conntrack {
+        /// Only flows of this service (namespace/name).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only flows from this client IP.
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+        /// Only flows to this backend IP.
+        #[arg(long)]
+        backend: Option<Ipv4Addr>,
+    },
+    /// Datapath counters: flows, translations, and every drop/reject reason.
+    Counters,
+    /// Which interfaces have the programs attached (tcx).
+    Interfaces,
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn endpoint(addr: u32, port: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(ipv4_from_map(addr)), port_from_map(port))
+}
+
+fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is the agent's --bpffs {}?)", path.display(), dir.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub service: String,
+    pub frontend: String,
+    pub backends: Vec<String>,
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// Services as the datapath sees them, sorted by name then frontend.
+pub fn services(dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
+    let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
+    let mut rows: Vec<ServiceRow> = snap
+        .services
+        .iter()
+        .map(|(key, value)| service_row(&snap, key, value))
+        .collect();
+    rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    Ok(rows)
+}
+
+fn service_row(snap: &crate::lb_maps::LbSnapshot, key: &ServiceKey, value: &ServiceValue) -> ServiceRow {
+    let backends = (0..value.backend_count)
+        .map(|slot| match snap.slots.get(&(value.service_id, slot)).and_then(|id| snap.backends.get(id)) {
+            Some(b) => endpoint(b.addr, b.port),
+            None => format!("<slot {slot} missing>"),
+        })
+        .collect();
+    ServiceRow {
+        service: snap.names.get(&value.service_id).cloned().unwrap_or_else(|| format!("<id {}>", value.service_id)),
+        frontend: format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto)),
+        backends,
+        affinity_timeout_s: (value.affinity_timeout_s > 0).then_some(value.affinity_timeout_s),
+    }
+}
+
+impl std::fmt::Display for ServiceRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} -> ", self.service, self.frontend)?;
+        if self.backends.is_empty() {
+            write!(f, "(no endpoints: connections rejected)")?;
+        } else {
+            write!(f, "{}", self.backends.join(", "))?;
+        }
+        if let Some(t) = self.affinity_timeout_s {
+            write!(f, " (affinity ClientIP {t}s)")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub backend: String,
+    pub services: Vec<String>,
+}
+
+pub fn backends(dir: &Path) -> anyhow::Result<Vec<BackendRow>> {
+    let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
+    let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (key, value) in &snap.services {
+        let row = service_row(&snap, key, value);
+        for slot in 0..value.backend_count {
+            if let Some(id) = snap.slots.get(&(value.service_id, slot)) {
+                users.entry(*id).or_default().push(format!("{} {}", row.service, row.frontend));
+            }
+        }
+    }
+    Ok(snap
+        .backends
+        .iter()
+        .map(|(id, b): (&u32, &Backend)| BackendRow {
+            id: *id,
+            backend: format!("{}/{}", endpoint(b.addr, b.port), proto_name(b.proto)),
+            services: users.remove(id).unwrap_or_default(),
+        })
+        .collect())
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowRow {
+    pub service: String,
+    pub proto: &'static str,
+    pub original: String,
+    pub translated: String,
+    pub state: &'static str,
+    pub hairpin: bool,
+    pub age_s: u64,
+    pub expires_in_s: u64,
+}
+
+pub fn conntrack(
+    dir: &Path,
+    service: Option<&str>,
+    client: Option<Ipv4Addr>,
+    backend: Option<Ipv4Addr>,
+) -> anyhow::Result<Vec<FlowRow>> {
+    let names: HashMap<MapData, u32, ServiceLabel> = open(dir, map_names::SERVICE_NAMES)?.try_into()?;
+    let table: HashMap<MapData, CtKey, CtEntry> = open(dir, map_names::CONNTRACK)?.try_into()?;
+    let now = monotonic_now_ns();
+    let mut rows = Vec::new();
+    for entry in table.iter() {
+        let (key, ct) = entry.context("reading CONNTRACK")?;
+        if key.direction != ct_dir::ORIGINAL || ct.is_expired(now) {
+            continue;
+        }
+        let label = names.get(&ct.service_id, 0).map(|l| l.as_str().to_owned()).unwrap_or_default();
+        let service_name = label.split(':').next().unwrap_or_default();
+        if service.is_some_and(|s| s != service_name)
+            || client.is_some_and(|c| c.octets() != ipv4_from_map(ct.client_addr))
+            || backend.is_some_and(|b| b.octets() != ipv4_from_map(ct.backend_addr))
+        {
+            continue;
+        }
+        let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
+        let translated_src = if hairpin { ct.service_addr } else { ct.client_addr };
+        rows.push(FlowRow {
+            service: label,
+            proto: proto_name(ct.proto),
+            original: format!(
+                "{} -> {}",
+                endpoint(ct.client_addr, ct.client_port),
+                endpoint(ct.service_addr, ct.service_port)
+            ),
+            translated: format!(
+                "{} -> {}",
+                endpoint(translated_src, ct.client_port),
+                endpoint(ct.backend_addr, ct.backend_port)
+            ),
+            state: match (ct.proto, ct.state) {
+                (IPPROTO_UDP, ct_state::ESTABLISHED) => "REPLIED",
+                (IPPROTO_UDP, _) => "UNREPLIED",
+                (_, ct_state::ESTABLISHED) => "ESTABLISHED",
+                (_, ct_state::CLOSING) => "CLOSING",
+                _ => "SYN_SENT",
+            },
+            hairpin,
+            age_s: now.saturating_sub(ct.created_ns) / 1_000_000_000,
+            expires_in_s: (ct.last_seen_ns + ct.lifetime_ns()).saturating_sub(now) / 1_000_000_000,
+        });
+    }
+    rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterRow {
+    pub counter: &'static str,
+    pub packets: u64,
+}
+
+pub fn counters(dir: &Path) -> anyhow::Result<Vec<CounterRow>> {
+    let map: PerCpuArray<MapData, u64> = open(dir, map_names::COUNTERS)?.try_into()?;
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let per_cpu = map.get(&(*c as u32), 0).with_context(|| format!("reading counter {}", c.name()))?;
+            Ok(CounterRow { counter: c.name(), packets: per_cpu.iter().sum() })
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfaceRow {
+    pub interface: String,
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
+/// tcx attachments of every interface in this network namespace.
+pub fn interfaces() -> anyhow::Result<Vec<InterfaceRow>> {
+    let mut rows = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .context("listing /sys/class/net")?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    for name in names {
+        let programs = |attach| -> Vec<String> {
+            SchedClassifier::query_tcx(&name, attach)
+                .map(|(_, infos)| {
+                    infos.iter().map(|i| format!("{} (id {})", i.name_as_str().unwrap_or("?"), i.id())).collect()
+                })
+                .unwrap_or_default()
+        };
+        let (ingress, egress) = (programs(TcAttachType::Ingress), programs(TcAttachType::Egress));
+        if !ingress.is_empty() || !egress.is_empty() {
+            rows.push(InterfaceRow { interface: name, ingress, egress });
+        }
+    }
+    Ok(rows)
+}
+
+fn print<T: Serialize>(rows: &[T], format: Format, line: impl Fn(&T) -> String) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Format::Table => {
+            for row in rows {
+                println!("{}", line(row));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let dir = options.bpffs.as_path();
+    let format = options.output;
+    match options.what {
+        What::Services => print(&services(dir)?, format, ToString::to_string),
+        What::Backends => print(&backends(dir)?, format, |r| {
+            format!("{:>6} {} <- {}", r.id, r.backend, if r.services.is_empty() { "(unused)".into() } else { r.services.join(", ") })
+        }),
+        What::Conntrack { service, client, backend } => {
+            print(&conntrack(dir, service.as_deref(), client, backend)?, format, |r| {
+                format!(
+                    "{} {} {} => {} {}{} age {}s expires in {}s",
+                    r.service,
+                    r.proto,
+                    r.original,
+                    r.translated,
+                    r.state,
+                    if r.hairpin { " hairpin" } else { "" },
+                    r.age_s,
+                    r.expires_in_s
+                )
+            })
+        }
+        What::Counters => print(&counters(dir)?, format, |r| format!("{:<22} {}", r.counter, r.packets)),
+        What::Interfaces => print(&interfaces()?, format, |r| {
+            format!("{:<16} ingress: {:<24} egress: {}", r.interface, r.ingress.join(", "), r.egress.join(", "))
+        }),
+    }
+}

@@ -20,6 +20,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const FROM_POD: &str = "from_pod";
 pub const TO_POD: &str = "to_pod";
+/// Benchmark reference program (parse + one lookup); loaded, never attached.
+pub const BENCH_FLOOR: &str = "bench_floor";
 
 pub type ConntrackMap = BpfHashMap<MapData, CtKey, CtEntry>;
 pub type CounterMap = PerCpuArray<MapData, u64>;
@@ -53,7 +55,7 @@ impl Datapath {
             .default_map_pin_directory(bpffs)
             .load(EBPF_OBJECT)
             .with_context(|| format!("loading the eBPF object with maps pinned under {}", bpffs.display()))?;
-        for name in [FROM_POD, TO_POD] {
+        for name in [FROM_POD, TO_POD, BENCH_FLOOR] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?

@@ -200,6 +200,16 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
     reply_translate(ctx, &mut flow, &ct, skb::now_ns())
 }
 
+/// Reference for benchmarks, never attached: parses like `from_pod` and does
+/// one hash lookup. The floor every datapath figure is compared against.
+#[classifier]
+pub fn bench_floor(ctx: TcContext) -> i32 {
+    match parse_ipv4_flow(&ctx) {
+        Ok(flow) if lb4_is_service_ip(flow.dst_addr) => TC_ACT_OK,
+        _ => TC_ACT_OK,
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -31,7 +31,7 @@ use crate::{
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
-    parse::{parse_ipv4_flow, Ipv4Flow, ParseError},
+    parse::{parse_ipv4_flow, Ipv4Flow, ParseError, TCP_RST},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
 };
 
@@ -87,7 +87,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             // The backend is gone: its connection state is lost with it, so
             // the client is told at once instead of timing out.
             count(Counter::ResetBackendGone);
-            return reject4_tcp_reset(ctx, &flow).map_err(|_| TC_ACT_SHOT);
+            return tcp_reset_unless_reset(ctx, &flow);
         }
         if !expired {
             count(Counter::UdpFlowMoved);
@@ -111,12 +111,10 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
     };
     let Some((backend_id, backend)) = lb4_select_backend(&service) else {
         count(Counter::RejectNoEndpoints);
-        let rejected = if flow.proto == IPPROTO_TCP {
-            reject4_tcp_reset(ctx, flow)
-        } else {
-            reject4_icmp_port_unreachable(ctx, flow)
-        };
-        return rejected.map_err(|_| TC_ACT_SHOT);
+        if flow.proto == IPPROTO_TCP {
+            return tcp_reset_unless_reset(ctx, flow);
+        }
+        return reject4_icmp_port_unreachable(ctx, flow).map_err(|_| TC_ACT_SHOT);
     };
     let hairpin = backend.addr == flow.src_addr;
     let entry = CtEntry {
@@ -140,6 +138,17 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
     };
     count(Counter::NewFlow);
     forward_established(ctx, flow, &ct)
+}
+
+/// Answers a TCP segment with a RST, except a RST itself, which is never
+/// answered (RFC 9293 3.10.7.1; iptables' REJECT behaves the same): it is
+/// dropped, its reason already counted by the caller.
+#[inline(always)]
+fn tcp_reset_unless_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
+    if flow.tcp_flags & TCP_RST != 0 {
+        return Err(TC_ACT_SHOT);
+    }
+    reject4_tcp_reset(ctx, flow).map_err(|_| TC_ACT_SHOT)
 }
 
 /// Client -> service packet of a known flow: DNAT to its backend, and in a

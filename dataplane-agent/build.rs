@@ -11,7 +11,8 @@ fn main() -> anyhow::Result<()> {
     };
     // Debian's rustc-web (linked into rustup as `debian-bpf` by `cargo xtask
     // setup`) ships a prebuilt `core` for bpfel-unknown-none.
-    aya_build::build_ebpf([ebpf], Toolchain::Custom("debian-bpf")).context("building the eBPF programs")?;
+    aya_build::build_ebpf([ebpf], Toolchain::Custom("debian-bpf"))
+        .context("building the eBPF programs")?;
     // With AYA_BUILD_SKIP (fast check/clippy of userspace) nothing was built:
     // embed an empty object, which the agent refuses to load with a clear error.
     let object = std::path::Path::new(&std::env::var("OUT_DIR")?).join("dataplane");

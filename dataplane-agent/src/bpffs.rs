@@ -12,10 +12,19 @@ use nix::{
 /// `ip netns exec`, for instance, /sys/fs/bpf is not one).
 pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let on_bpffs = statfs(dir).with_context(|| format!("statfs {}", dir.display()))?.filesystem_type() == BPF_FS_MAGIC;
+    let on_bpffs = statfs(dir)
+        .with_context(|| format!("statfs {}", dir.display()))?
+        .filesystem_type()
+        == BPF_FS_MAGIC;
     if !on_bpffs {
-        mount(Some("bpf"), dir, Some("bpf"), MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("mounting a bpffs at {}", dir.display()))?;
+        mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a bpffs at {}", dir.display()))?;
         log::info!("mounted a bpffs at {}", dir.display());
     }
     Ok(())

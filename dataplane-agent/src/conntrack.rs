@@ -77,7 +77,15 @@ mod tests {
             last_seen_ns: last_seen_s * SEC,
             ..Default::default()
         };
-        let reply = CtKey { src_addr: 3, dst_addr: 1, src_port: 30, dst_port: 10, proto, direction: ct_dir::REPLY, _pad: [0; 2] };
+        let reply = CtKey {
+            src_addr: 3,
+            dst_addr: 1,
+            src_port: 30,
+            dst_port: 10,
+            proto,
+            direction: ct_dir::REPLY,
+            _pad: [0; 2],
+        };
         [(original_key(&e), e), (reply, e)]
     }
 

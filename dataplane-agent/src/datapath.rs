@@ -54,13 +54,20 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs)
             .load(EBPF_OBJECT)
-            .with_context(|| format!("loading the eBPF object with maps pinned under {}", bpffs.display()))?;
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object with maps pinned under {}",
+                    bpffs.display()
+                )
+            })?;
         for name in [FROM_POD, TO_POD, BENCH_FLOOR] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            program.load().with_context(|| format!("verifying program {name}"))?;
+            program
+                .load()
+                .with_context(|| format!("verifying program {name}"))?;
         }
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack: ConntrackMap = ebpf
@@ -71,16 +78,34 @@ impl Datapath {
             .take_map(map_names::COUNTERS)
             .context("map COUNTERS missing from the eBPF object")?
             .try_into()?;
-        Ok((Self { ebpf, attached: HashMap::new() }, DatapathMaps { lb, conntrack, counters }))
+        Ok((
+            Self {
+                ebpf,
+                attached: HashMap::new(),
+            },
+            DatapathMaps {
+                lb,
+                conntrack,
+                counters,
+            },
+        ))
     }
 
     /// A loaded program, e.g. to run it under BPF_PROG_TEST_RUN.
     pub fn classifier(&self, name: &str) -> anyhow::Result<&SchedClassifier> {
-        Ok(self.ebpf.program(name).with_context(|| format!("program {name} missing"))?.try_into()?)
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
     }
 
     fn program(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?)
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
     }
 
     pub fn is_attached(&self, ifindex: u32) -> bool {
@@ -111,7 +136,10 @@ impl Datapath {
                 return Err(e).with_context(|| format!("attaching {TO_POD} to {ifname} egress"));
             }
         };
-        self.attached.insert(ifindex, (ifname.to_owned(), Attachment { from_pod, to_pod }));
+        self.attached.insert(
+            ifindex,
+            (ifname.to_owned(), Attachment { from_pod, to_pod }),
+        );
         info!("attached to pod interface {ifname} (ifindex {ifindex})");
         Ok(())
     }

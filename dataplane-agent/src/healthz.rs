@@ -37,13 +37,27 @@ fn rfc3339(t: SystemTime) -> String {
 
 async fn healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
     let last = health.last_synced();
-    let status = if last.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(HealthBody { last_updated: last.map(rfc3339), current_time: rfc3339(SystemTime::now()) }))
+    let status = if last.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(HealthBody {
+            last_updated: last.map(rfc3339),
+            current_time: rfc3339(SystemTime::now()),
+        }),
+    )
 }
 
 pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding healthz on {addr}"))?;
-    let app = Router::new().route("/healthz", get(healthz)).with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding healthz on {addr}"))?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(health);
     axum::serve(listener, app).await.context("serving healthz")
 }
 
@@ -60,7 +74,10 @@ mod tests {
     #[tokio::test]
     async fn unhealthy_until_first_sync() {
         let health = Health::default();
-        assert_eq!(healthz(State(health.clone())).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            healthz(State(health.clone())).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         health.synced();
         assert_eq!(healthz(State(health)).await.0, StatusCode::OK);
     }

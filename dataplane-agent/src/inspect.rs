@@ -13,8 +13,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, port_from_map, Backend, CtEntry, CtKey, Counter,
-    ServiceKey, ServiceLabel, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, port_from_map, Backend, Counter, CtEntry,
+    CtKey, ServiceKey, ServiceLabel, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 
@@ -71,13 +71,22 @@ fn proto_name(proto: u8) -> &'static str {
 }
 
 fn endpoint(addr: u32, port: u16) -> String {
-    format!("{}:{}", Ipv4Addr::from(ipv4_from_map(addr)), port_from_map(port))
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(ipv4_from_map(addr)),
+        port_from_map(port)
+    )
 }
 
 fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {} (is the agent's --bpffs {}?)", path.display(), dir.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is the agent's --bpffs {}?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
     Ok(Map::from_map_data(data)?)
 }
 
@@ -101,15 +110,29 @@ pub fn services(dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
     Ok(rows)
 }
 
-fn service_row(snap: &crate::lb_maps::LbSnapshot, key: &ServiceKey, value: &ServiceValue) -> ServiceRow {
+fn service_row(
+    snap: &crate::lb_maps::LbSnapshot,
+    key: &ServiceKey,
+    value: &ServiceValue,
+) -> ServiceRow {
     let backends = (0..value.backend_count)
-        .map(|slot| match snap.slots.get(&(value.service_id, slot)).and_then(|id| snap.backends.get(id)) {
-            Some(b) => endpoint(b.addr, b.port),
-            None => format!("<slot {slot} missing>"),
+        .map(|slot| {
+            match snap
+                .slots
+                .get(&(value.service_id, slot))
+                .and_then(|id| snap.backends.get(id))
+            {
+                Some(b) => endpoint(b.addr, b.port),
+                None => format!("<slot {slot} missing>"),
+            }
         })
         .collect();
     ServiceRow {
-        service: snap.names.get(&value.service_id).cloned().unwrap_or_else(|| format!("<id {}>", value.service_id)),
+        service: snap
+            .names
+            .get(&value.service_id)
+            .cloned()
+            .unwrap_or_else(|| format!("<id {}>", value.service_id)),
         frontend: format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto)),
         backends,
         affinity_timeout_s: (value.affinity_timeout_s > 0).then_some(value.affinity_timeout_s),
@@ -145,7 +168,10 @@ pub fn backends(dir: &Path) -> anyhow::Result<Vec<BackendRow>> {
         let row = service_row(&snap, key, value);
         for slot in 0..value.backend_count {
             if let Some(id) = snap.slots.get(&(value.service_id, slot)) {
-                users.entry(*id).or_default().push(format!("{} {}", row.service, row.frontend));
+                users
+                    .entry(*id)
+                    .or_default()
+                    .push(format!("{} {}", row.service, row.frontend));
             }
         }
     }
@@ -178,7 +204,8 @@ pub fn conntrack(
     client: Option<Ipv4Addr>,
     backend: Option<Ipv4Addr>,
 ) -> anyhow::Result<Vec<FlowRow>> {
-    let names: HashMap<MapData, u32, ServiceLabel> = open(dir, map_names::SERVICE_NAMES)?.try_into()?;
+    let names: HashMap<MapData, u32, ServiceLabel> =
+        open(dir, map_names::SERVICE_NAMES)?.try_into()?;
     let table: HashMap<MapData, CtKey, CtEntry> = open(dir, map_names::CONNTRACK)?.try_into()?;
     let now = monotonic_now_ns();
     let mut rows = Vec::new();
@@ -187,7 +214,10 @@ pub fn conntrack(
         if key.direction != ct_dir::ORIGINAL || ct.is_expired(now) {
             continue;
         }
-        let label = names.get(&ct.service_id, 0).map(|l| l.as_str().to_owned()).unwrap_or_default();
+        let label = names
+            .get(&ct.service_id, 0)
+            .map(|l| l.as_str().to_owned())
+            .unwrap_or_default();
         let service_name = label.split(':').next().unwrap_or_default();
         if service.is_some_and(|s| s != service_name)
             || client.is_some_and(|c| c.octets() != ipv4_from_map(ct.client_addr))
@@ -196,7 +226,11 @@ pub fn conntrack(
             continue;
         }
         let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
-        let translated_src = if hairpin { ct.service_addr } else { ct.client_addr };
+        let translated_src = if hairpin {
+            ct.service_addr
+        } else {
+            ct.client_addr
+        };
         rows.push(FlowRow {
             service: label,
             proto: proto_name(ct.proto),
@@ -237,8 +271,13 @@ pub fn counters(dir: &Path) -> anyhow::Result<Vec<CounterRow>> {
     Counter::ALL
         .iter()
         .map(|c| {
-            let per_cpu = map.get(&(*c as u32), 0).with_context(|| format!("reading counter {}", c.name()))?;
-            Ok(CounterRow { counter: c.name(), packets: per_cpu.iter().sum() })
+            let per_cpu = map
+                .get(&(*c as u32), 0)
+                .with_context(|| format!("reading counter {}", c.name()))?;
+            Ok(CounterRow {
+                counter: c.name(),
+                packets: per_cpu.iter().sum(),
+            })
         })
         .collect()
 }
@@ -262,19 +301,33 @@ pub fn interfaces() -> anyhow::Result<Vec<InterfaceRow>> {
         let programs = |attach| -> Vec<String> {
             SchedClassifier::query_tcx(&name, attach)
                 .map(|(_, infos)| {
-                    infos.iter().map(|i| format!("{} (id {})", i.name_as_str().unwrap_or("?"), i.id())).collect()
+                    infos
+                        .iter()
+                        .map(|i| format!("{} (id {})", i.name_as_str().unwrap_or("?"), i.id()))
+                        .collect()
                 })
                 .unwrap_or_default()
         };
-        let (ingress, egress) = (programs(TcAttachType::Ingress), programs(TcAttachType::Egress));
+        let (ingress, egress) = (
+            programs(TcAttachType::Ingress),
+            programs(TcAttachType::Egress),
+        );
         if !ingress.is_empty() || !egress.is_empty() {
-            rows.push(InterfaceRow { interface: name, ingress, egress });
+            rows.push(InterfaceRow {
+                interface: name,
+                ingress,
+                egress,
+            });
         }
     }
     Ok(rows)
 }
 
-fn print<T: Serialize>(rows: &[T], format: Format, line: impl Fn(&T) -> String) -> anyhow::Result<()> {
+fn print<T: Serialize>(
+    rows: &[T],
+    format: Format,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(rows)?),
         Format::Table => {
@@ -292,10 +345,25 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     match options.what {
         What::Services => print(&services(dir)?, format, ToString::to_string),
         What::Backends => print(&backends(dir)?, format, |r| {
-            format!("{:>6} {} <- {}", r.id, r.backend, if r.services.is_empty() { "(unused)".into() } else { r.services.join(", ") })
+            format!(
+                "{:>6} {} <- {}",
+                r.id,
+                r.backend,
+                if r.services.is_empty() {
+                    "(unused)".into()
+                } else {
+                    r.services.join(", ")
+                }
+            )
         }),
-        What::Conntrack { service, client, backend } => {
-            print(&conntrack(dir, service.as_deref(), client, backend)?, format, |r| {
+        What::Conntrack {
+            service,
+            client,
+            backend,
+        } => print(
+            &conntrack(dir, service.as_deref(), client, backend)?,
+            format,
+            |r| {
                 format!(
                     "{} {} {} => {} {}{} age {}s expires in {}s",
                     r.service,
@@ -307,11 +375,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                     r.age_s,
                     r.expires_in_s
                 )
-            })
-        }
-        What::Counters => print(&counters(dir)?, format, |r| format!("{:<22} {}", r.counter, r.packets)),
+            },
+        ),
+        What::Counters => print(&counters(dir)?, format, |r| {
+            format!("{:<22} {}", r.counter, r.packets)
+        }),
         What::Interfaces => print(&interfaces()?, format, |r| {
-            format!("{:<16} ingress: {:<24} egress: {}", r.interface, r.ingress.join(", "), r.egress.join(", "))
+            format!(
+                "{:<16} ingress: {:<24} egress: {}",
+                r.interface,
+                r.ingress.join(", "),
+                r.egress.join(", ")
+            )
         }),
     }
 }

@@ -41,11 +41,16 @@ impl PodInterfaceFilter {
     pub fn new(patterns: &[String]) -> Result<Self, InterfaceError> {
         let mut set = GlobSetBuilder::new();
         for pattern in patterns {
-            let glob = Glob::new(pattern)
-                .map_err(|source| InterfaceError::Pattern { pattern: pattern.clone(), source })?;
+            let glob = Glob::new(pattern).map_err(|source| InterfaceError::Pattern {
+                pattern: pattern.clone(),
+                source,
+            })?;
             set.add(glob);
         }
-        let set = set.build().map_err(|source| InterfaceError::Pattern { pattern: patterns.join(","), source })?;
+        let set = set.build().map_err(|source| InterfaceError::Pattern {
+            pattern: patterns.join(","),
+            source,
+        })?;
         Ok(Self(set))
     }
 
@@ -64,7 +69,8 @@ fn link_name(msg: &LinkMessage) -> Option<&str> {
 /// Streams the pod interfaces present now, then every change. Subscribes
 /// before listing so no interface created in between is missed.
 pub fn watch(filter: PodInterfaceFilter) -> Result<mpsc::Receiver<LinkEvent>, InterfaceError> {
-    let (mut connection, handle, mut messages) = rtnetlink::new_connection().map_err(InterfaceError::Netlink)?;
+    let (mut connection, handle, mut messages) =
+        rtnetlink::new_connection().map_err(InterfaceError::Netlink)?;
     connection
         .socket_mut()
         .socket_mut()
@@ -78,7 +84,10 @@ pub fn watch(filter: PodInterfaceFilter) -> Result<mpsc::Receiver<LinkEvent>, In
             match existing.try_next().await {
                 Ok(Some(msg)) => {
                     if let Some(name) = link_name(&msg).filter(|n| filter.matches(n)) {
-                        let event = LinkEvent::Present { ifindex: msg.header.index, name: name.to_owned() };
+                        let event = LinkEvent::Present {
+                            ifindex: msg.header.index,
+                            name: name.to_owned(),
+                        };
                         if tx.send(event).await.is_err() {
                             return;
                         }
@@ -95,9 +104,14 @@ pub fn watch(filter: PodInterfaceFilter) -> Result<mpsc::Receiver<LinkEvent>, In
             let event = match message.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(msg)) => link_name(&msg)
                     .filter(|n| filter.matches(n))
-                    .map(|name| LinkEvent::Present { ifindex: msg.header.index, name: name.to_owned() }),
+                    .map(|name| LinkEvent::Present {
+                        ifindex: msg.header.index,
+                        name: name.to_owned(),
+                    }),
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(msg)) => {
-                    Some(LinkEvent::Gone { ifindex: msg.header.index })
+                    Some(LinkEvent::Gone {
+                        ifindex: msg.header.index,
+                    })
                 }
                 _ => None,
             };

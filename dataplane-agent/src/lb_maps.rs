@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use dataplane_common::{map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue};
+use dataplane_common::{
+    map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue,
+};
 
 /// A write to one of the load-balancing maps failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +53,24 @@ pub struct BpfLbMaps {
     names: HashMap<MapData, u32, ServiceLabel>,
 }
 
-fn pinned<K: aya::Pod, V: aya::Pod>(dir: &std::path::Path, name: &'static str) -> anyhow::Result<HashMap<MapData, K, V>> {
+fn pinned<K: aya::Pod, V: aya::Pod>(
+    dir: &std::path::Path,
+    name: &'static str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
     use anyhow::Context as _;
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
     Ok(HashMap::try_from(Map::from_map_data(data)?)?)
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str) -> anyhow::Result<HashMap<MapData, K, V>> {
-    let map: Map = ebpf.take_map(name).ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
+fn take<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let map: Map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
     Ok(HashMap::try_from(map)?)
 }
 
@@ -100,31 +111,41 @@ fn removed(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl LbMaps for BpfLbMaps {
     fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError> {
-        self.service_ips.insert(addr, port_count, 0).map_err(err(map_names::SERVICE_IPS, "insert"))
+        self.service_ips
+            .insert(addr, port_count, 0)
+            .map_err(err(map_names::SERVICE_IPS, "insert"))
     }
     fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError> {
         removed(self.service_ips.remove(&addr)).map_err(err(map_names::SERVICE_IPS, "delete"))
     }
     fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError> {
-        self.services.insert(key, value, 0).map_err(err(map_names::SERVICES, "insert"))
+        self.services
+            .insert(key, value, 0)
+            .map_err(err(map_names::SERVICES, "insert"))
     }
     fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
         removed(self.services.remove(&key)).map_err(err(map_names::SERVICES, "delete"))
     }
     fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError> {
-        self.slots.insert(key, backend_id, 0).map_err(err(map_names::BACKEND_SLOTS, "insert"))
+        self.slots
+            .insert(key, backend_id, 0)
+            .map_err(err(map_names::BACKEND_SLOTS, "insert"))
     }
     fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError> {
         removed(self.slots.remove(&key)).map_err(err(map_names::BACKEND_SLOTS, "delete"))
     }
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError> {
-        self.backends.insert(id, backend, 0).map_err(err(map_names::BACKENDS, "insert"))
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(err(map_names::BACKENDS, "insert"))
     }
     fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
         removed(self.backends.remove(&id)).map_err(err(map_names::BACKENDS, "delete"))
     }
     fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError> {
-        self.names.insert(service_id, ServiceLabel::new(label), 0).map_err(err(map_names::SERVICE_NAMES, "insert"))
+        self.names
+            .insert(service_id, ServiceLabel::new(label), 0)
+            .map_err(err(map_names::SERVICE_NAMES, "insert"))
     }
     fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
         removed(self.names.remove(&service_id)).map_err(err(map_names::SERVICE_NAMES, "delete"))
@@ -170,7 +191,11 @@ impl MemLbMaps {
     fn write(&mut self, map: &'static str) -> Result<(), LbMapError> {
         if self.fail_next_write_to == Some(map) {
             self.fail_next_write_to = None;
-            return Err(LbMapError { map, op: "insert", source: MapError::KeyNotFound });
+            return Err(LbMapError {
+                map,
+                op: "insert",
+                source: MapError::KeyNotFound,
+            });
         }
         self.writes += 1;
         Ok(())
@@ -201,7 +226,9 @@ impl LbMaps for MemLbMaps {
     }
     fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError> {
         self.write(map_names::BACKEND_SLOTS)?;
-        self.state.slots.insert((key.service_id, key.slot), backend_id);
+        self.state
+            .slots
+            .insert((key.service_id, key.slot), backend_id);
         Ok(())
     }
     fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError> {

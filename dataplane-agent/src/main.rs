@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use dataplane_agent::{inspect, run};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "eBPF service dataplane agent (kube-proxy replacement)")]
+#[command(
+    version,
+    about = "eBPF service dataplane agent (kube-proxy replacement)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -62,7 +62,10 @@ struct Syncer<M: LbMaps> {
 }
 
 impl<M: LbMaps> Syncer<M> {
-    fn frontends_of(&self, service: &ServiceName) -> Option<Vec<(crate::model::Frontend, crate::model::FrontendSpec)>> {
+    fn frontends_of(
+        &self,
+        service: &ServiceName,
+    ) -> Option<Vec<(crate::model::Frontend, crate::model::FrontendSpec)>> {
         match self.state.frontends(service, self.node_name.as_deref()) {
             Ok(frontends) => Some(frontends.unwrap_or_default()),
             Err(e) => {
@@ -103,7 +106,9 @@ impl<M: LbMaps> Syncer<M> {
             touched.extend(self.state.apply(event));
         }
         for service in touched {
-            let Some(frontends) = self.frontends_of(&service) else { continue };
+            let Some(frontends) = self.frontends_of(&service) else {
+                continue;
+            };
             if let Err(e) = self.engine.sync_service(&service, &frontends) {
                 error!("{e}");
             }
@@ -117,10 +122,15 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let (mut datapath, maps) = Datapath::load(&options.bpffs)?;
     let mut conntrack_map = maps.conntrack;
     let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
-    let mut syncer = Syncer { state: ClusterState::default(), engine, node_name: options.node_name.clone() };
+    let mut syncer = Syncer {
+        state: ClusterState::default(),
+        engine,
+        node_name: options.node_name.clone(),
+    };
 
     let health = Health::default();
-    let mut healthz_server = tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
+    let mut healthz_server =
+        tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -143,7 +153,11 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     // empty maps.
     let mut links = interfaces::watch(filter)?;
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
-    info!("agent ready: manifests {}, maps pinned under {}", options.manifests.display(), options.bpffs.display());
+    info!(
+        "agent ready: manifests {}, maps pinned under {}",
+        options.manifests.display(),
+        options.bpffs.display()
+    );
 
     let result = loop {
         tokio::select! {

@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dataplane_common::{
-    capacity, ipv4_to_map, port_to_map, Backend, BackendSlotKey, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    capacity, ipv4_to_map, port_to_map, Backend, BackendSlotKey, ServiceKey, ServiceValue,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -19,11 +20,25 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("service {service} {frontend}: {count} endpoints, more than the {max} one service port may have")]
-    TooManyBackends { service: ServiceName, frontend: Frontend, count: usize, max: u32 },
+    TooManyBackends {
+        service: ServiceName,
+        frontend: Frontend,
+        count: usize,
+        max: u32,
+    },
     #[error("service {service} {frontend}: already served by service {owner}")]
-    FrontendConflict { service: ServiceName, frontend: Frontend, owner: ServiceName },
+    FrontendConflict {
+        service: ServiceName,
+        frontend: Frontend,
+        owner: ServiceName,
+    },
     #[error("service {service}: map {map} would hold {needed} entries, more than its capacity {capacity}")]
-    CapacityExceeded { service: ServiceName, map: &'static str, needed: usize, capacity: u32 },
+    CapacityExceeded {
+        service: ServiceName,
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
     #[error("service {service}: writing the maps failed")]
     Map {
         service: ServiceName,
@@ -181,8 +196,13 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     fn reload(&mut self) -> Result<(), SyncError> {
-        let LbSnapshot { service_ips, services, slots, backends, names } =
-            self.maps.snapshot().map_err(SyncError::Snapshot)?;
+        let LbSnapshot {
+            service_ips,
+            services,
+            slots,
+            backends,
+            names,
+        } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
         let by_id: HashMap<u32, Backend> = backends.clone().into_iter().collect();
         let owners: HashMap<ServiceKey, ServiceName> = self
             .frontends
@@ -194,32 +214,55 @@ impl<M: LbMaps> SyncEngine<M> {
         self.backend_by_id.clear();
         self.slot_count = 0;
         for (key, value) in &services {
-            let ids: Vec<u32> = (0..value.backend_count).filter_map(|slot| slots.get(&(value.service_id, slot)).copied()).collect();
-            let complete = ids.len() == value.backend_count as usize && ids.iter().all(|id| by_id.contains_key(id));
+            let ids: Vec<u32> = (0..value.backend_count)
+                .filter_map(|slot| slots.get(&(value.service_id, slot)).copied())
+                .collect();
+            let complete = ids.len() == value.backend_count as usize
+                && ids.iter().all(|id| by_id.contains_key(id));
             let mut value = *value;
             let ids = if complete { ids } else { Vec::new() };
             value.backend_count = ids.len() as u32;
             for id in &ids {
                 let backend = by_id[id];
-                self.backends.entry(backend).or_insert(BackendRef { id: *id, refs: 0 }).refs += 1;
+                self.backends
+                    .entry(backend)
+                    .or_insert(BackendRef { id: *id, refs: 0 })
+                    .refs += 1;
                 self.backend_by_id.insert(*id, backend);
             }
             self.slot_count += ids.len();
-            self.frontends.insert(*key, Programmed { owner: owners.get(key).cloned(), value, slots: ids });
+            self.frontends.insert(
+                *key,
+                Programmed {
+                    owner: owners.get(key).cloned(),
+                    value,
+                    slots: ids,
+                },
+            );
         }
         // Leftovers no slot points at (an agent stopped mid-sync) go now.
-        for id in backends.keys().filter(|id| !self.backend_by_id.contains_key(id)) {
+        for id in backends
+            .keys()
+            .filter(|id| !self.backend_by_id.contains_key(id))
+        {
             self.maps.remove_backend(*id).map_err(SyncError::Snapshot)?;
         }
-        let counts: HashMap<u32, u32> = services.values().map(|v| (v.service_id, v.backend_count)).collect();
+        let counts: HashMap<u32, u32> = services
+            .values()
+            .map(|v| (v.service_id, v.backend_count))
+            .collect();
         for &(service_id, slot) in slots.keys() {
             if counts.get(&service_id).is_none_or(|count| slot >= *count) {
-                self.maps.remove_slot(BackendSlotKey { service_id, slot }).map_err(SyncError::Snapshot)?;
+                self.maps
+                    .remove_slot(BackendSlotKey { service_id, slot })
+                    .map_err(SyncError::Snapshot)?;
             }
         }
         let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
         for id in names.keys().filter(|id| !service_ids.contains(id)) {
-            self.maps.remove_service_name(*id).map_err(SyncError::Snapshot)?;
+            self.maps
+                .remove_service_name(*id)
+                .map_err(SyncError::Snapshot)?;
         }
         self.service_ips = service_ips.into_iter().collect();
         self.service_ids = IdAllocator::from_used(services.values().map(|v| v.service_id));
@@ -233,7 +276,10 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     fn slot_backends(&self, p: &Programmed) -> Vec<Backend> {
-        p.slots.iter().filter_map(|id| self.backend_by_id.get(id).copied()).collect()
+        p.slots
+            .iter()
+            .filter_map(|id| self.backend_by_id.get(id).copied())
+            .collect()
     }
 
     /// Makes the maps hold exactly `frontends` for `service` (an empty list
@@ -255,7 +301,11 @@ impl<M: LbMaps> SyncEngine<M> {
         result
     }
 
-    fn check(&self, service: &ServiceName, frontends: &[(Frontend, FrontendSpec)]) -> Result<(), SyncError> {
+    fn check(
+        &self,
+        service: &ServiceName,
+        frontends: &[(Frontend, FrontendSpec)],
+    ) -> Result<(), SyncError> {
         let mut new_frontends = 0usize;
         let mut slot_delta: isize = 0;
         let old_keys = self.owned.get(service).cloned().unwrap_or_default();
@@ -272,7 +322,9 @@ impl<M: LbMaps> SyncEngine<M> {
             }
             let key = service_key(frontend);
             match self.frontends.get(&key) {
-                Some(Programmed { owner: Some(owner), .. }) if owner != service => {
+                Some(Programmed {
+                    owner: Some(owner), ..
+                }) if owner != service => {
                     return Err(SyncError::FrontendConflict {
                         service: service.clone(),
                         frontend: *frontend,
@@ -285,7 +337,11 @@ impl<M: LbMaps> SyncEngine<M> {
                     slot_delta += count as isize;
                 }
             }
-            new_backends.extend(backends_of(frontend, spec).into_iter().filter(|b| !self.backends.contains_key(b)));
+            new_backends.extend(
+                backends_of(frontend, spec)
+                    .into_iter()
+                    .filter(|b| !self.backends.contains_key(b)),
+            );
         }
         let removed_slots: usize = old_keys
             .iter()
@@ -294,26 +350,53 @@ impl<M: LbMaps> SyncEngine<M> {
             .map(|p| p.slots.len())
             .sum();
         let limits = [
-            ("SERVICES", self.frontends.len() + new_frontends, capacity::SERVICES),
-            ("BACKEND_SLOTS", (self.slot_count as isize + slot_delta) as usize - removed_slots, capacity::BACKEND_SLOTS),
-            ("BACKENDS", self.backends.len() + new_backends.len(), capacity::BACKENDS),
+            (
+                "SERVICES",
+                self.frontends.len() + new_frontends,
+                capacity::SERVICES,
+            ),
+            (
+                "BACKEND_SLOTS",
+                (self.slot_count as isize + slot_delta) as usize - removed_slots,
+                capacity::BACKEND_SLOTS,
+            ),
+            (
+                "BACKENDS",
+                self.backends.len() + new_backends.len(),
+                capacity::BACKENDS,
+            ),
         ];
         for (map, needed, capacity) in limits {
             if needed > capacity as usize {
-                return Err(SyncError::CapacityExceeded { service: service.clone(), map, needed, capacity });
+                return Err(SyncError::CapacityExceeded {
+                    service: service.clone(),
+                    map,
+                    needed,
+                    capacity,
+                });
             }
         }
         Ok(())
     }
 
-    fn apply(&mut self, service: &ServiceName, frontends: &[(Frontend, FrontendSpec)]) -> Result<SyncStats, SyncError> {
-        let map_err = |source| SyncError::Map { service: service.clone(), source };
+    fn apply(
+        &mut self,
+        service: &ServiceName,
+        frontends: &[(Frontend, FrontendSpec)],
+    ) -> Result<SyncStats, SyncError> {
+        let map_err = |source| SyncError::Map {
+            service: service.clone(),
+            source,
+        };
         let mut stats = SyncStats::default();
         let mut keys = BTreeSet::new();
         for (frontend, spec) in frontends {
             let key = service_key(frontend);
             keys.insert(key);
-            if self.program_frontend(service, key, frontend, spec).map_err(map_err)? {
+            if self
+                .program_frontend(service, key, frontend, spec)
+                .map_err(map_err)?
+            {
                 stats.frontends_changed += 1;
             }
         }
@@ -340,7 +423,10 @@ impl<M: LbMaps> SyncEngine<M> {
         let desired = backends_of(frontend, spec);
         let affinity = spec.affinity_timeout_s.unwrap_or(0);
         let existing = self.frontends.get(&key).cloned();
-        let old_backends = existing.as_ref().map(|p| self.slot_backends(p)).unwrap_or_default();
+        let old_backends = existing
+            .as_ref()
+            .map(|p| self.slot_backends(p))
+            .unwrap_or_default();
         let old_set: BTreeSet<Backend> = old_backends.iter().copied().collect();
         let new_set: BTreeSet<Backend> = desired.iter().copied().collect();
         let label = match &spec.port_name {
@@ -369,14 +455,28 @@ impl<M: LbMaps> SyncEngine<M> {
             Some(p) => p.value.service_id,
             None => self.service_ids.allocate(),
         };
-        let old_slots = existing.as_ref().map(|p| p.slots.clone()).unwrap_or_default();
+        let old_slots = existing
+            .as_ref()
+            .map(|p| p.slots.clone())
+            .unwrap_or_default();
         for (slot, id) in ids.iter().enumerate() {
             if old_slots.get(slot) != Some(id) {
-                self.maps.set_slot(BackendSlotKey { service_id, slot: slot as u32 }, *id)?;
+                self.maps.set_slot(
+                    BackendSlotKey {
+                        service_id,
+                        slot: slot as u32,
+                    },
+                    *id,
+                )?;
             }
         }
         // 3. The service entry (and its IP in the pre-filter) with the count.
-        let value = ServiceValue { service_id, backend_count: ids.len() as u32, flags: 0, affinity_timeout_s: affinity };
+        let value = ServiceValue {
+            service_id,
+            backend_count: ids.len() as u32,
+            flags: 0,
+            affinity_timeout_s: affinity,
+        };
         if existing.is_none() {
             self.maps.set_service_name(service_id, &label)?;
         }
@@ -388,29 +488,48 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         // 4. Slots past the new count, then backends nobody uses any more.
         for slot in ids.len()..old_slots.len() {
-            self.maps.remove_slot(BackendSlotKey { service_id, slot: slot as u32 })?;
+            self.maps.remove_slot(BackendSlotKey {
+                service_id,
+                slot: slot as u32,
+            })?;
         }
         self.slot_count = self.slot_count + ids.len() - old_slots.len();
         for backend in &old_backends {
             self.release_backend(*backend)?;
         }
-        self.frontends.insert(key, Programmed { owner: Some(service.clone()), value, slots: ids });
+        self.frontends.insert(
+            key,
+            Programmed {
+                owner: Some(service.clone()),
+                value,
+                slots: ids,
+            },
+        );
         info!(
             "service {service} {frontend}: {} endpoints{}",
             desired.len(),
-            if desired.is_empty() { " (connections are rejected)" } else { "" }
+            if desired.is_empty() {
+                " (connections are rejected)"
+            } else {
+                ""
+            }
         );
         debug!("service {service} {frontend}: service id {service_id}");
         Ok(true)
     }
 
     fn unprogram_frontend(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
-        let Some(p) = self.frontends.get(&key).cloned() else { return Ok(()) };
+        let Some(p) = self.frontends.get(&key).cloned() else {
+            return Ok(());
+        };
         let backends = self.slot_backends(&p);
         // The service entry goes first: from then on no new flow reads a slot.
         self.maps.remove_service(key)?;
         for slot in 0..p.slots.len() {
-            self.maps.remove_slot(BackendSlotKey { service_id: p.value.service_id, slot: slot as u32 })?;
+            self.maps.remove_slot(BackendSlotKey {
+                service_id: p.value.service_id,
+                slot: slot as u32,
+            })?;
         }
         match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
             0 | 1 => {
@@ -445,7 +564,9 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     fn release_backend(&mut self, backend: Backend) -> Result<(), LbMapError> {
-        let Some(r) = self.backends.get_mut(&backend) else { return Ok(()) };
+        let Some(r) = self.backends.get_mut(&backend) else {
+            return Ok(());
+        };
         r.refs -= 1;
         if r.refs == 0 {
             let id = r.id;
@@ -460,7 +581,10 @@ impl<M: LbMaps> SyncEngine<M> {
     /// Full sync: every service in `all` is programmed, everything else
     /// (services deleted while no agent ran, leftovers of an older agent) is
     /// removed. Errors of one service do not stop the others.
-    pub fn sync_all(&mut self, all: &BTreeMap<ServiceName, Vec<(Frontend, FrontendSpec)>>) -> (SyncStats, Vec<SyncError>) {
+    pub fn sync_all(
+        &mut self,
+        all: &BTreeMap<ServiceName, Vec<(Frontend, FrontendSpec)>>,
+    ) -> (SyncStats, Vec<SyncError>) {
         let mut stats = SyncStats::default();
         let mut errors = Vec::new();
         for (service, frontends) in all {
@@ -472,19 +596,31 @@ impl<M: LbMaps> SyncEngine<M> {
                 Err(e) => errors.push(e),
             }
         }
-        let stale_services: Vec<ServiceName> = self.owned.keys().filter(|s| !all.contains_key(*s)).cloned().collect();
+        let stale_services: Vec<ServiceName> = self
+            .owned
+            .keys()
+            .filter(|s| !all.contains_key(*s))
+            .cloned()
+            .collect();
         for service in stale_services {
             match self.sync_service(&service, &[]) {
                 Ok(s) => stats.frontends_removed += s.frontends_removed,
                 Err(e) => errors.push(e),
             }
         }
-        let unclaimed: Vec<ServiceKey> =
-            self.frontends.iter().filter(|(_, p)| p.owner.is_none()).map(|(k, _)| *k).collect();
+        let unclaimed: Vec<ServiceKey> = self
+            .frontends
+            .iter()
+            .filter(|(_, p)| p.owner.is_none())
+            .map(|(k, _)| *k)
+            .collect();
         for key in unclaimed {
             match self.unprogram_frontend(key) {
                 Ok(()) => {
-                    info!("{}: removed (left by a previous agent, no longer a service)", describe_key(&key));
+                    info!(
+                        "{}: removed (left by a previous agent, no longer a service)",
+                        describe_key(&key)
+                    );
                     stats.frontends_removed += 1;
                 }
                 Err(source) => {
@@ -526,18 +662,31 @@ mod tests {
     };
 
     fn name(n: &str) -> ServiceName {
-        ObjectRef { namespace: "default".into(), name: n.into() }
+        ObjectRef {
+            namespace: "default".into(),
+            name: n.into(),
+        }
     }
 
     fn frontend(ip: [u8; 4], port: u16) -> Frontend {
-        Frontend { ip: Ipv4Addr::from(ip), port, proto: Protocol::Tcp }
+        Frontend {
+            ip: Ipv4Addr::from(ip),
+            port,
+            proto: Protocol::Tcp,
+        }
     }
 
     fn spec(service: &str, backends: &[u8]) -> FrontendSpec {
         FrontendSpec {
             service: name(service),
             port_name: None,
-            backends: backends.iter().map(|last| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, *last), port: 8080 }).collect(),
+            backends: backends
+                .iter()
+                .map(|last| BackendAddr {
+                    ip: Ipv4Addr::new(10, 244, 1, *last),
+                    port: 8080,
+                })
+                .collect(),
             affinity_timeout_s: None,
         }
     }
@@ -563,7 +712,8 @@ mod tests {
     fn service_is_programmed_with_all_its_backends() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
+            .unwrap();
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11, 12]);
@@ -574,9 +724,12 @@ mod tests {
     fn unchanged_service_writes_nothing() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
         let writes = e.maps().writes;
-        let stats = e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        let stats = e
+            .sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
         assert_eq!(e.maps().writes, writes);
         assert_eq!(stats, SyncStats::default());
     }
@@ -585,11 +738,13 @@ mod tests {
     fn one_endpoint_change_rewrites_one_slot_and_keeps_the_others_in_place() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
+            .unwrap();
         let before = programmed(e.maps(), &web).unwrap();
         let writes = e.maps().writes;
         // 11 replaced by 13: new backend, its slot, the count, old backend gone.
-        e.sync_service(&name("web"), &[(web, spec("web", &[10, 12, 13]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 12, 13]))])
+            .unwrap();
         let after = programmed(e.maps(), &web).unwrap();
         assert_eq!(e.maps().writes - writes, 4);
         for (b, a) in before.iter().zip(&after) {
@@ -605,8 +760,10 @@ mod tests {
     fn shrinking_service_deletes_trailing_slots_and_unused_backends() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12, 13]))]).unwrap();
-        e.sync_service(&name("web"), &[(web, spec("web", &[13]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12, 13]))])
+            .unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[13]))])
+            .unwrap();
         assert_eq!(programmed(e.maps(), &web).unwrap(), vec![13]);
         assert_eq!(e.maps().state.slots.len(), 1);
         assert_eq!(e.maps().state.backends.len(), 1);
@@ -616,7 +773,8 @@ mod tests {
     fn service_without_endpoints_stays_programmed_with_zero_backends() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("web"), &[(web, spec("web", &[]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[]))])
+            .unwrap();
         assert_eq!(programmed(e.maps(), &web).unwrap(), Vec::<u8>::new());
     }
 
@@ -624,8 +782,15 @@ mod tests {
     fn deleting_a_service_clears_every_map() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        let web_udp = Frontend { proto: Protocol::Udp, ..web };
-        e.sync_service(&name("web"), &[(web, spec("web", &[10])), (web_udp, spec("web", &[10]))]).unwrap();
+        let web_udp = Frontend {
+            proto: Protocol::Udp,
+            ..web
+        };
+        e.sync_service(
+            &name("web"),
+            &[(web, spec("web", &[10])), (web_udp, spec("web", &[10]))],
+        )
+        .unwrap();
         assert_eq!(e.maps().state.service_ips[&service_key(&web).addr], 2);
         e.sync_service(&name("web"), &[]).unwrap();
         assert_eq!(e.maps().state, LbSnapshot::default());
@@ -636,8 +801,10 @@ mod tests {
         let mut e = engine();
         let a = frontend([10, 96, 0, 10], 80);
         let b = frontend([10, 96, 0, 11], 80);
-        e.sync_service(&name("a"), &[(a, spec("a", &[10]))]).unwrap();
-        e.sync_service(&name("b"), &[(b, spec("b", &[10]))]).unwrap();
+        e.sync_service(&name("a"), &[(a, spec("a", &[10]))])
+            .unwrap();
+        e.sync_service(&name("b"), &[(b, spec("b", &[10]))])
+            .unwrap();
         assert_eq!(e.maps().state.backends.len(), 1);
         e.sync_service(&name("a"), &[]).unwrap();
         assert_eq!(programmed(e.maps(), &b).unwrap(), vec![10]);
@@ -649,23 +816,35 @@ mod tests {
         let web = frontend([10, 96, 0, 10], 80);
         let huge = FrontendSpec {
             backends: (0..=capacity::BACKENDS_PER_SERVICE)
-                .map(|i| BackendAddr { ip: Ipv4Addr::from(0x0af4_0000 + i), port: 80 })
+                .map(|i| BackendAddr {
+                    ip: Ipv4Addr::from(0x0af4_0000 + i),
+                    port: 80,
+                })
                 .collect(),
             ..spec("web", &[])
         };
         let ok = frontend([10, 96, 0, 10], 443);
-        let err = e.sync_service(&name("web"), &[(ok, spec("web", &[10])), (web, huge)]).unwrap_err();
+        let err = e
+            .sync_service(&name("web"), &[(ok, spec("web", &[10])), (web, huge)])
+            .unwrap_err();
         assert!(matches!(err, SyncError::TooManyBackends { .. }));
         assert!(err.to_string().contains("default/web"), "{err}");
-        assert_eq!(e.maps().writes, 0, "nothing of the refused service was written");
+        assert_eq!(
+            e.maps().writes,
+            0,
+            "nothing of the refused service was written"
+        );
     }
 
     #[test]
     fn two_services_claiming_one_frontend_conflict() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("a"), &[(web, spec("a", &[10]))]).unwrap();
-        let err = e.sync_service(&name("b"), &[(web, spec("b", &[11]))]).unwrap_err();
+        e.sync_service(&name("a"), &[(web, spec("a", &[10]))])
+            .unwrap();
+        let err = e
+            .sync_service(&name("b"), &[(web, spec("b", &[11]))])
+            .unwrap_err();
         assert!(err.to_string().contains("default/a"), "{err}");
         assert_eq!(programmed(e.maps(), &web).unwrap(), vec![10]);
     }
@@ -675,9 +854,16 @@ mod tests {
         let mut first = engine();
         let web = frontend([10, 96, 0, 10], 80);
         let gone = frontend([10, 96, 0, 99], 80);
-        first.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
-        first.sync_service(&name("gone"), &[(gone, spec("gone", &[12]))]).unwrap();
-        let maps = MemLbMaps { state: first.maps().state.clone(), ..Default::default() };
+        first
+            .sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
+        first
+            .sync_service(&name("gone"), &[(gone, spec("gone", &[12]))])
+            .unwrap();
+        let maps = MemLbMaps {
+            state: first.maps().state.clone(),
+            ..Default::default()
+        };
         let before = programmed(&maps, &web);
 
         let mut second = SyncEngine::adopt(maps).unwrap();
@@ -685,7 +871,11 @@ mod tests {
         let (stats, errors) = second.sync_all(&all);
         assert!(errors.is_empty());
         assert_eq!(programmed(second.maps(), &web), before, "web untouched");
-        assert_eq!(programmed(second.maps(), &gone), None, "service deleted while down is removed");
+        assert_eq!(
+            programmed(second.maps(), &gone),
+            None,
+            "service deleted while down is removed"
+        );
         assert_eq!(stats.frontends_changed, 0);
         assert_eq!(stats.frontends_removed, 1);
     }
@@ -694,11 +884,15 @@ mod tests {
     fn failed_write_is_reported_and_next_sync_repairs_from_the_maps() {
         let mut e = engine();
         let web = frontend([10, 96, 0, 10], 80);
-        e.sync_service(&name("web"), &[(web, spec("web", &[10]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10]))])
+            .unwrap();
         e.maps.fail_next_write_to = Some(dataplane_common::map_names::SERVICES);
-        let err = e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap_err();
+        let err = e
+            .sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap_err();
         assert_eq!(err.cause(), "map_write");
-        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))]).unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11]);
@@ -706,8 +900,16 @@ mod tests {
 
     #[test]
     fn slot_plan_keeps_survivors_and_fills_holes() {
-        let b = |n: u32| Backend { addr: n, port: 0, proto: 6, flags: 0 };
-        assert_eq!(plan_slots(&[b(1), b(2), b(3)], &[b(1), b(3), b(4)]), vec![b(1), b(4), b(3)]);
+        let b = |n: u32| Backend {
+            addr: n,
+            port: 0,
+            proto: 6,
+            flags: 0,
+        };
+        assert_eq!(
+            plan_slots(&[b(1), b(2), b(3)], &[b(1), b(3), b(4)]),
+            vec![b(1), b(4), b(3)]
+        );
         assert_eq!(plan_slots(&[b(1), b(2), b(3)], &[b(3)]), vec![b(3)]);
         assert_eq!(plan_slots(&[], &[b(1), b(2)]), vec![b(1), b(2)]);
     }

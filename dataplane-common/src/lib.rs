@@ -85,7 +85,11 @@ impl ServiceLabel {
     }
 
     pub fn as_str(&self) -> &str {
-        let end = self.bytes.iter().position(|b| *b == 0).unwrap_or(self.bytes.len());
+        let end = self
+            .bytes
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.bytes.len());
         core::str::from_utf8(&self.bytes[..end]).unwrap_or("<invalid label>")
     }
 }
@@ -326,7 +330,11 @@ mod tests {
 
     #[test]
     fn tcp_lifetime_follows_state() {
-        let mut e = CtEntry { proto: IPPROTO_TCP, last_seen_ns: 0, ..Default::default() };
+        let mut e = CtEntry {
+            proto: IPPROTO_TCP,
+            last_seen_ns: 0,
+            ..Default::default()
+        };
         assert!(!e.is_expired(59 * 1_000_000_000));
         assert!(e.is_expired(61 * 1_000_000_000));
         e.state = ct_state::ESTABLISHED;
@@ -337,7 +345,10 @@ mod tests {
 
     #[test]
     fn service_label_round_trips_and_truncates_on_char_boundary() {
-        assert_eq!(ServiceLabel::new("default/web:http").as_str(), "default/web:http");
+        assert_eq!(
+            ServiceLabel::new("default/web:http").as_str(),
+            "default/web:http"
+        );
         let long = "é".repeat(100);
         let label = ServiceLabel::new(&long);
         assert_eq!(label.as_str().len(), 126);

@@ -43,7 +43,11 @@ pub fn ct4_original_key(entry: &CtEntry) -> CtKey {
 /// flow the client sees itself addressed by the service IP.
 #[inline(always)]
 pub fn ct4_reply_key(entry: &CtEntry) -> CtKey {
-    let dst_addr = if entry.flags & ct_flags::HAIRPIN != 0 { entry.service_addr } else { entry.client_addr };
+    let dst_addr = if entry.flags & ct_flags::HAIRPIN != 0 {
+        entry.service_addr
+    } else {
+        entry.client_addr
+    };
     CtKey {
         src_addr: entry.backend_addr,
         dst_addr,
@@ -65,7 +69,10 @@ pub fn ct4_lookup(key: &CtKey) -> Option<*mut CtEntry> {
 #[inline(always)]
 pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
     let original = ct4_original_key(entry);
-    if CONNTRACK.insert(original, entry, BPF_NOEXIST as u64).is_err() {
+    if CONNTRACK
+        .insert(original, entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
         return match CONNTRACK.get_ptr(original) {
             // SAFETY: copied out at once.
             Some(existing) => Ok(unsafe { *existing }),
@@ -103,7 +110,11 @@ pub fn ct4_update(entry: *mut CtEntry, flow: &Ipv4Flow, direction: u8, now_ns: u
     // lose one timestamp refresh.
     let e = unsafe { &mut *entry };
     e.last_seen_ns = now_ns;
-    let fin_flag = if direction == ct_dir::ORIGINAL { ct_flags::FIN_ORIGINAL } else { ct_flags::FIN_REPLY };
+    let fin_flag = if direction == ct_dir::ORIGINAL {
+        ct_flags::FIN_ORIGINAL
+    } else {
+        ct_flags::FIN_REPLY
+    };
     if direction == ct_dir::REPLY {
         e.flags |= ct_flags::SEEN_REPLY;
     }
@@ -120,9 +131,14 @@ pub fn ct4_update(entry: *mut CtEntry, flow: &Ipv4Flow, direction: u8, now_ns: u
     if flow.tcp_flags & TCP_FIN != 0 {
         e.flags |= fin_flag;
     }
-    if e.flags & (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY) == (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY) {
+    if e.flags & (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
+        == (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
+    {
         e.state = ct_state::CLOSING;
-    } else if e.state == ct_state::OPENING && e.flags & ct_flags::SEEN_REPLY != 0 && flow.tcp_flags & TCP_ACK != 0 {
+    } else if e.state == ct_state::OPENING
+        && e.flags & ct_flags::SEEN_REPLY != 0
+        && flow.tcp_flags & TCP_ACK != 0
+    {
         e.state = ct_state::ESTABLISHED;
     }
 }

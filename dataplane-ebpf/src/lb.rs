@@ -16,7 +16,12 @@ pub fn lb4_is_service_ip(addr: u32) -> bool {
 
 #[inline(always)]
 pub fn lb4_lookup_service(flow: &Ipv4Flow) -> Option<ServiceValue> {
-    let key = ServiceKey { addr: flow.dst_addr, port: flow.dst_port, proto: flow.proto, _pad: 0 };
+    let key = ServiceKey {
+        addr: flow.dst_addr,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    };
     // SAFETY: `get_ptr` returns a pointer into the map value that stays valid
     // during this program run; the value is copied out at once.
     SERVICES.get_ptr(key).map(|v| unsafe { *v })
@@ -40,7 +45,9 @@ pub fn lb4_select_backend(svc: &ServiceValue) -> Option<(u32, Backend)> {
 #[inline(always)]
 fn lb4_slot(service_id: u32, slot: u32) -> Option<u32> {
     // SAFETY: value copied out of the map at once (see above).
-    BACKEND_SLOTS.get_ptr(BackendSlotKey { service_id, slot }).map(|v| unsafe { *v })
+    BACKEND_SLOTS
+        .get_ptr(BackendSlotKey { service_id, slot })
+        .map(|v| unsafe { *v })
 }
 
 #[inline(always)]

@@ -27,7 +27,9 @@ use aya_ebpf::{
 use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, IPPROTO_TCP};
 
 use crate::{
-    conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_original_key, ct4_update},
+    conntrack::{
+        ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_original_key, ct4_update,
+    },
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},

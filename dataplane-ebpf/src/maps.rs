@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    capacity, Backend, BackendSlotKey, CtEntry, CtKey, Counter, ServiceKey, ServiceLabel, ServiceValue,
+    capacity, Backend, BackendSlotKey, Counter, CtEntry, CtKey, ServiceKey, ServiceLabel,
+    ServiceValue,
 };
 
 /// Hash maps the agent fills incrementally are not preallocated: their
@@ -16,7 +17,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 /// Service IP -> number of service ports on it. Lets non-service traffic
 /// leave after a single lookup.
 #[map(name = "SERVICE_IPS")]
-pub static SERVICE_IPS: HashMap<u32, u32> = HashMap::pinned(capacity::SERVICE_IPS, BPF_F_NO_PREALLOC);
+pub static SERVICE_IPS: HashMap<u32, u32> =
+    HashMap::pinned(capacity::SERVICE_IPS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
@@ -41,7 +43,8 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::
 /// adopted like every other map.
 #[map(name = "SERVICE_NAMES")]
 #[expect(dead_code, reason = "read and written by userspace only")]
-pub static SERVICE_NAMES: HashMap<u32, ServiceLabel> = HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
+pub static SERVICE_NAMES: HashMap<u32, ServiceLabel> =
+    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 /// Per-CPU counters indexed by `Counter`.
 #[map(name = "COUNTERS")]

@@ -60,7 +60,11 @@ impl Ipv4Flow {
 
     /// Offset of the L4 checksum field.
     pub fn l4_csum_off(&self) -> usize {
-        if self.proto == IPPROTO_TCP { self.l4_off() + 16 } else { self.l4_off() + 6 }
+        if self.proto == IPPROTO_TCP {
+            self.l4_off() + 16
+        } else {
+            self.l4_off() + 6
+        }
     }
 }
 
@@ -110,8 +114,12 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
     if u16::from_be(ether_type) != ETH_P_IP {
         return Err(ParseError::NotIpv4L4);
     }
-    let ip: Ipv4Hdr = ctx.load(IP_OFF).map_err(|_| ParseError::Malformed { dst_addr: 0 })?;
-    let malformed = ParseError::Malformed { dst_addr: ip.dst_addr };
+    let ip: Ipv4Hdr = ctx
+        .load(IP_OFF)
+        .map_err(|_| ParseError::Malformed { dst_addr: 0 })?;
+    let malformed = ParseError::Malformed {
+        dst_addr: ip.dst_addr,
+    };
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(ParseError::NotIpv4L4);
     }

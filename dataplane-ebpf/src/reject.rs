@@ -52,7 +52,12 @@ fn words_of<const W: usize, const B: usize>(bytes: &[u8; B]) -> [u32; W] {
     let mut words = [0u32; W];
     let mut i = 0;
     while i < W {
-        words[i] = u32::from_ne_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+        words[i] = u32::from_ne_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ]);
         i += 1;
     }
     words
@@ -64,7 +69,8 @@ fn words_of<const W: usize, const B: usize>(bytes: &[u8; B]) -> [u32; W] {
 /// sequence number the client expects next.
 #[inline(always)]
 pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, RejectError> {
-    let payload_len = (flow.ip_tot_len as u32).saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
+    let payload_len =
+        (flow.ip_tot_len as u32).saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
     let (seq, ack_seq, flags) = if flow.tcp_flags & TCP_ACK != 0 {
         (flow.tcp_ack_seq, 0u32, TCP_RST)
     } else {
@@ -89,7 +95,11 @@ pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, Reject
     tcp[12] = 5 << 4;
     tcp[13] = flags;
     // Pseudo header: src, dst, zero, proto, TCP length.
-    let mut pseudo = [flow.dst_addr, flow.src_addr, u32::from_ne_bytes([0, IPPROTO_TCP, 0, 20])];
+    let mut pseudo = [
+        flow.dst_addr,
+        flow.src_addr,
+        u32::from_ne_bytes([0, IPPROTO_TCP, 0, 20]),
+    ];
     let mut tcp_words = words_of::<5, 20>(&tcp);
     let sum = skb::csum_add_words(&mut pseudo, 0);
     let csum = skb::csum_fold(skb::csum_add_words(&mut tcp_words, sum));

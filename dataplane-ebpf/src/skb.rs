@@ -2,8 +2,10 @@
 //! what `TcContext` exposes. Every `unsafe` block of the datapath lives here.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, __sk_buff},
-    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    bindings::{__sk_buff, TC_ACT_REDIRECT},
+    helpers::{
+        bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
+    },
     programs::TcContext,
 };
 
@@ -24,7 +26,11 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 pub fn change_tail(ctx: &TcContext, len: u32) -> Result<(), i64> {
     // SAFETY: helper call on the program's own context; flags must be 0.
     let ret = unsafe { bpf_skb_change_tail(raw(ctx), len, 0) };
-    if ret == 0 { Ok(()) } else { Err(ret) }
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(ret)
+    }
 }
 
 /// Sends the packet out of `ifindex` (egress) and returns the verdict for it.
@@ -33,7 +39,11 @@ pub fn redirect_egress(ifindex: u32) -> i32 {
     // SAFETY: plain helper call; the verdict it returns is TC_ACT_REDIRECT or
     // TC_ACT_SHOT, both valid tc verdicts.
     let ret = unsafe { bpf_redirect(ifindex, 0) };
-    if ret == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT } else { aya_ebpf::bindings::TC_ACT_SHOT }
+    if ret == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT
+    } else {
+        aya_ebpf::bindings::TC_ACT_SHOT
+    }
 }
 
 /// One's-complement sum of `words` added to `seed` (not folded).
@@ -42,7 +52,13 @@ pub fn csum_add_words<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {
     // SAFETY: `words` is a live stack buffer of exactly N*4 bytes; the helper
     // only reads `to_size` bytes from it; `from` is null with size 0.
     let sum = unsafe {
-        bpf_csum_diff(core::ptr::null_mut(), 0, words.as_mut_ptr(), (N * 4) as u32, seed)
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            words.as_mut_ptr(),
+            (N * 4) as u32,
+            seed,
+        )
     };
     sum as u32
 }

@@ -1,0 +1,761 @@
+//! The one internal model of services and endpoints. Every source (manifest
+//! files, the Kubernetes API) feeds it the same k8s-openapi objects; one
+//! translation, here, turns a Service and its EndpointSlices into frontends
+//! and backends with kube-proxy's semantics.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+/// Label joining an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to another proxy (kube-proxy skips them).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            namespace: meta
+                .namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+pub type ServiceName = ObjectRef;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A service IP, port and protocol: what clients connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// A pod IP and target port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+/// What one frontend should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServiceName,
+    pub port_name: Option<String>,
+    /// Sorted and deduplicated.
+    pub backends: Vec<BackendAddr>,
+    /// `Some(t)` with `sessionAffinity: ClientIP`.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClusterEvent {
+    ApplyService(Box<Service>),
+    DeleteService(ObjectRef),
+    ApplySlice(Box<EndpointSlice>),
+    DeleteSlice(ObjectRef),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("{kind} {object}: missing {field}")]
+    MissingField {
+        kind: &'static str,
+        object: ObjectRef,
+        field: &'static str,
+    },
+    #[error("{kind} {object}: invalid IP address {value:?} in {field}")]
+    InvalidIp {
+        kind: &'static str,
+        object: ObjectRef,
+        field: &'static str,
+        value: String,
+    },
+    #[error("{kind} {object}: {field} {value} out of range 1-65535")]
+    PortOutOfRange {
+        kind: &'static str,
+        object: ObjectRef,
+        field: &'static str,
+        value: i64,
+    },
+    #[error("{kind} {object}: protocol {value:?} is not supported (TCP and UDP are)")]
+    UnsupportedProtocol {
+        kind: &'static str,
+        object: ObjectRef,
+        value: String,
+    },
+    #[error("service {object}: IPv6 cluster IP {value} is not supported yet")]
+    Ipv6NotSupported { object: ObjectRef, value: String },
+}
+
+const SERVICE: &str = "service";
+const SLICE: &str = "endpointslice";
+
+fn protocol(
+    kind: &'static str,
+    object: &ObjectRef,
+    value: Option<&str>,
+) -> Result<Protocol, ModelError> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(ModelError::UnsupportedProtocol {
+            kind,
+            object: object.clone(),
+            value: other.into(),
+        }),
+    }
+}
+
+fn port(
+    kind: &'static str,
+    object: &ObjectRef,
+    field: &'static str,
+    value: i32,
+) -> Result<u16, ModelError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ModelError::PortOutOfRange {
+            kind,
+            object: object.clone(),
+            field,
+            value: value.into(),
+        })
+}
+
+fn is_skipped(svc: &Service) -> bool {
+    let spec = svc.spec.as_ref();
+    let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref()).unwrap_or("");
+    spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName")
+        || cluster_ip.is_empty()
+        || cluster_ip == "None"
+        || svc
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+}
+
+/// Checks everything the translation relies on, so that a source can refuse
+/// a bad object whole before it reaches the model.
+pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
+    let object = ObjectRef::of(&svc.metadata);
+    if svc.metadata.name.as_deref().unwrap_or("").is_empty() {
+        return Err(ModelError::MissingField {
+            kind: SERVICE,
+            object,
+            field: "metadata.name",
+        });
+    }
+    let spec = svc.spec.as_ref().ok_or_else(|| ModelError::MissingField {
+        kind: SERVICE,
+        object: object.clone(),
+        field: "spec",
+    })?;
+    if is_skipped(svc) {
+        return Ok(());
+    }
+    let ip = spec.cluster_ip.as_deref().unwrap_or("");
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => {}
+        Ok(std::net::IpAddr::V6(_)) => {
+            return Err(ModelError::Ipv6NotSupported {
+                object,
+                value: ip.into(),
+            })
+        }
+        Err(_) => {
+            return Err(ModelError::InvalidIp {
+                kind: SERVICE,
+                object,
+                field: "spec.clusterIP",
+                value: ip.into(),
+            })
+        }
+    }
+    for p in spec.ports.iter().flatten() {
+        port(SERVICE, &object, "spec.ports[].port", p.port)?;
+        protocol(SERVICE, &object, p.protocol.as_deref())?;
+        if let Some(IntOrString::Int(target)) = p.target_port {
+            port(SERVICE, &object, "spec.ports[].targetPort", target)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
+    let object = ObjectRef::of(&slice.metadata);
+    if slice.metadata.name.as_deref().unwrap_or("").is_empty() {
+        return Err(ModelError::MissingField {
+            kind: SLICE,
+            object,
+            field: "metadata.name",
+        });
+    }
+    for p in slice.ports.iter().flatten() {
+        if let Some(n) = p.port {
+            port(SLICE, &object, "ports[].port", n)?;
+        }
+        protocol(SLICE, &object, p.protocol.as_deref())?;
+    }
+    // Slices of other address families are legal; they are just not ours.
+    if slice.address_type == "IPv4" {
+        for address in slice.endpoints.iter().flat_map(|e| &e.addresses) {
+            if address.parse::<Ipv4Addr>().is_err() {
+                return Err(ModelError::InvalidIp {
+                    kind: SLICE,
+                    object,
+                    field: "endpoints[].addresses",
+                    value: address.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Services and EndpointSlices as the sources last reported them.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    services: BTreeMap<ServiceName, Service>,
+    slices: BTreeMap<ObjectRef, EndpointSlice>,
+    slices_by_service: BTreeMap<ServiceName, BTreeSet<ObjectRef>>,
+}
+
+fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ObjectRef {
+        namespace: ObjectRef::of(&slice.metadata).namespace,
+        name: name.clone(),
+    })
+}
+
+impl ClusterState {
+    /// Applies one event; returns the services whose frontends may have changed.
+    pub fn apply(&mut self, event: ClusterEvent) -> Vec<ServiceName> {
+        match event {
+            ClusterEvent::ApplyService(svc) => {
+                let name = ObjectRef::of(&svc.metadata);
+                self.services.insert(name.clone(), *svc);
+                vec![name]
+            }
+            ClusterEvent::DeleteService(name) => {
+                self.services.remove(&name);
+                vec![name]
+            }
+            ClusterEvent::ApplySlice(slice) => {
+                let key = ObjectRef::of(&slice.metadata);
+                let mut touched = self.remove_slice(&key);
+                if let Some(owner) = owner_of(&slice) {
+                    self.slices_by_service
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    touched.push(owner);
+                }
+                self.slices.insert(key, *slice);
+                touched.sort();
+                touched.dedup();
+                touched
+            }
+            ClusterEvent::DeleteSlice(key) => self.remove_slice(&key),
+        }
+    }
+
+    fn remove_slice(&mut self, key: &ObjectRef) -> Vec<ServiceName> {
+        let Some(old) = self.slices.remove(key) else {
+            return Vec::new();
+        };
+        let Some(owner) = owner_of(&old) else {
+            return Vec::new();
+        };
+        if let Some(set) = self.slices_by_service.get_mut(&owner) {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_by_service.remove(&owner);
+            }
+        }
+        vec![owner]
+    }
+
+    pub fn service_names(&self) -> Vec<ServiceName> {
+        self.services.keys().cloned().collect()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The frontends of one service; `None` if it is unknown or skipped the
+    /// way kube-proxy skips it (headless, ExternalName, other proxy).
+    pub fn frontends(
+        &self,
+        name: &ServiceName,
+        node_name: Option<&str>,
+    ) -> Result<Option<Vec<(Frontend, FrontendSpec)>>, ModelError> {
+        let Some(svc) = self.services.get(name) else {
+            return Ok(None);
+        };
+        validate_service(svc)?;
+        if is_skipped(svc) {
+            log::debug!("service {name}: skipped (headless, ExternalName or another proxy's)");
+            return Ok(None);
+        }
+        let spec = svc.spec.as_ref().expect("validated");
+        let ip: Ipv4Addr = spec
+            .cluster_ip
+            .as_deref()
+            .unwrap_or("")
+            .parse()
+            .expect("validated");
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+        });
+        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let slices: Vec<&EndpointSlice> = self
+            .slices_by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .filter(|s| s.address_type == "IPv4" && validate_slice(s).is_ok())
+            .collect();
+
+        let mut frontends = Vec::new();
+        for sp in spec.ports.iter().flatten() {
+            let proto = protocol(SERVICE, name, sp.protocol.as_deref())?;
+            let frontend = Frontend {
+                ip,
+                port: port(SERVICE, name, "spec.ports[].port", sp.port)?,
+                proto,
+            };
+            let backends = backends_for(
+                sp,
+                proto,
+                &slices,
+                local_only.then_some(node_name).flatten(),
+            );
+            frontends.push((
+                frontend,
+                FrontendSpec {
+                    service: name.clone(),
+                    port_name: sp.name.clone().filter(|n| !n.is_empty()),
+                    backends,
+                    affinity_timeout_s: affinity,
+                },
+            ));
+        }
+        Ok(Some(frontends))
+    }
+}
+
+fn same_name(a: Option<&String>, b: Option<&String>) -> bool {
+    a.map(String::as_str).unwrap_or("") == b.map(String::as_str).unwrap_or("")
+}
+
+/// The slice port serving a service port: by name (as the EndpointSlice
+/// controller writes them), else by the service's numeric targetPort.
+fn slice_port(sp: &ServicePort, proto: Protocol, slice: &EndpointSlice) -> Option<u16> {
+    let numeric_target = match &sp.target_port {
+        Some(IntOrString::Int(t)) => Some(*t),
+        Some(IntOrString::String(_)) => None,
+        None => Some(sp.port),
+    };
+    let ports: Vec<&EndpointPort> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == proto.to_string())
+        .collect();
+    let chosen = ports
+        .iter()
+        .find(|p| same_name(p.name.as_ref(), sp.name.as_ref()))
+        .or_else(|| {
+            ports
+                .iter()
+                .find(|p| p.port.is_some() && p.port == numeric_target)
+        })
+        .and_then(|p| p.port);
+    let fallback = if slice.ports.as_ref().is_none_or(|p| p.is_empty()) {
+        numeric_target
+    } else {
+        None
+    };
+    chosen
+        .or(fallback)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+}
+
+fn condition(
+    e: &Endpoint,
+    pick: impl Fn(&k8s_openapi::api::discovery::v1::EndpointConditions) -> Option<bool>,
+) -> Option<bool> {
+    e.conditions.as_ref().and_then(pick)
+}
+
+fn backends_for(
+    sp: &ServicePort,
+    proto: Protocol,
+    slices: &[&EndpointSlice],
+    only_node: Option<&str>,
+) -> Vec<BackendAddr> {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let Some(port) = slice_port(sp, proto, slice) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            if only_node.is_some_and(|node| endpoint.node_name.as_deref() != Some(node)) {
+                continue;
+            }
+            // Absent `ready` means ready (the API's own default).
+            let is_ready = condition(endpoint, |c| c.ready).unwrap_or(true);
+            let serving_terminating = condition(endpoint, |c| c.serving) == Some(true)
+                && condition(endpoint, |c| c.terminating) == Some(true);
+            let target = if is_ready {
+                &mut ready
+            } else if serving_terminating {
+                &mut terminating
+            } else {
+                continue;
+            };
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse() {
+                    target.insert(BackendAddr { ip, port });
+                }
+            }
+        }
+    }
+    // Graceful termination: terminating-but-serving endpoints only when no
+    // endpoint is ready.
+    let chosen = if ready.is_empty() { terminating } else { ready };
+    chosen.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(extra: serde_json::Value) -> Service {
+        let mut v = json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        });
+        merge(&mut v, extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn slice(name: &str, endpoints: serde_json::Value, ports: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports
+        }))
+        .unwrap()
+    }
+
+    fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
+        match (base, extra) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
+                for (k, v) in e {
+                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (b, e) => *b = e,
+        }
+    }
+
+    fn ep(ip: &str, cond: serde_json::Value) -> serde_json::Value {
+        json!({"addresses": [ip], "conditions": cond, "nodeName": if ip.starts_with("10.244.1.") { "node1" } else { "node2" }})
+    }
+
+    fn web() -> ServiceName {
+        ObjectRef {
+            namespace: "default".into(),
+            name: "web".into(),
+        }
+    }
+
+    fn backends(state: &ClusterState, node: Option<&str>) -> Vec<String> {
+        let f = state.frontends(&web(), node).unwrap().unwrap();
+        f[0].1.backends.iter().map(ToString::to_string).collect()
+    }
+
+    fn state(svc: Service, slices: Vec<EndpointSlice>) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(ClusterEvent::ApplyService(Box::new(svc)));
+        for sl in slices {
+            s.apply(ClusterEvent::ApplySlice(Box::new(sl)));
+        }
+        s
+    }
+
+    #[test]
+    fn service_with_two_slices_merges_and_dedups_backends() {
+        let ports = json!([{"name": "http", "port": 8080}]);
+        let s = state(
+            service(json!({})),
+            vec![
+                slice(
+                    "web-a",
+                    json!([
+                        ep("10.244.1.10", json!({})),
+                        ep("10.244.2.10", json!({"ready": true}))
+                    ]),
+                    ports.clone(),
+                ),
+                slice(
+                    "web-b",
+                    json!([ep("10.244.2.10", json!({"ready": true}))]),
+                    ports,
+                ),
+            ],
+        );
+        assert_eq!(
+            backends(&s, None),
+            vec!["10.244.1.10:8080", "10.244.2.10:8080"]
+        );
+    }
+
+    #[test]
+    fn named_target_port_resolves_per_slice() {
+        let s = state(
+            service(
+                json!({"spec": {"ports": [{"name": "http", "port": 80, "targetPort": "web"}]}}),
+            ),
+            vec![
+                slice(
+                    "a",
+                    json!([ep("10.244.1.10", json!({}))]),
+                    json!([{"name": "http", "port": 8080}]),
+                ),
+                slice(
+                    "b",
+                    json!([ep("10.244.2.10", json!({}))]),
+                    json!([{"name": "http", "port": 9090}]),
+                ),
+            ],
+        );
+        assert_eq!(
+            backends(&s, None),
+            vec!["10.244.1.10:8080", "10.244.2.10:9090"]
+        );
+    }
+
+    #[test]
+    fn not_ready_endpoints_are_excluded() {
+        let s = state(
+            service(json!({})),
+            vec![slice(
+                "a",
+                json!([
+                    ep("10.244.1.10", json!({"ready": false})),
+                    ep("10.244.1.11", json!({"ready": true}))
+                ]),
+                json!([{"name": "http", "port": 8080}]),
+            )],
+        );
+        assert_eq!(backends(&s, None), vec!["10.244.1.11:8080"]);
+    }
+
+    #[test]
+    fn terminating_endpoints_used_only_when_none_ready() {
+        let terminating = json!({"ready": false, "serving": true, "terminating": true});
+        let ports = json!([{"name": "http", "port": 8080}]);
+        let s = state(
+            service(json!({})),
+            vec![slice(
+                "a",
+                json!([
+                    ep("10.244.1.10", terminating.clone()),
+                    ep("10.244.1.11", json!({}))
+                ]),
+                ports.clone(),
+            )],
+        );
+        assert_eq!(backends(&s, None), vec!["10.244.1.11:8080"]);
+        let s = state(
+            service(json!({})),
+            vec![slice(
+                "a",
+                json!([
+                    ep("10.244.1.10", terminating),
+                    ep(
+                        "10.244.1.11",
+                        json!({"ready": false, "serving": false, "terminating": true})
+                    )
+                ]),
+                ports,
+            )],
+        );
+        assert_eq!(backends(&s, None), vec!["10.244.1.10:8080"]);
+    }
+
+    #[test]
+    fn headless_external_name_and_proxy_name_services_are_skipped() {
+        for extra in [
+            json!({"spec": {"clusterIP": "None"}}),
+            json!({"spec": {"type": "ExternalName", "externalName": "example.org", "clusterIP": ""}}),
+            json!({"metadata": {"labels": {SERVICE_PROXY_NAME_LABEL: "other"}}}),
+        ] {
+            let s = state(service(extra.clone()), vec![]);
+            assert_eq!(s.frontends(&web(), None).unwrap(), None, "{extra}");
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_only_this_node() {
+        let s = state(
+            service(json!({"spec": {"internalTrafficPolicy": "Local"}})),
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", json!({})), ep("10.244.2.10", json!({}))]),
+                json!([{"name": "http", "port": 8080}]),
+            )],
+        );
+        assert_eq!(backends(&s, Some("node1")), vec!["10.244.1.10:8080"]);
+        assert_eq!(backends(&s, Some("node3")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn client_ip_affinity_defaults_to_10800s() {
+        let s = state(
+            service(json!({"spec": {"sessionAffinity": "ClientIP"}})),
+            vec![],
+        );
+        let f = s.frontends(&web(), None).unwrap().unwrap();
+        assert_eq!(f[0].1.affinity_timeout_s, Some(10_800));
+        let s = state(
+            service(
+                json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}}),
+            ),
+            vec![],
+        );
+        assert_eq!(
+            s.frontends(&web(), None).unwrap().unwrap()[0]
+                .1
+                .affinity_timeout_s,
+            Some(60)
+        );
+    }
+
+    #[test]
+    fn unnamed_single_port_slice_matches_unnamed_service_port() {
+        let s = state(
+            service(
+                json!({"spec": {"ports": [{"port": 53, "protocol": "UDP", "targetPort": 5353}]}}),
+            ),
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", json!({}))]),
+                json!([{"port": 5353, "protocol": "UDP"}]),
+            )],
+        );
+        let f = s.frontends(&web(), None).unwrap().unwrap();
+        assert_eq!(f[0].0.to_string(), "10.96.0.10:53/UDP");
+        assert_eq!(backends(&s, None), vec!["10.244.1.10:5353"]);
+    }
+
+    #[test]
+    fn moving_a_slice_to_another_service_touches_both() {
+        let mut s = state(service(json!({})), vec![slice("a", json!([]), json!([]))]);
+        let mut moved = slice("a", json!([]), json!([]));
+        moved.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), "api".to_string())].into());
+        let touched = s.apply(ClusterEvent::ApplySlice(Box::new(moved)));
+        assert_eq!(touched.len(), 2);
+    }
+
+    #[test]
+    fn invalid_objects_are_rejected_with_their_name() {
+        let err =
+            validate_service(&service(json!({"spec": {"clusterIP": "10.96.0.300"}}))).unwrap_err();
+        assert!(
+            err.to_string().contains("default/web") && err.to_string().contains("10.96.0.300"),
+            "{err}"
+        );
+        let err =
+            validate_service(&service(json!({"spec": {"ports": [{"port": 70000}]}}))).unwrap_err();
+        assert!(matches!(err, ModelError::PortOutOfRange { .. }), "{err}");
+        let err = validate_service(&service(
+            json!({"spec": {"ports": [{"port": 80, "protocol": "SCTP"}]}}),
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, ModelError::UnsupportedProtocol { .. }),
+            "{err}"
+        );
+        let err =
+            validate_service(&service(json!({"spec": {"clusterIP": "fd00::10"}}))).unwrap_err();
+        assert!(matches!(err, ModelError::Ipv6NotSupported { .. }), "{err}");
+        let err = validate_slice(&slice("a", json!([ep("10.244.1.x", json!({}))]), json!([])))
+            .unwrap_err();
+        assert!(err.to_string().contains("10.244.1.x"), "{err}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Sources of Services and EndpointSlices. Each produces `ClusterEvent`s for
+//! the one model in `crate::model`.
+
+pub mod manifests;

@@ -2,7 +2,7 @@
 //! SIGTERM.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -20,7 +20,7 @@ use crate::{
     interfaces::{self, LinkEvent, PodInterfaceFilter},
     lb_maps::LbMaps,
     model::{ClusterEvent, ClusterState, ServiceName},
-    source::manifests::{watch_dir, ManifestSource},
+    source::manifests::{watch_dir, ManifestError, ManifestSource},
     sync::SyncEngine,
 };
 
@@ -101,7 +101,7 @@ impl<M: LbMaps> Syncer<M> {
     }
 
     fn apply(&mut self, events: Vec<ClusterEvent>) {
-        let mut touched = std::collections::BTreeSet::new();
+        let mut touched = BTreeSet::new();
         for event in events {
             touched.extend(self.state.apply(event));
         }
@@ -114,6 +114,15 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
     }
+}
+
+/// Logs each manifest error once while it persists, not at every rescan.
+fn report_new_errors(reported: &mut BTreeSet<String>, errors: &[ManifestError]) {
+    let current: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+    for e in current.difference(reported) {
+        error!("{e}");
+    }
+    *reported = current;
 }
 
 async fn run_async(options: Options) -> anyhow::Result<()> {
@@ -140,9 +149,8 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         .with_context(|| format!("watching manifests in {}", options.manifests.display()))?;
     let mut source = ManifestSource::new(options.manifests.clone());
     let (events, errors) = source.rescan();
-    for e in &errors {
-        error!("{e}");
-    }
+    let mut reported = BTreeSet::new();
+    report_new_errors(&mut reported, &errors);
     for event in events {
         syncer.state.apply(event);
     }
@@ -166,9 +174,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             changed = manifest_changes.recv() => {
                 if changed.is_none() { break Err(anyhow::anyhow!("the manifest watcher stopped")) }
                 let (events, errors) = source.rescan();
-                for e in &errors {
-                    error!("{e}");
-                }
+                report_new_errors(&mut reported, &errors);
                 syncer.apply(events);
                 health.synced();
             }

@@ -311,7 +311,9 @@ pub fn watch_dir(
     };
     let (raw_tx, mut raw_rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Our own reads show up as access events: reacting to them would
+        // rescan forever.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             // A full channel already means "something changed".
             let _ = raw_tx.try_send(());
         }

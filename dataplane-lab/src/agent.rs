@@ -1,0 +1,156 @@
+//! One `dataplane-agent run` per lab node.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+
+use crate::netns::in_netns;
+
+pub const HEALTHZ: &str = "127.0.0.1:10256";
+
+/// The agent binary: `DATAPLANE_AGENT_BIN`, or the release build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("DATAPLANE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane-agent")
+        })
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub node_ns: String,
+}
+
+/// Status code of `GET /healthz` inside `ns`, if the agent answers.
+pub fn healthz_status(ns: &str) -> Option<u16> {
+    in_netns(ns, || -> Option<u16> {
+        let mut s =
+            TcpStream::connect_timeout(&HEALTHZ.parse().ok()?, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    })
+    .ok()
+    .flatten()
+}
+
+impl Agent {
+    /// Starts the agent in `node_ns` and waits until /healthz says 200.
+    pub fn start(
+        node_ns: &str,
+        node_name: &str,
+        manifests: &Path,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let bin = agent_bin();
+        if !bin.exists() {
+            bail!(
+                "agent binary {} missing: run `cargo xtask build` (or set DATAPLANE_AGENT_BIN)",
+                bin.display()
+            );
+        }
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", node_ns])
+            .arg(&bin)
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .args([
+                "--pod-ifaces",
+                "veth*",
+                "--node-name",
+                node_name,
+                "--healthz-bind-address",
+                HEALTHZ,
+            ])
+            .arg("--bpffs")
+            .arg(bpffs)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting the agent")?;
+        let mut agent = Self {
+            child: Some(child),
+            log: log.to_owned(),
+            node_ns: node_ns.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while healthz_status(node_ns) != Some(200) {
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "agent in {node_ns} exited ({status}):\n{}",
+                    agent.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent in {node_ns} not healthy after 30 s:\n{}",
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(agent)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Leaves the agent running after this value is dropped (`lab up`).
+    pub fn detach(mut self) {
+        self.child = None;
+    }
+
+    /// SIGTERM, then wait; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

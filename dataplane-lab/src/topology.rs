@@ -1,0 +1,389 @@
+//! Building and tearing down the lab's namespaces.
+
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::Context as _;
+
+use crate::netns::{exec, ip, list, run, sysctl};
+
+/// How pods connect to their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// The talk's: a `cbr0` bridge per node, pods in one /24 per node.
+    Bridge,
+    /// Calico's: routed /32 pods, host side answers ARP by proxy.
+    Routed,
+}
+
+/// How traffic crosses from one node to the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrossNode {
+    /// Each node routes the other's pod CIDR via its address.
+    Direct,
+    /// flannel-like VXLAN overlay (VNI 1, port 8472).
+    Vxlan,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: String,
+    /// 1 or 2.
+    pub node: u8,
+    /// Last octet of the pod IP 10.244.{node}.{host}.
+    pub host: u8,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: u8, host: u8) -> Self {
+        Self {
+            name: name.into(),
+            node,
+            host,
+        }
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.node, self.host)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// Prefix of every namespace name (unique per lab).
+    pub prefix: String,
+    pub topology: Topology,
+    pub cross_node: CrossNode,
+    pub pods: Vec<PodSpec>,
+}
+
+/// The two-node lab with a client and three web pods, as in the talk.
+pub fn default_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec::new("client", 1, 10),
+        PodSpec::new("web-a", 1, 11),
+        PodSpec::new("web-b", 2, 10),
+        PodSpec::new("web-c", 2, 11),
+    ]
+}
+
+/// A unique prefix for a test's namespaces: tests run in parallel.
+pub fn unique_prefix(tag: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "dpt{}x{}{tag}-",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A built lab. Dropping it removes every namespace it created.
+pub struct Lab {
+    pub spec: LabSpec,
+    /// Namespaces are removed on drop unless the lab is kept (`lab up`).
+    keep: bool,
+    created: Vec<String>,
+}
+
+pub const NODES: [u8; 2] = [1, 2];
+
+impl Lab {
+    pub fn node_ns(&self, node: u8) -> String {
+        format!("{}node{node}", self.spec.prefix)
+    }
+
+    pub fn pod_ns(&self, pod: &str) -> String {
+        format!("{}{pod}", self.spec.prefix)
+    }
+
+    pub fn pod(&self, name: &str) -> &PodSpec {
+        self.spec
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    /// Keeps the namespaces after the value is dropped (for `lab up`).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    pub fn build(spec: LabSpec) -> anyhow::Result<Self> {
+        let mut lab = Self {
+            spec,
+            keep: false,
+            created: Vec::new(),
+        };
+        lab.build_nodes().context("building nodes")?;
+        let pods = lab.spec.pods.clone();
+        for pod in &pods {
+            lab.add_pod(pod)
+                .with_context(|| format!("adding pod {}", pod.name))?;
+        }
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
+        self.created.push(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn build_nodes(&mut self) -> anyhow::Result<()> {
+        for n in NODES {
+            let ns = self.node_ns(n);
+            self.add_ns(&ns)?;
+            for (key, value) in [
+                ("net.ipv4.ip_forward", "1"),
+                // The node forwards DNATed packets back out of cbr0: no ICMP
+                // redirects telling pods to bypass it.
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.default.send_redirects", "0"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+            ] {
+                sysctl(&ns, key, value)?;
+            }
+            if self.spec.topology == Topology::Routed {
+                // Proxy ARP answers only for addresses the node routes out of
+                // another interface; a real node reaches the pods' fake
+                // gateway through its default route, these nodes have none.
+                ip(&["-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+            }
+            if self.spec.topology == Topology::Bridge {
+                ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("10.244.{n}.1/24"),
+                    "dev",
+                    "cbr0",
+                ])?;
+                ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
+            }
+        }
+        // The wire between the nodes: eth0 on each side.
+        let (n1, n2) = (self.node_ns(1), self.node_ns(2));
+        ip(&[
+            "-n", &n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2,
+        ])?;
+        for n in NODES {
+            let ns = self.node_ns(n);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("192.168.100.{n}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        for (n, peer) in [(1u8, 2u8), (2, 1)] {
+            let ns = self.node_ns(n);
+            let peer_cidr = format!("10.244.{peer}.0/24");
+            match self.spec.cross_node {
+                CrossNode::Direct => {
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "route",
+                        "add",
+                        &peer_cidr,
+                        "via",
+                        &format!("192.168.100.{peer}"),
+                    ])?;
+                }
+                CrossNode::Vxlan => {
+                    let mac = |n: u8| format!("02:00:00:00:00:0{n}");
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "link",
+                        "add",
+                        "vxlan0",
+                        "type",
+                        "vxlan",
+                        "id",
+                        "1",
+                        "dstport",
+                        "8472",
+                        "local",
+                        &format!("192.168.100.{n}"),
+                        "dev",
+                        "eth0",
+                        "nolearning",
+                    ])?;
+                    ip(&["-n", &ns, "link", "set", "vxlan0", "address", &mac(n)])?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "addr",
+                        "add",
+                        &format!("10.244.{n}.0/32"),
+                        "dev",
+                        "vxlan0",
+                    ])?;
+                    ip(&["-n", &ns, "link", "set", "vxlan0", "up"])?;
+                    let gw = format!("10.244.{peer}.0");
+                    ip(&[
+                        "-n", &ns, "route", "add", &peer_cidr, "via", &gw, "dev", "vxlan0",
+                        "onlink",
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "neigh",
+                        "add",
+                        &gw,
+                        "lladdr",
+                        &mac(peer),
+                        "dev",
+                        "vxlan0",
+                        "nud",
+                        "permanent",
+                    ])?;
+                    exec(
+                        &ns,
+                        &[
+                            "bridge",
+                            "fdb",
+                            "append",
+                            &mac(peer),
+                            "dev",
+                            "vxlan0",
+                            "dst",
+                            &format!("192.168.100.{peer}"),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Host-side interface name of a pod (what `--pod-ifaces veth*` matches).
+    pub fn host_iface(pod: &PodSpec) -> String {
+        let mut name = format!("veth{}", pod.name.replace('-', ""));
+        name.truncate(15);
+        name
+    }
+
+    /// Adds a pod (also after agents started: a new pod appearing).
+    pub fn add_pod(&mut self, pod: &PodSpec) -> anyhow::Result<()> {
+        if !self.spec.pods.iter().any(|p| p.name == pod.name) {
+            self.spec.pods.push(pod.clone());
+        }
+        let ns = self.pod_ns(&pod.name);
+        let node = self.node_ns(pod.node);
+        let host_if = Self::host_iface(pod);
+        self.add_ns(&ns)?;
+        ip(&[
+            "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ])?;
+        if self.spec.cross_node == CrossNode::Vxlan {
+            // Room for the VXLAN header on the node-to-node path.
+            ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1450"])?;
+        }
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let pod_ip = pod.ip().to_string();
+        match self.spec.topology {
+            Topology::Bridge => {
+                ip(&["-n", &node, "link", "set", &host_if, "master", "cbr0", "up"])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{pod_ip}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.244.{}.1", pod.node),
+                ])?;
+            }
+            Topology::Routed => {
+                ip(&["-n", &node, "link", "set", &host_if, "up"])?;
+                sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+                ip(&[
+                    "-n",
+                    &node,
+                    "route",
+                    "add",
+                    &format!("{pod_ip}/32"),
+                    "dev",
+                    &host_if,
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{pod_ip}/32"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every namespace whose name starts with `prefix`.
+    pub fn down_by_prefix(prefix: &str) -> anyhow::Result<usize> {
+        let doomed: Vec<String> = list()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        for ns in &doomed {
+            run("ip", &["netns", "del", ns])?;
+        }
+        Ok(doomed.len())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for ns in self.created.iter().rev() {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+    }
+}

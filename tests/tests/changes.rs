@@ -1,0 +1,189 @@
+//! Changes applied while traffic flows: endpoints, bad manifests, new pods.
+
+use dataplane_lab::{traffic, CrossNode, PodSpec, Topology};
+use integration_tests::{dns, http, lab_pod, privileged, web, Cluster, Seen, WEB_IP};
+
+#[test]
+fn added_endpoint_starts_receiving_new_connections() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&a]))],
+    );
+    assert_eq!(
+        c.tcp_backends("client", http(WEB_IP), 5),
+        ["web-a".to_string()].into(),
+        "{}",
+        c.logs()
+    );
+    c.write_manifest("web.yaml", &web(&[&a, &b]));
+    c.eventually("web-b answers too", || {
+        c.tcp_backends("client", http(WEB_IP), 10).contains("web-b")
+    });
+}
+
+#[test]
+fn removed_endpoint_gets_no_new_connections_and_its_tcp_flow_is_reset() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&a]))],
+    );
+    // A connection established to web-a while it is the only backend.
+    let (conn_tx, conn_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let client = dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns("client"), move || {
+        let mut conn = traffic::TcpConn::open(http(WEB_IP)).expect("connect");
+        seen_tx.send(conn.request()).unwrap();
+        conn_rx.recv().unwrap();
+        conn.request()
+    })
+    .unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap().backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+
+    c.write_manifest("web.yaml", &web(&[&b]));
+    c.eventually("only web-b answers new connections", || {
+        c.tcp_backends("client", http(WEB_IP), 10) == ["web-b".to_string()].into()
+    });
+    conn_tx.send(()).unwrap();
+    assert_eq!(
+        client.join().unwrap(),
+        Seen::Reset,
+        "the flow to the removed backend is reset\n{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn udp_flow_to_a_removed_endpoint_moves_to_a_live_one() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-c"));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&a]))],
+    );
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let flow = dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns("client"), move || {
+        let conn = traffic::UdpConn::open(dns(WEB_IP)).expect("udp socket");
+        first_tx.send(conn.request()).unwrap();
+        go_rx.recv().unwrap();
+        // Same socket, same 5-tuple: at most a few tries while the change lands.
+        (0..20)
+            .map(|_| conn.request())
+            .find(|o| o.backend() == Some("web-c"))
+    })
+    .unwrap();
+    assert_eq!(
+        first_rx.recv().unwrap().backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    c.write_manifest("web.yaml", &web(&[&b]));
+    c.eventually("new flows reach web-c", || {
+        c.udp("client", dns(WEB_IP)).backend() == Some("web-c")
+    });
+    go_tx.send(()).unwrap();
+    assert!(
+        flow.join().unwrap().is_some(),
+        "the existing UDP flow moved to web-c\n{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn bad_manifests_are_reported_by_file_and_the_rest_keeps_serving() {
+    if !privileged() {
+        return;
+    }
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&lab_pod("web-a")]))],
+    );
+    c.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken\n",
+    );
+    c.write_manifest(
+        "badip.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: badip}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
+    );
+    let other = std::net::Ipv4Addr::new(10, 96, 0, 11);
+    c.write_manifest(
+        "other.yaml",
+        &dataplane_lab::manifests::web_service("other", other, &[&lab_pod("web-b")]),
+    );
+    c.eventually("both bad files are named in the log", || {
+        let log = c.agent_log(1);
+        log.contains("broken.yaml") && log.contains("badip.yaml") && log.contains("10.96.0.300")
+    });
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    c.eventually("a service added beside the bad files works", || {
+        c.tcp("client", http(other)).backend() == Some("web-b")
+    });
+}
+
+#[test]
+fn pod_created_after_start_gets_service_traffic() {
+    if !privileged() {
+        return;
+    }
+    let backends = [lab_pod("web-a"), lab_pod("web-b")];
+    let mut c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends.iter().collect::<Vec<_>>()))],
+    );
+    c.add_pod(PodSpec::new("late", 2, 20));
+    c.eventually("the new pod reaches the service with replies from the service IP", || {
+        matches!(c.tcp("late", http(WEB_IP)), Seen::Answered { from, .. } if from == http(WEB_IP))
+    });
+}
+
+#[test]
+fn agent_stops_cleanly_on_sigterm_and_detaches() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&lab_pod("web-a")]))],
+    );
+    assert!(
+        c.tcp("client", http(WEB_IP)).backend().is_some(),
+        "{}",
+        c.logs()
+    );
+    for status in c.stop_agents() {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "agent exit status {status:?}"
+        );
+    }
+    // Programs gone: the service IP is no longer translated on either node.
+    assert!(c.tcp("client", http(WEB_IP)).backend().is_none());
+}

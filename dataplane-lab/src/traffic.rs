@@ -28,9 +28,22 @@ pub fn serve(name: String) -> std::io::Result<()> {
         let name = name.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
-            // One answer per request until the client closes.
+            // One answer per request until the client closes; an HTTP GET
+            // (curl in the lab) gets a proper HTTP answer and a close.
             while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+                if n == 0 {
+                    break;
+                }
+                if buf.starts_with(b"GET ") {
+                    let body = format!("{name}\n");
+                    let response = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes());
+                    break;
+                }
+                if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
                     break;
                 }
             }

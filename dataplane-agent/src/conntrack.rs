@@ -28,25 +28,11 @@ pub fn expired_keys(entries: &[(CtKey, CtEntry)], now_ns: u64) -> Vec<CtKey> {
             if k.direction == ct_dir::ORIGINAL {
                 e.is_expired(now_ns)
             } else {
-                !live_originals.contains(&original_key(e))
+                !live_originals.contains(&e.original_key())
             }
         })
         .map(|(k, _)| *k)
         .collect()
-}
-
-/// Key of the ORIGINAL entry of the flow an entry belongs to (same rule as
-/// the datapath's `ct4_original_key`).
-pub fn original_key(entry: &CtEntry) -> CtKey {
-    CtKey {
-        src_addr: entry.client_addr,
-        dst_addr: entry.service_addr,
-        src_port: entry.client_port,
-        dst_port: entry.service_port,
-        proto: entry.proto,
-        direction: ct_dir::ORIGINAL,
-        _pad: [0; 2],
-    }
 }
 
 /// One sweep; returns how many entries were removed.
@@ -86,7 +72,7 @@ mod tests {
             direction: ct_dir::REPLY,
             _pad: [0; 2],
         };
-        [(original_key(&e), e), (reply, e)]
+        [(e.original_key(), e), (reply, e)]
     }
 
     #[test]

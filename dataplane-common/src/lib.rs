@@ -208,6 +208,40 @@ impl CtEntry {
     pub fn is_expired(&self, now_ns: u64) -> bool {
         now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns()
     }
+
+    /// Key of this flow's ORIGINAL entry (client -> service).
+    #[inline(always)]
+    pub fn original_key(&self) -> CtKey {
+        CtKey {
+            src_addr: self.client_addr,
+            dst_addr: self.service_addr,
+            src_port: self.client_port,
+            dst_port: self.service_port,
+            proto: self.proto,
+            direction: ct_dir::ORIGINAL,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Key of this flow's REPLY entry: what the backend's answers look like.
+    /// In a hairpin flow the client sees itself addressed by the service IP.
+    #[inline(always)]
+    pub fn reply_key(&self) -> CtKey {
+        let dst_addr = if self.flags & ct_flags::HAIRPIN != 0 {
+            self.service_addr
+        } else {
+            self.client_addr
+        };
+        CtKey {
+            src_addr: self.backend_addr,
+            dst_addr,
+            src_port: self.backend_port,
+            dst_port: self.client_port,
+            proto: self.proto,
+            direction: ct_dir::REPLY,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// Indices of the per-CPU `COUNTERS` array: what the datapath did and every

@@ -25,40 +25,6 @@ pub fn ct4_key(flow: &Ipv4Flow, direction: u8) -> CtKey {
     }
 }
 
-/// Key of the ORIGINAL entry of the flow an entry belongs to.
-#[inline(always)]
-pub fn ct4_original_key(entry: &CtEntry) -> CtKey {
-    CtKey {
-        src_addr: entry.client_addr,
-        dst_addr: entry.service_addr,
-        src_port: entry.client_port,
-        dst_port: entry.service_port,
-        proto: entry.proto,
-        direction: ct_dir::ORIGINAL,
-        _pad: [0; 2],
-    }
-}
-
-/// Key of the REPLY entry: what the backend's answers look like. In a hairpin
-/// flow the client sees itself addressed by the service IP.
-#[inline(always)]
-pub fn ct4_reply_key(entry: &CtEntry) -> CtKey {
-    let dst_addr = if entry.flags & ct_flags::HAIRPIN != 0 {
-        entry.service_addr
-    } else {
-        entry.client_addr
-    };
-    CtKey {
-        src_addr: entry.backend_addr,
-        dst_addr,
-        src_port: entry.backend_port,
-        dst_port: entry.client_port,
-        proto: entry.proto,
-        direction: ct_dir::REPLY,
-        _pad: [0; 2],
-    }
-}
-
 #[inline(always)]
 pub fn ct4_lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
@@ -68,7 +34,7 @@ pub fn ct4_lookup(key: &CtKey) -> Option<*mut CtEntry> {
 /// (retransmitted SYN racing), its entry wins and is returned.
 #[inline(always)]
 pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
-    let original = ct4_original_key(entry);
+    let original = entry.original_key();
     if CONNTRACK
         .insert(original, entry, BPF_NOEXIST as u64)
         .is_err()
@@ -79,7 +45,7 @@ pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
             None => Err(()),
         };
     }
-    if CONNTRACK.insert(ct4_reply_key(entry), entry, 0).is_err() {
+    if CONNTRACK.insert(entry.reply_key(), entry, 0).is_err() {
         let _ = CONNTRACK.remove(original);
         return Err(());
     }
@@ -88,8 +54,8 @@ pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
 
 #[inline(always)]
 pub fn ct4_delete(entry: &CtEntry) {
-    let _ = CONNTRACK.remove(ct4_original_key(entry));
-    let _ = CONNTRACK.remove(ct4_reply_key(entry));
+    let _ = CONNTRACK.remove(entry.original_key());
+    let _ = CONNTRACK.remove(entry.reply_key());
 }
 
 /// A TCP SYN (without ACK) on a flow that is closing starts a new connection

@@ -27,9 +27,7 @@ use aya_ebpf::{
 use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, IPPROTO_TCP};
 
 use crate::{
-    conntrack::{
-        ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_original_key, ct4_update,
-    },
+    conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_update},
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
@@ -170,7 +168,7 @@ fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Ve
 /// Backend -> client packet: the source becomes the service again.
 #[inline(always)]
 fn reply_translate(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64) -> Verdict {
-    let original = ct4_original_key(ct);
+    let original = ct.original_key();
     let Some(owner) = ct4_lookup(&original) else {
         // The flow is gone (expired, evicted, or its backend removed): its
         // reply entry is stale.

@@ -17,8 +17,15 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Present { ifindex: u32, name: String },
-    Gone { ifindex: u32 },
+    Present {
+        ifindex: u32,
+        name: String,
+    },
+    Gone {
+        ifindex: u32,
+    },
+    /// Every interface present at start has been reported.
+    InitialListDone,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +106,9 @@ pub fn watch(filter: PodInterfaceFilter) -> Result<mpsc::Receiver<LinkEvent>, In
                     break;
                 }
             }
+        }
+        if tx.send(LinkEvent::InitialListDone).await.is_err() {
+            return;
         }
         while let Some((message, _)) = messages.next().await {
             let event = match message.payload {

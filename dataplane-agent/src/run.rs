@@ -125,6 +125,20 @@ fn report_new_errors(reported: &mut BTreeSet<String>, errors: &[ManifestError]) 
     *reported = current;
 }
 
+fn handle_link(datapath: &mut Datapath, link: LinkEvent) {
+    match link {
+        LinkEvent::Present { ifindex, name } => {
+            if !datapath.is_attached(ifindex) {
+                if let Err(e) = datapath.attach(ifindex, &name) {
+                    warn!("{e:#}");
+                }
+            }
+        }
+        LinkEvent::Gone { ifindex } => datapath.detach(ifindex),
+        LinkEvent::InitialListDone => {}
+    }
+}
+
 async fn run_async(options: Options) -> anyhow::Result<()> {
     let filter = PodInterfaceFilter::new(&options.pod_ifaces)?;
     ensure_bpffs(&options.bpffs)?;
@@ -155,11 +169,17 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         syncer.state.apply(event);
     }
     syncer.full_sync();
-    health.synced();
 
     // Interfaces after the first sync: a pod never sees the programs with
-    // empty maps.
+    // empty maps. Healthy only once the pods present now have them.
     let mut links = interfaces::watch(filter)?;
+    while let Some(link) = links.recv().await {
+        if link == LinkEvent::InitialListDone {
+            break;
+        }
+        handle_link(&mut datapath, link);
+    }
+    health.synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     info!(
         "agent ready: manifests {}, maps pinned under {}",
@@ -179,14 +199,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 health.synced();
             }
             link = links.recv() => match link {
-                Some(LinkEvent::Present { ifindex, name }) => {
-                    if !datapath.is_attached(ifindex) {
-                        if let Err(e) = datapath.attach(ifindex, &name) {
-                            warn!("{e:#}");
-                        }
-                    }
-                }
-                Some(LinkEvent::Gone { ifindex }) => datapath.detach(ifindex),
+                Some(link) => handle_link(&mut datapath, link),
                 None => break Err(anyhow::anyhow!("netlink link notifications stopped")),
             },
             _ = gc.tick() => {

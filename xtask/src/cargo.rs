@@ -8,7 +8,10 @@ use std::{
 use anyhow::{bail, Context as _};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// A cargo command at the workspace root. The rustup proxy's RUSTC and
@@ -17,7 +20,13 @@ pub fn workspace_root() -> PathBuf {
 pub fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.args(args).current_dir(workspace_root());
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTDOC", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTDOC",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -37,7 +46,14 @@ pub fn agent_binary() -> PathBuf {
 }
 
 pub fn build_release() -> anyhow::Result<()> {
-    status(cargo(&["build", "--release", "-p", "dataplane-agent", "-p", "dataplane-lab"]))?;
+    status(cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "dataplane-agent",
+        "-p",
+        "dataplane-lab",
+    ]))?;
     eprintln!("built {}", agent_binary().display());
     Ok(())
 }

@@ -8,10 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 use dataplane_lab::{
-    agent::Agent,
-    manifests,
-    topology::default_pods,
-    CrossNode, Lab, LabSpec, Topology,
+    agent::Agent, manifests, topology::default_pods, CrossNode, Lab, LabSpec, Topology,
 };
 use nix::{
     mount::{umount2, MntFlags},
@@ -113,7 +110,12 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         pids.push(child.id());
     }
 
-    let web: Vec<_> = lab.spec.pods.iter().filter(|p| p.name.starts_with("web")).collect();
+    let web: Vec<_> = lab
+        .spec
+        .pods
+        .iter()
+        .filter(|p| p.name.starts_with("web"))
+        .collect();
     let sample = manifests::web_service("web", "10.96.0.10".parse()?, &web);
     for node in [1u8, 2] {
         let dir = lab_dir().join(format!("node{node}"));
@@ -122,12 +124,24 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         // host sees the maps the agent pins inside `ip netns exec`.
         let bpffs = dir.join("bpf");
         std::fs::create_dir_all(&bpffs)?;
-        dataplane_lab::netns::run("mount", &["-t", "bpf", "bpf", bpffs.to_str().context("path")?])?;
-        let agent = Agent::start(&lab.node_ns(node), &format!("node{node}"), &dir.join("manifests"), &bpffs, &dir.join("agent.log"))?;
+        dataplane_lab::netns::run(
+            "mount",
+            &["-t", "bpf", "bpf", bpffs.to_str().context("path")?],
+        )?;
+        let agent = Agent::start(
+            &lab.node_ns(node),
+            &format!("node{node}"),
+            &dir.join("manifests"),
+            &bpffs,
+            &dir.join("agent.log"),
+        )?;
         pids.extend(agent.pid());
         agent.detach();
     }
-    std::fs::write(pid_file(), pids.iter().map(|p| format!("{p}\n")).collect::<String>())?;
+    std::fs::write(
+        pid_file(),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )?;
     lab.keep();
     eprintln!("lab up: namespaces {PREFIX}node1, {PREFIX}node2, {PREFIX}client, {PREFIX}web-a, {PREFIX}web-b, {PREFIX}web-c");
     Ok(())
@@ -142,7 +156,10 @@ pub fn down() -> anyhow::Result<()> {
         std::fs::remove_file(pid_file())?;
     }
     for node in [1u8, 2] {
-        let _ = umount2(&lab_dir().join(format!("node{node}/bpf")), MntFlags::MNT_DETACH);
+        let _ = umount2(
+            &lab_dir().join(format!("node{node}/bpf")),
+            MntFlags::MNT_DETACH,
+        );
     }
     let removed = Lab::down_by_prefix(PREFIX)?;
     if removed > 0 {

@@ -12,7 +12,9 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
     let service = SocketAddr::from(([10, 96, 0, 10], 80));
     println!("\nclient (10.244.1.10 on node1) -> service default/web {service}:");
     for i in 1..=6 {
-        let seen = in_netns(&format!("{PREFIX}client"), move || traffic::tcp_request(service))?;
+        let seen = in_netns(&format!("{PREFIX}client"), move || {
+            traffic::tcp_request(service)
+        })?;
         match seen {
             traffic::Outcome::Answered { backend, from } => {
                 println!("  request {i}: answered by {backend:<6} (reply from {from})")

@@ -31,7 +31,9 @@ fn installed(package: &str) -> bool {
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -44,7 +46,9 @@ pub fn run() -> anyhow::Result<()> {
             update
         })?;
         let mut install = Command::new("apt-get");
-        install.args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing);
+        install
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing);
         install.env("DEBIAN_FRONTEND", "noninteractive");
         status(install)?;
     }
@@ -53,7 +57,15 @@ pub fn run() -> anyhow::Result<()> {
     if !linker.contains(BPF_LINKER_VERSION) {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
         let mut cmd = Command::new("cargo");
-        cmd.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"]);
+        cmd.args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]);
         // Without it the build finds an older llvm-config (TOOLCHAIN.md).
         cmd.env("LLVM_PREFIX", "/usr/lib/llvm-22");
         for var in ["RUSTC", "RUSTC_WRAPPER", "CARGO_TARGET_DIR"] {

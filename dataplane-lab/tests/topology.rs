@@ -5,18 +5,11 @@ use std::net::SocketAddr;
 
 use dataplane_lab::{
     netns::{self, in_netns},
+    privileged,
     topology::{default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
 };
-
-fn privileged() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("skipping: the lab needs root (network namespaces)");
-    }
-    root
-}
 
 fn build(topology: Topology, cross_node: CrossNode) -> Lab {
     let lab = Lab::build(LabSpec {

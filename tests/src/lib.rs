@@ -20,15 +20,7 @@ pub use dataplane_lab::traffic::Outcome as Seen;
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
-/// Integration tests need root (namespaces, BPF). Returns false, after
-/// saying so, when not root.
-pub fn privileged() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("skipping: integration tests need root (namespaces and BPF)");
-    }
-    root
-}
+pub use dataplane_lab::privileged;
 
 /// A lab with agents on both nodes. Fields drop in order: agents stop before
 /// the namespaces go.

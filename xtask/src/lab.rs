@@ -28,7 +28,8 @@ pub struct Options {
 
 #[derive(clap::Subcommand)]
 enum Action {
-    /// Build the lab (replacing a running one) and start the agents.
+    /// Build the lab (replacing a running one) and start the agents. With
+    /// DATAPLANE_AGENT_BIN set, that agent is used instead of building one.
     Up(UpOptions),
     /// Stop the lab's processes and remove its namespaces.
     Down,
@@ -87,7 +88,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 /// Brings the lab up, replacing a running one.
 pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     crate::setup::run()?;
-    if options.no_agent {
+    if options.no_agent || std::env::var_os("DATAPLANE_AGENT_BIN").is_some() {
+        // No agent, or a prebuilt one (dataplane_lab::agent::agent_bin).
         build_lab_server()?;
     } else {
         build_release()?;

@@ -142,6 +142,14 @@ pub enum ModelError {
     },
     #[error("service {object}: IPv6 cluster IP {value} is not supported yet")]
     Ipv6NotSupported { object: ObjectRef, value: String },
+    #[error("service {object}: port {port}/{proto} is listed twice in spec.ports")]
+    DuplicatePort {
+        object: ObjectRef,
+        port: u16,
+        proto: Protocol,
+    },
+    #[error("service {object}: sessionAffinityConfig.clientIP.timeoutSeconds {value} out of range 1-86400")]
+    AffinityTimeoutOutOfRange { object: ObjectRef, value: i32 },
 }
 
 const SERVICE: &str = "service";
@@ -212,32 +220,56 @@ pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
     if is_skipped(svc) {
         return Ok(());
     }
-    let ip = spec.cluster_ip.as_deref().unwrap_or("");
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => {}
-        Ok(std::net::IpAddr::V6(_)) => {
-            return Err(ModelError::Ipv6NotSupported {
-                object,
-                value: ip.into(),
-            })
-        }
-        Err(_) => {
-            return Err(ModelError::InvalidIp {
-                kind: SERVICE,
-                object,
-                field: "spec.clusterIP",
-                value: ip.into(),
-            })
-        }
-    }
+    cluster_ipv4(&object, spec)?;
+    let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
-        port(SERVICE, &object, "spec.ports[].port", p.port)?;
-        protocol(SERVICE, &object, p.protocol.as_deref())?;
+        let number = port(SERVICE, &object, "spec.ports[].port", p.port)?;
+        let proto = protocol(SERVICE, &object, p.protocol.as_deref())?;
         if let Some(IntOrString::Int(target)) = p.target_port {
             port(SERVICE, &object, "spec.ports[].targetPort", target)?;
         }
+        // Two entries would map to the same frontend (the API server refuses
+        // this too; hand-written manifests are not checked by it).
+        if !seen.insert((number, proto)) {
+            return Err(ModelError::DuplicatePort {
+                object,
+                port: number,
+                proto,
+            });
+        }
+    }
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        if let Some(value) = timeout.filter(|t| !(1..=86_400).contains(t)) {
+            return Err(ModelError::AffinityTimeoutOutOfRange { object, value });
+        }
     }
     Ok(())
+}
+
+/// The cluster IP of a service that is not skipped.
+fn cluster_ipv4(
+    object: &ObjectRef,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<Ipv4Addr, ModelError> {
+    let ip = spec.cluster_ip.as_deref().unwrap_or("");
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => Ok(v4),
+        Ok(std::net::IpAddr::V6(_)) => Err(ModelError::Ipv6NotSupported {
+            object: object.clone(),
+            value: ip.into(),
+        }),
+        Err(_) => Err(ModelError::InvalidIp {
+            kind: SERVICE,
+            object: object.clone(),
+            field: "spec.clusterIP",
+            value: ip.into(),
+        }),
+    }
 }
 
 pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
@@ -247,6 +279,14 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
             kind: SLICE,
             object,
             field: "metadata.name",
+        });
+    }
+    // k8s-openapi reads a missing required string as "".
+    if slice.address_type.is_empty() {
+        return Err(ModelError::MissingField {
+            kind: SLICE,
+            object,
+            field: "addressType",
         });
     }
     for p in slice.ports.iter().flatten() {
@@ -358,13 +398,10 @@ impl ClusterState {
             log::debug!("service {name}: skipped (headless, ExternalName or another proxy's)");
             return Ok(None);
         }
-        let spec = svc.spec.as_ref().expect("validated");
-        let ip: Ipv4Addr = spec
-            .cluster_ip
-            .as_deref()
-            .unwrap_or("")
-            .parse()
-            .expect("validated");
+        let Some(spec) = svc.spec.as_ref() else {
+            return Ok(None); // refused by validate_service above
+        };
+        let ip = cluster_ipv4(name, spec)?;
         let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
             spec.session_affinity_config
                 .as_ref()
@@ -380,7 +417,13 @@ impl ClusterState {
             .into_iter()
             .flatten()
             .filter_map(|k| self.slices.get(k))
-            .filter(|s| s.address_type == "IPv4" && validate_slice(s).is_ok())
+            .filter(|s| s.address_type == "IPv4")
+            .filter(|s| {
+                // Sources validate first; a bad slice here only loses its own endpoints.
+                validate_slice(s)
+                    .inspect_err(|e| log::debug!("service {name}: ignoring slice: {e}"))
+                    .is_ok()
+            })
             .collect();
 
         let mut frontends = Vec::new();
@@ -431,14 +474,18 @@ fn slice_port(sp: &ServicePort, proto: Protocol, slice: &EndpointSlice) -> Optio
         .collect();
     let chosen = ports
         .iter()
-        .find(|p| same_name(p.name.as_ref(), sp.name.as_ref()))
+        .find(|p| p.port.is_some() && same_name(p.name.as_ref(), sp.name.as_ref()))
         .or_else(|| {
             ports
                 .iter()
                 .find(|p| p.port.is_some() && p.port == numeric_target)
         })
         .and_then(|p| p.port);
-    let fallback = if slice.ports.as_ref().is_none_or(|p| p.is_empty()) {
+    // Hand-written slices often list no port (or one without a number):
+    // the service's numeric targetPort is then the only sensible one. A
+    // slice that does list numbered ports but none for this service port
+    // serves other ports only.
+    let fallback = if slice.ports.iter().flatten().all(|p| p.port.is_none()) {
         numeric_target
     } else {
         None
@@ -757,5 +804,172 @@ mod tests {
         let err = validate_slice(&slice("a", json!([ep("10.244.1.x", json!({}))]), json!([])))
             .unwrap_err();
         assert!(err.to_string().contains("10.244.1.x"), "{err}");
+        let err = validate_service(&service(
+            json!({"spec": {"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}}),
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service default/web: port 80/TCP is listed twice in spec.ports"
+        );
+        let err = validate_service(&service(
+            json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}}),
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, ModelError::AffinityTimeoutOutOfRange { .. }),
+            "{err}"
+        );
+        let mut no_family = slice("a", json!([]), json!([]));
+        no_family.address_type = String::new();
+        let err = validate_slice(&no_family).unwrap_err();
+        assert!(err.to_string().contains("addressType"), "{err}");
+    }
+
+    #[test]
+    fn port_out_of_range_rejected() {
+        let err = validate_service(&service(
+            json!({"spec": {"ports": [{"port": 80, "targetPort": 70000}]}}),
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service default/web: spec.ports[].targetPort 70000 out of range 1-65535"
+        );
+        let err = validate_slice(&slice("a", json!([]), json!([{"port": 0}]))).unwrap_err();
+        assert!(matches!(err, ModelError::PortOutOfRange { .. }), "{err}");
+    }
+
+    #[test]
+    fn slice_without_ports_falls_back_to_target_port_or_port() {
+        let s = state(
+            service(json!({})),
+            vec![slice("a", json!([ep("10.244.1.10", json!({}))]), json!([]))],
+        );
+        assert_eq!(backends(&s, None), vec!["10.244.1.10:8080"]);
+        let mut svc = service(json!({}));
+        if let Some(p) = svc.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+            p[0].target_port = None;
+        }
+        let s = state(
+            svc,
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", json!({}))]),
+                json!([{"name": "http"}]),
+            )],
+        );
+        assert_eq!(backends(&s, None), vec!["10.244.1.10:80"]);
+    }
+
+    #[test]
+    fn numeric_target_port_matches_a_differently_named_slice_port() {
+        let s = state(
+            service(json!({})),
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", json!({}))]),
+                json!([{"name": "metrics", "port": 9100}, {"name": "web", "port": 8080}]),
+            )],
+        );
+        assert_eq!(backends(&s, None), vec!["10.244.1.10:8080"]);
+    }
+
+    #[test]
+    fn slice_port_of_another_protocol_does_not_match() {
+        let s = state(
+            service(json!({})),
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", json!({}))]),
+                json!([{"name": "http", "port": 8080, "protocol": "UDP"}]),
+            )],
+        );
+        assert_eq!(backends(&s, None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn multi_port_service_has_one_frontend_per_port() {
+        let s = state(
+            service(json!({"spec": {"ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 5353}
+            ]}})),
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", json!({}))]),
+                json!([
+                    {"name": "dns", "port": 5353, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}
+                ]),
+            )],
+        );
+        let f = s.frontends(&web(), None).unwrap().unwrap();
+        let got: Vec<String> = f
+            .iter()
+            .map(|(fe, spec)| format!("{fe} {} {:?}", spec.backends[0], spec.port_name.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "10.96.0.10:53/UDP 10.244.1.10:5353 Some(\"dns\")",
+                "10.96.0.10:53/TCP 10.244.1.10:5354 Some(\"dns-tcp\")"
+            ]
+        );
+    }
+
+    #[test]
+    fn service_without_endpoints_keeps_its_frontends() {
+        let s = state(service(json!({})), vec![]);
+        let f = s.frontends(&web(), None).unwrap().unwrap();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].0.to_string(), "10.96.0.10:80/TCP");
+        assert!(f[0].1.backends.is_empty());
+        assert_eq!(f[0].1.affinity_timeout_s, None);
+    }
+
+    #[test]
+    fn ipv6_slices_and_other_namespaces_do_not_contribute() {
+        let mut v6 = slice("v6", json!([{"addresses": ["fd00::1"]}]), json!([]));
+        v6.address_type = "IPv6".into();
+        let mut elsewhere = slice("x", json!([ep("10.244.1.99", json!({}))]), json!([]));
+        elsewhere.metadata.namespace = Some("prod".into());
+        let s = state(service(json!({})), vec![v6, elsewhere]);
+        assert_eq!(backends(&s, None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn local_policy_falls_back_to_terminating_local_endpoints_only() {
+        let terminating = json!({"ready": false, "serving": true, "terminating": true});
+        let s = state(
+            service(json!({"spec": {"internalTrafficPolicy": "Local"}})),
+            vec![slice(
+                "a",
+                json!([ep("10.244.1.10", terminating), ep("10.244.2.10", json!({}))]),
+                json!([{"name": "http", "port": 8080}]),
+            )],
+        );
+        assert_eq!(backends(&s, Some("node1")), vec!["10.244.1.10:8080"]);
+    }
+
+    #[test]
+    fn deletes_report_the_affected_service_and_remove_it() {
+        let mut s = state(
+            service(json!({})),
+            vec![slice("a", json!([ep("10.244.1.10", json!({}))]), json!([]))],
+        );
+        let slice_ref = ObjectRef {
+            namespace: "default".into(),
+            name: "a".into(),
+        };
+        assert_eq!(
+            s.apply(ClusterEvent::DeleteSlice(slice_ref.clone())),
+            vec![web()]
+        );
+        assert_eq!(backends(&s, None), Vec::<String>::new());
+        assert_eq!(s.apply(ClusterEvent::DeleteSlice(slice_ref)), vec![]);
+        assert_eq!(s.apply(ClusterEvent::DeleteService(web())), vec![web()]);
+        assert_eq!(s.frontends(&web(), None).unwrap(), None);
+        assert!(s.service_names().is_empty());
     }
 }

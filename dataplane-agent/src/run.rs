@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::Context as _;
 use log::{error, info, warn};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 
 use crate::{
     bpffs::ensure_bpffs,
@@ -19,16 +22,21 @@ use crate::{
     healthz::{self, Health},
     interfaces::{self, LinkEvent, PodInterfaceFilter},
     lb_maps::LbMaps,
-    model::{ClusterEvent, ClusterState, ServiceName},
-    source::manifests::{watch_dir, ManifestError, ManifestSource},
+    model::{ClusterEvent, ClusterState, Frontend, FrontendSpec, ServiceName},
+    source::{self, SourceUpdate},
     sync::SyncEngine,
 };
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// Directory of Kubernetes manifests (Services, EndpointSlices), watched.
+    /// Without it the agent watches the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; default: in-cluster service account,
+    /// then the usual kubeconfig locations.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     /// Glob patterns of the host-side pod interfaces, comma separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub pod_ifaces: Vec<String>,
@@ -62,10 +70,7 @@ struct Syncer<M: LbMaps> {
 }
 
 impl<M: LbMaps> Syncer<M> {
-    fn frontends_of(
-        &self,
-        service: &ServiceName,
-    ) -> Option<Vec<(crate::model::Frontend, crate::model::FrontendSpec)>> {
+    fn frontends_of(&self, service: &ServiceName) -> Option<Vec<(Frontend, FrontendSpec)>> {
         match self.state.frontends(service, self.node_name.as_deref()) {
             Ok(frontends) => Some(frontends.unwrap_or_default()),
             Err(e) => {
@@ -100,6 +105,7 @@ impl<M: LbMaps> Syncer<M> {
         );
     }
 
+    /// Applies a batch of events and syncs each touched service once.
     fn apply(&mut self, events: Vec<ClusterEvent>) {
         let mut touched = BTreeSet::new();
         for event in events {
@@ -116,13 +122,34 @@ impl<M: LbMaps> Syncer<M> {
     }
 }
 
-/// Logs each manifest error once while it persists, not at every rescan.
-fn report_new_errors(reported: &mut BTreeSet<String>, errors: &[ManifestError]) {
-    let current: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
-    for e in current.difference(reported) {
-        error!("{e}");
+/// Starts the configured source; its updates arrive on the returned channel.
+async fn start_source(options: &Options) -> anyhow::Result<mpsc::Receiver<SourceUpdate>> {
+    let (tx, rx) = mpsc::channel(256);
+    if let Some(dir) = options.manifests.clone() {
+        info!("source: manifests in {}", dir.display());
+        tokio::spawn(async move {
+            if let Err(e) = source::manifests::run(dir, tx).await {
+                error!("{e}");
+            }
+        });
+    } else {
+        let config = match &options.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .with_context(|| format!("using kubeconfig {}", path.display()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .context("finding the API server (in-cluster or kubeconfig)")?,
+        };
+        info!("source: Kubernetes API at {}", config.cluster_url);
+        let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+        tokio::spawn(source::kube::run(client, tx));
     }
-    *reported = current;
+    Ok(rx)
 }
 
 fn handle_link(datapath: &mut Datapath, link: LinkEvent) {
@@ -154,19 +181,27 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let health = Health::default();
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
-
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    // Watch before the first read so no change slips in between.
-    let (_watcher, mut manifest_changes) = watch_dir(&options.manifests)
-        .with_context(|| format!("watching manifests in {}", options.manifests.display()))?;
-    let mut source = ManifestSource::new(options.manifests.clone());
-    let (events, errors) = source.rescan();
-    let mut reported = BTreeSet::new();
-    report_new_errors(&mut reported, &errors);
-    for event in events {
-        syncer.state.apply(event);
+    // The initial state first, whole: nothing is written until the source
+    // has listed everything, so a restart never removes a live service.
+    let mut updates = start_source(&options).await?;
+    loop {
+        let update = tokio::select! {
+            update = updates.recv() => update.context("the source stopped before its first sync")?,
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        };
+        for e in &update.errors {
+            error!("{e}");
+        }
+        for event in update.events {
+            syncer.state.apply(event);
+        }
+        if update.initial_sync_done {
+            break;
+        }
     }
     syncer.full_sync();
 
@@ -181,20 +216,24 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     }
     health.synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
-    info!(
-        "agent ready: manifests {}, maps pinned under {}",
-        options.manifests.display(),
-        options.bpffs.display()
-    );
+    info!("agent ready: maps pinned under {}", options.bpffs.display());
 
     let result = loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break Ok(()) }
             _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break Ok(()) }
-            changed = manifest_changes.recv() => {
-                if changed.is_none() { break Err(anyhow::anyhow!("the manifest watcher stopped")) }
-                let (events, errors) = source.rescan();
-                report_new_errors(&mut reported, &errors);
+            update = updates.recv() => {
+                let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
+                // Coalesce a burst (a rolling update) into one sync per service.
+                let mut events = Vec::new();
+                let mut next = Some(first);
+                while let Some(update) = next {
+                    for e in &update.errors {
+                        error!("{e}");
+                    }
+                    events.extend(update.events);
+                    next = updates.try_recv().ok();
+                }
                 syncer.apply(events);
                 health.synced();
             }

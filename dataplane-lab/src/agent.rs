@@ -3,6 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -50,13 +51,38 @@ pub fn healthz_status(ns: &str) -> Option<u16> {
 }
 
 impl Agent {
-    /// Starts the agent in `node_ns` and waits until /healthz says 200.
+    /// Starts the agent in `node_ns` and waits until /healthz says 200. It
+    /// is stopped (SIGTERM) when the value is dropped.
     pub fn start(
         node_ns: &str,
         node_name: &str,
         manifests: &Path,
         bpffs: &Path,
         log: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(node_ns, node_name, manifests, bpffs, log, false)
+    }
+
+    /// Like [`Agent::start`], in a process group of its own, so it outlives
+    /// the caller and its terminal (`cargo xtask lab up`). Call
+    /// [`Agent::detach`] to leave it running.
+    pub fn start_detached(
+        node_ns: &str,
+        node_name: &str,
+        manifests: &Path,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(node_ns, node_name, manifests, bpffs, log, true)
+    }
+
+    fn spawn(
+        node_ns: &str,
+        node_name: &str,
+        manifests: &Path,
+        bpffs: &Path,
+        log: &Path,
+        detached: bool,
     ) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
@@ -67,8 +93,8 @@ impl Agent {
         }
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", node_ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", node_ns])
             .arg(&bin)
             .arg("run")
             .arg("--manifests")
@@ -87,9 +113,11 @@ impl Agent {
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("starting the agent")?;
+            .stderr(log_file);
+        if detached {
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().context("starting the agent")?;
         let mut agent = Self {
             child: Some(child),
             log: log.to_owned(),
@@ -102,14 +130,17 @@ impl Agent {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
+                agent.child = None;
                 bail!(
-                    "agent in {node_ns} exited ({status}):\n{}",
+                    "agent in {node_ns} exited ({status}); its log {}:\n{}",
+                    log.display(),
                     agent.log_text()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent in {node_ns} not healthy after 30 s:\n{}",
+                    "agent in {node_ns} not healthy after 30 s; its log {}:\n{}",
+                    log.display(),
                     agent.log_text()
                 );
             }

@@ -11,3 +11,13 @@ pub mod topology;
 pub mod traffic;
 
 pub use topology::{CrossNode, Lab, LabSpec, PodSpec, Topology};
+
+/// Labs need root (namespaces, and BPF for the agents). Returns false, after
+/// saying that the test is skipped, when not root.
+pub fn privileged() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("skipping: needs root (network namespaces and BPF)");
+    }
+    root
+}

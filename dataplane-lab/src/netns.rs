@@ -69,3 +69,52 @@ pub fn list() -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Processes whose network namespace is `ns` (`ip netns pids`).
+pub fn pids(ns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Stops every process living in the namespaces `names`: SIGTERM, up to
+/// 10 s to exit (agents detach their programs), then SIGKILL.
+pub fn kill_all(names: &[String]) {
+    use nix::{
+        sys::signal::{kill, Signal},
+        unistd::Pid,
+    };
+    let me = std::process::id() as i32;
+    let victims: Vec<Pid> = names
+        .iter()
+        .flat_map(|ns| pids(ns))
+        .filter(|&p| p != me)
+        .map(Pid::from_raw)
+        .collect();
+    for &pid in &victims {
+        let _ = kill(pid, Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let alive = |pid: &Pid| kill(*pid, None).is_ok() && !is_zombie(*pid);
+    while victims.iter().any(alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for pid in victims.iter().filter(|p| alive(p)) {
+        let _ = kill(*pid, Signal::SIGKILL);
+    }
+}
+
+/// A zombie (our own exited, not yet reaped child) counts as gone.
+fn is_zombie(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}

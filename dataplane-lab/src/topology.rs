@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::netns::{exec, ip, list, run, sysctl};
+use crate::netns::{exec, ip, kill_all, list, run, sysctl};
 
 /// How pods connect to their node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +79,8 @@ pub fn unique_prefix(tag: &str) -> String {
     )
 }
 
-/// A built lab. Dropping it removes every namespace it created.
+/// A built lab. Dropping it stops the processes living in its namespaces
+/// and removes every namespace it created, also when a test panics.
 pub struct Lab {
     pub spec: LabSpec,
     /// Namespaces are removed on drop unless the lab is kept (`lab up`).
@@ -364,12 +365,14 @@ impl Lab {
         Ok(())
     }
 
-    /// Removes every namespace whose name starts with `prefix`.
+    /// Stops the processes living in, then removes, every namespace whose
+    /// name starts with `prefix` (`cargo xtask lab down`).
     pub fn down_by_prefix(prefix: &str) -> anyhow::Result<usize> {
         let doomed: Vec<String> = list()
             .into_iter()
             .filter(|n| n.starts_with(prefix))
             .collect();
+        kill_all(&doomed);
         for ns in &doomed {
             run("ip", &["netns", "del", ns])?;
         }
@@ -382,6 +385,9 @@ impl Drop for Lab {
         if self.keep {
             return;
         }
+        // Processes started in the lab's namespaces (agents, servers) die
+        // with it; threads of this process that joined them are not listed.
+        kill_all(&self.created);
         for ns in self.created.iter().rev() {
             let _ = run("ip", &["netns", "del", ns]);
         }

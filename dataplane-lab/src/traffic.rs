@@ -4,7 +4,7 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 pub const TCP_PORT: u16 = 8080;
@@ -14,42 +14,103 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// Serves forever on the calling thread's netns: TCP 8080 answers each line
 /// with `name`, UDP 5353 answers each datagram with `name`.
 pub fn serve(name: String) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", TCP_PORT))?;
-    let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
-    let udp_name = name.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(udp_name.as_bytes(), peer);
+    Server::bind(name)?.run();
+    Ok(())
+}
+
+/// Starts a backend `name` on threads inside netns `ns` and returns once
+/// its sockets are bound (no race with the first request). The threads live
+/// as long as the process.
+pub fn spawn_server(ns: &str, name: &str) -> anyhow::Result<()> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let name = name.to_owned();
+    crate::netns::spawn_in_netns(ns, move || match Server::bind(name) {
+        Ok(server) => {
+            let _ = bound_tx.send(Ok(()));
+            server.run();
         }
-    });
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            // One answer per request until the client closes; an HTTP GET
-            // (curl in the lab) gets a proper HTTP answer and a close.
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if buf.starts_with(b"GET ") {
-                    let body = format!("{name}\n");
-                    let response = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(response.as_bytes());
-                    break;
-                }
-                if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    break;
-                }
-            }
-        });
+        Err(e) => {
+            let _ = bound_tx.send(Err(e));
+        }
+    })?;
+    bound_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("server thread in {ns} died"))?
+        .map_err(|e| anyhow::anyhow!("binding the server in {ns}: {e}"))
+}
+
+/// Waits until something listens on TCP [`TCP_PORT`] inside netns `ns`
+/// (a server process started with `ip netns exec`).
+pub fn wait_listening(ns: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let probe = || {
+        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], TCP_PORT)), TIMEOUT).is_ok()
+    };
+    while !crate::netns::in_netns(ns, probe)? {
+        if Instant::now() > deadline {
+            anyhow::bail!("nothing listens on port {TCP_PORT} in {ns} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// A backend's bound sockets.
+pub struct Server {
+    name: String,
+    tcp: TcpListener,
+    udp: UdpSocket,
+}
+
+impl Server {
+    pub fn bind(name: String) -> std::io::Result<Self> {
+        Ok(Self {
+            tcp: TcpListener::bind(("0.0.0.0", TCP_PORT))?,
+            udp: UdpSocket::bind(("0.0.0.0", UDP_PORT))?,
+            name,
+        })
+    }
+
+    /// Answers forever (UDP on a thread of its own, a thread per TCP
+    /// connection).
+    pub fn run(self) {
+        let Self { name, tcp, udp } = self;
+        let udp_name = name.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(udp_name.as_bytes(), peer);
+            }
+        });
+        for stream in tcp.incoming() {
+            let Ok(stream) = stream else { continue };
+            let name = name.clone();
+            std::thread::spawn(move || answer(stream, &name));
+        }
+    }
+}
+
+/// One answer per request until the client closes; an HTTP GET (curl in
+/// the lab) gets a proper HTTP answer and a close.
+fn answer(mut stream: TcpStream, name: &str) {
+    let mut buf = [0u8; 1500];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        if buf.starts_with(b"GET ") {
+            let body = format!("{name}\n");
+            let response = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+            break;
+        }
+        if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+            break;
+        }
+    }
 }
 
 /// What a client saw.

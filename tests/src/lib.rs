@@ -10,7 +10,7 @@ use std::{
 use dataplane_lab::{
     agent::Agent,
     manifests,
-    netns::{in_netns, spawn_in_netns},
+    netns::in_netns,
     topology::{default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
@@ -20,15 +20,7 @@ pub use dataplane_lab::traffic::Outcome as Seen;
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
-/// Integration tests need root (namespaces, BPF). Returns false, after
-/// saying so, when not root.
-pub fn privileged() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        eprintln!("skipping: integration tests need root (namespaces and BPF)");
-    }
-    root
-}
+pub use dataplane_lab::privileged;
 
 /// A lab with agents on both nodes. Fields drop in order: agents stop before
 /// the namespaces go.
@@ -83,11 +75,10 @@ impl Cluster {
         self.dir.path().join(format!("node{node}"))
     }
 
-    /// Starts the backend servers of a pod (threads living in its netns).
+    /// Starts the backend servers of a pod (threads living in its netns),
+    /// listening when this returns.
     pub fn serve(&self, pod: &str) {
-        let name = pod.to_owned();
-        spawn_in_netns(&self.lab.pod_ns(pod), move || traffic::serve(name))
-            .expect("starting backend");
+        traffic::spawn_server(&self.lab.pod_ns(pod), pod).expect("starting backend");
     }
 
     /// Adds a pod after the agents started (a new veth appears on its node).

@@ -80,11 +80,11 @@ fn service_without_endpoints_refuses_at_once() {
         CrossNode::Direct,
         &[("web.yaml", web(&[]))],
     );
-    let started = std::time::Instant::now();
-    assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Refused, "{}", c.logs());
-    assert_eq!(c.udp("client", dns(WEB_IP)), Seen::Refused, "{}", c.logs());
-    // Refused, not timed out: the client's own 3 s timeout never fired.
-    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // Refused (RST, ICMP port unreachable), not Timeout: nothing is dropped.
+    for _ in 0..3 {
+        assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Refused, "{}", c.logs());
+        assert_eq!(c.udp("client", dns(WEB_IP)), Seen::Refused, "{}", c.logs());
+    }
 }
 
 #[test]

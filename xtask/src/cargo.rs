@@ -14,21 +14,46 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-/// A cargo command at the workspace root. The rustup proxy's RUSTC and
-/// friends are cleared so nested builds (aya-build's `rustup run
-/// debian-bpf cargo`) pick their own compiler.
+/// Variables that rustup's proxy and `cargo run` set for xtask. A child
+/// cargo that inherits them would use this toolchain's compiler for every
+/// nested build, including aya-build's `rustup run debian-bpf cargo`
+/// (../shared/TOOLCHAIN.md), so they are cleared.
+const INHERITED: &[&str] = &[
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTDOC",
+    "CARGO",
+    "CARGO_TARGET_DIR",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "RUSTUP_TOOLCHAIN",
+    "RUSTUP_TOOLCHAIN_SOURCE",
+    "RUST_RECURSION_COUNT",
+    "OUT_DIR",
+];
+
+/// Clears what rustup and the parent cargo put in the environment.
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
+    for var in INHERITED {
+        cmd.env_remove(var);
+    }
+    for (var, _) in std::env::vars_os() {
+        if var.to_str().is_some_and(|v| v.starts_with("CARGO_PKG_")) {
+            cmd.env_remove(var);
+        }
+    }
+    cmd
+}
+
+/// A cargo command at the workspace root with a clean environment.
 pub fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.args(args).current_dir(workspace_root());
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTDOC",
-        "CARGO_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
+    clean_env(&mut cmd);
     cmd
 }
 
@@ -45,6 +70,12 @@ pub fn agent_binary() -> PathBuf {
     workspace_root().join("target/release/dataplane-agent")
 }
 
+pub fn lab_server_binary() -> PathBuf {
+    workspace_root().join("target/release/lab-server")
+}
+
+/// The agent (with the eBPF object embedded by its build.rs) and the lab's
+/// backend server, in target/release.
 pub fn build_release() -> anyhow::Result<()> {
     status(cargo(&[
         "build",
@@ -56,4 +87,16 @@ pub fn build_release() -> anyhow::Result<()> {
     ]))?;
     eprintln!("built {}", agent_binary().display());
     Ok(())
+}
+
+/// Only the lab's backend server (`lab up --no-agent`).
+pub fn build_lab_server() -> anyhow::Result<()> {
+    status(cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "dataplane-lab",
+        "--bin",
+        "lab-server",
+    ]))
 }

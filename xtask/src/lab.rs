@@ -2,22 +2,22 @@
 //! namespaces, with one agent per node, left running to explore.
 
 use std::{
-    path::PathBuf,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use dataplane_lab::{
-    agent::Agent, manifests, topology::default_pods, CrossNode, Lab, LabSpec, Topology,
+    agent::Agent, manifests, netns, topology::default_pods, traffic, CrossNode, Lab, LabSpec,
+    Topology,
 };
-use nix::{
-    mount::{umount2, MntFlags},
-    sys::signal::{kill, Signal},
-    unistd::Pid,
-};
+use nix::mount::{umount2, MntFlags};
 
-use crate::cargo::{build_release, workspace_root};
+use crate::cargo::{build_lab_server, build_release, lab_server_binary, workspace_root};
 
+/// Fixed prefix of the lab's namespaces (tests use unique ones).
 pub const PREFIX: &str = "dplab-";
 
 #[derive(clap::Args)]
@@ -28,7 +28,8 @@ pub struct Options {
 
 #[derive(clap::Subcommand)]
 enum Action {
-    /// Build the lab (replacing a running one) and start the agents.
+    /// Build the lab (replacing a running one) and start the agents. With
+    /// DATAPLANE_AGENT_BIN set, that agent is used instead of building one.
     Up(UpOptions),
     /// Stop the lab's processes and remove its namespaces.
     Down,
@@ -42,6 +43,10 @@ pub struct UpOptions {
     /// How pods attach to their node.
     #[arg(long, value_enum, default_value = "bridge")]
     pub topology: PodNetwork,
+    /// Only the topology and the backend servers: no agent is built or
+    /// started (pod-to-pod traffic works, service IPs do not).
+    #[arg(long)]
+    pub no_agent: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -60,12 +65,17 @@ pub enum PodNetwork {
     Routed,
 }
 
+/// Manifests, agent logs, pinned maps and pids of the running lab.
 pub fn lab_dir() -> PathBuf {
     workspace_root().join("target/lab")
 }
 
 fn pid_file() -> PathBuf {
     lab_dir().join("pids")
+}
+
+fn node_dir(node: u8) -> PathBuf {
+    lab_dir().join(format!("node{node}"))
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -75,10 +85,15 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
 }
 
-/// Brings the lab up; returns it described for the user.
+/// Brings the lab up, replacing a running one.
 pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     crate::setup::run()?;
-    build_release()?;
+    if options.no_agent || std::env::var_os("DATAPLANE_AGENT_BIN").is_some() {
+        // No agent, or a prebuilt one (dataplane_lab::agent::agent_bin).
+        build_lab_server()?;
+    } else {
+        build_release()?;
+    }
     down()?;
     let spec = LabSpec {
         prefix: PREFIX.into(),
@@ -92,23 +107,10 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         },
         pods: default_pods(),
     };
+    // Until `keep`, an error drops the lab: its processes and namespaces go.
     let lab = Lab::build(spec).context("building the lab")?;
     std::fs::create_dir_all(lab_dir())?;
     let mut pids = Vec::new();
-
-    let server = workspace_root().join("target/release/lab-server");
-    for pod in lab.spec.pods.iter().filter(|p| p.name.starts_with("web")) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.pod_ns(&pod.name)])
-            .arg(&server)
-            .arg(&pod.name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting the server in {}", pod.name))?;
-        pids.push(child.id());
-    }
 
     let web: Vec<_> = lab
         .spec
@@ -116,19 +118,27 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         .iter()
         .filter(|p| p.name.starts_with("web"))
         .collect();
+    for pod in &web {
+        pids.push(start_server(&lab.pod_ns(&pod.name), &pod.name)?);
+    }
+    for pod in &web {
+        traffic::wait_listening(&lab.pod_ns(&pod.name), Duration::from_secs(10))?;
+    }
+
     let sample = manifests::web_service("web", "10.96.0.10".parse()?, &web);
     for node in [1u8, 2] {
-        let dir = lab_dir().join(format!("node{node}"));
+        let dir = node_dir(node);
+        // Every node's agent sees the same objects, as from the API server.
         manifests::write(&dir.join("manifests"), "web.yaml", &sample)?;
+        if options.no_agent {
+            continue;
+        }
         // Mounted here, in the host's mount namespace, so `inspect` from the
         // host sees the maps the agent pins inside `ip netns exec`.
         let bpffs = dir.join("bpf");
         std::fs::create_dir_all(&bpffs)?;
-        dataplane_lab::netns::run(
-            "mount",
-            &["-t", "bpf", "bpf", bpffs.to_str().context("path")?],
-        )?;
-        let agent = Agent::start(
+        netns::run("mount", &["-t", "bpf", "bpf", path_str(&bpffs)?])?;
+        let agent = Agent::start_detached(
             &lab.node_ns(node),
             &format!("node{node}"),
             &dir.join("manifests"),
@@ -143,27 +153,67 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
     )?;
     lab.keep();
-    eprintln!("lab up: namespaces {PREFIX}node1, {PREFIX}node2, {PREFIX}client, {PREFIX}web-a, {PREFIX}web-b, {PREFIX}web-c");
+    eprintln!(
+        "lab up: nodes {PREFIX}node1 {PREFIX}node2, pods {PREFIX}client {PREFIX}web-a \
+         {PREFIX}web-b {PREFIX}web-c{}; files in {}",
+        if options.no_agent { " (no agents)" } else { "" },
+        lab_dir().display()
+    );
     Ok(())
 }
 
+/// A backend server in `ns`, in a process group of its own so that it
+/// outlives xtask; output goes to target/lab/NAME.log.
+fn start_server(ns: &str, name: &str) -> anyhow::Result<u32> {
+    let log = std::fs::File::create(lab_dir().join(format!("{name}.log")))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(lab_server_binary())
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting the server in {ns}"))?;
+    Ok(child.id())
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Stops the lab's processes (those in its namespaces, and any left in the
+/// pid file), unmounts its bpffs and removes its namespaces.
 pub fn down() -> anyhow::Result<()> {
+    let removed = Lab::down_by_prefix(PREFIX)?;
     if let Ok(pids) = std::fs::read_to_string(pid_file()) {
+        // Normally already gone with their namespaces; only ours, by pid.
         for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            if is_lab_process(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
         std::fs::remove_file(pid_file())?;
     }
     for node in [1u8, 2] {
-        let _ = umount2(
-            &lab_dir().join(format!("node{node}/bpf")),
-            MntFlags::MNT_DETACH,
-        );
+        // Not mounted after `--no-agent` or a second `down`: nothing to do.
+        let _ = umount2(&node_dir(node).join("bpf"), MntFlags::MNT_DETACH);
     }
-    let removed = Lab::down_by_prefix(PREFIX)?;
     if removed > 0 {
         eprintln!("lab down: removed {removed} namespaces");
     }
     Ok(())
+}
+
+/// Whether `pid` still runs one of the lab's binaries (pids get reused).
+fn is_lab_process(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|n| n == "dataplane-agent" || n == "lab-server")
+    })
 }

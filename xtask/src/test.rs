@@ -5,10 +5,15 @@ use crate::{
     setup,
 };
 
+/// Tests run at once per test binary by default: each integration test
+/// starts a lab with two agents, so a small machine stays responsive.
+const MAX_TEST_THREADS: usize = 4;
+
 #[derive(clap::Args)]
 pub struct Options {
-    /// Extra arguments for `cargo test` (e.g. a test name filter).
-    #[arg(trailing_var_arg = true)]
+    /// Extra arguments for `cargo test`, e.g. a test name filter and
+    /// `-- --nocapture`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub cargo_args: Vec<String>,
 }
 
@@ -19,5 +24,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     cmd.args(&options.cargo_args);
     // The integration tests start this binary in the lab's node namespaces.
     cmd.env("DATAPLANE_AGENT_BIN", agent_binary());
+    if std::env::var_os("RUST_TEST_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        cmd.env(
+            "RUST_TEST_THREADS",
+            cores.clamp(1, MAX_TEST_THREADS).to_string(),
+        );
+    }
     status(cmd)
 }

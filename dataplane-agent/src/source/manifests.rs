@@ -17,6 +17,7 @@ use serde::Deserialize as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::SourceUpdate;
 use crate::model::{validate_service, validate_slice, ClusterEvent, ObjectRef};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,6 +96,7 @@ fn describe(doc: &Value, index: usize) -> String {
     let ns = meta
         .and_then(|m| m.get("namespace"))
         .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
         .unwrap_or("default");
     match name {
         Some(name) => format!("{kind} {ns}/{name}"),
@@ -102,36 +104,66 @@ fn describe(doc: &Value, index: usize) -> String {
     }
 }
 
-/// Parses one document into a key and its canonical JSON, or says why not.
-/// `Ok(None)` for kinds this source does not use.
-fn parse_object(doc: &Value) -> Result<Option<(ObjectKey, Value)>, String> {
+/// Which of our kinds a document is: `Ok(None)` for kinds this source does
+/// not use, `Err` when it is not a Kubernetes object at all (a typo such as
+/// `kindd:` must not vanish silently).
+fn classify(doc: &Value) -> Result<Option<Kind>, String> {
+    if !doc.is_object() {
+        return Err("not a Kubernetes object (expected a mapping)".into());
+    }
     let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
-    match (api_version, kind) {
-        ("v1", "Service") => {
+    if api_version.is_empty() || kind.is_empty() {
+        return Err("missing apiVersion or kind".into());
+    }
+    Ok(match (api_version, kind) {
+        ("v1", "Service") => Some(Kind::Service),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+        _ => {
+            log::debug!("ignoring {kind} ({api_version})");
+            None
+        }
+    })
+}
+
+/// The key of a document read from its raw metadata, so that an object that
+/// fails to deserialize can still keep its last good version.
+fn raw_key(kind: Kind, doc: &Value) -> Option<ObjectKey> {
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    Some((
+        kind,
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        },
+    ))
+}
+
+/// Deserializes and validates one document into its key and canonical JSON
+/// (what change detection compares), or says why not.
+fn parse_object(kind: Kind, doc: &Value) -> Result<(ObjectKey, Value), String> {
+    let (meta, value) = match kind {
+        Kind::Service => {
             let svc: Service = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
             validate_service(&svc).map_err(|e| e.to_string())?;
-            let key = (Kind::Service, ObjectRef::of(&svc.metadata));
-            Ok(Some((
-                key,
-                serde_json::to_value(&svc).map_err(|e| e.to_string())?,
-            )))
+            let value = serde_json::to_value(&svc).map_err(|e| e.to_string())?;
+            (svc.metadata, value)
         }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
+        Kind::EndpointSlice => {
             let slice: EndpointSlice =
                 serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
             validate_slice(&slice).map_err(|e| e.to_string())?;
-            let key = (Kind::EndpointSlice, ObjectRef::of(&slice.metadata));
-            Ok(Some((
-                key,
-                serde_json::to_value(&slice).map_err(|e| e.to_string())?,
-            )))
+            let value = serde_json::to_value(&slice).map_err(|e| e.to_string())?;
+            (slice.metadata, value)
         }
-        _ => {
-            log::debug!("ignoring {kind} ({api_version})");
-            Ok(None)
-        }
-    }
+    };
+    Ok(((kind, ObjectRef::of(&meta)), value))
 }
 
 /// Every object document of a file, `List`s flattened.
@@ -154,15 +186,19 @@ fn documents(text: &str) -> Result<Vec<Value>, serde_norway::Error> {
 }
 
 fn event(key: &ObjectKey, value: &Value) -> Option<ClusterEvent> {
-    // Values were produced by serializing the same types: they deserialize.
-    match key.0 {
-        Kind::Service => serde_json::from_value(value.clone())
-            .ok()
-            .map(|s| ClusterEvent::ApplyService(Box::new(s))),
-        Kind::EndpointSlice => serde_json::from_value(value.clone())
-            .ok()
-            .map(|s| ClusterEvent::ApplySlice(Box::new(s))),
-    }
+    // Values were produced by serializing the same types, so they
+    // deserialize; a failure here is a bug, logged rather than fatal.
+    let event = match key.0 {
+        Kind::Service => {
+            serde_json::from_value(value.clone()).map(|s| ClusterEvent::ApplyService(Box::new(s)))
+        }
+        Kind::EndpointSlice => {
+            serde_json::from_value(value.clone()).map(|s| ClusterEvent::ApplySlice(Box::new(s)))
+        }
+    };
+    event
+        .inspect_err(|e| log::error!("{} {}: cannot re-read own JSON: {e}", key.0, key.1))
+        .ok()
 }
 
 impl ManifestSource {
@@ -262,36 +298,41 @@ impl ManifestSource {
         errors: &mut Vec<ManifestError>,
     ) -> BTreeMap<ObjectKey, Value> {
         let mut objects = BTreeMap::new();
+        let mut error = |index: usize, doc: &Value, reason: String| {
+            errors.push(ManifestError::Object {
+                file: path.to_owned(),
+                object: describe(doc, index),
+                reason,
+            });
+        };
         for (index, doc) in docs.iter().enumerate() {
-            match parse_object(doc) {
-                Ok(Some((key, value))) => {
-                    objects.insert(key, value);
-                }
-                Ok(None) => {}
+            let kind = match classify(doc) {
+                Ok(Some(kind)) => kind,
+                Ok(None) => continue,
                 Err(reason) => {
-                    errors.push(ManifestError::Object {
-                        file: path.to_owned(),
-                        object: describe(doc, index),
-                        reason,
-                    });
-                    // Keep the last good version of an object we can still name.
-                    let name = doc
-                        .get("metadata")
-                        .and_then(|m| m.get("name"))
-                        .and_then(Value::as_str);
-                    if let Some(previous) = previous {
-                        let kept = previous.iter().find(|((_, r), _)| {
-                            Some(r.name.as_str()) == name
-                                && doc
-                                    .get("metadata")
-                                    .and_then(|m| m.get("namespace"))
-                                    .and_then(Value::as_str)
-                                    .unwrap_or("default")
-                                    == r.namespace
-                        });
-                        if let Some((key, value)) = kept {
-                            objects.insert(key.clone(), value.clone());
-                        }
+                    error(index, doc, reason);
+                    continue;
+                }
+            };
+            match parse_object(kind, doc) {
+                Ok((key, value)) => match objects.entry(key) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(value);
+                    }
+                    std::collections::btree_map::Entry::Occupied(_) => error(
+                        index,
+                        doc,
+                        "defined again in the same file; using the first".into(),
+                    ),
+                },
+                Err(reason) => {
+                    error(index, doc, reason);
+                    // Keep the last good version of this very object (same
+                    // kind: a Service and its slice often share a name).
+                    let kept = raw_key(kind, doc)
+                        .and_then(|key| Some((previous?.get(&key)?.clone(), key)));
+                    if let Some((value, key)) = kept {
+                        objects.entry(key).or_insert(value);
                     }
                 }
             }
@@ -300,8 +341,41 @@ impl ManifestSource {
     }
 }
 
+/// Feeds `tx` with the directory's content, then with every change, until
+/// the receiver goes away. Each error is reported once while it persists.
+pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceUpdate>) -> Result<(), ManifestError> {
+    // Watch before the first read so no change slips in between.
+    let (_watcher, mut changes) = watch_dir(&dir)?;
+    let mut source = ManifestSource::new(dir);
+    let mut reported = std::collections::BTreeSet::new();
+    let mut first = true;
+    loop {
+        let (events, errors) = source.rescan();
+        let current: std::collections::BTreeSet<String> =
+            errors.iter().map(ToString::to_string).collect();
+        let new_errors = current.difference(&reported).cloned().collect();
+        reported = current;
+        let update = SourceUpdate {
+            events,
+            errors: new_errors,
+            initial_sync_done: true,
+        };
+        if (first || !update.events.is_empty() || !update.errors.is_empty())
+            && tx.send(update).await.is_err()
+        {
+            return Ok(());
+        }
+        first = false;
+        if changes.recv().await.is_none() {
+            return Ok(());
+        }
+    }
+}
+
 /// Watches `dir`; yields `()` once per settled burst of changes (editors and
-/// `kubectl`-style tools write several events per save).
+/// `kubectl`-style tools write several events per save). Must be called
+/// inside a tokio runtime (the debouncer is a task); keep the watcher alive
+/// as long as changes are wanted.
 pub fn watch_dir(
     dir: &Path,
 ) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), ManifestError> {
@@ -462,24 +536,213 @@ metadata: {name: ignored}
     }
 
     #[test]
-    fn invalid_ip_is_rejected_naming_file_and_object_and_others_still_apply() {
+    fn invalid_ip_is_rejected_naming_file_and_object() {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!("{}---\n{}", api("10.96.0.999"), WEB);
+        std::fs::write(dir.path().join("api.yaml"), api("10.96.0.999")).unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(events.is_empty(), "{:?}", names(&events));
+        assert_eq!(errors.len(), 1);
+        let msg = errors[0].to_string();
+        assert!(
+            msg.contains("api.yaml")
+                && msg.contains("Service default/api")
+                && msg.contains("10.96.0.999"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn port_out_of_range_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("api.yaml"),
+            api("10.96.0.11").replace("443", "70000"),
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(events.is_empty(), "{:?}", names(&events));
+        let msg = errors[0].to_string();
+        assert!(
+            msg.contains("api.yaml") && msg.contains("default/api") && msg.contains("70000"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn other_objects_in_same_file_still_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}---\n{}---\n{}",
+            api("10.96.0.999"),
+            WEB,
+            api("10.96.0.11").replace("name: api", "name: api2")
+        );
         std::fs::write(dir.path().join("all.yaml"), text).unwrap();
         let mut source = ManifestSource::new(dir.path().into());
         let (events, errors) = source.rescan();
         assert_eq!(
             names(&events),
-            vec!["+svc default/web", "+slice default/web-1"]
+            vec![
+                "+svc default/api2",
+                "+svc default/web",
+                "+slice default/web-1"
+            ]
         );
-        assert_eq!(errors.len(), 1);
-        let msg = errors[0].to_string();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    #[test]
+    fn unknown_protocol_and_missing_field_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            api("10.96.0.11").replace("port: 443", "port: 443, protocol: SCTP"),
+        )
+        .unwrap();
+        // An EndpointSlice without its required addressType.
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\nendpoints: []\n",
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(events.is_empty(), "{:?}", names(&events));
+        let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
         assert!(
-            msg.contains("all.yaml")
-                && msg.contains("Service default/api")
-                && msg.contains("10.96.0.999"),
-            "{msg}"
+            msgs[0].contains("a.yaml") && msgs[0].contains("SCTP"),
+            "{msgs:?}"
         );
+        assert!(
+            msgs[1].contains("b.yaml")
+                && msgs[1].contains("EndpointSlice default/s")
+                && msgs[1].contains("addressType"),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn broken_slice_named_like_its_service_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let both = WEB.replace("name: web-1", "name: web");
+        std::fs::write(dir.path().join("web.yaml"), &both).unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        source.rescan();
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            both.replace("10.244.1.10", "10.244.1.x"),
+        )
+        .unwrap();
+        let (events, errors) = source.rescan();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].to_string().contains("EndpointSlice default/web"),
+            "{}",
+            errors[0]
+        );
+        assert!(events.is_empty(), "{:?}", names(&events));
+    }
+
+    #[test]
+    fn yaml_error_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            format!("{WEB}---\nkind: Service\nmetadata: {{name: x\n"),
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(events.is_empty(), "a broken file applies nothing");
+        let msg = errors[0].to_string();
+        assert!(msg.contains("web.yaml") && msg.contains("line"), "{msg}");
+    }
+
+    #[test]
+    fn unnamed_or_kindless_documents_are_reported_by_index() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("x.yaml"),
+            "apiVersion: v1\nkind: Service\nspec: {clusterIP: 10.96.0.1}\n---\nkindd: Service\n---\n---\njust a string\n",
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(events.is_empty(), "{:?}", names(&events));
+        let msgs: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 3, "{msgs:?}");
+        assert!(
+            msgs[0].contains("Service (document 1, unnamed)"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[1].contains("document 2") && msgs[1].contains("kind"),
+            "{msgs:?}"
+        );
+        assert!(msgs[2].contains("document 3"), "{msgs:?}");
+    }
+
+    #[test]
+    fn object_defined_twice_in_one_file_first_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{}---\n{}", api("10.96.0.11"), api("10.96.0.12")),
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let ClusterEvent::ApplyService(svc) = &events[0] else {
+            panic!("{:?}", names(&events));
+        };
+        let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+        assert_eq!(ip, Some("10.96.0.11"));
+    }
+
+    #[test]
+    fn namespace_defaults_to_default_and_is_kept_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!(
+                "{}---\n{}",
+                api("10.96.0.11"),
+                api("10.96.0.12").replace("{name: api}", "{name: api, namespace: prod}")
+            ),
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(names(&events), vec!["+svc default/api", "+svc prod/api"]);
+    }
+
+    #[test]
+    fn files_with_other_extensions_and_dotfiles_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml~"), WEB).unwrap();
+        std::fs::write(dir.path().join("web.txt"), WEB).unwrap();
+        std::fs::write(dir.path().join(".web.yaml"), WEB).unwrap();
+        std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        let (events, errors) = source.rescan();
+        assert!(events.is_empty() && errors.is_empty());
+    }
+
+    #[test]
+    fn fixing_a_broken_object_applies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("api.yaml"), api("10.96.0.999")).unwrap();
+        let mut source = ManifestSource::new(dir.path().into());
+        source.rescan();
+        std::fs::write(dir.path().join("api.yaml"), api("10.96.0.11")).unwrap();
+        let (events, errors) = source.rescan();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(names(&events), vec!["+svc default/api"]);
     }
 
     #[test]

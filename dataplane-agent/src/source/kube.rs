@@ -1,0 +1,223 @@
+//! The Kubernetes API source: Services and EndpointSlices through kube's
+//! watcher (list, then watch; relist on 410 Gone or a dropped stream, with
+//! the default backoff). It feeds the same model as the manifest source.
+//!
+//! A relist never clears anything: the model keeps the last known state
+//! until the new list is complete, then gets the difference (objects deleted
+//! while disconnected included). Traffic keeps flowing meanwhile.
+
+use std::collections::BTreeSet;
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client, Resource, ResourceExt as _,
+};
+use log::{info, warn};
+use tokio::sync::mpsc;
+
+use super::SourceUpdate;
+use crate::model::{ClusterEvent, ObjectRef};
+
+/// One kind of object the source watches, and how it becomes events.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static
+{
+    const KIND: &'static str;
+    fn apply(self) -> ClusterEvent;
+    fn delete(key: ObjectRef) -> ClusterEvent;
+}
+
+impl Watched for Service {
+    const KIND: &'static str = "Service";
+    fn apply(self) -> ClusterEvent {
+        ClusterEvent::ApplyService(Box::new(self))
+    }
+    fn delete(key: ObjectRef) -> ClusterEvent {
+        ClusterEvent::DeleteService(key)
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    fn apply(self) -> ClusterEvent {
+        ClusterEvent::ApplySlice(Box::new(self))
+    }
+    fn delete(key: ObjectRef) -> ClusterEvent {
+        ClusterEvent::DeleteSlice(key)
+    }
+}
+
+fn key_of<K: Watched>(obj: &K) -> ObjectRef {
+    ObjectRef {
+        namespace: obj.namespace().unwrap_or_else(|| "default".into()),
+        name: obj.name_any(),
+    }
+}
+
+/// Turns watcher events into model events, remembering which objects the
+/// model holds so a relist can delete what vanished.
+struct Tracker<K: Watched> {
+    known: BTreeSet<ObjectRef>,
+    relisting: Option<Vec<K>>,
+    synced_once: bool,
+}
+
+impl<K: Watched> Tracker<K> {
+    fn new() -> Self {
+        Self {
+            known: BTreeSet::new(),
+            relisting: None,
+            synced_once: false,
+        }
+    }
+
+    /// Model events for one watcher event, and whether a (re)list completed.
+    fn handle(&mut self, event: watcher::Event<K>) -> (Vec<ClusterEvent>, bool) {
+        match event {
+            watcher::Event::Apply(obj) => {
+                self.known.insert(key_of(&obj));
+                (vec![obj.apply()], false)
+            }
+            watcher::Event::Delete(obj) => {
+                let key = key_of(&obj);
+                self.known.remove(&key);
+                (vec![K::delete(key)], false)
+            }
+            watcher::Event::Init => {
+                self.relisting = Some(Vec::new());
+                (Vec::new(), false)
+            }
+            watcher::Event::InitApply(obj) => {
+                self.relisting.get_or_insert_with(Vec::new).push(obj);
+                (Vec::new(), false)
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relisting.take().unwrap_or_default();
+                let now: BTreeSet<ObjectRef> = listed.iter().map(key_of).collect();
+                let mut events: Vec<ClusterEvent> = self
+                    .known
+                    .difference(&now)
+                    .cloned()
+                    .map(K::delete)
+                    .collect();
+                events.extend(listed.into_iter().map(Watched::apply));
+                if self.synced_once {
+                    info!("{}s relisted: {} objects", K::KIND, now.len());
+                }
+                self.known = now;
+                self.synced_once = true;
+                (events, true)
+            }
+        }
+    }
+}
+
+fn watch<K: Watched>(
+    client: Client,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send {
+    watcher(Api::<K>::all(client), watcher::Config::default()).default_backoff()
+}
+
+/// Sends updates until the receiver goes away. The first update with
+/// `initial_sync_done` comes once both kinds have been listed.
+pub async fn run(client: Client, tx: mpsc::Sender<SourceUpdate>) {
+    let mut services = Tracker::<Service>::new();
+    let mut slices = Tracker::<EndpointSlice>::new();
+    let mut service_stream = std::pin::pin!(watch::<Service>(client.clone()));
+    let mut slice_stream = std::pin::pin!(watch::<EndpointSlice>(client));
+    let mut announced = false;
+    loop {
+        let (events, error) = tokio::select! {
+            Some(event) = service_stream.next() => match event {
+                Ok(event) => (services.handle(event).0, None),
+                Err(e) => (Vec::new(), Some(format!("watching Services: {e}"))),
+            },
+            Some(event) = slice_stream.next() => match event {
+                Ok(event) => (slices.handle(event).0, None),
+                Err(e) => (Vec::new(), Some(format!("watching EndpointSlices: {e}"))),
+            },
+            else => return,
+        };
+        if let Some(error) = &error {
+            // The watcher retries with backoff; the datapath keeps its state.
+            warn!("{error} (retrying; the datapath keeps the last known state)");
+        }
+        let initial_sync_done = services.synced_once && slices.synced_once;
+        if events.is_empty() && (announced || !initial_sync_done) && error.is_none() {
+            continue;
+        }
+        let update = SourceUpdate {
+            events,
+            errors: error.into_iter().collect(),
+            initial_sync_done,
+        };
+        announced |= initial_sync_done;
+        if tx.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str) -> Service {
+        let mut s = Service::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("default".into());
+        s
+    }
+
+    fn describe(events: &[ClusterEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                ClusterEvent::ApplyService(s) => format!("+{}", s.name_any()),
+                ClusterEvent::DeleteService(r) => format!("-{}", r.name),
+                _ => "?".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn relist_applies_the_difference_only_when_complete() {
+        let mut t = Tracker::<Service>::new();
+        for e in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(svc("a")),
+            watcher::Event::InitApply(svc("b")),
+        ] {
+            assert!(
+                t.handle(e).0.is_empty(),
+                "nothing before the list is complete"
+            );
+        }
+        let (events, done) = t.handle(watcher::Event::InitDone);
+        assert!(done);
+        assert_eq!(describe(&events), vec!["+a", "+b"]);
+
+        // Disconnected; b deleted and c created meanwhile; relist.
+        assert!(t.handle(watcher::Event::Init).0.is_empty());
+        assert!(t.handle(watcher::Event::InitApply(svc("a"))).0.is_empty());
+        assert!(t.handle(watcher::Event::InitApply(svc("c"))).0.is_empty());
+        let (events, _) = t.handle(watcher::Event::InitDone);
+        assert_eq!(describe(&events), vec!["-b", "+a", "+c"]);
+    }
+
+    #[test]
+    fn watch_events_pass_through() {
+        let mut t = Tracker::<Service>::new();
+        assert_eq!(
+            describe(&t.handle(watcher::Event::Apply(svc("a"))).0),
+            vec!["+a"]
+        );
+        assert_eq!(
+            describe(&t.handle(watcher::Event::Delete(svc("a"))).0),
+            vec!["-a"]
+        );
+        assert!(t.known.is_empty());
+    }
+}

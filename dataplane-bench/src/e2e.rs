@@ -1,0 +1,450 @@
+//! End to end through network namespaces: a node with a `cbr0` bridge and
+//! two pods (client, server) on veth pairs; the project's own server in the
+//! server pod and load generator in the client pod. Each case gets a fresh
+//! topology, so no case inherits another's netfilter state.
+//!
+//! Load: `concurrency` threads each loop connect / one request / close for
+//! a fixed time. The connect() call is the latency sample (SYN to SYN-ACK
+//! through the translation). Connections are closed with RST (SO_LINGER 0)
+//! so no TIME_WAIT state limits the rate of any case.
+
+use std::{
+    any::Any,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Barrier,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use dataplane_agent::model::BackendAddr;
+use dataplane_lab::{
+    agent::Agent,
+    netns::{in_netns, ip, spawn_in_netns},
+};
+
+use crate::{
+    bpf::Bpffs,
+    kubeproxy_rules, netns,
+    netns::Netns,
+    scenario::{self, SERVICE_PORT, TARGET_PORT},
+    stats::percentile,
+};
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    /// Connecting to the backend pod IP: no service at all (the limit).
+    Direct,
+    /// This dataplane: the agent binary in the node.
+    Ebpf,
+    /// kube-proxy's iptables layout, loaded with iptables-restore.
+    Iptables,
+    /// kube-proxy's nftables layout, loaded with nft -f.
+    Nftables,
+}
+
+impl System {
+    pub const ALL: [System; 4] = [
+        System::Direct,
+        System::Ebpf,
+        System::Iptables,
+        System::Nftables,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Direct => "direct (no service)",
+            System::Ebpf => "eBPF dataplane",
+            System::Iptables => "kube-proxy iptables",
+            System::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub system: System,
+    pub services: usize,
+    pub conns_per_s: f64,
+    pub connect_p50_us: u32,
+    pub connect_p99_us: u32,
+    pub errors: u64,
+    pub stream_gbit_s: f64,
+    /// Loading the rules or starting the agent, until traffic flows.
+    pub setup: Duration,
+}
+
+struct Topology {
+    // Pods first: dropped (deleted) before the node.
+    client: Netns,
+    server: Netns,
+    node: Netns,
+}
+
+impl Topology {
+    fn build() -> anyhow::Result<Self> {
+        let node = Netns::new("node")?;
+        let client = Netns::new("cli")?;
+        let server = Netns::new("srv")?;
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            node.sysctl(key, value)?;
+        }
+        let n = node.name.as_str();
+        ip(&["-n", n, "link", "add", "cbr0", "type", "bridge"])?;
+        ip(&["-n", n, "addr", "add", "10.244.1.1/24", "dev", "cbr0"])?;
+        ip(&["-n", n, "link", "set", "cbr0", "up"])?;
+        for (pod, host_if, addr) in [
+            (&client, "vethclient", CLIENT_IP),
+            (&server, "vethserver", SERVER_IP),
+        ] {
+            let p = pod.name.as_str();
+            ip(&[
+                "-n", n, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", p,
+            ])?;
+            ip(&["-n", n, "link", "set", host_if, "master", "cbr0", "up"])?;
+            ip(&["-n", p, "link", "set", "eth0", "up"])?;
+            ip(&["-n", p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&["-n", p, "route", "add", "default", "via", "10.244.1.1"])?;
+        }
+        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        Ok(Self {
+            client,
+            server,
+            node,
+        })
+    }
+}
+
+/// Threads accepting and answering on SERVER_IP:8080: one line in, "OK\n"
+/// out; a request starting with 'S' is a stream, counted until EOF and
+/// answered with the byte count.
+struct Server {
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn serve_one(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = vec![0u8; 256 * 1024];
+    let Ok(n) = s.read(&mut buf) else { return };
+    if n == 0 {
+        return;
+    }
+    if buf[0] == b'S' {
+        let mut total = n as u64;
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            total += k as u64;
+        }
+        let _ = s.write_all(&total.to_be_bytes());
+        return;
+    }
+    let _ = s.write_all(b"OK\n");
+}
+
+impl Server {
+    fn start(ns: &str, threads: usize) -> anyhow::Result<Self> {
+        // A socket stays in the namespace it was created in: the accepting
+        // threads need not join it.
+        let listener = in_netns(ns, || {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, TARGET_PORT))
+        })?
+        .context("binding the server")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for _ in 0..threads {
+            let l = listener.try_clone()?;
+            let stop = stop.clone();
+            handles.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((s, _)) = l.accept() {
+                        serve_one(s);
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            listener,
+            stop,
+            threads: handles,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes every thread blocked in accept() with EINVAL.
+        // SAFETY: shutdown(2) on a socket fd this value owns.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set_linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid fd and a properly sized value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One connect / request / response / close cycle; the connect latency.
+fn one_request(target: SocketAddr) -> Option<Duration> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok()?;
+    let latency = started.elapsed();
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET\n").ok()?;
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < 3 {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got += n,
+        }
+    }
+    set_linger_zero(&s);
+    Some(latency)
+}
+
+struct LoadResult {
+    conns_per_s: f64,
+    p50_us: u32,
+    p99_us: u32,
+    errors: u64,
+}
+
+fn load(
+    client_ns: &str,
+    target: SocketAddr,
+    length: Duration,
+    concurrency: usize,
+) -> anyhow::Result<LoadResult> {
+    let barrier = Arc::new(Barrier::new(concurrency + 1));
+    let mut handles = Vec::new();
+    for _ in 0..concurrency {
+        let barrier = barrier.clone();
+        handles.push(spawn_in_netns(client_ns, move || {
+            let mut latencies: Vec<u32> = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            barrier.wait();
+            let deadline = Instant::now() + length;
+            while Instant::now() < deadline {
+                match one_request(target) {
+                    Some(l) => latencies.push(l.as_micros().min(u128::from(u32::MAX)) as u32),
+                    None => errors += 1,
+                }
+            }
+            (latencies, errors)
+        })?);
+    }
+    barrier.wait();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (l, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(LoadResult {
+        conns_per_s: all.len() as f64 / elapsed,
+        p50_us: percentile(&mut all, 50.0),
+        p99_us: percentile(&mut all, 99.0),
+        errors,
+    })
+}
+
+/// One TCP stream for `length`; Gbit/s as counted by the server.
+fn stream(client_ns: &str, target: SocketAddr, length: Duration) -> anyhow::Result<f64> {
+    in_netns(client_ns, move || -> anyhow::Result<f64> {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0x55u8; 128 * 1024];
+        buf[0] = b'S';
+        let started = Instant::now();
+        while started.elapsed() < length {
+            s.write_all(&buf)?;
+            buf[0] = 0x55;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut total = [0u8; 8];
+        s.read_exact(&mut total)?;
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok(u64::from_be_bytes(total) as f64 * 8.0 / elapsed / 1e9)
+    })?
+}
+
+/// Waits until a connection through `target` gets its answer.
+fn wait_ready(client_ns: &str, target: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = in_netns(client_ns, move || one_request(target).is_some())?;
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no answer through {target} after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Programs `system` in the node; returns what must live while it runs.
+fn setup(
+    system: System,
+    topo: &Topology,
+    services: usize,
+    endpoints: usize,
+) -> anyhow::Result<(SocketAddr, Box<dyn Any>)> {
+    let backend = BackendAddr {
+        ip: SERVER_IP,
+        port: TARGET_PORT,
+    };
+    let svcs = scenario::services(services, endpoints, Some(backend));
+    let last = svcs.last().context("no services")?;
+    let service = SocketAddr::V4(SocketAddrV4::new(last.ip, SERVICE_PORT));
+    let node = topo.node.name.as_str();
+    match system {
+        System::Direct => Ok((
+            SocketAddr::V4(SocketAddrV4::new(SERVER_IP, TARGET_PORT)),
+            Box::new(()),
+        )),
+        System::Ebpf => {
+            let bpffs = Bpffs::new()?;
+            let work = tempfile::tempdir()?;
+            let manifests = work.path().join("manifests");
+            std::fs::create_dir_all(&manifests)?;
+            std::fs::write(
+                manifests.join("services.yaml"),
+                scenario::manifests_yaml(&svcs),
+            )?;
+            let agent = Agent::start(
+                node,
+                "bench-node",
+                &manifests,
+                bpffs.dir.path(),
+                &work.path().join("agent.log"),
+            )?;
+            // Drop order: the agent first, then its bpffs, then the files.
+            Ok((service, Box::new((agent, bpffs, work))))
+        }
+        System::Iptables => {
+            // Pod-to-pod replies cross the bridge: kube-proxy needs
+            // br_netfilter for them to be un-NATed (it is built in here).
+            topo.node
+                .sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+            netns::run_in(
+                node,
+                netns::iptables_restore(),
+                &["--noflush"],
+                Some(&kubeproxy_rules::iptables_full(&svcs)),
+            )?;
+            Ok((service, Box::new(())))
+        }
+        System::Nftables => {
+            topo.node
+                .sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+            netns::run_in(
+                node,
+                "nft",
+                &["-f", "-"],
+                Some(&kubeproxy_rules::nft_full(&svcs)),
+            )?;
+            Ok((service, Box::new(())))
+        }
+    }
+}
+
+pub struct Options {
+    pub scales: Vec<usize>,
+    pub endpoints: usize,
+    pub length: Duration,
+    pub concurrency: usize,
+}
+
+fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<CaseResult> {
+    let topo = Topology::build().context("building the namespaces")?;
+    let _server = Server::start(&topo.server.name, o.concurrency)?;
+    let started = Instant::now();
+    let (target, guard) = setup(system, &topo, services, o.endpoints)?;
+    wait_ready(&topo.client.name, target)?;
+    let setup_time = started.elapsed();
+    // Warm-up: conntrack, caches, the server's threads.
+    load(
+        &topo.client.name,
+        target,
+        Duration::from_millis(300),
+        o.concurrency,
+    )?;
+    let l = load(&topo.client.name, target, o.length, o.concurrency)?;
+    let gbit = stream(&topo.client.name, target, o.length)?;
+    drop(guard);
+    Ok(CaseResult {
+        system,
+        services,
+        conns_per_s: l.conns_per_s,
+        connect_p50_us: l.p50_us,
+        connect_p99_us: l.p99_us,
+        errors: l.errors,
+        stream_gbit_s: gbit,
+        setup: setup_time,
+    })
+}
+
+pub fn run(o: &Options) -> anyhow::Result<Vec<CaseResult>> {
+    let mut results = Vec::new();
+    for &services in &o.scales {
+        for system in System::ALL {
+            let r = run_case(system, services, o)
+                .with_context(|| format!("{} with {services} services", system.label()))?;
+            eprintln!(
+                "  {services} services, {}: {:.0} conn/s, connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s (setup {:?})",
+                system.label(),
+                r.conns_per_s,
+                r.connect_p50_us,
+                r.connect_p99_us,
+                r.errors,
+                r.stream_gbit_s,
+                r.setup
+            );
+            results.push(r);
+        }
+    }
+    Ok(results)
+}

@@ -1,0 +1,399 @@
+//! kube-proxy's rule layouts for the same services, written the way
+//! kube-proxy writes them: iptables-restore input (KUBE-SERVICES ->
+//! KUBE-SVC-* -> KUBE-SEP-* with `statistic --mode random`), and an `nft -f`
+//! transaction for its nftables mode (`service-ips` verdict map -> service
+//! chain -> `numgen random mod N vmap` -> endpoint chain doing dnat).
+//! ClusterIP services only, with `--cluster-cidr` set (pod sources are not
+//! masqueraded), as on the bench's topology.
+
+use std::fmt::Write as _;
+
+use dataplane_agent::model::BackendAddr;
+
+use crate::scenario::{Svc, CLUSTER_CIDR};
+
+/// 16 characters of base32 as kube-proxy's chain names carry (it hashes
+/// with SHA-256; any stable hash of the same length does here).
+fn chain_hash(s: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let fnv = |seed: u64| {
+        s.bytes().fold(seed, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    let (a, b) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4));
+    (0..16)
+        .map(|i| {
+            let v = if i < 8 {
+                a >> (i * 5)
+            } else {
+                b >> ((i - 8) * 5)
+            };
+            ALPHABET[(v & 31) as usize] as char
+        })
+        .collect()
+}
+
+fn svc_chain(svc: &Svc) -> String {
+    format!(
+        "KUBE-SVC-{}",
+        chain_hash(&format!("{}tcp", svc.port_name()))
+    )
+}
+
+fn sep_chain(svc: &Svc, ep: &BackendAddr) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        chain_hash(&format!("{}tcp{}:{}", svc.port_name(), ep.ip, ep.port))
+    )
+}
+
+const NAT_CHAINS: &[&str] = &[
+    "KUBE-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+];
+const FILTER_CHAINS: &[&str] = &[
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-FORWARD",
+    "KUBE-NODEPORTS",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-FIREWALL",
+];
+
+/// The jumps from the built-in chains kube-proxy adds (with `iptables -I`)
+/// once at start, outside its restores.
+fn builtin_jumps(out: &mut String, table: &str) {
+    let lines: &[&str] = match table {
+        "filter" => &[
+            "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+            "-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
+            "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+            "-A INPUT -j KUBE-FIREWALL",
+            "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL",
+            "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+            "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+            "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-A OUTPUT -j KUBE-FIREWALL",
+        ],
+        _ => &[
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        ],
+    };
+    for l in lines {
+        out.push_str(l);
+        out.push('\n');
+    }
+}
+
+fn filter_table(out: &mut String, with_builtin_jumps: bool) {
+    out.push_str("*filter\n");
+    for c in FILTER_CHAINS {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    if with_builtin_jumps {
+        builtin_jumps(out, "filter");
+    }
+    out.push_str(concat!(
+        "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n",
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n",
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
+        "COMMIT\n",
+    ));
+}
+
+fn kube_services_rule(out: &mut String, svc: &Svc) {
+    let _ = writeln!(
+        out,
+        "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} -j {}",
+        svc.port_name(),
+        svc.ip,
+        svc.port,
+        svc_chain(svc)
+    );
+}
+
+fn service_chains(out: &mut String, svc: &Svc) {
+    let name = svc.port_name();
+    let chain = svc_chain(svc);
+    let _ = writeln!(
+        out,
+        "-A {chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+        svc.ip, svc.port
+    );
+    let n = svc.backends.len();
+    for (i, ep) in svc.backends.iter().enumerate() {
+        let sep = sep_chain(svc, ep);
+        let left = n - i;
+        if left > 1 {
+            let _ = writeln!(
+                out,
+                "-A {chain} -m comment --comment \"{name} -> {ep}\" -m statistic --mode random --probability {:.10} -j {sep}",
+                1.0 / left as f64
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "-A {chain} -m comment --comment \"{name} -> {ep}\" -j {sep}"
+            );
+        }
+    }
+    for ep in &svc.backends {
+        let sep = sep_chain(svc, ep);
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {name} -s {}/32 -j KUBE-MARK-MASQ",
+            ep.ip
+        );
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination {ep}"
+        );
+    }
+}
+
+fn nat_header(out: &mut String) {
+    out.push_str("*nat\n");
+    for c in NAT_CHAINS {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+}
+
+fn nat_common_rules(out: &mut String) {
+    out.push_str(concat!(
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n",
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
+    ));
+}
+
+const NODEPORTS_LAST: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
+
+/// `iptables-restore --noflush` input of a full sync from nothing.
+pub fn iptables_full(svcs: &[Svc]) -> String {
+    let mut out = String::with_capacity(svcs.len() * 2_000);
+    filter_table(&mut out, true);
+    nat_header(&mut out);
+    for svc in svcs {
+        let _ = writeln!(out, ":{} - [0:0]", svc_chain(svc));
+        for ep in &svc.backends {
+            let _ = writeln!(out, ":{} - [0:0]", sep_chain(svc, ep));
+        }
+    }
+    builtin_jumps(&mut out, "nat");
+    nat_common_rules(&mut out);
+    for svc in svcs {
+        kube_services_rule(&mut out, svc);
+    }
+    out.push_str(NODEPORTS_LAST);
+    for svc in svcs {
+        service_chains(&mut out, svc);
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// kube-proxy's partial sync (MinimizeIPTablesRestore, the default since
+/// 1.27) after service `which` changed from `before` to `after`: the filter
+/// table and KUBE-SERVICES are rewritten whole, plus the changed service's
+/// chains; endpoint chains no longer used are deleted.
+pub fn iptables_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
+    let mut out = String::with_capacity(after.len() * 200);
+    filter_table(&mut out, false);
+    nat_header(&mut out);
+    let svc = &after[which];
+    let _ = writeln!(out, ":{} - [0:0]", svc_chain(svc));
+    for ep in &svc.backends {
+        let _ = writeln!(out, ":{} - [0:0]", sep_chain(svc, ep));
+    }
+    // Chains to delete are declared (which flushes them) first: -X only
+    // deletes an empty chain.
+    let stale: Vec<String> = before[which]
+        .backends
+        .iter()
+        .filter(|ep| !svc.backends.contains(ep))
+        .map(|ep| sep_chain(&before[which], ep))
+        .collect();
+    for chain in &stale {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    nat_common_rules(&mut out);
+    for s in after {
+        kube_services_rule(&mut out, s);
+    }
+    out.push_str(NODEPORTS_LAST);
+    service_chains(&mut out, svc);
+    for chain in &stale {
+        let _ = writeln!(out, "-X {chain}");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+const NFT_TABLE: &str = "ip kube-proxy";
+
+fn nft_svc_chain(svc: &Svc) -> String {
+    format!(
+        "service-{}-{}/{}/tcp/http",
+        &chain_hash(&format!("{}tcp", svc.port_name()))[..8],
+        svc.name.namespace,
+        svc.name.name
+    )
+}
+
+fn nft_ep_chain(svc: &Svc, ep: &BackendAddr) -> String {
+    format!(
+        "endpoint-{}-{}/{}/tcp/http__{}/{}",
+        &chain_hash(&format!("{}tcp{ep}", svc.port_name()))[..8],
+        svc.name.namespace,
+        svc.name.name,
+        ep.ip,
+        ep.port
+    )
+}
+
+fn nft_service(out: &mut String, svc: &Svc) {
+    let chain = nft_svc_chain(svc);
+    for ep in &svc.backends {
+        let ep_chain = nft_ep_chain(svc, ep);
+        let _ = writeln!(out, "add chain {NFT_TABLE} {ep_chain}");
+        let _ = writeln!(out, "flush chain {NFT_TABLE} {ep_chain}");
+        let _ = writeln!(
+            out,
+            "add rule {NFT_TABLE} {ep_chain} ip saddr {} jump mark-for-masquerade",
+            ep.ip
+        );
+        let _ = writeln!(
+            out,
+            "add rule {NFT_TABLE} {ep_chain} meta l4proto tcp dnat to {}:{}",
+            ep.ip, ep.port
+        );
+    }
+    let _ = writeln!(out, "add chain {NFT_TABLE} {chain}");
+    let _ = writeln!(out, "flush chain {NFT_TABLE} {chain}");
+    let _ = writeln!(
+        out,
+        "add rule {NFT_TABLE} {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        svc.ip, svc.port
+    );
+    if !svc.backends.is_empty() {
+        let targets: Vec<String> = svc
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| format!("{i} : goto {}", nft_ep_chain(svc, ep)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "add rule {NFT_TABLE} {chain} numgen random mod {} vmap {{ {} }}",
+            svc.backends.len(),
+            targets.join(" , ")
+        );
+    }
+}
+
+/// `nft -f` transaction of a full sync from nothing.
+pub fn nft_full(svcs: &[Svc]) -> String {
+    let mut out = String::with_capacity(svcs.len() * 2_500);
+    let t = NFT_TABLE;
+    let _ = write!(
+        out,
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}
+add chain {t} mark-for-masquerade
+add rule {t} mark-for-masquerade mark set mark or 0x4000
+add chain {t} masquerading
+add rule {t} masquerading mark and 0x4000 == 0 return
+add rule {t} masquerading mark set mark xor 0x4000
+add rule {t} masquerading masquerade fully-random
+add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}
+add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}
+add chain {t} services
+add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips
+add chain {t} cluster-ips-check
+add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"
+add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}
+add rule {t} filter-forward ct state new jump cluster-ips-check
+add chain {t} filter-output {{ type filter hook output priority -110 ; }}
+add rule {t} filter-output ct state new jump cluster-ips-check
+add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}
+add rule {t} nat-prerouting jump services
+add chain {t} nat-output {{ type nat hook output priority -100 ; }}
+add rule {t} nat-output jump services
+add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}
+add rule {t} nat-postrouting jump masquerading
+"
+    );
+    for svc in svcs {
+        nft_service(&mut out, svc);
+    }
+    for svc in svcs {
+        let _ = writeln!(out, "add element {t} cluster-ips {{ {} }}", svc.ip);
+        let _ = writeln!(
+            out,
+            "add element {t} service-ips {{ {} . tcp . {} : goto {} }}",
+            svc.ip,
+            svc.port,
+            nft_svc_chain(svc)
+        );
+    }
+    out
+}
+
+/// kube-proxy nftables mode's transaction after service `which` changed:
+/// its chains rewritten, endpoint chains no longer used deleted.
+pub fn nft_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
+    let mut out = String::new();
+    nft_service(&mut out, &after[which]);
+    for ep in &before[which].backends {
+        if !after[which].backends.contains(ep) {
+            let chain = nft_ep_chain(&before[which], ep);
+            let _ = writeln!(out, "flush chain {NFT_TABLE} {chain}");
+            let _ = writeln!(out, "delete chain {NFT_TABLE} {chain}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::{services, with_one_endpoint_changed};
+
+    #[test]
+    fn chain_names_are_kube_proxy_shaped_and_distinct() {
+        let svcs = services(3, 2, None);
+        let a = svc_chain(&svcs[0]);
+        assert_eq!(a.len(), "KUBE-SVC-".len() + 16);
+        assert_ne!(a, svc_chain(&svcs[1]));
+        assert!(a.len() <= 28, "iptables chain names are at most 28 chars");
+    }
+
+    #[test]
+    fn full_iptables_has_one_service_rule_per_service_and_probabilities() {
+        let svcs = services(5, 3, None);
+        let text = iptables_full(&svcs);
+        assert_eq!(text.matches("-A KUBE-SERVICES -m comment").count(), 6);
+        assert_eq!(text.matches("--probability 0.3333333333").count(), 5);
+        assert_eq!(text.matches("--probability 0.5000000000").count(), 5);
+        assert_eq!(text.matches("-j DNAT").count(), 15);
+    }
+
+    #[test]
+    fn partial_sync_rewrites_one_service_and_deletes_its_old_endpoint() {
+        let before = services(4, 2, None);
+        let after = with_one_endpoint_changed(&before, 2, 1);
+        let text = iptables_partial(&before, &after, 2);
+        assert_eq!(text.matches("-j DNAT").count(), 2);
+        assert_eq!(text.matches("-X KUBE-SEP-").count(), 1);
+        let nft = nft_partial(&before, &after, 2);
+        assert_eq!(nft.matches("delete chain").count(), 1);
+        assert!(nft.contains("numgen random mod 2 vmap"));
+    }
+}

@@ -1,0 +1,152 @@
+//! `dataplane-bench`: per-packet cost (BPF_PROG_TEST_RUN), end to end
+//! through network namespaces against kube-proxy's iptables and nftables
+//! layouts, and the control plane. Prints a markdown table and writes it,
+//! with a PNG plot, to `--out`. Benchmarks, not tests: no timing is asserted;
+//! targets are printed beside the figures and missed ones said so plainly.
+//!
+//! Needs root, a kernel with BPF, iproute2, iptables and nftables, and the
+//! release agent binary (`cargo xtask build`).
+
+mod bpf;
+mod control_plane;
+mod e2e;
+mod kubeproxy_rules;
+mod netns;
+mod report;
+mod scenario;
+mod stats;
+mod testrun;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of the eBPF service dataplane against kube-proxy")]
+struct Cli {
+    /// Where latest.md and latest.png are written.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Smaller run for development: 1 and 1 000 services, 2 s per e2e case.
+    #[arg(long)]
+    quick: bool,
+    /// Parts to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+    /// Distinct packets per BPF_PROG_TEST_RUN figure.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Seconds per end-to-end case (connection loop, then stream).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Concurrent connection loops of the load generator.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// iptables-restore binary for kube-proxy's iptables mode (e.g.
+    /// iptables-nft-restore); default: legacy, as the nf_tables one takes
+    /// over 10 minutes to load 10 000 x 10 services here.
+    #[arg(long, default_value = "iptables-legacy-restore")]
+    iptables_restore: String,
+    /// Print kube-proxy's iptables-restore input for N services and exit.
+    #[arg(long, hide = true)]
+    dump_iptables: Option<usize>,
+    /// Endpoints per service everywhere.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Testrun,
+    E2e,
+    ControlPlane,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("dataplane-bench: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Ok(false) when a part failed (the report says which).
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the bench needs root (BPF, network namespaces, iptables)"
+    );
+    if let Some(n) = cli.dump_iptables {
+        print!(
+            "{}",
+            kubeproxy_rules::iptables_full(&scenario::services(n, cli.endpoints, None))
+        );
+        return Ok(true);
+    }
+    netns::set_iptables_restore(&cli.iptables_restore);
+    let wants = |p: Part| cli.only.is_empty() || cli.only.contains(&p);
+    let quick = cli.quick;
+    let mut rep = report::Report::new(quick);
+
+    if wants(Part::Testrun) {
+        let scales: &[usize] = if quick {
+            &[1, 1_000]
+        } else {
+            &[1, 1_000, 10_000, 100_000]
+        };
+        let samples = cli.samples.unwrap_or(if quick { 5_000 } else { 20_000 });
+        eprintln!("[1/3] per-packet cost (BPF_PROG_TEST_RUN), {samples} samples per figure");
+        match testrun::run(scales, cli.endpoints, samples) {
+            Ok(r) => rep.testrun = r,
+            Err(e) => rep.fail("per-packet cost", e),
+        }
+    }
+    if wants(Part::E2e) {
+        let o = e2e::Options {
+            scales: if quick {
+                vec![10, 1_000]
+            } else {
+                vec![10, 1_000, 10_000]
+            },
+            endpoints: cli.endpoints,
+            length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 2.0 } else { 5.0 })),
+            concurrency: cli.concurrency,
+        };
+        rep.e2e_seconds = o.length.as_secs_f64();
+        rep.concurrency = o.concurrency;
+        eprintln!(
+            "[2/3] end to end through network namespaces, {:?} per case",
+            o.length
+        );
+        match e2e::run(&o) {
+            Ok(r) => rep.e2e = r,
+            Err(e) => rep.fail("end to end", e),
+        }
+    }
+    if wants(Part::ControlPlane) {
+        let services = if quick { 1_000 } else { 10_000 };
+        eprintln!(
+            "[3/3] control plane, {services} services x {} endpoints",
+            cli.endpoints
+        );
+        match control_plane::run(services, cli.endpoints) {
+            Ok(r) => rep.control = Some(r),
+            Err(e) => rep.fail("control plane", e),
+        }
+    }
+
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let md = rep.markdown();
+    println!("{md}");
+    let md_path = cli.out.join("latest.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let png_path = cli.out.join("latest.png");
+    report::plot(&rep, &png_path).with_context(|| format!("writing {}", png_path.display()))?;
+    eprintln!("wrote {} and {}", md_path.display(), png_path.display());
+    Ok(rep.failures.is_empty())
+}

@@ -1,0 +1,515 @@
+//! The markdown table (with the targets beside the figures) and the PNG plot.
+
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use plotters::prelude::*;
+
+use crate::{
+    control_plane::ControlPlaneResult,
+    e2e::{CaseResult, System},
+    testrun::ScaleResult,
+};
+
+pub struct Report {
+    pub quick: bool,
+    pub testrun: Vec<ScaleResult>,
+    pub e2e: Vec<CaseResult>,
+    pub e2e_seconds: f64,
+    pub concurrency: usize,
+    pub control: Option<ControlPlaneResult>,
+    pub failures: Vec<String>,
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**MISSED**"
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(|| "n/a".into(), ms)
+}
+
+impl Report {
+    pub fn new(quick: bool) -> Self {
+        Self {
+            quick,
+            testrun: Vec::new(),
+            e2e: Vec::new(),
+            e2e_seconds: 0.0,
+            concurrency: 0,
+            control: None,
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn fail(&mut self, part: &str, e: anyhow::Error) {
+        eprintln!("  {part} FAILED: {e:#}");
+        self.failures.push(format!("{part}: {e:#}"));
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# Dataplane benchmarks{}\n",
+            if self.quick { " (--quick)" } else { "" }
+        );
+        let _ = writeln!(
+            o,
+            "{} · kernel {} · {} CPUs · kube-proxy iptables mode loaded with `{}` ({})\n",
+            command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            command_line("uname", &["-r"]),
+            crate::testrun::online_cpus(),
+            crate::netns::iptables_restore(),
+            command_line(crate::netns::iptables_restore(), &["--version"]),
+        );
+        let _ = writeln!(
+            o,
+            "Benchmarks, not tests: nothing here is asserted. Every comparison is measured in this one run.\n"
+        );
+        for f in &self.failures {
+            let _ = writeln!(o, "> **FAILED** {f}\n");
+        }
+        self.testrun_md(&mut o);
+        self.e2e_md(&mut o);
+        self.control_md(&mut o);
+        o
+    }
+
+    fn testrun_md(&self, o: &mut String) {
+        let Some(first) = self.testrun.first() else {
+            return;
+        };
+        let _ = writeln!(
+            o,
+            "## 1. Per-packet cost (BPF_PROG_TEST_RUN)\n\n\
+             Median of the kernel-reported duration of single runs (repeat = 1) over {} distinct packets per figure \
+             (new flow: one SYN per flow); each run is paired with a `bench_floor` run (parse + one hash lookup) on the \
+             same packet, and the ratio is to that floor. Every figure includes the fixed cost of one test run (timer reads, \
+             context setup): the last column, the floor with repeat = 10 000 on one packet, shows its size. Subtracting \
+             it would make every ratio larger. The translating paths cannot use repeat: the kernel does not restore the \
+             packet between repetitions.\n",
+            first.samples
+        );
+        let _ = writeln!(
+            o,
+            "| services | flows in conntrack | floor | non-service | new flow | established | reply translation | floor, repeat = 10 000 (context) |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &self.testrun {
+            let cell = |ns: u32| {
+                format!(
+                    "{ns} ns ({:.2}x)",
+                    f64::from(ns) / f64::from(r.floor.max(1))
+                )
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} ns | {} | {} | {} | {} | {} ns |",
+                r.services,
+                r.flows,
+                r.floor,
+                cell(r.non_service),
+                cell(r.new_flow),
+                cell(r.established),
+                cell(r.reply),
+                r.floor_repeat
+            );
+        }
+        let worst = |f: fn(&ScaleResult) -> u32| {
+            self.testrun
+                .iter()
+                .map(|r| f64::from(f(r)) / f64::from(r.floor.max(1)))
+                .fold(0.0, f64::max)
+        };
+        let est = worst(|r| r.established);
+        let new = worst(|r| r.new_flow);
+        let _ = writeln!(o, "\n| target | measured | |\n|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| established ≤ 1.5x floor | worst {est:.2}x | {} |",
+            verdict(est <= 1.5)
+        );
+        let _ = writeln!(
+            o,
+            "| new flow ≤ 3x floor | worst {new:.2}x | {} |",
+            verdict(new <= 3.0)
+        );
+        let one = self.testrun.iter().find(|r| r.services == 1);
+        let big = self.testrun.iter().find(|r| r.services == 100_000);
+        match (one, big) {
+            (Some(a), Some(b)) => {
+                let growth = |f: fn(&ScaleResult) -> u32| {
+                    (f64::from(f(b)) / f64::from(f(a).max(1)) - 1.0) * 100.0
+                };
+                for (name, g) in [
+                    ("non-service", growth(|r| r.non_service)),
+                    ("new flow", growth(|r| r.new_flow)),
+                    ("established", growth(|r| r.established)),
+                    ("reply", growth(|r| r.reply)),
+                    ("floor (reference)", growth(|r| r.floor)),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "| growth 1 → 100 000 services ≤ 10%: {name} | {g:+.1}% | {} |",
+                        if name.starts_with("floor") {
+                            ""
+                        } else {
+                            verdict(g <= 10.0)
+                        }
+                    );
+                }
+            }
+            _ => {
+                let _ = writeln!(
+                    o,
+                    "| growth 1 → 100 000 services ≤ 10% | not measured in this run | |"
+                );
+            }
+        }
+        o.push('\n');
+    }
+
+    fn e2e_md(&self, o: &mut String) {
+        if self.e2e.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "## 2. End to end (network namespaces)\n\n\
+             Client pod → node (bridge `cbr0`) → server pod, fresh namespaces per case. {} concurrent loops of \
+             connect / one request / close (RST) for {:.0} s; latency is the connect() call; then one TCP stream \
+             for {:.0} s. Traffic goes to the LAST service installed. Ratios are to direct (the server pod IP, no \
+             service) at the same scale.\n",
+            self.concurrency, self.e2e_seconds, self.e2e_seconds
+        );
+        let _ = writeln!(
+            o,
+            "| services | system | conn/s | vs direct | connect p50 | connect p99 | stream | vs direct | errors | setup |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &self.e2e {
+            let direct = self
+                .e2e
+                .iter()
+                .find(|d| d.services == r.services && d.system == System::Direct);
+            let (cr, sr) = direct.map_or((f64::NAN, f64::NAN), |d| {
+                (
+                    r.conns_per_s / d.conns_per_s,
+                    r.stream_gbit_s / d.stream_gbit_s,
+                )
+            });
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {:.2}x | {} µs | {} µs | {:.2} Gbit/s | {:.2}x | {} | {} |",
+                r.services,
+                r.system.label(),
+                r.conns_per_s,
+                cr,
+                r.connect_p50_us,
+                r.connect_p99_us,
+                r.stream_gbit_s,
+                sr,
+                r.errors,
+                ms(r.setup)
+            );
+        }
+        let at = |s: System| {
+            self.e2e
+                .iter()
+                .filter(|r| r.system == s)
+                .max_by_key(|r| r.services)
+        };
+        if let (Some(e), Some(d)) = (at(System::Ebpf), at(System::Direct)) {
+            let ratio = e.conns_per_s / d.conns_per_s;
+            let _ = writeln!(
+                o,
+                "\n| target | measured | |\n|---|---|---|\n| eBPF with {} services within 10% of direct (conn/s) | {:.2}x | {} |",
+                e.services,
+                ratio,
+                if e.services == 10_000 { verdict(ratio >= 0.9) } else { "(not at 10 000)" }
+            );
+            for (s, reference) in [(System::Iptables, "~0.4x"), (System::Nftables, "~0.8x")] {
+                if let Some(k) = at(s) {
+                    let _ = writeln!(
+                        o,
+                        "| reference: {} at 10 000 services {} of direct | {:.2}x at {} | |",
+                        s.label(),
+                        reference,
+                        k.conns_per_s / d.conns_per_s,
+                        k.services
+                    );
+                }
+            }
+        }
+        o.push('\n');
+    }
+
+    fn control_md(&self, o: &mut String) {
+        let Some(c) = &self.control else { return };
+        let n = format!("{} services x {} endpoints", c.services, c.endpoints);
+        let at_scale = c.services >= 10_000;
+        let _ = writeln!(
+            o,
+            "## 3. Control plane ({n})\n\n\
+             eBPF: `SyncEngine::sync_all` into the real maps; one endpoint change = the EndpointSlice event into the \
+             agent's model, its frontends, `sync_service` (median and max of {} changes). kube-proxy: wall time of \
+             `iptables-restore --noflush` / `nft -f` of what it writes (full sync from nothing; for a change, its \
+             partial sync: filter table and KUBE-SERVICES whole plus the service's chains / the service's chains), \
+             median of 5.\n",
+            c.changes
+        );
+        let _ = writeln!(
+            o,
+            "| what | eBPF dataplane | kube-proxy iptables | kube-proxy nftables | target | |\n|---|---:|---:|---:|---|---|"
+        );
+        let full_met = c.ebpf_full < Duration::from_millis(500);
+        let _ = writeln!(
+            o,
+            "| program {n} from nothing | {} | {} | {} | < 0.5 s at 10 000 x 10 | {} |",
+            ms(c.ebpf_full),
+            opt_ms(c.iptables_full),
+            opt_ms(c.nft_full),
+            if at_scale {
+                verdict(full_met)
+            } else {
+                "(smaller scale)"
+            }
+        );
+        let change_met = c.ebpf_change_max < Duration::from_millis(5);
+        let _ = writeln!(
+            o,
+            "| one endpoint change until in the maps/rules | {:.2} ms (max {:.2} ms) | {} | {} | < 5 ms | {} |",
+            c.ebpf_change_median.as_secs_f64() * 1e3,
+            c.ebpf_change_max.as_secs_f64() * 1e3,
+            opt_ms(c.iptables_change),
+            opt_ms(c.nft_change),
+            verdict(change_met)
+        );
+        match c.agent_vm_hwm_kib {
+            Some(kib) => {
+                let mib = kib as f64 / 1024.0;
+                let _ = writeln!(
+                    o,
+                    "| agent peak memory (VmHWM), healthy after {} | {mib:.1} MiB | | | < 100 MiB | {} |",
+                    opt_ms(c.agent_ready),
+                    if at_scale { verdict(mib < 100.0) } else { "(smaller scale)" }
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "| agent peak memory (VmHWM) | not measured | | | < 100 MiB | |"
+                );
+            }
+        }
+        for note in &c.notes {
+            let _ = writeln!(o, "\n> {note}");
+        }
+        o.push('\n');
+    }
+}
+
+const COLORS: [RGBColor; 5] = [
+    RGBColor(120, 120, 120),
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+];
+
+const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers DejaVu Sans for text; without it the plot has bars only (the
+/// labels are in the markdown).
+fn font() -> bool {
+    let Ok(bytes) = std::fs::read(FONT_FILE) else {
+        return false;
+    };
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+}
+
+struct Panel<'a> {
+    title: String,
+    series: &'a [&'a str],
+    /// (group label, one value per series).
+    groups: Vec<(String, Vec<f64>)>,
+    unit: &'a str,
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+fn draw_panel(area: &Area, p: &Panel, text: bool) -> anyhow::Result<()> {
+    let (w, h) = area.dim_in_pixel();
+    let (w, h) = (w as i32, h as i32);
+    let (left, right, top, bottom) = (60, 20, 50, 40);
+    let max = p
+        .groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let plot_h = (h - top - bottom) as f64;
+    let group_w = (w - left - right) / p.groups.len().max(1) as i32;
+    let bar_w = (group_w - 20) / p.series.len().max(1) as i32;
+    let base = h - bottom;
+    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing: {e:?}");
+    area.draw(&PathElement::new(
+        vec![(left, base), (w - right, base)],
+        BLACK,
+    ))
+    .map_err(err)?;
+    for (g, (label, values)) in p.groups.iter().enumerate() {
+        let x0 = left + g as i32 * group_w + 10;
+        for (s, v) in values.iter().enumerate() {
+            if !v.is_finite() {
+                continue;
+            }
+            let bh = (v / max * plot_h) as i32;
+            let x = x0 + s as i32 * bar_w;
+            area.draw(&Rectangle::new(
+                [(x, base - bh), (x + bar_w - 2, base)],
+                COLORS[s % COLORS.len()].filled(),
+            ))
+            .map_err(err)?;
+            if text {
+                let v_label = if *v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                };
+                area.draw(&Text::new(v_label, (x, base - bh - 14), ("sans-serif", 11)))
+                    .map_err(err)?;
+            }
+        }
+        if text {
+            area.draw(&Text::new(
+                label.clone(),
+                (x0, base + 8),
+                ("sans-serif", 14),
+            ))
+            .map_err(err)?;
+        }
+    }
+    if text {
+        area.draw(&Text::new(
+            format!("{} ({})", p.title, p.unit),
+            (left, 8),
+            ("sans-serif", 18),
+        ))
+        .map_err(err)?;
+        let mut x = left;
+        for (s, name) in p.series.iter().enumerate() {
+            area.draw(&Rectangle::new(
+                [(x, 32), (x + 12, 44)],
+                COLORS[s % COLORS.len()].filled(),
+            ))
+            .map_err(err)?;
+            area.draw(&Text::new(
+                name.to_string(),
+                (x + 16, 31),
+                ("sans-serif", 13),
+            ))
+            .map_err(err)?;
+            x += 30 + 8 * name.len() as i32;
+        }
+    }
+    Ok(())
+}
+
+/// Per-packet cost by scale, and end-to-end connection rate and stream
+/// throughput by scale, as grouped bars.
+pub fn plot(rep: &Report, path: &Path) -> anyhow::Result<()> {
+    let text = font();
+    let mut panels = Vec::new();
+    const PATHS: &[&str] = &["floor", "non-service", "new flow", "established", "reply"];
+    const SYSTEMS: &[&str] = &["direct", "eBPF", "iptables", "nftables"];
+    if !rep.testrun.is_empty() {
+        panels.push(Panel {
+            title: "BPF_PROG_TEST_RUN median per packet, by services installed".into(),
+            series: PATHS,
+            groups: rep
+                .testrun
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{} services", r.services),
+                        [r.floor, r.non_service, r.new_flow, r.established, r.reply]
+                            .iter()
+                            .map(|v| f64::from(*v))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            unit: "ns",
+        });
+    }
+    let mut scales: Vec<usize> = rep.e2e.iter().map(|r| r.services).collect();
+    scales.dedup();
+    let by = |f: fn(&CaseResult) -> f64| -> Vec<(String, Vec<f64>)> {
+        scales
+            .iter()
+            .map(|&n| {
+                let values = System::ALL
+                    .iter()
+                    .map(|s| {
+                        rep.e2e
+                            .iter()
+                            .find(|r| r.services == n && r.system == *s)
+                            .map_or(f64::NAN, f)
+                    })
+                    .collect();
+                (format!("{n} services"), values)
+            })
+            .collect()
+    };
+    if !rep.e2e.is_empty() {
+        panels.push(Panel {
+            title: "New connections per second to a service".into(),
+            series: SYSTEMS,
+            groups: by(|r| r.conns_per_s),
+            unit: "conn/s",
+        });
+        panels.push(Panel {
+            title: "One TCP stream through the service".into(),
+            series: SYSTEMS,
+            groups: by(|r| r.stream_gbit_s),
+            unit: "Gbit/s",
+        });
+    }
+    let (w, panel_h) = (1000u32, 320u32);
+    let h = panel_h * panels.len().max(1) as u32;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(|e| anyhow::anyhow!("drawing: {e:?}"))?;
+        let areas = root.split_evenly((panels.len().max(1), 1));
+        for (area, panel) in areas.iter().zip(&panels) {
+            draw_panel(area, panel, text)?;
+        }
+        root.present()
+            .map_err(|e| anyhow::anyhow!("drawing: {e:?}"))?;
+    }
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut encoder = png::Encoder::new(file, w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.write_header()?.write_image_data(&buf)?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The synthetic cluster every part of the bench programs: `count` ClusterIP
+//! services `bench/svc-N` (port 80/TCP -> 8080) with `endpoints` pods each,
+//! written the same way to the eBPF maps (sync engine), to kube-proxy's
+//! iptables and nftables layouts, and to Service + EndpointSlice manifests.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use dataplane_agent::model::{
+    BackendAddr, Frontend, FrontendSpec, ObjectRef, Protocol, ServiceName,
+};
+
+pub const NAMESPACE: &str = "bench";
+pub const SERVICE_PORT: u16 = 80;
+pub const TARGET_PORT: u16 = 8080;
+/// The cluster's pod CIDR (kube-proxy's `--cluster-cidr`).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// Distinct fake pod IPs (10.128.0.0 upwards) the filler endpoints cycle
+/// through; below the agent's BACKENDS capacity.
+const BACKEND_POOL: u32 = 200_000;
+
+#[derive(Debug, Clone)]
+pub struct Svc {
+    pub name: ServiceName,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Sorted, distinct.
+    pub backends: Vec<BackendAddr>,
+}
+
+impl Svc {
+    /// kube-proxy's service port name, `namespace/name:port`.
+    pub fn port_name(&self) -> String {
+        format!("{}/{}:http", self.name.namespace, self.name.name)
+    }
+}
+
+pub fn service_ip(i: usize) -> Ipv4Addr {
+    // 10.96.0.0/12 holds a million addresses: room for any scale here.
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
+}
+
+fn filler_backend(k: u32) -> BackendAddr {
+    BackendAddr {
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k % BACKEND_POOL),
+        port: TARGET_PORT,
+    }
+}
+
+/// `count` services of `endpoints` fake pods each. With `target`, the LAST
+/// service (the one kube-proxy's iptables layout matches last) has that one
+/// real backend instead.
+pub fn services(count: usize, endpoints: usize, target: Option<BackendAddr>) -> Vec<Svc> {
+    (0..count)
+        .map(|i| {
+            let mut backends: Vec<BackendAddr> = match target {
+                Some(t) if i + 1 == count => vec![t],
+                _ => (0..endpoints)
+                    .map(|j| filler_backend((i * endpoints + j) as u32))
+                    .collect(),
+            };
+            backends.sort();
+            backends.dedup();
+            Svc {
+                name: ObjectRef {
+                    namespace: NAMESPACE.into(),
+                    name: format!("svc-{i}"),
+                },
+                ip: service_ip(i),
+                port: SERVICE_PORT,
+                backends,
+            }
+        })
+        .collect()
+}
+
+/// The same services after one endpoint of service `which` was replaced by
+/// a new pod (a rolling update's single step).
+pub fn with_one_endpoint_changed(svcs: &[Svc], which: usize, generation: u32) -> Vec<Svc> {
+    let mut changed = svcs.to_vec();
+    let svc = &mut changed[which];
+    let new = BackendAddr {
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 140, 0, 1)) + generation),
+        port: TARGET_PORT,
+    };
+    if svc.backends.is_empty() {
+        svc.backends.push(new);
+    } else {
+        svc.backends[0] = new;
+    }
+    svc.backends.sort();
+    svc.backends.dedup();
+    changed
+}
+
+pub fn frontends(svc: &Svc) -> Vec<(Frontend, FrontendSpec)> {
+    vec![(
+        Frontend {
+            ip: svc.ip,
+            port: svc.port,
+            proto: Protocol::Tcp,
+        },
+        FrontendSpec {
+            service: svc.name.clone(),
+            port_name: Some("http".into()),
+            backends: svc.backends.clone(),
+            affinity_timeout_s: None,
+        },
+    )]
+}
+
+/// What `SyncEngine::sync_all` takes.
+pub fn desired(svcs: &[Svc]) -> BTreeMap<ServiceName, Vec<(Frontend, FrontendSpec)>> {
+    svcs.iter()
+        .map(|s| (s.name.clone(), frontends(s)))
+        .collect()
+}
+
+/// Standard Service + EndpointSlice manifests, multi-document YAML.
+pub fn manifests_yaml(svcs: &[Svc]) -> String {
+    let mut out = String::with_capacity(svcs.len() * 700);
+    for s in svcs {
+        let name = &s.name.name;
+        let ns = &s.name.namespace;
+        let _ = write!(
+            out,
+            "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  type: ClusterIP
+  clusterIP: {ip}
+  ports:
+  - name: http
+    port: {port}
+    protocol: TCP
+    targetPort: {TARGET_PORT}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {ns}
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: IPv4
+ports:
+- name: http
+  port: {TARGET_PORT}
+  protocol: TCP
+endpoints:
+",
+            ip = s.ip,
+            port = s.port,
+        );
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "- addresses: [\"{}\"]\n  conditions: {{ready: true}}",
+                b.ip
+            );
+        }
+    }
+    out
+}

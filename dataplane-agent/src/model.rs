@@ -102,6 +102,10 @@ pub struct FrontendSpec {
     pub backends: Vec<BackendAddr>,
     /// `Some(t)` with `sessionAffinity: ClientIP`.
     pub affinity_timeout_s: Option<u32>,
+    /// `internalTrafficPolicy: Local` and this node has none of the
+    /// service's endpoints while other nodes do: kube-proxy drops such
+    /// connections instead of rejecting them.
+    pub drop_without_local_endpoints: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -434,12 +438,11 @@ impl ClusterState {
                 port: port(SERVICE, name, "spec.ports[].port", sp.port)?,
                 proto,
             };
-            let backends = backends_for(
-                sp,
-                proto,
-                &slices,
-                local_only.then_some(node_name).flatten(),
-            );
+            let only_node = local_only.then_some(node_name).flatten();
+            let backends = backends_for(sp, proto, &slices, only_node);
+            let drop_without_local_endpoints = only_node.is_some()
+                && backends.is_empty()
+                && !backends_for(sp, proto, &slices, None).is_empty();
             frontends.push((
                 frontend,
                 FrontendSpec {
@@ -447,6 +450,7 @@ impl ClusterState {
                     port_name: sp.name.clone().filter(|n| !n.is_empty()),
                     backends,
                     affinity_timeout_s: affinity,
+                    drop_without_local_endpoints,
                 },
             ));
         }
@@ -729,6 +733,27 @@ mod tests {
         );
         assert_eq!(backends(&s, Some("node1")), vec!["10.244.1.10:8080"]);
         assert_eq!(backends(&s, Some("node3")), Vec::<String>::new());
+        let drops = |node| {
+            s.frontends(&web(), Some(node)).unwrap().unwrap()[0]
+                .1
+                .drop_without_local_endpoints
+        };
+        assert!(!drops("node1"), "a local endpoint exists");
+        assert!(
+            drops("node3"),
+            "endpoints only elsewhere: dropped like kube-proxy"
+        );
+    }
+
+    #[test]
+    fn local_policy_without_any_endpoint_rejects_rather_than_drops() {
+        let s = state(
+            service(json!({"spec": {"internalTrafficPolicy": "Local"}})),
+            vec![],
+        );
+        let f = s.frontends(&web(), Some("node1")).unwrap().unwrap();
+        assert!(f[0].1.backends.is_empty());
+        assert!(!f[0].1.drop_without_local_endpoints);
     }
 
     #[test]

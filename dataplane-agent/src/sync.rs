@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dataplane_common::{
-    capacity, ipv4_to_map, port_to_map, Backend, BackendSlotKey, ServiceKey, ServiceValue,
-    IPPROTO_TCP, IPPROTO_UDP,
+    capacity, ipv4_to_map, port_to_map, service_flags, Backend, BackendSlotKey, ServiceKey,
+    ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -422,6 +422,11 @@ impl<M: LbMaps> SyncEngine<M> {
     ) -> Result<bool, LbMapError> {
         let desired = backends_of(frontend, spec);
         let affinity = spec.affinity_timeout_s.unwrap_or(0);
+        let flags = if spec.drop_without_local_endpoints {
+            service_flags::DROP_NO_LOCAL_ENDPOINTS
+        } else {
+            0
+        };
         let existing = self.frontends.get(&key).cloned();
         let old_backends = existing
             .as_ref()
@@ -439,7 +444,10 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.maps.set_service_name(p.value.service_id, &label)?;
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
             }
-            if old_set == new_set && p.value.affinity_timeout_s == affinity {
+            if old_set == new_set
+                && p.value.affinity_timeout_s == affinity
+                && p.value.flags == flags
+            {
                 return Ok(false);
             }
         }
@@ -474,7 +482,7 @@ impl<M: LbMaps> SyncEngine<M> {
         let value = ServiceValue {
             service_id,
             backend_count: ids.len() as u32,
-            flags: 0,
+            flags,
             affinity_timeout_s: affinity,
         };
         if existing.is_none() {
@@ -688,6 +696,7 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout_s: None,
+            drop_without_local_endpoints: false,
         }
     }
 
@@ -718,6 +727,25 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![10, 11, 12]);
         assert_eq!(e.maps().state.service_ips[&service_key(&web).addr], 1);
+    }
+
+    #[test]
+    fn affinity_and_local_drop_reach_the_service_entry_and_changes_rewrite_it() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let mut desired = spec("web", &[]);
+        desired.drop_without_local_endpoints = true;
+        desired.affinity_timeout_s = Some(60);
+        e.sync_service(&name("web"), &[(web, desired.clone())])
+            .unwrap();
+        let value = e.maps().state.services[&service_key(&web)];
+        assert_eq!(value.flags, service_flags::DROP_NO_LOCAL_ENDPOINTS);
+        assert_eq!(value.affinity_timeout_s, 60);
+        // Only the flag changes (e.g. the other nodes' endpoints went away):
+        // the entry is still rewritten.
+        desired.drop_without_local_endpoints = false;
+        e.sync_service(&name("web"), &[(web, desired)]).unwrap();
+        assert_eq!(e.maps().state.services[&service_key(&web)].flags, 0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+    pub const AFFINITY: &str = "AFFINITY";
 }
 
 /// Capacities of the maps. The agent refuses what does not fit rather than
@@ -29,6 +30,8 @@ pub mod capacity {
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
+    /// Clients remembered for ClientIP session affinity (LRU).
+    pub const AFFINITY: u32 = 131_072;
     /// Most backends one service port may have.
     pub const BACKENDS_PER_SERVICE: u32 = 4_096;
 }
@@ -58,9 +61,40 @@ pub struct ServiceValue {
     /// Number of valid slots `0..backend_count` in `BACKEND_SLOTS`. Zero means
     /// the service exists but has no endpoints: new connections are rejected.
     pub backend_count: u32,
+    /// Bits of [`service_flags`].
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
+}
+
+/// Flags of a [`ServiceValue`].
+pub mod service_flags {
+    /// `internalTrafficPolicy: Local` with endpoints on other nodes only: new
+    /// connections are dropped, as kube-proxy drops them, instead of being
+    /// rejected (the service does have endpoints, just none here).
+    pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 1 << 0;
+}
+
+/// Key of `AFFINITY`: a client of one ClientIP-affinity frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    /// Client pod IP, network byte order.
+    pub client_addr: u32,
+}
+
+/// Value of `AFFINITY`: the backend a client was last sent to. It stays valid
+/// while `slot` of the service still holds `backend_id` and the last new
+/// connection is younger than the service's affinity timeout (kube-proxy's
+/// `recent` match: the timeout runs from the last new connection).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityEntry {
+    /// `bpf_ktime_get_ns` of the client's last new connection.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub slot: u32,
 }
 
 /// Value of `SERVICE_NAMES` (keyed by service id): `namespace/name:port`,
@@ -270,10 +304,15 @@ pub enum Counter {
     RewriteFailed = 8,
     /// Conntrack insert failed (map full beyond LRU eviction): dropped.
     CtInsertFailed = 9,
+    /// New connection to an `internalTrafficPolicy: Local` service with no
+    /// endpoint on this node: dropped, as kube-proxy does.
+    DropNoLocalEndpoints = 10,
+    /// A new connection followed the client's ClientIP session affinity.
+    AffinityHit = 11,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -285,6 +324,8 @@ impl Counter {
         Counter::UnknownPort,
         Counter::RewriteFailed,
         Counter::CtInsertFailed,
+        Counter::DropNoLocalEndpoints,
+        Counter::AffinityHit,
     ];
 
     /// Stable snake_case name used in metrics and `inspect`.
@@ -300,6 +341,8 @@ impl Counter {
             Counter::UnknownPort => "unknown_port",
             Counter::RewriteFailed => "rewrite_failed",
             Counter::CtInsertFailed => "ct_insert_failed",
+            Counter::DropNoLocalEndpoints => "drop_no_local_endpoints",
+            Counter::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -323,6 +366,10 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceLabel {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityEntry {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -360,6 +407,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 48);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityEntry>(), 16);
     }
 
     #[test]

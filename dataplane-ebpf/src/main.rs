@@ -24,7 +24,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, IPPROTO_TCP};
+use dataplane_common::{ct_dir, ct_flags, ct_state, service_flags, Counter, CtEntry, IPPROTO_TCP};
 
 use crate::{
     conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_update},
@@ -109,13 +109,20 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         count(Counter::UnknownPort);
         return Ok(TC_ACT_OK);
     };
-    let Some((backend_id, backend)) = lb4_select_backend(&service) else {
+    let Some(selected) = lb4_select_backend(&service, flow.src_addr, now) else {
+        if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
+            return Err(drop_with(Counter::DropNoLocalEndpoints));
+        }
         count(Counter::RejectNoEndpoints);
         if flow.proto == IPPROTO_TCP {
             return tcp_reset_unless_reset(ctx, flow);
         }
         return reject4_icmp_port_unreachable(ctx, flow).map_err(|_| TC_ACT_SHOT);
     };
+    if selected.by_affinity {
+        count(Counter::AffinityHit);
+    }
+    let (backend_id, backend) = (selected.backend_id, selected.backend);
     let hairpin = backend.addr == flow.src_addr;
     let entry = CtEntry {
         created_ns: now,

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    capacity, Backend, BackendSlotKey, Counter, CtEntry, CtKey, ServiceKey, ServiceLabel,
-    ServiceValue,
+    capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
+    ServiceKey, ServiceLabel, ServiceValue,
 };
 
 /// Hash maps the agent fills incrementally are not preallocated: their
@@ -37,6 +37,12 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS,
 /// instead of refusing new connections; entries also carry their own expiry.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// ClientIP session affinity: (service, client) -> last backend. LRU so a
+/// churn of clients evicts the oldest; entries also carry their own age.
+#[map(name = "AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
 
 /// Service id -> `namespace/name:port`, written by the agent for operators
 /// (`inspect`, `bpftool map dump`). Lives in this object so it is pinned and

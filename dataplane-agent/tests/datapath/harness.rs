@@ -1,10 +1,16 @@
+// Shared by several test binaries, each using a part of it.
+#![allow(dead_code)]
+
 //! A freshly loaded datapath per test: its own bpffs (so no two tests share a
 //! pinned map), the maps filled through the agent's sync engine, and the tc
 //! programs run under BPF_PROG_TEST_RUN.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    maps::{HashMap as BpfHashMap, Map, MapData},
+    programs::{TestRun as _, TestRunOptions},
+};
 use dataplane_agent::{
     bpffs::ensure_bpffs,
     datapath::{ConntrackMap, CounterMap, Datapath, DatapathMaps},
@@ -13,7 +19,8 @@ use dataplane_agent::{
     sync::SyncEngine,
 };
 use dataplane_common::{
-    ipv4_to_map, port_to_map, Counter, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_to_map, map_names, port_to_map, AffinityEntry, AffinityKey, Counter, CtEntry, CtKey,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use nix::mount::{umount2, MntFlags};
 use tempfile::TempDir;
@@ -85,6 +92,19 @@ impl Harness {
         proto: Protocol,
         backends: &[SocketAddrV4],
     ) {
+        self.set_service_with(name, frontend, proto, backends, |_| {});
+    }
+
+    /// [`Harness::set_service`] with the spec adjusted by `configure`
+    /// (session affinity, traffic policy).
+    pub fn set_service_with(
+        &mut self,
+        name: &str,
+        frontend: SocketAddrV4,
+        proto: Protocol,
+        backends: &[SocketAddrV4],
+        configure: impl FnOnce(&mut FrontendSpec),
+    ) {
         let service = ObjectRef {
             namespace: "default".into(),
             name: name.into(),
@@ -100,7 +120,10 @@ impl Harness {
                 })
                 .collect(),
             affinity_timeout_s: None,
+            drop_without_local_endpoints: false,
         };
+        let mut spec = spec;
+        configure(&mut spec);
         let frontend = Frontend {
             ip: *frontend.ip(),
             port: frontend.port(),
@@ -163,6 +186,13 @@ impl Harness {
             .iter()
             .map(|c| (*c, self.counter(*c)))
             .collect()
+    }
+
+    /// The pinned `AFFINITY` map, opened as an operator's tool would.
+    pub fn affinity(&self) -> BpfHashMap<MapData, AffinityKey, AffinityEntry> {
+        let pin = self._bpffs.dir.path().join(map_names::AFFINITY);
+        let map = MapData::from_pin(&pin).expect("opening the pinned AFFINITY map");
+        BpfHashMap::try_from(Map::LruHashMap(map)).expect("AFFINITY is an LRU hash map")
     }
 
     pub fn ct_get(&self, key: &CtKey) -> Option<CtEntry> {

@@ -1,11 +1,14 @@
 //! Loading the tc programs and attaching them to pod interfaces.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{tc, tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    programs::{links::FdLink, tc, tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -33,14 +36,26 @@ pub struct DatapathMaps {
     pub counters: CounterMap,
 }
 
+/// How one direction's program is attached to an interface.
+enum Link {
+    /// A tcx link pinned at this path: it outlives the agent, so traffic
+    /// keeps flowing through a restart and the next agent takes it over.
+    Pinned(PathBuf),
+    /// A clsact filter (kernels before 6.6): detached when the agent exits.
+    Owned(SchedClassifierLinkId),
+}
+
 struct Attachment {
-    from_pod: SchedClassifierLinkId,
-    to_pod: SchedClassifierLinkId,
+    ifname: String,
+    from_pod: Link,
+    to_pod: Link,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
-    attached: HashMap<u32, (String, Attachment)>,
+    /// Where tcx links are pinned: `<bpffs>/links/<ifindex>-<hook>`.
+    links_dir: PathBuf,
+    attached: HashMap<u32, Attachment>,
 }
 
 impl Datapath {
@@ -78,9 +93,13 @@ impl Datapath {
             .take_map(map_names::COUNTERS)
             .context("map COUNTERS missing from the eBPF object")?
             .try_into()?;
+        let links_dir = bpffs.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
         Ok((
             Self {
                 ebpf,
+                links_dir,
                 attached: HashMap::new(),
             },
             DatapathMaps {
@@ -108,60 +127,170 @@ impl Datapath {
             .try_into()?)
     }
 
+    pub fn attached_count(&self) -> usize {
+        self.attached.len()
+    }
+
     pub fn is_attached(&self, ifindex: u32) -> bool {
         self.attached.contains_key(&ifindex)
     }
 
     /// Attaches `from_pod` on ingress and `to_pod` on egress of a pod's
-    /// host-side interface: tcx links where the kernel has them (6.6+),
-    /// clsact filters otherwise.
+    /// host-side interface: pinned tcx links where the kernel has them
+    /// (6.6+), clsact filters otherwise. Links a previous agent pinned for
+    /// this interface are replaced after the new ones are in place, so no
+    /// packet goes untranslated in between.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
         if self.attached.contains_key(&ifindex) {
             return Ok(());
         }
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+        let tcx = KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
             // Already present is fine: another tool may share the qdisc.
             if let Err(e) = tc::qdisc_add_clsact(ifname) {
                 warn!("adding clsact qdisc on {ifname}: {e} (continuing, it may already exist)");
             }
         }
-        let from_pod = self
-            .program(FROM_POD)?
-            .attach(ifname, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {FROM_POD} to {ifname} ingress"))?;
-        let to_pod = match self.program(TO_POD)?.attach(ifname, TcAttachType::Egress) {
+        let from_pod = self.attach_one(FROM_POD, ifindex, ifname, TcAttachType::Ingress, tcx)?;
+        let to_pod = match self.attach_one(TO_POD, ifindex, ifname, TcAttachType::Egress, tcx) {
             Ok(link) => link,
             Err(e) => {
-                let _ = self.program(FROM_POD)?.detach(from_pod);
-                return Err(e).with_context(|| format!("attaching {TO_POD} to {ifname} egress"));
+                self.release(FROM_POD, from_pod);
+                return Err(e);
             }
         };
         self.attached.insert(
             ifindex,
-            (ifname.to_owned(), Attachment { from_pod, to_pod }),
+            Attachment {
+                ifname: ifname.to_owned(),
+                from_pod,
+                to_pod,
+            },
         );
         info!("attached to pod interface {ifname} (ifindex {ifindex})");
         Ok(())
     }
 
-    /// Forgets an interface that went away; the kernel already dropped its
-    /// programs with it, so errors from detaching are expected and ignored.
-    pub fn detach(&mut self, ifindex: u32) {
-        if let Some((ifname, attachment)) = self.attached.remove(&ifindex) {
-            if let Ok(p) = self.program(FROM_POD) {
-                let _ = p.detach(attachment.from_pod);
+    fn pin_path(&self, ifindex: u32, attach_type: TcAttachType) -> PathBuf {
+        let hook = match attach_type {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        self.links_dir.join(format!("{ifindex}-{hook}"))
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &str,
+        ifindex: u32,
+        ifname: &str,
+        attach_type: TcAttachType,
+        tcx: bool,
+    ) -> anyhow::Result<Link> {
+        let hook = format!("{program} on {ifname} {attach_type:?}");
+        let prog = self.program(program)?;
+        let id = prog
+            .attach(ifname, attach_type)
+            .with_context(|| format!("attaching {hook}"))?;
+        if !tcx {
+            return Ok(Link::Owned(id));
+        }
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .with_context(|| format!("{hook}: expected a tcx link"))?;
+        let pin = self.pin_path(ifindex, attach_type);
+        // A previous agent's link (or a stale one of a deleted interface that
+        // had this ifindex): unpinning it detaches it, now that ours runs.
+        match std::fs::remove_file(&pin) {
+            Ok(()) => info!("{hook}: replaced the link a previous agent pinned"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+        // On failure the link is dropped, which detaches it.
+        link.pin(&pin)
+            .with_context(|| format!("{hook}: pinning the link at {}", pin.display()))?;
+        Ok(Link::Pinned(pin))
+    }
+
+    fn release(&mut self, program: &str, link: Link) {
+        match link {
+            Link::Pinned(pin) => {
+                let _ = std::fs::remove_file(pin);
             }
-            if let Ok(p) = self.program(TO_POD) {
-                let _ = p.detach(attachment.to_pod);
+            Link::Owned(id) => {
+                if let Ok(p) = self.program(program) {
+                    let _ = p.detach(id);
+                }
             }
-            info!("detached from pod interface {ifname} (ifindex {ifindex})");
         }
     }
 
-    pub fn detach_all(&mut self) {
-        let all: Vec<u32> = self.attached.keys().copied().collect();
-        for ifindex in all {
-            self.detach(ifindex);
+    /// Forgets an interface that went away; the kernel already dropped its
+    /// programs with it, only the pins remain to be removed.
+    pub fn detach(&mut self, ifindex: u32) {
+        if let Some(attachment) = self.attached.remove(&ifindex) {
+            self.release(FROM_POD, attachment.from_pod);
+            self.release(TO_POD, attachment.to_pod);
+            info!(
+                "detached from pod interface {} (ifindex {ifindex})",
+                attachment.ifname
+            );
         }
     }
+
+    /// Removes pinned links no interface of ours holds any more (interfaces
+    /// deleted, or no longer matching the filter, while no agent ran). Call
+    /// after the interfaces present at start were attached.
+    pub fn remove_stale_links(&mut self) {
+        let ours: Vec<PathBuf> = self
+            .attached
+            .keys()
+            .flat_map(|&i| {
+                [
+                    self.pin_path(i, TcAttachType::Ingress),
+                    self.pin_path(i, TcAttachType::Egress),
+                ]
+            })
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.links_dir) else {
+            return;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if !ours.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => info!("removed stale pinned link {}", path.display()),
+                    Err(e) => warn!("removing stale pinned link {}: {e}", path.display()),
+                }
+            }
+        }
+    }
+}
+
+/// Subdirectory of the bpffs directory holding the pinned tcx links.
+pub const LINKS_DIR: &str = "links";
+
+/// `dataplane-agent cleanup`: detaches every program this datapath pinned
+/// under `bpffs` and removes its maps (conntrack included), as
+/// `kube-proxy --cleanup` removes its rules. Returns what was removed.
+pub fn cleanup(bpffs: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let links = bpffs.join(LINKS_DIR);
+    if links.is_dir() {
+        for entry in
+            std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))?
+        {
+            let path = entry?.path();
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for name in map_names::ALL {
+        let path = bpffs.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(removed)
 }

@@ -2,7 +2,9 @@
 //! the cluster's Services and EndpointSlices.
 
 use clap::{Parser, Subcommand};
-use dataplane_agent::{inspect, run};
+use std::path::PathBuf;
+
+use dataplane_agent::{datapath, inspect, run};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +22,14 @@ enum Command {
     Run(run::Options),
     /// Show what the datapath holds, read from the pinned maps.
     Inspect(inspect::Options),
+    /// Detach the programs from every pod interface and remove the pinned
+    /// maps (conntrack included): what `kube-proxy --cleanup` is to its
+    /// rules. Run it after stopping the agent for good.
+    Cleanup {
+        /// Where the agent pinned its maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+        bpffs: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +38,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(options) => run::run(options),
         Command::Inspect(options) => inspect::run(options),
+        Command::Cleanup { bpffs } => {
+            let removed = datapath::cleanup(&bpffs)?;
+            println!(
+                "removed {} pinned links and maps under {}",
+                removed.len(),
+                bpffs.display()
+            );
+            Ok(())
+        }
     }
 }

@@ -214,14 +214,15 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         }
         handle_link(&mut datapath, link);
     }
+    datapath.remove_stale_links();
     health.synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     info!("agent ready: maps pinned under {}", options.bpffs.display());
 
     let result = loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break Ok(()) }
-            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break Ok(()) }
+            _ = sigterm.recv() => { info!("SIGTERM: exiting"); break Ok(()) }
+            _ = sigint.recv() => { info!("SIGINT: exiting"); break Ok(()) }
             update = updates.recv() => {
                 let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
                 // Coalesce a burst (a rolling update) into one sync per service.
@@ -255,7 +256,16 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             }
         }
     };
-    datapath.detach_all();
+    // The programs stay attached (pinned links) and the maps pinned: traffic
+    // keeps flowing on the last state until the next agent takes over, as
+    // kube-proxy's rules outlive kube-proxy. `dataplane-agent cleanup`
+    // removes everything.
+    info!(
+        "programs left attached on {} pod interfaces; `dataplane-agent cleanup --bpffs {}` removes them",
+        datapath.attached_count(),
+        options.bpffs.display()
+    );
+    drop(datapath);
     healthz_server.abort();
     result
 }

@@ -20,6 +20,17 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
     pub const AFFINITY: &str = "AFFINITY";
+    /// Every map, for tools that walk them all (`cleanup`).
+    pub const ALL: [&str; 8] = [
+        SERVICE_IPS,
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        COUNTERS,
+        SERVICE_NAMES,
+        AFFINITY,
+    ];
 }
 
 /// Capacities of the maps. The agent refuses what does not fit rather than

@@ -10,7 +10,7 @@ use std::{
 use dataplane_lab::{
     agent::Agent,
     manifests,
-    netns::in_netns,
+    netns::{self, in_netns},
     topology::{default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
@@ -58,17 +58,68 @@ impl Cluster {
         for node in [1u8, 2] {
             let base = cluster.node_dir(node);
             std::fs::create_dir_all(base.join("manifests")).expect("manifests dir");
-            let agent = Agent::start(
-                &cluster.lab.node_ns(node),
-                &format!("node{node}"),
-                &base.join("manifests"),
-                &base.join("bpf"),
-                &base.join("agent.log"),
-            )
-            .unwrap_or_else(|e| panic!("{e:#}"));
+            // Mounted here, in the test's mount namespace, as a node's
+            // /sys/fs/bpf is: what the agent pins outlives the agent (whose
+            // own mounts die with its `ip netns exec` mount namespace).
+            let bpffs = base.join("bpf");
+            std::fs::create_dir_all(&bpffs).expect("bpffs dir");
+            let path = bpffs.to_str().expect("utf-8 temp path");
+            netns::run("mount", &["-t", "bpf", "bpf", path]).expect("mounting the node's bpffs");
+            let agent = cluster.start_agent(node);
             cluster.agents.push(agent);
         }
         cluster
+    }
+
+    fn start_agent(&self, node: u8) -> Agent {
+        let base = self.node_dir(node);
+        Agent::start(
+            &self.lab.node_ns(node),
+            &format!("node{node}"),
+            &base.join("manifests"),
+            &base.join("bpf"),
+            &base.join(format!("agent-{}.log", self.agents.len())),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Starts the agents again after [`Cluster::stop_agents`]; waits until
+    /// they are healthy. Their logs follow the previous ones in `logs()`.
+    pub fn restart_agents(&mut self) {
+        for node in [1u8, 2] {
+            let agent = self.start_agent(node);
+            self.agents.push(agent);
+        }
+    }
+
+    /// `dataplane-agent cleanup` for a node's bpffs; its output.
+    pub fn cleanup(&self, node: u8) -> String {
+        let out = std::process::Command::new(dataplane_lab::agent::agent_bin())
+            .arg("cleanup")
+            .arg("--bpffs")
+            .arg(self.node_dir(node).join("bpf"))
+            .output()
+            .expect("running dataplane-agent cleanup");
+        assert!(
+            out.status.success(),
+            "cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The pinned tcx links of a node.
+    pub fn pinned_links(&self, node: u8) -> Vec<String> {
+        let dir = self.node_dir(node).join("bpf/links");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     fn node_dir(&self, node: u8) -> PathBuf {
@@ -106,21 +157,38 @@ impl Cluster {
         }
     }
 
-    /// SIGTERM to every agent; their exit statuses.
+    /// SIGTERM to every running agent; their exit statuses.
     pub fn stop_agents(&mut self) -> Vec<Option<std::process::ExitStatus>> {
-        self.agents.iter_mut().map(Agent::stop).collect()
+        self.agents
+            .iter_mut()
+            .filter_map(|a| a.pid().map(|_| a.stop()))
+            .collect()
     }
 
+    /// The log of the latest agent of `node`.
     pub fn agent_log(&self, node: u8) -> String {
-        self.agents[usize::from(node - 1)].log_text()
+        self.agents
+            .iter()
+            .rev()
+            .find(|a| a.node_ns == self.lab.node_ns(node))
+            .map(Agent::log_text)
+            .unwrap_or_default()
     }
 
+    /// Every agent's log, oldest first.
     pub fn logs(&self) -> String {
-        format!(
-            "--- node1 agent ---\n{}\n--- node2 agent ---\n{}",
-            self.agent_log(1),
-            self.agent_log(2)
-        )
+        self.agents
+            .iter()
+            .map(|a| {
+                format!(
+                    "--- agent in {} ({}) ---\n{}",
+                    a.node_ns,
+                    a.log.display(),
+                    a.log_text()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn tcp(&self, from_pod: &str, to: SocketAddr) -> Outcome {
@@ -164,6 +232,18 @@ impl Cluster {
         (0..n)
             .filter_map(|_| self.tcp(from_pod, to).backend().map(str::to_owned))
             .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        for node in [1u8, 2] {
+            if let Some(path) = self.node_dir(node).join("bpf").to_str() {
+                // Lazy: whatever still holds a pinned object lets go of it.
+                let _ = netns::run("umount", &["-l", path]);
+            }
+        }
     }
 }
 

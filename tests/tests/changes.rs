@@ -164,7 +164,7 @@ fn pod_created_after_start_gets_service_traffic() {
 }
 
 #[test]
-fn agent_stops_cleanly_on_sigterm_and_detaches() {
+fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
     if !privileged() {
         return;
     }
@@ -184,6 +184,89 @@ fn agent_stops_cleanly_on_sigterm_and_detaches() {
             "agent exit status {status:?}"
         );
     }
-    // Programs gone: the service IP is no longer translated on either node.
-    assert!(c.tcp("client", http(WEB_IP)).backend().is_none());
+    // As kube-proxy's rules outlive kube-proxy: the service still works.
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "service traffic with the agents stopped\n{}",
+        c.logs()
+    );
+    assert!(
+        !c.pinned_links(1).is_empty(),
+        "the links stay pinned after the agent exits"
+    );
+
+    for node in [1u8, 2] {
+        c.cleanup(node);
+        assert_eq!(c.pinned_links(node), Vec::<String>::new());
+    }
+    // The kernel releases an unpinned link after an RCU grace period.
+    c.eventually(
+        "after cleanup the service IP is no longer translated",
+        || c.tcp("client", http(WEB_IP)).backend().is_none(),
+    );
+}
+
+#[test]
+fn open_tcp_connection_survives_an_agent_restart() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "web.yaml",
+            web(&[&lab_pod("web-a"), &lab_pod("web-b"), &lab_pod("web-c")]),
+        )],
+    );
+    let (step_tx, step_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let client = dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns("client"), move || {
+        let mut conn = traffic::TcpConn::open(http(WEB_IP)).expect("connect");
+        // Before, while no agent runs, and after the new agents took over.
+        for _ in 0..3 {
+            seen_tx.send(conn.request()).unwrap();
+            if step_rx.recv().is_err() {
+                break;
+            }
+        }
+    })
+    .unwrap();
+    let before = seen_rx.recv().unwrap();
+    let backend = before.backend().map(str::to_owned);
+    assert!(backend.is_some(), "{before:?}\n{}", c.logs());
+
+    for status in c.stop_agents() {
+        assert!(status.is_some_and(|s| s.success()), "agent exit {status:?}");
+    }
+    step_tx.send(()).unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap().backend().map(str::to_owned),
+        backend,
+        "the open connection while no agent runs\n{}",
+        c.logs()
+    );
+
+    c.restart_agents();
+    step_tx.send(()).unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap().backend().map(str::to_owned),
+        backend,
+        "the open connection after the new agents took over\n{}",
+        c.logs()
+    );
+    drop(step_tx);
+    client.join().unwrap();
+
+    let log = c.agent_log(1);
+    assert!(
+        log.contains("replaced the link a previous agent pinned"),
+        "the new agent took the links over: {log}"
+    );
+    assert!(
+        c.tcp("client", http(WEB_IP)).backend().is_some(),
+        "new connections after the restart\n{}",
+        c.logs()
+    );
 }

@@ -130,3 +130,65 @@ fn deleted_service_stops_answering() {
         c.tcp("client", http(WEB_IP)).backend().is_none()
     });
 }
+
+/// `web` with a spec field added (e.g. session affinity, traffic policy).
+fn web_with(spec_line: &str, backends: &[&dataplane_lab::PodSpec]) -> String {
+    web(backends).replacen(
+        "  type: ClusterIP\n",
+        &format!("  type: ClusterIP\n  {spec_line}\n"),
+        1,
+    )
+}
+
+#[test]
+fn client_ip_affinity_keeps_each_client_on_one_backend() {
+    if !privileged() {
+        return;
+    }
+    let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "web.yaml",
+            web_with(
+                "sessionAffinity: ClientIP",
+                &backends.iter().collect::<Vec<_>>(),
+            ),
+        )],
+    );
+    // Without affinity, 12 connections over 3 backends would all land on
+    // one with probability 3^-11.
+    let seen = c.tcp_backends("client", http(WEB_IP), 12);
+    assert_eq!(seen.len(), 1, "client reached {seen:?}\n{}", c.logs());
+}
+
+#[test]
+fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
+    if !privileged() {
+        return;
+    }
+    // Both endpoints on node2.
+    let backends = [lab_pod("web-b"), lab_pod("web-c")];
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "web.yaml",
+            web_with(
+                "internalTrafficPolicy: Local",
+                &backends.iter().collect::<Vec<_>>(),
+            ),
+        )],
+    );
+    // node2's pods reach their node's endpoints.
+    let from_node2 = c.tcp_backends("web-b", http(WEB_IP), 6);
+    assert!(
+        !from_node2.is_empty() && from_node2.iter().all(|b| b == "web-b" || b == "web-c"),
+        "from node2: {from_node2:?}\n{}",
+        c.logs()
+    );
+    // node1 has none: dropped as kube-proxy drops it (a timeout, not a
+    // refusal: the service does have endpoints, elsewhere).
+    assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Timeout, "{}", c.logs());
+}

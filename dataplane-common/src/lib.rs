@@ -320,10 +320,12 @@ pub enum Counter {
     DropNoLocalEndpoints = 10,
     /// A new connection followed the client's ClientIP session affinity.
     AffinityHit = 11,
+    /// An ICMP error about a translated flow was made about the service.
+    IcmpErrorTranslated = 12,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -337,6 +339,7 @@ impl Counter {
         Counter::CtInsertFailed,
         Counter::DropNoLocalEndpoints,
         Counter::AffinityHit,
+        Counter::IcmpErrorTranslated,
     ];
 
     /// Stable snake_case name used in metrics and `inspect`.
@@ -354,6 +357,7 @@ impl Counter {
             Counter::CtInsertFailed => "ct_insert_failed",
             Counter::DropNoLocalEndpoints => "drop_no_local_endpoints",
             Counter::AffinityHit => "affinity_hit",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 }

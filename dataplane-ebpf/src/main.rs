@@ -12,6 +12,7 @@
 #![no_main]
 
 mod conntrack;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -28,10 +29,11 @@ use dataplane_common::{ct_dir, ct_flags, ct_state, service_flags, Counter, CtEnt
 
 use crate::{
     conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_update},
+    icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
-    parse::{parse_ipv4_flow, Ipv4Flow, ParseError, TCP_RST},
+    parse::{parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
 };
 
@@ -202,6 +204,7 @@ fn reply_translate(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64)
 fn try_to_pod(ctx: &TcContext) -> Verdict {
     let mut flow = match parse_ipv4_flow(ctx) {
         Ok(flow) => flow,
+        Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     };
     let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
@@ -214,6 +217,21 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         return Ok(TC_ACT_OK);
     }
     reply_translate(ctx, &mut flow, &ct, skb::now_ns())
+}
+
+/// An ICMP error about one of the client's translated flows is made about
+/// the service, as its replies are; any other packet passes.
+#[inline(always)]
+fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
+    let Some(outer) = parse_ipv4_header(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(error) = icmp4_error_flow(ctx, &outer) else {
+        return Ok(TC_ACT_OK);
+    };
+    icmp4_reverse_translate(ctx, &error).map_err(|_| drop_with(Counter::RewriteFailed))?;
+    count(Counter::IcmpErrorTranslated);
+    Ok(TC_ACT_OK)
 }
 
 /// Reference for benchmarks, never attached: parses like `from_pod` and does

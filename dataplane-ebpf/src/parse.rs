@@ -106,6 +106,16 @@ struct UdpHdr {
     check: u16,
 }
 
+/// The IPv4 header of an Ethernet/IPv4 packet, unchecked beyond that.
+#[inline(always)]
+pub fn parse_ipv4_header(ctx: &TcContext) -> Option<Ipv4Hdr> {
+    let ether_type: u16 = ctx.load(12).ok()?;
+    if u16::from_be(ether_type) != ETH_P_IP {
+        return None;
+    }
+    ctx.load(IP_OFF).ok()
+}
+
 /// Parses Ethernet/IPv4/(TCP|UDP). Anything that is not a complete,
 /// unfragmented IPv4 TCP/UDP header chain inside the packet is refused.
 #[inline(always)]

@@ -192,3 +192,24 @@ fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
     // refusal: the service does have endpoints, elsewhere).
     assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Timeout, "{}", c.logs());
 }
+
+#[test]
+fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_service() {
+    if !privileged() {
+        return;
+    }
+    // The backends listen on UDP 5353; the service targets 5999.
+    let backends = [lab_pod("web-a"), lab_pod("web-b")];
+    let manifest = web(&backends.iter().collect::<Vec<_>>()).replace("5353", "5999");
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifest)],
+    );
+    // The backend's ICMP port unreachable quotes the backend's address; it is
+    // made about the service, so the client's socket sees it: refused, on
+    // the same node and across nodes, rather than a timeout.
+    for _ in 0..4 {
+        assert_eq!(c.udp("client", dns(WEB_IP)), Seen::Refused, "{}", c.logs());
+    }
+}

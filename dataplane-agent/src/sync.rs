@@ -513,14 +513,20 @@ impl<M: LbMaps> SyncEngine<M> {
                 slots: ids,
             },
         );
+        let empty = if spec.drop_without_local_endpoints {
+            " (no endpoint on this node: internalTrafficPolicy Local, connections are dropped)"
+        } else if desired.is_empty() {
+            " (connections are rejected)"
+        } else {
+            ""
+        };
+        let affinity = match spec.affinity_timeout_s {
+            Some(t) => format!(", affinity ClientIP {t}s"),
+            None => String::new(),
+        };
         info!(
-            "service {service} {frontend}: {} endpoints{}",
-            desired.len(),
-            if desired.is_empty() {
-                " (connections are rejected)"
-            } else {
-                ""
-            }
+            "service {service} {frontend}: {} endpoints{affinity}{empty}",
+            desired.len()
         );
         debug!("service {service} {frontend}: service id {service_id}");
         Ok(true)

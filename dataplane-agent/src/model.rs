@@ -260,6 +260,17 @@ fn cluster_ipv4(
     object: &ObjectRef,
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
 ) -> Result<Ipv4Addr, ModelError> {
+    // Dual-stack services list both families in clusterIPs, the primary
+    // (which may be IPv6) first; this IPv4 dataplane serves the IPv4 one,
+    // as kube-proxy's IPv4 proxier does.
+    if let Some(v4) = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+    {
+        return Ok(v4);
+    }
     let ip = spec.cluster_ip.as_deref().unwrap_or("");
     match ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(v4)) => Ok(v4),
@@ -754,6 +765,25 @@ mod tests {
         let f = s.frontends(&web(), Some("node1")).unwrap().unwrap();
         assert!(f[0].1.backends.is_empty());
         assert!(!f[0].1.drop_without_local_endpoints);
+    }
+
+    #[test]
+    fn dual_stack_service_is_served_on_its_ipv4_cluster_ip() {
+        let s = state(
+            service(json!({"spec": {
+                "clusterIP": "fd00::10",
+                "clusterIPs": ["fd00::10", "10.96.0.20"],
+                "ipFamilies": ["IPv6", "IPv4"]
+            }})),
+            vec![],
+        );
+        let f = s.frontends(&web(), None).unwrap().unwrap();
+        assert_eq!(f[0].0.ip, Ipv4Addr::new(10, 96, 0, 20));
+        let v6_only = state(service(json!({"spec": {"clusterIP": "fd00::10"}})), vec![]);
+        assert!(matches!(
+            v6_only.frontends(&web(), None),
+            Err(ModelError::Ipv6NotSupported { .. })
+        ));
     }
 
     #[test]

@@ -15,8 +15,9 @@ use dataplane_common::{
 pub struct LbMapError {
     pub map: &'static str,
     pub op: &'static str,
+    /// Boxed: aya's error is large and every sync result carries this type.
     #[source]
-    pub source: MapError,
+    pub source: Box<MapError>,
 }
 
 /// Everything the load-balancing maps hold, read back at start-up so that a
@@ -98,7 +99,11 @@ impl BpfLbMaps {
 }
 
 fn err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> LbMapError {
-    move |source| LbMapError { map, op, source }
+    move |source| LbMapError {
+        map,
+        op,
+        source: Box::new(source),
+    }
 }
 
 /// Deleting what is already gone is success: the desired state holds.
@@ -194,7 +199,7 @@ impl MemLbMaps {
             return Err(LbMapError {
                 map,
                 op: "insert",
-                source: MapError::KeyNotFound,
+                source: Box::new(MapError::KeyNotFound),
             });
         }
         self.writes += 1;

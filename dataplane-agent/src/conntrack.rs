@@ -35,11 +35,23 @@ pub fn expired_keys(entries: &[(CtKey, CtEntry)], now_ns: u64) -> Vec<CtKey> {
         .collect()
 }
 
-/// One sweep; returns how many entries were removed.
-pub fn sweep(map: &mut ConntrackMap) -> usize {
+/// What one sweep saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    pub removed: usize,
+    /// Entries left (two per flow).
+    pub remaining: usize,
+}
+
+/// One sweep of the expired entries.
+pub fn sweep(map: &mut ConntrackMap) -> Sweep {
     let entries: Vec<(CtKey, CtEntry)> = map.iter().filter_map(Result::ok).collect();
     let dead = expired_keys(&entries, monotonic_now_ns());
-    dead.iter().filter(|k| map.remove(k).is_ok()).count()
+    let removed = dead.iter().filter(|k| map.remove(k).is_ok()).count();
+    Sweep {
+        removed,
+        remaining: entries.len() - removed,
+    }
 }
 
 #[cfg(test)]

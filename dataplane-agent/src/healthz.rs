@@ -1,26 +1,82 @@
-//! `/healthz` as kube-proxy serves it: 503 until the first full sync has
-//! reached the maps, then 200 with the time of the last sync.
+//! `/healthz` as kube-proxy serves it (port 10256): 503 until the first
+//! full sync has reached the maps; then 200 while changes are applied in
+//! time, and 503 when a change from the source has been waiting longer than
+//! the timeout (kube-proxy: an update queued and not synced within
+//! `healthzTimeout`). An idle agent with nothing to apply stays healthy.
+//! The body carries `lastUpdated` and `currentTime` either way.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde::Serialize;
 
-#[derive(Debug, Default, Clone)]
-pub struct Health(Arc<Mutex<Option<SystemTime>>>);
+#[derive(Debug, Default)]
+struct HealthState {
+    /// Last time the maps were brought up to date.
+    last_updated: Option<SystemTime>,
+    /// When the oldest change not yet applied arrived.
+    oldest_pending: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Health {
+    state: Arc<Mutex<HealthState>>,
+    timeout: Duration,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new(DEFAULT_TIMEOUT)
+    }
+}
+
+/// kube-proxy's: twice its default 30 s sync period.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Health {
-    pub fn synced(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            state: Arc::default(),
+            timeout,
+        }
     }
 
-    fn last_synced(&self) -> Option<SystemTime> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A change arrived from the source and waits to be applied.
+    pub fn queued(&self) {
+        self.queued_at(SystemTime::now());
+    }
+
+    fn queued_at(&self, now: SystemTime) {
+        self.lock().oldest_pending.get_or_insert(now);
+    }
+
+    /// Every change received so far is in the maps.
+    pub fn synced(&self) {
+        self.synced_at(SystemTime::now());
+    }
+
+    fn synced_at(&self, now: SystemTime) {
+        let mut state = self.lock();
+        state.last_updated = Some(now);
+        state.oldest_pending = None;
+    }
+
+    /// Healthy, and the last update, as of `now`.
+    fn status_at(&self, now: SystemTime) -> (bool, Option<SystemTime>) {
+        let state = self.lock();
+        let late = state
+            .oldest_pending
+            .is_some_and(|queued| now.duration_since(queued).unwrap_or_default() > self.timeout);
+        (state.last_updated.is_some() && !late, state.last_updated)
     }
 }
 
@@ -35,9 +91,9 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-async fn healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
-    let last = health.last_synced();
-    let status = if last.is_some() {
+fn respond(health: &Health, now: SystemTime) -> (StatusCode, Json<HealthBody>) {
+    let (healthy, last) = health.status_at(now);
+    let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -46,9 +102,13 @@ async fn healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>)
         status,
         Json(HealthBody {
             last_updated: last.map(rfc3339),
-            current_time: rfc3339(SystemTime::now()),
+            current_time: rfc3339(now),
         }),
     )
+}
+
+async fn healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
+    respond(&health, SystemTime::now())
 }
 
 pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
@@ -65,20 +125,48 @@ pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-        assert_eq!(rfc3339(t), "2026-11-18T11:06:40Z");
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000 + s)
     }
 
-    #[tokio::test]
-    async fn unhealthy_until_first_sync() {
-        let health = Health::default();
-        assert_eq!(
-            healthz(State(health.clone())).await.0,
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        health.synced();
-        assert_eq!(healthz(State(health)).await.0, StatusCode::OK);
+    fn status(health: &Health, now: SystemTime) -> StatusCode {
+        respond(health, now).0
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(at(0)), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn unhealthy_until_first_sync() {
+        let health = Health::new(Duration::from_secs(60));
+        assert_eq!(status(&health, at(0)), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(respond(&health, at(0)).1.last_updated, None);
+        health.synced_at(at(1));
+        assert_eq!(status(&health, at(2)), StatusCode::OK);
+    }
+
+    #[test]
+    fn idle_agent_stays_healthy_however_long_since_the_last_sync() {
+        let health = Health::new(Duration::from_secs(60));
+        health.synced_at(at(0));
+        assert_eq!(status(&health, at(86_400)), StatusCode::OK);
+    }
+
+    #[test]
+    fn change_waiting_past_the_timeout_makes_it_unhealthy_until_applied() {
+        let health = Health::new(Duration::from_secs(60));
+        health.synced_at(at(0));
+        health.queued_at(at(100));
+        // Later changes do not move the oldest one.
+        health.queued_at(at(150));
+        assert_eq!(status(&health, at(159)), StatusCode::OK, "not late yet");
+        let (code, body) = respond(&health, at(161));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body.last_updated.as_deref(), Some("2026-11-18T11:06:40Z"));
+        assert_eq!(body.current_time, "2026-11-18T11:09:21Z");
+        health.synced_at(at(170));
+        assert_eq!(status(&health, at(171)), StatusCode::OK);
     }
 }

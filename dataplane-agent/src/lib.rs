@@ -12,6 +12,7 @@ pub mod healthz;
 pub mod inspect;
 pub mod interfaces;
 pub mod lb_maps;
+pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod source;

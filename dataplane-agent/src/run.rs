@@ -22,6 +22,7 @@ use crate::{
     healthz::{self, Health},
     interfaces::{self, LinkEvent, PodInterfaceFilter},
     lb_maps::LbMaps,
+    metrics::{self, Metrics},
     model::{ClusterEvent, ClusterState, Frontend, FrontendSpec, ServiceName},
     source::{self, SourceUpdate},
     sync::SyncEngine,
@@ -49,6 +50,14 @@ pub struct Options {
     /// Address of the /healthz endpoint (kube-proxy's port by default).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
+    /// /healthz says 503 when a change has waited this long without
+    /// reaching the maps (kube-proxy's healthz timeout).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub healthz_timeout: Duration,
+    /// Address of the Prometheus /metrics endpoint (kube-proxy's port by
+    /// default).
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    pub metrics_bind_address: SocketAddr,
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -67,6 +76,7 @@ struct Syncer<M: LbMaps> {
     state: ClusterState,
     engine: SyncEngine<M>,
     node_name: Option<String>,
+    metrics: Metrics,
 }
 
 impl<M: LbMaps> Syncer<M> {
@@ -75,9 +85,20 @@ impl<M: LbMaps> Syncer<M> {
             Ok(frontends) => Some(frontends.unwrap_or_default()),
             Err(e) => {
                 error!("{e}");
+                self.metrics.sync_error("invalid_object");
                 None
             }
         }
+    }
+
+    fn record(&self, kind: &'static str, started: Instant) {
+        self.metrics.sync_done(kind, started.elapsed());
+        self.metrics.programmed(
+            self.engine.service_count(),
+            self.engine.frontend_count(),
+            self.engine.backend_count(),
+        );
+        self.metrics.occupancy(self.engine.occupancy());
     }
 
     fn full_sync(&mut self) {
@@ -93,7 +114,9 @@ impl<M: LbMaps> Syncer<M> {
         let (stats, errors) = self.engine.sync_all(&all);
         for e in &errors {
             error!("{e}");
+            self.metrics.sync_error(e.cause());
         }
+        self.record("full", started);
         info!(
             "full sync: {} services, {} frontends, {} backends programmed ({} changed, {} removed) in {:?}",
             all.len(),
@@ -107,6 +130,7 @@ impl<M: LbMaps> Syncer<M> {
 
     /// Applies a batch of events and syncs each touched service once.
     fn apply(&mut self, events: Vec<ClusterEvent>) {
+        let started = Instant::now();
         let mut touched = BTreeSet::new();
         for event in events {
             touched.extend(self.state.apply(event));
@@ -117,14 +141,30 @@ impl<M: LbMaps> Syncer<M> {
             };
             if let Err(e) = self.engine.sync_service(&service, &frontends) {
                 error!("{e}");
+                self.metrics.sync_error(e.cause());
             }
         }
+        self.record("incremental", started);
     }
 }
 
 /// Starts the configured source; its updates arrive on the returned channel.
-async fn start_source(options: &Options) -> anyhow::Result<mpsc::Receiver<SourceUpdate>> {
-    let (tx, rx) = mpsc::channel(256);
+async fn start_source(
+    options: &Options,
+    health: Health,
+) -> anyhow::Result<mpsc::Receiver<SourceUpdate>> {
+    let (tx, mut from_source) = mpsc::channel::<SourceUpdate>(256);
+    let (to_loop, rx) = mpsc::channel(256);
+    // Marks each update as pending for /healthz the moment it arrives, so a
+    // run loop that stops applying changes shows up as unhealthy.
+    tokio::spawn(async move {
+        while let Some(update) = from_source.recv().await {
+            health.queued();
+            if to_loop.send(update).await.is_err() {
+                break;
+            }
+        }
+    });
     if let Some(dir) = options.manifests.clone() {
         info!("source: manifests in {}", dir.display());
         tokio::spawn(async move {
@@ -172,21 +212,27 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let (mut datapath, maps) = Datapath::load(&options.bpffs)?;
     let mut conntrack_map = maps.conntrack;
     let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    let metrics = Metrics::new(Some(maps.counters));
     let mut syncer = Syncer {
         state: ClusterState::default(),
         engine,
         node_name: options.node_name.clone(),
+        metrics: metrics.clone(),
     };
 
-    let health = Health::default();
+    let health = Health::new(options.healthz_timeout);
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
+    let mut metrics_server = tokio::spawn(metrics::serve(
+        options.metrics_bind_address,
+        metrics.clone(),
+    ));
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     // The initial state first, whole: nothing is written until the source
     // has listed everything, so a restart never removes a live service.
-    let mut updates = start_source(&options).await?;
+    let mut updates = start_source(&options, health.clone()).await?;
     loop {
         let update = tokio::select! {
             update = updates.recv() => update.context("the source stopped before its first sync")?,
@@ -195,6 +241,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         };
         for e in &update.errors {
             error!("{e}");
+            metrics.sync_error("source");
         }
         for event in update.events {
             syncer.state.apply(event);
@@ -231,6 +278,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 while let Some(update) = next {
                     for e in &update.errors {
                         error!("{e}");
+                        metrics.sync_error("source");
                     }
                     events.extend(update.events);
                     next = updates.try_recv().ok();
@@ -243,15 +291,22 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 None => break Err(anyhow::anyhow!("netlink link notifications stopped")),
             },
             _ = gc.tick() => {
-                let removed = conntrack::sweep(&mut conntrack_map);
-                if removed > 0 {
-                    log::debug!("conntrack: removed {removed} expired entries");
+                let sweep = conntrack::sweep(&mut conntrack_map);
+                if sweep.removed > 0 {
+                    log::debug!("conntrack: removed {} expired entries", sweep.removed);
                 }
+                metrics.conntrack_entries(sweep.remaining);
             }
             served = &mut healthz_server => {
                 break match served {
                     Ok(Err(e)) => Err(e),
                     _ => Err(anyhow::anyhow!("the healthz server stopped")),
+                }
+            }
+            served = &mut metrics_server => {
+                break match served {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(anyhow::anyhow!("the metrics server stopped")),
                 }
             }
         }
@@ -267,5 +322,6 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     );
     drop(datapath);
     healthz_server.abort();
+    metrics_server.abort();
     result
 }

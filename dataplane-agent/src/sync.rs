@@ -646,6 +646,23 @@ impl<M: LbMaps> SyncEngine<M> {
         (stats, errors)
     }
 
+    /// Services that own at least one frontend.
+    pub fn service_count(&self) -> usize {
+        self.owned.len()
+    }
+
+    /// Entries of each load-balancing map, as this engine wrote them.
+    pub fn occupancy(&self) -> crate::metrics::Occupancy {
+        crate::metrics::Occupancy {
+            service_ips: self.service_ips.len(),
+            services: self.frontends.len(),
+            backend_slots: self.slot_count,
+            backends: self.backends.len(),
+            service_names: self.frontends.len(),
+            conntrack: 0,
+        }
+    }
+
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
     }

@@ -18,6 +18,7 @@ use nix::{
 use crate::netns::in_netns;
 
 pub const HEALTHZ: &str = "127.0.0.1:10256";
+pub const METRICS: &str = "127.0.0.1:10249";
 
 /// The agent binary: `DATAPLANE_AGENT_BIN`, or the release build.
 pub fn agent_bin() -> PathBuf {
@@ -34,20 +35,36 @@ pub struct Agent {
     pub node_ns: String,
 }
 
-/// Status code of `GET /healthz` inside `ns`, if the agent answers.
-pub fn healthz_status(ns: &str) -> Option<u16> {
-    in_netns(ns, || -> Option<u16> {
-        let mut s =
-            TcpStream::connect_timeout(&HEALTHZ.parse().ok()?, Duration::from_secs(1)).ok()?;
+/// `GET path` on the agent's `addr` inside `ns`: the whole HTTP response.
+fn http_get(ns: &str, addr: &'static str, path: &'static str) -> Option<String> {
+    in_netns(ns, move || -> Option<String> {
+        let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .ok()?;
         let mut response = String::new();
         s.read_to_string(&mut response).ok()?;
-        response.split_whitespace().nth(1)?.parse().ok()
+        Some(response)
     })
     .ok()
     .flatten()
+}
+
+/// Status code of `GET /healthz` inside `ns`, if the agent answers.
+pub fn healthz_status(ns: &str) -> Option<u16> {
+    http_get(ns, HEALTHZ, "/healthz")?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The body of `GET /metrics` from the agent inside `ns`.
+pub fn metrics_text(ns: &str) -> Option<String> {
+    let response = http_get(ns, METRICS, "/metrics")?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
 }
 
 impl Agent {
@@ -106,6 +123,8 @@ impl Agent {
                 node_name,
                 "--healthz-bind-address",
                 HEALTHZ,
+                "--metrics-bind-address",
+                METRICS,
             ])
             .arg("--bpffs")
             .arg(bpffs)

@@ -50,6 +50,15 @@ pub fn healthz_status(ns: &str) -> Option<u16> {
     .flatten()
 }
 
+/// Where an agent reads Services and EndpointSlices from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// `--manifests DIR`
+    Manifests(&'a Path),
+    /// `--kubeconfig FILE` (an API server, e.g. [`crate::apiserver::ApiServer`]).
+    Kubeconfig(&'a Path),
+}
+
 impl Agent {
     /// Starts the agent in `node_ns` and waits until /healthz says 200. It
     /// is stopped (SIGTERM) when the value is dropped.
@@ -60,7 +69,25 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, manifests, bpffs, log, false)
+        Self::spawn(
+            node_ns,
+            node_name,
+            Source::Manifests(manifests),
+            bpffs,
+            log,
+            false,
+        )
+    }
+
+    /// Like [`Agent::start`] with any source.
+    pub fn start_with(
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(node_ns, node_name, source, bpffs, log, false)
     }
 
     /// Like [`Agent::start`], in a process group of its own, so it outlives
@@ -73,13 +100,20 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, manifests, bpffs, log, true)
+        Self::spawn(
+            node_ns,
+            node_name,
+            Source::Manifests(manifests),
+            bpffs,
+            log,
+            true,
+        )
     }
 
     fn spawn(
         node_ns: &str,
         node_name: &str,
-        manifests: &Path,
+        source: Source<'_>,
         bpffs: &Path,
         log: &Path,
         detached: bool,
@@ -94,26 +128,26 @@ impl Agent {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node_ns])
-            .arg(&bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
-            .args([
-                "--pod-ifaces",
-                "veth*",
-                "--node-name",
-                node_name,
-                "--healthz-bind-address",
-                HEALTHZ,
-            ])
-            .arg("--bpffs")
-            .arg(bpffs)
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
+        cmd.args(["netns", "exec", node_ns]).arg(&bin).arg("run");
+        match source {
+            Source::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+            Source::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),
+        };
+        cmd.args([
+            "--pod-ifaces",
+            "veth*",
+            "--node-name",
+            node_name,
+            "--healthz-bind-address",
+            HEALTHZ,
+        ])
+        .arg("--bpffs")
+        .arg(bpffs)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
         if detached {
             cmd.process_group(0);
         }

@@ -888,9 +888,7 @@ async fn next_chunk(cursor: &mut WatchCursor) -> Option<Result<Bytes, std::io::E
                         .as_ref()
                         .is_none_or(|ns| *ns == event.namespace)
                 {
-                    cursor
-                        .pending
-                        .extend(event_line(event.kind, &event.object));
+                    cursor.pending.extend(event_line(event.kind, &event.object));
                 }
             }
             cursor.rv = cursor.rv.max(store.rv);
@@ -1101,7 +1099,10 @@ mod tests {
         assert_eq!(list["kind"], "ServiceList");
         assert_eq!(list["metadata"]["resourceVersion"], rv.to_string());
         assert_eq!(list["items"][0]["metadata"]["name"], "web");
-        assert_eq!(list["items"][0]["metadata"]["resourceVersion"], rv.to_string());
+        assert_eq!(
+            list["items"][0]["metadata"]["resourceVersion"],
+            rv.to_string()
+        );
         let (code, list) = body_json(addr, "/apis/discovery.k8s.io/v1/endpointslices");
         assert_eq!(code, 200);
         assert_eq!(list["kind"], "EndpointSliceList");
@@ -1132,7 +1133,11 @@ mod tests {
             }
         }
         assert_eq!(names, ["s0", "s1", "s2", "s3", "s4"]);
-        assert_eq!(versions.len(), 1, "every page carries the first page's version");
+        assert_eq!(
+            versions.len(),
+            1,
+            "every page carries the first page's version"
+        );
     }
 
     #[test]
@@ -1177,7 +1182,10 @@ mod tests {
         api.compact();
         let target = format!("/api/v1/services?watch=true&resourceVersion={old}");
         let (code, mut stream) = get(addr, &target);
-        assert_eq!(code, 200, "the real API server answers 200 and an ERROR event");
+        assert_eq!(
+            code, 200,
+            "the real API server answers 200 and an ERROR event"
+        );
         let e = next_event(&mut stream).unwrap();
         assert_eq!(e["type"], "ERROR");
         assert_eq!(e["object"]["code"], 410);
@@ -1189,7 +1197,10 @@ mod tests {
 
         // From the current version the watch is fine.
         let now = api.resource_version();
-        let (code, _) = get(addr, &format!("/api/v1/services?watch=true&resourceVersion={now}"));
+        let (code, _) = get(
+            addr,
+            &format!("/api/v1/services?watch=true&resourceVersion={now}"),
+        );
         assert_eq!(code, 200);
     }
 
@@ -1198,15 +1209,20 @@ mod tests {
         let mut api = ApiServer::start_local().unwrap();
         let addr = api.addrs()[0];
         let rv = api.resource_version();
-        let target = format!("/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion={rv}");
+        let target =
+            format!("/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion={rv}");
         let (_, mut expired) = get(addr, &target);
         api.wait_for_watches(1, Duration::from_secs(5)).unwrap();
         api.expire_watches();
         let e = next_event(&mut expired).unwrap();
-        assert_eq!((e["type"].clone(), e["object"]["code"].clone()), (json!("ERROR"), json!(410)));
+        assert_eq!(
+            (e["type"].clone(), e["object"]["code"].clone()),
+            (json!("ERROR"), json!(410))
+        );
 
         let rv = api.resource_version();
-        let target = format!("/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion={rv}");
+        let target =
+            format!("/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion={rv}");
         let (_, mut dropped) = get(addr, &target);
         api.wait_for_watches(1, Duration::from_secs(5)).unwrap();
         api.drop_watches();
@@ -1216,7 +1232,10 @@ mod tests {
         api.wait_for_watches(1, Duration::from_secs(5)).unwrap();
         api.stop();
         assert!(next_event(&mut stopped).is_none());
-        assert!(std::net::TcpStream::connect(addr).is_err(), "refused while stopped");
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "refused while stopped"
+        );
         api.resume().unwrap();
         let (code, _) = body_json(addr, "/api/v1/services");
         assert_eq!(code, 200, "the same address after a restart");

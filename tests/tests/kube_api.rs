@@ -115,3 +115,175 @@ fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
     c.api().delete::<Service>("default", "web");
     c.eventually_programmed(&expect_web("other", OTHER_IP, &[&a]));
 }
+
+#[test]
+fn slices_of_one_service_are_merged_and_an_address_in_two_counts_once() {
+    if !privileged() {
+        return;
+    }
+    let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
+    // Split: web-b is in both slices (as during a controller's rebalancing).
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a, &b])));
+        api.apply(&web_slice("web-2", ready(&[&b, &cc])));
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a, &b, &cc]));
+    c.eventually("all three answer", || {
+        reached(&c, 24) == set(["web-a", "web-b", "web-c"])
+    });
+
+    // Merge into one slice.
+    c.api().apply(&web_slice("web-1", ready(&[&a, &b, &cc])));
+    c.api().delete::<EndpointSlice>("default", "web-2");
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a, &b, &cc]));
+
+    // Split again, differently: losing a slice loses only its endpoints.
+    c.api().apply(&web_slice("web-1", ready(&[&a])));
+    c.api().apply(&web_slice("web-2", ready(&[&cc])));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a, &cc]));
+    c.api().delete::<EndpointSlice>("default", "web-1");
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&cc]));
+    c.eventually("only web-c answers", || reached(&c, 8) == set(["web-c"]));
+}
+
+#[test]
+fn terminating_endpoints_serve_only_while_none_is_ready() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice(
+            "web-1",
+            vec![ep(&a, State::Ready), ep(&b, State::Terminating)],
+        ));
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+    assert_eq!(reached(&c, 8), set(["web-a"]), "{}", c.logs());
+
+    // web-a goes away (rolling update): the terminating web-b still serves.
+    c.api().apply(&web_slice(
+        "web-1",
+        vec![ep(&a, State::NotReady), ep(&b, State::Terminating)],
+    ));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
+    c.eventually("web-b answers", || reached(&c, 6) == set(["web-b"]));
+
+    // A ready endpoint again: the terminating one stops getting new flows.
+    c.api().apply(&web_slice(
+        "web-1",
+        vec![ep(&a, State::Ready), ep(&b, State::Terminating)],
+    ));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+}
+
+#[test]
+fn headless_external_name_and_other_proxies_services_are_skipped() {
+    if !privileged() {
+        return;
+    }
+    let a = lab_pod("web-a");
+    let proxied_elsewhere = || {
+        let mut s = web_service("elsewhere", Ipv4Addr::new(10, 96, 0, 12));
+        s.metadata.labels = Some(
+            [(
+                "service.kubernetes.io/service-proxy-name".to_owned(),
+                "other-proxy".to_owned(),
+            )]
+            .into(),
+        );
+        s
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+        let mut headless = web_service("headless", WEB_IP);
+        let spec = headless.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("None".into());
+        spec.cluster_ips = Some(vec!["None".into()]);
+        api.apply(&headless);
+        api.apply(&slice("headless-1", "headless", ready(&[&a])));
+        let mut external = web_service("external", WEB_IP);
+        let spec = external.spec.as_mut().unwrap();
+        spec.type_ = Some("ExternalName".into());
+        spec.external_name = Some("example.com".into());
+        spec.cluster_ip = None;
+        spec.cluster_ips = None;
+        api.apply(&external);
+        api.apply(&proxied_elsewhere());
+        api.apply(&slice("elsewhere-1", "elsewhere", ready(&[&a])));
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+    let elsewhere = Ipv4Addr::new(10, 96, 0, 12);
+    assert!(
+        c.tcp("client", http(elsewhere)).backend().is_none(),
+        "another proxy's service is not translated\n{}",
+        c.logs()
+    );
+
+    // The label removed: ours now; put back: gone again.
+    let mut ours = proxied_elsewhere();
+    ours.metadata.labels = None;
+    c.api().apply(&ours);
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&a]),
+        expect_web("elsewhere", elsewhere, &[&a]),
+    ]));
+    c.eventually("the service answers once it is ours", || {
+        c.tcp("client", http(elsewhere)).backend() == Some("web-a")
+    });
+    c.api().apply(&proxied_elsewhere());
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_each_nodes_own_endpoints() {
+    if !privileged() {
+        return;
+    }
+    let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
+    let local_web = || {
+        let mut s = web();
+        s.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        s
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&local_web());
+        api.apply(&web_slice("web-1", ready(&[&a, &b, &cc])));
+    });
+    // Each node's maps hold only its own endpoints (--node-name).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.programmed(1) != expect_web("web", WEB_IP, &[&a])
+        || c.programmed(2) != expect_web("web", WEB_IP, &[&b, &cc])
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node1 {:#?}\nnode2 {:#?}\n{}",
+            c.programmed(1),
+            c.programmed(2),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(reached(&c, 8), set(["web-a"]), "{}", c.logs());
+    let from_node2 = c.tcp_backends("web-b", http(WEB_IP), 8);
+    assert!(
+        !from_node2.is_empty() && from_node2.iter().all(|p| p == "web-b" || p == "web-c"),
+        "{from_node2:?}\n{}",
+        c.logs()
+    );
+
+    // node1's endpoint goes: its clients are dropped, as kube-proxy drops them.
+    c.api().apply(&web_slice("web-1", ready(&[&b, &cc])));
+    c.eventually("node1 drops the service's traffic", || {
+        c.tcp("client", http(WEB_IP)) == Seen::Timeout
+    });
+    assert_eq!(
+        c.tcp("web-b", http(WEB_IP)).backend().is_some(),
+        true,
+        "node2 still serves\n{}",
+        c.logs()
+    );
+}

@@ -50,7 +50,10 @@ fn web() -> Service {
     web_service("web", WEB_IP)
 }
 
-fn web_slice(name: &str, endpoints: Vec<k8s_openapi::api::discovery::v1::Endpoint>) -> EndpointSlice {
+fn web_slice(
+    name: &str,
+    endpoints: Vec<k8s_openapi::api::discovery::v1::Endpoint>,
+) -> EndpointSlice {
     slice(name, "web", endpoints)
 }
 
@@ -79,7 +82,11 @@ fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
     c.eventually("web-a and web-b answer", || {
         reached(&c, 12) == set(["web-a", "web-b"])
     });
-    assert!(c.udp("client", dns(WEB_IP)).backend().is_some(), "{}", c.logs());
+    assert!(
+        c.udp("client", dns(WEB_IP)).backend().is_some(),
+        "{}",
+        c.logs()
+    );
 
     // Churn: web-c added, web-a gone.
     c.api().apply(&web_slice("web-1", ready(&[&b, &cc])));
@@ -286,4 +293,213 @@ fn internal_traffic_policy_local_uses_each_nodes_own_endpoints() {
         "node2 still serves\n{}",
         c.logs()
     );
+}
+
+/// Waits until every agent (two watches each) is watching again.
+fn all_watching(c: &Cluster) {
+    c.api()
+        .wait_for_watches(4, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+}
+
+#[test]
+fn dropped_watches_resume_from_the_last_version() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+    });
+    all_watching(&c);
+    let lists_before = c.api().requests().iter().filter(|r| !r.watch).count();
+    c.api().drop_watches();
+    // Changed while no watch is open: the resumed watch replays it.
+    c.api().apply(&web_slice("web-1", ready(&[&a, &b])));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a, &b]));
+    all_watching(&c);
+    let lists_after = c.api().requests().iter().filter(|r| !r.watch).count();
+    assert_eq!(
+        lists_before,
+        lists_after,
+        "a dropped watch resumes without a relist\n{}",
+        c.logs()
+    );
+    c.api().bookmark();
+    c.api().apply(&web_slice("web-1", ready(&[&b])));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
+}
+
+#[test]
+fn api_server_restart_keeps_traffic_and_a_410_relist_removes_what_was_deleted() {
+    if !privileged() {
+        return;
+    }
+    let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
+    let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a, &b])));
+        api.apply(&web_service("other", OTHER_IP));
+        api.apply(&slice("other-1", "other", ready(&[&cc])));
+    });
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&a, &b]),
+        expect_web("other", OTHER_IP, &[&cc]),
+    ]));
+    all_watching(&c);
+
+    // The API server goes away (connections cut, then refused).
+    c.api_mut().stop();
+    // Traffic keeps flowing through the last known state meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(reached(&c, 12), set(["web-a", "web-b"]), "{}", c.logs());
+    assert_eq!(
+        c.tcp("client", http(OTHER_IP)).backend(),
+        Some("web-c"),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(
+        c.programmed(1),
+        merged([
+            expect_web("web", WEB_IP, &[&a, &b]),
+            expect_web("other", OTHER_IP, &[&cc]),
+        ]),
+        "nothing is cleared while the API server is away\n{}",
+        c.logs()
+    );
+
+    // Meanwhile: `other` deleted, web's endpoints changed, history compacted
+    // (the agents' versions are too old to resume from: 410 Gone).
+    let api = c.api();
+    api.delete::<EndpointSlice>("default", "other-1");
+    api.delete::<Service>("default", "other");
+    api.apply(&web_slice("web-1", ready(&[&b, &cc])));
+    api.compact();
+    c.api_mut()
+        .resume()
+        .expect("restarting the API server double");
+
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&b, &cc]));
+    c.eventually("web-b and web-c answer after the relist", || {
+        reached(&c, 12) == set(["web-b", "web-c"])
+    });
+    assert!(
+        c.tcp("client", http(OTHER_IP)).backend().is_none(),
+        "the service deleted while disconnected is gone\n{}",
+        c.logs()
+    );
+    let relists = c
+        .api()
+        .requests()
+        .iter()
+        .filter(|r| !r.watch && r.status == 200)
+        .count();
+    assert!(
+        relists >= 8,
+        "2 initial lists and 2 relists per agent: {relists}"
+    );
+}
+
+#[test]
+fn gone_on_an_open_watch_relists_and_reconciles() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+        api.apply(&web_service("other", OTHER_IP));
+    });
+    all_watching(&c);
+    // Changes the open watches will never see: the watch cache drops them
+    // with an ERROR 410 event first.
+    c.api().delete::<Service>("default", "other");
+    c.api().apply(&web_slice("web-1", ready(&[&b])));
+    // (Deletion and change were streamed already; expire and change again
+    // so that only a relist can bring the last state.)
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
+    c.api().expire_watches();
+    c.api().apply(&web_service("other", OTHER_IP));
+    c.api().apply(&slice("other-1", "other", ready(&[&a])));
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&b]),
+        expect_web("other", OTHER_IP, &[&a]),
+    ]));
+    c.eventually("the service created around the relist answers", || {
+        c.tcp("client", http(OTHER_IP)).backend() == Some("web-a")
+    });
+}
+
+/// kube's watcher alone would retry the expired version forever here (it
+/// relists only on a 410 inside the stream); the agent restarts it.
+#[test]
+fn gone_as_an_http_status_also_relists() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+        api.apply(&web_service("other", OTHER_IP));
+    });
+    all_watching(&c);
+    c.api().set_gone_as(GoneAs::HttpStatus);
+    c.api_mut().stop();
+    c.api().delete::<Service>("default", "other");
+    c.api().apply(&web_slice("web-1", ready(&[&b])));
+    c.api().compact();
+    c.api_mut()
+        .resume()
+        .expect("restarting the API server double");
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
+}
+
+#[test]
+fn reconnects_back_off_while_the_api_server_is_down() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+    });
+    all_watching(&c);
+    for outage in [Outage::CloseConnections, Outage::Unavailable] {
+        let start = std::time::Instant::now();
+        c.api().set_outage(Some(outage));
+        std::thread::sleep(Duration::from_secs(5));
+        let attempts = match outage {
+            Outage::CloseConnections => c
+                .api()
+                .connections()
+                .iter()
+                .filter(|r| r.at >= start)
+                .count(),
+            Outage::Unavailable => c
+                .api()
+                .requests()
+                .iter()
+                .filter(|r| r.at >= start && r.status == 503)
+                .count(),
+        };
+        eprintln!("{attempts} connection attempts or requests during a 5 s {outage:?} outage");
+        // Two watchers per agent, two agents, exponential backoff from
+        // 0.8 s: a handful each in 5 s. A retry loop without backoff makes
+        // thousands.
+        assert!(
+            (1..=40).contains(&attempts),
+            "{attempts} attempts during a 5 s {outage:?} outage\n{}",
+            c.logs()
+        );
+        assert_eq!(reached(&c, 4), set(["web-a"]), "traffic during the outage");
+        c.api().set_outage(None);
+        all_watching(&c);
+    }
+    c.api().apply(&web_slice("web-1", ready(&[&b])));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
 }

@@ -525,3 +525,85 @@ fn reconnects_back_off_while_the_api_server_is_down() {
     c.api().apply(&web_slice("web-1", ready(&[&b])));
     c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
 }
+
+#[test]
+fn client_ip_affinity_follows_the_service_object() {
+    if !privileged() {
+        return;
+    }
+    let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    let with_affinity = |on: bool| {
+        let mut s = web();
+        let spec = s.spec.as_mut().unwrap();
+        spec.session_affinity = Some(if on { "ClientIP" } else { "None" }.into());
+        s
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&with_affinity(true));
+        api.apply(&web_slice(
+            "web-1",
+            ready(&backends.iter().collect::<Vec<_>>()),
+        ));
+    });
+    // Without affinity, 12 connections over 3 backends would all land on
+    // one with probability 3^-11.
+    let seen = reached(&c, 12);
+    assert_eq!(seen.len(), 1, "client reached {seen:?}\n{}", c.logs());
+    c.api().apply(&with_affinity(false));
+    c.eventually("affinity off: connections spread again", || {
+        reached(&c, 12).len() > 1
+    });
+}
+
+#[test]
+fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
+    if !privileged() {
+        return;
+    }
+    let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
+    let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a, &b])));
+        api.apply(&web_service("other", OTHER_IP));
+        api.apply(&slice("other-1", "other", ready(&[&cc])));
+    });
+    let (step_tx, step_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let client = dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns("client"), move || {
+        let mut conn = dataplane_lab::traffic::TcpConn::open(http(WEB_IP)).expect("connect");
+        for _ in 0..2 {
+            seen_tx.send(conn.request()).unwrap();
+            if step_rx.recv().is_err() {
+                break;
+            }
+        }
+    })
+    .unwrap();
+    let backend = seen_rx.recv().unwrap().backend().map(str::to_owned);
+    assert!(backend.is_some(), "{}", c.logs());
+
+    for status in c.stop_agents() {
+        assert!(status.is_some_and(|s| s.success()), "agent exit {status:?}");
+    }
+    // While no agent runs: `other` deleted, web-c added to web.
+    c.api().delete::<EndpointSlice>("default", "other-1");
+    c.api().delete::<Service>("default", "other");
+    c.api().apply(&web_slice("web-1", ready(&[&a, &b, &cc])));
+    c.restart_agents();
+
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a, &b, &cc]));
+    step_tx.send(()).unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap().backend().map(str::to_owned),
+        backend,
+        "the connection opened before the restart\n{}",
+        c.logs()
+    );
+    drop(step_tx);
+    client.join().unwrap();
+    assert!(
+        c.tcp("client", http(OTHER_IP)).backend().is_none(),
+        "the service deleted while no agent ran is gone\n{}",
+        c.logs()
+    );
+}

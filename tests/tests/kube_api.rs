@@ -121,6 +121,27 @@ fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
     // The service goes: nothing left of it.
     c.api().delete::<Service>("default", "web");
     c.eventually_programmed(&expect_web("other", OTHER_IP, &[&a]));
+
+    // All the agents asked for is what deploy/rbac.yaml grants: list and
+    // watch of Services and EndpointSlices, cluster-wide.
+    let asked: std::collections::BTreeSet<(String, String, &str)> = c
+        .api()
+        .requests()
+        .iter()
+        .map(|r| {
+            let verb = if r.watch { "watch" } else { "list" };
+            (r.method.clone(), r.path.clone(), verb)
+        })
+        .collect();
+    let granted = [
+        ("GET", "/api/v1/services", "list"),
+        ("GET", "/api/v1/services", "watch"),
+        ("GET", "/apis/discovery.k8s.io/v1/endpointslices", "list"),
+        ("GET", "/apis/discovery.k8s.io/v1/endpointslices", "watch"),
+    ]
+    .map(|(m, p, v)| (m.to_owned(), p.to_owned(), v))
+    .into();
+    assert_eq!(asked, granted);
 }
 
 #[test]

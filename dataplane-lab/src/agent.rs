@@ -69,18 +69,25 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(
-            node_ns,
-            node_name,
-            Source::Manifests(manifests),
-            bpffs,
-            log,
-            false,
-        )
+        Self::start_with(node_ns, node_name, Source::Manifests(manifests), bpffs, log)
     }
 
     /// Like [`Agent::start`] with any source.
     pub fn start_with(
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut agent = Self::launch_with(node_ns, node_name, source, bpffs, log)?;
+        agent.wait_healthy(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent without waiting for it to be healthy (see
+    /// [`Agent::wait_healthy`]).
+    pub fn launch_with(
         node_ns: &str,
         node_name: &str,
         source: Source<'_>,
@@ -100,14 +107,16 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(
+        let mut agent = Self::spawn(
             node_ns,
             node_name,
             Source::Manifests(manifests),
             bpffs,
             log,
             true,
-        )
+        )?;
+        agent.wait_healthy(Duration::from_secs(30))?;
+        Ok(agent)
     }
 
     fn spawn(
@@ -152,35 +161,42 @@ impl Agent {
             cmd.process_group(0);
         }
         let child = cmd.spawn().context("starting the agent")?;
-        let mut agent = Self {
+        Ok(Self {
             child: Some(child),
             log: log.to_owned(),
             node_ns: node_ns.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while healthz_status(node_ns) != Some(200) {
-            if let Some(status) = agent
+        })
+    }
+
+    /// Waits until /healthz says 200; fails with the agent's log if it
+    /// exits or `timeout` passes first.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while healthz_status(&self.node_ns) != Some(200) {
+            if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                agent.child = None;
+                self.child = None;
                 bail!(
-                    "agent in {node_ns} exited ({status}); its log {}:\n{}",
-                    log.display(),
-                    agent.log_text()
+                    "agent in {} exited ({status}); its log {}:\n{}",
+                    self.node_ns,
+                    self.log.display(),
+                    self.log_text()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent in {node_ns} not healthy after 30 s; its log {}:\n{}",
-                    log.display(),
-                    agent.log_text()
+                    "agent in {} not healthy after {timeout:?}; its log {}:\n{}",
+                    self.node_ns,
+                    self.log.display(),
+                    self.log_text()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(agent)
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {

@@ -45,7 +45,7 @@ impl Cluster {
         for (file, content) in initial {
             cluster.write_manifest(file, content);
         }
-        cluster.start_first_agents();
+        cluster.start_first_agents(true);
         cluster
     }
 
@@ -59,20 +59,58 @@ impl Cluster {
         init: impl FnOnce(&ApiServer),
     ) -> Self {
         let mut cluster = Self::build(topology, cross_node);
+        cluster.serve_api(init);
+        cluster.start_first_agents(true);
+        cluster
+    }
+
+    /// Like [`Cluster::start_api`] without waiting for the agents to be
+    /// healthy (see [`Cluster::wait_healthy`]).
+    pub fn launch_api(
+        topology: Topology,
+        cross_node: CrossNode,
+        init: impl FnOnce(&ApiServer),
+    ) -> Self {
+        let mut cluster = Self::build(topology, cross_node);
+        cluster.serve_api(init);
+        cluster.start_first_agents(false);
+        cluster
+    }
+
+    /// Waits until every running agent's /healthz says 200.
+    pub fn wait_healthy(&mut self) {
+        let mut failure = None;
+        for agent in self.agents.iter_mut().filter(|a| a.pid().is_some()) {
+            if let Err(e) = agent.wait_healthy(Duration::from_secs(30)) {
+                failure = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failure {
+            panic!("{e:#}");
+        }
+    }
+
+    /// /healthz status of each node's agent (None: no answer).
+    pub fn healthz(&self) -> [Option<u16>; 2] {
+        [1u8, 2].map(|node| agent::healthz_status(&self.lab.node_ns(node)))
+    }
+
+    /// The API server double in both nodes' netns, kubeconfigs for the
+    /// agents, filled by `init`.
+    fn serve_api(&mut self, init: impl FnOnce(&ApiServer)) {
         let binds = [1u8, 2]
-            .map(|node| Bind::in_netns(&cluster.lab.node_ns(node), API_ADDR))
+            .map(|node| Bind::in_netns(&self.lab.node_ns(node), API_ADDR))
             .to_vec();
         let api = ApiServer::start(binds).expect("starting the API server double");
         for node in [1u8, 2] {
-            let base = cluster.node_dir(node);
+            let base = self.node_dir(node);
             std::fs::create_dir_all(&base).expect("node dir");
             std::fs::write(base.join("kubeconfig"), apiserver::kubeconfig(API_ADDR))
                 .expect("writing the kubeconfig");
         }
         init(&api);
-        cluster.api = Some(api);
-        cluster.start_first_agents();
-        cluster
+        self.api = Some(api);
     }
 
     /// The lab with backend servers in every `web-*` pod, no agents yet.
@@ -99,7 +137,7 @@ impl Cluster {
         cluster
     }
 
-    fn start_first_agents(&mut self) {
+    fn start_first_agents(&mut self, wait_healthy: bool) {
         for node in [1u8, 2] {
             let base = self.node_dir(node);
             std::fs::create_dir_all(base.join("manifests")).expect("manifests dir");
@@ -110,7 +148,7 @@ impl Cluster {
             std::fs::create_dir_all(&bpffs).expect("bpffs dir");
             let path = bpffs.to_str().expect("utf-8 temp path");
             netns::run("mount", &["-t", "bpf", "bpf", path]).expect("mounting the node's bpffs");
-            let agent = self.start_agent(node);
+            let agent = self.start_agent(node, wait_healthy);
             self.agents.push(agent);
         }
     }
@@ -181,7 +219,7 @@ impl Cluster {
         }
     }
 
-    fn start_agent(&self, node: u8) -> Agent {
+    fn start_agent(&self, node: u8, wait_healthy: bool) -> Agent {
         let base = self.node_dir(node);
         let kubeconfig = base.join("kubeconfig");
         let manifests = base.join("manifests");
@@ -189,21 +227,27 @@ impl Cluster {
             Some(_) => agent::Source::Kubeconfig(&kubeconfig),
             None => agent::Source::Manifests(&manifests),
         };
-        Agent::start_with(
+        let mut agent = Agent::launch_with(
             &self.lab.node_ns(node),
             &format!("node{node}"),
             source,
             &base.join("bpf"),
             &base.join(format!("agent-{}.log", self.agents.len())),
         )
-        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        if wait_healthy {
+            agent
+                .wait_healthy(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        agent
     }
 
     /// Starts the agents again after [`Cluster::stop_agents`]; waits until
     /// they are healthy. Their logs follow the previous ones in `logs()`.
     pub fn restart_agents(&mut self) {
         for node in [1u8, 2] {
-            let agent = self.start_agent(node);
+            let agent = self.start_agent(node, true);
             self.agents.push(agent);
         }
     }

@@ -627,3 +627,44 @@ fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
         c.logs()
     );
 }
+
+#[test]
+fn agents_are_healthy_only_once_the_initial_lists_are_in_the_maps() {
+    if !privileged() {
+        return;
+    }
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    // The API server answers 503 to everything while the agents start.
+    let mut c = Cluster::launch_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a, &b])));
+        api.set_outage(Some(Outage::Unavailable));
+    });
+    c.eventually("both agents tried to list", || {
+        let asked: std::collections::BTreeSet<usize> =
+            c.api().requests().iter().map(|r| r.listener).collect();
+        asked.len() == 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.healthz(), [Some(503), Some(503)], "{}", c.logs());
+    for node in [1u8, 2] {
+        assert_eq!(
+            c.programmed(node),
+            BTreeMap::new(),
+            "nothing is written before the initial lists\n{}",
+            c.logs()
+        );
+    }
+    c.api().set_outage(None);
+    c.wait_healthy();
+    for node in [1u8, 2] {
+        // Healthy means synced: no waiting here.
+        assert_eq!(
+            c.programmed(node),
+            expect_web("web", WEB_IP, &[&a, &b]),
+            "{}",
+            c.logs()
+        );
+    }
+    assert_eq!(reached(&c, 12), set(["web-a", "web-b"]), "{}", c.logs());
+}

@@ -399,9 +399,10 @@ impl ApiServer {
     /// Forgets the history: a watch resuming from any older version gets
     /// 410 Gone and must list again. Open watches are not disturbed.
     pub fn compact(&self) {
+        // The events stay for the watches already open (they may not have
+        // sent them yet); only new watches from older versions are refused.
         let mut store = self.shared.lock();
         store.compacted = store.rv;
-        store.events.clear();
     }
 
     /// Compacts, and ends every open watch with an `ERROR` event carrying a

@@ -14,7 +14,7 @@ use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
 };
-use log::{info, warn};
+use log::info;
 use tokio::sync::mpsc;
 
 use super::SourceUpdate;
@@ -158,10 +158,9 @@ pub async fn run(client: Client, tx: mpsc::Sender<SourceUpdate>) {
             },
             else => return,
         };
-        if let Some(error) = &error {
-            // The watcher retries with backoff; the datapath keeps its state.
-            warn!("{error} (retrying; the datapath keeps the last known state)");
-        }
+        // Reported once, by the receiver. The watcher retries with backoff.
+        let error =
+            error.map(|e| format!("{e} (retrying; the datapath keeps the last known state)"));
         let initial_sync_done = services.synced_once && slices.synced_once;
         if events.is_empty() && (announced || !initial_sync_done) && error.is_none() {
             continue;

@@ -303,6 +303,18 @@ fn the_daemonset_runs_the_agent_on_every_node_with_what_it_needs() {
         Some("spec.nodeName")
     );
 
+    // The API server directly, not through the `kubernetes` service IP
+    // (which host-network processes cannot use without kube-proxy).
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        let source = env
+            .iter()
+            .find(|e| e.name == var)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.config_map_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("{var} from a ConfigMap"));
+        assert_ne!(source.optional, Some(true), "{var} must not fall back");
+    }
+
     // The args parse with the agent's CLI, after the kubelet's $(VAR)
     // expansion.
     let mut argv = vec!["dataplane-agent".to_string()];

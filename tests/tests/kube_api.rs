@@ -688,3 +688,43 @@ fn agents_are_healthy_only_once_the_initial_lists_are_in_the_maps() {
     }
     assert_eq!(reached(&c, 12), set(["web-a", "web-b"]), "{}", c.logs());
 }
+
+#[test]
+fn a_rolling_update_burst_is_coalesced_into_a_few_map_writes() {
+    if !privileged() {
+        return;
+    }
+    let a = lab_pod("web-a");
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+    });
+    all_watching(&c);
+    // 100 versions of the slice, one pod replaced in each (addresses on
+    // node2 that no pod has: only the maps are checked), in one burst.
+    let pods: Vec<PodSpec> = (0..102u8)
+        .map(|i| PodSpec::new(&format!("p{i}"), 2, 100 + i))
+        .collect();
+    let versions: Vec<EndpointSlice> = (0..100)
+        .map(|i| web_slice("web-1", ready(&pods[i..i + 3].iter().collect::<Vec<_>>())))
+        .collect();
+    let frontend_writes = || {
+        c.agent_log(1)
+            .matches("service default/web 10.96.0.10:80/TCP:")
+            .count()
+    };
+    let before = frontend_writes();
+    c.api().apply_all(&versions);
+    c.eventually_programmed(&expect_web(
+        "web",
+        WEB_IP,
+        &pods[99..102].iter().collect::<Vec<_>>(),
+    ));
+    let writes = frontend_writes() - before;
+    eprintln!("100 slice versions: the frontend was written {writes} times");
+    assert!(
+        (1..=25).contains(&writes),
+        "{writes} writes of the frontend for a burst of 100 versions\n{}",
+        c.logs()
+    );
+}

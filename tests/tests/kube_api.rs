@@ -728,3 +728,38 @@ fn a_rolling_update_burst_is_coalesced_into_a_few_map_writes() {
         c.logs()
     );
 }
+
+#[test]
+fn objects_the_agent_cannot_represent_are_reported_and_the_rest_keeps_working() {
+    if !privileged() {
+        return;
+    }
+    let a = lab_pod("web-a");
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+        let mut v6 = web_service("only-v6", WEB_IP);
+        let spec = v6.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("fd00::10".into());
+        spec.cluster_ips = Some(vec!["fd00::10".into()]);
+        spec.ip_families = Some(vec!["IPv6".into()]);
+        api.apply(&v6);
+        let mut sctp = web_service("sctp", OTHER_IP);
+        sctp.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
+        api.apply(&sctp);
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+    c.eventually("both unrepresentable services are named in the log", || {
+        let log = c.agent_log(1);
+        log.contains("default/only-v6") && log.contains("fd00::10") && log.contains("default/sctp")
+    });
+    assert_eq!(reached(&c, 4), set(["web-a"]), "{}", c.logs());
+    // Later changes still apply.
+    c.api()
+        .apply(&web_service("other", Ipv4Addr::new(10, 96, 0, 12)));
+    c.api().apply(&slice("other-1", "other", ready(&[&a])));
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&a]),
+        expect_web("other", Ipv4Addr::new(10, 96, 0, 12), &[&a]),
+    ]));
+}

@@ -67,6 +67,15 @@ pub fn metrics_text(ns: &str) -> Option<String> {
         .map(|(_, body)| body.to_owned())
 }
 
+/// Where an agent reads Services and EndpointSlices from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// `--manifests DIR`
+    Manifests(&'a Path),
+    /// `--kubeconfig FILE` (an API server, e.g. [`crate::apiserver::ApiServer`]).
+    Kubeconfig(&'a Path),
+}
+
 impl Agent {
     /// Starts the agent in `node_ns` and waits until /healthz says 200. It
     /// is stopped (SIGTERM) when the value is dropped.
@@ -77,7 +86,32 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, manifests, bpffs, log, false)
+        Self::start_with(node_ns, node_name, Source::Manifests(manifests), bpffs, log)
+    }
+
+    /// Like [`Agent::start`] with any source.
+    pub fn start_with(
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut agent = Self::launch_with(node_ns, node_name, source, bpffs, log)?;
+        agent.wait_healthy(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent without waiting for it to be healthy (see
+    /// [`Agent::wait_healthy`]).
+    pub fn launch_with(
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(node_ns, node_name, source, bpffs, log, false)
     }
 
     /// Like [`Agent::start`], in a process group of its own, so it outlives
@@ -90,13 +124,22 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, manifests, bpffs, log, true)
+        let mut agent = Self::spawn(
+            node_ns,
+            node_name,
+            Source::Manifests(manifests),
+            bpffs,
+            log,
+            true,
+        )?;
+        agent.wait_healthy(Duration::from_secs(30))?;
+        Ok(agent)
     }
 
     fn spawn(
         node_ns: &str,
         node_name: &str,
-        manifests: &Path,
+        source: Source<'_>,
         bpffs: &Path,
         log: &Path,
         detached: bool,
@@ -111,61 +154,68 @@ impl Agent {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node_ns])
-            .arg(&bin)
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
-            .args([
-                "--pod-ifaces",
-                "veth*",
-                "--node-name",
-                node_name,
-                "--healthz-bind-address",
-                HEALTHZ,
-                "--metrics-bind-address",
-                METRICS,
-            ])
-            .arg("--bpffs")
-            .arg(bpffs)
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
+        cmd.args(["netns", "exec", node_ns]).arg(&bin).arg("run");
+        match source {
+            Source::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+            Source::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),
+        };
+        cmd.args([
+            "--pod-ifaces",
+            "veth*",
+            "--node-name",
+            node_name,
+            "--healthz-bind-address",
+            HEALTHZ,
+            "--metrics-bind-address",
+            METRICS,
+        ])
+        .arg("--bpffs")
+        .arg(bpffs)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
         if detached {
             cmd.process_group(0);
         }
         let child = cmd.spawn().context("starting the agent")?;
-        let mut agent = Self {
+        Ok(Self {
             child: Some(child),
             log: log.to_owned(),
             node_ns: node_ns.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while healthz_status(node_ns) != Some(200) {
-            if let Some(status) = agent
+        })
+    }
+
+    /// Waits until /healthz says 200; fails with the agent's log if it
+    /// exits or `timeout` passes first.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while healthz_status(&self.node_ns) != Some(200) {
+            if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                agent.child = None;
+                self.child = None;
                 bail!(
-                    "agent in {node_ns} exited ({status}); its log {}:\n{}",
-                    log.display(),
-                    agent.log_text()
+                    "agent in {} exited ({status}); its log {}:\n{}",
+                    self.node_ns,
+                    self.log.display(),
+                    self.log_text()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent in {node_ns} not healthy after 30 s; its log {}:\n{}",
-                    log.display(),
-                    agent.log_text()
+                    "agent in {} not healthy after {timeout:?}; its log {}:\n{}",
+                    self.node_ns,
+                    self.log.display(),
+                    self.log_text()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(agent)
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {

@@ -5,6 +5,7 @@
 //! integration tests: one topology builder for both.
 
 pub mod agent;
+pub mod apiserver;
 pub mod manifests;
 pub mod netns;
 pub mod topology;

@@ -2,13 +2,15 @@
 //! and backend servers, and clients that report what they saw.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use dataplane_lab::{
-    agent::Agent,
+    agent::{self, Agent},
+    apiserver::{self, ApiServer, Bind},
     manifests,
     netns::{self, in_netns},
     topology::{default_pods, unique_prefix},
@@ -20,12 +22,17 @@ pub use dataplane_lab::traffic::Outcome as Seen;
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
+/// Where the API server double listens in each node's netns (API mode).
+pub const API_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 6443);
+
 pub use dataplane_lab::privileged;
 
 /// A lab with agents on both nodes. Fields drop in order: agents stop before
 /// the namespaces go.
 pub struct Cluster {
     agents: Vec<Agent>,
+    /// In API mode: the API server double the agents watch.
+    api: Option<ApiServer>,
     pub lab: Lab,
     dir: tempfile::TempDir,
 }
@@ -34,6 +41,80 @@ impl Cluster {
     /// Builds the lab, starts backend servers in every `web-*` pod, writes
     /// `manifests` (file name, content) for both nodes and starts the agents.
     pub fn start(topology: Topology, cross_node: CrossNode, initial: &[(&str, String)]) -> Self {
+        let mut cluster = Self::build(topology, cross_node);
+        for (file, content) in initial {
+            cluster.write_manifest(file, content);
+        }
+        cluster.start_first_agents(true);
+        cluster
+    }
+
+    /// Like [`Cluster::start`], with the agents watching an API server double
+    /// (`--kubeconfig`) instead of manifests. It listens on [`API_ADDR`] in
+    /// each node's netns, as a node reaches its API server; `init` fills it
+    /// before the agents start.
+    pub fn start_api(
+        topology: Topology,
+        cross_node: CrossNode,
+        init: impl FnOnce(&ApiServer),
+    ) -> Self {
+        let mut cluster = Self::build(topology, cross_node);
+        cluster.serve_api(init);
+        cluster.start_first_agents(true);
+        cluster
+    }
+
+    /// Like [`Cluster::start_api`] without waiting for the agents to be
+    /// healthy (see [`Cluster::wait_healthy`]).
+    pub fn launch_api(
+        topology: Topology,
+        cross_node: CrossNode,
+        init: impl FnOnce(&ApiServer),
+    ) -> Self {
+        let mut cluster = Self::build(topology, cross_node);
+        cluster.serve_api(init);
+        cluster.start_first_agents(false);
+        cluster
+    }
+
+    /// Waits until every running agent's /healthz says 200.
+    pub fn wait_healthy(&mut self) {
+        let mut failure = None;
+        for agent in self.agents.iter_mut().filter(|a| a.pid().is_some()) {
+            if let Err(e) = agent.wait_healthy(Duration::from_secs(30)) {
+                failure = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failure {
+            panic!("{e:#}");
+        }
+    }
+
+    /// /healthz status of each node's agent (None: no answer).
+    pub fn healthz(&self) -> [Option<u16>; 2] {
+        [1u8, 2].map(|node| agent::healthz_status(&self.lab.node_ns(node)))
+    }
+
+    /// The API server double in both nodes' netns, kubeconfigs for the
+    /// agents, filled by `init`.
+    fn serve_api(&mut self, init: impl FnOnce(&ApiServer)) {
+        let binds = [1u8, 2]
+            .map(|node| Bind::in_netns(&self.lab.node_ns(node), API_ADDR))
+            .to_vec();
+        let api = ApiServer::start(binds).expect("starting the API server double");
+        for node in [1u8, 2] {
+            let base = self.node_dir(node);
+            std::fs::create_dir_all(&base).expect("node dir");
+            std::fs::write(base.join("kubeconfig"), apiserver::kubeconfig(API_ADDR))
+                .expect("writing the kubeconfig");
+        }
+        init(&api);
+        self.api = Some(api);
+    }
+
+    /// The lab with backend servers in every `web-*` pod, no agents yet.
+    fn build(topology: Topology, cross_node: CrossNode) -> Self {
         let spec = LabSpec {
             prefix: unique_prefix(""),
             topology,
@@ -42,8 +123,9 @@ impl Cluster {
         };
         let lab = Lab::build(spec).expect("building the lab");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cluster = Self {
+        let cluster = Self {
             agents: Vec::new(),
+            api: None,
             lab,
             dir,
         };
@@ -52,11 +134,12 @@ impl Cluster {
                 cluster.serve(&pod.name);
             }
         }
-        for (file, content) in initial {
-            cluster.write_manifest(file, content);
-        }
+        cluster
+    }
+
+    fn start_first_agents(&mut self, wait_healthy: bool) {
         for node in [1u8, 2] {
-            let base = cluster.node_dir(node);
+            let base = self.node_dir(node);
             std::fs::create_dir_all(base.join("manifests")).expect("manifests dir");
             // Mounted here, in the test's mount namespace, as a node's
             // /sys/fs/bpf is: what the agent pins outlives the agent (whose
@@ -65,29 +148,106 @@ impl Cluster {
             std::fs::create_dir_all(&bpffs).expect("bpffs dir");
             let path = bpffs.to_str().expect("utf-8 temp path");
             netns::run("mount", &["-t", "bpf", "bpf", path]).expect("mounting the node's bpffs");
-            let agent = cluster.start_agent(node);
-            cluster.agents.push(agent);
+            let agent = self.start_agent(node, wait_healthy);
+            self.agents.push(agent);
         }
-        cluster
     }
 
-    fn start_agent(&self, node: u8) -> Agent {
+    /// The API server double (API mode only).
+    pub fn api(&self) -> &ApiServer {
+        self.api.as_ref().expect("a cluster started with start_api")
+    }
+
+    pub fn api_mut(&mut self) -> &mut ApiServer {
+        self.api.as_mut().expect("a cluster started with start_api")
+    }
+
+    /// What a node's datapath holds, read from its pinned maps with
+    /// `dataplane-agent inspect services -o json`: "SERVICE FRONTEND" (e.g.
+    /// `default/web:http 10.96.0.10:80/TCP`) -> sorted backends.
+    pub fn programmed(&self, node: u8) -> BTreeMap<String, Vec<String>> {
+        let out = std::process::Command::new(agent::agent_bin())
+            .args(["inspect", "services", "-o", "json", "--bpffs"])
+            .arg(self.node_dir(node).join("bpf"))
+            .output()
+            .expect("running dataplane-agent inspect");
+        assert!(
+            out.status.success(),
+            "inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).expect("inspect's JSON");
+        rows.iter()
+            .map(|row| {
+                let mut backends: Vec<String> = row["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| b.as_str().map(str::to_owned))
+                    .collect();
+                backends.sort();
+                (
+                    format!(
+                        "{} {}",
+                        row["service"].as_str().unwrap_or("?"),
+                        row["frontend"].as_str().unwrap_or("?")
+                    ),
+                    backends,
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until both nodes' maps hold `expected` (see [`Cluster::programmed`]).
+    pub fn eventually_programmed(&self, expected: &BTreeMap<String, Vec<String>>) {
+        for node in [1u8, 2] {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let now = self.programmed(node);
+                if &now == expected {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "node{node}'s maps hold\n{now:#?}\nexpected\n{expected:#?}\n{}",
+                        self.logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn start_agent(&self, node: u8, wait_healthy: bool) -> Agent {
         let base = self.node_dir(node);
-        Agent::start(
+        let kubeconfig = base.join("kubeconfig");
+        let manifests = base.join("manifests");
+        let source = match self.api {
+            Some(_) => agent::Source::Kubeconfig(&kubeconfig),
+            None => agent::Source::Manifests(&manifests),
+        };
+        let mut agent = Agent::launch_with(
             &self.lab.node_ns(node),
             &format!("node{node}"),
-            &base.join("manifests"),
+            source,
             &base.join("bpf"),
             &base.join(format!("agent-{}.log", self.agents.len())),
         )
-        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        if wait_healthy {
+            agent
+                .wait_healthy(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        agent
     }
 
     /// Starts the agents again after [`Cluster::stop_agents`]; waits until
     /// they are healthy. Their logs follow the previous ones in `logs()`.
     pub fn restart_agents(&mut self) {
         for node in [1u8, 2] {
-            let agent = self.start_agent(node);
+            let agent = self.start_agent(node, true);
             self.agents.push(agent);
         }
     }
@@ -237,6 +397,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() && self.api.is_some() {
+            eprintln!("agent logs of the failed test:\n{}", self.logs());
+        }
         self.agents.clear();
         for node in [1u8, 2] {
             if let Some(path) = self.node_dir(node).join("bpf").to_str() {

@@ -14,7 +14,7 @@ use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
 };
-use log::{info, warn};
+use log::info;
 use tokio::sync::mpsc;
 
 use super::SourceUpdate;
@@ -120,30 +120,47 @@ fn watch<K: Watched>(
     watcher(Api::<K>::all(client), watcher::Config::default()).default_backoff()
 }
 
+/// A watch refused with HTTP 410 Gone. kube's watcher relists on a 410
+/// `ERROR` event inside a watch stream (what the API server sends), but when
+/// the watch request itself is answered 410 it retries the same expired
+/// version forever; a fresh watcher relists instead.
+fn watch_start_gone(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410)
+}
+
 /// Sends updates until the receiver goes away. The first update with
 /// `initial_sync_done` comes once both kinds have been listed.
 pub async fn run(client: Client, tx: mpsc::Sender<SourceUpdate>) {
     let mut services = Tracker::<Service>::new();
     let mut slices = Tracker::<EndpointSlice>::new();
     let mut service_stream = std::pin::pin!(watch::<Service>(client.clone()));
-    let mut slice_stream = std::pin::pin!(watch::<EndpointSlice>(client));
+    let mut slice_stream = std::pin::pin!(watch::<EndpointSlice>(client.clone()));
     let mut announced = false;
     loop {
         let (events, error) = tokio::select! {
             Some(event) = service_stream.next() => match event {
                 Ok(event) => (services.handle(event).0, None),
-                Err(e) => (Vec::new(), Some(format!("watching Services: {e}"))),
+                Err(e) => {
+                    if watch_start_gone(&e) {
+                        service_stream.set(watch::<Service>(client.clone()));
+                    }
+                    (Vec::new(), Some(format!("watching Services: {e}")))
+                }
             },
             Some(event) = slice_stream.next() => match event {
                 Ok(event) => (slices.handle(event).0, None),
-                Err(e) => (Vec::new(), Some(format!("watching EndpointSlices: {e}"))),
+                Err(e) => {
+                    if watch_start_gone(&e) {
+                        slice_stream.set(watch::<EndpointSlice>(client.clone()));
+                    }
+                    (Vec::new(), Some(format!("watching EndpointSlices: {e}")))
+                }
             },
             else => return,
         };
-        if let Some(error) = &error {
-            // The watcher retries with backoff; the datapath keeps its state.
-            warn!("{error} (retrying; the datapath keeps the last known state)");
-        }
+        // Reported once, by the receiver. The watcher retries with backoff.
+        let error =
+            error.map(|e| format!("{e} (retrying; the datapath keeps the last known state)"));
         let initial_sync_done = services.synced_once && slices.synced_once;
         if events.is_empty() && (announced || !initial_sync_done) && error.is_none() {
             continue;
@@ -205,6 +222,26 @@ mod tests {
         assert!(t.handle(watcher::Event::InitApply(svc("c"))).0.is_empty());
         let (events, _) = t.handle(watcher::Event::InitDone);
         assert_eq!(describe(&events), vec!["-b", "+a", "+c"]);
+    }
+
+    #[test]
+    fn only_a_410_at_watch_start_restarts_the_watcher() {
+        let status = |code| {
+            kube::Error::Api(
+                kube::core::Status::failure("too old resource version", "Expired")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert!(watch_start_gone(&watcher::Error::WatchStartFailed(status(
+            410
+        ))));
+        assert!(!watch_start_gone(&watcher::Error::WatchStartFailed(
+            status(503)
+        )));
+        assert!(!watch_start_gone(&watcher::Error::InitialListFailed(
+            status(410)
+        )));
     }
 
     #[test]

@@ -310,7 +310,12 @@ impl<M: LbMaps> SyncEngine<M> {
         let mut slot_delta: isize = 0;
         let old_keys = self.owned.get(service).cloned().unwrap_or_default();
         let mut new_backends: BTreeSet<Backend> = BTreeSet::new();
+        let mut new_ips: BTreeSet<u32> = BTreeSet::new();
         for (frontend, spec) in frontends {
+            let addr = service_key(frontend).addr;
+            if !self.service_ips.contains_key(&addr) {
+                new_ips.insert(addr);
+            }
             let count = spec.backends.len();
             if count > capacity::BACKENDS_PER_SERVICE as usize {
                 return Err(SyncError::TooManyBackends {
@@ -350,6 +355,11 @@ impl<M: LbMaps> SyncEngine<M> {
             .map(|p| p.slots.len())
             .sum();
         let limits = [
+            (
+                "SERVICE_IPS",
+                self.service_ips.len() + new_ips.len(),
+                capacity::SERVICE_IPS,
+            ),
             (
                 "SERVICES",
                 self.frontends.len() + new_frontends,
@@ -885,6 +895,33 @@ mod tests {
             0,
             "nothing of the refused service was written"
         );
+    }
+
+    #[test]
+    fn service_ips_beyond_capacity_are_refused_before_any_write() {
+        // A refused write would mark the engine diverged and make every
+        // later service re-read all the maps: the 100k-service stall.
+        let mut e = engine();
+        e.service_ips
+            .extend((0..capacity::SERVICE_IPS).map(|i| (0x0a60_0000 + i, 1)));
+        let err = e
+            .sync_service(
+                &name("web"),
+                &[(frontend([10, 97, 0, 1], 80), spec("web", &[10]))],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SyncError::CapacityExceeded {
+                    map: "SERVICE_IPS",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(e.maps().writes, 0);
+        assert!(!e.diverged, "a refusal is not a divergence");
     }
 
     #[test]

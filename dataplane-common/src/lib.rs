@@ -36,7 +36,8 @@ pub mod map_names {
 /// Capacities of the maps. The agent refuses what does not fit rather than
 /// letting a map insert fail half way through a service.
 pub mod capacity {
-    pub const SERVICE_IPS: u32 = 65_536;
+    // One IP per service at most (dual-port services share theirs).
+    pub const SERVICE_IPS: u32 = 131_072;
     pub const SERVICES: u32 = 131_072;
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;

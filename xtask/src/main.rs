@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <command>`.
 
+mod bench;
 mod cargo;
 mod lab;
 mod lint;
@@ -24,6 +25,8 @@ enum Command {
     Build,
     /// Unit tests, datapath tests (BPF_PROG_TEST_RUN) and netns integration tests. Needs root.
     Test(test::Options),
+    /// Benchmarks against kube-proxy's iptables and nftables layouts; writes bench-results/. Needs root.
+    Bench(bench::Options),
     /// Bring the two-node lab up or down.
     Lab(lab::Options),
     /// Build, bring the lab up and show requests through a service IP.
@@ -40,6 +43,7 @@ fn main() -> anyhow::Result<()> {
             cargo::build_release()
         }
         Command::Test(options) => test::run(options),
+        Command::Bench(options) => bench::run(options),
         Command::Lab(options) => lab::run(options),
         Command::Run(options) => run::run(options),
         Command::Lint => lint::run(),

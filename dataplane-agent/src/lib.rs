@@ -14,6 +14,7 @@ pub mod interfaces;
 pub mod lb_maps;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod run;
 pub mod source;
 pub mod sync;

@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use dataplane_agent::{datapath, inspect, run};
+use dataplane_agent::{datapath, inspect, monitor, run};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +22,10 @@ enum Command {
     Run(run::Options),
     /// Show what the datapath holds, read from the pinned maps.
     Inspect(inspect::Options),
+    /// Follow packets through the datapath live: each decision (new flow,
+    /// established, reply translated, reject or drop reason) with the tuples
+    /// before and after translation. Tracing is on only while it runs.
+    Monitor(monitor::Options),
     /// Detach the programs from every pod interface and remove the pinned
     /// maps (conntrack included): what `kube-proxy --cleanup` is to its
     /// rules. Run it after stopping the agent for good.
@@ -38,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(options) => run::run(options),
         Command::Inspect(options) => inspect::run(options),
+        Command::Monitor(options) => monitor::run(options),
         Command::Cleanup { bpffs } => {
             let removed = datapath::cleanup(&bpffs)?;
             println!(

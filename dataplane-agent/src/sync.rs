@@ -293,6 +293,17 @@ impl<M: LbMaps> SyncEngine<M> {
         if self.diverged {
             self.reload()?;
         }
+        self.sync_service_as_known(service, frontends)
+    }
+
+    /// [`SyncEngine::sync_service`] without re-reading the maps first: a
+    /// full sync re-reads them once, not once per service after a failure
+    /// (with a map that keeps refusing writes that was quadratic).
+    fn sync_service_as_known(
+        &mut self,
+        service: &ServiceName,
+        frontends: &[(Frontend, FrontendSpec)],
+    ) -> Result<SyncStats, SyncError> {
         self.check(service, frontends)?;
         let result = self.apply(service, frontends);
         if result.is_err() {
@@ -611,8 +622,14 @@ impl<M: LbMaps> SyncEngine<M> {
     ) -> (SyncStats, Vec<SyncError>) {
         let mut stats = SyncStats::default();
         let mut errors = Vec::new();
+        if self.diverged {
+            if let Err(e) = self.reload() {
+                errors.push(e);
+                return (stats, errors);
+            }
+        }
         for (service, frontends) in all {
-            match self.sync_service(service, frontends) {
+            match self.sync_service_as_known(service, frontends) {
                 Ok(s) => {
                     stats.frontends_changed += s.frontends_changed;
                     stats.frontends_removed += s.frontends_removed;
@@ -627,7 +644,7 @@ impl<M: LbMaps> SyncEngine<M> {
             .cloned()
             .collect();
         for service in stale_services {
-            match self.sync_service(&service, &[]) {
+            match self.sync_service_as_known(&service, &[]) {
                 Ok(s) => stats.frontends_removed += s.frontends_removed,
                 Err(e) => errors.push(e),
             }

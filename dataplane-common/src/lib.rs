@@ -20,8 +20,10 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
     pub const AFFINITY: &str = "AFFINITY";
+    pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -30,6 +32,8 @@ pub mod map_names {
         COUNTERS,
         SERVICE_NAMES,
         AFFINITY,
+        TRACE_CONFIG,
+        TRACE_EVENTS,
     ];
 }
 
@@ -290,6 +294,56 @@ impl CtEntry {
     }
 }
 
+/// Value of `TRACE_CONFIG` (one entry, written by `dataplane-agent
+/// monitor`): which packets the datapath reports on `TRACE_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceConfig {
+    /// 0: tracing off, the datapath pays one array lookup per packet.
+    pub enabled: u32,
+    /// Network-order addresses; a packet is traced when each non-zero one
+    /// is its source or destination, before or after translation.
+    pub addr_a: u32,
+    pub addr_b: u32,
+}
+
+/// Where a traced packet was seen.
+pub mod trace_hook {
+    /// tc ingress of a pod's host-side interface: the pod sent it.
+    pub const FROM_POD: u8 = 1;
+    /// tc egress of a pod's host-side interface: on its way into the pod.
+    pub const TO_POD: u8 = 2;
+}
+
+/// The 4-tuple of a traced packet, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceTuple {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// One event on `TRACE_EVENTS`: what the datapath decided for a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceEvent {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    /// One of [`trace_hook`].
+    pub hook: u8,
+    pub proto: u8,
+    /// The [`Counter`] this decision counts under: the decision itself
+    /// (new flow, established, reply translated, reject or drop reason).
+    pub decision: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub before: TraceTuple,
+    pub after: TraceTuple,
+}
+
 /// Indices of the per-CPU `COUNTERS` array: what the datapath did and every
 /// reason it dropped or rejected a packet.
 #[repr(u32)]
@@ -343,6 +397,10 @@ impl Counter {
         Counter::IcmpErrorTranslated,
     ];
 
+    pub fn from_index(index: u32) -> Option<Counter> {
+        Counter::ALL.get(index as usize).copied()
+    }
+
     /// Stable snake_case name used in metrics and `inspect`.
     pub const fn name(self) -> &'static str {
         match self {
@@ -386,6 +444,8 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AffinityEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TraceConfig {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -425,6 +485,16 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 48);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
+        assert_eq!(size_of::<TraceEvent>(), 48);
+    }
+
+    #[test]
+    fn counters_are_listed_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{}", c.name());
+            assert_eq!(Counter::from_index(i as u32), Some(*c));
+        }
+        assert_eq!(Counter::from_index(Counter::COUNT), None);
     }
 
     #[test]

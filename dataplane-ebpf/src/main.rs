@@ -19,13 +19,17 @@ mod nat;
 mod parse;
 mod reject;
 mod skb;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use dataplane_common::{ct_dir, ct_flags, ct_state, service_flags, Counter, CtEntry, IPPROTO_TCP};
+use dataplane_common::{
+    ct_dir, ct_flags, ct_state, service_flags, trace_hook, Counter, CtEntry, TraceTuple,
+    IPPROTO_TCP,
+};
 
 use crate::{
     conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_update},
@@ -35,7 +39,34 @@ use crate::{
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
+    trace::{trace, tuple, Decision},
 };
+
+/// Reports a decision on `flow` (as it is now, after any rewrite) to
+/// `monitor`, when tracing is on.
+#[inline(always)]
+fn trace_flow(
+    ctx: &TcContext,
+    hook: u8,
+    decision: Counter,
+    before: TraceTuple,
+    flow: &Ipv4Flow,
+    service_id: u32,
+    backend_id: u32,
+) {
+    trace(
+        ctx,
+        &Decision {
+            hook,
+            decision,
+            proto: flow.proto,
+            service_id,
+            backend_id,
+            before,
+            after: tuple(flow),
+        },
+    );
+}
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -64,6 +95,22 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::Malformed { dst_addr }) => {
             if dst_addr != 0 && lb4_is_service_ip(dst_addr) {
                 count(Counter::Malformed);
+                let to = TraceTuple {
+                    dst_addr,
+                    ..TraceTuple::default()
+                };
+                trace(
+                    ctx,
+                    &Decision {
+                        hook: trace_hook::FROM_POD,
+                        decision: Counter::Malformed,
+                        proto: 0,
+                        service_id: 0,
+                        backend_id: 0,
+                        before: to,
+                        after: to,
+                    },
+                );
             }
             return Ok(TC_ACT_OK);
         }
@@ -72,6 +119,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return Ok(TC_ACT_OK);
     }
     let now = skb::now_ns();
+    let before = tuple(&flow);
 
     if let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
         // SAFETY: copied out of the map value at once.
@@ -82,13 +130,32 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         if !expired && backend_alive {
             count(Counter::Established);
             ct4_update(entry, &flow, ct_dir::ORIGINAL, now);
-            return forward_established(ctx, &mut flow, &ct);
+            let verdict = forward_established(ctx, &mut flow, &ct)?;
+            trace_flow(
+                ctx,
+                trace_hook::FROM_POD,
+                Counter::Established,
+                before,
+                &flow,
+                ct.service_id,
+                ct.backend_id,
+            );
+            return Ok(verdict);
         }
         ct4_delete(&ct);
         if !expired && flow.proto == IPPROTO_TCP {
             // The backend is gone: its connection state is lost with it, so
             // the client is told at once instead of timing out.
             count(Counter::ResetBackendGone);
+            trace_flow(
+                ctx,
+                trace_hook::FROM_POD,
+                Counter::ResetBackendGone,
+                before,
+                &flow,
+                ct.service_id,
+                ct.backend_id,
+            );
             return tcp_reset_unless_reset(ctx, &flow);
         }
         if !expired {
@@ -99,7 +166,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         // which stands for the client (itself).
         // SAFETY: copied out of the map value at once.
         let ct = unsafe { *entry };
-        return reply_translate(ctx, &mut flow, &ct, now);
+        return reply_translate(ctx, trace_hook::FROM_POD, &mut flow, &ct, now);
     }
 
     new_flow(ctx, &mut flow, now)
@@ -107,15 +174,45 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
 
 #[inline(always)]
 fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
+    let before = tuple(flow);
     let Some(service) = lb4_lookup_service(flow) else {
         count(Counter::UnknownPort);
+        trace_flow(
+            ctx,
+            trace_hook::FROM_POD,
+            Counter::UnknownPort,
+            before,
+            flow,
+            0,
+            0,
+        );
         return Ok(TC_ACT_OK);
     };
     let Some(selected) = lb4_select_backend(&service, flow.src_addr, now) else {
         if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
-            return Err(drop_with(Counter::DropNoLocalEndpoints));
+            let decision = Counter::DropNoLocalEndpoints;
+            trace_flow(
+                ctx,
+                trace_hook::FROM_POD,
+                decision,
+                before,
+                flow,
+                service.service_id,
+                0,
+            );
+            return Err(drop_with(decision));
         }
         count(Counter::RejectNoEndpoints);
+        let decision = Counter::RejectNoEndpoints;
+        trace_flow(
+            ctx,
+            trace_hook::FROM_POD,
+            decision,
+            before,
+            flow,
+            service.service_id,
+            0,
+        );
         if flow.proto == IPPROTO_TCP {
             return tcp_reset_unless_reset(ctx, flow);
         }
@@ -146,7 +243,22 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         return Err(drop_with(Counter::CtInsertFailed));
     };
     count(Counter::NewFlow);
-    forward_established(ctx, flow, &ct)
+    let verdict = forward_established(ctx, flow, &ct)?;
+    let decision = if selected.by_affinity {
+        Counter::AffinityHit
+    } else {
+        Counter::NewFlow
+    };
+    trace_flow(
+        ctx,
+        trace_hook::FROM_POD,
+        decision,
+        before,
+        flow,
+        ct.service_id,
+        ct.backend_id,
+    );
+    Ok(verdict)
 }
 
 /// Answers a TCP segment with a RST, except a RST itself, which is never
@@ -176,7 +288,14 @@ fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Ve
 
 /// Backend -> client packet: the source becomes the service again.
 #[inline(always)]
-fn reply_translate(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64) -> Verdict {
+fn reply_translate(
+    ctx: &TcContext,
+    hook: u8,
+    flow: &mut Ipv4Flow,
+    ct: &CtEntry,
+    now: u64,
+) -> Verdict {
+    let before = tuple(flow);
     let original = ct.original_key();
     let Some(owner) = ct4_lookup(&original) else {
         // The flow is gone (expired, evicted, or its backend removed): its
@@ -197,6 +316,15 @@ fn reply_translate(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64)
         nat4_rewrite_dst(ctx, flow, ct.client_addr, ct.client_port)
             .map_err(|_| drop_with(Counter::RewriteFailed))?;
     }
+    trace_flow(
+        ctx,
+        hook,
+        Counter::ReplyTranslated,
+        before,
+        flow,
+        ct.service_id,
+        ct.backend_id,
+    );
     Ok(TC_ACT_OK)
 }
 
@@ -216,7 +344,7 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         // Hairpin replies are translated on the way out of the pod.
         return Ok(TC_ACT_OK);
     }
-    reply_translate(ctx, &mut flow, &ct, skb::now_ns())
+    reply_translate(ctx, trace_hook::TO_POD, &mut flow, &ct, skb::now_ns())
 }
 
 /// An ICMP error about one of the client's translated flows is made about
@@ -231,6 +359,32 @@ fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
     };
     icmp4_reverse_translate(ctx, &error).map_err(|_| drop_with(Counter::RewriteFailed))?;
     count(Counter::IcmpErrorTranslated);
+    let before = TraceTuple {
+        src_addr: outer.src_addr,
+        dst_addr: outer.dst_addr,
+        ..TraceTuple::default()
+    };
+    let ct = &error.ct;
+    let after = TraceTuple {
+        src_addr: if outer.src_addr == ct.backend_addr {
+            ct.service_addr
+        } else {
+            outer.src_addr
+        },
+        ..before
+    };
+    trace(
+        ctx,
+        &Decision {
+            hook: trace_hook::TO_POD,
+            decision: Counter::IcmpErrorTranslated,
+            proto: outer.proto,
+            service_id: ct.service_id,
+            backend_id: ct.backend_id,
+            before,
+            after,
+        },
+    );
     Ok(TC_ACT_OK)
 }
 

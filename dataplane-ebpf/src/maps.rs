@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
-    ServiceKey, ServiceLabel, ServiceValue,
+    ServiceKey, ServiceLabel, ServiceValue, TraceConfig,
 };
 
 /// Hash maps the agent fills incrementally are not preallocated: their
@@ -51,6 +51,14 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
 #[expect(dead_code, reason = "read and written by userspace only")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceLabel> =
     HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
+
+/// Packet tracing filter, one entry, written by `dataplane-agent monitor`.
+#[map(name = "TRACE_CONFIG")]
+pub static TRACE_CONFIG: Array<TraceConfig> = Array::pinned(1, 0);
+
+/// Trace events (`TraceEvent`) for `dataplane-agent monitor`.
+#[map(name = "TRACE_EVENTS")]
+pub static TRACE_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 
 /// Per-CPU counters indexed by `Counter`.
 #[map(name = "COUNTERS")]

@@ -1,0 +1,69 @@
+//! Packet tracing for `dataplane-agent monitor`: when `TRACE_CONFIG` says
+//! so, each decision on a matching packet is reported on `TRACE_EVENTS`
+//! with the tuple before and after translation. Off (the default) it costs
+//! one array lookup and a branch per traced decision point.
+
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{Counter, TraceEvent, TraceTuple};
+
+use crate::{
+    maps::{TRACE_CONFIG, TRACE_EVENTS},
+    parse::Ipv4Flow,
+    skb,
+};
+
+#[inline(always)]
+pub fn tuple(flow: &Ipv4Flow) -> TraceTuple {
+    TraceTuple {
+        src_addr: flow.src_addr,
+        dst_addr: flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+    }
+}
+
+#[inline(always)]
+fn touches(t: &TraceTuple, addr: u32) -> bool {
+    t.src_addr == addr || t.dst_addr == addr
+}
+
+/// What a trace point knows about the packet's flow.
+pub struct Decision {
+    pub hook: u8,
+    pub decision: Counter,
+    pub proto: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub before: TraceTuple,
+    pub after: TraceTuple,
+}
+
+/// Reports `decision` if tracing is on and the packet matches the filter.
+#[inline(always)]
+pub fn trace(ctx: &TcContext, decision: &Decision) {
+    let Some(config) = TRACE_CONFIG.get(0) else {
+        return;
+    };
+    if config.enabled == 0 {
+        return;
+    }
+    for addr in [config.addr_a, config.addr_b] {
+        if addr != 0 && !touches(&decision.before, addr) && !touches(&decision.after, addr) {
+            return;
+        }
+    }
+    let event = TraceEvent {
+        ts_ns: skb::now_ns(),
+        ifindex: skb::ifindex(ctx),
+        hook: decision.hook,
+        proto: decision.proto,
+        decision: decision.decision as u8,
+        _pad: 0,
+        service_id: decision.service_id,
+        backend_id: decision.backend_id,
+        before: decision.before,
+        after: decision.after,
+    };
+    // A full ring drops the event, never the packet.
+    let _ = TRACE_EVENTS.output::<TraceEvent>(&event, 0);
+}

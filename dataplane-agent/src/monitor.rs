@@ -92,7 +92,8 @@ fn interface_name(ifindex: u32) -> String {
 
 /// Decodes one ring buffer record; `names` maps service ids to labels.
 pub fn decode(bytes: &[u8], names: &HashMap<u32, String>) -> Option<Event> {
-    let raw: TraceEvent = bytemuck::try_pod_read_unaligned(bytes.get(..size_of::<TraceEvent>())?).ok()?;
+    let raw: TraceEvent =
+        bytemuck::try_pod_read_unaligned(bytes.get(..size_of::<TraceEvent>())?).ok()?;
     Some(Event {
         ts_ns: raw.ts_ns,
         hook: match raw.hook {
@@ -235,7 +236,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             idle = false;
             let mut event = decode(&record, &names);
             if let Some(e) = &event {
-                if e.service.as_deref().is_some_and(|s| s.starts_with("service id ")) {
+                if e.service
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("service id "))
+                {
                     // A service created after we started: refresh the names.
                     names = service_names(dir)?;
                     event = decode(&record, &names);

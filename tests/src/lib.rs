@@ -282,6 +282,12 @@ impl Cluster {
         names
     }
 
+    /// Where a node's agent pins its maps (mounted in the test's mount
+    /// namespace, so tools run from the test see them).
+    pub fn bpffs(&self, node: u8) -> PathBuf {
+        self.node_dir(node).join("bpf")
+    }
+
     fn node_dir(&self, node: u8) -> PathBuf {
         self.dir.path().join(format!("node{node}"))
     }

@@ -33,6 +33,10 @@ enum Action {
     Up(UpOptions),
     /// Stop the lab's processes and remove its namespaces.
     Down,
+    /// With the lab up: follow one request from pod `client` (node1) to a
+    /// service backed by pod `web-c` (node2) and back, hop by hop, as
+    /// `dataplane-agent monitor` reports it.
+    Walkthrough,
 }
 
 #[derive(clap::Args, Clone)]
@@ -82,6 +86,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     match options.action {
         Action::Up(up_options) => up(&up_options),
         Action::Down => down(),
+        Action::Walkthrough => crate::walkthrough::run(),
     }
 }
 

@@ -7,6 +7,7 @@ mod lint;
 mod run;
 mod setup;
 mod test;
+mod walkthrough;
 
 use clap::{Parser, Subcommand};
 

@@ -188,6 +188,11 @@ impl Harness {
             .collect()
     }
 
+    /// The bpffs directory the maps are pinned in (for `inspect`).
+    pub fn bpffs(&self) -> &std::path::Path {
+        self._bpffs.dir.path()
+    }
+
     /// The pinned `AFFINITY` map, opened as an operator's tool would.
     pub fn affinity(&self) -> BpfHashMap<MapData, AffinityKey, AffinityEntry> {
         let pin = self._bpffs.dir.path().join(map_names::AFFINITY);

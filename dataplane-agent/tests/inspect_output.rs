@@ -1,0 +1,159 @@
+//! `dataplane-agent inspect` (the binary, both formats) against maps with
+//! known contents: filled through the sync engine and by running the real
+//! programs on a packet, in a bpffs of the test's own.
+//!
+//! Needs root and a kernel with BPF.
+
+#[path = "datapath/harness.rs"]
+mod harness;
+#[path = "datapath/packets.rs"]
+mod packets;
+
+use std::process::Command;
+
+use dataplane_agent::model::Protocol;
+use harness::{addr, Harness, TC_ACT_OK};
+use packets::{endpoints, Tcp, SYN};
+use serde_json::{json, Value};
+
+fn inspect(dp: &Harness, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dataplane-agent"))
+        .arg("inspect")
+        .args(args)
+        .arg("--bpffs")
+        .arg(dp.bpffs())
+        .output()
+        .expect("running dataplane-agent inspect");
+    assert!(
+        out.status.success(),
+        "inspect {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn inspect_json(dp: &Harness, args: &[&str]) -> Value {
+    let mut with_json = args.to_vec();
+    with_json.extend(["-o", "json"]);
+    serde_json::from_str(&inspect(dp, &with_json)).expect("inspect's JSON")
+}
+
+/// web (two backends, ClientIP affinity), empty (no endpoints), and one
+/// flow from the client to web. Returns the backend the flow got.
+fn known_maps() -> (Harness, String) {
+    let mut dp = Harness::new();
+    dp.set_service_with(
+        "web",
+        addr([10, 96, 0, 10], 80),
+        Protocol::Tcp,
+        &[addr([10, 244, 2, 10], 8080), addr([10, 244, 2, 11], 8080)],
+        |spec| spec.affinity_timeout_s = Some(10_800),
+    );
+    dp.set_service("empty", addr([10, 96, 0, 20], 53), Protocol::Udp, &[]);
+    let syn = Tcp::new(
+        addr([10, 244, 1, 10], 40_000),
+        addr([10, 96, 0, 10], 80),
+        SYN,
+    )
+    .build();
+    let run = dp.run_from_pod(&syn);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let backend = endpoints(&run.output).1.to_string();
+    (dp, backend)
+}
+
+#[test]
+fn services_in_both_formats() {
+    let (dp, _) = known_maps();
+    assert_eq!(
+        inspect(&dp, &["services"]),
+        "default/empty 10.96.0.20:53/UDP -> (no endpoints: connections rejected)\n\
+         default/web 10.96.0.10:80/TCP -> 10.244.2.10:8080, 10.244.2.11:8080 (affinity ClientIP 10800s)\n"
+    );
+    assert_eq!(
+        inspect_json(&dp, &["services"]),
+        json!([
+            {"service": "default/empty", "frontend": "10.96.0.20:53/UDP",
+             "backends": [], "affinity_timeout_s": null},
+            {"service": "default/web", "frontend": "10.96.0.10:80/TCP",
+             "backends": ["10.244.2.10:8080", "10.244.2.11:8080"], "affinity_timeout_s": 10800},
+        ])
+    );
+}
+
+#[test]
+fn conntrack_shows_both_tuples_and_filters() {
+    let (dp, backend) = known_maps();
+    let rows = inspect_json(&dp, &["conntrack"]);
+    let rows = rows.as_array().expect("a list");
+    assert_eq!(rows.len(), 1, "one flow: {rows:?}");
+    let flow = &rows[0];
+    assert_eq!(flow["service"], "default/web");
+    assert_eq!(flow["proto"], "TCP");
+    assert_eq!(flow["original"], "10.244.1.10:40000 -> 10.96.0.10:80");
+    assert_eq!(
+        flow["translated"],
+        format!("10.244.1.10:40000 -> {backend}")
+    );
+    assert_eq!(flow["state"], "SYN_SENT");
+    assert_eq!(flow["hairpin"], false);
+    // A SYN waits 60 s for its answer.
+    let expires = flow["expires_in_s"].as_u64().unwrap();
+    assert!((58..=60).contains(&expires), "{flow}");
+
+    let table = inspect(&dp, &["conntrack", "--service", "default/web"]);
+    assert!(
+        table.starts_with(&format!(
+            "default/web TCP 10.244.1.10:40000 -> 10.96.0.10:80 => 10.244.1.10:40000 -> {backend} SYN_SENT age 0s expires in"
+        )),
+        "{table}"
+    );
+    for filter in [
+        ["--service", "default/empty"],
+        ["--client", "10.244.1.99"],
+        ["--backend", "10.244.9.9"],
+    ] {
+        let mut args = vec!["conntrack"];
+        args.extend(filter);
+        assert_eq!(inspect_json(&dp, &args), json!([]), "{filter:?}");
+    }
+    let client_ip = inspect_json(&dp, &["conntrack", "--client", "10.244.1.10"]);
+    assert_eq!(client_ip.as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn counters_and_backends() {
+    let (dp, _) = known_maps();
+    let counters = inspect_json(&dp, &["counters"]);
+    let count = |name: &str| {
+        counters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["counter"] == name)
+            .unwrap_or_else(|| panic!("no counter {name}"))["packets"]
+            .clone()
+    };
+    assert_eq!(count("new_flow"), 1);
+    assert_eq!(count("established"), 0);
+    assert_eq!(count("reject_no_endpoints"), 0);
+    let table = inspect(&dp, &["counters"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().eq(["new_flow", "1"])),
+        "{table}"
+    );
+
+    let backends = inspect(&dp, &["backends"]);
+    let lines: Vec<&str> = backends.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 2, "{backends}");
+    for b in ["10.244.2.10:8080/TCP", "10.244.2.11:8080/TCP"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("{b} <- default/web 10.96.0.10:80/TCP"))),
+            "{backends}"
+        );
+    }
+}

@@ -72,11 +72,16 @@ pub enum ManifestError {
     },
 }
 
+/// An object's canonical JSON, compact: what change detection compares.
+/// Kept as text rather than a `Value` tree, which takes ten times the
+/// memory (10 000 services and their slices: hundreds of MiB).
+type Canonical = Box<str>;
+
 /// What the directory held at the last rescan, per file.
 pub struct ManifestSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, BTreeMap<ObjectKey, Value>>,
-    reported: BTreeMap<ObjectKey, Value>,
+    files: BTreeMap<PathBuf, BTreeMap<ObjectKey, Canonical>>,
+    reported: BTreeMap<ObjectKey, Canonical>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -147,53 +152,64 @@ fn raw_key(kind: Kind, doc: &Value) -> Option<ObjectKey> {
 
 /// Deserializes and validates one document into its key and canonical JSON
 /// (what change detection compares), or says why not.
-fn parse_object(kind: Kind, doc: &Value) -> Result<(ObjectKey, Value), String> {
+fn parse_object(kind: Kind, doc: &Value) -> Result<(ObjectKey, Canonical), String> {
     let (meta, value) = match kind {
         Kind::Service => {
-            let svc: Service = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+            let svc = Service::deserialize(doc).map_err(|e| e.to_string())?;
             validate_service(&svc).map_err(|e| e.to_string())?;
-            let value = serde_json::to_value(&svc).map_err(|e| e.to_string())?;
+            let value = serde_json::to_string(&svc).map_err(|e| e.to_string())?;
             (svc.metadata, value)
         }
         Kind::EndpointSlice => {
-            let slice: EndpointSlice =
-                serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+            let slice = EndpointSlice::deserialize(doc).map_err(|e| e.to_string())?;
             validate_slice(&slice).map_err(|e| e.to_string())?;
-            let value = serde_json::to_value(&slice).map_err(|e| e.to_string())?;
+            let value = serde_json::to_string(&slice).map_err(|e| e.to_string())?;
             (slice.metadata, value)
         }
     };
-    Ok(((kind, ObjectRef::of(&meta)), value))
+    Ok(((kind, ObjectRef::of(&meta)), value.into()))
 }
 
-/// Every object document of a file, `List`s flattened.
-fn documents(text: &str) -> Result<Vec<Value>, serde_norway::Error> {
-    let mut docs = Vec::new();
+/// Calls `each` with every object document of a file, `List`s flattened,
+/// one at a time so a large file is never held whole as `Value`s.
+fn for_each_document(
+    text: &str,
+    mut each: impl FnMut(usize, &Value),
+) -> Result<(), serde_norway::Error> {
+    let mut index = 0;
     for de in serde_norway::Deserializer::from_str(text) {
         let doc = Value::deserialize(de)?;
         match doc.get("kind").and_then(Value::as_str) {
-            Some("List") => docs.extend(
-                doc.get("items")
+            Some("List") => {
+                for item in doc
+                    .get("items")
                     .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default(),
-            ),
+                    .into_iter()
+                    .flatten()
+                {
+                    each(index, item);
+                    index += 1;
+                }
+            }
             _ if doc.is_null() => {}
-            _ => docs.push(doc),
+            _ => {
+                each(index, &doc);
+                index += 1;
+            }
         }
     }
-    Ok(docs)
+    Ok(())
 }
 
-fn event(key: &ObjectKey, value: &Value) -> Option<ClusterEvent> {
+fn event(key: &ObjectKey, value: &str) -> Option<ClusterEvent> {
     // Values were produced by serializing the same types, so they
     // deserialize; a failure here is a bug, logged rather than fatal.
     let event = match key.0 {
         Kind::Service => {
-            serde_json::from_value(value.clone()).map(|s| ClusterEvent::ApplyService(Box::new(s)))
+            serde_json::from_str(value).map(|s| ClusterEvent::ApplyService(Box::new(s)))
         }
         Kind::EndpointSlice => {
-            serde_json::from_value(value.clone()).map(|s| ClusterEvent::ApplySlice(Box::new(s)))
+            serde_json::from_str(value).map(|s| ClusterEvent::ApplySlice(Box::new(s)))
         }
     };
     event
@@ -242,7 +258,7 @@ impl ManifestSource {
                     });
                     previous.cloned().unwrap_or_default()
                 }
-                Ok(text) => match documents(&text) {
+                Ok(text) => match Self::read_objects(&path, &text, previous) {
                     Err(source) => {
                         errors.push(ManifestError::Yaml {
                             file: path.clone(),
@@ -250,14 +266,17 @@ impl ManifestSource {
                         });
                         previous.cloned().unwrap_or_default()
                     }
-                    Ok(docs) => self.read_objects(&path, &docs, previous, &mut errors),
+                    Ok((objects, object_errors)) => {
+                        errors.extend(object_errors);
+                        objects
+                    }
                 },
             };
             files.insert(path, objects);
         }
 
         // First file (in path order) wins for objects defined twice.
-        let mut current: BTreeMap<ObjectKey, (PathBuf, Value)> = BTreeMap::new();
+        let mut current: BTreeMap<ObjectKey, (PathBuf, Canonical)> = BTreeMap::new();
         for (path, objects) in &files {
             for (key, value) in objects {
                 if let Some((first, _)) = current.get(key) {
@@ -290,43 +309,41 @@ impl ManifestSource {
         (events, errors)
     }
 
+    /// The objects of one file and the problems of single objects; a YAML
+    /// error makes the whole file unreadable (the caller keeps its last
+    /// good version).
+    #[allow(clippy::type_complexity)]
     fn read_objects(
-        &self,
         path: &Path,
-        docs: &[Value],
-        previous: Option<&BTreeMap<ObjectKey, Value>>,
-        errors: &mut Vec<ManifestError>,
-    ) -> BTreeMap<ObjectKey, Value> {
+        text: &str,
+        previous: Option<&BTreeMap<ObjectKey, Canonical>>,
+    ) -> Result<(BTreeMap<ObjectKey, Canonical>, Vec<ManifestError>), serde_norway::Error> {
         let mut objects = BTreeMap::new();
-        let mut error = |index: usize, doc: &Value, reason: String| {
-            errors.push(ManifestError::Object {
-                file: path.to_owned(),
-                object: describe(doc, index),
-                reason,
-            });
-        };
-        for (index, doc) in docs.iter().enumerate() {
+        let mut errors = Vec::new();
+        for_each_document(text, |index, doc| {
+            let mut error = |reason: String| {
+                errors.push(ManifestError::Object {
+                    file: path.to_owned(),
+                    object: describe(doc, index),
+                    reason,
+                });
+            };
             let kind = match classify(doc) {
                 Ok(Some(kind)) => kind,
-                Ok(None) => continue,
-                Err(reason) => {
-                    error(index, doc, reason);
-                    continue;
-                }
+                Ok(None) => return,
+                Err(reason) => return error(reason),
             };
             match parse_object(kind, doc) {
                 Ok((key, value)) => match objects.entry(key) {
                     std::collections::btree_map::Entry::Vacant(slot) => {
                         slot.insert(value);
                     }
-                    std::collections::btree_map::Entry::Occupied(_) => error(
-                        index,
-                        doc,
-                        "defined again in the same file; using the first".into(),
-                    ),
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        error("defined again in the same file; using the first".into())
+                    }
                 },
                 Err(reason) => {
-                    error(index, doc, reason);
+                    error(reason);
                     // Keep the last good version of this very object (same
                     // kind: a Service and its slice often share a name).
                     let kept = raw_key(kind, doc)
@@ -336,8 +353,8 @@ impl ManifestSource {
                     }
                 }
             }
-        }
-        objects
+        })?;
+        Ok((objects, errors))
     }
 }
 

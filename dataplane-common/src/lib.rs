@@ -377,10 +377,15 @@ pub enum Counter {
     AffinityHit = 11,
     /// An ICMP error about a translated flow was made about the service.
     IcmpErrorTranslated = 12,
+    /// The TCP RST or ICMP unreachable answering a refused connection could
+    /// not be built: the packet was dropped instead.
+    RejectFailed = 13,
+    /// A trace event was lost (ring buffer full); the packet was not.
+    TraceLost = 14,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -395,6 +400,8 @@ impl Counter {
         Counter::DropNoLocalEndpoints,
         Counter::AffinityHit,
         Counter::IcmpErrorTranslated,
+        Counter::RejectFailed,
+        Counter::TraceLost,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -417,6 +424,8 @@ impl Counter {
             Counter::DropNoLocalEndpoints => "drop_no_local_endpoints",
             Counter::AffinityHit => "affinity_hit",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::RejectFailed => "reject_failed",
+            Counter::TraceLost => "trace_lost",
         }
     }
 }

@@ -216,7 +216,8 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         if flow.proto == IPPROTO_TCP {
             return tcp_reset_unless_reset(ctx, flow);
         }
-        return reject4_icmp_port_unreachable(ctx, flow).map_err(|_| TC_ACT_SHOT);
+        return reject4_icmp_port_unreachable(ctx, flow)
+            .map_err(|_| drop_with(Counter::RejectFailed));
     };
     if selected.by_affinity {
         count(Counter::AffinityHit);
@@ -269,7 +270,7 @@ fn tcp_reset_unless_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
     if flow.tcp_flags & TCP_RST != 0 {
         return Err(TC_ACT_SHOT);
     }
-    reject4_tcp_reset(ctx, flow).map_err(|_| TC_ACT_SHOT)
+    reject4_tcp_reset(ctx, flow).map_err(|_| drop_with(Counter::RejectFailed))
 }
 
 /// Client -> service packet of a known flow: DNAT to its backend, and in a

@@ -7,7 +7,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{Counter, TraceEvent, TraceTuple};
 
 use crate::{
-    maps::{TRACE_CONFIG, TRACE_EVENTS},
+    maps::{count, TRACE_CONFIG, TRACE_EVENTS},
     parse::Ipv4Flow,
     skb,
 };
@@ -65,5 +65,7 @@ pub fn trace(ctx: &TcContext, decision: &Decision) {
         after: decision.after,
     };
     // A full ring drops the event, never the packet.
-    let _ = TRACE_EVENTS.output::<TraceEvent>(&event, 0);
+    if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err() {
+        count(Counter::TraceLost);
+    }
 }

@@ -30,7 +30,12 @@ struct Monitor {
 
 impl Monitor {
     fn start(node: u8) -> anyhow::Result<Self> {
-        let mut child = Command::new(agent_bin())
+        // In the node's network namespace, so interface indexes name its
+        // interfaces; the lab's bpffs is mounted in the host's mount
+        // namespace, which `ip netns exec` inherits.
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &format!("{PREFIX}node{node}")])
+            .arg(agent_bin())
             .arg("monitor")
             .arg("--bpffs")
             .arg(lab_dir().join(format!("node{node}/bpf")))
@@ -135,10 +140,14 @@ pub fn run() -> anyhow::Result<()> {
     );
     let mut step = 2;
     let mut last_hook = String::new();
+    let mut explained = std::collections::BTreeSet::new();
     for (node, e) in &events {
         let decision = e["decision"].as_str().unwrap_or("?");
         let hook = e["hook"].as_str().unwrap_or("?");
-        if hook == "to-pod" && last_hook != "to-pod" {
+        if hook == "to-pod"
+            && last_hook != "to-pod"
+            && !explained.contains(&("reply_translated".to_owned(), "to-pod".to_owned()))
+        {
             println!(
                 "  {step}. web-c answers; node2 routes the reply back (direct route or VXLAN) to node1, \
                  whose cbr0 bridge hands it to `vethclient`:"
@@ -146,13 +155,15 @@ pub fn run() -> anyhow::Result<()> {
             step += 1;
         }
         println!(
-            "  {step}. node{node} {hook} on {}: {} {}  {decision}  -> {}\n       {}",
+            "  {step}. node{node} {hook} on {}: {} {}  {decision}  -> {}",
             e["interface"].as_str().unwrap_or("?"),
             e["proto"].as_str().unwrap_or("?"),
             e["before"].as_str().unwrap_or("?"),
             e["after"].as_str().unwrap_or("?"),
-            explain(decision, hook)
         );
+        if explained.insert((decision.to_owned(), hook.to_owned())) {
+            println!("       {}", explain(decision, hook));
+        }
         if decision == "new_flow" {
             println!(
                 "       The packet, now to {}, crosses cbr0 -> node1's eth0 -> node2 -> cbr0 -> `vethweb-c` -> web-c.\n       \
@@ -167,7 +178,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("  (monitor reported no events: is the agent from this tree running in the lab?)");
     }
     println!(
-        "\nLive: `{} monitor --bpffs {} --service default/journey`",
+        "\nLive: `ip netns exec {PREFIX}node1 {} monitor --bpffs {} --service default/journey`",
         agent_bin().display(),
         lab_dir().join("node1/bpf").display()
     );

@@ -291,6 +291,10 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 None => break Err(anyhow::anyhow!("netlink link notifications stopped")),
             },
             _ = gc.tick() => {
+                if syncer.engine.needs_resync() {
+                    warn!("a map write failed earlier: full resync from the cluster state");
+                    syncer.full_sync();
+                }
                 let sweep = conntrack::sweep(&mut conntrack_map);
                 if sweep.removed > 0 {
                     log::debug!("conntrack: removed {} expired entries", sweep.removed);

@@ -673,6 +673,13 @@ impl<M: LbMaps> SyncEngine<M> {
         (stats, errors)
     }
 
+    /// A write failed and the maps may differ from what this engine thinks
+    /// they hold: the next sync re-reads them. The agent runs a full sync
+    /// for that rather than wait for the next change of each service.
+    pub fn needs_resync(&self) -> bool {
+        self.diverged
+    }
+
     /// Services that own at least one frontend.
     pub fn service_count(&self) -> usize {
         self.owned.len()
@@ -996,8 +1003,28 @@ mod tests {
             .sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
             .unwrap_err();
         assert_eq!(err.cause(), "map_write");
+        assert!(e.needs_resync());
         e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
             .unwrap();
+        let mut got = programmed(e.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(got, vec![10, 11]);
+        assert!(!e.needs_resync());
+    }
+
+    #[test]
+    fn full_resync_after_a_failed_write_repairs_without_a_new_event() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let desired = BTreeMap::from([(name("web"), vec![(web, spec("web", &[10, 11]))])]);
+        e.maps.fail_next_write_to = Some(dataplane_common::map_names::BACKEND_SLOTS);
+        let (_, errors) = e.sync_all(&desired);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(e.needs_resync());
+        // What the agent does at its next tick, with the same state.
+        let (_, errors) = e.sync_all(&desired);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!e.needs_resync());
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11]);

@@ -12,7 +12,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use dataplane_common::{map_names, CtEntry, CtKey};
+use dataplane_common::{map_names, Counter, CtEntry, CtKey};
 use log::{info, warn};
 
 use crate::lb_maps::BpfLbMaps;
@@ -28,6 +28,11 @@ pub const BENCH_FLOOR: &str = "bench_floor";
 
 pub type ConntrackMap = BpfHashMap<MapData, CtKey, CtEntry>;
 pub type CounterMap = PerCpuArray<MapData, u64>;
+
+/// A datapath counter summed over CPUs (`inspect counters`, `/metrics`).
+pub fn counter_total(map: &CounterMap, counter: Counter) -> Result<u64, aya::maps::MapError> {
+    Ok(map.get(&(counter as u32), 0)?.iter().sum())
+}
 
 /// The maps userspace works with, taken out of the loaded object.
 pub struct DatapathMaps {

@@ -18,7 +18,9 @@ use dataplane_common::{
 };
 use serde::Serialize;
 
-use crate::{conntrack::monotonic_now_ns, lb_maps::BpfLbMaps, lb_maps::LbMaps as _};
+use crate::{
+    conntrack::monotonic_now_ns, datapath::counter_total, lb_maps::BpfLbMaps, lb_maps::LbMaps as _,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -62,10 +64,12 @@ pub enum What {
     Interfaces,
 }
 
-fn proto_name(proto: u8) -> &'static str {
+pub(crate) fn proto_name(proto: u8) -> &'static str {
     match proto {
         IPPROTO_TCP => "TCP",
         IPPROTO_UDP => "UDP",
+        // Traced ICMP errors (`monitor`); the maps hold TCP and UDP only.
+        1 => "ICMP",
         _ => "?",
     }
 }
@@ -78,7 +82,7 @@ fn endpoint(addr: u32, port: u16) -> String {
     )
 }
 
-fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
+pub(crate) fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
@@ -271,12 +275,10 @@ pub fn counters(dir: &Path) -> anyhow::Result<Vec<CounterRow>> {
     Counter::ALL
         .iter()
         .map(|c| {
-            let per_cpu = map
-                .get(&(*c as u32), 0)
-                .with_context(|| format!("reading counter {}", c.name()))?;
             Ok(CounterRow {
                 counter: c.name(),
-                packets: per_cpu.iter().sum(),
+                packets: counter_total(&map, *c)
+                    .with_context(|| format!("reading counter {}", c.name()))?,
             })
         })
         .collect()

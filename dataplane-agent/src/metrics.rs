@@ -26,7 +26,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::CounterMap;
+use crate::datapath::{counter_total, CounterMap};
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -254,10 +254,9 @@ impl Collector for LiveCollector {
             ConstCounter::new(0u64).metric_type(),
         )?;
         for counter in DatapathCounter::ALL {
-            let Ok(per_cpu) = map.get(&(counter as u32), 0) else {
+            let Ok(total) = counter_total(map, counter) else {
                 continue;
             };
-            let total: u64 = per_cpu.iter().sum();
             let labels: Labels = vec![("event", counter.name())];
             ConstCounter::new(total).encode(family.encode_family(&labels)?)?;
         }

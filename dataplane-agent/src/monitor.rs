@@ -15,14 +15,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, Map, MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
 use dataplane_common::{
     ipv4_from_map, ipv4_to_map, map_names, port_from_map, trace_hook, Counter, ServiceLabel,
-    TraceConfig, TraceEvent, TraceTuple, IPPROTO_TCP, IPPROTO_UDP,
+    TraceConfig, TraceEvent, TraceTuple,
 };
 use serde::Serialize;
 
-use crate::inspect::{self, Format};
+use crate::inspect::{self, open, proto_name, Format};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -59,15 +59,6 @@ pub struct Event {
     pub backend_id: u32,
     pub before: String,
     pub after: String,
-}
-
-fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        IPPROTO_TCP => "TCP",
-        IPPROTO_UDP => "UDP",
-        1 => "ICMP",
-        _ => "?",
-    }
 }
 
 fn tuple_text(t: &TraceTuple) -> String {
@@ -132,18 +123,6 @@ impl std::fmt::Display for Event {
         }
         Ok(())
     }
-}
-
-fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is an agent running with --bpffs {}?)",
-            path.display(),
-            dir.display()
-        )
-    })?;
-    Ok(Map::from_map_data(data)?)
 }
 
 /// Service id -> `namespace/name:port`, from `SERVICE_NAMES`.

@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use dataplane_agent::{datapath, inspect, monitor, run};
+use dataplane_agent::{
+    node::datapath,
+    operator::{inspect, monitor},
+    run,
+};
 
 #[derive(Debug, Parser)]
 #[command(

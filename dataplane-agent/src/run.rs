@@ -1,12 +1,10 @@
-//! `dataplane-agent run`: load, sync, attach, and follow changes until
+//! `dataplane-agent run`: the options, the kubeconfig, the servers and the
+//! signals, around the three rooms: load the datapath (`node`), start the
+//! source and the control loop (`control`), serve `/healthz` and `/metrics`
+//! (`operator`), attach to pod interfaces, and follow changes until
 //! SIGTERM.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -16,16 +14,19 @@ use tokio::{
 };
 
 use crate::{
-    bpffs::ensure_bpffs,
-    conntrack,
-    datapath::Datapath,
-    healthz::{self, Health},
-    interfaces::{self, LinkEvent, PodInterfaceFilter},
-    lb_maps::LbMaps,
-    metrics::{self, Metrics},
-    model::{ClusterEvent, ClusterState, Frontend, FrontendSpec, ServiceName},
-    source::{self, SourceUpdate},
-    sync::SyncEngine,
+    control::{
+        health::Health,
+        run_loop::ControlLoop,
+        source::{self, SourceUpdate, UpdateSender},
+        sync::SyncEngine,
+    },
+    node::{
+        bpffs::ensure_bpffs,
+        ct_gc,
+        datapath::Datapath,
+        interfaces::{self, LinkEvent, PodInterfaceFilter},
+    },
+    operator::{healthz, metrics, metrics::Metrics},
 };
 
 #[derive(Debug, clap::Args)]
@@ -71,100 +72,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     runtime.block_on(run_async(options))
 }
 
-/// The state that turns source events into map writes.
-struct Syncer<M: LbMaps> {
-    state: ClusterState,
-    engine: SyncEngine<M>,
-    node_name: Option<String>,
-    metrics: Metrics,
-}
-
-impl<M: LbMaps> Syncer<M> {
-    fn frontends_of(&self, service: &ServiceName) -> Option<Vec<(Frontend, FrontendSpec)>> {
-        match self.state.frontends(service, self.node_name.as_deref()) {
-            Ok(frontends) => Some(frontends.unwrap_or_default()),
-            Err(e) => {
-                error!("{e}");
-                self.metrics.sync_error("invalid_object");
-                None
-            }
-        }
-    }
-
-    fn record(&self, kind: &'static str, started: Instant) {
-        self.metrics.sync_done(kind, started.elapsed());
-        self.metrics.programmed(
-            self.engine.service_count(),
-            self.engine.frontend_count(),
-            self.engine.backend_count(),
-        );
-        self.metrics.occupancy(self.engine.occupancy());
-    }
-
-    fn full_sync(&mut self) {
-        let started = Instant::now();
-        let mut all = BTreeMap::new();
-        for service in self.state.service_names() {
-            if let Some(frontends) = self.frontends_of(&service) {
-                if !frontends.is_empty() {
-                    all.insert(service, frontends);
-                }
-            }
-        }
-        let (stats, errors) = self.engine.sync_all(&all);
-        for e in &errors {
-            error!("{e}");
-            self.metrics.sync_error(e.cause());
-        }
-        self.record("full", started);
-        info!(
-            "full sync: {} services, {} frontends, {} backends programmed ({} changed, {} removed) in {:?}",
-            all.len(),
-            self.engine.frontend_count(),
-            self.engine.backend_count(),
-            stats.frontends_changed,
-            stats.frontends_removed,
-            started.elapsed()
-        );
-    }
-
-    /// Applies a batch of events and syncs each touched service once.
-    fn apply(&mut self, events: Vec<ClusterEvent>) {
-        let started = Instant::now();
-        let mut touched = BTreeSet::new();
-        for event in events {
-            touched.extend(self.state.apply(event));
-        }
-        for service in touched {
-            let Some(frontends) = self.frontends_of(&service) else {
-                continue;
-            };
-            if let Err(e) = self.engine.sync_service(&service, &frontends) {
-                error!("{e}");
-                self.metrics.sync_error(e.cause());
-            }
-        }
-        self.record("incremental", started);
-    }
-}
-
-/// Starts the configured source; its updates arrive on the returned channel.
-async fn start_source(
-    options: &Options,
-    health: Health,
-) -> anyhow::Result<mpsc::Receiver<SourceUpdate>> {
-    let (tx, mut from_source) = mpsc::channel::<SourceUpdate>(256);
-    let (to_loop, rx) = mpsc::channel(256);
-    // Marks each update as pending for /healthz the moment it arrives, so a
-    // run loop that stops applying changes shows up as unhealthy.
-    tokio::spawn(async move {
-        while let Some(update) = from_source.recv().await {
-            health.queued();
-            if to_loop.send(update).await.is_err() {
-                break;
-            }
-        }
-    });
+/// Starts the configured source, feeding `tx`.
+async fn start_source(options: &Options, tx: UpdateSender) -> anyhow::Result<()> {
     if let Some(dir) = options.manifests.clone() {
         info!("source: manifests in {}", dir.display());
         tokio::spawn(async move {
@@ -189,7 +98,7 @@ async fn start_source(
         let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
         tokio::spawn(source::kube::run(client, tx));
     }
-    Ok(rx)
+    Ok(())
 }
 
 fn handle_link(datapath: &mut Datapath, link: LinkEvent) {
@@ -197,7 +106,7 @@ fn handle_link(datapath: &mut Datapath, link: LinkEvent) {
         LinkEvent::Present { ifindex, name } => {
             if !datapath.is_attached(ifindex) {
                 if let Err(e) = datapath.attach(ifindex, &name) {
-                    warn!("{e:#}");
+                    warn!("{:#}", anyhow::Error::from(e));
                 }
             }
         }
@@ -213,14 +122,14 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let mut conntrack_map = maps.conntrack;
     let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
     let metrics = Metrics::new(Some(maps.counters));
-    let mut syncer = Syncer {
-        state: ClusterState::default(),
-        engine,
-        node_name: options.node_name.clone(),
-        metrics: metrics.clone(),
-    };
-
     let health = Health::new(options.healthz_timeout);
+    let mut control = ControlLoop::new(
+        engine,
+        options.node_name.clone(),
+        health.clone(),
+        metrics.clone(),
+    );
+
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
     let mut metrics_server = tokio::spawn(metrics::serve(
@@ -230,27 +139,19 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    // The initial state first, whole: nothing is written until the source
-    // has listed everything, so a restart never removes a live service.
-    let mut updates = start_source(&options, health.clone()).await?;
+    let (tx, mut updates) = source::channel(health);
+    start_source(&options, tx).await?;
     loop {
         let update = tokio::select! {
             update = updates.recv() => update.context("the source stopped before its first sync")?,
             _ = sigterm.recv() => return Ok(()),
             _ = sigint.recv() => return Ok(()),
         };
-        for e in &update.errors {
-            error!("{e}");
-            metrics.sync_error("source");
-        }
-        for event in update.events {
-            syncer.state.apply(event);
-        }
-        if update.initial_sync_done {
+        if control.initial(update) {
             break;
         }
     }
-    syncer.full_sync();
+    control.full_sync();
 
     // Interfaces after the first sync: a pod never sees the programs with
     // empty maps. Healthy only once the pods present now have them.
@@ -262,7 +163,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         handle_link(&mut datapath, link);
     }
     datapath.remove_stale_links();
-    health.synced();
+    control.mark_synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     info!("agent ready: maps pinned under {}", options.bpffs.display());
 
@@ -272,47 +173,22 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: exiting"); break Ok(()) }
             update = updates.recv() => {
                 let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
-                // Coalesce a burst (a rolling update) into one sync per service.
-                let mut events = Vec::new();
-                let mut next = Some(first);
-                while let Some(update) = next {
-                    for e in &update.errors {
-                        error!("{e}");
-                        metrics.sync_error("source");
-                    }
-                    events.extend(update.events);
-                    next = updates.try_recv().ok();
-                }
-                syncer.apply(events);
-                health.synced();
+                control.apply(burst(first, &mut updates));
             }
             link = links.recv() => match link {
                 Some(link) => handle_link(&mut datapath, link),
                 None => break Err(anyhow::anyhow!("netlink link notifications stopped")),
             },
             _ = gc.tick() => {
-                if syncer.engine.needs_resync() {
-                    warn!("a map write failed earlier: full resync from the cluster state");
-                    syncer.full_sync();
-                }
-                let sweep = conntrack::sweep(&mut conntrack_map);
+                control.tick();
+                let sweep = ct_gc::sweep(&mut conntrack_map);
                 if sweep.removed > 0 {
                     log::debug!("conntrack: removed {} expired entries", sweep.removed);
                 }
                 metrics.conntrack_entries(sweep.remaining);
             }
-            served = &mut healthz_server => {
-                break match served {
-                    Ok(Err(e)) => Err(e),
-                    _ => Err(anyhow::anyhow!("the healthz server stopped")),
-                }
-            }
-            served = &mut metrics_server => {
-                break match served {
-                    Ok(Err(e)) => Err(e),
-                    _ => Err(anyhow::anyhow!("the metrics server stopped")),
-                }
-            }
+            served = &mut healthz_server => break server_stopped("healthz", served),
+            served = &mut metrics_server => break server_stopped("metrics", served),
         }
     };
     // The programs stay attached (pinned links) and the maps pinned: traffic
@@ -328,4 +204,24 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     healthz_server.abort();
     metrics_server.abort();
     result
+}
+
+/// `first` and whatever else is already waiting: a burst (a rolling
+/// update) is applied as one batch, one sync per service.
+fn burst(first: SourceUpdate, updates: &mut mpsc::Receiver<SourceUpdate>) -> Vec<SourceUpdate> {
+    let mut batch = vec![first];
+    while let Ok(update) = updates.try_recv() {
+        batch.push(update);
+    }
+    batch
+}
+
+fn server_stopped<E: std::error::Error + Send + Sync + 'static>(
+    what: &str,
+    served: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match served {
+        Ok(Err(e)) => Err(e.into()),
+        _ => Err(anyhow::anyhow!("the {what} server stopped")),
+    }
 }

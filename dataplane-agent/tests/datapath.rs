@@ -12,7 +12,7 @@ mod packets;
 
 use std::{collections::HashMap, net::SocketAddrV4};
 
-use dataplane_agent::model::Protocol;
+use dataplane_agent::control::model::Protocol;
 use dataplane_common::{
     ct_dir, ct_flags, ct_state, ipv4_to_map, port_to_map, Counter, IPPROTO_TCP, IPPROTO_UDP,
 };

@@ -12,7 +12,7 @@ mod packets;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dataplane_agent::model::Protocol;
+use dataplane_agent::control::model::Protocol;
 use dataplane_common::Counter;
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
 use harness::{addr, Harness, TC_ACT_OK};

@@ -11,7 +11,7 @@ mod packets;
 
 use std::process::Command;
 
-use dataplane_agent::model::Protocol;
+use dataplane_agent::control::model::Protocol;
 use harness::{addr, Harness, TC_ACT_OK};
 use packets::{endpoints, Tcp, SYN};
 use serde_json::{json, Value};

@@ -13,7 +13,7 @@ mod packets;
 use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use aya::maps::MapData;
-use dataplane_agent::model::Protocol;
+use dataplane_agent::control::model::Protocol;
 use dataplane_common::{ipv4_to_map, AffinityEntry, AffinityKey, Counter};
 use harness::{addr, Harness, TC_ACT_OK, TC_ACT_SHOT};
 use packets::{assert_translated, endpoints, Tcp, SYN};

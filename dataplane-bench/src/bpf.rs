@@ -3,10 +3,13 @@
 
 use anyhow::Context as _;
 use dataplane_agent::{
-    bpffs::ensure_bpffs,
-    datapath::{ConntrackMap, CounterMap, Datapath, DatapathMaps},
-    lb_maps::BpfLbMaps,
-    sync::SyncEngine,
+    control::sync::SyncEngine,
+    node::{
+        bpffs::ensure_bpffs,
+        datapath::{Datapath, DatapathMaps},
+        lb_maps::BpfLbMaps,
+        pinned::{ConntrackMap, CounterMap},
+    },
 };
 use nix::mount::{umount2, MntFlags};
 use tempfile::TempDir;

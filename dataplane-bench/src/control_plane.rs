@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use dataplane_agent::{
+use dataplane_agent::control::{
     model::{ClusterEvent, ClusterState},
     source::manifests::ManifestSource,
 };

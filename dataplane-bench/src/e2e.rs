@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use dataplane_agent::model::BackendAddr;
+use dataplane_agent::control::model::BackendAddr;
 use dataplane_lab::{
     agent::Agent,
     netns::{in_netns, ip, spawn_in_netns},

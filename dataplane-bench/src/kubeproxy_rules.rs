@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use dataplane_agent::model::BackendAddr;
+use dataplane_agent::control::model::BackendAddr;
 
 use crate::scenario::{Svc, CLUSTER_CIDR};
 

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use dataplane_agent::model::{
+use dataplane_agent::control::model::{
     BackendAddr, Frontend, FrontendSpec, ObjectRef, Protocol, ServiceName,
 };
 

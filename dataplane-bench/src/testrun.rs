@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use dataplane_agent::datapath::{BENCH_FLOOR, FROM_POD, TO_POD};
+use dataplane_agent::node::datapath::{BENCH_FLOOR, FROM_POD, TO_POD};
 use dataplane_common::Counter;
 
 use crate::{

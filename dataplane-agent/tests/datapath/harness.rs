@@ -12,11 +12,16 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use dataplane_agent::{
-    bpffs::ensure_bpffs,
-    datapath::{ConntrackMap, CounterMap, Datapath, DatapathMaps},
-    lb_maps::BpfLbMaps,
-    model::{BackendAddr, Frontend, FrontendSpec, ObjectRef, Protocol},
-    sync::SyncEngine,
+    control::{
+        model::{BackendAddr, Frontend, FrontendSpec, ObjectRef, Protocol},
+        sync::SyncEngine,
+    },
+    node::{
+        bpffs::ensure_bpffs,
+        datapath::{Datapath, DatapathMaps},
+        lb_maps::BpfLbMaps,
+        pinned::{ConntrackMap, CounterMap},
+    },
 };
 use dataplane_common::{
     ipv4_to_map, map_names, port_to_map, AffinityEntry, AffinityKey, Counter, CtEntry, CtKey,

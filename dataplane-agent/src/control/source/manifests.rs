@@ -17,8 +17,8 @@ use serde::Deserialize as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::SourceUpdate;
-use crate::model::{validate_service, validate_slice, ClusterEvent, ObjectRef};
+use super::{SourceUpdate, UpdateSender};
+use crate::control::model::{validate_service, validate_slice, ClusterEvent, ObjectRef};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -360,7 +360,7 @@ impl ManifestSource {
 
 /// Feeds `tx` with the directory's content, then with every change, until
 /// the receiver goes away. Each error is reported once while it persists.
-pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceUpdate>) -> Result<(), ManifestError> {
+pub async fn run(dir: PathBuf, tx: UpdateSender) -> Result<(), ManifestError> {
     // Watch before the first read so no change slips in between.
     let (_watcher, mut changes) = watch_dir(&dir)?;
     let mut source = ManifestSource::new(dir);
@@ -368,9 +368,15 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceUpdate>) -> Result<(), Man
     let mut first = true;
     loop {
         let (events, errors) = source.rescan();
-        let current: std::collections::BTreeSet<String> =
-            errors.iter().map(ToString::to_string).collect();
-        let new_errors = current.difference(&reported).cloned().collect();
+        let mut current = std::collections::BTreeSet::new();
+        let mut new_errors = Vec::new();
+        for error in errors {
+            let text = error.to_string();
+            if !reported.contains(&text) && !current.contains(&text) {
+                new_errors.push(error.into());
+            }
+            current.insert(text);
+        }
         reported = current;
         let update = SourceUpdate {
             events,

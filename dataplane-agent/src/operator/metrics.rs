@@ -1,7 +1,7 @@
 //! Prometheus metrics, served on `--metrics-bind-address` (kube-proxy's
 //! port 10249) at `GET /metrics`.
 //!
-//! Sync metrics are recorded by the run loop as it works; map occupancy and
+//! Sync metrics are recorded by the control loop as it works; map occupancy and
 //! the datapath's per-CPU counters are read when scraped, so a scrape shows
 //! the maps as they are, not as of the last sync.
 
@@ -11,9 +11,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context as _;
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
-use dataplane_common::{capacity, map_names, Counter as DatapathCounter};
+use dataplane_common::Counter as DatapathCounter;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -26,51 +25,19 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::{counter_total, CounterMap};
+use crate::{
+    control::{
+        run_loop::{Programmed, Report, SyncKind},
+        sync::Occupancy,
+    },
+    node::pinned::{counter_total, CounterMap},
+    operator::http::{self, ServeError},
+};
 
 type Labels = Vec<(&'static str, &'static str)>;
 
-/// How many entries each map holds, against its capacity.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Occupancy {
-    pub service_ips: usize,
-    pub services: usize,
-    pub backend_slots: usize,
-    pub backends: usize,
-    pub service_names: usize,
-    /// From the last conntrack sweep (both entries of each flow).
-    pub conntrack: usize,
-}
-
-impl Occupancy {
-    fn rows(&self) -> [(&'static str, usize, u32); 6] {
-        [
-            (
-                map_names::SERVICE_IPS,
-                self.service_ips,
-                capacity::SERVICE_IPS,
-            ),
-            (map_names::SERVICES, self.services, capacity::SERVICES),
-            (
-                map_names::BACKEND_SLOTS,
-                self.backend_slots,
-                capacity::BACKEND_SLOTS,
-            ),
-            (map_names::BACKENDS, self.backends, capacity::BACKENDS),
-            (
-                map_names::SERVICE_NAMES,
-                self.service_names,
-                capacity::SERVICES,
-            ),
-            (map_names::CONNTRACK, self.conntrack, capacity::CONNTRACK),
-        ]
-    }
-}
-
-/// What a sync or a source reported as wrong, as a metric label.
-pub type ErrorCause = &'static str;
-
-/// Handles the run loop records into. Cheap to clone.
+/// Handles the control loop records into (through [`Report`]). Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -174,7 +141,7 @@ impl Metrics {
         self.last_sync.set(now.as_secs_f64());
     }
 
-    pub fn sync_error(&self, cause: ErrorCause) {
+    pub fn sync_error(&self, cause: &'static str) {
         self.sync_errors
             .get_or_create(&vec![("cause", cause)])
             .inc();
@@ -207,6 +174,22 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Report for Metrics {
+    fn synced(&self, kind: SyncKind, took: Duration, programmed: Programmed) {
+        self.sync_done(kind.as_str(), took);
+        self.programmed(
+            programmed.services,
+            programmed.frontends,
+            programmed.backends,
+        );
+        self.occupancy(programmed.occupancy);
+    }
+
+    fn error(&self, cause: &'static str) {
+        self.sync_error(cause);
     }
 }
 
@@ -274,14 +257,11 @@ async fn serve_metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
     )
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding metrics on {addr}"))?;
+pub async fn serve(addr: SocketAddr, metrics: Metrics) -> Result<(), ServeError> {
     let app = Router::new()
         .route("/metrics", get(serve_metrics))
         .with_state(metrics);
-    axum::serve(listener, app).await.context("serving metrics")
+    http::serve("metrics", addr, app).await
 }
 
 #[cfg(test)]

@@ -7,15 +7,56 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dataplane_common::{
-    capacity, ipv4_to_map, port_to_map, service_flags, Backend, BackendSlotKey, ServiceKey,
-    ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    capacity, ipv4_to_map, map_names, port_to_map, service_flags, Backend, BackendSlotKey,
+    ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
 use crate::{
-    lb_maps::{LbMapError, LbMaps, LbSnapshot},
-    model::{Frontend, FrontendSpec, Protocol, ServiceName},
+    control::model::{Frontend, FrontendSpec, Protocol, ServiceName},
+    node::{
+        lb_maps::{LbMapError, LbMaps, LbSnapshot},
+        pinned,
+    },
 };
+
+/// How many entries each map holds, against its capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    pub service_ips: usize,
+    pub services: usize,
+    pub backend_slots: usize,
+    pub backends: usize,
+    pub service_names: usize,
+    /// From the last conntrack sweep (both entries of each flow).
+    pub conntrack: usize,
+}
+
+impl Occupancy {
+    /// Each map's name, entries and capacity.
+    pub fn rows(&self) -> [(&'static str, usize, u32); 6] {
+        [
+            (
+                map_names::SERVICE_IPS,
+                self.service_ips,
+                capacity::SERVICE_IPS,
+            ),
+            (map_names::SERVICES, self.services, capacity::SERVICES),
+            (
+                map_names::BACKEND_SLOTS,
+                self.backend_slots,
+                capacity::BACKEND_SLOTS,
+            ),
+            (map_names::BACKENDS, self.backends, capacity::BACKENDS),
+            (
+                map_names::SERVICE_NAMES,
+                self.service_names,
+                capacity::SERVICES,
+            ),
+            (map_names::CONNTRACK, self.conntrack, capacity::CONNTRACK),
+        ]
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -686,8 +727,8 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     /// Entries of each load-balancing map, as this engine wrote them.
-    pub fn occupancy(&self) -> crate::metrics::Occupancy {
-        crate::metrics::Occupancy {
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy {
             service_ips: self.service_ips.len(),
             services: self.frontends.len(),
             backend_slots: self.slot_count,
@@ -707,13 +748,11 @@ impl<M: LbMaps> SyncEngine<M> {
 }
 
 fn describe_key(key: &ServiceKey) -> String {
-    let ip = std::net::Ipv4Addr::from(dataplane_common::ipv4_from_map(key.addr));
-    let proto = match key.proto {
-        IPPROTO_TCP => "TCP",
-        IPPROTO_UDP => "UDP",
-        _ => "?",
-    };
-    format!("{ip}:{}/{proto}", dataplane_common::port_from_map(key.port))
+    format!(
+        "{}/{}",
+        pinned::endpoint(key.addr, key.port),
+        pinned::proto_name(key.proto)
+    )
 }
 
 #[cfg(test)]
@@ -722,8 +761,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        lb_maps::MemLbMaps,
-        model::{BackendAddr, ObjectRef},
+        control::model::{BackendAddr, ObjectRef},
+        node::lb_maps::MemLbMaps,
     };
 
     fn name(n: &str) -> ServiceName {

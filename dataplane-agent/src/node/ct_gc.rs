@@ -1,18 +1,10 @@
-//! Conntrack garbage collection. The datapath ignores expired entries and the
+//! The conntrack garbage collector. The datapath ignores expired entries and the
 //! LRU evicts under pressure; this sweep removes dead flows early so the
 //! table (and `inspect conntrack`) holds live flows only.
 
 use dataplane_common::{ct_dir, CtEntry, CtKey};
-use nix::time::{clock_gettime, ClockId};
 
-use crate::datapath::ConntrackMap;
-
-/// Now on the clock `bpf_ktime_get_ns` uses.
-pub fn monotonic_now_ns() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
+use crate::node::pinned::{monotonic_now_ns, ConntrackMap};
 
 /// Keys to delete: expired flows (both entries) and reply entries whose flow
 /// is gone.

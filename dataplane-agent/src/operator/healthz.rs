@@ -5,80 +5,13 @@
 //! `healthzTimeout`). An idle agent with nothing to apply stays healthy.
 //! The body carries `lastUpdated` and `currentTime` either way.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, time::SystemTime};
 
-use anyhow::Context as _;
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde::Serialize;
 
-#[derive(Debug, Default)]
-struct HealthState {
-    /// Last time the maps were brought up to date.
-    last_updated: Option<SystemTime>,
-    /// When the oldest change not yet applied arrived.
-    oldest_pending: Option<SystemTime>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Health {
-    state: Arc<Mutex<HealthState>>,
-    timeout: Duration,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self::new(DEFAULT_TIMEOUT)
-    }
-}
-
-/// kube-proxy's: twice its default 30 s sync period.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-impl Health {
-    pub fn new(timeout: Duration) -> Self {
-        Self {
-            state: Arc::default(),
-            timeout,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A change arrived from the source and waits to be applied.
-    pub fn queued(&self) {
-        self.queued_at(SystemTime::now());
-    }
-
-    fn queued_at(&self, now: SystemTime) {
-        self.lock().oldest_pending.get_or_insert(now);
-    }
-
-    /// Every change received so far is in the maps.
-    pub fn synced(&self) {
-        self.synced_at(SystemTime::now());
-    }
-
-    fn synced_at(&self, now: SystemTime) {
-        let mut state = self.lock();
-        state.last_updated = Some(now);
-        state.oldest_pending = None;
-    }
-
-    /// Healthy, and the last update, as of `now`.
-    fn status_at(&self, now: SystemTime) -> (bool, Option<SystemTime>) {
-        let state = self.lock();
-        let late = state
-            .oldest_pending
-            .is_some_and(|queued| now.duration_since(queued).unwrap_or_default() > self.timeout);
-        (state.last_updated.is_some() && !late, state.last_updated)
-    }
-}
+use crate::control::health::Health;
+use crate::operator::http::{self, ServeError};
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -111,18 +44,17 @@ async fn healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>)
     respond(&health, SystemTime::now())
 }
 
-pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding healthz on {addr}"))?;
+pub async fn serve(addr: SocketAddr, health: Health) -> Result<(), ServeError> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .with_state(health);
-    axum::serve(listener, app).await.context("serving healthz")
+    http::serve("healthz", addr, app).await
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn at(s: u64) -> SystemTime {

@@ -15,10 +15,18 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
 };
 use log::info;
-use tokio::sync::mpsc;
 
-use super::SourceUpdate;
-use crate::model::{ClusterEvent, ObjectRef};
+use super::{SourceUpdate, UpdateSender};
+use crate::control::model::{ClusterEvent, ObjectRef};
+
+/// A watch failed; kube's watcher retries it with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("watching {kind}s: {source} (retrying; the datapath keeps the last known state)")]
+pub struct WatchError {
+    kind: &'static str,
+    #[source]
+    source: watcher::Error,
+}
 
 /// One kind of object the source watches, and how it becomes events.
 trait Watched:
@@ -130,7 +138,7 @@ fn watch_start_gone(error: &watcher::Error) -> bool {
 
 /// Sends updates until the receiver goes away. The first update with
 /// `initial_sync_done` comes once both kinds have been listed.
-pub async fn run(client: Client, tx: mpsc::Sender<SourceUpdate>) {
+pub async fn run(client: Client, tx: UpdateSender) {
     let mut services = Tracker::<Service>::new();
     let mut slices = Tracker::<EndpointSlice>::new();
     let mut service_stream = std::pin::pin!(watch::<Service>(client.clone()));
@@ -144,7 +152,7 @@ pub async fn run(client: Client, tx: mpsc::Sender<SourceUpdate>) {
                     if watch_start_gone(&e) {
                         service_stream.set(watch::<Service>(client.clone()));
                     }
-                    (Vec::new(), Some(format!("watching Services: {e}")))
+                    (Vec::new(), Some(WatchError { kind: Service::KIND, source: e }))
                 }
             },
             Some(event) = slice_stream.next() => match event {
@@ -153,21 +161,19 @@ pub async fn run(client: Client, tx: mpsc::Sender<SourceUpdate>) {
                     if watch_start_gone(&e) {
                         slice_stream.set(watch::<EndpointSlice>(client.clone()));
                     }
-                    (Vec::new(), Some(format!("watching EndpointSlices: {e}")))
+                    (Vec::new(), Some(WatchError { kind: EndpointSlice::KIND, source: e }))
                 }
             },
             else => return,
         };
         // Reported once, by the receiver. The watcher retries with backoff.
-        let error =
-            error.map(|e| format!("{e} (retrying; the datapath keeps the last known state)"));
         let initial_sync_done = services.synced_once && slices.synced_once;
         if events.is_empty() && (announced || !initial_sync_done) && error.is_none() {
             continue;
         }
         let update = SourceUpdate {
             events,
-            errors: error.into_iter().collect(),
+            errors: error.into_iter().map(Into::into).collect(),
             initial_sync_done,
         };
         announced |= initial_sync_done;

@@ -8,18 +8,19 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType},
-};
+use aya::programs::{SchedClassifier, TcAttachType};
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, port_from_map, Backend, Counter, CtEntry,
-    CtKey, ServiceKey, ServiceLabel, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, Backend, Counter, ServiceKey,
+    ServiceValue, IPPROTO_UDP,
 };
 use serde::Serialize;
 
-use crate::{
-    conntrack::monotonic_now_ns, datapath::counter_total, lb_maps::BpfLbMaps, lb_maps::LbMaps as _,
+use crate::node::{
+    lb_maps::{BpfLbMaps, LbMaps as _, LbSnapshot},
+    pinned::{
+        self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMap, CounterMap,
+        ServiceNamesMap,
+    },
 };
 
 #[derive(Debug, clap::Args)]
@@ -64,36 +65,6 @@ pub enum What {
     Interfaces,
 }
 
-pub(crate) fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        IPPROTO_TCP => "TCP",
-        IPPROTO_UDP => "UDP",
-        // Traced ICMP errors (`monitor`); the maps hold TCP and UDP only.
-        1 => "ICMP",
-        _ => "?",
-    }
-}
-
-fn endpoint(addr: u32, port: u16) -> String {
-    format!(
-        "{}:{}",
-        Ipv4Addr::from(ipv4_from_map(addr)),
-        port_from_map(port)
-    )
-}
-
-pub(crate) fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is the agent's --bpffs {}?)",
-            path.display(),
-            dir.display()
-        )
-    })?;
-    Ok(Map::from_map_data(data)?)
-}
-
 #[derive(Debug, Serialize)]
 pub struct ServiceRow {
     pub service: String,
@@ -114,11 +85,7 @@ pub fn services(dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
     Ok(rows)
 }
 
-fn service_row(
-    snap: &crate::lb_maps::LbSnapshot,
-    key: &ServiceKey,
-    value: &ServiceValue,
-) -> ServiceRow {
+fn service_row(snap: &LbSnapshot, key: &ServiceKey, value: &ServiceValue) -> ServiceRow {
     let backends = (0..value.backend_count)
         .map(|slot| {
             match snap
@@ -126,7 +93,7 @@ fn service_row(
                 .get(&(value.service_id, slot))
                 .and_then(|id| snap.backends.get(id))
             {
-                Some(b) => endpoint(b.addr, b.port),
+                Some(b) => endpoint(b.addr, b.port).to_string(),
                 None => format!("<slot {slot} missing>"),
             }
         })
@@ -208,9 +175,8 @@ pub fn conntrack(
     client: Option<Ipv4Addr>,
     backend: Option<Ipv4Addr>,
 ) -> anyhow::Result<Vec<FlowRow>> {
-    let names: HashMap<MapData, u32, ServiceLabel> =
-        open(dir, map_names::SERVICE_NAMES)?.try_into()?;
-    let table: HashMap<MapData, CtKey, CtEntry> = open(dir, map_names::CONNTRACK)?.try_into()?;
+    let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
+    let table: ConntrackMap = pinned::open(dir, map_names::CONNTRACK)?;
     let now = monotonic_now_ns();
     let mut rows = Vec::new();
     for entry in table.iter() {
@@ -271,7 +237,7 @@ pub struct CounterRow {
 }
 
 pub fn counters(dir: &Path) -> anyhow::Result<Vec<CounterRow>> {
-    let map: PerCpuArray<MapData, u64> = open(dir, map_names::COUNTERS)?.try_into()?;
+    let map: CounterMap = pinned::open(dir, map_names::COUNTERS)?;
     Counter::ALL
         .iter()
         .map(|c| {

@@ -5,17 +5,24 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{links::FdLink, tc, tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    pin::PinError,
+    programs::{
+        links::{FdLink, LinkError},
+        tc,
+        tc::SchedClassifierLinkId,
+        ProgramError, SchedClassifier, TcAttachType,
+    },
     util::KernelVersion,
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader,
 };
-use dataplane_common::{map_names, Counter, CtEntry, CtKey};
+use dataplane_common::map_names;
 use log::{info, warn};
 
-use crate::lb_maps::BpfLbMaps;
+use crate::node::{
+    lb_maps::BpfLbMaps,
+    pinned::{self, ConntrackMap, CounterMap, MapOpenError},
+};
 
 /// The object built by build.rs from `dataplane-ebpf`, embedded so the agent
 /// is a single file.
@@ -26,12 +33,63 @@ pub const TO_POD: &str = "to_pod";
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
 
-pub type ConntrackMap = BpfHashMap<MapData, CtKey, CtEntry>;
-pub type CounterMap = PerCpuArray<MapData, u64>;
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this agent was built with AYA_BUILD_SKIP and carries no eBPF programs; build it with `cargo xtask build`")]
+    NoPrograms,
+    #[error("loading the eBPF object with maps pinned under {}", dir.display())]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: Box<EbpfError>,
+    },
+    #[error("program {name} missing from the eBPF object")]
+    MissingProgram { name: String },
+    #[error("program {name}")]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("verifying program {name}")]
+    Verify {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(transparent)]
+    Map(#[from] MapOpenError),
+    #[error("attaching {hook}")]
+    Attach {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{hook}: expected a tcx link")]
+    NotTcx {
+        hook: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("{hook}: pinning the link at {}", path.display())]
+    PinLink {
+        hook: String,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("{what} {}", path.display())]
+    Fs {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
-/// A datapath counter summed over CPUs (`inspect counters`, `/metrics`).
-pub fn counter_total(map: &CounterMap, counter: Counter) -> Result<u64, aya::maps::MapError> {
-    Ok(map.get(&(counter as u32), 0)?.iter().sum())
+fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let path = path.to_owned();
+    move |source| DatapathError::Fs { what, path, source }
 }
 
 /// The maps userspace works with, taken out of the loaded object.
@@ -66,41 +124,27 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs, creating the maps pinned under `bpffs` or reusing
     /// the ones a previous agent pinned there.
-    pub fn load(bpffs: &Path) -> anyhow::Result<(Self, DatapathMaps)> {
-        anyhow::ensure!(
-            !EBPF_OBJECT.is_empty(),
-            "this agent was built with AYA_BUILD_SKIP and carries no eBPF programs; build it with `cargo xtask build`"
-        );
+    pub fn load(bpffs: &Path) -> Result<(Self, DatapathMaps), DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoPrograms);
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs)
             .load(EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object with maps pinned under {}",
-                    bpffs.display()
-                )
+            .map_err(|source| DatapathError::Load {
+                dir: bpffs.to_owned(),
+                source: Box::new(source),
             })?;
         for name in [FROM_POD, TO_POD, BENCH_FLOOR] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            program
+            program_mut(&mut ebpf, name)?
                 .load()
-                .with_context(|| format!("verifying program {name}"))?;
+                .map_err(|source| DatapathError::Verify { name, source })?;
         }
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
-        let conntrack: ConntrackMap = ebpf
-            .take_map(map_names::CONNTRACK)
-            .context("map CONNTRACK missing from the eBPF object")?
-            .try_into()?;
-        let counters: CounterMap = ebpf
-            .take_map(map_names::COUNTERS)
-            .context("map COUNTERS missing from the eBPF object")?
-            .try_into()?;
+        let conntrack: ConntrackMap = pinned::take(&mut ebpf, map_names::CONNTRACK)?;
+        let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
         let links_dir = bpffs.join(LINKS_DIR);
-        std::fs::create_dir_all(&links_dir)
-            .with_context(|| format!("creating {}", links_dir.display()))?;
+        std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
             Self {
                 ebpf,
@@ -116,20 +160,19 @@ impl Datapath {
     }
 
     /// A loaded program, e.g. to run it under BPF_PROG_TEST_RUN.
-    pub fn classifier(&self, name: &str) -> anyhow::Result<&SchedClassifier> {
-        Ok(self
+    pub fn classifier(&self, name: &str) -> Result<&SchedClassifier, DatapathError> {
+        let program = self
             .ebpf
             .program(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?)
+            .ok_or_else(|| DatapathError::MissingProgram { name: name.into() })?;
+        program.try_into().map_err(|source| DatapathError::Program {
+            name: name.into(),
+            source,
+        })
     }
 
-    fn program(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?)
+    fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
+        program_mut(&mut self.ebpf, name)
     }
 
     pub fn attached_count(&self) -> usize {
@@ -145,7 +188,7 @@ impl Datapath {
     /// (6.6+), clsact filters otherwise. Links a previous agent pinned for
     /// this interface are replaced after the new ones are in place, so no
     /// packet goes untranslated in between.
-    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
+    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<(), DatapathError> {
         if self.attached.contains_key(&ifindex) {
             return Ok(());
         }
@@ -191,28 +234,40 @@ impl Datapath {
         ifname: &str,
         attach_type: TcAttachType,
         tcx: bool,
-    ) -> anyhow::Result<Link> {
+    ) -> Result<Link, DatapathError> {
         let hook = format!("{program} on {ifname} {attach_type:?}");
         let prog = self.program(program)?;
-        let id = prog
-            .attach(ifname, attach_type)
-            .with_context(|| format!("attaching {hook}"))?;
+        let id = match prog.attach(ifname, attach_type) {
+            Ok(id) => id,
+            Err(source) => return Err(DatapathError::Attach { hook, source }),
+        };
         if !tcx {
             return Ok(Link::Owned(id));
         }
-        let link = FdLink::try_from(prog.take_link(id)?)
-            .with_context(|| format!("{hook}: expected a tcx link"))?;
+        let link = match prog.take_link(id) {
+            Ok(link) => link,
+            Err(source) => return Err(DatapathError::Attach { hook, source }),
+        };
+        let link = match FdLink::try_from(link) {
+            Ok(link) => link,
+            Err(source) => return Err(DatapathError::NotTcx { hook, source }),
+        };
         let pin = self.pin_path(ifindex, attach_type);
         // A previous agent's link (or a stale one of a deleted interface that
         // had this ifindex): unpinning it detaches it, now that ours runs.
         match std::fs::remove_file(&pin) {
             Ok(()) => info!("{hook}: replaced the link a previous agent pinned"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+            Err(e) => return Err(fs_err("removing", &pin)(e)),
         }
         // On failure the link is dropped, which detaches it.
-        link.pin(&pin)
-            .with_context(|| format!("{hook}: pinning the link at {}", pin.display()))?;
+        if let Err(source) = link.pin(&pin) {
+            return Err(DatapathError::PinLink {
+                hook,
+                path: pin,
+                source,
+            });
+        }
         Ok(Link::Pinned(pin))
     }
 
@@ -270,31 +325,42 @@ impl Datapath {
     }
 }
 
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::MissingProgram { name: name.into() })?;
+    program.try_into().map_err(|source| DatapathError::Program {
+        name: name.into(),
+        source,
+    })
+}
+
 /// Subdirectory of the bpffs directory holding the pinned tcx links.
 pub const LINKS_DIR: &str = "links";
 
 /// `dataplane-agent cleanup`: detaches every program this datapath pinned
 /// under `bpffs` and removes its maps (conntrack included), as
 /// `kube-proxy --cleanup` removes its rules. Returns what was removed.
-pub fn cleanup(bpffs: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     let mut removed = Vec::new();
     let links = bpffs.join(LINKS_DIR);
     if links.is_dir() {
-        for entry in
-            std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))?
-        {
-            let path = entry?.path();
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        for entry in std::fs::read_dir(&links).map_err(fs_err("reading", &links))? {
+            let path = entry.map_err(fs_err("reading", &links))?.path();
+            std::fs::remove_file(&path).map_err(fs_err("removing", &path))?;
             removed.push(path);
         }
-        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+        std::fs::remove_dir(&links).map_err(fs_err("removing", &links))?;
     }
     for name in map_names::ALL {
         let path = bpffs.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            Err(e) => return Err(fs_err("removing", &path)(e)),
         }
     }
     Ok(removed)

@@ -7,22 +7,26 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
 };
 
 use anyhow::Context as _;
 use aya::maps::{Array, MapData, RingBuf};
 use dataplane_common::{
-    ipv4_from_map, ipv4_to_map, map_names, port_from_map, trace_hook, Counter, ServiceLabel,
-    TraceConfig, TraceEvent, TraceTuple,
+    ipv4_to_map, map_names, port_from_map, trace_hook, Counter, TraceConfig, TraceEvent, TraceTuple,
 };
 use serde::Serialize;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
 
-use crate::inspect::{self, open, proto_name, Format};
+use crate::{
+    node::{
+        lb_maps::{BpfLbMaps, LbMaps as _},
+        pinned::{self, proto_name, ServiceNamesMap},
+    },
+    operator::inspect::Format,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -62,7 +66,7 @@ pub struct Event {
 }
 
 fn tuple_text(t: &TraceTuple) -> String {
-    let ip = |a| Ipv4Addr::from(ipv4_from_map(a));
+    let ip = pinned::ipv4;
     if t.src_port == 0 && t.dst_port == 0 {
         return format!("{} -> {}", ip(t.src_addr), ip(t.dst_addr));
     }
@@ -81,31 +85,36 @@ fn interface_name(ifindex: u32) -> String {
         .unwrap_or_else(|_| format!("if{ifindex}"))
 }
 
-/// Decodes one ring buffer record; `names` maps service ids to labels.
-pub fn decode(bytes: &[u8], names: &HashMap<u32, String>) -> Option<Event> {
-    let raw: TraceEvent =
-        bytemuck::try_pod_read_unaligned(bytes.get(..size_of::<TraceEvent>())?).ok()?;
-    Some(Event {
-        ts_ns: raw.ts_ns,
-        hook: match raw.hook {
-            trace_hook::FROM_POD => "from-pod",
-            trace_hook::TO_POD => "to-pod",
-            _ => "?",
-        },
-        ifindex: raw.ifindex,
-        interface: interface_name(raw.ifindex),
-        proto: proto_name(raw.proto),
-        decision: Counter::from_index(u32::from(raw.decision)).map_or("?", Counter::name),
-        service: (raw.service_id != 0).then(|| {
-            names
-                .get(&raw.service_id)
-                .cloned()
-                .unwrap_or_else(|| format!("service id {}", raw.service_id))
-        }),
-        backend_id: raw.backend_id,
-        before: tuple_text(&raw.before),
-        after: tuple_text(&raw.after),
-    })
+/// One ring buffer record as the datapath wrote it.
+pub fn read_record(bytes: &[u8]) -> Option<TraceEvent> {
+    bytemuck::try_pod_read_unaligned(bytes.get(..size_of::<TraceEvent>())?).ok()
+}
+
+impl Event {
+    /// `raw` in operator terms; `names` maps service ids to labels.
+    pub fn new(raw: &TraceEvent, names: &HashMap<u32, String>) -> Self {
+        Self {
+            ts_ns: raw.ts_ns,
+            hook: match raw.hook {
+                trace_hook::FROM_POD => "from-pod",
+                trace_hook::TO_POD => "to-pod",
+                _ => "?",
+            },
+            ifindex: raw.ifindex,
+            interface: interface_name(raw.ifindex),
+            proto: proto_name(raw.proto),
+            decision: Counter::from_index(u32::from(raw.decision)).map_or("?", Counter::name),
+            service: (raw.service_id != 0).then(|| {
+                names
+                    .get(&raw.service_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("service id {}", raw.service_id))
+            }),
+            backend_id: raw.backend_id,
+            before: tuple_text(&raw.before),
+            after: tuple_text(&raw.after),
+        }
+    }
 }
 
 impl std::fmt::Display for Event {
@@ -127,29 +136,23 @@ impl std::fmt::Display for Event {
 
 /// Service id -> `namespace/name:port`, from `SERVICE_NAMES`.
 fn service_names(dir: &Path) -> anyhow::Result<HashMap<u32, String>> {
-    let map: aya::maps::HashMap<MapData, u32, ServiceLabel> =
-        open(dir, map_names::SERVICE_NAMES)?.try_into()?;
-    Ok(map
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(id, label)| (id, label.as_str().to_owned()))
-        .collect())
+    let map: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
+    Ok(pinned::service_names(&map))
 }
 
-/// The cluster IP of service `namespace/name`, from the pinned maps.
+/// The cluster IP of service `namespace/name` (or `namespace/name:port`),
+/// from the pinned maps.
 fn service_ip(dir: &Path, service: &str) -> anyhow::Result<Ipv4Addr> {
-    let rows = inspect::services(dir)?;
-    let row = rows
+    let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
+    snap.services
         .iter()
-        .find(|r| r.service == service || r.service.split(':').next() == Some(service))
-        .with_context(|| format!("no service {service} in the maps under {}", dir.display()))?;
-    let ip = row
-        .frontend
-        .split(':')
-        .next()
-        .and_then(|ip| ip.parse().ok())
-        .with_context(|| format!("unreadable frontend {}", row.frontend))?;
-    Ok(ip)
+        .find(|(_, value)| {
+            snap.names
+                .get(&value.service_id)
+                .is_some_and(|label| label == service || label.split(':').next() == Some(service))
+        })
+        .map(|(key, _)| pinned::ipv4(key.addr))
+        .with_context(|| format!("no service {service} in the maps under {}", dir.display()))
 }
 
 /// Tracing stays on only while this lives.
@@ -159,8 +162,7 @@ struct TraceSwitch {
 
 impl TraceSwitch {
     fn on(dir: &Path, filter: TraceConfig) -> anyhow::Result<Self> {
-        let mut config: Array<MapData, TraceConfig> =
-            open(dir, map_names::TRACE_CONFIG)?.try_into()?;
+        let mut config: Array<MapData, TraceConfig> = pinned::open(dir, map_names::TRACE_CONFIG)?;
         config
             .set(0, filter, 0)
             .context("turning tracing on in TRACE_CONFIG")?;
@@ -176,7 +178,26 @@ impl Drop for TraceSwitch {
     }
 }
 
+/// `TRACE_EVENTS` registered with tokio: readable when records wait.
+fn readable_ring(ring: RingBuf<MapData>) -> std::io::Result<AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the ring buffer owns its map's file descriptor (`MapData`
+    // holds an `OwnedFd`) and returns that same descriptor for as long as it
+    // lives; the `AsyncFd` owns the ring buffer, so the descriptor stays
+    // open for as long as it is registered.
+    Ok(unsafe { AsyncFd::register(ring) }?)
+}
+
 pub fn run(options: Options) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(follow(options))
+}
+
+/// Prints events until interrupted (SIGINT, SIGTERM) or `--count` events;
+/// tracing is off again when it returns, whichever way.
+async fn follow(options: Options) -> anyhow::Result<()> {
     let dir = options.bpffs.as_path();
     let service_addr = options
         .service
@@ -184,14 +205,13 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .map(|s| service_ip(dir, s))
         .transpose()?;
     let mut names = service_names(dir)?;
-    let mut events: RingBuf<MapData> = open(dir, map_names::TRACE_EVENTS)?.try_into()?;
+    let mut ring: RingBuf<MapData> = pinned::open(dir, map_names::TRACE_EVENTS)?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook_like::SIGINT, signal_hook_like::SIGTERM] {
-        signal_hook_like::flag(signal, stop.clone())?;
-    }
     // Old events from an earlier session are not this one's.
-    while events.next().is_some() {}
+    while ring.next().is_some() {}
+    let mut ring = readable_ring(ring).context("watching TRACE_EVENTS")?;
     let _switch = TraceSwitch::on(
         dir,
         TraceConfig {
@@ -209,22 +229,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     eprintln!("monitor: tracing {filter}; Ctrl-C stops and turns tracing off");
 
     let mut seen = 0usize;
-    while !stop.load(Ordering::Relaxed) {
-        let mut idle = true;
+    loop {
+        let mut ready = tokio::select! {
+            ready = ring.readable_mut() => ready.context("waiting for TRACE_EVENTS")?,
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        };
+        let events = ready.get_inner_mut();
         while let Some(record) = events.next() {
-            idle = false;
-            let mut event = decode(&record, &names);
-            if let Some(e) = &event {
-                if e.service
-                    .as_deref()
-                    .is_some_and(|s| s.starts_with("service id "))
-                {
-                    // A service created after we started: refresh the names.
-                    names = service_names(dir)?;
-                    event = decode(&record, &names);
-                }
+            let Some(raw) = read_record(&record) else {
+                continue;
+            };
+            drop(record);
+            if raw.service_id != 0 && !names.contains_key(&raw.service_id) {
+                // A service created after we started: refresh the names.
+                names = service_names(dir)?;
             }
-            let Some(event) = event else { continue };
+            let event = Event::new(&raw, &names);
             match options.output {
                 Format::Table => println!("{event}"),
                 Format::Json => println!("{}", serde_json::to_string(&event)?),
@@ -234,34 +255,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        if idle {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-/// SIGINT/SIGTERM set a flag, so the loop ends and tracing is turned off.
-mod signal_hook_like {
-    use std::sync::{atomic::AtomicBool, Arc, OnceLock};
-
-    use nix::sys::signal::{self, SigHandler, Signal};
-
-    pub use nix::sys::signal::Signal::{SIGINT, SIGTERM};
-
-    static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-    extern "C" fn handler(_: i32) {
-        if let Some(flag) = STOP.get() {
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    pub fn flag(sig: Signal, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-        let _ = STOP.set(stop);
-        // SAFETY: the handler only does an atomic store, which is
-        // async-signal-safe.
-        unsafe { signal::signal(sig, SigHandler::Handler(handler)) }?;
-        Ok(())
+        ready.clear_ready();
     }
 }

@@ -2,12 +2,14 @@
 //! engine runs the same against the pinned BPF maps and against an in-memory
 //! double in unit tests.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, MapData, MapError};
 use dataplane_common::{
     map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue,
 };
+
+use crate::node::pinned::{self, MapOpenError};
 
 /// A write to one of the load-balancing maps failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,46 +56,26 @@ pub struct BpfLbMaps {
     names: HashMap<MapData, u32, ServiceLabel>,
 }
 
-fn pinned<K: aya::Pod, V: aya::Pod>(
-    dir: &std::path::Path,
-    name: &'static str,
-) -> anyhow::Result<HashMap<MapData, K, V>> {
-    use anyhow::Context as _;
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?;
-    Ok(HashMap::try_from(Map::from_map_data(data)?)?)
-}
-
-fn take<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut aya::Ebpf,
-    name: &'static str,
-) -> anyhow::Result<HashMap<MapData, K, V>> {
-    let map: Map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
-    Ok(HashMap::try_from(map)?)
-}
-
 impl BpfLbMaps {
     /// The maps a running (or stopped) agent pinned under `dir`.
-    pub fn from_pins(dir: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn from_pins(dir: &Path) -> Result<Self, MapOpenError> {
         Ok(Self {
-            service_ips: pinned(dir, map_names::SERVICE_IPS)?,
-            services: pinned(dir, map_names::SERVICES)?,
-            slots: pinned(dir, map_names::BACKEND_SLOTS)?,
-            backends: pinned(dir, map_names::BACKENDS)?,
-            names: pinned(dir, map_names::SERVICE_NAMES)?,
+            service_ips: pinned::open(dir, map_names::SERVICE_IPS)?,
+            services: pinned::open(dir, map_names::SERVICES)?,
+            slots: pinned::open(dir, map_names::BACKEND_SLOTS)?,
+            backends: pinned::open(dir, map_names::BACKENDS)?,
+            names: pinned::open(dir, map_names::SERVICE_NAMES)?,
         })
     }
 
-    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+    /// The maps of a freshly loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapOpenError> {
         Ok(Self {
-            service_ips: take(ebpf, map_names::SERVICE_IPS)?,
-            services: take(ebpf, map_names::SERVICES)?,
-            slots: take(ebpf, map_names::BACKEND_SLOTS)?,
-            backends: take(ebpf, map_names::BACKENDS)?,
-            names: take(ebpf, map_names::SERVICE_NAMES)?,
+            service_ips: pinned::take(ebpf, map_names::SERVICE_IPS)?,
+            services: pinned::take(ebpf, map_names::SERVICES)?,
+            slots: pinned::take(ebpf, map_names::BACKEND_SLOTS)?,
+            backends: pinned::take(ebpf, map_names::BACKENDS)?,
+            names: pinned::take(ebpf, map_names::SERVICE_NAMES)?,
         })
     }
 }

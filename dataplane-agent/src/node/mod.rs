@@ -1,0 +1,15 @@
+//! The node datapath: the eBPF object, its attach points and its maps.
+//!
+//! `datapath` loads the object and attaches the tc programs to the pod
+//! interfaces `interfaces` reports; `bpffs` is where maps and links are
+//! pinned; `lb_maps` is the load-balancing maps as the sync engine writes
+//! them; `pinned` opens and decodes the maps for everyone who reads them;
+//! `ct_gc` sweeps expired conntrack entries. Nothing here knows about
+//! the control plane or the operator surface.
+
+pub mod bpffs;
+pub mod ct_gc;
+pub mod datapath;
+pub mod interfaces;
+pub mod lb_maps;
+pub mod pinned;

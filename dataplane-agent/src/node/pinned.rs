@@ -1,0 +1,115 @@
+//! The one reader of the datapath's maps: opening them, pinned under a
+//! bpffs directory or fresh out of the loaded object, and decoding what they
+//! hold (addresses, protocols, service labels, counters, timestamps).
+//! `inspect`, `monitor`, the metrics, the conntrack GC and the sync engine's
+//! adoption of a previous agent's maps all go through here.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use dataplane_common::{
+    ipv4_from_map, port_from_map, Counter, CtEntry, CtKey, ServiceLabel, IPPROTO_TCP, IPPROTO_UDP,
+};
+use nix::time::{clock_gettime, ClockId};
+
+pub type ConntrackMap = BpfHashMap<MapData, CtKey, CtEntry>;
+pub type CounterMap = PerCpuArray<MapData, u64>;
+pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapOpenError {
+    #[error("opening pinned map {} (is the agent's --bpffs {}?)", path.display(), dir.display())]
+    Pin {
+        path: PathBuf,
+        dir: PathBuf,
+        /// Boxed, as aya's error is large.
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("map {name} missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("map {name} is not of the type this agent expects")]
+    Type {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+/// Map `name` pinned under `dir`, as the type `T` (`HashMap`, `Array`, ...).
+pub fn open<T>(dir: &Path, name: &'static str) -> Result<T, MapOpenError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = dir.join(name);
+    let pin_err = |source| MapOpenError::Pin {
+        path: path.clone(),
+        dir: dir.to_owned(),
+        source: Box::new(source),
+    };
+    let data = MapData::from_pin(&path).map_err(pin_err)?;
+    let map = Map::from_map_data(data).map_err(pin_err)?;
+    T::try_from(map).map_err(|source| MapOpenError::Type {
+        name,
+        source: Box::new(source),
+    })
+}
+
+/// Map `name` taken out of a loaded object, as the type `T`.
+pub fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, MapOpenError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapOpenError::Missing { name })?;
+    T::try_from(map).map_err(|source| MapOpenError::Type {
+        name,
+        source: Box::new(source),
+    })
+}
+
+const IPPROTO_ICMP: u8 = 1;
+
+/// The name of an IP protocol number as the maps and traces hold it.
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        // Traced ICMP errors (`monitor`); the maps hold TCP and UDP only.
+        IPPROTO_ICMP => "ICMP",
+        _ => "?",
+    }
+}
+
+/// An address and port in the maps' byte order.
+pub fn endpoint(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ipv4(addr), port_from_map(port))
+}
+
+/// An address in the maps' byte order.
+pub fn ipv4(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(ipv4_from_map(addr))
+}
+
+/// A datapath counter summed over CPUs.
+pub fn counter_total(map: &CounterMap, counter: Counter) -> Result<u64, MapError> {
+    Ok(map.get(&(counter as u32), 0)?.iter().sum())
+}
+
+/// Service id -> `namespace/name:port`, as `SERVICE_NAMES` holds them.
+pub fn service_names(map: &ServiceNamesMap) -> HashMap<u32, String> {
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(id, label)| (id, label.as_str().to_owned()))
+        .collect()
+}
+
+/// Now on the clock `bpf_ktime_get_ns` uses (conntrack and trace times).
+pub fn monotonic_now_ns() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}

@@ -97,7 +97,7 @@ fn ebpf(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result<()> {
         let started = Instant::now();
         for service in state.apply(event) {
             let frontends = state
-                .frontends(&service, None)?
+                .frontends(&service, None)
                 .context("changed service vanished")?;
             loaded.engine.sync_service(&service, &frontends)?;
         }

@@ -1,7 +1,8 @@
 //! The one internal model of services and endpoints. Every source (manifest
-//! files, the Kubernetes API) feeds it the same k8s-openapi objects; one
-//! translation, here, turns a Service and its EndpointSlices into frontends
-//! and backends with kube-proxy's semantics.
+//! files, the Kubernetes API) hands its k8s-openapi objects to
+//! [`parse_service`] and [`parse_slice`], which validate them once and keep
+//! only what the translation needs; the model then turns a Service and its
+//! EndpointSlices into frontends and backends with kube-proxy's semantics.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,8 +12,8 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        core::v1::{Service, ServiceSpec},
+        discovery::v1::{EndpointConditions, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -108,11 +109,75 @@ pub struct FrontendSpec {
     pub drop_without_local_endpoints: bool,
 }
 
-#[derive(Debug, Clone)]
+/// A Service as the model keeps it: validated, and only what the
+/// translation reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub name: ServiceName,
+    /// `None` for a service kube-proxy skips (headless, ExternalName,
+    /// another proxy's).
+    pub proxied: Option<ProxiedService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxiedService {
+    /// The IPv4 cluster IP (of a dual-stack service too).
+    pub ip: Ipv4Addr,
+    pub ports: Vec<ServicePortEntry>,
+    /// `Some(t)` with `sessionAffinity: ClientIP`.
+    pub affinity_timeout_s: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub local_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortEntry {
+    /// `None` for an unnamed port (an empty name included).
+    pub name: Option<String>,
+    pub port: u16,
+    pub proto: Protocol,
+    /// The pods' port when `targetPort` is a number, or the port itself
+    /// without one; `None` for a named target port, which each slice
+    /// resolves.
+    pub numeric_target: Option<u16>,
+}
+
+/// An EndpointSlice as the model keeps it: validated, and only what the
+/// translation reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEntry {
+    pub key: ObjectRef,
+    /// The service named by its `kubernetes.io/service-name` label.
+    pub owner: Option<ServiceName>,
+    /// Slices of other address families are legal; they are just not ours
+    /// and keep no ports or endpoints here.
+    pub ipv4: bool,
+    pub ports: Vec<SlicePortEntry>,
+    pub endpoints: Vec<EndpointEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePortEntry {
+    pub name: Option<String>,
+    pub port: Option<u16>,
+    pub proto: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointEntry {
+    pub addresses: Vec<Ipv4Addr>,
+    pub node_name: Option<String>,
+    /// Absent `ready` means ready (the API's own default).
+    pub ready: bool,
+    /// Terminating but still serving: used only when nothing is ready.
+    pub serving_terminating: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterEvent {
-    ApplyService(Box<Service>),
+    ApplyService(ServiceEntry),
     DeleteService(ObjectRef),
-    ApplySlice(Box<EndpointSlice>),
+    ApplySlice(SliceEntry),
     DeleteSlice(ObjectRef),
 }
 
@@ -192,6 +257,10 @@ fn port(
         })
 }
 
+fn non_empty(name: Option<&String>) -> Option<String> {
+    name.filter(|n| !n.is_empty()).cloned()
+}
+
 fn is_skipped(svc: &Service) -> bool {
     let spec = svc.spec.as_ref();
     let cluster_ip = spec.and_then(|s| s.cluster_ip.as_deref()).unwrap_or("");
@@ -205,9 +274,10 @@ fn is_skipped(svc: &Service) -> bool {
             .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
 }
 
-/// Checks everything the translation relies on, so that a source can refuse
-/// a bad object whole before it reaches the model.
-pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
+/// Parses a Service into what the model keeps, checking everything the
+/// translation relies on, so that a bad object is refused whole before it
+/// reaches the model.
+pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
     let object = ObjectRef::of(&svc.metadata);
     if svc.metadata.name.as_deref().unwrap_or("").is_empty() {
         return Err(ModelError::MissingField {
@@ -222,16 +292,24 @@ pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
         field: "spec",
     })?;
     if is_skipped(svc) {
-        return Ok(());
+        return Ok(ServiceEntry {
+            name: object,
+            proxied: None,
+        });
     }
-    cluster_ipv4(&object, spec)?;
+    let ip = cluster_ipv4(&object, spec)?;
+    let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
         let number = port(SERVICE, &object, "spec.ports[].port", p.port)?;
         let proto = protocol(SERVICE, &object, p.protocol.as_deref())?;
-        if let Some(IntOrString::Int(target)) = p.target_port {
-            port(SERVICE, &object, "spec.ports[].targetPort", target)?;
-        }
+        let numeric_target = match &p.target_port {
+            Some(IntOrString::Int(target)) => {
+                Some(port(SERVICE, &object, "spec.ports[].targetPort", *target)?)
+            }
+            Some(IntOrString::String(_)) => None,
+            None => Some(number),
+        };
         // Two entries would map to the same frontend (the API server refuses
         // this too; hand-written manifests are not checked by it).
         if !seen.insert((number, proto)) {
@@ -241,25 +319,50 @@ pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
                 proto,
             });
         }
+        ports.push(ServicePortEntry {
+            name: non_empty(p.name.as_ref()),
+            port: number,
+            proto,
+            numeric_target,
+        });
     }
-    if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let timeout = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds);
-        if let Some(value) = timeout.filter(|t| !(1..=86_400).contains(t)) {
-            return Err(ModelError::AffinityTimeoutOutOfRange { object, value });
-        }
+    let affinity_timeout_s = affinity_timeout(&object, spec)?;
+    Ok(ServiceEntry {
+        name: object,
+        proxied: Some(ProxiedService {
+            ip,
+            ports,
+            affinity_timeout_s,
+            local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        }),
+    })
+}
+
+/// The ClientIP affinity timeout, kube-proxy's default when not given.
+fn affinity_timeout(object: &ObjectRef, spec: &ServiceSpec) -> Result<Option<u32>, ModelError> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Ok(None);
     }
-    Ok(())
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+        Some(value) => u32::try_from(value)
+            .ok()
+            .filter(|t| (1..=86_400).contains(t))
+            .map(Some)
+            .ok_or_else(|| ModelError::AffinityTimeoutOutOfRange {
+                object: object.clone(),
+                value,
+            }),
+    }
 }
 
 /// The cluster IP of a service that is not skipped.
-fn cluster_ipv4(
-    object: &ObjectRef,
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-) -> Result<Ipv4Addr, ModelError> {
+fn cluster_ipv4(object: &ObjectRef, spec: &ServiceSpec) -> Result<Ipv4Addr, ModelError> {
     // Dual-stack services list both families in clusterIPs, the primary
     // (which may be IPv6) first; this IPv4 dataplane serves the IPv4 one,
     // as kube-proxy's IPv4 proxier does.
@@ -287,7 +390,9 @@ fn cluster_ipv4(
     }
 }
 
-pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
+/// Parses an EndpointSlice into what the model keeps, checking everything
+/// the translation relies on.
+pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
     let object = ObjectRef::of(&slice.metadata);
     if slice.metadata.name.as_deref().unwrap_or("").is_empty() {
         return Err(ModelError::MissingField {
@@ -304,42 +409,70 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
             field: "addressType",
         });
     }
+    let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
-        if let Some(n) = p.port {
-            port(SLICE, &object, "ports[].port", n)?;
-        }
-        protocol(SLICE, &object, p.protocol.as_deref())?;
+        let number = p
+            .port
+            .map(|n| port(SLICE, &object, "ports[].port", n))
+            .transpose()?;
+        ports.push(SlicePortEntry {
+            name: non_empty(p.name.as_ref()),
+            port: number,
+            proto: protocol(SLICE, &object, p.protocol.as_deref())?,
+        });
     }
-    // Slices of other address families are legal; they are just not ours.
-    if slice.address_type == "IPv4" {
-        for address in slice.endpoints.iter().flat_map(|e| &e.addresses) {
-            if address.parse::<Ipv4Addr>().is_err() {
-                return Err(ModelError::InvalidIp {
+    let ipv4 = slice.address_type == "IPv4";
+    let mut endpoints = Vec::new();
+    if ipv4 {
+        for e in &slice.endpoints {
+            let mut addresses = Vec::new();
+            for address in &e.addresses {
+                let ip = address.parse().map_err(|_| ModelError::InvalidIp {
                     kind: SLICE,
-                    object,
+                    object: object.clone(),
                     field: "endpoints[].addresses",
                     value: address.clone(),
-                });
+                })?;
+                addresses.push(ip);
             }
+            let condition = |pick: fn(&EndpointConditions) -> Option<bool>| {
+                e.conditions.as_ref().and_then(pick)
+            };
+            endpoints.push(EndpointEntry {
+                addresses,
+                node_name: e.node_name.clone(),
+                ready: condition(|c| c.ready).unwrap_or(true),
+                serving_terminating: condition(|c| c.serving) == Some(true)
+                    && condition(|c| c.terminating) == Some(true),
+            });
         }
+    } else {
+        ports.clear();
     }
-    Ok(())
+    let owner = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .map(|name| ObjectRef {
+            namespace: object.namespace.clone(),
+            name: name.clone(),
+        });
+    Ok(SliceEntry {
+        key: object,
+        owner,
+        ipv4,
+        ports,
+        endpoints,
+    })
 }
 
 /// Services and EndpointSlices as the sources last reported them.
 #[derive(Debug, Default)]
 pub struct ClusterState {
-    services: BTreeMap<ServiceName, Service>,
-    slices: BTreeMap<ObjectRef, EndpointSlice>,
+    services: BTreeMap<ServiceName, ServiceEntry>,
+    slices: BTreeMap<ObjectRef, SliceEntry>,
     slices_by_service: BTreeMap<ServiceName, BTreeSet<ObjectRef>>,
-}
-
-fn owner_of(slice: &EndpointSlice) -> Option<ServiceName> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(ObjectRef {
-        namespace: ObjectRef::of(&slice.metadata).namespace,
-        name: name.clone(),
-    })
 }
 
 impl ClusterState {
@@ -347,8 +480,8 @@ impl ClusterState {
     pub fn apply(&mut self, event: ClusterEvent) -> Vec<ServiceName> {
         match event {
             ClusterEvent::ApplyService(svc) => {
-                let name = ObjectRef::of(&svc.metadata);
-                self.services.insert(name.clone(), *svc);
+                let name = svc.name.clone();
+                self.services.insert(name.clone(), svc);
                 vec![name]
             }
             ClusterEvent::DeleteService(name) => {
@@ -356,16 +489,16 @@ impl ClusterState {
                 vec![name]
             }
             ClusterEvent::ApplySlice(slice) => {
-                let key = ObjectRef::of(&slice.metadata);
+                let key = slice.key.clone();
                 let mut touched = self.remove_slice(&key);
-                if let Some(owner) = owner_of(&slice) {
+                if let Some(owner) = &slice.owner {
                     self.slices_by_service
                         .entry(owner.clone())
                         .or_default()
                         .insert(key.clone());
-                    touched.push(owner);
+                    touched.push(owner.clone());
                 }
-                self.slices.insert(key, *slice);
+                self.slices.insert(key, slice);
                 touched.sort();
                 touched.dedup();
                 touched
@@ -378,7 +511,7 @@ impl ClusterState {
         let Some(old) = self.slices.remove(key) else {
             return Vec::new();
         };
-        let Some(owner) = owner_of(&old) else {
+        let Some(owner) = old.owner else {
             return Vec::new();
         };
         if let Some(set) = self.slices_by_service.get_mut(&owner) {
@@ -404,152 +537,100 @@ impl ClusterState {
         &self,
         name: &ServiceName,
         node_name: Option<&str>,
-    ) -> Result<Option<Vec<(Frontend, FrontendSpec)>>, ModelError> {
-        let Some(svc) = self.services.get(name) else {
-            return Ok(None);
-        };
-        validate_service(svc)?;
-        if is_skipped(svc) {
+    ) -> Option<Vec<(Frontend, FrontendSpec)>> {
+        let Some(svc) = &self.services.get(name)?.proxied else {
             log::debug!("service {name}: skipped (headless, ExternalName or another proxy's)");
-            return Ok(None);
-        }
-        let Some(spec) = svc.spec.as_ref() else {
-            return Ok(None); // refused by validate_service above
+            return None;
         };
-        let ip = cluster_ipv4(name, spec)?;
-        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
-        });
-        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let slices: Vec<&EndpointSlice> = self
+        let slices: Vec<&SliceEntry> = self
             .slices_by_service
             .get(name)
             .into_iter()
             .flatten()
             .filter_map(|k| self.slices.get(k))
-            .filter(|s| s.address_type == "IPv4")
-            .filter(|s| {
-                // Sources validate first; a bad slice here only loses its own endpoints.
-                validate_slice(s)
-                    .inspect_err(|e| log::debug!("service {name}: ignoring slice: {e}"))
-                    .is_ok()
+            .filter(|s| s.ipv4)
+            .collect();
+        let only_node = svc.local_only.then_some(node_name).flatten();
+        let frontends = svc
+            .ports
+            .iter()
+            .map(|sp| {
+                let backends = backends_for(sp, &slices, only_node);
+                let drop_without_local_endpoints = only_node.is_some()
+                    && backends.is_empty()
+                    && !backends_for(sp, &slices, None).is_empty();
+                let frontend = Frontend {
+                    ip: svc.ip,
+                    port: sp.port,
+                    proto: sp.proto,
+                };
+                let spec = FrontendSpec {
+                    service: name.clone(),
+                    port_name: sp.name.clone(),
+                    backends,
+                    affinity_timeout_s: svc.affinity_timeout_s,
+                    drop_without_local_endpoints,
+                };
+                (frontend, spec)
             })
             .collect();
-
-        let mut frontends = Vec::new();
-        for sp in spec.ports.iter().flatten() {
-            let proto = protocol(SERVICE, name, sp.protocol.as_deref())?;
-            let frontend = Frontend {
-                ip,
-                port: port(SERVICE, name, "spec.ports[].port", sp.port)?,
-                proto,
-            };
-            let only_node = local_only.then_some(node_name).flatten();
-            let backends = backends_for(sp, proto, &slices, only_node);
-            let drop_without_local_endpoints = only_node.is_some()
-                && backends.is_empty()
-                && !backends_for(sp, proto, &slices, None).is_empty();
-            frontends.push((
-                frontend,
-                FrontendSpec {
-                    service: name.clone(),
-                    port_name: sp.name.clone().filter(|n| !n.is_empty()),
-                    backends,
-                    affinity_timeout_s: affinity,
-                    drop_without_local_endpoints,
-                },
-            ));
-        }
-        Ok(Some(frontends))
+        Some(frontends)
     }
-}
-
-fn same_name(a: Option<&String>, b: Option<&String>) -> bool {
-    a.map(String::as_str).unwrap_or("") == b.map(String::as_str).unwrap_or("")
 }
 
 /// The slice port serving a service port: by name (as the EndpointSlice
 /// controller writes them), else by the service's numeric targetPort.
-fn slice_port(sp: &ServicePort, proto: Protocol, slice: &EndpointSlice) -> Option<u16> {
-    let numeric_target = match &sp.target_port {
-        Some(IntOrString::Int(t)) => Some(*t),
-        Some(IntOrString::String(_)) => None,
-        None => Some(sp.port),
+fn slice_port(sp: &ServicePortEntry, slice: &SliceEntry) -> Option<u16> {
+    let numbered = || {
+        slice
+            .ports
+            .iter()
+            .filter(|p| p.proto == sp.proto && p.port.is_some())
     };
-    let ports: Vec<&EndpointPort> = slice
-        .ports
-        .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == proto.to_string())
-        .collect();
-    let chosen = ports
-        .iter()
-        .find(|p| p.port.is_some() && same_name(p.name.as_ref(), sp.name.as_ref()))
-        .or_else(|| {
-            ports
-                .iter()
-                .find(|p| p.port.is_some() && p.port == numeric_target)
-        })
+    let chosen = numbered()
+        .find(|p| p.name == sp.name)
+        .or_else(|| numbered().find(|p| p.port == sp.numeric_target))
         .and_then(|p| p.port);
     // Hand-written slices often list no port (or one without a number):
     // the service's numeric targetPort is then the only sensible one. A
     // slice that does list numbered ports but none for this service port
     // serves other ports only.
-    let fallback = if slice.ports.iter().flatten().all(|p| p.port.is_none()) {
-        numeric_target
+    let fallback = if slice.ports.iter().all(|p| p.port.is_none()) {
+        sp.numeric_target
     } else {
         None
     };
-    chosen
-        .or(fallback)
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0)
-}
-
-fn condition(
-    e: &Endpoint,
-    pick: impl Fn(&k8s_openapi::api::discovery::v1::EndpointConditions) -> Option<bool>,
-) -> Option<bool> {
-    e.conditions.as_ref().and_then(pick)
+    chosen.or(fallback)
 }
 
 fn backends_for(
-    sp: &ServicePort,
-    proto: Protocol,
-    slices: &[&EndpointSlice],
+    sp: &ServicePortEntry,
+    slices: &[&SliceEntry],
     only_node: Option<&str>,
 ) -> Vec<BackendAddr> {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
-        let Some(port) = slice_port(sp, proto, slice) else {
+        let Some(port) = slice_port(sp, slice) else {
             continue;
         };
         for endpoint in &slice.endpoints {
             if only_node.is_some_and(|node| endpoint.node_name.as_deref() != Some(node)) {
                 continue;
             }
-            // Absent `ready` means ready (the API's own default).
-            let is_ready = condition(endpoint, |c| c.ready).unwrap_or(true);
-            let serving_terminating = condition(endpoint, |c| c.serving) == Some(true)
-                && condition(endpoint, |c| c.terminating) == Some(true);
-            let target = if is_ready {
+            let target = if endpoint.ready {
                 &mut ready
-            } else if serving_terminating {
+            } else if endpoint.serving_terminating {
                 &mut terminating
             } else {
                 continue;
             };
-            for address in &endpoint.addresses {
-                if let Ok(ip) = address.parse() {
-                    target.insert(BackendAddr { ip, port });
-                }
-            }
+            target.extend(
+                endpoint
+                    .addresses
+                    .iter()
+                    .map(|&ip| BackendAddr { ip, port }),
+            );
         }
     }
     // Graceful termination: terminating-but-serving endpoints only when no
@@ -606,15 +687,15 @@ mod tests {
     }
 
     fn backends(state: &ClusterState, node: Option<&str>) -> Vec<String> {
-        let f = state.frontends(&web(), node).unwrap().unwrap();
+        let f = state.frontends(&web(), node).unwrap();
         f[0].1.backends.iter().map(ToString::to_string).collect()
     }
 
     fn state(svc: Service, slices: Vec<EndpointSlice>) -> ClusterState {
         let mut s = ClusterState::default();
-        s.apply(ClusterEvent::ApplyService(Box::new(svc)));
+        s.apply(ClusterEvent::ApplyService(parse_service(&svc).unwrap()));
         for sl in slices {
-            s.apply(ClusterEvent::ApplySlice(Box::new(sl)));
+            s.apply(ClusterEvent::ApplySlice(parse_slice(&sl).unwrap()));
         }
         s
     }
@@ -728,7 +809,7 @@ mod tests {
             json!({"metadata": {"labels": {SERVICE_PROXY_NAME_LABEL: "other"}}}),
         ] {
             let s = state(service(extra.clone()), vec![]);
-            assert_eq!(s.frontends(&web(), None).unwrap(), None, "{extra}");
+            assert_eq!(s.frontends(&web(), None), None, "{extra}");
         }
     }
 
@@ -745,7 +826,7 @@ mod tests {
         assert_eq!(backends(&s, Some("node1")), vec!["10.244.1.10:8080"]);
         assert_eq!(backends(&s, Some("node3")), Vec::<String>::new());
         let drops = |node| {
-            s.frontends(&web(), Some(node)).unwrap().unwrap()[0]
+            s.frontends(&web(), Some(node)).unwrap()[0]
                 .1
                 .drop_without_local_endpoints
         };
@@ -762,7 +843,7 @@ mod tests {
             service(json!({"spec": {"internalTrafficPolicy": "Local"}})),
             vec![],
         );
-        let f = s.frontends(&web(), Some("node1")).unwrap().unwrap();
+        let f = s.frontends(&web(), Some("node1")).unwrap();
         assert!(f[0].1.backends.is_empty());
         assert!(!f[0].1.drop_without_local_endpoints);
     }
@@ -777,13 +858,10 @@ mod tests {
             }})),
             vec![],
         );
-        let f = s.frontends(&web(), None).unwrap().unwrap();
+        let f = s.frontends(&web(), None).unwrap();
         assert_eq!(f[0].0.ip, Ipv4Addr::new(10, 96, 0, 20));
-        let v6_only = state(service(json!({"spec": {"clusterIP": "fd00::10"}})), vec![]);
-        assert!(matches!(
-            v6_only.frontends(&web(), None),
-            Err(ModelError::Ipv6NotSupported { .. })
-        ));
+        let v6_only = parse_service(&service(json!({"spec": {"clusterIP": "fd00::10"}})));
+        assert!(matches!(v6_only, Err(ModelError::Ipv6NotSupported { .. })));
     }
 
     #[test]
@@ -792,7 +870,7 @@ mod tests {
             service(json!({"spec": {"sessionAffinity": "ClientIP"}})),
             vec![],
         );
-        let f = s.frontends(&web(), None).unwrap().unwrap();
+        let f = s.frontends(&web(), None).unwrap();
         assert_eq!(f[0].1.affinity_timeout_s, Some(10_800));
         let s = state(
             service(
@@ -801,9 +879,7 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            s.frontends(&web(), None).unwrap().unwrap()[0]
-                .1
-                .affinity_timeout_s,
+            s.frontends(&web(), None).unwrap()[0].1.affinity_timeout_s,
             Some(60)
         );
     }
@@ -820,7 +896,7 @@ mod tests {
                 json!([{"port": 5353, "protocol": "UDP"}]),
             )],
         );
-        let f = s.frontends(&web(), None).unwrap().unwrap();
+        let f = s.frontends(&web(), None).unwrap();
         assert_eq!(f[0].0.to_string(), "10.96.0.10:53/UDP");
         assert_eq!(backends(&s, None), vec!["10.244.1.10:5353"]);
     }
@@ -830,22 +906,22 @@ mod tests {
         let mut s = state(service(json!({})), vec![slice("a", json!([]), json!([]))]);
         let mut moved = slice("a", json!([]), json!([]));
         moved.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), "api".to_string())].into());
-        let touched = s.apply(ClusterEvent::ApplySlice(Box::new(moved)));
+        let touched = s.apply(ClusterEvent::ApplySlice(parse_slice(&moved).unwrap()));
         assert_eq!(touched.len(), 2);
     }
 
     #[test]
     fn invalid_objects_are_rejected_with_their_name() {
         let err =
-            validate_service(&service(json!({"spec": {"clusterIP": "10.96.0.300"}}))).unwrap_err();
+            parse_service(&service(json!({"spec": {"clusterIP": "10.96.0.300"}}))).unwrap_err();
         assert!(
             err.to_string().contains("default/web") && err.to_string().contains("10.96.0.300"),
             "{err}"
         );
         let err =
-            validate_service(&service(json!({"spec": {"ports": [{"port": 70000}]}}))).unwrap_err();
+            parse_service(&service(json!({"spec": {"ports": [{"port": 70000}]}}))).unwrap_err();
         assert!(matches!(err, ModelError::PortOutOfRange { .. }), "{err}");
-        let err = validate_service(&service(
+        let err = parse_service(&service(
             json!({"spec": {"ports": [{"port": 80, "protocol": "SCTP"}]}}),
         ))
         .unwrap_err();
@@ -853,13 +929,12 @@ mod tests {
             matches!(err, ModelError::UnsupportedProtocol { .. }),
             "{err}"
         );
-        let err =
-            validate_service(&service(json!({"spec": {"clusterIP": "fd00::10"}}))).unwrap_err();
+        let err = parse_service(&service(json!({"spec": {"clusterIP": "fd00::10"}}))).unwrap_err();
         assert!(matches!(err, ModelError::Ipv6NotSupported { .. }), "{err}");
-        let err = validate_slice(&slice("a", json!([ep("10.244.1.x", json!({}))]), json!([])))
-            .unwrap_err();
+        let err =
+            parse_slice(&slice("a", json!([ep("10.244.1.x", json!({}))]), json!([]))).unwrap_err();
         assert!(err.to_string().contains("10.244.1.x"), "{err}");
-        let err = validate_service(&service(
+        let err = parse_service(&service(
             json!({"spec": {"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}}),
         ))
         .unwrap_err();
@@ -867,7 +942,7 @@ mod tests {
             err.to_string(),
             "service default/web: port 80/TCP is listed twice in spec.ports"
         );
-        let err = validate_service(&service(
+        let err = parse_service(&service(
             json!({"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}}),
         ))
         .unwrap_err();
@@ -877,13 +952,13 @@ mod tests {
         );
         let mut no_family = slice("a", json!([]), json!([]));
         no_family.address_type = String::new();
-        let err = validate_slice(&no_family).unwrap_err();
+        let err = parse_slice(&no_family).unwrap_err();
         assert!(err.to_string().contains("addressType"), "{err}");
     }
 
     #[test]
     fn port_out_of_range_rejected() {
-        let err = validate_service(&service(
+        let err = parse_service(&service(
             json!({"spec": {"ports": [{"port": 80, "targetPort": 70000}]}}),
         ))
         .unwrap_err();
@@ -891,7 +966,7 @@ mod tests {
             err.to_string(),
             "service default/web: spec.ports[].targetPort 70000 out of range 1-65535"
         );
-        let err = validate_slice(&slice("a", json!([]), json!([{"port": 0}]))).unwrap_err();
+        let err = parse_slice(&slice("a", json!([]), json!([{"port": 0}]))).unwrap_err();
         assert!(matches!(err, ModelError::PortOutOfRange { .. }), "{err}");
     }
 
@@ -959,7 +1034,7 @@ mod tests {
                 ]),
             )],
         );
-        let f = s.frontends(&web(), None).unwrap().unwrap();
+        let f = s.frontends(&web(), None).unwrap();
         let got: Vec<String> = f
             .iter()
             .map(|(fe, spec)| format!("{fe} {} {:?}", spec.backends[0], spec.port_name.as_deref()))
@@ -976,7 +1051,7 @@ mod tests {
     #[test]
     fn service_without_endpoints_keeps_its_frontends() {
         let s = state(service(json!({})), vec![]);
-        let f = s.frontends(&web(), None).unwrap().unwrap();
+        let f = s.frontends(&web(), None).unwrap();
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].0.to_string(), "10.96.0.10:80/TCP");
         assert!(f[0].1.backends.is_empty());
@@ -1024,7 +1099,7 @@ mod tests {
         assert_eq!(backends(&s, None), Vec::<String>::new());
         assert_eq!(s.apply(ClusterEvent::DeleteSlice(slice_ref)), vec![]);
         assert_eq!(s.apply(ClusterEvent::DeleteService(web())), vec![web()]);
-        assert_eq!(s.frontends(&web(), None).unwrap(), None);
+        assert_eq!(s.frontends(&web(), None), None);
         assert!(s.service_names().is_empty());
     }
 }

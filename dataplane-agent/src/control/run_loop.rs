@@ -44,7 +44,7 @@ impl SyncKind {
 
 /// What the engine holds after a sync.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Programmed {
+pub struct EngineTotals {
     pub services: usize,
     pub frontends: usize,
     pub backends: usize,
@@ -53,14 +53,14 @@ pub struct Programmed {
 
 /// Where the loop reports its work (the metrics, or nothing in tests).
 pub trait Report {
-    fn synced(&self, kind: SyncKind, took: Duration, programmed: Programmed);
+    fn synced(&self, kind: SyncKind, took: Duration, totals: EngineTotals);
     /// A problem met, by short cause (`source`, `invalid_object`,
-    /// `capacity`, ...); the loop has logged it.
+    /// `capacity`, ...); the loop has logged it from the same value.
     fn error(&self, cause: &'static str);
 }
 
 impl Report for () {
-    fn synced(&self, _: SyncKind, _: Duration, _: Programmed) {}
+    fn synced(&self, _: SyncKind, _: Duration, _: EngineTotals) {}
     fn error(&self, _: &'static str) {}
 }
 
@@ -112,9 +112,7 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
             }
         }
         for service in touched {
-            let Some(frontends) = self.frontends_of(&service) else {
-                continue;
-            };
+            let frontends = self.frontends_of(&service);
             if let Err(e) = self.engine.sync_service(&service, &frontends) {
                 error!("{e}");
                 self.report.error(e.cause());
@@ -130,10 +128,9 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         let started = Instant::now();
         let mut all = BTreeMap::new();
         for service in self.state.service_names() {
-            if let Some(frontends) = self.frontends_of(&service) {
-                if !frontends.is_empty() {
-                    all.insert(service, frontends);
-                }
+            let frontends = self.frontends_of(&service);
+            if !frontends.is_empty() {
+                all.insert(service, frontends);
             }
         }
         let (stats, errors) = self.engine.sync_all(&all);
@@ -175,22 +172,18 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         }
     }
 
-    fn frontends_of(&self, service: &ServiceName) -> Option<Vec<(Frontend, FrontendSpec)>> {
-        match self.state.frontends(service, self.node_name.as_deref()) {
-            Ok(frontends) => Some(frontends.unwrap_or_default()),
-            Err(e) => {
-                error!("{e}");
-                self.report.error("invalid_object");
-                None
-            }
-        }
+    /// Nothing for a service the model does not hold or does not proxy.
+    fn frontends_of(&self, service: &ServiceName) -> Vec<(Frontend, FrontendSpec)> {
+        self.state
+            .frontends(service, self.node_name.as_deref())
+            .unwrap_or_default()
     }
 
     fn record(&self, kind: SyncKind, started: Instant) {
         self.report.synced(
             kind,
             started.elapsed(),
-            Programmed {
+            EngineTotals {
                 services: self.engine.service_count(),
                 frontends: self.engine.frontend_count(),
                 backends: self.engine.backend_count(),

@@ -27,7 +27,7 @@ use prometheus_client::{
 
 use crate::{
     control::{
-        run_loop::{Programmed, Report, SyncKind},
+        run_loop::{EngineTotals, Report, SyncKind},
         sync::Occupancy,
     },
     node::pinned::{counter_total, CounterMap},
@@ -178,14 +178,10 @@ impl Metrics {
 }
 
 impl Report for Metrics {
-    fn synced(&self, kind: SyncKind, took: Duration, programmed: Programmed) {
+    fn synced(&self, kind: SyncKind, took: Duration, totals: EngineTotals) {
         self.sync_done(kind.as_str(), took);
-        self.programmed(
-            programmed.services,
-            programmed.frontends,
-            programmed.backends,
-        );
-        self.occupancy(programmed.occupancy);
+        self.programmed(totals.services, totals.frontends, totals.backends);
+        self.occupancy(totals.occupancy);
     }
 
     fn error(&self, cause: &'static str) {

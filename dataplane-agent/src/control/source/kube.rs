@@ -16,8 +16,8 @@ use kube::{
 };
 use log::info;
 
-use super::{SourceUpdate, UpdateSender};
-use crate::control::model::{ClusterEvent, ObjectRef};
+use super::{SourceError, SourceUpdate, UpdateSender};
+use crate::control::model::{parse_service, parse_slice, ClusterEvent, ModelError, ObjectRef};
 
 /// A watch failed; kube's watcher retries it with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +33,15 @@ trait Watched:
     Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static
 {
     const KIND: &'static str;
-    fn apply(self) -> ClusterEvent;
+    /// Parsed and validated once, here, as it enters.
+    fn apply(&self) -> Result<ClusterEvent, ModelError>;
     fn delete(key: ObjectRef) -> ClusterEvent;
 }
 
 impl Watched for Service {
     const KIND: &'static str = "Service";
-    fn apply(self) -> ClusterEvent {
-        ClusterEvent::ApplyService(Box::new(self))
+    fn apply(&self) -> Result<ClusterEvent, ModelError> {
+        parse_service(self).map(ClusterEvent::ApplyService)
     }
     fn delete(key: ObjectRef) -> ClusterEvent {
         ClusterEvent::DeleteService(key)
@@ -49,8 +50,8 @@ impl Watched for Service {
 
 impl Watched for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
-    fn apply(self) -> ClusterEvent {
-        ClusterEvent::ApplySlice(Box::new(self))
+    fn apply(&self) -> Result<ClusterEvent, ModelError> {
+        parse_slice(self).map(ClusterEvent::ApplySlice)
     }
     fn delete(key: ObjectRef) -> ClusterEvent {
         ClusterEvent::DeleteSlice(key)
@@ -81,44 +82,61 @@ impl<K: Watched> Tracker<K> {
         }
     }
 
-    /// Model events for one watcher event, and whether a (re)list completed.
-    fn handle(&mut self, event: watcher::Event<K>) -> (Vec<ClusterEvent>, bool) {
+    /// Model events for one watcher event (objects the model refuses as
+    /// errors). A completed (re)list sets `synced_once`.
+    fn handle(&mut self, event: watcher::Event<K>) -> Handled {
         match event {
             watcher::Event::Apply(obj) => {
                 self.known.insert(key_of(&obj));
-                (vec![obj.apply()], false)
+                Handled::of([obj.apply()])
             }
             watcher::Event::Delete(obj) => {
                 let key = key_of(&obj);
                 self.known.remove(&key);
-                (vec![K::delete(key)], false)
+                Handled::of([Ok(K::delete(key))])
             }
             watcher::Event::Init => {
                 self.relisting = Some(Vec::new());
-                (Vec::new(), false)
+                Handled::default()
             }
             watcher::Event::InitApply(obj) => {
                 self.relisting.get_or_insert_with(Vec::new).push(obj);
-                (Vec::new(), false)
+                Handled::default()
             }
             watcher::Event::InitDone => {
                 let listed = self.relisting.take().unwrap_or_default();
                 let now: BTreeSet<ObjectRef> = listed.iter().map(key_of).collect();
-                let mut events: Vec<ClusterEvent> = self
-                    .known
-                    .difference(&now)
-                    .cloned()
-                    .map(K::delete)
-                    .collect();
-                events.extend(listed.into_iter().map(Watched::apply));
+                let deleted = self.known.difference(&now).cloned().map(K::delete);
+                let handled = Handled::of(deleted.map(Ok).chain(listed.iter().map(Watched::apply)));
                 if self.synced_once {
                     info!("{}s relisted: {} objects", K::KIND, now.len());
                 }
                 self.known = now;
                 self.synced_once = true;
-                (events, true)
+                handled
             }
         }
+    }
+}
+
+/// What one watcher event means for the model.
+#[derive(Debug, Default)]
+struct Handled {
+    events: Vec<ClusterEvent>,
+    /// Objects the model refuses (reported; the model keeps what it had).
+    invalid: Vec<ModelError>,
+}
+
+impl Handled {
+    fn of(results: impl IntoIterator<Item = Result<ClusterEvent, ModelError>>) -> Self {
+        let mut handled = Self::default();
+        for result in results {
+            match result {
+                Ok(event) => handled.events.push(event),
+                Err(e) => handled.invalid.push(e),
+            }
+        }
+        handled
     }
 }
 
@@ -145,35 +163,37 @@ pub async fn run(client: Client, tx: UpdateSender) {
     let mut slice_stream = std::pin::pin!(watch::<EndpointSlice>(client.clone()));
     let mut announced = false;
     loop {
-        let (events, error) = tokio::select! {
+        let (handled, error) = tokio::select! {
             Some(event) = service_stream.next() => match event {
-                Ok(event) => (services.handle(event).0, None),
+                Ok(event) => (services.handle(event), None),
                 Err(e) => {
                     if watch_start_gone(&e) {
                         service_stream.set(watch::<Service>(client.clone()));
                     }
-                    (Vec::new(), Some(WatchError { kind: Service::KIND, source: e }))
+                    (Handled::default(), Some(WatchError { kind: Service::KIND, source: e }))
                 }
             },
             Some(event) = slice_stream.next() => match event {
-                Ok(event) => (slices.handle(event).0, None),
+                Ok(event) => (slices.handle(event), None),
                 Err(e) => {
                     if watch_start_gone(&e) {
                         slice_stream.set(watch::<EndpointSlice>(client.clone()));
                     }
-                    (Vec::new(), Some(WatchError { kind: EndpointSlice::KIND, source: e }))
+                    (Handled::default(), Some(WatchError { kind: EndpointSlice::KIND, source: e }))
                 }
             },
             else => return,
         };
         // Reported once, by the receiver. The watcher retries with backoff.
         let initial_sync_done = services.synced_once && slices.synced_once;
-        if events.is_empty() && (announced || !initial_sync_done) && error.is_none() {
+        let mut errors: Vec<SourceError> = handled.invalid.into_iter().map(Into::into).collect();
+        errors.extend(error.map(SourceError::from));
+        if handled.events.is_empty() && (announced || !initial_sync_done) && errors.is_empty() {
             continue;
         }
         let update = SourceUpdate {
-            events,
-            errors: error.into_iter().map(Into::into).collect(),
+            events: handled.events,
+            errors,
             initial_sync_done,
         };
         announced |= initial_sync_done;
@@ -191,14 +211,33 @@ mod tests {
         let mut s = Service::default();
         s.metadata.name = Some(name.into());
         s.metadata.namespace = Some("default".into());
+        s.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            ..Default::default()
+        });
         s
+    }
+
+    #[test]
+    fn object_the_model_refuses_is_reported_not_applied() {
+        let mut t = Tracker::<Service>::new();
+        let mut v6 = svc("v6");
+        v6.spec.as_mut().unwrap().cluster_ip = Some("fd00::10".into());
+        let handled = t.handle(watcher::Event::Apply(v6));
+        assert!(handled.events.is_empty());
+        assert_eq!(handled.invalid.len(), 1);
+        assert!(
+            handled.invalid[0].to_string().contains("default/v6"),
+            "{}",
+            handled.invalid[0]
+        );
     }
 
     fn describe(events: &[ClusterEvent]) -> Vec<String> {
         events
             .iter()
             .map(|e| match e {
-                ClusterEvent::ApplyService(s) => format!("+{}", s.name_any()),
+                ClusterEvent::ApplyService(s) => format!("+{}", s.name.name),
                 ClusterEvent::DeleteService(r) => format!("-{}", r.name),
                 _ => "?".into(),
             })
@@ -214,20 +253,26 @@ mod tests {
             watcher::Event::InitApply(svc("b")),
         ] {
             assert!(
-                t.handle(e).0.is_empty(),
+                t.handle(e).events.is_empty(),
                 "nothing before the list is complete"
             );
         }
-        let (events, done) = t.handle(watcher::Event::InitDone);
-        assert!(done);
-        assert_eq!(describe(&events), vec!["+a", "+b"]);
+        let handled = t.handle(watcher::Event::InitDone);
+        assert!(t.synced_once);
+        assert_eq!(describe(&handled.events), vec!["+a", "+b"]);
 
         // Disconnected; b deleted and c created meanwhile; relist.
-        assert!(t.handle(watcher::Event::Init).0.is_empty());
-        assert!(t.handle(watcher::Event::InitApply(svc("a"))).0.is_empty());
-        assert!(t.handle(watcher::Event::InitApply(svc("c"))).0.is_empty());
-        let (events, _) = t.handle(watcher::Event::InitDone);
-        assert_eq!(describe(&events), vec!["-b", "+a", "+c"]);
+        assert!(t.handle(watcher::Event::Init).events.is_empty());
+        assert!(t
+            .handle(watcher::Event::InitApply(svc("a")))
+            .events
+            .is_empty());
+        assert!(t
+            .handle(watcher::Event::InitApply(svc("c")))
+            .events
+            .is_empty());
+        let handled = t.handle(watcher::Event::InitDone);
+        assert_eq!(describe(&handled.events), vec!["-b", "+a", "+c"]);
     }
 
     #[test]
@@ -254,11 +299,11 @@ mod tests {
     fn watch_events_pass_through() {
         let mut t = Tracker::<Service>::new();
         assert_eq!(
-            describe(&t.handle(watcher::Event::Apply(svc("a"))).0),
+            describe(&t.handle(watcher::Event::Apply(svc("a"))).events),
             vec!["+a"]
         );
         assert_eq!(
-            describe(&t.handle(watcher::Event::Delete(svc("a"))).0),
+            describe(&t.handle(watcher::Event::Delete(svc("a"))).events),
             vec!["-a"]
         );
         assert!(t.known.is_empty());

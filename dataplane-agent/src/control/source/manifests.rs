@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{SourceUpdate, UpdateSender};
-use crate::control::model::{validate_service, validate_slice, ClusterEvent, ObjectRef};
+use crate::control::model::{parse_service, parse_slice, ClusterEvent, ModelError, ObjectRef};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -55,7 +55,9 @@ pub enum ManifestError {
     Object {
         file: PathBuf,
         object: String,
-        reason: String,
+        /// Boxed: the model's errors are large and rare.
+        #[source]
+        reason: Box<ObjectError>,
     },
     #[error("{kind} {object} is defined in both {} and {}; using the first", first.display(), second.display())]
     Duplicate {
@@ -72,16 +74,32 @@ pub enum ManifestError {
     },
 }
 
-/// An object's canonical JSON, compact: what change detection compares.
-/// Kept as text rather than a `Value` tree, which takes ten times the
+/// Why one document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("not a Kubernetes object (expected a mapping)")]
+    NotAMapping,
+    #[error("missing apiVersion or kind")]
+    MissingKind,
+    #[error(transparent)]
+    Decode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
+    #[error("defined again in the same file; using the first")]
+    DefinedAgain,
+}
+
+/// Each object's apply event: what the model keeps of it (parsed and
+/// validated once), which is also what change detection compares. No
+/// `Value` trees or k8s-openapi objects are kept: those take many times the
 /// memory (10 000 services and their slices: hundreds of MiB).
-type Canonical = Box<str>;
+type Objects = BTreeMap<ObjectKey, ClusterEvent>;
 
 /// What the directory held at the last rescan, per file.
 pub struct ManifestSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, BTreeMap<ObjectKey, Canonical>>,
-    reported: BTreeMap<ObjectKey, Canonical>,
+    files: BTreeMap<PathBuf, Objects>,
+    reported: Objects,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -112,14 +130,14 @@ fn describe(doc: &Value, index: usize) -> String {
 /// Which of our kinds a document is: `Ok(None)` for kinds this source does
 /// not use, `Err` when it is not a Kubernetes object at all (a typo such as
 /// `kindd:` must not vanish silently).
-fn classify(doc: &Value) -> Result<Option<Kind>, String> {
+fn classify(doc: &Value) -> Result<Option<Kind>, ObjectError> {
     if !doc.is_object() {
-        return Err("not a Kubernetes object (expected a mapping)".into());
+        return Err(ObjectError::NotAMapping);
     }
     let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
     if api_version.is_empty() || kind.is_empty() {
-        return Err("missing apiVersion or kind".into());
+        return Err(ObjectError::MissingKind);
     }
     Ok(match (api_version, kind) {
         ("v1", "Service") => Some(Kind::Service),
@@ -150,24 +168,19 @@ fn raw_key(kind: Kind, doc: &Value) -> Option<ObjectKey> {
     ))
 }
 
-/// Deserializes and validates one document into its key and canonical JSON
-/// (what change detection compares), or says why not.
-fn parse_object(kind: Kind, doc: &Value) -> Result<(ObjectKey, Canonical), String> {
-    let (meta, value) = match kind {
+/// Deserializes one document and parses it into what the model keeps, or
+/// says why not.
+fn parse_object(kind: Kind, doc: &Value) -> Result<(ObjectKey, ClusterEvent), ObjectError> {
+    Ok(match kind {
         Kind::Service => {
-            let svc = Service::deserialize(doc).map_err(|e| e.to_string())?;
-            validate_service(&svc).map_err(|e| e.to_string())?;
-            let value = serde_json::to_string(&svc).map_err(|e| e.to_string())?;
-            (svc.metadata, value)
+            let svc = parse_service(&Service::deserialize(doc)?)?;
+            ((kind, svc.name.clone()), ClusterEvent::ApplyService(svc))
         }
         Kind::EndpointSlice => {
-            let slice = EndpointSlice::deserialize(doc).map_err(|e| e.to_string())?;
-            validate_slice(&slice).map_err(|e| e.to_string())?;
-            let value = serde_json::to_string(&slice).map_err(|e| e.to_string())?;
-            (slice.metadata, value)
+            let slice = parse_slice(&EndpointSlice::deserialize(doc)?)?;
+            ((kind, slice.key.clone()), ClusterEvent::ApplySlice(slice))
         }
-    };
-    Ok(((kind, ObjectRef::of(&meta)), value.into()))
+    })
 }
 
 /// Calls `each` with every object document of a file, `List`s flattened,
@@ -199,22 +212,6 @@ fn for_each_document(
         }
     }
     Ok(())
-}
-
-fn event(key: &ObjectKey, value: &str) -> Option<ClusterEvent> {
-    // Values were produced by serializing the same types, so they
-    // deserialize; a failure here is a bug, logged rather than fatal.
-    let event = match key.0 {
-        Kind::Service => {
-            serde_json::from_str(value).map(|s| ClusterEvent::ApplyService(Box::new(s)))
-        }
-        Kind::EndpointSlice => {
-            serde_json::from_str(value).map(|s| ClusterEvent::ApplySlice(Box::new(s)))
-        }
-    };
-    event
-        .inspect_err(|e| log::error!("{} {}: cannot re-read own JSON: {e}", key.0, key.1))
-        .ok()
 }
 
 impl ManifestSource {
@@ -276,7 +273,7 @@ impl ManifestSource {
         }
 
         // First file (in path order) wins for objects defined twice.
-        let mut current: BTreeMap<ObjectKey, (PathBuf, Canonical)> = BTreeMap::new();
+        let mut current: BTreeMap<ObjectKey, (PathBuf, ClusterEvent)> = BTreeMap::new();
         for (path, objects) in &files {
             for (key, value) in objects {
                 if let Some((first, _)) = current.get(key) {
@@ -295,7 +292,7 @@ impl ManifestSource {
         let mut events = Vec::new();
         for (key, (_, value)) in &current {
             if self.reported.get(key) != Some(value) {
-                events.extend(event(key, value));
+                events.push(value.clone());
             }
         }
         for key in self.reported.keys().filter(|k| !current.contains_key(*k)) {
@@ -312,20 +309,19 @@ impl ManifestSource {
     /// The objects of one file and the problems of single objects; a YAML
     /// error makes the whole file unreadable (the caller keeps its last
     /// good version).
-    #[allow(clippy::type_complexity)]
     fn read_objects(
         path: &Path,
         text: &str,
-        previous: Option<&BTreeMap<ObjectKey, Canonical>>,
-    ) -> Result<(BTreeMap<ObjectKey, Canonical>, Vec<ManifestError>), serde_norway::Error> {
+        previous: Option<&Objects>,
+    ) -> Result<(Objects, Vec<ManifestError>), serde_norway::Error> {
         let mut objects = BTreeMap::new();
         let mut errors = Vec::new();
         for_each_document(text, |index, doc| {
-            let mut error = |reason: String| {
+            let mut error = |reason: ObjectError| {
                 errors.push(ManifestError::Object {
                     file: path.to_owned(),
                     object: describe(doc, index),
-                    reason,
+                    reason: Box::new(reason),
                 });
             };
             let kind = match classify(doc) {
@@ -339,7 +335,7 @@ impl ManifestSource {
                         slot.insert(value);
                     }
                     std::collections::btree_map::Entry::Occupied(_) => {
-                        error("defined again in the same file; using the first".into())
+                        error(ObjectError::DefinedAgain)
                     }
                 },
                 Err(reason) => {
@@ -466,8 +462,8 @@ metadata: {name: ignored}
         events
             .iter()
             .map(|e| match e {
-                ClusterEvent::ApplyService(s) => format!("+svc {}", ObjectRef::of(&s.metadata)),
-                ClusterEvent::ApplySlice(s) => format!("+slice {}", ObjectRef::of(&s.metadata)),
+                ClusterEvent::ApplyService(s) => format!("+svc {}", s.name),
+                ClusterEvent::ApplySlice(s) => format!("+slice {}", s.key),
                 ClusterEvent::DeleteService(r) => format!("-svc {r}"),
                 ClusterEvent::DeleteSlice(r) => format!("-slice {r}"),
             })
@@ -722,8 +718,8 @@ metadata: {name: ignored}
         let ClusterEvent::ApplyService(svc) = &events[0] else {
             panic!("{:?}", names(&events));
         };
-        let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
-        assert_eq!(ip, Some("10.96.0.11"));
+        let ip = svc.proxied.as_ref().map(|s| s.ip);
+        assert_eq!(ip, Some(std::net::Ipv4Addr::new(10, 96, 0, 11)));
     }
 
     #[test]

@@ -7,22 +7,30 @@ pub mod manifests;
 
 use tokio::sync::mpsc;
 
-use crate::control::{health::Health, model::ClusterEvent};
+use crate::control::{
+    health::Health,
+    model::{ClusterEvent, ModelError},
+};
 
-/// What a source found wrong. Logged and counted (cause `source`) from this
-/// one value.
+/// What a source found wrong. Logged and counted from this one value.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
     Manifest(#[from] manifests::ManifestError),
     #[error(transparent)]
     Watch(#[from] kube::WatchError),
+    /// An object from the API the model refuses.
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
 }
 
 impl SourceError {
     /// Short cause label, for metrics.
     pub fn cause(&self) -> &'static str {
-        "source"
+        match self {
+            SourceError::Invalid(_) => "invalid_object",
+            SourceError::Manifest(_) | SourceError::Watch(_) => "source",
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use dataplane_common::{ct_dir, ct_flags, ct_state, CtEntry, CtKey, IPPROTO_TCP};
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{ct_get, ct_slot, CtSlot, CONNTRACK},
     parse::{Ipv4Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -25,9 +25,16 @@ pub fn ct4_key(flow: &Ipv4Flow, direction: u8) -> CtKey {
     }
 }
 
+/// The entry at `key`, in place (for `ct4_update`).
 #[inline(always)]
-pub fn ct4_lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CONNTRACK.get_ptr_mut(key)
+pub fn ct4_lookup(key: &CtKey) -> Option<CtSlot> {
+    ct_slot(key)
+}
+
+/// A copy of the entry at `key`.
+#[inline(always)]
+pub fn ct4_get(key: &CtKey) -> Option<CtEntry> {
+    ct_get(key)
 }
 
 /// Inserts both entries of a new flow. If another CPU created the flow first
@@ -39,11 +46,7 @@ pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
         .insert(original, entry, BPF_NOEXIST as u64)
         .is_err()
     {
-        return match CONNTRACK.get_ptr(original) {
-            // SAFETY: copied out at once.
-            Some(existing) => Ok(unsafe { *existing }),
-            None => Err(()),
-        };
+        return ct_get(&original).ok_or(());
     }
     if CONNTRACK.insert(entry.reply_key(), entry, 0).is_err() {
         let _ = CONNTRACK.remove(original);
@@ -70,41 +73,42 @@ pub fn ct4_is_reopen(entry: &CtEntry, flow: &Ipv4Flow) -> bool {
 /// Updates state and last-seen time of a flow's ORIGINAL entry for a packet in
 /// `direction`.
 #[inline(always)]
-pub fn ct4_update(entry: *mut CtEntry, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
-    // SAFETY: `entry` points at a live map value of this CPU's lookup. Racing
-    // updates from other CPUs only touch the same small fields and at worst
-    // lose one timestamp refresh.
-    let e = unsafe { &mut *entry };
-    e.last_seen_ns = now_ns;
+pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
+    slot.set_last_seen(now_ns);
+    let e = slot.get();
     let fin_flag = if direction == ct_dir::ORIGINAL {
         ct_flags::FIN_ORIGINAL
     } else {
         ct_flags::FIN_REPLY
     };
+    let mut flags = e.flags;
     if direction == ct_dir::REPLY {
-        e.flags |= ct_flags::SEEN_REPLY;
+        flags |= ct_flags::SEEN_REPLY;
     }
     if flow.proto != IPPROTO_TCP {
         if direction == ct_dir::REPLY {
-            e.state = ct_state::ESTABLISHED;
+            slot.add_flags(flags);
+            slot.set_state(ct_state::ESTABLISHED);
         }
         return;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        e.state = ct_state::CLOSING;
+        slot.add_flags(flags);
+        slot.set_state(ct_state::CLOSING);
         return;
     }
     if flow.tcp_flags & TCP_FIN != 0 {
-        e.flags |= fin_flag;
+        flags |= fin_flag;
     }
-    if e.flags & (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
+    slot.add_flags(flags);
+    if flags & (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
         == (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
     {
-        e.state = ct_state::CLOSING;
+        slot.set_state(ct_state::CLOSING);
     } else if e.state == ct_state::OPENING
-        && e.flags & ct_flags::SEEN_REPLY != 0
+        && flags & ct_flags::SEEN_REPLY != 0
         && flow.tcp_flags & TCP_ACK != 0
     {
-        e.state = ct_state::ESTABLISHED;
+        slot.set_state(ct_state::ESTABLISHED);
     }
 }

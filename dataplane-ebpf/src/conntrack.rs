@@ -71,44 +71,59 @@ pub fn ct4_is_reopen(entry: &CtEntry, flow: &Ipv4Flow) -> bool {
 }
 
 /// Updates state and last-seen time of a flow's ORIGINAL entry for a packet in
-/// `direction`.
+/// `direction`. State and flags only gain bits, each with one atomic OR, and
+/// only when the packet adds something.
 #[inline(always)]
 pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
     slot.set_last_seen(now_ns);
     let e = slot.get();
-    let fin_flag = if direction == ct_dir::ORIGINAL {
-        ct_flags::FIN_ORIGINAL
-    } else {
-        ct_flags::FIN_REPLY
-    };
-    let mut flags = e.flags;
+    let mut flags = 0;
     if direction == ct_dir::REPLY {
         flags |= ct_flags::SEEN_REPLY;
     }
     if flow.proto != IPPROTO_TCP {
-        if direction == ct_dir::REPLY {
-            slot.add_flags(flags);
-            slot.set_state(ct_state::ESTABLISHED);
-        }
+        let state = if direction == ct_dir::REPLY {
+            ct_state::ESTABLISHED
+        } else {
+            ct_state::OPENING
+        };
+        ct4_or(slot, &e, state, flags);
         return;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        slot.add_flags(flags);
-        slot.set_state(ct_state::CLOSING);
+        ct4_or(slot, &e, ct_state::CLOSING, flags);
         return;
     }
     if flow.tcp_flags & TCP_FIN != 0 {
-        flags |= fin_flag;
+        flags |= if direction == ct_dir::ORIGINAL {
+            ct_flags::FIN_ORIGINAL
+        } else {
+            ct_flags::FIN_REPLY
+        };
     }
-    slot.add_flags(flags);
-    if flags & (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
-        == (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
-    {
-        slot.set_state(ct_state::CLOSING);
-    } else if e.state == ct_state::OPENING
+    let (state, flags) = ct4_or(slot, &e, ct_state::OPENING, flags);
+    let both_fins = ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY;
+    if flags & both_fins == both_fins {
+        // Of two CPUs adding the two FINs at once, the later OR sees both.
+        ct4_or(slot, &e, ct_state::CLOSING, 0);
+    } else if state == ct_state::OPENING
+        && direction == ct_dir::ORIGINAL
         && flags & ct_flags::SEEN_REPLY != 0
-        && flow.tcp_flags & TCP_ACK != 0
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
     {
-        slot.set_state(ct_state::ESTABLISHED);
+        // The client's first segment after the backend's SYN-ACK completes
+        // the handshake; the SYN-ACK alone does not (half-open flows keep
+        // the short opening lifetime).
+        ct4_or(slot, &e, ct_state::ESTABLISHED, 0);
     }
+}
+
+/// ORs `state` and `flags` into the entry unless `seen` (read just before)
+/// already has them all: the common packet writes nothing.
+#[inline(always)]
+fn ct4_or(slot: CtSlot, seen: &CtEntry, state: u8, flags: u8) -> (u8, u8) {
+    if state & !seen.state == 0 && flags & !seen.flags == 0 {
+        return (seen.state, seen.flags);
+    }
+    slot.or_state_flags(state, flags)
 }

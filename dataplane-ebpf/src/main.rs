@@ -12,6 +12,10 @@
 //! a counted drop (`fail`).
 #![no_std]
 #![no_main]
+// Atomic OR on conntrack flags: the BPF target has no atomic read-modify-write
+// types in core (see `maps::CtSlot::or_state_flags`).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics for the BPF atomic OR")]
 
 mod conntrack;
 mod csum;
@@ -240,11 +244,12 @@ fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         service_port: flow.dst_port,
         backend_port: backend.port,
         proto: flow.proto,
-        state: ct_state::OPENING,
+        _pad0: 0,
         backend_id,
-        service_id: service.service_id,
+        state: ct_state::OPENING,
         flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
-        _pad: [0; 3],
+        _pad: [0; 2],
+        service_id: service.service_id,
     };
     let Ok(ct) = ct4_create(&entry) else {
         return Err(fail(Counter::CtInsertFailed));

@@ -4,6 +4,8 @@
 //! Map values are read and written only through the wrappers at the bottom
 //! of this file: they hold the datapath's `unsafe` blocks besides `skb`.
 
+use core::intrinsics::{atomic_or, AtomicOrdering};
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -132,16 +134,21 @@ impl CtSlot {
         unsafe { (*self.0).last_seen_ns = now_ns };
     }
 
+    /// ORs `state` and `flags` into the entry atomically (see
+    /// `CtEntry::state`) and returns both as they are after it.
     #[inline(always)]
-    pub fn set_state(&self, state: u8) {
-        // SAFETY: a plain field of this run's value.
-        unsafe { (*self.0).state = state };
-    }
-
-    #[inline(always)]
-    pub fn add_flags(&self, flags: u8) {
-        // SAFETY: a plain field of this run's value.
-        unsafe { (*self.0).flags |= flags };
+    pub fn or_state_flags(&self, state: u8, flags: u8) -> (u8, u8) {
+        let bits = u64::from_le_bytes([state, flags, 0, 0, 0, 0, 0, 0]);
+        // SAFETY: `state` starts an aligned 64-bit word of this run's value
+        // (asserted in dataplane-common); the OR sets only bits of `state`
+        // and `flags`. The BPF target has no atomic read-modify-write types
+        // in core; the intrinsic lowers to BPF's atomic fetch-and-OR.
+        let before = unsafe {
+            let word = core::ptr::addr_of_mut!((*self.0).state).cast::<u64>();
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bits)
+        };
+        let [state, flags, ..] = (before | bits).to_le_bytes();
+        (state, flags)
     }
 }
 

@@ -1,0 +1,126 @@
+//! Conntrack under BPF_PROG_TEST_RUN: when a flow counts as established,
+//! super-packets, lost reply entries and clashing reply tuples. Maps are
+//! filled through the agent's sync engine, as in `datapath.rs`.
+//!
+//! Needs root and a kernel with BPF (each test mounts its own bpffs).
+
+#[path = "datapath/harness.rs"]
+mod harness;
+#[path = "datapath/packets.rs"]
+mod packets;
+
+use std::net::SocketAddrV4;
+
+use dataplane_agent::model::Protocol;
+use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
+use harness::{addr, ct_key, Harness, TC_ACT_OK};
+use packets::{assert_translated, Tcp, ACK, FIN, RST, SYN};
+
+fn client() -> SocketAddrV4 {
+    addr([10, 244, 1, 10], 40_000)
+}
+fn service() -> SocketAddrV4 {
+    addr([10, 96, 0, 10], 80)
+}
+fn backend() -> SocketAddrV4 {
+    addr([10, 244, 2, 10], 8080)
+}
+
+fn original(dp: &Harness) -> CtEntry {
+    dp.ct_get(&ct_key(
+        client(),
+        service(),
+        Protocol::Tcp,
+        ct_dir::ORIGINAL,
+    ))
+    .expect("the flow is tracked")
+}
+
+/// A web service with one backend and the client's SYN through it.
+fn opened_flow() -> Harness {
+    let mut dp = Harness::new();
+    dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
+    let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK, "SYN");
+    dp
+}
+
+fn syn_ack() -> Vec<u8> {
+    Tcp::new(backend(), client(), SYN | ACK)
+        .seq(90_000)
+        .ack(7_001)
+        .build()
+}
+
+#[test]
+fn syn_ack_alone_keeps_a_flow_in_the_opening_timeout() {
+    let dp = opened_flow();
+
+    assert_eq!(dp.run_to_pod(&syn_ack()).verdict, TC_ACT_OK, "SYN-ACK");
+    // A retransmitted SYN and another SYN-ACK: still no handshake.
+    let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK, "SYN again");
+    assert_eq!(
+        dp.run_to_pod(&syn_ack()).verdict,
+        TC_ACT_OK,
+        "SYN-ACK again"
+    );
+
+    let entry = original(&dp);
+    assert_ne!(entry.flags & ct_flags::SEEN_REPLY, 0, "the reply was seen");
+    assert_eq!(
+        entry.state,
+        ct_state::OPENING,
+        "a half-open flow keeps the opening lifetime"
+    );
+    assert_eq!(
+        entry.lifetime_ns(),
+        60 * 1_000_000_000,
+        "opening lifetime, not 6 hours"
+    );
+
+    let ack = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .ack(90_001)
+        .build();
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK, "ACK");
+    assert_eq!(
+        original(&dp).state,
+        ct_state::ESTABLISHED,
+        "the client's ACK completes the handshake"
+    );
+}
+
+#[test]
+fn client_ack_before_any_reply_does_not_establish() {
+    let dp = opened_flow();
+    let ack = Tcp::new(client(), service(), ACK).seq(7_001).build();
+
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK);
+
+    assert_eq!(original(&dp).state, ct_state::OPENING);
+}
+
+#[test]
+fn reset_from_the_backend_closes_an_established_flow_and_keeps_its_flags() {
+    let dp = opened_flow();
+    let ack = Tcp::new(client(), service(), ACK).seq(7_001).build();
+    let fin = Tcp::new(client(), service(), FIN | ACK).seq(7_001).build();
+    let rst = Tcp::new(backend(), client(), RST).seq(90_001).build();
+    assert_eq!(dp.run_to_pod(&syn_ack()).verdict, TC_ACT_OK);
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK);
+    assert_eq!(dp.run_from_pod(&fin).verdict, TC_ACT_OK);
+
+    let run = dp.run_to_pod(&rst);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(&rst, &run.output, service(), client(), "translated RST");
+    let entry = original(&dp);
+    assert_eq!(entry.state, ct_state::CLOSING, "RST closes");
+    assert_eq!(
+        entry.flags & (ct_flags::SEEN_REPLY | ct_flags::FIN_ORIGINAL),
+        ct_flags::SEEN_REPLY | ct_flags::FIN_ORIGINAL,
+        "earlier flags kept"
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 2);
+}

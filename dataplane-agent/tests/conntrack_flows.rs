@@ -14,7 +14,7 @@ use std::net::SocketAddrV4;
 use dataplane_agent::model::Protocol;
 use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
 use harness::{addr, ct_key, Harness, TC_ACT_OK};
-use packets::{assert_translated, Tcp, ACK, FIN, RST, SYN};
+use packets::{assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)
@@ -123,4 +123,59 @@ fn reset_from_the_backend_closes_an_established_flow_and_keeps_its_flags() {
         "earlier flags kept"
     );
     assert_eq!(dp.counter(Counter::ReplyTranslated), 2);
+}
+
+#[test]
+fn big_tcp_super_packet_with_total_length_zero_is_translated() {
+    let dp = opened_flow();
+    let data = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .payload(&[0x5a; 2_000])
+        .build();
+    let plain = dp.run_from_pod(&data);
+    assert_eq!(plain.verdict, TC_ACT_OK);
+    assert_translated(&data, &plain.output, client(), backend(), "plain segment");
+    // The same bytes as a BIG TCP super-packet: IPv4 total length 0.
+    let mut big = data.clone();
+    big[ETH_HLEN + 2..ETH_HLEN + 4].fill(0);
+    fix_ip_checksum(&mut big);
+
+    let run = dp.run_gso("from_pod", &big, 1_000, 2);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut expected = plain.output.clone();
+    expected[ETH_HLEN + 2..ETH_HLEN + 4].fill(0);
+    fix_ip_checksum(&mut expected);
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "translated as the same packet with its length filled in"
+    );
+    assert_eq!(dp.counter(Counter::Malformed), 0);
+    assert_eq!(dp.counter(Counter::Established), 2);
+}
+
+#[test]
+fn total_length_zero_without_gso_is_malformed() {
+    let dp = opened_flow();
+    let mut data = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .payload(b"GET /")
+        .build();
+    data[ETH_HLEN + 2..ETH_HLEN + 4].fill(0);
+    fix_ip_checksum(&mut data);
+
+    let run = dp.run_from_pod(&data);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(hex(&run.output), hex(&data), "left untouched");
+    assert_eq!(dp.counter(Counter::Malformed), 1);
+}
+
+/// Recomputes the IPv4 header checksum after a test patched the header.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+    let csum = !ones_sum(&frame[ETH_HLEN..ETH_HLEN + ihl]);
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
 }

@@ -54,8 +54,9 @@ fn ipv4_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> [u32; 5] {
 /// sequence number the client expects next.
 #[inline(always)]
 pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, RejectError> {
-    let payload_len =
-        (flow.ip_tot_len as u32).saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
+    let payload_len = flow
+        .ip_tot_len
+        .saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
     let (seq, ack_seq, flags) = if flow.tcp_flags & TCP_ACK != 0 {
         (flow.tcp_ack_seq, 0u32, TCP_RST)
     } else {

@@ -22,6 +22,14 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*raw(ctx)).ifindex }
 }
 
+/// Whether the packet is a GSO super-packet (segmented later, on the way
+/// out), as BIG TCP ones are.
+#[inline(always)]
+pub fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: as for `ifindex`; `gso_size` is a readable field for tc.
+    unsafe { (*raw(ctx)).gso_size != 0 }
+}
+
 /// Resizes the packet to exactly `len` bytes (grow with zeroes or trim).
 #[inline(always)]
 pub fn change_tail(ctx: &TcContext, len: u32) -> Result<(), i64> {

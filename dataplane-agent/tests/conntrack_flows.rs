@@ -179,3 +179,123 @@ fn fix_ip_checksum(frame: &mut [u8]) {
     let csum = !ones_sum(&frame[ETH_HLEN..ETH_HLEN + ihl]);
     frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
 }
+
+fn reply_key() -> dataplane_common::CtKey {
+    ct_key(backend(), client(), Protocol::Tcp, ct_dir::REPLY)
+}
+
+/// SYN, SYN-ACK and ACK through the web service: an established flow.
+fn established_flow() -> Harness {
+    let dp = opened_flow();
+    let ack = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .ack(90_001)
+        .build();
+    assert_eq!(dp.run_to_pod(&syn_ack()).verdict, TC_ACT_OK, "SYN-ACK");
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK, "ACK");
+    assert_eq!(original(&dp).state, ct_state::ESTABLISHED);
+    dp
+}
+
+#[test]
+fn lost_reply_entry_is_rebuilt_by_the_clients_next_packet() {
+    let mut dp = established_flow();
+    let lost = dp.ct_get(&reply_key()).expect("the reply entry");
+    dp.conntrack
+        .remove(&reply_key())
+        .expect("evicting the reply entry");
+    let request = Tcp::new(client(), service(), ACK | packets::PSH)
+        .seq(7_001)
+        .payload(b"GET / HTTP/1.1\r\n\r\n")
+        .build();
+    let response = Tcp::new(backend(), client(), ACK | packets::PSH)
+        .seq(90_001)
+        .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+        .build();
+
+    let forwarded = dp.run_from_pod(&request);
+    let reply = dp.run_to_pod(&response);
+
+    assert_translated(&request, &forwarded.output, client(), backend(), "request");
+    let rebuilt = dp.ct_get(&reply_key()).expect("the reply entry is back");
+    assert_eq!(
+        (rebuilt.original_key(), rebuilt.reply_key()),
+        (lost.original_key(), lost.reply_key()),
+        "the rebuilt entry translates as the lost one did"
+    );
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_translated(&response, &reply.output, service(), client(), "response");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 2);
+}
+
+fn other_service() -> SocketAddrV4 {
+    addr([10, 96, 0, 11], 80)
+}
+
+#[test]
+fn second_flow_with_the_same_reply_tuple_is_refused_and_the_first_keeps_its_replies() {
+    // Two services share the backend; the client uses one source port for
+    // both: the backend would answer both flows with the same tuple.
+    let mut dp = opened_flow();
+    dp.set_service("api", other_service(), Protocol::Tcp, &[backend()]);
+    let syn_other = Tcp::new(client(), other_service(), SYN).seq(3_000).build();
+
+    let refused = dp.run_from_pod(&syn_other);
+
+    assert_eq!(
+        refused.verdict,
+        harness::TC_ACT_SHOT,
+        "the clashing SYN is dropped"
+    );
+    assert_eq!(dp.counter(Counter::ReplyTupleClash), 1);
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "only the first flow");
+    assert!(
+        dp.ct_get(&ct_key(
+            client(),
+            other_service(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_none(),
+        "the refused flow leaves no entry"
+    );
+    let reply = dp.run_to_pod(&syn_ack());
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_translated(
+        &syn_ack(),
+        &reply.output,
+        service(),
+        client(),
+        "the first flow's SYN-ACK still comes from its service",
+    );
+}
+
+#[test]
+fn reply_tuple_left_by_a_forgotten_flow_is_taken_over() {
+    let mut dp = opened_flow();
+    dp.set_service("api", other_service(), Protocol::Tcp, &[backend()]);
+    // The first flow's original entry is evicted; its reply entry stays.
+    dp.conntrack
+        .remove(&ct_key(
+            client(),
+            service(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL,
+        ))
+        .expect("evicting the original entry");
+    let syn_other = Tcp::new(client(), other_service(), SYN).seq(3_000).build();
+
+    let run = dp.run_from_pod(&syn_other);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(&syn_other, &run.output, client(), backend(), "SYN");
+    assert_eq!(dp.counter(Counter::ReplyTupleClash), 0);
+    let reply = dp.run_to_pod(&syn_ack());
+    assert_translated(
+        &syn_ack(),
+        &reply.output,
+        other_service(),
+        client(),
+        "replies now belong to the new flow",
+    );
+}

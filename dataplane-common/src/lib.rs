@@ -396,10 +396,14 @@ pub enum Counter {
     RejectFailed = 13,
     /// A trace event was lost (ring buffer full); the packet was not.
     TraceLost = 14,
+    /// New connection whose reply tuple (backend, client address and port)
+    /// a live flow already has, e.g. the same client port through two
+    /// services to one backend: dropped, the other flow keeps its replies.
+    ReplyTupleClash = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -416,6 +420,7 @@ impl Counter {
         Counter::IcmpErrorTranslated,
         Counter::RejectFailed,
         Counter::TraceLost,
+        Counter::ReplyTupleClash,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -440,6 +445,7 @@ impl Counter {
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::RejectFailed => "reject_failed",
             Counter::TraceLost => "trace_lost",
+            Counter::ReplyTupleClash => "reply_tuple_clash",
         }
     }
 }

@@ -37,28 +37,92 @@ pub fn ct4_get(key: &CtKey) -> Option<CtEntry> {
     ct_get(key)
 }
 
+/// Why a new flow could not be tracked.
+pub enum CtCreateError {
+    /// The map refused an insert.
+    InsertFailed,
+    /// A live flow of another client port or service already has this
+    /// flow's reply tuple: taking it would steal that flow's replies.
+    ReplyClash,
+}
+
 /// Inserts both entries of a new flow. If another CPU created the flow first
 /// (retransmitted SYN racing), its entry wins and is returned.
 #[inline(always)]
-pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
+pub fn ct4_create(entry: &CtEntry, now_ns: u64) -> Result<CtEntry, CtCreateError> {
     let original = entry.original_key();
     if CONNTRACK
         .insert(original, entry, BPF_NOEXIST as u64)
         .is_err()
     {
-        return ct_get(&original).ok_or(());
+        return ct_get(&original).ok_or(CtCreateError::InsertFailed);
     }
-    if CONNTRACK.insert(entry.reply_key(), entry, 0).is_err() {
+    if let Err(e) = ct4_claim_reply(entry, now_ns) {
         let _ = CONNTRACK.remove(original);
-        return Err(());
+        return Err(e);
     }
     Ok(*entry)
+}
+
+/// Writes the REPLY entry of the flow `entry` describes, unless another live
+/// flow holds that tuple. An entry left behind by a flow that is gone (its
+/// ORIGINAL entry evicted, expired, or now pointing at another backend) is
+/// taken over.
+#[inline(always)]
+fn ct4_claim_reply(entry: &CtEntry, now_ns: u64) -> Result<(), CtCreateError> {
+    let reply = entry.reply_key();
+    if CONNTRACK.insert(reply, entry, BPF_NOEXIST as u64).is_ok() {
+        return Ok(());
+    }
+    if let Some(holder) = ct_get(&reply) {
+        if holder.original_key() != entry.original_key() && ct4_is_live_reply(&holder, now_ns) {
+            return Err(CtCreateError::ReplyClash);
+        }
+    }
+    CONNTRACK
+        .insert(reply, entry, 0)
+        .map_err(|_| CtCreateError::InsertFailed)
+}
+
+/// Whether the REPLY entry `reply` belongs to a live flow: its ORIGINAL entry
+/// is there, unexpired, and translates to this same reply tuple.
+#[inline(always)]
+fn ct4_is_live_reply(reply: &CtEntry, now_ns: u64) -> bool {
+    ct_get(&reply.original_key())
+        .is_some_and(|owner| !owner.is_expired(now_ns) && owner.reply_key() == reply.reply_key())
+}
+
+/// Rebuilds a flow's REPLY entry from its ORIGINAL one (`ct`) when it is
+/// gone (LRU eviction, the agent's sweep) or left over from an earlier flow,
+/// so the backend's replies keep being translated. A tuple another live flow
+/// holds is left to it.
+#[inline(always)]
+pub fn ct4_restore_reply(ct: &CtEntry, now_ns: u64) {
+    let consistent =
+        ct_get(&ct.reply_key()).is_some_and(|reply| reply.original_key() == ct.original_key());
+    if !consistent {
+        let _ = ct4_claim_reply(ct, now_ns);
+    }
+}
+
+/// Whether `owner`, the ORIGINAL entry a REPLY entry `reply` points at, is
+/// the flow that entry was made for (and not a later flow of the same client
+/// tuple that went to another backend).
+#[inline(always)]
+pub fn ct4_owns_reply(owner: &CtEntry, reply: &CtEntry) -> bool {
+    owner.reply_key() == reply.reply_key()
 }
 
 #[inline(always)]
 pub fn ct4_delete(entry: &CtEntry) {
     let _ = CONNTRACK.remove(entry.original_key());
     let _ = CONNTRACK.remove(entry.reply_key());
+}
+
+/// Removes a stale REPLY entry alone.
+#[inline(always)]
+pub fn ct4_delete_reply(reply: &CtEntry) {
+    let _ = CONNTRACK.remove(reply.reply_key());
 }
 
 /// A TCP SYN (without ACK) on a flow that is closing starts a new connection

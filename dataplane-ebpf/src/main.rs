@@ -39,7 +39,10 @@ use dataplane_common::{
 };
 
 use crate::{
-    conntrack::{ct4_create, ct4_delete, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup, ct4_update},
+    conntrack::{
+        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup,
+        ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
+    },
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
@@ -199,6 +202,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
             ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
+            ct4_restore_reply(&ct, now);
             forward_established(ctx, &mut flow, &ct)?;
             return packet.pass(Counter::Established, &flow, Ids::of(&ct));
         }
@@ -251,8 +255,12 @@ fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         _pad: [0; 2],
         service_id: service.service_id,
     };
-    let Ok(ct) = ct4_create(&entry) else {
-        return Err(fail(Counter::CtInsertFailed));
+    let ct = match ct4_create(&entry, now) {
+        Ok(ct) => ct,
+        Err(CtCreateError::ReplyClash) => {
+            return packet.drop(Counter::ReplyTupleClash, flow, Ids::of(&entry));
+        }
+        Err(CtCreateError::InsertFailed) => return Err(fail(Counter::CtInsertFailed)),
     };
     forward_established(packet.ctx, flow, &ct)?;
     if selected.by_affinity {
@@ -297,7 +305,14 @@ fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64)
         ct4_delete(ct);
         return Ok(TC_ACT_OK);
     };
-    if owner.get().is_expired(now) {
+    let owner_entry = owner.get();
+    if !ct4_owns_reply(&owner_entry, ct) {
+        // Left over from an earlier flow of this client tuple: the flow now
+        // goes to another backend.
+        ct4_delete_reply(ct);
+        return Ok(TC_ACT_OK);
+    }
+    if owner_entry.is_expired(now) {
         ct4_delete(ct);
         return Ok(TC_ACT_OK);
     }

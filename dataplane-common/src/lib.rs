@@ -188,13 +188,17 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
-/// TCP state of a flow as far as timeouts care.
+/// TCP state of a flow as far as timeouts care. The values are bit sets that
+/// only grow (OPENING ⊂ ESTABLISHED ⊂ CLOSING), so the datapath moves a flow
+/// on with an atomic OR and two CPUs can never move it back.
 pub mod ct_state {
-    /// SYN sent, no reply yet (or a UDP flow that has seen no reply).
+    /// Handshake not complete: a TCP flow whose client has not yet sent a
+    /// non-SYN segment after the backend's reply (a SYN-ACK alone does not
+    /// establish), or a UDP flow that has seen no reply.
     pub const OPENING: u8 = 0;
     pub const ESTABLISHED: u8 = 1;
     /// FIN seen in both directions, or a RST.
-    pub const CLOSING: u8 = 2;
+    pub const CLOSING: u8 = 3;
 }
 
 /// Flags of a conntrack entry.
@@ -223,14 +227,24 @@ pub struct CtEntry {
     pub service_port: u16,
     pub backend_port: u16,
     pub proto: u8,
-    /// One of [`ct_state`].
-    pub state: u8,
+    pub _pad0: u8,
     pub backend_id: u32,
-    pub service_id: u32,
+    /// One of [`ct_state`]. `state` starts an aligned 64-bit word that the
+    /// datapath changes only by ORing bits into `state` and `flags`,
+    /// atomically (BPF has 64-bit atomic OR only), so that updates from two
+    /// CPUs (a FIN each way, a RST) are never lost. The OR leaves the rest of
+    /// the word (padding, `service_id`) as it is.
+    pub state: u8,
     /// Bits of [`ct_flags`].
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
+    pub service_id: u32,
 }
+
+// The word `state` and `flags` share (see above) is 8-byte aligned.
+const _: () = assert!(core::mem::offset_of!(CtEntry, state) % 8 == 0);
+const _: () =
+    assert!(core::mem::offset_of!(CtEntry, flags) == core::mem::offset_of!(CtEntry, state) + 1);
 
 /// Conntrack lifetimes, in seconds, after the last packet of a flow.
 pub mod ct_timeout {
@@ -382,10 +396,14 @@ pub enum Counter {
     RejectFailed = 13,
     /// A trace event was lost (ring buffer full); the packet was not.
     TraceLost = 14,
+    /// New connection whose reply tuple (backend, client address and port)
+    /// a live flow already has, e.g. the same client port through two
+    /// services to one backend: dropped, the other flow keeps its replies.
+    ReplyTupleClash = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -402,6 +420,7 @@ impl Counter {
         Counter::IcmpErrorTranslated,
         Counter::RejectFailed,
         Counter::TraceLost,
+        Counter::ReplyTupleClash,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -426,6 +445,7 @@ impl Counter {
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::RejectFailed => "reject_failed",
             Counter::TraceLost => "trace_lost",
+            Counter::ReplyTupleClash => "reply_tuple_clash",
         }
     }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use dataplane_common::{ct_dir, ct_flags, ct_state, CtEntry, CtKey, IPPROTO_TCP};
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{ct_get, ct_slot, CtSlot, CONNTRACK},
     parse::{Ipv4Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -25,37 +25,104 @@ pub fn ct4_key(flow: &Ipv4Flow, direction: u8) -> CtKey {
     }
 }
 
+/// The entry at `key`, in place (for `ct4_update`).
 #[inline(always)]
-pub fn ct4_lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CONNTRACK.get_ptr_mut(key)
+pub fn ct4_lookup(key: &CtKey) -> Option<CtSlot> {
+    ct_slot(key)
+}
+
+/// A copy of the entry at `key`.
+#[inline(always)]
+pub fn ct4_get(key: &CtKey) -> Option<CtEntry> {
+    ct_get(key)
+}
+
+/// Why a new flow could not be tracked.
+pub enum CtCreateError {
+    /// The map refused an insert.
+    InsertFailed,
+    /// A live flow of another client port or service already has this
+    /// flow's reply tuple: taking it would steal that flow's replies.
+    ReplyClash,
 }
 
 /// Inserts both entries of a new flow. If another CPU created the flow first
 /// (retransmitted SYN racing), its entry wins and is returned.
 #[inline(always)]
-pub fn ct4_create(entry: &CtEntry) -> Result<CtEntry, ()> {
+pub fn ct4_create(entry: &CtEntry, now_ns: u64) -> Result<CtEntry, CtCreateError> {
     let original = entry.original_key();
     if CONNTRACK
         .insert(original, entry, BPF_NOEXIST as u64)
         .is_err()
     {
-        return match CONNTRACK.get_ptr(original) {
-            // SAFETY: copied out at once.
-            Some(existing) => Ok(unsafe { *existing }),
-            None => Err(()),
-        };
+        return ct_get(&original).ok_or(CtCreateError::InsertFailed);
     }
-    if CONNTRACK.insert(entry.reply_key(), entry, 0).is_err() {
+    if let Err(e) = ct4_claim_reply(entry, now_ns) {
         let _ = CONNTRACK.remove(original);
-        return Err(());
+        return Err(e);
     }
     Ok(*entry)
+}
+
+/// Writes the REPLY entry of the flow `entry` describes, unless another live
+/// flow holds that tuple. An entry left behind by a flow that is gone (its
+/// ORIGINAL entry evicted, expired, or now pointing at another backend) is
+/// taken over.
+#[inline(always)]
+fn ct4_claim_reply(entry: &CtEntry, now_ns: u64) -> Result<(), CtCreateError> {
+    let reply = entry.reply_key();
+    if CONNTRACK.insert(reply, entry, BPF_NOEXIST as u64).is_ok() {
+        return Ok(());
+    }
+    if let Some(holder) = ct_get(&reply) {
+        if holder.original_key() != entry.original_key() && ct4_is_live_reply(&holder, now_ns) {
+            return Err(CtCreateError::ReplyClash);
+        }
+    }
+    CONNTRACK
+        .insert(reply, entry, 0)
+        .map_err(|_| CtCreateError::InsertFailed)
+}
+
+/// Whether the REPLY entry `reply` belongs to a live flow: its ORIGINAL entry
+/// is there, unexpired, and translates to this same reply tuple.
+#[inline(always)]
+fn ct4_is_live_reply(reply: &CtEntry, now_ns: u64) -> bool {
+    ct_get(&reply.original_key())
+        .is_some_and(|owner| !owner.is_expired(now_ns) && owner.reply_key() == reply.reply_key())
+}
+
+/// Rebuilds a flow's REPLY entry from its ORIGINAL one (`ct`) when it is
+/// gone (LRU eviction, the agent's sweep) or left over from an earlier flow,
+/// so the backend's replies keep being translated. A tuple another live flow
+/// holds is left to it.
+#[inline(always)]
+pub fn ct4_restore_reply(ct: &CtEntry, now_ns: u64) {
+    let consistent =
+        ct_get(&ct.reply_key()).is_some_and(|reply| reply.original_key() == ct.original_key());
+    if !consistent {
+        let _ = ct4_claim_reply(ct, now_ns);
+    }
+}
+
+/// Whether `owner`, the ORIGINAL entry a REPLY entry `reply` points at, is
+/// the flow that entry was made for (and not a later flow of the same client
+/// tuple that went to another backend).
+#[inline(always)]
+pub fn ct4_owns_reply(owner: &CtEntry, reply: &CtEntry) -> bool {
+    owner.reply_key() == reply.reply_key()
 }
 
 #[inline(always)]
 pub fn ct4_delete(entry: &CtEntry) {
     let _ = CONNTRACK.remove(entry.original_key());
     let _ = CONNTRACK.remove(entry.reply_key());
+}
+
+/// Removes a stale REPLY entry alone.
+#[inline(always)]
+pub fn ct4_delete_reply(reply: &CtEntry) {
+    let _ = CONNTRACK.remove(reply.reply_key());
 }
 
 /// A TCP SYN (without ACK) on a flow that is closing starts a new connection
@@ -68,43 +135,59 @@ pub fn ct4_is_reopen(entry: &CtEntry, flow: &Ipv4Flow) -> bool {
 }
 
 /// Updates state and last-seen time of a flow's ORIGINAL entry for a packet in
-/// `direction`.
+/// `direction`. State and flags only gain bits, each with one atomic OR, and
+/// only when the packet adds something.
 #[inline(always)]
-pub fn ct4_update(entry: *mut CtEntry, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
-    // SAFETY: `entry` points at a live map value of this CPU's lookup. Racing
-    // updates from other CPUs only touch the same small fields and at worst
-    // lose one timestamp refresh.
-    let e = unsafe { &mut *entry };
-    e.last_seen_ns = now_ns;
-    let fin_flag = if direction == ct_dir::ORIGINAL {
-        ct_flags::FIN_ORIGINAL
-    } else {
-        ct_flags::FIN_REPLY
-    };
+pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
+    slot.set_last_seen(now_ns);
+    let e = slot.get();
+    let mut flags = 0;
     if direction == ct_dir::REPLY {
-        e.flags |= ct_flags::SEEN_REPLY;
+        flags |= ct_flags::SEEN_REPLY;
     }
     if flow.proto != IPPROTO_TCP {
-        if direction == ct_dir::REPLY {
-            e.state = ct_state::ESTABLISHED;
-        }
+        let state = if direction == ct_dir::REPLY {
+            ct_state::ESTABLISHED
+        } else {
+            ct_state::OPENING
+        };
+        ct4_or(slot, &e, state, flags);
         return;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        e.state = ct_state::CLOSING;
+        ct4_or(slot, &e, ct_state::CLOSING, flags);
         return;
     }
     if flow.tcp_flags & TCP_FIN != 0 {
-        e.flags |= fin_flag;
+        flags |= if direction == ct_dir::ORIGINAL {
+            ct_flags::FIN_ORIGINAL
+        } else {
+            ct_flags::FIN_REPLY
+        };
     }
-    if e.flags & (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
-        == (ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY)
+    let (state, flags) = ct4_or(slot, &e, ct_state::OPENING, flags);
+    let both_fins = ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY;
+    if flags & both_fins == both_fins {
+        // Of two CPUs adding the two FINs at once, the later OR sees both.
+        ct4_or(slot, &e, ct_state::CLOSING, 0);
+    } else if state == ct_state::OPENING
+        && direction == ct_dir::ORIGINAL
+        && flags & ct_flags::SEEN_REPLY != 0
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
     {
-        e.state = ct_state::CLOSING;
-    } else if e.state == ct_state::OPENING
-        && e.flags & ct_flags::SEEN_REPLY != 0
-        && flow.tcp_flags & TCP_ACK != 0
-    {
-        e.state = ct_state::ESTABLISHED;
+        // The client's first segment after the backend's SYN-ACK completes
+        // the handshake; the SYN-ACK alone does not (half-open flows keep
+        // the short opening lifetime).
+        ct4_or(slot, &e, ct_state::ESTABLISHED, 0);
     }
+}
+
+/// ORs `state` and `flags` into the entry unless `seen` (read just before)
+/// already has them all: the common packet writes nothing.
+#[inline(always)]
+fn ct4_or(slot: CtSlot, seen: &CtEntry, state: u8, flags: u8) -> (u8, u8) {
+    if state & !seen.state == 0 && flags & !seen.flags == 0 {
+        return (seen.state, seen.flags);
+    }
+    slot.or_state_flags(state, flags)
 }

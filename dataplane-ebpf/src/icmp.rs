@@ -12,7 +12,9 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{ct_dir, ct_flags, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    conntrack::ct4_lookup,
+    conntrack::ct4_get,
+    csum::{csum4_replace_ip, csum_replace_plain},
+    nat::RewriteError,
     parse::{Ipv4Hdr, IP_CSUM_OFF, IP_OFF, IP_SRC_OFF},
 };
 
@@ -78,8 +80,7 @@ pub fn icmp4_error_flow(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<IcmpError> {
         direction: ct_dir::REPLY,
         _pad: [0; 2],
     };
-    // SAFETY: copied out of the map value at once.
-    let ct = unsafe { *ct4_lookup(&key)? };
+    let ct = ct4_get(&key)?;
     if ct.flags & ct_flags::HAIRPIN != 0 {
         return None;
     }
@@ -94,8 +95,6 @@ pub fn icmp4_error_flow(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<IcmpError> {
     })
 }
 
-pub struct RewriteError;
-
 /// Makes the error about the service instead of the backend: the quoted
 /// destination becomes the service address and port (with the quoted IPv4
 /// checksum and the ICMP checksum updated), and an error sent by the backend
@@ -107,15 +106,9 @@ pub fn icmp4_reverse_translate(ctx: &TcContext, error: &IcmpError) -> Result<(),
     let ct = &error.ct;
     let inner_csum_off = error.inner_off + 10;
     let old_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| RewriteError)?;
-    ctx.l3_csum_replace(
-        inner_csum_off,
-        error.inner_dst as u64,
-        ct.service_addr as u64,
-        4,
-    )
-    .map_err(|_| RewriteError)?;
+    csum4_replace_ip(ctx, inner_csum_off, error.inner_dst, ct.service_addr)
+        .map_err(|_| RewriteError)?;
     let new_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| RewriteError)?;
-    // ICMP has no pseudo header: its checksum follows every changed word.
     icmp_csum_replace(ctx, error, old_inner_csum as u32, new_inner_csum as u32, 2)?;
     icmp_csum_replace(ctx, error, error.inner_dst, ct.service_addr, 4)?;
     ctx.store(error.inner_off + 16, &ct.service_addr, 0)
@@ -131,19 +124,15 @@ pub fn icmp4_reverse_translate(ctx: &TcContext, error: &IcmpError) -> Result<(),
         .map_err(|_| RewriteError)?;
 
     if error.outer_src == ct.backend_addr {
-        ctx.l3_csum_replace(
-            IP_CSUM_OFF,
-            error.outer_src as u64,
-            ct.service_addr as u64,
-            4,
-        )
-        .map_err(|_| RewriteError)?;
+        csum4_replace_ip(ctx, IP_CSUM_OFF, error.outer_src, ct.service_addr)
+            .map_err(|_| RewriteError)?;
         ctx.store(IP_SRC_OFF, &ct.service_addr, 0)
             .map_err(|_| RewriteError)?;
     }
     Ok(())
 }
 
+/// ICMP has no pseudo header: its checksum follows every changed word.
 #[inline(always)]
 fn icmp_csum_replace(
     ctx: &TcContext,
@@ -152,9 +141,5 @@ fn icmp_csum_replace(
     new: u32,
     size: u64,
 ) -> Result<(), RewriteError> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.l4_csum_replace(error.icmp_csum_off, old as u64, new as u64, size)
-        .map_err(|_| RewriteError)
+    csum_replace_plain(ctx, error.icmp_csum_off, old, new, size).map_err(|_| RewriteError)
 }

@@ -5,7 +5,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, SERVICES, SERVICE_IPS},
+    maps::{affinity_slot, backend_get, backend_slot_get, service_get, AFFINITY, SERVICE_IPS},
     parse::Ipv4Flow,
     skb,
 };
@@ -24,9 +24,7 @@ pub fn lb4_lookup_service(flow: &Ipv4Flow) -> Option<ServiceValue> {
         proto: flow.proto,
         _pad: 0,
     };
-    // SAFETY: `get_ptr` returns a pointer into the map value that stays valid
-    // during this program run; the value is copied out at once.
-    SERVICES.get_ptr(key).map(|v| unsafe { *v })
+    service_get(&key)
 }
 
 /// A backend picked for a new connection.
@@ -68,7 +66,7 @@ pub fn lb4_select_backend(svc: &ServiceValue, client_addr: u32, now: u64) -> Opt
         slot,
     };
     // Best effort: without the entry the next connection is balanced anew.
-    let _ = AFFINITY.insert(&key, &entry, 0);
+    let _ = AFFINITY.insert(key, entry, 0);
     Some(Selected {
         backend_id,
         backend,
@@ -81,9 +79,8 @@ pub fn lb4_select_backend(svc: &ServiceValue, client_addr: u32, now: u64) -> Opt
 /// removed, or the service id reused).
 #[inline(always)]
 fn lb4_affinity_backend(svc: &ServiceValue, key: &AffinityKey, now: u64) -> Option<Selected> {
-    let entry = AFFINITY.get_ptr_mut(key)?;
-    // SAFETY: copied out of the map value at once.
-    let remembered = unsafe { *entry };
+    let entry = affinity_slot(key)?;
+    let remembered = entry.get();
     let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
     if now.saturating_sub(remembered.last_used_ns) > timeout_ns
         || remembered.slot >= svc.backend_count
@@ -92,9 +89,7 @@ fn lb4_affinity_backend(svc: &ServiceValue, key: &AffinityKey, now: u64) -> Opti
         return None;
     }
     let backend = lb4_lookup_backend(remembered.backend_id)?;
-    // SAFETY: a racing writer on another CPU can at worst store an equally
-    // recent timestamp; an aligned u64 store does not tear.
-    unsafe { (*entry).last_used_ns = now };
+    entry.set_last_used(now);
     Some(Selected {
         backend_id: remembered.backend_id,
         backend,
@@ -118,14 +113,10 @@ fn lb4_random_backend(svc: &ServiceValue) -> Option<(u32, u32, Backend)> {
 
 #[inline(always)]
 fn lb4_slot(service_id: u32, slot: u32) -> Option<u32> {
-    // SAFETY: value copied out of the map at once (see above).
-    BACKEND_SLOTS
-        .get_ptr(BackendSlotKey { service_id, slot })
-        .map(|v| unsafe { *v })
+    backend_slot_get(&BackendSlotKey { service_id, slot })
 }
 
 #[inline(always)]
 pub fn lb4_lookup_backend(backend_id: u32) -> Option<Backend> {
-    // SAFETY: value copied out of the map at once (see above).
-    BACKENDS.get_ptr(backend_id).map(|v| unsafe { *v })
+    backend_get(backend_id)
 }

@@ -7,11 +7,18 @@
 //!
 //! Pipeline: parse -> service IP filter -> conntrack -> service lookup ->
 //! backend selection -> conntrack create -> NAT rewrite. Every outcome is an
-//! explicit verdict; every drop or reject has a counter.
+//! explicit verdict; every decision is counted and traced through `Packet`,
+//! one method per outcome (pass, drop, reject), and every helper failure is
+//! a counted drop (`fail`).
 #![no_std]
 #![no_main]
+// Atomic OR on conntrack flags: the BPF target has no atomic read-modify-write
+// types in core (see `maps::CtSlot::or_state_flags`).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics for the BPF atomic OR")]
 
 mod conntrack;
+mod csum;
 mod icmp;
 mod lb;
 mod maps;
@@ -32,7 +39,10 @@ use dataplane_common::{
 };
 
 use crate::{
-    conntrack::{ct4_create, ct4_delete, ct4_is_reopen, ct4_key, ct4_lookup, ct4_update},
+    conntrack::{
+        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup,
+        ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
+    },
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
@@ -41,32 +51,6 @@ use crate::{
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
     trace::{trace, tuple, Decision},
 };
-
-/// Reports a decision on `flow` (as it is now, after any rewrite) to
-/// `monitor`, when tracing is on.
-#[inline(always)]
-fn trace_flow(
-    ctx: &TcContext,
-    hook: u8,
-    decision: Counter,
-    before: TraceTuple,
-    flow: &Ipv4Flow,
-    service_id: u32,
-    backend_id: u32,
-) {
-    trace(
-        ctx,
-        &Decision {
-            hook,
-            decision,
-            proto: flow.proto,
-            service_id,
-            backend_id,
-            before,
-            after: tuple(flow),
-        },
-    );
-}
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -82,7 +66,104 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 /// are (half-rewritten, or refused).
 type Verdict = Result<i32, i32>;
 
-fn drop_with(counter: Counter) -> i32 {
+/// A packet on its way through one program: where it was seen and its tuple
+/// on arrival. Every decision on it is counted and traced through here, one
+/// method per outcome.
+struct Packet<'a> {
+    ctx: &'a TcContext,
+    hook: u8,
+    before: TraceTuple,
+}
+
+/// The flow a decision is about, for the trace.
+#[derive(Clone, Copy, Default)]
+struct Ids {
+    service_id: u32,
+    backend_id: u32,
+}
+
+impl Ids {
+    #[inline(always)]
+    fn of(ct: &CtEntry) -> Self {
+        Self {
+            service_id: ct.service_id,
+            backend_id: ct.backend_id,
+        }
+    }
+
+    #[inline(always)]
+    fn service(service_id: u32) -> Self {
+        Self {
+            service_id,
+            backend_id: 0,
+        }
+    }
+}
+
+impl<'a> Packet<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext, hook: u8, flow: &Ipv4Flow) -> Self {
+        Self {
+            ctx,
+            hook,
+            before: tuple(flow),
+        }
+    }
+
+    /// Counts `decision` and reports it to `monitor` (when tracing is on)
+    /// with the packet's tuple as it is now.
+    #[inline(always)]
+    fn record_tuple(&self, decision: Counter, proto: u8, after: TraceTuple, ids: Ids) {
+        count(decision);
+        trace(
+            self.ctx,
+            &Decision {
+                hook: self.hook,
+                decision,
+                proto,
+                service_id: ids.service_id,
+                backend_id: ids.backend_id,
+                before: self.before,
+                after,
+            },
+        );
+    }
+
+    #[inline(always)]
+    fn record(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) {
+        self.record_tuple(decision, flow.proto, tuple(flow), ids);
+    }
+
+    /// The packet goes on (translated or not).
+    #[inline(always)]
+    fn pass(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
+        self.record(decision, flow, ids);
+        Ok(TC_ACT_OK)
+    }
+
+    /// The packet is dropped without an answer.
+    #[inline(always)]
+    fn drop(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
+        self.record(decision, flow, ids);
+        Err(TC_ACT_SHOT)
+    }
+
+    /// The client is answered at once: a RST for TCP (unless the packet is a
+    /// RST itself), an ICMP port unreachable otherwise.
+    #[inline(always)]
+    fn reject(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
+        self.record(decision, flow, ids);
+        if flow.proto == IPPROTO_TCP {
+            return tcp_reset_unless_reset(self.ctx, flow);
+        }
+        reject4_icmp_port_unreachable(self.ctx, flow).map_err(|_| fail(Counter::RejectFailed))
+    }
+}
+
+/// A helper failed half way through (rewrite, reject): the packet cannot go
+/// on as it is and is dropped, counted under `counter`.
+#[inline(always)]
+fn fail(counter: Counter) -> i32 {
     count(counter);
     TC_ACT_SHOT
 }
@@ -94,23 +175,16 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::NotIpv4L4) => return Ok(TC_ACT_OK),
         Err(ParseError::Malformed { dst_addr }) => {
             if dst_addr != 0 && lb4_is_service_ip(dst_addr) {
-                count(Counter::Malformed);
                 let to = TraceTuple {
                     dst_addr,
                     ..TraceTuple::default()
                 };
-                trace(
+                let packet = Packet {
                     ctx,
-                    &Decision {
-                        hook: trace_hook::FROM_POD,
-                        decision: Counter::Malformed,
-                        proto: 0,
-                        service_id: 0,
-                        backend_id: 0,
-                        before: to,
-                        after: to,
-                    },
-                );
+                    hook: trace_hook::FROM_POD,
+                    before: to,
+                };
+                packet.record_tuple(Counter::Malformed, 0, to, Ids::default());
             }
             return Ok(TC_ACT_OK);
         }
@@ -119,109 +193,49 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return Ok(TC_ACT_OK);
     }
     let now = skb::now_ns();
-    let before = tuple(&flow);
+    let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
 
-    if let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
-        // SAFETY: copied out of the map value at once.
-        let ct = unsafe { *entry };
+    if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
+        let ct = slot.get();
         let expired = ct.is_expired(now) || ct4_is_reopen(&ct, &flow);
         let backend_alive = lb4_lookup_backend(ct.backend_id)
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
-            count(Counter::Established);
-            ct4_update(entry, &flow, ct_dir::ORIGINAL, now);
-            let verdict = forward_established(ctx, &mut flow, &ct)?;
-            trace_flow(
-                ctx,
-                trace_hook::FROM_POD,
-                Counter::Established,
-                before,
-                &flow,
-                ct.service_id,
-                ct.backend_id,
-            );
-            return Ok(verdict);
+            ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
+            ct4_restore_reply(&ct, now);
+            forward_established(ctx, &mut flow, &ct)?;
+            return packet.pass(Counter::Established, &flow, Ids::of(&ct));
         }
         ct4_delete(&ct);
         if !expired && flow.proto == IPPROTO_TCP {
             // The backend is gone: its connection state is lost with it, so
             // the client is told at once instead of timing out.
-            count(Counter::ResetBackendGone);
-            trace_flow(
-                ctx,
-                trace_hook::FROM_POD,
-                Counter::ResetBackendGone,
-                before,
-                &flow,
-                ct.service_id,
-                ct.backend_id,
-            );
-            return tcp_reset_unless_reset(ctx, &flow);
+            return packet.reject(Counter::ResetBackendGone, &flow, Ids::of(&ct));
         }
         if !expired {
             count(Counter::UdpFlowMoved);
         }
-    } else if let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) {
+    } else if let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) {
         // Reply of a hairpinned flow: the backend answers the service IP,
         // which stands for the client (itself).
-        // SAFETY: copied out of the map value at once.
-        let ct = unsafe { *entry };
-        return reply_translate(ctx, trace_hook::FROM_POD, &mut flow, &ct, now);
+        return reply_translate(&packet, &mut flow, &ct, now);
     }
 
-    new_flow(ctx, &mut flow, now)
+    new_flow(&packet, &mut flow, now)
 }
 
 #[inline(always)]
-fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
-    let before = tuple(flow);
+fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
     let Some(service) = lb4_lookup_service(flow) else {
-        count(Counter::UnknownPort);
-        trace_flow(
-            ctx,
-            trace_hook::FROM_POD,
-            Counter::UnknownPort,
-            before,
-            flow,
-            0,
-            0,
-        );
-        return Ok(TC_ACT_OK);
+        return packet.pass(Counter::UnknownPort, flow, Ids::default());
     };
+    let ids = Ids::service(service.service_id);
     let Some(selected) = lb4_select_backend(&service, flow.src_addr, now) else {
         if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
-            let decision = Counter::DropNoLocalEndpoints;
-            trace_flow(
-                ctx,
-                trace_hook::FROM_POD,
-                decision,
-                before,
-                flow,
-                service.service_id,
-                0,
-            );
-            return Err(drop_with(decision));
+            return packet.drop(Counter::DropNoLocalEndpoints, flow, ids);
         }
-        count(Counter::RejectNoEndpoints);
-        let decision = Counter::RejectNoEndpoints;
-        trace_flow(
-            ctx,
-            trace_hook::FROM_POD,
-            decision,
-            before,
-            flow,
-            service.service_id,
-            0,
-        );
-        if flow.proto == IPPROTO_TCP {
-            return tcp_reset_unless_reset(ctx, flow);
-        }
-        return reject4_icmp_port_unreachable(ctx, flow)
-            .map_err(|_| drop_with(Counter::RejectFailed));
+        return packet.reject(Counter::RejectNoEndpoints, flow, ids);
     };
-    if selected.by_affinity {
-        count(Counter::AffinityHit);
-    }
     let (backend_id, backend) = (selected.backend_id, selected.backend);
     let hairpin = backend.addr == flow.src_addr;
     let entry = CtEntry {
@@ -234,32 +248,27 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         service_port: flow.dst_port,
         backend_port: backend.port,
         proto: flow.proto,
-        state: ct_state::OPENING,
+        _pad0: 0,
         backend_id,
-        service_id: service.service_id,
+        state: ct_state::OPENING,
         flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
-        _pad: [0; 3],
+        _pad: [0; 2],
+        service_id: service.service_id,
     };
-    let Ok(ct) = ct4_create(&entry) else {
-        return Err(drop_with(Counter::CtInsertFailed));
+    let ct = match ct4_create(&entry, now) {
+        Ok(ct) => ct,
+        Err(CtCreateError::ReplyClash) => {
+            return packet.drop(Counter::ReplyTupleClash, flow, Ids::of(&entry));
+        }
+        Err(CtCreateError::InsertFailed) => return Err(fail(Counter::CtInsertFailed)),
     };
-    count(Counter::NewFlow);
-    let verdict = forward_established(ctx, flow, &ct)?;
-    let decision = if selected.by_affinity {
-        Counter::AffinityHit
-    } else {
-        Counter::NewFlow
-    };
-    trace_flow(
-        ctx,
-        trace_hook::FROM_POD,
-        decision,
-        before,
-        flow,
-        ct.service_id,
-        ct.backend_id,
-    );
-    Ok(verdict)
+    forward_established(packet.ctx, flow, &ct)?;
+    if selected.by_affinity {
+        // Counted as a new flow too; traced as the affinity hit it is.
+        count(Counter::NewFlow);
+        return packet.pass(Counter::AffinityHit, flow, Ids::of(&ct));
+    }
+    packet.pass(Counter::NewFlow, flow, Ids::of(&ct))
 }
 
 /// Answers a TCP segment with a RST, except a RST itself, which is never
@@ -270,33 +279,25 @@ fn tcp_reset_unless_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
     if flow.tcp_flags & TCP_RST != 0 {
         return Err(TC_ACT_SHOT);
     }
-    reject4_tcp_reset(ctx, flow).map_err(|_| drop_with(Counter::RejectFailed))
+    reject4_tcp_reset(ctx, flow).map_err(|_| fail(Counter::RejectFailed))
 }
 
 /// Client -> service packet of a known flow: DNAT to its backend, and in a
 /// hairpin flow SNAT to the service IP so the pod does not get a packet from
 /// its own address (which it would drop as a martian).
 #[inline(always)]
-fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Verdict {
+fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Result<(), i32> {
     if ct.flags & ct_flags::HAIRPIN != 0 {
         nat4_rewrite_src(ctx, flow, ct.service_addr, flow.src_port)
-            .map_err(|_| drop_with(Counter::RewriteFailed))?;
+            .map_err(|_| fail(Counter::RewriteFailed))?;
     }
     nat4_rewrite_dst(ctx, flow, ct.backend_addr, ct.backend_port)
-        .map_err(|_| drop_with(Counter::RewriteFailed))?;
-    Ok(TC_ACT_OK)
+        .map_err(|_| fail(Counter::RewriteFailed))
 }
 
 /// Backend -> client packet: the source becomes the service again.
 #[inline(always)]
-fn reply_translate(
-    ctx: &TcContext,
-    hook: u8,
-    flow: &mut Ipv4Flow,
-    ct: &CtEntry,
-    now: u64,
-) -> Verdict {
-    let before = tuple(flow);
+fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64) -> Verdict {
     let original = ct.original_key();
     let Some(owner) = ct4_lookup(&original) else {
         // The flow is gone (expired, evicted, or its backend removed): its
@@ -304,29 +305,25 @@ fn reply_translate(
         ct4_delete(ct);
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: read of a live map value.
-    if unsafe { (*owner).is_expired(now) } {
+    let owner_entry = owner.get();
+    if !ct4_owns_reply(&owner_entry, ct) {
+        // Left over from an earlier flow of this client tuple: the flow now
+        // goes to another backend.
+        ct4_delete_reply(ct);
+        return Ok(TC_ACT_OK);
+    }
+    if owner_entry.is_expired(now) {
         ct4_delete(ct);
         return Ok(TC_ACT_OK);
     }
     ct4_update(owner, flow, ct_dir::REPLY, now);
-    count(Counter::ReplyTranslated);
-    nat4_rewrite_src(ctx, flow, ct.service_addr, ct.service_port)
-        .map_err(|_| drop_with(Counter::RewriteFailed))?;
+    nat4_rewrite_src(packet.ctx, flow, ct.service_addr, ct.service_port)
+        .map_err(|_| fail(Counter::RewriteFailed))?;
     if ct.flags & ct_flags::HAIRPIN != 0 {
-        nat4_rewrite_dst(ctx, flow, ct.client_addr, ct.client_port)
-            .map_err(|_| drop_with(Counter::RewriteFailed))?;
+        nat4_rewrite_dst(packet.ctx, flow, ct.client_addr, ct.client_port)
+            .map_err(|_| fail(Counter::RewriteFailed))?;
     }
-    trace_flow(
-        ctx,
-        hook,
-        Counter::ReplyTranslated,
-        before,
-        flow,
-        ct.service_id,
-        ct.backend_id,
-    );
-    Ok(TC_ACT_OK)
+    packet.pass(Counter::ReplyTranslated, flow, Ids::of(ct))
 }
 
 #[inline(always)]
@@ -336,16 +333,15 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     };
-    let Some(entry) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
+    let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: copied out of the map value at once.
-    let ct = unsafe { *entry };
     if ct.flags & ct_flags::HAIRPIN != 0 {
         // Hairpin replies are translated on the way out of the pod.
         return Ok(TC_ACT_OK);
     }
-    reply_translate(ctx, trace_hook::TO_POD, &mut flow, &ct, skb::now_ns())
+    let packet = Packet::new(ctx, trace_hook::TO_POD, &flow);
+    reply_translate(&packet, &mut flow, &ct, skb::now_ns())
 }
 
 /// An ICMP error about one of the client's translated flows is made about
@@ -358,8 +354,7 @@ fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
     let Some(error) = icmp4_error_flow(ctx, &outer) else {
         return Ok(TC_ACT_OK);
     };
-    icmp4_reverse_translate(ctx, &error).map_err(|_| drop_with(Counter::RewriteFailed))?;
-    count(Counter::IcmpErrorTranslated);
+    icmp4_reverse_translate(ctx, &error).map_err(|_| fail(Counter::RewriteFailed))?;
     let before = TraceTuple {
         src_addr: outer.src_addr,
         dst_addr: outer.dst_addr,
@@ -374,17 +369,16 @@ fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
         },
         ..before
     };
-    trace(
+    let packet = Packet {
         ctx,
-        &Decision {
-            hook: trace_hook::TO_POD,
-            decision: Counter::IcmpErrorTranslated,
-            proto: outer.proto,
-            service_id: ct.service_id,
-            backend_id: ct.backend_id,
-            before,
-            after,
-        },
+        hook: trace_hook::TO_POD,
+        before,
+    };
+    packet.record_tuple(
+        Counter::IcmpErrorTranslated,
+        outer.proto,
+        after,
+        Ids::of(ct),
     );
     Ok(TC_ACT_OK)
 }

@@ -1,5 +1,10 @@
 //! The maps shared with the agent. Pinned by name under the agent's bpffs
 //! directory, so a restarted agent adopts them and established flows survive.
+//!
+//! Map values are read and written only through the wrappers at the bottom
+//! of this file: they hold the datapath's `unsafe` blocks besides `skb`.
+
+use core::intrinsics::{atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
     macros::map,
@@ -70,5 +75,103 @@ pub fn count(counter: Counter) {
         // SAFETY: per-CPU slot of this CPU; no other program instance runs on
         // it concurrently (tc programs do not nest on one CPU).
         unsafe { *slot += 1 };
+    }
+}
+
+// Every value pointer below comes from a map lookup of this program run. The
+// kernel keeps the value alive until the run ends (an LRU eviction or a
+// userspace delete frees it only after an RCU grace period), so reading it
+// or writing plain fields of it stays within the value; other CPUs may write
+// the same fields concurrently, which is noted where it matters.
+
+#[inline(always)]
+fn copied<V: Copy>(value: Option<*const V>) -> Option<V> {
+    // SAFETY: a value pointer of this run's lookup (see above), copied at once.
+    value.map(|v| unsafe { *v })
+}
+
+#[inline(always)]
+pub fn service_get(key: &ServiceKey) -> Option<ServiceValue> {
+    copied(SERVICES.get_ptr(key))
+}
+
+#[inline(always)]
+pub fn backend_slot_get(key: &BackendSlotKey) -> Option<u32> {
+    copied(BACKEND_SLOTS.get_ptr(key))
+}
+
+#[inline(always)]
+pub fn backend_get(backend_id: u32) -> Option<Backend> {
+    copied(BACKENDS.get_ptr(backend_id))
+}
+
+#[inline(always)]
+pub fn ct_get(key: &CtKey) -> Option<CtEntry> {
+    copied(CONNTRACK.get_ptr(key))
+}
+
+/// A conntrack entry in place, for updates.
+#[derive(Clone, Copy)]
+pub struct CtSlot(*mut CtEntry);
+
+#[inline(always)]
+pub fn ct_slot(key: &CtKey) -> Option<CtSlot> {
+    CONNTRACK.get_ptr_mut(key).map(CtSlot)
+}
+
+impl CtSlot {
+    #[inline(always)]
+    pub fn get(&self) -> CtEntry {
+        // SAFETY: a value pointer of this run's lookup, copied at once.
+        unsafe { *self.0 }
+    }
+
+    /// Racing refreshes from other CPUs store equally recent times; an
+    /// aligned u64 store does not tear.
+    #[inline(always)]
+    pub fn set_last_seen(&self, now_ns: u64) {
+        // SAFETY: a plain field of this run's value.
+        unsafe { (*self.0).last_seen_ns = now_ns };
+    }
+
+    /// ORs `state` and `flags` into the entry atomically (see
+    /// `CtEntry::state`) and returns both as they are after it.
+    #[inline(always)]
+    pub fn or_state_flags(&self, state: u8, flags: u8) -> (u8, u8) {
+        let bits = u64::from_le_bytes([state, flags, 0, 0, 0, 0, 0, 0]);
+        // SAFETY: `state` starts an aligned 64-bit word of this run's value
+        // (asserted in dataplane-common); the OR sets only bits of `state`
+        // and `flags`. The BPF target has no atomic read-modify-write types
+        // in core; the intrinsic lowers to BPF's atomic fetch-and-OR.
+        let before = unsafe {
+            let word = core::ptr::addr_of_mut!((*self.0).state).cast::<u64>();
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bits)
+        };
+        let [state, flags, ..] = (before | bits).to_le_bytes();
+        (state, flags)
+    }
+}
+
+/// A session affinity entry in place.
+pub struct AffinitySlot(*mut AffinityEntry);
+
+#[inline(always)]
+pub fn affinity_slot(key: &AffinityKey) -> Option<AffinitySlot> {
+    AFFINITY.get_ptr_mut(key).map(AffinitySlot)
+}
+
+impl AffinitySlot {
+    #[inline(always)]
+    pub fn get(&self) -> AffinityEntry {
+        // SAFETY: a value pointer of this run's lookup, copied at once.
+        unsafe { *self.0 }
+    }
+
+    /// A racing writer on another CPU can at worst store an equally recent
+    /// timestamp; an aligned u64 store does not tear.
+    #[inline(always)]
+    pub fn set_last_used(&self, now_ns: u64) {
+        // SAFETY: a plain field of this run's value.
+        unsafe { (*self.0).last_used_ns = now_ns };
     }
 }

@@ -1,27 +1,15 @@
-//! Address and port rewrites with incremental checksum updates.
+//! Address and port rewrites, each with its checksum updates (`csum`).
 
 use aya_ebpf::programs::TcContext;
-use dataplane_common::IPPROTO_UDP;
 
-use crate::parse::{Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
-
-/// The L4 checksum covers the pseudo header, so address changes update it too.
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-/// A UDP checksum of 0 means "none": keep it 0 instead of making one up.
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+use crate::{
+    csum::{csum4_replace_addr, csum4_replace_port},
+    parse::{Ipv4Flow, IP_DST_OFF, IP_SRC_OFF},
+};
 
 /// Rewrite failed in a checksum or store helper. The packet may be half
 /// rewritten and must be dropped.
 pub struct RewriteError;
-
-#[inline(always)]
-fn l4_flags(flow: &Ipv4Flow) -> u64 {
-    if flow.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0
-    } else {
-        0
-    }
-}
 
 #[inline(always)]
 fn rewrite_addr(
@@ -34,15 +22,7 @@ fn rewrite_addr(
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(
-        flow.l4_csum_off(),
-        old as u64,
-        new as u64,
-        BPF_F_PSEUDO_HDR | l4_flags(flow) | 4,
-    )
-    .map_err(|_| RewriteError)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
-        .map_err(|_| RewriteError)?;
+    csum4_replace_addr(ctx, flow, old, new).map_err(|_| RewriteError)?;
     ctx.store(off, &new, 0).map_err(|_| RewriteError)
 }
 
@@ -57,13 +37,7 @@ fn rewrite_port(
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(
-        flow.l4_csum_off(),
-        old as u64,
-        new as u64,
-        l4_flags(flow) | 2,
-    )
-    .map_err(|_| RewriteError)?;
+    csum4_replace_port(ctx, flow, old, new).map_err(|_| RewriteError)?;
     ctx.store(off, &new, 0).map_err(|_| RewriteError)
 }
 

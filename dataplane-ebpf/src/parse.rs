@@ -6,6 +6,8 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
 
+use crate::skb;
+
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IP_OFF: usize = ETH_HLEN;
@@ -43,8 +45,9 @@ pub struct Ipv4Flow {
     pub proto: u8,
     /// IPv4 header length in bytes (20 without options).
     pub ip_hlen: usize,
-    /// Total length from the IPv4 header (host order).
-    pub ip_tot_len: u16,
+    /// Length of the IPv4 datagram: the header's total length, or for a
+    /// BIG TCP super-packet (total length 0) the length of the skb's data.
+    pub ip_tot_len: u32,
     pub tcp_flags: u8,
     /// TCP sequence and acknowledgment numbers (host order), for resets.
     pub tcp_seq: u32,
@@ -145,9 +148,14 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
     if u16::from_be(ip.frag_off) & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(malformed);
     }
-    let tot_len = u16::from_be(ip.tot_len);
+    let tot_len = match u16::from_be(ip.tot_len) {
+        // BIG TCP: a GSO super-packet longer than 64 KiB carries total length
+        // 0 and is as long as the skb (the kernel's `skb_ip_totlen`).
+        0 if ip.proto == IPPROTO_TCP && skb::is_gso(ctx) => ctx.len() - ETH_HLEN as u32,
+        len => u32::from(len),
+    };
     // The IP datagram must fit in the frame (trailing padding is allowed).
-    if (tot_len as u32) + (ETH_HLEN as u32) > ctx.len() {
+    if tot_len + (ETH_HLEN as u32) > ctx.len() {
         return Err(malformed);
     }
     let l4_off = IP_OFF + ip_hlen;

@@ -8,6 +8,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::IPPROTO_TCP;
 
 use crate::{
+    csum::{csum_fold, csum_sum_words, csum_words},
     parse::{Ipv4Flow, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     skb,
 };
@@ -30,7 +31,7 @@ fn swap_macs(ctx: &TcContext) -> Result<(), RejectError> {
 }
 
 /// IPv4 header without options, checksum filled, as four-byte words in wire
-/// order (so `bpf_csum_diff` can sum them directly).
+/// order (so `csum_sum_words` can sum them directly).
 #[inline(always)]
 fn ipv4_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> [u32; 5] {
     let mut b = [0u8; 20];
@@ -41,26 +42,10 @@ fn ipv4_header(src: u32, dst: u32, proto: u8, tot_len: u16) -> [u32; 5] {
     b[9] = proto;
     b[12..16].copy_from_slice(&src.to_ne_bytes());
     b[16..20].copy_from_slice(&dst.to_ne_bytes());
-    let mut words = words_of::<5, 20>(&b);
-    let csum = skb::csum_fold(skb::csum_add_words(&mut words, 0));
+    let mut words = csum_words::<5, 20>(&b);
+    let csum = csum_fold(csum_sum_words(&mut words, 0));
     b[10..12].copy_from_slice(&csum.to_ne_bytes());
-    words_of::<5, 20>(&b)
-}
-
-#[inline(always)]
-fn words_of<const W: usize, const B: usize>(bytes: &[u8; B]) -> [u32; W] {
-    let mut words = [0u32; W];
-    let mut i = 0;
-    while i < W {
-        words[i] = u32::from_ne_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
-        ]);
-        i += 1;
-    }
-    words
+    csum_words::<5, 20>(&b)
 }
 
 /// Replaces the packet with a TCP RST from the service (the packet's
@@ -69,8 +54,9 @@ fn words_of<const W: usize, const B: usize>(bytes: &[u8; B]) -> [u32; W] {
 /// sequence number the client expects next.
 #[inline(always)]
 pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, RejectError> {
-    let payload_len =
-        (flow.ip_tot_len as u32).saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
+    let payload_len = flow
+        .ip_tot_len
+        .saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
     let (seq, ack_seq, flags) = if flow.tcp_flags & TCP_ACK != 0 {
         (flow.tcp_ack_seq, 0u32, TCP_RST)
     } else {
@@ -100,9 +86,9 @@ pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, Reject
         flow.src_addr,
         u32::from_ne_bytes([0, IPPROTO_TCP, 0, 20]),
     ];
-    let mut tcp_words = words_of::<5, 20>(&tcp);
-    let sum = skb::csum_add_words(&mut pseudo, 0);
-    let csum = skb::csum_fold(skb::csum_add_words(&mut tcp_words, sum));
+    let mut tcp_words = csum_words::<5, 20>(&tcp);
+    let sum = csum_sum_words(&mut pseudo, 0);
+    let csum = csum_fold(csum_sum_words(&mut tcp_words, sum));
     tcp[16..18].copy_from_slice(&csum.to_ne_bytes());
 
     let ip = ipv4_header(flow.dst_addr, flow.src_addr, IPPROTO_TCP, 40);
@@ -133,7 +119,7 @@ pub fn reject4_icmp_port_unreachable(ctx: &TcContext, flow: &Ipv4Flow) -> Result
         icmp[2 + i] = quoted[i];
         i += 1;
     }
-    let csum = skb::csum_fold(skb::csum_add_words(&mut icmp, 0));
+    let csum = csum_fold(csum_sum_words(&mut icmp, 0));
     let [t, c, _, _] = icmp[0].to_ne_bytes();
     let [lo, hi] = csum.to_ne_bytes();
     icmp[0] = u32::from_ne_bytes([t, c, lo, hi]);

@@ -1,5 +1,6 @@
-//! Narrow wrappers over the socket-buffer helpers the datapath needs beyond
-//! what `TcContext` exposes. Every `unsafe` block of the datapath lives here.
+//! Narrow wrappers over the kernel helpers the datapath needs beyond what
+//! `TcContext` exposes. Every `unsafe` block of the datapath lives here or,
+//! for reads and writes of map values, in `maps`.
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_REDIRECT},
@@ -19,6 +20,14 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the kernel hands the program a valid __sk_buff context for its
     // whole run; `ifindex` is a readable field of it.
     unsafe { (*raw(ctx)).ifindex }
+}
+
+/// Whether the packet is a GSO super-packet (segmented later, on the way
+/// out), as BIG TCP ones are.
+#[inline(always)]
+pub fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: as for `ifindex`; `gso_size` is a readable field for tc.
+    unsafe { (*raw(ctx)).gso_size != 0 }
 }
 
 /// Resizes the packet to exactly `len` bytes (grow with zeroes or trim).
@@ -46,9 +55,9 @@ pub fn redirect_egress(ifindex: u32) -> i32 {
     }
 }
 
-/// One's-complement sum of `words` added to `seed` (not folded).
+/// `bpf_csum_diff` adding `words` to `seed`; see `csum::csum_sum_words`.
 #[inline(always)]
-pub fn csum_add_words<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {
+pub fn csum_diff_add<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {
     // SAFETY: `words` is a live stack buffer of exactly N*4 bytes; the helper
     // only reads `to_size` bytes from it; `from` is null with size 0.
     let sum = unsafe {
@@ -74,12 +83,4 @@ pub fn now_ns() -> u64 {
 pub fn random_u32() -> u32 {
     // SAFETY: helper without arguments or side effects.
     unsafe { bpf_get_prandom_u32() }
-}
-
-/// Folds a 32-bit one's-complement sum into the 16-bit checksum field value.
-#[inline(always)]
-pub fn csum_fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

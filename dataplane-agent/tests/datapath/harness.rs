@@ -145,6 +145,29 @@ impl Harness {
         program: &str,
         packet: &[u8],
     ) -> Result<Run, aya::programs::ProgramError> {
+        self.try_run_with_context(program, packet, None)
+    }
+
+    /// Runs `program` on `packet` as a GSO super-packet (BIG TCP) of
+    /// `gso_segs` segments of `gso_size` bytes.
+    pub fn run_gso(&self, program: &str, packet: &[u8], gso_size: u32, gso_segs: u32) -> Run {
+        // The test run's `struct __sk_buff` up to `gso_size`; every other
+        // field it accepts stays 0.
+        const GSO_SEGS_OFF: usize = 164;
+        const GSO_SIZE_OFF: usize = 176;
+        let mut skb = [0u8; GSO_SIZE_OFF + 4];
+        skb[GSO_SEGS_OFF..GSO_SEGS_OFF + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+        skb[GSO_SIZE_OFF..].copy_from_slice(&gso_size.to_ne_bytes());
+        self.try_run_with_context(program, packet, Some(&skb))
+            .unwrap_or_else(|e| panic!("test run of {program} failed: {e}"))
+    }
+
+    fn try_run_with_context(
+        &self,
+        program: &str,
+        packet: &[u8],
+        skb: Option<&[u8]>,
+    ) -> Result<Run, aya::programs::ProgramError> {
         let classifier = self
             .datapath
             .classifier(program)
@@ -154,6 +177,7 @@ impl Harness {
         let result = classifier.test_run(TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut output),
+            ctx_in: skb,
             ..Default::default()
         })?;
         output.truncate(result.data_size_out as usize);

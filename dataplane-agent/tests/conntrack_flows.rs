@@ -1,0 +1,301 @@
+//! Conntrack under BPF_PROG_TEST_RUN: when a flow counts as established,
+//! super-packets, lost reply entries and clashing reply tuples. Maps are
+//! filled through the agent's sync engine, as in `datapath.rs`.
+//!
+//! Needs root and a kernel with BPF (each test mounts its own bpffs).
+
+#[path = "datapath/harness.rs"]
+mod harness;
+#[path = "datapath/packets.rs"]
+mod packets;
+
+use std::net::SocketAddrV4;
+
+use dataplane_agent::model::Protocol;
+use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
+use harness::{addr, ct_key, Harness, TC_ACT_OK};
+use packets::{assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN};
+
+fn client() -> SocketAddrV4 {
+    addr([10, 244, 1, 10], 40_000)
+}
+fn service() -> SocketAddrV4 {
+    addr([10, 96, 0, 10], 80)
+}
+fn backend() -> SocketAddrV4 {
+    addr([10, 244, 2, 10], 8080)
+}
+
+fn original(dp: &Harness) -> CtEntry {
+    dp.ct_get(&ct_key(
+        client(),
+        service(),
+        Protocol::Tcp,
+        ct_dir::ORIGINAL,
+    ))
+    .expect("the flow is tracked")
+}
+
+/// A web service with one backend and the client's SYN through it.
+fn opened_flow() -> Harness {
+    let mut dp = Harness::new();
+    dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
+    let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK, "SYN");
+    dp
+}
+
+fn syn_ack() -> Vec<u8> {
+    Tcp::new(backend(), client(), SYN | ACK)
+        .seq(90_000)
+        .ack(7_001)
+        .build()
+}
+
+#[test]
+fn syn_ack_alone_keeps_a_flow_in_the_opening_timeout() {
+    let dp = opened_flow();
+
+    assert_eq!(dp.run_to_pod(&syn_ack()).verdict, TC_ACT_OK, "SYN-ACK");
+    // A retransmitted SYN and another SYN-ACK: still no handshake.
+    let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK, "SYN again");
+    assert_eq!(
+        dp.run_to_pod(&syn_ack()).verdict,
+        TC_ACT_OK,
+        "SYN-ACK again"
+    );
+
+    let entry = original(&dp);
+    assert_ne!(entry.flags & ct_flags::SEEN_REPLY, 0, "the reply was seen");
+    assert_eq!(
+        entry.state,
+        ct_state::OPENING,
+        "a half-open flow keeps the opening lifetime"
+    );
+    assert_eq!(
+        entry.lifetime_ns(),
+        60 * 1_000_000_000,
+        "opening lifetime, not 6 hours"
+    );
+
+    let ack = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .ack(90_001)
+        .build();
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK, "ACK");
+    assert_eq!(
+        original(&dp).state,
+        ct_state::ESTABLISHED,
+        "the client's ACK completes the handshake"
+    );
+}
+
+#[test]
+fn client_ack_before_any_reply_does_not_establish() {
+    let dp = opened_flow();
+    let ack = Tcp::new(client(), service(), ACK).seq(7_001).build();
+
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK);
+
+    assert_eq!(original(&dp).state, ct_state::OPENING);
+}
+
+#[test]
+fn reset_from_the_backend_closes_an_established_flow_and_keeps_its_flags() {
+    let dp = opened_flow();
+    let ack = Tcp::new(client(), service(), ACK).seq(7_001).build();
+    let fin = Tcp::new(client(), service(), FIN | ACK).seq(7_001).build();
+    let rst = Tcp::new(backend(), client(), RST).seq(90_001).build();
+    assert_eq!(dp.run_to_pod(&syn_ack()).verdict, TC_ACT_OK);
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK);
+    assert_eq!(dp.run_from_pod(&fin).verdict, TC_ACT_OK);
+
+    let run = dp.run_to_pod(&rst);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(&rst, &run.output, service(), client(), "translated RST");
+    let entry = original(&dp);
+    assert_eq!(entry.state, ct_state::CLOSING, "RST closes");
+    assert_eq!(
+        entry.flags & (ct_flags::SEEN_REPLY | ct_flags::FIN_ORIGINAL),
+        ct_flags::SEEN_REPLY | ct_flags::FIN_ORIGINAL,
+        "earlier flags kept"
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 2);
+}
+
+#[test]
+fn big_tcp_super_packet_with_total_length_zero_is_translated() {
+    let dp = opened_flow();
+    let data = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .payload(&[0x5a; 2_000])
+        .build();
+    let plain = dp.run_from_pod(&data);
+    assert_eq!(plain.verdict, TC_ACT_OK);
+    assert_translated(&data, &plain.output, client(), backend(), "plain segment");
+    // The same bytes as a BIG TCP super-packet: IPv4 total length 0.
+    let mut big = data.clone();
+    big[ETH_HLEN + 2..ETH_HLEN + 4].fill(0);
+    fix_ip_checksum(&mut big);
+
+    let run = dp.run_gso("from_pod", &big, 1_000, 2);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut expected = plain.output.clone();
+    expected[ETH_HLEN + 2..ETH_HLEN + 4].fill(0);
+    fix_ip_checksum(&mut expected);
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "translated as the same packet with its length filled in"
+    );
+    assert_eq!(dp.counter(Counter::Malformed), 0);
+    assert_eq!(dp.counter(Counter::Established), 2);
+}
+
+#[test]
+fn total_length_zero_without_gso_is_malformed() {
+    let dp = opened_flow();
+    let mut data = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .payload(b"GET /")
+        .build();
+    data[ETH_HLEN + 2..ETH_HLEN + 4].fill(0);
+    fix_ip_checksum(&mut data);
+
+    let run = dp.run_from_pod(&data);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(hex(&run.output), hex(&data), "left untouched");
+    assert_eq!(dp.counter(Counter::Malformed), 1);
+}
+
+/// Recomputes the IPv4 header checksum after a test patched the header.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+    let csum = !ones_sum(&frame[ETH_HLEN..ETH_HLEN + ihl]);
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
+}
+
+fn reply_key() -> dataplane_common::CtKey {
+    ct_key(backend(), client(), Protocol::Tcp, ct_dir::REPLY)
+}
+
+/// SYN, SYN-ACK and ACK through the web service: an established flow.
+fn established_flow() -> Harness {
+    let dp = opened_flow();
+    let ack = Tcp::new(client(), service(), ACK)
+        .seq(7_001)
+        .ack(90_001)
+        .build();
+    assert_eq!(dp.run_to_pod(&syn_ack()).verdict, TC_ACT_OK, "SYN-ACK");
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK, "ACK");
+    assert_eq!(original(&dp).state, ct_state::ESTABLISHED);
+    dp
+}
+
+#[test]
+fn lost_reply_entry_is_rebuilt_by_the_clients_next_packet() {
+    let mut dp = established_flow();
+    let lost = dp.ct_get(&reply_key()).expect("the reply entry");
+    dp.conntrack
+        .remove(&reply_key())
+        .expect("evicting the reply entry");
+    let request = Tcp::new(client(), service(), ACK | packets::PSH)
+        .seq(7_001)
+        .payload(b"GET / HTTP/1.1\r\n\r\n")
+        .build();
+    let response = Tcp::new(backend(), client(), ACK | packets::PSH)
+        .seq(90_001)
+        .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+        .build();
+
+    let forwarded = dp.run_from_pod(&request);
+    let reply = dp.run_to_pod(&response);
+
+    assert_translated(&request, &forwarded.output, client(), backend(), "request");
+    let rebuilt = dp.ct_get(&reply_key()).expect("the reply entry is back");
+    assert_eq!(
+        (rebuilt.original_key(), rebuilt.reply_key()),
+        (lost.original_key(), lost.reply_key()),
+        "the rebuilt entry translates as the lost one did"
+    );
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_translated(&response, &reply.output, service(), client(), "response");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 2);
+}
+
+fn other_service() -> SocketAddrV4 {
+    addr([10, 96, 0, 11], 80)
+}
+
+#[test]
+fn second_flow_with_the_same_reply_tuple_is_refused_and_the_first_keeps_its_replies() {
+    // Two services share the backend; the client uses one source port for
+    // both: the backend would answer both flows with the same tuple.
+    let mut dp = opened_flow();
+    dp.set_service("api", other_service(), Protocol::Tcp, &[backend()]);
+    let syn_other = Tcp::new(client(), other_service(), SYN).seq(3_000).build();
+
+    let refused = dp.run_from_pod(&syn_other);
+
+    assert_eq!(
+        refused.verdict,
+        harness::TC_ACT_SHOT,
+        "the clashing SYN is dropped"
+    );
+    assert_eq!(dp.counter(Counter::ReplyTupleClash), 1);
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "only the first flow");
+    assert!(
+        dp.ct_get(&ct_key(
+            client(),
+            other_service(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_none(),
+        "the refused flow leaves no entry"
+    );
+    let reply = dp.run_to_pod(&syn_ack());
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_translated(
+        &syn_ack(),
+        &reply.output,
+        service(),
+        client(),
+        "the first flow's SYN-ACK still comes from its service",
+    );
+}
+
+#[test]
+fn reply_tuple_left_by_a_forgotten_flow_is_taken_over() {
+    let mut dp = opened_flow();
+    dp.set_service("api", other_service(), Protocol::Tcp, &[backend()]);
+    // The first flow's original entry is evicted; its reply entry stays.
+    dp.conntrack
+        .remove(&ct_key(
+            client(),
+            service(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL,
+        ))
+        .expect("evicting the original entry");
+    let syn_other = Tcp::new(client(), other_service(), SYN).seq(3_000).build();
+
+    let run = dp.run_from_pod(&syn_other);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(&syn_other, &run.output, client(), backend(), "SYN");
+    assert_eq!(dp.counter(Counter::ReplyTupleClash), 0);
+    let reply = dp.run_to_pod(&syn_ack());
+    assert_translated(
+        &syn_ack(),
+        &reply.output,
+        other_service(),
+        client(),
+        "replies now belong to the new flow",
+    );
+}

@@ -5,24 +5,21 @@
 //!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs).
 
-#[path = "datapath/harness.rs"]
-mod harness;
-#[path = "datapath/packets.rs"]
-mod packets;
-
 use std::{collections::HashMap, net::SocketAddrV4};
 
 use dataplane_agent::model::Protocol;
 use dataplane_common::{
     ct_dir, ct_flags, ct_state, ipv4_to_map, port_to_map, Counter, IPPROTO_TCP, IPPROTO_UDP,
 };
-use etherparse::{Icmpv4Type, IpNumber, PacketBuilder, TransportHeader};
-use harness::{addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use packets::{
+use dataplane_testkit::datapath::{
+    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+};
+use dataplane_testkit::packets::{
     assert_checksums_ok, assert_translated, be16, be32, endpoints, hex, ip_checksum_ok,
     ipv4_fields, l4_checksum_ok, ones_sum, Fields, Tcp, Udp, ACK, CLIENT_MAC, ETH_HLEN, FIN,
     GATEWAY_MAC, IP_OPT_8_BYTES, IP_OPT_ROUTER_ALERT, PSH, RST, SYN,
 };
+use etherparse::{Icmpv4Type, IpNumber, PacketBuilder, TransportHeader};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)

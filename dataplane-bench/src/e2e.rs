@@ -25,13 +25,12 @@ use anyhow::{bail, Context as _};
 use dataplane_agent::model::BackendAddr;
 use dataplane_lab::{
     agent::Agent,
-    netns::{in_netns, ip, spawn_in_netns},
+    netns::{self, in_netns, ip, spawn_in_netns, Netns},
 };
+use dataplane_testkit::datapath::Bpffs;
 
 use crate::{
-    bpf::Bpffs,
-    kubeproxy_rules, netns,
-    netns::Netns,
+    kubeproxy_rules::{self, iptables_restore},
     scenario::{self, SERVICE_PORT, TARGET_PORT},
     stats::percentile,
 };
@@ -358,7 +357,7 @@ fn setup(
                 node,
                 "bench-node",
                 &manifests,
-                bpffs.dir.path(),
+                bpffs.path(),
                 &work.path().join("agent.log"),
             )?;
             // Drop order: the agent first, then its bpffs, then the files.
@@ -371,7 +370,7 @@ fn setup(
                 .sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
             netns::run_in(
                 node,
-                netns::iptables_restore(),
+                iptables_restore(),
                 &["--noflush"],
                 Some(&kubeproxy_rules::iptables_full(&svcs)),
             )?;

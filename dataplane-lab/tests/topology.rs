@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use dataplane_lab::{
     netns::{self, in_netns},
-    privileged,
+    require_root,
     topology::{default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
@@ -69,37 +69,31 @@ fn check(topology: Topology, cross_node: CrossNode) {
 
 #[test]
 fn bridge_direct() {
-    if privileged() {
-        check(Topology::Bridge, CrossNode::Direct);
-    }
+    require_root();
+    check(Topology::Bridge, CrossNode::Direct);
 }
 
 #[test]
 fn bridge_vxlan() {
-    if privileged() {
-        check(Topology::Bridge, CrossNode::Vxlan);
-    }
+    require_root();
+    check(Topology::Bridge, CrossNode::Vxlan);
 }
 
 #[test]
 fn routed_direct() {
-    if privileged() {
-        check(Topology::Routed, CrossNode::Direct);
-    }
+    require_root();
+    check(Topology::Routed, CrossNode::Direct);
 }
 
 #[test]
 fn routed_vxlan() {
-    if privileged() {
-        check(Topology::Routed, CrossNode::Vxlan);
-    }
+    require_root();
+    check(Topology::Routed, CrossNode::Vxlan);
 }
 
 #[test]
 fn vxlan_carries_the_cross_node_traffic() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = build(Topology::Bridge, CrossNode::Vxlan);
     // Packets node1 sent on vxlan0 (/proc/thread-self: this thread's netns).
     let packets = |lab: &Lab| {
@@ -125,9 +119,7 @@ fn vxlan_carries_the_cross_node_traffic() {
 
 #[test]
 fn namespaces_are_removed_when_a_test_panics() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let prefix = std::sync::Mutex::new(String::new());
     let result = std::panic::catch_unwind(|| {
         let lab = build(Topology::Bridge, CrossNode::Direct);

@@ -5,18 +5,18 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use dataplane_lab::apiserver::{
-    objects::{endpoint, slice, web_service, State},
-    ApiServer, GoneAs, Outage,
+use dataplane_lab::{
+    manifests::{endpoint, slice, web_service, State},
+    CrossNode, PodSpec, Topology,
 };
-use dataplane_lab::{CrossNode, PodSpec, Topology};
-use integration_tests::{dns, http, lab_pod, privileged, Cluster, Seen, WEB_IP};
+use dataplane_testkit::apiserver::{ApiServer, GoneAs, Outage};
+use integration_tests::{dns, http, lab_pod, require_root, Cluster, Seen, WEB_IP};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 
 fn ep(pod: &PodSpec, state: State) -> k8s_openapi::api::discovery::v1::Endpoint {
-    endpoint(pod.ip(), &format!("node{}", pod.node), state)
+    endpoint(pod.ip(), Some(&format!("node{}", pod.node)), state)
 }
 
 fn ready(pods: &[&PodSpec]) -> Vec<k8s_openapi::api::discovery::v1::Endpoint> {
@@ -68,9 +68,7 @@ fn set<const N: usize>(names: [&str; N]) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -146,9 +144,7 @@ fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
 
 #[test]
 fn slices_of_one_service_are_merged_and_an_address_in_two_counts_once() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     // Split: web-b is in both slices (as during a controller's rebalancing).
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
@@ -177,9 +173,7 @@ fn slices_of_one_service_are_merged_and_an_address_in_two_counts_once() {
 
 #[test]
 fn terminating_endpoints_serve_only_while_none_is_ready() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -209,9 +203,7 @@ fn terminating_endpoints_serve_only_while_none_is_ready() {
 
 #[test]
 fn headless_external_name_and_other_proxies_services_are_skipped() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let a = lab_pod("web-a");
     let proxied_elsewhere = || {
         let mut s = web_service("elsewhere", Ipv4Addr::new(10, 96, 0, 12));
@@ -268,9 +260,7 @@ fn headless_external_name_and_other_proxies_services_are_skipped() {
 
 #[test]
 fn internal_traffic_policy_local_uses_each_nodes_own_endpoints() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let local_web = || {
         let mut s = web();
@@ -324,9 +314,7 @@ fn all_watching(c: &Cluster) {
 
 #[test]
 fn dropped_watches_resume_from_the_last_version() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -373,9 +361,7 @@ fn dropped_watches_resume_from_the_last_version() {
 
 #[test]
 fn api_server_restart_keeps_traffic_and_a_410_relist_removes_what_was_deleted() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -448,9 +434,7 @@ fn lists(c: &Cluster) -> usize {
 
 #[test]
 fn gone_on_an_open_watch_relists_and_reconciles() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -486,9 +470,7 @@ fn gone_on_an_open_watch_relists_and_reconciles() {
 /// relists only on a 410 inside the stream); the agent restarts it.
 #[test]
 fn gone_as_an_http_status_also_relists() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -509,9 +491,7 @@ fn gone_as_an_http_status_also_relists() {
 
 #[test]
 fn reconnects_back_off_while_the_api_server_is_down() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -568,9 +548,7 @@ fn reconnects_back_off_while_the_api_server_is_down() {
 
 #[test]
 fn client_ip_affinity_follows_the_service_object() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
     let with_affinity = |on: bool| {
         let mut s = web();
@@ -597,9 +575,7 @@ fn client_ip_affinity_follows_the_service_object() {
 
 #[test]
 fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -650,9 +626,7 @@ fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
 
 #[test]
 fn agents_are_healthy_only_once_the_initial_lists_are_in_the_maps() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     // The API server answers 503 to everything while the agents start.
     let mut c = Cluster::launch_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
@@ -691,9 +665,7 @@ fn agents_are_healthy_only_once_the_initial_lists_are_in_the_maps() {
 
 #[test]
 fn a_rolling_update_burst_is_coalesced_into_a_few_map_writes() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let a = lab_pod("web-a");
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -731,9 +703,7 @@ fn a_rolling_update_burst_is_coalesced_into_a_few_map_writes() {
 
 #[test]
 fn objects_the_agent_cannot_represent_are_reported_and_the_rest_keeps_working() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let a = lab_pod("web-a");
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());

@@ -93,15 +93,7 @@ impl Topology {
         let node = Netns::new("node")?;
         let client = Netns::new("cli")?;
         let server = Netns::new("srv")?;
-        for (key, value) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.default.send_redirects", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ] {
-            node.sysctl(key, value)?;
-        }
+        netns::forward_as_a_node(&node.name)?;
         let n = node.name.as_str();
         ip(&["-n", n, "link", "add", "cbr0", "type", "bridge"])?;
         ip(&["-n", n, "addr", "add", "10.244.1.1/24", "dev", "cbr0"])?;

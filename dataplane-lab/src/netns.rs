@@ -51,6 +51,12 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    output(program, args).map(drop)
+}
+
+/// Runs `program` with `args`; its stdout, or an error with the command
+/// line and its stderr.
+pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -62,7 +68,22 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The MAC address of interface `iface` in netns `ns`.
+pub fn mac(ns: &str, iface: &str) -> anyhow::Result<String> {
+    let text = output("ip", &["-n", ns, "-o", "link", "show", "dev", iface])?;
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+        .with_context(|| format!("no link/ether in {text:?}"))
+}
+
+/// Sets the MAC address of interface `iface` in netns `ns`.
+pub fn set_mac(ns: &str, iface: &str, mac: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "link", "set", "dev", iface, "address", mac])
 }
 
 /// Runs `args` inside netns `ns` (`ip netns exec`).
@@ -74,6 +95,23 @@ pub fn exec(ns: &str, args: &[&str]) -> anyhow::Result<()> {
 
 pub fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     exec(ns, &["sysctl", "-qw", &format!("{key}={value}")])
+}
+
+/// Makes netns `ns` forward as a node does: IP forwarding on, and neither
+/// ICMP redirects (a node forwards DNATed packets back out of the interface
+/// they came in on, and must not tell pods to bypass it) nor reverse path
+/// filtering (replies come back by other routes than requests).
+pub fn forward_as_a_node(ns: &str) -> anyhow::Result<()> {
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.send_redirects", "0"),
+        ("net.ipv4.conf.default.send_redirects", "0"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ] {
+        sysctl(ns, key, value)?;
+    }
+    Ok(())
 }
 
 /// Runs `program` in netns `ns` (joined before exec, without `ip netns

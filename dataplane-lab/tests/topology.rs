@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use dataplane_lab::{
     netns::{self, in_netns},
     require_root,
-    topology::{default_pods, unique_prefix},
+    topology::{bridge_mac, default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
 };
@@ -115,6 +115,34 @@ fn vxlan_carries_the_cross_node_traffic() {
     let before = packets(&lab);
     assert_reaches(&lab, "client", &lab.pod("web-b").clone());
     assert!(packets(&lab) > before, "no packets sent on node1's vxlan0");
+}
+
+#[test]
+fn a_pod_created_later_leaves_the_gateway_mac_alone() {
+    require_root();
+    let mut lab = build(Topology::Bridge, CrossNode::Direct);
+    // Through the gateway: the client caches cbr0's MAC.
+    assert_reaches(&lab, "client", &lab.pod("web-c").clone());
+    assert_eq!(netns::mac(&lab.node_ns(1), "cbr0").unwrap(), bridge_mac(1));
+
+    // A new veth with the lowest MAC there is joins node1's bridge.
+    let late = PodSpec::new("late", 1, 20);
+    lab.add_pod(&late).unwrap();
+    netns::set_mac(
+        &lab.node_ns(1),
+        &Lab::host_iface(&late),
+        "02:00:00:00:00:01",
+    )
+    .unwrap();
+
+    assert_eq!(
+        netns::mac(&lab.node_ns(1), "cbr0").unwrap(),
+        bridge_mac(1),
+        "cbr0 took a port's MAC"
+    );
+    assert_reaches(&lab, "client", &lab.pod("web-c").clone());
+    traffic::spawn_server(&lab.pod_ns("late"), "late").unwrap();
+    assert_reaches(&lab, "web-c", &late);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Changes applied while traffic flows: endpoints, bad manifests, new pods.
 
-use dataplane_lab::{traffic, CrossNode, PodSpec, Topology};
+use dataplane_lab::{netns, traffic, CrossNode, Lab, PodSpec, Topology};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 
 #[test]
@@ -151,6 +151,56 @@ fn pod_created_after_start_gets_service_traffic() {
     c.eventually("the new pod reaches the service with replies from the service IP", || {
         matches!(c.tcp("late", http(WEB_IP)), Seen::Answered { from, .. } if from == http(WEB_IP))
     });
+}
+
+/// A new pod's veth joins its node's `cbr0`. Had the bridge taken the
+/// lowest MAC of its ports, this one's (the lowest there is) would become
+/// the gateway's MAC under the older pods' cached neighbour entries.
+#[test]
+fn pod_created_later_leaves_the_gateway_mac_and_older_pods_service_traffic_alone() {
+    require_root();
+    // Backends on node2: the client's service traffic is routed through its
+    // gateway, node1's cbr0.
+    let backends = [lab_pod("web-b"), lab_pod("web-c")];
+    let mut c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends.iter().collect::<Vec<_>>()))],
+    );
+    assert!(
+        c.tcp("client", http(WEB_IP)).backend().is_some(),
+        "{}",
+        c.logs()
+    );
+    let gateway = netns::mac(&c.lab.node_ns(1), "cbr0").expect("cbr0's MAC");
+
+    let late = PodSpec::new("late", 1, 20);
+    c.add_pod(late.clone());
+    netns::set_mac(
+        &c.lab.node_ns(1),
+        &Lab::host_iface(&late),
+        "02:00:00:00:00:01",
+    )
+    .expect("setting the new veth's MAC");
+
+    assert_eq!(
+        netns::mac(&c.lab.node_ns(1), "cbr0").expect("cbr0's MAC"),
+        gateway,
+        "the gateway's MAC changed when a pod was added"
+    );
+    // At once, not after the client's neighbour entry expired.
+    for _ in 0..4 {
+        assert!(
+            c.tcp("client", http(WEB_IP)).backend().is_some(),
+            "the older pod lost the service after a pod was added\n{}",
+            c.logs()
+        );
+        assert!(
+            c.udp("client", dns(WEB_IP)).backend().is_some(),
+            "{}",
+            c.logs()
+        );
+    }
 }
 
 #[test]

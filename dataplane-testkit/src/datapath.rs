@@ -82,6 +82,10 @@ pub struct Harness {
 impl Harness {
     /// A freshly loaded datapath; panics (with the reason) where it cannot
     /// be loaded, e.g. without root.
+    #[expect(
+        clippy::new_without_default,
+        reason = "loading needs root and BPF and can fail; a Default that panics would hide that"
+    )]
     pub fn new() -> Self {
         Self::load().unwrap_or_else(|e| panic!("{e:#}"))
     }

@@ -4,17 +4,12 @@
 //!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs).
 
-#[path = "datapath/harness.rs"]
-mod harness;
-#[path = "datapath/packets.rs"]
-mod packets;
-
 use std::net::SocketAddrV4;
 
-use dataplane_agent::model::Protocol;
+use dataplane_agent::control::model::Protocol;
 use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
-use harness::{addr, ct_key, Harness, TC_ACT_OK};
-use packets::{assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN};
+use dataplane_testkit::datapath::{self as harness, addr, ct_key, Harness, TC_ACT_OK};
+use dataplane_testkit::packets::{self, assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)

@@ -5,23 +5,27 @@
 //!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs).
 
-#[path = "datapath/harness.rs"]
-mod harness;
-#[path = "datapath/packets.rs"]
-mod packets;
-
-use std::{collections::HashMap, net::SocketAddrV4};
+use std::{cell::RefCell, collections::HashMap, net::SocketAddrV4};
 
 use dataplane_agent::control::model::Protocol;
 use dataplane_common::{
     ct_dir, ct_flags, ct_state, ipv4_to_map, port_to_map, Counter, IPPROTO_TCP, IPPROTO_UDP,
 };
-use etherparse::{Icmpv4Type, IpNumber, PacketBuilder, TransportHeader};
-use harness::{addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use packets::{
+use dataplane_testkit::datapath::{
+    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+};
+use dataplane_testkit::packets::{
     assert_checksums_ok, assert_translated, be16, be32, endpoints, hex, ip_checksum_ok,
     ipv4_fields, l4_checksum_ok, ones_sum, Fields, Tcp, Udp, ACK, CLIENT_MAC, ETH_HLEN, FIN,
     GATEWAY_MAC, IP_OPT_8_BYTES, IP_OPT_ROUTER_ALERT, PSH, RST, SYN,
+};
+use etherparse::{Icmpv4Type, IpNumber, PacketBuilder, TransportHeader};
+use proptest::{
+    bool::weighted,
+    collection::vec,
+    prelude::*,
+    sample::{select, Index},
+    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
 };
 
 fn client() -> SocketAddrV4 {
@@ -1193,27 +1197,6 @@ fn checksum_checker_agrees_with_etherparse_and_catches_flipped_bits() {
 // ---------------------------------------------------------------------------
 // 10: random and corrupted packets.
 
-/// xorshift64*: deterministic, good enough to pick test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// What the maps hold, as the fuzz test's oracle.
 struct Services {
     /// (service IP, port, proto) -> backends (empty: no endpoints).
@@ -1348,80 +1331,191 @@ fn check_reject(services: &Services, input: &[u8], output: &[u8], what: &str) {
     }
 }
 
-fn random_packet(rng: &mut Rng) -> Vec<u8> {
-    let client = addr(
-        [10, 244, 1, 10 + rng.below(3) as u8],
-        40_000 + rng.below(8) as u16,
-    );
-    let (src, dst, tcp) = match rng.below(9) {
-        0 | 1 => (client, service(), true),
-        2 => (client, dns_service(), false),
-        3 => (client, addr([10, 96, 0, 11], 80), true),
-        4 => (client, addr([10, 96, 0, 11], 53), false),
-        5 => (client, addr([10, 96, 0, 12], 80), true),
-        6 => (
-            addr([10, 244, 1, 10], 8080),
-            addr([10, 96, 0, 12], 40_000 + rng.below(8) as u16),
-            true,
-        ),
-        7 => (client, addr([10, 96, 0, 10], 443), rng.chance(50)),
-        _ => (client, backend(), rng.chance(50)),
-    };
-    let mut payload = vec![0u8; *rng.pick(&[0, 0, 1, 7, 32])];
-    payload.iter_mut().for_each(|b| *b = rng.next() as u8);
-    let options: &[u8] = match rng.below(10) {
-        0 => &IP_OPT_ROUTER_ALERT,
-        1 => &IP_OPT_8_BYTES,
-        _ => &[],
-    };
-    let mut frame = if tcp {
-        let flags = *rng.pick(&[
-            SYN,
-            SYN,
-            ACK,
-            PSH | ACK,
-            FIN | ACK,
-            RST,
-            RST | ACK,
-            SYN | ACK,
-            0,
-        ]);
-        Tcp::new(src, dst, flags)
-            .seq(rng.next() as u32)
-            .ack(rng.next() as u32)
-            .payload(&payload)
-            .ip_options(options)
-            .build()
-    } else {
-        let udp = Udp::new(src, dst).payload(&payload).ip_options(options);
-        if rng.chance(15) {
-            udp.no_checksum()
+/// Where a generated packet goes.
+#[derive(Debug, Clone, Copy)]
+enum To {
+    /// The TCP service with three backends.
+    Service,
+    /// The UDP service with two backends.
+    DnsService,
+    /// The TCP or UDP service without endpoints.
+    NoEndpoints { tcp: bool },
+    /// The service whose one backend is the client itself.
+    Hairpin,
+    /// That backend answering its client through the service IP.
+    HairpinReply,
+    /// A port of the service IP that no service has.
+    OtherPort { tcp: bool },
+    /// A backend directly, no service.
+    Backend { tcp: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum IpOptions {
+    None,
+    RouterAlert,
+    EightBytes,
+}
+
+/// How a well-formed packet is damaged before the run.
+#[derive(Debug, Clone)]
+enum Damage {
+    None,
+    /// Cut to a length below the packet's.
+    Truncate(Index),
+    /// Bits flipped in the headers: (byte, bit).
+    Flip(Vec<(Index, u8)>),
+}
+
+/// One generated packet, described so that a failure shrinks to a readable
+/// case.
+#[derive(Debug, Clone)]
+struct PacketCase {
+    to: To,
+    /// Client 10.244.1.(10 + host):(40000 + port).
+    client_host: u8,
+    client_port: u16,
+    tcp_flags: u8,
+    seq: u32,
+    ack: u32,
+    udp_checksum: bool,
+    payload: Vec<u8>,
+    ip_options: IpOptions,
+    /// Bytes after the datagram, inside the frame.
+    trailer: Vec<u8>,
+    damage: Damage,
+}
+
+impl PacketCase {
+    fn frame(&self) -> Vec<u8> {
+        let client = addr(
+            [10, 244, 1, 10 + self.client_host],
+            40_000 + self.client_port,
+        );
+        let (src, dst, tcp) = match self.to {
+            To::Service => (client, service(), true),
+            To::DnsService => (client, dns_service(), false),
+            To::NoEndpoints { tcp } => (
+                client,
+                addr([10, 96, 0, 11], if tcp { 80 } else { 53 }),
+                tcp,
+            ),
+            To::Hairpin => (client, addr([10, 96, 0, 12], 80), true),
+            To::HairpinReply => (
+                addr([10, 244, 1, 10], 8080),
+                addr([10, 96, 0, 12], 40_000 + self.client_port),
+                true,
+            ),
+            To::OtherPort { tcp } => (client, addr([10, 96, 0, 10], 443), tcp),
+            To::Backend { tcp } => (client, backend(), tcp),
+        };
+        let options: &[u8] = match self.ip_options {
+            IpOptions::None => &[],
+            IpOptions::RouterAlert => &IP_OPT_ROUTER_ALERT,
+            IpOptions::EightBytes => &IP_OPT_8_BYTES,
+        };
+        let mut frame = if tcp {
+            Tcp::new(src, dst, self.tcp_flags)
+                .seq(self.seq)
+                .ack(self.ack)
+                .payload(&self.payload)
+                .ip_options(options)
+                .build()
         } else {
-            udp
-        }
-        .build()
-    };
-    if rng.chance(10) {
-        let extra = 1 + rng.below(16);
-        frame.extend((0..extra).map(|_| rng.next() as u8));
-    }
-    match rng.below(4) {
-        0 => {
-            let cut = rng.below(frame.len());
-            frame.truncate(cut);
-        }
-        1 | 2 => {
-            let header_end = frame
-                .len()
-                .min(ETH_HLEN + usize::from(frame[ETH_HLEN] & 0x0f) * 4 + 20);
-            for _ in 0..1 + rng.below(3) {
-                let at = rng.below(header_end);
-                frame[at] ^= 1 << rng.below(8);
+            let udp = Udp::new(src, dst)
+                .payload(&self.payload)
+                .ip_options(options);
+            if self.udp_checksum {
+                udp
+            } else {
+                udp.no_checksum()
+            }
+            .build()
+        };
+        frame.extend_from_slice(&self.trailer);
+        match &self.damage {
+            Damage::None => {}
+            Damage::Truncate(cut) => frame.truncate(cut.index(frame.len())),
+            Damage::Flip(flips) => {
+                let header_end = frame
+                    .len()
+                    .min(ETH_HLEN + usize::from(frame[ETH_HLEN] & 0x0f) * 4 + 20);
+                for (at, bit) in flips {
+                    frame[at.index(header_end)] ^= 1 << bit;
+                }
             }
         }
-        _ => {}
+        frame
     }
-    frame
+}
+
+/// Packets to every kind of destination, a quarter of them cut short and
+/// half with bits flipped in their headers.
+fn packet_cases() -> impl Strategy<Value = PacketCase> {
+    let to = prop_oneof![
+        2 => Just(To::Service),
+        1 => Just(To::DnsService),
+        1 => Just(To::NoEndpoints { tcp: true }),
+        1 => Just(To::NoEndpoints { tcp: false }),
+        1 => Just(To::Hairpin),
+        1 => Just(To::HairpinReply),
+        1 => any::<bool>().prop_map(|tcp| To::OtherPort { tcp }),
+        1 => any::<bool>().prop_map(|tcp| To::Backend { tcp }),
+    ];
+    let flags = select(vec![
+        SYN,
+        SYN,
+        ACK,
+        PSH | ACK,
+        FIN | ACK,
+        RST,
+        RST | ACK,
+        SYN | ACK,
+        0,
+    ]);
+    let payload = select(vec![0usize, 0, 1, 7, 32]).prop_flat_map(|n| vec(any::<u8>(), n));
+    let ip_options = prop_oneof![
+        8 => Just(IpOptions::None),
+        1 => Just(IpOptions::RouterAlert),
+        1 => Just(IpOptions::EightBytes),
+    ];
+    let trailer = prop_oneof![9 => Just(vec![]), 1 => vec(any::<u8>(), 1..=16)];
+    let damage = prop_oneof![
+        1 => Just(Damage::None),
+        1 => any::<Index>().prop_map(Damage::Truncate),
+        2 => vec((any::<Index>(), 0u8..8), 1..=3).prop_map(Damage::Flip),
+    ];
+    (
+        (to, 0u8..3, 0u16..8, flags, any::<u32>(), any::<u32>()),
+        (weighted(0.85), payload, ip_options, trailer, damage),
+    )
+        .prop_map(
+            |(
+                (to, client_host, client_port, tcp_flags, seq, ack),
+                (udp_checksum, payload, ip_options, trailer, damage),
+            )| PacketCase {
+                to,
+                client_host,
+                client_port,
+                tcp_flags,
+                seq,
+                ack,
+                udp_checksum,
+                payload,
+                ip_options,
+                trailer,
+                damage,
+            },
+        )
+}
+
+/// How the datapath treated one packet (for the coverage check).
+#[derive(Default)]
+struct Outcomes {
+    untouched: usize,
+    rewritten: usize,
+    rejected: usize,
+    dropped: usize,
 }
 
 #[test]
@@ -1453,26 +1547,34 @@ fn random_and_corrupted_packets_never_get_a_wrong_rewrite() {
         };
         dp.set_service(&format!("svc-{n}"), *frontend, proto, backends);
     }
-    let mut rng = Rng(0x5eed_d474_9a7b_0001);
-    let (mut untouched, mut rewritten, mut rejected, mut dropped) = (0, 0, 0, 0);
-
-    for i in 0..4000 {
-        let input = random_packet(&mut rng);
-        let what = format!("packet {i} ({})", hex(&input));
+    // Deterministic: the same cases on every run; a failure is shrunk to a
+    // small case and shown with its bytes.
+    let config = Config {
+        cases: 4000,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let outcomes = RefCell::new(Outcomes::default());
+    let result = runner.run(&packet_cases(), |case| {
+        let input = case.frame();
+        let what = format!("{case:?} ({})", hex(&input));
         let run = match dp.try_run("from_pod", &input) {
             Ok(run) => run,
-            Err(_) if kernel_refuses(&input) => continue,
+            Err(_) if kernel_refuses(&input) => return Ok(()),
             Err(e) => panic!("{what}: test run failed: {e}"),
         };
+        let mut seen = outcomes.borrow_mut();
         match run.verdict {
-            TC_ACT_OK if run.output == input => untouched += 1,
+            TC_ACT_OK if run.output == input => seen.untouched += 1,
             TC_ACT_OK => {
                 check_rewrite(&services, &input, &run.output, &what);
-                rewritten += 1;
+                seen.rewritten += 1;
             }
             TC_ACT_REDIRECT => {
                 check_reject(&services, &input, &run.output, &what);
-                rejected += 1;
+                seen.rejected += 1;
             }
             TC_ACT_SHOT => {
                 // The drops by design, both to a service without endpoints: a
@@ -1489,12 +1591,21 @@ fn random_and_corrupted_packets_never_get_a_wrong_rewrite() {
                     (udp_with_options || tcp_rst) && no_endpoints,
                     "{what}: dropped, and it is neither UDP with IP options nor a TCP RST to a service without endpoints"
                 );
-                dropped += 1;
+                seen.dropped += 1;
             }
             other => panic!("{what}: unexpected verdict {other}"),
         }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
-
+    let Outcomes {
+        untouched,
+        rewritten,
+        rejected,
+        dropped,
+    } = outcomes.into_inner();
     eprintln!(
         "untouched {untouched}, rewritten {rewritten}, rejected {rejected}, dropped {dropped}"
     );

@@ -5,21 +5,16 @@
 //!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs).
 
-#[path = "datapath/harness.rs"]
-mod harness;
-#[path = "datapath/packets.rs"]
-mod packets;
-
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use dataplane_agent::control::model::Protocol;
 use dataplane_common::Counter;
-use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
-use harness::{addr, Harness, TC_ACT_OK};
-use packets::{
+use dataplane_testkit::datapath::{addr, Harness, TC_ACT_OK};
+use dataplane_testkit::packets::{
     be16, endpoints, hex, ip_checksum_ok, ipv4_fields, l4_checksum_ok, ones_sum, Udp, CLIENT_MAC,
     ETH_HLEN, GATEWAY_MAC,
 };
+use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)

@@ -4,16 +4,11 @@
 //!
 //! Needs root and a kernel with BPF.
 
-#[path = "datapath/harness.rs"]
-mod harness;
-#[path = "datapath/packets.rs"]
-mod packets;
-
 use std::process::Command;
 
 use dataplane_agent::control::model::Protocol;
-use harness::{addr, Harness, TC_ACT_OK};
-use packets::{endpoints, Tcp, SYN};
+use dataplane_testkit::datapath::{addr, Harness, TC_ACT_OK};
+use dataplane_testkit::packets::{endpoints, Tcp, SYN};
 use serde_json::{json, Value};
 
 fn inspect(dp: &Harness, args: &[&str]) -> String {

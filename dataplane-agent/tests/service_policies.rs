@@ -5,18 +5,13 @@
 //!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs).
 
-#[path = "datapath/harness.rs"]
-mod harness;
-#[path = "datapath/packets.rs"]
-mod packets;
-
 use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use aya::maps::MapData;
 use dataplane_agent::control::model::Protocol;
 use dataplane_common::{ipv4_to_map, AffinityEntry, AffinityKey, Counter};
-use harness::{addr, Harness, TC_ACT_OK, TC_ACT_SHOT};
-use packets::{assert_translated, endpoints, Tcp, SYN};
+use dataplane_testkit::datapath::{addr, Harness, TC_ACT_OK, TC_ACT_SHOT};
+use dataplane_testkit::packets::{assert_translated, endpoints, Tcp, SYN};
 
 fn service() -> SocketAddrV4 {
     addr([10, 96, 0, 10], 80)

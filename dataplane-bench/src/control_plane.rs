@@ -13,12 +13,14 @@ use dataplane_agent::control::{
     model::{ClusterEvent, ClusterState},
     source::manifests::ManifestSource,
 };
-use dataplane_lab::agent::Agent;
+use dataplane_lab::{
+    agent::Agent,
+    netns::{self, Netns},
+};
+use dataplane_testkit::datapath::{Bpffs, Harness};
 
 use crate::{
-    bpf::{Bpffs, Loaded},
-    kubeproxy_rules, netns,
-    netns::Netns,
+    kubeproxy_rules::{self, iptables_restore},
     scenario::{self, Svc},
     stats::median,
 };
@@ -65,7 +67,7 @@ fn slice_event(svc: &Svc) -> anyhow::Result<ClusterEvent> {
 }
 
 fn ebpf(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result<()> {
-    let mut loaded = Loaded::new()?;
+    let mut loaded = Harness::load()?;
     let desired = scenario::desired(svcs);
     let started = Instant::now();
     let (_, errors) = loaded.engine.sync_all(&desired);
@@ -112,12 +114,7 @@ fn ebpf(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result<()> {
 fn iptables(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result<()> {
     let ns = Netns::new("ipt")?;
     let text = kubeproxy_rules::iptables_full(svcs);
-    let full = netns::run_in(
-        &ns.name,
-        netns::iptables_restore(),
-        &["--noflush"],
-        Some(&text),
-    )?;
+    let full = netns::run_in(&ns.name, iptables_restore(), &["--noflush"], Some(&text))?;
     result.iptables_full = Some(full);
     eprintln!(
         "  iptables-restore: full sync ({} lines) in {full:?}",
@@ -131,7 +128,7 @@ fn iptables(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result<()>
         let text = kubeproxy_rules::iptables_partial(&current, &changed, which);
         times.push(netns::run_in(
             &ns.name,
-            netns::iptables_restore(),
+            iptables_restore(),
             &["--noflush"],
             Some(&text),
         )?);
@@ -187,7 +184,7 @@ fn agent_memory(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result
         &ns.name,
         "bench-node",
         &manifests,
-        bpffs.dir.path(),
+        bpffs.path(),
         &work.path().join("agent.log"),
     )?;
     result.agent_ready = Some(started.elapsed());

@@ -25,13 +25,12 @@ use anyhow::{bail, Context as _};
 use dataplane_agent::control::model::BackendAddr;
 use dataplane_lab::{
     agent::Agent,
-    netns::{in_netns, ip, spawn_in_netns},
+    netns::{self, in_netns, ip, spawn_in_netns, Netns},
 };
+use dataplane_testkit::datapath::Bpffs;
 
 use crate::{
-    bpf::Bpffs,
-    kubeproxy_rules, netns,
-    netns::Netns,
+    kubeproxy_rules::{self, iptables_restore},
     scenario::{self, SERVICE_PORT, TARGET_PORT},
     stats::percentile,
 };
@@ -94,15 +93,7 @@ impl Topology {
         let node = Netns::new("node")?;
         let client = Netns::new("cli")?;
         let server = Netns::new("srv")?;
-        for (key, value) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.default.send_redirects", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ] {
-            node.sysctl(key, value)?;
-        }
+        netns::forward_as_a_node(&node.name)?;
         let n = node.name.as_str();
         ip(&["-n", n, "link", "add", "cbr0", "type", "bridge"])?;
         ip(&["-n", n, "addr", "add", "10.244.1.1/24", "dev", "cbr0"])?;
@@ -358,7 +349,7 @@ fn setup(
                 node,
                 "bench-node",
                 &manifests,
-                bpffs.dir.path(),
+                bpffs.path(),
                 &work.path().join("agent.log"),
             )?;
             // Drop order: the agent first, then its bpffs, then the files.
@@ -371,7 +362,7 @@ fn setup(
                 .sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
             netns::run_in(
                 node,
-                netns::iptables_restore(),
+                iptables_restore(),
                 &["--noflush"],
                 Some(&kubeproxy_rules::iptables_full(&svcs)),
             )?;

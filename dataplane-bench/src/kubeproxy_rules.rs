@@ -12,6 +12,19 @@ use dataplane_agent::control::model::BackendAddr;
 
 use crate::scenario::{Svc, CLUSTER_CIDR};
 
+static IPTABLES_RESTORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Chooses the iptables-restore binary (legacy or nf_tables backend).
+pub fn set_iptables_restore(program: &str) {
+    let _ = IPTABLES_RESTORE.set(program.to_owned());
+}
+
+pub fn iptables_restore() -> &'static str {
+    IPTABLES_RESTORE
+        .get()
+        .map_or("iptables-legacy-restore", String::as_str)
+}
+
 /// 16 characters of base32 as kube-proxy's chain names carry (it hashes
 /// with SHA-256; any stable hash of the same length does here).
 fn chain_hash(s: &str) -> String {

@@ -7,11 +7,9 @@
 //! Needs root, a kernel with BPF, iproute2, iptables and nftables, and the
 //! release agent binary (`cargo xtask build`).
 
-mod bpf;
 mod control_plane;
 mod e2e;
 mod kubeproxy_rules;
-mod netns;
 mod report;
 mod scenario;
 mod stats;
@@ -88,7 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         );
         return Ok(true);
     }
-    netns::set_iptables_restore(&cli.iptables_restore);
+    kubeproxy_rules::set_iptables_restore(&cli.iptables_restore);
     let wants = |p: Part| cli.only.is_empty() || cli.only.contains(&p);
     let quick = cli.quick;
     let mut rep = report::Report::new(quick);

@@ -75,8 +75,8 @@ impl Report {
             command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             command_line("uname", &["-r"]),
             crate::testrun::online_cpus(),
-            crate::netns::iptables_restore(),
-            command_line(crate::netns::iptables_restore(), &["--version"]),
+            crate::kubeproxy_rules::iptables_restore(),
+            command_line(crate::kubeproxy_rules::iptables_restore(), &["--version"]),
         );
         let _ = writeln!(
             o,

@@ -3,11 +3,12 @@
 //! written the same way to the eBPF maps (sync engine), to kube-proxy's
 //! iptables and nftables layouts, and to Service + EndpointSlice manifests.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use dataplane_agent::control::model::{
     BackendAddr, Frontend, FrontendSpec, ObjectRef, Protocol, ServiceName,
 };
+use dataplane_lab::manifests::{self, Port, State, HTTP};
 
 pub const NAMESPACE: &str = "bench";
 pub const SERVICE_PORT: u16 = 80;
@@ -118,51 +119,20 @@ pub fn desired(svcs: &[Svc]) -> BTreeMap<ServiceName, Vec<(Frontend, FrontendSpe
 
 /// Standard Service + EndpointSlice manifests, multi-document YAML.
 pub fn manifests_yaml(svcs: &[Svc]) -> String {
-    let mut out = String::with_capacity(svcs.len() * 700);
-    for s in svcs {
-        let name = &s.name.name;
-        let ns = &s.name.namespace;
-        let _ = write!(
-            out,
-            "---
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: {ns}
-spec:
-  type: ClusterIP
-  clusterIP: {ip}
-  ports:
-  - name: http
-    port: {port}
-    protocol: TCP
-    targetPort: {TARGET_PORT}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {ns}
-  labels:
-    kubernetes.io/service-name: {name}
-addressType: IPv4
-ports:
-- name: http
-  port: {TARGET_PORT}
-  protocol: TCP
-endpoints:
-",
-            ip = s.ip,
-            port = s.port,
-        );
-        for b in &s.backends {
-            let _ = writeln!(
-                out,
-                "- addresses: [\"{}\"]\n  conditions: {{ready: true}}",
-                b.ip
-            );
-        }
-    }
-    out
+    svcs.iter()
+        .map(|s| {
+            let http = Port {
+                port: s.port,
+                target_port: TARGET_PORT,
+                ..HTTP
+            };
+            manifests::manifest(
+                &manifests::service(&s.name.namespace, &s.name.name, s.ip, &[http]),
+                s.backends
+                    .iter()
+                    .map(|b| manifests::endpoint(b.ip, None, State::Ready))
+                    .collect(),
+            )
+        })
+        .collect()
 }

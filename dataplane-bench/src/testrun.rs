@@ -8,24 +8,23 @@
 //! The thread is pinned to one CPU while measuring.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use dataplane_agent::node::datapath::{BENCH_FLOOR, FROM_POD, TO_POD};
 use dataplane_common::Counter;
+use dataplane_testkit::{
+    datapath::{Harness, TC_ACT_OK},
+    packets::{self, Tcp, ACK, SYN},
+};
+use rand::{rngs::StdRng, seq::SliceRandom as _, SeedableRng as _};
 
 use crate::{
-    bpf::Loaded,
     scenario::{self, SERVICE_PORT},
-    stats::{median, Rng},
+    stats::median,
 };
-
-const TC_ACT_OK: u32 = 0;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
 
 #[derive(Debug, Clone)]
 pub struct ScaleResult {
@@ -49,64 +48,21 @@ pub struct ScaleResult {
 
 const REPEAT: u32 = 10_000;
 
-/// Ethernet + IPv4 + TCP, 54 bytes, valid IPv4 header checksum (the L4
-/// checksum is left 0: the programs update it incrementally either way).
-fn tcp_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> [u8; 54] {
-    let mut p = [0u8; 54];
-    p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut p[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let sum: u32 = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let csum = !((folded & 0xffff) + (folded >> 16)) as u16;
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    let tcp = &mut p[34..54];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1_000u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    p
-}
-
-fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
-        u16::from_be_bytes([frame[36], frame[37]]),
-    )
-}
-
-fn src_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
-        u16::from_be_bytes([frame[34], frame[35]]),
-    )
+fn tcp_packet(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    Tcp::new(src, dst, flags).build()
 }
 
 struct Programs<'a> {
-    floor: &'a SchedClassifier,
-    from_pod: &'a SchedClassifier,
-    to_pod: &'a SchedClassifier,
-    out: Vec<u8>,
+    datapath: &'a Harness,
     floor_samples: Vec<u32>,
+    /// The output frame of the last run.
+    out: Vec<u8>,
 }
 
 impl Programs<'_> {
     /// One run with repeat = 1: (kernel duration ns, verdict); the output
     /// frame is left in `self.out`.
-    fn run(&mut self, which: Prog, packet: &[u8]) -> anyhow::Result<(u32, u32)> {
+    fn run(&mut self, which: Prog, packet: &[u8]) -> anyhow::Result<(u32, i32)> {
         self.run_repeat(which, packet, 1)
     }
 
@@ -115,30 +71,25 @@ impl Programs<'_> {
         which: Prog,
         packet: &[u8],
         repeat: u32,
-    ) -> anyhow::Result<(u32, u32)> {
-        let prog = match which {
-            Prog::Floor => self.floor,
-            Prog::FromPod => self.from_pod,
-            Prog::ToPod => self.to_pod,
+    ) -> anyhow::Result<(u32, i32)> {
+        let program = match which {
+            Prog::Floor => BENCH_FLOOR,
+            Prog::FromPod => FROM_POD,
+            Prog::ToPod => TO_POD,
         };
-        self.out.resize(256, 0);
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut self.out),
-                repeat,
-                ..Default::default()
-            })
+        let run = self
+            .datapath
+            .run_repeat(program, packet, repeat)
             .context("BPF_PROG_TEST_RUN")?;
-        self.out.truncate(r.data_size_out as usize);
+        self.out = run.output;
         Ok((
-            u32::try_from(r.duration.as_nanos()).unwrap_or(u32::MAX),
-            r.return_value,
+            u32::try_from(run.duration.as_nanos()).unwrap_or(u32::MAX),
+            run.verdict,
         ))
     }
 
     /// The floor on `packet`, then `which` on it; returns the latter.
-    fn paired(&mut self, which: Prog, packet: &[u8], floor: bool) -> anyhow::Result<(u32, u32)> {
+    fn paired(&mut self, which: Prog, packet: &[u8], floor: bool) -> anyhow::Result<(u32, i32)> {
         if floor {
             let (ns, _) = self.run(Prog::Floor, packet)?;
             self.floor_samples.push(ns);
@@ -155,14 +106,14 @@ enum Prog {
 }
 
 struct Flow {
-    client: (Ipv4Addr, u16),
-    service: (Ipv4Addr, u16),
-    backend: (Ipv4Addr, u16),
+    client: SocketAddrV4,
+    service: SocketAddrV4,
+    backend: SocketAddrV4,
 }
 
-fn client_of(f: usize) -> (Ipv4Addr, u16) {
+fn client_of(f: usize) -> SocketAddrV4 {
     let base = u32::from(Ipv4Addr::new(10, 244, 1, 10));
-    (
+    SocketAddrV4::new(
         Ipv4Addr::from(base + (f / 50_000) as u32),
         10_000 + (f % 50_000) as u16,
     )
@@ -176,7 +127,7 @@ fn expect(cond: bool, what: impl FnOnce() -> String) -> anyhow::Result<()> {
 }
 
 pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::Result<ScaleResult> {
-    let mut loaded = Loaded::new()?;
+    let mut loaded = Harness::load()?;
     let svcs = scenario::services(services, endpoints, None);
     let started = Instant::now();
     let (_, errors) = loaded.engine.sync_all(&scenario::desired(&svcs));
@@ -186,20 +137,16 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
     }
     let flows_n = services.max(samples);
     let mut p = Programs {
-        floor: loaded.datapath.classifier(BENCH_FLOOR)?,
-        from_pod: loaded.datapath.classifier(FROM_POD)?,
-        to_pod: loaded.datapath.classifier(TO_POD)?,
-        out: Vec::with_capacity(256),
+        datapath: &loaded,
         floor_samples: Vec::with_capacity(samples * 4),
+        out: Vec::new(),
     };
-    let mut rng = Rng::new(0x5eed ^ services as u64);
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ services as u64);
 
     // Warm-up: code, maps and the test-run path itself.
     let warm = tcp_packet(
-        Ipv4Addr::new(10, 244, 1, 10),
-        1,
-        Ipv4Addr::new(10, 244, 2, 1),
-        80,
+        SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 1),
+        SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 1), 80),
         ACK,
     );
     for _ in 0..2_000 {
@@ -211,12 +158,9 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
     let mut non_service = Vec::with_capacity(samples);
     let pod_base = u32::from(Ipv4Addr::new(10, 244, 2, 1));
     for i in 0..samples {
-        let (ip, port) = client_of(i);
         let pkt = tcp_packet(
-            ip,
-            port,
-            Ipv4Addr::from(pod_base + (i % 60_000) as u32),
-            8080,
+            client_of(i),
+            SocketAddrV4::new(Ipv4Addr::from(pod_base + (i % 60_000) as u32), 8080),
             ACK,
         );
         let (ns, verdict) = p.paired(Prog::FromPod, &pkt, true)?;
@@ -232,12 +176,12 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
     let mut flows = Vec::with_capacity(flows_n);
     for f in 0..flows_n {
         let client = client_of(f);
-        let service = (scenario::service_ip(f % services), SERVICE_PORT);
-        let pkt = tcp_packet(client.0, client.1, service.0, service.1, SYN);
+        let service = SocketAddrV4::new(scenario::service_ip(f % services), SERVICE_PORT);
+        let pkt = tcp_packet(client, service, SYN);
         let (ns, verdict) = p.paired(Prog::FromPod, &pkt, f < samples)?;
         expect(verdict == TC_ACT_OK, || format!("SYN verdict {verdict}"))?;
-        let backend = dst_of(&p.out);
-        expect(backend.0 != service.0, || "SYN was not DNATed".into())?;
+        let (_, backend) = packets::endpoints(&p.out);
+        expect(backend.ip() != service.ip(), || "SYN was not DNATed".into())?;
         new_flow.push(ns);
         flows.push(Flow {
             client,
@@ -247,39 +191,33 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
     }
 
     let mut order: Vec<usize> = (0..flows_n).collect();
-    rng.shuffle(&mut order);
+    order.shuffle(&mut rng);
     let mut picked = order[..samples.min(flows_n)].to_vec();
 
     // Reply translation: the backend's SYN-ACK on its way to the client.
     let mut reply = Vec::with_capacity(samples);
     for &f in &picked {
         let fl = &flows[f];
-        let pkt = tcp_packet(
-            fl.backend.0,
-            fl.backend.1,
-            fl.client.0,
-            fl.client.1,
-            SYN | ACK,
-        );
+        let pkt = tcp_packet(fl.backend, fl.client, SYN | ACK);
         let (ns, verdict) = p.paired(Prog::ToPod, &pkt, true)?;
         expect(verdict == TC_ACT_OK, || format!("reply verdict {verdict}"))?;
-        expect(src_of(&p.out) == fl.service, || {
+        expect(packets::endpoints(&p.out).0 == fl.service, || {
             "reply not translated to the service".into()
         })?;
         reply.push(ns);
     }
 
     // Established: the client's next packet of a flow that has seen a reply.
-    rng.shuffle(&mut picked);
+    picked.shuffle(&mut rng);
     let mut established = Vec::with_capacity(samples);
     for &f in &picked {
         let fl = &flows[f];
-        let pkt = tcp_packet(fl.client.0, fl.client.1, fl.service.0, fl.service.1, ACK);
+        let pkt = tcp_packet(fl.client, fl.service, ACK);
         let (ns, verdict) = p.paired(Prog::FromPod, &pkt, true)?;
         expect(verdict == TC_ACT_OK, || {
             format!("established verdict {verdict}")
         })?;
-        expect(dst_of(&p.out) == fl.backend, || {
+        expect(packets::endpoints(&p.out).1 == fl.backend, || {
             "established packet left its backend".into()
         })?;
         established.push(ns);
@@ -287,7 +225,7 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
 
     let floor = median(&mut p.floor_samples);
     let fl = &flows[picked[0]];
-    let pkt = tcp_packet(fl.client.0, fl.client.1, fl.service.0, fl.service.1, ACK);
+    let pkt = tcp_packet(fl.client, fl.service, ACK);
     let (floor_repeat, _) = p.run_repeat(Prog::Floor, &pkt, REPEAT)?;
     drop(p);
     // The runs took the paths they are named after.

@@ -1,64 +1,214 @@
-//! Writing Service and EndpointSlice manifests the way an operator would.
+//! Services and EndpointSlices: typed k8s-openapi objects, as an API server
+//! serves them, and the same objects serialized to YAML manifests the way an
+//! operator writes them for the agent's manifest directory. One builder for
+//! the lab, the tests, the API server double and the bench.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde::Serialize;
 
 use crate::topology::PodSpec;
 
-/// A ClusterIP service `default/NAME` with an `http` TCP port 80 -> 8080 and
-/// a `dns` UDP port 53 -> 5353, and one EndpointSlice with `backends`.
-pub fn web_service(name: &str, cluster_ip: Ipv4Addr, backends: &[&PodSpec]) -> String {
-    let endpoints: String = backends
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// One service port and the port its endpoints listen on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port {
+    pub name: &'static str,
+    /// `TCP` or `UDP`, as Kubernetes spells it.
+    pub protocol: &'static str,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// `http`: TCP 80 -> 8080 (the lab servers' TCP port).
+pub const HTTP: Port = Port {
+    name: "http",
+    protocol: "TCP",
+    port: 80,
+    target_port: 8080,
+};
+
+/// `dns`: UDP 53 -> 5353 (the lab servers' UDP port).
+pub const DNS: Port = Port {
+    name: "dns",
+    protocol: "UDP",
+    port: 53,
+    target_port: 5353,
+};
+
+/// The ports of a lab `web` service.
+pub const WEB_PORTS: [Port; 2] = [HTTP, DNS];
+
+fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        labels: (!labels.is_empty()).then(|| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP service `NAMESPACE/NAME` with `ports`.
+pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port]) -> Service {
+    Service {
+        metadata: meta(namespace, name, &[]),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(cluster_ip.to_string()),
+            cluster_ips: Some(vec![cluster_ip.to_string()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        name: Some(p.name.into()),
+                        port: p.port.into(),
+                        protocol: Some(p.protocol.into()),
+                        target_port: Some(IntOrString::Int(p.target_port.into())),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP service `default/NAME` with the `http` and `dns` ports.
+pub fn web_service(name: &str, cluster_ip: Ipv4Addr) -> Service {
+    service(DEFAULT_NAMESPACE, name, cluster_ip, &WEB_PORTS)
+}
+
+/// One endpoint's state, as the EndpointSlice controller reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    /// Terminating but still serving (graceful shutdown).
+    Terminating,
+    /// Neither ready nor serving (starting, failing its probe).
+    NotReady,
+}
+
+/// An endpoint: pod IP, node name (if known), state.
+pub fn endpoint(ip: Ipv4Addr, node: Option<&str>, state: State) -> Endpoint {
+    let (ready, serving, terminating) = match state {
+        State::Ready => (true, true, false),
+        State::Terminating => (false, true, true),
+        State::NotReady => (false, false, false),
+    };
+    Endpoint {
+        addresses: vec![ip.to_string()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            serving: Some(serving),
+            terminating: Some(terminating),
+        }),
+        node_name: node.map(Into::into),
+        ..Default::default()
+    }
+}
+
+/// A ready endpoint on a lab pod (node `nodeN`).
+pub fn pod_endpoint(pod: &PodSpec) -> Endpoint {
+    endpoint(pod.ip(), Some(&format!("node{}", pod.node)), State::Ready)
+}
+
+/// An IPv4 EndpointSlice `NAMESPACE/NAME` of service `service` listing the
+/// target ports of `ports`.
+pub fn endpoint_slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[Port],
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(namespace, name, &[(SERVICE_NAME_LABEL, service)]),
+        address_type: "IPv4".into(),
+        endpoints,
+        ports: Some(
+            ports
+                .iter()
+                .map(|p| EndpointPort {
+                    name: Some(p.name.into()),
+                    port: Some(p.target_port.into()),
+                    protocol: Some(p.protocol.into()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// An EndpointSlice `default/NAME` of service `service` with the `http` and
+/// `dns` ports.
+pub fn slice(name: &str, service: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
+    endpoint_slice(DEFAULT_NAMESPACE, name, service, &WEB_PORTS, endpoints)
+}
+
+/// One YAML document (`---` first), as in a multi-document manifest file.
+pub fn document(object: &impl Serialize) -> String {
+    let yaml = serde_norway::to_string(object).expect("k8s-openapi objects serialize");
+    format!("---\n{yaml}")
+}
+
+/// A Service and the EndpointSlice (`NAME-1`) the EndpointSlice controller
+/// would write for it, with `endpoints`, as one manifest file.
+pub fn manifest(service: &Service, endpoints: Vec<Endpoint>) -> String {
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    let namespace = service
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or(DEFAULT_NAMESPACE);
+    let ports = service
+        .spec
         .iter()
-        .map(|p| {
-            format!(
-                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n",
-                p.ip(),
-                p.node
-            )
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| EndpointPort {
+            name: p.name.clone(),
+            protocol: p.protocol.clone(),
+            port: Some(match p.target_port {
+                Some(IntOrString::Int(target)) => target,
+                _ => p.port,
+            }),
+            ..Default::default()
         })
         .collect();
-    let endpoints = if endpoints.is_empty() {
-        "[]\n".to_string()
-    } else {
-        format!("\n{endpoints}")
+    let slice = EndpointSlice {
+        metadata: meta(
+            namespace,
+            &format!("{name}-1"),
+            &[(SERVICE_NAME_LABEL, name)],
+        ),
+        address_type: "IPv4".into(),
+        endpoints,
+        ports: Some(ports),
     };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  type: ClusterIP
-  clusterIP: {cluster_ip}
-  ports:
-  - name: http
-    port: 80
-    protocol: TCP
-    targetPort: 8080
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 5353
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: {name}
-addressType: IPv4
-ports:
-- name: http
-  port: 8080
-  protocol: TCP
-- name: dns
-  port: 5353
-  protocol: UDP
-endpoints: {endpoints}"
+    document(service) + &document(&slice)
+}
+
+/// [`web_service`] `default/NAME` and one EndpointSlice with `backends`, as
+/// one manifest file.
+pub fn web_manifest(name: &str, cluster_ip: Ipv4Addr, backends: &[&PodSpec]) -> String {
+    manifest(
+        &web_service(name, cluster_ip),
+        backends.iter().map(|p| pod_endpoint(p)).collect(),
     )
 }
 
@@ -84,15 +234,16 @@ mod tests {
     use super::*;
 
     fn docs(yaml: &str) -> Vec<Value> {
-        yaml.split("\n---\n")
+        yaml.split("---\n")
+            .filter(|doc| !doc.is_empty())
             .map(|doc| serde_norway::from_str(doc).unwrap())
             .collect()
     }
 
     #[test]
-    fn web_service_is_a_service_and_its_endpoint_slice() {
+    fn web_manifest_is_a_service_and_its_endpoint_slice() {
         let pods = [PodSpec::new("web-a", 1, 11), PodSpec::new("web-b", 2, 10)];
-        let docs = docs(&web_service(
+        let docs = docs(&web_manifest(
             "web",
             Ipv4Addr::new(10, 96, 0, 10),
             &pods.iter().collect::<Vec<_>>(),
@@ -100,11 +251,15 @@ mod tests {
         assert_eq!(docs.len(), 2);
         let (svc, slice) = (&docs[0], &docs[1]);
         assert_eq!(svc["kind"], "Service");
+        assert_eq!(svc["apiVersion"], "v1");
+        assert_eq!(svc["metadata"]["namespace"], "default");
         assert_eq!(svc["spec"]["clusterIP"], "10.96.0.10");
         assert_eq!(svc["spec"]["ports"][0]["port"], 80);
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080);
         assert_eq!(svc["spec"]["ports"][1]["protocol"], "UDP");
         assert_eq!(slice["kind"], "EndpointSlice");
         assert_eq!(slice["apiVersion"], "discovery.k8s.io/v1");
+        assert_eq!(slice["metadata"]["name"], "web-1");
         assert_eq!(slice["addressType"], "IPv4");
         assert_eq!(
             slice["metadata"]["labels"]["kubernetes.io/service-name"],
@@ -120,9 +275,18 @@ mod tests {
     }
 
     #[test]
-    fn web_service_without_backends_has_an_empty_slice() {
-        let docs = docs(&web_service("web", Ipv4Addr::new(10, 96, 0, 10), &[]));
+    fn web_manifest_without_backends_has_an_empty_slice() {
+        let docs = docs(&web_manifest("web", Ipv4Addr::new(10, 96, 0, 10), &[]));
         assert_eq!(docs[1]["endpoints"].as_sequence().map(Vec::len), Some(0));
+    }
+
+    #[test]
+    fn manifest_slice_lists_only_the_services_ports() {
+        let svc = service("bench", "svc-0", Ipv4Addr::new(10, 96, 0, 1), &[HTTP]);
+        let docs = docs(&manifest(&svc, vec![]));
+        assert_eq!(docs[1]["metadata"]["namespace"], "bench");
+        assert_eq!(docs[1]["ports"].as_sequence().map(Vec::len), Some(1));
+        assert_eq!(docs[1]["ports"][0]["name"], "http");
     }
 
     #[test]

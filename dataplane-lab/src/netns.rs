@@ -1,9 +1,49 @@
-//! Running commands and code inside network namespaces.
+//! Network namespaces: created and removed on drop ([`Netns`]), and
+//! commands and code run inside them. The lab, the tests and the bench all
+//! go through here.
 
-use std::{fs::File, process::Command};
+use std::{
+    fs::File,
+    io::Write as _,
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _};
 use nix::sched::{setns, CloneFlags};
+
+/// A network namespace with a name unique to this process (`TAG` last),
+/// loopback up; removed when dropped, also on panic.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "dpn{}x{}{tag}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        sysctl(&self.name, key, value)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
 
 /// Runs `ip` with `args`, failing with the command line and its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -11,6 +51,12 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    output(program, args).map(drop)
+}
+
+/// Runs `program` with `args`; its stdout, or an error with the command
+/// line and its stderr.
+pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -22,7 +68,22 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The MAC address of interface `iface` in netns `ns`.
+pub fn mac(ns: &str, iface: &str) -> anyhow::Result<String> {
+    let text = output("ip", &["-n", ns, "-o", "link", "show", "dev", iface])?;
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+        .with_context(|| format!("no link/ether in {text:?}"))
+}
+
+/// Sets the MAC address of interface `iface` in netns `ns`.
+pub fn set_mac(ns: &str, iface: &str, mac: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "link", "set", "dev", iface, "address", mac])
 }
 
 /// Runs `args` inside netns `ns` (`ip netns exec`).
@@ -34,6 +95,72 @@ pub fn exec(ns: &str, args: &[&str]) -> anyhow::Result<()> {
 
 pub fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     exec(ns, &["sysctl", "-qw", &format!("{key}={value}")])
+}
+
+/// Makes netns `ns` forward as a node does: IP forwarding on, and neither
+/// ICMP redirects (a node forwards DNATed packets back out of the interface
+/// they came in on, and must not tell pods to bypass it) nor reverse path
+/// filtering (replies come back by other routes than requests).
+pub fn forward_as_a_node(ns: &str) -> anyhow::Result<()> {
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.send_redirects", "0"),
+        ("net.ipv4.conf.default.send_redirects", "0"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ] {
+        sysctl(ns, key, value)?;
+    }
+    Ok(())
+}
+
+/// Runs `program` in netns `ns` (joined before exec, without `ip netns
+/// exec`'s own cost), feeding it `stdin`; returns the wall time from spawn
+/// to exit.
+pub fn run_in(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<Duration> {
+    let file = File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the child runs only setns, a plain syscall that is
+    // async-signal-safe and touches none of the parent's state; the file
+    // lives in the closure, so its fd stays open until the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {program}"))?;
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("piped");
+        pipe.write_all(text.as_bytes())
+            .with_context(|| format!("writing to {program}"))?;
+    }
+    let out = child.wait_with_output()?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "`{program} {}` in {ns} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            err.chars().take(2_000).collect::<String>()
+        );
+    }
+    Ok(took)
 }
 
 /// Runs `f` on a new thread that has joined netns `ns`: sockets it opens

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::netns::{exec, ip, kill_all, list, run, sysctl};
+use crate::netns::{exec, forward_as_a_node, ip, kill_all, list, run, sysctl};
 
 /// How pods connect to their node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +67,12 @@ pub fn default_pods() -> Vec<PodSpec> {
         PodSpec::new("web-b", 2, 10),
         PodSpec::new("web-c", 2, 11),
     ]
+}
+
+/// The MAC address of node `node`'s `cbr0` (the pods' gateway): locally
+/// administered, carrying the gateway's IP 10.244.NODE.1.
+pub fn bridge_mac(node: u8) -> String {
+    format!("02:00:0a:f4:{node:02x}:01")
 }
 
 /// A unique prefix for a test's namespaces: tests run in parallel.
@@ -137,17 +143,7 @@ impl Lab {
         for n in NODES {
             let ns = self.node_ns(n);
             self.add_ns(&ns)?;
-            for (key, value) in [
-                ("net.ipv4.ip_forward", "1"),
-                // The node forwards DNATed packets back out of cbr0: no ICMP
-                // redirects telling pods to bypass it.
-                ("net.ipv4.conf.all.send_redirects", "0"),
-                ("net.ipv4.conf.default.send_redirects", "0"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-            ] {
-                sysctl(&ns, key, value)?;
-            }
+            forward_as_a_node(&ns)?;
             if self.spec.topology == Topology::Routed {
                 // Proxy ARP answers only for addresses the node routes out of
                 // another interface; a real node reaches the pods' fake
@@ -155,7 +151,22 @@ impl Lab {
                 ip(&["-n", &ns, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
             }
             if self.spec.topology == Topology::Bridge {
-                ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
+                // A fixed address, as CNI's bridge plugin and docker0 set:
+                // otherwise the bridge takes the lowest of its ports', and
+                // a pod created later can change it under the other pods'
+                // cached gateway entries (their routed traffic is lost
+                // until the entries expire).
+                ip(&[
+                    "-n",
+                    &ns,
+                    "link",
+                    "add",
+                    "cbr0",
+                    "address",
+                    &bridge_mac(n),
+                    "type",
+                    "bridge",
+                ])?;
                 ip(&[
                     "-n",
                     &ns,

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 
 use dataplane_lab::{
     netns::{self, in_netns},
-    privileged,
-    topology::{default_pods, unique_prefix},
+    require_root,
+    topology::{bridge_mac, default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
 };
@@ -69,37 +69,31 @@ fn check(topology: Topology, cross_node: CrossNode) {
 
 #[test]
 fn bridge_direct() {
-    if privileged() {
-        check(Topology::Bridge, CrossNode::Direct);
-    }
+    require_root();
+    check(Topology::Bridge, CrossNode::Direct);
 }
 
 #[test]
 fn bridge_vxlan() {
-    if privileged() {
-        check(Topology::Bridge, CrossNode::Vxlan);
-    }
+    require_root();
+    check(Topology::Bridge, CrossNode::Vxlan);
 }
 
 #[test]
 fn routed_direct() {
-    if privileged() {
-        check(Topology::Routed, CrossNode::Direct);
-    }
+    require_root();
+    check(Topology::Routed, CrossNode::Direct);
 }
 
 #[test]
 fn routed_vxlan() {
-    if privileged() {
-        check(Topology::Routed, CrossNode::Vxlan);
-    }
+    require_root();
+    check(Topology::Routed, CrossNode::Vxlan);
 }
 
 #[test]
 fn vxlan_carries_the_cross_node_traffic() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = build(Topology::Bridge, CrossNode::Vxlan);
     // Packets node1 sent on vxlan0 (/proc/thread-self: this thread's netns).
     let packets = |lab: &Lab| {
@@ -124,10 +118,36 @@ fn vxlan_carries_the_cross_node_traffic() {
 }
 
 #[test]
+fn a_pod_created_later_leaves_the_gateway_mac_alone() {
+    require_root();
+    let mut lab = build(Topology::Bridge, CrossNode::Direct);
+    // Through the gateway: the client caches cbr0's MAC.
+    assert_reaches(&lab, "client", &lab.pod("web-c").clone());
+    assert_eq!(netns::mac(&lab.node_ns(1), "cbr0").unwrap(), bridge_mac(1));
+
+    // A new veth with the lowest MAC there is joins node1's bridge.
+    let late = PodSpec::new("late", 1, 20);
+    lab.add_pod(&late).unwrap();
+    netns::set_mac(
+        &lab.node_ns(1),
+        &Lab::host_iface(&late),
+        "02:00:00:00:00:01",
+    )
+    .unwrap();
+
+    assert_eq!(
+        netns::mac(&lab.node_ns(1), "cbr0").unwrap(),
+        bridge_mac(1),
+        "cbr0 took a port's MAC"
+    );
+    assert_reaches(&lab, "client", &lab.pod("web-c").clone());
+    traffic::spawn_server(&lab.pod_ns("late"), "late").unwrap();
+    assert_reaches(&lab, "web-c", &late);
+}
+
+#[test]
 fn namespaces_are_removed_when_a_test_panics() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let prefix = std::sync::Mutex::new(String::new());
     let result = std::panic::catch_unwind(|| {
         let lab = build(Topology::Bridge, CrossNode::Direct);

@@ -10,13 +10,13 @@ use std::{
 
 use dataplane_lab::{
     agent::{self, Agent},
-    apiserver::{self, ApiServer, Bind},
     manifests,
     netns::{self, in_netns},
     topology::{default_pods, unique_prefix},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, PodSpec, Topology,
 };
+use dataplane_testkit::apiserver::{self, ApiServer, Bind};
 
 pub use dataplane_lab::traffic::Outcome as Seen;
 
@@ -25,7 +25,7 @@ pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Where the API server double listens in each node's netns (API mode).
 pub const API_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 6443);
 
-pub use dataplane_lab::privileged;
+pub use dataplane_lab::require_root;
 
 /// A lab with agents on both nodes. Fields drop in order: agents stop before
 /// the namespaces go.
@@ -434,5 +434,5 @@ pub fn dns(ip: Ipv4Addr) -> SocketAddr {
 
 /// The `web` service backed by the given pods.
 pub fn web(cluster_backends: &[&PodSpec]) -> String {
-    manifests::web_service("web", WEB_IP, cluster_backends)
+    manifests::web_manifest("web", WEB_IP, cluster_backends)
 }

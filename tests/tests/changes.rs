@@ -1,13 +1,11 @@
 //! Changes applied while traffic flows: endpoints, bad manifests, new pods.
 
-use dataplane_lab::{traffic, CrossNode, PodSpec, Topology};
-use integration_tests::{dns, http, lab_pod, privileged, web, Cluster, Seen, WEB_IP};
+use dataplane_lab::{netns, traffic, CrossNode, Lab, PodSpec, Topology};
+use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 
 #[test]
 fn added_endpoint_starts_receiving_new_connections() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start(
         Topology::Bridge,
@@ -28,9 +26,7 @@ fn added_endpoint_starts_receiving_new_connections() {
 
 #[test]
 fn removed_endpoint_gets_no_new_connections_and_its_tcp_flow_is_reset() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start(
         Topology::Bridge,
@@ -69,9 +65,7 @@ fn removed_endpoint_gets_no_new_connections_and_its_tcp_flow_is_reset() {
 
 #[test]
 fn udp_flow_to_a_removed_endpoint_moves_to_a_live_one() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-c"));
     let c = Cluster::start(
         Topology::Bridge,
@@ -110,9 +104,7 @@ fn udp_flow_to_a_removed_endpoint_moves_to_a_live_one() {
 
 #[test]
 fn bad_manifests_are_reported_by_file_and_the_rest_keeps_serving() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
@@ -129,7 +121,7 @@ fn bad_manifests_are_reported_by_file_and_the_rest_keeps_serving() {
     let other = std::net::Ipv4Addr::new(10, 96, 0, 11);
     c.write_manifest(
         "other.yaml",
-        &dataplane_lab::manifests::web_service("other", other, &[&lab_pod("web-b")]),
+        &dataplane_lab::manifests::web_manifest("other", other, &[&lab_pod("web-b")]),
     );
     c.eventually("both bad files are named in the log", || {
         let log = c.agent_log(1);
@@ -148,9 +140,7 @@ fn bad_manifests_are_reported_by_file_and_the_rest_keeps_serving() {
 
 #[test]
 fn pod_created_after_start_gets_service_traffic() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let backends = [lab_pod("web-a"), lab_pod("web-b")];
     let mut c = Cluster::start(
         Topology::Bridge,
@@ -163,11 +153,59 @@ fn pod_created_after_start_gets_service_traffic() {
     });
 }
 
+/// A new pod's veth joins its node's `cbr0`. Had the bridge taken the
+/// lowest MAC of its ports, this one's (the lowest there is) would become
+/// the gateway's MAC under the older pods' cached neighbour entries.
+#[test]
+fn pod_created_later_leaves_the_gateway_mac_and_older_pods_service_traffic_alone() {
+    require_root();
+    // Backends on node2: the client's service traffic is routed through its
+    // gateway, node1's cbr0.
+    let backends = [lab_pod("web-b"), lab_pod("web-c")];
+    let mut c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends.iter().collect::<Vec<_>>()))],
+    );
+    assert!(
+        c.tcp("client", http(WEB_IP)).backend().is_some(),
+        "{}",
+        c.logs()
+    );
+    let gateway = netns::mac(&c.lab.node_ns(1), "cbr0").expect("cbr0's MAC");
+
+    let late = PodSpec::new("late", 1, 20);
+    c.add_pod(late.clone());
+    netns::set_mac(
+        &c.lab.node_ns(1),
+        &Lab::host_iface(&late),
+        "02:00:00:00:00:01",
+    )
+    .expect("setting the new veth's MAC");
+
+    assert_eq!(
+        netns::mac(&c.lab.node_ns(1), "cbr0").expect("cbr0's MAC"),
+        gateway,
+        "the gateway's MAC changed when a pod was added"
+    );
+    // At once, not after the client's neighbour entry expired.
+    for _ in 0..4 {
+        assert!(
+            c.tcp("client", http(WEB_IP)).backend().is_some(),
+            "the older pod lost the service after a pod was added\n{}",
+            c.logs()
+        );
+        assert!(
+            c.udp("client", dns(WEB_IP)).backend().is_some(),
+            "{}",
+            c.logs()
+        );
+    }
+}
+
 #[test]
 fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
@@ -209,9 +247,7 @@ fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
 
 #[test]
 fn open_tcp_connection_survives_an_agent_restart() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,

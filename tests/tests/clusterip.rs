@@ -1,7 +1,8 @@
 //! ClusterIP routing on the talk's topology: bridges, direct routes.
 
-use dataplane_lab::{CrossNode, Topology};
-use integration_tests::{dns, http, lab_pod, privileged, web, Cluster, Seen, WEB_IP};
+use dataplane_lab::{manifests, CrossNode, PodSpec, Topology};
+use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
+use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::util::intstr::IntOrString};
 
 fn web_on_both_nodes() -> Cluster {
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
@@ -14,9 +15,7 @@ fn web_on_both_nodes() -> Cluster {
 
 #[test]
 fn every_backend_on_both_nodes_is_reached_over_tcp_and_udp() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = web_on_both_nodes();
     let want: std::collections::BTreeSet<String> =
         ["web-a", "web-b", "web-c"].map(String::from).into();
@@ -34,9 +33,7 @@ fn every_backend_on_both_nodes_is_reached_over_tcp_and_udp() {
 
 #[test]
 fn replies_come_from_the_service_ip_and_port() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = web_on_both_nodes();
     for _ in 0..5 {
         match c.tcp("client", http(WEB_IP)) {
@@ -52,9 +49,7 @@ fn replies_come_from_the_service_ip_and_port() {
 
 #[test]
 fn one_connection_sticks_to_one_backend() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = web_on_both_nodes();
     let answers = c.in_pod("client", || {
         let mut conn = dataplane_lab::traffic::TcpConn::open(http(WEB_IP)).expect("connect");
@@ -72,9 +67,7 @@ fn one_connection_sticks_to_one_backend() {
 
 #[test]
 fn service_without_endpoints_refuses_at_once() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
@@ -89,9 +82,7 @@ fn service_without_endpoints_refuses_at_once() {
 
 #[test]
 fn pod_reaching_itself_through_the_service_gets_its_answer() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
@@ -116,9 +107,7 @@ fn pod_reaching_itself_through_the_service_gets_its_answer() {
 
 #[test]
 fn deleted_service_stops_answering() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = web_on_both_nodes();
     assert!(
         c.tcp("client", http(WEB_IP)).backend().is_some(),
@@ -131,20 +120,22 @@ fn deleted_service_stops_answering() {
     });
 }
 
-/// `web` with a spec field added (e.g. session affinity, traffic policy).
-fn web_with(spec_line: &str, backends: &[&dataplane_lab::PodSpec]) -> String {
-    web(backends).replacen(
-        "  type: ClusterIP\n",
-        &format!("  type: ClusterIP\n  {spec_line}\n"),
-        1,
+/// `web` with its spec adjusted (e.g. session affinity, traffic policy).
+fn web_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&PodSpec]) -> String {
+    let mut service = manifests::web_service("web", WEB_IP);
+    configure(service.spec.as_mut().expect("a spec"));
+    manifests::manifest(
+        &service,
+        backends
+            .iter()
+            .map(|p| manifests::pod_endpoint(p))
+            .collect(),
     )
 }
 
 #[test]
 fn client_ip_affinity_keeps_each_client_on_one_backend() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
     let c = Cluster::start(
         Topology::Bridge,
@@ -152,7 +143,7 @@ fn client_ip_affinity_keeps_each_client_on_one_backend() {
         &[(
             "web.yaml",
             web_with(
-                "sessionAffinity: ClientIP",
+                |spec| spec.session_affinity = Some("ClientIP".into()),
                 &backends.iter().collect::<Vec<_>>(),
             ),
         )],
@@ -165,9 +156,7 @@ fn client_ip_affinity_keeps_each_client_on_one_backend() {
 
 #[test]
 fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     // Both endpoints on node2.
     let backends = [lab_pod("web-b"), lab_pod("web-c")];
     let c = Cluster::start(
@@ -176,7 +165,7 @@ fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
         &[(
             "web.yaml",
             web_with(
-                "internalTrafficPolicy: Local",
+                |spec| spec.internal_traffic_policy = Some("Local".into()),
                 &backends.iter().collect::<Vec<_>>(),
             ),
         )],
@@ -195,12 +184,16 @@ fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
 
 #[test]
 fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_service() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     // The backends listen on UDP 5353; the service targets 5999.
     let backends = [lab_pod("web-a"), lab_pod("web-b")];
-    let manifest = web(&backends.iter().collect::<Vec<_>>()).replace("5353", "5999");
+    let manifest = web_with(
+        |spec| {
+            let dns = spec.ports.iter_mut().flatten().find(|p| p.port == 53);
+            dns.expect("a dns port").target_port = Some(IntOrString::Int(5999));
+        },
+        &backends.iter().collect::<Vec<_>>(),
+    );
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,

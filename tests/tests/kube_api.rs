@@ -5,18 +5,18 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use dataplane_lab::apiserver::{
-    objects::{endpoint, slice, web_service, State},
-    ApiServer, GoneAs, Outage,
+use dataplane_lab::{
+    manifests::{endpoint, slice, web_service, State},
+    CrossNode, PodSpec, Topology,
 };
-use dataplane_lab::{CrossNode, PodSpec, Topology};
-use integration_tests::{dns, http, lab_pod, privileged, Cluster, Seen, WEB_IP};
+use dataplane_testkit::apiserver::{ApiServer, GoneAs, Outage};
+use integration_tests::{dns, http, lab_pod, require_root, Cluster, Seen, WEB_IP};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 
 fn ep(pod: &PodSpec, state: State) -> k8s_openapi::api::discovery::v1::Endpoint {
-    endpoint(pod.ip(), &format!("node{}", pod.node), state)
+    endpoint(pod.ip(), Some(&format!("node{}", pod.node)), state)
 }
 
 fn ready(pods: &[&PodSpec]) -> Vec<k8s_openapi::api::discovery::v1::Endpoint> {
@@ -68,9 +68,7 @@ fn set<const N: usize>(names: [&str; N]) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -146,9 +144,7 @@ fn initial_list_is_synced_then_endpoint_churn_follows_the_watch() {
 
 #[test]
 fn slices_of_one_service_are_merged_and_an_address_in_two_counts_once() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     // Split: web-b is in both slices (as during a controller's rebalancing).
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
@@ -177,9 +173,7 @@ fn slices_of_one_service_are_merged_and_an_address_in_two_counts_once() {
 
 #[test]
 fn terminating_endpoints_serve_only_while_none_is_ready() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -209,9 +203,7 @@ fn terminating_endpoints_serve_only_while_none_is_ready() {
 
 #[test]
 fn headless_external_name_and_other_proxies_services_are_skipped() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let a = lab_pod("web-a");
     let proxied_elsewhere = || {
         let mut s = web_service("elsewhere", Ipv4Addr::new(10, 96, 0, 12));
@@ -268,9 +260,7 @@ fn headless_external_name_and_other_proxies_services_are_skipped() {
 
 #[test]
 fn internal_traffic_policy_local_uses_each_nodes_own_endpoints() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let local_web = || {
         let mut s = web();
@@ -324,9 +314,7 @@ fn all_watching(c: &Cluster) {
 
 #[test]
 fn dropped_watches_resume_from_the_last_version() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -373,9 +361,7 @@ fn dropped_watches_resume_from_the_last_version() {
 
 #[test]
 fn api_server_restart_keeps_traffic_and_a_410_relist_removes_what_was_deleted() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -448,9 +434,7 @@ fn lists(c: &Cluster) -> usize {
 
 #[test]
 fn gone_on_an_open_watch_relists_and_reconciles() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -486,9 +470,7 @@ fn gone_on_an_open_watch_relists_and_reconciles() {
 /// relists only on a 410 inside the stream); the agent restarts it.
 #[test]
 fn gone_as_an_http_status_also_relists() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -507,11 +489,51 @@ fn gone_as_an_http_status_also_relists() {
     c.eventually_programmed(&expect_web("web", WEB_IP, &[&b]));
 }
 
+/// The most attempts a retrier may have made `after` the first of them, if
+/// it waits at least `first_delay` before its first retry and twice as long
+/// before each further one: 1 + the doublings that fit. Load on the machine
+/// only delays retries, so this bound cannot fail by slowness.
+fn most_attempts(after: Duration, first_delay: Duration) -> usize {
+    let mut attempts = 1;
+    let (mut waited, mut delay) = (Duration::ZERO, first_delay);
+    while waited + delay <= after {
+        waited += delay;
+        delay *= 2;
+        attempts += 1;
+    }
+    attempts
+}
+
+/// Checks that the attempts of `retriers` retriers (sorted times since the
+/// outage began) never outrun a backoff from `first_delay` doubling, with
+/// one attempt of slack each, and that they did retry.
+#[track_caller]
+fn assert_backs_off(what: &str, times: &[Duration], retriers: usize, first_delay: Duration) {
+    for (i, at) in times.iter().enumerate() {
+        let allowed = retriers * (most_attempts(*at, first_delay) + 1);
+        assert!(
+            i < allowed,
+            "{what}: {} attempts by {at:?}, a backoff from {first_delay:?} doubling allows {allowed}; all: {times:?}",
+            i + 1
+        );
+    }
+    assert!(
+        times.len() > retriers,
+        "{what}: no retry after the first attempts: {times:?}"
+    );
+}
+
 #[test]
 fn reconnects_back_off_while_the_api_server_is_down() {
-    if !privileged() {
-        return;
-    }
+    require_root();
+    // kube's policies (kube 5). The watcher's default backoff between
+    // failed watches: 0.8 s doubling (jitter only lengthens it), up to 30 s.
+    // The client's own retry of a request answered 503: 5 ms doubling
+    // (jitter only lengthens it), 15 times.
+    const WATCHER_FIRST_DELAY: Duration = Duration::from_millis(800);
+    const CLIENT_503_FIRST_DELAY: Duration = Duration::from_millis(5);
+    /// Services and EndpointSlices.
+    const WATCHERS_PER_AGENT: usize = 2;
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -521,43 +543,54 @@ fn reconnects_back_off_while_the_api_server_is_down() {
     for outage in [Outage::CloseConnections, Outage::Unavailable] {
         let start = std::time::Instant::now();
         c.api().set_outage(Some(outage));
+        // A window to watch the retries in; nothing here is timed.
         std::thread::sleep(Duration::from_secs(5));
-        let times: Vec<Duration> = match outage {
-            Outage::CloseConnections => c
-                .api()
-                .connections()
-                .iter()
-                .filter(|r| r.at >= start)
-                .map(|r| r.at - start)
-                .collect(),
-            Outage::Unavailable => c
-                .api()
-                .requests()
-                .iter()
-                .filter(|r| r.at >= start && r.status == 503)
-                .map(|r| r.at - start)
-                .collect(),
-        };
-        if std::env::var_os("DUMP_REQUESTS").is_some() {
-            eprintln!("{outage:?}: attempts at {times:?}");
+        // Attempt times (since the outage began) per retrier: per agent
+        // for connections (its two watchers' connections cannot be told
+        // apart), per agent and request for 503s.
+        let mut retriers: BTreeMap<(usize, String), Vec<Duration>> = BTreeMap::new();
+        match outage {
+            Outage::CloseConnections => {
+                for r in c.api().connections().iter().filter(|r| r.at >= start) {
+                    let times = retriers.entry((r.listener, "connections".into()));
+                    times.or_default().push(r.at - start);
+                }
+            }
+            Outage::Unavailable => {
+                for r in c
+                    .api()
+                    .requests()
+                    .iter()
+                    .filter(|r| r.at >= start && r.status == 503)
+                {
+                    let key = (r.listener, format!("{} watch={}", r.path, r.watch));
+                    retriers.entry(key).or_default().push(r.at - start);
+                }
+            }
         }
-        let attempts = times.len();
-        let late = times
-            .iter()
-            .filter(|t| **t >= Duration::from_millis(2500))
-            .count();
-        eprintln!(
-            "{attempts} connection attempts or requests during a 5 s {outage:?} outage, {late} in its second half"
-        );
-        // Two watchers per agent, two agents, exponential backoff from
-        // 0.8 s (and for 503, kube's client retries each request up to 3
-        // times within ~100 ms): tens in 5 s, few late in the outage. A
-        // retry loop without backoff makes thousands.
-        assert!(
-            (4..=100).contains(&attempts) && late <= 24,
-            "{attempts} attempts ({late} in the second half) during a 5 s {outage:?} outage\n{}",
+        if std::env::var_os("DUMP_REQUESTS").is_some() {
+            eprintln!("{outage:?}: attempts at {retriers:#?}");
+        }
+        let (expected, per_key, first_delay) = match outage {
+            Outage::CloseConnections => (2, WATCHERS_PER_AGENT, WATCHER_FIRST_DELAY),
+            Outage::Unavailable => (2 * WATCHERS_PER_AGENT, 1, CLIENT_503_FIRST_DELAY),
+        };
+        assert_eq!(
+            retriers.len(),
+            expected,
+            "{outage:?}: retriers {:?}\n{}",
+            retriers.keys().collect::<Vec<_>>(),
             c.logs()
         );
+        for ((listener, what), times) in &mut retriers {
+            times.sort();
+            assert_backs_off(
+                &format!("{outage:?}, node {}, {what}", *listener + 1),
+                times,
+                per_key,
+                first_delay,
+            );
+        }
         assert_eq!(reached(&c, 4), set(["web-a"]), "traffic during the outage");
         c.api().set_outage(None);
         all_watching(&c);
@@ -567,10 +600,21 @@ fn reconnects_back_off_while_the_api_server_is_down() {
 }
 
 #[test]
+fn backoff_bound_counts_the_doublings_that_fit() {
+    let ms = Duration::from_millis;
+    assert_eq!(most_attempts(ms(0), ms(800)), 1);
+    assert_eq!(most_attempts(ms(799), ms(800)), 1);
+    assert_eq!(most_attempts(ms(800), ms(800)), 2);
+    // 0.8 + 1.6 = 2.4 s, then + 3.2 = 5.6 s.
+    assert_eq!(most_attempts(ms(5_000), ms(800)), 3);
+    assert_eq!(most_attempts(ms(5_600), ms(800)), 4);
+    // 5 ms doubling: 5 * (2^9 - 1) = 2.555 s fits, 5 * (2^10 - 1) does not.
+    assert_eq!(most_attempts(ms(5_000), ms(5)), 10);
+}
+
+#[test]
 fn client_ip_affinity_follows_the_service_object() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
     let with_affinity = |on: bool| {
         let mut s = web();
@@ -597,9 +641,7 @@ fn client_ip_affinity_follows_the_service_object() {
 
 #[test]
 fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -650,9 +692,7 @@ fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
 
 #[test]
 fn agents_are_healthy_only_once_the_initial_lists_are_in_the_maps() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     // The API server answers 503 to everything while the agents start.
     let mut c = Cluster::launch_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
@@ -691,9 +731,7 @@ fn agents_are_healthy_only_once_the_initial_lists_are_in_the_maps() {
 
 #[test]
 fn a_rolling_update_burst_is_coalesced_into_a_few_map_writes() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let a = lab_pod("web-a");
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
@@ -731,9 +769,7 @@ fn a_rolling_update_burst_is_coalesced_into_a_few_map_writes() {
 
 #[test]
 fn objects_the_agent_cannot_represent_are_reported_and_the_rest_keeps_working() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let a = lab_pod("web-a");
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());

@@ -2,7 +2,7 @@
 //! traffic goes through a service.
 
 use dataplane_lab::{agent::metrics_text, CrossNode, Topology};
-use integration_tests::{http, lab_pod, privileged, web, Cluster, WEB_IP};
+use integration_tests::{http, lab_pod, require_root, web, Cluster, WEB_IP};
 
 /// The value of the sample `name{labels}` (exact text before the value).
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -13,9 +13,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_show_what_is_programmed_and_what_the_datapath_did() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let backends = [lab_pod("web-a"), lab_pod("web-b")];
     let c = Cluster::start(
         Topology::Bridge,

@@ -10,22 +10,23 @@ use std::{
 };
 
 use dataplane_lab::{agent::agent_bin, manifests, CrossNode, Topology};
-use integration_tests::{http, lab_pod, privileged, web, Cluster, Seen, WEB_IP};
+use integration_tests::{http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 use serde_json::Value;
 
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
 #[test]
 fn monitor_shows_new_flow_established_reply_and_reject() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
         &[
             ("web.yaml", web(&[&lab_pod("web-b")])),
-            ("empty.yaml", manifests::web_service("empty", EMPTY_IP, &[])),
+            (
+                "empty.yaml",
+                manifests::web_manifest("empty", EMPTY_IP, &[]),
+            ),
         ],
     );
     let mut monitor = Command::new(agent_bin())

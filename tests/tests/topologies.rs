@@ -2,7 +2,7 @@
 //! overlay between nodes, and Calico-style routed /32 pods with proxy ARP.
 
 use dataplane_lab::{CrossNode, Topology};
-use integration_tests::{dns, http, lab_pod, privileged, web, Cluster, Seen, WEB_IP};
+use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 
 fn check_all_backends_and_reply_source(topology: Topology, cross_node: CrossNode) {
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
@@ -29,25 +29,19 @@ fn check_all_backends_and_reply_source(topology: Topology, cross_node: CrossNode
 
 #[test]
 fn bridge_pods_across_a_vxlan_overlay() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     check_all_backends_and_reply_source(Topology::Bridge, CrossNode::Vxlan);
 }
 
 #[test]
 fn routed_pods_with_proxy_arp_across_direct_routes() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     check_all_backends_and_reply_source(Topology::Routed, CrossNode::Direct);
 }
 
 #[test]
 fn routed_pods_hairpin_through_the_service() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let c = Cluster::start(
         Topology::Routed,
         CrossNode::Direct,

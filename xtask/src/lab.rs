@@ -130,7 +130,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         traffic::wait_listening(&lab.pod_ns(&pod.name), Duration::from_secs(10))?;
     }
 
-    let sample = manifests::web_service("web", "10.96.0.10".parse()?, &web);
+    let sample = manifests::web_manifest("web", "10.96.0.10".parse()?, &web);
     for node in [1u8, 2] {
         let dir = node_dir(node);
         // Every node's agent sees the same objects, as from the API server.

@@ -101,7 +101,7 @@ pub fn run() -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.name == "web-c")
         .context("pod web-c")?;
-    let manifest = manifests::web_service("journey", JOURNEY_IP, &[&web_c]);
+    let manifest = manifests::web_manifest("journey", JOURNEY_IP, &[&web_c]);
     for node in [1u8, 2] {
         manifests::write(
             &lab_dir().join(format!("node{node}/manifests")),

@@ -1,15 +1,19 @@
-// Shared by several test binaries, each using a part of it.
-#![allow(dead_code)]
+//! The datapath loaded through the agent's own code on a private bpffs (so
+//! no two users share a pinned map), its maps programmed with the agent's
+//! sync engine, its tc programs run under BPF_PROG_TEST_RUN. The datapath
+//! tests and the bench's per-packet figures both run it through here.
 
-//! A freshly loaded datapath per test: its own bpffs (so no two tests share a
-//! pinned map), the maps filled through the agent's sync engine, and the tc
-//! programs run under BPF_PROG_TEST_RUN.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use anyhow::Context as _;
 
 use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData},
-    programs::{TestRun as _, TestRunOptions},
+    programs::{ProgramError, TestRun as _, TestRunOptions},
 };
 use dataplane_agent::{
     control::{
@@ -35,11 +39,26 @@ pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 
 /// A bpffs mounted on a temporary directory, unmounted when dropped.
-struct BpffsGuard {
+pub struct Bpffs {
     dir: TempDir,
 }
 
-impl Drop for BpffsGuard {
+impl Bpffs {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("dataplane-bpffs-")
+            .tempdir()
+            .context("creating a directory for a bpffs")?;
+        ensure_bpffs(dir.path()).context("mounting a bpffs")?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Bpffs {
     fn drop(&mut self) {
         // Lazy unmount: the maps go away with the last fd that holds them.
         let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
@@ -51,25 +70,33 @@ impl Drop for BpffsGuard {
 pub struct Run {
     pub verdict: i32,
     pub output: Vec<u8>,
+    /// The kernel's measure of one run (the mean, with repeat > 1).
+    pub duration: Duration,
 }
 
 pub struct Harness {
-    datapath: Datapath,
+    pub datapath: Datapath,
     pub conntrack: ConntrackMap,
     counters: CounterMap,
-    engine: SyncEngine<BpfLbMaps>,
+    /// Programs the maps, as the agent does.
+    pub engine: SyncEngine<BpfLbMaps>,
     // Last: unmounted after everything above closed its fds.
-    _bpffs: BpffsGuard,
+    bpffs: Bpffs,
 }
 
 impl Harness {
+    /// A freshly loaded datapath; panics (with the reason) where it cannot
+    /// be loaded, e.g. without root.
+    #[expect(
+        clippy::new_without_default,
+        reason = "loading needs root and BPF and can fail; a Default that panics would hide that"
+    )]
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("datapath-test-")
-            .tempdir()
-            .expect("temporary directory");
-        ensure_bpffs(dir.path()).expect("mounting a bpffs for the test");
-        let guard = BpffsGuard { dir };
+        Self::load().unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn load() -> anyhow::Result<Self> {
+        let bpffs = Bpffs::new()?;
         let (
             datapath,
             DatapathMaps {
@@ -77,15 +104,16 @@ impl Harness {
                 conntrack,
                 counters,
             },
-        ) = Datapath::load(guard.dir.path()).expect("loading the datapath (root and BPF needed)");
-        let engine = SyncEngine::adopt(lb).expect("adopting the fresh maps");
-        Self {
+        ) = Datapath::load(bpffs.path())
+            .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;
+        let engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
+        Ok(Self {
             datapath,
             conntrack,
             counters,
             engine,
-            _bpffs: guard,
-        }
+            bpffs,
+        })
     }
 
     /// Makes service `name` hold exactly one frontend with these backends
@@ -139,13 +167,22 @@ impl Harness {
             .expect("syncing the service into the maps");
     }
 
-    /// Runs `from_pod` or `to_pod` on `packet`; Err if the kernel refused the run.
-    pub fn try_run(
+    /// Runs program `program` (`from_pod`, `to_pod`, ...) on `packet`; Err
+    /// if the kernel refused the run.
+    pub fn try_run(&self, program: &str, packet: &[u8]) -> Result<Run, ProgramError> {
+        self.run_repeat(program, packet, 1)
+    }
+
+    /// Runs `program` `repeat` times on `packet` in one BPF_PROG_TEST_RUN.
+    /// The kernel does not restore the packet between repetitions: from the
+    /// second on, a translated packet is no longer the one given.
+    pub fn run_repeat(
         &self,
         program: &str,
         packet: &[u8],
-    ) -> Result<Run, aya::programs::ProgramError> {
-        self.try_run_with_context(program, packet, None)
+        repeat: u32,
+    ) -> Result<Run, ProgramError> {
+        self.run_with_context(program, packet, repeat, None)
     }
 
     /// Runs `program` on `packet` as a GSO super-packet (BIG TCP) of
@@ -158,32 +195,35 @@ impl Harness {
         let mut skb = [0u8; GSO_SIZE_OFF + 4];
         skb[GSO_SEGS_OFF..GSO_SEGS_OFF + 4].copy_from_slice(&gso_segs.to_ne_bytes());
         skb[GSO_SIZE_OFF..].copy_from_slice(&gso_size.to_ne_bytes());
-        self.try_run_with_context(program, packet, Some(&skb))
+        self.run_with_context(program, packet, 1, Some(&skb))
             .unwrap_or_else(|e| panic!("test run of {program} failed: {e}"))
     }
 
-    fn try_run_with_context(
+    fn run_with_context(
         &self,
         program: &str,
         packet: &[u8],
+        repeat: u32,
         skb: Option<&[u8]>,
-    ) -> Result<Run, aya::programs::ProgramError> {
+    ) -> Result<Run, ProgramError> {
         let classifier = self
             .datapath
             .classifier(program)
-            .expect("program is loaded");
+            .unwrap_or_else(|e| panic!("program {program}: {e}"));
         // Room for a reply that is larger than the packet (ICMP quotes it).
         let mut output = vec![0u8; packet.len() + 256];
         let result = classifier.test_run(TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut output),
             ctx_in: skb,
+            repeat,
             ..Default::default()
         })?;
         output.truncate(result.data_size_out as usize);
         Ok(Run {
             verdict: result.return_value as i32,
             output,
+            duration: result.duration,
         })
     }
 
@@ -218,13 +258,13 @@ impl Harness {
     }
 
     /// The bpffs directory the maps are pinned in (for `inspect`).
-    pub fn bpffs(&self) -> &std::path::Path {
-        self._bpffs.dir.path()
+    pub fn bpffs(&self) -> &Path {
+        self.bpffs.path()
     }
 
     /// The pinned `AFFINITY` map, opened as an operator's tool would.
     pub fn affinity(&self) -> BpfHashMap<MapData, AffinityKey, AffinityEntry> {
-        let pin = self._bpffs.dir.path().join(map_names::AFFINITY);
+        let pin = self.bpffs().join(map_names::AFFINITY);
         let map = MapData::from_pin(&pin).expect("opening the pinned AFFINITY map");
         BpfHashMap::try_from(Map::LruHashMap(map)).expect("AFFINITY is an LRU hash map")
     }

@@ -37,7 +37,7 @@ use k8s_openapi::{ListableResource, Resource};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
-use crate::netns::in_netns;
+use dataplane_lab::netns::in_netns;
 
 /// How a watch that resumes from a compacted resource version is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -921,126 +921,15 @@ async fn next_chunk(cursor: &mut WatchCursor) -> Option<Result<Bytes, std::io::E
     }
 }
 
-/// Builders for the objects tests serve, as an API server would hold them.
-pub mod objects {
-    use std::{collections::BTreeMap, net::Ipv4Addr};
-
-    use k8s_openapi::{
-        api::{
-            core::v1::{Service, ServicePort, ServiceSpec},
-            discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-        },
-        apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-    };
-
-    pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-    fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-        ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("default".into()),
-            labels: (!labels.is_empty()).then(|| {
-                labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect::<BTreeMap<_, _>>()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// A ClusterIP service `default/NAME` with an `http` TCP port 80 ->
-    /// 8080 and a `dns` UDP port 53 -> 5353 (the lab servers' ports).
-    pub fn web_service(name: &str, cluster_ip: Ipv4Addr) -> Service {
-        Service {
-            metadata: meta(name, &[]),
-            spec: Some(ServiceSpec {
-                type_: Some("ClusterIP".into()),
-                cluster_ip: Some(cluster_ip.to_string()),
-                cluster_ips: Some(vec![cluster_ip.to_string()]),
-                ports: Some(vec![
-                    ServicePort {
-                        name: Some("http".into()),
-                        port: 80,
-                        protocol: Some("TCP".into()),
-                        target_port: Some(IntOrString::Int(8080)),
-                        ..Default::default()
-                    },
-                    ServicePort {
-                        name: Some("dns".into()),
-                        port: 53,
-                        protocol: Some("UDP".into()),
-                        target_port: Some(IntOrString::Int(5353)),
-                        ..Default::default()
-                    },
-                ]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// One endpoint's state, as the EndpointSlice controller reports it.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum State {
-        Ready,
-        /// Terminating but still serving (graceful shutdown).
-        Terminating,
-        /// Neither ready nor serving (starting, failing its probe).
-        NotReady,
-    }
-
-    /// An endpoint: pod IP, node name, state.
-    pub fn endpoint(ip: Ipv4Addr, node: &str, state: State) -> Endpoint {
-        let (ready, serving, terminating) = match state {
-            State::Ready => (true, true, false),
-            State::Terminating => (false, true, true),
-            State::NotReady => (false, false, false),
-        };
-        Endpoint {
-            addresses: vec![ip.to_string()],
-            conditions: Some(EndpointConditions {
-                ready: Some(ready),
-                serving: Some(serving),
-                terminating: Some(terminating),
-            }),
-            node_name: Some(node.into()),
-            ..Default::default()
-        }
-    }
-
-    /// An IPv4 EndpointSlice `default/NAME` of service `service`, with the
-    /// `http` (8080/TCP) and `dns` (5353/UDP) ports.
-    pub fn slice(name: &str, service: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
-        EndpointSlice {
-            metadata: meta(name, &[(SERVICE_NAME_LABEL, service)]),
-            address_type: "IPv4".into(),
-            endpoints,
-            ports: Some(vec![
-                EndpointPort {
-                    name: Some("http".into()),
-                    port: Some(8080),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                },
-                EndpointPort {
-                    name: Some("dns".into()),
-                    port: Some(5353),
-                    protocol: Some("UDP".into()),
-                    ..Default::default()
-                },
-            ]),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 
     use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-    use super::{objects::*, *};
+    use dataplane_lab::manifests::{slice, web_service, SERVICE_NAME_LABEL};
+
+    use super::*;
 
     /// A raw HTTP/1.1 GET; returns the status and a reader at the body
     /// (chunked framing left in, lines of JSON are still recognisable).

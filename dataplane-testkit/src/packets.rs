@@ -1,6 +1,3 @@
-// Shared by several test binaries, each using a part of it.
-#![allow(dead_code)]
-
 //! Building test packets with etherparse, reading fields back from raw bytes,
 //! and checking checksums with an RFC 1071 sum written here (independent of
 //! both the datapath and etherparse).

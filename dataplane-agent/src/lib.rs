@@ -16,7 +16,8 @@
 //! `control` and `operator` use `node` and `dataplane-common`; `node` uses
 //! neither of them. The sync engine knows nothing of HTTP or metrics: the
 //! control loop reports its numbers through [`control::run_loop::Report`],
-//! which the metrics implement. [`run`] is `dataplane-agent run`: options,
+//! which the metrics implement, and marks [`control::health::Health`], which
+//! `/healthz` serves. [`run`] is `dataplane-agent run`: options,
 //! kubeconfig, servers and signals, wiring the three rooms together.
 
 pub mod control;

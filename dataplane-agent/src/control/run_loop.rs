@@ -192,3 +192,137 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, rc::Rc};
+
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        control::{
+            model::{parse_service, ClusterEvent, ModelError},
+            source::SourceError,
+        },
+        node::lb_maps::MemLbMaps,
+    };
+
+    #[derive(Default)]
+    struct Recorded {
+        syncs: RefCell<Vec<(SyncKind, EngineTotals)>>,
+        errors: RefCell<Vec<&'static str>>,
+    }
+
+    impl Report for Rc<Recorded> {
+        fn synced(&self, kind: SyncKind, _: Duration, totals: EngineTotals) {
+            self.syncs.borrow_mut().push((kind, totals));
+        }
+        fn error(&self, cause: &'static str) {
+            self.errors.borrow_mut().push(cause);
+        }
+    }
+
+    fn parse(name: &str, ip: &str) -> Result<ClusterEvent, ModelError> {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        parse_service(&svc).map(ClusterEvent::ApplyService)
+    }
+
+    fn update(events: Vec<ClusterEvent>, initial_sync_done: bool) -> SourceUpdate {
+        SourceUpdate {
+            events,
+            errors: Vec::new(),
+            initial_sync_done,
+        }
+    }
+
+    fn control(maps: MemLbMaps) -> (ControlLoop<MemLbMaps, Rc<Recorded>>, Rc<Recorded>) {
+        let recorded = Rc::new(Recorded::default());
+        let engine = SyncEngine::adopt(maps).unwrap();
+        let control = ControlLoop::new(engine, None, Health::default(), recorded.clone());
+        (control, recorded)
+    }
+
+    #[test]
+    fn nothing_is_written_until_the_initial_state_is_complete() {
+        let (mut control, recorded) = control(MemLbMaps::default());
+        let first = update(vec![parse("a", "10.96.0.1").unwrap()], false);
+        assert!(!control.initial(first));
+        assert_eq!(control.engine.maps().writes, 0);
+        assert!(control.initial(update(vec![parse("b", "10.96.0.2").unwrap()], true)));
+        assert_eq!(control.engine.maps().writes, 0);
+        control.full_sync();
+        let syncs = recorded.syncs.borrow();
+        assert_eq!(syncs.len(), 1);
+        assert_eq!(syncs[0].0, SyncKind::Full);
+        assert_eq!(syncs[0].1.frontends, 2);
+    }
+
+    #[test]
+    fn a_batch_is_applied_and_each_source_error_reported_once() {
+        let (mut control, recorded) = control(MemLbMaps::default());
+        control.initial(update(Vec::new(), true));
+        control.full_sync();
+        let refused = parse("v6", "fd00::10").unwrap_err();
+        let mut with_error = update(vec![parse("a", "10.96.0.1").unwrap()], true);
+        with_error.errors.push(SourceError::Invalid(refused));
+        let deleted = update(
+            vec![ClusterEvent::DeleteService(
+                crate::control::model::ObjectRef {
+                    namespace: "default".into(),
+                    name: "a".into(),
+                },
+            )],
+            true,
+        );
+        let added = update(vec![parse("b", "10.96.0.2").unwrap()], true);
+        control.apply([with_error, deleted, added]);
+        assert_eq!(*recorded.errors.borrow(), vec!["invalid_object"]);
+        let syncs = recorded.syncs.borrow();
+        let (kind, totals) = syncs.last().unwrap();
+        assert_eq!(*kind, SyncKind::Incremental);
+        assert_eq!(totals.services, 1, "a came and went in one batch");
+    }
+
+    #[test]
+    fn tick_resyncs_in_full_after_a_failed_write_only() {
+        let maps = MemLbMaps {
+            fail_next_write_to: Some(dataplane_common::map_names::BACKEND_SLOTS),
+            ..MemLbMaps::default()
+        };
+        let (mut control, recorded) = control(maps);
+        control.tick();
+        assert!(recorded.syncs.borrow().is_empty(), "nothing failed yet");
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "a-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "a"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.10"]}]
+        }))
+        .unwrap();
+        let slice = crate::control::model::parse_slice(&slice).unwrap();
+        control.initial(update(
+            vec![
+                parse("a", "10.96.0.1").unwrap(),
+                ClusterEvent::ApplySlice(slice),
+            ],
+            true,
+        ));
+        control.full_sync();
+        assert_eq!(*recorded.errors.borrow(), vec!["map_write"]);
+        control.tick();
+        let kinds: Vec<SyncKind> = recorded.syncs.borrow().iter().map(|s| s.0).collect();
+        assert_eq!(kinds, vec![SyncKind::Full, SyncKind::Full]);
+        control.tick();
+        assert_eq!(
+            recorded.syncs.borrow().len(),
+            2,
+            "repaired: no further resync"
+        );
+    }
+}

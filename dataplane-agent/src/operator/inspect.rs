@@ -7,8 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{
+    maps::MapError,
+    programs::{SchedClassifier, TcAttachType},
+};
 use dataplane_common::{
     ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, Backend, Counter, ServiceKey,
     ServiceValue, IPPROTO_UDP,
@@ -16,12 +18,37 @@ use dataplane_common::{
 use serde::Serialize;
 
 use crate::node::{
-    lb_maps::{BpfLbMaps, LbMaps as _, LbSnapshot},
+    lb_maps::{BpfLbMaps, LbMapError, LbMaps as _, LbSnapshot},
     pinned::{
         self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMap, CounterMap,
-        ServiceNamesMap,
+        MapOpenError, ServiceNamesMap,
     },
 };
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Open(#[from] MapOpenError),
+    #[error(transparent)]
+    LbMaps(#[from] LbMapError),
+    #[error("reading {what}")]
+    Read {
+        what: String,
+        /// Boxed, as aya's error is large.
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("listing /sys/class/net")]
+    Interfaces(#[source] std::io::Error),
+}
+
+fn read_err(what: impl Into<String>) -> impl FnOnce(MapError) -> InspectError {
+    let what = what.into();
+    move |source| InspectError::Read {
+        what,
+        source: Box::new(source),
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -74,7 +101,7 @@ pub struct ServiceRow {
 }
 
 /// Services as the datapath sees them, sorted by name then frontend.
-pub fn services(dir: &Path) -> anyhow::Result<Vec<ServiceRow>> {
+pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
     let mut rows: Vec<ServiceRow> = snap
         .services
@@ -132,7 +159,7 @@ pub struct BackendRow {
     pub services: Vec<String>,
 }
 
-pub fn backends(dir: &Path) -> anyhow::Result<Vec<BackendRow>> {
+pub fn backends(dir: &Path) -> Result<Vec<BackendRow>, InspectError> {
     let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
     let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for (key, value) in &snap.services {
@@ -174,13 +201,13 @@ pub fn conntrack(
     service: Option<&str>,
     client: Option<Ipv4Addr>,
     backend: Option<Ipv4Addr>,
-) -> anyhow::Result<Vec<FlowRow>> {
+) -> Result<Vec<FlowRow>, InspectError> {
     let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
     let table: ConntrackMap = pinned::open(dir, map_names::CONNTRACK)?;
     let now = monotonic_now_ns();
     let mut rows = Vec::new();
     for entry in table.iter() {
-        let (key, ct) = entry.context("reading CONNTRACK")?;
+        let (key, ct) = entry.map_err(read_err(map_names::CONNTRACK))?;
         if key.direction != ct_dir::ORIGINAL || ct.is_expired(now) {
             continue;
         }
@@ -236,7 +263,7 @@ pub struct CounterRow {
     pub packets: u64,
 }
 
-pub fn counters(dir: &Path) -> anyhow::Result<Vec<CounterRow>> {
+pub fn counters(dir: &Path) -> Result<Vec<CounterRow>, InspectError> {
     let map: CounterMap = pinned::open(dir, map_names::COUNTERS)?;
     Counter::ALL
         .iter()
@@ -244,7 +271,7 @@ pub fn counters(dir: &Path) -> anyhow::Result<Vec<CounterRow>> {
             Ok(CounterRow {
                 counter: c.name(),
                 packets: counter_total(&map, *c)
-                    .with_context(|| format!("reading counter {}", c.name()))?,
+                    .map_err(read_err(format!("counter {}", c.name())))?,
             })
         })
         .collect()
@@ -258,10 +285,10 @@ pub struct InterfaceRow {
 }
 
 /// tcx attachments of every interface in this network namespace.
-pub fn interfaces() -> anyhow::Result<Vec<InterfaceRow>> {
+pub fn interfaces() -> Result<Vec<InterfaceRow>, InspectError> {
     let mut rows = Vec::new();
     let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .context("listing /sys/class/net")?
+        .map_err(InspectError::Interfaces)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
     names.sort();

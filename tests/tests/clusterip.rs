@@ -1,6 +1,6 @@
 //! ClusterIP routing on the talk's topology: bridges, direct routes.
 
-use dataplane_lab::{manifests, CrossNode, PodSpec, Topology};
+use dataplane_lab::{manifests, CrossNode, Topology};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::util::intstr::IntOrString};
 
@@ -120,33 +120,28 @@ fn deleted_service_stops_answering() {
     });
 }
 
-/// `web` with its spec adjusted (e.g. session affinity, traffic policy).
-fn web_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&PodSpec]) -> String {
+/// Both agents serving `web`, backed by `backends`, with its spec adjusted
+/// (e.g. session affinity, traffic policy).
+fn web_cluster_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&str]) -> Cluster {
     let mut service = manifests::web_service("web", WEB_IP);
     configure(service.spec.as_mut().expect("a spec"));
-    manifests::manifest(
-        &service,
-        backends
-            .iter()
-            .map(|p| manifests::pod_endpoint(p))
-            .collect(),
+    let endpoints = backends
+        .iter()
+        .map(|pod| manifests::pod_endpoint(&lab_pod(pod)))
+        .collect();
+    Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifests::manifest(&service, endpoints))],
     )
 }
 
 #[test]
 fn client_ip_affinity_keeps_each_client_on_one_backend() {
     require_root();
-    let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
-    let c = Cluster::start(
-        Topology::Bridge,
-        CrossNode::Direct,
-        &[(
-            "web.yaml",
-            web_with(
-                |spec| spec.session_affinity = Some("ClientIP".into()),
-                &backends.iter().collect::<Vec<_>>(),
-            ),
-        )],
+    let c = web_cluster_with(
+        |spec| spec.session_affinity = Some("ClientIP".into()),
+        &["web-a", "web-b", "web-c"],
     );
     // Without affinity, 12 connections over 3 backends would all land on
     // one with probability 3^-11.
@@ -158,17 +153,9 @@ fn client_ip_affinity_keeps_each_client_on_one_backend() {
 fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
     require_root();
     // Both endpoints on node2.
-    let backends = [lab_pod("web-b"), lab_pod("web-c")];
-    let c = Cluster::start(
-        Topology::Bridge,
-        CrossNode::Direct,
-        &[(
-            "web.yaml",
-            web_with(
-                |spec| spec.internal_traffic_policy = Some("Local".into()),
-                &backends.iter().collect::<Vec<_>>(),
-            ),
-        )],
+    let c = web_cluster_with(
+        |spec| spec.internal_traffic_policy = Some("Local".into()),
+        &["web-b", "web-c"],
     );
     // node2's pods reach their node's endpoints.
     let from_node2 = c.tcp_backends("web-b", http(WEB_IP), 6);
@@ -186,18 +173,12 @@ fn local_traffic_policy_serves_from_this_node_and_drops_where_it_has_none() {
 fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_service() {
     require_root();
     // The backends listen on UDP 5353; the service targets 5999.
-    let backends = [lab_pod("web-a"), lab_pod("web-b")];
-    let manifest = web_with(
+    let c = web_cluster_with(
         |spec| {
             let dns = spec.ports.iter_mut().flatten().find(|p| p.port == 53);
             dns.expect("a dns port").target_port = Some(IntOrString::Int(5999));
         },
-        &backends.iter().collect::<Vec<_>>(),
-    );
-    let c = Cluster::start(
-        Topology::Bridge,
-        CrossNode::Direct,
-        &[("web.yaml", manifest)],
+        &["web-a", "web-b"],
     );
     // The backend's ICMP port unreachable quotes the backend's address; it is
     // made about the service, so the client's socket sees it: refused, on

@@ -787,7 +787,16 @@ metadata: {name: ignored}
         std::fs::write(dir.path().join("b.yaml"), api("10.96.0.12")).unwrap();
         let mut source = ManifestSource::new(dir.path().into());
         let (events, errors) = source.rescan();
-        assert_eq!(events.len(), 1);
+        assert_eq!(events.len(), 1, "{:?}", names(&events));
+        let ClusterEvent::ApplyService(svc) = &events[0] else {
+            panic!("{:?}", names(&events));
+        };
+        let ip = svc.proxied.as_ref().map(|s| s.ip);
+        assert_eq!(
+            ip,
+            Some(std::net::Ipv4Addr::new(10, 96, 0, 11)),
+            "a.yaml, read first, must win over b.yaml"
+        );
         let msg = errors[0].to_string();
         assert!(msg.contains("a.yaml") && msg.contains("b.yaml"), "{msg}");
     }

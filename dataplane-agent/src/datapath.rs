@@ -7,12 +7,12 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
     programs::{links::FdLink, tc, tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use dataplane_common::{map_names, Counter, CtEntry, CtKey};
+use dataplane_common::{map_layouts, map_names, Counter, CtEntry, CtKey, LAYOUT_VERSION};
 use log::{info, warn};
 
 use crate::lb_maps::BpfLbMaps;
@@ -71,15 +71,18 @@ impl Datapath {
             !EBPF_OBJECT.is_empty(),
             "this agent was built with AYA_BUILD_SKIP and carries no eBPF programs; build it with `cargo xtask build`"
         );
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs)
-            .load(EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object with maps pinned under {}",
-                    bpffs.display()
-                )
-            })?;
+        check_pinned_layout(bpffs)?;
+        let mut loader = EbpfLoader::new();
+        // BTF-defined maps carry no pinning request: every one is pinned here.
+        for name in map_names::ALL {
+            loader.map_pin_path(name, bpffs.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned under {}",
+                bpffs.display()
+            )
+        })?;
         for name in [FROM_POD, TO_POD, BENCH_FLOOR] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -89,6 +92,7 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
+        stamp_layout(&mut ebpf)?;
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack: ConntrackMap = ebpf
             .take_map(map_names::CONNTRACK)
@@ -268,6 +272,105 @@ impl Datapath {
             }
         }
     }
+}
+
+/// Why maps pinned by an earlier agent cannot be adopted. aya reuses a
+/// pinned map of any shape without a word, so this is checked first.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "the maps pinned under {0} come from a release before map layout versions (no LAYOUT map); \
+         remove them with `dataplane-agent cleanup --bpffs {0}` (this resets connections through services)",
+        .dir.display()
+    )]
+    Unversioned { dir: PathBuf },
+    #[error(
+        "the maps pinned under {0} have layout version {found}, this agent uses {expected}; \
+         remove them with `dataplane-agent cleanup --bpffs {0}` (this resets connections through services)",
+        .dir.display()
+    )]
+    Version {
+        dir: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("pinned map {}: {what} is {found}, this agent's layout has {expected}", .path.display())]
+    Shape {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    #[error("reading pinned map {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Checks the maps pinned under `bpffs`, if any, against this agent's
+/// layout: the version stored in `LAYOUT` (0: created but not yet stamped),
+/// then every map's key size, value size and capacity.
+pub fn check_pinned_layout(bpffs: &Path) -> Result<(), LayoutError> {
+    let pinned: Vec<_> = map_layouts::ALL
+        .iter()
+        .map(|layout| (layout, bpffs.join(layout.name)))
+        .filter(|(_, path)| path.exists())
+        .collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let dir = bpffs.to_path_buf();
+    let layout_path = bpffs.join(map_names::LAYOUT);
+    if !layout_path.exists() {
+        return Err(LayoutError::Unversioned { dir });
+    }
+    let read = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayoutError::Read { path, source }
+    };
+    let map = MapData::from_pin(&layout_path).map_err(read(&layout_path))?;
+    let version: Array<MapData, u32> =
+        Array::try_from(Map::Array(map)).map_err(read(&layout_path))?;
+    let found = version.get(&0, 0).map_err(read(&layout_path))?;
+    if found != 0 && found != LAYOUT_VERSION {
+        return Err(LayoutError::Version {
+            dir,
+            found,
+            expected: LAYOUT_VERSION,
+        });
+    }
+    for (layout, path) in pinned {
+        let info = MapInfo::from_pin(&path).map_err(read(&path))?;
+        for (what, found, expected) in [
+            ("key size", info.key_size(), layout.key_size),
+            ("value size", info.value_size(), layout.value_size),
+            ("max entries", info.max_entries(), layout.max_entries),
+        ] {
+            if found != expected {
+                return Err(LayoutError::Shape {
+                    path,
+                    what,
+                    found,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records this agent's layout version in the freshly loaded (or adopted)
+/// `LAYOUT` map.
+fn stamp_layout(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(map_names::LAYOUT)
+        .context("map LAYOUT missing from the eBPF object")?;
+    let mut layout: Array<&mut MapData, u32> = Array::try_from(map)?;
+    layout
+        .set(0, LAYOUT_VERSION, 0)
+        .context("writing the map layout version")
 }
 
 /// Subdirectory of the bpffs directory holding the pinned tcx links.

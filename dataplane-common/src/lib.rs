@@ -22,8 +22,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    /// The layout version of the maps pinned next to it.
+    pub const LAYOUT: &str = "LAYOUT";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -34,6 +36,59 @@ pub mod map_names {
         AFFINITY,
         TRACE_CONFIG,
         TRACE_EVENTS,
+        LAYOUT,
+    ];
+}
+
+/// Version of the pinned maps' layout: their key and value types and what
+/// their fields mean. Pinned maps outlive the agent, so an agent meets the
+/// maps of the release before it; it adopts them only when the version
+/// stored in the `LAYOUT` map and each map's sizes match its own. Bump it
+/// with any change to a map type below, even one that keeps sizes (moving a
+/// field, giving values new meanings).
+///
+/// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
+/// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
+/// one word, `Counter::ReplyTupleClash`.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Shape of a pinned map as this release creates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// Every pinned map's shape, checked against what is pinned before adopting.
+pub mod map_layouts {
+    use core::mem::size_of;
+
+    use super::*;
+
+    const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
+        MapLayout {
+            name,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+
+    pub const ALL: [MapLayout; map_names::ALL.len()] = [
+        layout::<u32, u32>(map_names::SERVICE_IPS, capacity::SERVICE_IPS),
+        layout::<ServiceKey, ServiceValue>(map_names::SERVICES, capacity::SERVICES),
+        layout::<BackendSlotKey, u32>(map_names::BACKEND_SLOTS, capacity::BACKEND_SLOTS),
+        layout::<u32, Backend>(map_names::BACKENDS, capacity::BACKENDS),
+        layout::<CtKey, CtEntry>(map_names::CONNTRACK, capacity::CONNTRACK),
+        layout::<u32, u64>(map_names::COUNTERS, Counter::COUNT),
+        layout::<u32, ServiceLabel>(map_names::SERVICE_NAMES, capacity::SERVICES),
+        layout::<AffinityKey, AffinityEntry>(map_names::AFFINITY, capacity::AFFINITY),
+        layout::<u32, TraceConfig>(map_names::TRACE_CONFIG, 1),
+        // A ring buffer has neither key nor value; its size is in bytes.
+        layout::<(), ()>(map_names::TRACE_EVENTS, capacity::TRACE_EVENTS_BYTES),
+        layout::<u32, u32>(map_names::LAYOUT, 1),
     ];
 }
 
@@ -50,6 +105,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 131_072;
     /// Most backends one service port may have.
     pub const BACKENDS_PER_SERVICE: u32 = 4_096;
+    /// Size of the `TRACE_EVENTS` ring buffer in bytes.
+    pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -515,6 +572,15 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<TraceEvent>(), 48);
+    }
+
+    #[test]
+    fn every_pinned_map_has_its_layout_in_name_order() {
+        for (layout, name) in map_layouts::ALL.iter().zip(map_names::ALL) {
+            assert_eq!(layout.name, name);
+        }
+        let ct = map_layouts::ALL[4];
+        assert_eq!((ct.key_size, ct.value_size), (16, 48));
     }
 
     #[test]

@@ -7,67 +7,92 @@
 use core::intrinsics::{atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::btf_map,
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
-    ServiceKey, ServiceLabel, ServiceValue, TraceConfig,
+    ServiceKey, ServiceLabel, ServiceValue, TraceConfig, TraceEvent,
 };
+
+// BTF-defined maps: each carries its key and value types, so `bpftool map
+// dump` prints field names. The agent pins every one by name (aya-ebpf's BTF
+// map definitions have no `pinning` field) and checks a pinned map's layout
+// before adopting it (`dataplane_common::map_layouts`).
 
 /// Hash maps the agent fills incrementally are not preallocated: their
 /// capacity is large and most of it is usually unused.
-const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_NO_PREALLOC: usize = 1;
+
+/// `LAYOUT_VERSION` of the maps pinned next to it, written by the agent.
+#[btf_map(name = "LAYOUT")]
+#[expect(dead_code, reason = "read and written by userspace only")]
+pub static LAYOUT: Array<u32, 1> = Array::new();
 
 /// Service IP -> number of service ports on it. Lets non-service traffic
 /// leave after a single lookup.
-#[map(name = "SERVICE_IPS")]
-pub static SERVICE_IPS: HashMap<u32, u32> =
-    HashMap::pinned(capacity::SERVICE_IPS, BPF_F_NO_PREALLOC);
+#[btf_map(name = "SERVICE_IPS")]
+pub static SERVICE_IPS: HashMap<u32, u32, { capacity::SERVICE_IPS as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
 
-#[map(name = "SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
+#[btf_map(name = "SERVICES")]
+pub static SERVICES: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { capacity::SERVICES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// (service id, slot) -> backend id, slots `0..backend_count` valid.
-#[map(name = "BACKEND_SLOTS")]
-pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
-    HashMap::pinned(capacity::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+#[btf_map(name = "BACKEND_SLOTS")]
+pub static BACKEND_SLOTS: HashMap<
+    BackendSlotKey,
+    u32,
+    { capacity::BACKEND_SLOTS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Backend id -> pod address and port.
-#[map(name = "BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+#[btf_map(name = "BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
 
 /// Our conntrack. LRU so that a table full of dead flows evicts the oldest
 /// instead of refusing new connections; entries also carry their own expiry.
-#[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+#[btf_map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
 
 /// ClientIP session affinity: (service, client) -> last backend. LRU so a
 /// churn of clients evicts the oldest; entries also carry their own age.
-#[map(name = "AFFINITY")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
-    LruHashMap::pinned(capacity::AFFINITY, 0);
+#[btf_map(name = "AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
 
 /// Service id -> `namespace/name:port`, written by the agent for operators
 /// (`inspect`, `bpftool map dump`). Lives in this object so it is pinned and
 /// adopted like every other map.
-#[map(name = "SERVICE_NAMES")]
+#[btf_map(name = "SERVICE_NAMES")]
 #[expect(dead_code, reason = "read and written by userspace only")]
-pub static SERVICE_NAMES: HashMap<u32, ServiceLabel> =
-    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
+pub static SERVICE_NAMES: HashMap<
+    u32,
+    ServiceLabel,
+    { capacity::SERVICES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Packet tracing filter, one entry, written by `dataplane-agent monitor`.
-#[map(name = "TRACE_CONFIG")]
-pub static TRACE_CONFIG: Array<TraceConfig> = Array::pinned(1, 0);
+#[btf_map(name = "TRACE_CONFIG")]
+pub static TRACE_CONFIG: Array<TraceConfig, 1> = Array::new();
 
-/// Trace events (`TraceEvent`) for `dataplane-agent monitor`.
-#[map(name = "TRACE_EVENTS")]
-pub static TRACE_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+/// Trace events for `dataplane-agent monitor`.
+#[btf_map(name = "TRACE_EVENTS")]
+pub static TRACE_EVENTS: RingBuf<TraceEvent, { capacity::TRACE_EVENTS_BYTES as usize }> =
+    RingBuf::new();
 
 /// Per-CPU counters indexed by `Counter`.
-#[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+#[btf_map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 
 #[inline(always)]
 pub fn count(counter: Counter) {

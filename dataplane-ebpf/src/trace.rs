@@ -65,7 +65,7 @@ pub fn trace(ctx: &TcContext, decision: &Decision) {
         after: decision.after,
     };
     // A full ring drops the event, never the packet.
-    if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err() {
+    if TRACE_EVENTS.output(event, 0).is_err() {
         count(Counter::TraceLost);
     }
 }

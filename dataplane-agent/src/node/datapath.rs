@@ -6,6 +6,7 @@ use std::{
 };
 
 use aya::{
+    maps::{Array, Map, MapData, MapError, MapInfo},
     pin::PinError,
     programs::{
         links::{FdLink, LinkError},
@@ -16,7 +17,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
-use dataplane_common::map_names;
+use dataplane_common::{map_layouts, map_names, LAYOUT_VERSION};
 use log::{info, warn};
 
 use crate::node::{
@@ -59,6 +60,13 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Map(#[from] MapOpenError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("writing the map layout version")]
+    StampLayout {
+        #[source]
+        source: MapError,
+    },
     #[error("attaching {hook}")]
     Attach {
         hook: String,
@@ -128,8 +136,13 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoPrograms);
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs)
+        check_pinned_layout(bpffs)?;
+        let mut loader = EbpfLoader::new();
+        // BTF-defined maps carry no pinning request: every one is pinned here.
+        for name in map_names::ALL {
+            loader.map_pin_path(name, bpffs.join(name));
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 dir: bpffs.to_owned(),
@@ -140,6 +153,7 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Verify { name, source })?;
         }
+        stamp_layout(&mut ebpf)?;
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack: ConntrackMap = pinned::take(&mut ebpf, map_names::CONNTRACK)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
@@ -336,6 +350,106 @@ fn program_mut<'a>(
         name: name.into(),
         source,
     })
+}
+
+/// Why maps pinned by an earlier agent cannot be adopted. aya reuses a
+/// pinned map of any shape without a word, so this is checked first.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "the maps pinned under {0} come from a release before map layout versions (no LAYOUT map); \
+         remove them with `dataplane-agent cleanup --bpffs {0}` (this resets connections through services)",
+        .dir.display()
+    )]
+    Unversioned { dir: PathBuf },
+    #[error(
+        "the maps pinned under {0} have layout version {found}, this agent uses {expected}; \
+         remove them with `dataplane-agent cleanup --bpffs {0}` (this resets connections through services)",
+        .dir.display()
+    )]
+    Version {
+        dir: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("pinned map {}: {what} is {found}, this agent's layout has {expected}", .path.display())]
+    Shape {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        expected: u32,
+    },
+    #[error("reading pinned map {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Checks the maps pinned under `bpffs`, if any, against this agent's
+/// layout: the version stored in `LAYOUT` (0: created but not yet stamped),
+/// then every map's key size, value size and capacity.
+pub fn check_pinned_layout(bpffs: &Path) -> Result<(), LayoutError> {
+    let pinned: Vec<_> = map_layouts::ALL
+        .iter()
+        .map(|layout| (layout, bpffs.join(layout.name)))
+        .filter(|(_, path)| path.exists())
+        .collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let dir = bpffs.to_path_buf();
+    let layout_path = bpffs.join(map_names::LAYOUT);
+    if !layout_path.exists() {
+        return Err(LayoutError::Unversioned { dir });
+    }
+    let read = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayoutError::Read { path, source }
+    };
+    let map = MapData::from_pin(&layout_path).map_err(read(&layout_path))?;
+    let version: Array<MapData, u32> =
+        Array::try_from(Map::Array(map)).map_err(read(&layout_path))?;
+    let found = version.get(&0, 0).map_err(read(&layout_path))?;
+    if found != 0 && found != LAYOUT_VERSION {
+        return Err(LayoutError::Version {
+            dir,
+            found,
+            expected: LAYOUT_VERSION,
+        });
+    }
+    for (layout, path) in pinned {
+        let info = MapInfo::from_pin(&path).map_err(read(&path))?;
+        for (what, found, expected) in [
+            ("key size", info.key_size(), layout.key_size),
+            ("value size", info.value_size(), layout.value_size),
+            ("max entries", info.max_entries(), layout.max_entries),
+        ] {
+            if found != expected {
+                return Err(LayoutError::Shape {
+                    path,
+                    what,
+                    found,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records this agent's layout version in the freshly loaded (or adopted)
+/// `LAYOUT` map.
+fn stamp_layout(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let stamp_err = |source| DatapathError::StampLayout { source };
+    let map = ebpf
+        .map_mut(map_names::LAYOUT)
+        .ok_or(DatapathError::Map(MapOpenError::Missing {
+            name: map_names::LAYOUT,
+        }))?;
+    let mut layout: Array<&mut MapData, u32> = Array::try_from(map).map_err(stamp_err)?;
+    layout.set(0, LAYOUT_VERSION, 0).map_err(stamp_err)
 }
 
 /// Subdirectory of the bpffs directory holding the pinned tcx links.

@@ -1,0 +1,182 @@
+//! The agent adopts maps a previous agent pinned only when their layout is
+//! its own: a map of another shape or an older layout version is refused
+//! with an error that says what to do, instead of being reused as if it
+//! matched (which aya would do).
+//!
+//! Needs root and a kernel with BPF (each test mounts its own bpffs);
+//! foreign maps are made with bpftool.
+
+use std::{path::Path, process::Command};
+
+use aya::maps::{Array, Map, MapData};
+use dataplane_agent::{bpffs::ensure_bpffs, datapath::Datapath};
+use dataplane_common::{map_names, LAYOUT_VERSION};
+use nix::mount::{umount2, MntFlags};
+use tempfile::TempDir;
+
+/// A bpffs mounted on a temporary directory, unmounted when dropped.
+struct Bpffs(TempDir);
+
+impl Bpffs {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("layout-test-")
+            .tempdir()
+            .expect("temporary directory");
+        ensure_bpffs(dir.path()).expect("mounting a bpffs for the test");
+        Self(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = umount2(self.0.path(), MntFlags::MNT_DETACH);
+    }
+}
+
+/// Pins a map made by bpftool (as another release would have made it).
+fn bpftool_map(dir: &Path, name: &str, kind: &str, key: u32, value: u32, entries: u32) {
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(dir.join(name))
+        .args([
+            "type",
+            kind,
+            "key",
+            &key.to_string(),
+            "value",
+            &value.to_string(),
+        ])
+        .args(["entries", &entries.to_string(), "name", name])
+        .status()
+        .expect("running bpftool");
+    assert!(status.success(), "bpftool map create {name}");
+}
+
+fn load_error(dir: &Path) -> String {
+    match Datapath::load(dir) {
+        Ok(_) => panic!("the datapath adopted maps of another layout"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn maps_of_a_release_before_layout_versions_are_refused() {
+    let bpffs = Bpffs::new();
+    // The previous release's conntrack: same sizes, other field meanings.
+    bpftool_map(
+        bpffs.path(),
+        map_names::CONNTRACK,
+        "lru_hash",
+        16,
+        48,
+        262_144,
+    );
+
+    let error = load_error(bpffs.path());
+
+    assert!(
+        error.contains("before map layout versions") && error.contains("dataplane-agent cleanup"),
+        "{error}"
+    );
+}
+
+#[test]
+fn maps_of_another_layout_version_are_refused() {
+    let bpffs = Bpffs::new();
+    bpftool_map(bpffs.path(), map_names::LAYOUT, "array", 4, 4, 1);
+    let map = MapData::from_pin(bpffs.path().join(map_names::LAYOUT)).expect("LAYOUT");
+    let mut layout: Array<MapData, u32> = Array::try_from(Map::Array(map)).expect("an array");
+    layout
+        .set(0, LAYOUT_VERSION + 1, 0)
+        .expect("writing a version");
+
+    let error = load_error(bpffs.path());
+
+    assert!(
+        error.contains(&format!(
+            "layout version {}, this agent uses {LAYOUT_VERSION}",
+            LAYOUT_VERSION + 1
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn pinned_map_of_another_shape_is_refused_and_named() {
+    let bpffs = Bpffs::new();
+    {
+        let _first = Datapath::load(bpffs.path()).expect("first load");
+    }
+    // Replace the pinned conntrack with one of an older entry size.
+    std::fs::remove_file(bpffs.path().join(map_names::CONNTRACK)).expect("unpinning");
+    bpftool_map(
+        bpffs.path(),
+        map_names::CONNTRACK,
+        "lru_hash",
+        16,
+        40,
+        262_144,
+    );
+
+    let error = load_error(bpffs.path());
+
+    assert!(
+        error.contains("CONNTRACK") && error.contains("value size is 40") && error.contains("48"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_maps_of_its_own_layout() {
+    let bpffs = Bpffs::new();
+    {
+        let _first = Datapath::load(bpffs.path()).expect("first load");
+    }
+
+    let second = Datapath::load(bpffs.path());
+
+    assert!(second.is_ok(), "{:#}", second.err().unwrap());
+    let map = MapData::from_pin(bpffs.path().join(map_names::LAYOUT)).expect("LAYOUT pinned");
+    let layout: Array<MapData, u32> = Array::try_from(Map::Array(map)).expect("an array");
+    assert_eq!(layout.get(&0, 0).expect("version"), LAYOUT_VERSION);
+}
+
+#[test]
+fn bpftool_dumps_pinned_maps_with_field_names() {
+    let bpffs = Bpffs::new();
+    let (_datapath, mut maps) = Datapath::load(bpffs.path()).expect("loading the datapath");
+    let entry = dataplane_common::CtEntry {
+        client_port: 40_000u16.to_be(),
+        ..Default::default()
+    };
+    maps.conntrack
+        .insert(entry.original_key(), entry, 0)
+        .expect("a conntrack entry");
+
+    let out = Command::new("bpftool")
+        .args(["--json", "map", "dump", "pinned"])
+        .arg(bpffs.path().join(map_names::CONNTRACK))
+        .output()
+        .expect("running bpftool");
+
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for field in [
+        "\"src_port\"",
+        "\"direction\"",
+        "\"client_addr\"",
+        "\"state\"",
+        "\"flags\"",
+    ] {
+        assert!(dump.contains(field), "{field} missing from {dump}");
+    }
+}

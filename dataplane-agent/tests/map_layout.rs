@@ -9,7 +9,7 @@
 use std::{path::Path, process::Command};
 
 use aya::maps::{Array, Map, MapData};
-use dataplane_agent::{bpffs::ensure_bpffs, datapath::Datapath};
+use dataplane_agent::node::{bpffs::ensure_bpffs, datapath::Datapath};
 use dataplane_common::{map_names, LAYOUT_VERSION};
 use nix::mount::{umount2, MntFlags};
 use tempfile::TempDir;

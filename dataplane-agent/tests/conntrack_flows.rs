@@ -9,7 +9,9 @@ use std::net::SocketAddrV4;
 use dataplane_agent::control::model::Protocol;
 use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
 use dataplane_testkit::datapath::{self as harness, addr, ct_key, Harness, TC_ACT_OK};
-use dataplane_testkit::packets::{self, assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN};
+use dataplane_testkit::packets::{
+    self, assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN,
+};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)

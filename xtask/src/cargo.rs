@@ -70,10 +70,6 @@ pub fn agent_binary() -> PathBuf {
     workspace_root().join("target/release/dataplane-agent")
 }
 
-pub fn lab_server_binary() -> PathBuf {
-    workspace_root().join("target/release/lab-server")
-}
-
 /// The agent (with the eBPF object embedded by its build.rs) and the lab's
 /// backend server, in target/release.
 pub fn build_release() -> anyhow::Result<()> {
@@ -99,4 +95,26 @@ pub fn build_lab_server() -> anyhow::Result<()> {
         "--bin",
         "lab-server",
     ]))
+}
+
+/// `dplab COMMAND ARGS` (dataplane-lab's lab commands), built in release
+/// like `lab-server` beside it, with the agent in DATAPLANE_AGENT_BIN (the
+/// caller's, or target/release's).
+pub fn dplab(command: &str, args: &[String]) -> Command {
+    let mut cmd = cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "dataplane-lab",
+        "--bin",
+        "dplab",
+        "--",
+        command,
+    ]);
+    cmd.args(args);
+    if std::env::var_os("DATAPLANE_AGENT_BIN").is_none() {
+        cmd.env("DATAPLANE_AGENT_BIN", agent_binary());
+    }
+    cmd
 }

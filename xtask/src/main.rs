@@ -7,7 +7,6 @@ mod lint;
 mod run;
 mod setup;
 mod test;
-mod walkthrough;
 
 use clap::{Parser, Subcommand};
 

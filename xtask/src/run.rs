@@ -1,64 +1,13 @@
-//! `cargo xtask run`: the main job. Brings the lab up and shows requests
-//! from a pod through the service IP, then leaves the lab to explore.
+//! `cargo xtask run`: the main job. Builds, then `dplab run` brings the lab
+//! up and shows requests from a pod through the service IP, and leaves the
+//! lab to explore.
 
-use std::net::SocketAddr;
-
-use dataplane_lab::{netns::in_netns, topology::default_pods, traffic};
-
-use crate::lab::{self, UpOptions, PREFIX};
+use crate::{
+    cargo::{dplab, status},
+    lab::UpOptions,
+};
 
 pub fn run(options: UpOptions) -> anyhow::Result<()> {
-    lab::up(&options)?;
-    let service = SocketAddr::from(([10, 96, 0, 10], 80));
-    // Without agents nothing translates the service IP: show the topology
-    // itself, the client reaching each backend pod directly.
-    let targets: Vec<(String, SocketAddr)> = if options.no_agent {
-        default_pods()
-            .into_iter()
-            .filter(|p| p.name.starts_with("web"))
-            .map(|p| {
-                let to = SocketAddr::from((p.ip(), traffic::TCP_PORT));
-                (format!("pod {} {to}", p.name), to)
-            })
-            .collect()
-    } else {
-        (0..6)
-            .map(|_| (format!("service default/web {service}"), service))
-            .collect()
-    };
-    println!("\nclient (10.244.1.10 on node1):");
-    let mut failed = 0;
-    for (i, (what, to)) in targets.into_iter().enumerate() {
-        let seen = in_netns(&format!("{PREFIX}client"), move || traffic::tcp_request(to))?;
-        match seen {
-            traffic::Outcome::Answered { backend, from } => {
-                println!(
-                    "  request {} to {what}: answered by {backend:<6} (reply from {from})",
-                    i + 1
-                )
-            }
-            other => {
-                failed += 1;
-                println!("  request {} to {what}: {other:?}", i + 1)
-            }
-        }
-    }
-    let dir = lab::lab_dir();
-    let dir = dir.display();
-    println!(
-        "
-The lab is running. Explore it:
-  ip netns exec {PREFIX}client curl -s http://10.96.0.10/       # through the service
-  ip netns exec {PREFIX}node1 ip -br addr; ip netns exec {PREFIX}node1 ip route
-  target/release/dataplane-agent inspect services  --bpffs {dir}/node1/bpf
-  target/release/dataplane-agent inspect conntrack --bpffs {dir}/node1/bpf
-  ip netns exec {PREFIX}node1 target/release/dataplane-agent inspect interfaces
-  bpftool map dump pinned {dir}/node1/bpf/SERVICES
-  edit {dir}/node1/manifests/web.yaml (and node2's), watch {dir}/node1/agent.log
-Tear it down with: cargo xtask lab down"
-    );
-    if failed > 0 {
-        anyhow::bail!("{failed} request(s) failed; agent logs in {dir}/node*/agent.log");
-    }
-    Ok(())
+    options.prepare()?;
+    status(dplab("run", &options.args()))
 }

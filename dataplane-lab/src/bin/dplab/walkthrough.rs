@@ -1,4 +1,4 @@
-//! `cargo xtask lab walkthrough`: the talk's journey of one packet, from
+//! `dplab walkthrough` (`cargo xtask lab walkthrough`): the talk's journey of one packet, from
 //! pod A on node1 to pod C on node2 through a service and back, printed hop
 //! by hop with what `dataplane-agent monitor` reported at each hook.
 

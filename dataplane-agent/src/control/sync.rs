@@ -1109,7 +1109,14 @@ mod tests {
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11]);
+        // The backend written before the failure had no slot when the maps
+        // were re-read: only a full sync can tell it is not draining.
+        assert!(e.needs_resync());
+        let all = BTreeMap::from([(name("web"), vec![(web, spec("web", &[10, 11]))])]);
+        let (_, errors) = e.sync_all(&all);
+        assert!(errors.is_empty(), "{errors:?}");
         assert!(!e.needs_resync());
+        assert_eq!(e.maps().state.backends.len(), 2);
     }
 
     #[test]

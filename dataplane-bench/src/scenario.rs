@@ -104,6 +104,7 @@ pub fn frontends(svc: &Svc) -> Vec<(Frontend, FrontendSpec)> {
             service: svc.name.clone(),
             port_name: Some("http".into()),
             backends: svc.backends.clone(),
+            draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
         },

@@ -152,6 +152,7 @@ impl Harness {
                     port: b.port(),
                 })
                 .collect(),
+            draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
         };

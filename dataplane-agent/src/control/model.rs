@@ -101,6 +101,11 @@ pub struct FrontendSpec {
     pub port_name: Option<String>,
     /// Sorted and deduplicated.
     pub backends: Vec<BackendAddr>,
+    /// Endpoints still listed by a slice of the service but not chosen
+    /// (terminating, not ready, or on another node): established flows to
+    /// them keep draining, new ones never pick them, as with kube-proxy.
+    /// Sorted, deduplicated, disjoint from `backends`.
+    pub draining: Vec<BackendAddr>,
     /// `Some(t)` with `sessionAffinity: ClientIP`.
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local` and this node has none of the
@@ -556,6 +561,10 @@ impl ClusterState {
             .iter()
             .map(|sp| {
                 let backends = backends_for(sp, &slices, only_node);
+                let draining = listed_for(sp, &slices)
+                    .into_iter()
+                    .filter(|b| backends.binary_search(b).is_err())
+                    .collect();
                 let drop_without_local_endpoints = only_node.is_some()
                     && backends.is_empty()
                     && !backends_for(sp, &slices, None).is_empty();
@@ -568,6 +577,7 @@ impl ClusterState {
                     service: name.clone(),
                     port_name: sp.name.clone(),
                     backends,
+                    draining,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     drop_without_local_endpoints,
                 };
@@ -637,6 +647,26 @@ fn backends_for(
     // endpoint is ready.
     let chosen = if ready.is_empty() { terminating } else { ready };
     chosen.into_iter().collect()
+}
+
+/// Every endpoint a slice lists for a service port, whatever its
+/// conditions or node.
+fn listed_for(sp: &ServicePortEntry, slices: &[&SliceEntry]) -> BTreeSet<BackendAddr> {
+    let mut listed = BTreeSet::new();
+    for slice in slices {
+        let Some(port) = slice_port(sp, slice) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            listed.extend(
+                endpoint
+                    .addresses
+                    .iter()
+                    .map(|&ip| BackendAddr { ip, port }),
+            );
+        }
+    }
+    listed
 }
 
 #[cfg(test)]
@@ -766,6 +796,29 @@ mod tests {
             )],
         );
         assert_eq!(backends(&s, None), vec!["10.244.1.11:8080"]);
+    }
+
+    #[test]
+    fn terminating_and_not_ready_endpoints_still_listed_are_draining() {
+        let s = state(
+            service(json!({})),
+            vec![slice(
+                "a",
+                json!([
+                    ep(
+                        "10.244.1.10",
+                        json!({"ready": false, "serving": true, "terminating": true})
+                    ),
+                    ep("10.244.1.11", json!({})),
+                    ep("10.244.1.12", json!({"ready": false}))
+                ]),
+                json!([{"name": "http", "port": 8080}]),
+            )],
+        );
+        let f = s.frontends(&web(), None).unwrap();
+        let draining: Vec<String> = f[0].1.draining.iter().map(ToString::to_string).collect();
+        assert_eq!(backends(&s, None), vec!["10.244.1.11:8080"]);
+        assert_eq!(draining, vec!["10.244.1.10:8080", "10.244.1.12:8080"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use dataplane_common::{
 use log::{debug, info};
 
 use crate::{
-    control::model::{Frontend, FrontendSpec, Protocol, ServiceName},
+    control::model::{BackendAddr, Frontend, FrontendSpec, Protocol, ServiceName},
     node::{
         lb_maps::{LbMapError, LbMaps, LbSnapshot},
         pinned,
@@ -110,6 +110,10 @@ struct Programmed {
     value: ServiceValue,
     /// Backend id per slot.
     slots: Vec<u32>,
+    /// Backends of endpoints that are terminating (or not ready) but still
+    /// listed: in `BACKENDS`, so established flows keep their backend, but
+    /// in no slot, so no new flow picks them.
+    draining: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +164,10 @@ pub struct SyncEngine<M: LbMaps> {
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     slot_count: usize,
+    /// Backends found in the maps without a slot (draining for a previous
+    /// agent, or left by a write that failed): kept until the next full
+    /// sync has claimed what is still draining, then released.
+    adopted_draining: Vec<Backend>,
     /// A write failed part way: memory may not match the maps. The next sync
     /// first reads the maps back.
     diverged: bool,
@@ -182,7 +190,15 @@ fn proto_number(proto: Protocol) -> u8 {
 }
 
 fn backends_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
-    spec.backends
+    to_backends(frontend, &spec.backends)
+}
+
+fn draining_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
+    to_backends(frontend, &spec.draining)
+}
+
+fn to_backends(frontend: &Frontend, addrs: &[BackendAddr]) -> Vec<Backend> {
+    addrs
         .iter()
         .map(|b| Backend {
             addr: ipv4_to_map(b.ip.octets()),
@@ -226,6 +242,7 @@ impl<M: LbMaps> SyncEngine<M> {
             service_ids: IdAllocator::default(),
             backend_ids: IdAllocator::default(),
             slot_count: 0,
+            adopted_draining: Vec::new(),
             diverged: false,
         };
         engine.reload()?;
@@ -253,6 +270,7 @@ impl<M: LbMaps> SyncEngine<M> {
         self.frontends.clear();
         self.backends.clear();
         self.backend_by_id.clear();
+        self.adopted_draining.clear();
         self.slot_count = 0;
         for (key, value) in &services {
             let ids: Vec<u32> = (0..value.backend_count)
@@ -278,15 +296,24 @@ impl<M: LbMaps> SyncEngine<M> {
                     owner: owners.get(key).cloned(),
                     value,
                     slots: ids,
+                    draining: Vec::new(),
                 },
             );
         }
-        // Leftovers no slot points at (an agent stopped mid-sync) go now.
-        for id in backends
-            .keys()
-            .filter(|id| !self.backend_by_id.contains_key(id))
-        {
-            self.maps.remove_backend(*id).map_err(SyncError::Snapshot)?;
+        // Backends no slot points at may be draining established flows: the
+        // next full sync claims those still listed and removes the rest.
+        for (&id, &backend) in &backends {
+            if self.backend_by_id.contains_key(&id) {
+                continue;
+            }
+            if self.backends.contains_key(&backend) {
+                // The same endpoint under a second id: nothing reads this one.
+                self.maps.remove_backend(id).map_err(SyncError::Snapshot)?;
+                continue;
+            }
+            self.backends.insert(backend, BackendRef { id, refs: 1 });
+            self.backend_by_id.insert(id, backend);
+            self.adopted_draining.push(backend);
         }
         let counts: HashMap<u32, u32> = services
             .values()
@@ -317,8 +344,11 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     fn slot_backends(&self, p: &Programmed) -> Vec<Backend> {
-        p.slots
-            .iter()
+        self.backends_by_id(&p.slots)
+    }
+
+    fn backends_by_id(&self, ids: &[u32]) -> Vec<Backend> {
+        ids.iter()
             .filter_map(|id| self.backend_by_id.get(id).copied())
             .collect()
     }
@@ -397,6 +427,7 @@ impl<M: LbMaps> SyncEngine<M> {
             new_backends.extend(
                 backends_of(frontend, spec)
                     .into_iter()
+                    .chain(draining_of(frontend, spec))
                     .filter(|b| !self.backends.contains_key(b)),
             );
         }
@@ -496,6 +527,11 @@ impl<M: LbMaps> SyncEngine<M> {
             .unwrap_or_default();
         let old_set: BTreeSet<Backend> = old_backends.iter().copied().collect();
         let new_set: BTreeSet<Backend> = desired.iter().copied().collect();
+        let draining = draining_of(frontend, spec);
+        let old_draining = existing
+            .as_ref()
+            .map(|p| self.backends_by_id(&p.draining))
+            .unwrap_or_default();
         let label = match &spec.port_name {
             Some(port) if !port.is_empty() => format!("{service}:{port}"),
             _ => service.to_string(),
@@ -507,6 +543,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
             }
             if old_set == new_set
+                && old_draining == draining
                 && p.value.affinity_timeout_s == affinity
                 && p.value.flags == flags
             {
@@ -519,6 +556,12 @@ impl<M: LbMaps> SyncEngine<M> {
         let layout = plan_slots(&old_backends, &desired);
         for backend in &layout {
             ids.push(self.acquire_backend(*backend)?);
+        }
+        // Draining backends keep the id they had in a slot (acquired before
+        // the old references are released), so their flows keep it too.
+        let mut draining_ids = Vec::with_capacity(draining.len());
+        for backend in &draining {
+            draining_ids.push(self.acquire_backend(*backend)?);
         }
         // 2. Slots, before the count that makes them visible.
         let service_id = match &existing {
@@ -564,7 +607,7 @@ impl<M: LbMaps> SyncEngine<M> {
             })?;
         }
         self.slot_count = self.slot_count + ids.len() - old_slots.len();
-        for backend in &old_backends {
+        for backend in old_backends.iter().chain(&old_draining) {
             self.release_backend(*backend)?;
         }
         self.frontends.insert(
@@ -573,6 +616,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 owner: Some(service.clone()),
                 value,
                 slots: ids,
+                draining: draining_ids,
             },
         );
         let empty = if spec.drop_without_local_endpoints {
@@ -586,8 +630,12 @@ impl<M: LbMaps> SyncEngine<M> {
             Some(t) => format!(", affinity ClientIP {t}s"),
             None => String::new(),
         };
+        let draining = match draining.len() {
+            0 => String::new(),
+            n => format!(", {n} draining"),
+        };
         info!(
-            "service {service} {frontend}: {} endpoints{affinity}{empty}",
+            "service {service} {frontend}: {} endpoints{draining}{affinity}{empty}",
             desired.len()
         );
         debug!("service {service} {frontend}: service id {service_id}");
@@ -598,7 +646,8 @@ impl<M: LbMaps> SyncEngine<M> {
         let Some(p) = self.frontends.get(&key).cloned() else {
             return Ok(());
         };
-        let backends = self.slot_backends(&p);
+        let mut backends = self.slot_backends(&p);
+        backends.extend(self.backends_by_id(&p.draining));
         // The service entry goes first: from then on no new flow reads a slot.
         self.maps.remove_service(key)?;
         for slot in 0..p.slots.len() {
@@ -711,14 +760,25 @@ impl<M: LbMaps> SyncEngine<M> {
                 }
             }
         }
+        // Every service has claimed what it still drains: the rest of what
+        // the maps held without a slot goes (their TCP flows are reset).
+        for backend in std::mem::take(&mut self.adopted_draining) {
+            if let Err(source) = self.release_backend(backend) {
+                self.diverged = true;
+                errors.push(SyncError::Snapshot(source));
+            }
+        }
         (stats, errors)
     }
 
     /// A write failed and the maps may differ from what this engine thinks
     /// they hold: the next sync re-reads them. The agent runs a full sync
     /// for that rather than wait for the next change of each service.
+    ///
+    /// Backends adopted without a slot after a re-read also wait for a
+    /// full sync to tell which are still draining.
     pub fn needs_resync(&self) -> bool {
-        self.diverged
+        self.diverged || !self.adopted_draining.is_empty()
     }
 
     /// Services that own at least one frontend.
@@ -791,6 +851,7 @@ mod tests {
                     port: 8080,
                 })
                 .collect(),
+            draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
         }
@@ -1048,7 +1109,14 @@ mod tests {
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11]);
+        // The backend written before the failure had no slot when the maps
+        // were re-read: only a full sync can tell it is not draining.
+        assert!(e.needs_resync());
+        let all = BTreeMap::from([(name("web"), vec![(web, spec("web", &[10, 11]))])]);
+        let (_, errors) = e.sync_all(&all);
+        assert!(errors.is_empty(), "{errors:?}");
         assert!(!e.needs_resync());
+        assert_eq!(e.maps().state.backends.len(), 2);
     }
 
     #[test]
@@ -1067,6 +1135,98 @@ mod tests {
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11]);
+    }
+
+    fn draining(mut spec: FrontendSpec, draining: &[u8]) -> FrontendSpec {
+        spec.draining = draining
+            .iter()
+            .map(|last| BackendAddr {
+                ip: Ipv4Addr::new(10, 244, 1, *last),
+                port: 8080,
+            })
+            .collect();
+        spec
+    }
+
+    fn backend_id(maps: &MemLbMaps, last: u8) -> Option<u32> {
+        maps.state
+            .backends
+            .iter()
+            .find(|(_, b)| dataplane_common::ipv4_from_map(b.addr)[3] == last)
+            .map(|(id, _)| *id)
+    }
+
+    #[test]
+    fn terminating_endpoint_keeps_its_backend_id_but_loses_its_slot() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
+        let id = backend_id(e.maps(), 10).unwrap();
+        e.sync_service(&name("web"), &[(web, draining(spec("web", &[11]), &[10]))])
+            .unwrap();
+        assert_eq!(programmed(e.maps(), &web).unwrap(), vec![11]);
+        assert_eq!(
+            backend_id(e.maps(), 10),
+            Some(id),
+            "established flows keep their backend"
+        );
+        // Unchanged draining set: nothing rewritten.
+        let writes = e.maps().writes;
+        e.sync_service(&name("web"), &[(web, draining(spec("web", &[11]), &[10]))])
+            .unwrap();
+        assert_eq!(e.maps().writes, writes);
+    }
+
+    #[test]
+    fn endpoint_leaving_every_slice_removes_its_backend() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        e.sync_service(&name("web"), &[(web, draining(spec("web", &[11]), &[10]))])
+            .unwrap();
+        e.sync_service(&name("web"), &[(web, spec("web", &[11]))])
+            .unwrap();
+        assert_eq!(backend_id(e.maps(), 10), None);
+        assert_eq!(e.maps().state.backends.len(), 1);
+        // A deleted service takes its draining backends along.
+        e.sync_service(&name("web"), &[(web, draining(spec("web", &[11]), &[10]))])
+            .unwrap();
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert_eq!(e.maps().state, LbSnapshot::default());
+    }
+
+    #[test]
+    fn restarted_agent_keeps_draining_backends_still_listed_and_drops_the_rest() {
+        let mut first = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        first
+            .sync_service(
+                &name("web"),
+                &[(web, draining(spec("web", &[11]), &[10, 12]))],
+            )
+            .unwrap();
+        let id = backend_id(first.maps(), 10).unwrap();
+        let maps = MemLbMaps {
+            state: first.maps().state.clone(),
+            ..Default::default()
+        };
+        let mut second = SyncEngine::adopt(maps).unwrap();
+        assert_eq!(second.maps().state.backends.len(), 3, "nothing reset yet");
+        assert!(second.needs_resync(), "a full sync settles what drains");
+        // 12 has left every slice while no agent ran.
+        let all = BTreeMap::from([(
+            name("web"),
+            vec![(web, draining(spec("web", &[11]), &[10]))],
+        )]);
+        let (_, errors) = second.sync_all(&all);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(backend_id(second.maps(), 10), Some(id));
+        assert_eq!(backend_id(second.maps(), 12), None);
+        assert!(!second.needs_resync());
+        second
+            .sync_service(&name("web"), &[(web, spec("web", &[11]))])
+            .unwrap();
+        assert_eq!(second.maps().state.backends.len(), 1);
     }
 
     #[test]

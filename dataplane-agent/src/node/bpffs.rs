@@ -7,6 +7,12 @@ use nix::{
     sys::statfs::{statfs, BPF_FS_MAGIC},
 };
 
+/// Where the host's bpffs lives. Missing on minimal VMs, in containers and
+/// under `ip netns exec` (which mounts a fresh sysfs over /sys); sysfs
+/// refuses mkdir there, so nothing below it can be created until a bpffs is
+/// mounted, as Cilium's agent does.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
     #[error("creating {}", dir.display())]
@@ -29,33 +35,45 @@ pub enum BpffsError {
     },
 }
 
-/// Makes sure `dir` is on a bpffs, mounting one there if it is not (inside
-/// `ip netns exec`, for instance, /sys/fs/bpf is not one).
+/// Makes sure `dir` is on a bpffs. Under /sys/fs/bpf, mounts one at
+/// /sys/fs/bpf when it is not there; elsewhere (or if that still is not
+/// enough), mounts one at `dir` itself.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), BpffsError> {
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) {
+        mount_bpffs_unless_present(root)?;
+    }
+    mount_bpffs_unless_present(dir)
+}
+
+/// Creates `dir` and mounts a bpffs there unless it already is on one.
+fn mount_bpffs_unless_present(dir: &Path) -> Result<(), BpffsError> {
     std::fs::create_dir_all(dir).map_err(|source| BpffsError::Create {
         dir: dir.to_owned(),
         source,
     })?;
-    let on_bpffs = statfs(dir)
-        .map_err(|source| BpffsError::Statfs {
-            dir: dir.to_owned(),
-            source,
-        })?
-        .filesystem_type()
-        == BPF_FS_MAGIC;
-    if !on_bpffs {
-        mount(
-            Some("bpf"),
-            dir,
-            Some("bpf"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|source| BpffsError::Mount {
-            dir: dir.to_owned(),
-            source,
-        })?;
-        log::info!("mounted a bpffs at {}", dir.display());
+    if is_bpffs(dir)? {
+        return Ok(());
     }
+    mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| BpffsError::Mount {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    log::info!("mounted a bpffs at {}", dir.display());
     Ok(())
+}
+
+fn is_bpffs(dir: &Path) -> Result<bool, BpffsError> {
+    let fs = statfs(dir).map_err(|source| BpffsError::Statfs {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    Ok(fs.filesystem_type() == BPF_FS_MAGIC)
 }

@@ -27,6 +27,54 @@ pub fn expired_keys(entries: &[(CtKey, CtEntry)], now_ns: u64) -> Vec<CtKey> {
         .collect()
 }
 
+/// The conntrack table as the sweep uses it: look an entry up, delete it.
+/// The pinned map in the agent; a plain map in the unit tests.
+pub trait CtTable {
+    fn lookup(&self, key: &CtKey) -> Option<CtEntry>;
+    /// Whether an entry was deleted.
+    fn delete(&mut self, key: &CtKey) -> bool;
+}
+
+impl CtTable for ConntrackMap {
+    fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
+        self.get(key, 0).ok()
+    }
+
+    fn delete(&mut self, key: &CtKey) -> bool {
+        self.remove(key).is_ok()
+    }
+}
+
+/// Whether `key` is dead by `expired_keys`' rule, judged on what the table
+/// holds now rather than on the walk's snapshot: the datapath may have
+/// created or refreshed the flow since.
+pub fn still_dead(table: &impl CtTable, key: &CtKey, now_ns: u64) -> bool {
+    let Some(entry) = table.lookup(key) else {
+        return false;
+    };
+    if key.direction == ct_dir::ORIGINAL {
+        entry.is_expired(now_ns)
+    } else {
+        table
+            .lookup(&entry.original_key())
+            .is_none_or(|original| original.is_expired(now_ns))
+    }
+}
+
+/// Deletes those of `candidates` that are still dead; the number deleted.
+/// Original entries go first, so a reply entry whose flow this sweep ends
+/// goes in the same sweep.
+pub fn delete_still_dead(table: &mut impl CtTable, candidates: &[CtKey], now_ns: u64) -> usize {
+    let (originals, replies): (Vec<&CtKey>, Vec<&CtKey>) = candidates
+        .iter()
+        .partition(|k| k.direction == ct_dir::ORIGINAL);
+    originals
+        .into_iter()
+        .chain(replies)
+        .filter(|k| still_dead(table, k, now_ns) && table.delete(k))
+        .count()
+}
+
 /// What one sweep saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sweep {
@@ -35,11 +83,14 @@ pub struct Sweep {
     pub remaining: usize,
 }
 
-/// One sweep of the expired entries.
+/// One sweep of the expired entries: a walk picks the candidates, each is
+/// looked up again just before it is deleted. (aya 0.14 has no
+/// `BPF_MAP_LOOKUP_BATCH`, so the walk is one syscall per entry.)
 pub fn sweep(map: &mut ConntrackMap) -> Sweep {
     let entries: Vec<(CtKey, CtEntry)> = map.iter().filter_map(Result::ok).collect();
-    let dead = expired_keys(&entries, monotonic_now_ns());
-    let removed = dead.iter().filter(|k| map.remove(k).is_ok()).count();
+    let now_ns = monotonic_now_ns();
+    let candidates = expired_keys(&entries, now_ns);
+    let removed = delete_still_dead(map, &candidates, now_ns);
     Sweep {
         removed,
         remaining: entries.len() - removed,
@@ -48,6 +99,8 @@ pub fn sweep(map: &mut ConntrackMap) -> Sweep {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use dataplane_common::{ct_state, IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
@@ -98,5 +151,64 @@ mod tests {
     fn orphaned_reply_entry_is_swept() {
         let [_, reply] = flow(IPPROTO_TCP, ct_state::ESTABLISHED, 0);
         assert_eq!(expired_keys(&[reply], 0), vec![reply.0]);
+    }
+
+    impl CtTable for HashMap<CtKey, CtEntry> {
+        fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
+            self.get(key).copied()
+        }
+
+        fn delete(&mut self, key: &CtKey) -> bool {
+            self.remove(key).is_some()
+        }
+    }
+
+    /// The walk saw a dead UDP flow; the datapath refreshed it before the
+    /// delete phase. Both entries stay.
+    #[test]
+    fn flow_refreshed_after_the_walk_survives() {
+        let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
+        let now = 61 * SEC;
+        let candidates = expired_keys(&entries, now);
+        assert_eq!(candidates.len(), 2);
+
+        let mut table: HashMap<CtKey, CtEntry> = entries.into_iter().collect();
+        let original = entries[0].0;
+        table.get_mut(&original).unwrap().last_seen_ns = now;
+
+        assert_eq!(delete_still_dead(&mut table, &candidates, now), 0);
+        assert_eq!(table.len(), 2);
+    }
+
+    /// The walk saw an orphaned reply entry; its flow was created again
+    /// before the delete phase. The reply entry stays.
+    #[test]
+    fn reply_entry_whose_flow_was_recreated_survives() {
+        let [original, reply] = flow(IPPROTO_TCP, ct_state::OPENING, 100);
+        let now = 101 * SEC;
+        let candidates = expired_keys(&[reply], now);
+        assert_eq!(candidates, vec![reply.0]);
+
+        let mut table: HashMap<CtKey, CtEntry> = [original, reply].into_iter().collect();
+        assert_eq!(delete_still_dead(&mut table, &candidates, now), 0);
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn flow_still_dead_at_delete_time_goes_with_its_reply_entry() {
+        let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
+        let now = 61 * SEC;
+        let candidates = expired_keys(&entries, now);
+        let mut table: HashMap<CtKey, CtEntry> = entries.into_iter().collect();
+        assert_eq!(delete_still_dead(&mut table, &candidates, now), 2);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn entry_gone_before_the_delete_phase_is_not_counted() {
+        let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
+        let candidates = expired_keys(&entries, 61 * SEC);
+        let mut table: HashMap<CtKey, CtEntry> = HashMap::new();
+        assert_eq!(delete_still_dead(&mut table, &candidates, 61 * SEC), 0);
     }
 }

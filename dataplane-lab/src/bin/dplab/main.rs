@@ -4,6 +4,7 @@
 
 mod lab;
 mod run;
+mod up_options;
 mod walkthrough;
 
 use clap::{Parser, Subcommand};

@@ -23,6 +23,7 @@ use crate::{
     node::{
         bpffs::ensure_bpffs,
         ct_gc,
+        ct_options::ConntrackOptions,
         datapath::Datapath,
         interfaces::{self, LinkEvent, PodInterfaceFilter},
     },
@@ -59,6 +60,8 @@ pub struct Options {
     /// default).
     #[arg(long, default_value = "0.0.0.0:10249")]
     pub metrics_bind_address: SocketAddr,
+    #[command(flatten)]
+    pub conntrack: ConntrackOptions,
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);

@@ -4,11 +4,13 @@
 //! interfaces `interfaces` reports; `bpffs` is where maps and links are
 //! pinned; `lb_maps` is the load-balancing maps as the sync engine writes
 //! them; `pinned` opens and decodes the maps for everyone who reads them;
-//! `ct_gc` sweeps expired conntrack entries. Nothing here knows about
+//! `ct_gc` sweeps expired conntrack entries, sized and timed by
+//! `ct_options`. Nothing here knows about
 //! the control plane or the operator surface.
 
 pub mod bpffs;
 pub mod ct_gc;
+pub mod ct_options;
 pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;

@@ -18,9 +18,12 @@
 //! control loop reports its numbers through [`control::run_loop::Report`],
 //! which the metrics implement, and marks [`control::health::Health`], which
 //! `/healthz` serves. [`run`] is `dataplane-agent run`: options,
-//! kubeconfig, servers and signals, wiring the three rooms together.
+//! kubeconfig, servers and signals, wiring the three rooms together;
+//! [`kubeproxy_config`] reads kube-proxy's configuration file onto its
+//! options.
 
 pub mod control;
+pub mod kubeproxy_config;
 pub mod node;
 pub mod operator;
 pub mod run;

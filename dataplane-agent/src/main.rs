@@ -1,10 +1,13 @@
 //! dataplane-agent: keeps the eBPF service dataplane of one node in sync with
 //! the cluster's Services and EndpointSlices.
 
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::{ffi::OsString, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use dataplane_agent::{
+    kubeproxy_config::KubeProxyConfig,
     node::datapath,
     operator::{inspect, monitor},
     run,
@@ -21,6 +24,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only add noise"
+)]
 enum Command {
     /// Load the datapath on this node and keep it in sync.
     Run(run::Options),
@@ -40,9 +47,61 @@ enum Command {
     },
 }
 
+/// Installed as `kube-proxy` (a link to this binary, see
+/// deploy/Containerfile), the agent takes kube-proxy's command line as
+/// `run`'s: `kube-proxy --config=... --hostname-override=...` in kube-proxy's
+/// own DaemonSet starts it.
+fn as_kube_proxy(mut args: Vec<OsString>) -> Vec<OsString> {
+    let invoked_as_kube_proxy = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|name| name == "kube-proxy");
+    let subcommand_given = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        Cli::command().find_subcommand(a).is_some()
+            || a.starts_with("-h")
+            || a == "--help"
+            || a == "--version"
+    });
+    if invoked_as_kube_proxy && !subcommand_given {
+        args.insert(1, "run".into());
+    }
+    args
+}
+
+/// klog's `--v` as a log filter.
+fn log_level(v: Option<u32>) -> &'static str {
+    match v.unwrap_or(0) {
+        0 | 1 => "info",
+        2..=4 => "debug",
+        _ => "trace",
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches_from(as_kube_proxy(std::env::args_os().collect()));
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The file is read before anything starts: a bad one stops the agent
+    // with the field named, never half-configured.
+    let mut notes = Vec::new();
+    if let Command::Run(options) = &mut cli.command {
+        if let Some(path) = options.config.clone() {
+            let config = KubeProxyConfig::load(&path)
+                .with_context(|| format!("--config {}", path.display()))?;
+            let run_matches = matches
+                .subcommand_matches("run")
+                .context("the run subcommand's arguments")?;
+            config.apply(options, run_matches);
+            notes = config.notes();
+        }
+    }
+    let level = match &cli.command {
+        Command::Run(options) => log_level(options.v),
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    for note in notes {
+        log::info!("{note}");
+    }
     match cli.command {
         Command::Run(options) => run::run(options),
         Command::Inspect(options) => inspect::run(options),

@@ -41,13 +41,20 @@ pub struct Options {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Glob patterns of the host-side pod interfaces, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// With `--config` and without this flag: `veth*` for
+    /// `detectLocal.interfaceNamePrefix: veth`, else `veth*,cali*`.
+    #[arg(
+        long,
+        env = "DATAPLANE_POD_IFACES",
+        value_delimiter = ',',
+        required_unless_present = "config"
+    )]
     pub pod_ifaces: Vec<String>,
     /// Where the maps are pinned (a bpffs is mounted there if needed).
     #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
     pub bpffs: PathBuf,
     /// This node's name, for internalTrafficPolicy: Local.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", visible_alias = "hostname-override")]
     pub node_name: Option<String>,
     /// Address of the /healthz endpoint (kube-proxy's port by default).
     #[arg(long, default_value = "0.0.0.0:10256")]
@@ -62,6 +69,15 @@ pub struct Options {
     pub metrics_bind_address: SocketAddr,
     #[command(flatten)]
     pub conntrack: ConntrackOptions,
+    /// kube-proxy's configuration file (a `KubeProxyConfiguration`, YAML or
+    /// JSON): every field with a meaning here is applied; flags given on
+    /// the command line win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Log verbosity as kube-proxy's `--v` (klog): 0-1 info, 2-4 debug,
+    /// 5 and up trace. `RUST_LOG` wins.
+    #[arg(long = "v", short = 'v')]
+    pub v: Option<u32>,
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);

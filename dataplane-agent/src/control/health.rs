@@ -3,6 +3,10 @@
 //! only while a change from a source has waited longer than the timeout.
 //! Sources mark a change queued as they send it; the control loop marks the
 //! maps synced once it applied everything it received.
+//!
+//! The same marks count the changes between sources and maps (queued,
+//! applied, pending), for kube-proxy's `sync_proxy_rules_*_changes_*`
+//! metrics, read when scraped, so a loop that stopped shows.
 
 use std::{
     sync::{Arc, Mutex},
@@ -15,6 +19,20 @@ struct HealthState {
     last_updated: Option<SystemTime>,
     /// When the oldest change not yet applied arrived.
     oldest_pending: Option<SystemTime>,
+    changes: ChangeCounts,
+}
+
+/// Changes (object events) the sources sent, by kind of object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    /// Service events sent and not yet in the maps.
+    pub service_pending: u64,
+    /// EndpointSlice events sent and not yet in the maps.
+    pub endpoint_pending: u64,
+    pub service_total: u64,
+    pub endpoint_total: u64,
+    /// When a source last sent a change.
+    pub last_queued: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +69,30 @@ impl Health {
 
     pub(crate) fn queued_at(&self, now: SystemTime) {
         self.lock().oldest_pending.get_or_insert(now);
+    }
+
+    /// A source sent `services` Service and `endpoints` EndpointSlice
+    /// events (counted; [`Health::queued`] marks the wait).
+    pub fn changes_queued(&self, services: u64, endpoints: u64) {
+        let mut state = self.lock();
+        let c = &mut state.changes;
+        c.service_pending += services;
+        c.endpoint_pending += endpoints;
+        c.service_total += services;
+        c.endpoint_total += endpoints;
+        c.last_queued = Some(SystemTime::now());
+    }
+
+    /// That many of the queued events are now in the maps.
+    pub fn changes_applied(&self, services: u64, endpoints: u64) {
+        let mut state = self.lock();
+        let c = &mut state.changes;
+        c.service_pending = c.service_pending.saturating_sub(services);
+        c.endpoint_pending = c.endpoint_pending.saturating_sub(endpoints);
+    }
+
+    pub fn changes(&self) -> ChangeCounts {
+        self.lock().changes
     }
 
     /// Every change received so far is in the maps.

@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    time::SystemTime,
 };
 
 use k8s_openapi::{
@@ -22,6 +23,10 @@ use k8s_openapi::{
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services carrying this label belong to another proxy (kube-proxy skips them).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// When the change an EndpointSlice carries was made (a pod became ready,
+/// a service changed), set by the EndpointSlice controller: where network
+/// programming latency starts.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -159,6 +164,8 @@ pub struct SliceEntry {
     pub ipv4: bool,
     pub ports: Vec<SlicePortEntry>,
     pub endpoints: Vec<EndpointEntry>,
+    /// Its [`LAST_CHANGE_TRIGGER_TIME`] annotation, if set and valid.
+    pub trigger_time: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -463,12 +470,26 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
             namespace: object.namespace.clone(),
             name: name.clone(),
         });
+    let trigger_time = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+        .and_then(|text| match text.parse::<k8s_openapi::jiff::Timestamp>() {
+            Ok(t) => Some(SystemTime::from(t)),
+            Err(e) => {
+                // Only a measurement is lost; the endpoints still count.
+                log::warn!("{SLICE} {object}: ignoring {LAST_CHANGE_TRIGGER_TIME} {text:?}: {e}");
+                None
+            }
+        });
     Ok(SliceEntry {
         key: object,
         owner,
         ipv4,
         ports,
         endpoints,
+        trigger_time,
     })
 }
 
@@ -728,6 +749,39 @@ mod tests {
             s.apply(ClusterEvent::ApplySlice(parse_slice(&sl).unwrap()));
         }
         s
+    }
+
+    #[test]
+    fn slice_keeps_its_trigger_time_and_ignores_a_bad_one() {
+        let mut with = slice("web-1", json!([]), json!([]));
+        with.metadata.annotations = Some(
+            [(
+                LAST_CHANGE_TRIGGER_TIME.to_string(),
+                "2026-11-30T08:00:01.5Z".to_string(),
+            )]
+            .into(),
+        );
+        let parsed = parse_slice(&with).unwrap();
+        let at = parsed
+            .trigger_time
+            .unwrap()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        assert_eq!(at.as_millis(), 1_796_025_601_500);
+        with.metadata.annotations = Some(
+            [(
+                LAST_CHANGE_TRIGGER_TIME.to_string(),
+                "yesterday".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(parse_slice(&with).unwrap().trigger_time, None);
+        assert_eq!(
+            parse_slice(&slice("web-1", json!([]), json!([])))
+                .unwrap()
+                .trigger_time,
+            None
+        );
     }
 
     #[test]

@@ -6,10 +6,19 @@
 //!
 //! It reports what it did through [`Report`] (the metrics implement it), so
 //! nothing here knows about HTTP or Prometheus.
+//!
+//! Network programming latency: an EndpointSlice carries when its change
+//! was made (`endpoints.kubernetes.io/last-change-trigger-time`, set by the
+//! EndpointSlice controller). The loop keeps that time with the service
+//! the slice belongs to until a sync of that service has reached the maps,
+//! then reports the time elapsed since the trigger: the watch, the channel,
+//! the model and the map writes, all included. Changes made before the
+//! agent started are not reported (a restart would report the age of every
+//! slice); a slice's trigger time is reported once, also across relists.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use log::{error, info, warn};
@@ -17,9 +26,9 @@ use log::{error, info, warn};
 use crate::{
     control::{
         health::Health,
-        model::{ClusterState, Frontend, FrontendSpec, ServiceName},
+        model::{ClusterEvent, ClusterState, Frontend, FrontendSpec, ObjectRef, ServiceName},
         source::SourceUpdate,
-        sync::{Occupancy, SyncEngine},
+        sync::{Occupancy, SyncEngine, SyncError},
     },
     node::lb_maps::LbMaps,
 };
@@ -57,6 +66,11 @@ pub trait Report {
     /// A problem met, by short cause (`source`, `invalid_object`,
     /// `capacity`, ...); the loop has logged it from the same value.
     fn error(&self, cause: &'static str);
+    /// An EndpointSlice change is in the maps, `latency` after its trigger
+    /// time (network programming latency).
+    fn network_programmed(&self, latency: Duration) {
+        let _ = latency;
+    }
 }
 
 impl Report for () {
@@ -70,6 +84,14 @@ pub struct ControlLoop<M: LbMaps, R: Report> {
     node_name: Option<String>,
     health: Health,
     report: R,
+    /// Trigger times before this are not reported.
+    started: SystemTime,
+    /// Trigger times of changes not yet in the maps, by service.
+    triggers: BTreeMap<ServiceName, Vec<SystemTime>>,
+    /// The last trigger time taken from each slice.
+    slice_triggers: BTreeMap<ObjectRef, SystemTime>,
+    /// (Service, EndpointSlice) events taken in since the last sync.
+    unsynced: (u64, u64),
 }
 
 impl<M: LbMaps, R: Report> ControlLoop<M, R> {
@@ -85,6 +107,10 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
             node_name,
             health,
             report,
+            started: SystemTime::now(),
+            triggers: BTreeMap::new(),
+            slice_triggers: BTreeMap::new(),
+            unsynced: (0, 0),
         }
     }
 
@@ -94,6 +120,7 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
     /// is complete; then call [`ControlLoop::full_sync`].
     pub fn initial(&mut self, update: SourceUpdate) -> bool {
         self.report_errors(&update);
+        self.take_in(&update);
         for event in update.events {
             self.state.apply(event);
         }
@@ -107,18 +134,24 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         let mut touched = BTreeSet::new();
         for update in updates {
             self.report_errors(&update);
+            self.take_in(&update);
             for event in update.events {
                 touched.extend(self.state.apply(event));
             }
         }
+        let mut programmed = Vec::new();
         for service in touched {
             let frontends = self.frontends_of(&service);
-            if let Err(e) = self.engine.sync_service(&service, &frontends) {
-                error!("{e}");
-                self.report.error(e.cause());
+            match self.engine.sync_service(&service, &frontends) {
+                Ok(_) => programmed.push(service),
+                Err(e) => {
+                    error!("{e}");
+                    self.report.error(e.cause());
+                }
             }
         }
         self.record(SyncKind::Incremental, started);
+        self.report_programmed(programmed.iter());
         self.health.synced();
     }
 
@@ -139,6 +172,17 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
             self.report.error(e.cause());
         }
         self.record(SyncKind::Full, started);
+        if !errors.iter().any(|e| matches!(e, SyncError::Snapshot(_))) {
+            let failed: BTreeSet<&ServiceName> =
+                errors.iter().filter_map(|e| e.service()).collect();
+            let programmed: Vec<ServiceName> = self
+                .triggers
+                .keys()
+                .filter(|s| !failed.contains(s))
+                .cloned()
+                .collect();
+            self.report_programmed(programmed.iter());
+        }
         info!(
             "full sync: {} services, {} frontends, {} backends programmed ({} changed, {} removed) in {:?}",
             all.len(),
@@ -163,6 +207,47 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
     /// programs): healthy from now on.
     pub fn mark_synced(&self) {
         self.health.synced();
+    }
+
+    /// Counts an update's events and keeps the trigger times its slices
+    /// carry, before the model takes the events.
+    fn take_in(&mut self, update: &SourceUpdate) {
+        let (services, endpoints) = update.change_counts();
+        self.unsynced.0 += services;
+        self.unsynced.1 += endpoints;
+        for event in &update.events {
+            match event {
+                ClusterEvent::ApplySlice(slice) => {
+                    let (Some(at), Some(owner)) = (slice.trigger_time, &slice.owner) else {
+                        continue;
+                    };
+                    if at < self.started || self.slice_triggers.get(&slice.key) == Some(&at) {
+                        continue;
+                    }
+                    self.slice_triggers.insert(slice.key.clone(), at);
+                    self.triggers.entry(owner.clone()).or_default().push(at);
+                }
+                ClusterEvent::DeleteSlice(key) => {
+                    self.slice_triggers.remove(key);
+                }
+                ClusterEvent::ApplyService(_) | ClusterEvent::DeleteService(_) => {}
+            }
+        }
+    }
+
+    /// These services' changes are in the maps: everything taken in so far
+    /// is applied, and their trigger times are reported.
+    fn report_programmed<'a>(&mut self, services: impl Iterator<Item = &'a ServiceName>) {
+        let (s, e) = std::mem::take(&mut self.unsynced);
+        self.health.changes_applied(s, e);
+        let now = SystemTime::now();
+        for service in services {
+            for at in self.triggers.remove(service).unwrap_or_default() {
+                // A trigger time ahead of this node's clock (skew) is 0.
+                self.report
+                    .network_programmed(now.duration_since(at).unwrap_or_default());
+            }
+        }
     }
 
     fn report_errors(&self, update: &SourceUpdate) {
@@ -213,6 +298,7 @@ mod tests {
     struct Recorded {
         syncs: RefCell<Vec<(SyncKind, EngineTotals)>>,
         errors: RefCell<Vec<&'static str>>,
+        latencies: RefCell<Vec<Duration>>,
     }
 
     impl Report for Rc<Recorded> {
@@ -222,6 +308,32 @@ mod tests {
         fn error(&self, cause: &'static str) {
             self.errors.borrow_mut().push(cause);
         }
+        fn network_programmed(&self, latency: Duration) {
+            self.latencies.borrow_mut().push(latency);
+        }
+    }
+
+    /// An EndpointSlice of service `a` whose change was triggered at `at`.
+    fn slice_of_a(name: &str, ip: &str, at: Option<SystemTime>) -> ClusterEvent {
+        let mut slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "a"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [ip]}]
+            }))
+            .unwrap();
+        if let Some(at) = at {
+            let stamp = k8s_openapi::jiff::Timestamp::try_from(at).unwrap();
+            slice.metadata.annotations = Some(
+                [(
+                    crate::control::model::LAST_CHANGE_TRIGGER_TIME.to_string(),
+                    stamp.to_string(),
+                )]
+                .into(),
+            );
+        }
+        ClusterEvent::ApplySlice(crate::control::model::parse_slice(&slice).unwrap())
     }
 
     fn parse(name: &str, ip: &str) -> Result<ClusterEvent, ModelError> {
@@ -324,5 +436,101 @@ mod tests {
             2,
             "repaired: no further resync"
         );
+    }
+
+    #[test]
+    fn network_programming_latency_runs_from_the_trigger_time_to_the_maps() {
+        let (mut control, recorded) = control(MemLbMaps::default());
+        let now = SystemTime::now();
+        control.started = now - Duration::from_secs(60);
+        control.initial(update(
+            vec![
+                parse("a", "10.96.0.1").unwrap(),
+                // Changed before the agent started: not reported.
+                slice_of_a("a-0", "10.244.1.9", Some(now - Duration::from_secs(600))),
+                slice_of_a("a-1", "10.244.1.10", Some(now - Duration::from_secs(30))),
+            ],
+            true,
+        ));
+        assert!(
+            recorded.latencies.borrow().is_empty(),
+            "not in the maps yet"
+        );
+        control.full_sync();
+        let latencies = recorded.latencies.take();
+        assert_eq!(latencies.len(), 1, "{latencies:?}");
+        assert!(
+            latencies[0] >= Duration::from_secs(30) && latencies[0] < Duration::from_secs(31),
+            "{latencies:?}"
+        );
+
+        let changed = now - Duration::from_millis(2500);
+        control.apply([update(
+            vec![slice_of_a("a-1", "10.244.1.11", Some(changed))],
+            true,
+        )]);
+        // The same slice again (a relist) with the same trigger time, and
+        // one without any: nothing more to report.
+        control.apply([update(
+            vec![
+                slice_of_a("a-1", "10.244.1.11", Some(changed)),
+                slice_of_a("a-2", "10.244.1.12", None),
+            ],
+            true,
+        )]);
+        let latencies = recorded.latencies.take();
+        assert_eq!(latencies.len(), 1, "{latencies:?}");
+        assert!(
+            latencies[0] >= Duration::from_millis(2500)
+                && latencies[0] < Duration::from_millis(3500),
+            "{latencies:?}"
+        );
+    }
+
+    #[test]
+    fn a_change_whose_map_write_failed_is_reported_once_the_resync_lands() {
+        let maps = MemLbMaps {
+            fail_next_write_to: Some(dataplane_common::map_names::BACKEND_SLOTS),
+            ..MemLbMaps::default()
+        };
+        let (mut control, recorded) = control(maps);
+        control.started = SystemTime::now() - Duration::from_secs(60);
+        control.initial(update(vec![parse("a", "10.96.0.1").unwrap()], true));
+        control.full_sync();
+        control.apply([update(
+            vec![slice_of_a(
+                "a-1",
+                "10.244.1.10",
+                Some(SystemTime::now() - Duration::from_secs(5)),
+            )],
+            true,
+        )]);
+        assert_eq!(*recorded.errors.borrow(), vec!["map_write"]);
+        assert!(recorded.latencies.borrow().is_empty(), "not in the maps");
+        control.tick();
+        assert_eq!(recorded.latencies.borrow().len(), 1);
+    }
+
+    #[test]
+    fn changes_pending_until_synced() {
+        let (mut control, _) = control(MemLbMaps::default());
+        let health = control.health.clone();
+        let first = update(
+            vec![
+                parse("a", "10.96.0.1").unwrap(),
+                slice_of_a("a-1", "10.244.1.10", None),
+            ],
+            true,
+        );
+        let (s, e) = first.change_counts();
+        health.changes_queued(s, e);
+        control.initial(first);
+        let counts = health.changes();
+        assert_eq!((counts.service_pending, counts.endpoint_pending), (1, 1));
+        control.full_sync();
+        let counts = health.changes();
+        assert_eq!((counts.service_pending, counts.endpoint_pending), (0, 0));
+        assert_eq!((counts.service_total, counts.endpoint_total), (1, 1));
+        assert!(counts.last_queued.is_some());
     }
 }

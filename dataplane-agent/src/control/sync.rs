@@ -91,6 +91,18 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// The service the error is about (none when the maps could not be
+    /// read back at all).
+    pub fn service(&self) -> Option<&ServiceName> {
+        match self {
+            SyncError::TooManyBackends { service, .. }
+            | SyncError::FrontendConflict { service, .. }
+            | SyncError::CapacityExceeded { service, .. }
+            | SyncError::Map { service, .. } => Some(service),
+            SyncError::Snapshot(_) => None,
+        }
+    }
+
     /// Short cause label, for metrics and logs.
     pub fn cause(&self) -> &'static str {
         match self {

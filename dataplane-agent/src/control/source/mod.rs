@@ -44,6 +44,23 @@ pub struct SourceUpdate {
     pub initial_sync_done: bool,
 }
 
+impl SourceUpdate {
+    /// Service and EndpointSlice events in this update.
+    pub fn change_counts(&self) -> (u64, u64) {
+        let services = self
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    ClusterEvent::ApplyService(_) | ClusterEvent::DeleteService(_)
+                )
+            })
+            .count() as u64;
+        (services, self.events.len() as u64 - services)
+    }
+}
+
 /// The control loop is gone: nothing reads the updates any more.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the control loop stopped reading source updates")]
@@ -61,6 +78,8 @@ pub struct UpdateSender {
 impl UpdateSender {
     pub async fn send(&self, update: SourceUpdate) -> Result<(), Closed> {
         self.health.queued();
+        let (services, endpoints) = update.change_counts();
+        self.health.changes_queued(services, endpoints);
         self.tx.send(update).await.map_err(|_| Closed)
     }
 }

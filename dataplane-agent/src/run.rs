@@ -20,6 +20,7 @@ use crate::{
         source::{self, SourceUpdate, UpdateSender},
         sync::SyncEngine,
     },
+    kubeproxy_config,
     node::{
         bpffs::ensure_bpffs,
         ct_gc,
@@ -142,6 +143,8 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
+    metrics.follow_changes(health.clone());
+    metrics.set_configz(kubeproxy_config::configz(&options));
     let mut control = ControlLoop::new(
         engine,
         options.node_name.clone(),

@@ -18,7 +18,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -309,9 +309,14 @@ impl KubeProxyConfig {
             self.healthz_bind_address.as_ref(),
             given("healthz_bind_address"),
         );
+        // Left empty, kube-proxy serves its metrics on loopback only; the
+        // file keeps meaning that here (our own default is all addresses).
+        let metrics = self
+            .metrics_bind_address
+            .unwrap_or(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), METRICS_PORT));
         set(
             &mut options.metrics_bind_address,
-            self.metrics_bind_address.as_ref(),
+            Some(&metrics),
             given("metrics_bind_address"),
         );
         if options.pod_ifaces.is_empty() {
@@ -866,6 +871,20 @@ mod tests {
             Duration::from_secs(6 * 3600)
         );
         assert_eq!(ct.conntrack_tcp_timeout_close_wait, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn empty_metrics_address_keeps_kube_proxys_loopback_default() {
+        let options = options_with(&minimal("metricsBindAddress: \"\"\n"), &[]);
+        assert_eq!(
+            options.metrics_bind_address,
+            "127.0.0.1:10249".parse().unwrap()
+        );
+        let options = options_with(&minimal(""), &["--metrics-bind-address", "0.0.0.0:10249"]);
+        assert_eq!(
+            options.metrics_bind_address,
+            "0.0.0.0:10249".parse().unwrap()
+        );
     }
 
     #[test]

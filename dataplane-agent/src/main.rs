@@ -117,3 +117,49 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(argv: &[&str]) -> Vec<String> {
+        as_kube_proxy(argv.iter().map(OsString::from).collect())
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn called_as_kube_proxy_it_runs_with_kube_proxys_flags() {
+        assert_eq!(
+            args(&["/usr/local/bin/kube-proxy", "--config=/c", "--v=2"]),
+            ["/usr/local/bin/kube-proxy", "run", "--config=/c", "--v=2"]
+        );
+        assert_eq!(
+            args(&["kube-proxy", "cleanup"]),
+            ["kube-proxy", "cleanup"],
+            "a subcommand is kept"
+        );
+        assert_eq!(
+            args(&["dataplane-agent", "--config=/c"]),
+            ["dataplane-agent", "--config=/c"],
+            "under its own name it wants a subcommand"
+        );
+        let matches = Cli::command()
+            .try_get_matches_from(args(&[
+                "kube-proxy",
+                "-v=4",
+                "--config",
+                "/c",
+                "--hostname-override",
+                "n",
+            ]))
+            .unwrap();
+        let Command::Run(options) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("not run");
+        };
+        assert_eq!(options.v, Some(4));
+        assert_eq!(options.node_name.as_deref(), Some("n"));
+        assert_eq!(log_level(options.v), "debug");
+    }
+}

@@ -361,3 +361,83 @@ fn the_daemonset_runs_the_agent_on_every_node_with_what_it_needs() {
         command[0]
     );
 }
+
+/// kube-proxy's container command line as kubeadm writes its DaemonSet.
+const KUBEADM_KUBE_PROXY_COMMAND: &[&str] = &[
+    "/usr/local/bin/kube-proxy",
+    "--config=/var/lib/kube-proxy/config.conf",
+    "--hostname-override=$(NODE_NAME)",
+];
+
+#[test]
+fn the_kube_proxy_swap_patch_runs_the_agent_with_kube_proxys_command_line() {
+    let text = std::fs::read_to_string(deploy_dir().join("kube-proxy-swap/patch.yaml"))
+        .expect("deploy/kube-proxy-swap/patch.yaml");
+    let patch: Value = serde_norway::from_str(&text).expect("the patch is YAML");
+    let pod = &patch["spec"]["template"]["spec"];
+
+    // One container, kube-proxy's, with our image and nothing else of its
+    // own changed: command, args, ConfigMap and RBAC stay kube-proxy's.
+    let containers = pod["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1);
+    let container: k8s_openapi::api::core::v1::Container =
+        round_trip(&containers[0]).unwrap_or_else(|e| panic!("container: {e}"));
+    assert_eq!(container.name, "kube-proxy");
+    assert!(container.command.is_none() && container.args.is_none());
+    let ds: DaemonSet = the("DaemonSet");
+    let ours = &ds.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!(container.image, ours.image, "the image daemonset.yaml runs");
+
+    // The node's bpffs, where the agent pins.
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let volume: k8s_openapi::api::core::v1::Volume =
+        round_trip(&volumes[0]).unwrap_or_else(|e| panic!("volume: {e}"));
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/bpf")
+    );
+    assert!(container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.name == volume.name && m.mount_path == "/sys/fs/bpf"));
+
+    // kube-proxy's command line parses as the agent's `run` (the binary
+    // inserts `run` when called as kube-proxy), with the pod interfaces
+    // from the patch's environment.
+    let pod_ifaces = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "DATAPLANE_POD_IFACES")
+        .and_then(|e| e.value.clone())
+        .expect("DATAPLANE_POD_IFACES");
+    let mut argv = vec!["kube-proxy".to_string(), "run".to_string()];
+    argv.extend(
+        KUBEADM_KUBE_PROXY_COMMAND[1..]
+            .iter()
+            .map(|a| a.replace("$(NODE_NAME)", "node-7")),
+    );
+    argv.push(format!("--pod-ifaces={pod_ifaces}"));
+    let Command::Run(options) = Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+        .command;
+    assert_eq!(options.node_name.as_deref(), Some("node-7"));
+    assert_eq!(
+        options.config.as_deref(),
+        Some(Path::new("/var/lib/kube-proxy/config.conf"))
+    );
+    assert_eq!(options.pod_ifaces, ["veth*", "cali*"]);
+
+    // The image answers to kube-proxy's path.
+    let containerfile =
+        std::fs::read_to_string(deploy_dir().join("Containerfile")).expect("deploy/Containerfile");
+    assert!(
+        containerfile.contains(&format!(
+            "COPY dataplane-agent {}",
+            KUBEADM_KUBE_PROXY_COMMAND[0]
+        )),
+        "the Containerfile installs the agent as {}",
+        KUBEADM_KUBE_PROXY_COMMAND[0]
+    );
+}

@@ -361,8 +361,13 @@ impl KubeProxyConfig {
             c.udp_stream_timeout.as_ref(),
             given("conntrack_udp_timeout_stream"),
         );
-        // nodePortAddresses: applied where `--nodeport-addresses` lives,
-        // once NodePort support is in this tree (it is not yet).
+        // The one place `nodePortAddresses` goes onto the options. The
+        // NodePort work adds `--nodeport-addresses` in parallel; it is not in
+        // this tree yet. At merge, with the flag's own CIDR type:
+        //     if !given("nodeport_addresses") && !self.node_port_addresses.is_empty() {
+        //         options.nodeport_addresses = <self.node_port_addresses converted>;
+        //     }
+        // (and drop the "read; not served" line in `notes`).
         if !given("v") && options.v.is_none() {
             options.v = self.verbosity;
         }

@@ -80,7 +80,10 @@ impl Health {
         c.endpoint_pending += endpoints;
         c.service_total += services;
         c.endpoint_total += endpoints;
-        c.last_queued = Some(SystemTime::now());
+        // An update with only errors (a lost watch) asks for no sync.
+        if services + endpoints > 0 {
+            c.last_queued = Some(SystemTime::now());
+        }
     }
 
     /// That many of the queued events are now in the maps.

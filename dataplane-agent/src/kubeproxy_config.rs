@@ -57,13 +57,7 @@ pub enum ConfigError {
         #[source]
         source: serde_norway::Error,
     },
-    #[error("{path}: {field}: {source}")]
-    Type {
-        path: PathBuf,
-        field: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    /// A value of the wrong type or out of range.
     #[error("{path}: {field}: {problem}")]
     Invalid {
         path: PathBuf,
@@ -525,12 +519,11 @@ impl Reader<'_> {
                 config.unknown.push(key.clone());
             }
         }
-        let doc: Document =
-            serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Type {
-                path: self.path.to_owned(),
-                field: e.path().to_string(),
-                source: e.into_inner(),
-            })?;
+        let doc: Document = serde_path_to_error::deserialize(value).map_err(|e| {
+            // serde's message is the whole problem ("invalid type: ...");
+            // the path is what serde_path_to_error adds.
+            self.invalid(&e.path().to_string(), e.into_inner().to_string())
+        })?;
 
         match doc.api_version.as_deref() {
             Some(API_VERSION) => {}

@@ -7,7 +7,7 @@
 use std::net::SocketAddrV4;
 
 use dataplane_agent::control::model::Protocol;
-use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
+use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, CtLifetimes};
 use dataplane_testkit::datapath::{self as harness, addr, ct_key, Harness, TC_ACT_OK};
 use dataplane_testkit::packets::{
     self, assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN,
@@ -71,7 +71,7 @@ fn syn_ack_alone_keeps_a_flow_in_the_opening_timeout() {
         "a half-open flow keeps the opening lifetime"
     );
     assert_eq!(
-        entry.lifetime_ns(),
+        entry.lifetime_ns(&CtLifetimes::default()),
         60 * 1_000_000_000,
         "opening lifetime, not 6 hours"
     );

@@ -40,8 +40,8 @@ use dataplane_common::{
 
 use crate::{
     conntrack::{
-        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup,
-        ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
+        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_expired, ct4_is_reopen, ct4_key,
+        ct4_lookup, ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
     },
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
@@ -197,7 +197,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
 
     if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
         let ct = slot.get();
-        let expired = ct.is_expired(now) || ct4_is_reopen(&ct, &flow);
+        let expired = ct4_is_expired(&ct, now) || ct4_is_reopen(&ct, &flow);
         let backend_alive = lb4_lookup_backend(ct.backend_id)
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
@@ -312,7 +312,7 @@ fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64)
         ct4_delete_reply(ct);
         return Ok(TC_ACT_OK);
     }
-    if owner_entry.is_expired(now) {
+    if ct4_is_expired(&owner_entry, now) {
         ct4_delete(ct);
         return Ok(TC_ACT_OK);
     }

@@ -22,9 +22,9 @@ use dataplane_agent::{
     },
     node::{
         bpffs::ensure_bpffs,
-        datapath::{Datapath, DatapathMaps},
+        datapath::{Datapath, DatapathConfig, DatapathMaps},
         lb_maps::BpfLbMaps,
-        pinned::{ConntrackMap, CounterMap},
+        pinned::{ConntrackMaps, CounterMap},
     },
 };
 use dataplane_common::{
@@ -76,7 +76,7 @@ pub struct Run {
 
 pub struct Harness {
     pub datapath: Datapath,
-    pub conntrack: ConntrackMap,
+    pub conntrack: ConntrackMaps,
     counters: CounterMap,
     /// Programs the maps, as the agent does.
     pub engine: SyncEngine<BpfLbMaps>,
@@ -96,7 +96,13 @@ impl Harness {
     }
 
     pub fn load() -> anyhow::Result<Self> {
-        let bpffs = Bpffs::new()?;
+        Self::load_on(Bpffs::new()?, &DatapathConfig::default())
+    }
+
+    /// The datapath loaded on `bpffs` as it is (e.g. holding maps of an
+    /// earlier layout, made by the test), with `config`. A migration is
+    /// left pending: fill the maps, then `datapath.commit_migration()`.
+    pub fn load_on(bpffs: Bpffs, config: &DatapathConfig) -> anyhow::Result<Self> {
         let (
             datapath,
             DatapathMaps {
@@ -104,7 +110,7 @@ impl Harness {
                 conntrack,
                 counters,
             },
-        ) = Datapath::load(bpffs.path())
+        ) = Datapath::load_with(bpffs.path(), config)
             .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;
         let engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
         Ok(Self {
@@ -114,6 +120,20 @@ impl Harness {
             engine,
             bpffs,
         })
+    }
+
+    /// Stops this datapath (programs unloaded, nothing attached) and keeps
+    /// its pinned maps, for the next start (`load_on`).
+    pub fn into_bpffs(self) -> Bpffs {
+        let Self {
+            datapath,
+            conntrack,
+            counters,
+            engine,
+            bpffs,
+        } = self;
+        drop((engine, counters, conntrack, datapath));
+        bpffs
     }
 
     /// Makes service `name` hold exactly one frontend with these backends
@@ -275,7 +295,8 @@ impl Harness {
     }
 
     pub fn ct_len(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        let (tcp, other) = self.conntrack.lens();
+        tcp + other
     }
 }
 

@@ -24,6 +24,8 @@ pub mod map_names {
     /// Conntrack lifetimes the agent was configured with, read by the
     /// datapath, the sweep and `inspect`.
     pub const CT_LIFETIMES: &str = "CT_LIFETIMES";
+    /// Ports of fragmented datagrams, so every fragment follows the first.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     /// The single conntrack map of layouts 1 and 2, split into `CT_TCP` and
     /// `CT_OTHER` since 3. Only the migration still opens it.
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -35,7 +37,7 @@ pub mod map_names {
     /// The layout version of the maps pinned next to it.
     pub const LAYOUT: &str = "LAYOUT";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -43,6 +45,7 @@ pub mod map_names {
         CT_TCP,
         CT_OTHER,
         CT_LIFETIMES,
+        FRAGMENTS,
         COUNTERS,
         SERVICE_NAMES,
         AFFINITY,
@@ -62,7 +65,8 @@ pub mod map_names {
 /// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
 /// one word, `Counter::ReplyTupleClash`. Version 3: `CONNTRACK` split into
-/// `CT_TCP` and `CT_OTHER` (sized at load), lifetimes in `CT_LIFETIMES`.
+/// `CT_TCP` and `CT_OTHER` (sized at load), lifetimes in `CT_LIFETIMES`,
+/// `FRAGMENTS`, `Counter::FragmentTranslated` and `FragmentUnknown`.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
@@ -99,6 +103,7 @@ pub mod map_layouts {
         layout::<CtKey, CtEntry>(map_names::CT_TCP, capacity::CT_TCP),
         layout::<CtKey, CtEntry>(map_names::CT_OTHER, capacity::CT_OTHER),
         layout::<u32, CtLifetimes>(map_names::CT_LIFETIMES, 1),
+        layout::<FragKey, FragPorts>(map_names::FRAGMENTS, capacity::FRAGMENTS),
         layout::<u32, u64>(map_names::COUNTERS, Counter::COUNT),
         layout::<u32, ServiceLabel>(map_names::SERVICE_NAMES, capacity::SERVICES),
         layout::<AffinityKey, AffinityEntry>(map_names::AFFINITY, capacity::AFFINITY),
@@ -120,6 +125,8 @@ pub mod capacity {
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
     pub const CT_TCP: u32 = 131_072;
     pub const CT_OTHER: u32 = 65_536;
+    /// Fragmented datagrams in flight (LRU).
+    pub const FRAGMENTS: u32 = 8_192;
     /// Clients remembered for ClientIP session affinity (LRU).
     pub const AFFINITY: u32 = 131_072;
     /// Most backends one service port may have.
@@ -412,6 +419,29 @@ impl CtEntry {
     }
 }
 
+/// Key of `FRAGMENTS`: one fragmented datagram, as IPv4 tells its
+/// fragments apart (RFC 791: source, destination, protocol, identification),
+/// as the packets carry it (before any translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAGMENTS`: the ports in the first fragment's L4 header, which
+/// the later fragments lack; network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragPorts {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
 /// Value of `TRACE_CONFIG` (one entry, written by `dataplane-agent
 /// monitor`): which packets the datapath reports on `TRACE_EVENTS`.
 #[repr(C)]
@@ -504,10 +534,16 @@ pub enum Counter {
     /// a live flow already has, e.g. the same client port through two
     /// services to one backend: dropped, the other flow keeps its replies.
     ReplyTupleClash = 15,
+    /// A later fragment of a translated datagram was translated as its
+    /// first fragment was.
+    FragmentTranslated = 16,
+    /// A later fragment to a service whose first fragment was not seen (or
+    /// not tracked): dropped, it could not reach the right backend.
+    FragmentUnknown = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -525,6 +561,8 @@ impl Counter {
         Counter::RejectFailed,
         Counter::TraceLost,
         Counter::ReplyTupleClash,
+        Counter::FragmentTranslated,
+        Counter::FragmentUnknown,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -550,6 +588,8 @@ impl Counter {
             Counter::RejectFailed => "reject_failed",
             Counter::TraceLost => "trace_lost",
             Counter::ReplyTupleClash => "reply_tuple_clash",
+            Counter::FragmentTranslated => "fragment_translated",
+            Counter::FragmentUnknown => "fragment_unknown",
         }
     }
 }
@@ -581,6 +621,10 @@ mod user {
     unsafe impl aya::Pod for TraceConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtLifetimes {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragPorts {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -622,6 +666,8 @@ mod tests {
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<TraceEvent>(), 48);
         assert_eq!(size_of::<CtLifetimes>(), 24);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragPorts>(), 4);
     }
 
     #[test]

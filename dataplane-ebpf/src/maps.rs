@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
-    CtLifetimes, ServiceKey, ServiceLabel, ServiceValue, TraceConfig, TraceEvent, IPPROTO_TCP,
+    CtLifetimes, FragKey, FragPorts, ServiceKey, ServiceLabel, ServiceValue, TraceConfig,
+    TraceEvent, IPPROTO_TCP,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -67,6 +68,13 @@ static CT_TCP: LruHashMap<CtKey, CtEntry, { capacity::CT_TCP as usize }> = LruHa
 /// flows (DNS) evicts its own kind, never established TCP flows.
 #[btf_map(name = "CT_OTHER")]
 static CT_OTHER: LruHashMap<CtKey, CtEntry, { capacity::CT_OTHER as usize }> = LruHashMap::new();
+
+/// Fragmented datagrams: the ports their first fragment carried, for the
+/// fragments after it (which have no L4 header). LRU: a datagram's entry
+/// is not needed once its last fragment passed.
+#[btf_map(name = "FRAGMENTS")]
+static FRAGMENTS: LruHashMap<FragKey, FragPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
 
 /// The conntrack lifetimes the agent was started with.
 #[btf_map(name = "CT_LIFETIMES")]
@@ -173,6 +181,18 @@ pub fn ct_remove(key: &CtKey) {
     } else {
         CT_OTHER.remove(key)
     };
+}
+
+#[inline(always)]
+pub fn frag_get(key: &FragKey) -> Option<FragPorts> {
+    copied(FRAGMENTS.get_ptr(key))
+}
+
+/// Records a datagram's ports; a failed insert leaves its later fragments
+/// unknown (counted where they are dropped).
+#[inline(always)]
+pub fn frag_insert(key: &FragKey, ports: &FragPorts) {
+    let _ = FRAGMENTS.insert(key, ports, 0);
 }
 
 /// The lifetimes the agent configured (kube-proxy's defaults if it has not

@@ -297,8 +297,8 @@ fn open_tcp_connection_survives_an_agent_restart() {
 
     let log = c.agent_log(1);
     assert!(
-        log.contains("replaced the link a previous agent pinned"),
-        "the new agent took the links over: {log}"
+        log.contains("switched the link a previous agent pinned"),
+        "the new agent switched the links over in one step: {log}"
     );
     assert!(
         c.tcp("client", http(WEB_IP)).backend().is_some(),

@@ -75,13 +75,16 @@ fn role(name: &str) -> Role {
 const CHANGED_IN: &[(u32, &[&str])] = &[
     // BTF-defined maps; `CtEntry`'s state and flags moved into one word.
     (2, &map_names::ALL),
-    // `CONNTRACK` split into `CT_TCP` and `CT_OTHER`; `CT_LIFETIMES` new.
+    // `CONNTRACK` split into `CT_TCP` and `CT_OTHER`; `CT_LIFETIMES` and
+    // `FRAGMENTS` new; two more counters.
     (
         3,
         &[
             map_names::CT_TCP,
             map_names::CT_OTHER,
             map_names::CT_LIFETIMES,
+            map_names::FRAGMENTS,
+            map_names::COUNTERS,
         ],
     ),
 ];

@@ -306,3 +306,74 @@ fn open_tcp_connection_survives_an_agent_restart() {
         c.logs()
     );
 }
+
+/// Upgrading from the previous release (maps of layout 2, one conntrack
+/// map): open TCP and UDP flows keep their backends while this build's
+/// agents migrate the maps and switch the programs. Needs that release's
+/// agent binary in `DATAPLANE_PREVIOUS_AGENT_BIN` (built from the commit
+/// before layout 3).
+#[test]
+#[ignore = "needs DATAPLANE_PREVIOUS_AGENT_BIN, an agent of the previous map layout"]
+fn open_connections_survive_an_upgrade_from_the_previous_release() {
+    require_root();
+    let previous = std::env::var_os("DATAPLANE_PREVIOUS_AGENT_BIN")
+        .expect("DATAPLANE_PREVIOUS_AGENT_BIN: the previous release's agent");
+    let mut c = Cluster::start_with_agent_bin(
+        previous.into(),
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "web.yaml",
+            web(&[&lab_pod("web-a"), &lab_pod("web-b"), &lab_pod("web-c")]),
+        )],
+    );
+    let (step_tx, step_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let client = dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns("client"), move || {
+        let mut tcp = traffic::TcpConn::open(http(WEB_IP)).expect("connect");
+        let udp = traffic::UdpConn::open(dns(WEB_IP)).expect("UDP socket");
+        // Before and after the upgrade.
+        for _ in 0..2 {
+            seen_tx.send((tcp.request(), udp.request())).unwrap();
+            if step_rx.recv().is_err() {
+                break;
+            }
+        }
+    })
+    .unwrap();
+    let (tcp_before, udp_before) = seen_rx.recv().unwrap();
+    assert!(
+        tcp_before.backend().is_some() && udp_before.backend().is_some(),
+        "{tcp_before:?} {udp_before:?}\n{}",
+        c.logs()
+    );
+
+    c.upgrade_agents();
+    step_tx.send(()).unwrap();
+    let (tcp_after, udp_after) = seen_rx.recv().unwrap();
+    drop(step_tx);
+    client.join().unwrap();
+
+    assert_eq!(
+        tcp_after.backend(),
+        tcp_before.backend(),
+        "the TCP connection after the upgrade\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        udp_after.backend(),
+        udp_before.backend(),
+        "the UDP flow after the upgrade\n{}",
+        c.logs()
+    );
+    let log = c.agent_log(1);
+    assert!(
+        log.contains("migrated from layout Some(2)"),
+        "the new agent migrated the maps: {log}"
+    );
+    assert!(
+        c.tcp("client", http(WEB_IP)).backend().is_some(),
+        "new connections after the upgrade\n{}",
+        c.logs()
+    );
+}

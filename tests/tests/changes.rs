@@ -1,6 +1,6 @@
 //! Changes applied while traffic flows: endpoints, bad manifests, new pods.
 
-use dataplane_lab::{netns, traffic, CrossNode, Lab, PodSpec, Topology};
+use dataplane_lab::{manifests, netns, traffic, CrossNode, Lab, PodSpec, Topology};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 
 #[test]
@@ -63,8 +63,11 @@ fn removed_endpoint_gets_no_new_connections_and_its_tcp_flow_is_reset() {
     );
 }
 
+/// Upstream: "should be able to preserve UDP traffic when server pod cycles
+/// for a ClusterIP service": the flow's backend is removed, a new one comes,
+/// and the same socket reaches it (no black hole).
 #[test]
-fn udp_flow_to_a_removed_endpoint_moves_to_a_live_one() {
+fn udp_traffic_is_preserved_when_the_server_pod_cycles_for_a_clusterip_service() {
     require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-c"));
     let c = Cluster::start(
@@ -374,6 +377,56 @@ fn open_connections_survive_an_upgrade_from_the_previous_release() {
     assert!(
         c.tcp("client", http(WEB_IP)).backend().is_some(),
         "new connections after the upgrade\n{}",
+        c.logs()
+    );
+}
+
+/// Upstream: "should be able to preserve UDP traffic when initial unready
+/// endpoints get ready": a UDP socket that started sending while the only
+/// endpoint was not ready (refused, nothing tracked) reaches the endpoint
+/// once it is ready, on the same 5-tuple.
+#[test]
+fn udp_traffic_is_preserved_when_initial_unready_endpoints_get_ready() {
+    require_root();
+    let pod = lab_pod("web-a");
+    let with_state = |state| {
+        manifests::manifest(
+            &manifests::web_service("web", WEB_IP),
+            vec![manifests::endpoint(
+                pod.ip(),
+                Some(&format!("node{}", pod.node)),
+                state,
+            )],
+        )
+    };
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", with_state(manifests::State::NotReady))],
+    );
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let flow = dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns("client"), move || {
+        let conn = traffic::UdpConn::open(dns(WEB_IP)).expect("udp socket");
+        first_tx.send(conn.request()).unwrap();
+        go_rx.recv().unwrap();
+        (0..20)
+            .map(|_| conn.request())
+            .find(|o| o.backend().is_some())
+    })
+    .unwrap();
+    assert_eq!(first_rx.recv().unwrap(), Seen::Refused, "{}", c.logs());
+
+    c.write_manifest("web.yaml", &with_state(manifests::State::Ready));
+    c.eventually("new flows reach web-a", || {
+        c.udp("client", dns(WEB_IP)).backend() == Some("web-a")
+    });
+    go_tx.send(()).unwrap();
+
+    assert_eq!(
+        flow.join().unwrap().as_ref().and_then(|o| o.backend()),
+        Some("web-a"),
+        "the socket that was refused reaches the ready endpoint\n{}",
         c.logs()
     );
 }

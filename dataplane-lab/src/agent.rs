@@ -168,7 +168,7 @@ impl Agent {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node_ns]).arg(&bin).arg("run");
+        cmd.args(["netns", "exec", node_ns]).arg(bin).arg("run");
         match source {
             Source::Manifests(dir) => cmd.arg("--manifests").arg(dir),
             Source::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),

@@ -351,6 +351,40 @@ fn refilled_load_balancing_maps_keep_the_backend_ids_of_open_flows() {
     assert_layout_is_this_agents(&dp);
 }
 
+/// The first full sync after the upgrade no longer lists the flow's
+/// backend: it is gone for good (the flow is reset), not brought back by
+/// the catch-up copy after the switch.
+#[test]
+fn a_backend_the_first_sync_removed_stays_removed_after_the_switch() {
+    let bpffs = earlier_agent_maps(2, 65_536);
+    let mut dp =
+        Harness::load_on(bpffs, &DatapathConfig::default()).unwrap_or_else(|e| panic!("{e:#}"));
+    dp.sync_all(&[
+        ("web", service(), Protocol::Tcp, &[first_backend()]),
+        ("dns", dns_service(), Protocol::Udp, &[dns_backend()]),
+    ]);
+
+    dp.datapath
+        .commit_migration()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    let backends = hash::<u32, Backend>(dp.bpffs(), map_names::BACKENDS);
+    assert!(
+        backends.get(&FLOW_BACKEND_ID, 0).is_err(),
+        "the removed backend is not back in BACKENDS"
+    );
+    let ack = Tcp::new(client(), service(), ACK)
+        .seq(1_000)
+        .ack(2_000)
+        .build();
+    dp.run_from_pod(&ack);
+    assert_eq!(
+        dp.counter(Counter::ResetBackendGone),
+        1,
+        "its flow is reset"
+    );
+}
+
 #[test]
 fn flows_of_an_agent_before_layout_versions_keep_their_backends_after_the_upgrade() {
     let bpffs = earlier_agent_maps(1, 131_072);

@@ -188,6 +188,43 @@ impl Harness {
             .expect("syncing the service into the maps");
     }
 
+    /// A full sync (as the agent's first after a start) to exactly these
+    /// services, one frontend each: anything else the maps hold goes,
+    /// backends adopted without a slot included.
+    pub fn sync_all(&mut self, services: &[(&str, SocketAddrV4, Protocol, &[SocketAddrV4])]) {
+        let all = services
+            .iter()
+            .map(|(name, frontend, proto, backends)| {
+                let service = ObjectRef {
+                    namespace: "default".into(),
+                    name: (*name).into(),
+                };
+                let spec = FrontendSpec {
+                    service: service.clone(),
+                    port_name: None,
+                    backends: backends
+                        .iter()
+                        .map(|b| BackendAddr {
+                            ip: *b.ip(),
+                            port: b.port(),
+                        })
+                        .collect(),
+                    draining: Vec::new(),
+                    affinity_timeout_s: None,
+                    drop_without_local_endpoints: false,
+                };
+                let frontend = Frontend {
+                    ip: *frontend.ip(),
+                    port: frontend.port(),
+                    proto: *proto,
+                };
+                (service, vec![(frontend, spec)])
+            })
+            .collect();
+        let (_, errors) = self.engine.sync_all(&all);
+        assert!(errors.is_empty(), "full sync: {errors:?}");
+    }
+
     /// Runs program `program` (`from_pod`, `to_pod`, ...) on `packet`; Err
     /// if the kernel refused the run.
     pub fn try_run(&self, program: &str, packet: &[u8]) -> Result<Run, ProgramError> {

@@ -481,6 +481,10 @@ pub fn convert(
         }
         let to = plan.pin_path(bpffs, layout.name);
         let written = match layout.name {
+            // Only the agent writes BACKENDS, and the sync engine has made
+            // the new one current: a catch-up would bring back backends it
+            // removed.
+            map_names::BACKENDS if pass == Pass::CatchUp => 0,
             map_names::BACKENDS => copy_entries::<u32, Backend, Backend>(
                 &bpffs.join(layout.name),
                 &to,

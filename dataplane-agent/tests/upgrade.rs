@@ -351,6 +351,54 @@ fn refilled_load_balancing_maps_keep_the_backend_ids_of_open_flows() {
     assert_layout_is_this_agents(&dp);
 }
 
+/// Until the switch the previous programs keep running on the old maps:
+/// what they do between the first copy and the switch (a FIN on a flow, a
+/// new flow) is carried by the catch-up after it.
+#[test]
+fn flows_the_previous_programs_move_on_or_open_before_the_switch_are_carried() {
+    let bpffs = earlier_agent_maps(2, 131_072);
+    let mut dp =
+        Harness::load_on(bpffs, &DatapathConfig::default()).unwrap_or_else(|e| panic!("{e:#}"));
+    dp.set_service(
+        "web",
+        service(),
+        Protocol::Tcp,
+        &[first_backend(), flow_backend()],
+    );
+    dp.set_service("dns", dns_service(), Protocol::Udp, &[dns_backend()]);
+    // The previous programs, after the first copy: the client sends a FIN,
+    // and another client port opens a flow.
+    let mut old = hash::<CtKey, [u8; 48]>(dp.bpffs(), map_names::CONNTRACK);
+    let [(key, mut entry), _] = flow(service(), flow_backend(), IPPROTO_TCP, SERVICE_ID);
+    entry.last_seen_ns += 1_000_000;
+    entry.flags |= ct_flags::FIN_ORIGINAL;
+    old.insert(key, bytemuck::cast::<CtEntry, [u8; 48]>(entry), 0)
+        .expect("the FIN");
+    let mut opened = entry;
+    opened.client_port = port_to_map(40_001);
+    opened.flags = ct_flags::SEEN_REPLY;
+    for key in [opened.original_key(), opened.reply_key()] {
+        old.insert(key, bytemuck::cast::<CtEntry, [u8; 48]>(opened), 0)
+            .expect("the new flow");
+    }
+
+    dp.datapath
+        .commit_migration()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    let carried = dp.conntrack.tcp.get(&key, 0).expect("the flow");
+    assert_ne!(
+        carried.flags & ct_flags::FIN_ORIGINAL,
+        0,
+        "the FIN is carried"
+    );
+    assert_eq!(carried.last_seen_ns, entry.last_seen_ns);
+    assert!(
+        dp.conntrack.tcp.get(&opened.reply_key(), 0).is_ok(),
+        "the flow opened before the switch is carried, reply entry too"
+    );
+}
+
 /// The first full sync after the upgrade no longer lists the flow's
 /// backend: it is gone for good (the flow is reset), not brought back by
 /// the catch-up copy after the switch.

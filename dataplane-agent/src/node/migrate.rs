@@ -408,9 +408,11 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(map).map_err(read_err(path))
 }
 
-/// Whether a pass copies everything (the first, into empty maps) or only
-/// what is not there yet (the catch-up after the switch: flows the previous
-/// programs created meanwhile; entries the new programs made win).
+/// Whether a pass copies everything (the first, into empty maps) or
+/// catches up after the switch: flows the previous programs created since
+/// the first pass are added, and entries they moved on since (a later
+/// packet, a FIN) are updated where the new programs have not seen the flow
+/// since; the new programs' own entries win.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
     First,
@@ -430,16 +432,23 @@ impl Pass {
 }
 
 /// Copies `keep`'s entries of `from` into `to`, converted by `convert`;
-/// the number written.
+/// the number written. In the catch-up pass an entry already in `to` is
+/// replaced by `newer(current, converted)` where that gives one.
 fn copy_entries<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
     from: &Path,
     to: &Path,
     pass: Pass,
     keep: impl Fn(&K) -> bool,
     convert: impl Fn(&V) -> W,
+    newer: impl Fn(&W, &W) -> Option<W>,
 ) -> Result<usize, MigrateError> {
     let source: BpfHashMap<MapData, K, V> = open_hash(from)?;
     let mut target: BpfHashMap<MapData, K, W> = open_hash(to)?;
+    let carry_err = |source| MigrateError::Convert {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source: Box::new(source),
+    };
     let mut written = 0;
     for entry in source.iter() {
         // An entry evicted or expired during the walk is simply not carried.
@@ -447,20 +456,36 @@ fn copy_entries<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
         if !keep(&key) {
             continue;
         }
-        match target.insert(key, convert(&value), pass.flags()) {
+        let converted = convert(&value);
+        match target.insert(key, converted, pass.flags()) {
             Ok(()) => written += 1,
             Err(MapError::SyscallError(e))
-                if pass == Pass::CatchUp && e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => {
-                return Err(MigrateError::Convert {
-                    from: from.to_path_buf(),
-                    to: to.to_path_buf(),
-                    source: Box::new(source),
-                })
+                if pass == Pass::CatchUp && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                let Ok(current) = target.get(&key, 0) else {
+                    continue;
+                };
+                if let Some(merged) = newer(&current, &converted) {
+                    target.insert(key, merged, 0).map_err(carry_err)?;
+                    written += 1;
+                }
             }
+            Err(source) => return Err(carry_err(source)),
         }
     }
     Ok(written)
+}
+
+/// A conntrack entry the previous programs refreshed after the one in the
+/// new map was copied (so the new programs have not seen the flow since:
+/// they started after the old ones stopped): the old entry, keeping any bit
+/// the new one has.
+fn newer_flow(current: &CtEntry, old: &CtEntry) -> Option<CtEntry> {
+    (old.last_seen_ns > current.last_seen_ns).then(|| CtEntry {
+        state: old.state | current.state,
+        flags: old.flags | current.flags,
+        ..*old
+    })
 }
 
 /// Fills every map the plan converts from its source, still pinned in
@@ -491,6 +516,7 @@ pub fn convert(
                 pass,
                 |_| true,
                 |b| *b,
+                |_, _| None,
             )?,
             map_names::AFFINITY => copy_entries::<AffinityKey, AffinityEntry, AffinityEntry>(
                 &bpffs.join(layout.name),
@@ -498,6 +524,7 @@ pub fn convert(
                 pass,
                 |_| true,
                 |a| *a,
+                |current, old| (old.last_used_ns > current.last_used_ns).then_some(*old),
             )?,
             name @ (map_names::CT_TCP | map_names::CT_OTHER) => {
                 let Some((from, source)) = flow_source(bpffs, found, layout)? else {
@@ -514,6 +541,7 @@ pub fn convert(
                     pass,
                     |k| (k.proto == IPPROTO_TCP) == tcp,
                     |v| ct_entry_from(version, v),
+                    newer_flow,
                 )?
             }
             _ => 0,
@@ -607,6 +635,32 @@ mod tests {
         };
         let bytes: [u8; CT_ENTRY_SIZE] = bytemuck::cast(e);
         assert_eq!(ct_entry_from(2, &bytes), e);
+    }
+
+    #[test]
+    fn catch_up_takes_a_flow_the_old_programs_moved_on_and_keeps_new_bits() {
+        let copied = CtEntry {
+            last_seen_ns: 10,
+            state: ct_state::OPENING,
+            flags: ct_flags::SEEN_REPLY,
+            ..Default::default()
+        };
+        let old = CtEntry {
+            last_seen_ns: 20,
+            state: ct_state::ESTABLISHED,
+            flags: ct_flags::FIN_ORIGINAL,
+            ..copied
+        };
+        let merged = newer_flow(&copied, &old).expect("the old entry is newer");
+        assert_eq!(merged.last_seen_ns, 20);
+        assert_eq!(merged.state, ct_state::ESTABLISHED);
+        assert_eq!(merged.flags, ct_flags::SEEN_REPLY | ct_flags::FIN_ORIGINAL);
+        // Seen by the new programs since: theirs stays.
+        let touched = CtEntry {
+            last_seen_ns: 30,
+            ..copied
+        };
+        assert_eq!(newer_flow(&touched, &old), None);
     }
 
     #[test]

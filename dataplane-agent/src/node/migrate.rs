@@ -481,7 +481,7 @@ fn copy_entries<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
 /// they started after the old ones stopped): the old entry, keeping any bit
 /// the new one has.
 fn newer_flow(current: &CtEntry, old: &CtEntry) -> Option<CtEntry> {
-    (old.last_seen_ns > current.last_seen_ns).then(|| CtEntry {
+    (old.last_seen_ns > current.last_seen_ns).then_some(CtEntry {
         state: old.state | current.state,
         flags: old.flags | current.flags,
         ..*old

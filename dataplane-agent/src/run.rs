@@ -18,7 +18,7 @@ use crate::{
         health::Health,
         run_loop::ControlLoop,
         source::{self, SourceUpdate, UpdateSender},
-        sync::SyncEngine,
+        sync::{CtOccupancy, SyncEngine},
     },
     kubeproxy_config,
     node::{
@@ -138,8 +138,15 @@ fn handle_link(datapath: &mut Datapath, link: LinkEvent) {
 async fn run_async(options: Options) -> anyhow::Result<()> {
     let filter = PodInterfaceFilter::new(&options.pod_ifaces)?;
     ensure_bpffs(&options.bpffs)?;
-    let (mut datapath, maps) = Datapath::load(&options.bpffs)?;
-    let mut conntrack_map = maps.conntrack;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let config = options.conntrack.datapath_config(cpus);
+    let (mut datapath, maps) = Datapath::load_with(&options.bpffs, &config)?;
+    let mut conntrack_maps = maps.conntrack;
+    let ct_capacity = CtOccupancy {
+        tcp_capacity: config.ct_max_tcp,
+        other_capacity: config.ct_max_other,
+        ..CtOccupancy::default()
+    };
     let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
@@ -184,6 +191,9 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         }
         handle_link(&mut datapath, link);
     }
+    // The programs run on the new maps everywhere now: those of an earlier
+    // layout (or other sizes) are replaced.
+    datapath.commit_migration()?;
     datapath.remove_stale_links();
     control.mark_synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
@@ -203,11 +213,15 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             },
             _ = gc.tick() => {
                 control.tick();
-                let sweep = ct_gc::sweep(&mut conntrack_map);
+                let sweep = ct_gc::sweep(&mut conntrack_maps, &config.ct_lifetimes);
                 if sweep.removed > 0 {
                     log::debug!("conntrack: removed {} expired entries", sweep.removed);
                 }
-                metrics.conntrack_entries(sweep.remaining);
+                metrics.conntrack_entries(CtOccupancy {
+                    tcp: sweep.remaining_tcp,
+                    other: sweep.remaining_other,
+                    ..ct_capacity
+                });
             }
             served = &mut healthz_server => break server_stopped("healthz", served),
             served = &mut metrics_server => break server_stopped("metrics", served),

@@ -6,11 +6,14 @@
 
 use std::net::SocketAddrV4;
 
-use dataplane_agent::control::model::Protocol;
-use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry};
+use dataplane_agent::{
+    control::model::Protocol,
+    node::{datapath::DatapathConfig, pinned::monotonic_now_ns},
+};
+use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, CtLifetimes};
 use dataplane_testkit::datapath::{self as harness, addr, ct_key, Harness, TC_ACT_OK};
 use dataplane_testkit::packets::{
-    self, assert_translated, hex, ones_sum, Tcp, ACK, ETH_HLEN, FIN, RST, SYN,
+    self, assert_translated, hex, ones_sum, Tcp, Udp, ACK, ETH_HLEN, FIN, RST, SYN,
 };
 
 fn client() -> SocketAddrV4 {
@@ -71,7 +74,7 @@ fn syn_ack_alone_keeps_a_flow_in_the_opening_timeout() {
         "a half-open flow keeps the opening lifetime"
     );
     assert_eq!(
-        entry.lifetime_ns(),
+        entry.lifetime_ns(&CtLifetimes::default()),
         60 * 1_000_000_000,
         "opening lifetime, not 6 hours"
     );
@@ -294,5 +297,81 @@ fn reply_tuple_left_by_a_forgotten_flow_is_taken_over() {
         other_service(),
         client(),
         "replies now belong to the new flow",
+    );
+}
+
+fn dns_service() -> SocketAddrV4 {
+    addr([10, 96, 0, 10], 53)
+}
+fn dns_backend() -> SocketAddrV4 {
+    addr([10, 244, 2, 10], 5353)
+}
+
+/// A datapath loaded with `lifetimes` (as `--conntrack-udp-timeout` and
+/// friends set them) and a DNS service with one backend.
+fn dns_with_lifetimes(lifetimes: CtLifetimes) -> Harness {
+    let config = DatapathConfig {
+        ct_lifetimes: lifetimes,
+        ..DatapathConfig::default()
+    };
+    let bpffs = harness::Bpffs::new().expect("a bpffs");
+    let mut dp = Harness::load_on(bpffs, &config).unwrap_or_else(|e| panic!("{e:#}"));
+    dp.set_service("dns", dns_service(), Protocol::Udp, &[dns_backend()]);
+    dp
+}
+
+/// Makes the flow's last packet `secs` seconds old.
+fn age_udp_flow(dp: &mut Harness, secs: u64) {
+    let key = ct_key(client(), dns_service(), Protocol::Udp, ct_dir::ORIGINAL);
+    let mut entry = dp.ct_get(&key).expect("the flow is tracked");
+    entry.last_seen_ns = monotonic_now_ns() - secs * 1_000_000_000;
+    dp.conntrack.insert(key, entry, 0).expect("aging the flow");
+}
+
+/// The datapath expires UDP flows by the configured lifetimes: 5 s for a
+/// flow that has seen no reply, 100 s for one that has (a stream), instead
+/// of one built-in figure.
+#[test]
+fn udp_flows_expire_by_the_configured_unreplied_and_stream_lifetimes() {
+    let lifetimes = CtLifetimes {
+        udp_s: 5,
+        udp_stream_s: 100,
+        ..CtLifetimes::default()
+    };
+    let query = Udp::new(client(), dns_service()).payload(b"q").build();
+    let answer = Udp::new(dns_backend(), client()).payload(b"a").build();
+
+    // Unreplied, 10 s idle: expired, the next query starts a new flow.
+    let mut dp = dns_with_lifetimes(lifetimes);
+    dp.run_from_pod(&query);
+    age_udp_flow(&mut dp, 10);
+    dp.run_from_pod(&query);
+    assert_eq!(
+        dp.counter(Counter::NewFlow),
+        2,
+        "expired after the 5 s lifetime"
+    );
+
+    // Replied, 50 s idle: still the same flow.
+    let mut dp = dns_with_lifetimes(lifetimes);
+    dp.run_from_pod(&query);
+    dp.run_to_pod(&answer);
+    age_udp_flow(&mut dp, 50);
+    dp.run_from_pod(&query);
+    assert_eq!(
+        (
+            dp.counter(Counter::NewFlow),
+            dp.counter(Counter::Established)
+        ),
+        (1, 1),
+        "a stream lives 100 s"
+    );
+    // 150 s idle: expired.
+    age_udp_flow(&mut dp, 150);
+    dp.run_from_pod(&query);
+    assert_eq!(
+        dp.counter(Counter::NewFlow),
+        2,
+        "expired after the stream lifetime"
     );
 }

@@ -12,7 +12,7 @@ use dataplane_agent::{
         pinned::monotonic_now_ns,
     },
 };
-use dataplane_common::{ct_dir, CtEntry, CtKey};
+use dataplane_common::{ct_dir, CtEntry, CtKey, CtLifetimes};
 use dataplane_testkit::datapath::{addr, ct_key, Harness, TC_ACT_OK};
 use dataplane_testkit::packets::Udp;
 
@@ -53,13 +53,16 @@ fn flow_refreshed_between_walk_and_delete_keeps_its_entries() {
     // The sweep's walk: both entries look dead.
     let walked: Vec<(CtKey, CtEntry)> = dp.conntrack.iter().map(Result::unwrap).collect();
     let now = monotonic_now_ns();
-    let candidates = expired_keys(&walked, now);
+    let candidates = expired_keys(&walked, now, &CtLifetimes::default());
     assert_eq!(candidates.len(), 2);
 
     // Another query before the deletes.
     assert_eq!(dp.run_from_pod(&query).verdict, TC_ACT_OK);
 
-    assert_eq!(delete_still_dead(&mut dp.conntrack, &candidates, now), 0);
+    assert_eq!(
+        delete_still_dead(&mut dp.conntrack, &candidates, now, &CtLifetimes::default()),
+        0
+    );
     let original = ct_key(client(), dns_service(), Protocol::Udp, ct_dir::ORIGINAL);
     assert!(dp.ct_get(&original).is_some());
     assert_eq!(dp.ct_len(), 2);
@@ -69,7 +72,7 @@ fn flow_refreshed_between_walk_and_delete_keeps_its_entries() {
 fn sweep_removes_a_flow_nobody_refreshed() {
     let (mut dp, _) = udp_flow();
     age_all(&mut dp);
-    let swept = sweep(&mut dp.conntrack);
-    assert_eq!((swept.removed, swept.remaining), (2, 0));
+    let swept = sweep(&mut dp.conntrack, &CtLifetimes::default());
+    assert_eq!((swept.removed, swept.remaining()), (2, 0));
     assert_eq!(dp.ct_len(), 0);
 }

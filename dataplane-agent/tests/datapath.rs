@@ -978,34 +978,6 @@ fn syn_with_ip_options_to_a_service_without_endpoints_gets_a_plain_reset() {
 }
 
 #[test]
-fn fragments_to_a_service_pass_untouched_and_count_as_malformed() {
-    let mut dp = Harness::new();
-    dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
-    dp.set_service("dns", dns_service(), Protocol::Udp, &[dns_backend()]);
-    let fragment = |mut frame: Vec<u8>, frag_field: u16| {
-        frame[ETH_HLEN + 6..ETH_HLEN + 8].copy_from_slice(&frag_field.to_be_bytes());
-        fix_ip_checksum(&mut frame);
-        frame
-    };
-    let udp = Udp::new(client(), dns_service()).payload(&[7; 64]).build();
-    let tcp = Tcp::new(client(), service(), ACK).payload(&[7; 64]).build();
-    let cases = [
-        (fragment(udp.clone(), 0x2000), "first UDP fragment (MF)"),
-        (fragment(udp.clone(), 0x2000 | 185), "middle UDP fragment"),
-        (fragment(udp, 185), "last UDP fragment"),
-        (fragment(tcp.clone(), 0x2000), "first TCP fragment (MF)"),
-        (fragment(tcp, 1), "TCP fragment at offset 8"),
-    ];
-
-    for (frame, what) in &cases {
-        assert_untouched(&dp.run_from_pod(frame), frame, what);
-    }
-
-    assert_eq!(dp.counter(Counter::Malformed), cases.len() as u64);
-    assert_eq!(dp.ct_len(), 0, "no flow created from a fragment");
-}
-
-#[test]
 fn inconsistent_ip_and_tcp_lengths_to_a_service_pass_untouched_and_count_as_malformed() {
     let mut dp = Harness::new();
     dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
@@ -1209,13 +1181,15 @@ impl Services {
     }
 }
 
-/// Whether a packet is a complete, unfragmented IPv4 TCP/UDP datagram, judged
+/// Whether a packet is a complete IPv4 TCP/UDP datagram or the first
+/// fragment of one (whose UDP length covers more than it holds), judged
 /// here independently of the datapath's parser.
 fn well_formed(frame: &[u8]) -> Option<Fields> {
     let f = ipv4_fields(frame)?;
     let frag = be16(frame, ETH_HLEN + 6);
+    let first_fragment = frag & 0x2000 != 0;
     let l4_len = f.tot_len.checked_sub(f.ihl_bytes)?;
-    if frag & 0x3fff != 0 || ETH_HLEN + f.tot_len > frame.len() {
+    if frag & 0x1fff != 0 || ETH_HLEN + f.tot_len > frame.len() {
         return None;
     }
     match f.proto {
@@ -1224,9 +1198,60 @@ fn well_formed(frame: &[u8]) -> Option<Fields> {
         }
         17 if l4_len >= 8 => {
             let udp_len = usize::from(be16(frame, f.l4() + 4));
-            (udp_len >= 8 && udp_len <= l4_len).then_some(f)
+            (udp_len >= 8 && (first_fragment || udp_len <= l4_len)).then_some(f)
         }
         _ => None,
+    }
+}
+
+/// A later fragment (no L4 header) of a TCP/UDP datagram to a service IP,
+/// with lengths that fit the frame: translated if its datagram's first
+/// fragment was (`FRAGMENTS`), dropped otherwise.
+fn later_fragment_to_a_service(services: &Services, frame: &[u8]) -> Option<Fields> {
+    let f = ipv4_fields(frame)?;
+    let frag = be16(frame, ETH_HLEN + 6);
+    let fits = f.tot_len >= f.ihl_bytes && ETH_HLEN + f.tot_len <= frame.len();
+    let to_service = services
+        .frontends
+        .keys()
+        .any(|(frontend, _)| *frontend.ip() == f.dst);
+    (frag & 0x1fff != 0 && matches!(f.proto, 6 | 17) && fits && to_service).then_some(f)
+}
+
+/// A later fragment translated: only its addresses (to a backend of a
+/// service on its destination IP, or back from one) and the IPv4 header
+/// checksum changed.
+fn check_later_fragment_rewrite(services: &Services, input: &[u8], output: &[u8], what: &str) {
+    let f = later_fragment_to_a_service(services, input)
+        .unwrap_or_else(|| panic!("{what}: a malformed packet was rewritten"));
+    let out = ipv4_fields(output).expect("an IPv4 frame");
+    let backend_ips: Vec<_> = services
+        .frontends
+        .iter()
+        .filter(|((frontend, proto), _)| *frontend.ip() == f.dst && *proto == f.proto)
+        .flat_map(|(_, backends)| backends.iter().map(|b| *b.ip()))
+        .collect();
+    assert!(
+        backend_ips.contains(&out.dst) || out.src == f.dst,
+        "{what}: later fragment {} -> {} became {} -> {}",
+        f.src,
+        f.dst,
+        out.src,
+        out.dst
+    );
+    let mut expected = input.to_vec();
+    expected[26..34].copy_from_slice(&output[26..34]);
+    expected[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&output[ETH_HLEN + 10..ETH_HLEN + 12]);
+    assert_eq!(
+        hex(output),
+        hex(&expected),
+        "{what}: a later fragment's payload changed"
+    );
+    if ip_checksum_ok(input) {
+        assert!(
+            ip_checksum_ok(output),
+            "{what}: valid IPv4 checksum became invalid"
+        );
     }
 }
 
@@ -1568,9 +1593,17 @@ fn random_and_corrupted_packets_never_get_a_wrong_rewrite() {
         let mut seen = outcomes.borrow_mut();
         match run.verdict {
             TC_ACT_OK if run.output == input => seen.untouched += 1,
+            TC_ACT_OK if later_fragment_to_a_service(&services, &input).is_some() => {
+                check_later_fragment_rewrite(&services, &input, &run.output, &what);
+                seen.rewritten += 1;
+            }
             TC_ACT_OK => {
                 check_rewrite(&services, &input, &run.output, &what);
                 seen.rewritten += 1;
+            }
+            // A later fragment of a datagram whose start was not seen.
+            TC_ACT_SHOT if later_fragment_to_a_service(&services, &input).is_some() => {
+                seen.dropped += 1;
             }
             TC_ACT_REDIRECT => {
                 check_reject(&services, &input, &run.output, &what);

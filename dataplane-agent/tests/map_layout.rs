@@ -1,7 +1,8 @@
 //! The agent adopts maps a previous agent pinned only when their layout is
-//! its own: a map of another shape or an older layout version is refused
-//! with an error that says what to do, instead of being reused as if it
-//! matched (which aya would do).
+//! its own (older layouts are migrated, `upgrade.rs`): a newer layout or a
+//! flow map of a shape no layout had is refused with an error that says
+//! what to do, instead of being reused as if it matched (which aya would
+//! do).
 //!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs);
 //! foreign maps are made with bpftool.
@@ -65,28 +66,30 @@ fn load_error(dir: &Path) -> String {
 }
 
 #[test]
-fn maps_of_a_release_before_layout_versions_are_refused() {
+fn a_conntrack_map_of_no_known_layout_is_refused() {
     let bpffs = Bpffs::new();
-    // The previous release's conntrack: same sizes, other field meanings.
+    // Unversioned (layout 1), but its entries are not layout 1's.
     bpftool_map(
         bpffs.path(),
         map_names::CONNTRACK,
         "lru_hash",
         16,
-        48,
-        262_144,
+        40,
+        1_024,
     );
 
     let error = load_error(bpffs.path());
 
     assert!(
-        error.contains("before map layout versions") && error.contains("dataplane-agent cleanup"),
+        error.contains("CONNTRACK cannot be migrated")
+            && error.contains("value size is 40, layout 1 has 48")
+            && error.contains("dataplane-agent cleanup"),
         "{error}"
     );
 }
 
 #[test]
-fn maps_of_another_layout_version_are_refused() {
+fn maps_of_a_newer_layout_version_are_refused() {
     let bpffs = Bpffs::new();
     bpftool_map(bpffs.path(), map_names::LAYOUT, "array", 4, 4, 1);
     let map = MapData::from_pin(bpffs.path().join(map_names::LAYOUT)).expect("LAYOUT");
@@ -99,7 +102,7 @@ fn maps_of_another_layout_version_are_refused() {
 
     assert!(
         error.contains(&format!(
-            "layout version {}, this agent uses {LAYOUT_VERSION}",
+            "layout version {}, newer than this agent's {LAYOUT_VERSION}",
             LAYOUT_VERSION + 1
         )),
         "{error}"
@@ -112,21 +115,16 @@ fn pinned_map_of_another_shape_is_refused_and_named() {
     {
         let _first = Datapath::load(bpffs.path()).expect("first load");
     }
-    // Replace the pinned conntrack with one of an older entry size.
-    std::fs::remove_file(bpffs.path().join(map_names::CONNTRACK)).expect("unpinning");
-    bpftool_map(
-        bpffs.path(),
-        map_names::CONNTRACK,
-        "lru_hash",
-        16,
-        40,
-        262_144,
-    );
+    // Replace the pinned TCP conntrack with one of another entry size.
+    std::fs::remove_file(bpffs.path().join(map_names::CT_TCP)).expect("unpinning");
+    bpftool_map(bpffs.path(), map_names::CT_TCP, "lru_hash", 16, 40, 1_024);
 
     let error = load_error(bpffs.path());
 
     assert!(
-        error.contains("CONNTRACK") && error.contains("value size is 40") && error.contains("48"),
+        error.contains("CT_TCP cannot be migrated")
+            && error.contains("value size is 40")
+            && error.contains("48"),
         "{error}"
     );
 }
@@ -152,6 +150,7 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     let (_datapath, mut maps) = Datapath::load(bpffs.path()).expect("loading the datapath");
     let entry = dataplane_common::CtEntry {
         client_port: 40_000u16.to_be(),
+        proto: dataplane_common::IPPROTO_TCP,
         ..Default::default()
     };
     maps.conntrack
@@ -160,7 +159,7 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
 
     let out = Command::new("bpftool")
         .args(["--json", "map", "dump", "pinned"])
-        .arg(bpffs.path().join(map_names::CONNTRACK))
+        .arg(bpffs.path().join(map_names::CT_TCP))
         .output()
         .expect("running bpftool");
 

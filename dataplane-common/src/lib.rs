@@ -16,6 +16,18 @@ pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const BACKENDS: &str = "BACKENDS";
+    /// Conntrack of TCP flows.
+    pub const CT_TCP: &str = "CT_TCP";
+    /// Conntrack of UDP (and any other protocol's) flows, apart from TCP so
+    /// that a burst of DNS flows cannot evict long-lived TCP flows.
+    pub const CT_OTHER: &str = "CT_OTHER";
+    /// Conntrack lifetimes the agent was configured with, read by the
+    /// datapath, the sweep and `inspect`.
+    pub const CT_LIFETIMES: &str = "CT_LIFETIMES";
+    /// Ports of fragmented datagrams, so every fragment follows the first.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// The single conntrack map of layouts 1 and 2, split into `CT_TCP` and
+    /// `CT_OTHER` since 3. Only the migration still opens it.
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
@@ -25,12 +37,15 @@ pub mod map_names {
     /// The layout version of the maps pinned next to it.
     pub const LAYOUT: &str = "LAYOUT";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 14] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
-        CONNTRACK,
+        CT_TCP,
+        CT_OTHER,
+        CT_LIFETIMES,
+        FRAGMENTS,
         COUNTERS,
         SERVICE_NAMES,
         AFFINITY,
@@ -49,8 +64,10 @@ pub mod map_names {
 ///
 /// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
-/// one word, `Counter::ReplyTupleClash`.
-pub const LAYOUT_VERSION: u32 = 2;
+/// one word, `Counter::ReplyTupleClash`. Version 3: `CONNTRACK` split into
+/// `CT_TCP` and `CT_OTHER` (sized at load), lifetimes in `CT_LIFETIMES`,
+/// `FRAGMENTS`, `Counter::FragmentTranslated` and `FragmentUnknown`.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +75,8 @@ pub struct MapLayout {
     pub name: &'static str,
     pub key_size: u32,
     pub value_size: u32,
+    /// The object's capacity; the agent sizes the conntrack maps at load
+    /// (`--conntrack-max-tcp`, `--conntrack-max-other`).
     pub max_entries: u32,
 }
 
@@ -81,7 +100,10 @@ pub mod map_layouts {
         layout::<ServiceKey, ServiceValue>(map_names::SERVICES, capacity::SERVICES),
         layout::<BackendSlotKey, u32>(map_names::BACKEND_SLOTS, capacity::BACKEND_SLOTS),
         layout::<u32, Backend>(map_names::BACKENDS, capacity::BACKENDS),
-        layout::<CtKey, CtEntry>(map_names::CONNTRACK, capacity::CONNTRACK),
+        layout::<CtKey, CtEntry>(map_names::CT_TCP, capacity::CT_TCP),
+        layout::<CtKey, CtEntry>(map_names::CT_OTHER, capacity::CT_OTHER),
+        layout::<u32, CtLifetimes>(map_names::CT_LIFETIMES, 1),
+        layout::<FragKey, FragPorts>(map_names::FRAGMENTS, capacity::FRAGMENTS),
         layout::<u32, u64>(map_names::COUNTERS, Counter::COUNT),
         layout::<u32, ServiceLabel>(map_names::SERVICE_NAMES, capacity::SERVICES),
         layout::<AffinityKey, AffinityEntry>(map_names::AFFINITY, capacity::AFFINITY),
@@ -100,7 +122,11 @@ pub mod capacity {
     pub const SERVICES: u32 = 131_072;
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
-    pub const CONNTRACK: u32 = 262_144;
+    /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
+    pub const CT_TCP: u32 = 131_072;
+    pub const CT_OTHER: u32 = 65_536;
+    /// Fragmented datagrams in flight (LRU).
+    pub const FRAGMENTS: u32 = 8_192;
     /// Clients remembered for ClientIP session affinity (LRU).
     pub const AFFINITY: u32 = 131_072;
     /// Most backends one service port may have.
@@ -303,31 +329,59 @@ const _: () = assert!(core::mem::offset_of!(CtEntry, state) % 8 == 0);
 const _: () =
     assert!(core::mem::offset_of!(CtEntry, flags) == core::mem::offset_of!(CtEntry, state) + 1);
 
-/// Conntrack lifetimes, in seconds, after the last packet of a flow.
-pub mod ct_timeout {
-    pub const TCP_OPENING_S: u64 = 60;
-    pub const TCP_ESTABLISHED_S: u64 = 6 * 3600;
-    pub const TCP_CLOSING_S: u64 = 10;
-    pub const UDP_S: u64 = 60;
+/// Conntrack lifetimes after the last packet of a flow, in seconds: value
+/// of `CT_LIFETIMES`, written by the agent from its flags at every start
+/// (kube-proxy's defaults otherwise).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtLifetimes {
+    /// TCP before the handshake completes.
+    pub tcp_opening_s: u32,
+    pub tcp_established_s: u32,
+    /// TCP after a FIN each way or a RST.
+    pub tcp_closing_s: u32,
+    /// UDP (and other protocols) that has seen one direction only.
+    pub udp_s: u32,
+    /// UDP that has seen replies (a stream).
+    pub udp_stream_s: u32,
+    pub _pad: u32,
+}
+
+impl Default for CtLifetimes {
+    fn default() -> Self {
+        Self {
+            tcp_opening_s: 60,
+            tcp_established_s: 6 * 3600,
+            tcp_closing_s: 10,
+            udp_s: 30,
+            udp_stream_s: 120,
+            _pad: 0,
+        }
+    }
 }
 
 impl CtEntry {
     /// How long after `last_seen_ns` this flow's entries stay valid.
-    pub fn lifetime_ns(&self) -> u64 {
+    #[inline(always)]
+    pub fn lifetime_ns(&self, lifetimes: &CtLifetimes) -> u64 {
         let secs = if self.proto == IPPROTO_TCP {
             match self.state {
-                ct_state::ESTABLISHED => ct_timeout::TCP_ESTABLISHED_S,
-                ct_state::CLOSING => ct_timeout::TCP_CLOSING_S,
-                _ => ct_timeout::TCP_OPENING_S,
+                ct_state::ESTABLISHED => lifetimes.tcp_established_s,
+                ct_state::CLOSING => lifetimes.tcp_closing_s,
+                _ => lifetimes.tcp_opening_s,
             }
+        } else if self.state == ct_state::OPENING {
+            lifetimes.udp_s
         } else {
-            ct_timeout::UDP_S
+            // A reply was seen (the datapath moves the flow on with it).
+            lifetimes.udp_stream_s
         };
-        secs * 1_000_000_000
+        secs as u64 * 1_000_000_000
     }
 
-    pub fn is_expired(&self, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns()
+    #[inline(always)]
+    pub fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns(lifetimes)
     }
 
     /// Key of this flow's ORIGINAL entry (client -> service).
@@ -363,6 +417,29 @@ impl CtEntry {
             _pad: [0; 2],
         }
     }
+}
+
+/// Key of `FRAGMENTS`: one fragmented datagram, as IPv4 tells its
+/// fragments apart (RFC 791: source, destination, protocol, identification),
+/// as the packets carry it (before any translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAGMENTS`: the ports in the first fragment's L4 header, which
+/// the later fragments lack; network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragPorts {
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
 /// Value of `TRACE_CONFIG` (one entry, written by `dataplane-agent
@@ -457,10 +534,16 @@ pub enum Counter {
     /// a live flow already has, e.g. the same client port through two
     /// services to one backend: dropped, the other flow keeps its replies.
     ReplyTupleClash = 15,
+    /// A later fragment of a translated datagram was translated as its
+    /// first fragment was.
+    FragmentTranslated = 16,
+    /// A later fragment to a service whose first fragment was not seen (or
+    /// not tracked): dropped, it could not reach the right backend.
+    FragmentUnknown = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -478,6 +561,8 @@ impl Counter {
         Counter::RejectFailed,
         Counter::TraceLost,
         Counter::ReplyTupleClash,
+        Counter::FragmentTranslated,
+        Counter::FragmentUnknown,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -503,6 +588,8 @@ impl Counter {
             Counter::RejectFailed => "reject_failed",
             Counter::TraceLost => "trace_lost",
             Counter::ReplyTupleClash => "reply_tuple_clash",
+            Counter::FragmentTranslated => "fragment_translated",
+            Counter::FragmentUnknown => "fragment_unknown",
         }
     }
 }
@@ -532,6 +619,12 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TraceConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtLifetimes {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragPorts {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -572,6 +665,9 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<TraceEvent>(), 48);
+        assert_eq!(size_of::<CtLifetimes>(), 24);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragPorts>(), 4);
     }
 
     #[test]
@@ -579,8 +675,9 @@ mod tests {
         for (layout, name) in map_layouts::ALL.iter().zip(map_names::ALL) {
             assert_eq!(layout.name, name);
         }
-        let ct = map_layouts::ALL[4];
-        assert_eq!((ct.key_size, ct.value_size), (16, 48));
+        for ct in &map_layouts::ALL[4..6] {
+            assert_eq!((ct.key_size, ct.value_size), (16, 48));
+        }
     }
 
     #[test]
@@ -594,17 +691,35 @@ mod tests {
 
     #[test]
     fn tcp_lifetime_follows_state() {
+        let l = CtLifetimes::default();
         let mut e = CtEntry {
             proto: IPPROTO_TCP,
             last_seen_ns: 0,
             ..Default::default()
         };
-        assert!(!e.is_expired(59 * 1_000_000_000));
-        assert!(e.is_expired(61 * 1_000_000_000));
+        assert!(!e.is_expired(59 * 1_000_000_000, &l));
+        assert!(e.is_expired(61 * 1_000_000_000, &l));
         e.state = ct_state::ESTABLISHED;
-        assert!(!e.is_expired(3600 * 1_000_000_000));
+        assert!(!e.is_expired(3600 * 1_000_000_000, &l));
         e.state = ct_state::CLOSING;
-        assert!(e.is_expired(11 * 1_000_000_000));
+        assert!(e.is_expired(11 * 1_000_000_000, &l));
+    }
+
+    #[test]
+    fn udp_lifetime_is_longer_once_replied() {
+        let l = CtLifetimes {
+            udp_s: 30,
+            udp_stream_s: 120,
+            ..CtLifetimes::default()
+        };
+        let mut e = CtEntry {
+            proto: IPPROTO_UDP,
+            ..Default::default()
+        };
+        assert!(e.is_expired(31 * 1_000_000_000, &l));
+        e.state = ct_state::ESTABLISHED;
+        assert!(!e.is_expired(119 * 1_000_000_000, &l));
+        assert!(e.is_expired(121 * 1_000_000_000, &l));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use dataplane_common::{ct_dir, ct_flags, ct_state, CtEntry, CtKey, IPPROTO_TCP};
 
 use crate::{
-    maps::{ct_get, ct_slot, CtSlot, CONNTRACK},
+    maps::{ct_get, ct_insert, ct_lifetimes, ct_remove, ct_slot, CtSlot},
     parse::{Ipv4Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -51,14 +51,11 @@ pub enum CtCreateError {
 #[inline(always)]
 pub fn ct4_create(entry: &CtEntry, now_ns: u64) -> Result<CtEntry, CtCreateError> {
     let original = entry.original_key();
-    if CONNTRACK
-        .insert(original, entry, BPF_NOEXIST as u64)
-        .is_err()
-    {
+    if ct_insert(&original, entry, BPF_NOEXIST as u64).is_err() {
         return ct_get(&original).ok_or(CtCreateError::InsertFailed);
     }
     if let Err(e) = ct4_claim_reply(entry, now_ns) {
-        let _ = CONNTRACK.remove(original);
+        ct_remove(&original);
         return Err(e);
     }
     Ok(*entry)
@@ -71,7 +68,7 @@ pub fn ct4_create(entry: &CtEntry, now_ns: u64) -> Result<CtEntry, CtCreateError
 #[inline(always)]
 fn ct4_claim_reply(entry: &CtEntry, now_ns: u64) -> Result<(), CtCreateError> {
     let reply = entry.reply_key();
-    if CONNTRACK.insert(reply, entry, BPF_NOEXIST as u64).is_ok() {
+    if ct_insert(&reply, entry, BPF_NOEXIST as u64).is_ok() {
         return Ok(());
     }
     if let Some(holder) = ct_get(&reply) {
@@ -79,17 +76,22 @@ fn ct4_claim_reply(entry: &CtEntry, now_ns: u64) -> Result<(), CtCreateError> {
             return Err(CtCreateError::ReplyClash);
         }
     }
-    CONNTRACK
-        .insert(reply, entry, 0)
-        .map_err(|_| CtCreateError::InsertFailed)
+    ct_insert(&reply, entry, 0).map_err(|_| CtCreateError::InsertFailed)
 }
 
 /// Whether the REPLY entry `reply` belongs to a live flow: its ORIGINAL entry
 /// is there, unexpired, and translates to this same reply tuple.
 #[inline(always)]
 fn ct4_is_live_reply(reply: &CtEntry, now_ns: u64) -> bool {
-    ct_get(&reply.original_key())
-        .is_some_and(|owner| !owner.is_expired(now_ns) && owner.reply_key() == reply.reply_key())
+    ct_get(&reply.original_key()).is_some_and(|owner| {
+        !ct4_is_expired(&owner, now_ns) && owner.reply_key() == reply.reply_key()
+    })
+}
+
+/// Whether the flow `entry` has outlived the lifetime of its state.
+#[inline(always)]
+pub fn ct4_is_expired(entry: &CtEntry, now_ns: u64) -> bool {
+    entry.is_expired(now_ns, &ct_lifetimes())
 }
 
 /// Rebuilds a flow's REPLY entry from its ORIGINAL one (`ct`) when it is
@@ -115,14 +117,14 @@ pub fn ct4_owns_reply(owner: &CtEntry, reply: &CtEntry) -> bool {
 
 #[inline(always)]
 pub fn ct4_delete(entry: &CtEntry) {
-    let _ = CONNTRACK.remove(entry.original_key());
-    let _ = CONNTRACK.remove(entry.reply_key());
+    ct_remove(&entry.original_key());
+    ct_remove(&entry.reply_key());
 }
 
 /// Removes a stale REPLY entry alone.
 #[inline(always)]
 pub fn ct4_delete_reply(reply: &CtEntry) {
-    let _ = CONNTRACK.remove(reply.reply_key());
+    ct_remove(&reply.reply_key());
 }
 
 /// A TCP SYN (without ACK) on a flow that is closing starts a new connection

@@ -90,6 +90,43 @@ pub fn csum_replace_plain(
         .map_err(|_| CsumError)
 }
 
+/// One's-complement sum of two 16-bit values in the same byte order.
+#[inline(always)]
+pub fn csum_add16(a: u16, b: u16) -> u16 {
+    let sum = a as u32 + b as u32;
+    ((sum & 0xffff) + (sum >> 16)) as u16
+}
+
+/// A packet built in place of one the pod sent keeps that packet's checksum
+/// state. If it is CHECKSUM_PARTIAL (a pod's socket leaves the L4 checksum
+/// to the device, and veth passes that on), whatever computes the checksum
+/// later (the host veth with tx offload off, or the stack) sums from the old
+/// packet's L4 header to the end and writes the result at the old checksum
+/// field, `field_off`: that field must then hold `partial` (the pseudo
+/// header sum, uncomplemented) instead of the full checksum `full` already
+/// written. BPF cannot read the state, but `bpf_l4_csum_replace` acts by
+/// it: with the pseudo-header flag it changes a CHECKSUM_PARTIAL field as
+/// a pseudo-header change, and any other field as a plain one; without the
+/// flag it leaves a CHECKSUM_PARTIAL field alone. Adding `partial - full`
+/// with the flag, then taking it back without, leaves `full` in every other
+/// state and `partial` in CHECKSUM_PARTIAL.
+#[inline(always)]
+pub fn csum_prepare_partial(
+    ctx: &TcContext,
+    field_off: usize,
+    full: u16,
+    partial: u16,
+) -> Result<(), CsumError> {
+    let diff = csum_add16(partial, !full);
+    if diff == 0 || diff == 0xffff {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(field_off, 0, diff as u64, BPF_F_PSEUDO_HDR | 2)
+        .map_err(|_| CsumError)?;
+    ctx.l4_csum_replace(field_off, diff as u64, 0, 2)
+        .map_err(|_| CsumError)
+}
+
 /// One's-complement sum of `words` added to `seed` (not folded).
 #[inline(always)]
 pub fn csum_sum_words<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {

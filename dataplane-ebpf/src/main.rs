@@ -19,6 +19,7 @@
 
 mod conntrack;
 mod csum;
+mod fragment;
 mod icmp;
 mod lb;
 mod maps;
@@ -40,14 +41,15 @@ use dataplane_common::{
 
 use crate::{
     conntrack::{
-        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup,
-        ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
+        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_expired, ct4_is_reopen, ct4_key,
+        ct4_lookup, ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
     },
+    fragment::frag4_track,
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
-    parse::{parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
+    parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
     trace::{trace, tuple, Decision},
 };
@@ -188,23 +190,44 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             }
             return Ok(TC_ACT_OK);
         }
+        Err(ParseError::UnknownFragment { dst_addr }) => {
+            if !lb4_is_service_ip(dst_addr) {
+                return Ok(TC_ACT_OK);
+            }
+            // Sent on untranslated it would go to the service IP, nowhere.
+            count(Counter::FragmentUnknown);
+            return Err(TC_ACT_SHOT);
+        }
     };
     if !lb4_is_service_ip(flow.dst_addr) {
         return Ok(TC_ACT_OK);
     }
     let now = skb::now_ns();
     let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
+    if flow.frag == frag::FIRST {
+        frag4_track(&flow);
+    }
 
     if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
         let ct = slot.get();
-        let expired = ct.is_expired(now) || ct4_is_reopen(&ct, &flow);
+        let expired = ct4_is_expired(&ct, now) || ct4_is_reopen(&ct, &flow);
         let backend_alive = lb4_lookup_backend(ct.backend_id)
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
             ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
             ct4_restore_reply(&ct, now);
             forward_established(ctx, &mut flow, &ct)?;
-            return packet.pass(Counter::Established, &flow, Ids::of(&ct));
+            let decision = if flow.frag == frag::LATER {
+                Counter::FragmentTranslated
+            } else {
+                Counter::Established
+            };
+            return packet.pass(decision, &flow, Ids::of(&ct));
+        }
+        if flow.frag == frag::LATER {
+            // The rest of a datagram whose flow ended: no answer, no new
+            // flow from a fragment without a header.
+            return packet.drop(Counter::FragmentUnknown, &flow, Ids::of(&ct));
         }
         ct4_delete(&ct);
         if !expired && flow.proto == IPPROTO_TCP {
@@ -219,6 +242,9 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         // Reply of a hairpinned flow: the backend answers the service IP,
         // which stands for the client (itself).
         return reply_translate(&packet, &mut flow, &ct, now);
+    }
+    if flow.frag == frag::LATER {
+        return packet.drop(Counter::FragmentUnknown, &flow, Ids::default());
     }
 
     new_flow(&packet, &mut flow, now)
@@ -312,7 +338,7 @@ fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64)
         ct4_delete_reply(ct);
         return Ok(TC_ACT_OK);
     }
-    if owner_entry.is_expired(now) {
+    if ct4_is_expired(&owner_entry, now) {
         ct4_delete(ct);
         return Ok(TC_ACT_OK);
     }
@@ -323,7 +349,12 @@ fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64)
         nat4_rewrite_dst(packet.ctx, flow, ct.client_addr, ct.client_port)
             .map_err(|_| fail(Counter::RewriteFailed))?;
     }
-    packet.pass(Counter::ReplyTranslated, flow, Ids::of(ct))
+    let decision = if flow.frag == frag::LATER {
+        Counter::FragmentTranslated
+    } else {
+        Counter::ReplyTranslated
+    };
+    packet.pass(decision, flow, Ids::of(ct))
 }
 
 #[inline(always)]
@@ -336,6 +367,9 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
     let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };
+    if flow.frag == frag::FIRST {
+        frag4_track(&flow);
+    }
     if ct.flags & ct_flags::HAIRPIN != 0 {
         // Hairpin replies are translated on the way out of the pod.
         return Ok(TC_ACT_OK);

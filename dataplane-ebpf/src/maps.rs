@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
-    ServiceKey, ServiceLabel, ServiceValue, TraceConfig, TraceEvent,
+    CtLifetimes, FragKey, FragPorts, ServiceKey, ServiceLabel, ServiceValue, TraceConfig,
+    TraceEvent, IPPROTO_TCP,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -57,11 +58,27 @@ pub static BACKEND_SLOTS: HashMap<
 pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }, BPF_F_NO_PREALLOC> =
     HashMap::new();
 
-/// Our conntrack. LRU so that a table full of dead flows evicts the oldest
-/// instead of refusing new connections; entries also carry their own expiry.
-#[btf_map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+/// Our conntrack, TCP flows. LRU so that a table full of dead flows evicts
+/// the oldest instead of refusing new connections; entries also carry their
+/// own expiry. Sized by the agent at load.
+#[btf_map(name = "CT_TCP")]
+static CT_TCP: LruHashMap<CtKey, CtEntry, { capacity::CT_TCP as usize }> = LruHashMap::new();
+
+/// Conntrack of every other protocol, apart so that a burst of short UDP
+/// flows (DNS) evicts its own kind, never established TCP flows.
+#[btf_map(name = "CT_OTHER")]
+static CT_OTHER: LruHashMap<CtKey, CtEntry, { capacity::CT_OTHER as usize }> = LruHashMap::new();
+
+/// Fragmented datagrams: the ports their first fragment carried, for the
+/// fragments after it (which have no L4 header). LRU: a datagram's entry
+/// is not needed once its last fragment passed.
+#[btf_map(name = "FRAGMENTS")]
+static FRAGMENTS: LruHashMap<FragKey, FragPorts, { capacity::FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// The conntrack lifetimes the agent was started with.
+#[btf_map(name = "CT_LIFETIMES")]
+static CT_LIFETIMES: Array<CtLifetimes, 1> = Array::new();
 
 /// ClientIP session affinity: (service, client) -> last backend. LRU so a
 /// churn of clients evicts the oldest; entries also carry their own age.
@@ -132,7 +149,57 @@ pub fn backend_get(backend_id: u32) -> Option<Backend> {
 
 #[inline(always)]
 pub fn ct_get(key: &CtKey) -> Option<CtEntry> {
-    copied(CONNTRACK.get_ptr(key))
+    copied(ct_get_ptr_mut(key).map(|p| p as *const CtEntry))
+}
+
+/// The conntrack map of a key's protocol: every call site names one map
+/// per branch, so the verifier sees a single map at each helper call.
+#[inline(always)]
+fn ct_get_ptr_mut(key: &CtKey) -> Option<*mut CtEntry> {
+    if key.proto == IPPROTO_TCP {
+        CT_TCP.get_ptr_mut(key)
+    } else {
+        CT_OTHER.get_ptr_mut(key)
+    }
+}
+
+/// Inserts (with BPF_* `flags`) into the conntrack map of the key's
+/// protocol.
+#[inline(always)]
+pub fn ct_insert(key: &CtKey, entry: &CtEntry, flags: u64) -> Result<(), i32> {
+    if key.proto == IPPROTO_TCP {
+        CT_TCP.insert(key, entry, flags)
+    } else {
+        CT_OTHER.insert(key, entry, flags)
+    }
+}
+
+#[inline(always)]
+pub fn ct_remove(key: &CtKey) {
+    let _ = if key.proto == IPPROTO_TCP {
+        CT_TCP.remove(key)
+    } else {
+        CT_OTHER.remove(key)
+    };
+}
+
+#[inline(always)]
+pub fn frag_get(key: &FragKey) -> Option<FragPorts> {
+    copied(FRAGMENTS.get_ptr(key))
+}
+
+/// Records a datagram's ports; a failed insert leaves its later fragments
+/// unknown (counted where they are dropped).
+#[inline(always)]
+pub fn frag_insert(key: &FragKey, ports: &FragPorts) {
+    let _ = FRAGMENTS.insert(key, ports, 0);
+}
+
+/// The lifetimes the agent configured (kube-proxy's defaults if it has not
+/// written them yet).
+#[inline(always)]
+pub fn ct_lifetimes() -> CtLifetimes {
+    copied(CT_LIFETIMES.get_ptr(0)).unwrap_or_default()
 }
 
 /// A conntrack entry in place, for updates.
@@ -141,7 +208,7 @@ pub struct CtSlot(*mut CtEntry);
 
 #[inline(always)]
 pub fn ct_slot(key: &CtKey) -> Option<CtSlot> {
-    CONNTRACK.get_ptr_mut(key).map(CtSlot)
+    ct_get_ptr_mut(key).map(CtSlot)
 }
 
 impl CtSlot {

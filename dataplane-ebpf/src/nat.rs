@@ -3,8 +3,8 @@
 use aya_ebpf::programs::TcContext;
 
 use crate::{
-    csum::{csum4_replace_addr, csum4_replace_port},
-    parse::{Ipv4Flow, IP_DST_OFF, IP_SRC_OFF},
+    csum::{csum4_replace_addr, csum4_replace_ip, csum4_replace_port},
+    parse::{Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
 };
 
 /// Rewrite failed in a checksum or store helper. The packet may be half
@@ -22,7 +22,13 @@ fn rewrite_addr(
     if old == new {
         return Ok(());
     }
-    csum4_replace_addr(ctx, flow, old, new).map_err(|_| RewriteError)?;
+    if flow.has_l4_header() {
+        csum4_replace_addr(ctx, flow, old, new).map_err(|_| RewriteError)?;
+    } else {
+        // A later fragment: the L4 checksum, in the first fragment, already
+        // has the change.
+        csum4_replace_ip(ctx, IP_CSUM_OFF, old, new).map_err(|_| RewriteError)?;
+    }
     ctx.store(off, &new, 0).map_err(|_| RewriteError)
 }
 
@@ -34,7 +40,7 @@ fn rewrite_port(
     old: u16,
     new: u16,
 ) -> Result<(), RewriteError> {
-    if old == new {
+    if old == new || !flow.has_l4_header() {
         return Ok(());
     }
     csum4_replace_port(ctx, flow, old, new).map_err(|_| RewriteError)?;

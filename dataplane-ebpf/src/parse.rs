@@ -4,9 +4,9 @@
 //! invalidate direct packet pointers).
 
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
+use dataplane_common::{FragKey, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::skb;
+use crate::{maps::frag_get, skb};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -27,11 +27,25 @@ pub const TCP_ACK: u8 = 0x10;
 pub enum ParseError {
     /// Not IPv4 TCP/UDP: not ours, pass it on.
     NotIpv4L4,
-    /// IPv4 TCP/UDP that cannot be handled safely (truncated, fragment, bad
-    /// lengths). Never rewritten. Carries the destination address when the
-    /// IPv4 header was readable (0 otherwise) so callers can count drops
-    /// towards service IPs only.
+    /// IPv4 TCP/UDP that cannot be handled safely (truncated, bad lengths).
+    /// Never rewritten. Carries the destination address when the IPv4
+    /// header was readable (0 otherwise) so callers can count drops towards
+    /// service IPs only.
     Malformed { dst_addr: u32 },
+    /// A later fragment (no L4 header) of a datagram whose first fragment
+    /// was not tracked: its ports are unknown.
+    UnknownFragment { dst_addr: u32 },
+}
+
+/// Where a packet stands in its datagram.
+pub mod frag {
+    /// A whole datagram.
+    pub const NONE: u8 = 0;
+    /// The first fragment: carries the L4 header, but its UDP length and
+    /// checksum cover the whole datagram.
+    pub const FIRST: u8 = 1;
+    /// A later fragment: no L4 header; its ports come from `FRAGMENTS`.
+    pub const LATER: u8 = 2;
 }
 
 /// The IPv4 4-tuple and what the datapath needs to rewrite it.
@@ -54,9 +68,32 @@ pub struct Ipv4Flow {
     pub tcp_ack_seq: u32,
     /// TCP header length in bytes.
     pub tcp_hlen: usize,
+    /// One of [`frag`].
+    pub frag: u8,
+    /// IPv4 identification (network byte order), which ties fragments
+    /// together.
+    pub ip_id: u16,
 }
 
 impl Ipv4Flow {
+    /// Key of this packet's datagram in `FRAGMENTS`.
+    #[inline(always)]
+    pub fn frag_key(&self) -> FragKey {
+        FragKey {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            id: self.ip_id,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// Whether the packet has an L4 header (ports, checksum) to rewrite.
+    #[inline(always)]
+    pub fn has_l4_header(&self) -> bool {
+        self.frag != frag::LATER
+    }
+
     pub fn l4_off(&self) -> usize {
         IP_OFF + self.ip_hlen
     }
@@ -119,8 +156,9 @@ pub fn parse_ipv4_header(ctx: &TcContext) -> Option<Ipv4Hdr> {
     ctx.load(IP_OFF).ok()
 }
 
-/// Parses Ethernet/IPv4/(TCP|UDP). Anything that is not a complete,
-/// unfragmented IPv4 TCP/UDP header chain inside the packet is refused.
+/// Parses Ethernet/IPv4/(TCP|UDP). Anything that is not a complete IPv4
+/// TCP/UDP header chain inside the packet is refused; a later fragment
+/// takes its ports from its first fragment (`FRAGMENTS`), as Cilium does.
 #[inline(always)]
 pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
     let ether_type: u16 = ctx.load(12).map_err(|_| ParseError::NotIpv4L4)?;
@@ -143,11 +181,14 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
     if ip_hlen < 20 {
         return Err(malformed);
     }
-    // Fragments carry no (or only the first) L4 header: a DNAT of the first
-    // fragment alone would split the datagram between two destinations.
-    if u16::from_be(ip.frag_off) & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return Err(malformed);
-    }
+    let frag_off = u16::from_be(ip.frag_off);
+    let frag = if frag_off & IP_OFFSET_MASK != 0 {
+        frag::LATER
+    } else if frag_off & IP_MF != 0 {
+        frag::FIRST
+    } else {
+        frag::NONE
+    };
     let tot_len = match u16::from_be(ip.tot_len) {
         // BIG TCP: a GSO super-packet longer than 64 KiB carries total length
         // 0 and is as long as the skb (the kernel's `skb_ip_totlen`).
@@ -171,7 +212,22 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
         tcp_seq: 0,
         tcp_ack_seq: 0,
         tcp_hlen: 0,
+        frag,
+        ip_id: ip.id,
     };
+    if frag == frag::LATER {
+        if ip_hlen as u32 > tot_len {
+            return Err(malformed);
+        }
+        let Some(ports) = frag_get(&flow.frag_key()) else {
+            return Err(ParseError::UnknownFragment {
+                dst_addr: ip.dst_addr,
+            });
+        };
+        flow.src_port = ports.src_port;
+        flow.dst_port = ports.dst_port;
+        return Ok(flow);
+    }
     if ip.proto == IPPROTO_TCP {
         let tcp: TcpHdrHead = ctx.load(l4_off).map_err(|_| malformed)?;
         let tcp_hlen = ((tcp.doff_res >> 4) as usize) * 4;
@@ -189,7 +245,9 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
     } else {
         let udp: UdpHdr = ctx.load(l4_off).map_err(|_| malformed)?;
         let udp_len = u16::from_be(udp.len) as usize;
-        if udp_len < 8 || ip_hlen + udp_len > tot_len as usize {
+        // A first fragment holds only part of what the UDP length covers.
+        let fits = frag == frag::FIRST || ip_hlen + udp_len <= tot_len as usize;
+        if udp_len < 8 || !fits {
             return Err(malformed);
         }
         flow.src_port = udp.src_port;

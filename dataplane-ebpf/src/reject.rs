@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::IPPROTO_TCP;
 
 use crate::{
-    csum::{csum_fold, csum_sum_words, csum_words},
+    csum::{csum_fold, csum_prepare_partial, csum_sum_words, csum_words},
     parse::{Ipv4Flow, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     skb,
 };
@@ -94,6 +94,11 @@ pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, Reject
     let ip = ipv4_header(flow.dst_addr, flow.src_addr, IPPROTO_TCP, 40);
     ctx.store(IP_OFF, &ip, 0).map_err(|_| RejectError)?;
     ctx.store(IP_OFF + 20, &tcp, 0).map_err(|_| RejectError)?;
+    // The client's segment may be CHECKSUM_PARTIAL (its TCP checksum left
+    // to the device); the RST's checksum field is where that segment's was
+    // (unless the segment had IP options).
+    let pseudo_only = !csum_fold(sum);
+    csum_prepare_partial(ctx, IP_OFF + 20 + 16, csum, pseudo_only).map_err(|_| RejectError)?;
     Ok(skb::redirect_egress(skb::ifindex(ctx)))
 }
 
@@ -126,6 +131,10 @@ pub fn reject4_icmp_port_unreachable(ctx: &TcContext, flow: &Ipv4Flow) -> Result
 
     let ip = ipv4_header(flow.dst_addr, flow.src_addr, IPPROTO_ICMP, 56);
     ctx.store(IP_OFF, &ip, 0).map_err(|_| RejectError)?;
+    // A CHECKSUM_PARTIAL datagram needs nothing more: its UDP checksum
+    // field falls on the ICMP header's unused bytes, and the sum from there
+    // over the (valid) ICMP message writes zero (0 or 0xffff) into them,
+    // which leaves the ICMP checksum valid.
     ctx.store(IP_OFF + 20, &icmp, 0).map_err(|_| RejectError)?;
     Ok(skb::redirect_egress(skb::ifindex(ctx)))
 }

@@ -111,7 +111,20 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, source, bpffs, log, false)
+        Self::spawn(&agent_bin(), node_ns, node_name, source, bpffs, log, false)
+    }
+
+    /// [`Agent::launch_with`] another agent binary (an earlier release,
+    /// for upgrades).
+    pub fn launch_bin(
+        bin: &Path,
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(bin, node_ns, node_name, source, bpffs, log, false)
     }
 
     /// Like [`Agent::start`], in a process group of its own, so it outlives
@@ -125,6 +138,7 @@ impl Agent {
         log: &Path,
     ) -> anyhow::Result<Self> {
         let mut agent = Self::spawn(
+            &agent_bin(),
             node_ns,
             node_name,
             Source::Manifests(manifests),
@@ -137,6 +151,7 @@ impl Agent {
     }
 
     fn spawn(
+        bin: &Path,
         node_ns: &str,
         node_name: &str,
         source: Source<'_>,
@@ -144,7 +159,6 @@ impl Agent {
         log: &Path,
         detached: bool,
     ) -> anyhow::Result<Self> {
-        let bin = agent_bin();
         if !bin.exists() {
             bail!(
                 "agent binary {} missing: run `cargo xtask build` (or set DATAPLANE_AGENT_BIN)",
@@ -154,7 +168,7 @@ impl Agent {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node_ns]).arg(&bin).arg("run");
+        cmd.args(["netns", "exec", node_ns]).arg(bin).arg("run");
         match source {
             Source::Manifests(dir) => cmd.arg("--manifests").arg(dir),
             Source::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),

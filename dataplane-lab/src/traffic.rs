@@ -168,6 +168,11 @@ impl TcpConn {
         Ok(Self { stream })
     }
 
+    /// The client's end of the connection.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
     pub fn request(&mut self) -> Outcome {
         if let Err(e) = self.stream.write_all(b"hello\n") {
             return classify(e);
@@ -220,4 +225,24 @@ pub fn udp_request(to: SocketAddr) -> Outcome {
         Ok(conn) => conn.request(),
         Err(e) => classify(e),
     }
+}
+
+/// Sends `segment` (a TCP header with its checksum, and payload) in an IPv4
+/// packet to `to`, from this netns's address: a peer misbehaving on
+/// purpose, for tests.
+pub fn send_raw_tcp(to: std::net::Ipv4Addr, segment: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+    };
+    use std::os::fd::AsRawFd as _;
+
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::Tcp,
+    )?;
+    let addr = SockaddrIn::from(std::net::SocketAddrV4::new(to, 0));
+    sendto(fd.as_raw_fd(), segment, &addr, MsgFlags::empty())?;
+    Ok(())
 }

@@ -22,9 +22,9 @@ use dataplane_agent::{
     },
     node::{
         bpffs::ensure_bpffs,
-        datapath::{Datapath, DatapathMaps},
+        datapath::{Datapath, DatapathConfig, DatapathMaps},
         lb_maps::BpfLbMaps,
-        pinned::{ConntrackMap, CounterMap},
+        pinned::{ConntrackMaps, CounterMap},
     },
 };
 use dataplane_common::{
@@ -76,7 +76,7 @@ pub struct Run {
 
 pub struct Harness {
     pub datapath: Datapath,
-    pub conntrack: ConntrackMap,
+    pub conntrack: ConntrackMaps,
     counters: CounterMap,
     /// Programs the maps, as the agent does.
     pub engine: SyncEngine<BpfLbMaps>,
@@ -96,7 +96,13 @@ impl Harness {
     }
 
     pub fn load() -> anyhow::Result<Self> {
-        let bpffs = Bpffs::new()?;
+        Self::load_on(Bpffs::new()?, &DatapathConfig::default())
+    }
+
+    /// The datapath loaded on `bpffs` as it is (e.g. holding maps of an
+    /// earlier layout, made by the test), with `config`. A migration is
+    /// left pending: fill the maps, then `datapath.commit_migration()`.
+    pub fn load_on(bpffs: Bpffs, config: &DatapathConfig) -> anyhow::Result<Self> {
         let (
             datapath,
             DatapathMaps {
@@ -104,7 +110,7 @@ impl Harness {
                 conntrack,
                 counters,
             },
-        ) = Datapath::load(bpffs.path())
+        ) = Datapath::load_with(bpffs.path(), config)
             .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;
         let engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
         Ok(Self {
@@ -114,6 +120,20 @@ impl Harness {
             engine,
             bpffs,
         })
+    }
+
+    /// Stops this datapath (programs unloaded, nothing attached) and keeps
+    /// its pinned maps, for the next start (`load_on`).
+    pub fn into_bpffs(self) -> Bpffs {
+        let Self {
+            datapath,
+            conntrack,
+            counters,
+            engine,
+            bpffs,
+        } = self;
+        drop((engine, counters, conntrack, datapath));
+        bpffs
     }
 
     /// Makes service `name` hold exactly one frontend with these backends
@@ -166,6 +186,43 @@ impl Harness {
         self.engine
             .sync_service(&service, &[(frontend, spec)])
             .expect("syncing the service into the maps");
+    }
+
+    /// A full sync (as the agent's first after a start) to exactly these
+    /// services, one frontend each: anything else the maps hold goes,
+    /// backends adopted without a slot included.
+    pub fn sync_all(&mut self, services: &[(&str, SocketAddrV4, Protocol, &[SocketAddrV4])]) {
+        let all = services
+            .iter()
+            .map(|(name, frontend, proto, backends)| {
+                let service = ObjectRef {
+                    namespace: "default".into(),
+                    name: (*name).into(),
+                };
+                let spec = FrontendSpec {
+                    service: service.clone(),
+                    port_name: None,
+                    backends: backends
+                        .iter()
+                        .map(|b| BackendAddr {
+                            ip: *b.ip(),
+                            port: b.port(),
+                        })
+                        .collect(),
+                    draining: Vec::new(),
+                    affinity_timeout_s: None,
+                    drop_without_local_endpoints: false,
+                };
+                let frontend = Frontend {
+                    ip: *frontend.ip(),
+                    port: frontend.port(),
+                    proto: *proto,
+                };
+                (service, vec![(frontend, spec)])
+            })
+            .collect();
+        let (_, errors) = self.engine.sync_all(&all);
+        assert!(errors.is_empty(), "full sync: {errors:?}");
     }
 
     /// Runs program `program` (`from_pod`, `to_pod`, ...) on `packet`; Err
@@ -275,7 +332,8 @@ impl Harness {
     }
 
     pub fn ct_len(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        let (tcp, other) = self.conntrack.lens();
+        tcp + other
     }
 }
 

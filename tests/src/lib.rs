@@ -35,6 +35,9 @@ pub struct Cluster {
     api: Option<ApiServer>,
     pub lab: Lab,
     dir: tempfile::TempDir,
+    /// The agent binary started from now on (an earlier release's for an
+    /// upgrade test, until [`Cluster::upgrade_agents`]).
+    agent_bin: PathBuf,
 }
 
 impl Cluster {
@@ -128,6 +131,7 @@ impl Cluster {
             api: None,
             lab,
             dir,
+            agent_bin: agent::agent_bin(),
         };
         for pod in cluster.lab.spec.pods.clone() {
             if pod.name.starts_with("web") {
@@ -227,7 +231,8 @@ impl Cluster {
             Some(_) => agent::Source::Kubeconfig(&kubeconfig),
             None => agent::Source::Manifests(&manifests),
         };
-        let mut agent = Agent::launch_with(
+        let mut agent = Agent::launch_bin(
+            &self.agent_bin,
             &self.lab.node_ns(node),
             &format!("node{node}"),
             source,
@@ -241,6 +246,33 @@ impl Cluster {
                 .unwrap_or_else(|e| panic!("{e:#}"));
         }
         agent
+    }
+
+    /// Like [`Cluster::start`] with the agents of another binary (an
+    /// earlier release); [`Cluster::upgrade_agents`] replaces them.
+    pub fn start_with_agent_bin(
+        bin: PathBuf,
+        topology: Topology,
+        cross_node: CrossNode,
+        initial: &[(&str, String)],
+    ) -> Self {
+        let mut cluster = Self::build(topology, cross_node);
+        cluster.agent_bin = bin;
+        for (file, content) in initial {
+            cluster.write_manifest(file, content);
+        }
+        cluster.start_first_agents(true);
+        cluster
+    }
+
+    /// Stops the agents and starts this build's in their place, on the maps
+    /// and links they left; waits until they are healthy.
+    pub fn upgrade_agents(&mut self) {
+        for status in self.stop_agents() {
+            assert!(status.is_some_and(|s| s.success()), "agent exit {status:?}");
+        }
+        self.agent_bin = agent::agent_bin();
+        self.restart_agents();
     }
 
     /// Starts the agents again after [`Cluster::stop_agents`]; waits until

@@ -31,6 +31,34 @@ fn every_backend_on_both_nodes_is_reached_over_tcp_and_udp() {
     assert_eq!(udp, want, "{}", c.logs());
 }
 
+/// "should function for pod-Service: udp" with a datagram larger than the
+/// MTU: the client's stack sends it in fragments, and only the first one
+/// carries the UDP header. Every fragment must reach the backend the first
+/// one went to, or the backend cannot reassemble it and never answers.
+#[test]
+fn udp_datagram_larger_than_the_mtu_reaches_a_backend_through_the_service() {
+    require_root();
+    let c = web_on_both_nodes();
+    for size in [1_400usize, 4_000, 9_000] {
+        let to = dns(WEB_IP);
+        let seen = c.in_pod("client", move || {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+            socket.connect(to)?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+            socket.send(&vec![7u8; size])?;
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            std::io::Result::Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+        });
+        let (backend, from) = seen.unwrap_or_else(|e| panic!("{size} bytes: {e}\n{}", c.logs()));
+        assert!(
+            backend.starts_with("web-"),
+            "{size} bytes: answered by {backend}"
+        );
+        assert_eq!(from, to, "{size} bytes: the answer comes from the service");
+    }
+}
+
 #[test]
 fn replies_come_from_the_service_ip_and_port() {
     require_root();
@@ -77,6 +105,45 @@ fn service_without_endpoints_refuses_at_once() {
     for _ in 0..3 {
         assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Refused, "{}", c.logs());
         assert_eq!(c.udp("client", dns(WEB_IP)), Seen::Refused, "{}", c.logs());
+    }
+}
+
+/// "should be rejected when no endpoints exist", whatever the host-side
+/// veth's tx checksum offload: the client's packets arrive CHECKSUM_PARTIAL
+/// (its socket leaves the checksum to the device), the RST and the ICMP
+/// port unreachable are built in their place, and with offload off the
+/// host veth computes the checksum where the client's packet had it.
+#[test]
+fn rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off() {
+    require_root();
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[]))],
+    );
+    let client = c.pod("client");
+    let host_veth = dataplane_lab::Lab::host_iface(&client);
+    for tx in ["off", "on"] {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &c.lab.node_ns(client.node)])
+            .args(["ethtool", "-K", &host_veth, "tx", tx])
+            .status()
+            .expect("running ethtool");
+        assert!(status.success(), "ethtool -K {host_veth} tx {tx}");
+        for _ in 0..3 {
+            assert_eq!(
+                c.tcp("client", http(WEB_IP)),
+                Seen::Refused,
+                "TCP with tx offload {tx}\n{}",
+                c.logs()
+            );
+            assert_eq!(
+                c.udp("client", dns(WEB_IP)),
+                Seen::Refused,
+                "UDP with tx offload {tx}\n{}",
+                c.logs()
+            );
+        }
     }
 }
 

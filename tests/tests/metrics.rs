@@ -57,6 +57,25 @@ fn metrics_show_what_is_programmed_and_what_the_datapath_did() {
         Some(131_072.0),
         "{text}"
     );
+    // Both conntrack maps, sized at load as kube-proxy sizes nf_conntrack
+    // (--conntrack-max-per-core x CPUs, at least --conntrack-min; the other
+    // map half that).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let tcp = (32_768.0 * cpus).max(131_072.0);
+    assert_eq!(
+        sample(&text, "dataplane_map_capacity{map=\"CT_TCP\"}"),
+        Some(tcp),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "dataplane_map_capacity{map=\"CT_OTHER\"}"),
+        Some(tcp / 2.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "dataplane_map_entries{map=\"CT_OTHER\"}").is_some(),
+        "{text}"
+    );
     // The client is on node1: its three connections were new flows there.
     assert_eq!(
         sample(

@@ -29,12 +29,21 @@ pub struct Occupancy {
     pub backends: usize,
     pub service_names: usize,
     /// From the last conntrack sweep (both entries of each flow).
-    pub conntrack: usize,
+    pub conntrack: CtOccupancy,
+}
+
+/// Entries and capacity (as sized at load) of the two conntrack maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtOccupancy {
+    pub tcp: usize,
+    pub other: usize,
+    pub tcp_capacity: u32,
+    pub other_capacity: u32,
 }
 
 impl Occupancy {
     /// Each map's name, entries and capacity.
-    pub fn rows(&self) -> [(&'static str, usize, u32); 6] {
+    pub fn rows(&self) -> [(&'static str, usize, u32); 7] {
         [
             (
                 map_names::SERVICE_IPS,
@@ -53,7 +62,16 @@ impl Occupancy {
                 self.service_names,
                 capacity::SERVICES,
             ),
-            (map_names::CONNTRACK, self.conntrack, capacity::CONNTRACK),
+            (
+                map_names::CT_TCP,
+                self.conntrack.tcp,
+                self.conntrack.tcp_capacity,
+            ),
+            (
+                map_names::CT_OTHER,
+                self.conntrack.other,
+                self.conntrack.other_capacity,
+            ),
         ]
     }
 }
@@ -806,7 +824,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backend_slots: self.slot_count,
             backends: self.backends.len(),
             service_names: self.frontends.len(),
-            conntrack: 0,
+            conntrack: CtOccupancy::default(),
         }
     }
 

@@ -2,23 +2,27 @@
 //! LRU evicts under pressure; this sweep removes dead flows early so the
 //! table (and `inspect conntrack`) holds live flows only.
 
-use dataplane_common::{ct_dir, CtEntry, CtKey};
+use dataplane_common::{ct_dir, CtEntry, CtKey, CtLifetimes, IPPROTO_TCP};
 
-use crate::node::pinned::{monotonic_now_ns, ConntrackMap};
+use crate::node::pinned::{monotonic_now_ns, ConntrackMaps};
 
 /// Keys to delete: expired flows (both entries) and reply entries whose flow
 /// is gone.
-pub fn expired_keys(entries: &[(CtKey, CtEntry)], now_ns: u64) -> Vec<CtKey> {
+pub fn expired_keys(
+    entries: &[(CtKey, CtEntry)],
+    now_ns: u64,
+    lifetimes: &CtLifetimes,
+) -> Vec<CtKey> {
     let live_originals: std::collections::HashSet<CtKey> = entries
         .iter()
-        .filter(|(k, e)| k.direction == ct_dir::ORIGINAL && !e.is_expired(now_ns))
+        .filter(|(k, e)| k.direction == ct_dir::ORIGINAL && !e.is_expired(now_ns, lifetimes))
         .map(|(k, _)| *k)
         .collect();
     entries
         .iter()
         .filter(|(k, e)| {
             if k.direction == ct_dir::ORIGINAL {
-                e.is_expired(now_ns)
+                e.is_expired(now_ns, lifetimes)
             } else {
                 !live_originals.contains(&e.original_key())
             }
@@ -35,7 +39,7 @@ pub trait CtTable {
     fn delete(&mut self, key: &CtKey) -> bool;
 }
 
-impl CtTable for ConntrackMap {
+impl CtTable for ConntrackMaps {
     fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
         self.get(key, 0).ok()
     }
@@ -48,30 +52,35 @@ impl CtTable for ConntrackMap {
 /// Whether `key` is dead by `expired_keys`' rule, judged on what the table
 /// holds now rather than on the walk's snapshot: the datapath may have
 /// created or refreshed the flow since.
-pub fn still_dead(table: &impl CtTable, key: &CtKey, now_ns: u64) -> bool {
+pub fn still_dead(table: &impl CtTable, key: &CtKey, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
     let Some(entry) = table.lookup(key) else {
         return false;
     };
     if key.direction == ct_dir::ORIGINAL {
-        entry.is_expired(now_ns)
+        entry.is_expired(now_ns, lifetimes)
     } else {
         table
             .lookup(&entry.original_key())
-            .is_none_or(|original| original.is_expired(now_ns))
+            .is_none_or(|original| original.is_expired(now_ns, lifetimes))
     }
 }
 
 /// Deletes those of `candidates` that are still dead; the number deleted.
 /// Original entries go first, so a reply entry whose flow this sweep ends
 /// goes in the same sweep.
-pub fn delete_still_dead(table: &mut impl CtTable, candidates: &[CtKey], now_ns: u64) -> usize {
+pub fn delete_still_dead(
+    table: &mut impl CtTable,
+    candidates: &[CtKey],
+    now_ns: u64,
+    lifetimes: &CtLifetimes,
+) -> usize {
     let (originals, replies): (Vec<&CtKey>, Vec<&CtKey>) = candidates
         .iter()
         .partition(|k| k.direction == ct_dir::ORIGINAL);
     originals
         .into_iter()
         .chain(replies)
-        .filter(|k| still_dead(table, k, now_ns) && table.delete(k))
+        .filter(|k| still_dead(table, k, now_ns, lifetimes) && table.delete(k))
         .count()
 }
 
@@ -79,21 +88,54 @@ pub fn delete_still_dead(table: &mut impl CtTable, candidates: &[CtKey], now_ns:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sweep {
     pub removed: usize,
-    /// Entries left (two per flow).
-    pub remaining: usize,
+    /// Entries left (two per flow) in `CT_TCP`.
+    pub remaining_tcp: usize,
+    /// Entries left in `CT_OTHER`.
+    pub remaining_other: usize,
 }
 
-/// One sweep of the expired entries: a walk picks the candidates, each is
-/// looked up again just before it is deleted. (aya 0.14 has no
-/// `BPF_MAP_LOOKUP_BATCH`, so the walk is one syscall per entry.)
-pub fn sweep(map: &mut ConntrackMap) -> Sweep {
-    let entries: Vec<(CtKey, CtEntry)> = map.iter().filter_map(Result::ok).collect();
+impl Sweep {
+    pub fn remaining(&self) -> usize {
+        self.remaining_tcp + self.remaining_other
+    }
+}
+
+/// One sweep of the expired entries of both conntrack maps: a walk picks
+/// the candidates, each is looked up again just before it is deleted. (aya
+/// 0.14 has no `BPF_MAP_LOOKUP_BATCH`, so the walk is one syscall per
+/// entry.)
+pub fn sweep(maps: &mut ConntrackMaps, lifetimes: &CtLifetimes) -> Sweep {
+    let entries: Vec<(CtKey, CtEntry)> = maps.iter().filter_map(Result::ok).collect();
     let now_ns = monotonic_now_ns();
-    let candidates = expired_keys(&entries, now_ns);
-    let removed = delete_still_dead(map, &candidates, now_ns);
+    let candidates = expired_keys(&entries, now_ns, lifetimes);
+    let removed_tcp = delete_still_dead(
+        maps,
+        &candidates
+            .iter()
+            .filter(|k| k.proto == IPPROTO_TCP)
+            .copied()
+            .collect::<Vec<_>>(),
+        now_ns,
+        lifetimes,
+    );
+    let removed_other = delete_still_dead(
+        maps,
+        &candidates
+            .iter()
+            .filter(|k| k.proto != IPPROTO_TCP)
+            .copied()
+            .collect::<Vec<_>>(),
+        now_ns,
+        lifetimes,
+    );
+    let tcp = entries
+        .iter()
+        .filter(|(k, _)| k.proto == IPPROTO_TCP)
+        .count();
     Sweep {
-        removed,
-        remaining: entries.len() - removed,
+        removed: removed_tcp + removed_other,
+        remaining_tcp: tcp - removed_tcp,
+        remaining_other: entries.len() - tcp - removed_other,
     }
 }
 
@@ -106,6 +148,14 @@ mod tests {
     use super::*;
 
     const SEC: u64 = 1_000_000_000;
+    const L: CtLifetimes = CtLifetimes {
+        tcp_opening_s: 60,
+        tcp_established_s: 6 * 3600,
+        tcp_closing_s: 10,
+        udp_s: 30,
+        udp_stream_s: 60,
+        _pad: 0,
+    };
 
     fn flow(proto: u8, state: u8, last_seen_s: u64) -> [(CtKey, CtEntry); 2] {
         let e = CtEntry {
@@ -135,22 +185,22 @@ mod tests {
     #[test]
     fn expired_udp_flow_is_swept_with_its_reply_entry() {
         let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
-        assert_eq!(expired_keys(&entries, 61 * SEC).len(), 2);
-        assert!(expired_keys(&entries, 59 * SEC).is_empty());
+        assert_eq!(expired_keys(&entries, 61 * SEC, &L).len(), 2);
+        assert!(expired_keys(&entries, 59 * SEC, &L).is_empty());
     }
 
     #[test]
     fn established_tcp_outlives_opening_tcp() {
         let established = flow(IPPROTO_TCP, ct_state::ESTABLISHED, 0);
         let opening = flow(IPPROTO_TCP, ct_state::OPENING, 0);
-        assert!(expired_keys(&established, 3600 * SEC).is_empty());
-        assert_eq!(expired_keys(&opening, 3600 * SEC).len(), 2);
+        assert!(expired_keys(&established, 3600 * SEC, &L).is_empty());
+        assert_eq!(expired_keys(&opening, 3600 * SEC, &L).len(), 2);
     }
 
     #[test]
     fn orphaned_reply_entry_is_swept() {
         let [_, reply] = flow(IPPROTO_TCP, ct_state::ESTABLISHED, 0);
-        assert_eq!(expired_keys(&[reply], 0), vec![reply.0]);
+        assert_eq!(expired_keys(&[reply], 0, &L), vec![reply.0]);
     }
 
     impl CtTable for HashMap<CtKey, CtEntry> {
@@ -169,14 +219,14 @@ mod tests {
     fn flow_refreshed_after_the_walk_survives() {
         let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
         let now = 61 * SEC;
-        let candidates = expired_keys(&entries, now);
+        let candidates = expired_keys(&entries, now, &L);
         assert_eq!(candidates.len(), 2);
 
         let mut table: HashMap<CtKey, CtEntry> = entries.into_iter().collect();
         let original = entries[0].0;
         table.get_mut(&original).unwrap().last_seen_ns = now;
 
-        assert_eq!(delete_still_dead(&mut table, &candidates, now), 0);
+        assert_eq!(delete_still_dead(&mut table, &candidates, now, &L), 0);
         assert_eq!(table.len(), 2);
     }
 
@@ -186,11 +236,11 @@ mod tests {
     fn reply_entry_whose_flow_was_recreated_survives() {
         let [original, reply] = flow(IPPROTO_TCP, ct_state::OPENING, 100);
         let now = 101 * SEC;
-        let candidates = expired_keys(&[reply], now);
+        let candidates = expired_keys(&[reply], now, &L);
         assert_eq!(candidates, vec![reply.0]);
 
         let mut table: HashMap<CtKey, CtEntry> = [original, reply].into_iter().collect();
-        assert_eq!(delete_still_dead(&mut table, &candidates, now), 0);
+        assert_eq!(delete_still_dead(&mut table, &candidates, now, &L), 0);
         assert_eq!(table.len(), 2);
     }
 
@@ -198,17 +248,17 @@ mod tests {
     fn flow_still_dead_at_delete_time_goes_with_its_reply_entry() {
         let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
         let now = 61 * SEC;
-        let candidates = expired_keys(&entries, now);
+        let candidates = expired_keys(&entries, now, &L);
         let mut table: HashMap<CtKey, CtEntry> = entries.into_iter().collect();
-        assert_eq!(delete_still_dead(&mut table, &candidates, now), 2);
+        assert_eq!(delete_still_dead(&mut table, &candidates, now, &L), 2);
         assert!(table.is_empty());
     }
 
     #[test]
     fn entry_gone_before_the_delete_phase_is_not_counted() {
         let entries = flow(IPPROTO_UDP, ct_state::ESTABLISHED, 0);
-        let candidates = expired_keys(&entries, 61 * SEC);
+        let candidates = expired_keys(&entries, 61 * SEC, &L);
         let mut table: HashMap<CtKey, CtEntry> = HashMap::new();
-        assert_eq!(delete_still_dead(&mut table, &candidates, 61 * SEC), 0);
+        assert_eq!(delete_still_dead(&mut table, &candidates, 61 * SEC, &L), 0);
     }
 }

@@ -4,6 +4,10 @@
 
 use std::time::Duration;
 
+use dataplane_common::CtLifetimes;
+
+use crate::node::datapath::DatapathConfig;
+
 /// Conntrack options of `dataplane-agent run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConntrackOptions {
@@ -51,6 +55,29 @@ impl ConntrackOptions {
         self.conntrack_max_other
             .unwrap_or_else(|| (self.max_tcp(cpus) / 2).max(1))
     }
+
+    /// The lifetimes the datapath, the sweep and `inspect` use. TCP's
+    /// opening lifetime has no flag (kube-proxy leaves nf_conntrack's).
+    pub fn lifetimes(&self) -> CtLifetimes {
+        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        CtLifetimes {
+            tcp_established_s: secs(self.conntrack_tcp_timeout_established),
+            tcp_closing_s: secs(self.conntrack_tcp_timeout_close_wait),
+            udp_s: secs(self.conntrack_udp_timeout),
+            udp_stream_s: secs(self.conntrack_udp_timeout_stream),
+            ..CtLifetimes::default()
+        }
+    }
+
+    /// Sizes and lifetimes for loading the datapath on a node with `cpus`
+    /// CPUs.
+    pub fn datapath_config(&self, cpus: u32) -> DatapathConfig {
+        DatapathConfig {
+            ct_max_tcp: self.max_tcp(cpus),
+            ct_max_other: self.max_other(cpus),
+            ct_lifetimes: self.lifetimes(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -80,5 +107,31 @@ mod tests {
         ])
         .conntrack;
         assert_eq!((given.max_tcp(64), given.max_other(64)), (1000, 10));
+    }
+
+    #[test]
+    fn lifetimes_follow_the_timeout_flags() {
+        let options = Cli::parse_from([
+            "t",
+            "--conntrack-udp-timeout",
+            "5s",
+            "--conntrack-udp-timeout-stream",
+            "2m",
+            "--conntrack-tcp-timeout-established",
+            "1h",
+        ])
+        .conntrack;
+        let l = options.lifetimes();
+        assert_eq!(
+            (
+                l.udp_s,
+                l.udp_stream_s,
+                l.tcp_established_s,
+                l.tcp_closing_s
+            ),
+            (5, 120, 3600, 10)
+        );
+        let config = options.datapath_config(4);
+        assert_eq!((config.ct_max_tcp, config.ct_max_other), (131_072, 65_536));
     }
 }

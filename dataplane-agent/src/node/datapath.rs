@@ -6,23 +6,24 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, Map, MapData, MapError, MapInfo},
+    maps::{Array, MapData, MapError},
     pin::PinError,
     programs::{
-        links::{FdLink, LinkError},
+        links::{FdLink, LinkError, PinnedLink},
         tc,
-        tc::SchedClassifierLinkId,
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
         ProgramError, SchedClassifier, TcAttachType,
     },
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
-use dataplane_common::{map_layouts, map_names, LAYOUT_VERSION};
+use dataplane_common::{capacity, map_layouts, map_names, CtLifetimes, MapLayout, LAYOUT_VERSION};
 use log::{info, warn};
 
 use crate::node::{
     lb_maps::BpfLbMaps,
-    pinned::{self, ConntrackMap, CounterMap, MapOpenError},
+    migrate::{self, Carry, MigrateError, Pass, Plan},
+    pinned::{self, ConntrackMaps, CounterMap, MapOpenError},
 };
 
 /// The object built by build.rs from `dataplane-ebpf`, embedded so the agent
@@ -61,9 +62,14 @@ pub enum DatapathError {
     #[error(transparent)]
     Map(#[from] MapOpenError),
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Migrate(#[from] MigrateError),
     #[error("writing the map layout version")]
     StampLayout {
+        #[source]
+        source: MapError,
+    },
+    #[error("writing the conntrack lifetimes")]
+    Lifetimes {
         #[source]
         source: MapError,
     },
@@ -103,8 +109,48 @@ fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Dat
 /// The maps userspace works with, taken out of the loaded object.
 pub struct DatapathMaps {
     pub lb: BpfLbMaps,
-    pub conntrack: ConntrackMap,
+    pub conntrack: ConntrackMaps,
     pub counters: CounterMap,
+}
+
+/// What the datapath is loaded with: conntrack sizes and lifetimes
+/// (`ConntrackOptions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub ct_max_tcp: u32,
+    pub ct_max_other: u32,
+    pub ct_lifetimes: CtLifetimes,
+}
+
+impl Default for DatapathConfig {
+    /// The object's sizes, kube-proxy's lifetimes.
+    fn default() -> Self {
+        Self {
+            ct_max_tcp: capacity::CT_TCP,
+            ct_max_other: capacity::CT_OTHER,
+            ct_lifetimes: CtLifetimes::default(),
+        }
+    }
+}
+
+impl DatapathConfig {
+    /// Every map's layout as this start creates it.
+    pub fn layouts(&self) -> Vec<MapLayout> {
+        map_layouts::ALL
+            .iter()
+            .map(|l| match l.name {
+                map_names::CT_TCP => MapLayout {
+                    max_entries: self.ct_max_tcp,
+                    ..*l
+                },
+                map_names::CT_OTHER => MapLayout {
+                    max_entries: self.ct_max_other,
+                    ..*l
+                },
+                _ => *l,
+            })
+            .collect()
+    }
 }
 
 /// How one direction's program is attached to an interface.
@@ -124,24 +170,60 @@ struct Attachment {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    bpffs: PathBuf,
     /// Where tcx links are pinned: `<bpffs>/links/<ifindex>-<hook>`.
     links_dir: PathBuf,
     attached: HashMap<u32, Attachment>,
+    /// A migration from maps pinned by an earlier agent, finished by
+    /// [`Datapath::commit_migration`] once the programs switched.
+    pending: Option<(Plan, Vec<MapLayout>)>,
 }
 
 impl Datapath {
-    /// Loads the programs, creating the maps pinned under `bpffs` or reusing
-    /// the ones a previous agent pinned there.
+    /// [`Datapath::load_with`] the object's sizes and default lifetimes.
     pub fn load(bpffs: &Path) -> Result<(Self, DatapathMaps), DatapathError> {
+        Self::load_with(bpffs, &DatapathConfig::default())
+    }
+
+    /// Loads the programs, creating the maps pinned under `bpffs` or
+    /// reusing the ones a previous agent pinned there. Maps of an older
+    /// layout or other sizes are migrated (`migrate`): the new ones are
+    /// loaded beside them, flows converted into them, and
+    /// [`Datapath::commit_migration`] puts them in place after the
+    /// programs switched.
+    pub fn load_with(
+        bpffs: &Path,
+        config: &DatapathConfig,
+    ) -> Result<(Self, DatapathMaps), DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoPrograms);
         }
-        check_pinned_layout(bpffs)?;
+        let layouts = config.layouts();
+        let plan = migrate::plan(bpffs, &layouts)?;
+        // Anything an interrupted start left staged is started over.
+        migrate::remove_staging(bpffs)?;
+        if !plan.staged.is_empty() {
+            let staging = bpffs.join(migrate::STAGING_DIR);
+            std::fs::create_dir_all(&staging).map_err(fs_err("creating", &staging))?;
+        }
+        if plan.is_migration() {
+            info!(
+                "maps under {} have layout {:?}, this agent {LAYOUT_VERSION}: migrating {:?}",
+                bpffs.display(),
+                plan.found,
+                plan.maps
+                    .iter()
+                    .filter(|(_, c)| *c != Carry::Adopt)
+                    .collect::<Vec<_>>()
+            );
+        }
         let mut loader = EbpfLoader::new();
         // BTF-defined maps carry no pinning request: every one is pinned here.
         for name in map_names::ALL {
-            loader.map_pin_path(name, bpffs.join(name));
+            loader.map_pin_path(name, plan.pin_path(bpffs, name));
         }
+        loader.map_max_entries(map_names::CT_TCP, config.ct_max_tcp);
+        loader.map_max_entries(map_names::CT_OTHER, config.ct_max_other);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -153,17 +235,26 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Verify { name, source })?;
         }
-        stamp_layout(&mut ebpf)?;
+        set_lifetimes(&mut ebpf, &config.ct_lifetimes)?;
+        let pending = if plan.is_migration() {
+            migrate::convert(&plan, bpffs, &layouts, Pass::First)?;
+            Some((plan, layouts))
+        } else {
+            stamp_layout(&mut ebpf)?;
+            None
+        };
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
-        let conntrack: ConntrackMap = pinned::take(&mut ebpf, map_names::CONNTRACK)?;
+        let conntrack = ConntrackMaps::take(&mut ebpf)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
             Self {
                 ebpf,
+                bpffs: bpffs.to_owned(),
                 links_dir,
                 attached: HashMap::new(),
+                pending,
             },
             DatapathMaps {
                 lb,
@@ -171,6 +262,31 @@ impl Datapath {
                 counters,
             },
         ))
+    }
+
+    /// Whether maps of an earlier agent wait for [`Datapath::commit_migration`].
+    pub fn is_migrating(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Finishes a migration once the sync engine filled the new maps and
+    /// the programs switched on every interface (`attach`): flows the
+    /// previous programs created since the first conversion are carried
+    /// over, the new maps are pinned in place of the old ones, the maps
+    /// this layout dropped are unpinned and the layout version stamped.
+    pub fn commit_migration(&mut self) -> Result<(), DatapathError> {
+        let Some((plan, layouts)) = self.pending.take() else {
+            return Ok(());
+        };
+        migrate::convert(&plan, &self.bpffs, &layouts, Pass::CatchUp)?;
+        migrate::commit(&plan, &self.bpffs)?;
+        stamp_layout(&mut self.ebpf)?;
+        info!(
+            "maps under {} migrated from layout {:?} to {LAYOUT_VERSION}",
+            self.bpffs.display(),
+            plan.found
+        );
+        Ok(())
     }
 
     /// A loaded program, e.g. to run it under BPF_PROG_TEST_RUN.
@@ -250,6 +366,12 @@ impl Datapath {
         tcx: bool,
     ) -> Result<Link, DatapathError> {
         let hook = format!("{program} on {ifname} {attach_type:?}");
+        let pin = self.pin_path(ifindex, attach_type);
+        if tcx {
+            if let Some(link) = self.replace_pinned(program, &pin, &hook)? {
+                return Ok(link);
+            }
+        }
         let prog = self.program(program)?;
         let id = match prog.attach(ifname, attach_type) {
             Ok(id) => id,
@@ -266,9 +388,9 @@ impl Datapath {
             Ok(link) => link,
             Err(source) => return Err(DatapathError::NotTcx { hook, source }),
         };
-        let pin = self.pin_path(ifindex, attach_type);
-        // A previous agent's link (or a stale one of a deleted interface that
-        // had this ifindex): unpinning it detaches it, now that ours runs.
+        // A previous agent's link that could not be updated (a stale one of
+        // a deleted interface that had this ifindex): unpinning it detaches
+        // it, now that ours runs.
         match std::fs::remove_file(&pin) {
             Ok(()) => info!("{hook}: replaced the link a previous agent pinned"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -283,6 +405,38 @@ impl Datapath {
             });
         }
         Ok(Link::Pinned(pin))
+    }
+
+    /// Switches the tcx link a previous agent pinned at `pin` to our
+    /// program in one step (BPF_LINK_UPDATE): every packet sees either the
+    /// old program or the new one, never none and never both. `None` when
+    /// there is no such link or it cannot be updated (its interface is
+    /// gone): the caller attaches anew.
+    fn replace_pinned(
+        &mut self,
+        program: &str,
+        pin: &Path,
+        hook: &str,
+    ) -> Result<Option<Link>, DatapathError> {
+        let Ok(pinned) = PinnedLink::from_pin(pin) else {
+            return Ok(None);
+        };
+        let Ok(link) = SchedClassifierLink::try_from(FdLink::from(pinned)) else {
+            return Ok(None);
+        };
+        let prog = self.program(program)?;
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                // The pin keeps the link; our handle on it is not needed.
+                drop(prog.take_link(id));
+                info!("{hook}: switched the link a previous agent pinned to this agent's program");
+                Ok(Some(Link::Pinned(pin.to_owned())))
+            }
+            Err(e) => {
+                warn!("{hook}: updating the pinned link failed ({e}); attaching anew");
+                Ok(None)
+            }
+        }
     }
 
     fn release(&mut self, program: &str, link: Link) {
@@ -352,91 +506,17 @@ fn program_mut<'a>(
     })
 }
 
-/// Why maps pinned by an earlier agent cannot be adopted. aya reuses a
-/// pinned map of any shape without a word, so this is checked first.
-#[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
-    #[error(
-        "the maps pinned under {0} come from a release before map layout versions (no LAYOUT map); \
-         remove them with `dataplane-agent cleanup --bpffs {0}` (this resets connections through services)",
-        .dir.display()
-    )]
-    Unversioned { dir: PathBuf },
-    #[error(
-        "the maps pinned under {0} have layout version {found}, this agent uses {expected}; \
-         remove them with `dataplane-agent cleanup --bpffs {0}` (this resets connections through services)",
-        .dir.display()
-    )]
-    Version {
-        dir: PathBuf,
-        found: u32,
-        expected: u32,
-    },
-    #[error("pinned map {}: {what} is {found}, this agent's layout has {expected}", .path.display())]
-    Shape {
-        path: PathBuf,
-        what: &'static str,
-        found: u32,
-        expected: u32,
-    },
-    #[error("reading pinned map {}", .path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: MapError,
-    },
-}
-
-/// Checks the maps pinned under `bpffs`, if any, against this agent's
-/// layout: the version stored in `LAYOUT` (0: created but not yet stamped),
-/// then every map's key size, value size and capacity.
-pub fn check_pinned_layout(bpffs: &Path) -> Result<(), LayoutError> {
-    let pinned: Vec<_> = map_layouts::ALL
-        .iter()
-        .map(|layout| (layout, bpffs.join(layout.name)))
-        .filter(|(_, path)| path.exists())
-        .collect();
-    if pinned.is_empty() {
-        return Ok(());
-    }
-    let dir = bpffs.to_path_buf();
-    let layout_path = bpffs.join(map_names::LAYOUT);
-    if !layout_path.exists() {
-        return Err(LayoutError::Unversioned { dir });
-    }
-    let read = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| LayoutError::Read { path, source }
-    };
-    let map = MapData::from_pin(&layout_path).map_err(read(&layout_path))?;
-    let version: Array<MapData, u32> =
-        Array::try_from(Map::Array(map)).map_err(read(&layout_path))?;
-    let found = version.get(&0, 0).map_err(read(&layout_path))?;
-    if found != 0 && found != LAYOUT_VERSION {
-        return Err(LayoutError::Version {
-            dir,
-            found,
-            expected: LAYOUT_VERSION,
-        });
-    }
-    for (layout, path) in pinned {
-        let info = MapInfo::from_pin(&path).map_err(read(&path))?;
-        for (what, found, expected) in [
-            ("key size", info.key_size(), layout.key_size),
-            ("value size", info.value_size(), layout.value_size),
-            ("max entries", info.max_entries(), layout.max_entries),
-        ] {
-            if found != expected {
-                return Err(LayoutError::Shape {
-                    path,
-                    what,
-                    found,
-                    expected,
-                });
-            }
-        }
-    }
-    Ok(())
+/// Writes the configured conntrack lifetimes where the datapath, the sweep
+/// and `inspect` read them.
+fn set_lifetimes(ebpf: &mut Ebpf, lifetimes: &CtLifetimes) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut(map_names::CT_LIFETIMES)
+        .ok_or(DatapathError::Map(MapOpenError::Missing {
+            name: map_names::CT_LIFETIMES,
+        }))?;
+    let err = |source| DatapathError::Lifetimes { source };
+    let mut array: Array<&mut MapData, CtLifetimes> = Array::try_from(map).map_err(err)?;
+    array.set(0, *lifetimes, 0).map_err(err)
 }
 
 /// Records this agent's layout version in the freshly loaded (or adopted)
@@ -469,13 +549,19 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         }
         std::fs::remove_dir(&links).map_err(fs_err("removing", &links))?;
     }
-    for name in map_names::ALL {
-        let path = bpffs.join(name);
+    let staging = bpffs.join(migrate::STAGING_DIR);
+    let names = map_names::ALL.iter().chain(migrate::RETIRED);
+    let paths = names
+        .clone()
+        .map(|name| bpffs.join(name))
+        .chain(names.map(|name| staging.join(name)));
+    for path in paths {
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(fs_err("removing", &path)(e)),
         }
     }
+    let _ = std::fs::remove_dir(&staging);
     Ok(removed)
 }

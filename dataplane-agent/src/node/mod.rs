@@ -5,7 +5,8 @@
 //! pinned; `lb_maps` is the load-balancing maps as the sync engine writes
 //! them; `pinned` opens and decodes the maps for everyone who reads them;
 //! `ct_gc` sweeps expired conntrack entries, sized and timed by
-//! `ct_options`. Nothing here knows about
+//! `ct_options`; `migrate` carries the maps of an earlier agent (another
+//! layout, other sizes) into this one's. Nothing here knows about
 //! the control plane or the operator surface.
 
 pub mod bpffs;
@@ -14,4 +15,5 @@ pub mod ct_options;
 pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;
+pub mod migrate;
 pub mod pinned;

@@ -10,13 +10,84 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use dataplane_common::{
-    ipv4_from_map, port_from_map, Counter, CtEntry, CtKey, ServiceLabel, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_from_map, map_names, port_from_map, Counter, CtEntry, CtKey, CtLifetimes, ServiceLabel,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use nix::time::{clock_gettime, ClockId};
 
 pub type ConntrackMap = BpfHashMap<MapData, CtKey, CtEntry>;
+pub type CtLifetimesMap = Array<MapData, CtLifetimes>;
+
+/// The two conntrack maps, TCP and the rest, used as one table: every key
+/// goes to the map of its protocol, as in the datapath.
+pub struct ConntrackMaps {
+    pub tcp: ConntrackMap,
+    pub other: ConntrackMap,
+}
+
+impl ConntrackMaps {
+    /// The maps pinned under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, MapOpenError> {
+        Ok(Self {
+            tcp: open(dir, map_names::CT_TCP)?,
+            other: open(dir, map_names::CT_OTHER)?,
+        })
+    }
+
+    /// The maps of a loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapOpenError> {
+        Ok(Self {
+            tcp: take(ebpf, map_names::CT_TCP)?,
+            other: take(ebpf, map_names::CT_OTHER)?,
+        })
+    }
+
+    pub fn map(&self, proto: u8) -> &ConntrackMap {
+        if proto == IPPROTO_TCP {
+            &self.tcp
+        } else {
+            &self.other
+        }
+    }
+
+    pub fn map_mut(&mut self, proto: u8) -> &mut ConntrackMap {
+        if proto == IPPROTO_TCP {
+            &mut self.tcp
+        } else {
+            &mut self.other
+        }
+    }
+
+    pub fn get(&self, key: &CtKey, flags: u64) -> Result<CtEntry, MapError> {
+        self.map(key.proto).get(key, flags)
+    }
+
+    pub fn insert(&mut self, key: CtKey, entry: CtEntry, flags: u64) -> Result<(), MapError> {
+        self.map_mut(key.proto).insert(key, entry, flags)
+    }
+
+    pub fn remove(&mut self, key: &CtKey) -> Result<(), MapError> {
+        self.map_mut(key.proto).remove(key)
+    }
+
+    /// Every entry of both maps, TCP first.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(CtKey, CtEntry), MapError>> + '_ {
+        self.tcp.iter().chain(self.other.iter())
+    }
+
+    /// Entries in each map: (TCP, other).
+    pub fn lens(&self) -> (usize, usize) {
+        let count = |m: &ConntrackMap| m.keys().filter(Result::is_ok).count();
+        (count(&self.tcp), count(&self.other))
+    }
+}
+
+/// The lifetimes in a `CT_LIFETIMES` map (the agent writes them at start).
+pub fn ct_lifetimes(map: &CtLifetimesMap) -> Result<CtLifetimes, MapError> {
+    map.get(&0, 0)
+}
 pub type CounterMap = PerCpuArray<MapData, u64>;
 pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
 

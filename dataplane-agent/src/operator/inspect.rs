@@ -20,8 +20,8 @@ use serde::Serialize;
 use crate::node::{
     lb_maps::{BpfLbMaps, LbMapError, LbMaps as _, LbSnapshot},
     pinned::{
-        self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMap, CounterMap,
-        MapOpenError, ServiceNamesMap,
+        self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMaps, CounterMap,
+        CtLifetimesMap, MapOpenError, ServiceNamesMap,
     },
 };
 
@@ -203,12 +203,15 @@ pub fn conntrack(
     backend: Option<Ipv4Addr>,
 ) -> Result<Vec<FlowRow>, InspectError> {
     let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
-    let table: ConntrackMap = pinned::open(dir, map_names::CONNTRACK)?;
+    let table = ConntrackMaps::open(dir)?;
+    let lifetimes_map: CtLifetimesMap = pinned::open(dir, map_names::CT_LIFETIMES)?;
+    let lifetimes =
+        pinned::ct_lifetimes(&lifetimes_map).map_err(read_err(map_names::CT_LIFETIMES))?;
     let now = monotonic_now_ns();
     let mut rows = Vec::new();
     for entry in table.iter() {
-        let (key, ct) = entry.map_err(read_err(map_names::CONNTRACK))?;
-        if key.direction != ct_dir::ORIGINAL || ct.is_expired(now) {
+        let (key, ct) = entry.map_err(read_err("CT_TCP and CT_OTHER"))?;
+        if key.direction != ct_dir::ORIGINAL || ct.is_expired(now, &lifetimes) {
             continue;
         }
         let label = names
@@ -250,7 +253,8 @@ pub fn conntrack(
             },
             hairpin,
             age_s: now.saturating_sub(ct.created_ns) / 1_000_000_000,
-            expires_in_s: (ct.last_seen_ns + ct.lifetime_ns()).saturating_sub(now) / 1_000_000_000,
+            expires_in_s: (ct.last_seen_ns + ct.lifetime_ns(&lifetimes)).saturating_sub(now)
+                / 1_000_000_000,
         });
     }
     rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));

@@ -47,7 +47,7 @@ use crate::{
     control::{
         health::Health,
         run_loop::{EngineTotals, Report, SyncKind},
-        sync::Occupancy,
+        sync::{CtOccupancy, Occupancy},
     },
     node::pinned::{counter_total, CounterMap},
     operator::http::{self, ServeError},
@@ -298,8 +298,8 @@ impl Metrics {
         };
     }
 
-    pub fn conntrack_entries(&self, entries: usize) {
-        lock(&self.live.occupancy).conntrack = entries;
+    pub fn conntrack_entries(&self, conntrack: CtOccupancy) {
+        lock(&self.live.occupancy).conntrack = conntrack;
     }
 
     /// The registry in the text exposition format.
@@ -491,9 +491,18 @@ mod tests {
             backend_slots: 9,
             backends: 7,
             service_names: 3,
-            conntrack: 999, // ignored: the sweep owns this figure
+            // Ignored: the sweep owns these figures.
+            conntrack: CtOccupancy {
+                tcp: 999,
+                ..CtOccupancy::default()
+            },
         });
-        m.conntrack_entries(4);
+        m.conntrack_entries(CtOccupancy {
+            tcp: 4,
+            other: 6,
+            tcp_capacity: 1000,
+            other_capacity: 500,
+        });
         let text = m.encode();
         for line in [
             "dataplane_sync_duration_seconds_count{kind=\"full\"} 1",
@@ -503,8 +512,10 @@ mod tests {
             "dataplane_frontends_programmed 3",
             "dataplane_endpoints_programmed 7",
             "dataplane_map_entries{map=\"BACKEND_SLOTS\"} 9",
-            "dataplane_map_entries{map=\"CONNTRACK\"} 4",
-            "dataplane_map_capacity{map=\"CONNTRACK\"} 262144",
+            "dataplane_map_entries{map=\"CT_TCP\"} 4",
+            "dataplane_map_capacity{map=\"CT_TCP\"} 1000",
+            "dataplane_map_entries{map=\"CT_OTHER\"} 6",
+            "dataplane_map_capacity{map=\"CT_OTHER\"} 500",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

@@ -26,6 +26,7 @@ use crate::{
         ct_options::ConntrackOptions,
         datapath::Datapath,
         interfaces::{self, LinkEvent, PodInterfaceFilter},
+        socket_lb,
     },
     operator::{healthz, metrics, metrics::Metrics},
 };
@@ -62,6 +63,19 @@ pub struct Options {
     pub metrics_bind_address: SocketAddr,
     #[command(flatten)]
     pub conntrack: ConntrackOptions,
+    /// Socket-level load balancing: translate service connections at
+    /// connect()/sendmsg() for every process under --cgroup-root (pods and
+    /// host-network processes); the tc programs serve the rest.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub socket_lb: bool,
+    /// The cgroup v2 directory whose processes get socket-level load
+    /// balancing. Default: the root of the cgroup2 hierarchy as mounted
+    /// here, or one mounted under --run-dir when none is visible.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// The agent's runtime directory (a cgroup2 mount if it needs one).
+    #[arg(long, default_value = "/run/dataplane")]
+    pub run_dir: PathBuf,
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -166,6 +180,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         handle_link(&mut datapath, link);
     }
     datapath.remove_stale_links();
+    start_socket_lb(&options, &mut datapath);
     control.mark_synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     info!("agent ready: maps pinned under {}", options.bpffs.display());
@@ -207,6 +222,25 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     healthz_server.abort();
     metrics_server.abort();
     result
+}
+
+/// Attaches the socket hooks if asked to. A kernel without them, or a
+/// cgroup that cannot be used, is reported once: the tc path still serves
+/// pods, host-network clients go without services.
+fn start_socket_lb(options: &Options, datapath: &mut Datapath) {
+    if !options.socket_lb {
+        info!("socket-level load balancing off (--socket-lb false): the tc path serves pods only");
+        datapath.detach_socket_lb();
+        return;
+    }
+    let attached = socket_lb::resolve_cgroup_root(options.cgroup_root.as_deref(), &options.run_dir)
+        .and_then(|root| datapath.attach_socket_lb(&root));
+    if let Err(e) = attached {
+        warn!(
+            "socket-level load balancing unavailable, the tc path serves pods only: {:#}",
+            anyhow::Error::from(e)
+        );
+    }
 }
 
 /// `first` and whatever else is already waiting: a burst (a rolling

@@ -22,10 +22,12 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    /// Socket-level reverse translation: (socket, backend) -> service.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     /// The layout version of the maps pinned next to it.
     pub const LAYOUT: &str = "LAYOUT";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -36,6 +38,7 @@ pub mod map_names {
         AFFINITY,
         TRACE_CONFIG,
         TRACE_EVENTS,
+        SOCK_REVNAT,
         LAYOUT,
     ];
 }
@@ -49,8 +52,11 @@ pub mod map_names {
 ///
 /// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
-/// one word, `Counter::ReplyTupleClash`.
-pub const LAYOUT_VERSION: u32 = 2;
+/// one word, `Counter::ReplyTupleClash`. Version 3 (socket-level load
+/// balancing): `AffinityKey` gains the client's network namespace cookie,
+/// new `SOCK_REVNAT` map, socket counters and trace hooks, `TraceEvent`
+/// carries the socket's netns cookie and cgroup id.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +94,7 @@ pub mod map_layouts {
         layout::<u32, TraceConfig>(map_names::TRACE_CONFIG, 1),
         // A ring buffer has neither key nor value; its size is in bytes.
         layout::<(), ()>(map_names::TRACE_EVENTS, capacity::TRACE_EVENTS_BYTES),
+        layout::<SockRevNatKey, SockRevNatEntry>(map_names::SOCK_REVNAT, capacity::SOCK_REVNAT),
         layout::<u32, u32>(map_names::LAYOUT, 1),
     ];
 }
@@ -107,6 +114,9 @@ pub mod capacity {
     pub const BACKENDS_PER_SERVICE: u32 = 4_096;
     /// Size of the `TRACE_EVENTS` ring buffer in bytes.
     pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
+    /// Translated sockets remembered for reverse translation (LRU): one
+    /// entry per (socket, backend) a socket hook sent to.
+    pub const SOCK_REVNAT: u32 = 131_072;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -148,13 +158,43 @@ pub mod service_flags {
     pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 1 << 0;
 }
 
-/// Key of `AFFINITY`: a client of one ClientIP-affinity frontend.
+/// Key of `AFFINITY`: a client of one ClientIP-affinity frontend. The tc
+/// path knows a client by its IP; the socket hooks, which run before the
+/// socket has a source address, by its network namespace, so that every
+/// process of the node's network namespace is one client (as they share the
+/// node IP under kube-proxy). Exactly one of the two is non-zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey {
     pub service_id: u32,
-    /// Client pod IP, network byte order.
+    /// Client pod IP, network byte order (tc path), else 0.
     pub client_addr: u32,
+    /// `bpf_get_netns_cookie` of the client's socket (socket hooks), else 0.
+    pub client_netns: u64,
+}
+
+/// Key of `SOCK_REVNAT`: a socket a socket hook translated, and the backend
+/// it sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie` of the client socket.
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SOCK_REVNAT`: the service address the application asked for,
+/// shown again by `recvmsg` and `getpeername`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRevNatEntry {
+    pub service_addr: u32,
+    pub service_port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
 }
 
 /// Value of `AFFINITY`: the backend a client was last sent to. It stays valid
@@ -384,6 +424,14 @@ pub mod trace_hook {
     pub const FROM_POD: u8 = 1;
     /// tc egress of a pod's host-side interface: on its way into the pod.
     pub const TO_POD: u8 = 2;
+    /// `cgroup/connect4`: a socket connecting.
+    pub const SOCK_CONNECT: u8 = 3;
+    /// `cgroup/sendmsg4`: a datagram sent with an address (unconnected UDP).
+    pub const SOCK_SENDMSG: u8 = 4;
+    /// `cgroup/recvmsg4`: a datagram read with its source address.
+    pub const SOCK_RECVMSG: u8 = 5;
+    /// `cgroup/getpeername4`.
+    pub const SOCK_GETPEERNAME: u8 = 6;
 }
 
 /// The 4-tuple of a traced packet, network byte order.
@@ -401,6 +449,7 @@ pub struct TraceTuple {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TraceEvent {
     pub ts_ns: u64,
+    /// The pod interface of a packet; 0 for socket hooks.
     pub ifindex: u32,
     /// One of [`trace_hook`].
     pub hook: u8,
@@ -413,6 +462,10 @@ pub struct TraceEvent {
     pub backend_id: u32,
     pub before: TraceTuple,
     pub after: TraceTuple,
+    /// Socket hooks: the socket's network namespace cookie and the cgroup
+    /// id of the calling process; 0 for packets.
+    pub netns_cookie: u64,
+    pub cgroup_id: u64,
 }
 
 /// Indices of the per-CPU `COUNTERS` array: what the datapath did and every
@@ -457,10 +510,27 @@ pub enum Counter {
     /// a live flow already has, e.g. the same client port through two
     /// services to one backend: dropped, the other flow keeps its replies.
     ReplyTupleClash = 15,
+    /// A socket's connect() to a service went to a backend (socket LB).
+    SockConnectTranslated = 16,
+    /// An unconnected UDP datagram to a service went to a backend.
+    SockSendmsgTranslated = 17,
+    /// A datagram from a backend was shown to recvmsg() as from the service.
+    SockRecvmsgTranslated = 18,
+    /// getpeername() of a translated socket showed the service address.
+    SockGetpeernameTranslated = 19,
+    /// connect() or sendmsg() to a service without endpoints failed with
+    /// ECONNREFUSED.
+    SockRefusedNoEndpoints = 20,
+    /// connect() or sendmsg() to an `internalTrafficPolicy: Local` service
+    /// without endpoints on this node failed with EHOSTUNREACH.
+    SockNoLocalEndpoints = 21,
+    /// The reverse entry of a translated socket could not be stored
+    /// (`SOCK_REVNAT` insert failed): its replies keep the backend address.
+    SockRevNatFailed = 22,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -478,6 +548,13 @@ impl Counter {
         Counter::RejectFailed,
         Counter::TraceLost,
         Counter::ReplyTupleClash,
+        Counter::SockConnectTranslated,
+        Counter::SockSendmsgTranslated,
+        Counter::SockRecvmsgTranslated,
+        Counter::SockGetpeernameTranslated,
+        Counter::SockRefusedNoEndpoints,
+        Counter::SockNoLocalEndpoints,
+        Counter::SockRevNatFailed,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -503,6 +580,13 @@ impl Counter {
             Counter::RejectFailed => "reject_failed",
             Counter::TraceLost => "trace_lost",
             Counter::ReplyTupleClash => "reply_tuple_clash",
+            Counter::SockConnectTranslated => "sock_connect_translated",
+            Counter::SockSendmsgTranslated => "sock_sendmsg_translated",
+            Counter::SockRecvmsgTranslated => "sock_recvmsg_translated",
+            Counter::SockGetpeernameTranslated => "sock_getpeername_translated",
+            Counter::SockRefusedNoEndpoints => "sock_refused_no_endpoints",
+            Counter::SockNoLocalEndpoints => "sock_no_local_endpoints",
+            Counter::SockRevNatFailed => "sock_revnat_failed",
         }
     }
 }
@@ -532,6 +616,10 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TraceConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNatEntry {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -569,9 +657,11 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 48);
-        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityEntry>(), 16);
-        assert_eq!(size_of::<TraceEvent>(), 48);
+        assert_eq!(size_of::<TraceEvent>(), 64);
+        assert_eq!(size_of::<SockRevNatKey>(), 16);
+        assert_eq!(size_of::<SockRevNatEntry>(), 12);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use log::{info, warn};
 use crate::node::{
     lb_maps::BpfLbMaps,
     pinned::{self, ConntrackMap, CounterMap, MapOpenError},
+    socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
 
 /// The object built by build.rs from `dataplane-ebpf`, embedded so the agent
@@ -86,6 +87,8 @@ pub enum DatapathError {
         #[source]
         source: PinError,
     },
+    #[error(transparent)]
+    SocketLb(#[from] SocketLbError),
     #[error("{what} {}", path.display())]
     Fs {
         what: &'static str,
@@ -126,6 +129,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// Where tcx links are pinned: `<bpffs>/links/<ifindex>-<hook>`.
     links_dir: PathBuf,
+    /// Where the socket hook links are pinned: `<bpffs>/sock-links/<hook>`.
+    sock_links_dir: PathBuf,
     attached: HashMap<u32, Attachment>,
 }
 
@@ -163,6 +168,7 @@ impl Datapath {
             Self {
                 ebpf,
                 links_dir,
+                sock_links_dir: bpffs.join(SOCK_LINKS_DIR),
                 attached: HashMap::new(),
             },
             DatapathMaps {
@@ -183,6 +189,18 @@ impl Datapath {
             name: name.into(),
             source,
         })
+    }
+
+    /// Socket-level load balancing on: attaches the socket hooks at
+    /// `cgroup_root` (see `socket_lb`).
+    pub fn attach_socket_lb(&mut self, cgroup_root: &Path) -> Result<(), SocketLbError> {
+        socket_lb::attach(&mut self.ebpf, cgroup_root, &self.sock_links_dir)
+    }
+
+    /// Socket-level load balancing off: removes hooks a previous agent
+    /// attached.
+    pub fn detach_socket_lb(&mut self) {
+        socket_lb::detach_if_pinned(&self.sock_links_dir);
     }
 
     fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -469,6 +487,7 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         }
         std::fs::remove_dir(&links).map_err(fs_err("removing", &links))?;
     }
+    removed.extend(socket_lb::detach_pinned(&bpffs.join(SOCK_LINKS_DIR))?);
     for name in map_names::ALL {
         let path = bpffs.join(name);
         match std::fs::remove_file(&path) {

@@ -5,7 +5,8 @@
 //! pinned; `lb_maps` is the load-balancing maps as the sync engine writes
 //! them; `pinned` opens and decodes the maps for everyone who reads them;
 //! `ct_gc` sweeps expired conntrack entries, sized and timed by
-//! `ct_options`. Nothing here knows about
+//! `ct_options`; `socket_lb` attaches the cgroup socket hooks. Nothing
+//! here knows about
 //! the control plane or the operator surface.
 
 pub mod bpffs;
@@ -15,3 +16,4 @@ pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;
 pub mod pinned;
+pub mod socket_lb;

@@ -12,13 +12,15 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use dataplane_common::{
-    ipv4_from_map, port_from_map, Counter, CtEntry, CtKey, ServiceLabel, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_from_map, port_from_map, Counter, CtEntry, CtKey, ServiceLabel, SockRevNatEntry,
+    SockRevNatKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use nix::time::{clock_gettime, ClockId};
 
 pub type ConntrackMap = BpfHashMap<MapData, CtKey, CtEntry>;
 pub type CounterMap = PerCpuArray<MapData, u64>;
 pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
+pub type SockRevNatMap = BpfHashMap<MapData, SockRevNatKey, SockRevNatEntry>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapOpenError {

@@ -31,6 +31,9 @@ pub fn agent_bin() -> PathBuf {
 
 pub struct Agent {
     child: Option<Child>,
+    /// The node cgroup this agent's start created (no lab made it), removed
+    /// when the agent is dropped.
+    created_cgroup: Option<PathBuf>,
     pub log: PathBuf,
     pub node_ns: String,
 }
@@ -111,7 +114,20 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, source, bpffs, log, false)
+        Self::spawn(node_ns, node_name, source, bpffs, log, false, &[])
+    }
+
+    /// Like [`Agent::launch_with`], with more `run` flags (e.g.
+    /// `--socket-lb false`).
+    pub fn launch_with_args(
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(node_ns, node_name, source, bpffs, log, false, extra)
     }
 
     /// Like [`Agent::start`], in a process group of its own, so it outlives
@@ -131,6 +147,7 @@ impl Agent {
             bpffs,
             log,
             true,
+            &[],
         )?;
         agent.wait_healthy(Duration::from_secs(30))?;
         Ok(agent)
@@ -143,6 +160,7 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
         detached: bool,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
@@ -153,6 +171,15 @@ impl Agent {
         }
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // The socket hooks attach to the node's cgroup, never to the
+        // machine's root: other labs and the machine's own processes must
+        // not be translated.
+        let cgroup = crate::cgroup::node_cgroup(node_ns);
+        let created_cgroup = if cgroup.is_dir() {
+            None
+        } else {
+            Some(crate::cgroup::create_node_cgroup(node_ns)?)
+        };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", node_ns]).arg(&bin).arg("run");
         match source {
@@ -171,6 +198,9 @@ impl Agent {
         ])
         .arg("--bpffs")
         .arg(bpffs)
+        .arg("--cgroup-root")
+        .arg(&cgroup)
+        .args(extra)
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
@@ -182,6 +212,7 @@ impl Agent {
         let child = cmd.spawn().context("starting the agent")?;
         Ok(Self {
             child: Some(child),
+            created_cgroup,
             log: log.to_owned(),
             node_ns: node_ns.to_owned(),
         })
@@ -229,6 +260,7 @@ impl Agent {
     /// Leaves the agent running after this value is dropped (`lab up`).
     pub fn detach(mut self) {
         self.child = None;
+        self.created_cgroup = None;
     }
 
     /// SIGTERM, then wait; returns the exit status.
@@ -252,5 +284,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        if let Some(cgroup) = self.created_cgroup.take() {
+            crate::cgroup::remove_node_cgroup(&cgroup);
+        }
     }
 }

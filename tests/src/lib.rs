@@ -35,13 +35,26 @@ pub struct Cluster {
     api: Option<ApiServer>,
     pub lab: Lab,
     dir: tempfile::TempDir,
+    /// More flags for every agent's `run` (e.g. `--socket-lb false`).
+    agent_args: Vec<String>,
 }
 
 impl Cluster {
     /// Builds the lab, starts backend servers in every `web-*` pod, writes
     /// `manifests` (file name, content) for both nodes and starts the agents.
     pub fn start(topology: Topology, cross_node: CrossNode, initial: &[(&str, String)]) -> Self {
+        Self::start_with_agent_args(topology, cross_node, initial, &[])
+    }
+
+    /// Like [`Cluster::start`], each agent run with `args` as well.
+    pub fn start_with_agent_args(
+        topology: Topology,
+        cross_node: CrossNode,
+        initial: &[(&str, String)],
+        args: &[&str],
+    ) -> Self {
         let mut cluster = Self::build(topology, cross_node);
+        cluster.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
         for (file, content) in initial {
             cluster.write_manifest(file, content);
         }
@@ -128,6 +141,7 @@ impl Cluster {
             api: None,
             lab,
             dir,
+            agent_args: Vec::new(),
         };
         for pod in cluster.lab.spec.pods.clone() {
             if pod.name.starts_with("web") {
@@ -227,12 +241,14 @@ impl Cluster {
             Some(_) => agent::Source::Kubeconfig(&kubeconfig),
             None => agent::Source::Manifests(&manifests),
         };
-        let mut agent = Agent::launch_with(
+        let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
+        let mut agent = Agent::launch_with_args(
             &self.lab.node_ns(node),
             &format!("node{node}"),
             source,
             &base.join("bpf"),
             &base.join(format!("agent-{}.log", self.agents.len())),
+            &args,
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
         if wait_healthy {

@@ -1,0 +1,394 @@
+//! Socket-level load balancing: node (host-network) and pod processes in a
+//! node's cgroup reach services through the socket hooks, with real
+//! sockets. Clients are `sockclient` processes, since the hooks select by
+//! cgroup and a cgroup holds processes, not the test's threads.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use dataplane_lab::{agent::agent_bin, cgroup, manifests, CrossNode, Topology};
+use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
+use k8s_openapi::api::core::v1::ServiceSpec;
+
+const SOCKCLIENT: &str = env!("CARGO_BIN_EXE_sockclient");
+
+fn parse_outcome(line: &str) -> Seen {
+    let mut words = line.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some("answered"), Some(backend), Some(from)) => Seen::Answered {
+            backend: backend.to_owned(),
+            from: from
+                .parse()
+                .unwrap_or_else(|_| panic!("address in {line:?}")),
+        },
+        (Some("refused"), None, None) => Seen::Refused,
+        (Some("reset"), None, None) => Seen::Reset,
+        (Some("timeout"), None, None) => Seen::Timeout,
+        _ => Seen::Other(line.to_owned()),
+    }
+}
+
+/// `ip netns exec NS sockclient ARGS`, started inside `cgroup`.
+fn sockclient(ns: &str, cgroup: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, SOCKCLIENT]).args(args);
+    cgroup::spawn_in_cgroup(&mut cmd, cgroup).expect("client in the node's cgroup");
+    cmd
+}
+
+fn outcomes(mut cmd: Command) -> Vec<Seen> {
+    let out = cmd.output().expect("running sockclient");
+    assert!(
+        out.status.success(),
+        "sockclient: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(parse_outcome)
+        .collect()
+}
+
+/// A host-network process of `node` (its netns, its cgroup).
+fn from_node(c: &Cluster, node: u8, mode: &str, to: SocketAddr, n: usize) -> Vec<Seen> {
+    outcomes(sockclient(
+        &c.lab.node_ns(node),
+        &c.lab.node_cgroup(node),
+        &[mode, &to.to_string(), &n.to_string()],
+    ))
+}
+
+/// A process of pod `pod`, in its node's cgroup.
+fn from_pod_process(c: &Cluster, pod: &str, mode: &str, to: SocketAddr, n: usize) -> Vec<Seen> {
+    outcomes(sockclient(
+        &c.lab.pod_ns(pod),
+        &c.lab.node_cgroup(c.pod(pod).node),
+        &[mode, &to.to_string(), &n.to_string()],
+    ))
+}
+
+fn backends(seen: &[Seen]) -> std::collections::BTreeSet<String> {
+    seen.iter()
+        .filter_map(|s| s.backend().map(str::to_owned))
+        .collect()
+}
+
+/// A client holding one connection (TCP) or connected socket (UDP) open,
+/// making one request per [`Held::request`].
+struct Held {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Held {
+    fn open(c: &Cluster, node: u8, mode: &str, to: SocketAddr) -> Self {
+        let mut cmd = sockclient(
+            &c.lab.node_ns(node),
+            &c.lab.node_cgroup(node),
+            &[mode, &to.to_string()],
+        );
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting sockclient");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn request(&mut self) -> Seen {
+        writeln!(self.stdin).expect("asking sockclient");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("sockclient's answer");
+        parse_outcome(line.trim())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A datapath counter of `node`, from `inspect counters`.
+fn counter(c: &Cluster, node: u8, name: &str) -> u64 {
+    let out = Command::new(agent_bin())
+        .args(["inspect", "counters", "-o", "json", "--bpffs"])
+        .arg(c.bpffs(node))
+        .output()
+        .expect("running inspect");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect's JSON");
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["counter"] == name)
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// Names of the programs attached to a node's cgroup (`bpftool cgroup show`).
+fn attached_to_cgroup(c: &Cluster, node: u8) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(c.lab.node_cgroup(node))
+        .output()
+        .expect("running bpftool");
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+const HOOKS: [&str; 4] = [
+    "sock4_connect",
+    "sock4_getpeername",
+    "sock4_recvmsg",
+    "sock4_sendmsg",
+];
+
+fn web_on_both_nodes() -> Cluster {
+    let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends.iter().collect::<Vec<_>>()))],
+    )
+}
+
+fn web_cluster_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&str]) -> Cluster {
+    let mut service = manifests::web_service("web", WEB_IP);
+    configure(service.spec.as_mut().expect("a spec"));
+    let endpoints = backends
+        .iter()
+        .map(|pod| manifests::pod_endpoint(&lab_pod(pod)))
+        .collect();
+    Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifests::manifest(&service, endpoints))],
+    )
+}
+
+/// Networking Granular Checks: "should function for node-Service: http /
+/// udp", same-node (web-a) and cross-node (web-b, web-c) backends, TCP,
+/// connected and unconnected UDP; replies show the service address.
+#[test]
+fn should_function_for_node_service_http_and_udp() {
+    require_root();
+    let c = web_on_both_nodes();
+    let want: std::collections::BTreeSet<String> =
+        ["web-a", "web-b", "web-c"].map(String::from).into();
+    for (mode, to) in [
+        ("tcp", http(WEB_IP)),
+        ("udp", dns(WEB_IP)),
+        ("udp-unconnected", dns(WEB_IP)),
+    ] {
+        let seen = from_node(&c, 1, mode, to, 30);
+        assert_eq!(backends(&seen), want, "{mode}: {seen:?}\n{}", c.logs());
+        for s in &seen {
+            match s {
+                // getpeername() (TCP) and recvfrom() (UDP) both.
+                Seen::Answered { from, .. } => assert_eq!(*from, to, "{mode}"),
+                other => panic!("{mode}: {other:?}\n{}", c.logs()),
+            }
+        }
+    }
+    assert!(counter(&c, 1, "sock_connect_translated") >= 60);
+    assert!(counter(&c, 1, "sock_sendmsg_translated") >= 30);
+    assert!(counter(&c, 1, "sock_recvmsg_translated") >= 60);
+    assert!(counter(&c, 1, "sock_getpeername_translated") >= 30);
+}
+
+/// A pod's process in the node's cgroup is translated at the socket: the
+/// tc programs see pod-to-pod traffic and create no conntrack flow.
+#[test]
+fn pod_processes_are_translated_once_at_the_socket() {
+    require_root();
+    let c = web_on_both_nodes();
+    let new_flows = counter(&c, 1, "new_flow");
+    let seen = from_pod_process(&c, "client", "tcp", http(WEB_IP), 10);
+    assert!(
+        seen.iter()
+            .all(|s| matches!(s, Seen::Answered { from, .. } if *from == http(WEB_IP))),
+        "{seen:?}\n{}",
+        c.logs()
+    );
+    let seen = from_pod_process(&c, "client", "udp-unconnected", dns(WEB_IP), 10);
+    assert!(
+        seen.iter()
+            .all(|s| matches!(s, Seen::Answered { from, .. } if *from == dns(WEB_IP))),
+        "{seen:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        counter(&c, 1, "new_flow"),
+        new_flows,
+        "the tc path translated too"
+    );
+    // The test's own threads are outside the node's cgroup: the tc path
+    // still serves them.
+    assert!(c.tcp("client", http(WEB_IP)).backend().is_some());
+    assert!(counter(&c, 1, "new_flow") > new_flows);
+}
+
+/// "should be rejected when no endpoints exist", from the node: connect()
+/// and sendto() fail at once with ECONNREFUSED.
+#[test]
+fn should_be_rejected_when_no_endpoints_exist_from_the_node() {
+    require_root();
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[]))],
+    );
+    for (mode, to) in [
+        ("tcp", http(WEB_IP)),
+        ("udp", dns(WEB_IP)),
+        ("udp-unconnected", dns(WEB_IP)),
+    ] {
+        let started = Instant::now();
+        let seen = from_node(&c, 1, mode, to, 3);
+        assert_eq!(seen, vec![Seen::Refused; 3], "{mode}\n{}", c.logs());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{mode}: refused only after {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(counter(&c, 1, "sock_refused_no_endpoints") >= 9);
+}
+
+/// "should have session affinity work for service with type clusterIP",
+/// from the node: two host-network processes are one client (one netns),
+/// as they share the node IP under kube-proxy.
+#[test]
+fn session_affinity_holds_across_host_processes_of_a_node() {
+    require_root();
+    let c = web_cluster_with(
+        |spec| spec.session_affinity = Some("ClientIP".into()),
+        &["web-a", "web-b", "web-c"],
+    );
+    // Affinity is per service port, as kube-proxy keeps it.
+    for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
+        let mut seen = from_node(&c, 1, mode, to, 6);
+        seen.extend(from_node(&c, 1, mode, to, 6));
+        // Without affinity, 12 connections over 3 backends would all land
+        // on one with probability 3^-11.
+        assert_eq!(backends(&seen).len(), 1, "{mode}: {seen:?}\n{}", c.logs());
+    }
+    assert!(counter(&c, 1, "affinity_hit") >= 22);
+}
+
+/// "should respect internalTrafficPolicy=Local Pod to Pod" (hostNetwork
+/// variant): the node with endpoints uses only its own; the node without
+/// any is told at once (EHOSTUNREACH) instead of waiting for a timeout.
+#[test]
+fn should_respect_internal_traffic_policy_local_from_the_node() {
+    require_root();
+    let c = web_cluster_with(
+        |spec| spec.internal_traffic_policy = Some("Local".into()),
+        &["web-b", "web-c"],
+    );
+    let from_node2 = backends(&from_node(&c, 2, "tcp", http(WEB_IP), 8));
+    assert!(
+        !from_node2.is_empty() && from_node2.iter().all(|b| b == "web-b" || b == "web-c"),
+        "{from_node2:?}\n{}",
+        c.logs()
+    );
+    let started = Instant::now();
+    let from_node1 = from_node(&c, 1, "tcp", http(WEB_IP), 1);
+    assert!(
+        matches!(&from_node1[..], [Seen::Other(e)] if e.contains("os error 113")),
+        "{from_node1:?}\n{}",
+        c.logs()
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(counter(&c, 1, "sock_no_local_endpoints"), 1);
+}
+
+/// An agent restart keeps an open connection working and the hooks
+/// attached, exactly one program per hook (the new agent's).
+#[test]
+fn agent_restart_keeps_open_connections_and_the_socket_hooks() {
+    require_root();
+    let mut c = web_on_both_nodes();
+    assert_eq!(attached_to_cgroup(&c, 1), HOOKS, "{}", c.logs());
+    let mut conn = Held::open(&c, 1, "tcp-hold", http(WEB_IP));
+    let first = conn.request();
+    let backend = first
+        .backend()
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .to_owned();
+    c.stop_agents();
+    assert_eq!(conn.request().backend(), Some(backend.as_str()));
+    assert_eq!(
+        attached_to_cgroup(&c, 1),
+        HOOKS,
+        "hooks gone with the agent"
+    );
+    // New connections too, while no agent runs.
+    assert!(from_node(&c, 1, "tcp", http(WEB_IP), 1)[0]
+        .backend()
+        .is_some());
+    c.restart_agents();
+    assert_eq!(conn.request().backend(), Some(backend.as_str()));
+    assert_eq!(attached_to_cgroup(&c, 1), HOOKS, "{}", c.logs());
+    assert!(c
+        .agent_log(1)
+        .contains("replaced the link a previous agent pinned"));
+}
+
+/// `dataplane-agent cleanup` detaches the socket hooks with the rest.
+#[test]
+fn cleanup_leaves_no_socket_hooks_attached() {
+    require_root();
+    let mut c = web_on_both_nodes();
+    assert_eq!(attached_to_cgroup(&c, 1), HOOKS);
+    c.stop_agents();
+    c.cleanup(1);
+    assert_eq!(attached_to_cgroup(&c, 1), Vec::<String>::new());
+    assert!(!c.bpffs(1).join("sock-links").exists());
+}
+
+/// `--socket-lb false`: nothing attached to the cgroup; pod processes get
+/// the same answers from the tc path (backends, service address as source).
+#[test]
+fn socket_lb_false_falls_back_to_the_tc_path() {
+    require_root();
+    let backends_ = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    let c = Cluster::start_with_agent_args(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends_.iter().collect::<Vec<_>>()))],
+        &["--socket-lb", "false"],
+    );
+    assert_eq!(attached_to_cgroup(&c, 1), Vec::<String>::new());
+    for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
+        let seen = from_pod_process(&c, "client", mode, to, 12);
+        assert!(
+            seen.iter()
+                .all(|s| matches!(s, Seen::Answered { from, .. } if *from == to)),
+            "{mode}: {seen:?}\n{}",
+            c.logs()
+        );
+    }
+    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
+    assert!(counter(&c, 1, "new_flow") >= 24);
+}

@@ -4,7 +4,13 @@
 //! (`operator`), attach to pod interfaces, and follow changes until
 //! SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use dataplane_common::{port_from_map, IPPROTO_UDP};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -16,7 +22,7 @@ use tokio::{
 use crate::{
     control::{
         health::Health,
-        run_loop::ControlLoop,
+        run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
         sync::SyncEngine,
     },
@@ -26,7 +32,8 @@ use crate::{
         ct_options::ConntrackOptions,
         datapath::Datapath,
         interfaces::{self, LinkEvent, PodInterfaceFilter},
-        socket_lb,
+        lb_maps::LbMaps,
+        pinned, sock_destroy, socket_lb,
     },
     operator::{healthz, metrics, metrics::Metrics},
 };
@@ -180,7 +187,9 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         handle_link(&mut datapath, link);
     }
     datapath.remove_stale_links();
-    start_socket_lb(&options, &mut datapath);
+    let socket_lb_root = start_socket_lb(&options, &mut datapath);
+    // Backends removed before the hooks were attached concern no socket.
+    control.take_removed_backends();
     control.mark_synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     info!("agent ready: maps pinned under {}", options.bpffs.display());
@@ -192,6 +201,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             update = updates.recv() => {
                 let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
                 control.apply(burst(first, &mut updates));
+                close_sockets_to_removed(&mut control, socket_lb_root.as_deref());
             }
             link = links.recv() => match link {
                 Some(link) => handle_link(&mut datapath, link),
@@ -227,19 +237,43 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
 /// Attaches the socket hooks if asked to. A kernel without them, or a
 /// cgroup that cannot be used, is reported once: the tc path still serves
 /// pods, host-network clients go without services.
-fn start_socket_lb(options: &Options, datapath: &mut Datapath) {
+/// Returns the cgroup the hooks are attached to.
+fn start_socket_lb(options: &Options, datapath: &mut Datapath) -> Option<PathBuf> {
     if !options.socket_lb {
         info!("socket-level load balancing off (--socket-lb false): the tc path serves pods only");
         datapath.detach_socket_lb();
-        return;
+        return None;
     }
     let attached = socket_lb::resolve_cgroup_root(options.cgroup_root.as_deref(), &options.run_dir)
-        .and_then(|root| datapath.attach_socket_lb(&root));
-    if let Err(e) = attached {
-        warn!(
-            "socket-level load balancing unavailable, the tc path serves pods only: {:#}",
-            anyhow::Error::from(e)
-        );
+        .and_then(|root| datapath.attach_socket_lb(&root).map(|()| root));
+    match attached {
+        Ok(root) => Some(root),
+        Err(e) => {
+            warn!(
+                "socket-level load balancing unavailable, the tc path serves pods only: {:#}",
+                anyhow::Error::from(e)
+            );
+            None
+        }
+    }
+}
+
+/// Connected UDP sockets the hooks aimed at backends that are now gone are
+/// closed (see `node::sock_destroy`). TCP needs nothing: the backend's
+/// RST or the application's timeout ends those connections.
+fn close_sockets_to_removed<M: LbMaps, R: Report>(
+    control: &mut ControlLoop<M, R>,
+    cgroup_root: Option<&Path>,
+) {
+    let gone: Vec<(Ipv4Addr, u16)> = control
+        .take_removed_backends()
+        .into_iter()
+        .filter(|b| b.proto == IPPROTO_UDP)
+        .map(|b| (pinned::ipv4(b.addr), port_from_map(b.port)))
+        .collect();
+    if let (Some(root), false) = (cgroup_root, gone.is_empty()) {
+        // Not waited for: the thread logs what it closed.
+        drop(sock_destroy::destroy_udp_sockets_to(gone, root.to_owned()));
     }
 }
 

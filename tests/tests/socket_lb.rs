@@ -392,3 +392,47 @@ fn socket_lb_false_falls_back_to_the_tc_path() {
     assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
     assert!(counter(&c, 1, "new_flow") >= 24);
 }
+
+/// Cilium's "connected UDP sockets pinned to deleted backends": a backend
+/// leaves the service while a host process holds a connected UDP socket
+/// aimed at it; the agent closes that socket (the application sees an
+/// error and reconnects) and a new socket reaches a remaining backend.
+#[test]
+fn connected_udp_socket_to_a_removed_backend_is_closed() {
+    require_root();
+    let c = web_on_both_nodes();
+    let mut held = Held::open(&c, 1, "udp-hold", dns(WEB_IP));
+    let first = held.request();
+    let gone = first
+        .backend()
+        .unwrap_or_else(|| panic!("{first:?}\n{}", c.logs()))
+        .to_owned();
+    let rest: Vec<_> = ["web-a", "web-b", "web-c"]
+        .into_iter()
+        .filter(|p| *p != gone)
+        .map(lab_pod)
+        .collect();
+    c.write_manifest("web.yaml", &web(&rest.iter().collect::<Vec<_>>()));
+    // The removed pod still runs and would answer a socket left aimed at it.
+    c.eventually(
+        "the held socket no longer reaches the removed backend",
+        || held.request().backend() != Some(gone.as_str()),
+    );
+    let after = held.request();
+    assert!(
+        matches!(after, Seen::Other(_) | Seen::Refused),
+        "the held socket: {after:?}"
+    );
+    let fresh = from_node(&c, 1, "udp", dns(WEB_IP), 6);
+    assert!(
+        fresh.iter().all(|s| s.backend().is_some_and(|b| b != gone)),
+        "{fresh:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        c.agent_log(1)
+            .contains("closed 1 connected UDP sockets aimed at removed backends"),
+        "{}",
+        c.logs()
+    );
+}

@@ -171,6 +171,9 @@ pub struct SyncEngine<M: LbMaps> {
     /// A write failed part way: memory may not match the maps. The next sync
     /// first reads the maps back.
     diverged: bool,
+    /// Backends removed from the maps since [`SyncEngine::take_removed`]:
+    /// sockets still aimed at them are closed by the caller.
+    removed: Vec<Backend>,
 }
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -244,6 +247,7 @@ impl<M: LbMaps> SyncEngine<M> {
             slot_count: 0,
             adopted_draining: Vec::new(),
             diverged: false,
+            removed: Vec::new(),
         };
         engine.reload()?;
         Ok(engine)
@@ -251,6 +255,12 @@ impl<M: LbMaps> SyncEngine<M> {
 
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// Backends that left the maps (no service uses them any more) since the
+    /// last call.
+    pub fn take_removed(&mut self) -> Vec<Backend> {
+        std::mem::take(&mut self.removed)
     }
 
     fn reload(&mut self) -> Result<(), SyncError> {
@@ -699,6 +709,7 @@ impl<M: LbMaps> SyncEngine<M> {
             self.backends.remove(&backend);
             self.backend_by_id.remove(&id);
             self.backend_ids.release(id);
+            self.removed.push(backend);
         }
         Ok(())
     }

@@ -16,4 +16,5 @@ pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;
 pub mod pinned;
+pub mod sock_destroy;
 pub mod socket_lb;

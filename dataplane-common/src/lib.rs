@@ -522,7 +522,8 @@ pub enum Counter {
     /// ECONNREFUSED.
     SockRefusedNoEndpoints = 20,
     /// connect() or sendmsg() to an `internalTrafficPolicy: Local` service
-    /// without endpoints on this node failed with EHOSTUNREACH.
+    /// without endpoints on this node: left untranslated, to be dropped on
+    /// the packet path as kube-proxy drops it.
     SockNoLocalEndpoints = 21,
     /// The reverse entry of a translated socket could not be stored
     /// (`SOCK_REVNAT` insert failed): its replies keep the backend address.

@@ -28,7 +28,6 @@ const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
 const ECONNREFUSED: i32 = 111;
-const EHOSTUNREACH: i32 = 113;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
@@ -139,8 +138,10 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
             return REJECT;
         }
         Choice::NoLocalEndpoints => {
-            // kube-proxy drops these packets and the client times out; a
-            // socket can be told at once that nothing here serves it.
+            // Left untranslated, so it ends as on the packet path: a pod's
+            // packets are dropped by tc as kube-proxy drops them (the client
+            // times out, the same with --socket-lb false); a node process's
+            // go where the node routes the service IP.
             let ids = (service.service_id, 0);
             record(
                 sock,
@@ -151,8 +152,7 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
                 before,
                 before,
             );
-            sock.fail_with(EHOSTUNREACH);
-            return REJECT;
+            return ALLOW;
         }
     };
     let backend = selected.backend;

@@ -374,13 +374,33 @@ impl Cluster {
     }
 
     pub fn tcp(&self, from_pod: &str, to: SocketAddr) -> Outcome {
+        if pod_clients_are_processes() {
+            return self.pod_process(from_pod, "tcp", to);
+        }
         in_netns(&self.lab.pod_ns(from_pod), move || traffic::tcp_request(to))
             .expect("client thread")
     }
 
     pub fn udp(&self, from_pod: &str, to: SocketAddr) -> Outcome {
+        if pod_clients_are_processes() {
+            return self.pod_process(from_pod, "udp", to);
+        }
         in_netns(&self.lab.pod_ns(from_pod), move || traffic::udp_request(to))
             .expect("client thread")
+    }
+
+    /// One request from a `sockclient` process of pod `pod`, in its node's
+    /// cgroup (where the socket hooks are).
+    fn pod_process(&self, pod: &str, mode: &str, to: SocketAddr) -> Outcome {
+        let node = self.lab.pod(pod).node;
+        let cmd = sockclient_command(
+            &self.lab.pod_ns(pod),
+            &self.lab.node_cgroup(node),
+            &[mode, &to.to_string()],
+        );
+        sockclient_outcomes(cmd)
+            .pop()
+            .unwrap_or_else(|| Outcome::Other("sockclient said nothing".into()))
     }
 
     /// Runs `f` in a pod's netns (for long-lived connections).
@@ -429,6 +449,68 @@ impl Drop for Cluster {
                 let _ = netns::run("umount", &["-l", path]);
             }
         }
+    }
+}
+
+/// `DATAPLANE_POD_CLIENTS=process`: [`Cluster::tcp`] and [`Cluster::udp`]
+/// run each request as a `sockclient` process in the pod's netns and its
+/// node's cgroup, so pod clients go through the socket hooks. By default
+/// they are threads of the test, outside the node cgroups: the tc path.
+pub fn pod_clients_are_processes() -> bool {
+    std::env::var("DATAPLANE_POD_CLIENTS").is_ok_and(|v| v == "process")
+}
+
+/// The `sockclient` binary built with these tests (next to `deps/`).
+pub fn sockclient_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>")
+        .join("sockclient")
+}
+
+/// `ip netns exec NS sockclient ARGS`, started inside `cgroup`.
+pub fn sockclient_command(
+    ns: &str,
+    cgroup: &std::path::Path,
+    args: &[&str],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(sockclient_bin())
+        .args(args);
+    dataplane_lab::cgroup::spawn_in_cgroup(&mut cmd, cgroup).expect("client in the node's cgroup");
+    cmd
+}
+
+/// Runs a `sockclient` to the end; the outcome of each of its requests.
+pub fn sockclient_outcomes(mut cmd: std::process::Command) -> Vec<Outcome> {
+    let out = cmd.output().expect("running sockclient");
+    assert!(
+        out.status.success(),
+        "sockclient: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(parse_outcome)
+        .collect()
+}
+
+/// An outcome as `sockclient` prints it.
+pub fn parse_outcome(line: &str) -> Outcome {
+    let mut words = line.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some("answered"), Some(backend), Some(from)) => Outcome::Answered {
+            backend: backend.to_owned(),
+            from: from
+                .parse()
+                .unwrap_or_else(|_| panic!("address in {line:?}")),
+        },
+        (Some("refused"), None, None) => Outcome::Refused,
+        (Some("reset"), None, None) => Outcome::Reset,
+        (Some("timeout"), None, None) => Outcome::Timeout,
+        _ => Outcome::Other(line.to_owned()),
     }
 }
 

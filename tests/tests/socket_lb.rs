@@ -11,47 +11,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_lab::{agent::agent_bin, cgroup, manifests, CrossNode, Topology};
-use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
+use dataplane_lab::{agent::agent_bin, manifests, CrossNode, Topology};
+use integration_tests::{
+    dns, http, lab_pod, parse_outcome, require_root, sockclient_command, sockclient_outcomes, web,
+    Cluster, Seen, WEB_IP,
+};
 use k8s_openapi::api::core::v1::ServiceSpec;
 
-const SOCKCLIENT: &str = env!("CARGO_BIN_EXE_sockclient");
-
-fn parse_outcome(line: &str) -> Seen {
-    let mut words = line.splitn(3, ' ');
-    match (words.next(), words.next(), words.next()) {
-        (Some("answered"), Some(backend), Some(from)) => Seen::Answered {
-            backend: backend.to_owned(),
-            from: from
-                .parse()
-                .unwrap_or_else(|_| panic!("address in {line:?}")),
-        },
-        (Some("refused"), None, None) => Seen::Refused,
-        (Some("reset"), None, None) => Seen::Reset,
-        (Some("timeout"), None, None) => Seen::Timeout,
-        _ => Seen::Other(line.to_owned()),
-    }
-}
-
-/// `ip netns exec NS sockclient ARGS`, started inside `cgroup`.
 fn sockclient(ns: &str, cgroup: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, SOCKCLIENT]).args(args);
-    cgroup::spawn_in_cgroup(&mut cmd, cgroup).expect("client in the node's cgroup");
-    cmd
+    sockclient_command(ns, cgroup, args)
 }
 
-fn outcomes(mut cmd: Command) -> Vec<Seen> {
-    let out = cmd.output().expect("running sockclient");
-    assert!(
-        out.status.success(),
-        "sockclient: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(parse_outcome)
-        .collect()
+fn outcomes(cmd: Command) -> Vec<Seen> {
+    sockclient_outcomes(cmd)
 }
 
 /// A host-network process of `node` (its netns, its cgroup).
@@ -244,7 +216,10 @@ fn pod_processes_are_translated_once_at_the_socket() {
     );
     // The test's own threads are outside the node's cgroup: the tc path
     // still serves them.
-    assert!(c.tcp("client", http(WEB_IP)).backend().is_some());
+    let thread = c.in_pod("client", || {
+        dataplane_lab::traffic::tcp_request(http(WEB_IP))
+    });
+    assert!(thread.backend().is_some(), "{thread:?}");
     assert!(counter(&c, 1, "new_flow") > new_flows);
 }
 
@@ -297,8 +272,9 @@ fn session_affinity_holds_across_host_processes_of_a_node() {
 }
 
 /// "should respect internalTrafficPolicy=Local Pod to Pod" (hostNetwork
-/// variant): the node with endpoints uses only its own; the node without
-/// any is told at once (EHOSTUNREACH) instead of waiting for a timeout.
+/// variant): the node with endpoints uses only its own; on the node without
+/// any the socket is left untranslated (the packet path drops it, as
+/// kube-proxy does; this lab's nodes do not route the service IP at all).
 #[test]
 fn should_respect_internal_traffic_policy_local_from_the_node() {
     require_root();
@@ -312,15 +288,14 @@ fn should_respect_internal_traffic_policy_local_from_the_node() {
         "{from_node2:?}\n{}",
         c.logs()
     );
-    let started = Instant::now();
     let from_node1 = from_node(&c, 1, "tcp", http(WEB_IP), 1);
     assert!(
-        matches!(&from_node1[..], [Seen::Other(e)] if e.contains("os error 113")),
+        matches!(&from_node1[..], [Seen::Other(_) | Seen::Timeout]),
         "{from_node1:?}\n{}",
         c.logs()
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(counter(&c, 1, "sock_no_local_endpoints"), 1);
+    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
 }
 
 /// An agent restart keeps an open connection working and the hooks

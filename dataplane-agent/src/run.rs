@@ -144,6 +144,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     ensure_bpffs(&options.bpffs)?;
     let (mut datapath, maps) = Datapath::load(&options.bpffs)?;
     let mut conntrack_map = maps.conntrack;
+    let sock_revnat = maps.sock_revnat;
     let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
@@ -214,6 +215,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                     log::debug!("conntrack: removed {} expired entries", sweep.removed);
                 }
                 metrics.conntrack_entries(sweep.remaining);
+                metrics.sock_revnat_entries(sock_revnat.keys().count());
             }
             served = &mut healthz_server => break server_stopped("healthz", served),
             served = &mut metrics_server => break server_stopped("metrics", served),

@@ -103,6 +103,7 @@ impl Harness {
                 lb,
                 conntrack,
                 counters,
+                ..
             },
         ) = Datapath::load(bpffs.path())
             .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;

@@ -30,11 +30,13 @@ pub struct Occupancy {
     pub service_names: usize,
     /// From the last conntrack sweep (both entries of each flow).
     pub conntrack: usize,
+    /// Socket-level reverse entries, counted with the conntrack sweep.
+    pub sock_revnat: usize,
 }
 
 impl Occupancy {
     /// Each map's name, entries and capacity.
-    pub fn rows(&self) -> [(&'static str, usize, u32); 6] {
+    pub fn rows(&self) -> [(&'static str, usize, u32); 7] {
         [
             (
                 map_names::SERVICE_IPS,
@@ -54,6 +56,11 @@ impl Occupancy {
                 capacity::SERVICES,
             ),
             (map_names::CONNTRACK, self.conntrack, capacity::CONNTRACK),
+            (
+                map_names::SOCK_REVNAT,
+                self.sock_revnat,
+                capacity::SOCK_REVNAT,
+            ),
         ]
     }
 }
@@ -806,6 +813,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backends: self.backends.len(),
             service_names: self.frontends.len(),
             conntrack: 0,
+            sock_revnat: 0,
         }
     }
 

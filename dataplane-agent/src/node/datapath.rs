@@ -22,7 +22,7 @@ use log::{info, warn};
 
 use crate::node::{
     lb_maps::BpfLbMaps,
-    pinned::{self, ConntrackMap, CounterMap, MapOpenError},
+    pinned::{self, ConntrackMap, CounterMap, MapOpenError, SockRevNatMap},
     socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
 
@@ -108,6 +108,7 @@ pub struct DatapathMaps {
     pub lb: BpfLbMaps,
     pub conntrack: ConntrackMap,
     pub counters: CounterMap,
+    pub sock_revnat: SockRevNatMap,
 }
 
 /// How one direction's program is attached to an interface.
@@ -162,6 +163,7 @@ impl Datapath {
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack: ConntrackMap = pinned::take(&mut ebpf, map_names::CONNTRACK)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
+        let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
@@ -175,6 +177,7 @@ impl Datapath {
                 lb,
                 conntrack,
                 counters,
+                sock_revnat,
             },
         ))
     }

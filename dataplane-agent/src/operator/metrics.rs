@@ -157,15 +157,22 @@ impl Metrics {
     /// kept from the last [`Metrics::conntrack_entries`].
     pub fn occupancy(&self, occupancy: Occupancy) {
         let mut current = lock(&self.live.occupancy);
-        let conntrack = current.conntrack;
+        let (conntrack, sock_revnat) = (current.conntrack, current.sock_revnat);
         *current = Occupancy {
             conntrack,
+            sock_revnat,
             ..occupancy
         };
     }
 
     pub fn conntrack_entries(&self, entries: usize) {
         lock(&self.live.occupancy).conntrack = entries;
+    }
+
+    /// Entries of the socket-level reverse map (LRU), counted by the agent
+    /// with each conntrack sweep.
+    pub fn sock_revnat_entries(&self, entries: usize) {
+        lock(&self.live.occupancy).sock_revnat = entries;
     }
 
     /// The registry in the text exposition format.
@@ -279,8 +286,10 @@ mod tests {
             backends: 7,
             service_names: 3,
             conntrack: 999, // ignored: the sweep owns this figure
+            sock_revnat: 999,
         });
         m.conntrack_entries(4);
+        m.sock_revnat_entries(5);
         let text = m.encode();
         for line in [
             "dataplane_sync_duration_seconds_count{kind=\"full\"} 1",
@@ -292,6 +301,8 @@ mod tests {
             "dataplane_map_entries{map=\"BACKEND_SLOTS\"} 9",
             "dataplane_map_entries{map=\"CONNTRACK\"} 4",
             "dataplane_map_capacity{map=\"CONNTRACK\"} 262144",
+            "dataplane_map_entries{map=\"SOCK_REVNAT\"} 5",
+            "dataplane_map_capacity{map=\"SOCK_REVNAT\"} 131072",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

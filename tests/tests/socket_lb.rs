@@ -411,3 +411,67 @@ fn connected_udp_socket_to_a_removed_backend_is_closed() {
         c.logs()
     );
 }
+
+/// `monitor` shows the socket hooks' decisions with the process's network
+/// namespace cookie and cgroup id (the node cgroup's inode number).
+#[test]
+fn monitor_shows_socket_decisions_with_netns_and_cgroup() {
+    use std::{io::BufRead as _, os::unix::fs::MetadataExt as _};
+    require_root();
+    let c = web_on_both_nodes();
+    let mut monitor = Command::new(agent_bin())
+        .arg("monitor")
+        .arg("--bpffs")
+        .arg(c.bpffs(1))
+        .args(["--ip", &WEB_IP.to_string(), "-o", "json", "--count", "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting dataplane-agent monitor");
+    let mut ready = String::new();
+    BufReader::new(monitor.stderr.take().expect("stderr"))
+        .read_line(&mut ready)
+        .expect("monitor's first line");
+    assert!(ready.contains("tracing"), "monitor said: {ready}");
+    // connect + getpeername (TCP), sendmsg + recvmsg (UDP): at least 4.
+    from_node(&c, 1, "tcp", http(WEB_IP), 1);
+    from_node(&c, 1, "udp-unconnected", dns(WEB_IP), 1);
+    from_node(&c, 1, "tcp", http(WEB_IP), 1);
+    let out = monitor.wait_with_output().expect("monitor's events");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let cgroup_id = std::fs::metadata(c.lab.node_cgroup(1))
+        .expect("node cgroup")
+        .ino();
+    for (hook, decision) in [
+        ("connect", "sock_connect_translated"),
+        ("getpeername", "sock_getpeername_translated"),
+        ("sendmsg", "sock_sendmsg_translated"),
+        ("recvmsg", "sock_recvmsg_translated"),
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e["hook"] == hook)
+            .unwrap_or_else(|| panic!("no {hook} event in {events:#?}"));
+        assert_eq!(event["decision"], decision, "{event:#}");
+        assert_eq!(event["interface"], "socket");
+        assert_eq!(event["cgroup_id"].as_u64(), Some(cgroup_id), "{event:#}");
+        assert!(event["netns_cookie"].as_u64().is_some_and(|c| c != 0));
+        assert!(
+            event["service"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("default/web:")),
+            "{event:#}"
+        );
+    }
+    let connect = events.iter().find(|e| e["hook"] == "connect").unwrap();
+    assert_eq!(connect["before"], "0.0.0.0:0 -> 10.96.0.10:80");
+    assert!(
+        connect["after"]
+            .as_str()
+            .is_some_and(|a| a.ends_with(":8080") && !a.contains("10.96.0.10")),
+        "{connect:#}"
+    );
+}

@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use nix::{
     sched::{setns, CloneFlags},
     sys::socket::{
@@ -247,14 +247,14 @@ pub fn destroy_udp_sockets_to(
 ) -> std::thread::JoinHandle<usize> {
     let gone: HashSet<_> = gone.into_iter().collect();
     std::thread::spawn(move || {
-        let mut destroyed = 0;
+        let (mut destroyed, mut unreachable) = (0, 0);
         for (path, ns) in namespaces_under(&cgroup_root) {
-            // setns changes this thread only, and it is ours.
+            // setns changes this thread only, and it is ours. Without
+            // CAP_SYS_ADMIN only the agent's own namespace is reachable.
             if let Err(source) = setns(ns.as_fd(), CloneFlags::CLONE_NEWNET) {
-                warn!(
-                    "{:#}",
-                    anyhow::Error::from(SockDestroyError::Setns { path, source })
-                );
+                let e = SockDestroyError::Setns { path, source };
+                debug!("{:#}", anyhow::Error::from(e));
+                unreachable += 1;
                 continue;
             }
             match destroy_in_current_netns(&gone) {
@@ -264,6 +264,9 @@ pub fn destroy_udp_sockets_to(
         }
         if destroyed > 0 {
             info!("closed {destroyed} connected UDP sockets aimed at removed backends");
+        }
+        if unreachable > 0 {
+            warn!("could not enter {unreachable} network namespaces to close sockets aimed at removed backends (needs CAP_SYS_ADMIN)");
         }
         destroyed
     })

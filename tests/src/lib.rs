@@ -259,6 +259,12 @@ impl Cluster {
         agent
     }
 
+    /// Flags for the agents started from now on (e.g. by
+    /// [`Cluster::restart_agents`]).
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
     /// Starts the agents again after [`Cluster::stop_agents`]; waits until
     /// they are healthy. Their logs follow the previous ones in `logs()`.
     pub fn restart_agents(&mut self) {

@@ -342,6 +342,32 @@ fn cleanup_leaves_no_socket_hooks_attached() {
     assert!(!c.bpffs(1).join("sock-links").exists());
 }
 
+/// An agent restarted with `--socket-lb false` removes the hooks the
+/// previous one left attached; the tc path serves pods from then on.
+#[test]
+fn restart_with_socket_lb_false_detaches_the_hooks() {
+    require_root();
+    let mut c = web_on_both_nodes();
+    assert_eq!(attached_to_cgroup(&c, 1), HOOKS);
+    c.stop_agents();
+    c.set_agent_args(&["--socket-lb", "false"]);
+    c.restart_agents();
+    assert_eq!(
+        attached_to_cgroup(&c, 1),
+        Vec::<String>::new(),
+        "{}",
+        c.logs()
+    );
+    let seen = from_pod_process(&c, "client", "tcp", http(WEB_IP), 3);
+    assert!(
+        seen.iter()
+            .all(|s| matches!(s, Seen::Answered { from, .. } if *from == http(WEB_IP))),
+        "{seen:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
+}
+
 /// `--socket-lb false`: nothing attached to the cgroup; pod processes get
 /// the same answers from the tc path (backends, service address as source).
 #[test]

@@ -39,7 +39,7 @@ use crate::{
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum System {
     /// Connecting to the backend pod IP: no service at all (the limit).
     Direct,
@@ -433,6 +433,7 @@ pub struct Options {
     pub endpoints: usize,
     pub length: Duration,
     pub concurrency: usize,
+    pub systems: Vec<System>,
 }
 
 fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<CaseResult> {
@@ -466,7 +467,7 @@ fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<Case
 pub fn run(o: &Options) -> anyhow::Result<Vec<CaseResult>> {
     let mut results = Vec::new();
     for &services in &o.scales {
-        for system in System::ALL {
+        for &system in &o.systems {
             let r = run_case(system, services, o)
                 .with_context(|| format!("{} with {services} services", system.label()))?;
             eprintln!(

@@ -30,7 +30,7 @@ struct Cli {
 )]
 enum Command {
     /// Load the datapath on this node and keep it in sync.
-    Run(run::Options),
+    Run(Box<run::Options>),
     /// Show what the datapath holds, read from the pinned maps.
     Inspect(inspect::Options),
     /// Follow packets through the datapath live: each decision (new flow,
@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
         log::info!("{note}");
     }
     match cli.command {
-        Command::Run(options) => run::run(options),
+        Command::Run(options) => run::run(*options),
         Command::Inspect(options) => inspect::run(options),
         Command::Monitor(options) => monitor::run(options),
         Command::Cleanup { bpffs } => {

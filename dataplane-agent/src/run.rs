@@ -4,7 +4,13 @@
 //! (`operator`), attach to pod interfaces, and follow changes until
 //! SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use dataplane_common::{port_from_map, IPPROTO_UDP};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -16,7 +22,7 @@ use tokio::{
 use crate::{
     control::{
         health::Health,
-        run_loop::ControlLoop,
+        run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
         sync::{CtOccupancy, SyncEngine},
     },
@@ -27,6 +33,8 @@ use crate::{
         ct_options::ConntrackOptions,
         datapath::Datapath,
         interfaces::{self, LinkEvent, PodInterfaceFilter},
+        lb_maps::LbMaps,
+        pinned, sock_destroy, socket_lb,
     },
     operator::{healthz, metrics, metrics::Metrics},
 };
@@ -79,6 +87,19 @@ pub struct Options {
     /// 5 and up trace. `RUST_LOG` wins.
     #[arg(long = "v", short = 'v')]
     pub v: Option<u32>,
+    /// Socket-level load balancing: translate service connections at
+    /// connect()/sendmsg() for every process under --cgroup-root (pods and
+    /// host-network processes); the tc programs serve the rest.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub socket_lb: bool,
+    /// The cgroup v2 directory whose processes get socket-level load
+    /// balancing. Default: the root of the cgroup2 hierarchy as mounted
+    /// here, or one mounted under --run-dir when none is visible.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// The agent's runtime directory (a cgroup2 mount if it needs one).
+    #[arg(long, default_value = "/run/dataplane")]
+    pub run_dir: PathBuf,
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -142,6 +163,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let config = options.conntrack.datapath_config(cpus);
     let (mut datapath, maps) = Datapath::load_with(&options.bpffs, &config)?;
     let mut conntrack_maps = maps.conntrack;
+    let sock_revnat = maps.sock_revnat;
     let ct_capacity = CtOccupancy {
         tcp_capacity: config.ct_max_tcp,
         other_capacity: config.ct_max_other,
@@ -191,10 +213,13 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         }
         handle_link(&mut datapath, link);
     }
-    // The programs run on the new maps everywhere now: those of an earlier
-    // layout (or other sizes) are replaced.
+    let socket_lb_root = start_socket_lb(&options, &mut datapath);
+    // The programs (tc and socket hooks) run on the new maps everywhere
+    // now: those of an earlier layout (or other sizes) are replaced.
     datapath.commit_migration()?;
     datapath.remove_stale_links();
+    // Backends removed before the hooks were attached concern no socket.
+    control.take_removed_backends();
     control.mark_synced();
     let mut gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     info!("agent ready: maps pinned under {}", options.bpffs.display());
@@ -206,6 +231,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             update = updates.recv() => {
                 let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
                 control.apply(burst(first, &mut updates));
+                close_sockets_to_removed(&mut control, socket_lb_root.as_deref());
             }
             link = links.recv() => match link {
                 Some(link) => handle_link(&mut datapath, link),
@@ -222,6 +248,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                     other: sweep.remaining_other,
                     ..ct_capacity
                 });
+                metrics.sock_revnat_entries(sock_revnat.keys().count());
             }
             served = &mut healthz_server => break server_stopped("healthz", served),
             served = &mut metrics_server => break server_stopped("metrics", served),
@@ -240,6 +267,49 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     healthz_server.abort();
     metrics_server.abort();
     result
+}
+
+/// Attaches the socket hooks if asked to. A kernel without them, or a
+/// cgroup that cannot be used, is reported once: the tc path still serves
+/// pods, host-network clients go without services.
+/// Returns the cgroup the hooks are attached to.
+fn start_socket_lb(options: &Options, datapath: &mut Datapath) -> Option<PathBuf> {
+    if !options.socket_lb {
+        info!("socket-level load balancing off (--socket-lb false): the tc path serves pods only");
+        datapath.detach_socket_lb();
+        return None;
+    }
+    let attached = socket_lb::resolve_cgroup_root(options.cgroup_root.as_deref(), &options.run_dir)
+        .and_then(|root| datapath.attach_socket_lb(&root).map(|()| root));
+    match attached {
+        Ok(root) => Some(root),
+        Err(e) => {
+            warn!(
+                "socket-level load balancing unavailable, the tc path serves pods only: {:#}",
+                anyhow::Error::from(e)
+            );
+            None
+        }
+    }
+}
+
+/// Connected UDP sockets the hooks aimed at backends that are now gone are
+/// closed (see `node::sock_destroy`). TCP needs nothing: the backend's
+/// RST or the application's timeout ends those connections.
+fn close_sockets_to_removed<M: LbMaps, R: Report>(
+    control: &mut ControlLoop<M, R>,
+    cgroup_root: Option<&Path>,
+) {
+    let gone: Vec<(Ipv4Addr, u16)> = control
+        .take_removed_backends()
+        .into_iter()
+        .filter(|b| b.proto == IPPROTO_UDP)
+        .map(|b| (pinned::ipv4(b.addr), port_from_map(b.port)))
+        .collect();
+    if let (Some(root), false) = (cgroup_root, gone.is_empty()) {
+        // Not waited for: the thread logs what it closed.
+        drop(sock_destroy::destroy_udp_sockets_to(gone, root.to_owned()));
+    }
 }
 
 /// `first` and whatever else is already waiting: a burst (a rolling

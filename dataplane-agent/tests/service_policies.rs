@@ -115,6 +115,7 @@ fn expired_affinity_is_balanced_anew() {
             .expect("key")
             .service_id,
         client_addr: ipv4_to_map([10, 244, 1, 10]),
+        client_netns: 0,
     };
     let mut entry = map.get(&key, 0).expect("the client's entry");
     entry.last_used_ns = entry.last_used_ns.saturating_sub(61_000_000_000);

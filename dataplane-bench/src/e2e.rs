@@ -25,6 +25,7 @@ use anyhow::{bail, Context as _};
 use dataplane_agent::control::model::BackendAddr;
 use dataplane_lab::{
     agent::Agent,
+    cgroup,
     netns::{self, in_netns, ip, spawn_in_netns, Netns},
 };
 use dataplane_testkit::datapath::Bpffs;
@@ -38,12 +39,18 @@ use crate::{
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum System {
     /// Connecting to the backend pod IP: no service at all (the limit).
     Direct,
-    /// This dataplane: the agent binary in the node.
+    /// This dataplane: the agent binary in the node; the client pod is
+    /// outside the node's cgroup, so the tc programs translate.
     Ebpf,
+    /// The same agent, the client pod's process in the node's cgroup: its
+    /// sockets are translated at connect() (socket-level load balancing).
+    SocketLb,
+    /// As `SocketLb`, the client a host-network process of the node.
+    SocketLbHost,
     /// kube-proxy's iptables layout, loaded with iptables-restore.
     Iptables,
     /// kube-proxy's nftables layout, loaded with nft -f.
@@ -51,9 +58,11 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 4] = [
+    pub const ALL: [System; 6] = [
         System::Direct,
         System::Ebpf,
+        System::SocketLb,
+        System::SocketLbHost,
         System::Iptables,
         System::Nftables,
     ];
@@ -62,6 +71,8 @@ impl System {
         match self {
             System::Direct => "direct (no service)",
             System::Ebpf => "eBPF dataplane",
+            System::SocketLb => "eBPF socket LB",
+            System::SocketLbHost => "eBPF socket LB, host client",
             System::Iptables => "kube-proxy iptables",
             System::Nftables => "kube-proxy nftables",
         }
@@ -316,6 +327,35 @@ fn wait_ready(client_ns: &str, target: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+/// This process, moved into a cgroup until dropped (then back where it was).
+struct JoinedCgroup {
+    previous: std::path::PathBuf,
+}
+
+impl JoinedCgroup {
+    fn join(cgroup: &std::path::Path) -> anyhow::Result<Self> {
+        // "0::/path" is the cgroup2 line of /proc/self/cgroup.
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup2 line in /proc/self/cgroup")?;
+        let previous = std::path::Path::new(cgroup::LAB_CGROUP2).join(path.trim_start_matches('/'));
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining {}", cgroup.display()))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for JoinedCgroup {
+    fn drop(&mut self) {
+        let procs = self.previous.join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+            eprintln!("returning to {}: {e}", procs.display());
+        }
+    }
+}
+
 /// Programs `system` in the node; returns what must live while it runs.
 fn setup(
     system: System,
@@ -336,7 +376,7 @@ fn setup(
             SocketAddr::V4(SocketAddrV4::new(SERVER_IP, TARGET_PORT)),
             Box::new(()),
         )),
-        System::Ebpf => {
+        System::Ebpf | System::SocketLb | System::SocketLbHost => {
             let bpffs = Bpffs::new()?;
             let work = tempfile::tempdir()?;
             let manifests = work.path().join("manifests");
@@ -352,8 +392,14 @@ fn setup(
                 bpffs.path(),
                 &work.path().join("agent.log"),
             )?;
-            // Drop order: the agent first, then its bpffs, then the files.
-            Ok((service, Box::new((agent, bpffs, work))))
+            // The load generator is this process's threads: for the socket
+            // hooks to see them, the whole process joins the node's cgroup.
+            let joined = match system {
+                System::Ebpf => None,
+                _ => Some(JoinedCgroup::join(&cgroup::node_cgroup(node))?),
+            };
+            // Drop order: back to our cgroup, the agent, its bpffs, the files.
+            Ok((service, Box::new((joined, agent, bpffs, work))))
         }
         System::Iptables => {
             // Pod-to-pod replies cross the bridge: kube-proxy needs
@@ -387,6 +433,7 @@ pub struct Options {
     pub endpoints: usize,
     pub length: Duration,
     pub concurrency: usize,
+    pub systems: Vec<System>,
 }
 
 fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<CaseResult> {
@@ -394,17 +441,16 @@ fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<Case
     let _server = Server::start(&topo.server.name, o.concurrency)?;
     let started = Instant::now();
     let (target, guard) = setup(system, &topo, services, o.endpoints)?;
-    wait_ready(&topo.client.name, target)?;
+    let client = match system {
+        System::SocketLbHost => &topo.node.name,
+        _ => &topo.client.name,
+    };
+    wait_ready(client, target)?;
     let setup_time = started.elapsed();
     // Warm-up: conntrack, caches, the server's threads.
-    load(
-        &topo.client.name,
-        target,
-        Duration::from_millis(300),
-        o.concurrency,
-    )?;
-    let l = load(&topo.client.name, target, o.length, o.concurrency)?;
-    let gbit = stream(&topo.client.name, target, o.length)?;
+    load(client, target, Duration::from_millis(300), o.concurrency)?;
+    let l = load(client, target, o.length, o.concurrency)?;
+    let gbit = stream(client, target, o.length)?;
     drop(guard);
     Ok(CaseResult {
         system,
@@ -421,7 +467,7 @@ fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<Case
 pub fn run(o: &Options) -> anyhow::Result<Vec<CaseResult>> {
     let mut results = Vec::new();
     for &services in &o.scales {
-        for system in System::ALL {
+        for &system in &o.systems {
             let r = run_case(system, services, o)
                 .with_context(|| format!("{} with {services} services", system.label()))?;
             eprintln!(

@@ -49,6 +49,13 @@ struct Cli {
     /// Print kube-proxy's iptables-restore input for N services and exit.
     #[arg(long, hide = true)]
     dump_iptables: Option<usize>,
+    /// End-to-end cases: only these systems (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    systems: Vec<e2e::System>,
+    /// End-to-end cases: only these numbers of services (default: 10,
+    /// 1 000 and 10 000; 10 and 1 000 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    e2e_scales: Vec<usize>,
     /// Endpoints per service everywhere.
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
@@ -106,10 +113,17 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     if wants(Part::E2e) {
         let o = e2e::Options {
-            scales: if quick {
+            scales: if !cli.e2e_scales.is_empty() {
+                cli.e2e_scales.clone()
+            } else if quick {
                 vec![10, 1_000]
             } else {
                 vec![10, 1_000, 10_000]
+            },
+            systems: if cli.systems.is_empty() {
+                e2e::System::ALL.to_vec()
+            } else {
+                cli.systems.clone()
             },
             endpoints: cli.endpoints,
             length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 2.0 } else { 5.0 })),

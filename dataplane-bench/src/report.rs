@@ -242,6 +242,23 @@ impl Report {
                 ratio,
                 if e.services == 10_000 { verdict(ratio >= 0.9) } else { "(not at 10 000)" }
             );
+            for s in [System::SocketLb, System::SocketLbHost] {
+                if let Some(k) = at(s) {
+                    let ratio = k.conns_per_s / d.conns_per_s;
+                    let _ = writeln!(
+                        o,
+                        "| {} with {} services at least 1.0x direct (conn/s) | {:.2}x | {} |",
+                        s.label(),
+                        k.services,
+                        ratio,
+                        if k.services == 10_000 {
+                            verdict(ratio >= 1.0)
+                        } else {
+                            "(not at 10 000)"
+                        }
+                    );
+                }
+            }
             for (s, reference) in [(System::Iptables, "~0.4x"), (System::Nftables, "~0.8x")] {
                 if let Some(k) = at(s) {
                     let _ = writeln!(
@@ -323,12 +340,14 @@ impl Report {
     }
 }
 
-const COLORS: [RGBColor; 5] = [
+const COLORS: [RGBColor; 7] = [
     RGBColor(120, 120, 120),
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(23, 190, 207),
 ];
 
 const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -438,7 +457,14 @@ pub fn plot(rep: &Report, path: &Path) -> anyhow::Result<()> {
     let text = font();
     let mut panels = Vec::new();
     const PATHS: &[&str] = &["floor", "non-service", "new flow", "established", "reply"];
-    const SYSTEMS: &[&str] = &["direct", "eBPF", "iptables", "nftables"];
+    const SYSTEMS: &[&str] = &[
+        "direct",
+        "eBPF",
+        "socket LB",
+        "socket LB host",
+        "iptables",
+        "nftables",
+    ];
     if !rep.testrun.is_empty() {
         panels.push(Panel {
             title: "BPF_PROG_TEST_RUN median per packet, by services installed".into(),

@@ -34,10 +34,12 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    /// Socket-level reverse translation: (socket, backend) -> service.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     /// The layout version of the maps pinned next to it.
     pub const LAYOUT: &str = "LAYOUT";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -51,6 +53,7 @@ pub mod map_names {
         AFFINITY,
         TRACE_CONFIG,
         TRACE_EVENTS,
+        SOCK_REVNAT,
         LAYOUT,
     ];
 }
@@ -66,7 +69,10 @@ pub mod map_names {
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
 /// one word, `Counter::ReplyTupleClash`. Version 3: `CONNTRACK` split into
 /// `CT_TCP` and `CT_OTHER` (sized at load), lifetimes in `CT_LIFETIMES`,
-/// `FRAGMENTS`, `Counter::FragmentTranslated` and `FragmentUnknown`.
+/// `FRAGMENTS`, `Counter::FragmentTranslated` and `FragmentUnknown`; socket-level
+/// load balancing: `AffinityKey` gains the client's network namespace cookie,
+/// new `SOCK_REVNAT` map, socket counters and trace hooks, `TraceEvent`
+/// carries the socket's netns cookie and cgroup id.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
@@ -110,6 +116,7 @@ pub mod map_layouts {
         layout::<u32, TraceConfig>(map_names::TRACE_CONFIG, 1),
         // A ring buffer has neither key nor value; its size is in bytes.
         layout::<(), ()>(map_names::TRACE_EVENTS, capacity::TRACE_EVENTS_BYTES),
+        layout::<SockRevNatKey, SockRevNatEntry>(map_names::SOCK_REVNAT, capacity::SOCK_REVNAT),
         layout::<u32, u32>(map_names::LAYOUT, 1),
     ];
 }
@@ -133,6 +140,9 @@ pub mod capacity {
     pub const BACKENDS_PER_SERVICE: u32 = 4_096;
     /// Size of the `TRACE_EVENTS` ring buffer in bytes.
     pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
+    /// Translated sockets remembered for reverse translation (LRU): one
+    /// entry per (socket, backend) a socket hook sent to.
+    pub const SOCK_REVNAT: u32 = 131_072;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -174,13 +184,43 @@ pub mod service_flags {
     pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 1 << 0;
 }
 
-/// Key of `AFFINITY`: a client of one ClientIP-affinity frontend.
+/// Key of `AFFINITY`: a client of one ClientIP-affinity frontend. The tc
+/// path knows a client by its IP; the socket hooks, which run before the
+/// socket has a source address, by its network namespace, so that every
+/// process of the node's network namespace is one client (as they share the
+/// node IP under kube-proxy). Exactly one of the two is non-zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey {
     pub service_id: u32,
-    /// Client pod IP, network byte order.
+    /// Client pod IP, network byte order (tc path), else 0.
     pub client_addr: u32,
+    /// `bpf_get_netns_cookie` of the client's socket (socket hooks), else 0.
+    pub client_netns: u64,
+}
+
+/// Key of `SOCK_REVNAT`: a socket a socket hook translated, and the backend
+/// it sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie` of the client socket.
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SOCK_REVNAT`: the service address the application asked for,
+/// shown again by `recvmsg` and `getpeername`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRevNatEntry {
+    pub service_addr: u32,
+    pub service_port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
 }
 
 /// Value of `AFFINITY`: the backend a client was last sent to. It stays valid
@@ -461,6 +501,14 @@ pub mod trace_hook {
     pub const FROM_POD: u8 = 1;
     /// tc egress of a pod's host-side interface: on its way into the pod.
     pub const TO_POD: u8 = 2;
+    /// `cgroup/connect4`: a socket connecting.
+    pub const SOCK_CONNECT: u8 = 3;
+    /// `cgroup/sendmsg4`: a datagram sent with an address (unconnected UDP).
+    pub const SOCK_SENDMSG: u8 = 4;
+    /// `cgroup/recvmsg4`: a datagram read with its source address.
+    pub const SOCK_RECVMSG: u8 = 5;
+    /// `cgroup/getpeername4`.
+    pub const SOCK_GETPEERNAME: u8 = 6;
 }
 
 /// The 4-tuple of a traced packet, network byte order.
@@ -478,6 +526,7 @@ pub struct TraceTuple {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TraceEvent {
     pub ts_ns: u64,
+    /// The pod interface of a packet; 0 for socket hooks.
     pub ifindex: u32,
     /// One of [`trace_hook`].
     pub hook: u8,
@@ -490,6 +539,10 @@ pub struct TraceEvent {
     pub backend_id: u32,
     pub before: TraceTuple,
     pub after: TraceTuple,
+    /// Socket hooks: the socket's network namespace cookie and the cgroup
+    /// id of the calling process; 0 for packets.
+    pub netns_cookie: u64,
+    pub cgroup_id: u64,
 }
 
 /// Indices of the per-CPU `COUNTERS` array: what the datapath did and every
@@ -540,10 +593,28 @@ pub enum Counter {
     /// A later fragment to a service whose first fragment was not seen (or
     /// not tracked): dropped, it could not reach the right backend.
     FragmentUnknown = 17,
+    /// A socket's connect() to a service went to a backend (socket LB).
+    SockConnectTranslated = 18,
+    /// An unconnected UDP datagram to a service went to a backend.
+    SockSendmsgTranslated = 19,
+    /// A datagram from a backend was shown to recvmsg() as from the service.
+    SockRecvmsgTranslated = 20,
+    /// getpeername() of a translated socket showed the service address.
+    SockGetpeernameTranslated = 21,
+    /// connect() or sendmsg() to a service without endpoints failed with
+    /// ECONNREFUSED.
+    SockRefusedNoEndpoints = 22,
+    /// connect() or sendmsg() to an `internalTrafficPolicy: Local` service
+    /// without endpoints on this node: left untranslated, to be dropped on
+    /// the packet path as kube-proxy drops it.
+    SockNoLocalEndpoints = 23,
+    /// The reverse entry of a translated socket could not be stored
+    /// (`SOCK_REVNAT` insert failed): its replies keep the backend address.
+    SockRevNatFailed = 24,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -563,6 +634,13 @@ impl Counter {
         Counter::ReplyTupleClash,
         Counter::FragmentTranslated,
         Counter::FragmentUnknown,
+        Counter::SockConnectTranslated,
+        Counter::SockSendmsgTranslated,
+        Counter::SockRecvmsgTranslated,
+        Counter::SockGetpeernameTranslated,
+        Counter::SockRefusedNoEndpoints,
+        Counter::SockNoLocalEndpoints,
+        Counter::SockRevNatFailed,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -590,6 +668,13 @@ impl Counter {
             Counter::ReplyTupleClash => "reply_tuple_clash",
             Counter::FragmentTranslated => "fragment_translated",
             Counter::FragmentUnknown => "fragment_unknown",
+            Counter::SockConnectTranslated => "sock_connect_translated",
+            Counter::SockSendmsgTranslated => "sock_sendmsg_translated",
+            Counter::SockRecvmsgTranslated => "sock_recvmsg_translated",
+            Counter::SockGetpeernameTranslated => "sock_getpeername_translated",
+            Counter::SockRefusedNoEndpoints => "sock_refused_no_endpoints",
+            Counter::SockNoLocalEndpoints => "sock_no_local_endpoints",
+            Counter::SockRevNatFailed => "sock_revnat_failed",
         }
     }
 }
@@ -625,6 +710,9 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNatEntry {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -662,12 +750,14 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 48);
-        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityEntry>(), 16);
-        assert_eq!(size_of::<TraceEvent>(), 48);
+        assert_eq!(size_of::<TraceEvent>(), 64);
         assert_eq!(size_of::<CtLifetimes>(), 24);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragPorts>(), 4);
+        assert_eq!(size_of::<SockRevNatKey>(), 16);
+        assert_eq!(size_of::<SockRevNatEntry>(), 12);
     }
 
     #[test]

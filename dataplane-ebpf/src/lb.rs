@@ -1,12 +1,14 @@
-//! Service lookup and backend selection.
+//! Service lookup and backend selection, shared by the tc path (per new
+//! flow) and the socket hooks (per connect or datagram): both call
+//! [`lb4_lookup_service`] and [`lb4_choose_backend`], so they pick backends
+//! by the same slots, affinity and traffic policy.
 
 use dataplane_common::{
-    AffinityEntry, AffinityKey, Backend, BackendSlotKey, ServiceKey, ServiceValue,
+    service_flags, AffinityEntry, AffinityKey, Backend, BackendSlotKey, ServiceKey, ServiceValue,
 };
 
 use crate::{
     maps::{affinity_slot, backend_get, backend_slot_get, service_get, AFFINITY, SERVICE_IPS},
-    parse::Ipv4Flow,
     skb,
 };
 
@@ -16,15 +18,58 @@ pub fn lb4_is_service_ip(addr: u32) -> bool {
     SERVICE_IPS.get_ptr(addr).is_some()
 }
 
+/// The frontend at (addr, port, proto), all as stored in maps.
 #[inline(always)]
-pub fn lb4_lookup_service(flow: &Ipv4Flow) -> Option<ServiceValue> {
+pub fn lb4_lookup_service(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
-        addr: flow.dst_addr,
-        port: flow.dst_port,
-        proto: flow.proto,
+        addr,
+        port,
+        proto,
         _pad: 0,
     };
     service_get(&key)
+}
+
+/// Who opens a connection, as session affinity knows it: a pod by its IP
+/// (tc path), a socket by its network namespace (socket hooks).
+#[derive(Clone, Copy)]
+pub struct Client {
+    addr: u32,
+    netns: u64,
+}
+
+impl Client {
+    #[inline(always)]
+    pub fn addr(addr: u32) -> Self {
+        Self { addr, netns: 0 }
+    }
+
+    #[inline(always)]
+    pub fn netns(cookie: u64) -> Self {
+        Self {
+            addr: 0,
+            netns: cookie,
+        }
+    }
+}
+
+/// What a new connection to a service gets.
+pub enum Choice {
+    Backend(Selected),
+    /// The service has no endpoints at all: refused.
+    NoEndpoints,
+    /// `internalTrafficPolicy: Local` and none on this node.
+    NoLocalEndpoints,
+}
+
+/// The one backend decision of the datapath (see the module comment).
+#[inline(always)]
+pub fn lb4_choose_backend(svc: &ServiceValue, client: Client, now: u64) -> Choice {
+    match lb4_select_backend(svc, client, now) {
+        Some(selected) => Choice::Backend(selected),
+        None if svc.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 => Choice::NoLocalEndpoints,
+        None => Choice::NoEndpoints,
+    }
 }
 
 /// A backend picked for a new connection.
@@ -40,7 +85,7 @@ pub struct Selected {
 /// service's slots, as kube-proxy's iptables mode does with `statistic
 /// --mode random`.
 #[inline(always)]
-pub fn lb4_select_backend(svc: &ServiceValue, client_addr: u32, now: u64) -> Option<Selected> {
+fn lb4_select_backend(svc: &ServiceValue, client: Client, now: u64) -> Option<Selected> {
     if svc.backend_count == 0 {
         return None;
     }
@@ -54,7 +99,8 @@ pub fn lb4_select_backend(svc: &ServiceValue, client_addr: u32, now: u64) -> Opt
     }
     let key = AffinityKey {
         service_id: svc.service_id,
-        client_addr,
+        client_addr: client.addr,
+        client_netns: client.netns,
     };
     if let Some(selected) = lb4_affinity_backend(svc, &key, now) {
         return Some(selected);

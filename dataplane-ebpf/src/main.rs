@@ -1,4 +1,4 @@
-//! tc programs of the service dataplane.
+//! tc programs of the service dataplane, and the socket hooks (`sock`).
 //!
 //! `from_pod` runs on tc ingress of a pod's host-side interface (packets the
 //! pod sends): service DNAT, conntrack, rejects, hairpin replies.
@@ -27,6 +27,8 @@ mod nat;
 mod parse;
 mod reject;
 mod skb;
+mod sock;
+mod sock_ctx;
 mod trace;
 
 use aya_ebpf::{
@@ -35,8 +37,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, service_flags, trace_hook, Counter, CtEntry, TraceTuple,
-    IPPROTO_TCP,
+    ct_dir, ct_flags, ct_state, trace_hook, Counter, CtEntry, TraceTuple, IPPROTO_TCP,
 };
 
 use crate::{
@@ -46,7 +47,10 @@ use crate::{
     },
     fragment::frag4_track,
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
-    lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    lb::{
+        lb4_choose_backend, lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, Choice,
+        Client,
+    },
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
@@ -252,15 +256,14 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
 
 #[inline(always)]
 fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
-    let Some(service) = lb4_lookup_service(flow) else {
+    let Some(service) = lb4_lookup_service(flow.dst_addr, flow.dst_port, flow.proto) else {
         return packet.pass(Counter::UnknownPort, flow, Ids::default());
     };
     let ids = Ids::service(service.service_id);
-    let Some(selected) = lb4_select_backend(&service, flow.src_addr, now) else {
-        if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
-            return packet.drop(Counter::DropNoLocalEndpoints, flow, ids);
-        }
-        return packet.reject(Counter::RejectNoEndpoints, flow, ids);
+    let selected = match lb4_choose_backend(&service, Client::addr(flow.src_addr), now) {
+        Choice::Backend(selected) => selected,
+        Choice::NoLocalEndpoints => return packet.drop(Counter::DropNoLocalEndpoints, flow, ids),
+        Choice::NoEndpoints => return packet.reject(Counter::RejectNoEndpoints, flow, ids),
     };
     let (backend_id, backend) = (selected.backend_id, selected.backend);
     let hairpin = backend.addr == flow.src_addr;

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
-    CtLifetimes, FragKey, FragPorts, ServiceKey, ServiceLabel, ServiceValue, TraceConfig,
-    TraceEvent, IPPROTO_TCP,
+    CtLifetimes, FragKey, FragPorts, ServiceKey, ServiceLabel, ServiceValue, SockRevNatEntry,
+    SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -107,6 +107,16 @@ pub static TRACE_CONFIG: Array<TraceConfig, 1> = Array::new();
 pub static TRACE_EVENTS: RingBuf<TraceEvent, { capacity::TRACE_EVENTS_BYTES as usize }> =
     RingBuf::new();
 
+/// Socket hooks: (socket cookie, backend) -> the service the socket asked
+/// for, so `recvmsg` and `getpeername` show the service address. LRU: a
+/// closed socket's entries are never deleted, they age out.
+#[btf_map(name = "SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<
+    SockRevNatKey,
+    SockRevNatEntry,
+    { capacity::SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
 /// Per-CPU counters indexed by `Counter`.
 #[btf_map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -114,8 +124,10 @@ pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot of this CPU; no other program instance runs on
-        // it concurrently (tc programs do not nest on one CPU).
+        // SAFETY: per-CPU slot of this CPU, in bounds. tc programs do not
+        // nest on one CPU; a tc program interrupting a socket hook (softirq
+        // over process context) can at worst lose one increment of a counter
+        // both use: statistics, never a decision.
         unsafe { *slot += 1 };
     }
 }
@@ -145,6 +157,11 @@ pub fn backend_slot_get(key: &BackendSlotKey) -> Option<u32> {
 #[inline(always)]
 pub fn backend_get(backend_id: u32) -> Option<Backend> {
     copied(BACKENDS.get_ptr(backend_id))
+}
+
+#[inline(always)]
+pub fn sock_revnat_get(key: &SockRevNatKey) -> Option<SockRevNatEntry> {
+    copied(SOCK_REVNAT.get_ptr(key))
 }
 
 #[inline(always)]

@@ -10,6 +10,7 @@ use crate::{
     maps::{count, TRACE_CONFIG, TRACE_EVENTS},
     parse::Ipv4Flow,
     skb,
+    sock_ctx::{self, SockAddr},
 };
 
 #[inline(always)]
@@ -38,23 +39,45 @@ pub struct Decision {
     pub after: TraceTuple,
 }
 
-/// Reports `decision` if tracing is on and the packet matches the filter.
+/// Whether tracing is on and `decision` matches the filter.
 #[inline(always)]
-pub fn trace(ctx: &TcContext, decision: &Decision) {
+fn wanted(decision: &Decision) -> bool {
     let Some(config) = TRACE_CONFIG.get(0) else {
-        return;
+        return false;
     };
     if config.enabled == 0 {
-        return;
+        return false;
     }
     for addr in [config.addr_a, config.addr_b] {
         if addr != 0 && !touches(&decision.before, addr) && !touches(&decision.after, addr) {
-            return;
+            return false;
         }
     }
+    true
+}
+
+/// Reports a packet's `decision` if tracing is on and it matches the filter.
+#[inline(always)]
+pub fn trace(ctx: &TcContext, decision: &Decision) {
+    if wanted(decision) {
+        emit(decision, skb::ifindex(ctx), 0, 0);
+    }
+}
+
+/// Reports a socket hook's `decision`, with the socket's network namespace
+/// and the caller's cgroup.
+#[inline(always)]
+pub fn trace_sock(sock: &SockAddr, decision: &Decision) {
+    if wanted(decision) {
+        emit(decision, 0, sock.netns_cookie(), sock_ctx::cgroup_id());
+    }
+}
+
+#[inline(always)]
+fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
     let event = TraceEvent {
         ts_ns: skb::now_ns(),
-        ifindex: skb::ifindex(ctx),
+        ifindex,
         hook: decision.hook,
         proto: decision.proto,
         decision: decision.decision as u8,
@@ -63,6 +86,8 @@ pub fn trace(ctx: &TcContext, decision: &Decision) {
         backend_id: decision.backend_id,
         before: decision.before,
         after: decision.after,
+        netns_cookie,
+        cgroup_id,
     };
     // A full ring drops the event, never the packet.
     if TRACE_EVENTS.output(event, 0).is_err() {

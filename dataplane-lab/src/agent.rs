@@ -31,6 +31,9 @@ pub fn agent_bin() -> PathBuf {
 
 pub struct Agent {
     child: Option<Child>,
+    /// The node cgroup this agent's start created (no lab made it), removed
+    /// when the agent is dropped.
+    created_cgroup: Option<PathBuf>,
     pub log: PathBuf,
     pub node_ns: String,
 }
@@ -111,11 +114,13 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(&agent_bin(), node_ns, node_name, source, bpffs, log, false)
+        Self::launch_bin(&agent_bin(), node_ns, node_name, source, bpffs, log, &[])
     }
 
-    /// [`Agent::launch_with`] another agent binary (an earlier release,
-    /// for upgrades).
+    /// [`Agent::launch_with`] another agent binary (an earlier release, for
+    /// upgrades) and more `run` flags (e.g. `--socket-lb false`). The node's
+    /// cgroup is passed as `--cgroup-root` only to this build's agent:
+    /// earlier releases predate the socket hooks and refuse the flag.
     pub fn launch_bin(
         bin: &Path,
         node_ns: &str,
@@ -123,8 +128,9 @@ impl Agent {
         source: Source<'_>,
         bpffs: &Path,
         log: &Path,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::spawn(bin, node_ns, node_name, source, bpffs, log, false)
+        Self::spawn(bin, node_ns, node_name, source, bpffs, log, false, extra)
     }
 
     /// Like [`Agent::start`], in a process group of its own, so it outlives
@@ -145,6 +151,7 @@ impl Agent {
             bpffs,
             log,
             true,
+            &[],
         )?;
         agent.wait_healthy(Duration::from_secs(30))?;
         Ok(agent)
@@ -158,6 +165,7 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
         detached: bool,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         if !bin.exists() {
             bail!(
@@ -167,6 +175,15 @@ impl Agent {
         }
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // The socket hooks attach to the node's cgroup, never to the
+        // machine's root: other labs and the machine's own processes must
+        // not be translated.
+        let cgroup = crate::cgroup::node_cgroup(node_ns);
+        let created_cgroup = if cgroup.is_dir() {
+            None
+        } else {
+            Some(crate::cgroup::create_node_cgroup(node_ns)?)
+        };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", node_ns]).arg(bin).arg("run");
         match source {
@@ -184,7 +201,11 @@ impl Agent {
             METRICS,
         ])
         .arg("--bpffs")
-        .arg(bpffs)
+        .arg(bpffs);
+        if bin == agent_bin() {
+            cmd.arg("--cgroup-root").arg(&cgroup);
+        }
+        cmd.args(extra)
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
@@ -196,6 +217,7 @@ impl Agent {
         let child = cmd.spawn().context("starting the agent")?;
         Ok(Self {
             child: Some(child),
+            created_cgroup,
             log: log.to_owned(),
             node_ns: node_ns.to_owned(),
         })
@@ -243,6 +265,7 @@ impl Agent {
     /// Leaves the agent running after this value is dropped (`lab up`).
     pub fn detach(mut self) {
         self.child = None;
+        self.created_cgroup = None;
     }
 
     /// SIGTERM, then wait; returns the exit status.
@@ -266,5 +289,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        if let Some(cgroup) = self.created_cgroup.take() {
+            crate::cgroup::remove_node_cgroup(&cgroup);
+        }
     }
 }

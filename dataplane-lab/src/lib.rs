@@ -6,6 +6,7 @@
 //! builder for all.
 
 pub mod agent;
+pub mod cgroup;
 pub mod manifests;
 pub mod netns;
 pub mod topology;

@@ -2,6 +2,7 @@
 
 use std::{
     net::Ipv4Addr,
+    path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -139,10 +140,17 @@ impl Lab {
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
+    /// The cgroup of a node's host processes, where its agent attaches the
+    /// socket hooks (see `crate::cgroup`).
+    pub fn node_cgroup(&self, node: u8) -> PathBuf {
+        crate::cgroup::node_cgroup(&self.node_ns(node))
+    }
+
     fn build_nodes(&mut self) -> anyhow::Result<()> {
         for n in NODES {
             let ns = self.node_ns(n);
             self.add_ns(&ns)?;
+            crate::cgroup::create_node_cgroup(&ns)?;
             forward_as_a_node(&ns)?;
             if self.spec.topology == Topology::Routed {
                 // Proxy ARP answers only for addresses the node routes out of
@@ -385,6 +393,7 @@ impl Lab {
             .collect();
         kill_all(&doomed);
         for ns in &doomed {
+            crate::cgroup::remove_node_cgroup(&crate::cgroup::node_cgroup(ns));
             run("ip", &["netns", "del", ns])?;
         }
         Ok(doomed.len())
@@ -400,6 +409,8 @@ impl Drop for Lab {
         // with it; threads of this process that joined them are not listed.
         kill_all(&self.created);
         for ns in self.created.iter().rev() {
+            // Only node namespaces have one; removing a missing one is a no-op.
+            crate::cgroup::remove_node_cgroup(&crate::cgroup::node_cgroup(ns));
             let _ = run("ip", &["netns", "del", ns]);
         }
     }

@@ -109,6 +109,7 @@ impl Harness {
                 lb,
                 conntrack,
                 counters,
+                ..
             },
         ) = Datapath::load_with(bpffs.path(), config)
             .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;

@@ -38,13 +38,26 @@ pub struct Cluster {
     /// The agent binary started from now on (an earlier release's for an
     /// upgrade test, until [`Cluster::upgrade_agents`]).
     agent_bin: PathBuf,
+    /// More flags for every agent's `run` (e.g. `--socket-lb false`).
+    agent_args: Vec<String>,
 }
 
 impl Cluster {
     /// Builds the lab, starts backend servers in every `web-*` pod, writes
     /// `manifests` (file name, content) for both nodes and starts the agents.
     pub fn start(topology: Topology, cross_node: CrossNode, initial: &[(&str, String)]) -> Self {
+        Self::start_with_agent_args(topology, cross_node, initial, &[])
+    }
+
+    /// Like [`Cluster::start`], each agent run with `args` as well.
+    pub fn start_with_agent_args(
+        topology: Topology,
+        cross_node: CrossNode,
+        initial: &[(&str, String)],
+        args: &[&str],
+    ) -> Self {
         let mut cluster = Self::build(topology, cross_node);
+        cluster.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
         for (file, content) in initial {
             cluster.write_manifest(file, content);
         }
@@ -132,6 +145,7 @@ impl Cluster {
             lab,
             dir,
             agent_bin: agent::agent_bin(),
+            agent_args: Vec::new(),
         };
         for pod in cluster.lab.spec.pods.clone() {
             if pod.name.starts_with("web") {
@@ -231,6 +245,7 @@ impl Cluster {
             Some(_) => agent::Source::Kubeconfig(&kubeconfig),
             None => agent::Source::Manifests(&manifests),
         };
+        let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
         let mut agent = Agent::launch_bin(
             &self.agent_bin,
             &self.lab.node_ns(node),
@@ -238,6 +253,7 @@ impl Cluster {
             source,
             &base.join("bpf"),
             &base.join(format!("agent-{}.log", self.agents.len())),
+            &args,
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
         if wait_healthy {
@@ -273,6 +289,12 @@ impl Cluster {
         }
         self.agent_bin = agent::agent_bin();
         self.restart_agents();
+    }
+
+    /// Flags for the agents started from now on (e.g. by
+    /// [`Cluster::restart_agents`]).
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
     }
 
     /// Starts the agents again after [`Cluster::stop_agents`]; waits until
@@ -390,13 +412,33 @@ impl Cluster {
     }
 
     pub fn tcp(&self, from_pod: &str, to: SocketAddr) -> Outcome {
+        if pod_clients_are_processes() {
+            return self.pod_process(from_pod, "tcp", to);
+        }
         in_netns(&self.lab.pod_ns(from_pod), move || traffic::tcp_request(to))
             .expect("client thread")
     }
 
     pub fn udp(&self, from_pod: &str, to: SocketAddr) -> Outcome {
+        if pod_clients_are_processes() {
+            return self.pod_process(from_pod, "udp", to);
+        }
         in_netns(&self.lab.pod_ns(from_pod), move || traffic::udp_request(to))
             .expect("client thread")
+    }
+
+    /// One request from a `sockclient` process of pod `pod`, in its node's
+    /// cgroup (where the socket hooks are).
+    fn pod_process(&self, pod: &str, mode: &str, to: SocketAddr) -> Outcome {
+        let node = self.lab.pod(pod).node;
+        let cmd = sockclient_command(
+            &self.lab.pod_ns(pod),
+            &self.lab.node_cgroup(node),
+            &[mode, &to.to_string()],
+        );
+        sockclient_outcomes(cmd)
+            .pop()
+            .unwrap_or_else(|| Outcome::Other("sockclient said nothing".into()))
     }
 
     /// Runs `f` in a pod's netns (for long-lived connections).
@@ -445,6 +487,68 @@ impl Drop for Cluster {
                 let _ = netns::run("umount", &["-l", path]);
             }
         }
+    }
+}
+
+/// `DATAPLANE_POD_CLIENTS=process`: [`Cluster::tcp`] and [`Cluster::udp`]
+/// run each request as a `sockclient` process in the pod's netns and its
+/// node's cgroup, so pod clients go through the socket hooks. By default
+/// they are threads of the test, outside the node cgroups: the tc path.
+pub fn pod_clients_are_processes() -> bool {
+    std::env::var("DATAPLANE_POD_CLIENTS").is_ok_and(|v| v == "process")
+}
+
+/// The `sockclient` binary built with these tests (next to `deps/`).
+pub fn sockclient_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>")
+        .join("sockclient")
+}
+
+/// `ip netns exec NS sockclient ARGS`, started inside `cgroup`.
+pub fn sockclient_command(
+    ns: &str,
+    cgroup: &std::path::Path,
+    args: &[&str],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(sockclient_bin())
+        .args(args);
+    dataplane_lab::cgroup::spawn_in_cgroup(&mut cmd, cgroup).expect("client in the node's cgroup");
+    cmd
+}
+
+/// Runs a `sockclient` to the end; the outcome of each of its requests.
+pub fn sockclient_outcomes(mut cmd: std::process::Command) -> Vec<Outcome> {
+    let out = cmd.output().expect("running sockclient");
+    assert!(
+        out.status.success(),
+        "sockclient: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(parse_outcome)
+        .collect()
+}
+
+/// An outcome as `sockclient` prints it.
+pub fn parse_outcome(line: &str) -> Outcome {
+    let mut words = line.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some("answered"), Some(backend), Some(from)) => Outcome::Answered {
+            backend: backend.to_owned(),
+            from: from
+                .parse()
+                .unwrap_or_else(|_| panic!("address in {line:?}")),
+        },
+        (Some("refused"), None, None) => Outcome::Refused,
+        (Some("reset"), None, None) => Outcome::Reset,
+        (Some("timeout"), None, None) => Outcome::Timeout,
+        _ => Outcome::Other(line.to_owned()),
     }
 }
 

@@ -155,6 +155,12 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         self.health.synced();
     }
 
+    /// Backends that left the datapath since the last call (see
+    /// [`SyncEngine::take_removed`]).
+    pub fn take_removed_backends(&mut self) -> Vec<dataplane_common::Backend> {
+        self.engine.take_removed()
+    }
+
     /// Every service in the model, written to the maps; what the maps hold
     /// and the model does not is removed.
     pub fn full_sync(&mut self) {

@@ -30,6 +30,8 @@ pub struct Occupancy {
     pub service_names: usize,
     /// From the last conntrack sweep (both entries of each flow).
     pub conntrack: CtOccupancy,
+    /// Socket-level reverse entries, counted with the conntrack sweep.
+    pub sock_revnat: usize,
 }
 
 /// Entries and capacity (as sized at load) of the two conntrack maps.
@@ -71,6 +73,11 @@ impl Occupancy {
                 map_names::CT_OTHER,
                 self.conntrack.other,
                 self.conntrack.other_capacity,
+            ),
+            (
+                map_names::SOCK_REVNAT,
+                self.sock_revnat,
+                capacity::SOCK_REVNAT,
             ),
         ]
     }
@@ -201,6 +208,9 @@ pub struct SyncEngine<M: LbMaps> {
     /// A write failed part way: memory may not match the maps. The next sync
     /// first reads the maps back.
     diverged: bool,
+    /// Backends removed from the maps since [`SyncEngine::take_removed`]:
+    /// sockets still aimed at them are closed by the caller.
+    removed: Vec<Backend>,
 }
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -274,6 +284,7 @@ impl<M: LbMaps> SyncEngine<M> {
             slot_count: 0,
             adopted_draining: Vec::new(),
             diverged: false,
+            removed: Vec::new(),
         };
         engine.reload()?;
         Ok(engine)
@@ -281,6 +292,12 @@ impl<M: LbMaps> SyncEngine<M> {
 
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// Backends that left the maps (no service uses them any more) since the
+    /// last call.
+    pub fn take_removed(&mut self) -> Vec<Backend> {
+        std::mem::take(&mut self.removed)
     }
 
     fn reload(&mut self) -> Result<(), SyncError> {
@@ -729,6 +746,7 @@ impl<M: LbMaps> SyncEngine<M> {
             self.backends.remove(&backend);
             self.backend_by_id.remove(&id);
             self.backend_ids.release(id);
+            self.removed.push(backend);
         }
         Ok(())
     }
@@ -825,6 +843,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backends: self.backends.len(),
             service_names: self.frontends.len(),
             conntrack: CtOccupancy::default(),
+            sock_revnat: 0,
         }
     }
 

@@ -23,7 +23,8 @@ use log::{info, warn};
 use crate::node::{
     lb_maps::BpfLbMaps,
     migrate::{self, Carry, MigrateError, Pass, Plan},
-    pinned::{self, ConntrackMaps, CounterMap, MapOpenError},
+    pinned::{self, ConntrackMaps, CounterMap, MapOpenError, SockRevNatMap},
+    socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
 
 /// The object built by build.rs from `dataplane-ebpf`, embedded so the agent
@@ -92,6 +93,8 @@ pub enum DatapathError {
         #[source]
         source: PinError,
     },
+    #[error(transparent)]
+    SocketLb(#[from] SocketLbError),
     #[error("{what} {}", path.display())]
     Fs {
         what: &'static str,
@@ -111,6 +114,7 @@ pub struct DatapathMaps {
     pub lb: BpfLbMaps,
     pub conntrack: ConntrackMaps,
     pub counters: CounterMap,
+    pub sock_revnat: SockRevNatMap,
 }
 
 /// What the datapath is loaded with: conntrack sizes and lifetimes
@@ -173,6 +177,8 @@ pub struct Datapath {
     bpffs: PathBuf,
     /// Where tcx links are pinned: `<bpffs>/links/<ifindex>-<hook>`.
     links_dir: PathBuf,
+    /// Where the socket hook links are pinned: `<bpffs>/sock-links/<hook>`.
+    sock_links_dir: PathBuf,
     attached: HashMap<u32, Attachment>,
     /// A migration from maps pinned by an earlier agent, finished by
     /// [`Datapath::commit_migration`] once the programs switched.
@@ -246,6 +252,7 @@ impl Datapath {
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack = ConntrackMaps::take(&mut ebpf)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
+        let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
@@ -253,6 +260,7 @@ impl Datapath {
                 ebpf,
                 bpffs: bpffs.to_owned(),
                 links_dir,
+                sock_links_dir: bpffs.join(SOCK_LINKS_DIR),
                 attached: HashMap::new(),
                 pending,
             },
@@ -260,6 +268,7 @@ impl Datapath {
                 lb,
                 conntrack,
                 counters,
+                sock_revnat,
             },
         ))
     }
@@ -299,6 +308,18 @@ impl Datapath {
             name: name.into(),
             source,
         })
+    }
+
+    /// Socket-level load balancing on: attaches the socket hooks at
+    /// `cgroup_root` (see `socket_lb`).
+    pub fn attach_socket_lb(&mut self, cgroup_root: &Path) -> Result<(), SocketLbError> {
+        socket_lb::attach(&mut self.ebpf, cgroup_root, &self.sock_links_dir)
+    }
+
+    /// Socket-level load balancing off: removes hooks a previous agent
+    /// attached.
+    pub fn detach_socket_lb(&mut self) {
+        socket_lb::detach_if_pinned(&self.sock_links_dir);
     }
 
     fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -549,6 +570,7 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         }
         std::fs::remove_dir(&links).map_err(fs_err("removing", &links))?;
     }
+    removed.extend(socket_lb::detach_pinned(&bpffs.join(SOCK_LINKS_DIR))?);
     let staging = bpffs.join(migrate::STAGING_DIR);
     let names = map_names::ALL.iter().chain(migrate::RETIRED);
     let paths = names

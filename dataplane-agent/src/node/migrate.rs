@@ -85,6 +85,12 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::CT_LIFETIMES,
             map_names::FRAGMENTS,
             map_names::COUNTERS,
+            // Socket-level load balancing: affinity keyed by network
+            // namespace too, trace events carry the socket's netns cookie
+            // and cgroup; `SOCK_REVNAT` is new.
+            map_names::AFFINITY,
+            map_names::TRACE_EVENTS,
+            map_names::SOCK_REVNAT,
         ],
     ),
 ];
@@ -348,9 +354,15 @@ fn flow_source(
     let Some((key, value, _)) = pinned_shape(&path)? else {
         return Ok(None);
     };
-    // No layout had another shape for this map: its entries cannot be read.
+    // Layouts before 3 keyed affinity by client address only (8 bytes);
+    // no layout had another shape for the other flow maps.
+    let key_size = if layout.name == map_names::AFFINITY && found < 3 {
+        8
+    } else {
+        layout.key_size
+    };
     for (what, found_size, expected) in [
-        ("key size", key, layout.key_size),
+        ("key size", key, key_size),
         ("value size", value, layout.value_size),
     ] {
         if found_size != expected {
@@ -431,19 +443,18 @@ impl Pass {
     }
 }
 
-/// Copies `keep`'s entries of `from` into `to`, converted by `convert`;
-/// the number written. In the catch-up pass an entry already in `to` is
-/// replaced by `newer(current, converted)` where that gives one.
-fn copy_entries<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
+/// Copies the entries of `from` into `to`, converted by `convert` (`None`:
+/// not carried); the number written. In the catch-up pass an entry already
+/// in `to` is replaced by `newer(current, converted)` where that gives one.
+fn copy_entries<K: aya::Pod, V: aya::Pod, L: aya::Pod, W: aya::Pod>(
     from: &Path,
     to: &Path,
     pass: Pass,
-    keep: impl Fn(&K) -> bool,
-    convert: impl Fn(&V) -> W,
+    convert: impl Fn(&K, &V) -> Option<(L, W)>,
     newer: impl Fn(&W, &W) -> Option<W>,
 ) -> Result<usize, MigrateError> {
     let source: BpfHashMap<MapData, K, V> = open_hash(from)?;
-    let mut target: BpfHashMap<MapData, K, W> = open_hash(to)?;
+    let mut target: BpfHashMap<MapData, L, W> = open_hash(to)?;
     let carry_err = |source| MigrateError::Convert {
         from: from.to_path_buf(),
         to: to.to_path_buf(),
@@ -453,10 +464,9 @@ fn copy_entries<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
     for entry in source.iter() {
         // An entry evicted or expired during the walk is simply not carried.
         let Ok((key, value)) = entry else { continue };
-        if !keep(&key) {
+        let Some((key, converted)) = convert(&key, &value) else {
             continue;
-        }
-        let converted = convert(&value);
+        };
         match target.insert(key, converted, pass.flags()) {
             Ok(()) => written += 1,
             Err(MapError::SyscallError(e))
@@ -474,6 +484,12 @@ fn copy_entries<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
         }
     }
     Ok(written)
+}
+
+/// An affinity entry the previous programs refreshed after the new map's
+/// copy was made.
+fn newer_affinity(current: &AffinityEntry, old: &AffinityEntry) -> Option<AffinityEntry> {
+    (old.last_used_ns > current.last_used_ns).then_some(*old)
 }
 
 /// A conntrack entry the previous programs refreshed after the one in the
@@ -510,22 +526,40 @@ pub fn convert(
             // the new one current: a catch-up would bring back backends it
             // removed.
             map_names::BACKENDS if pass == Pass::CatchUp => 0,
-            map_names::BACKENDS => copy_entries::<u32, Backend, Backend>(
+            map_names::BACKENDS => copy_entries::<u32, Backend, u32, Backend>(
                 &bpffs.join(layout.name),
                 &to,
                 pass,
-                |_| true,
-                |b| *b,
+                |id, b| Some((*id, *b)),
                 |_, _| None,
             )?,
-            map_names::AFFINITY => copy_entries::<AffinityKey, AffinityEntry, AffinityEntry>(
-                &bpffs.join(layout.name),
-                &to,
-                pass,
-                |_| true,
-                |a| *a,
-                |current, old| (old.last_used_ns > current.last_used_ns).then_some(*old),
-            )?,
+            // Layouts before 3 key a client by its address only (8 bytes);
+            // 3 adds the socket hooks' network namespace cookie.
+            map_names::AFFINITY if found < 3 => {
+                copy_entries::<[u32; 2], AffinityEntry, AffinityKey, AffinityEntry>(
+                    &bpffs.join(layout.name),
+                    &to,
+                    pass,
+                    |&[service_id, client_addr], a| {
+                        let key = AffinityKey {
+                            service_id,
+                            client_addr,
+                            client_netns: 0,
+                        };
+                        Some((key, *a))
+                    },
+                    newer_affinity,
+                )?
+            }
+            map_names::AFFINITY => {
+                copy_entries::<AffinityKey, AffinityEntry, AffinityKey, AffinityEntry>(
+                    &bpffs.join(layout.name),
+                    &to,
+                    pass,
+                    |k, a| Some((*k, *a)),
+                    newer_affinity,
+                )?
+            }
             name @ (map_names::CT_TCP | map_names::CT_OTHER) => {
                 let Some((from, source)) = flow_source(bpffs, found, layout)? else {
                     continue;
@@ -535,12 +569,11 @@ pub fn convert(
                     FlowSource::Conntrack { version } => version,
                     FlowSource::Copy => LAYOUT_VERSION,
                 };
-                copy_entries::<CtKey, [u8; CT_ENTRY_SIZE], CtEntry>(
+                copy_entries::<CtKey, [u8; CT_ENTRY_SIZE], CtKey, CtEntry>(
                     &from,
                     &to,
                     pass,
-                    |k| (k.proto == IPPROTO_TCP) == tcp,
-                    |v| ct_entry_from(version, v),
+                    |k, v| ((k.proto == IPPROTO_TCP) == tcp).then(|| (*k, ct_entry_from(version, v))),
                     newer_flow,
                 )?
             }

@@ -6,7 +6,8 @@
 //! them; `pinned` opens and decodes the maps for everyone who reads them;
 //! `ct_gc` sweeps expired conntrack entries, sized and timed by
 //! `ct_options`; `migrate` carries the maps of an earlier agent (another
-//! layout, other sizes) into this one's. Nothing here knows about
+//! layout, other sizes) into this one's; `socket_lb` attaches the cgroup
+//! socket hooks. Nothing here knows about
 //! the control plane or the operator surface.
 
 pub mod bpffs;
@@ -17,3 +18,5 @@ pub mod interfaces;
 pub mod lb_maps;
 pub mod migrate;
 pub mod pinned;
+pub mod sock_destroy;
+pub mod socket_lb;

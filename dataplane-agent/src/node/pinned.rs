@@ -13,7 +13,7 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use dataplane_common::{
     ipv4_from_map, map_names, port_from_map, Counter, CtEntry, CtKey, CtLifetimes, ServiceLabel,
-    IPPROTO_TCP, IPPROTO_UDP,
+    SockRevNatEntry, SockRevNatKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use nix::time::{clock_gettime, ClockId};
 
@@ -90,6 +90,7 @@ pub fn ct_lifetimes(map: &CtLifetimesMap) -> Result<CtLifetimes, MapError> {
 }
 pub type CounterMap = PerCpuArray<MapData, u64>;
 pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
+pub type SockRevNatMap = BpfHashMap<MapData, SockRevNatKey, SockRevNatEntry>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapOpenError {

@@ -21,7 +21,7 @@ use crate::node::{
     lb_maps::{BpfLbMaps, LbMapError, LbMaps as _, LbSnapshot},
     pinned::{
         self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMaps, CounterMap,
-        CtLifetimesMap, MapOpenError, ServiceNamesMap,
+        CtLifetimesMap, MapOpenError, ServiceNamesMap, SockRevNatMap,
     },
 };
 
@@ -90,6 +90,9 @@ pub enum What {
     Counters,
     /// Which interfaces have the programs attached (tcx).
     Interfaces,
+    /// Sockets the socket hooks translated: socket cookie, backend, and the
+    /// service address recvmsg()/getpeername() show instead.
+    SockRevnat,
 }
 
 #[derive(Debug, Serialize)]
@@ -282,6 +285,35 @@ pub fn counters(dir: &Path) -> Result<Vec<CounterRow>, InspectError> {
 }
 
 #[derive(Debug, Serialize)]
+pub struct SockRevNatRow {
+    pub cookie: u64,
+    pub backend: String,
+    pub service: String,
+    pub frontend: String,
+}
+
+/// The socket-level reverse map (`SOCK_REVNAT`), sorted by socket cookie.
+pub fn sock_revnat(dir: &Path) -> Result<Vec<SockRevNatRow>, InspectError> {
+    let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
+    let map: SockRevNatMap = pinned::open(dir, map_names::SOCK_REVNAT)?;
+    let mut rows = Vec::new();
+    for entry in map.iter() {
+        let (key, value) = entry.map_err(read_err(map_names::SOCK_REVNAT))?;
+        rows.push(SockRevNatRow {
+            cookie: key.cookie,
+            backend: endpoint(key.backend_addr, key.backend_port).to_string(),
+            service: names
+                .get(&value.service_id, 0)
+                .map(|l| l.as_str().to_owned())
+                .unwrap_or_else(|_| format!("<id {}>", value.service_id)),
+            frontend: endpoint(value.service_addr, value.service_port).to_string(),
+        });
+    }
+    rows.sort_by(|a, b| (a.cookie, &a.backend).cmp(&(b.cookie, &b.backend)));
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize)]
 pub struct InterfaceRow {
     pub interface: String,
     pub ingress: Vec<String>,
@@ -378,6 +410,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         ),
         What::Counters => print(&counters(dir)?, format, |r| {
             format!("{:<22} {}", r.counter, r.packets)
+        }),
+        What::SockRevnat => print(&sock_revnat(dir)?, format, |r| {
+            format!(
+                "socket {:<10} {} shown as {} [{}]",
+                r.cookie, r.backend, r.frontend, r.service
+            )
         }),
         What::Interfaces => print(&interfaces()?, format, |r| {
             format!(

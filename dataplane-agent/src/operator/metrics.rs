@@ -291,15 +291,22 @@ impl Metrics {
     /// kept from the last [`Metrics::conntrack_entries`].
     pub fn occupancy(&self, occupancy: Occupancy) {
         let mut current = lock(&self.live.occupancy);
-        let conntrack = current.conntrack;
+        let (conntrack, sock_revnat) = (current.conntrack, current.sock_revnat);
         *current = Occupancy {
             conntrack,
+            sock_revnat,
             ..occupancy
         };
     }
 
     pub fn conntrack_entries(&self, conntrack: CtOccupancy) {
         lock(&self.live.occupancy).conntrack = conntrack;
+    }
+
+    /// Entries of the socket-level reverse map (LRU), counted by the agent
+    /// with each conntrack sweep.
+    pub fn sock_revnat_entries(&self, entries: usize) {
+        lock(&self.live.occupancy).sock_revnat = entries;
     }
 
     /// The registry in the text exposition format.
@@ -496,6 +503,7 @@ mod tests {
                 tcp: 999,
                 ..CtOccupancy::default()
             },
+            sock_revnat: 999,
         });
         m.conntrack_entries(CtOccupancy {
             tcp: 4,
@@ -503,6 +511,7 @@ mod tests {
             tcp_capacity: 1000,
             other_capacity: 500,
         });
+        m.sock_revnat_entries(5);
         let text = m.encode();
         for line in [
             "dataplane_sync_duration_seconds_count{kind=\"full\"} 1",
@@ -516,6 +525,8 @@ mod tests {
             "dataplane_map_capacity{map=\"CT_TCP\"} 1000",
             "dataplane_map_entries{map=\"CT_OTHER\"} 6",
             "dataplane_map_capacity{map=\"CT_OTHER\"} 500",
+            "dataplane_map_entries{map=\"SOCK_REVNAT\"} 5",
+            "dataplane_map_capacity{map=\"SOCK_REVNAT\"} 131072",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }

@@ -63,6 +63,12 @@ pub struct Event {
     pub backend_id: u32,
     pub before: String,
     pub after: String,
+    /// Socket hooks: the socket's network namespace cookie and the cgroup
+    /// id of the process (absent for packets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
 }
 
 fn tuple_text(t: &TraceTuple) -> String {
@@ -93,15 +99,24 @@ pub fn read_record(bytes: &[u8]) -> Option<TraceEvent> {
 impl Event {
     /// `raw` in operator terms; `names` maps service ids to labels.
     pub fn new(raw: &TraceEvent, names: &HashMap<u32, String>) -> Self {
+        let socket_hook = raw.hook >= trace_hook::SOCK_CONNECT;
         Self {
             ts_ns: raw.ts_ns,
             hook: match raw.hook {
                 trace_hook::FROM_POD => "from-pod",
                 trace_hook::TO_POD => "to-pod",
+                trace_hook::SOCK_CONNECT => "connect",
+                trace_hook::SOCK_SENDMSG => "sendmsg",
+                trace_hook::SOCK_RECVMSG => "recvmsg",
+                trace_hook::SOCK_GETPEERNAME => "getpeername",
                 _ => "?",
             },
             ifindex: raw.ifindex,
-            interface: interface_name(raw.ifindex),
+            interface: if socket_hook {
+                "socket".into()
+            } else {
+                interface_name(raw.ifindex)
+            },
             proto: proto_name(raw.proto),
             decision: Counter::from_index(u32::from(raw.decision)).map_or("?", Counter::name),
             service: (raw.service_id != 0).then(|| {
@@ -113,6 +128,8 @@ impl Event {
             backend_id: raw.backend_id,
             before: tuple_text(&raw.before),
             after: tuple_text(&raw.after),
+            netns_cookie: socket_hook.then_some(raw.netns_cookie),
+            cgroup_id: socket_hook.then_some(raw.cgroup_id),
         }
     }
 }
@@ -129,6 +146,9 @@ impl std::fmt::Display for Event {
         }
         if let Some(service) = &self.service {
             write!(f, "  [{service}]")?;
+        }
+        if let (Some(netns), Some(cgroup)) = (self.netns_cookie, self.cgroup_id) {
+            write!(f, "  netns {netns} cgroup {cgroup}")?;
         }
         Ok(())
     }

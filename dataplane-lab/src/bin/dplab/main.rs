@@ -29,6 +29,10 @@ enum Command {
     Walkthrough,
     /// Bring the lab up and show requests through a service IP.
     Run(lab::UpOptions),
+    /// One TCP request to ADDR, its outcome on stdout: what `run` starts
+    /// as a node (host-network) process.
+    #[command(hide = true)]
+    Request { addr: std::net::SocketAddr },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,12 @@ fn main() -> anyhow::Result<()> {
         Command::Down => lab::down(),
         Command::Walkthrough => walkthrough::run(),
         Command::Run(options) => run::run(options),
+        Command::Request { addr } => {
+            println!(
+                "{}",
+                run::outcome_text(&dataplane_lab::traffic::tcp_request(addr))
+            );
+            Ok(())
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! `dplab run` (`cargo xtask run`): the main job. Brings the lab up and shows requests
 //! from a pod through the service IP, then leaves the lab to explore.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, process::Command};
 
-use dataplane_lab::{netns::in_netns, topology::default_pods, traffic};
+use anyhow::Context as _;
+use dataplane_lab::{cgroup, netns::in_netns, topology::default_pods, traffic};
 
 use crate::lab::{self, UpOptions, PREFIX};
 
@@ -31,11 +32,8 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
     for (i, (what, to)) in targets.into_iter().enumerate() {
         let seen = in_netns(&format!("{PREFIX}client"), move || traffic::tcp_request(to))?;
         match seen {
-            traffic::Outcome::Answered { backend, from } => {
-                println!(
-                    "  request {} to {what}: answered by {backend:<6} (reply from {from})",
-                    i + 1
-                )
+            traffic::Outcome::Answered { .. } => {
+                println!("  request {} to {what}: {}", i + 1, outcome_text(&seen))
             }
             other => {
                 failed += 1;
@@ -43,8 +41,23 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
             }
         }
     }
+    if !options.no_agent {
+        println!("\nnode1 itself (a host-network process in node1's cgroup):");
+        for i in 0..3 {
+            let seen = host_request(service)?;
+            if !seen.starts_with("answered") {
+                failed += 1;
+            }
+            println!(
+                "  request {} to service default/web {service}: {seen}",
+                i + 1
+            );
+        }
+    }
     let dir = lab::lab_dir();
     let dir = dir.display();
+    let cgroup_dir = cgroup::node_cgroup(&format!("{PREFIX}node1"));
+    let cgroup_dir = cgroup_dir.display();
     println!(
         "
 The lab is running. Explore it:
@@ -55,10 +68,35 @@ The lab is running. Explore it:
   ip netns exec {PREFIX}node1 target/release/dataplane-agent inspect interfaces
   bpftool map dump pinned {dir}/node1/bpf/SERVICES
   edit {dir}/node1/manifests/web.yaml (and node2's), watch {dir}/node1/agent.log
+  target/release/dataplane-agent inspect sock-revnat --bpffs {dir}/node1/bpf
+  bpftool cgroup show {cgroup_dir}
 Tear it down with: cargo xtask lab down"
     );
     if failed > 0 {
         anyhow::bail!("{failed} request(s) failed; agent logs in {dir}/node*/agent.log");
     }
     Ok(())
+}
+
+/// A request from a node1 process: started in node1's netns and cgroup, so
+/// node1's socket hooks translate it (no tc program is on its way).
+fn host_request(to: SocketAddr) -> anyhow::Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &format!("{PREFIX}node1")])
+        .arg(std::env::current_exe().context("dplab's path")?)
+        .arg("request")
+        .arg(to.to_string());
+    cgroup::spawn_in_cgroup(&mut cmd, &cgroup::node_cgroup(&format!("{PREFIX}node1")))?;
+    let out = cmd.output().context("running a node1 process")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// An outcome as `run` prints it.
+pub fn outcome_text(seen: &traffic::Outcome) -> String {
+    match seen {
+        traffic::Outcome::Answered { backend, from } => {
+            format!("answered by {backend:<6} (reply from {from})")
+        }
+        other => format!("{other:?}"),
+    }
 }

@@ -1,0 +1,104 @@
+//! Narrow wrappers over the socket-address context of the cgroup socket
+//! hooks (`bpf_sock_addr`) and the helpers they need. Like `skb`, this is
+//! where the socket hooks' `unsafe` blocks live.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval,
+    },
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+
+pub const AF_INET: u32 = 2;
+
+/// A socket-address hook's context: the address the application passed
+/// (connect, sendmsg) or is about to see (recvmsg, getpeername).
+pub struct SockAddr<'a> {
+    ctx: &'a SockAddrContext,
+}
+
+impl<'a> SockAddr<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a SockAddrContext) -> Self {
+        Self { ctx }
+    }
+
+    fn raw(&self) -> *mut bpf_sock_addr {
+        self.ctx.sock_addr
+    }
+
+    /// Address family of the address passed by the application.
+    #[inline(always)]
+    pub fn user_family(&self) -> u32 {
+        // SAFETY: the kernel hands the program a valid bpf_sock_addr for its
+        // whole run; `user_family` is readable in every sock_addr hook.
+        unsafe { (*self.raw()).user_family }
+    }
+
+    /// IPPROTO_TCP or IPPROTO_UDP (or another protocol we leave alone).
+    #[inline(always)]
+    pub fn protocol(&self) -> u8 {
+        // SAFETY: as above; `protocol` is a readable 4-byte field.
+        unsafe { (*self.raw()).protocol as u8 }
+    }
+
+    /// The IPv4 address, network byte order, as stored in maps.
+    #[inline(always)]
+    pub fn user_ip4(&self) -> u32 {
+        // SAFETY: as above; a 4-byte read of `user_ip4`.
+        unsafe { (*self.raw()).user_ip4 }
+    }
+
+    /// The port, network byte order, as stored in maps: the kernel keeps it
+    /// in the low 16 bits of a 4-byte field.
+    #[inline(always)]
+    pub fn user_port(&self) -> u16 {
+        // SAFETY: as above; a 4-byte read of `user_port`.
+        unsafe { (*self.raw()).user_port as u16 }
+    }
+
+    /// Rewrites the address (and port): writable in connect4, sendmsg4,
+    /// recvmsg4 and getpeername4, the hooks this object uses.
+    #[inline(always)]
+    pub fn set_user_addr(&self, addr: u32, port: u16) {
+        // SAFETY: 4-byte writes of fields the verifier allows these hooks to
+        // write; the context is the program's own.
+        unsafe {
+            (*self.raw()).user_ip4 = addr;
+            (*self.raw()).user_port = u32::from(port);
+        }
+    }
+
+    /// Identifies the socket for as long as it lives.
+    #[inline(always)]
+    pub fn cookie(&self) -> u64 {
+        // SAFETY: helper call on the program's own context.
+        unsafe { bpf_get_socket_cookie(self.ctx.as_ptr()) }
+    }
+
+    /// Identifies the socket's network namespace.
+    #[inline(always)]
+    pub fn netns_cookie(&self) -> u64 {
+        // SAFETY: helper call on the program's own context.
+        unsafe { bpf_get_netns_cookie(self.ctx.as_ptr()) }
+    }
+
+    /// Fails the syscall with `errno` once the program returns 0 (instead of
+    /// the default EPERM).
+    #[inline(always)]
+    pub fn fail_with(&self, errno: i32) {
+        // SAFETY: plain helper call; it only sets the syscall's return value.
+        unsafe {
+            bpf_set_retval(-errno);
+        }
+    }
+}
+
+/// cgroup v2 id of the calling process.
+#[inline(always)]
+pub fn cgroup_id() -> u64 {
+    // SAFETY: helper without arguments or side effects.
+    unsafe { bpf_get_current_cgroup_id() }
+}

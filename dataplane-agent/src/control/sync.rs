@@ -45,7 +45,7 @@ pub struct CtOccupancy {
 
 impl Occupancy {
     /// Each map's name, entries and capacity.
-    pub fn rows(&self) -> [(&'static str, usize, u32); 7] {
+    pub fn rows(&self) -> [(&'static str, usize, u32); 8] {
         [
             (
                 map_names::SERVICE_IPS,

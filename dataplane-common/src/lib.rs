@@ -49,8 +49,9 @@ pub mod map_names {
 ///
 /// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
-/// one word, `Counter::ReplyTupleClash`.
-pub const LAYOUT_VERSION: u32 = 2;
+/// one word, `Counter::ReplyTupleClash`. Version 3: `BACKENDS` is an array
+/// indexed by dense backend ids (was a hash map of the same key and value).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,7 +210,9 @@ pub struct BackendSlotKey {
     pub slot: u32,
 }
 
-/// Value of `BACKENDS` (keyed by a `u32` backend id): where a pod listens.
+/// Value of `BACKENDS` (an array indexed by backend id, ids from 1, kept
+/// dense by the agent): where a pod listens. An unused id holds the
+/// all-zero value (address 0.0.0.0 is never a pod's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Backend {

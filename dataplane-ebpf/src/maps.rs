@@ -52,10 +52,12 @@ pub static BACKEND_SLOTS: HashMap<
     BPF_F_NO_PREALLOC,
 > = HashMap::new();
 
-/// Backend id -> pod address and port.
+/// Backend id -> pod address and port. An array: the agent hands out dense
+/// ids, and an array lookup is an address computation the verifier inlines,
+/// where a hash lookup hashes the key on every established packet. An unused
+/// id holds the all-zero backend.
 #[btf_map(name = "BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }, BPF_F_NO_PREALLOC> =
-    HashMap::new();
+pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
 /// Our conntrack. LRU so that a table full of dead flows evicts the oldest
 /// instead of refusing new connections; entries also carry their own expiry.
@@ -125,9 +127,10 @@ pub fn backend_slot_get(key: &BackendSlotKey) -> Option<u32> {
     copied(BACKEND_SLOTS.get_ptr(key))
 }
 
+/// The backend with this id, if the id is in use.
 #[inline(always)]
 pub fn backend_get(backend_id: u32) -> Option<Backend> {
-    copied(BACKENDS.get_ptr(backend_id))
+    copied(BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != 0)
 }
 
 #[inline(always)]

@@ -15,7 +15,7 @@ use log::{debug, info};
 use crate::{
     control::model::{BackendAddr, Frontend, FrontendSpec, Protocol, ServiceName},
     node::{
-        lb_maps::{LbMapError, LbMaps, LbSnapshot},
+        lb_maps::{LbMapError, LbMaps, LbSnapshot, LbWrites},
         pinned,
     },
 };
@@ -88,6 +88,8 @@ pub enum SyncError {
     },
     #[error("reading the maps back failed")]
     Snapshot(#[source] LbMapError),
+    #[error("writing the maps failed")]
+    Write(#[source] LbMapError),
 }
 
 impl SyncError {
@@ -97,7 +99,7 @@ impl SyncError {
             SyncError::TooManyBackends { .. } => "too_many_backends",
             SyncError::FrontendConflict { .. } => "frontend_conflict",
             SyncError::CapacityExceeded { .. } => "capacity",
-            SyncError::Map { .. } | SyncError::Snapshot(_) => "map_write",
+            SyncError::Map { .. } | SyncError::Snapshot(_) | SyncError::Write(_) => "map_write",
         }
     }
 }
@@ -122,18 +124,35 @@ struct BackendRef {
     refs: u32,
 }
 
-#[derive(Debug, Default)]
+/// Ids from 1 up, reusing released ones, so they stay dense: backend ids
+/// index the `BACKENDS` array. An id released while writes are pending is
+/// reused only after they are applied ([`IdAllocator::settle`]): the
+/// pending writes may still delete its old entry.
+#[derive(Debug)]
 struct IdAllocator {
     next: u32,
+    /// Ids below this one only.
+    limit: u32,
     free: Vec<u32>,
+    released: Vec<u32>,
 }
 
 impl IdAllocator {
-    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
+    fn from_used(used: impl IntoIterator<Item = u32>, limit: u32) -> Self {
         let used: BTreeSet<u32> = used.into_iter().collect();
         let next = used.last().map_or(1, |max| max + 1);
-        let free = (1..next).filter(|id| !used.contains(id)).collect();
-        Self { next, free }
+        // Lowest ids last, so they are reused first.
+        let free = (1..next).rev().filter(|id| !used.contains(id)).collect();
+        Self {
+            next,
+            limit,
+            free,
+            released: Vec::new(),
+        }
+    }
+    /// How many ids `allocate` can still hand out before a `settle`.
+    fn available(&self) -> usize {
+        self.free.len() + self.limit.saturating_sub(self.next) as usize
     }
     fn allocate(&mut self) -> u32 {
         self.free.pop().unwrap_or_else(|| {
@@ -143,7 +162,11 @@ impl IdAllocator {
         })
     }
     fn release(&mut self, id: u32) {
-        self.free.push(id);
+        self.released.push(id);
+    }
+    /// The pending writes are applied: released ids are free again.
+    fn settle(&mut self) {
+        self.free.append(&mut self.released);
     }
 }
 
@@ -156,6 +179,8 @@ pub struct SyncStats {
 
 pub struct SyncEngine<M: LbMaps> {
     maps: M,
+    /// Writes worked out but not yet applied ([`SyncEngine::flush`]).
+    pending: LbWrites,
     frontends: HashMap<ServiceKey, Programmed>,
     owned: HashMap<ServiceName, BTreeSet<ServiceKey>>,
     backends: HashMap<Backend, BackendRef>,
@@ -234,13 +259,14 @@ impl<M: LbMaps> SyncEngine<M> {
     pub fn adopt(maps: M) -> Result<Self, SyncError> {
         let mut engine = Self {
             maps,
+            pending: LbWrites::default(),
             frontends: HashMap::new(),
             owned: HashMap::new(),
             backends: HashMap::new(),
             backend_by_id: HashMap::new(),
             service_ips: HashMap::new(),
-            service_ids: IdAllocator::default(),
-            backend_ids: IdAllocator::default(),
+            service_ids: IdAllocator::from_used([], u32::MAX),
+            backend_ids: IdAllocator::from_used([], capacity::BACKENDS),
             slot_count: 0,
             adopted_draining: Vec::new(),
             diverged: false,
@@ -253,7 +279,24 @@ impl<M: LbMaps> SyncEngine<M> {
         &self.maps
     }
 
+    /// Applies the pending writes. On a failure memory may no longer match
+    /// the maps: the next sync re-reads them.
+    fn flush(&mut self) -> Result<(), LbMapError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let writes = std::mem::take(&mut self.pending);
+        if let Err(e) = self.maps.write(&writes) {
+            self.diverged = true;
+            return Err(e);
+        }
+        self.service_ids.settle();
+        self.backend_ids.settle();
+        Ok(())
+    }
+
     fn reload(&mut self) -> Result<(), SyncError> {
+        self.pending = LbWrites::default();
         let LbSnapshot {
             service_ips,
             services,
@@ -308,7 +351,7 @@ impl<M: LbMaps> SyncEngine<M> {
             }
             if self.backends.contains_key(&backend) {
                 // The same endpoint under a second id: nothing reads this one.
-                self.maps.remove_backend(id).map_err(SyncError::Snapshot)?;
+                self.pending.remove_backend(id);
                 continue;
             }
             self.backends.insert(backend, BackendRef { id, refs: 1 });
@@ -321,26 +364,25 @@ impl<M: LbMaps> SyncEngine<M> {
             .collect();
         for &(service_id, slot) in slots.keys() {
             if counts.get(&service_id).is_none_or(|count| slot >= *count) {
-                self.maps
-                    .remove_slot(BackendSlotKey { service_id, slot })
-                    .map_err(SyncError::Snapshot)?;
+                self.pending
+                    .remove_slot(BackendSlotKey { service_id, slot });
             }
         }
         let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
         for id in names.keys().filter(|id| !service_ids.contains(id)) {
-            self.maps
-                .remove_service_name(*id)
-                .map_err(SyncError::Snapshot)?;
+            self.pending.remove_service_name(*id);
         }
         self.service_ips = service_ips.into_iter().collect();
-        self.service_ids = IdAllocator::from_used(services.values().map(|v| v.service_id));
-        self.backend_ids = IdAllocator::from_used(self.backend_by_id.keys().copied());
+        self.service_ids =
+            IdAllocator::from_used(services.values().map(|v| v.service_id), u32::MAX);
+        self.backend_ids =
+            IdAllocator::from_used(self.backend_by_id.keys().copied(), capacity::BACKENDS);
         self.owned.retain(|_, keys| {
             keys.retain(|k| self.frontends.contains_key(k));
             !keys.is_empty()
         });
         self.diverged = false;
-        Ok(())
+        self.flush().map_err(SyncError::Snapshot)
     }
 
     fn slot_backends(&self, p: &Programmed) -> Vec<Backend> {
@@ -364,7 +406,12 @@ impl<M: LbMaps> SyncEngine<M> {
         if self.diverged {
             self.reload()?;
         }
-        self.sync_service_as_known(service, frontends)
+        let stats = self.sync_service_as_known(service, frontends)?;
+        self.flush().map_err(|source| SyncError::Map {
+            service: service.clone(),
+            source,
+        })?;
+        Ok(stats)
     }
 
     /// [`SyncEngine::sync_service`] without re-reading the maps first: a
@@ -375,19 +422,24 @@ impl<M: LbMaps> SyncEngine<M> {
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
     ) -> Result<SyncStats, SyncError> {
-        self.check(service, frontends)?;
-        let result = self.apply(service, frontends);
-        if result.is_err() {
-            self.diverged = true;
+        let new_backends = self.check(service, frontends)?;
+        if self.backend_ids.available() < new_backends {
+            // Ids released since the last write are free once it is done.
+            self.flush().map_err(|source| SyncError::Map {
+                service: service.clone(),
+                source,
+            })?;
         }
-        result
+        Ok(self.apply(service, frontends))
     }
 
+    /// Refuses what cannot be programmed whole; returns how many backends
+    /// the service adds.
     fn check(
         &self,
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
-    ) -> Result<(), SyncError> {
+    ) -> Result<usize, SyncError> {
         let mut new_frontends = 0usize;
         let mut slot_delta: isize = 0;
         let old_keys = self.owned.get(service).cloned().unwrap_or_default();
@@ -453,10 +505,11 @@ impl<M: LbMaps> SyncEngine<M> {
                 (self.slot_count as isize + slot_delta) as usize - removed_slots,
                 capacity::BACKEND_SLOTS,
             ),
+            // Backend id 0 is never used: ids 1..capacity.
             (
                 "BACKENDS",
                 self.backends.len() + new_backends.len(),
-                capacity::BACKENDS,
+                capacity::BACKENDS - 1,
             ),
         ];
         for (map, needed, capacity) in limits {
@@ -469,40 +522,33 @@ impl<M: LbMaps> SyncEngine<M> {
                 });
             }
         }
-        Ok(())
+        Ok(new_backends.len())
     }
 
     fn apply(
         &mut self,
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
-    ) -> Result<SyncStats, SyncError> {
-        let map_err = |source| SyncError::Map {
-            service: service.clone(),
-            source,
-        };
+    ) -> SyncStats {
         let mut stats = SyncStats::default();
         let mut keys = BTreeSet::new();
         for (frontend, spec) in frontends {
             let key = service_key(frontend);
             keys.insert(key);
-            if self
-                .program_frontend(service, key, frontend, spec)
-                .map_err(map_err)?
-            {
+            if self.program_frontend(service, key, frontend, spec) {
                 stats.frontends_changed += 1;
             }
         }
         let old = self.owned.remove(service).unwrap_or_default();
         for key in old.difference(&keys) {
-            self.unprogram_frontend(*key).map_err(map_err)?;
+            self.unprogram_frontend(*key);
             info!("service {service} {}: removed", describe_key(key));
             stats.frontends_removed += 1;
         }
         if !keys.is_empty() {
             self.owned.insert(service.clone(), keys);
         }
-        Ok(stats)
+        stats
     }
 
     /// Returns whether anything was written.
@@ -512,7 +558,7 @@ impl<M: LbMaps> SyncEngine<M> {
         key: ServiceKey,
         frontend: &Frontend,
         spec: &FrontendSpec,
-    ) -> Result<bool, LbMapError> {
+    ) -> bool {
         let desired = backends_of(frontend, spec);
         let affinity = spec.affinity_timeout_s.unwrap_or(0);
         let flags = if spec.drop_without_local_endpoints {
@@ -539,7 +585,7 @@ impl<M: LbMaps> SyncEngine<M> {
         if let Some(p) = &existing {
             if p.owner.is_none() {
                 // A frontend adopted from a previous agent: claim it.
-                self.maps.set_service_name(p.value.service_id, &label)?;
+                self.pending.set_service_name(p.value.service_id, &label);
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
             }
             if old_set == new_set
@@ -547,7 +593,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 && p.value.affinity_timeout_s == affinity
                 && p.value.flags == flags
             {
-                return Ok(false);
+                return false;
             }
         }
 
@@ -555,13 +601,13 @@ impl<M: LbMaps> SyncEngine<M> {
         let mut ids = Vec::with_capacity(desired.len());
         let layout = plan_slots(&old_backends, &desired);
         for backend in &layout {
-            ids.push(self.acquire_backend(*backend)?);
+            ids.push(self.acquire_backend(*backend));
         }
         // Draining backends keep the id they had in a slot (acquired before
         // the old references are released), so their flows keep it too.
         let mut draining_ids = Vec::with_capacity(draining.len());
         for backend in &draining {
-            draining_ids.push(self.acquire_backend(*backend)?);
+            draining_ids.push(self.acquire_backend(*backend));
         }
         // 2. Slots, before the count that makes them visible.
         let service_id = match &existing {
@@ -574,13 +620,13 @@ impl<M: LbMaps> SyncEngine<M> {
             .unwrap_or_default();
         for (slot, id) in ids.iter().enumerate() {
             if old_slots.get(slot) != Some(id) {
-                self.maps.set_slot(
+                self.pending.set_slot(
                     BackendSlotKey {
                         service_id,
                         slot: slot as u32,
                     },
                     *id,
-                )?;
+                );
             }
         }
         // 3. The service entry (and its IP in the pre-filter) with the count.
@@ -591,24 +637,24 @@ impl<M: LbMaps> SyncEngine<M> {
             affinity_timeout_s: affinity,
         };
         if existing.is_none() {
-            self.maps.set_service_name(service_id, &label)?;
+            self.pending.set_service_name(service_id, &label);
         }
-        self.maps.set_service(key, value)?;
+        self.pending.set_service(key, value);
         if existing.is_none() {
             let ports = self.service_ips.get(&key.addr).copied().unwrap_or(0) + 1;
-            self.maps.set_service_ip(key.addr, ports)?;
+            self.pending.set_service_ip(key.addr, ports);
             self.service_ips.insert(key.addr, ports);
         }
         // 4. Slots past the new count, then backends nobody uses any more.
         for slot in ids.len()..old_slots.len() {
-            self.maps.remove_slot(BackendSlotKey {
+            self.pending.remove_slot(BackendSlotKey {
                 service_id,
                 slot: slot as u32,
-            })?;
+            });
         }
         self.slot_count = self.slot_count + ids.len() - old_slots.len();
         for backend in old_backends.iter().chain(&old_draining) {
-            self.release_backend(*backend)?;
+            self.release_backend(*backend);
         }
         self.frontends.insert(
             key,
@@ -639,68 +685,66 @@ impl<M: LbMaps> SyncEngine<M> {
             desired.len()
         );
         debug!("service {service} {frontend}: service id {service_id}");
-        Ok(true)
+        true
     }
 
-    fn unprogram_frontend(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
+    fn unprogram_frontend(&mut self, key: ServiceKey) {
         let Some(p) = self.frontends.get(&key).cloned() else {
-            return Ok(());
+            return;
         };
         let mut backends = self.slot_backends(&p);
         backends.extend(self.backends_by_id(&p.draining));
         // The service entry goes first: from then on no new flow reads a slot.
-        self.maps.remove_service(key)?;
+        self.pending.remove_service(key);
         for slot in 0..p.slots.len() {
-            self.maps.remove_slot(BackendSlotKey {
+            self.pending.remove_slot(BackendSlotKey {
                 service_id: p.value.service_id,
                 slot: slot as u32,
-            })?;
+            });
         }
         match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
             0 | 1 => {
-                self.maps.remove_service_ip(key.addr)?;
+                self.pending.remove_service_ip(key.addr);
                 self.service_ips.remove(&key.addr);
             }
             n => {
-                self.maps.set_service_ip(key.addr, n - 1)?;
+                self.pending.set_service_ip(key.addr, n - 1);
                 self.service_ips.insert(key.addr, n - 1);
             }
         }
         for backend in backends {
-            self.release_backend(backend)?;
+            self.release_backend(backend);
         }
-        self.maps.remove_service_name(p.value.service_id)?;
+        self.pending.remove_service_name(p.value.service_id);
         self.slot_count -= p.slots.len();
         self.service_ids.release(p.value.service_id);
         self.frontends.remove(&key);
-        Ok(())
     }
 
-    fn acquire_backend(&mut self, backend: Backend) -> Result<u32, LbMapError> {
+    fn acquire_backend(&mut self, backend: Backend) -> u32 {
         if let Some(r) = self.backends.get_mut(&backend) {
             r.refs += 1;
-            return Ok(r.id);
+            return r.id;
         }
         let id = self.backend_ids.allocate();
-        self.maps.set_backend(id, backend)?;
+        self.pending.set_backend(id, backend);
         self.backends.insert(backend, BackendRef { id, refs: 1 });
         self.backend_by_id.insert(id, backend);
-        Ok(id)
+        id
     }
 
-    fn release_backend(&mut self, backend: Backend) -> Result<(), LbMapError> {
+    fn release_backend(&mut self, backend: Backend) {
         let Some(r) = self.backends.get_mut(&backend) else {
-            return Ok(());
+            return;
         };
         r.refs -= 1;
         if r.refs == 0 {
             let id = r.id;
-            self.maps.remove_backend(id)?;
+            self.pending.remove_backend(id);
             self.backends.remove(&backend);
             self.backend_by_id.remove(&id);
             self.backend_ids.release(id);
         }
-        Ok(())
     }
 
     /// Full sync: every service in `all` is programmed, everything else
@@ -746,27 +790,21 @@ impl<M: LbMaps> SyncEngine<M> {
             .map(|(k, _)| *k)
             .collect();
         for key in unclaimed {
-            match self.unprogram_frontend(key) {
-                Ok(()) => {
-                    info!(
-                        "{}: removed (left by a previous agent, no longer a service)",
-                        describe_key(&key)
-                    );
-                    stats.frontends_removed += 1;
-                }
-                Err(source) => {
-                    self.diverged = true;
-                    errors.push(SyncError::Snapshot(source));
-                }
-            }
+            self.unprogram_frontend(key);
+            info!(
+                "{}: removed (left by a previous agent, no longer a service)",
+                describe_key(&key)
+            );
+            stats.frontends_removed += 1;
         }
         // Every service has claimed what it still drains: the rest of what
         // the maps held without a slot goes (their TCP flows are reset).
         for backend in std::mem::take(&mut self.adopted_draining) {
-            if let Err(source) = self.release_backend(backend) {
-                self.diverged = true;
-                errors.push(SyncError::Snapshot(source));
-            }
+            self.release_backend(backend);
+        }
+        // One batch per map for the whole cluster.
+        if let Err(source) = self.flush() {
+            errors.push(SyncError::Write(source));
         }
         (stats, errors)
     }
@@ -1227,6 +1265,54 @@ mod tests {
             .sync_service(&name("web"), &[(web, spec("web", &[11]))])
             .unwrap();
         assert_eq!(second.maps().state.backends.len(), 1);
+    }
+
+    #[test]
+    fn full_sync_writes_the_whole_cluster_in_one_batch() {
+        let mut e = engine();
+        let all: BTreeMap<_, _> = (0..50u8)
+            .map(|n| {
+                let svc = format!("svc-{n}");
+                let spec = spec(&svc, &[10, 11, 100 + n]);
+                (name(&svc), vec![(frontend([10, 96, 1, n], 80), spec)])
+            })
+            .collect();
+        let (_, errors) = e.sync_all(&all);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(e.maps().batches, 1);
+        assert_eq!(e.maps().state.services.len(), 50);
+        assert_eq!(e.maps().state.backends.len(), 52, "shared backends once");
+    }
+
+    #[test]
+    fn backend_id_freed_in_a_sync_is_not_reused_by_the_same_sync() {
+        // Port 80 loses its backend while port 443 gains another in one
+        // sync. Had 443's backend taken the id 80's just gave up, the batch
+        // would rewrite that id before port 80's slot stops pointing at it,
+        // and new connections to port 80 would reach 443's backend.
+        let mut e = engine();
+        let http = frontend([10, 96, 0, 10], 80);
+        let https = frontend([10, 96, 0, 10], 443);
+        e.sync_service(
+            &name("web"),
+            &[(http, spec("web", &[10])), (https, spec("web", &[]))],
+        )
+        .unwrap();
+        let old = backend_id(e.maps(), 10).unwrap();
+        e.sync_service(
+            &name("web"),
+            &[(http, spec("web", &[])), (https, spec("web", &[11]))],
+        )
+        .unwrap();
+        assert_ne!(backend_id(e.maps(), 11), Some(old));
+        assert_eq!(backend_id(e.maps(), 10), None);
+        // Once written, the id is free for the next sync.
+        e.sync_service(
+            &name("web"),
+            &[(http, spec("web", &[12])), (https, spec("web", &[11]))],
+        )
+        .unwrap();
+        assert_eq!(backend_id(e.maps(), 12), Some(old), "ids stay dense");
     }
 
     #[test]

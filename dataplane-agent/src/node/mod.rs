@@ -14,4 +14,5 @@ pub mod ct_options;
 pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;
+pub mod map_batch;
 pub mod pinned;

@@ -200,7 +200,11 @@ fn agent_memory(svcs: &[Svc], result: &mut ControlPlaneResult) -> anyhow::Result
     Ok(())
 }
 
-pub fn run(services: usize, endpoints: usize) -> anyhow::Result<ControlPlaneResult> {
+pub fn run(
+    services: usize,
+    endpoints: usize,
+    kube_proxy: bool,
+) -> anyhow::Result<ControlPlaneResult> {
     let svcs = scenario::services(services, endpoints, None);
     let mut result = ControlPlaneResult {
         services,
@@ -218,13 +222,19 @@ pub fn run(services: usize, endpoints: usize) -> anyhow::Result<ControlPlaneResu
         notes: Vec::new(),
     };
     ebpf(&svcs, &mut result).context("eBPF control plane")?;
-    if let Err(e) = iptables(&svcs, &mut result) {
-        eprintln!("  iptables: {e:#}");
-        result.notes.push(format!("iptables-restore failed: {e:#}"));
-    }
-    if let Err(e) = nft(&svcs, &mut result) {
-        eprintln!("  nft: {e:#}");
-        result.notes.push(format!("nft failed: {e:#}"));
+    if kube_proxy {
+        if let Err(e) = iptables(&svcs, &mut result) {
+            eprintln!("  iptables: {e:#}");
+            result.notes.push(format!("iptables-restore failed: {e:#}"));
+        }
+        if let Err(e) = nft(&svcs, &mut result) {
+            eprintln!("  nft: {e:#}");
+            result.notes.push(format!("nft failed: {e:#}"));
+        }
+    } else {
+        result
+            .notes
+            .push("kube-proxy's rules not loaded (--ebpf-only)".to_owned());
     }
     if let Err(e) = agent_memory(&svcs, &mut result) {
         eprintln!("  agent: {e:#}");

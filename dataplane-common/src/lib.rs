@@ -50,7 +50,9 @@ pub mod map_names {
 /// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
 /// one word, `Counter::ReplyTupleClash`. Version 3: `BACKENDS` is an array
-/// indexed by dense backend ids (was a hash map of the same key and value).
+/// indexed by dense backend ids (was a hash map of the same key and value);
+/// `BACKEND_SLOTS` an array (was a hash keyed by service id and slot) in
+/// which each frontend owns a block starting at `ServiceValue::slot_base`.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
@@ -80,7 +82,7 @@ pub mod map_layouts {
     pub const ALL: [MapLayout; map_names::ALL.len()] = [
         layout::<u32, u32>(map_names::SERVICE_IPS, capacity::SERVICE_IPS),
         layout::<ServiceKey, ServiceValue>(map_names::SERVICES, capacity::SERVICES),
-        layout::<BackendSlotKey, u32>(map_names::BACKEND_SLOTS, capacity::BACKEND_SLOTS),
+        layout::<u32, u32>(map_names::BACKEND_SLOTS, capacity::BACKEND_SLOTS),
         layout::<u32, Backend>(map_names::BACKENDS, capacity::BACKENDS),
         layout::<CtKey, CtEntry>(map_names::CONNTRACK, capacity::CONNTRACK),
         layout::<u32, u64>(map_names::COUNTERS, Counter::COUNT),
@@ -99,6 +101,8 @@ pub mod capacity {
     // One IP per service at most (dual-port services share theirs).
     pub const SERVICE_IPS: u32 = 131_072;
     pub const SERVICES: u32 = 131_072;
+    /// Slots of all frontends, in blocks of a power of two each (so up to
+    /// half of it may be padding). A power of two itself.
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
@@ -132,13 +136,16 @@ pub struct ServiceValue {
     /// Stable id of this frontend; keys its backend slots and names it in
     /// conntrack entries.
     pub service_id: u32,
-    /// Number of valid slots `0..backend_count` in `BACKEND_SLOTS`. Zero means
+    /// Number of valid slots, `slot_base..slot_base + backend_count` in
+    /// `BACKEND_SLOTS`. Zero means
     /// the service exists but has no endpoints: new connections are rejected.
     pub backend_count: u32,
     /// Bits of [`service_flags`].
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
+    /// Index in `BACKEND_SLOTS` of this frontend's slot 0.
+    pub slot_base: u32,
 }
 
 /// Flags of a [`ServiceValue`].
@@ -200,14 +207,6 @@ impl ServiceLabel {
             .unwrap_or(self.bytes.len());
         core::str::from_utf8(&self.bytes[..end]).unwrap_or("<invalid label>")
     }
-}
-
-/// Key of `BACKEND_SLOTS`: the n-th backend of a service.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct BackendSlotKey {
-    pub service_id: u32,
-    pub slot: u32,
 }
 
 /// Value of `BACKENDS` (an array indexed by backend id, ids from 1, kept
@@ -520,8 +519,6 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for BackendSlotKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
@@ -567,8 +564,7 @@ mod tests {
         // bytemuck's derive already refuses padding; these pin the sizes the
         // eBPF side was verified with.
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 48);

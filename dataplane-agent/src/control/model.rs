@@ -116,7 +116,7 @@ pub struct FrontendSpec {
 
 /// A Service as the model keeps it: validated, and only what the
 /// translation reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServiceEntry {
     pub name: ServiceName,
     /// `None` for a service kube-proxy skips (headless, ExternalName,
@@ -124,7 +124,7 @@ pub struct ServiceEntry {
     pub proxied: Option<ProxiedService>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProxiedService {
     /// The IPv4 cluster IP (of a dual-stack service too).
     pub ip: Ipv4Addr,
@@ -135,7 +135,7 @@ pub struct ProxiedService {
     pub local_only: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServicePortEntry {
     /// `None` for an unnamed port (an empty name included).
     pub name: Option<String>,
@@ -149,7 +149,7 @@ pub struct ServicePortEntry {
 
 /// An EndpointSlice as the model keeps it: validated, and only what the
 /// translation reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SliceEntry {
     pub key: ObjectRef,
     /// The service named by its `kubernetes.io/service-name` label.
@@ -161,14 +161,14 @@ pub struct SliceEntry {
     pub endpoints: Vec<EndpointEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SlicePortEntry {
     pub name: Option<String>,
     pub port: Option<u16>,
     pub proto: Protocol,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointEntry {
     pub addresses: Vec<Ipv4Addr>,
     pub node_name: Option<String>,
@@ -178,7 +178,7 @@ pub struct EndpointEntry {
     pub serving_terminating: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ClusterEvent {
     ApplyService(ServiceEntry),
     DeleteService(ObjectRef),

@@ -4,11 +4,15 @@
 //! difference, in an order that never shows the datapath a service without
 //! backends it still has.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+// SipHash's resistance to chosen keys is not needed here (keys come from the
+// cluster's own objects) and is a fifth of a 10 000-service full sync.
+use foldhash::{HashMap, HashMapExt as _};
 
 use dataplane_common::{
-    capacity, ipv4_to_map, map_names, port_to_map, service_flags, Backend, BackendSlotKey,
-    ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    capacity, ipv4_to_map, map_names, port_to_map, service_flags, Backend, ServiceKey,
+    ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -170,6 +174,108 @@ impl IdAllocator {
     }
 }
 
+/// The blocks of `BACKEND_SLOTS` frontends own: a buddy allocator over the
+/// array, each block 2^order slots at a multiple of its size. A frontend
+/// with n backends owns a block of order [`slot_order`]`(n)`; one whose
+/// count crosses a power of two moves to a new block. A released block is
+/// reused only after the pending writes are applied, like released ids.
+#[derive(Debug)]
+struct SlotBlocks {
+    /// `free[k]`: the bases of the free blocks of 2^k slots.
+    free: Vec<BTreeSet<u32>>,
+    released: Vec<(u32, u8)>,
+}
+
+/// The order of the block for `count` slots; None for no slots.
+fn slot_order(count: usize) -> Option<u8> {
+    (count > 0).then(|| count.next_power_of_two().trailing_zeros() as u8)
+}
+
+impl SlotBlocks {
+    /// All of `BACKEND_SLOTS` free.
+    fn new() -> Self {
+        let top = capacity::BACKEND_SLOTS.trailing_zeros() as usize;
+        let mut free = vec![BTreeSet::new(); top + 1];
+        free[top].insert(0);
+        Self {
+            free,
+            released: Vec::new(),
+        }
+    }
+
+    fn allocate(&mut self, order: u8) -> Option<u32> {
+        let order = usize::from(order);
+        let mut k = (order..self.free.len()).find(|k| !self.free[*k].is_empty())?;
+        let base = self.free[k].pop_first()?;
+        // Split: the upper halves stay free.
+        while k > order {
+            k -= 1;
+            self.free[k].insert(base + (1 << k));
+        }
+        Some(base)
+    }
+
+    /// Whether blocks of these orders, allocated in this order, all fit.
+    fn fits(&self, orders: &[u8]) -> bool {
+        let mut counts: Vec<usize> = self.free.iter().map(BTreeSet::len).collect();
+        orders.iter().all(|&order| {
+            let order = usize::from(order);
+            let Some(k) = (order..counts.len()).find(|k| counts[*k] > 0) else {
+                return false;
+            };
+            counts[k] -= 1;
+            for c in &mut counts[order..k] {
+                *c += 1;
+            }
+            true
+        })
+    }
+
+    /// Takes the block at `base` of `order` out of the free blocks (a
+    /// previous agent's, adopted); false if it is not wholly free.
+    fn reserve(&mut self, base: u32, order: u8) -> bool {
+        let order = usize::from(order);
+        if order >= self.free.len() || !base.is_multiple_of(1 << order) {
+            return false;
+        }
+        let Some(mut k) =
+            (order..self.free.len()).find(|k| self.free[*k].contains(&(base & !((1u32 << k) - 1))))
+        else {
+            return false;
+        };
+        let mut parent = base & !((1u32 << k) - 1);
+        self.free[k].remove(&parent);
+        while k > order {
+            k -= 1;
+            let upper = parent + (1 << k);
+            if base >= upper {
+                self.free[k].insert(parent);
+                parent = upper;
+            } else {
+                self.free[k].insert(upper);
+            }
+        }
+        true
+    }
+
+    fn release(&mut self, base: u32, order: u8) {
+        self.released.push((base, order));
+    }
+
+    /// The pending writes are applied: released blocks are free again,
+    /// merged with their free buddies.
+    fn settle(&mut self) {
+        for (mut base, order) in std::mem::take(&mut self.released) {
+            let mut k = usize::from(order);
+            while k + 1 < self.free.len() && self.free[k].remove(&(base ^ (1 << k))) {
+                base &= !(1 << k);
+                k += 1;
+            }
+            self.free[k].insert(base);
+        }
+    }
+}
+
 /// Counts of what one sync changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
@@ -188,6 +294,7 @@ pub struct SyncEngine<M: LbMaps> {
     service_ips: HashMap<u32, u32>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
+    slot_blocks: SlotBlocks,
     slot_count: usize,
     /// Backends found in the maps without a slot (draining for a previous
     /// agent, or left by a write that failed): kept until the next full
@@ -267,6 +374,7 @@ impl<M: LbMaps> SyncEngine<M> {
             service_ips: HashMap::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
             backend_ids: IdAllocator::from_used([], capacity::BACKENDS),
+            slot_blocks: SlotBlocks::new(),
             slot_count: 0,
             adopted_draining: Vec::new(),
             diverged: false,
@@ -292,6 +400,7 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         self.service_ids.settle();
         self.backend_ids.settle();
+        self.slot_blocks.settle();
         Ok(())
     }
 
@@ -314,15 +423,22 @@ impl<M: LbMaps> SyncEngine<M> {
         self.backends.clear();
         self.backend_by_id.clear();
         self.adopted_draining.clear();
+        self.slot_blocks = SlotBlocks::new();
         self.slot_count = 0;
+        let mut owned_slots = BTreeSet::new();
         for (key, value) in &services {
             let ids: Vec<u32> = (0..value.backend_count)
-                .filter_map(|slot| slots.get(&(value.service_id, slot)).copied())
+                .filter_map(|slot| slots.get(&(value.slot_base.wrapping_add(slot))).copied())
                 .collect();
             let complete = ids.len() == value.backend_count as usize
-                && ids.iter().all(|id| by_id.contains_key(id));
+                && ids.iter().all(|id| by_id.contains_key(id))
+                && slot_order(ids.len())
+                    .is_none_or(|order| self.slot_blocks.reserve(value.slot_base, order));
             let mut value = *value;
+            // An incomplete frontend is rewritten in a new block at its
+            // next sync.
             let ids = if complete { ids } else { Vec::new() };
+            owned_slots.extend((0..ids.len() as u32).map(|slot| value.slot_base + slot));
             value.backend_count = ids.len() as u32;
             for id in &ids {
                 let backend = by_id[id];
@@ -358,14 +474,9 @@ impl<M: LbMaps> SyncEngine<M> {
             self.backend_by_id.insert(id, backend);
             self.adopted_draining.push(backend);
         }
-        let counts: HashMap<u32, u32> = services
-            .values()
-            .map(|v| (v.service_id, v.backend_count))
-            .collect();
-        for &(service_id, slot) in slots.keys() {
-            if counts.get(&service_id).is_none_or(|count| slot >= *count) {
-                self.pending
-                    .remove_slot(BackendSlotKey { service_id, slot });
+        for &index in slots.keys() {
+            if !owned_slots.contains(&index) {
+                self.pending.remove_slot(index);
             }
         }
         let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
@@ -422,7 +533,23 @@ impl<M: LbMaps> SyncEngine<M> {
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
     ) -> Result<SyncStats, SyncError> {
-        let new_backends = self.check(service, frontends)?;
+        let mut checked = self.check(service, frontends);
+        if matches!(
+            checked,
+            Err(SyncError::CapacityExceeded {
+                map: "BACKEND_SLOTS",
+                ..
+            })
+        ) && !self.slot_blocks.released.is_empty()
+        {
+            // Blocks released since the last write are free once it is done.
+            self.flush().map_err(|source| SyncError::Map {
+                service: service.clone(),
+                source,
+            })?;
+            checked = self.check(service, frontends);
+        }
+        let new_backends = checked?;
         if self.backend_ids.available() < new_backends {
             // Ids released since the last write are free once it is done.
             self.flush().map_err(|source| SyncError::Map {
@@ -442,6 +569,8 @@ impl<M: LbMaps> SyncEngine<M> {
     ) -> Result<usize, SyncError> {
         let mut new_frontends = 0usize;
         let mut slot_delta: isize = 0;
+        // Blocks the frontends that move need, in the order `apply` takes them.
+        let mut new_blocks = Vec::new();
         let old_keys = self.owned.get(service).cloned().unwrap_or_default();
         let mut new_backends: BTreeSet<Backend> = BTreeSet::new();
         let mut new_ips: BTreeSet<u32> = BTreeSet::new();
@@ -470,10 +599,16 @@ impl<M: LbMaps> SyncEngine<M> {
                         owner: owner.clone(),
                     });
                 }
-                Some(p) => slot_delta += count as isize - p.slots.len() as isize,
+                Some(p) => {
+                    slot_delta += count as isize - p.slots.len() as isize;
+                    if slot_order(p.slots.len()) != slot_order(count) {
+                        new_blocks.extend(slot_order(count));
+                    }
+                }
                 None => {
                     new_frontends += 1;
                     slot_delta += count as isize;
+                    new_blocks.extend(slot_order(count));
                 }
             }
             new_backends.extend(
@@ -521,6 +656,14 @@ impl<M: LbMaps> SyncEngine<M> {
                     capacity,
                 });
             }
+        }
+        if !self.slot_blocks.fits(&new_blocks) {
+            return Err(SyncError::CapacityExceeded {
+                service: service.clone(),
+                map: "BACKEND_SLOTS",
+                needed: new_blocks.iter().map(|o| 1usize << o).sum(),
+                capacity: capacity::BACKEND_SLOTS,
+            });
         }
         Ok(new_backends.len())
     }
@@ -609,7 +752,8 @@ impl<M: LbMaps> SyncEngine<M> {
         for backend in &draining {
             draining_ids.push(self.acquire_backend(*backend));
         }
-        // 2. Slots, before the count that makes them visible.
+        // 2. Slots, before the count that makes them visible: in place if
+        // the block still fits, else all of them in a new block.
         let service_id = match &existing {
             Some(p) => p.value.service_id,
             None => self.service_ids.allocate(),
@@ -618,15 +762,18 @@ impl<M: LbMaps> SyncEngine<M> {
             .as_ref()
             .map(|p| p.slots.clone())
             .unwrap_or_default();
+        let old_base = existing.as_ref().map_or(0, |p| p.value.slot_base);
+        let moved = slot_order(old_slots.len()) != slot_order(ids.len());
+        let slot_base = match slot_order(ids.len()) {
+            Some(order) if moved => self
+                .slot_blocks
+                .allocate(order)
+                .expect("check() made sure the block fits"),
+            _ => old_base,
+        };
         for (slot, id) in ids.iter().enumerate() {
-            if old_slots.get(slot) != Some(id) {
-                self.pending.set_slot(
-                    BackendSlotKey {
-                        service_id,
-                        slot: slot as u32,
-                    },
-                    *id,
-                );
+            if moved || old_slots.get(slot) != Some(id) {
+                self.pending.set_slot(slot_base + slot as u32, *id);
             }
         }
         // 3. The service entry (and its IP in the pre-filter) with the count.
@@ -635,6 +782,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backend_count: ids.len() as u32,
             flags,
             affinity_timeout_s: affinity,
+            slot_base,
         };
         if existing.is_none() {
             self.pending.set_service_name(service_id, &label);
@@ -645,12 +793,16 @@ impl<M: LbMaps> SyncEngine<M> {
             self.pending.set_service_ip(key.addr, ports);
             self.service_ips.insert(key.addr, ports);
         }
-        // 4. Slots past the new count, then backends nobody uses any more.
-        for slot in ids.len()..old_slots.len() {
-            self.pending.remove_slot(BackendSlotKey {
-                service_id,
-                slot: slot as u32,
-            });
+        // 4. Slots nothing counts any more (the old block, or past the new
+        // count), then backends nobody uses any more.
+        let stale = if moved { 0 } else { ids.len() };
+        for slot in stale..old_slots.len() {
+            self.pending.remove_slot(old_base + slot as u32);
+        }
+        if moved {
+            if let Some(order) = slot_order(old_slots.len()) {
+                self.slot_blocks.release(old_base, order);
+            }
         }
         self.slot_count = self.slot_count + ids.len() - old_slots.len();
         for backend in old_backends.iter().chain(&old_draining) {
@@ -697,10 +849,10 @@ impl<M: LbMaps> SyncEngine<M> {
         // The service entry goes first: from then on no new flow reads a slot.
         self.pending.remove_service(key);
         for slot in 0..p.slots.len() {
-            self.pending.remove_slot(BackendSlotKey {
-                service_id: p.value.service_id,
-                slot: slot as u32,
-            });
+            self.pending.remove_slot(p.value.slot_base + slot as u32);
+        }
+        if let Some(order) = slot_order(p.slots.len()) {
+            self.slot_blocks.release(p.value.slot_base, order);
         }
         match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
             0 | 1 => {
@@ -762,6 +914,21 @@ impl<M: LbMaps> SyncEngine<M> {
                 return (stats, errors);
             }
         }
+        // Grown once rather than rehashed over and over from nothing.
+        let frontends = all.values().map(Vec::len).sum::<usize>();
+        let backends = all
+            .values()
+            .flatten()
+            .map(|(_, spec)| spec.backends.len())
+            .sum::<usize>();
+        self.frontends
+            .reserve(frontends.saturating_sub(self.frontends.len()));
+        self.owned
+            .reserve(all.len().saturating_sub(self.owned.len()));
+        self.backends
+            .reserve(backends.saturating_sub(self.backends.len()));
+        self.backend_by_id
+            .reserve(backends.saturating_sub(self.backend_by_id.len()));
         for (service, frontends) in all {
             match self.sync_service_as_known(service, frontends) {
                 Ok(s) => {
@@ -905,7 +1072,7 @@ mod tests {
         Some(
             (0..value.backend_count)
                 .map(|slot| {
-                    let id = maps.state.slots[&(value.service_id, slot)];
+                    let id = maps.state.slots[&(value.slot_base + slot)];
                     dataplane_common::ipv4_from_map(maps.state.backends[&id].addr)[3]
                 })
                 .collect(),
@@ -1313,6 +1480,89 @@ mod tests {
         )
         .unwrap();
         assert_eq!(backend_id(e.maps(), 12), Some(old), "ids stay dense");
+    }
+
+    #[test]
+    fn slot_blocks_split_merge_and_reserve_as_buddies() {
+        let mut b = SlotBlocks::new();
+        let a = b.allocate(4).unwrap();
+        let c = b.allocate(4).unwrap();
+        assert_eq!((a, c), (0, 16), "buddies side by side");
+        assert!(b.fits(&[4, 0, 19]));
+        b.release(a, 4);
+        assert_eq!(b.allocate(4), Some(32), "not reused before the writes");
+        b.settle();
+        assert_eq!(b.allocate(4), Some(0));
+        // Everything released merges back into one block.
+        for (base, order) in [(0, 4), (16, 4), (32, 4)] {
+            b.release(base, order);
+        }
+        b.settle();
+        assert!(b.fits(&[20]));
+        // Adopting a previous agent's blocks.
+        let mut b = SlotBlocks::new();
+        assert!(b.reserve(48, 4));
+        assert!(!b.reserve(48, 4), "taken");
+        assert!(!b.reserve(56, 3), "inside a taken block");
+        assert!(!b.reserve(8, 4), "misaligned");
+        let mut handed_out: Vec<u32> = (0..4).map(|_| b.allocate(4).unwrap()).collect();
+        handed_out.sort();
+        assert_eq!(handed_out, vec![0, 16, 32, 64], "all but the adopted 48");
+    }
+
+    #[test]
+    fn frontend_outgrowing_its_slot_block_moves_whole_and_frees_the_old_one() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let api = frontend([10, 96, 0, 11], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
+        e.sync_service(&name("api"), &[(api, spec("api", &[20, 21]))])
+            .unwrap();
+        let old_base = e.maps().state.services[&service_key(&web)].slot_base;
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
+            .unwrap();
+        let value = e.maps().state.services[&service_key(&web)];
+        assert_ne!(
+            value.slot_base, old_base,
+            "two slots' block cannot hold three"
+        );
+        let mut got = programmed(e.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(got, vec![10, 11, 12]);
+        assert_eq!(programmed(e.maps(), &api).unwrap(), vec![20, 21]);
+        assert_eq!(e.maps().state.slots.len(), 5, "the old block was cleared");
+        // Survivors keep their slot number (affinity remembers it).
+        assert_eq!(&programmed(e.maps(), &web).unwrap()[..2], &[10, 11]);
+    }
+
+    #[test]
+    fn restarted_agent_adopts_slot_blocks_and_allocates_around_them() {
+        let mut first = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        first
+            .sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
+            .unwrap();
+        let maps = MemLbMaps {
+            state: first.maps().state.clone(),
+            ..Default::default()
+        };
+        let mut second = SyncEngine::adopt(maps).unwrap();
+        let api = frontend([10, 96, 0, 11], 80);
+        second
+            .sync_service(&name("api"), &[(api, spec("api", &[20, 21, 22, 23]))])
+            .unwrap();
+        let mut got = programmed(second.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![10, 11, 12],
+            "web's block was not handed out again"
+        );
+        assert_eq!(
+            programmed(second.maps(), &api).unwrap(),
+            vec![20, 21, 22, 23]
+        );
     }
 
     #[test]

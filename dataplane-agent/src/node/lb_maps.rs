@@ -13,9 +13,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError},
     sys::SyscallError,
 };
-use dataplane_common::{
-    map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue,
-};
+use dataplane_common::{map_names, Backend, ServiceKey, ServiceLabel, ServiceValue};
 
 use crate::node::{
     map_batch,
@@ -39,7 +37,8 @@ pub struct LbMapError {
 pub struct LbSnapshot {
     pub service_ips: BTreeMap<u32, u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub slots: BTreeMap<(u32, u32), u32>,
+    /// Slot index -> backend id, slots holding one only.
+    pub slots: BTreeMap<u32, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
 }
@@ -100,7 +99,7 @@ impl<K: Copy + Ord, V: Copy> MapWrites<K, V> {
 pub struct LbWrites {
     pub service_ips: MapWrites<u32, u32>,
     pub services: MapWrites<ServiceKey, ServiceValue>,
-    pub slots: MapWrites<(u32, u32), u32>,
+    pub slots: MapWrites<u32, u32>,
     pub backends: MapWrites<u32, Backend>,
     pub names: MapWrites<u32, ServiceLabel>,
 }
@@ -118,12 +117,11 @@ impl LbWrites {
     pub fn remove_service(&mut self, key: ServiceKey) {
         self.services.push(key, None);
     }
-    pub fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) {
-        self.slots
-            .push((key.service_id, key.slot), Some(backend_id));
+    pub fn set_slot(&mut self, index: u32, backend_id: u32) {
+        self.slots.push(index, Some(backend_id));
     }
-    pub fn remove_slot(&mut self, key: BackendSlotKey) {
-        self.slots.push((key.service_id, key.slot), None);
+    pub fn remove_slot(&mut self, index: u32) {
+        self.slots.push(index, None);
     }
     pub fn set_backend(&mut self, id: u32, backend: Backend) {
         self.backends.push(id, Some(backend));
@@ -189,7 +187,7 @@ where
 
 type ServiceIpsMap = HashMap<MapData, u32, u32>;
 type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
-type SlotsMap = HashMap<MapData, BackendSlotKey, u32>;
+type SlotsMap = Array<MapData, u32>;
 type BackendsMap = Array<MapData, Backend>;
 type NamesMap = HashMap<MapData, u32, ServiceLabel>;
 
@@ -264,31 +262,28 @@ fn hash_deletes<K: aya::Pod>(
     map_batch::delete(fd.as_fd(), keys).map_err(err(map, "BPF_MAP_DELETE_BATCH"))
 }
 
-fn slot_key((service_id, slot): (u32, u32)) -> BackendSlotKey {
-    BackendSlotKey { service_id, slot }
-}
-
 impl LbMaps for BpfLbMaps {
     fn write(&mut self, w: &LbWrites) -> Result<(), LbMapError> {
-        // BACKENDS is an array indexed by backend id: an unused id holds
-        // the all-zero backend, which the datapath treats as absent.
+        // BACKENDS and BACKEND_SLOTS are arrays: deleting is writing the
+        // all-zero value, which the datapath treats as absent.
         let (ids, backends, gone) = w.backends.settled();
         map_batch::update(self.backends.as_fd(), &ids, &backends)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
-        let slot_deletes = {
-            let (keys, ids, deletes) = w.slots.settled();
-            let keys: Vec<BackendSlotKey> = keys.into_iter().map(slot_key).collect();
-            map_batch::update(self.slots.as_fd(), &keys, &ids)
-                .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
-            deletes.into_iter().map(slot_key).collect::<Vec<_>>()
-        };
+        let (slots, slot_ids, slots_gone) = w.slots.settled();
+        map_batch::update(self.slots.as_fd(), &slots, &slot_ids)
+            .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
         let name_deletes = hash_sets(&self.names, map_names::SERVICE_NAMES, &w.names)?;
         let service_deletes = hash_sets(&self.services, map_names::SERVICES, &w.services)?;
         let ip_deletes = hash_sets(&self.service_ips, map_names::SERVICE_IPS, &w.service_ips)?;
 
         hash_deletes(&self.services, map_names::SERVICES, &service_deletes)?;
         hash_deletes(&self.service_ips, map_names::SERVICE_IPS, &ip_deletes)?;
-        hash_deletes(&self.slots, map_names::BACKEND_SLOTS, &slot_deletes)?;
+        map_batch::update(
+            self.slots.as_fd(),
+            &slots_gone,
+            &vec![0u32; slots_gone.len()],
+        )
+        .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
         let zeros = vec![Backend::default(); gone.len()];
         map_batch::update(self.backends.as_fd(), &gone, &zeros)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
@@ -311,10 +306,10 @@ impl LbMaps for BpfLbMaps {
             .map_err(read(map_names::SERVICES))?
             .into_iter()
             .collect();
-        snap.slots = map_batch::lookup_all::<BackendSlotKey, u32>(self.slots.as_fd())
+        snap.slots = map_batch::lookup_all::<u32, u32>(self.slots.as_fd())
             .map_err(read(map_names::BACKEND_SLOTS))?
             .into_iter()
-            .map(|(k, v)| ((k.service_id, k.slot), v))
+            .filter(|(_, id)| *id != 0)
             .collect();
         snap.backends = map_batch::lookup_all::<u32, Backend>(self.backends.as_fd())
             .map_err(read(map_names::BACKENDS))?
@@ -453,20 +448,8 @@ mod tests {
         };
         let mut w = LbWrites::default();
         w.set_backend(1, backend);
-        w.set_slot(
-            BackendSlotKey {
-                service_id: 1,
-                slot: 0,
-            },
-            1,
-        );
-        w.set_slot(
-            BackendSlotKey {
-                service_id: 1,
-                slot: 1,
-            },
-            1,
-        );
+        w.set_slot(0, 1);
+        w.set_slot(1, 1);
         w.set_service(
             key,
             ServiceValue {
@@ -487,10 +470,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        w.remove_slot(BackendSlotKey {
-            service_id: 1,
-            slot: 1,
-        });
+        w.remove_slot(1);
         maps.fail_next_write_to = Some(map_names::BACKEND_SLOTS);
         assert!(maps.write(&w).is_err());
         assert_eq!(maps.state.services[&key].backend_count, 1);

@@ -159,6 +159,24 @@ pub struct SliceEntry {
     pub ipv4: bool,
     pub ports: Vec<SlicePortEntry>,
     pub endpoints: Vec<EndpointEntry>,
+    /// Every endpoint's addresses, in endpoint order, and the distinct node
+    /// names: one allocation each per slice rather than two per endpoint
+    /// (at 10 000 services of 10 endpoints, most of the model's memory).
+    addresses: Vec<Ipv4Addr>,
+    nodes: Vec<String>,
+}
+
+impl SliceEntry {
+    pub fn addresses(&self, endpoint: &EndpointEntry) -> &[Ipv4Addr] {
+        let first = endpoint.first as usize;
+        self.addresses
+            .get(first..first + endpoint.count as usize)
+            .unwrap_or_default()
+    }
+
+    pub fn node_name(&self, endpoint: &EndpointEntry) -> Option<&str> {
+        self.nodes.get(endpoint.node? as usize).map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -170,8 +188,11 @@ pub struct SlicePortEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointEntry {
-    pub addresses: Vec<Ipv4Addr>,
-    pub node_name: Option<String>,
+    /// Its addresses: [`SliceEntry::addresses`].
+    first: u32,
+    count: u32,
+    /// Its node: [`SliceEntry::node_name`].
+    node: Option<u32>,
     /// Absent `ready` means ready (the API's own default).
     pub ready: bool,
     /// Terminating but still serving: used only when nothing is ready.
@@ -428,9 +449,11 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
     }
     let ipv4 = slice.address_type == "IPv4";
     let mut endpoints = Vec::new();
+    let mut addresses = Vec::new();
+    let mut nodes: Vec<String> = Vec::new();
     if ipv4 {
         for e in &slice.endpoints {
-            let mut addresses = Vec::new();
+            let first = addresses.len() as u32;
             for address in &e.addresses {
                 let ip = address.parse().map_err(|_| ModelError::InvalidIp {
                     kind: SLICE,
@@ -443,9 +466,20 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
             let condition = |pick: fn(&EndpointConditions) -> Option<bool>| {
                 e.conditions.as_ref().and_then(pick)
             };
+            let node =
+                e.node_name
+                    .as_ref()
+                    .map(|name| match nodes.iter().position(|n| n == name) {
+                        Some(i) => i as u32,
+                        None => {
+                            nodes.push(name.clone());
+                            nodes.len() as u32 - 1
+                        }
+                    });
             endpoints.push(EndpointEntry {
-                addresses,
-                node_name: e.node_name.clone(),
+                first,
+                count: addresses.len() as u32 - first,
+                node,
                 ready: condition(|c| c.ready).unwrap_or(true),
                 serving_terminating: condition(|c| c.serving) == Some(true)
                     && condition(|c| c.terminating) == Some(true),
@@ -463,12 +497,16 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
             namespace: object.namespace.clone(),
             name: name.clone(),
         });
+    addresses.shrink_to_fit();
+    endpoints.shrink_to_fit();
     Ok(SliceEntry {
         key: object,
         owner,
         ipv4,
         ports,
         endpoints,
+        addresses,
+        nodes,
     })
 }
 
@@ -625,7 +663,7 @@ fn backends_for(
             continue;
         };
         for endpoint in &slice.endpoints {
-            if only_node.is_some_and(|node| endpoint.node_name.as_deref() != Some(node)) {
+            if only_node.is_some_and(|node| slice.node_name(endpoint) != Some(node)) {
                 continue;
             }
             let target = if endpoint.ready {
@@ -636,8 +674,8 @@ fn backends_for(
                 continue;
             };
             target.extend(
-                endpoint
-                    .addresses
+                slice
+                    .addresses(endpoint)
                     .iter()
                     .map(|&ip| BackendAddr { ip, port }),
             );
@@ -659,8 +697,8 @@ fn listed_for(sp: &ServicePortEntry, slices: &[&SliceEntry]) -> BTreeSet<Backend
         };
         for endpoint in &slice.endpoints {
             listed.extend(
-                endpoint
-                    .addresses
+                slice
+                    .addresses(endpoint)
                     .iter()
                     .map(|&ip| BackendAddr { ip, port }),
             );

@@ -105,12 +105,28 @@ pub struct Options {
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
 
 pub fn run(options: Options) -> anyhow::Result<()> {
+    tune_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(run_async(options))
+}
+
+/// One malloc arena: the agent's threads mostly wait, and with an arena per
+/// thread what a manifest parse frees in one is not reused for the model
+/// another builds (10 000 services: 8 MiB more at the peak). A fixed mmap
+/// threshold: a full sync's large, short-lived batches go back to the system
+/// when freed instead of growing the heap (2 MiB more). glibc only.
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called before the
+    // runtime starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
 }
 
 /// Starts the configured source, feeding `tx`.

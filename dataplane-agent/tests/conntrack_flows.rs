@@ -374,4 +374,33 @@ fn udp_flows_expire_by_the_configured_unreplied_and_stream_lifetimes() {
         2,
         "expired after the stream lifetime"
     );
+#[test]
+fn last_seen_is_refreshed_at_most_once_a_second_but_flags_at_once() {
+    let mut dp = opened_flow();
+    let key = ct_key(client(), service(), Protocol::Tcp, ct_dir::ORIGINAL);
+    let fin = Tcp::new(client(), service(), FIN | ACK).seq(7_001).build();
+    let now = dataplane_agent::node::pinned::monotonic_now_ns();
+
+    // Refreshed half a second ago: the packet leaves the time alone (no
+    // write to the line the reply direction reads) but still records its
+    // FIN.
+    let recent = now - 500_000_000;
+    let mut entry = original(&dp);
+    entry.last_seen_ns = recent;
+    dp.conntrack
+        .insert(key, entry, 0)
+        .expect("ageing the entry");
+    assert_eq!(dp.run_from_pod(&fin).verdict, TC_ACT_OK, "FIN");
+    let after = original(&dp);
+    assert_eq!(after.last_seen_ns, recent, "refreshed within the second");
+    assert_ne!(after.flags & ct_flags::FIN_ORIGINAL, 0, "FIN recorded");
+
+    // Two seconds ago: the next packet refreshes it.
+    let mut entry = after;
+    entry.last_seen_ns = now - 2_000_000_000;
+    dp.conntrack
+        .insert(key, entry, 0)
+        .expect("ageing the entry");
+    assert_eq!(dp.run_from_pod(&fin).verdict, TC_ACT_OK, "FIN again");
+    assert!(original(&dp).last_seen_ns >= now, "refreshed");
 }

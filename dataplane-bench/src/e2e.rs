@@ -1,12 +1,23 @@
 //! End to end through network namespaces: a node with a `cbr0` bridge and
 //! two pods (client, server) on veth pairs; the project's own server in the
-//! server pod and load generator in the client pod. Each case gets a fresh
-//! topology, so no case inherits another's netfilter state.
+//! server pod and load generator in the client pod. Every system gets its
+//! own topology, so no system inherits another's netfilter state.
+//!
+//! Method: at each scale every system is set up once, side by side, then
+//! measured in interleaved rounds (direct, eBPF, iptables, nftables, then
+//! again), so a slow spell of this shared 2-core machine hits every system
+//! alike. Each ratio to direct is taken within a round; the report gives
+//! the median and spread of those ratios over rounds.
 //!
 //! Load: `concurrency` threads each loop connect / one request / close for
 //! a fixed time. The connect() call is the latency sample (SYN to SYN-ACK
 //! through the translation). Connections are closed with RST (SO_LINGER 0)
-//! so no TIME_WAIT state limits the rate of any case.
+//! so no TIME_WAIT state limits the rate of any case. Beside the rate, the
+//! CPU time the kernel spent per connection: system and softirq time of the
+//! whole node (/proc/stat) and of this process (client and server threads;
+//! without IRQ time accounting the softirq work done on their behalf is in
+//! their system time). It is what a node pays and far less noisy than the
+//! rate.
 
 use std::{
     any::Any,
@@ -79,17 +90,90 @@ impl System {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct CaseResult {
-    pub system: System,
-    pub services: usize,
+/// One system measured in one round.
+#[derive(Debug, Clone, Copy)]
+pub struct Round {
     pub conns_per_s: f64,
     pub connect_p50_us: u32,
     pub connect_p99_us: u32,
     pub errors: u64,
     pub stream_gbit_s: f64,
+    /// Node-wide system + irq + softirq time per connection, µs.
+    pub node_cpu_us_per_conn: f64,
+    /// This process's system time per connection, µs.
+    pub process_sys_us_per_conn: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub system: System,
+    pub services: usize,
+    /// In round order.
+    pub rounds: Vec<Round>,
     /// Loading the rules or starting the agent, until traffic flows.
     pub setup: Duration,
+}
+
+impl CaseResult {
+    /// Median over rounds of `f`.
+    pub fn median(&self, f: impl Fn(&Round) -> f64) -> f64 {
+        median_f64(self.rounds.iter().map(f).collect())
+    }
+}
+
+/// Median of finite values (mean of the two middle ones for an even count);
+/// NaN for none.
+pub fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// CPU time counters at one instant, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct CpuTimes {
+    /// /proc/stat: system + irq + softirq over all CPUs.
+    node_kernel: f64,
+    /// getrusage(RUSAGE_SELF): system time of every thread of this process.
+    process_sys: f64,
+}
+
+impl CpuTimes {
+    fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("no cpu line in /proc/stat")?;
+        // cpu user nice system idle iowait irq softirq ...
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        anyhow::ensure!(f.len() >= 7, "short cpu line in /proc/stat: {line}");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // SAFETY: all-zero is a valid `rusage` (plain integers).
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes one `rusage` through a valid pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrusage");
+        }
+        let sys = usage.ru_stime;
+        Ok(Self {
+            node_kernel: (f[2] + f[5] + f[6]) as f64 / hz,
+            process_sys: sys.tv_sec as f64 + sys.tv_usec as f64 / 1e6,
+        })
+    }
 }
 
 struct Topology {
@@ -242,6 +326,7 @@ fn one_request(target: SocketAddr) -> Option<Duration> {
 }
 
 struct LoadResult {
+    conns: usize,
     conns_per_s: f64,
     p50_us: u32,
     p99_us: u32,
@@ -285,6 +370,7 @@ fn load(
     }
     let elapsed = started.elapsed().as_secs_f64();
     Ok(LoadResult {
+        conns: all.len(),
         conns_per_s: all.len() as f64 / elapsed,
         p50_us: percentile(&mut all, 50.0),
         p99_us: percentile(&mut all, 99.0),
@@ -392,14 +478,8 @@ fn setup(
                 bpffs.path(),
                 &work.path().join("agent.log"),
             )?;
-            // The load generator is this process's threads: for the socket
-            // hooks to see them, the whole process joins the node's cgroup.
-            let joined = match system {
-                System::Ebpf => None,
-                _ => Some(JoinedCgroup::join(&cgroup::node_cgroup(node))?),
-            };
-            // Drop order: back to our cgroup, the agent, its bpffs, the files.
-            Ok((service, Box::new((joined, agent, bpffs, work))))
+            // Drop order: the agent first, then its bpffs, then the files.
+            Ok((service, Box::new((agent, bpffs, work))))
         }
         System::Iptables => {
             // Pod-to-pod replies cross the bridge: kube-proxy needs
@@ -434,54 +514,189 @@ pub struct Options {
     pub length: Duration,
     pub concurrency: usize,
     pub systems: Vec<System>,
+    /// Interleaved rounds over all systems at each scale.
+    pub rounds: usize,
 }
 
-fn run_case(system: System, services: usize, o: &Options) -> anyhow::Result<CaseResult> {
+/// One system set up and ready for load.
+struct Case {
+    system: System,
+    target: SocketAddr,
+    setup: Duration,
+    // Drop order: what the system needs (agent, rules) before the server
+    // and the namespaces.
+    _guard: Box<dyn Any>,
+    _server: Server,
+    topo: Topology,
+}
+
+fn set_up(system: System, services: usize, o: &Options) -> anyhow::Result<Case> {
     let topo = Topology::build().context("building the namespaces")?;
-    let _server = Server::start(&topo.server.name, o.concurrency)?;
+    let server = Server::start(&topo.server.name, o.concurrency)?;
     let started = Instant::now();
     let (target, guard) = setup(system, &topo, services, o.endpoints)?;
-    let client = match system {
-        System::SocketLbHost => &topo.node.name,
-        _ => &topo.client.name,
-    };
-    wait_ready(client, target)?;
-    let setup_time = started.elapsed();
+    let client = client_ns(system, &topo);
+    wait_ready(&client, target)?;
+    let setup = started.elapsed();
     // Warm-up: conntrack, caches, the server's threads.
-    load(client, target, Duration::from_millis(300), o.concurrency)?;
-    let l = load(client, target, o.length, o.concurrency)?;
-    let gbit = stream(client, target, o.length)?;
-    drop(guard);
-    Ok(CaseResult {
+    {
+        let _joined = join_for_load(system, &topo)?;
+        load(&client, target, Duration::from_millis(300), o.concurrency)?;
+    }
+    Ok(Case {
         system,
-        services,
+        target,
+        setup,
+        _guard: guard,
+        _server: server,
+        topo,
+    })
+}
+
+/// The namespace the load generator runs in: the client pod's, or the
+/// node's own for a host-network client.
+fn client_ns(system: System, topo: &Topology) -> String {
+    match system {
+        System::SocketLbHost => topo.node.name.clone(),
+        _ => topo.client.name.clone(),
+    }
+}
+
+/// The load generator is this process's threads: for the socket hooks to
+/// see them, the whole process joins the node's cgroup while it loads a
+/// socket-LB case (and only then, the cases run side by side).
+fn join_for_load(system: System, topo: &Topology) -> anyhow::Result<Option<JoinedCgroup>> {
+    match system {
+        System::SocketLb | System::SocketLbHost => Ok(Some(JoinedCgroup::join(
+            &cgroup::node_cgroup(&topo.node.name),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+fn measure(case: &Case, o: &Options) -> anyhow::Result<Round> {
+    let client = client_ns(case.system, &case.topo);
+    let _joined = join_for_load(case.system, &case.topo)?;
+    let before = CpuTimes::now()?;
+    let l = load(&client, case.target, o.length, o.concurrency)?;
+    let after = CpuTimes::now()?;
+    let gbit = stream(&client, case.target, o.length)?;
+    let per_conn = |seconds: f64| seconds * 1e6 / l.conns.max(1) as f64;
+    Ok(Round {
         conns_per_s: l.conns_per_s,
         connect_p50_us: l.p50_us,
         connect_p99_us: l.p99_us,
         errors: l.errors,
         stream_gbit_s: gbit,
-        setup: setup_time,
+        node_cpu_us_per_conn: per_conn(after.node_kernel - before.node_kernel),
+        process_sys_us_per_conn: per_conn(after.process_sys - before.process_sys),
     })
 }
 
 pub fn run(o: &Options) -> anyhow::Result<Vec<CaseResult>> {
     let mut results = Vec::new();
     for &services in &o.scales {
+        let mut cases = Vec::new();
         for &system in &o.systems {
-            let r = run_case(system, services, o)
+            let case = set_up(system, services, o)
                 .with_context(|| format!("{} with {services} services", system.label()))?;
             eprintln!(
-                "  {services} services, {}: {:.0} conn/s, connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s (setup {:?})",
+                "  {services} services, {}: ready after {:?}",
                 system.label(),
-                r.conns_per_s,
-                r.connect_p50_us,
-                r.connect_p99_us,
-                r.errors,
-                r.stream_gbit_s,
-                r.setup
+                case.setup
             );
-            results.push(r);
+            cases.push(case);
+        }
+        let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); cases.len()];
+        for round in 1..=o.rounds.max(1) {
+            for (case, measured) in cases.iter().zip(&mut rounds) {
+                let r = measure(case, o)
+                    .with_context(|| format!("{} with {services} services", case.system.label()))?;
+                eprintln!(
+                    "  {services} services, round {round}, {}: {:.0} conn/s, {:.1} µs kernel CPU per conn (this process: {:.1} µs), connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s",
+                    case.system.label(),
+                    r.conns_per_s,
+                    r.node_cpu_us_per_conn,
+                    r.process_sys_us_per_conn,
+                    r.connect_p50_us,
+                    r.connect_p99_us,
+                    r.errors,
+                    r.stream_gbit_s,
+                );
+                measured.push(r);
+            }
+        }
+        for (case, rounds) in cases.iter().zip(rounds) {
+            results.push(CaseResult {
+                system: case.system,
+                services,
+                rounds,
+                setup: case.setup,
+            });
         }
     }
     Ok(results)
+}
+
+/// Per round, `f` of `case` over `f` of `reference` (same scale, same
+/// round): (median, min, max).
+pub fn ratio_spread(
+    case: &CaseResult,
+    reference: &CaseResult,
+    f: impl Fn(&Round) -> f64,
+) -> (f64, f64, f64) {
+    let ratios: Vec<f64> = case
+        .rounds
+        .iter()
+        .zip(&reference.rounds)
+        .map(|(c, r)| f(c) / f(r))
+        .filter(|x| x.is_finite())
+        .collect();
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median_f64(ratios), min, max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(conns_per_s: f64) -> Round {
+        Round {
+            conns_per_s,
+            connect_p50_us: 0,
+            connect_p99_us: 0,
+            errors: 0,
+            stream_gbit_s: 0.0,
+            node_cpu_us_per_conn: 0.0,
+            process_sys_us_per_conn: 0.0,
+        }
+    }
+
+    fn case(system: System, rates: &[f64]) -> CaseResult {
+        CaseResult {
+            system,
+            services: 10,
+            rounds: rates.iter().copied().map(round).collect(),
+            setup: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_each_round_with_the_same_round_of_the_reference() {
+        // Round 2 was slow for both: paired, its ratio is as good as the
+        // others'; a ratio of medians would not see that.
+        let direct = case(System::Direct, &[1000.0, 500.0, 1000.0]);
+        let ebpf = case(System::Ebpf, &[900.0, 450.0, 800.0]);
+        let (median, min, max) = ratio_spread(&ebpf, &direct, |r| r.conns_per_s);
+        assert!((median - 0.9).abs() < 1e-9, "{median}");
+        assert!((min - 0.8).abs() < 1e-9 && (max - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn median_skips_non_finite_values_and_averages_the_middle_pair() {
+        assert_eq!(median_f64(vec![3.0, f64::NAN, 1.0, 2.0, 10.0]), 2.5);
+        assert_eq!(median_f64(vec![2.0, 1.0, 3.0]), 2.0);
+        assert!(median_f64(vec![]).is_nan());
+    }
 }

@@ -26,7 +26,8 @@ struct Cli {
     /// Where latest.md and latest.png are written.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
-    /// Smaller run for development: 1 and 1 000 services, 2 s per e2e case.
+    /// Smaller run for development: 1 and 1 000 services, 1 s per e2e case
+    /// and round, 1 000 services in the control-plane part.
     #[arg(long)]
     quick: bool,
     /// Parts to run (default: all).
@@ -35,9 +36,20 @@ struct Cli {
     /// Distinct packets per BPF_PROG_TEST_RUN figure.
     #[arg(long)]
     samples: Option<usize>,
-    /// Seconds per end-to-end case (connection loop, then stream).
+    /// Seconds per end-to-end case and round (connection loop, then stream).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Interleaved end-to-end rounds over all systems at each scale.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Services of the control-plane part (default: 1 000 with --quick,
+    /// else 10 000).
+    #[arg(long)]
+    control_plane_services: Option<usize>,
+    /// Control-plane part: this dataplane only, without loading kube-proxy's
+    /// rules for comparison (minutes at 10 000 services).
+    #[arg(long)]
+    ebpf_only: bool,
     /// Concurrent connection loops of the load generator.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -126,14 +138,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 cli.systems.clone()
             },
             endpoints: cli.endpoints,
-            length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 2.0 } else { 5.0 })),
+            length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 1.0 } else { 5.0 })),
             concurrency: cli.concurrency,
+            rounds: cli.rounds,
         };
         rep.e2e_seconds = o.length.as_secs_f64();
         rep.concurrency = o.concurrency;
         eprintln!(
-            "[2/3] end to end through network namespaces, {:?} per case",
-            o.length
+            "[2/3] end to end through network namespaces, {} interleaved rounds, {:?} per case and round",
+            o.rounds, o.length
         );
         match e2e::run(&o) {
             Ok(r) => rep.e2e = r,
@@ -141,12 +154,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     if wants(Part::ControlPlane) {
-        let services = if quick { 1_000 } else { 10_000 };
+        let services = cli
+            .control_plane_services
+            .unwrap_or(if quick { 1_000 } else { 10_000 });
         eprintln!(
             "[3/3] control plane, {services} services x {} endpoints",
             cli.endpoints
         );
-        match control_plane::run(services, cli.endpoints) {
+        match control_plane::run(services, cli.endpoints, !cli.ebpf_only) {
             Ok(r) => rep.control = Some(r),
             Err(e) => rep.fail("control plane", e),
         }

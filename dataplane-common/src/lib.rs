@@ -72,7 +72,10 @@ pub mod map_names {
 /// `FRAGMENTS`, `Counter::FragmentTranslated` and `FragmentUnknown`; socket-level
 /// load balancing: `AffinityKey` gains the client's network namespace cookie,
 /// new `SOCK_REVNAT` map, socket counters and trace hooks, `TraceEvent`
-/// carries the socket's netns cookie and cgroup id.
+/// carries the socket's netns cookie and cgroup id; `BACKENDS` is an array
+/// indexed by dense backend ids (was a hash map of the same key and value);
+/// `BACKEND_SLOTS` an array (was a hash keyed by service id and slot) in
+/// which each frontend owns a block starting at `ServiceValue::slot_base`.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
@@ -104,7 +107,7 @@ pub mod map_layouts {
     pub const ALL: [MapLayout; map_names::ALL.len()] = [
         layout::<u32, u32>(map_names::SERVICE_IPS, capacity::SERVICE_IPS),
         layout::<ServiceKey, ServiceValue>(map_names::SERVICES, capacity::SERVICES),
-        layout::<BackendSlotKey, u32>(map_names::BACKEND_SLOTS, capacity::BACKEND_SLOTS),
+        layout::<u32, u32>(map_names::BACKEND_SLOTS, capacity::BACKEND_SLOTS),
         layout::<u32, Backend>(map_names::BACKENDS, capacity::BACKENDS),
         layout::<CtKey, CtEntry>(map_names::CT_TCP, capacity::CT_TCP),
         layout::<CtKey, CtEntry>(map_names::CT_OTHER, capacity::CT_OTHER),
@@ -127,6 +130,8 @@ pub mod capacity {
     // One IP per service at most (dual-port services share theirs).
     pub const SERVICE_IPS: u32 = 131_072;
     pub const SERVICES: u32 = 131_072;
+    /// Slots of all frontends, in blocks of a power of two each (so up to
+    /// half of it may be padding). A power of two itself.
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
@@ -167,13 +172,16 @@ pub struct ServiceValue {
     /// Stable id of this frontend; keys its backend slots and names it in
     /// conntrack entries.
     pub service_id: u32,
-    /// Number of valid slots `0..backend_count` in `BACKEND_SLOTS`. Zero means
+    /// Number of valid slots, `slot_base..slot_base + backend_count` in
+    /// `BACKEND_SLOTS`. Zero means
     /// the service exists but has no endpoints: new connections are rejected.
     pub backend_count: u32,
     /// Bits of [`service_flags`].
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
+    /// Index in `BACKEND_SLOTS` of this frontend's slot 0.
+    pub slot_base: u32,
 }
 
 /// Flags of a [`ServiceValue`].
@@ -267,15 +275,9 @@ impl ServiceLabel {
     }
 }
 
-/// Key of `BACKEND_SLOTS`: the n-th backend of a service.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct BackendSlotKey {
-    pub service_id: u32,
-    pub slot: u32,
-}
-
-/// Value of `BACKENDS` (keyed by a `u32` backend id): where a pod listens.
+/// Value of `BACKENDS` (an array indexed by backend id, ids from 1, kept
+/// dense by the agent): where a pod listens. An unused id holds the
+/// all-zero value (address 0.0.0.0 is never a pod's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Backend {
@@ -689,8 +691,6 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for BackendSlotKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
@@ -745,8 +745,7 @@ mod tests {
         // bytemuck's derive already refuses padding; these pin the sizes the
         // eBPF side was verified with.
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 48);

@@ -136,13 +136,22 @@ pub fn ct4_is_reopen(entry: &CtEntry, flow: &Ipv4Flow) -> bool {
         && entry.state == ct_state::CLOSING
 }
 
+/// How stale `last_seen_ns` may get before a packet refreshes it. Every
+/// write dirties a cache line the other direction's CPU reads too; one a
+/// second is plenty for lifetimes of 10 s and more (a flow may expire up to
+/// this much early).
+const CT_REFRESH_NS: u64 = 1_000_000_000;
+
 /// Updates state and last-seen time of a flow's ORIGINAL entry for a packet in
 /// `direction`. State and flags only gain bits, each with one atomic OR, and
-/// only when the packet adds something.
+/// only when the packet adds something; the last-seen time is written at
+/// most once per `CT_REFRESH_NS`.
 #[inline(always)]
 pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
-    slot.set_last_seen(now_ns);
     let e = slot.get();
+    if now_ns.saturating_sub(e.last_seen_ns) >= CT_REFRESH_NS {
+        slot.set_last_seen(now_ns);
+    }
     let mut flags = 0;
     if direction == ct_dir::REPLY {
         flags |= ct_flags::SEEN_REPLY;

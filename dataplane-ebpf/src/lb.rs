@@ -4,7 +4,7 @@
 //! by the same slots, affinity and traffic policy.
 
 use dataplane_common::{
-    service_flags, AffinityEntry, AffinityKey, Backend, BackendSlotKey, ServiceKey, ServiceValue,
+    service_flags, AffinityEntry, AffinityKey, Backend, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -130,7 +130,7 @@ fn lb4_affinity_backend(svc: &ServiceValue, key: &AffinityKey, now: u64) -> Opti
     let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
     if now.saturating_sub(remembered.last_used_ns) > timeout_ns
         || remembered.slot >= svc.backend_count
-        || lb4_slot(svc.service_id, remembered.slot) != Some(remembered.backend_id)
+        || lb4_slot(svc, remembered.slot) != Some(remembered.backend_id)
     {
         return None;
     }
@@ -150,16 +150,17 @@ fn lb4_random_backend(svc: &ServiceValue) -> Option<(u32, u32, Backend)> {
     // The agent shrinks a service by lowering the count before deleting the
     // slots past it; a reader that saw the old count may miss its slot and
     // then takes slot 0, which always exists while the count is non-zero.
-    let (slot, backend_id) = match lb4_slot(svc.service_id, slot) {
+    let (slot, backend_id) = match lb4_slot(svc, slot) {
         Some(id) => (slot, id),
-        None => (0, lb4_slot(svc.service_id, 0)?),
+        None => (0, lb4_slot(svc, 0)?),
     };
     lb4_lookup_backend(backend_id).map(|b| (slot, backend_id, b))
 }
 
+/// The backend id in the service's `slot`.
 #[inline(always)]
-fn lb4_slot(service_id: u32, slot: u32) -> Option<u32> {
-    backend_slot_get(&BackendSlotKey { service_id, slot })
+fn lb4_slot(svc: &ServiceValue, slot: u32) -> Option<u32> {
+    backend_slot_get(svc.slot_base.wrapping_add(slot))
 }
 
 #[inline(always)]

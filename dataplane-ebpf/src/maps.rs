@@ -11,9 +11,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    capacity, AffinityEntry, AffinityKey, Backend, BackendSlotKey, Counter, CtEntry, CtKey,
-    CtLifetimes, FragKey, FragPorts, ServiceKey, ServiceLabel, ServiceValue, SockRevNatEntry,
-    SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
+    capacity, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, CtLifetimes, FragKey,
+    FragPorts, ServiceKey, ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, TraceConfig,
+    TraceEvent, IPPROTO_TCP,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -44,19 +44,19 @@ pub static SERVICES: HashMap<
     BPF_F_NO_PREALLOC,
 > = HashMap::new();
 
-/// (service id, slot) -> backend id, slots `0..backend_count` valid.
+/// Slot -> backend id. Each frontend owns the block of slots from its
+/// `slot_base`, `backend_count` of them valid; 0 is no backend. An array, so
+/// the lookup of a new connection's backend is inlined by the verifier and
+/// the agent writes 100 000 slots in one cheap batch.
 #[btf_map(name = "BACKEND_SLOTS")]
-pub static BACKEND_SLOTS: HashMap<
-    BackendSlotKey,
-    u32,
-    { capacity::BACKEND_SLOTS as usize },
-    BPF_F_NO_PREALLOC,
-> = HashMap::new();
+pub static BACKEND_SLOTS: Array<u32, { capacity::BACKEND_SLOTS as usize }> = Array::new();
 
-/// Backend id -> pod address and port.
+/// Backend id -> pod address and port. An array: the agent hands out dense
+/// ids, and an array lookup is an address computation the verifier inlines,
+/// where a hash lookup hashes the key on every established packet. An unused
+/// id holds the all-zero backend.
 #[btf_map(name = "BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend, { capacity::BACKENDS as usize }, BPF_F_NO_PREALLOC> =
-    HashMap::new();
+pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
 /// Our conntrack, TCP flows. LRU so that a table full of dead flows evicts
 /// the oldest instead of refusing new connections; entries also carry their
@@ -149,14 +149,16 @@ pub fn service_get(key: &ServiceKey) -> Option<ServiceValue> {
     copied(SERVICES.get_ptr(key))
 }
 
+/// The backend id in slot `index`, if it holds one.
 #[inline(always)]
-pub fn backend_slot_get(key: &BackendSlotKey) -> Option<u32> {
-    copied(BACKEND_SLOTS.get_ptr(key))
+pub fn backend_slot_get(index: u32) -> Option<u32> {
+    copied(BACKEND_SLOTS.get_ptr(index)).filter(|id| *id != 0)
 }
 
+/// The backend with this id, if the id is in use.
 #[inline(always)]
 pub fn backend_get(backend_id: u32) -> Option<Backend> {
-    copied(BACKENDS.get_ptr(backend_id))
+    copied(BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != 0)
 }
 
 #[inline(always)]

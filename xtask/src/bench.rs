@@ -12,11 +12,13 @@ use crate::{
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Smaller run for development (1 and 1 000 services, 2 s per case).
+    /// Smaller run for development (1 and 1 000 services, 3 interleaved
+    /// rounds of 1 s per system end to end).
     #[arg(long)]
     pub quick: bool,
     /// Further arguments for dataplane-bench (`--only testrun,e2e`,
-    /// `--samples N`, `--seconds S`, ...; see `dataplane-bench --help`).
+    /// `--samples N`, `--seconds S`, `--rounds R`, `--ebpf-only`, ...; see
+    /// `dataplane-bench --help`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub bench_args: Vec<String>,
 }

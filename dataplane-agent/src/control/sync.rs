@@ -4,18 +4,22 @@
 //! difference, in an order that never shows the datapath a service without
 //! backends it still has.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+// SipHash's resistance to chosen keys is not needed here (keys come from the
+// cluster's own objects) and is a fifth of a 10 000-service full sync.
+use foldhash::{HashMap, HashMapExt as _};
 
 use dataplane_common::{
-    capacity, ipv4_to_map, map_names, port_to_map, service_flags, Backend, BackendSlotKey,
-    ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    capacity, ipv4_to_map, map_names, port_to_map, service_flags, Backend, ServiceKey,
+    ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
 use crate::{
     control::model::{BackendAddr, Frontend, FrontendSpec, Protocol, ServiceName},
     node::{
-        lb_maps::{LbMapError, LbMaps, LbSnapshot},
+        lb_maps::{LbMapError, LbMaps, LbSnapshot, LbWrites},
         pinned,
     },
 };
@@ -113,6 +117,8 @@ pub enum SyncError {
     },
     #[error("reading the maps back failed")]
     Snapshot(#[source] LbMapError),
+    #[error("writing the maps failed")]
+    Write(#[source] LbMapError),
 }
 
 impl SyncError {
@@ -134,7 +140,7 @@ impl SyncError {
             SyncError::TooManyBackends { .. } => "too_many_backends",
             SyncError::FrontendConflict { .. } => "frontend_conflict",
             SyncError::CapacityExceeded { .. } => "capacity",
-            SyncError::Map { .. } | SyncError::Snapshot(_) => "map_write",
+            SyncError::Map { .. } | SyncError::Snapshot(_) | SyncError::Write(_) => "map_write",
         }
     }
 }
@@ -159,18 +165,35 @@ struct BackendRef {
     refs: u32,
 }
 
-#[derive(Debug, Default)]
+/// Ids from 1 up, reusing released ones, so they stay dense: backend ids
+/// index the `BACKENDS` array. An id released while writes are pending is
+/// reused only after they are applied ([`IdAllocator::settle`]): the
+/// pending writes may still delete its old entry.
+#[derive(Debug)]
 struct IdAllocator {
     next: u32,
+    /// Ids below this one only.
+    limit: u32,
     free: Vec<u32>,
+    released: Vec<u32>,
 }
 
 impl IdAllocator {
-    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
+    fn from_used(used: impl IntoIterator<Item = u32>, limit: u32) -> Self {
         let used: BTreeSet<u32> = used.into_iter().collect();
         let next = used.last().map_or(1, |max| max + 1);
-        let free = (1..next).filter(|id| !used.contains(id)).collect();
-        Self { next, free }
+        // Lowest ids last, so they are reused first.
+        let free = (1..next).rev().filter(|id| !used.contains(id)).collect();
+        Self {
+            next,
+            limit,
+            free,
+            released: Vec::new(),
+        }
+    }
+    /// How many ids `allocate` can still hand out before a `settle`.
+    fn available(&self) -> usize {
+        self.free.len() + self.limit.saturating_sub(self.next) as usize
     }
     fn allocate(&mut self) -> u32 {
         self.free.pop().unwrap_or_else(|| {
@@ -180,7 +203,113 @@ impl IdAllocator {
         })
     }
     fn release(&mut self, id: u32) {
-        self.free.push(id);
+        self.released.push(id);
+    }
+    /// The pending writes are applied: released ids are free again.
+    fn settle(&mut self) {
+        self.free.append(&mut self.released);
+    }
+}
+
+/// The blocks of `BACKEND_SLOTS` frontends own: a buddy allocator over the
+/// array, each block 2^order slots at a multiple of its size. A frontend
+/// with n backends owns a block of order [`slot_order`]`(n)`; one whose
+/// count crosses a power of two moves to a new block. A released block is
+/// reused only after the pending writes are applied, like released ids.
+#[derive(Debug)]
+struct SlotBlocks {
+    /// `free[k]`: the bases of the free blocks of 2^k slots.
+    free: Vec<BTreeSet<u32>>,
+    released: Vec<(u32, u8)>,
+}
+
+/// The order of the block for `count` slots; None for no slots.
+fn slot_order(count: usize) -> Option<u8> {
+    (count > 0).then(|| count.next_power_of_two().trailing_zeros() as u8)
+}
+
+impl SlotBlocks {
+    /// All of `BACKEND_SLOTS` free.
+    fn new() -> Self {
+        let top = capacity::BACKEND_SLOTS.trailing_zeros() as usize;
+        let mut free = vec![BTreeSet::new(); top + 1];
+        free[top].insert(0);
+        Self {
+            free,
+            released: Vec::new(),
+        }
+    }
+
+    fn allocate(&mut self, order: u8) -> Option<u32> {
+        let order = usize::from(order);
+        let mut k = (order..self.free.len()).find(|k| !self.free[*k].is_empty())?;
+        let base = self.free[k].pop_first()?;
+        // Split: the upper halves stay free.
+        while k > order {
+            k -= 1;
+            self.free[k].insert(base + (1 << k));
+        }
+        Some(base)
+    }
+
+    /// Whether blocks of these orders, allocated in this order, all fit.
+    fn fits(&self, orders: &[u8]) -> bool {
+        let mut counts: Vec<usize> = self.free.iter().map(BTreeSet::len).collect();
+        orders.iter().all(|&order| {
+            let order = usize::from(order);
+            let Some(k) = (order..counts.len()).find(|k| counts[*k] > 0) else {
+                return false;
+            };
+            counts[k] -= 1;
+            for c in &mut counts[order..k] {
+                *c += 1;
+            }
+            true
+        })
+    }
+
+    /// Takes the block at `base` of `order` out of the free blocks (a
+    /// previous agent's, adopted); false if it is not wholly free.
+    fn reserve(&mut self, base: u32, order: u8) -> bool {
+        let order = usize::from(order);
+        if order >= self.free.len() || !base.is_multiple_of(1 << order) {
+            return false;
+        }
+        let Some(mut k) =
+            (order..self.free.len()).find(|k| self.free[*k].contains(&(base & !((1u32 << k) - 1))))
+        else {
+            return false;
+        };
+        let mut parent = base & !((1u32 << k) - 1);
+        self.free[k].remove(&parent);
+        while k > order {
+            k -= 1;
+            let upper = parent + (1 << k);
+            if base >= upper {
+                self.free[k].insert(parent);
+                parent = upper;
+            } else {
+                self.free[k].insert(upper);
+            }
+        }
+        true
+    }
+
+    fn release(&mut self, base: u32, order: u8) {
+        self.released.push((base, order));
+    }
+
+    /// The pending writes are applied: released blocks are free again,
+    /// merged with their free buddies.
+    fn settle(&mut self) {
+        for (mut base, order) in std::mem::take(&mut self.released) {
+            let mut k = usize::from(order);
+            while k + 1 < self.free.len() && self.free[k].remove(&(base ^ (1 << k))) {
+                base &= !(1 << k);
+                k += 1;
+            }
+            self.free[k].insert(base);
+        }
     }
 }
 
@@ -193,6 +322,8 @@ pub struct SyncStats {
 
 pub struct SyncEngine<M: LbMaps> {
     maps: M,
+    /// Writes worked out but not yet applied ([`SyncEngine::flush`]).
+    pending: LbWrites,
     frontends: HashMap<ServiceKey, Programmed>,
     owned: HashMap<ServiceName, BTreeSet<ServiceKey>>,
     backends: HashMap<Backend, BackendRef>,
@@ -200,6 +331,7 @@ pub struct SyncEngine<M: LbMaps> {
     service_ips: HashMap<u32, u32>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
+    slot_blocks: SlotBlocks,
     slot_count: usize,
     /// Backends found in the maps without a slot (draining for a previous
     /// agent, or left by a write that failed): kept until the next full
@@ -274,13 +406,15 @@ impl<M: LbMaps> SyncEngine<M> {
     pub fn adopt(maps: M) -> Result<Self, SyncError> {
         let mut engine = Self {
             maps,
+            pending: LbWrites::default(),
             frontends: HashMap::new(),
             owned: HashMap::new(),
             backends: HashMap::new(),
             backend_by_id: HashMap::new(),
             service_ips: HashMap::new(),
-            service_ids: IdAllocator::default(),
-            backend_ids: IdAllocator::default(),
+            service_ids: IdAllocator::from_used([], u32::MAX),
+            backend_ids: IdAllocator::from_used([], capacity::BACKENDS),
+            slot_blocks: SlotBlocks::new(),
             slot_count: 0,
             adopted_draining: Vec::new(),
             diverged: false,
@@ -300,7 +434,25 @@ impl<M: LbMaps> SyncEngine<M> {
         std::mem::take(&mut self.removed)
     }
 
+    /// Applies the pending writes. On a failure memory may no longer match
+    /// the maps: the next sync re-reads them.
+    fn flush(&mut self) -> Result<(), LbMapError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let writes = std::mem::take(&mut self.pending);
+        if let Err(e) = self.maps.write(&writes) {
+            self.diverged = true;
+            return Err(e);
+        }
+        self.service_ids.settle();
+        self.backend_ids.settle();
+        self.slot_blocks.settle();
+        Ok(())
+    }
+
     fn reload(&mut self) -> Result<(), SyncError> {
+        self.pending = LbWrites::default();
         let LbSnapshot {
             service_ips,
             services,
@@ -318,15 +470,22 @@ impl<M: LbMaps> SyncEngine<M> {
         self.backends.clear();
         self.backend_by_id.clear();
         self.adopted_draining.clear();
+        self.slot_blocks = SlotBlocks::new();
         self.slot_count = 0;
+        let mut owned_slots = BTreeSet::new();
         for (key, value) in &services {
             let ids: Vec<u32> = (0..value.backend_count)
-                .filter_map(|slot| slots.get(&(value.service_id, slot)).copied())
+                .filter_map(|slot| slots.get(&(value.slot_base.wrapping_add(slot))).copied())
                 .collect();
             let complete = ids.len() == value.backend_count as usize
-                && ids.iter().all(|id| by_id.contains_key(id));
+                && ids.iter().all(|id| by_id.contains_key(id))
+                && slot_order(ids.len())
+                    .is_none_or(|order| self.slot_blocks.reserve(value.slot_base, order));
             let mut value = *value;
+            // An incomplete frontend is rewritten in a new block at its
+            // next sync.
             let ids = if complete { ids } else { Vec::new() };
+            owned_slots.extend((0..ids.len() as u32).map(|slot| value.slot_base + slot));
             value.backend_count = ids.len() as u32;
             for id in &ids {
                 let backend = by_id[id];
@@ -355,39 +514,33 @@ impl<M: LbMaps> SyncEngine<M> {
             }
             if self.backends.contains_key(&backend) {
                 // The same endpoint under a second id: nothing reads this one.
-                self.maps.remove_backend(id).map_err(SyncError::Snapshot)?;
+                self.pending.remove_backend(id);
                 continue;
             }
             self.backends.insert(backend, BackendRef { id, refs: 1 });
             self.backend_by_id.insert(id, backend);
             self.adopted_draining.push(backend);
         }
-        let counts: HashMap<u32, u32> = services
-            .values()
-            .map(|v| (v.service_id, v.backend_count))
-            .collect();
-        for &(service_id, slot) in slots.keys() {
-            if counts.get(&service_id).is_none_or(|count| slot >= *count) {
-                self.maps
-                    .remove_slot(BackendSlotKey { service_id, slot })
-                    .map_err(SyncError::Snapshot)?;
+        for &index in slots.keys() {
+            if !owned_slots.contains(&index) {
+                self.pending.remove_slot(index);
             }
         }
         let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
         for id in names.keys().filter(|id| !service_ids.contains(id)) {
-            self.maps
-                .remove_service_name(*id)
-                .map_err(SyncError::Snapshot)?;
+            self.pending.remove_service_name(*id);
         }
         self.service_ips = service_ips.into_iter().collect();
-        self.service_ids = IdAllocator::from_used(services.values().map(|v| v.service_id));
-        self.backend_ids = IdAllocator::from_used(self.backend_by_id.keys().copied());
+        self.service_ids =
+            IdAllocator::from_used(services.values().map(|v| v.service_id), u32::MAX);
+        self.backend_ids =
+            IdAllocator::from_used(self.backend_by_id.keys().copied(), capacity::BACKENDS);
         self.owned.retain(|_, keys| {
             keys.retain(|k| self.frontends.contains_key(k));
             !keys.is_empty()
         });
         self.diverged = false;
-        Ok(())
+        self.flush().map_err(SyncError::Snapshot)
     }
 
     fn slot_backends(&self, p: &Programmed) -> Vec<Backend> {
@@ -411,7 +564,12 @@ impl<M: LbMaps> SyncEngine<M> {
         if self.diverged {
             self.reload()?;
         }
-        self.sync_service_as_known(service, frontends)
+        let stats = self.sync_service_as_known(service, frontends)?;
+        self.flush().map_err(|source| SyncError::Map {
+            service: service.clone(),
+            source,
+        })?;
+        Ok(stats)
     }
 
     /// [`SyncEngine::sync_service`] without re-reading the maps first: a
@@ -422,21 +580,44 @@ impl<M: LbMaps> SyncEngine<M> {
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
     ) -> Result<SyncStats, SyncError> {
-        self.check(service, frontends)?;
-        let result = self.apply(service, frontends);
-        if result.is_err() {
-            self.diverged = true;
+        let mut checked = self.check(service, frontends);
+        if matches!(
+            checked,
+            Err(SyncError::CapacityExceeded {
+                map: "BACKEND_SLOTS",
+                ..
+            })
+        ) && !self.slot_blocks.released.is_empty()
+        {
+            // Blocks released since the last write are free once it is done.
+            self.flush().map_err(|source| SyncError::Map {
+                service: service.clone(),
+                source,
+            })?;
+            checked = self.check(service, frontends);
         }
-        result
+        let new_backends = checked?;
+        if self.backend_ids.available() < new_backends {
+            // Ids released since the last write are free once it is done.
+            self.flush().map_err(|source| SyncError::Map {
+                service: service.clone(),
+                source,
+            })?;
+        }
+        Ok(self.apply(service, frontends))
     }
 
+    /// Refuses what cannot be programmed whole; returns how many backends
+    /// the service adds.
     fn check(
         &self,
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
-    ) -> Result<(), SyncError> {
+    ) -> Result<usize, SyncError> {
         let mut new_frontends = 0usize;
         let mut slot_delta: isize = 0;
+        // Blocks the frontends that move need, in the order `apply` takes them.
+        let mut new_blocks = Vec::new();
         let old_keys = self.owned.get(service).cloned().unwrap_or_default();
         let mut new_backends: BTreeSet<Backend> = BTreeSet::new();
         let mut new_ips: BTreeSet<u32> = BTreeSet::new();
@@ -465,10 +646,16 @@ impl<M: LbMaps> SyncEngine<M> {
                         owner: owner.clone(),
                     });
                 }
-                Some(p) => slot_delta += count as isize - p.slots.len() as isize,
+                Some(p) => {
+                    slot_delta += count as isize - p.slots.len() as isize;
+                    if slot_order(p.slots.len()) != slot_order(count) {
+                        new_blocks.extend(slot_order(count));
+                    }
+                }
                 None => {
                     new_frontends += 1;
                     slot_delta += count as isize;
+                    new_blocks.extend(slot_order(count));
                 }
             }
             new_backends.extend(
@@ -500,10 +687,11 @@ impl<M: LbMaps> SyncEngine<M> {
                 (self.slot_count as isize + slot_delta) as usize - removed_slots,
                 capacity::BACKEND_SLOTS,
             ),
+            // Backend id 0 is never used: ids 1..capacity.
             (
                 "BACKENDS",
                 self.backends.len() + new_backends.len(),
-                capacity::BACKENDS,
+                capacity::BACKENDS - 1,
             ),
         ];
         for (map, needed, capacity) in limits {
@@ -516,40 +704,41 @@ impl<M: LbMaps> SyncEngine<M> {
                 });
             }
         }
-        Ok(())
+        if !self.slot_blocks.fits(&new_blocks) {
+            return Err(SyncError::CapacityExceeded {
+                service: service.clone(),
+                map: "BACKEND_SLOTS",
+                needed: new_blocks.iter().map(|o| 1usize << o).sum(),
+                capacity: capacity::BACKEND_SLOTS,
+            });
+        }
+        Ok(new_backends.len())
     }
 
     fn apply(
         &mut self,
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
-    ) -> Result<SyncStats, SyncError> {
-        let map_err = |source| SyncError::Map {
-            service: service.clone(),
-            source,
-        };
+    ) -> SyncStats {
         let mut stats = SyncStats::default();
         let mut keys = BTreeSet::new();
         for (frontend, spec) in frontends {
             let key = service_key(frontend);
             keys.insert(key);
-            if self
-                .program_frontend(service, key, frontend, spec)
-                .map_err(map_err)?
-            {
+            if self.program_frontend(service, key, frontend, spec) {
                 stats.frontends_changed += 1;
             }
         }
         let old = self.owned.remove(service).unwrap_or_default();
         for key in old.difference(&keys) {
-            self.unprogram_frontend(*key).map_err(map_err)?;
+            self.unprogram_frontend(*key);
             info!("service {service} {}: removed", describe_key(key));
             stats.frontends_removed += 1;
         }
         if !keys.is_empty() {
             self.owned.insert(service.clone(), keys);
         }
-        Ok(stats)
+        stats
     }
 
     /// Returns whether anything was written.
@@ -559,7 +748,7 @@ impl<M: LbMaps> SyncEngine<M> {
         key: ServiceKey,
         frontend: &Frontend,
         spec: &FrontendSpec,
-    ) -> Result<bool, LbMapError> {
+    ) -> bool {
         let desired = backends_of(frontend, spec);
         let affinity = spec.affinity_timeout_s.unwrap_or(0);
         let flags = if spec.drop_without_local_endpoints {
@@ -586,7 +775,7 @@ impl<M: LbMaps> SyncEngine<M> {
         if let Some(p) = &existing {
             if p.owner.is_none() {
                 // A frontend adopted from a previous agent: claim it.
-                self.maps.set_service_name(p.value.service_id, &label)?;
+                self.pending.set_service_name(p.value.service_id, &label);
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
             }
             if old_set == new_set
@@ -594,7 +783,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 && p.value.affinity_timeout_s == affinity
                 && p.value.flags == flags
             {
-                return Ok(false);
+                return false;
             }
         }
 
@@ -602,15 +791,16 @@ impl<M: LbMaps> SyncEngine<M> {
         let mut ids = Vec::with_capacity(desired.len());
         let layout = plan_slots(&old_backends, &desired);
         for backend in &layout {
-            ids.push(self.acquire_backend(*backend)?);
+            ids.push(self.acquire_backend(*backend));
         }
         // Draining backends keep the id they had in a slot (acquired before
         // the old references are released), so their flows keep it too.
         let mut draining_ids = Vec::with_capacity(draining.len());
         for backend in &draining {
-            draining_ids.push(self.acquire_backend(*backend)?);
+            draining_ids.push(self.acquire_backend(*backend));
         }
-        // 2. Slots, before the count that makes them visible.
+        // 2. Slots, before the count that makes them visible: in place if
+        // the block still fits, else all of them in a new block.
         let service_id = match &existing {
             Some(p) => p.value.service_id,
             None => self.service_ids.allocate(),
@@ -619,15 +809,18 @@ impl<M: LbMaps> SyncEngine<M> {
             .as_ref()
             .map(|p| p.slots.clone())
             .unwrap_or_default();
+        let old_base = existing.as_ref().map_or(0, |p| p.value.slot_base);
+        let moved = slot_order(old_slots.len()) != slot_order(ids.len());
+        let slot_base = match slot_order(ids.len()) {
+            Some(order) if moved => self
+                .slot_blocks
+                .allocate(order)
+                .expect("check() made sure the block fits"),
+            _ => old_base,
+        };
         for (slot, id) in ids.iter().enumerate() {
-            if old_slots.get(slot) != Some(id) {
-                self.maps.set_slot(
-                    BackendSlotKey {
-                        service_id,
-                        slot: slot as u32,
-                    },
-                    *id,
-                )?;
+            if moved || old_slots.get(slot) != Some(id) {
+                self.pending.set_slot(slot_base + slot as u32, *id);
             }
         }
         // 3. The service entry (and its IP in the pre-filter) with the count.
@@ -636,26 +829,31 @@ impl<M: LbMaps> SyncEngine<M> {
             backend_count: ids.len() as u32,
             flags,
             affinity_timeout_s: affinity,
+            slot_base,
         };
         if existing.is_none() {
-            self.maps.set_service_name(service_id, &label)?;
+            self.pending.set_service_name(service_id, &label);
         }
-        self.maps.set_service(key, value)?;
+        self.pending.set_service(key, value);
         if existing.is_none() {
             let ports = self.service_ips.get(&key.addr).copied().unwrap_or(0) + 1;
-            self.maps.set_service_ip(key.addr, ports)?;
+            self.pending.set_service_ip(key.addr, ports);
             self.service_ips.insert(key.addr, ports);
         }
-        // 4. Slots past the new count, then backends nobody uses any more.
-        for slot in ids.len()..old_slots.len() {
-            self.maps.remove_slot(BackendSlotKey {
-                service_id,
-                slot: slot as u32,
-            })?;
+        // 4. Slots nothing counts any more (the old block, or past the new
+        // count), then backends nobody uses any more.
+        let stale = if moved { 0 } else { ids.len() };
+        for slot in stale..old_slots.len() {
+            self.pending.remove_slot(old_base + slot as u32);
+        }
+        if moved {
+            if let Some(order) = slot_order(old_slots.len()) {
+                self.slot_blocks.release(old_base, order);
+            }
         }
         self.slot_count = self.slot_count + ids.len() - old_slots.len();
         for backend in old_backends.iter().chain(&old_draining) {
-            self.release_backend(*backend)?;
+            self.release_backend(*backend);
         }
         self.frontends.insert(
             key,
@@ -686,69 +884,67 @@ impl<M: LbMaps> SyncEngine<M> {
             desired.len()
         );
         debug!("service {service} {frontend}: service id {service_id}");
-        Ok(true)
+        true
     }
 
-    fn unprogram_frontend(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
+    fn unprogram_frontend(&mut self, key: ServiceKey) {
         let Some(p) = self.frontends.get(&key).cloned() else {
-            return Ok(());
+            return;
         };
         let mut backends = self.slot_backends(&p);
         backends.extend(self.backends_by_id(&p.draining));
         // The service entry goes first: from then on no new flow reads a slot.
-        self.maps.remove_service(key)?;
+        self.pending.remove_service(key);
         for slot in 0..p.slots.len() {
-            self.maps.remove_slot(BackendSlotKey {
-                service_id: p.value.service_id,
-                slot: slot as u32,
-            })?;
+            self.pending.remove_slot(p.value.slot_base + slot as u32);
+        }
+        if let Some(order) = slot_order(p.slots.len()) {
+            self.slot_blocks.release(p.value.slot_base, order);
         }
         match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
             0 | 1 => {
-                self.maps.remove_service_ip(key.addr)?;
+                self.pending.remove_service_ip(key.addr);
                 self.service_ips.remove(&key.addr);
             }
             n => {
-                self.maps.set_service_ip(key.addr, n - 1)?;
+                self.pending.set_service_ip(key.addr, n - 1);
                 self.service_ips.insert(key.addr, n - 1);
             }
         }
         for backend in backends {
-            self.release_backend(backend)?;
+            self.release_backend(backend);
         }
-        self.maps.remove_service_name(p.value.service_id)?;
+        self.pending.remove_service_name(p.value.service_id);
         self.slot_count -= p.slots.len();
         self.service_ids.release(p.value.service_id);
         self.frontends.remove(&key);
-        Ok(())
     }
 
-    fn acquire_backend(&mut self, backend: Backend) -> Result<u32, LbMapError> {
+    fn acquire_backend(&mut self, backend: Backend) -> u32 {
         if let Some(r) = self.backends.get_mut(&backend) {
             r.refs += 1;
-            return Ok(r.id);
+            return r.id;
         }
         let id = self.backend_ids.allocate();
-        self.maps.set_backend(id, backend)?;
+        self.pending.set_backend(id, backend);
         self.backends.insert(backend, BackendRef { id, refs: 1 });
         self.backend_by_id.insert(id, backend);
-        Ok(id)
+        id
     }
 
-    fn release_backend(&mut self, backend: Backend) -> Result<(), LbMapError> {
+    fn release_backend(&mut self, backend: Backend) {
         let Some(r) = self.backends.get_mut(&backend) else {
-            return Ok(());
+            return;
         };
         r.refs -= 1;
         if r.refs == 0 {
             let id = r.id;
-            self.maps.remove_backend(id)?;
+            self.pending.remove_backend(id);
             self.backends.remove(&backend);
             self.backend_by_id.remove(&id);
             self.backend_ids.release(id);
             self.removed.push(backend);
         }
-        Ok(())
     }
 
     /// Full sync: every service in `all` is programmed, everything else
@@ -766,6 +962,21 @@ impl<M: LbMaps> SyncEngine<M> {
                 return (stats, errors);
             }
         }
+        // Grown once rather than rehashed over and over from nothing.
+        let frontends = all.values().map(Vec::len).sum::<usize>();
+        let backends = all
+            .values()
+            .flatten()
+            .map(|(_, spec)| spec.backends.len())
+            .sum::<usize>();
+        self.frontends
+            .reserve(frontends.saturating_sub(self.frontends.len()));
+        self.owned
+            .reserve(all.len().saturating_sub(self.owned.len()));
+        self.backends
+            .reserve(backends.saturating_sub(self.backends.len()));
+        self.backend_by_id
+            .reserve(backends.saturating_sub(self.backend_by_id.len()));
         for (service, frontends) in all {
             match self.sync_service_as_known(service, frontends) {
                 Ok(s) => {
@@ -794,27 +1005,21 @@ impl<M: LbMaps> SyncEngine<M> {
             .map(|(k, _)| *k)
             .collect();
         for key in unclaimed {
-            match self.unprogram_frontend(key) {
-                Ok(()) => {
-                    info!(
-                        "{}: removed (left by a previous agent, no longer a service)",
-                        describe_key(&key)
-                    );
-                    stats.frontends_removed += 1;
-                }
-                Err(source) => {
-                    self.diverged = true;
-                    errors.push(SyncError::Snapshot(source));
-                }
-            }
+            self.unprogram_frontend(key);
+            info!(
+                "{}: removed (left by a previous agent, no longer a service)",
+                describe_key(&key)
+            );
+            stats.frontends_removed += 1;
         }
         // Every service has claimed what it still drains: the rest of what
         // the maps held without a slot goes (their TCP flows are reset).
         for backend in std::mem::take(&mut self.adopted_draining) {
-            if let Err(source) = self.release_backend(backend) {
-                self.diverged = true;
-                errors.push(SyncError::Snapshot(source));
-            }
+            self.release_backend(backend);
+        }
+        // One batch per map for the whole cluster.
+        if let Err(source) = self.flush() {
+            errors.push(SyncError::Write(source));
         }
         (stats, errors)
     }
@@ -916,7 +1121,7 @@ mod tests {
         Some(
             (0..value.backend_count)
                 .map(|slot| {
-                    let id = maps.state.slots[&(value.service_id, slot)];
+                    let id = maps.state.slots[&(value.slot_base + slot)];
                     dataplane_common::ipv4_from_map(maps.state.backends[&id].addr)[3]
                 })
                 .collect(),
@@ -1276,6 +1481,137 @@ mod tests {
             .sync_service(&name("web"), &[(web, spec("web", &[11]))])
             .unwrap();
         assert_eq!(second.maps().state.backends.len(), 1);
+    }
+
+    #[test]
+    fn full_sync_writes_the_whole_cluster_in_one_batch() {
+        let mut e = engine();
+        let all: BTreeMap<_, _> = (0..50u8)
+            .map(|n| {
+                let svc = format!("svc-{n}");
+                let spec = spec(&svc, &[10, 11, 100 + n]);
+                (name(&svc), vec![(frontend([10, 96, 1, n], 80), spec)])
+            })
+            .collect();
+        let (_, errors) = e.sync_all(&all);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(e.maps().batches, 1);
+        assert_eq!(e.maps().state.services.len(), 50);
+        assert_eq!(e.maps().state.backends.len(), 52, "shared backends once");
+    }
+
+    #[test]
+    fn backend_id_freed_in_a_sync_is_not_reused_by_the_same_sync() {
+        // Port 80 loses its backend while port 443 gains another in one
+        // sync. Had 443's backend taken the id 80's just gave up, the batch
+        // would rewrite that id before port 80's slot stops pointing at it,
+        // and new connections to port 80 would reach 443's backend.
+        let mut e = engine();
+        let http = frontend([10, 96, 0, 10], 80);
+        let https = frontend([10, 96, 0, 10], 443);
+        e.sync_service(
+            &name("web"),
+            &[(http, spec("web", &[10])), (https, spec("web", &[]))],
+        )
+        .unwrap();
+        let old = backend_id(e.maps(), 10).unwrap();
+        e.sync_service(
+            &name("web"),
+            &[(http, spec("web", &[])), (https, spec("web", &[11]))],
+        )
+        .unwrap();
+        assert_ne!(backend_id(e.maps(), 11), Some(old));
+        assert_eq!(backend_id(e.maps(), 10), None);
+        // Once written, the id is free for the next sync.
+        e.sync_service(
+            &name("web"),
+            &[(http, spec("web", &[12])), (https, spec("web", &[11]))],
+        )
+        .unwrap();
+        assert_eq!(backend_id(e.maps(), 12), Some(old), "ids stay dense");
+    }
+
+    #[test]
+    fn slot_blocks_split_merge_and_reserve_as_buddies() {
+        let mut b = SlotBlocks::new();
+        let a = b.allocate(4).unwrap();
+        let c = b.allocate(4).unwrap();
+        assert_eq!((a, c), (0, 16), "buddies side by side");
+        assert!(b.fits(&[4, 0, 19]));
+        b.release(a, 4);
+        assert_eq!(b.allocate(4), Some(32), "not reused before the writes");
+        b.settle();
+        assert_eq!(b.allocate(4), Some(0));
+        // Everything released merges back into one block.
+        for (base, order) in [(0, 4), (16, 4), (32, 4)] {
+            b.release(base, order);
+        }
+        b.settle();
+        assert!(b.fits(&[20]));
+        // Adopting a previous agent's blocks.
+        let mut b = SlotBlocks::new();
+        assert!(b.reserve(48, 4));
+        assert!(!b.reserve(48, 4), "taken");
+        assert!(!b.reserve(56, 3), "inside a taken block");
+        assert!(!b.reserve(8, 4), "misaligned");
+        let mut handed_out: Vec<u32> = (0..4).map(|_| b.allocate(4).unwrap()).collect();
+        handed_out.sort();
+        assert_eq!(handed_out, vec![0, 16, 32, 64], "all but the adopted 48");
+    }
+
+    #[test]
+    fn frontend_outgrowing_its_slot_block_moves_whole_and_frees_the_old_one() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let api = frontend([10, 96, 0, 11], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
+        e.sync_service(&name("api"), &[(api, spec("api", &[20, 21]))])
+            .unwrap();
+        let old_base = e.maps().state.services[&service_key(&web)].slot_base;
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
+            .unwrap();
+        let value = e.maps().state.services[&service_key(&web)];
+        assert_ne!(
+            value.slot_base, old_base,
+            "two slots' block cannot hold three"
+        );
+        let mut got = programmed(e.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(got, vec![10, 11, 12]);
+        assert_eq!(programmed(e.maps(), &api).unwrap(), vec![20, 21]);
+        assert_eq!(e.maps().state.slots.len(), 5, "the old block was cleared");
+        // Survivors keep their slot number (affinity remembers it).
+        assert_eq!(&programmed(e.maps(), &web).unwrap()[..2], &[10, 11]);
+    }
+
+    #[test]
+    fn restarted_agent_adopts_slot_blocks_and_allocates_around_them() {
+        let mut first = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        first
+            .sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
+            .unwrap();
+        let maps = MemLbMaps {
+            state: first.maps().state.clone(),
+            ..Default::default()
+        };
+        let mut second = SyncEngine::adopt(maps).unwrap();
+        let api = frontend([10, 96, 0, 11], 80);
+        second
+            .sync_service(&name("api"), &[(api, spec("api", &[20, 21, 22, 23]))])
+            .unwrap();
+        let mut got = programmed(second.maps(), &web).unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![10, 11, 12],
+            "web's block was not handed out again"
+        );
+        assert_eq!(
+            programmed(second.maps(), &api).unwrap(),
+            vec![20, 21, 22, 23]
+        );
     }
 
     #[test]

@@ -1,15 +1,24 @@
-//! The load-balancing maps as the sync engine sees them: a small trait so the
-//! engine runs the same against the pinned BPF maps and against an in-memory
-//! double in unit tests.
+//! The load-balancing maps as the sync engine sees them: writes collected in
+//! an [`LbWrites`] and applied together, behind a small trait so the engine
+//! runs the same against the pinned BPF maps and against an in-memory double
+//! in unit tests.
 
-use std::{collections::BTreeMap, path::Path};
-
-use aya::maps::{HashMap, MapData, MapError};
-use dataplane_common::{
-    map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue,
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
 };
 
-use crate::node::pinned::{self, MapOpenError};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError},
+    sys::SyscallError,
+};
+use dataplane_common::{map_names, Backend, ServiceKey, ServiceLabel, ServiceValue};
+
+use crate::node::{
+    map_batch,
+    pinned::{self, MapOpenError},
+};
 
 /// A write to one of the load-balancing maps failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,137 +37,285 @@ pub struct LbMapError {
 pub struct LbSnapshot {
     pub service_ips: BTreeMap<u32, u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub slots: BTreeMap<(u32, u32), u32>,
+    /// Slot index -> backend id, slots holding one only.
+    pub slots: BTreeMap<u32, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
 }
 
+/// Pending writes of one map, in the order they were made: `Some` sets the
+/// key, `None` deletes it.
+#[derive(Debug)]
+pub struct MapWrites<K, V>(Vec<(K, Option<V>)>);
+
+impl<K, V> Default for MapWrites<K, V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<K: Copy + Ord, V: Copy> MapWrites<K, V> {
+    fn push(&mut self, key: K, value: Option<V>) {
+        self.0.push((key, value));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The last write of each key: (keys and values to set, keys to delete).
+    pub fn settled(&self) -> (Vec<K>, Vec<V>, Vec<K>) {
+        let mut last: Vec<&(K, Option<V>)> = self.0.iter().collect();
+        // Stable: of equal keys the later write stays later.
+        last.sort_by_key(|(k, _)| *k);
+        let (mut set_keys, mut set_values, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (key, value)) in last.iter().enumerate() {
+            if last.get(i + 1).is_some_and(|(next, _)| next == key) {
+                continue;
+            }
+            match value {
+                Some(v) => {
+                    set_keys.push(*key);
+                    set_values.push(*v);
+                }
+                None => deletes.push(*key),
+            }
+        }
+        (set_keys, set_values, deletes)
+    }
+}
+
+/// Writes to the load-balancing maps, collected while the engine works out a
+/// sync and then applied at once (one batch per map and kind). Only the last
+/// write of each key is applied, in this order, which never shows the
+/// datapath a slot without its backend or a count without its slots:
+///
+/// 1. sets: backends, slots, service names, services, service IPs;
+/// 2. deletes: services, service IPs, slots, backends, service names.
+///
+/// The engine does not reuse a backend or service id released in the same
+/// batch, so no set of an id is applied before the delete of its old use.
+#[derive(Debug, Default)]
+pub struct LbWrites {
+    pub service_ips: MapWrites<u32, u32>,
+    pub services: MapWrites<ServiceKey, ServiceValue>,
+    pub slots: MapWrites<u32, u32>,
+    pub backends: MapWrites<u32, Backend>,
+    pub names: MapWrites<u32, ServiceLabel>,
+}
+
+impl LbWrites {
+    pub fn set_service_ip(&mut self, addr: u32, port_count: u32) {
+        self.service_ips.push(addr, Some(port_count));
+    }
+    pub fn remove_service_ip(&mut self, addr: u32) {
+        self.service_ips.push(addr, None);
+    }
+    pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) {
+        self.services.push(key, Some(value));
+    }
+    pub fn remove_service(&mut self, key: ServiceKey) {
+        self.services.push(key, None);
+    }
+    pub fn set_slot(&mut self, index: u32, backend_id: u32) {
+        self.slots.push(index, Some(backend_id));
+    }
+    pub fn remove_slot(&mut self, index: u32) {
+        self.slots.push(index, None);
+    }
+    pub fn set_backend(&mut self, id: u32, backend: Backend) {
+        self.backends.push(id, Some(backend));
+    }
+    pub fn remove_backend(&mut self, id: u32) {
+        self.backends.push(id, None);
+    }
+    pub fn set_service_name(&mut self, service_id: u32, label: &str) {
+        self.names.push(service_id, Some(ServiceLabel::new(label)));
+    }
+    pub fn remove_service_name(&mut self, service_id: u32) {
+        self.names.push(service_id, None);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.service_ips.is_empty()
+            && self.services.is_empty()
+            && self.slots.is_empty()
+            && self.backends.is_empty()
+            && self.names.is_empty()
+    }
+}
+
 pub trait LbMaps {
-    fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError>;
-    fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError>;
-    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError>;
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError>;
-    fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError>;
-    fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError>;
-    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError>;
-    fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError>;
-    fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError>;
-    fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError>;
+    /// Applies `writes` in the order [`LbWrites`] describes. On an error
+    /// the writes before it stay applied.
+    fn write(&mut self, writes: &LbWrites) -> Result<(), LbMapError>;
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError>;
 }
 
-/// The pinned BPF maps.
+/// The pinned BPF maps, by file descriptor: every write and read goes
+/// through [`map_batch`], a batch per call. Opening still goes through
+/// aya's typed maps, which check each map's type and key and value sizes.
 pub struct BpfLbMaps {
-    service_ips: HashMap<MapData, u32, u32>,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    slots: HashMap<MapData, BackendSlotKey, u32>,
-    backends: HashMap<MapData, u32, Backend>,
-    names: HashMap<MapData, u32, ServiceLabel>,
+    service_ips: OwnedFd,
+    services: OwnedFd,
+    slots: OwnedFd,
+    backends: OwnedFd,
+    names: OwnedFd,
 }
+
+/// A second descriptor of `map`, once aya has checked it is a `T` (type,
+/// key and value sizes).
+fn checked_fd<T>(name: &'static str, map: Map) -> Result<OwnedFd, MapOpenError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let type_err = |source| MapOpenError::Type {
+        name,
+        source: Box::new(source),
+    };
+    let fd = match &map {
+        Map::HashMap(data) | Map::Array(data) => data.fd().as_fd().try_clone_to_owned(),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "neither a hash nor an array map",
+        )),
+    }
+    .map_err(|e| type_err(MapError::IoError(e)))?;
+    T::try_from(map).map_err(type_err)?;
+    Ok(fd)
+}
+
+type ServiceIpsMap = HashMap<MapData, u32, u32>;
+type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
+type SlotsMap = Array<MapData, u32>;
+type BackendsMap = Array<MapData, Backend>;
+type NamesMap = HashMap<MapData, u32, ServiceLabel>;
 
 impl BpfLbMaps {
     /// The maps a running (or stopped) agent pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<Self, MapOpenError> {
+        let open = |name| pinned::open_map(dir, name);
         Ok(Self {
-            service_ips: pinned::open(dir, map_names::SERVICE_IPS)?,
-            services: pinned::open(dir, map_names::SERVICES)?,
-            slots: pinned::open(dir, map_names::BACKEND_SLOTS)?,
-            backends: pinned::open(dir, map_names::BACKENDS)?,
-            names: pinned::open(dir, map_names::SERVICE_NAMES)?,
+            service_ips: checked_fd::<ServiceIpsMap>(
+                map_names::SERVICE_IPS,
+                open(map_names::SERVICE_IPS)?,
+            )?,
+            services: checked_fd::<ServicesMap>(map_names::SERVICES, open(map_names::SERVICES)?)?,
+            slots: checked_fd::<SlotsMap>(
+                map_names::BACKEND_SLOTS,
+                open(map_names::BACKEND_SLOTS)?,
+            )?,
+            backends: checked_fd::<BackendsMap>(map_names::BACKENDS, open(map_names::BACKENDS)?)?,
+            names: checked_fd::<NamesMap>(
+                map_names::SERVICE_NAMES,
+                open(map_names::SERVICE_NAMES)?,
+            )?,
         })
     }
 
     /// The maps of a freshly loaded object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapOpenError> {
+        let mut take = |name| ebpf.take_map(name).ok_or(MapOpenError::Missing { name });
         Ok(Self {
-            service_ips: pinned::take(ebpf, map_names::SERVICE_IPS)?,
-            services: pinned::take(ebpf, map_names::SERVICES)?,
-            slots: pinned::take(ebpf, map_names::BACKEND_SLOTS)?,
-            backends: pinned::take(ebpf, map_names::BACKENDS)?,
-            names: pinned::take(ebpf, map_names::SERVICE_NAMES)?,
+            service_ips: checked_fd::<ServiceIpsMap>(
+                map_names::SERVICE_IPS,
+                take(map_names::SERVICE_IPS)?,
+            )?,
+            services: checked_fd::<ServicesMap>(map_names::SERVICES, take(map_names::SERVICES)?)?,
+            slots: checked_fd::<SlotsMap>(
+                map_names::BACKEND_SLOTS,
+                take(map_names::BACKEND_SLOTS)?,
+            )?,
+            backends: checked_fd::<BackendsMap>(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
+            names: checked_fd::<NamesMap>(
+                map_names::SERVICE_NAMES,
+                take(map_names::SERVICE_NAMES)?,
+            )?,
         })
     }
 }
 
-fn err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> LbMapError {
-    move |source| LbMapError {
+fn err(map: &'static str, op: &'static str) -> impl FnOnce(std::io::Error) -> LbMapError {
+    move |io_error| LbMapError {
         map,
         op,
-        source: Box::new(source),
+        source: Box::new(MapError::SyscallError(SyscallError { call: op, io_error })),
     }
 }
 
-/// Deleting what is already gone is success: the desired state holds.
-fn removed(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        other => other,
-    }
+/// Sets what `writes` sets in the hash map `fd`.
+fn hash_sets<K: aya::Pod + Ord, V: aya::Pod>(
+    fd: &OwnedFd,
+    map: &'static str,
+    writes: &MapWrites<K, V>,
+) -> Result<Vec<K>, LbMapError> {
+    let (keys, values, deletes) = writes.settled();
+    map_batch::update(fd.as_fd(), &keys, &values).map_err(err(map, "BPF_MAP_UPDATE_BATCH"))?;
+    Ok(deletes)
+}
+
+fn hash_deletes<K: aya::Pod>(
+    fd: &OwnedFd,
+    map: &'static str,
+    keys: &[K],
+) -> Result<(), LbMapError> {
+    map_batch::delete(fd.as_fd(), keys).map_err(err(map, "BPF_MAP_DELETE_BATCH"))
 }
 
 impl LbMaps for BpfLbMaps {
-    fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError> {
-        self.service_ips
-            .insert(addr, port_count, 0)
-            .map_err(err(map_names::SERVICE_IPS, "insert"))
+    fn write(&mut self, w: &LbWrites) -> Result<(), LbMapError> {
+        // BACKENDS and BACKEND_SLOTS are arrays: deleting is writing the
+        // all-zero value, which the datapath treats as absent.
+        let (ids, backends, gone) = w.backends.settled();
+        map_batch::update(self.backends.as_fd(), &ids, &backends)
+            .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        let (slots, slot_ids, slots_gone) = w.slots.settled();
+        map_batch::update(self.slots.as_fd(), &slots, &slot_ids)
+            .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
+        let name_deletes = hash_sets(&self.names, map_names::SERVICE_NAMES, &w.names)?;
+        let service_deletes = hash_sets(&self.services, map_names::SERVICES, &w.services)?;
+        let ip_deletes = hash_sets(&self.service_ips, map_names::SERVICE_IPS, &w.service_ips)?;
+
+        hash_deletes(&self.services, map_names::SERVICES, &service_deletes)?;
+        hash_deletes(&self.service_ips, map_names::SERVICE_IPS, &ip_deletes)?;
+        map_batch::update(
+            self.slots.as_fd(),
+            &slots_gone,
+            &vec![0u32; slots_gone.len()],
+        )
+        .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
+        let zeros = vec![Backend::default(); gone.len()];
+        map_batch::update(self.backends.as_fd(), &gone, &zeros)
+            .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)
     }
-    fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError> {
-        removed(self.service_ips.remove(&addr)).map_err(err(map_names::SERVICE_IPS, "delete"))
-    }
-    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(err(map_names::SERVICES, "insert"))
-    }
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
-        removed(self.services.remove(&key)).map_err(err(map_names::SERVICES, "delete"))
-    }
-    fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError> {
-        self.slots
-            .insert(key, backend_id, 0)
-            .map_err(err(map_names::BACKEND_SLOTS, "insert"))
-    }
-    fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError> {
-        removed(self.slots.remove(&key)).map_err(err(map_names::BACKEND_SLOTS, "delete"))
-    }
-    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(err(map_names::BACKENDS, "insert"))
-    }
-    fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
-        removed(self.backends.remove(&id)).map_err(err(map_names::BACKENDS, "delete"))
-    }
-    fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError> {
-        self.names
-            .insert(service_id, ServiceLabel::new(label), 0)
-            .map_err(err(map_names::SERVICE_NAMES, "insert"))
-    }
-    fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
-        removed(self.names.remove(&service_id)).map_err(err(map_names::SERVICE_NAMES, "delete"))
-    }
+
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
+        let read = |map| err(map, "BPF_MAP_LOOKUP_BATCH");
         let mut snap = LbSnapshot::default();
-        for entry in self.names.iter() {
-            let (k, v) = entry.map_err(err(map_names::SERVICE_NAMES, "iterate"))?;
+        for (k, v) in map_batch::lookup_all::<u32, ServiceLabel>(self.names.as_fd())
+            .map_err(read(map_names::SERVICE_NAMES))?
+        {
             snap.names.insert(k, v.as_str().to_owned());
         }
-        for entry in self.service_ips.iter() {
-            let (k, v) = entry.map_err(err(map_names::SERVICE_IPS, "iterate"))?;
-            snap.service_ips.insert(k, v);
-        }
-        for entry in self.services.iter() {
-            let (k, v) = entry.map_err(err(map_names::SERVICES, "iterate"))?;
-            snap.services.insert(k, v);
-        }
-        for entry in self.slots.iter() {
-            let (k, v) = entry.map_err(err(map_names::BACKEND_SLOTS, "iterate"))?;
-            snap.slots.insert((k.service_id, k.slot), v);
-        }
-        for entry in self.backends.iter() {
-            let (k, v) = entry.map_err(err(map_names::BACKENDS, "iterate"))?;
-            snap.backends.insert(k, v);
-        }
+        snap.service_ips = map_batch::lookup_all(self.service_ips.as_fd())
+            .map_err(read(map_names::SERVICE_IPS))?
+            .into_iter()
+            .collect();
+        snap.services = map_batch::lookup_all(self.services.as_fd())
+            .map_err(read(map_names::SERVICES))?
+            .into_iter()
+            .collect();
+        snap.slots = map_batch::lookup_all::<u32, u32>(self.slots.as_fd())
+            .map_err(read(map_names::BACKEND_SLOTS))?
+            .into_iter()
+            .filter(|(_, id)| *id != 0)
+            .collect();
+        snap.backends = map_batch::lookup_all::<u32, Backend>(self.backends.as_fd())
+            .map_err(read(map_names::BACKENDS))?
+            .into_iter()
+            .filter(|(_, b)| *b != Backend::default())
+            .collect();
         Ok(snap)
     }
 }
@@ -168,15 +325,18 @@ impl LbMaps for BpfLbMaps {
 #[derive(Debug, Default)]
 pub struct MemLbMaps {
     pub state: LbSnapshot,
+    /// Entries written.
     pub writes: usize,
-    /// Fails the next write to this map, once.
+    /// Calls of `LbMaps::write`.
+    pub batches: usize,
+    /// Fails the next batch of writes to this map, once.
     pub fail_next_write_to: Option<&'static str>,
 }
 
 #[cfg(test)]
 impl MemLbMaps {
-    fn write(&mut self, map: &'static str) -> Result<(), LbMapError> {
-        if self.fail_next_write_to == Some(map) {
+    fn check(&mut self, map: &'static str, entries: usize) -> Result<(), LbMapError> {
+        if entries > 0 && self.fail_next_write_to == Some(map) {
             self.fail_next_write_to = None;
             return Err(LbMapError {
                 map,
@@ -184,66 +344,138 @@ impl MemLbMaps {
                 source: Box::new(MapError::KeyNotFound),
             });
         }
-        self.writes += 1;
+        self.writes += entries;
+        Ok(())
+    }
+
+    fn sets<K: Copy + Ord, V: Copy, SK: Ord, SV>(
+        &mut self,
+        map: &'static str,
+        writes: &MapWrites<K, V>,
+        state: impl Fn(&mut LbSnapshot) -> &mut BTreeMap<SK, SV>,
+        convert: impl Fn(K, V) -> (SK, SV),
+    ) -> Result<Vec<K>, LbMapError> {
+        let (keys, values, deletes) = writes.settled();
+        self.check(map, keys.len())?;
+        for (k, v) in keys.into_iter().zip(values) {
+            let (k, v) = convert(k, v);
+            state(&mut self.state).insert(k, v);
+        }
+        Ok(deletes)
+    }
+
+    fn deletes<K: Copy, SK: Ord, SV>(
+        &mut self,
+        map: &'static str,
+        keys: &[K],
+        state: impl Fn(&mut LbSnapshot) -> &mut BTreeMap<SK, SV>,
+        convert: impl Fn(K) -> SK,
+    ) -> Result<(), LbMapError> {
+        self.check(map, keys.len())?;
+        for k in keys {
+            state(&mut self.state).remove(&convert(*k));
+        }
         Ok(())
     }
 }
 
 #[cfg(test)]
 impl LbMaps for MemLbMaps {
-    fn set_service_ip(&mut self, addr: u32, port_count: u32) -> Result<(), LbMapError> {
-        self.write(map_names::SERVICE_IPS)?;
-        self.state.service_ips.insert(addr, port_count);
-        Ok(())
+    fn write(&mut self, w: &LbWrites) -> Result<(), LbMapError> {
+        self.batches += 1;
+        fn same<K, V>(k: K, v: V) -> (K, V) {
+            (k, v)
+        }
+        let backends = self.sets(map_names::BACKENDS, &w.backends, |s| &mut s.backends, same)?;
+        let slots = self.sets(map_names::BACKEND_SLOTS, &w.slots, |s| &mut s.slots, same)?;
+        let names = self.sets(
+            map_names::SERVICE_NAMES,
+            &w.names,
+            |s| &mut s.names,
+            |k, v: ServiceLabel| (k, v.as_str().to_owned()),
+        )?;
+        let services = self.sets(map_names::SERVICES, &w.services, |s| &mut s.services, same)?;
+        let ips = self.sets(
+            map_names::SERVICE_IPS,
+            &w.service_ips,
+            |s| &mut s.service_ips,
+            same,
+        )?;
+        self.deletes(map_names::SERVICES, &services, |s| &mut s.services, |k| k)?;
+        self.deletes(map_names::SERVICE_IPS, &ips, |s| &mut s.service_ips, |k| k)?;
+        self.deletes(map_names::BACKEND_SLOTS, &slots, |s| &mut s.slots, |k| k)?;
+        self.deletes(map_names::BACKENDS, &backends, |s| &mut s.backends, |k| k)?;
+        self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)
     }
-    fn remove_service_ip(&mut self, addr: u32) -> Result<(), LbMapError> {
-        self.write(map_names::SERVICE_IPS)?;
-        self.state.service_ips.remove(&addr);
-        Ok(())
-    }
-    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), LbMapError> {
-        self.write(map_names::SERVICES)?;
-        self.state.services.insert(key, value);
-        Ok(())
-    }
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), LbMapError> {
-        self.write(map_names::SERVICES)?;
-        self.state.services.remove(&key);
-        Ok(())
-    }
-    fn set_slot(&mut self, key: BackendSlotKey, backend_id: u32) -> Result<(), LbMapError> {
-        self.write(map_names::BACKEND_SLOTS)?;
-        self.state
-            .slots
-            .insert((key.service_id, key.slot), backend_id);
-        Ok(())
-    }
-    fn remove_slot(&mut self, key: BackendSlotKey) -> Result<(), LbMapError> {
-        self.write(map_names::BACKEND_SLOTS)?;
-        self.state.slots.remove(&(key.service_id, key.slot));
-        Ok(())
-    }
-    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), LbMapError> {
-        self.write(map_names::BACKENDS)?;
-        self.state.backends.insert(id, backend);
-        Ok(())
-    }
-    fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError> {
-        self.write(map_names::BACKENDS)?;
-        self.state.backends.remove(&id);
-        Ok(())
-    }
-    fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError> {
-        self.write(map_names::SERVICE_NAMES)?;
-        self.state.names.insert(service_id, label.to_owned());
-        Ok(())
-    }
-    fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
-        self.write(map_names::SERVICE_NAMES)?;
-        self.state.names.remove(&service_id);
-        Ok(())
-    }
+
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
         Ok(self.state.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_write_of_each_key_is_applied() {
+        let mut w = MapWrites::<u32, u32>::default();
+        w.push(1, Some(10));
+        w.push(2, Some(20));
+        w.push(1, None);
+        w.push(3, None);
+        w.push(3, Some(30));
+        w.push(2, Some(21));
+        assert_eq!(w.settled(), (vec![2, 3], vec![21, 30], vec![1]));
+    }
+
+    #[test]
+    fn slots_are_set_before_the_service_that_counts_them_and_deleted_after() {
+        // A frontend shrinking from two backends to one, and a second one
+        // removed, in one batch.
+        let mut maps = MemLbMaps::default();
+        let key = ServiceKey {
+            addr: 1,
+            port: 80,
+            proto: 6,
+            _pad: 0,
+        };
+        let backend = Backend {
+            addr: 7,
+            port: 8080,
+            proto: 6,
+            flags: 0,
+        };
+        let mut w = LbWrites::default();
+        w.set_backend(1, backend);
+        w.set_slot(0, 1);
+        w.set_slot(1, 1);
+        w.set_service(
+            key,
+            ServiceValue {
+                service_id: 1,
+                backend_count: 2,
+                ..Default::default()
+            },
+        );
+        maps.write(&w).unwrap();
+        // The slot deleted in the same batch as the count drops: a failure
+        // on BACKEND_SLOTS leaves the lower count already written.
+        let mut w = LbWrites::default();
+        w.set_service(
+            key,
+            ServiceValue {
+                service_id: 1,
+                backend_count: 1,
+                ..Default::default()
+            },
+        );
+        w.remove_slot(1);
+        maps.fail_next_write_to = Some(map_names::BACKEND_SLOTS);
+        assert!(maps.write(&w).is_err());
+        assert_eq!(maps.state.services[&key].backend_count, 1);
+        assert_eq!(maps.state.slots.len(), 2, "the slot outlives the count");
+        maps.write(&w).unwrap();
+        assert_eq!(maps.state.slots.len(), 1);
     }
 }

@@ -16,6 +16,7 @@ pub mod ct_options;
 pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;
+pub mod map_batch;
 pub mod migrate;
 pub mod pinned;
 pub mod sock_destroy;

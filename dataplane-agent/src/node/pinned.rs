@@ -117,6 +117,14 @@ pub fn open<T>(dir: &Path, name: &'static str) -> Result<T, MapOpenError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
+    T::try_from(open_map(dir, name)?).map_err(|source| MapOpenError::Type {
+        name,
+        source: Box::new(source),
+    })
+}
+
+/// Map `name` pinned under `dir`, of whatever type it is.
+pub fn open_map(dir: &Path, name: &'static str) -> Result<Map, MapOpenError> {
     let path = dir.join(name);
     let pin_err = |source| MapOpenError::Pin {
         path: path.clone(),
@@ -124,11 +132,7 @@ where
         source: Box::new(source),
     };
     let data = MapData::from_pin(&path).map_err(pin_err)?;
-    let map = Map::from_map_data(data).map_err(pin_err)?;
-    T::try_from(map).map_err(|source| MapOpenError::Type {
-        name,
-        source: Box::new(source),
-    })
+    Map::from_map_data(data).map_err(pin_err)
 }
 
 /// Map `name` taken out of a loaded object, as the type `T`.

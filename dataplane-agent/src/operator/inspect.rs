@@ -120,7 +120,7 @@ fn service_row(snap: &LbSnapshot, key: &ServiceKey, value: &ServiceValue) -> Ser
         .map(|slot| {
             match snap
                 .slots
-                .get(&(value.service_id, slot))
+                .get(&(value.slot_base + slot))
                 .and_then(|id| snap.backends.get(id))
             {
                 Some(b) => endpoint(b.addr, b.port).to_string(),
@@ -168,7 +168,7 @@ pub fn backends(dir: &Path) -> Result<Vec<BackendRow>, InspectError> {
     for (key, value) in &snap.services {
         let row = service_row(&snap, key, value);
         for slot in 0..value.backend_count {
-            if let Some(id) = snap.slots.get(&(value.service_id, slot)) {
+            if let Some(id) = snap.slots.get(&(value.slot_base + slot)) {
                 users
                     .entry(*id)
                     .or_default()

@@ -95,11 +95,25 @@ pub enum ObjectError {
 /// memory (10 000 services and their slices: hundreds of MiB).
 type Objects = BTreeMap<ObjectKey, ClusterEvent>;
 
+/// A hash of each object's event: enough to tell a changed object from an
+/// unchanged one. Between rescans only these are kept; the objects
+/// themselves live once, in the model.
+type Hashes = BTreeMap<ObjectKey, u64>;
+
 /// What the directory held at the last rescan, per file.
 pub struct ManifestSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, Objects>,
-    reported: Objects,
+    files: BTreeMap<PathBuf, Hashes>,
+    /// What the model was last told of each object.
+    reported: Hashes,
+}
+
+fn event_hash(event: &ClusterEvent) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // Fixed keys: the same event hashes the same on every rescan.
+    let mut hasher = std::hash::DefaultHasher::new();
+    event.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -244,10 +258,13 @@ impl ManifestSource {
         };
         paths.sort();
 
+        // Per file the hashes of its objects; the objects themselves only
+        // of the files read this time, until they are reported.
         let mut files = BTreeMap::new();
+        let mut fresh: BTreeMap<PathBuf, Objects> = BTreeMap::new();
         for path in paths {
             let previous = self.files.get(&path);
-            let objects = match std::fs::read_to_string(&path) {
+            let hashes = match std::fs::read_to_string(&path) {
                 Err(source) => {
                     errors.push(ManifestError::Read {
                         file: path.clone(),
@@ -263,45 +280,68 @@ impl ManifestSource {
                         });
                         previous.cloned().unwrap_or_default()
                     }
-                    Ok((objects, object_errors)) => {
+                    Ok((objects, mut kept, object_errors)) => {
                         errors.extend(object_errors);
-                        objects
+                        for (key, event) in &objects {
+                            kept.insert(key.clone(), event_hash(event));
+                        }
+                        fresh.insert(path.clone(), objects);
+                        kept
                     }
                 },
             };
-            files.insert(path, objects);
+            files.insert(path, hashes);
         }
 
         // First file (in path order) wins for objects defined twice.
-        let mut current: BTreeMap<ObjectKey, (PathBuf, ClusterEvent)> = BTreeMap::new();
+        let mut current: BTreeMap<&ObjectKey, (&PathBuf, u64)> = BTreeMap::new();
         for (path, objects) in &files {
             for (key, value) in objects {
                 if let Some((first, _)) = current.get(key) {
                     errors.push(ManifestError::Duplicate {
                         kind: key.0,
                         object: key.1.clone(),
-                        first: first.clone(),
+                        first: (*first).clone(),
                         second: path.clone(),
                     });
                 } else {
-                    current.insert(key.clone(), (path.clone(), value.clone()));
+                    current.insert(key, (path, *value));
                 }
             }
         }
 
         let mut events = Vec::new();
-        for (key, (_, value)) in &current {
-            if self.reported.get(key) != Some(value) {
-                events.push(value.clone());
+        let mut reported = BTreeMap::new();
+        for (key, (path, hash)) in &current {
+            let before = self.reported.get(*key);
+            if before != Some(hash) {
+                // Moved out, not copied: the model keeps the one copy.
+                match fresh
+                    .get_mut(*path)
+                    .and_then(|objects| objects.remove(*key))
+                {
+                    Some(event) => events.push(event),
+                    // A version kept from a file (or object) unreadable
+                    // this time and not what the model has: nothing to
+                    // send until it reads again.
+                    None => {
+                        if let Some(before) = before {
+                            reported.insert((*key).clone(), *before);
+                        }
+                        continue;
+                    }
+                }
             }
+            reported.insert((*key).clone(), *hash);
         }
-        for key in self.reported.keys().filter(|k| !current.contains_key(*k)) {
+        for key in self.reported.keys().filter(|k| !current.contains_key(k)) {
             events.push(match key.0 {
                 Kind::Service => ClusterEvent::DeleteService(key.1.clone()),
                 Kind::EndpointSlice => ClusterEvent::DeleteSlice(key.1.clone()),
             });
         }
-        self.reported = current.into_iter().map(|(k, (_, v))| (k, v)).collect();
+        drop(current);
+        self.reported = reported;
         self.files = files;
         (events, errors)
     }
@@ -312,9 +352,10 @@ impl ManifestSource {
     fn read_objects(
         path: &Path,
         text: &str,
-        previous: Option<&Objects>,
-    ) -> Result<(Objects, Vec<ManifestError>), serde_norway::Error> {
+        previous: Option<&Hashes>,
+    ) -> Result<(Objects, Hashes, Vec<ManifestError>), serde_norway::Error> {
         let mut objects = BTreeMap::new();
+        let mut kept = BTreeMap::new();
         let mut errors = Vec::new();
         for_each_document(text, |index, doc| {
             let mut error = |reason: ObjectError| {
@@ -342,15 +383,17 @@ impl ManifestSource {
                     error(reason);
                     // Keep the last good version of this very object (same
                     // kind: a Service and its slice often share a name).
-                    let kept = raw_key(kind, doc)
-                        .and_then(|key| Some((previous?.get(&key)?.clone(), key)));
-                    if let Some((value, key)) = kept {
-                        objects.entry(key).or_insert(value);
+                    let last_good =
+                        raw_key(kind, doc).and_then(|key| Some((*previous?.get(&key)?, key)));
+                    if let Some((hash, key)) = last_good {
+                        kept.entry(key).or_insert(hash);
                     }
                 }
             }
         })?;
-        Ok((objects, errors))
+        // A kept version never shadows an object read this time.
+        kept.retain(|key, _| !objects.contains_key(key));
+        Ok((objects, kept, errors))
     }
 }
 

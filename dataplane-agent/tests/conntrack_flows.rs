@@ -374,6 +374,8 @@ fn udp_flows_expire_by_the_configured_unreplied_and_stream_lifetimes() {
         2,
         "expired after the stream lifetime"
     );
+}
+
 #[test]
 fn last_seen_is_refreshed_at_most_once_a_second_but_flags_at_once() {
     let mut dp = opened_flow();

@@ -13,8 +13,8 @@ use std::{net::SocketAddrV4, path::Path, process::Command};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use dataplane_agent::{control::model::Protocol, node::datapath::DatapathConfig};
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_to_map, map_names, port_to_map, Backend, BackendSlotKey,
-    Counter, CtEntry, CtKey, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
+    ct_dir, ct_flags, ct_state, ipv4_to_map, map_names, port_to_map, Backend,
+    Counter, CtEntry, CtKey, ServiceKey, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 use dataplane_testkit::{
     datapath::{addr, ct_key, Bpffs, Harness, TC_ACT_OK},
@@ -82,6 +82,11 @@ fn bpftool_map(
 fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> BpfHashMap<MapData, K, V> {
     let data = MapData::from_pin(dir.join(name)).expect("a fixture map");
     BpfHashMap::try_from(Map::from_map_data(data).expect("a map")).expect("a hash map")
+}
+
+fn array<V: aya::Pod>(dir: &Path, name: &str) -> Array<MapData, V> {
+    let data = MapData::from_pin(dir.join(name)).expect("a map");
+    Array::try_from(Map::from_map_data(data).expect("a map")).expect("an array")
 }
 
 const SERVICE_ID: u32 = 1;
@@ -168,8 +173,10 @@ fn earlier_agent_maps(version: u32, services_capacity: u32) -> Bpffs {
     hash::<u32, u32>(dir, map_names::SERVICE_IPS)
         .insert(svc_ip, 2, 0)
         .expect("SERVICE_IPS");
-    let mut services = hash::<ServiceKey, ServiceValue>(dir, map_names::SERVICES);
-    let mut slots = hash::<BackendSlotKey, u32>(dir, map_names::BACKEND_SLOTS);
+    // Layout 2's `ServiceValue` (service id, backend count, flags, affinity
+    // timeout) and `BackendSlotKey` (service id, slot).
+    let mut services = hash::<ServiceKey, [u32; 4]>(dir, map_names::SERVICES);
+    let mut slots = hash::<[u32; 2], u32>(dir, map_names::BACKEND_SLOTS);
     let mut backends = hash::<u32, Backend>(dir, map_names::BACKENDS);
     for (frontend, proto, service_id, ids) in [
         (
@@ -191,18 +198,12 @@ fn earlier_agent_maps(version: u32, services_capacity: u32) -> Bpffs {
             proto,
             _pad: 0,
         };
-        let value = ServiceValue {
-            service_id,
-            backend_count: ids.len() as u32,
-            ..Default::default()
-        };
+        let value = [service_id, ids.len() as u32, 0, 0];
         services.insert(key, value, 0).expect("SERVICES");
         for (slot, id) in ids.into_iter().enumerate() {
-            let key = BackendSlotKey {
-                service_id,
-                slot: slot as u32,
-            };
-            slots.insert(key, id, 0).expect("BACKEND_SLOTS");
+            slots
+                .insert([service_id, slot as u32], id, 0)
+                .expect("BACKEND_SLOTS");
         }
     }
     for (id, b, proto) in [
@@ -416,9 +417,10 @@ fn a_backend_the_first_sync_removed_stays_removed_after_the_switch() {
         .commit_migration()
         .unwrap_or_else(|e| panic!("{e:#}"));
 
-    let backends = hash::<u32, Backend>(dp.bpffs(), map_names::BACKENDS);
-    assert!(
-        backends.get(&FLOW_BACKEND_ID, 0).is_err(),
+    let backends = array::<Backend>(dp.bpffs(), map_names::BACKENDS);
+    assert_eq!(
+        backends.get(&FLOW_BACKEND_ID, 0).expect("BACKENDS entry"),
+        Backend::default(),
         "the removed backend is not back in BACKENDS"
     );
     let ack = Tcp::new(client(), service(), ACK)

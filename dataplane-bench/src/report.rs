@@ -255,13 +255,12 @@ impl Report {
             );
             for s in [System::SocketLb, System::SocketLbHost] {
                 if let Some(k) = at(s) {
-                    let ratio = k.conns_per_s / d.conns_per_s;
+                    let (ratio, lo, hi) = ratio_spread(k, d, |x| x.conns_per_s);
                     let _ = writeln!(
                         o,
-                        "| {} with {} services at least 1.0x direct (conn/s) | {:.2}x | {} |",
+                        "| {} with {} services at least 1.0x direct (conn/s, median of rounds) | {ratio:.2}x [{lo:.2}–{hi:.2}] | {} |",
                         s.label(),
                         k.services,
-                        ratio,
                         if k.services == 10_000 {
                             verdict(ratio >= 1.0)
                         } else {

@@ -123,14 +123,14 @@ pub enum SyncError {
 
 impl SyncError {
     /// The service the error is about (none when the maps could not be
-    /// read back at all).
+    /// read back, or a whole batch of services failed to be written).
     pub fn service(&self) -> Option<&ServiceName> {
         match self {
             SyncError::TooManyBackends { service, .. }
             | SyncError::FrontendConflict { service, .. }
             | SyncError::CapacityExceeded { service, .. }
             | SyncError::Map { service, .. } => Some(service),
-            SyncError::Snapshot(_) => None,
+            SyncError::Snapshot(_) | SyncError::Write(_) => None,
         }
     }
 

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, MapInfo};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, MapInfo};
 use dataplane_common::{
     ct_state, map_names, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, MapLayout,
     IPPROTO_TCP, LAYOUT_VERSION,
@@ -91,6 +91,11 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::AFFINITY,
             map_names::TRACE_EVENTS,
             map_names::SOCK_REVNAT,
+            // `BACKENDS` and `BACKEND_SLOTS` became arrays (same sizes for
+            // `BACKENDS`), `ServiceValue` gained `slot_base`.
+            map_names::BACKENDS,
+            map_names::BACKEND_SLOTS,
+            map_names::SERVICES,
         ],
     ),
 ];
@@ -420,6 +425,44 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(map).map_err(read_err(path))
 }
 
+fn open_array<V: aya::Pod>(path: &Path) -> Result<Array<MapData, V>, MigrateError> {
+    let data = MapData::from_pin(path).map_err(read_err(path))?;
+    let map = Map::from_map_data(data).map_err(read_err(path))?;
+    Array::try_from(map).map_err(read_err(path))
+}
+
+/// Carries the backend ids conntrack entries point at into the new
+/// `BACKENDS`, an array indexed by id since layout 3 (a hash before); the
+/// number written.
+fn copy_backends(from: &Path, to: &Path, found: u32) -> Result<usize, MigrateError> {
+    let backends: Vec<(u32, Backend)> = if found < 3 {
+        let source: BpfHashMap<MapData, u32, Backend> = open_hash(from)?;
+        source.iter().filter_map(Result::ok).collect()
+    } else {
+        let source: Array<MapData, Backend> = open_array(from)?;
+        source
+            .iter()
+            .enumerate()
+            .filter_map(|(id, b)| Some((u32::try_from(id).ok()?, b.ok()?)))
+            // An all-zero entry is an unused id.
+            .filter(|(_, b)| *b != Backend::default())
+            .collect()
+    };
+    let mut target: Array<MapData, Backend> = open_array(to)?;
+    let mut written = 0;
+    for (id, backend) in backends {
+        target
+            .set(id, backend, 0)
+            .map_err(|source| MigrateError::Convert {
+                from: from.to_path_buf(),
+                to: to.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        written += 1;
+    }
+    Ok(written)
+}
+
 /// Whether a pass copies everything (the first, into empty maps) or
 /// catches up after the switch: flows the previous programs created since
 /// the first pass are added, and entries they moved on since (a later
@@ -526,13 +569,7 @@ pub fn convert(
             // the new one current: a catch-up would bring back backends it
             // removed.
             map_names::BACKENDS if pass == Pass::CatchUp => 0,
-            map_names::BACKENDS => copy_entries::<u32, Backend, u32, Backend>(
-                &bpffs.join(layout.name),
-                &to,
-                pass,
-                |id, b| Some((*id, *b)),
-                |_, _| None,
-            )?,
+            map_names::BACKENDS => copy_backends(&bpffs.join(layout.name), &to, found)?,
             // Layouts before 3 key a client by its address only (8 bytes);
             // 3 adds the socket hooks' network namespace cookie.
             map_names::AFFINITY if found < 3 => {

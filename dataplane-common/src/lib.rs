@@ -24,8 +24,11 @@ pub mod map_names {
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     /// The layout version of the maps pinned next to it.
     pub const LAYOUT: &str = "LAYOUT";
+    pub const NAT: &str = "NAT";
+    pub const NAT_CONFIG: &str = "NAT_CONFIG";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 14] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -37,6 +40,9 @@ pub mod map_names {
         TRACE_CONFIG,
         TRACE_EVENTS,
         LAYOUT,
+        NAT,
+        NAT_CONFIG,
+        SOURCE_RANGES,
     ];
 }
 
@@ -49,8 +55,11 @@ pub mod map_names {
 ///
 /// Version 1 (no `LAYOUT` map): legacy maps without BTF, `CtEntry::state`
 /// at offset 35. Version 2: BTF-defined maps, `CtEntry` state and flags in
-/// one word, `Counter::ReplyTupleClash`.
-pub const LAYOUT_VERSION: u32 = 2;
+/// one word, `Counter::ReplyTupleClash`. Version 3: `ServiceKey::scope`
+/// (external frontends, NodePorts keyed by address 0), the node-address bit
+/// in `SERVICE_IPS`, `Backend::flags` `LOCAL`, the `NAT`, `NAT_CONFIG` and
+/// `SOURCE_RANGES` maps and their counters.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +98,9 @@ pub mod map_layouts {
         // A ring buffer has neither key nor value; its size is in bytes.
         layout::<(), ()>(map_names::TRACE_EVENTS, capacity::TRACE_EVENTS_BYTES),
         layout::<u32, u32>(map_names::LAYOUT, 1),
+        layout::<NatKey, NatEntry>(map_names::NAT, capacity::NAT),
+        layout::<u32, NatConfig>(map_names::NAT_CONFIG, 1),
+        layout::<SourceRangeKey, u32>(map_names::SOURCE_RANGES, capacity::SOURCE_RANGES),
     ];
 }
 
@@ -107,21 +119,50 @@ pub mod capacity {
     pub const BACKENDS_PER_SERVICE: u32 = 4_096;
     /// Size of the `TRACE_EVENTS` ring buffer in bytes.
     pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
+    /// SNAT flows of external traffic (two entries each).
+    pub const NAT: u32 = 131_072;
+    /// `loadBalancerSourceRanges` prefixes over all services.
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Key of `SERVICES`: one frontend (ClusterIP, port, protocol).
+/// Key of `SERVICES`: one frontend (address, port, protocol, scope).
+///
+/// Internal frontends are cluster IPs. External ones are what the outside
+/// reaches: load-balancer ingress IPs and externalIPs by address, and
+/// NodePorts with address 0, meaning "any address of this node" (the node's
+/// addresses carry [`service_ip_flags::NODE_ADDRESS`] in `SERVICE_IPS`), so
+/// a NodePort is one entry however many addresses the node has.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
-    /// Service IP, network byte order.
+    /// Service IP, network byte order; 0 for a NodePort.
     pub addr: u32,
-    /// Service port, network byte order.
+    /// Service port (or node port), network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// One of [`service_scope`].
+    pub scope: u8,
+}
+
+/// Scope of a [`ServiceKey`].
+pub mod service_scope {
+    /// A cluster IP: reached from pods (and nodes) only.
+    pub const INTERNAL: u8 = 0;
+    /// A NodePort, load-balancer IP or externalIP: reached from outside
+    /// through the uplink, and from inside too.
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Bits of a `SERVICE_IPS` value besides the count of frontends on the
+/// address (the low bits).
+pub mod service_ip_flags {
+    /// An address of this node: NodePorts (key address 0) are served on it.
+    pub const NODE_ADDRESS: u32 = 1 << 31;
+    /// The count of frontends on the address.
+    pub const COUNT_MASK: u32 = !NODE_ADDRESS;
 }
 
 /// Value of `SERVICES`.
@@ -146,6 +187,14 @@ pub mod service_flags {
     /// connections are dropped, as kube-proxy drops them, instead of being
     /// rejected (the service does have endpoints, just none here).
     pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 1 << 0;
+    /// External frontend with `externalTrafficPolicy: Cluster`: a connection
+    /// from outside to a backend on another node is SNATed to this node's
+    /// address (with a port from `NAT_CONFIG`'s range), as kube-proxy
+    /// masquerades it, so the replies come back through this node.
+    pub const MASQUERADE_REMOTE: u32 = 1 << 1;
+    /// Load-balancer IP of a service with `loadBalancerSourceRanges`: only
+    /// sources in `SOURCE_RANGES` for this service id are served.
+    pub const SOURCE_RANGES: u32 = 1 << 2;
 }
 
 /// Key of `AFFINITY`: a client of one ClientIP-affinity frontend.
@@ -218,7 +267,139 @@ pub struct Backend {
     /// Target port, network byte order.
     pub port: u16,
     pub proto: u8,
+    /// Bits of [`backend_flags`].
     pub flags: u8,
+}
+
+/// Flags of a [`Backend`].
+pub mod backend_flags {
+    /// The endpoint runs on this node: external traffic reaches it without
+    /// SNAT, its replies pass this node anyway.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// Direction of a [`NatKey`].
+pub mod nat_dir {
+    /// Client to frontend, as it arrives on the uplink.
+    pub const ORIGINAL: u8 = 0;
+    /// Backend to this node's SNAT address and port.
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of `NAT`: a tuple as it arrives on the uplink. Each SNATed flow has
+/// an ORIGINAL entry (client -> frontend) and a REPLY entry (backend ->
+/// SNAT address and port); the REPLY entry is what reserves the SNAT port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NatKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// One of [`nat_dir`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `NAT`: the two translations of an external flow to a remote
+/// backend, DNAT (frontend -> backend) and SNAT (client -> this node).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    /// `bpf_ktime_get_ns` of the last packet in either direction.
+    pub last_seen_ns: u64,
+    pub client_addr: u32,
+    pub frontend_addr: u32,
+    pub backend_addr: u32,
+    /// This node's address the backend sees as the source.
+    pub nat_addr: u32,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub nat_port: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub proto: u8,
+    /// One of [`ct_state`]; plain stores (a lost update only shortens or
+    /// lengthens one lifetime step).
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+impl NatEntry {
+    /// How long after `last_seen_ns` the flow's entries stay valid: the
+    /// conntrack lifetimes.
+    pub fn lifetime_ns(&self) -> u64 {
+        let secs = if self.proto == IPPROTO_TCP {
+            match self.state {
+                ct_state::ESTABLISHED => ct_timeout::TCP_ESTABLISHED_S,
+                ct_state::CLOSING => ct_timeout::TCP_CLOSING_S,
+                _ => ct_timeout::TCP_OPENING_S,
+            }
+        } else {
+            ct_timeout::UDP_S
+        };
+        secs * 1_000_000_000
+    }
+
+    pub fn is_expired(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns()
+    }
+
+    #[inline(always)]
+    pub fn original_key(&self) -> NatKey {
+        NatKey {
+            src_addr: self.client_addr,
+            dst_addr: self.frontend_addr,
+            src_port: self.client_port,
+            dst_port: self.frontend_port,
+            proto: self.proto,
+            direction: nat_dir::ORIGINAL,
+            _pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    pub fn reply_key(&self) -> NatKey {
+        NatKey {
+            src_addr: self.backend_addr,
+            dst_addr: self.nat_addr,
+            src_port: self.backend_port,
+            dst_port: self.nat_port,
+            proto: self.proto,
+            direction: nat_dir::REPLY,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of `NAT_CONFIG` (one entry, written by the agent): where SNAT
+/// ports come from. `port_min..=port_max` (host order) lies outside the
+/// node's ephemeral port range and is reserved for us
+/// (`net.ipv4.ip_local_reserved_ports`), so no socket of the node ever
+/// holds a tuple we hand out. `snat_addr` 0: no SNAT possible, external
+/// connections to remote backends are refused and counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatConfig {
+    /// Network order.
+    pub snat_addr: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+/// Key of the `SOURCE_RANGES` LPM trie: a `loadBalancerSourceRanges`
+/// prefix of one service. `prefix_len` counts the bits after itself: 32
+/// for the service id plus the prefix's own length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    pub prefix_len: u32,
+    /// Network byte order, so the trie matches it bit by bit first.
+    pub service_id_be: u32,
+    /// Network byte order.
+    pub addr: u32,
 }
 
 /// Direction of a conntrack key.
@@ -384,6 +565,10 @@ pub mod trace_hook {
     pub const FROM_POD: u8 = 1;
     /// tc egress of a pod's host-side interface: on its way into the pod.
     pub const TO_POD: u8 = 2;
+    /// Ingress of an uplink (XDP or tc): from outside the node.
+    pub const FROM_OUTSIDE: u8 = 3;
+    /// tc egress of an uplink: replies of local backends leaving the node.
+    pub const TO_OUTSIDE: u8 = 4;
 }
 
 /// The 4-tuple of a traced packet, network byte order.
@@ -457,10 +642,21 @@ pub enum Counter {
     /// a live flow already has, e.g. the same client port through two
     /// services to one backend: dropped, the other flow keeps its replies.
     ReplyTupleClash = 15,
+    /// New external connection to a remote backend with every SNAT port
+    /// in use (or no SNAT address): refused, never given a colliding tuple.
+    NatPortsExhausted = 16,
+    /// New connection to a load-balancer IP from outside its
+    /// `loadBalancerSourceRanges`: dropped.
+    DropSourceRange = 17,
+    /// An external packet was sent on by FIB lookup and redirect.
+    Redirected = 18,
+    /// No route or no usable next hop for a translated external packet:
+    /// dropped (a node-addressed packet cannot go through the stack).
+    FibLookupFailed = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -478,6 +674,10 @@ impl Counter {
         Counter::RejectFailed,
         Counter::TraceLost,
         Counter::ReplyTupleClash,
+        Counter::NatPortsExhausted,
+        Counter::DropSourceRange,
+        Counter::Redirected,
+        Counter::FibLookupFailed,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -503,6 +703,10 @@ impl Counter {
             Counter::RejectFailed => "reject_failed",
             Counter::TraceLost => "trace_lost",
             Counter::ReplyTupleClash => "reply_tuple_clash",
+            Counter::NatPortsExhausted => "nat_ports_exhausted",
+            Counter::DropSourceRange => "drop_source_range",
+            Counter::Redirected => "redirected",
+            Counter::FibLookupFailed => "fib_lookup_failed",
         }
     }
 }
@@ -532,6 +736,14 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TraceConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -572,6 +784,10 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<TraceEvent>(), 48);
+        assert_eq!(size_of::<NatKey>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 48);
+        assert_eq!(size_of::<NatConfig>(), 8);
+        assert_eq!(size_of::<SourceRangeKey>(), 12);
     }
 
     #[test]

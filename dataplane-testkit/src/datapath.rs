@@ -155,14 +155,13 @@ impl Harness {
             draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
+            masquerade_remote: false,
+            local_ips: Vec::new(),
+            source_ranges: Vec::new(),
         };
         let mut spec = spec;
         configure(&mut spec);
-        let frontend = Frontend {
-            ip: *frontend.ip(),
-            port: frontend.port(),
-            proto,
-        };
+        let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), proto);
         self.engine
             .sync_service(&service, &[(frontend, spec)])
             .expect("syncing the service into the maps");

@@ -4,9 +4,12 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    HashMap, MapData, MapError,
+};
 use dataplane_common::{
-    map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue,
+    map_names, Backend, BackendSlotKey, ServiceKey, ServiceLabel, ServiceValue, SourceRangeKey,
 };
 
 use crate::node::pinned::{self, MapOpenError};
@@ -31,6 +34,7 @@ pub struct LbSnapshot {
     pub slots: BTreeMap<(u32, u32), u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
+    pub source_ranges: Vec<SourceRangeKey>,
 }
 
 pub trait LbMaps {
@@ -44,6 +48,8 @@ pub trait LbMaps {
     fn remove_backend(&mut self, id: u32) -> Result<(), LbMapError>;
     fn set_service_name(&mut self, service_id: u32, label: &str) -> Result<(), LbMapError>;
     fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError>;
+    fn set_source_range(&mut self, key: SourceRangeKey) -> Result<(), LbMapError>;
+    fn remove_source_range(&mut self, key: SourceRangeKey) -> Result<(), LbMapError>;
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError>;
 }
 
@@ -54,6 +60,13 @@ pub struct BpfLbMaps {
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
     names: HashMap<MapData, u32, ServiceLabel>,
+    source_ranges: LpmTrie<MapData, [u32; 2], u32>,
+}
+
+/// The trie's key: the prefix length, then the data it covers (service id
+/// and address, both network order).
+fn lpm_key(key: &SourceRangeKey) -> LpmKey<[u32; 2]> {
+    LpmKey::new(key.prefix_len, [key.service_id_be, key.addr])
 }
 
 impl BpfLbMaps {
@@ -65,6 +78,7 @@ impl BpfLbMaps {
             slots: pinned::open(dir, map_names::BACKEND_SLOTS)?,
             backends: pinned::open(dir, map_names::BACKENDS)?,
             names: pinned::open(dir, map_names::SERVICE_NAMES)?,
+            source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
         })
     }
 
@@ -76,6 +90,7 @@ impl BpfLbMaps {
             slots: pinned::take(ebpf, map_names::BACKEND_SLOTS)?,
             backends: pinned::take(ebpf, map_names::BACKENDS)?,
             names: pinned::take(ebpf, map_names::SERVICE_NAMES)?,
+            source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
         })
     }
 }
@@ -137,8 +152,26 @@ impl LbMaps for BpfLbMaps {
     fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
         removed(self.names.remove(&service_id)).map_err(err(map_names::SERVICE_NAMES, "delete"))
     }
+    fn set_source_range(&mut self, key: SourceRangeKey) -> Result<(), LbMapError> {
+        self.source_ranges
+            .insert(&lpm_key(&key), 1, 0)
+            .map_err(err(map_names::SOURCE_RANGES, "insert"))
+    }
+    fn remove_source_range(&mut self, key: SourceRangeKey) -> Result<(), LbMapError> {
+        removed(self.source_ranges.remove(&lpm_key(&key)))
+            .map_err(err(map_names::SOURCE_RANGES, "delete"))
+    }
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
         let mut snap = LbSnapshot::default();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(err(map_names::SOURCE_RANGES, "iterate"))?;
+            let [service_id_be, addr] = key.data();
+            snap.source_ranges.push(SourceRangeKey {
+                prefix_len: key.prefix_len(),
+                service_id_be,
+                addr,
+            });
+        }
         for entry in self.names.iter() {
             let (k, v) = entry.map_err(err(map_names::SERVICE_NAMES, "iterate"))?;
             snap.names.insert(k, v.as_str().to_owned());
@@ -241,6 +274,18 @@ impl LbMaps for MemLbMaps {
     fn remove_service_name(&mut self, service_id: u32) -> Result<(), LbMapError> {
         self.write(map_names::SERVICE_NAMES)?;
         self.state.names.remove(&service_id);
+        Ok(())
+    }
+    fn set_source_range(&mut self, key: SourceRangeKey) -> Result<(), LbMapError> {
+        self.write(map_names::SOURCE_RANGES)?;
+        if !self.state.source_ranges.contains(&key) {
+            self.state.source_ranges.push(key);
+        }
+        Ok(())
+    }
+    fn remove_source_range(&mut self, key: SourceRangeKey) -> Result<(), LbMapError> {
+        self.write(map_names::SOURCE_RANGES)?;
+        self.state.source_ranges.retain(|k| *k != key);
         Ok(())
     }
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {

@@ -4,18 +4,23 @@
 //! (`operator`), attach to pod interfaces, and follow changes until
 //! SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 use crate::{
     control::{
         health::Health,
+        model::Ipv4Prefix,
         run_loop::ControlLoop,
         source::{self, SourceUpdate, UpdateSender},
         sync::SyncEngine,
@@ -26,9 +31,20 @@ use crate::{
         ct_options::ConntrackOptions,
         datapath::Datapath,
         interfaces::{self, LinkEvent, PodInterfaceFilter},
+        uplink,
     },
-    operator::{healthz, metrics, metrics::Metrics},
+    operator::{health_check, healthz, metrics, metrics::Metrics},
 };
+
+/// What runs on the uplinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalDatapath {
+    /// A tc program on ingress and egress.
+    Tc,
+    /// No external datapath: NodePorts, load-balancer IPs and externalIPs
+    /// are served to pods only.
+    None,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -62,6 +78,86 @@ pub struct Options {
     pub metrics_bind_address: SocketAddr,
     #[command(flatten)]
     pub conntrack: ConntrackOptions,
+    /// Interfaces traffic from outside arrives on (NodePort, LoadBalancer,
+    /// externalIPs), comma separated. Default: those holding the node's
+    /// default routes.
+    #[arg(long, value_delimiter = ',')]
+    pub uplink_ifaces: Vec<String>,
+    /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's
+    /// flag). Default: the uplinks' addresses.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// The program on the uplinks.
+    #[arg(long, value_enum, default_value = "tc")]
+    pub external_datapath: ExternalDatapath,
+    /// Ports external connections to remote backends are SNATed to; must
+    /// lie outside net.ipv4.ip_local_port_range (they are also reserved
+    /// there).
+    #[arg(long, default_value = "61000-65535")]
+    pub snat_port_range: String,
+}
+
+/// The uplinks, the node addresses NodePorts are served on, and the SNAT
+/// address (the first uplink's first address).
+struct ExternalSetup {
+    uplinks: Vec<uplink::Uplink>,
+    node_addrs: Vec<Ipv4Addr>,
+    snat_addr: Option<Ipv4Addr>,
+}
+
+fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
+    let names = if options.uplink_ifaces.is_empty() {
+        uplink::default_route_interfaces()?
+    } else {
+        options.uplink_ifaces.clone()
+    };
+    let uplinks = uplink::resolve(&names)?;
+    let addrs = uplink::addresses()?;
+    let prefixes = options
+        .nodeport_addresses
+        .iter()
+        .map(|c| {
+            c.parse::<Ipv4Prefix>()
+                .map_err(|()| anyhow::anyhow!("invalid --nodeport-addresses CIDR {c:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut node_addrs: Vec<Ipv4Addr> = addrs
+        .iter()
+        .filter(|(name, ip)| {
+            if prefixes.is_empty() {
+                names.contains(name)
+            } else {
+                prefixes.iter().any(|p| p.contains(*ip))
+            }
+        })
+        .map(|(_, ip)| *ip)
+        .collect();
+    node_addrs.sort();
+    node_addrs.dedup();
+    let snat_addr = uplinks
+        .first()
+        .and_then(|u| addrs.iter().find(|(name, _)| *name == u.name))
+        .map(|(_, ip)| *ip);
+    Ok(ExternalSetup {
+        uplinks,
+        node_addrs,
+        snat_addr,
+    })
+}
+
+fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
+    let (min, max) = range
+        .split_once('-')
+        .context("--snat-port-range is MIN-MAX")?;
+    let (min, max): (u16, u16) = (
+        min.trim().parse().context("--snat-port-range MIN")?,
+        max.trim().parse().context("--snat-port-range MAX")?,
+    );
+    anyhow::ensure!(
+        min > 0 && min <= max,
+        "--snat-port-range {range}: empty range"
+    );
+    Ok((min, max))
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -123,7 +219,43 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     ensure_bpffs(&options.bpffs)?;
     let (mut datapath, maps) = Datapath::load(&options.bpffs)?;
     let mut conntrack_map = maps.conntrack;
-    let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    let mut nat_config = maps.nat_config;
+    let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    let external = if options.external_datapath == ExternalDatapath::None {
+        None
+    } else {
+        Some(external_setup(&options)?)
+    };
+    if let Some(ext) = &external {
+        let (port_min, port_max) = parse_port_range(&options.snat_port_range)?;
+        let snat_addr = match uplink::reserve_snat_ports(port_min, port_max) {
+            Ok(()) => ext.snat_addr,
+            Err(e) => {
+                error!(
+                    "{:#}: external connections to remote backends are refused",
+                    anyhow::Error::from(e)
+                );
+                None
+            }
+        };
+        let config = dataplane_common::NatConfig {
+            snat_addr: snat_addr.map_or(0, |a| dataplane_common::ipv4_to_map(a.octets())),
+            port_min,
+            port_max,
+        };
+        nat_config
+            .set(0, config, 0)
+            .context("writing the SNAT configuration")?;
+        engine
+            .set_node_addresses(&ext.node_addrs)
+            .context("writing the node addresses")?;
+        info!(
+            "external traffic: uplinks {:?}, NodePorts on {:?}, SNAT to {} ports {port_min}-{port_max}",
+            ext.uplinks.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+            ext.node_addrs,
+            snat_addr.map_or("nothing (no address)".to_string(), |a| a.to_string()),
+        );
+    }
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
     let mut control = ControlLoop::new(
@@ -155,6 +287,9 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         }
     }
     control.full_sync();
+    let (health_checks_tx, health_checks_rx) = watch::channel(control.health_checks());
+    let health_check_server =
+        tokio::spawn(health_check::run(Ipv4Addr::UNSPECIFIED, health_checks_rx));
 
     // Interfaces after the first sync: a pod never sees the programs with
     // empty maps. Healthy only once the pods present now have them.
@@ -164,6 +299,13 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             break;
         }
         handle_link(&mut datapath, link);
+    }
+    if let Some(ext) = &external {
+        for u in &ext.uplinks {
+            datapath
+                .attach_uplink(u.ifindex, &u.name)
+                .with_context(|| format!("attaching to uplink {}", u.name))?;
+        }
     }
     datapath.remove_stale_links();
     control.mark_synced();
@@ -177,6 +319,12 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             update = updates.recv() => {
                 let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
                 control.apply(burst(first, &mut updates));
+                health_checks_tx.send_if_modified(|checks| {
+                    let now = control.health_checks();
+                    let changed = *checks != now;
+                    *checks = now;
+                    changed
+                });
             }
             link = links.recv() => match link {
                 Some(link) => handle_link(&mut datapath, link),
@@ -206,6 +354,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     drop(datapath);
     healthz_server.abort();
     metrics_server.abort();
+    health_check_server.abort();
     result
 }
 

@@ -19,6 +19,8 @@
 
 mod conntrack;
 mod csum;
+mod external;
+mod fib;
 mod icmp;
 mod lb;
 mod maps;
@@ -26,6 +28,7 @@ mod nat;
 mod parse;
 mod reject;
 mod skb;
+mod snat;
 mod trace;
 
 use aya_ebpf::{
@@ -34,8 +37,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, service_flags, trace_hook, Counter, CtEntry, TraceTuple,
-    IPPROTO_TCP,
+    ct_dir, ct_flags, ct_state, service_flags, trace_hook, Counter, CtEntry, ServiceValue,
+    TraceTuple, IPPROTO_TCP,
 };
 
 use crate::{
@@ -44,7 +47,10 @@ use crate::{
         ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
     },
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
-    lb::{lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    lb::{
+        lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend,
+        lb4_service_ip, lb4_source_allowed, Selected,
+    },
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
@@ -60,6 +66,19 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     try_to_pod(&ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// tc ingress of an uplink: NodePorts, load-balancer IPs and externalIPs
+/// from outside (`--external-datapath tc`).
+#[classifier]
+pub fn from_outside(ctx: TcContext) -> i32 {
+    external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// tc egress of an uplink: local backends' replies to outside clients.
+#[classifier]
+pub fn to_outside(ctx: TcContext) -> i32 {
+    external::try_to_outside(&ctx).unwrap_or_else(|verdict| verdict)
 }
 
 /// The error side carries the verdict for packets that cannot go on as they
@@ -189,9 +208,9 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             return Ok(TC_ACT_OK);
         }
     };
-    if !lb4_is_service_ip(flow.dst_addr) {
+    let Some(ip_value) = lb4_service_ip(flow.dst_addr) else {
         return Ok(TC_ACT_OK);
-    }
+    };
     let now = skb::now_ns();
     let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
 
@@ -221,21 +240,55 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return reply_translate(&packet, &mut flow, &ct, now);
     }
 
-    new_flow(&packet, &mut flow, now)
+    new_flow(&packet, &mut flow, now, ip_value)
 }
 
 #[inline(always)]
-fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
-    let Some(service) = lb4_lookup_service(flow) else {
+fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64, ip_value: u32) -> Verdict {
+    let Some(service) = lb4_lookup_service(flow, ip_value) else {
+        if ip_value & dataplane_common::service_ip_flags::COUNT_MASK == 0 {
+            // Only a node address: the node's own traffic, not a service.
+            return Ok(TC_ACT_OK);
+        }
         return packet.pass(Counter::UnknownPort, flow, Ids::default());
     };
-    let ids = Ids::service(service.service_id);
-    let Some(selected) = lb4_select_backend(&service, flow.src_addr, now) else {
-        if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
-            return packet.drop(Counter::DropNoLocalEndpoints, flow, ids);
-        }
-        return packet.reject(Counter::RejectNoEndpoints, flow, ids);
+    if !lb4_source_allowed(&service, flow.src_addr) {
+        return packet.drop(
+            Counter::DropSourceRange,
+            flow,
+            Ids::service(service.service_id),
+        );
+    }
+    let selected = match lb4_select_backend(&service, flow.src_addr, now) {
+        Some(selected) => selected,
+        None => return refuse_without_backend(packet, flow, &service),
     };
+    ct_new_flow(packet, flow, now, &service, selected)
+}
+
+/// A new connection to a frontend without a backend to choose: dropped
+/// when the traffic policy is Local and other nodes have endpoints (as
+/// kube-proxy drops it), refused at once otherwise.
+#[inline(always)]
+fn refuse_without_backend(packet: &Packet, flow: &Ipv4Flow, service: &ServiceValue) -> Verdict {
+    let ids = Ids::service(service.service_id);
+    if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
+        return packet.drop(Counter::DropNoLocalEndpoints, flow, ids);
+    }
+    packet.reject(Counter::RejectNoEndpoints, flow, ids)
+}
+
+/// A new flow to `selected` tracked in `CONNTRACK` and DNATed; the stack
+/// delivers it (and the backend's replies are translated back where they
+/// leave: `to_pod`, `to_outside`).
+#[inline(always)]
+fn ct_new_flow(
+    packet: &Packet,
+    flow: &mut Ipv4Flow,
+    now: u64,
+    service: &ServiceValue,
+    selected: Selected,
+) -> Verdict {
     let (backend_id, backend) = (selected.backend_id, selected.backend);
     let hairpin = backend.addr == flow.src_addr;
     let entry = CtEntry {

@@ -78,6 +78,8 @@ pub struct Harness {
     pub datapath: Datapath,
     pub conntrack: ConntrackMap,
     counters: CounterMap,
+    /// SNAT address and ports of the external datapath.
+    pub nat_config: aya::maps::Array<MapData, dataplane_common::NatConfig>,
     /// Programs the maps, as the agent does.
     pub engine: SyncEngine<BpfLbMaps>,
     // Last: unmounted after everything above closed its fds.
@@ -103,6 +105,7 @@ impl Harness {
                 lb,
                 conntrack,
                 counters,
+                nat_config,
             },
         ) = Datapath::load(bpffs.path())
             .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;
@@ -111,6 +114,7 @@ impl Harness {
             datapath,
             conntrack,
             counters,
+            nat_config,
             engine,
             bpffs,
         })

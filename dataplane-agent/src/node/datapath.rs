@@ -17,7 +17,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
-use dataplane_common::{map_layouts, map_names, LAYOUT_VERSION};
+use dataplane_common::{map_layouts, map_names, NatConfig, LAYOUT_VERSION};
 use log::{info, warn};
 
 use crate::node::{
@@ -31,6 +31,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const FROM_POD: &str = "from_pod";
 pub const TO_POD: &str = "to_pod";
+/// Uplink ingress (tc): traffic from outside to external frontends.
+pub const FROM_OUTSIDE: &str = "from_outside";
+/// Uplink egress (tc): local backends' replies to outside clients.
+pub const TO_OUTSIDE: &str = "to_outside";
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
 
@@ -105,6 +109,7 @@ pub struct DatapathMaps {
     pub lb: BpfLbMaps,
     pub conntrack: ConntrackMap,
     pub counters: CounterMap,
+    pub nat_config: Array<MapData, NatConfig>,
 }
 
 /// How one direction's program is attached to an interface.
@@ -127,6 +132,8 @@ pub struct Datapath {
     /// Where tcx links are pinned: `<bpffs>/links/<ifindex>-<hook>`.
     links_dir: PathBuf,
     attached: HashMap<u32, Attachment>,
+    /// Uplink interfaces and their programs, by ifindex.
+    uplinks: HashMap<u32, Attachment>,
 }
 
 impl Datapath {
@@ -148,7 +155,7 @@ impl Datapath {
                 dir: bpffs.to_owned(),
                 source: Box::new(source),
             })?;
-        for name in [FROM_POD, TO_POD, BENCH_FLOOR] {
+        for name in [FROM_POD, TO_POD, FROM_OUTSIDE, TO_OUTSIDE, BENCH_FLOOR] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Verify { name, source })?;
@@ -157,6 +164,7 @@ impl Datapath {
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack: ConntrackMap = pinned::take(&mut ebpf, map_names::CONNTRACK)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
+        let nat_config = pinned::take(&mut ebpf, map_names::NAT_CONFIG)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
@@ -164,11 +172,13 @@ impl Datapath {
                 ebpf,
                 links_dir,
                 attached: HashMap::new(),
+                uplinks: HashMap::new(),
             },
             DatapathMaps {
                 lb,
                 conntrack,
                 counters,
+                nat_config,
             },
         ))
     }
@@ -233,12 +243,68 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the external datapath to an uplink: `from_outside` on tc
+    /// ingress and `to_outside` on tc egress, pinned like the pod links
+    /// (`<ifindex>-uplink-ingress`), so NodePort connections survive an
+    /// agent restart.
+    pub fn attach_uplink(&mut self, ifindex: u32, ifname: &str) -> Result<(), DatapathError> {
+        if self.uplinks.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let tcx = KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                warn!("adding clsact qdisc on {ifname}: {e} (continuing, it may already exist)");
+            }
+        }
+        let from = self.attach_one_at(
+            FROM_OUTSIDE,
+            ifindex,
+            ifname,
+            TcAttachType::Ingress,
+            tcx,
+            "uplink-",
+        )?;
+        let to = match self.attach_one_at(
+            TO_OUTSIDE,
+            ifindex,
+            ifname,
+            TcAttachType::Egress,
+            tcx,
+            "uplink-",
+        ) {
+            Ok(link) => link,
+            Err(e) => {
+                self.release(FROM_OUTSIDE, from);
+                return Err(e);
+            }
+        };
+        self.uplinks.insert(
+            ifindex,
+            Attachment {
+                ifname: ifname.to_owned(),
+                from_pod: from,
+                to_pod: to,
+            },
+        );
+        info!("attached the external datapath to uplink {ifname} (ifindex {ifindex}): tc ingress and egress");
+        Ok(())
+    }
+
+    pub fn uplink_count(&self) -> usize {
+        self.uplinks.len()
+    }
+
     fn pin_path(&self, ifindex: u32, attach_type: TcAttachType) -> PathBuf {
+        self.pin_path_at(ifindex, attach_type, "")
+    }
+
+    fn pin_path_at(&self, ifindex: u32, attach_type: TcAttachType, prefix: &str) -> PathBuf {
         let hook = match attach_type {
             TcAttachType::Ingress => "ingress",
             _ => "egress",
         };
-        self.links_dir.join(format!("{ifindex}-{hook}"))
+        self.links_dir.join(format!("{ifindex}-{prefix}{hook}"))
     }
 
     fn attach_one(
@@ -248,6 +314,18 @@ impl Datapath {
         ifname: &str,
         attach_type: TcAttachType,
         tcx: bool,
+    ) -> Result<Link, DatapathError> {
+        self.attach_one_at(program, ifindex, ifname, attach_type, tcx, "")
+    }
+
+    fn attach_one_at(
+        &mut self,
+        program: &str,
+        ifindex: u32,
+        ifname: &str,
+        attach_type: TcAttachType,
+        tcx: bool,
+        pin_prefix: &str,
     ) -> Result<Link, DatapathError> {
         let hook = format!("{program} on {ifname} {attach_type:?}");
         let prog = self.program(program)?;
@@ -266,7 +344,7 @@ impl Datapath {
             Ok(link) => link,
             Err(source) => return Err(DatapathError::NotTcx { hook, source }),
         };
-        let pin = self.pin_path(ifindex, attach_type);
+        let pin = self.pin_path_at(ifindex, attach_type, pin_prefix);
         // A previous agent's link (or a stale one of a deleted interface that
         // had this ifindex): unpinning it detaches it, now that ours runs.
         match std::fs::remove_file(&pin) {
@@ -324,6 +402,12 @@ impl Datapath {
                     self.pin_path(i, TcAttachType::Egress),
                 ]
             })
+            .chain(self.uplinks.keys().flat_map(|&i| {
+                [
+                    self.pin_path_at(i, TcAttachType::Ingress, "uplink-"),
+                    self.pin_path_at(i, TcAttachType::Egress, "uplink-"),
+                ]
+            }))
             .collect();
         let Ok(entries) = std::fs::read_dir(&self.links_dir) else {
             return;

@@ -15,3 +15,4 @@ pub mod datapath;
 pub mod interfaces;
 pub mod lb_maps;
 pub mod pinned;
+pub mod uplink;

@@ -1,0 +1,261 @@
+//! The north-south path: traffic from outside the cluster arriving on the
+//! node's uplink (`from_outside`), and the replies of local backends
+//! leaving through it (`to_outside`).
+//!
+//! Pipeline on ingress: parse -> service IP / node address filter -> SNAT
+//! replies -> external frontend lookup -> conntrack (local backends) or NAT
+//! (SNATed remote backends) -> backend selection -> DNAT (+ SNAT and FIB
+//! redirect for remote backends with policy Cluster). A flow to a local
+//! backend (policy Local, or a local endpoint with policy Cluster) keeps
+//! the client's address and is tracked in `CONNTRACK` like a pod's; a flow
+//! to a remote backend with policy Cluster gets this node's address and a
+//! port of the SNAT range, tracked in `NAT`.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use dataplane_common::{
+    backend_flags, ct_dir, nat_dir, service_flags, service_ip_flags, trace_hook, Counter, NatEntry,
+    ServiceValue, IPPROTO_TCP,
+};
+
+use crate::{
+    conntrack::{
+        ct4_delete, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup, ct4_restore_reply, ct4_update,
+    },
+    ct_new_flow, fail,
+    fib::fib4_redirect,
+    forward_established,
+    lb::{
+        lb4_lookup_backend, lb4_lookup_external, lb4_select_backend, lb4_service_ip,
+        lb4_source_allowed, Selected,
+    },
+    maps::{count, nat_config, nat_get},
+    nat::{nat4_rewrite_dst, nat4_rewrite_src},
+    parse::{parse_ipv4_flow, Ipv4Flow, ParseError},
+    refuse_without_backend, reply_translate, skb,
+    snat::{
+        nat4_create, nat4_delete, nat4_is_reopen, nat4_key, nat4_lookup, nat4_update,
+        NatCreateError,
+    },
+    Ids, Packet, Verdict,
+};
+
+#[inline(always)]
+pub fn try_from_outside(ctx: &TcContext) -> Verdict {
+    let mut flow = match parse_ipv4_flow(ctx) {
+        Ok(flow) => flow,
+        Err(ParseError::NotIpv4L4) => return Ok(TC_ACT_OK),
+        Err(ParseError::Malformed { dst_addr }) => {
+            if dst_addr != 0 && lb4_service_ip(dst_addr).is_some() {
+                count(Counter::Malformed);
+            }
+            return Ok(TC_ACT_OK);
+        }
+    };
+    let Some(ip_value) = lb4_service_ip(flow.dst_addr) else {
+        return Ok(TC_ACT_OK);
+    };
+    let now = skb::now_ns();
+    let packet = Packet::new(ctx, trace_hook::FROM_OUTSIDE, &flow);
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 && in_snat_range(flow.dst_port) {
+        if let Some(verdict) = snat_reply(&packet, &mut flow, now) {
+            return verdict;
+        }
+    }
+    let Some(service) = lb4_lookup_external(&flow, ip_value) else {
+        if ip_value & service_ip_flags::COUNT_MASK == 0 {
+            // The node's own traffic (not to a NodePort).
+            return Ok(TC_ACT_OK);
+        }
+        return packet.pass(Counter::UnknownPort, &flow, Ids::default());
+    };
+
+    // Established flows: to a local backend (conntrack) ...
+    if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
+        let ct = slot.get();
+        let expired = ct.is_expired(now) || ct4_is_reopen(&ct, &flow);
+        let backend_alive = lb4_lookup_backend(ct.backend_id)
+            .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
+        if !expired && backend_alive {
+            ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
+            ct4_restore_reply(&ct, now);
+            forward_established(ctx, &mut flow, &ct)?;
+            return packet.pass(Counter::Established, &flow, Ids::of(&ct));
+        }
+        ct4_delete(&ct);
+        if !expired && flow.proto == IPPROTO_TCP {
+            return packet.reject(Counter::ResetBackendGone, &flow, Ids::of(&ct));
+        }
+        if !expired {
+            count(Counter::UdpFlowMoved);
+        }
+    } else if service.flags & service_flags::MASQUERADE_REMOTE != 0 {
+        // ... or SNATed to a remote one.
+        if let Some(slot) = nat4_lookup(&nat4_key(&flow, nat_dir::ORIGINAL)) {
+            let nat = slot.get();
+            let expired = nat.is_expired(now) || nat4_is_reopen(&nat, &flow);
+            let backend_alive = lb4_lookup_backend(nat.backend_id)
+                .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
+            if !expired && backend_alive {
+                nat4_update(slot, &flow, nat_dir::ORIGINAL, now);
+                return snat_forward(&packet, &mut flow, &nat, Counter::Established);
+            }
+            nat4_delete(&nat);
+            let ids = Ids {
+                service_id: nat.service_id,
+                backend_id: nat.backend_id,
+            };
+            if !expired && flow.proto == IPPROTO_TCP {
+                return packet.reject(Counter::ResetBackendGone, &flow, ids);
+            }
+            if !expired {
+                count(Counter::UdpFlowMoved);
+            }
+        }
+    }
+
+    if !lb4_source_allowed(&service, flow.src_addr) {
+        return packet.drop(
+            Counter::DropSourceRange,
+            &flow,
+            Ids::service(service.service_id),
+        );
+    }
+    let selected = match lb4_select_backend(&service, flow.src_addr, now) {
+        Some(selected) => selected,
+        None => return refuse_without_backend(&packet, &flow, &service),
+    };
+    if service.flags & service_flags::MASQUERADE_REMOTE == 0
+        || selected.backend.flags & backend_flags::LOCAL != 0
+    {
+        return ct_new_flow(&packet, &mut flow, now, &service, selected);
+    }
+    snat_new_flow(&packet, &mut flow, now, &service, selected)
+}
+
+#[inline(always)]
+fn in_snat_range(port: u16) -> bool {
+    let port = u16::from_be(port);
+    nat_config().is_some_and(|c| c.port_min <= port && port <= c.port_max)
+}
+
+/// A new external flow to a remote backend: a SNAT port, both NAT entries,
+/// then DNAT + SNAT and on to the backend's node.
+#[inline(always)]
+fn snat_new_flow(
+    packet: &Packet,
+    flow: &mut Ipv4Flow,
+    now: u64,
+    service: &ServiceValue,
+    selected: Selected,
+) -> Verdict {
+    let mut entry = NatEntry {
+        last_seen_ns: now,
+        client_addr: flow.src_addr,
+        frontend_addr: flow.dst_addr,
+        backend_addr: selected.backend.addr,
+        nat_addr: 0,
+        client_port: flow.src_port,
+        frontend_port: flow.dst_port,
+        backend_port: selected.backend.port,
+        nat_port: 0,
+        backend_id: selected.backend_id,
+        service_id: service.service_id,
+        proto: flow.proto,
+        state: 0,
+        _pad: [0; 6],
+    };
+    let ids = Ids {
+        service_id: service.service_id,
+        backend_id: selected.backend_id,
+    };
+    let nat = match nat4_create(&mut entry, now) {
+        Ok(nat) => nat,
+        Err(NatCreateError::Exhausted) => {
+            return packet.drop(Counter::NatPortsExhausted, flow, ids);
+        }
+        Err(NatCreateError::InsertFailed) => return Err(fail(Counter::CtInsertFailed)),
+    };
+    if selected.by_affinity {
+        count(Counter::AffinityHit);
+    }
+    snat_forward(packet, flow, &nat, Counter::NewFlow)
+}
+
+/// Client -> frontend packet of a SNATed flow: to the backend, from this
+/// node's SNAT address and port, sent on by FIB lookup.
+#[inline(always)]
+fn snat_forward(
+    packet: &Packet,
+    flow: &mut Ipv4Flow,
+    nat: &NatEntry,
+    decision: Counter,
+) -> Verdict {
+    nat4_rewrite_dst(packet.ctx, flow, nat.backend_addr, nat.backend_port)
+        .map_err(|_| fail(Counter::RewriteFailed))?;
+    nat4_rewrite_src(packet.ctx, flow, nat.nat_addr, nat.nat_port)
+        .map_err(|_| fail(Counter::RewriteFailed))?;
+    let ids = Ids {
+        service_id: nat.service_id,
+        backend_id: nat.backend_id,
+    };
+    redirect(packet, flow, decision, ids)
+}
+
+/// Backend -> SNAT port packet: back to the client, from the frontend.
+/// `None` when it is not a reply of a live SNATed flow.
+#[inline(always)]
+fn snat_reply(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict> {
+    let reply = nat_get(&nat4_key(flow, nat_dir::REPLY))?;
+    let owner = nat4_lookup(&reply.original_key());
+    let live = owner.is_some_and(|o| {
+        let e = o.get();
+        e.reply_key() == reply.reply_key() && !e.is_expired(now)
+    });
+    let Some(owner) = owner.filter(|_| live) else {
+        // Left by a flow that is gone: the port is free again.
+        let _ = crate::maps::NAT.remove(reply.reply_key());
+        return None;
+    };
+    nat4_update(owner, flow, nat_dir::REPLY, now);
+    let ids = Ids {
+        service_id: reply.service_id,
+        backend_id: reply.backend_id,
+    };
+    let rewritten = nat4_rewrite_src(packet.ctx, flow, reply.frontend_addr, reply.frontend_port)
+        .and_then(|()| nat4_rewrite_dst(packet.ctx, flow, reply.client_addr, reply.client_port));
+    if rewritten.is_err() {
+        return Some(Err(fail(Counter::RewriteFailed)));
+    }
+    Some(redirect(packet, flow, Counter::ReplyTranslated, ids))
+}
+
+/// Sends a translated packet to its next hop, counting `decision` (and the
+/// redirect), or drops it when there is no route.
+#[inline(always)]
+fn redirect(packet: &Packet, flow: &Ipv4Flow, decision: Counter, ids: Ids) -> Verdict {
+    match fib4_redirect(packet.ctx, flow) {
+        Ok(verdict) => {
+            count(Counter::Redirected);
+            packet.record(decision, flow, ids);
+            Ok(verdict)
+        }
+        Err(()) => packet.drop(Counter::FibLookupFailed, flow, ids),
+    }
+}
+
+/// Uplink egress: a local backend's reply to an outside client gets the
+/// frontend (node address and NodePort, or load-balancer IP) as source.
+#[inline(always)]
+pub fn try_to_outside(ctx: &TcContext) -> Verdict {
+    let Ok(mut flow) = parse_ipv4_flow(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
+        return Ok(TC_ACT_OK);
+    };
+    if ct.flags & dataplane_common::ct_flags::HAIRPIN != 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let packet = Packet::new(ctx, trace_hook::TO_OUTSIDE, &flow);
+    reply_translate(&packet, &mut flow, &ct, skb::now_ns())
+}

@@ -230,7 +230,8 @@ fn snat_reply(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict>
 }
 
 /// Sends a translated packet to its next hop, counting `decision` (and the
-/// redirect), or drops it when there is no route.
+/// redirect), or drops it when there is no route (the decision, a new flow
+/// or a translated reply, still counts: the flow's state changed).
 #[inline(always)]
 fn redirect(packet: &Packet, flow: &Ipv4Flow, decision: Counter, ids: Ids) -> Verdict {
     match fib4_redirect(packet.ctx, flow) {
@@ -239,7 +240,10 @@ fn redirect(packet: &Packet, flow: &Ipv4Flow, decision: Counter, ids: Ids) -> Ve
             packet.record(decision, flow, ids);
             Ok(verdict)
         }
-        Err(()) => packet.drop(Counter::FibLookupFailed, flow, ids),
+        Err(()) => {
+            count(decision);
+            packet.drop(Counter::FibLookupFailed, flow, ids)
+        }
     }
 }
 

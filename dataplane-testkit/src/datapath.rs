@@ -171,6 +171,69 @@ impl Harness {
             .expect("syncing the service into the maps");
     }
 
+    /// Programs one frontend of any scope (a NodePort is
+    /// `Frontend::node_port`), its spec adjusted by `configure` (traffic
+    /// policy, local endpoints, source ranges).
+    pub fn set_frontend_with(
+        &mut self,
+        name: &str,
+        frontend: Frontend,
+        backends: &[SocketAddrV4],
+        configure: impl FnOnce(&mut FrontendSpec),
+    ) {
+        let service = ObjectRef {
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let mut spec = FrontendSpec {
+            service: service.clone(),
+            port_name: None,
+            backends: backends
+                .iter()
+                .map(|b| BackendAddr {
+                    ip: *b.ip(),
+                    port: b.port(),
+                })
+                .collect(),
+            draining: Vec::new(),
+            affinity_timeout_s: None,
+            drop_without_local_endpoints: false,
+            masquerade_remote: false,
+            local_ips: Vec::new(),
+            source_ranges: Vec::new(),
+        };
+        configure(&mut spec);
+        self.engine
+            .sync_service(&service, &[(frontend, spec)])
+            .expect("syncing the frontend into the maps");
+    }
+
+    /// This node's addresses, on which NodePorts are served.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) {
+        self.engine
+            .set_node_addresses(addrs)
+            .expect("writing the node addresses");
+    }
+
+    /// SNAT address and port range of the external datapath.
+    pub fn set_snat(&mut self, addr: Ipv4Addr, port_min: u16, port_max: u16) {
+        let config = dataplane_common::NatConfig {
+            snat_addr: ipv4_to_map(addr.octets()),
+            port_min,
+            port_max,
+        };
+        self.nat_config
+            .set(0, config, 0)
+            .expect("writing NAT_CONFIG");
+    }
+
+    /// The pinned `NAT` map.
+    pub fn nat(&self) -> BpfHashMap<MapData, dataplane_common::NatKey, dataplane_common::NatEntry> {
+        let pin = self.bpffs().join(map_names::NAT);
+        let map = MapData::from_pin(&pin).expect("opening the pinned NAT map");
+        BpfHashMap::try_from(Map::LruHashMap(map)).expect("NAT is an LRU hash map")
+    }
+
     /// Runs program `program` (`from_pod`, `to_pod`, ...) on `packet`; Err
     /// if the kernel refused the run.
     pub fn try_run(&self, program: &str, packet: &[u8]) -> Result<Run, ProgramError> {

@@ -12,8 +12,12 @@ use dataplane_agent::control::model::{Frontend, Protocol, Scope};
 use dataplane_common::{
     ct_dir, ipv4_to_map, nat_dir, port_to_map, Counter, NatKey, IPPROTO_TCP, IPPROTO_UDP,
 };
-use dataplane_testkit::datapath::{addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use dataplane_testkit::packets::{assert_checksums_ok, assert_translated, endpoints, Tcp, Udp, ACK, SYN};
+use dataplane_testkit::datapath::{
+    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+};
+use dataplane_testkit::packets::{
+    assert_checksums_ok, assert_translated, endpoints, Tcp, Udp, ACK, SYN,
+};
 
 const NODE: [u8; 4] = [192, 168, 100, 1];
 const NODE_PORT: u16 = 30080;
@@ -99,9 +103,20 @@ fn node_port_from_outside_to_a_local_endpoint_keeps_the_client_address() {
     let run = dp.run("from_outside", &syn);
 
     assert_eq!(run.verdict, TC_ACT_OK, "the stack delivers it to the pod");
-    assert_translated(&syn, &run.output, outside_client(), local_backend(), "DNATed SYN");
+    assert_translated(
+        &syn,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "DNATed SYN",
+    );
     assert!(dp
-        .ct_get(&ct_key(outside_client(), node_port(), Protocol::Tcp, ct_dir::ORIGINAL))
+        .ct_get(&ct_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
         .is_some());
     assert_eq!(dp.nat().keys().count(), 0, "no SNAT for a local endpoint");
     assert_eq!(dp.counter(Counter::NewFlow), 1);
@@ -124,14 +139,29 @@ fn node_port_from_outside_to_a_remote_endpoint_is_snatted_to_the_node_and_back()
 
     assert_sent_on(&dp, &run, "SNATed SYN");
     let snat = addr(NODE, SNAT_PORT);
-    assert_eq!(endpoints(&run.output), (snat, remote_backend()), "SNAT + DNAT");
+    assert_eq!(
+        endpoints(&run.output),
+        (snat, remote_backend()),
+        "SNAT + DNAT"
+    );
     assert_checksums_ok(&run.output, "SNATed SYN");
     let nat = dp.nat();
     let original = nat
-        .get(&nat_key(outside_client(), node_port(), IPPROTO_TCP, nat_dir::ORIGINAL), 0)
+        .get(
+            &nat_key(
+                outside_client(),
+                node_port(),
+                IPPROTO_TCP,
+                nat_dir::ORIGINAL,
+            ),
+            0,
+        )
         .expect("NAT holds the original tuple");
     let reply = nat
-        .get(&nat_key(remote_backend(), snat, IPPROTO_TCP, nat_dir::REPLY), 0)
+        .get(
+            &nat_key(remote_backend(), snat, IPPROTO_TCP, nat_dir::REPLY),
+            0,
+        )
         .expect("NAT holds the reply tuple, reserving the port");
     assert_eq!(original, reply);
     assert_eq!(original.nat_port, port_to_map(SNAT_PORT));
@@ -141,7 +171,11 @@ fn node_port_from_outside_to_a_remote_endpoint_is_snatted_to_the_node_and_back()
     // NodePort.
     let answer = Tcp::new(remote_backend(), snat, SYN | ACK).build();
     let run = dp.run("from_outside", &answer);
-    assert!(matches!(run.verdict, TC_ACT_REDIRECT | TC_ACT_SHOT), "{}", run.verdict);
+    assert!(
+        matches!(run.verdict, TC_ACT_REDIRECT | TC_ACT_SHOT),
+        "{}",
+        run.verdict
+    );
     assert_eq!(endpoints(&run.output), (node_port(), outside_client()));
     assert_checksums_ok(&run.output, "reverse-translated reply");
     assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
@@ -181,21 +215,36 @@ fn traffic_to_the_node_that_is_not_a_node_port_passes_untouched() {
         assert_eq!(run.verdict, TC_ACT_OK);
         assert_eq!(run.output, packet);
     }
-    assert!(dp.counters().iter().all(|(_, n)| *n == 0), "{:?}", dp.counters());
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
 }
 
 #[test]
 fn load_balancer_ip_outside_its_source_ranges_is_dropped_and_counted() {
     let mut dp = node(0);
-    dp.set_frontend_with("web", external(lb_ip(), Protocol::Tcp), &[local_backend()], |spec| {
-        spec.masquerade_remote = true;
-        spec.local_ips = vec![*local_backend().ip()];
-        spec.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
-    });
+    dp.set_frontend_with(
+        "web",
+        external(lb_ip(), Protocol::Tcp),
+        &[local_backend()],
+        |spec| {
+            spec.masquerade_remote = true;
+            spec.local_ips = vec![*local_backend().ip()];
+            spec.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
+        },
+    );
     let allowed = Tcp::new(outside_client(), lb_ip(), SYN).build();
     let run = dp.run("from_outside", &allowed);
     assert_eq!(run.verdict, TC_ACT_OK);
-    assert_translated(&allowed, &run.output, outside_client(), local_backend(), "allowed");
+    assert_translated(
+        &allowed,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "allowed",
+    );
 
     let stranger = Tcp::new(addr([203, 0, 113, 77], 40_000), lb_ip(), SYN).build();
     let run = dp.run("from_outside", &stranger);
@@ -207,25 +256,48 @@ fn load_balancer_ip_outside_its_source_ranges_is_dropped_and_counted() {
 fn external_ip_is_served_without_being_a_node_address() {
     let mut dp = node(0);
     let external_ip = addr([192, 0, 2, 7], 80);
-    dp.set_frontend_with("web", external(external_ip, Protocol::Udp), &[local_backend()], |spec| {
-        spec.masquerade_remote = true;
-        spec.local_ips = vec![*local_backend().ip()];
-    });
-    let query = Udp::new(outside_client(), external_ip).payload(b"q").build();
+    dp.set_frontend_with(
+        "web",
+        external(external_ip, Protocol::Udp),
+        &[local_backend()],
+        |spec| {
+            spec.masquerade_remote = true;
+            spec.local_ips = vec![*local_backend().ip()];
+        },
+    );
+    let query = Udp::new(outside_client(), external_ip)
+        .payload(b"q")
+        .build();
     let run = dp.run("from_outside", &query);
     assert_eq!(run.verdict, TC_ACT_OK);
-    assert_translated(&query, &run.output, outside_client(), local_backend(), "UDP");
+    assert_translated(
+        &query,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "UDP",
+    );
     assert!(dp
-        .ct_get(&ct_key(outside_client(), external_ip, Protocol::Udp, ct_dir::ORIGINAL))
+        .ct_get(&ct_key(
+            outside_client(),
+            external_ip,
+            Protocol::Udp,
+            ct_dir::ORIGINAL
+        ))
         .is_some_and(|e| e.proto == IPPROTO_UDP));
 }
 
 #[test]
 fn policy_local_without_a_local_endpoint_drops_new_connections() {
     let mut dp = node(0);
-    dp.set_frontend_with("web", Frontend::node_port(NODE_PORT, Protocol::Tcp), &[], |spec| {
-        spec.drop_without_local_endpoints = true;
-    });
+    dp.set_frontend_with(
+        "web",
+        Frontend::node_port(NODE_PORT, Protocol::Tcp),
+        &[],
+        |spec| {
+            spec.drop_without_local_endpoints = true;
+        },
+    );
     let syn = Tcp::new(outside_client(), node_port(), SYN).build();
     let run = dp.run("from_outside", &syn);
     assert_eq!(run.verdict, TC_ACT_SHOT);

@@ -39,6 +39,9 @@ use crate::{
 /// What runs on the uplinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExternalDatapath {
+    /// XDP on ingress (native, else generic) in front of the tc programs,
+    /// which finish what XDP leaves to them.
+    Xdp,
     /// A tc program on ingress and egress.
     Tc,
     /// No external datapath: NodePorts, load-balancer IPs and externalIPs
@@ -88,7 +91,7 @@ pub struct Options {
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// The program on the uplinks.
-    #[arg(long, value_enum, default_value = "tc")]
+    #[arg(long, value_enum, default_value = "xdp")]
     pub external_datapath: ExternalDatapath,
     /// Ports external connections to remote backends are SNATed to; must
     /// lie outside net.ipv4.ip_local_port_range (they are also reserved
@@ -305,6 +308,11 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             datapath
                 .attach_uplink(u.ifindex, &u.name)
                 .with_context(|| format!("attaching to uplink {}", u.name))?;
+            if options.external_datapath == ExternalDatapath::Xdp {
+                datapath
+                    .attach_uplink_xdp(u.ifindex, &u.name)
+                    .with_context(|| format!("attaching XDP to uplink {}", u.name))?;
+            }
         }
     }
     datapath.remove_stale_links();

@@ -13,7 +13,7 @@ use dataplane_common::{
     ct_dir, ipv4_to_map, nat_dir, port_to_map, Counter, NatKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use dataplane_testkit::datapath::{
-    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
 use dataplane_testkit::packets::{
     assert_checksums_ok, assert_translated, endpoints, Tcp, Udp, ACK, SYN,
@@ -83,15 +83,71 @@ fn nat_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, direction: u8) -> Na
     }
 }
 
-/// A redirect, or (where the test machine has no route to the backend) a
-/// drop counted as such; never a packet handed to the stack with the
-/// node's own address as source.
-fn assert_sent_on(dp: &Harness, run: &Run, what: &str) {
-    match run.verdict {
-        TC_ACT_REDIRECT => assert!(dp.counter(Counter::Redirected) >= 1, "{what}"),
-        TC_ACT_SHOT => assert!(dp.counter(Counter::FibLookupFailed) >= 1, "{what}"),
-        other => panic!("{what}: verdict {other}, expected a redirect"),
-    }
+const BACKEND_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+/// Runs `f` on a thread in a network namespace of its own (test runs look
+/// routes up there) holding the node's address on `uplink0`, a route to
+/// the other node's pods and a default route, with permanent neighbours.
+fn in_routed_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let commands: [&[&str]; 8] = [
+            &["link", "set", "lo", "up"],
+            &["link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1"],
+            &["link", "set", "uplink0", "up"],
+            &["link", "set", "uplink1", "up"],
+            &["addr", "add", "192.168.100.1/24", "dev", "uplink0"],
+            &["route", "add", "10.244.2.0/24", "via", "192.168.100.2"],
+            &["route", "add", "default", "via", "192.168.100.254"],
+            &[
+                "neigh",
+                "add",
+                "192.168.100.2",
+                "lladdr",
+                &mac(BACKEND_NODE_MAC),
+                "dev",
+                "uplink0",
+                "nud",
+                "permanent",
+            ],
+        ];
+        let router: &[&str] = &[
+            "neigh",
+            "add",
+            "192.168.100.254",
+            "lladdr",
+            &mac(ROUTER_MAC),
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ];
+        for args in commands.iter().copied().chain([router]) {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
+        f()
+    })
+    .join()
+    .expect("test thread")
+}
+
+/// A redirect to the next hop, counted.
+fn assert_sent_on(dp: &Harness, run: &Run, dst_mac: [u8; 6], what: &str) {
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "{what}");
+    assert!(dp.counter(Counter::Redirected) >= 1, "{what}");
+    assert_eq!(&run.output[..6], &dst_mac, "{what}: next hop's MAC");
 }
 
 #[test]
@@ -131,13 +187,17 @@ fn node_port_from_outside_to_a_local_endpoint_keeps_the_client_address() {
 
 #[test]
 fn node_port_from_outside_to_a_remote_endpoint_is_snatted_to_the_node_and_back() {
+    in_routed_netns(snatted_to_the_node_and_back);
+}
+
+fn snatted_to_the_node_and_back() {
     let mut dp = node(0);
     node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
     let syn = Tcp::new(outside_client(), node_port(), SYN).build();
 
     let run = dp.run("from_outside", &syn);
 
-    assert_sent_on(&dp, &run, "SNATed SYN");
+    assert_sent_on(&dp, &run, BACKEND_NODE_MAC, "SNATed SYN");
     let snat = addr(NODE, SNAT_PORT);
     assert_eq!(
         endpoints(&run.output),
@@ -185,6 +245,17 @@ fn node_port_from_outside_to_a_remote_endpoint_is_snatted_to_the_node_and_back()
     let run = dp.run("from_outside", &ack);
     assert_eq!(endpoints(&run.output), (snat, remote_backend()));
     assert_eq!(dp.counter(Counter::NewFlow), 1, "one flow");
+
+    // Without a route the packet is dropped, never passed with the node's
+    // address as source.
+    let status = std::process::Command::new("ip")
+        .args(["route", "replace", "unreachable", "10.244.2.0/24"])
+        .status()
+        .expect("ip");
+    assert!(status.success());
+    let run = dp.run("from_outside", &ack);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::FibLookupFailed), 1);
 }
 
 #[test]
@@ -316,4 +387,151 @@ fn pods_reach_a_node_port_on_their_node_address_too() {
     let reply = Tcp::new(remote_backend(), pod, SYN | ACK).build();
     let run = dp.run_to_pod(&reply);
     assert_translated(&reply, &run.output, node_port(), pod, "reply to the pod");
+}
+
+// The XDP program in front of the tc one: the same pipeline on direct
+// packet access, with its own checksum arithmetic (checked here against
+// checksums computed from scratch), leaving to tc what only tc can do.
+
+#[test]
+fn xdp_dnats_a_node_port_to_a_local_endpoint_with_correct_checksums() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN)
+        .payload(b"hello")
+        .build();
+
+    let run = dp.run_xdp(&syn);
+
+    assert_eq!(run.verdict, XDP_PASS, "the stack delivers it to the pod");
+    assert_translated(
+        &syn,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "XDP DNAT",
+    );
+    assert!(dp
+        .ct_get(&ct_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_some());
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+    // The next segment follows the flow.
+    let ack = Tcp::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run_xdp(&ack);
+    assert_translated(
+        &ack,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "XDP established",
+    );
+    assert_eq!(dp.counter(Counter::Established), 1);
+}
+
+#[test]
+fn xdp_udp_checksums_follow_the_rewrite_and_zero_stays_zero() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Udp);
+    let with = Udp::new(outside_client(), node_port())
+        .payload(b"query")
+        .build();
+    let run = dp.run_xdp(&with);
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_translated(&with, &run.output, outside_client(), local_backend(), "UDP");
+
+    let client2 = addr([203, 0, 113, 9], 40_001);
+    let without = Udp::new(client2, node_port())
+        .payload(b"query")
+        .no_checksum()
+        .build();
+    let run = dp.run_xdp(&without);
+    assert_eq!(run.verdict, XDP_PASS);
+    let l4_csum = 14 + 20 + 6;
+    assert_eq!(
+        &run.output[l4_csum..l4_csum + 2],
+        &[0, 0],
+        "no checksum stays none"
+    );
+    assert_eq!(endpoints(&run.output), (client2, local_backend()));
+}
+
+#[test]
+fn xdp_leaves_what_it_cannot_finish_untouched_and_uncounted_for_tc() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "web",
+        Frontend::node_port(NODE_PORT, Protocol::Tcp),
+        &[],
+        |_| {},
+    );
+    for packet in [
+        // No endpoints: tc answers with a RST.
+        Tcp::new(outside_client(), node_port(), SYN).build(),
+        // Not a NodePort: the node's own traffic.
+        Tcp::new(outside_client(), addr(NODE, 22), SYN).build(),
+    ] {
+        let run = dp.run_xdp(&packet);
+        assert_eq!(run.verdict, XDP_PASS);
+        assert_eq!(run.output, packet);
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+    // tc, behind it, refuses the connection.
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    let run = dp.run("from_outside", &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a RST back to the client");
+    assert_eq!(dp.counter(Counter::RejectNoEndpoints), 1);
+}
+
+#[test]
+fn xdp_hands_a_snat_flow_it_cannot_send_itself_to_tc_which_follows_it() {
+    in_routed_netns(xdp_hands_over_to_tc);
+}
+
+fn xdp_hands_over_to_tc() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run_xdp(&syn);
+
+    // Under test-run the packet "arrives" on lo: the backend's next hop is
+    // another interface (uplink0), which only tc sends to.
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(run.output, syn, "left untouched for tc");
+    assert_eq!(dp.nat().keys().count(), 2, "the flow is set up");
+    let run = dp.run("from_outside", &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        endpoints(&run.output),
+        (addr(NODE, SNAT_PORT), remote_backend()),
+        "tc translates it as the flow says"
+    );
+    assert_eq!(dp.counter(Counter::Established), 1);
+}
+
+#[test]
+fn xdp_drops_load_balancer_clients_outside_the_source_ranges() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "web",
+        external(lb_ip(), Protocol::Tcp),
+        &[local_backend()],
+        |spec| {
+            spec.local_ips = vec![*local_backend().ip()];
+            spec.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        },
+    );
+    let syn = Tcp::new(outside_client(), lb_ip(), SYN).build();
+    let run = dp.run_xdp(&syn);
+    assert_eq!(run.verdict, XDP_DROP);
+    assert_eq!(dp.counter(Counter::DropSourceRange), 1);
 }

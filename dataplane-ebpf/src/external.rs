@@ -12,6 +12,11 @@
 //! port of the SNAT range, tracked in `NAT`.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+
+use crate::{
+    ctx::PacketCtx,
+    fib::{fib4_lookup, NextHop},
+};
 use dataplane_common::{
     backend_flags, ct_dir, nat_dir, service_flags, service_ip_flags, trace_hook, Counter, NatEntry,
     ServiceValue, IPPROTO_TCP,
@@ -21,9 +26,7 @@ use crate::{
     conntrack::{
         ct4_delete, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup, ct4_restore_reply, ct4_update,
     },
-    ct_new_flow, fail,
-    fib::fib4_redirect,
-    forward_established,
+    ct_new_flow, fail_as, forward_established,
     lb::{
         lb4_lookup_backend, lb4_lookup_external, lb4_select_backend, lb4_service_ip,
         lb4_source_allowed, Selected,
@@ -39,20 +42,23 @@ use crate::{
     Ids, Packet, Verdict,
 };
 
+/// The ingress pipeline, for tc (`from_outside`) and XDP
+/// (`xdp_from_outside`) alike. Under XDP, whatever would pass untranslated
+/// is passed without being counted: the tc program behind sees it again.
 #[inline(always)]
-pub fn try_from_outside(ctx: &TcContext) -> Verdict {
+pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
     let mut flow = match parse_ipv4_flow(ctx) {
         Ok(flow) => flow,
-        Err(ParseError::NotIpv4L4) => return Ok(TC_ACT_OK),
+        Err(ParseError::NotIpv4L4) => return Ok(C::PASS),
         Err(ParseError::Malformed { dst_addr }) => {
-            if dst_addr != 0 && lb4_service_ip(dst_addr).is_some() {
+            if !C::DEFERS_TO_TC && dst_addr != 0 && lb4_service_ip(dst_addr).is_some() {
                 count(Counter::Malformed);
             }
-            return Ok(TC_ACT_OK);
+            return Ok(C::PASS);
         }
     };
     let Some(ip_value) = lb4_service_ip(flow.dst_addr) else {
-        return Ok(TC_ACT_OK);
+        return Ok(C::PASS);
     };
     let now = skb::now_ns();
     let packet = Packet::new(ctx, trace_hook::FROM_OUTSIDE, &flow);
@@ -62,9 +68,9 @@ pub fn try_from_outside(ctx: &TcContext) -> Verdict {
         }
     }
     let Some(service) = lb4_lookup_external(&flow, ip_value) else {
-        if ip_value & service_ip_flags::COUNT_MASK == 0 {
-            // The node's own traffic (not to a NodePort).
-            return Ok(TC_ACT_OK);
+        if ip_value & service_ip_flags::COUNT_MASK == 0 || C::DEFERS_TO_TC {
+            // The node's own traffic (not to a NodePort), or counted by tc.
+            return Ok(C::PASS);
         }
         return packet.pass(Counter::UnknownPort, &flow, Ids::default());
     };
@@ -80,6 +86,10 @@ pub fn try_from_outside(ctx: &TcContext) -> Verdict {
             ct4_restore_reply(&ct, now);
             forward_established(ctx, &mut flow, &ct)?;
             return packet.pass(Counter::Established, &flow, Ids::of(&ct));
+        }
+        if !expired && flow.proto == IPPROTO_TCP && C::DEFERS_TO_TC {
+            // tc resets the client.
+            return Ok(C::PASS);
         }
         ct4_delete(&ct);
         if !expired && flow.proto == IPPROTO_TCP {
@@ -98,6 +108,9 @@ pub fn try_from_outside(ctx: &TcContext) -> Verdict {
             if !expired && backend_alive {
                 nat4_update(slot, &flow, nat_dir::ORIGINAL, now);
                 return snat_forward(&packet, &mut flow, &nat, Counter::Established);
+            }
+            if !expired && flow.proto == IPPROTO_TCP && C::DEFERS_TO_TC {
+                return Ok(C::PASS);
             }
             nat4_delete(&nat);
             let ids = Ids {
@@ -141,8 +154,8 @@ fn in_snat_range(port: u16) -> bool {
 /// A new external flow to a remote backend: a SNAT port, both NAT entries,
 /// then DNAT + SNAT and on to the backend's node.
 #[inline(always)]
-fn snat_new_flow(
-    packet: &Packet,
+fn snat_new_flow<C: PacketCtx>(
+    packet: &Packet<C>,
     flow: &mut Ipv4Flow,
     now: u64,
     service: &ServiceValue,
@@ -173,7 +186,7 @@ fn snat_new_flow(
         Err(NatCreateError::Exhausted) => {
             return packet.drop(Counter::NatPortsExhausted, flow, ids);
         }
-        Err(NatCreateError::InsertFailed) => return Err(fail(Counter::CtInsertFailed)),
+        Err(NatCreateError::InsertFailed) => return Err(fail_as::<C>(Counter::CtInsertFailed)),
     };
     if selected.by_affinity {
         count(Counter::AffinityHit);
@@ -184,27 +197,38 @@ fn snat_new_flow(
 /// Client -> frontend packet of a SNATed flow: to the backend, from this
 /// node's SNAT address and port, sent on by FIB lookup.
 #[inline(always)]
-fn snat_forward(
-    packet: &Packet,
+fn snat_forward<C: PacketCtx>(
+    packet: &Packet<C>,
     flow: &mut Ipv4Flow,
     nat: &NatEntry,
     decision: Counter,
 ) -> Verdict {
-    nat4_rewrite_dst(packet.ctx, flow, nat.backend_addr, nat.backend_port)
-        .map_err(|_| fail(Counter::RewriteFailed))?;
-    nat4_rewrite_src(packet.ctx, flow, nat.nat_addr, nat.nat_port)
-        .map_err(|_| fail(Counter::RewriteFailed))?;
     let ids = Ids {
         service_id: nat.service_id,
         backend_id: nat.backend_id,
     };
-    redirect(packet, flow, decision, ids)
+    let after = Ipv4Flow {
+        src_addr: nat.nat_addr,
+        src_port: nat.nat_port,
+        dst_addr: nat.backend_addr,
+        dst_port: nat.backend_port,
+        ..*flow
+    };
+    let hop = match next_hop(packet, flow, &after, decision, ids) {
+        Ok(hop) => hop,
+        Err(verdict) => return verdict,
+    };
+    nat4_rewrite_dst(packet.ctx, flow, nat.backend_addr, nat.backend_port)
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
+    nat4_rewrite_src(packet.ctx, flow, nat.nat_addr, nat.nat_port)
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
+    send(packet, flow, &hop, decision, ids)
 }
 
 /// Backend -> SNAT port packet: back to the client, from the frontend.
 /// `None` when it is not a reply of a live SNATed flow.
 #[inline(always)]
-fn snat_reply(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict> {
+fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict> {
     let reply = nat_get(&nat4_key(flow, nat_dir::REPLY))?;
     let owner = nat4_lookup(&reply.original_key());
     let live = owner.is_some_and(|o| {
@@ -216,35 +240,67 @@ fn snat_reply(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict>
         let _ = crate::maps::NAT.remove(reply.reply_key());
         return None;
     };
-    nat4_update(owner, flow, nat_dir::REPLY, now);
     let ids = Ids {
         service_id: reply.service_id,
         backend_id: reply.backend_id,
     };
+    let after = Ipv4Flow {
+        src_addr: reply.frontend_addr,
+        src_port: reply.frontend_port,
+        dst_addr: reply.client_addr,
+        dst_port: reply.client_port,
+        ..*flow
+    };
+    let hop = match next_hop(packet, flow, &after, Counter::ReplyTranslated, ids) {
+        Ok(hop) => hop,
+        Err(verdict) => return Some(verdict),
+    };
+    nat4_update(owner, flow, nat_dir::REPLY, now);
     let rewritten = nat4_rewrite_src(packet.ctx, flow, reply.frontend_addr, reply.frontend_port)
         .and_then(|()| nat4_rewrite_dst(packet.ctx, flow, reply.client_addr, reply.client_port));
     if rewritten.is_err() {
-        return Some(Err(fail(Counter::RewriteFailed)));
+        return Some(Err(fail_as::<C>(Counter::RewriteFailed)));
     }
-    Some(redirect(packet, flow, Counter::ReplyTranslated, ids))
+    Some(send(packet, flow, &hop, Counter::ReplyTranslated, ids))
 }
 
-/// Sends a translated packet to its next hop, counting `decision` (and the
-/// redirect), or drops it when there is no route (the decision, a new flow
-/// or a translated reply, still counts: the flow's state changed).
+/// The next hop of the packet once translated to `after`, looked up before
+/// anything is rewritten: without a route it is dropped (a packet from
+/// this node's address cannot go through the stack on ingress), counted
+/// with its `decision` (the flow's state changed all the same); without a
+/// neighbour entry, or out of another interface (a native XDP redirect
+/// works only towards XDP-capable devices), XDP leaves it untouched to
+/// tc, which sends it anywhere.
 #[inline(always)]
-fn redirect(packet: &Packet, flow: &Ipv4Flow, decision: Counter, ids: Ids) -> Verdict {
-    match fib4_redirect(packet.ctx, flow) {
-        Ok(verdict) => {
-            count(Counter::Redirected);
-            packet.record(decision, flow, ids);
-            Ok(verdict)
-        }
-        Err(()) => {
-            count(decision);
-            packet.drop(Counter::FibLookupFailed, flow, ids)
-        }
+fn next_hop<C: PacketCtx>(
+    packet: &Packet<C>,
+    flow: &Ipv4Flow,
+    after: &Ipv4Flow,
+    decision: Counter,
+    ids: Ids,
+) -> Result<NextHop, Verdict> {
+    let Some(hop) = fib4_lookup(packet.ctx.raw(), packet.ctx.ifindex(), after) else {
+        count(decision);
+        return Err(packet.drop(Counter::FibLookupFailed, flow, ids));
+    };
+    if C::DEFERS_TO_TC && (hop.macs.is_none() || hop.ifindex != packet.ctx.ifindex()) {
+        return Err(Ok(C::PASS));
     }
+    Ok(hop)
+}
+
+/// Sends a translated packet to `hop`, counting `decision` and the redirect.
+#[inline(always)]
+fn send<C: PacketCtx>(
+    packet: &Packet<C>,
+    flow: &Ipv4Flow,
+    hop: &NextHop,
+    decision: Counter,
+    ids: Ids,
+) -> Verdict {
+    count(Counter::Redirected);
+    packet.record(decision, flow, ids);
+    Ok(packet.ctx.send(hop))
 }
 
 /// Uplink egress: a local backend's reply to an outside client gets the

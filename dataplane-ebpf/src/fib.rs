@@ -3,10 +3,7 @@
 //! whose source became this node's address (SNAT) would be dropped by the
 //! stack as a martian if handed back to it on ingress.
 
-use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    programs::TcContext,
-};
+use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 
 use crate::{parse::Ipv4Flow, skb};
 
@@ -56,18 +53,4 @@ pub fn fib4_lookup(
         });
     }
     None
-}
-
-/// tc: sends the packet to its next hop. Err: no route, or the MAC
-/// addresses could not be written.
-#[inline(always)]
-pub fn fib4_redirect(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, ()> {
-    let hop = fib4_lookup(skb::raw_ctx(ctx), skb::ifindex(ctx), flow).ok_or(())?;
-    match hop.macs {
-        Some(macs) => {
-            ctx.store(0, &macs, 0).map_err(|_| ())?;
-            Ok(skb::redirect_egress(hop.ifindex))
-        }
-        None => Ok(skb::redirect_neigh(hop.ifindex)),
-    }
 }

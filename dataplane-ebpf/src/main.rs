@@ -19,6 +19,7 @@
 
 mod conntrack;
 mod csum;
+mod ctx;
 mod external;
 mod fib;
 mod icmp;
@@ -33,8 +34,8 @@ mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
     ct_dir, ct_flags, ct_state, service_flags, trace_hook, Counter, CtEntry, ServiceValue,
@@ -46,6 +47,7 @@ use crate::{
         ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup,
         ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
     },
+    ctx::PacketCtx,
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{
         lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, lb4_select_backend,
@@ -75,6 +77,15 @@ pub fn from_outside(ctx: TcContext) -> i32 {
     external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict)
 }
 
+/// XDP on an uplink: the same pipeline as `from_outside`, on the driver's
+/// buffer before an skb exists; what it cannot finish (answers to refused
+/// clients, next hops without a neighbour entry) it passes untouched to
+/// `from_outside` behind it.
+#[xdp]
+pub fn xdp_from_outside(ctx: XdpContext) -> u32 {
+    external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict) as u32
+}
+
 /// tc egress of an uplink: local backends' replies to outside clients.
 #[classifier]
 pub fn to_outside(ctx: TcContext) -> i32 {
@@ -88,8 +99,8 @@ type Verdict = Result<i32, i32>;
 /// A packet on its way through one program: where it was seen and its tuple
 /// on arrival. Every decision on it is counted and traced through here, one
 /// method per outcome.
-struct Packet<'a> {
-    ctx: &'a TcContext,
+struct Packet<'a, C: PacketCtx> {
+    ctx: &'a C,
     hook: u8,
     before: TraceTuple,
 }
@@ -119,9 +130,9 @@ impl Ids {
     }
 }
 
-impl<'a> Packet<'a> {
+impl<'a, C: PacketCtx> Packet<'a, C> {
     #[inline(always)]
-    fn new(ctx: &'a TcContext, hook: u8, flow: &Ipv4Flow) -> Self {
+    fn new(ctx: &'a C, hook: u8, flow: &Ipv4Flow) -> Self {
         Self {
             ctx,
             hook,
@@ -157,34 +168,52 @@ impl<'a> Packet<'a> {
     #[inline(always)]
     fn pass(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
         self.record(decision, flow, ids);
-        Ok(TC_ACT_OK)
+        Ok(C::PASS)
     }
 
     /// The packet is dropped without an answer.
     #[inline(always)]
     fn drop(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
         self.record(decision, flow, ids);
-        Err(TC_ACT_SHOT)
+        Err(C::DROP)
     }
 
     /// The client is answered at once: a RST for TCP (unless the packet is a
-    /// RST itself), an ICMP port unreachable otherwise.
+    /// RST itself), an ICMP port unreachable otherwise. XDP leaves the
+    /// answer (and the counting) to tc: callers check
+    /// `C::DEFERS_TO_TC` before changing any state on the way here.
     #[inline(always)]
     fn reject(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
-        self.record(decision, flow, ids);
-        if flow.proto == IPPROTO_TCP {
-            return tcp_reset_unless_reset(self.ctx, flow);
+        if C::DEFERS_TO_TC {
+            return Ok(C::PASS);
         }
-        reject4_icmp_port_unreachable(self.ctx, flow).map_err(|_| fail(Counter::RejectFailed))
+        self.record(decision, flow, ids);
+        self.ctx.refuse(flow)
     }
+}
+
+/// Answers a refused client from tc: a RST for TCP, an ICMP port
+/// unreachable otherwise.
+#[inline(always)]
+fn refuse_tc(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
+    if flow.proto == IPPROTO_TCP {
+        return tcp_reset_unless_reset(ctx, flow);
+    }
+    reject4_icmp_port_unreachable(ctx, flow).map_err(|_| fail(Counter::RejectFailed))
 }
 
 /// A helper failed half way through (rewrite, reject): the packet cannot go
 /// on as it is and is dropped, counted under `counter`.
 #[inline(always)]
 fn fail(counter: Counter) -> i32 {
+    fail_as::<TcContext>(counter)
+}
+
+/// [`fail`] with the drop verdict of context `C`.
+#[inline(always)]
+fn fail_as<C: PacketCtx>(counter: Counter) -> i32 {
     count(counter);
-    TC_ACT_SHOT
+    C::DROP
 }
 
 #[inline(always)]
@@ -244,7 +273,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
 }
 
 #[inline(always)]
-fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64, ip_value: u32) -> Verdict {
+fn new_flow(packet: &Packet<TcContext>, flow: &mut Ipv4Flow, now: u64, ip_value: u32) -> Verdict {
     let Some(service) = lb4_lookup_service(flow, ip_value) else {
         if ip_value & dataplane_common::service_ip_flags::COUNT_MASK == 0 {
             // Only a node address: the node's own traffic, not a service.
@@ -270,7 +299,11 @@ fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64, ip_value: u32) -> Ve
 /// when the traffic policy is Local and other nodes have endpoints (as
 /// kube-proxy drops it), refused at once otherwise.
 #[inline(always)]
-fn refuse_without_backend(packet: &Packet, flow: &Ipv4Flow, service: &ServiceValue) -> Verdict {
+fn refuse_without_backend<C: PacketCtx>(
+    packet: &Packet<C>,
+    flow: &Ipv4Flow,
+    service: &ServiceValue,
+) -> Verdict {
     let ids = Ids::service(service.service_id);
     if service.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 {
         return packet.drop(Counter::DropNoLocalEndpoints, flow, ids);
@@ -282,8 +315,8 @@ fn refuse_without_backend(packet: &Packet, flow: &Ipv4Flow, service: &ServiceVal
 /// delivers it (and the backend's replies are translated back where they
 /// leave: `to_pod`, `to_outside`).
 #[inline(always)]
-fn ct_new_flow(
-    packet: &Packet,
+fn ct_new_flow<C: PacketCtx>(
+    packet: &Packet<C>,
     flow: &mut Ipv4Flow,
     now: u64,
     service: &ServiceValue,
@@ -313,7 +346,7 @@ fn ct_new_flow(
         Err(CtCreateError::ReplyClash) => {
             return packet.drop(Counter::ReplyTupleClash, flow, Ids::of(&entry));
         }
-        Err(CtCreateError::InsertFailed) => return Err(fail(Counter::CtInsertFailed)),
+        Err(CtCreateError::InsertFailed) => return Err(fail_as::<C>(Counter::CtInsertFailed)),
     };
     forward_established(packet.ctx, flow, &ct)?;
     if selected.by_affinity {
@@ -339,18 +372,27 @@ fn tcp_reset_unless_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
 /// hairpin flow SNAT to the service IP so the pod does not get a packet from
 /// its own address (which it would drop as a martian).
 #[inline(always)]
-fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Result<(), i32> {
+fn forward_established<C: PacketCtx>(
+    ctx: &C,
+    flow: &mut Ipv4Flow,
+    ct: &CtEntry,
+) -> Result<(), i32> {
     if ct.flags & ct_flags::HAIRPIN != 0 {
         nat4_rewrite_src(ctx, flow, ct.service_addr, flow.src_port)
-            .map_err(|_| fail(Counter::RewriteFailed))?;
+            .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
     }
     nat4_rewrite_dst(ctx, flow, ct.backend_addr, ct.backend_port)
-        .map_err(|_| fail(Counter::RewriteFailed))
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))
 }
 
 /// Backend -> client packet: the source becomes the service again.
 #[inline(always)]
-fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64) -> Verdict {
+fn reply_translate(
+    packet: &Packet<TcContext>,
+    flow: &mut Ipv4Flow,
+    ct: &CtEntry,
+    now: u64,
+) -> Verdict {
     let original = ct.original_key();
     let Some(owner) = ct4_lookup(&original) else {
         // The flow is gone (expired, evicted, or its backend removed): its

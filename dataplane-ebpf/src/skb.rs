@@ -56,6 +56,14 @@ pub fn redirect_egress(ifindex: u32) -> i32 {
     }
 }
 
+/// XDP: sends the frame out of `ifindex`; returns the XDP verdict.
+#[inline(always)]
+pub fn xdp_redirect(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED,
+    // both valid XDP verdicts.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
 /// Sends the packet out of `ifindex` with the next hop's MAC address
 /// resolved by the kernel's neighbour table (for a FIB result without one).
 #[inline(always)]
@@ -93,12 +101,6 @@ pub fn fib_params() -> bpf_fib_lookup {
     // SAFETY: the struct is integers, integer arrays and unions of them:
     // all zero bits is a valid value of each.
     unsafe { core::mem::zeroed() }
-}
-
-/// The raw context pointer, for helpers that take any program's context.
-#[inline(always)]
-pub fn raw_ctx(ctx: &TcContext) -> *mut core::ffi::c_void {
-    raw(ctx).cast()
 }
 
 /// `bpf_csum_diff` adding `words` to `seed`; see `csum::csum_sum_words`.

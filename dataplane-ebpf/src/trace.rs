@@ -3,10 +3,10 @@
 //! with the tuple before and after translation. Off (the default) it costs
 //! one array lookup and a branch per traced decision point.
 
-use aya_ebpf::programs::TcContext;
 use dataplane_common::{Counter, TraceEvent, TraceTuple};
 
 use crate::{
+    ctx::PacketCtx,
     maps::{count, TRACE_CONFIG, TRACE_EVENTS},
     parse::Ipv4Flow,
     skb,
@@ -40,7 +40,7 @@ pub struct Decision {
 
 /// Reports `decision` if tracing is on and the packet matches the filter.
 #[inline(always)]
-pub fn trace(ctx: &TcContext, decision: &Decision) {
+pub fn trace<C: PacketCtx>(ctx: &C, decision: &Decision) {
     let Some(config) = TRACE_CONFIG.get(0) else {
         return;
     };
@@ -54,7 +54,7 @@ pub fn trace(ctx: &TcContext, decision: &Decision) {
     }
     let event = TraceEvent {
         ts_ns: skb::now_ns(),
-        ifindex: skb::ifindex(ctx),
+        ifindex: ctx.ifindex(),
         hook: decision.hook,
         proto: decision.proto,
         decision: decision.decision as u8,

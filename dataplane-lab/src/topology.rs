@@ -230,6 +230,9 @@ impl Lab {
                 &router,
             ])?;
             ip(&["-n", &router, "link", "set", &port, "master", "br0", "up"])?;
+            // NAPI on the router's side, so the node's native XDP can send
+            // frames back out of its uplink (XDP_TX on a veth needs it).
+            exec(&router, &["ethtool", "-K", &port, "gro", "on"])?;
             ip(&[
                 "-n",
                 &ns,

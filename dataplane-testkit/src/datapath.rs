@@ -37,6 +37,9 @@ use tempfile::TempDir;
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
+pub const XDP_DROP: i32 = 1;
+pub const XDP_PASS: i32 = 2;
+pub const XDP_TX: i32 = 3;
 
 /// A bpffs mounted on a temporary directory, unmounted when dropped.
 pub struct Bpffs {
@@ -297,6 +300,29 @@ impl Harness {
     pub fn run(&self, program: &str, packet: &[u8]) -> Run {
         self.try_run(program, packet)
             .unwrap_or_else(|e| panic!("test run of {program} failed: {e}"))
+    }
+
+    /// Runs the uplink's XDP program on `packet`.
+    pub fn run_xdp(&self, packet: &[u8]) -> Run {
+        let xdp = self
+            .datapath
+            .xdp()
+            .unwrap_or_else(|e| panic!("XDP program: {e}"));
+        let mut output = vec![0u8; packet.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut output),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of the XDP program failed: {e}"));
+        output.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value as i32,
+            output,
+            duration: result.duration,
+        }
     }
 
     pub fn run_from_pod(&self, packet: &[u8]) -> Run {

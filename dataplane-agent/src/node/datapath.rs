@@ -9,10 +9,11 @@ use aya::{
     maps::{Array, Map, MapData, MapError, MapInfo},
     pin::PinError,
     programs::{
-        links::{FdLink, LinkError},
+        links::{FdLink, LinkError, PinnedLink},
         tc,
         tc::SchedClassifierLinkId,
-        ProgramError, SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
@@ -35,6 +36,20 @@ pub const TO_POD: &str = "to_pod";
 pub const FROM_OUTSIDE: &str = "from_outside";
 /// Uplink egress (tc): local backends' replies to outside clients.
 pub const TO_OUTSIDE: &str = "to_outside";
+/// Uplink ingress (XDP), in front of `from_outside`.
+pub const XDP_FROM_OUTSIDE: &str = "xdp_from_outside";
+
+/// How the XDP program runs on an uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// In the driver, before an skb exists.
+    Native,
+    /// In the stack (any interface), after the skb is built.
+    Generic,
+    /// A previous agent's pinned link, its program replaced in place (the
+    /// mode it was attached with is kept).
+    Adopted,
+}
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
 
@@ -77,7 +92,7 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("{hook}: expected a tcx link")]
+    #[error("{hook}: expected a BPF link (tcx or XDP)")]
     NotTcx {
         hook: String,
         #[source]
@@ -134,6 +149,8 @@ pub struct Datapath {
     attached: HashMap<u32, Attachment>,
     /// Uplink interfaces and their programs, by ifindex.
     uplinks: HashMap<u32, Attachment>,
+    /// Pinned XDP links of the uplinks.
+    xdp_pins: Vec<PathBuf>,
 }
 
 impl Datapath {
@@ -160,6 +177,12 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Verify { name, source })?;
         }
+        xdp_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Verify {
+                name: XDP_FROM_OUTSIDE,
+                source,
+            })?;
         stamp_layout(&mut ebpf)?;
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack: ConntrackMap = pinned::take(&mut ebpf, map_names::CONNTRACK)?;
@@ -173,6 +196,7 @@ impl Datapath {
                 links_dir,
                 attached: HashMap::new(),
                 uplinks: HashMap::new(),
+                xdp_pins: Vec::new(),
             },
             DatapathMaps {
                 lb,
@@ -295,6 +319,81 @@ impl Datapath {
         self.uplinks.len()
     }
 
+    /// The loaded XDP program, e.g. to run it under BPF_PROG_TEST_RUN.
+    pub fn xdp(&self) -> Result<&Xdp, DatapathError> {
+        let program =
+            self.ebpf
+                .program(XDP_FROM_OUTSIDE)
+                .ok_or_else(|| DatapathError::MissingProgram {
+                    name: XDP_FROM_OUTSIDE.into(),
+                })?;
+        program.try_into().map_err(|source| DatapathError::Program {
+            name: XDP_FROM_OUTSIDE.into(),
+            source,
+        })
+    }
+
+    /// Puts `xdp_from_outside` in front of an uplink's tc programs (see
+    /// [`Datapath::attach_uplink`]): native where the driver supports it,
+    /// generic otherwise. The link is pinned (`<ifindex>-uplink-xdp`); a
+    /// previous agent's pinned link keeps its place and gets this agent's
+    /// program, so the interface never runs without one.
+    pub fn attach_uplink_xdp(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+    ) -> Result<XdpAttachMode, DatapathError> {
+        let pin = self.links_dir.join(format!("{ifindex}-uplink-xdp"));
+        let hook = format!("{XDP_FROM_OUTSIDE} on {ifname}");
+        let attach_err = |hook: &str| {
+            let hook = hook.to_owned();
+            move |source| DatapathError::Attach { hook, source }
+        };
+        let prog = xdp_mut(&mut self.ebpf)?;
+        let (id, mode) = if pin.exists() {
+            let link = PinnedLink::from_pin(&pin).map_err(|source| DatapathError::NotTcx {
+                hook: hook.clone(),
+                source,
+            })?;
+            let link =
+                XdpLink::try_from(FdLink::from(link)).map_err(|source| DatapathError::NotTcx {
+                    hook: hook.clone(),
+                    source,
+                })?;
+            let id = prog.attach_to_link(link).map_err(attach_err(&hook))?;
+            (id, XdpAttachMode::Adopted)
+        } else {
+            match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+                Ok(id) => (id, XdpAttachMode::Native),
+                Err(native) => {
+                    info!("{hook}: native XDP unavailable ({native}), using generic XDP");
+                    let id = prog
+                        .attach_to_if_index(ifindex, XdpMode::Skb)
+                        .map_err(attach_err(&hook))?;
+                    (id, XdpAttachMode::Generic)
+                }
+            }
+        };
+        let link = prog.take_link(id).map_err(attach_err(&hook))?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::NotTcx {
+            hook: hook.clone(),
+            source,
+        })?;
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fs_err("removing", &pin)(e)),
+        }
+        link.pin(&pin).map_err(|source| DatapathError::PinLink {
+            hook: hook.clone(),
+            path: pin.clone(),
+            source,
+        })?;
+        self.xdp_pins.push(pin);
+        info!("{hook}: XDP attached, mode {mode:?}");
+        Ok(mode)
+    }
+
     fn pin_path(&self, ifindex: u32, attach_type: TcAttachType) -> PathBuf {
         self.pin_path_at(ifindex, attach_type, "")
     }
@@ -408,6 +507,7 @@ impl Datapath {
                     self.pin_path_at(i, TcAttachType::Egress, "uplink-"),
                 ]
             }))
+            .chain(self.xdp_pins.iter().cloned())
             .collect();
         let Ok(entries) = std::fs::read_dir(&self.links_dir) else {
             return;
@@ -421,6 +521,18 @@ impl Datapath {
             }
         }
     }
+}
+
+fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    let program =
+        ebpf.program_mut(XDP_FROM_OUTSIDE)
+            .ok_or_else(|| DatapathError::MissingProgram {
+                name: XDP_FROM_OUTSIDE.into(),
+            })?;
+    program.try_into().map_err(|source| DatapathError::Program {
+        name: XDP_FROM_OUTSIDE.into(),
+        source,
+    })
 }
 
 fn program_mut<'a>(

@@ -29,7 +29,7 @@ use crate::{
         bpffs::ensure_bpffs,
         ct_gc,
         ct_options::ConntrackOptions,
-        datapath::Datapath,
+        datapath::{Datapath, XdpAttachMode},
         interfaces::{self, LinkEvent, PodInterfaceFilter},
         uplink,
     },
@@ -93,11 +93,26 @@ pub struct Options {
     /// The program on the uplinks.
     #[arg(long, value_enum, default_value = "xdp")]
     pub external_datapath: ExternalDatapath,
+    /// XDP mode on the uplinks: native (in the driver) where it can be
+    /// attached, else generic; or one of them only.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeOption,
     /// Ports external connections to remote backends are SNATed to; must
     /// lie outside net.ipv4.ip_local_port_range (they are also reserved
     /// there).
     #[arg(long, default_value = "61000-65535")]
     pub snat_port_range: String,
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeOption {
+    /// Native, else generic.
+    Auto,
+    Native,
+    /// Generic XDP (in the stack), e.g. on veth uplinks whose peer cannot
+    /// take native XDP_TX frames.
+    Generic,
 }
 
 /// The uplinks, the node addresses NodePorts are served on, and the SNAT
@@ -309,8 +324,13 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 .attach_uplink(u.ifindex, &u.name)
                 .with_context(|| format!("attaching to uplink {}", u.name))?;
             if options.external_datapath == ExternalDatapath::Xdp {
+                let modes: &[XdpAttachMode] = match options.xdp_mode {
+                    XdpModeOption::Auto => &[XdpAttachMode::Native, XdpAttachMode::Generic],
+                    XdpModeOption::Native => &[XdpAttachMode::Native],
+                    XdpModeOption::Generic => &[XdpAttachMode::Generic],
+                };
                 datapath
-                    .attach_uplink_xdp(u.ifindex, &u.name)
+                    .attach_uplink_xdp(u.ifindex, &u.name, modes)
                     .with_context(|| format!("attaching XDP to uplink {}", u.name))?;
             }
         }

@@ -100,7 +100,9 @@ fn in_routed_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
         };
         let commands: [&[&str]; 8] = [
             &["link", "set", "lo", "up"],
-            &["link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1"],
+            &[
+                "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+            ],
             &["link", "set", "uplink0", "up"],
             &["link", "set", "uplink1", "up"],
             &["addr", "add", "192.168.100.1/24", "dev", "uplink0"],

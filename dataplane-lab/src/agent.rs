@@ -111,7 +111,20 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        Self::spawn(node_ns, node_name, source, bpffs, log, false)
+        Self::spawn(node_ns, node_name, source, bpffs, log, false, &[])
+    }
+
+    /// [`Agent::launch_with`] with more `run` options (e.g.
+    /// `--external-datapath tc`).
+    pub fn launch_with_args(
+        node_ns: &str,
+        node_name: &str,
+        source: Source<'_>,
+        bpffs: &Path,
+        log: &Path,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(node_ns, node_name, source, bpffs, log, false, args)
     }
 
     /// Like [`Agent::start`], in a process group of its own, so it outlives
@@ -131,6 +144,7 @@ impl Agent {
             bpffs,
             log,
             true,
+            &[],
         )?;
         agent.wait_healthy(Duration::from_secs(30))?;
         Ok(agent)
@@ -143,6 +157,7 @@ impl Agent {
         bpffs: &Path,
         log: &Path,
         detached: bool,
+        args: &[String],
     ) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.exists() {
@@ -171,6 +186,7 @@ impl Agent {
         ])
         .arg("--bpffs")
         .arg(bpffs)
+        .args(args)
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())

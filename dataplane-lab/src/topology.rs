@@ -75,6 +75,15 @@ pub fn bridge_mac(node: u8) -> String {
     format!("02:00:0a:f4:{node:02x}:01")
 }
 
+/// Makes `ns`'s `eth0` send packets with complete L4 checksums, as frames
+/// arriving off a wire have them. A veth otherwise leaves them to be
+/// finished later (CHECKSUM_PARTIAL, kept across the router and the
+/// bridge), which an XDP program on an uplink cannot tell and whose
+/// incremental checksum updates would then be wrong.
+fn full_checksums(ns: &str) -> anyhow::Result<()> {
+    exec(ns, &["ethtool", "-K", "eth0", "tx", "off"])
+}
+
 /// A unique prefix for a test's namespaces: tests run in parallel.
 pub fn unique_prefix(tag: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -232,6 +241,8 @@ impl Lab {
             ip(&["-n", &router, "link", "set", &port, "master", "br0", "up"])?;
             // NAPI on the router's side, so the node's native XDP can send
             // frames back out of its uplink (XDP_TX on a veth needs it).
+            // (Toggled: only a change of the feature enables NAPI.)
+            exec(&router, &["ethtool", "-K", &port, "gro", "off"])?;
             exec(&router, &["ethtool", "-K", &port, "gro", "on"])?;
             ip(&[
                 "-n",
@@ -279,6 +290,7 @@ impl Lab {
             "eth0",
         ])?;
         ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
+        full_checksums(&outside)?;
         ip(&[
             "-n",
             &outside,
@@ -409,6 +421,7 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1450"])?;
         }
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        full_checksums(&ns)?;
         let pod_ip = pod.ip().to_string();
         match self.spec.topology {
             Topology::Bridge => {

@@ -31,6 +31,8 @@ pub use dataplane_lab::require_root;
 /// the namespaces go.
 pub struct Cluster {
     agents: Vec<Agent>,
+    /// More `run` options for every agent (restarts too).
+    agent_args: Vec<String>,
     /// In API mode: the API server double the agents watch.
     api: Option<ApiServer>,
     pub lab: Lab,
@@ -41,7 +43,18 @@ impl Cluster {
     /// Builds the lab, starts backend servers in every `web-*` pod, writes
     /// `manifests` (file name, content) for both nodes and starts the agents.
     pub fn start(topology: Topology, cross_node: CrossNode, initial: &[(&str, String)]) -> Self {
+        Self::start_with_args(topology, cross_node, initial, &[])
+    }
+
+    /// [`Cluster::start`] with more `run` options for the agents.
+    pub fn start_with_args(
+        topology: Topology,
+        cross_node: CrossNode,
+        initial: &[(&str, String)],
+        agent_args: &[&str],
+    ) -> Self {
         let mut cluster = Self::build(topology, cross_node);
+        cluster.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
         for (file, content) in initial {
             cluster.write_manifest(file, content);
         }
@@ -125,6 +138,7 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let cluster = Self {
             agents: Vec::new(),
+            agent_args: Vec::new(),
             api: None,
             lab,
             dir,
@@ -227,12 +241,13 @@ impl Cluster {
             Some(_) => agent::Source::Kubeconfig(&kubeconfig),
             None => agent::Source::Manifests(&manifests),
         };
-        let mut agent = Agent::launch_with(
+        let mut agent = Agent::launch_with_args(
             &self.lab.node_ns(node),
             &format!("node{node}"),
             source,
             &base.join("bpf"),
             &base.join(format!("agent-{}.log", self.agents.len())),
+            &self.agent_args,
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
         if wait_healthy {

@@ -43,11 +43,24 @@ fn node_port(local: bool) -> Exposure {
     }
 }
 
+/// XDP on the nodes' veth uplinks runs generic: native XDP_TX on a veth
+/// needs NAPI on the peer, which the router's bridge ports lack.
 fn start(manifest: String) -> Cluster {
-    Cluster::start(
+    Cluster::start_with_args(
         Topology::Bridge,
         CrossNode::Direct,
         &[("web.yaml", manifest)],
+        &["--xdp-mode", "generic"],
+    )
+}
+
+/// With `--external-datapath tc`: no XDP in front.
+fn start_tc(manifest: String) -> Cluster {
+    Cluster::start_with_args(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifest)],
+        &["--external-datapath", "tc"],
     )
 }
 
@@ -63,6 +76,28 @@ fn seen_from_outside(c: &Cluster, to: SocketAddr, n: usize) -> BTreeSet<(String,
 fn should_be_able_to_create_a_functioning_nodeport_service() {
     require_root();
     let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    assert!(
+        c.agent_log(1).contains("XDP attached"),
+        "{}",
+        c.agent_log(1)
+    );
+    functioning_node_port(&c);
+}
+
+#[test]
+fn should_be_able_to_create_a_functioning_nodeport_service_with_the_tc_fallback() {
+    require_root();
+    let c = start_tc(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    assert!(
+        !c.agent_log(1).contains("XDP attached"),
+        "{}",
+        c.agent_log(1)
+    );
+    functioning_node_port(&c);
+}
+
+fn functioning_node_port(c: &Cluster) {
+    let c = c;
     let client = IpAddr::V4(OUTSIDE_CLIENT_IP);
     for node in [1u8, 2] {
         let addr = node_ip(node);
@@ -284,7 +319,16 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
 #[test]
 fn agent_restart_keeps_nodeport_connections_open() {
     require_root();
-    let mut c = start(web_exposed(&["web-b"], &node_port(false)));
+    restart_keeps_connections(start(web_exposed(&["web-b"], &node_port(false))));
+}
+
+#[test]
+fn agent_restart_keeps_nodeport_connections_open_with_the_tc_fallback() {
+    require_root();
+    restart_keeps_connections(start_tc(web_exposed(&["web-b"], &node_port(false))));
+}
+
+fn restart_keeps_connections(mut c: Cluster) {
     let to = at(node_ip(1), NODE_PORT_HTTP);
     c.eventually("the NodePort answers", || c.outside_tcp(to).is_ok());
     let conn = c.outside(move || {

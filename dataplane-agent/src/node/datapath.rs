@@ -342,6 +342,7 @@ impl Datapath {
         &mut self,
         ifindex: u32,
         ifname: &str,
+        modes: &[XdpAttachMode],
     ) -> Result<XdpAttachMode, DatapathError> {
         let pin = self.links_dir.join(format!("{ifindex}-uplink-xdp"));
         let hook = format!("{XDP_FROM_OUTSIDE} on {ifname}");
@@ -363,14 +364,32 @@ impl Datapath {
             let id = prog.attach_to_link(link).map_err(attach_err(&hook))?;
             (id, XdpAttachMode::Adopted)
         } else {
-            match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
-                Ok(id) => (id, XdpAttachMode::Native),
-                Err(native) => {
-                    info!("{hook}: native XDP unavailable ({native}), using generic XDP");
-                    let id = prog
-                        .attach_to_if_index(ifindex, XdpMode::Skb)
-                        .map_err(attach_err(&hook))?;
-                    (id, XdpAttachMode::Generic)
+            let mut attached = None;
+            let mut last_err = None;
+            for &mode in modes {
+                let flags = match mode {
+                    XdpAttachMode::Native => XdpMode::Driver,
+                    XdpAttachMode::Generic => XdpMode::Skb,
+                    XdpAttachMode::Adopted => continue,
+                };
+                match prog.attach_to_if_index(ifindex, flags) {
+                    Ok(id) => {
+                        attached = Some((id, mode));
+                        break;
+                    }
+                    Err(e) => {
+                        info!("{hook}: {mode:?} XDP unavailable ({e})");
+                        last_err = Some(e);
+                    }
+                }
+            }
+            match (attached, last_err) {
+                (Some(attached), _) => attached,
+                (None, Some(e)) => return Err(attach_err(&hook)(e)),
+                (None, None) => {
+                    return Err(DatapathError::MissingProgram {
+                        name: format!("{XDP_FROM_OUTSIDE} (no XDP mode to try)"),
+                    })
                 }
             }
         };

@@ -136,6 +136,7 @@ impl Agent {
         manifests: &Path,
         bpffs: &Path,
         log: &Path,
+        args: &[String],
     ) -> anyhow::Result<Self> {
         let mut agent = Self::spawn(
             node_ns,
@@ -144,7 +145,7 @@ impl Agent {
             bpffs,
             log,
             true,
-            &[],
+            args,
         )?;
         agent.wait_healthy(Duration::from_secs(30))?;
         Ok(agent)

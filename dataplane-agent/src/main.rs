@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load the datapath on this node and keep it in sync.
-    Run(run::Options),
+    Run(Box<run::Options>),
     /// Show what the datapath holds, read from the pinned maps.
     Inspect(inspect::Options),
     /// Follow packets through the datapath live: each decision (new flow,
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(options) => run::run(options),
+        Command::Run(options) => run::run(*options),
         Command::Inspect(options) => inspect::run(options),
         Command::Monitor(options) => monitor::run(options),
         Command::Cleanup { bpffs } => {

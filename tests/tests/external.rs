@@ -97,7 +97,6 @@ fn should_be_able_to_create_a_functioning_nodeport_service_with_the_tc_fallback(
 }
 
 fn functioning_node_port(c: &Cluster) {
-    let c = c;
     let client = IpAddr::V4(OUTSIDE_CLIENT_IP);
     for node in [1u8, 2] {
         let addr = node_ip(node);
@@ -112,7 +111,7 @@ fn functioning_node_port(c: &Cluster) {
             .collect();
         c.eventually(
             &format!("NodePort on node{node} reaches all backends"),
-            || seen_from_outside(&c, at(addr, NODE_PORT_HTTP), 30) == want,
+            || seen_from_outside(c, at(addr, NODE_PORT_HTTP), 30) == want,
         );
         let answer = c
             .outside_tcp(at(addr, NODE_PORT_HTTP))

@@ -98,6 +98,8 @@ impl Event {
             hook: match raw.hook {
                 trace_hook::FROM_POD => "from-pod",
                 trace_hook::TO_POD => "to-pod",
+                trace_hook::FROM_OUTSIDE => "from-outside",
+                trace_hook::TO_OUTSIDE => "to-outside",
                 _ => "?",
             },
             ifindex: raw.ifindex,

@@ -358,3 +358,48 @@ fn restart_keeps_connections(mut c: Cluster) {
         c.logs()
     );
 }
+
+#[test]
+fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols(
+) {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b"], &Exposure::default()));
+    let both = Exposure {
+        node_ports: vec![30090, 30090],
+        ..node_port(false)
+    };
+    c.write_manifest("web.yaml", &web_exposed(&["web-a", "web-b"], &both));
+    let (tcp, udp) = (at(node_ip(1), 30090), at(node_ip(1), 30090));
+    c.eventually("TCP and UDP on one node port number", || {
+        c.outside_tcp(tcp).is_ok() && c.outside_udp(udp).is_ok()
+    });
+}
+
+#[test]
+fn session_affinity_holds_through_a_node_port() {
+    require_root();
+    let exposure = node_port(false);
+    let service = manifests::exposed(manifests::web_service("web", WEB_IP), &exposure);
+    let mut service = service;
+    if let Some(spec) = service.spec.as_mut() {
+        spec.session_affinity = Some("ClientIP".into());
+    }
+    let manifest = manifests::manifest(
+        &service,
+        ["web-a", "web-b", "web-c"]
+            .iter()
+            .map(|p| pod_endpoint(&lab_pod(p)))
+            .collect(),
+    );
+    let c = start(manifest);
+    let to = at(node_ip(1), NODE_PORT_HTTP);
+    c.eventually("the NodePort answers", || c.outside_tcp(to).is_ok());
+    let backends: BTreeSet<String> = (0..10)
+        .filter_map(|_| c.outside_tcp(to).ok().map(|s| s.backend))
+        .collect();
+    assert_eq!(
+        backends.len(),
+        1,
+        "one backend for one client: {backends:?}"
+    );
+}

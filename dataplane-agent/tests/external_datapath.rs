@@ -537,3 +537,57 @@ fn xdp_drops_load_balancer_clients_outside_the_source_ranges() {
     assert_eq!(run.verdict, XDP_DROP);
     assert_eq!(dp.counter(Counter::DropSourceRange), 1);
 }
+
+#[test]
+fn fragmentation_needed_about_a_snatted_flow_reaches_the_client_about_what_it_sent() {
+    in_routed_netns(fragmentation_needed_reaches_the_client);
+}
+
+fn fragmentation_needed_reaches_the_client() {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    let sent = dp.run("from_outside", &syn).output;
+    assert_eq!(endpoints(&sent), (addr(NODE, SNAT_PORT), remote_backend()));
+    // A router between the nodes cannot forward it unfragmented.
+    let router = Ipv4Addr::new(192, 168, 100, 254);
+    let quote = &sent[14..14 + 28];
+    let builder = PacketBuilder::ethernet2(ROUTER_MAC, [0x02, 0, 0, 0, 0, 0x01])
+        .ipv4(router.octets(), NODE, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let mut error = Vec::with_capacity(builder.size(quote.len()));
+    builder.write(&mut error, quote).expect("ICMP error");
+
+    let run = dp.run("from_outside", &error);
+
+    assert_sent_on(&dp, &run, ROUTER_MAC, "the error, towards the client");
+    let out = &run.output;
+    let f = dataplane_testkit::packets::ipv4_fields(out).expect("IPv4");
+    assert_eq!(
+        (f.src, f.dst),
+        (router, *outside_client().ip()),
+        "outer addresses"
+    );
+    let q = f.l4() + 8;
+    let quoted = |off: usize| Ipv4Addr::new(out[off], out[off + 1], out[off + 2], out[off + 3]);
+    let port = |off: usize| u16::from_be_bytes([out[off], out[off + 1]]);
+    assert_eq!(
+        (
+            addr(quoted(q + 12).octets(), port(q + 20)),
+            addr(quoted(q + 16).octets(), port(q + 22))
+        ),
+        (outside_client(), node_port()),
+        "the quote is what the client sent"
+    );
+    assert_eq!(port(f.l4() + 6), 1400, "MTU kept");
+    assert!(
+        dataplane_testkit::packets::ip_checksum_ok(out)
+            && dataplane_testkit::packets::l4_checksum_ok(out)
+            && dataplane_testkit::packets::ones_sum(&out[q..q + 20]) == 0xffff,
+        "checksums (outer IP, ICMP, quoted IP)"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}

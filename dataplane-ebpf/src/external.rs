@@ -27,13 +27,16 @@ use crate::{
         ct4_delete, ct4_get, ct4_is_reopen, ct4_key, ct4_lookup, ct4_restore_reply, ct4_update,
     },
     ct_new_flow, fail_as, forward_established,
+    icmp::{
+        icmp4_nat_error_flow, icmp4_nat_reverse_translate, icmp4_nat_translated_outer, IPPROTO_ICMP,
+    },
     lb::{
         lb4_lookup_backend, lb4_lookup_external, lb4_select_backend, lb4_service_ip,
         lb4_source_allowed, Selected,
     },
     maps::{count, nat_config, nat_get},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
-    parse::{parse_ipv4_flow, Ipv4Flow, ParseError},
+    parse::{parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError},
     refuse_without_backend, reply_translate, skb,
     snat::{
         nat4_create, nat4_delete, nat4_is_reopen, nat4_key, nat4_lookup, nat4_update,
@@ -41,6 +44,20 @@ use crate::{
     },
     Ids, Packet, Verdict,
 };
+
+/// Whether the packet is IPv4 ICMP (checked before the TCP/UDP pipeline by
+/// the tc classifier).
+#[inline(always)]
+pub fn is_icmp4(ctx: &TcContext) -> bool {
+    parse_ipv4_header(ctx).is_some_and(|ip| ip.proto == IPPROTO_ICMP)
+}
+
+/// [`try_from_outside`] for tc, as a subprogram of its own (see
+/// [`icmp_error_from_outside`]).
+#[inline(never)]
+pub fn tc_from_outside(ctx: &TcContext) -> Verdict {
+    try_from_outside(ctx)
+}
 
 /// The ingress pipeline, for tc (`from_outside`) and XDP
 /// (`xdp_from_outside`) alike. Under XDP, whatever would pass untranslated
@@ -301,6 +318,51 @@ fn send<C: PacketCtx>(
     count(Counter::Redirected);
     packet.record(decision, flow, ids);
     Ok(packet.ctx.send(hop))
+}
+
+/// tc: an ICMP error about a SNATed flow (fragmentation needed on the way
+/// to the backend, above all) arriving at this node's SNAT address is made
+/// about what the client sent and sent on to it; anything else passes.
+///
+/// Not inlined: a subprogram of its own, so its stack frame does not add to
+/// the TCP/UDP pipeline's (the classifier calls one or the other).
+#[inline(never)]
+pub fn icmp_error_from_outside(ctx: &TcContext) -> Verdict {
+    let Some(outer) = parse_ipv4_header(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if lb4_service_ip(outer.dst_addr).is_none_or(|v| v & service_ip_flags::NODE_ADDRESS == 0) {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(error) = icmp4_nat_error_flow(ctx, &outer) else {
+        return Ok(TC_ACT_OK);
+    };
+    icmp4_nat_reverse_translate(ctx, &error)
+        .map_err(|_| fail_as::<TcContext>(Counter::RewriteFailed))?;
+    let (src_addr, dst_addr) = icmp4_nat_translated_outer(&error);
+    let flow = Ipv4Flow {
+        src_addr,
+        dst_addr,
+        src_port: 0,
+        dst_port: 0,
+        proto: IPPROTO_ICMP,
+        ip_hlen: 20,
+        ip_tot_len: 0,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        tcp_ack_seq: 0,
+        tcp_hlen: 0,
+    };
+    let packet = Packet::new(ctx, trace_hook::FROM_OUTSIDE, &flow);
+    let ids = Ids {
+        service_id: error.nat.service_id,
+        backend_id: error.nat.backend_id,
+    };
+    let Some(hop) = fib4_lookup(ctx.raw(), ctx.ifindex(), &flow) else {
+        count(Counter::IcmpErrorTranslated);
+        return packet.drop(Counter::FibLookupFailed, &flow, ids);
+    };
+    send(&packet, &flow, &hop, Counter::IcmpErrorTranslated, ids)
 }
 
 /// Uplink egress: a local backend's reply to an outside client gets the

@@ -74,7 +74,12 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 /// from outside (`--external-datapath tc`).
 #[classifier]
 pub fn from_outside(ctx: TcContext) -> i32 {
-    external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict)
+    let verdict = if external::is_icmp4(&ctx) {
+        external::icmp_error_from_outside(&ctx)
+    } else {
+        external::tc_from_outside(&ctx)
+    };
+    verdict.unwrap_or_else(|verdict| verdict)
 }
 
 /// XDP on an uplink: the same pipeline as `from_outside`, on the driver's

@@ -93,8 +93,9 @@ pub struct Options {
     /// The program on the uplinks.
     #[arg(long, value_enum, default_value = "xdp")]
     pub external_datapath: ExternalDatapath,
-    /// XDP mode on the uplinks: native (in the driver) where it can be
-    /// attached, else generic; or one of them only.
+    /// XDP mode on the uplinks: `auto` is native (in the driver) where it
+    /// can be attached, else generic, and generic on virtual interfaces
+    /// (veth); or one of them only.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeOption,
     /// Ports external connections to remote backends are SNATed to; must
@@ -325,6 +326,10 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 .with_context(|| format!("attaching to uplink {}", u.name))?;
             if options.external_datapath == ExternalDatapath::Xdp {
                 let modes: &[XdpAttachMode] = match options.xdp_mode {
+                    // A virtual interface (veth: kind, netns labs) takes
+                    // native XDP but drops its XDP_TX frames unless the
+                    // peer runs NAPI: generic there.
+                    XdpModeOption::Auto if uplink::is_virtual(&u.name) => &[XdpAttachMode::Generic],
                     XdpModeOption::Auto => &[XdpAttachMode::Native, XdpAttachMode::Generic],
                     XdpModeOption::Native => &[XdpAttachMode::Native],
                     XdpModeOption::Generic => &[XdpAttachMode::Generic],

@@ -43,14 +43,14 @@ fn node_port(local: bool) -> Exposure {
     }
 }
 
-/// XDP on the nodes' veth uplinks runs generic: native XDP_TX on a veth
-/// needs NAPI on the peer, which the router's bridge ports lack.
+/// The agent's defaults: XDP, which on the nodes' veth uplinks runs
+/// generic (native XDP_TX on a veth needs NAPI on the peer, which the
+/// router's bridge ports lack).
 fn start(manifest: String) -> Cluster {
-    Cluster::start_with_args(
+    Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
         &[("web.yaml", manifest)],
-        &["--xdp-mode", "generic"],
     )
 }
 
@@ -77,7 +77,7 @@ fn should_be_able_to_create_a_functioning_nodeport_service() {
     require_root();
     let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
     assert!(
-        c.agent_log(1).contains("XDP attached"),
+        c.agent_log(1).contains("XDP attached, mode Generic"),
         "{}",
         c.agent_log(1)
     );

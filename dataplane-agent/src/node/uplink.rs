@@ -87,6 +87,15 @@ pub fn resolve(names: &[String]) -> Result<Vec<Uplink>, UplinkError> {
         .collect()
 }
 
+/// Whether `name` is a virtual interface (no device behind it in sysfs:
+/// veth, bridge, dummy), as opposed to a NIC with a driver.
+pub fn is_virtual(name: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(name)
+        .join("device")
+        .exists()
+}
+
 /// Every IPv4 address of the node, with the interface holding it.
 pub fn addresses() -> Result<Vec<(String, Ipv4Addr)>, UplinkError> {
     let mut out = Vec::new();

@@ -27,7 +27,7 @@ use clap::{parser::ValueSource, ArgMatches};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::run::Options;
+use crate::{control::model::Ipv4Prefix, run::Options};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -201,8 +201,10 @@ impl fmt::Display for Cidr {
 /// One entry of `nodePortAddresses`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodePortAddress {
-    /// Node addresses in this network.
-    Cidr(Cidr),
+    /// Node addresses in this network (`--nodeport-addresses`' own type).
+    Cidr(Ipv4Prefix),
+    /// An IPv6 network: this dataplane serves IPv4 only.
+    Ipv6,
     /// `primary`: the node's primary addresses (kube-proxy ≥ 1.29).
     Primary,
 }
@@ -355,13 +357,18 @@ impl KubeProxyConfig {
             c.udp_stream_timeout.as_ref(),
             given("conntrack_udp_timeout_stream"),
         );
-        // The one place `nodePortAddresses` goes onto the options. The
-        // NodePort work adds `--nodeport-addresses` in parallel; it is not in
-        // this tree yet. At merge, with the flag's own CIDR type:
-        //     if !given("nodeport_addresses") && !self.node_port_addresses.is_empty() {
-        //         options.nodeport_addresses = <self.node_port_addresses converted>;
-        //     }
-        // (and drop the "read; not served" line in `notes`).
+        // The one place `nodePortAddresses` goes onto the options: its IPv4
+        // networks; `primary` is the flag's default (the uplinks' addresses).
+        if !given("nodeport_addresses") && options.nodeport_addresses.is_empty() {
+            options.nodeport_addresses = self
+                .node_port_addresses
+                .iter()
+                .filter_map(|a| match a {
+                    NodePortAddress::Cidr(prefix) => Some(*prefix),
+                    NodePortAddress::Ipv6 | NodePortAddress::Primary => None,
+                })
+                .collect();
+        }
         if !given("v") && options.v.is_none() {
             options.v = self.verbosity;
         }
@@ -383,9 +390,9 @@ impl KubeProxyConfig {
                 self.unknown.join(", ")
             ));
         }
-        if !self.node_port_addresses.is_empty() {
+        if self.node_port_addresses.contains(&NodePortAddress::Ipv6) {
             notes.push(
-                "KubeProxyConfiguration: nodePortAddresses read; NodePort services are not served by this agent version"
+                "KubeProxyConfiguration: nodePortAddresses: IPv6 networks ignored (this dataplane serves IPv4)"
                     .into(),
             );
         }
@@ -432,6 +439,11 @@ pub fn configz(options: &Options) -> Value {
                 "udpTimeout": go_duration(ct.conntrack_udp_timeout),
                 "udpStreamTimeout": go_duration(ct.conntrack_udp_timeout_stream),
             },
+            "nodePortAddresses": options
+                .nodeport_addresses
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>(),
             "logging": {"verbosity": options.v.unwrap_or(0)},
         }
     })
@@ -563,15 +575,21 @@ impl Reader<'_> {
         config.metrics_bind_address =
             self.bind_address("metricsBindAddress", doc.metrics_bind_address, METRICS_PORT)?;
         for (i, entry) in doc.node_port_addresses.into_iter().flatten().enumerate() {
+            let invalid = || {
+                self.invalid(
+                    &format!("nodePortAddresses[{i}]"),
+                    format!("{entry:?} is neither a CIDR nor \"primary\""),
+                )
+            };
             let address = if entry == "primary" {
                 NodePortAddress::Primary
+            } else if entry.contains(':') {
+                Cidr::parse(&entry).ok_or_else(invalid)?;
+                NodePortAddress::Ipv6
+            } else if entry.contains('/') {
+                NodePortAddress::Cidr(entry.parse().map_err(|()| invalid())?)
             } else {
-                NodePortAddress::Cidr(Cidr::parse(&entry).ok_or_else(|| {
-                    self.invalid(
-                        &format!("nodePortAddresses[{i}]"),
-                        format!("{entry:?} is neither a CIDR nor \"primary\""),
-                    )
-                })?)
+                return Err(invalid());
             };
             config.node_port_addresses.push(address);
         }
@@ -806,9 +824,7 @@ mod tests {
         assert!(config.unknown.is_empty(), "{:?}", config.unknown);
         assert_eq!(
             config.node_port_addresses,
-            [NodePortAddress::Cidr(
-                Cidr::parse("192.168.0.0/16").unwrap()
-            )]
+            [NodePortAddress::Cidr("192.168.0.0/16".parse().unwrap())]
         );
         assert_eq!(config.cluster_cidrs[0].to_string(), "10.244.0.0/16");
         let notes = config.notes().join("\n");

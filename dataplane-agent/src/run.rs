@@ -16,12 +16,13 @@ use anyhow::Context as _;
 use log::{error, info, warn};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 use crate::{
     control::{
         health::Health,
+        model::Ipv4Prefix,
         run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
         sync::{CtOccupancy, SyncEngine},
@@ -31,13 +32,26 @@ use crate::{
         bpffs::ensure_bpffs,
         ct_gc,
         ct_options::ConntrackOptions,
-        datapath::Datapath,
+        datapath::{Datapath, XdpAttachMode},
         interfaces::{self, LinkEvent, PodInterfaceFilter},
         lb_maps::LbMaps,
-        pinned, sock_destroy, socket_lb,
+        pinned, sock_destroy, socket_lb, uplink,
     },
-    operator::{healthz, metrics, metrics::Metrics},
+    operator::{health_check, healthz, metrics, metrics::Metrics},
 };
+
+/// What runs on the uplinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalDatapath {
+    /// XDP on ingress (native, else generic) in front of the tc programs,
+    /// which finish what XDP leaves to them.
+    Xdp,
+    /// A tc program on ingress and egress.
+    Tc,
+    /// No external datapath: NodePorts, load-balancer IPs and externalIPs
+    /// are served to pods only.
+    None,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -100,6 +114,101 @@ pub struct Options {
     /// The agent's runtime directory (a cgroup2 mount if it needs one).
     #[arg(long, default_value = "/run/dataplane")]
     pub run_dir: PathBuf,
+    /// Interfaces traffic from outside arrives on (NodePort, LoadBalancer,
+    /// externalIPs), comma separated. Default: those holding the node's
+    /// default routes.
+    #[arg(long, value_delimiter = ',')]
+    pub uplink_ifaces: Vec<String>,
+    /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's
+    /// flag). Default: the uplinks' addresses.
+    #[arg(long, value_delimiter = ',', value_parser = parse_prefix)]
+    pub nodeport_addresses: Vec<Ipv4Prefix>,
+    /// The program on the uplinks.
+    #[arg(long, value_enum, default_value = "xdp")]
+    pub external_datapath: ExternalDatapath,
+    /// XDP mode on the uplinks: `auto` is native (in the driver) where it
+    /// can be attached, else generic, and generic on virtual interfaces
+    /// (veth); or one of them only.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeOption,
+    /// Ports external connections to remote backends are SNATed to; must
+    /// lie outside net.ipv4.ip_local_port_range (they are also reserved
+    /// there).
+    #[arg(long, default_value = "61000-65535")]
+    pub snat_port_range: String,
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeOption {
+    /// Native, else generic.
+    Auto,
+    Native,
+    /// Generic XDP (in the stack), e.g. on veth uplinks whose peer cannot
+    /// take native XDP_TX frames.
+    Generic,
+}
+
+/// The uplinks, the node addresses NodePorts are served on, and the SNAT
+/// address (the first uplink's first address).
+struct ExternalSetup {
+    uplinks: Vec<uplink::Uplink>,
+    node_addrs: Vec<Ipv4Addr>,
+    snat_addr: Option<Ipv4Addr>,
+}
+
+fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
+    let names = if options.uplink_ifaces.is_empty() {
+        uplink::default_route_interfaces()?
+    } else {
+        options.uplink_ifaces.clone()
+    };
+    let uplinks = uplink::resolve(&names)?;
+    let addrs = uplink::addresses()?;
+    let prefixes = &options.nodeport_addresses;
+    let mut node_addrs: Vec<Ipv4Addr> = addrs
+        .iter()
+        .filter(|(name, ip)| {
+            if prefixes.is_empty() {
+                names.contains(name)
+            } else {
+                prefixes.iter().any(|p| p.contains(*ip))
+            }
+        })
+        .map(|(_, ip)| *ip)
+        .collect();
+    node_addrs.sort();
+    node_addrs.dedup();
+    let snat_addr = uplinks
+        .first()
+        .and_then(|u| addrs.iter().find(|(name, _)| *name == u.name))
+        .map(|(_, ip)| *ip);
+    Ok(ExternalSetup {
+        uplinks,
+        node_addrs,
+        snat_addr,
+    })
+}
+
+/// `--nodeport-addresses` entries.
+fn parse_prefix(text: &str) -> Result<Ipv4Prefix, String> {
+    text.parse()
+        .map_err(|()| format!("{text:?} is not an IPv4 CIDR"))
+}
+
+fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
+    let (min, max) = range
+        .split_once('-')
+        .context("--snat-port-range is MIN-MAX")?;
+    let (min, max): (u16, u16) = (
+        min.trim().parse().context("--snat-port-range MIN")?,
+        max.trim().parse().context("--snat-port-range MAX")?,
+    );
+    anyhow::ensure!(
+        min > 0 && min <= max,
+        "--snat-port-range {range}: empty range"
+    );
+    Ok((min, max))
 }
 
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
@@ -185,7 +294,43 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         other_capacity: config.ct_max_other,
         ..CtOccupancy::default()
     };
-    let engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    let mut nat_config = maps.nat_config;
+    let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    let external = if options.external_datapath == ExternalDatapath::None {
+        None
+    } else {
+        Some(external_setup(&options)?)
+    };
+    if let Some(ext) = &external {
+        let (port_min, port_max) = parse_port_range(&options.snat_port_range)?;
+        let snat_addr = match uplink::reserve_snat_ports(port_min, port_max) {
+            Ok(()) => ext.snat_addr,
+            Err(e) => {
+                error!(
+                    "{:#}: external connections to remote backends are refused",
+                    anyhow::Error::from(e)
+                );
+                None
+            }
+        };
+        let config = dataplane_common::NatConfig {
+            snat_addr: snat_addr.map_or(0, |a| dataplane_common::ipv4_to_map(a.octets())),
+            port_min,
+            port_max,
+        };
+        nat_config
+            .set(0, config, 0)
+            .context("writing the SNAT configuration")?;
+        engine
+            .set_node_addresses(&ext.node_addrs)
+            .context("writing the node addresses")?;
+        info!(
+            "external traffic: uplinks {:?}, NodePorts on {:?}, SNAT to {} ports {port_min}-{port_max}",
+            ext.uplinks.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+            ext.node_addrs,
+            snat_addr.map_or("nothing (no address)".to_string(), |a| a.to_string()),
+        );
+    }
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
     metrics.follow_changes(health.clone());
@@ -219,6 +364,9 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         }
     }
     control.full_sync();
+    let (health_checks_tx, health_checks_rx) = watch::channel(control.health_checks());
+    let health_check_server =
+        tokio::spawn(health_check::run(Ipv4Addr::UNSPECIFIED, health_checks_rx));
 
     // Interfaces after the first sync: a pod never sees the programs with
     // empty maps. Healthy only once the pods present now have them.
@@ -228,6 +376,27 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             break;
         }
         handle_link(&mut datapath, link);
+    }
+    if let Some(ext) = &external {
+        for u in &ext.uplinks {
+            datapath
+                .attach_uplink(u.ifindex, &u.name)
+                .with_context(|| format!("attaching to uplink {}", u.name))?;
+            if options.external_datapath == ExternalDatapath::Xdp {
+                let modes: &[XdpAttachMode] = match options.xdp_mode {
+                    // A virtual interface (veth: kind, netns labs) takes
+                    // native XDP but drops its XDP_TX frames unless the
+                    // peer runs NAPI: generic there.
+                    XdpModeOption::Auto if uplink::is_virtual(&u.name) => &[XdpAttachMode::Generic],
+                    XdpModeOption::Auto => &[XdpAttachMode::Native, XdpAttachMode::Generic],
+                    XdpModeOption::Native => &[XdpAttachMode::Native],
+                    XdpModeOption::Generic => &[XdpAttachMode::Generic],
+                };
+                datapath
+                    .attach_uplink_xdp(u.ifindex, &u.name, modes)
+                    .with_context(|| format!("attaching XDP to uplink {}", u.name))?;
+            }
+        }
     }
     let socket_lb_root = start_socket_lb(&options, &mut datapath);
     // The programs (tc and socket hooks) run on the new maps everywhere
@@ -248,6 +417,12 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 let Some(first) = update else { break Err(anyhow::anyhow!("the source stopped")) };
                 control.apply(burst(first, &mut updates));
                 close_sockets_to_removed(&mut control, socket_lb_root.as_deref());
+                health_checks_tx.send_if_modified(|checks| {
+                    let now = control.health_checks();
+                    let changed = *checks != now;
+                    *checks = now;
+                    changed
+                });
             }
             link = links.recv() => match link {
                 Some(link) => handle_link(&mut datapath, link),
@@ -282,6 +457,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     drop(datapath);
     healthz_server.abort();
     metrics_server.abort();
+    health_check_server.abort();
     result
 }
 

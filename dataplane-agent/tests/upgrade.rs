@@ -13,8 +13,8 @@ use std::{net::SocketAddrV4, path::Path, process::Command};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use dataplane_agent::{control::model::Protocol, node::datapath::DatapathConfig};
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_to_map, map_names, port_to_map, Backend,
-    Counter, CtEntry, CtKey, ServiceKey, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
+    ct_dir, ct_flags, ct_state, ipv4_to_map, map_names, port_to_map, Backend, Counter, CtEntry,
+    CtKey, ServiceKey, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 use dataplane_testkit::{
     datapath::{addr, ct_key, Bpffs, Harness, TC_ACT_OK},
@@ -196,7 +196,8 @@ fn earlier_agent_maps(version: u32, services_capacity: u32) -> Bpffs {
             addr: svc_ip,
             port: port_to_map(frontend.port()),
             proto,
-            _pad: 0,
+            // Layout 2's padding byte, where layout 3 has the scope.
+            scope: 0,
         };
         let value = [service_id, ids.len() as u32, 0, 0];
         services.insert(key, value, 0).expect("SERVICES");

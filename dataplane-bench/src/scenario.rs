@@ -95,11 +95,7 @@ pub fn with_one_endpoint_changed(svcs: &[Svc], which: usize, generation: u32) ->
 
 pub fn frontends(svc: &Svc) -> Vec<(Frontend, FrontendSpec)> {
     vec![(
-        Frontend {
-            ip: svc.ip,
-            port: svc.port,
-            proto: Protocol::Tcp,
-        },
+        Frontend::cluster_ip(svc.ip, svc.port, Protocol::Tcp),
         FrontendSpec {
             service: svc.name.clone(),
             port_name: Some("http".into()),
@@ -107,6 +103,9 @@ pub fn frontends(svc: &Svc) -> Vec<(Frontend, FrontendSpec)> {
             draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
+            masquerade_remote: false,
+            local_ips: Vec::new(),
+            source_ranges: Vec::new(),
         },
     )]
 }

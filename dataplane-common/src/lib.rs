@@ -38,8 +38,11 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     /// The layout version of the maps pinned next to it.
     pub const LAYOUT: &str = "LAYOUT";
+    pub const NAT: &str = "NAT";
+    pub const NAT_CONFIG: &str = "NAT_CONFIG";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 18] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -55,6 +58,9 @@ pub mod map_names {
         TRACE_EVENTS,
         SOCK_REVNAT,
         LAYOUT,
+        NAT,
+        NAT_CONFIG,
+        SOURCE_RANGES,
     ];
 }
 
@@ -75,7 +81,11 @@ pub mod map_names {
 /// carries the socket's netns cookie and cgroup id; `BACKENDS` is an array
 /// indexed by dense backend ids (was a hash map of the same key and value);
 /// `BACKEND_SLOTS` an array (was a hash keyed by service id and slot) in
-/// which each frontend owns a block starting at `ServiceValue::slot_base`.
+/// which each frontend owns a block starting at `ServiceValue::slot_base`;
+/// north-south: `ServiceKey::scope` (external frontends, NodePorts keyed by
+/// address 0), the node-address bit in `SERVICE_IPS`, `Backend::flags`
+/// `LOCAL`, the `NAT`, `NAT_CONFIG` and `SOURCE_RANGES` maps, their counters
+/// and the uplink trace hooks.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Shape of a pinned map as this release creates it.
@@ -121,6 +131,9 @@ pub mod map_layouts {
         layout::<(), ()>(map_names::TRACE_EVENTS, capacity::TRACE_EVENTS_BYTES),
         layout::<SockRevNatKey, SockRevNatEntry>(map_names::SOCK_REVNAT, capacity::SOCK_REVNAT),
         layout::<u32, u32>(map_names::LAYOUT, 1),
+        layout::<NatKey, NatEntry>(map_names::NAT, capacity::NAT),
+        layout::<u32, NatConfig>(map_names::NAT_CONFIG, 1),
+        layout::<SourceRangeKey, u32>(map_names::SOURCE_RANGES, capacity::SOURCE_RANGES),
     ];
 }
 
@@ -148,21 +161,50 @@ pub mod capacity {
     /// Translated sockets remembered for reverse translation (LRU): one
     /// entry per (socket, backend) a socket hook sent to.
     pub const SOCK_REVNAT: u32 = 131_072;
+    /// SNAT flows of external traffic (two entries each).
+    pub const NAT: u32 = 131_072;
+    /// `loadBalancerSourceRanges` prefixes over all services.
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Key of `SERVICES`: one frontend (ClusterIP, port, protocol).
+/// Key of `SERVICES`: one frontend (address, port, protocol, scope).
+///
+/// Internal frontends are cluster IPs. External ones are what the outside
+/// reaches: load-balancer ingress IPs and externalIPs by address, and
+/// NodePorts with address 0, meaning "any address of this node" (the node's
+/// addresses carry [`service_ip_flags::NODE_ADDRESS`] in `SERVICE_IPS`), so
+/// a NodePort is one entry however many addresses the node has.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
-    /// Service IP, network byte order.
+    /// Service IP, network byte order; 0 for a NodePort.
     pub addr: u32,
-    /// Service port, network byte order.
+    /// Service port (or node port), network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// One of [`service_scope`].
+    pub scope: u8,
+}
+
+/// Scope of a [`ServiceKey`].
+pub mod service_scope {
+    /// A cluster IP: reached from pods (and nodes) only.
+    pub const INTERNAL: u8 = 0;
+    /// A NodePort, load-balancer IP or externalIP: reached from outside
+    /// through the uplink, and from inside too.
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Bits of a `SERVICE_IPS` value besides the count of frontends on the
+/// address (the low bits).
+pub mod service_ip_flags {
+    /// An address of this node: NodePorts (key address 0) are served on it.
+    pub const NODE_ADDRESS: u32 = 1 << 31;
+    /// The count of frontends on the address.
+    pub const COUNT_MASK: u32 = !NODE_ADDRESS;
 }
 
 /// Value of `SERVICES`.
@@ -190,6 +232,14 @@ pub mod service_flags {
     /// connections are dropped, as kube-proxy drops them, instead of being
     /// rejected (the service does have endpoints, just none here).
     pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 1 << 0;
+    /// External frontend with `externalTrafficPolicy: Cluster`: a connection
+    /// from outside to a backend on another node is SNATed to this node's
+    /// address (with a port from `NAT_CONFIG`'s range), as kube-proxy
+    /// masquerades it, so the replies come back through this node.
+    pub const MASQUERADE_REMOTE: u32 = 1 << 1;
+    /// Load-balancer IP of a service with `loadBalancerSourceRanges`: only
+    /// sources in `SOURCE_RANGES` for this service id are served.
+    pub const SOURCE_RANGES: u32 = 1 << 2;
 }
 
 /// Key of `AFFINITY`: a client of one ClientIP-affinity frontend. The tc
@@ -286,7 +336,143 @@ pub struct Backend {
     /// Target port, network byte order.
     pub port: u16,
     pub proto: u8,
+    /// Bits of [`backend_flags`].
     pub flags: u8,
+}
+
+/// Flags of a [`Backend`].
+pub mod backend_flags {
+    /// The endpoint runs on this node: external traffic reaches it without
+    /// SNAT, its replies pass this node anyway.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// Direction of a [`NatKey`].
+pub mod nat_dir {
+    /// Client to frontend, as it arrives on the uplink.
+    pub const ORIGINAL: u8 = 0;
+    /// Backend to this node's SNAT address and port.
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of `NAT`: a tuple as it arrives on the uplink. Each SNATed flow has
+/// an ORIGINAL entry (client -> frontend) and a REPLY entry (backend ->
+/// SNAT address and port); the REPLY entry is what reserves the SNAT port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NatKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// One of [`nat_dir`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `NAT`: the two translations of an external flow to a remote
+/// backend, DNAT (frontend -> backend) and SNAT (client -> this node).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    /// `bpf_ktime_get_ns` of the last packet in either direction.
+    pub last_seen_ns: u64,
+    pub client_addr: u32,
+    pub frontend_addr: u32,
+    pub backend_addr: u32,
+    /// This node's address the backend sees as the source.
+    pub nat_addr: u32,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub nat_port: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub proto: u8,
+    /// One of [`ct_state`]; plain stores (a lost update only shortens or
+    /// lengthens one lifetime step).
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+impl NatEntry {
+    /// How long after `last_seen_ns` the flow's entries stay valid: the
+    /// conntrack lifetimes (`CT_LIFETIMES`).
+    #[inline(always)]
+    pub fn lifetime_ns(&self, lifetimes: &CtLifetimes) -> u64 {
+        let secs = if self.proto == IPPROTO_TCP {
+            match self.state {
+                ct_state::ESTABLISHED => lifetimes.tcp_established_s,
+                ct_state::CLOSING => lifetimes.tcp_closing_s,
+                _ => lifetimes.tcp_opening_s,
+            }
+        } else if self.state == ct_state::OPENING {
+            lifetimes.udp_s
+        } else {
+            lifetimes.udp_stream_s
+        };
+        secs as u64 * 1_000_000_000
+    }
+
+    #[inline(always)]
+    pub fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns(lifetimes)
+    }
+
+    #[inline(always)]
+    pub fn original_key(&self) -> NatKey {
+        NatKey {
+            src_addr: self.client_addr,
+            dst_addr: self.frontend_addr,
+            src_port: self.client_port,
+            dst_port: self.frontend_port,
+            proto: self.proto,
+            direction: nat_dir::ORIGINAL,
+            _pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    pub fn reply_key(&self) -> NatKey {
+        NatKey {
+            src_addr: self.backend_addr,
+            dst_addr: self.nat_addr,
+            src_port: self.backend_port,
+            dst_port: self.nat_port,
+            proto: self.proto,
+            direction: nat_dir::REPLY,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of `NAT_CONFIG` (one entry, written by the agent): where SNAT
+/// ports come from. `port_min..=port_max` (host order) lies outside the
+/// node's ephemeral port range and is reserved for us
+/// (`net.ipv4.ip_local_reserved_ports`), so no socket of the node ever
+/// holds a tuple we hand out. `snat_addr` 0: no SNAT possible, external
+/// connections to remote backends are refused and counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatConfig {
+    /// Network order.
+    pub snat_addr: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+/// Key of the `SOURCE_RANGES` LPM trie: a `loadBalancerSourceRanges`
+/// prefix of one service. `prefix_len` counts the bits after itself: 32
+/// for the service id plus the prefix's own length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    pub prefix_len: u32,
+    /// Network byte order, so the trie matches it bit by bit first.
+    pub service_id_be: u32,
+    /// Network byte order.
+    pub addr: u32,
 }
 
 /// Direction of a conntrack key.
@@ -511,6 +697,10 @@ pub mod trace_hook {
     pub const SOCK_RECVMSG: u8 = 5;
     /// `cgroup/getpeername4`.
     pub const SOCK_GETPEERNAME: u8 = 6;
+    /// Ingress of an uplink (XDP or tc): from outside the node.
+    pub const FROM_OUTSIDE: u8 = 7;
+    /// tc egress of an uplink: replies of local backends leaving the node.
+    pub const TO_OUTSIDE: u8 = 8;
 }
 
 /// The 4-tuple of a traced packet, network byte order.
@@ -613,10 +803,21 @@ pub enum Counter {
     /// The reverse entry of a translated socket could not be stored
     /// (`SOCK_REVNAT` insert failed): its replies keep the backend address.
     SockRevNatFailed = 24,
+    /// New external connection to a remote backend with every SNAT port
+    /// in use (or no SNAT address): refused, never given a colliding tuple.
+    NatPortsExhausted = 25,
+    /// New connection to a load-balancer IP from outside its
+    /// `loadBalancerSourceRanges`: dropped.
+    DropSourceRange = 26,
+    /// An external packet was sent on by FIB lookup and redirect.
+    Redirected = 27,
+    /// No route or no usable next hop for a translated external packet:
+    /// dropped (a node-addressed packet cannot go through the stack).
+    FibLookupFailed = 28,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 29;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -643,6 +844,10 @@ impl Counter {
         Counter::SockRefusedNoEndpoints,
         Counter::SockNoLocalEndpoints,
         Counter::SockRevNatFailed,
+        Counter::NatPortsExhausted,
+        Counter::DropSourceRange,
+        Counter::Redirected,
+        Counter::FibLookupFailed,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -677,6 +882,10 @@ impl Counter {
             Counter::SockRefusedNoEndpoints => "sock_refused_no_endpoints",
             Counter::SockNoLocalEndpoints => "sock_no_local_endpoints",
             Counter::SockRevNatFailed => "sock_revnat_failed",
+            Counter::NatPortsExhausted => "nat_ports_exhausted",
+            Counter::DropSourceRange => "drop_source_range",
+            Counter::Redirected => "redirected",
+            Counter::FibLookupFailed => "fib_lookup_failed",
         }
     }
 }
@@ -710,9 +919,18 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragPorts {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SockRevNatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockRevNatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 /// Network-order u32 of an IPv4 address, as stored in maps.
@@ -757,6 +975,10 @@ mod tests {
         assert_eq!(size_of::<FragPorts>(), 4);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatEntry>(), 12);
+        assert_eq!(size_of::<NatKey>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 48);
+        assert_eq!(size_of::<NatConfig>(), 8);
+        assert_eq!(size_of::<SourceRangeKey>(), 12);
     }
 
     #[test]

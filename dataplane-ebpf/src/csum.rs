@@ -5,12 +5,11 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::IPPROTO_UDP;
 
-use crate::{parse::Ipv4Flow, skb};
-
-/// The L4 checksum covers the pseudo header, so address changes update it too.
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-/// A UDP checksum of 0 means "none": keep it 0 instead of making one up.
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+use crate::{
+    ctx::{PacketCtx, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    parse::Ipv4Flow,
+    skb,
+};
 
 /// A checksum helper failed; the packet may be half rewritten.
 pub struct CsumError;
@@ -27,16 +26,18 @@ fn l4_flags(flow: &Ipv4Flow) -> u64 {
 /// The flow's L4 and IPv4 header checksums after one of its addresses
 /// changes from `old` to `new`.
 #[inline(always)]
-pub fn csum4_replace_addr(
-    ctx: &TcContext,
+pub fn csum4_replace_addr<C: PacketCtx>(
+    ctx: &C,
     flow: &Ipv4Flow,
     old: u32,
     new: u32,
 ) -> Result<(), CsumError> {
+    // The L4 checksum covers the pseudo header, so address changes update
+    // it too; a UDP checksum of 0 means "none" and stays 0.
     ctx.l4_csum_replace(
         flow.l4_csum_off(),
-        old as u64,
-        new as u64,
+        old,
+        new,
         BPF_F_PSEUDO_HDR | l4_flags(flow) | 4,
     )
     .map_err(|_| CsumError)?;
@@ -45,16 +46,16 @@ pub fn csum4_replace_addr(
 
 /// The flow's L4 checksum after one of its ports changes.
 #[inline(always)]
-pub fn csum4_replace_port(
-    ctx: &TcContext,
+pub fn csum4_replace_port<C: PacketCtx>(
+    ctx: &C,
     flow: &Ipv4Flow,
     old: u16,
     new: u16,
 ) -> Result<(), CsumError> {
     ctx.l4_csum_replace(
         flow.l4_csum_off(),
-        old as u64,
-        new as u64,
+        u32::from(old),
+        u32::from(new),
         l4_flags(flow) | 2,
     )
     .map_err(|_| CsumError)
@@ -63,21 +64,21 @@ pub fn csum4_replace_port(
 /// An IPv4 header checksum at `csum_off` (the packet's own, or one quoted
 /// in an ICMP error) after an address in that header changes.
 #[inline(always)]
-pub fn csum4_replace_ip(
-    ctx: &TcContext,
+pub fn csum4_replace_ip<C: PacketCtx>(
+    ctx: &C,
     csum_off: usize,
     old: u32,
     new: u32,
 ) -> Result<(), CsumError> {
-    ctx.l3_csum_replace(csum_off, old as u64, new as u64, 4)
+    ctx.l3_csum_replace(csum_off, old, new)
         .map_err(|_| CsumError)
 }
 
 /// A checksum without pseudo header (ICMP) at `csum_off` after a `size`-byte
 /// field it covers changes.
 #[inline(always)]
-pub fn csum_replace_plain(
-    ctx: &TcContext,
+pub fn csum_replace_plain<C: PacketCtx>(
+    ctx: &C,
     csum_off: usize,
     old: u32,
     new: u32,
@@ -86,7 +87,7 @@ pub fn csum_replace_plain(
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(csum_off, old as u64, new as u64, size)
+    ctx.l4_csum_replace(csum_off, old, new, size)
         .map_err(|_| CsumError)
 }
 

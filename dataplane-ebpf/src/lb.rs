@@ -4,11 +4,16 @@
 //! by the same slots, affinity and traffic policy.
 
 use dataplane_common::{
-    service_flags, AffinityEntry, AffinityKey, Backend, ServiceKey, ServiceValue,
+    service_flags, service_ip_flags, service_scope, AffinityEntry, AffinityKey, Backend,
+    ServiceKey, ServiceValue,
 };
 
 use crate::{
-    maps::{affinity_slot, backend_get, backend_slot_get, service_get, AFFINITY, SERVICE_IPS},
+    maps::{
+        affinity_slot, backend_get, backend_slot_get, service_get, service_ip_get,
+        source_range_contains, AFFINITY, SERVICE_IPS,
+    },
+    parse::Ipv4Flow,
     skb,
 };
 
@@ -18,16 +23,75 @@ pub fn lb4_is_service_ip(addr: u32) -> bool {
     SERVICE_IPS.get_ptr(addr).is_some()
 }
 
-/// The frontend at (addr, port, proto), all as stored in maps.
+/// The `SERVICE_IPS` value of `addr` (frontend count, node bit), if it is
+/// a service IP or one of this node's addresses.
 #[inline(always)]
-pub fn lb4_lookup_service(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    let key = ServiceKey {
+pub fn lb4_service_ip(addr: u32) -> Option<u32> {
+    service_ip_get(addr)
+}
+
+#[inline(always)]
+fn lb4_key(addr: u32, port: u16, proto: u8, scope: u8) -> ServiceKey {
+    ServiceKey {
         addr,
         port,
         proto,
-        _pad: 0,
-    };
-    service_get(&key)
+        scope,
+    }
+}
+
+/// The cluster-IP frontend at (addr, port, proto), all as stored in maps:
+/// what the socket hooks translate (external frontends stay with the packet
+/// path, which applies their source ranges and traffic policy).
+#[inline(always)]
+pub fn lb4_lookup_service(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    service_get(&lb4_key(addr, port, proto, service_scope::INTERNAL))
+}
+
+/// The external frontend a packet to `flow`'s destination is for: a
+/// load-balancer IP or externalIP by address, else a NodePort when the
+/// address is one of this node's (`ip_value` from `SERVICE_IPS`).
+#[inline(always)]
+pub fn lb4_lookup_external(flow: &Ipv4Flow, ip_value: u32) -> Option<ServiceValue> {
+    if ip_value & service_ip_flags::COUNT_MASK != 0 {
+        let key = lb4_key(
+            flow.dst_addr,
+            flow.dst_port,
+            flow.proto,
+            service_scope::EXTERNAL,
+        );
+        if let Some(svc) = service_get(&key) {
+            return Some(svc);
+        }
+    }
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        return service_get(&lb4_key(
+            0,
+            flow.dst_port,
+            flow.proto,
+            service_scope::EXTERNAL,
+        ));
+    }
+    None
+}
+
+/// The frontend a pod's (or node's) packet is for: a cluster IP first,
+/// then the external frontends, which in-cluster clients reach too.
+#[inline(always)]
+pub fn lb4_lookup_frontend(flow: &Ipv4Flow, ip_value: u32) -> Option<ServiceValue> {
+    if ip_value & service_ip_flags::COUNT_MASK != 0 {
+        if let Some(svc) = lb4_lookup_service(flow.dst_addr, flow.dst_port, flow.proto) {
+            return Some(svc);
+        }
+    }
+    lb4_lookup_external(flow, ip_value)
+}
+
+/// `loadBalancerSourceRanges`: whether `client_addr` may use `svc`.
+#[inline(always)]
+pub fn lb4_source_allowed(svc: &ServiceValue, client_addr: u32) -> bool {
+    svc.flags & service_flags::SOURCE_RANGES == 0
+        || source_range_contains(svc.service_id, client_addr)
 }
 
 /// Who opens a connection, as session affinity knows it: a pod by its IP

@@ -19,6 +19,9 @@
 
 mod conntrack;
 mod csum;
+mod ctx;
+mod external;
+mod fib;
 mod fragment;
 mod icmp;
 mod lb;
@@ -27,17 +30,18 @@ mod nat;
 mod parse;
 mod reject;
 mod skb;
+mod snat;
 mod sock;
 mod sock_ctx;
 mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, trace_hook, Counter, CtEntry, TraceTuple, IPPROTO_TCP,
+    ct_dir, ct_flags, ct_state, trace_hook, Counter, CtEntry, ServiceValue, TraceTuple, IPPROTO_TCP,
 };
 
 use crate::{
@@ -45,11 +49,12 @@ use crate::{
         ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_expired, ct4_is_reopen, ct4_key,
         ct4_lookup, ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
     },
+    ctx::PacketCtx,
     fragment::frag4_track,
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{
-        lb4_choose_backend, lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_service, Choice,
-        Client,
+        lb4_choose_backend, lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_frontend,
+        lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
     },
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
@@ -68,6 +73,33 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     try_to_pod(&ctx).unwrap_or_else(|verdict| verdict)
 }
 
+/// tc ingress of an uplink: NodePorts, load-balancer IPs and externalIPs
+/// from outside (`--external-datapath tc`).
+#[classifier]
+pub fn from_outside(ctx: TcContext) -> i32 {
+    let verdict = if external::is_icmp4(&ctx) {
+        external::icmp_error_from_outside(&ctx)
+    } else {
+        external::tc_from_outside(&ctx)
+    };
+    verdict.unwrap_or_else(|verdict| verdict)
+}
+
+/// XDP on an uplink: the same pipeline as `from_outside`, on the driver's
+/// buffer before an skb exists; what it cannot finish (answers to refused
+/// clients, next hops without a neighbour entry) it passes untouched to
+/// `from_outside` behind it.
+#[xdp]
+pub fn xdp_from_outside(ctx: XdpContext) -> u32 {
+    external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict) as u32
+}
+
+/// tc egress of an uplink: local backends' replies to outside clients.
+#[classifier]
+pub fn to_outside(ctx: TcContext) -> i32 {
+    external::try_to_outside(&ctx).unwrap_or_else(|verdict| verdict)
+}
+
 /// The error side carries the verdict for packets that cannot go on as they
 /// are (half-rewritten, or refused).
 type Verdict = Result<i32, i32>;
@@ -75,8 +107,8 @@ type Verdict = Result<i32, i32>;
 /// A packet on its way through one program: where it was seen and its tuple
 /// on arrival. Every decision on it is counted and traced through here, one
 /// method per outcome.
-struct Packet<'a> {
-    ctx: &'a TcContext,
+struct Packet<'a, C: PacketCtx> {
+    ctx: &'a C,
     hook: u8,
     before: TraceTuple,
 }
@@ -106,9 +138,9 @@ impl Ids {
     }
 }
 
-impl<'a> Packet<'a> {
+impl<'a, C: PacketCtx> Packet<'a, C> {
     #[inline(always)]
-    fn new(ctx: &'a TcContext, hook: u8, flow: &Ipv4Flow) -> Self {
+    fn new(ctx: &'a C, hook: u8, flow: &Ipv4Flow) -> Self {
         Self {
             ctx,
             hook,
@@ -144,34 +176,52 @@ impl<'a> Packet<'a> {
     #[inline(always)]
     fn pass(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
         self.record(decision, flow, ids);
-        Ok(TC_ACT_OK)
+        Ok(C::PASS)
     }
 
     /// The packet is dropped without an answer.
     #[inline(always)]
     fn drop(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
         self.record(decision, flow, ids);
-        Err(TC_ACT_SHOT)
+        Err(C::DROP)
     }
 
     /// The client is answered at once: a RST for TCP (unless the packet is a
-    /// RST itself), an ICMP port unreachable otherwise.
+    /// RST itself), an ICMP port unreachable otherwise. XDP leaves the
+    /// answer (and the counting) to tc: callers check
+    /// `C::DEFERS_TO_TC` before changing any state on the way here.
     #[inline(always)]
     fn reject(&self, decision: Counter, flow: &Ipv4Flow, ids: Ids) -> Verdict {
-        self.record(decision, flow, ids);
-        if flow.proto == IPPROTO_TCP {
-            return tcp_reset_unless_reset(self.ctx, flow);
+        if C::DEFERS_TO_TC {
+            return Ok(C::PASS);
         }
-        reject4_icmp_port_unreachable(self.ctx, flow).map_err(|_| fail(Counter::RejectFailed))
+        self.record(decision, flow, ids);
+        self.ctx.refuse(flow)
     }
+}
+
+/// Answers a refused client from tc: a RST for TCP, an ICMP port
+/// unreachable otherwise.
+#[inline(always)]
+fn refuse_tc(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
+    if flow.proto == IPPROTO_TCP {
+        return tcp_reset_unless_reset(ctx, flow);
+    }
+    reject4_icmp_port_unreachable(ctx, flow).map_err(|_| fail(Counter::RejectFailed))
 }
 
 /// A helper failed half way through (rewrite, reject): the packet cannot go
 /// on as it is and is dropped, counted under `counter`.
 #[inline(always)]
 fn fail(counter: Counter) -> i32 {
+    fail_as::<TcContext>(counter)
+}
+
+/// [`fail`] with the drop verdict of context `C`.
+#[inline(always)]
+fn fail_as<C: PacketCtx>(counter: Counter) -> i32 {
     count(counter);
-    TC_ACT_SHOT
+    C::DROP
 }
 
 #[inline(always)]
@@ -203,9 +253,9 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             return Err(TC_ACT_SHOT);
         }
     };
-    if !lb4_is_service_ip(flow.dst_addr) {
+    let Some(ip_value) = lb4_service_ip(flow.dst_addr) else {
         return Ok(TC_ACT_OK);
-    }
+    };
     let now = skb::now_ns();
     let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
     if flow.frag == frag::FIRST {
@@ -251,20 +301,62 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return packet.drop(Counter::FragmentUnknown, &flow, Ids::default());
     }
 
-    new_flow(&packet, &mut flow, now)
+    new_flow(&packet, &mut flow, now, ip_value)
 }
 
 #[inline(always)]
-fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
-    let Some(service) = lb4_lookup_service(flow.dst_addr, flow.dst_port, flow.proto) else {
+fn new_flow(packet: &Packet<TcContext>, flow: &mut Ipv4Flow, now: u64, ip_value: u32) -> Verdict {
+    let Some(service) = lb4_lookup_frontend(flow, ip_value) else {
+        if ip_value & dataplane_common::service_ip_flags::COUNT_MASK == 0 {
+            // Only a node address: the node's own traffic, not a service.
+            return Ok(TC_ACT_OK);
+        }
         return packet.pass(Counter::UnknownPort, flow, Ids::default());
     };
-    let ids = Ids::service(service.service_id);
-    let selected = match lb4_choose_backend(&service, Client::addr(flow.src_addr), now) {
-        Choice::Backend(selected) => selected,
-        Choice::NoLocalEndpoints => return packet.drop(Counter::DropNoLocalEndpoints, flow, ids),
-        Choice::NoEndpoints => return packet.reject(Counter::RejectNoEndpoints, flow, ids),
+    if !lb4_source_allowed(&service, flow.src_addr) {
+        return packet.drop(
+            Counter::DropSourceRange,
+            flow,
+            Ids::service(service.service_id),
+        );
+    }
+    let selected = match choose_backend(packet, flow, &service, now) {
+        Ok(selected) => selected,
+        Err(verdict) => return verdict,
     };
+    ct_new_flow(packet, flow, now, &service, selected)
+}
+
+/// The backend of a new connection to `service` (`lb4_choose_backend`, as
+/// the socket hooks choose), or the verdict when there is none: dropped
+/// when the traffic policy is Local and other nodes have endpoints (as
+/// kube-proxy drops it), refused at once otherwise.
+#[inline(always)]
+fn choose_backend<C: PacketCtx>(
+    packet: &Packet<C>,
+    flow: &Ipv4Flow,
+    service: &ServiceValue,
+    now: u64,
+) -> Result<Selected, Verdict> {
+    let ids = Ids::service(service.service_id);
+    match lb4_choose_backend(service, Client::addr(flow.src_addr), now) {
+        Choice::Backend(selected) => Ok(selected),
+        Choice::NoLocalEndpoints => Err(packet.drop(Counter::DropNoLocalEndpoints, flow, ids)),
+        Choice::NoEndpoints => Err(packet.reject(Counter::RejectNoEndpoints, flow, ids)),
+    }
+}
+
+/// A new flow to `selected` tracked in `CONNTRACK` and DNATed; the stack
+/// delivers it (and the backend's replies are translated back where they
+/// leave: `to_pod`, `to_outside`).
+#[inline(always)]
+fn ct_new_flow<C: PacketCtx>(
+    packet: &Packet<C>,
+    flow: &mut Ipv4Flow,
+    now: u64,
+    service: &ServiceValue,
+    selected: Selected,
+) -> Verdict {
     let (backend_id, backend) = (selected.backend_id, selected.backend);
     let hairpin = backend.addr == flow.src_addr;
     let entry = CtEntry {
@@ -289,7 +381,7 @@ fn new_flow(packet: &Packet, flow: &mut Ipv4Flow, now: u64) -> Verdict {
         Err(CtCreateError::ReplyClash) => {
             return packet.drop(Counter::ReplyTupleClash, flow, Ids::of(&entry));
         }
-        Err(CtCreateError::InsertFailed) => return Err(fail(Counter::CtInsertFailed)),
+        Err(CtCreateError::InsertFailed) => return Err(fail_as::<C>(Counter::CtInsertFailed)),
     };
     forward_established(packet.ctx, flow, &ct)?;
     if selected.by_affinity {
@@ -315,18 +407,27 @@ fn tcp_reset_unless_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Verdict {
 /// hairpin flow SNAT to the service IP so the pod does not get a packet from
 /// its own address (which it would drop as a martian).
 #[inline(always)]
-fn forward_established(ctx: &TcContext, flow: &mut Ipv4Flow, ct: &CtEntry) -> Result<(), i32> {
+fn forward_established<C: PacketCtx>(
+    ctx: &C,
+    flow: &mut Ipv4Flow,
+    ct: &CtEntry,
+) -> Result<(), i32> {
     if ct.flags & ct_flags::HAIRPIN != 0 {
         nat4_rewrite_src(ctx, flow, ct.service_addr, flow.src_port)
-            .map_err(|_| fail(Counter::RewriteFailed))?;
+            .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
     }
     nat4_rewrite_dst(ctx, flow, ct.backend_addr, ct.backend_port)
-        .map_err(|_| fail(Counter::RewriteFailed))
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))
 }
 
 /// Backend -> client packet: the source becomes the service again.
 #[inline(always)]
-fn reply_translate(packet: &Packet, flow: &mut Ipv4Flow, ct: &CtEntry, now: u64) -> Verdict {
+fn reply_translate(
+    packet: &Packet<TcContext>,
+    flow: &mut Ipv4Flow,
+    ct: &CtEntry,
+    now: u64,
+) -> Verdict {
     let original = ct.original_key();
     let Some(owner) = ct4_lookup(&original) else {
         // The flow is gone (expired, evicted, or its backend removed): its

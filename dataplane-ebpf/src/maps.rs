@@ -7,13 +7,15 @@
 use core::intrinsics::{atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{
+        lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+    },
     macros::btf_map,
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, CtLifetimes, FragKey,
-    FragPorts, ServiceKey, ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, TraceConfig,
-    TraceEvent, IPPROTO_TCP,
+    FragPorts, NatConfig, NatEntry, NatKey, ServiceKey, ServiceLabel, ServiceValue,
+    SockRevNatEntry, SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -116,6 +118,21 @@ pub static SOCK_REVNAT: LruHashMap<
     SockRevNatEntry,
     { capacity::SOCK_REVNAT as usize },
 > = LruHashMap::new();
+/// SNAT of external flows to remote backends: ORIGINAL (client ->
+/// frontend) and REPLY (backend -> this node's SNAT port) entries. LRU so
+/// dead flows make room; entries also carry their own expiry. Kept apart
+/// from the conntrack maps, whose layout this does not touch.
+#[btf_map(name = "NAT")]
+pub static NAT: LruHashMap<NatKey, NatEntry, { capacity::NAT as usize }> = LruHashMap::new();
+
+/// SNAT address and port range, one entry, written by the agent.
+#[btf_map(name = "NAT_CONFIG")]
+pub static NAT_CONFIG: Array<NatConfig, 1> = Array::new();
+
+/// `loadBalancerSourceRanges`: (service id, client prefix) -> 1.
+#[btf_map(name = "SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<[u32; 2], u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// Per-CPU counters indexed by `Counter`.
 #[btf_map(name = "COUNTERS")]
@@ -159,6 +176,59 @@ pub fn backend_slot_get(index: u32) -> Option<u32> {
 #[inline(always)]
 pub fn backend_get(backend_id: u32) -> Option<Backend> {
     copied(BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != 0)
+}
+
+/// The `SERVICE_IPS` value of `addr`: frontend count and node bit.
+#[inline(always)]
+pub fn service_ip_get(addr: u32) -> Option<u32> {
+    copied(SERVICE_IPS.get_ptr(&addr))
+}
+
+#[inline(always)]
+pub fn nat_config() -> Option<NatConfig> {
+    NAT_CONFIG.get(0).copied()
+}
+
+/// Whether `client_addr` lies in one of `service_id`'s source ranges.
+#[inline(always)]
+pub fn source_range_contains(service_id: u32, client_addr: u32) -> bool {
+    let key = LpmKey::new(64, [service_id.to_be(), client_addr]);
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+#[inline(always)]
+pub fn nat_get(key: &NatKey) -> Option<NatEntry> {
+    copied(NAT.get_ptr(key))
+}
+
+/// A NAT entry in place, for updates.
+#[derive(Clone, Copy)]
+pub struct NatSlot(*mut NatEntry);
+
+#[inline(always)]
+pub fn nat_slot(key: &NatKey) -> Option<NatSlot> {
+    NAT.get_ptr_mut(key).map(NatSlot)
+}
+
+impl NatSlot {
+    #[inline(always)]
+    pub fn get(&self) -> NatEntry {
+        // SAFETY: a value pointer of this run's lookup, copied at once.
+        unsafe { *self.0 }
+    }
+
+    /// Plain stores: racing CPUs store equally recent times, and a lost
+    /// state step is made good by the flow's next packet.
+    #[inline(always)]
+    pub fn touch(&self, now_ns: u64, state: u8) {
+        // SAFETY: plain fields of this run's value.
+        unsafe {
+            (*self.0).last_seen_ns = now_ns;
+            if (*self.0).state < state {
+                (*self.0).state = state;
+            }
+        }
+    }
 }
 
 #[inline(always)]

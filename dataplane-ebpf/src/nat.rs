@@ -1,9 +1,8 @@
 //! Address and port rewrites, each with its checksum updates (`csum`).
 
-use aya_ebpf::programs::TcContext;
-
 use crate::{
     csum::{csum4_replace_addr, csum4_replace_ip, csum4_replace_port},
+    ctx::PacketCtx,
     parse::{Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
 };
 
@@ -12,8 +11,8 @@ use crate::{
 pub struct RewriteError;
 
 #[inline(always)]
-fn rewrite_addr(
-    ctx: &TcContext,
+fn rewrite_addr<C: PacketCtx>(
+    ctx: &C,
     flow: &Ipv4Flow,
     off: usize,
     old: u32,
@@ -29,12 +28,12 @@ fn rewrite_addr(
         // has the change.
         csum4_replace_ip(ctx, IP_CSUM_OFF, old, new).map_err(|_| RewriteError)?;
     }
-    ctx.store(off, &new, 0).map_err(|_| RewriteError)
+    ctx.store(off, &new).map_err(|_| RewriteError)
 }
 
 #[inline(always)]
-fn rewrite_port(
-    ctx: &TcContext,
+fn rewrite_port<C: PacketCtx>(
+    ctx: &C,
     flow: &Ipv4Flow,
     off: usize,
     old: u16,
@@ -44,13 +43,13 @@ fn rewrite_port(
         return Ok(());
     }
     csum4_replace_port(ctx, flow, old, new).map_err(|_| RewriteError)?;
-    ctx.store(off, &new, 0).map_err(|_| RewriteError)
+    ctx.store(off, &new).map_err(|_| RewriteError)
 }
 
 /// DNAT: destination becomes `addr:port` (network byte order).
 #[inline(always)]
-pub fn nat4_rewrite_dst(
-    ctx: &TcContext,
+pub fn nat4_rewrite_dst<C: PacketCtx>(
+    ctx: &C,
     flow: &mut Ipv4Flow,
     addr: u32,
     port: u16,
@@ -64,8 +63,8 @@ pub fn nat4_rewrite_dst(
 
 /// SNAT / reverse translation: source becomes `addr:port`.
 #[inline(always)]
-pub fn nat4_rewrite_src(
-    ctx: &TcContext,
+pub fn nat4_rewrite_src<C: PacketCtx>(
+    ctx: &C,
     flow: &mut Ipv4Flow,
     addr: u32,
     port: u16,

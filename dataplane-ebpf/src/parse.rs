@@ -1,12 +1,11 @@
-//! Header parsing. Reads go through `bpf_skb_load_bytes` (via
-//! `TcContext::load`), which bounds-checks against the whole packet, works on
-//! non-linear buffers, and stays valid after the checksum helpers (which
-//! invalidate direct packet pointers).
+//! Header parsing, once for tc and XDP: reads go through
+//! `PacketCtx::load`, bounds-checked against the packet (on tc through
+//! `bpf_skb_load_bytes`, which also works on non-linear buffers and stays
+//! valid after the checksum helpers; on XDP through direct packet access).
 
-use aya_ebpf::programs::TcContext;
 use dataplane_common::{FragKey, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{maps::frag_get, skb};
+use crate::{ctx::PacketCtx, maps::frag_get};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -148,26 +147,26 @@ struct UdpHdr {
 
 /// The IPv4 header of an Ethernet/IPv4 packet, unchecked beyond that.
 #[inline(always)]
-pub fn parse_ipv4_header(ctx: &TcContext) -> Option<Ipv4Hdr> {
-    let ether_type: u16 = ctx.load(12).ok()?;
+pub fn parse_ipv4_header<C: PacketCtx>(ctx: &C) -> Option<Ipv4Hdr> {
+    let ether_type: u16 = ctx.load(12)?;
     if u16::from_be(ether_type) != ETH_P_IP {
         return None;
     }
-    ctx.load(IP_OFF).ok()
+    ctx.load(IP_OFF)
 }
 
 /// Parses Ethernet/IPv4/(TCP|UDP). Anything that is not a complete IPv4
 /// TCP/UDP header chain inside the packet is refused; a later fragment
 /// takes its ports from its first fragment (`FRAGMENTS`), as Cilium does.
 #[inline(always)]
-pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
-    let ether_type: u16 = ctx.load(12).map_err(|_| ParseError::NotIpv4L4)?;
+pub fn parse_ipv4_flow<C: PacketCtx>(ctx: &C) -> Result<Ipv4Flow, ParseError> {
+    let ether_type: u16 = ctx.load(12).ok_or(ParseError::NotIpv4L4)?;
     if u16::from_be(ether_type) != ETH_P_IP {
         return Err(ParseError::NotIpv4L4);
     }
     let ip: Ipv4Hdr = ctx
         .load(IP_OFF)
-        .map_err(|_| ParseError::Malformed { dst_addr: 0 })?;
+        .ok_or(ParseError::Malformed { dst_addr: 0 })?;
     let malformed = ParseError::Malformed {
         dst_addr: ip.dst_addr,
     };
@@ -192,11 +191,11 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
     let tot_len = match u16::from_be(ip.tot_len) {
         // BIG TCP: a GSO super-packet longer than 64 KiB carries total length
         // 0 and is as long as the skb (the kernel's `skb_ip_totlen`).
-        0 if ip.proto == IPPROTO_TCP && skb::is_gso(ctx) => ctx.len() - ETH_HLEN as u32,
+        0 if ip.proto == IPPROTO_TCP && ctx.is_gso() => ctx.packet_len() - ETH_HLEN as u32,
         len => u32::from(len),
     };
     // The IP datagram must fit in the frame (trailing padding is allowed).
-    if tot_len + (ETH_HLEN as u32) > ctx.len() {
+    if tot_len + (ETH_HLEN as u32) > ctx.packet_len() {
         return Err(malformed);
     }
     let l4_off = IP_OFF + ip_hlen;
@@ -229,13 +228,13 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
         return Ok(flow);
     }
     if ip.proto == IPPROTO_TCP {
-        let tcp: TcpHdrHead = ctx.load(l4_off).map_err(|_| malformed)?;
+        let tcp: TcpHdrHead = ctx.load(l4_off).ok_or(malformed)?;
         let tcp_hlen = ((tcp.doff_res >> 4) as usize) * 4;
         if tcp_hlen < 20 || ip_hlen + tcp_hlen > tot_len as usize {
             return Err(malformed);
         }
         // The checksum field (bytes 16..18) must be inside the packet too.
-        let _: u32 = ctx.load(l4_off + 16).map_err(|_| malformed)?;
+        let _: u32 = ctx.load(l4_off + 16).ok_or(malformed)?;
         flow.src_port = tcp.src_port;
         flow.dst_port = tcp.dst_port;
         flow.tcp_flags = tcp.flags;
@@ -243,7 +242,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, ParseError> {
         flow.tcp_ack_seq = u32::from_be(tcp.ack_seq);
         flow.tcp_hlen = tcp_hlen;
     } else {
-        let udp: UdpHdr = ctx.load(l4_off).map_err(|_| malformed)?;
+        let udp: UdpHdr = ctx.load(l4_off).ok_or(malformed)?;
         let udp_len = u16::from_be(udp.len) as usize;
         // A first fragment holds only part of what the UDP length covers.
         let fits = frag == frag::FIRST || ip_hlen + udp_len <= tot_len as usize;

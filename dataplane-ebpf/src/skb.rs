@@ -3,9 +3,10 @@
 //! for reads and writes of map values, in `maps`.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_REDIRECT},
+    bindings::{__sk_buff, bpf_fib_lookup, TC_ACT_REDIRECT},
     helpers::{
-        bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
     },
     programs::TcContext,
 };
@@ -53,6 +54,53 @@ pub fn redirect_egress(ifindex: u32) -> i32 {
     } else {
         aya_ebpf::bindings::TC_ACT_SHOT
     }
+}
+
+/// XDP: sends the frame out of `ifindex`; returns the XDP verdict.
+#[inline(always)]
+pub fn xdp_redirect(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED,
+    // both valid XDP verdicts.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// Sends the packet out of `ifindex` with the next hop's MAC address
+/// resolved by the kernel's neighbour table (for a FIB result without one).
+#[inline(always)]
+pub fn redirect_neigh(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; a null `params` with length 0 asks the
+    // kernel to look the next hop up itself.
+    let ret = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
+    if ret == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT
+    } else {
+        aya_ebpf::bindings::TC_ACT_SHOT
+    }
+}
+
+/// `bpf_fib_lookup` for the packet `ctx` holds; returns the helper's result
+/// code (`BPF_FIB_LKUP_RET_*`), `params` filled with the egress interface
+/// and MAC addresses on success.
+#[inline(always)]
+pub fn fib_lookup(ctx: *mut core::ffi::c_void, params: &mut bpf_fib_lookup, flags: u32) -> i64 {
+    // SAFETY: `ctx` is the program's own context pointer (an skb or an
+    // xdp_md); `params` is a live stack struct of exactly the size passed.
+    unsafe {
+        fib_lookup_helper(
+            ctx,
+            params as *mut bpf_fib_lookup,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    }
+}
+
+/// FIB lookup parameters, all zero.
+#[inline(always)]
+pub fn fib_params() -> bpf_fib_lookup {
+    // SAFETY: the struct is integers, integer arrays and unions of them:
+    // all zero bits is a valid value of each.
+    unsafe { core::mem::zeroed() }
 }
 
 /// `bpf_csum_diff` adding `words` to `seed`; see `csum::csum_sum_words`.

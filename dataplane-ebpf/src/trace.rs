@@ -3,10 +3,10 @@
 //! with the tuple before and after translation. Off (the default) it costs
 //! one array lookup and a branch per traced decision point.
 
-use aya_ebpf::programs::TcContext;
 use dataplane_common::{Counter, TraceEvent, TraceTuple};
 
 use crate::{
+    ctx::PacketCtx,
     maps::{count, TRACE_CONFIG, TRACE_EVENTS},
     parse::Ipv4Flow,
     skb,
@@ -58,9 +58,9 @@ fn wanted(decision: &Decision) -> bool {
 
 /// Reports a packet's `decision` if tracing is on and it matches the filter.
 #[inline(always)]
-pub fn trace(ctx: &TcContext, decision: &Decision) {
+pub fn trace<C: PacketCtx>(ctx: &C, decision: &Decision) {
     if wanted(decision) {
-        emit(decision, skb::ifindex(ctx), 0, 0);
+        emit(decision, ctx.ifindex(), 0, 0);
     }
 }
 
@@ -73,7 +73,10 @@ pub fn trace_sock(sock: &SockAddr, decision: &Decision) {
     }
 }
 
-#[inline(always)]
+/// Not inlined: the event is built in a frame of its own, so it does not
+/// add to the stack of the pipelines that trace (the external one has
+/// little to spare).
+#[inline(never)]
 fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
     let event = TraceEvent {
         ts_ns: skb::now_ns(),

@@ -142,6 +142,7 @@ impl Agent {
         manifests: &Path,
         bpffs: &Path,
         log: &Path,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut agent = Self::spawn(
             &agent_bin(),
@@ -151,7 +152,7 @@ impl Agent {
             bpffs,
             log,
             true,
-            &[],
+            extra,
         )?;
         agent.wait_healthy(Duration::from_secs(30))?;
         Ok(agent)
@@ -206,11 +207,11 @@ impl Agent {
             cmd.arg("--cgroup-root").arg(&cgroup);
         }
         cmd.args(extra)
-        .env("RUST_LOG", "info")
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
         if detached {
             cmd.process_group(0);
         }

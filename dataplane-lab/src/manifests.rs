@@ -94,6 +94,69 @@ pub fn web_service(name: &str, cluster_ip: Ipv4Addr) -> Service {
     service(DEFAULT_NAMESPACE, name, cluster_ip, &WEB_PORTS)
 }
 
+/// How a service is reached from outside the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// `NodePort` or `LoadBalancer` (with `node_ports` set), or `None` for
+    /// ClusterIP.
+    pub type_: Option<&'static str>,
+    /// One nodePort per service port, in order.
+    pub node_ports: Vec<u16>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub source_ranges: Vec<String>,
+    /// `externalTrafficPolicy: Local`.
+    pub local: bool,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// `service` exposed as `exposure` says.
+pub fn exposed(mut service: Service, exposure: &Exposure) -> Service {
+    let spec = service.spec.get_or_insert_with(Default::default);
+    if let Some(t) = exposure.type_ {
+        spec.type_ = Some(t.into());
+    }
+    for (port, node_port) in spec.ports.iter_mut().flatten().zip(&exposure.node_ports) {
+        port.node_port = Some((*node_port).into());
+    }
+    if !exposure.external_ips.is_empty() {
+        spec.external_ips = Some(
+            exposure
+                .external_ips
+                .iter()
+                .map(|i| i.to_string())
+                .collect(),
+        );
+    }
+    if !exposure.source_ranges.is_empty() {
+        spec.load_balancer_source_ranges = Some(exposure.source_ranges.clone());
+    }
+    if exposure.type_.is_some() {
+        spec.external_traffic_policy =
+            Some(if exposure.local { "Local" } else { "Cluster" }.into());
+    }
+    spec.health_check_node_port = exposure.health_check_node_port.map(i32::from);
+    if !exposure.load_balancer_ips.is_empty() {
+        service.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
+            load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+                ingress: Some(
+                    exposure
+                        .load_balancer_ips
+                        .iter()
+                        .map(|ip| k8s_openapi::api::core::v1::LoadBalancerIngress {
+                            ip: Some(ip.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        });
+    }
+    service
+}
+
 /// One endpoint's state, as the EndpointSlice controller reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

@@ -76,6 +76,15 @@ pub fn bridge_mac(node: u8) -> String {
     format!("02:00:0a:f4:{node:02x}:01")
 }
 
+/// Makes `ns`'s `eth0` send packets with complete L4 checksums, as frames
+/// arriving off a wire have them. A veth otherwise leaves them to be
+/// finished later (CHECKSUM_PARTIAL, kept across the router and the
+/// bridge), which an XDP program on an uplink cannot tell and whose
+/// incremental checksum updates would then be wrong.
+fn full_checksums(ns: &str) -> anyhow::Result<()> {
+    exec(ns, &["ethtool", "-K", "eth0", "tx", "off"])
+}
+
 /// A unique prefix for a test's namespaces: tests run in parallel.
 pub fn unique_prefix(tag: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -97,9 +106,35 @@ pub struct Lab {
 
 pub const NODES: [u8; 2] = [1, 2];
 
+/// The outside client's address: a host beyond the router, not in the
+/// cluster.
+pub const OUTSIDE_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The router's address on the outside network.
+pub const ROUTER_OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The router's address on the nodes' network: their default gateway.
+pub const ROUTER_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
+/// Load-balancer IPs the router sends to the nodes (ECMP over both), as a
+/// cloud load balancer or MetalLB in BGP mode would.
+pub const LB_CIDR: &str = "198.51.100.0/24";
+
+/// A node's address on the uplink (`eth0`), where NodePorts are served.
+pub fn node_ip(node: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 100, node)
+}
+
 impl Lab {
     pub fn node_ns(&self, node: u8) -> String {
         format!("{}node{node}", self.spec.prefix)
+    }
+
+    /// The router joining both nodes' uplinks to the outside network.
+    pub fn router_ns(&self) -> String {
+        format!("{}router", self.spec.prefix)
+    }
+
+    /// The outside client, behind the router.
+    pub fn outside_ns(&self) -> String {
+        format!("{}outside", self.spec.prefix)
     }
 
     pub fn pod_ns(&self, pod: &str) -> String {
@@ -187,24 +222,105 @@ impl Lab {
                 ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
             }
         }
-        // The wire between the nodes: eth0 on each side.
-        let (n1, n2) = (self.node_ns(1), self.node_ns(2));
+        // The nodes' network: each node's eth0 (its uplink) on a bridge in
+        // the router, which also routes to the outside network and sends
+        // load-balancer IPs to the nodes.
+        let router = self.router_ns();
+        self.add_ns(&router)?;
+        forward_as_a_node(&router)?;
+        ip(&["-n", &router, "link", "add", "br0", "type", "bridge"])?;
         ip(&[
-            "-n", &n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2,
+            "-n",
+            &router,
+            "addr",
+            "add",
+            &format!("{ROUTER_NODE_IP}/24"),
+            "dev",
+            "br0",
         ])?;
+        ip(&["-n", &router, "link", "set", "br0", "up"])?;
         for n in NODES {
             let ns = self.node_ns(n);
+            let port = format!("node{n}");
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
+                &router,
+            ])?;
+            ip(&["-n", &router, "link", "set", &port, "master", "br0", "up"])?;
+            // NAPI on the router's side, so the node's native XDP can send
+            // frames back out of its uplink (XDP_TX on a veth needs it).
+            // (Toggled: only a change of the feature enables NAPI.)
+            exec(&router, &["ethtool", "-K", &port, "gro", "off"])?;
+            exec(&router, &["ethtool", "-K", &port, "gro", "on"])?;
             ip(&[
                 "-n",
                 &ns,
                 "addr",
                 "add",
-                &format!("192.168.100.{n}/24"),
+                &format!("{}/24", node_ip(n)),
                 "dev",
                 "eth0",
             ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &ROUTER_NODE_IP.to_string(),
+            ])?;
         }
+        let outside = self.outside_ns();
+        self.add_ns(&outside)?;
+        ip(&[
+            "-n", &router, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns",
+            &outside,
+        ])?;
+        ip(&[
+            "-n",
+            &router,
+            "addr",
+            "add",
+            &format!("{ROUTER_OUTSIDE_IP}/24"),
+            "dev",
+            "ext0",
+        ])?;
+        ip(&["-n", &router, "link", "set", "ext0", "up"])?;
+        ip(&[
+            "-n",
+            &outside,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
+        full_checksums(&outside)?;
+        ip(&[
+            "-n",
+            &outside,
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_OUTSIDE_IP.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            &router,
+            "route",
+            "add",
+            LB_CIDR,
+            "nexthop",
+            "via",
+            &node_ip(1).to_string(),
+            "nexthop",
+            "via",
+            &node_ip(2).to_string(),
+        ])?;
         for (n, peer) in [(1u8, 2u8), (2, 1)] {
             let ns = self.node_ns(n);
             let peer_cidr = format!("10.244.{peer}.0/24");
@@ -313,6 +429,7 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1450"])?;
         }
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        full_checksums(&ns)?;
         let pod_ip = pod.ip().to_string();
         match self.spec.topology {
             Topology::Bridge => {

@@ -78,8 +78,8 @@ impl Server {
         let udp_name = name.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
-            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(udp_name.as_bytes(), peer);
+            while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(reply(&udp_name, &buf[..n], peer).as_bytes(), peer);
             }
         });
         for stream in tcp.incoming() {
@@ -90,9 +90,25 @@ impl Server {
     }
 }
 
+/// The answer to one request: the backend's name, and after it the
+/// client's address as it arrived when the request asks `peer?` (to show
+/// whether the client's address was kept or SNATed).
+fn reply(name: &str, request: &[u8], peer: SocketAddr) -> String {
+    if request.starts_with(PEER_REQUEST) {
+        format!("{name} {peer}\n")
+    } else {
+        format!("{name}\n")
+    }
+}
+
+const PEER_REQUEST: &[u8] = b"peer?";
+
 /// One answer per request until the client closes; an HTTP GET (curl in
 /// the lab) gets a proper HTTP answer and a close.
 fn answer(mut stream: TcpStream, name: &str) {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut buf = [0u8; 1500];
     while let Ok(n) = stream.read(&mut buf) {
         if n == 0 {
@@ -107,7 +123,10 @@ fn answer(mut stream: TcpStream, name: &str) {
             let _ = stream.write_all(response.as_bytes());
             break;
         }
-        if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+        if stream
+            .write_all(reply(name, &buf[..n], peer).as_bytes())
+            .is_err()
+        {
             break;
         }
     }
@@ -217,6 +236,59 @@ impl UdpConn {
             },
             Err(e) => classify(e),
         }
+    }
+}
+
+/// Which backend answered a client, and the client address it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub backend: String,
+    /// The client's address and port as the backend saw them.
+    pub client: SocketAddr,
+    /// Where the answer came from, as the client saw it.
+    pub from: SocketAddr,
+}
+
+fn seen(answer: &[u8], from: SocketAddr) -> Result<Seen, Outcome> {
+    let text = String::from_utf8_lossy(answer);
+    let mut words = text.split_whitespace();
+    let backend = words.next().unwrap_or_default().to_owned();
+    let client = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| Outcome::Other(format!("answer without a peer: {text:?}")))?;
+    Ok(Seen {
+        backend,
+        client,
+        from,
+    })
+}
+
+/// One TCP connection asking the backend who it saw.
+pub fn tcp_seen(to: SocketAddr) -> Result<Seen, Outcome> {
+    let mut conn = TcpConn::open(to)?;
+    conn.stream.write_all(PEER_REQUEST).map_err(classify)?;
+    let mut buf = [0u8; 256];
+    match conn.stream.read(&mut buf) {
+        Ok(0) => Err(Outcome::Reset),
+        Ok(n) => seen(
+            &buf[..n],
+            conn.stream
+                .peer_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        ),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+/// One UDP datagram asking the backend who it saw.
+pub fn udp_seen(to: SocketAddr) -> Result<Seen, Outcome> {
+    let conn = UdpConn::open(to).map_err(classify)?;
+    conn.socket.send(PEER_REQUEST).map_err(classify)?;
+    let mut buf = [0u8; 256];
+    match conn.socket.recv_from(&mut buf) {
+        Ok((n, from)) => seen(&buf[..n], from),
+        Err(e) => Err(classify(e)),
     }
 }
 

@@ -37,6 +37,9 @@ use tempfile::TempDir;
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
+pub const XDP_DROP: i32 = 1;
+pub const XDP_PASS: i32 = 2;
+pub const XDP_TX: i32 = 3;
 
 /// A bpffs mounted on a temporary directory, unmounted when dropped.
 pub struct Bpffs {
@@ -78,6 +81,8 @@ pub struct Harness {
     pub datapath: Datapath,
     pub conntrack: ConntrackMaps,
     counters: CounterMap,
+    /// SNAT address and ports of the external datapath.
+    pub nat_config: aya::maps::Array<MapData, dataplane_common::NatConfig>,
     /// Programs the maps, as the agent does.
     pub engine: SyncEngine<BpfLbMaps>,
     // Last: unmounted after everything above closed its fds.
@@ -109,6 +114,7 @@ impl Harness {
                 lb,
                 conntrack,
                 counters,
+                nat_config,
                 ..
             },
         ) = Datapath::load_with(bpffs.path(), config)
@@ -118,6 +124,7 @@ impl Harness {
             datapath,
             conntrack,
             counters,
+            nat_config,
             engine,
             bpffs,
         })
@@ -130,10 +137,11 @@ impl Harness {
             datapath,
             conntrack,
             counters,
+            nat_config,
             engine,
             bpffs,
         } = self;
-        drop((engine, counters, conntrack, datapath));
+        drop((engine, nat_config, counters, conntrack, datapath));
         bpffs
     }
 
@@ -176,14 +184,13 @@ impl Harness {
             draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
+            masquerade_remote: false,
+            local_ips: Vec::new(),
+            source_ranges: Vec::new(),
         };
         let mut spec = spec;
         configure(&mut spec);
-        let frontend = Frontend {
-            ip: *frontend.ip(),
-            port: frontend.port(),
-            proto,
-        };
+        let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), proto);
         self.engine
             .sync_service(&service, &[(frontend, spec)])
             .expect("syncing the service into the maps");
@@ -213,17 +220,79 @@ impl Harness {
                     draining: Vec::new(),
                     affinity_timeout_s: None,
                     drop_without_local_endpoints: false,
+                    masquerade_remote: false,
+                    local_ips: Vec::new(),
+                    source_ranges: Vec::new(),
                 };
-                let frontend = Frontend {
-                    ip: *frontend.ip(),
-                    port: frontend.port(),
-                    proto: *proto,
-                };
+                let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
                 (service, vec![(frontend, spec)])
             })
             .collect();
         let (_, errors) = self.engine.sync_all(&all);
         assert!(errors.is_empty(), "full sync: {errors:?}");
+    }
+
+    /// Programs one frontend of any scope (a NodePort is
+    /// `Frontend::node_port`), its spec adjusted by `configure` (traffic
+    /// policy, local endpoints, source ranges).
+    pub fn set_frontend_with(
+        &mut self,
+        name: &str,
+        frontend: Frontend,
+        backends: &[SocketAddrV4],
+        configure: impl FnOnce(&mut FrontendSpec),
+    ) {
+        let service = ObjectRef {
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let mut spec = FrontendSpec {
+            service: service.clone(),
+            port_name: None,
+            backends: backends
+                .iter()
+                .map(|b| BackendAddr {
+                    ip: *b.ip(),
+                    port: b.port(),
+                })
+                .collect(),
+            draining: Vec::new(),
+            affinity_timeout_s: None,
+            drop_without_local_endpoints: false,
+            masquerade_remote: false,
+            local_ips: Vec::new(),
+            source_ranges: Vec::new(),
+        };
+        configure(&mut spec);
+        self.engine
+            .sync_service(&service, &[(frontend, spec)])
+            .expect("syncing the frontend into the maps");
+    }
+
+    /// This node's addresses, on which NodePorts are served.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) {
+        self.engine
+            .set_node_addresses(addrs)
+            .expect("writing the node addresses");
+    }
+
+    /// SNAT address and port range of the external datapath.
+    pub fn set_snat(&mut self, addr: Ipv4Addr, port_min: u16, port_max: u16) {
+        let config = dataplane_common::NatConfig {
+            snat_addr: ipv4_to_map(addr.octets()),
+            port_min,
+            port_max,
+        };
+        self.nat_config
+            .set(0, config, 0)
+            .expect("writing NAT_CONFIG");
+    }
+
+    /// The pinned `NAT` map.
+    pub fn nat(&self) -> BpfHashMap<MapData, dataplane_common::NatKey, dataplane_common::NatEntry> {
+        let pin = self.bpffs().join(map_names::NAT);
+        let map = MapData::from_pin(&pin).expect("opening the pinned NAT map");
+        BpfHashMap::try_from(Map::LruHashMap(map)).expect("NAT is an LRU hash map")
     }
 
     /// Runs program `program` (`from_pod`, `to_pod`, ...) on `packet`; Err
@@ -289,6 +358,29 @@ impl Harness {
     pub fn run(&self, program: &str, packet: &[u8]) -> Run {
         self.try_run(program, packet)
             .unwrap_or_else(|e| panic!("test run of {program} failed: {e}"))
+    }
+
+    /// Runs the uplink's XDP program on `packet`.
+    pub fn run_xdp(&self, packet: &[u8]) -> Run {
+        let xdp = self
+            .datapath
+            .xdp()
+            .unwrap_or_else(|e| panic!("XDP program: {e}"));
+        let mut output = vec![0u8; packet.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut output),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of the XDP program failed: {e}"));
+        output.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value as i32,
+            output,
+            duration: result.duration,
+        }
     }
 
     pub fn run_from_pod(&self, packet: &[u8]) -> Run {

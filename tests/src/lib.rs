@@ -38,7 +38,8 @@ pub struct Cluster {
     /// The agent binary started from now on (an earlier release's for an
     /// upgrade test, until [`Cluster::upgrade_agents`]).
     agent_bin: PathBuf,
-    /// More flags for every agent's `run` (e.g. `--socket-lb false`).
+    /// More flags for every agent's `run`, restarts too (e.g. `--socket-lb
+    /// false`, `--external-datapath tc`).
     agent_args: Vec<String>,
 }
 
@@ -441,6 +442,51 @@ impl Cluster {
             .unwrap_or_else(|| Outcome::Other("sockclient said nothing".into()))
     }
 
+    /// A TCP connection from the outside client, asking the backend who it
+    /// saw.
+    pub fn outside_tcp(&self, to: SocketAddr) -> Result<traffic::Seen, Outcome> {
+        in_netns(&self.lab.outside_ns(), move || traffic::tcp_seen(to)).expect("client thread")
+    }
+
+    /// A UDP datagram from the outside client, asking the backend who it
+    /// saw.
+    pub fn outside_udp(&self, to: SocketAddr) -> Result<traffic::Seen, Outcome> {
+        in_netns(&self.lab.outside_ns(), move || traffic::udp_seen(to)).expect("client thread")
+    }
+
+    /// Runs `f` in the outside client's netns.
+    pub fn outside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.lab.outside_ns(), f).expect("thread outside")
+    }
+
+    /// An HTTP GET of `http://ADDR/` from the outside client: status and
+    /// body, None without an answer.
+    pub fn outside_http_get(&self, to: SocketAddr) -> Option<(u16, String)> {
+        self.outside(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let status = text.split_whitespace().nth(1)?.parse().ok()?;
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+            Some((status, body))
+        })
+    }
+
+    /// A counter of a node's datapath, read from its pinned maps with
+    /// `dataplane-agent inspect counters -o json` (0 when absent).
+    pub fn counter(&self, node: u8, name: &str) -> u64 {
+        let out = std::process::Command::new(agent::agent_bin())
+            .args(["inspect", "counters", "-o", "json", "--bpffs"])
+            .arg(self.bpffs(node))
+            .output()
+            .expect("running dataplane-agent inspect counters");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        find_counter(&v, name).unwrap_or(0)
+    }
+
     /// Runs `f` in a pod's netns (for long-lived connections).
     pub fn in_pod<T: Send + 'static>(
         &self,
@@ -550,6 +596,14 @@ pub fn parse_outcome(line: &str) -> Outcome {
         (Some("timeout"), None, None) => Outcome::Timeout,
         _ => Outcome::Other(line.to_owned()),
     }
+}
+
+/// The `packets` of counter `name` in `inspect counters -o json` output.
+fn find_counter(v: &serde_json::Value, name: &str) -> Option<u64> {
+    v.as_array()?
+        .iter()
+        .find(|row| row["counter"] == name)
+        .and_then(|row| row["packets"].as_u64())
 }
 
 /// A pod of the default lab, by name (for writing manifests before start).

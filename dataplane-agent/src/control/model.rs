@@ -72,17 +72,98 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A service IP, port and protocol: what clients connect to.
+/// Who reaches a frontend: pods only (a cluster IP), or also the outside
+/// through the node's uplink (NodePort, load-balancer IP, externalIP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    Internal,
+    External,
+}
+
+/// A service IP, port and protocol: what clients connect to. A NodePort is
+/// an external frontend on the unspecified address: any of the node's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub proto: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    pub fn cluster_ip(ip: Ipv4Addr, port: u16, proto: Protocol) -> Self {
+        Self {
+            ip,
+            port,
+            proto,
+            scope: Scope::Internal,
+        }
+    }
+
+    pub fn node_port(port: u16, proto: Protocol) -> Self {
+        Self {
+            ip: Ipv4Addr::UNSPECIFIED,
+            port,
+            proto,
+            scope: Scope::External,
+        }
+    }
+
+    pub fn is_node_port(&self) -> bool {
+        self.scope == Scope::External && self.ip.is_unspecified()
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        match self.scope {
+            Scope::Internal => write!(f, "{}:{}/{}", self.ip, self.port, self.proto),
+            Scope::External if self.ip.is_unspecified() => {
+                write!(f, "nodePort {}/{}", self.port, self.proto)
+            }
+            Scope::External => write!(f, "{}:{}/{} (external)", self.ip, self.port, self.proto),
+        }
+    }
+}
+
+/// An IPv4 prefix of `loadBalancerSourceRanges`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Ipv4Prefix {
+    type Err = ();
+
+    /// `a.b.c.d/len`, host bits cleared; a bare address is a /32.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, len) = match s.trim().split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().map_err(|_| ())?),
+            None => (s.trim(), 32),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|_| ())?;
+        if len > 32 {
+            return Err(());
+        }
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        Ok(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        })
+    }
+}
+
+impl Ipv4Prefix {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr)
     }
 }
 
@@ -113,10 +194,20 @@ pub struct FrontendSpec {
     pub draining: Vec<BackendAddr>,
     /// `Some(t)` with `sessionAffinity: ClientIP`.
     pub affinity_timeout_s: Option<u32>,
-    /// `internalTrafficPolicy: Local` and this node has none of the
+    /// `internalTrafficPolicy: Local` (or, for an external frontend,
+    /// `externalTrafficPolicy: Local`) and this node has none of the
     /// service's endpoints while other nodes do: kube-proxy drops such
     /// connections instead of rejecting them.
     pub drop_without_local_endpoints: bool,
+    /// External frontend with `externalTrafficPolicy: Cluster`: backends on
+    /// other nodes see this node's address as the client.
+    pub masquerade_remote: bool,
+    /// Addresses of `backends` and `draining` that run on this node.
+    /// Sorted.
+    pub local_ips: Vec<Ipv4Addr>,
+    /// `loadBalancerSourceRanges` of a load-balancer IP frontend: only
+    /// these clients are served. Empty: everyone. Sorted.
+    pub source_ranges: Vec<Ipv4Prefix>,
 }
 
 /// A Service as the model keeps it: validated, and only what the
@@ -138,6 +229,20 @@ pub struct ProxiedService {
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local`.
     pub local_only: bool,
+    /// `spec.externalIPs` (the IPv4 ones): served on the service ports,
+    /// whether or not the address is on a node.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (IPv4) of a LoadBalancer service.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges` (IPv4), applied to the load-balancer
+    /// IPs.
+    pub source_ranges: Vec<Ipv4Prefix>,
+    /// `externalTrafficPolicy: Local`: external frontends use this node's
+    /// endpoints only and keep the client's address.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort` of a LoadBalancer service with
+    /// `externalTrafficPolicy: Local`.
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -150,6 +255,9 @@ pub struct ServicePortEntry {
     /// without one; `None` for a named target port, which each slice
     /// resolves.
     pub numeric_target: Option<u16>,
+    /// `nodePort` of a NodePort or LoadBalancer service (none with
+    /// `allocateLoadBalancerNodePorts: false` unless one was set anyway).
+    pub node_port: Option<u16>,
 }
 
 /// An EndpointSlice as the model keeps it: validated, and only what the
@@ -252,6 +360,8 @@ pub enum ModelError {
     },
     #[error("service {object}: sessionAffinityConfig.clientIP.timeoutSeconds {value} out of range 1-86400")]
     AffinityTimeoutOutOfRange { object: ObjectRef, value: i32 },
+    #[error("service {object}: invalid CIDR {value:?} in spec.loadBalancerSourceRanges")]
+    InvalidSourceRange { object: ObjectRef, value: String },
 }
 
 const SERVICE: &str = "service";
@@ -331,6 +441,9 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
         });
     }
     let ip = cluster_ipv4(&object, spec)?;
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let load_balancer = service_type == "LoadBalancer";
+    let has_node_ports = load_balancer || service_type == "NodePort";
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
@@ -352,14 +465,81 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
                 proto,
             });
         }
+        // With `allocateLoadBalancerNodePorts: false` the API server
+        // allocates none, but one given explicitly is still served, as
+        // kube-proxy serves whatever nodePort the spec holds.
+        let node_port = match p.node_port {
+            Some(n) if has_node_ports => Some(port(SERVICE, &object, "spec.ports[].nodePort", n)?),
+            _ => None,
+        };
         ports.push(ServicePortEntry {
             name: non_empty(p.name.as_ref()),
             port: number,
             proto,
             numeric_target,
+            node_port,
         });
     }
     let affinity_timeout_s = affinity_timeout(&object, spec)?;
+    let ipv4s = |list: Option<&Vec<String>>, field| -> Result<Vec<Ipv4Addr>, ModelError> {
+        let mut out = BTreeSet::new();
+        for value in list.into_iter().flatten() {
+            match value.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) => {
+                    out.insert(v4);
+                }
+                // This IPv4 dataplane leaves IPv6 ones to an IPv6 proxier.
+                Ok(std::net::IpAddr::V6(_)) => {}
+                Err(_) => {
+                    return Err(ModelError::InvalidIp {
+                        kind: SERVICE,
+                        object: object.clone(),
+                        field,
+                        value: value.clone(),
+                    })
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    };
+    let external_ips = ipv4s(spec.external_ips.as_ref(), "spec.externalIPs")?;
+    let ingress: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone())
+        .collect();
+    let load_balancer_ips = if load_balancer {
+        ipv4s(Some(&ingress), "status.loadBalancer.ingress[].ip")?
+    } else {
+        Vec::new()
+    };
+    let mut source_ranges = BTreeSet::new();
+    if load_balancer {
+        for value in spec.load_balancer_source_ranges.iter().flatten() {
+            if value.contains(':') {
+                continue;
+            }
+            let prefix =
+                value
+                    .parse::<Ipv4Prefix>()
+                    .map_err(|()| ModelError::InvalidSourceRange {
+                        object: object.clone(),
+                        value: value.clone(),
+                    })?;
+            source_ranges.insert(prefix);
+        }
+    }
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(n) if load_balancer && external_local => {
+            Some(port(SERVICE, &object, "spec.healthCheckNodePort", n)?)
+        }
+        _ => None,
+    };
     Ok(ServiceEntry {
         name: object,
         proxied: Some(ProxiedService {
@@ -367,6 +547,11 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
             ports,
             affinity_timeout_s,
             local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_ips,
+            load_balancer_ips,
+            source_ranges: source_ranges.into_iter().collect(),
+            external_local,
+            health_check_node_port,
         }),
     })
 }
@@ -614,37 +799,116 @@ impl ClusterState {
             .filter_map(|k| self.slices.get(k))
             .filter(|s| s.ipv4)
             .collect();
-        let only_node = svc.local_only.then_some(node_name).flatten();
-        let frontends = svc
-            .ports
-            .iter()
-            .map(|sp| {
-                let backends = backends_for(sp, &slices, only_node);
-                let draining = listed_for(sp, &slices)
-                    .into_iter()
-                    .filter(|b| backends.binary_search(b).is_err())
-                    .collect();
-                let drop_without_local_endpoints = only_node.is_some()
-                    && backends.is_empty()
-                    && !backends_for(sp, &slices, None).is_empty();
-                let frontend = Frontend {
-                    ip: svc.ip,
-                    port: sp.port,
-                    proto: sp.proto,
-                };
+        let local_ips: Vec<Ipv4Addr> = match node_name {
+            Some(node) => slices
+                .iter()
+                .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
+                .filter(|(s, e)| s.node_name(e) == Some(node))
+                .flat_map(|(s, e)| s.addresses(e).iter().copied())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        };
+        let spec_for = |sp: &ServicePortEntry, local: bool| {
+            let only_node = local.then_some(node_name).flatten();
+            let backends = backends_for(sp, &slices, only_node);
+            let draining = listed_for(sp, &slices)
+                .into_iter()
+                .filter(|b| backends.binary_search(b).is_err())
+                .collect();
+            let drop_without_local_endpoints = only_node.is_some()
+                && backends.is_empty()
+                && !backends_for(sp, &slices, None).is_empty();
+            FrontendSpec {
+                service: name.clone(),
+                port_name: sp.name.clone(),
+                backends,
+                draining,
+                affinity_timeout_s: svc.affinity_timeout_s,
+                drop_without_local_endpoints,
+                masquerade_remote: false,
+                local_ips: local_ips.clone(),
+                source_ranges: Vec::new(),
+            }
+        };
+        let mut frontends = Vec::new();
+        for sp in &svc.ports {
+            frontends.push((
+                Frontend::cluster_ip(svc.ip, sp.port, sp.proto),
+                spec_for(sp, svc.local_only),
+            ));
+            let external = FrontendSpec {
+                masquerade_remote: !svc.external_local,
+                ..spec_for(sp, svc.external_local)
+            };
+            let on = |ip: Ipv4Addr| Frontend {
+                ip,
+                port: sp.port,
+                proto: sp.proto,
+                scope: Scope::External,
+            };
+            for &ip in &svc.external_ips {
+                frontends.push((on(ip), external.clone()));
+            }
+            for &ip in &svc.load_balancer_ips {
                 let spec = FrontendSpec {
-                    service: name.clone(),
-                    port_name: sp.name.clone(),
-                    backends,
-                    draining,
-                    affinity_timeout_s: svc.affinity_timeout_s,
-                    drop_without_local_endpoints,
+                    source_ranges: svc.source_ranges.clone(),
+                    ..external.clone()
                 };
-                (frontend, spec)
-            })
-            .collect();
+                frontends.push((on(ip), spec));
+            }
+            if let Some(node_port) = sp.node_port {
+                frontends.push((Frontend::node_port(node_port, sp.proto), external));
+            }
+        }
         Some(frontends)
     }
+
+    /// The health-check node ports this node serves: kube-proxy's
+    /// `healthCheckNodePort` of each LoadBalancer service with
+    /// `externalTrafficPolicy: Local`, with its endpoints on this node.
+    pub fn health_checks(&self, node_name: Option<&str>) -> Vec<HealthCheck> {
+        let mut out = Vec::new();
+        for (name, entry) in &self.services {
+            let Some(svc) = &entry.proxied else { continue };
+            let Some(port) = svc.health_check_node_port else {
+                continue;
+            };
+            let mut local_endpoints = BTreeSet::new();
+            for slice in self
+                .slices_by_service
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.slices.get(k))
+                .filter(|s| s.ipv4)
+            {
+                for e in &slice.endpoints {
+                    // kube-proxy counts ready local endpoints only: a node
+                    // whose endpoints are all terminating fails the check,
+                    // so load balancers drain it.
+                    if e.ready && node_name.is_some() && slice.node_name(e) == node_name {
+                        local_endpoints.extend(slice.addresses(e).iter().copied());
+                    }
+                }
+            }
+            out.push(HealthCheck {
+                port,
+                service: name.clone(),
+                local_endpoints: local_endpoints.len(),
+            });
+        }
+        out
+    }
+}
+
+/// One `healthCheckNodePort` and what it reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub service: ServiceName,
+    pub local_endpoints: usize,
 }
 
 /// The slice port serving a service port: by name (as the EndpointSlice
@@ -1246,5 +1510,190 @@ mod tests {
         assert_eq!(s.apply(ClusterEvent::DeleteService(web())), vec![web()]);
         assert_eq!(s.frontends(&web(), None), None);
         assert!(s.service_names().is_empty());
+    }
+
+    fn external(state: &ClusterState, node: Option<&str>) -> Vec<(String, FrontendSpec)> {
+        state
+            .frontends(&web(), node)
+            .unwrap()
+            .into_iter()
+            .filter(|(f, _)| f.scope == Scope::External)
+            .map(|(f, spec)| (f.to_string(), spec))
+            .collect()
+    }
+
+    fn two_nodes() -> Vec<EndpointSlice> {
+        vec![slice(
+            "a",
+            json!([ep("10.244.1.10", json!({})), ep("10.244.2.10", json!({}))]),
+            json!([{"name": "http", "port": 8080}]),
+        )]
+    }
+
+    #[test]
+    fn node_port_service_has_a_node_port_frontend_that_masquerades() {
+        let s = state(
+            service(
+                json!({"spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}}),
+            ),
+            two_nodes(),
+        );
+        let ext = external(&s, Some("node1"));
+        assert_eq!(ext.len(), 1, "{ext:?}");
+        assert_eq!(ext[0].0, "nodePort 30080/TCP");
+        let spec = &ext[0].1;
+        assert!(spec.masquerade_remote);
+        assert_eq!(spec.backends.len(), 2, "policy Cluster: every endpoint");
+        assert_eq!(spec.local_ips, vec![Ipv4Addr::new(10, 244, 1, 10)]);
+        // The cluster IP stays as it was.
+        let all = s.frontends(&web(), Some("node1")).unwrap();
+        assert_eq!(all[0].0.to_string(), "10.96.0.10:80/TCP");
+    }
+
+    #[test]
+    fn cluster_ip_service_ignores_a_node_port_left_in_its_spec() {
+        let s = state(
+            service(
+                json!({"spec": {"type": "ClusterIP", "ports": [{"port": 80, "nodePort": 30080}]}}),
+            ),
+            two_nodes(),
+        );
+        assert!(external(&s, None).is_empty());
+    }
+
+    #[test]
+    fn load_balancer_serves_ingress_ips_external_ips_and_node_ports_with_source_ranges() {
+        let s = state(
+            service(json!({
+                "spec": {"type": "LoadBalancer", "externalIPs": ["192.0.2.7", "2001:db8::1"],
+                         "loadBalancerSourceRanges": ["203.0.113.0/24", "198.51.100.9"],
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}, {"hostname": "lb.example"}]}}
+            })),
+            two_nodes(),
+        );
+        let ext = external(&s, Some("node1"));
+        let names: Vec<&str> = ext.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "192.0.2.7:80/TCP (external)",
+                "198.51.100.10:80/TCP (external)",
+                "nodePort 30080/TCP"
+            ]
+        );
+        // Source ranges apply to the load-balancer IP only.
+        assert!(ext[0].1.source_ranges.is_empty());
+        let ranges: Vec<String> = ext[1]
+            .1
+            .source_ranges
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(ranges, ["198.51.100.9/32", "203.0.113.0/24"]);
+        assert!(ext[2].1.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn load_balancer_without_allocated_node_ports_has_none() {
+        let s = state(
+            service(
+                json!({"spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false}}),
+            ),
+            two_nodes(),
+        );
+        assert!(external(&s, None).is_empty());
+    }
+
+    #[test]
+    fn external_traffic_policy_local_uses_local_endpoints_and_keeps_the_client_address() {
+        let svc = |ready2: bool| {
+            let mut s = state(
+                service(
+                    json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}}),
+                ),
+                vec![],
+            );
+            s.apply(ClusterEvent::ApplySlice(
+                parse_slice(&slice(
+                    "a",
+                    json!([
+                        ep("10.244.1.10", json!({})),
+                        ep(
+                            "10.244.2.10",
+                            json!({"ready": ready2, "serving": true, "terminating": !ready2})
+                        )
+                    ]),
+                    json!([{"name": "http", "port": 8080}]),
+                ))
+                .unwrap(),
+            ));
+            s
+        };
+        let s = svc(true);
+        let ext = external(&s, Some("node1"));
+        let spec = &ext[0].1;
+        assert!(!spec.masquerade_remote);
+        let local: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
+        assert_eq!(local, ["10.244.1.10:8080"]);
+        // The ClusterIP frontend still reaches both nodes' endpoints.
+        assert_eq!(backends(&s, Some("node1")).len(), 2);
+        let on_node3 = external(&s, Some("node3"));
+        assert!(on_node3[0].1.backends.is_empty());
+        assert!(on_node3[0].1.drop_without_local_endpoints);
+        // Health checks count ready local endpoints only.
+        let check = |s: &ClusterState, node| s.health_checks(Some(node))[0].local_endpoints;
+        assert_eq!(check(&s, "node1"), 1);
+        assert_eq!(check(&s, "node2"), 1);
+        assert_eq!(check(&s, "node3"), 0);
+        let s = svc(false);
+        assert_eq!(check(&s, "node2"), 0, "only terminating: 503");
+        assert_eq!(s.health_checks(Some("node2"))[0].port, 32000);
+    }
+
+    #[test]
+    fn type_change_back_to_cluster_ip_drops_external_frontends() {
+        let mut s = state(
+            service(
+                json!({"spec": {"type": "NodePort", "externalIPs": ["192.0.2.7"], "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}}),
+            ),
+            two_nodes(),
+        );
+        assert_eq!(external(&s, None).len(), 2);
+        s.apply(ClusterEvent::ApplyService(
+            parse_service(&service(json!({"spec": {"type": "ClusterIP"}}))).unwrap(),
+        ));
+        assert!(external(&s, None).is_empty());
+        // ExternalName: nothing at all.
+        s.apply(ClusterEvent::ApplyService(
+            parse_service(&service(
+                json!({"spec": {"type": "ExternalName", "externalName": "x.example"}}),
+            ))
+            .unwrap(),
+        ));
+        assert_eq!(s.frontends(&web(), None), None);
+    }
+
+    #[test]
+    fn invalid_source_range_is_refused() {
+        let err = parse_service(&service(
+            json!({"spec": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/33"]}}),
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, ModelError::InvalidSourceRange { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn prefixes_parse_clear_host_bits_and_match() {
+        let p: Ipv4Prefix = "203.0.113.77/24".parse().unwrap();
+        assert_eq!(p.to_string(), "203.0.113.0/24");
+        assert!(p.contains(Ipv4Addr::new(203, 0, 113, 1)));
+        assert!(!p.contains(Ipv4Addr::new(203, 0, 114, 1)));
+        let all: Ipv4Prefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
     }
 }

@@ -263,6 +263,11 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         }
     }
 
+    /// The `healthCheckNodePort`s this node answers, with their counts.
+    pub fn health_checks(&self) -> Vec<crate::control::model::HealthCheck> {
+        self.state.health_checks(self.node_name.as_deref())
+    }
+
     /// Nothing for a service the model does not hold or does not proxy.
     fn frontends_of(&self, service: &ServiceName) -> Vec<(Frontend, FrontendSpec)> {
         self.state

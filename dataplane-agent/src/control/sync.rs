@@ -10,14 +10,18 @@ use std::collections::{BTreeMap, BTreeSet};
 // cluster's own objects) and is a fifth of a 10 000-service full sync.
 use foldhash::{HashMap, HashMapExt as _};
 
+use std::net::Ipv4Addr;
+
 use dataplane_common::{
-    capacity, ipv4_to_map, map_names, port_to_map, service_flags, Backend, ServiceKey,
-    ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
+    service_scope, Backend, ServiceKey, ServiceValue, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
 use crate::{
-    control::model::{BackendAddr, Frontend, FrontendSpec, Protocol, ServiceName},
+    control::model::{
+        BackendAddr, Frontend, FrontendSpec, Ipv4Prefix, Protocol, Scope, ServiceName,
+    },
     node::{
         lb_maps::{LbMapError, LbMaps, LbSnapshot, LbWrites},
         pinned,
@@ -157,6 +161,8 @@ struct Programmed {
     /// listed: in `BACKENDS`, so established flows keep their backend, but
     /// in no slot, so no new flow picks them.
     draining: Vec<u32>,
+    /// Its `SOURCE_RANGES` entries.
+    source_ranges: BTreeSet<SourceRangeKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -328,7 +334,11 @@ pub struct SyncEngine<M: LbMaps> {
     owned: HashMap<ServiceName, BTreeSet<ServiceKey>>,
     backends: HashMap<Backend, BackendRef>,
     backend_by_id: HashMap<u32, Backend>,
+    /// Frontends per service IP (NodePorts, address 0, are not counted).
     service_ips: HashMap<u32, u32>,
+    /// This node's addresses, flagged in `SERVICE_IPS` so NodePorts match
+    /// on them.
+    node_addrs: BTreeSet<u32>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     slot_blocks: SlotBlocks,
@@ -350,7 +360,29 @@ pub fn service_key(frontend: &Frontend) -> ServiceKey {
         addr: ipv4_to_map(frontend.ip.octets()),
         port: port_to_map(frontend.port),
         proto: proto_number(frontend.proto),
-        _pad: 0,
+        scope: match frontend.scope {
+            Scope::Internal => service_scope::INTERNAL,
+            Scope::External => service_scope::EXTERNAL,
+        },
+    }
+}
+
+/// The `SERVICE_IPS` value of an address: its frontend count, and the
+/// node-address bit.
+fn service_ip_value(count: u32, node_address: bool) -> u32 {
+    if node_address {
+        count | service_ip_flags::NODE_ADDRESS
+    } else {
+        count
+    }
+}
+
+/// `SOURCE_RANGES` key of one prefix of a service's frontend.
+fn source_range_key(service_id: u32, prefix: &Ipv4Prefix) -> SourceRangeKey {
+    SourceRangeKey {
+        prefix_len: 32 + u32::from(prefix.len),
+        service_id_be: service_id.to_be(),
+        addr: ipv4_to_map(prefix.addr.octets()),
     }
 }
 
@@ -362,23 +394,41 @@ fn proto_number(proto: Protocol) -> u8 {
 }
 
 fn backends_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
-    to_backends(frontend, &spec.backends)
+    to_backends(frontend, spec, &spec.backends)
 }
 
 fn draining_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
-    to_backends(frontend, &spec.draining)
+    to_backends(frontend, spec, &spec.draining)
 }
 
-fn to_backends(frontend: &Frontend, addrs: &[BackendAddr]) -> Vec<Backend> {
+fn to_backends(frontend: &Frontend, spec: &FrontendSpec, addrs: &[BackendAddr]) -> Vec<Backend> {
     addrs
         .iter()
         .map(|b| Backend {
             addr: ipv4_to_map(b.ip.octets()),
             port: port_to_map(b.port),
             proto: proto_number(frontend.proto),
-            flags: 0,
+            flags: if spec.local_ips.binary_search(&b.ip).is_ok() {
+                backend_flags::LOCAL
+            } else {
+                0
+            },
         })
         .collect()
+}
+
+fn flags_of(frontend: &Frontend, spec: &FrontendSpec) -> u32 {
+    let mut flags = 0;
+    if spec.drop_without_local_endpoints {
+        flags |= service_flags::DROP_NO_LOCAL_ENDPOINTS;
+    }
+    if frontend.scope == Scope::External && spec.masquerade_remote {
+        flags |= service_flags::MASQUERADE_REMOTE;
+    }
+    if frontend.scope == Scope::External && !spec.source_ranges.is_empty() {
+        flags |= service_flags::SOURCE_RANGES;
+    }
+    flags
 }
 
 /// New slot layout: backends that stay keep their slot, so a change of one
@@ -412,6 +462,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backends: HashMap::new(),
             backend_by_id: HashMap::new(),
             service_ips: HashMap::new(),
+            node_addrs: BTreeSet::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
             backend_ids: IdAllocator::from_used([], capacity::BACKENDS),
             slot_blocks: SlotBlocks::new(),
@@ -459,7 +510,15 @@ impl<M: LbMaps> SyncEngine<M> {
             slots,
             backends,
             names,
+            source_ranges,
         } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
+        let mut ranges_by_id: HashMap<u32, BTreeSet<SourceRangeKey>> = HashMap::new();
+        for key in source_ranges {
+            ranges_by_id
+                .entry(u32::from_be(key.service_id_be))
+                .or_default()
+                .insert(key);
+        }
         let by_id: HashMap<u32, Backend> = backends.clone().into_iter().collect();
         let owners: HashMap<ServiceKey, ServiceName> = self
             .frontends
@@ -503,8 +562,12 @@ impl<M: LbMaps> SyncEngine<M> {
                     value,
                     slots: ids,
                     draining: Vec::new(),
+                    source_ranges: ranges_by_id.remove(&value.service_id).unwrap_or_default(),
                 },
             );
+        }
+        for key in ranges_by_id.into_values().flatten() {
+            self.pending.remove_source_range(key);
         }
         // Backends no slot points at may be draining established flows: the
         // next full sync claims those still listed and removes the rest.
@@ -530,7 +593,16 @@ impl<M: LbMaps> SyncEngine<M> {
         for id in names.keys().filter(|id| !service_ids.contains(id)) {
             self.pending.remove_service_name(*id);
         }
-        self.service_ips = service_ips.into_iter().collect();
+        self.node_addrs = service_ips
+            .iter()
+            .filter(|(_, v)| *v & service_ip_flags::NODE_ADDRESS != 0)
+            .map(|(k, _)| *k)
+            .collect();
+        self.service_ips = service_ips
+            .into_iter()
+            .map(|(k, v)| (k, v & service_ip_flags::COUNT_MASK))
+            .filter(|(_, count)| *count > 0)
+            .collect();
         self.service_ids =
             IdAllocator::from_used(services.values().map(|v| v.service_id), u32::MAX);
         self.backend_ids =
@@ -623,7 +695,7 @@ impl<M: LbMaps> SyncEngine<M> {
         let mut new_ips: BTreeSet<u32> = BTreeSet::new();
         for (frontend, spec) in frontends {
             let addr = service_key(frontend).addr;
-            if !self.service_ips.contains_key(&addr) {
+            if addr != 0 && !self.service_ips.contains_key(&addr) {
                 new_ips.insert(addr);
             }
             let count = spec.backends.len();
@@ -751,11 +823,7 @@ impl<M: LbMaps> SyncEngine<M> {
     ) -> bool {
         let desired = backends_of(frontend, spec);
         let affinity = spec.affinity_timeout_s.unwrap_or(0);
-        let flags = if spec.drop_without_local_endpoints {
-            service_flags::DROP_NO_LOCAL_ENDPOINTS
-        } else {
-            0
-        };
+        let flags = flags_of(frontend, spec);
         let existing = self.frontends.get(&key).cloned();
         let old_backends = existing
             .as_ref()
@@ -778,10 +846,16 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.pending.set_service_name(p.value.service_id, &label);
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
             }
+            let ranges: BTreeSet<SourceRangeKey> = spec
+                .source_ranges
+                .iter()
+                .map(|r| source_range_key(p.value.service_id, r))
+                .collect();
             if old_set == new_set
                 && old_draining == draining
                 && p.value.affinity_timeout_s == affinity
                 && p.value.flags == flags
+                && p.source_ranges == ranges
             {
                 return false;
             }
@@ -823,7 +897,21 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.pending.set_slot(slot_base + slot as u32, *id);
             }
         }
-        // 3. The service entry (and its IP in the pre-filter) with the count.
+        // 3. Source ranges before the flag that makes them apply; ranges
+        // no longer listed after it (briefly too open, never too closed).
+        let ranges: BTreeSet<SourceRangeKey> = spec
+            .source_ranges
+            .iter()
+            .map(|r| source_range_key(service_id, r))
+            .collect();
+        let old_ranges = existing
+            .as_ref()
+            .map(|p| p.source_ranges.clone())
+            .unwrap_or_default();
+        for key in ranges.difference(&old_ranges) {
+            self.pending.set_source_range(*key);
+        }
+        // 4. The service entry (and its IP in the pre-filter) with the count.
         let value = ServiceValue {
             service_id,
             backend_count: ids.len() as u32,
@@ -835,12 +923,17 @@ impl<M: LbMaps> SyncEngine<M> {
             self.pending.set_service_name(service_id, &label);
         }
         self.pending.set_service(key, value);
-        if existing.is_none() {
+        if existing.is_none() && key.addr != 0 {
             let ports = self.service_ips.get(&key.addr).copied().unwrap_or(0) + 1;
-            self.pending.set_service_ip(key.addr, ports);
+            let node = self.node_addrs.contains(&key.addr);
+            self.pending
+                .set_service_ip(key.addr, service_ip_value(ports, node));
             self.service_ips.insert(key.addr, ports);
         }
-        // 4. Slots nothing counts any more (the old block, or past the new
+        for key in old_ranges.difference(&ranges) {
+            self.pending.remove_source_range(*key);
+        }
+        // 5. Slots nothing counts any more (the old block, or past the new
         // count), then backends nobody uses any more.
         let stale = if moved { 0 } else { ids.len() };
         for slot in stale..old_slots.len() {
@@ -862,10 +955,11 @@ impl<M: LbMaps> SyncEngine<M> {
                 value,
                 slots: ids,
                 draining: draining_ids,
+                source_ranges: ranges,
             },
         );
         let empty = if spec.drop_without_local_endpoints {
-            " (no endpoint on this node: internalTrafficPolicy Local, connections are dropped)"
+            " (no endpoint on this node: traffic policy Local, connections are dropped)"
         } else if desired.is_empty() {
             " (connections are rejected)"
         } else {
@@ -901,13 +995,24 @@ impl<M: LbMaps> SyncEngine<M> {
         if let Some(order) = slot_order(p.slots.len()) {
             self.slot_blocks.release(p.value.slot_base, order);
         }
+        for range in &p.source_ranges {
+            self.pending.remove_source_range(*range);
+        }
+        let node = self.node_addrs.contains(&key.addr);
         match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
+            _ if key.addr == 0 => {}
+            0 | 1 if node => {
+                self.pending
+                    .set_service_ip(key.addr, service_ip_value(0, true));
+                self.service_ips.remove(&key.addr);
+            }
             0 | 1 => {
                 self.pending.remove_service_ip(key.addr);
                 self.service_ips.remove(&key.addr);
             }
             n => {
-                self.pending.set_service_ip(key.addr, n - 1);
+                self.pending
+                    .set_service_ip(key.addr, service_ip_value(n - 1, node));
                 self.service_ips.insert(key.addr, n - 1);
             }
         }
@@ -1034,6 +1139,27 @@ impl<M: LbMaps> SyncEngine<M> {
         self.diverged || !self.adopted_draining.is_empty()
     }
 
+    /// Makes `addrs` the node's addresses, on which NodePorts are served
+    /// (the `SERVICE_IPS` node bit); addresses no longer listed lose it.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), SyncError> {
+        let wanted: BTreeSet<u32> = addrs.iter().map(|a| ipv4_to_map(a.octets())).collect();
+        for &addr in wanted.difference(&self.node_addrs) {
+            let count = self.service_ips.get(&addr).copied().unwrap_or(0);
+            self.pending
+                .set_service_ip(addr, service_ip_value(count, true));
+        }
+        for &addr in self.node_addrs.difference(&wanted) {
+            match self.service_ips.get(&addr).copied() {
+                Some(count) => self
+                    .pending
+                    .set_service_ip(addr, service_ip_value(count, false)),
+                None => self.pending.remove_service_ip(addr),
+            }
+        }
+        self.node_addrs = wanted;
+        self.flush().map_err(SyncError::Write)
+    }
+
     /// Services that own at least one frontend.
     pub fn service_count(&self) -> usize {
         self.owned.len()
@@ -1087,11 +1213,7 @@ mod tests {
     }
 
     fn frontend(ip: [u8; 4], port: u16) -> Frontend {
-        Frontend {
-            ip: Ipv4Addr::from(ip),
-            port,
-            proto: Protocol::Tcp,
-        }
+        Frontend::cluster_ip(Ipv4Addr::from(ip), port, Protocol::Tcp)
     }
 
     fn spec(service: &str, backends: &[u8]) -> FrontendSpec {
@@ -1108,6 +1230,9 @@ mod tests {
             draining: Vec::new(),
             affinity_timeout_s: None,
             drop_without_local_endpoints: false,
+            masquerade_remote: false,
+            local_ips: Vec::new(),
+            source_ranges: Vec::new(),
         }
     }
 
@@ -1628,5 +1753,187 @@ mod tests {
         );
         assert_eq!(plan_slots(&[b(1), b(2), b(3)], &[b(3)]), vec![b(3)]);
         assert_eq!(plan_slots(&[], &[b(1), b(2)]), vec![b(1), b(2)]);
+    }
+
+    fn external_spec(service: &str, backends: &[u8]) -> FrontendSpec {
+        FrontendSpec {
+            masquerade_remote: true,
+            local_ips: vec![Ipv4Addr::new(10, 244, 1, 10)],
+            ..spec(service, backends)
+        }
+    }
+
+    #[test]
+    fn node_port_is_one_entry_at_address_zero_and_node_addresses_are_flagged() {
+        let mut e = engine();
+        let node_port = Frontend::node_port(30080, Protocol::Tcp);
+        e.set_node_addresses(&[Ipv4Addr::new(192, 168, 100, 1)])
+            .unwrap();
+        e.sync_service(
+            &name("web"),
+            &[(node_port, external_spec("web", &[10, 11]))],
+        )
+        .unwrap();
+        let key = service_key(&node_port);
+        assert_eq!((key.addr, key.scope), (0, service_scope::EXTERNAL));
+        let value = e.maps().state.services[&key];
+        assert_eq!(value.flags, service_flags::MASQUERADE_REMOTE);
+        // Address 0 is not a service IP; the node's address is, flagged.
+        let node = ipv4_to_map([192, 168, 100, 1]);
+        assert_eq!(
+            e.maps()
+                .state
+                .service_ips
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![node]
+        );
+        assert_eq!(
+            e.maps().state.service_ips[&node],
+            service_ip_flags::NODE_ADDRESS
+        );
+        // The local endpoint is flagged so it is reached without SNAT.
+        let mut flags: Vec<(u8, u8)> = e
+            .maps()
+            .state
+            .backends
+            .values()
+            .map(|b| (dataplane_common::ipv4_from_map(b.addr)[3], b.flags))
+            .collect();
+        flags.sort();
+        assert_eq!(flags, vec![(10, backend_flags::LOCAL), (11, 0)]);
+        // A node address leaving drops the bit; nothing else is there.
+        e.set_node_addresses(&[]).unwrap();
+        assert!(e.maps().state.service_ips.is_empty());
+    }
+
+    #[test]
+    fn external_ip_on_a_node_address_keeps_both_count_and_node_bit() {
+        let mut e = engine();
+        e.set_node_addresses(&[Ipv4Addr::new(192, 168, 100, 1)])
+            .unwrap();
+        let ext = Frontend {
+            scope: Scope::External,
+            ..frontend([192, 168, 100, 1], 80)
+        };
+        e.sync_service(&name("web"), &[(ext, external_spec("web", &[10]))])
+            .unwrap();
+        let node = ipv4_to_map([192, 168, 100, 1]);
+        assert_eq!(
+            e.maps().state.service_ips[&node],
+            1 | service_ip_flags::NODE_ADDRESS
+        );
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert_eq!(
+            e.maps().state.service_ips[&node],
+            service_ip_flags::NODE_ADDRESS
+        );
+        // A restarted engine reads both back.
+        let state = e.maps().state.clone();
+        let mut again = SyncEngine::adopt(MemLbMaps {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
+        again
+            .sync_service(&name("web"), &[(ext, external_spec("web", &[10]))])
+            .unwrap();
+        assert_eq!(
+            again.maps().state.service_ips[&node],
+            1 | service_ip_flags::NODE_ADDRESS
+        );
+    }
+
+    #[test]
+    fn type_change_and_deletion_release_external_frontends_at_once() {
+        let mut e = engine();
+        let cluster = frontend([10, 96, 0, 10], 80);
+        let node_port = Frontend::node_port(30080, Protocol::Tcp);
+        let lb = Frontend {
+            scope: Scope::External,
+            ..frontend([198, 51, 100, 10], 80)
+        };
+        e.sync_service(
+            &name("web"),
+            &[
+                (cluster, spec("web", &[10])),
+                (lb, external_spec("web", &[10])),
+                (node_port, external_spec("web", &[10])),
+            ],
+        )
+        .unwrap();
+        assert_eq!(e.maps().state.services.len(), 3);
+        // LoadBalancer -> ClusterIP: the external frontends go in the same sync.
+        let stats = e
+            .sync_service(&name("web"), &[(cluster, spec("web", &[10]))])
+            .unwrap();
+        assert_eq!(stats.frontends_removed, 2);
+        assert!(programmed(e.maps(), &node_port).is_none());
+        assert!(programmed(e.maps(), &lb).is_none());
+        assert!(!e
+            .maps()
+            .state
+            .service_ips
+            .contains_key(&ipv4_to_map([198, 51, 100, 10])));
+        // The freed node port can be taken by another service at once.
+        e.sync_service(
+            &name("other"),
+            &[(node_port, external_spec("other", &[11]))],
+        )
+        .unwrap();
+        assert_eq!(programmed(e.maps(), &node_port), Some(vec![11]));
+        // Deletion releases everything.
+        e.sync_service(&name("other"), &[]).unwrap();
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert!(e.maps().state.services.is_empty());
+        assert!(e.maps().state.backends.is_empty());
+        assert!(e.maps().state.service_ips.is_empty());
+    }
+
+    #[test]
+    fn node_port_of_two_services_conflicts() {
+        let mut e = engine();
+        let node_port = Frontend::node_port(30080, Protocol::Tcp);
+        e.sync_service(&name("a"), &[(node_port, external_spec("a", &[10]))])
+            .unwrap();
+        let err = e
+            .sync_service(&name("b"), &[(node_port, external_spec("b", &[11]))])
+            .unwrap_err();
+        assert!(matches!(err, SyncError::FrontendConflict { .. }), "{err}");
+        // Same number, other protocol: a frontend of its own.
+        let udp = Frontend::node_port(30080, Protocol::Udp);
+        e.sync_service(&name("b"), &[(udp, external_spec("b", &[11]))])
+            .unwrap();
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_their_flag_and_removed_with_the_frontend() {
+        let mut e = engine();
+        let lb = Frontend {
+            scope: Scope::External,
+            ..frontend([198, 51, 100, 10], 80)
+        };
+        let mut desired = external_spec("web", &[10]);
+        desired.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+        e.sync_service(&name("web"), &[(lb, desired.clone())])
+            .unwrap();
+        let value = e.maps().state.services[&service_key(&lb)];
+        assert_ne!(value.flags & service_flags::SOURCE_RANGES, 0);
+        assert_eq!(
+            e.maps().state.source_ranges,
+            vec![SourceRangeKey {
+                prefix_len: 56,
+                service_id_be: value.service_id.to_be(),
+                addr: ipv4_to_map([203, 0, 113, 0]),
+            }]
+        );
+        // Changing only the ranges rewrites them.
+        desired.source_ranges = vec!["192.0.2.0/25".parse().unwrap()];
+        e.sync_service(&name("web"), &[(lb, desired)]).unwrap();
+        assert_eq!(e.maps().state.source_ranges.len(), 1);
+        assert_eq!(e.maps().state.source_ranges[0].prefix_len, 57);
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert!(e.maps().state.source_ranges.is_empty());
     }
 }

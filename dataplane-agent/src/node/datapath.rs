@@ -12,12 +12,15 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
         tc,
         tc::{SchedClassifierLink, SchedClassifierLinkId},
-        ProgramError, SchedClassifier, TcAttachType,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
-use dataplane_common::{capacity, map_layouts, map_names, CtLifetimes, MapLayout, LAYOUT_VERSION};
+use dataplane_common::{
+    capacity, map_layouts, map_names, CtLifetimes, MapLayout, NatConfig, LAYOUT_VERSION,
+};
 use log::{info, warn};
 
 use crate::node::{
@@ -33,6 +36,24 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const FROM_POD: &str = "from_pod";
 pub const TO_POD: &str = "to_pod";
+/// Uplink ingress (tc): traffic from outside to external frontends.
+pub const FROM_OUTSIDE: &str = "from_outside";
+/// Uplink egress (tc): local backends' replies to outside clients.
+pub const TO_OUTSIDE: &str = "to_outside";
+/// Uplink ingress (XDP), in front of `from_outside`.
+pub const XDP_FROM_OUTSIDE: &str = "xdp_from_outside";
+
+/// How the XDP program runs on an uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// In the driver, before an skb exists.
+    Native,
+    /// In the stack (any interface), after the skb is built.
+    Generic,
+    /// A previous agent's pinned link, its program replaced in place (the
+    /// mode it was attached with is kept).
+    Adopted,
+}
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
 
@@ -80,7 +101,7 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("{hook}: expected a tcx link")]
+    #[error("{hook}: expected a BPF link (tcx or XDP)")]
     NotTcx {
         hook: String,
         #[source]
@@ -115,6 +136,7 @@ pub struct DatapathMaps {
     pub conntrack: ConntrackMaps,
     pub counters: CounterMap,
     pub sock_revnat: SockRevNatMap,
+    pub nat_config: Array<MapData, NatConfig>,
 }
 
 /// What the datapath is loaded with: conntrack sizes and lifetimes
@@ -183,6 +205,10 @@ pub struct Datapath {
     /// A migration from maps pinned by an earlier agent, finished by
     /// [`Datapath::commit_migration`] once the programs switched.
     pending: Option<(Plan, Vec<MapLayout>)>,
+    /// Uplink interfaces and their programs, by ifindex.
+    uplinks: HashMap<u32, Attachment>,
+    /// Pinned XDP links of the uplinks.
+    xdp_pins: Vec<PathBuf>,
 }
 
 impl Datapath {
@@ -236,11 +262,17 @@ impl Datapath {
                 dir: bpffs.to_owned(),
                 source: Box::new(source),
             })?;
-        for name in [FROM_POD, TO_POD, BENCH_FLOOR] {
+        for name in [FROM_POD, TO_POD, FROM_OUTSIDE, TO_OUTSIDE, BENCH_FLOOR] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Verify { name, source })?;
         }
+        xdp_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Verify {
+                name: XDP_FROM_OUTSIDE,
+                source,
+            })?;
         set_lifetimes(&mut ebpf, &config.ct_lifetimes)?;
         let pending = if plan.is_migration() {
             migrate::convert(&plan, bpffs, &layouts, Pass::First)?;
@@ -253,6 +285,7 @@ impl Datapath {
         let conntrack = ConntrackMaps::take(&mut ebpf)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
         let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
+        let nat_config = pinned::take(&mut ebpf, map_names::NAT_CONFIG)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
@@ -263,12 +296,15 @@ impl Datapath {
                 sock_links_dir: bpffs.join(SOCK_LINKS_DIR),
                 attached: HashMap::new(),
                 pending,
+                uplinks: HashMap::new(),
+                xdp_pins: Vec::new(),
             },
             DatapathMaps {
                 lb,
                 conntrack,
                 counters,
                 sock_revnat,
+                nat_config,
             },
         ))
     }
@@ -370,12 +406,162 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the external datapath to an uplink: `from_outside` on tc
+    /// ingress and `to_outside` on tc egress, pinned like the pod links
+    /// (`<ifindex>-uplink-ingress`), so NodePort connections survive an
+    /// agent restart.
+    pub fn attach_uplink(&mut self, ifindex: u32, ifname: &str) -> Result<(), DatapathError> {
+        if self.uplinks.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let tcx = KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                warn!("adding clsact qdisc on {ifname}: {e} (continuing, it may already exist)");
+            }
+        }
+        let from = self.attach_one_at(
+            FROM_OUTSIDE,
+            ifindex,
+            ifname,
+            TcAttachType::Ingress,
+            tcx,
+            "uplink-",
+        )?;
+        let to = match self.attach_one_at(
+            TO_OUTSIDE,
+            ifindex,
+            ifname,
+            TcAttachType::Egress,
+            tcx,
+            "uplink-",
+        ) {
+            Ok(link) => link,
+            Err(e) => {
+                self.release(FROM_OUTSIDE, from);
+                return Err(e);
+            }
+        };
+        self.uplinks.insert(
+            ifindex,
+            Attachment {
+                ifname: ifname.to_owned(),
+                from_pod: from,
+                to_pod: to,
+            },
+        );
+        info!("attached the external datapath to uplink {ifname} (ifindex {ifindex}): tc ingress and egress");
+        Ok(())
+    }
+
+    pub fn uplink_count(&self) -> usize {
+        self.uplinks.len()
+    }
+
+    /// The loaded XDP program, e.g. to run it under BPF_PROG_TEST_RUN.
+    pub fn xdp(&self) -> Result<&Xdp, DatapathError> {
+        let program =
+            self.ebpf
+                .program(XDP_FROM_OUTSIDE)
+                .ok_or_else(|| DatapathError::MissingProgram {
+                    name: XDP_FROM_OUTSIDE.into(),
+                })?;
+        program.try_into().map_err(|source| DatapathError::Program {
+            name: XDP_FROM_OUTSIDE.into(),
+            source,
+        })
+    }
+
+    /// Puts `xdp_from_outside` in front of an uplink's tc programs (see
+    /// [`Datapath::attach_uplink`]): native where the driver supports it,
+    /// generic otherwise. The link is pinned (`<ifindex>-uplink-xdp`); a
+    /// previous agent's pinned link keeps its place and gets this agent's
+    /// program, so the interface never runs without one.
+    pub fn attach_uplink_xdp(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        modes: &[XdpAttachMode],
+    ) -> Result<XdpAttachMode, DatapathError> {
+        let pin = self.links_dir.join(format!("{ifindex}-uplink-xdp"));
+        let hook = format!("{XDP_FROM_OUTSIDE} on {ifname}");
+        let attach_err = |hook: &str| {
+            let hook = hook.to_owned();
+            move |source| DatapathError::Attach { hook, source }
+        };
+        let prog = xdp_mut(&mut self.ebpf)?;
+        let (id, mode) = if pin.exists() {
+            let link = PinnedLink::from_pin(&pin).map_err(|source| DatapathError::NotTcx {
+                hook: hook.clone(),
+                source,
+            })?;
+            let link =
+                XdpLink::try_from(FdLink::from(link)).map_err(|source| DatapathError::NotTcx {
+                    hook: hook.clone(),
+                    source,
+                })?;
+            let id = prog.attach_to_link(link).map_err(attach_err(&hook))?;
+            (id, XdpAttachMode::Adopted)
+        } else {
+            let mut attached = None;
+            let mut last_err = None;
+            for &mode in modes {
+                let flags = match mode {
+                    XdpAttachMode::Native => XdpMode::Driver,
+                    XdpAttachMode::Generic => XdpMode::Skb,
+                    XdpAttachMode::Adopted => continue,
+                };
+                match prog.attach_to_if_index(ifindex, flags) {
+                    Ok(id) => {
+                        attached = Some((id, mode));
+                        break;
+                    }
+                    Err(e) => {
+                        info!("{hook}: {mode:?} XDP unavailable ({e})");
+                        last_err = Some(e);
+                    }
+                }
+            }
+            match (attached, last_err) {
+                (Some(attached), _) => attached,
+                (None, Some(e)) => return Err(attach_err(&hook)(e)),
+                (None, None) => {
+                    return Err(DatapathError::MissingProgram {
+                        name: format!("{XDP_FROM_OUTSIDE} (no XDP mode to try)"),
+                    })
+                }
+            }
+        };
+        let link = prog.take_link(id).map_err(attach_err(&hook))?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::NotTcx {
+            hook: hook.clone(),
+            source,
+        })?;
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fs_err("removing", &pin)(e)),
+        }
+        link.pin(&pin).map_err(|source| DatapathError::PinLink {
+            hook: hook.clone(),
+            path: pin.clone(),
+            source,
+        })?;
+        self.xdp_pins.push(pin);
+        info!("{hook}: XDP attached, mode {mode:?}");
+        Ok(mode)
+    }
+
     fn pin_path(&self, ifindex: u32, attach_type: TcAttachType) -> PathBuf {
+        self.pin_path_at(ifindex, attach_type, "")
+    }
+
+    fn pin_path_at(&self, ifindex: u32, attach_type: TcAttachType, prefix: &str) -> PathBuf {
         let hook = match attach_type {
             TcAttachType::Ingress => "ingress",
             _ => "egress",
         };
-        self.links_dir.join(format!("{ifindex}-{hook}"))
+        self.links_dir.join(format!("{ifindex}-{prefix}{hook}"))
     }
 
     fn attach_one(
@@ -386,8 +572,20 @@ impl Datapath {
         attach_type: TcAttachType,
         tcx: bool,
     ) -> Result<Link, DatapathError> {
+        self.attach_one_at(program, ifindex, ifname, attach_type, tcx, "")
+    }
+
+    fn attach_one_at(
+        &mut self,
+        program: &str,
+        ifindex: u32,
+        ifname: &str,
+        attach_type: TcAttachType,
+        tcx: bool,
+        pin_prefix: &str,
+    ) -> Result<Link, DatapathError> {
         let hook = format!("{program} on {ifname} {attach_type:?}");
-        let pin = self.pin_path(ifindex, attach_type);
+        let pin = self.pin_path_at(ifindex, attach_type, pin_prefix);
         if tcx {
             if let Some(link) = self.replace_pinned(program, &pin, &hook)? {
                 return Ok(link);
@@ -499,6 +697,13 @@ impl Datapath {
                     self.pin_path(i, TcAttachType::Egress),
                 ]
             })
+            .chain(self.uplinks.keys().flat_map(|&i| {
+                [
+                    self.pin_path_at(i, TcAttachType::Ingress, "uplink-"),
+                    self.pin_path_at(i, TcAttachType::Egress, "uplink-"),
+                ]
+            }))
+            .chain(self.xdp_pins.iter().cloned())
             .collect();
         let Ok(entries) = std::fs::read_dir(&self.links_dir) else {
             return;
@@ -512,6 +717,18 @@ impl Datapath {
             }
         }
     }
+}
+
+fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    let program =
+        ebpf.program_mut(XDP_FROM_OUTSIDE)
+            .ok_or_else(|| DatapathError::MissingProgram {
+                name: XDP_FROM_OUTSIDE.into(),
+            })?;
+    program.try_into().map_err(|source| DatapathError::Program {
+        name: XDP_FROM_OUTSIDE.into(),
+        source,
+    })
 }
 
 fn program_mut<'a>(

@@ -10,10 +10,15 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, Map, MapData, MapError,
+    },
     sys::SyscallError,
 };
-use dataplane_common::{map_names, Backend, ServiceKey, ServiceLabel, ServiceValue};
+use dataplane_common::{
+    map_names, Backend, ServiceKey, ServiceLabel, ServiceValue, SourceRangeKey,
+};
 
 use crate::node::{
     map_batch,
@@ -41,6 +46,7 @@ pub struct LbSnapshot {
     pub slots: BTreeMap<u32, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
+    pub source_ranges: Vec<SourceRangeKey>,
 }
 
 /// Pending writes of one map, in the order they were made: `Some` sets the
@@ -90,8 +96,11 @@ impl<K: Copy + Ord, V: Copy> MapWrites<K, V> {
 /// write of each key is applied, in this order, which never shows the
 /// datapath a slot without its backend or a count without its slots:
 ///
-/// 1. sets: backends, slots, service names, services, service IPs;
-/// 2. deletes: services, service IPs, slots, backends, service names.
+/// 1. sets: backends, slots, service names, source ranges, services,
+///    service IPs (a range is in place before the service flag that
+///    enables it);
+/// 2. deletes: services, service IPs, slots, backends, service names,
+///    source ranges (removed after the flag).
 ///
 /// The engine does not reuse a backend or service id released in the same
 /// batch, so no set of an id is applied before the delete of its old use.
@@ -102,6 +111,7 @@ pub struct LbWrites {
     pub slots: MapWrites<u32, u32>,
     pub backends: MapWrites<u32, Backend>,
     pub names: MapWrites<u32, ServiceLabel>,
+    pub source_ranges: MapWrites<SourceRangeKey, ()>,
 }
 
 impl LbWrites {
@@ -135,6 +145,12 @@ impl LbWrites {
     pub fn remove_service_name(&mut self, service_id: u32) {
         self.names.push(service_id, None);
     }
+    pub fn set_source_range(&mut self, key: SourceRangeKey) {
+        self.source_ranges.push(key, Some(()));
+    }
+    pub fn remove_source_range(&mut self, key: SourceRangeKey) {
+        self.source_ranges.push(key, None);
+    }
 
     pub fn is_empty(&self) -> bool {
         self.service_ips.is_empty()
@@ -142,6 +158,7 @@ impl LbWrites {
             && self.slots.is_empty()
             && self.backends.is_empty()
             && self.names.is_empty()
+            && self.source_ranges.is_empty()
     }
 }
 
@@ -161,6 +178,14 @@ pub struct BpfLbMaps {
     slots: OwnedFd,
     backends: OwnedFd,
     names: OwnedFd,
+    /// An LPM trie has no batch operations: written key by key.
+    source_ranges: LpmTrie<MapData, [u32; 2], u32>,
+}
+
+/// The trie's key: the prefix length, then the data it covers (service id
+/// and address, both network order).
+fn lpm_key(key: &SourceRangeKey) -> LpmKey<[u32; 2]> {
+    LpmKey::new(key.prefix_len, [key.service_id_be, key.addr])
 }
 
 /// A second descriptor of `map`, once aya has checked it is a `T` (type,
@@ -210,6 +235,7 @@ impl BpfLbMaps {
                 map_names::SERVICE_NAMES,
                 open(map_names::SERVICE_NAMES)?,
             )?,
+            source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
         })
     }
 
@@ -231,6 +257,7 @@ impl BpfLbMaps {
                 map_names::SERVICE_NAMES,
                 take(map_names::SERVICE_NAMES)?,
             )?,
+            source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
         })
     }
 }
@@ -240,6 +267,14 @@ fn err(map: &'static str, op: &'static str) -> impl FnOnce(std::io::Error) -> Lb
         map,
         op,
         source: Box::new(MapError::SyscallError(SyscallError { call: op, io_error })),
+    }
+}
+
+fn lpm_err(op: &'static str) -> impl FnOnce(MapError) -> LbMapError {
+    move |source| LbMapError {
+        map: map_names::SOURCE_RANGES,
+        op,
+        source: Box::new(source),
     }
 }
 
@@ -273,6 +308,12 @@ impl LbMaps for BpfLbMaps {
         map_batch::update(self.slots.as_fd(), &slots, &slot_ids)
             .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
         let name_deletes = hash_sets(&self.names, map_names::SERVICE_NAMES, &w.names)?;
+        let (ranges, _, ranges_gone) = w.source_ranges.settled();
+        for key in &ranges {
+            self.source_ranges
+                .insert(&lpm_key(key), 1, 0)
+                .map_err(lpm_err("insert"))?;
+        }
         let service_deletes = hash_sets(&self.services, map_names::SERVICES, &w.services)?;
         let ip_deletes = hash_sets(&self.service_ips, map_names::SERVICE_IPS, &w.service_ips)?;
 
@@ -287,12 +328,28 @@ impl LbMaps for BpfLbMaps {
         let zeros = vec![Backend::default(); gone.len()];
         map_batch::update(self.backends.as_fd(), &gone, &zeros)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
-        hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)
+        hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)?;
+        for key in &ranges_gone {
+            match self.source_ranges.remove(&lpm_key(key)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(lpm_err("delete")(e)),
+            }
+        }
+        Ok(())
     }
 
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
         let read = |map| err(map, "BPF_MAP_LOOKUP_BATCH");
         let mut snap = LbSnapshot::default();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(lpm_err("iterate"))?;
+            let [service_id_be, addr] = key.data();
+            snap.source_ranges.push(SourceRangeKey {
+                prefix_len: key.prefix_len(),
+                service_id_be,
+                addr,
+            });
+        }
         for (k, v) in map_batch::lookup_all::<u32, ServiceLabel>(self.names.as_fd())
             .map_err(read(map_names::SERVICE_NAMES))?
         {
@@ -394,6 +451,13 @@ impl LbMaps for MemLbMaps {
             |s| &mut s.names,
             |k, v: ServiceLabel| (k, v.as_str().to_owned()),
         )?;
+        let (ranges, _, ranges_gone) = w.source_ranges.settled();
+        self.check(map_names::SOURCE_RANGES, ranges.len())?;
+        for key in ranges {
+            if !self.state.source_ranges.contains(&key) {
+                self.state.source_ranges.push(key);
+            }
+        }
         let services = self.sets(map_names::SERVICES, &w.services, |s| &mut s.services, same)?;
         let ips = self.sets(
             map_names::SERVICE_IPS,
@@ -405,7 +469,12 @@ impl LbMaps for MemLbMaps {
         self.deletes(map_names::SERVICE_IPS, &ips, |s| &mut s.service_ips, |k| k)?;
         self.deletes(map_names::BACKEND_SLOTS, &slots, |s| &mut s.slots, |k| k)?;
         self.deletes(map_names::BACKENDS, &backends, |s| &mut s.backends, |k| k)?;
-        self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)
+        self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)?;
+        self.check(map_names::SOURCE_RANGES, ranges_gone.len())?;
+        self.state
+            .source_ranges
+            .retain(|k| !ranges_gone.contains(k));
+        Ok(())
     }
 
     fn snapshot(&self) -> Result<LbSnapshot, LbMapError> {
@@ -438,7 +507,7 @@ mod tests {
             addr: 1,
             port: 80,
             proto: 6,
-            _pad: 0,
+            scope: 0,
         };
         let backend = Backend {
             addr: 7,

@@ -62,9 +62,13 @@ fn role(name: &str) -> Role {
         map_names::SERVICE_IPS
         | map_names::SERVICES
         | map_names::BACKEND_SLOTS
-        | map_names::SERVICE_NAMES => Role::Lb,
+        | map_names::SERVICE_NAMES
+        | map_names::SOURCE_RANGES => Role::Lb,
         map_names::BACKENDS => Role::BackendIds,
         map_names::CT_TCP | map_names::CT_OTHER | map_names::AFFINITY => Role::Flows,
+        // `NAT` holds flows too, but no earlier layout has it: it is only
+        // ever created, like the state maps (`NAT_CONFIG` is written at
+        // every start).
         _ => Role::State,
     }
 }
@@ -96,6 +100,11 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::BACKENDS,
             map_names::BACKEND_SLOTS,
             map_names::SERVICES,
+            // North-south: `ServiceKey` gained its scope (NodePorts keyed by
+            // address 0), `SERVICE_IPS` values the node-address bit,
+            // `Backend` the `LOCAL` flag; `NAT`, `NAT_CONFIG` and
+            // `SOURCE_RANGES` are new (created).
+            map_names::SERVICE_IPS,
         ],
     ),
 ];
@@ -610,7 +619,9 @@ pub fn convert(
                     &from,
                     &to,
                     pass,
-                    |k, v| ((k.proto == IPPROTO_TCP) == tcp).then(|| (*k, ct_entry_from(version, v))),
+                    |k, v| {
+                        ((k.proto == IPPROTO_TCP) == tcp).then(|| (*k, ct_entry_from(version, v)))
+                    },
                     newer_flow,
                 )?
             }

@@ -21,3 +21,4 @@ pub mod migrate;
 pub mod pinned;
 pub mod sock_destroy;
 pub mod socket_lb;
+pub mod uplink;

@@ -134,7 +134,19 @@ fn service_row(snap: &LbSnapshot, key: &ServiceKey, value: &ServiceValue) -> Ser
             .get(&value.service_id)
             .cloned()
             .unwrap_or_else(|| format!("<id {}>", value.service_id)),
-        frontend: format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto)),
+        frontend: match (key.scope, key.addr) {
+            (dataplane_common::service_scope::EXTERNAL, 0) => format!(
+                "nodePort {}/{}",
+                dataplane_common::port_from_map(key.port),
+                proto_name(key.proto)
+            ),
+            (dataplane_common::service_scope::EXTERNAL, _) => format!(
+                "{}/{} (external)",
+                endpoint(key.addr, key.port),
+                proto_name(key.proto)
+            ),
+            _ => format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto)),
+        },
         backends,
         affinity_timeout_s: (value.affinity_timeout_s > 0).then_some(value.affinity_timeout_s),
     }

@@ -4,6 +4,7 @@
 //! `monitor` read the pinned maps (through `node::pinned`, as the metrics
 //! do), with or without a running agent.
 
+pub mod health_check;
 pub mod healthz;
 pub mod http;
 pub mod inspect;

@@ -109,6 +109,8 @@ impl Event {
                 trace_hook::SOCK_SENDMSG => "sendmsg",
                 trace_hook::SOCK_RECVMSG => "recvmsg",
                 trace_hook::SOCK_GETPEERNAME => "getpeername",
+                trace_hook::FROM_OUTSIDE => "from-outside",
+                trace_hook::TO_OUTSIDE => "to-outside",
                 _ => "?",
             },
             ifindex: raw.ifindex,

@@ -79,7 +79,17 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         traffic::wait_listening(&lab.pod_ns(&pod.name), Duration::from_secs(10))?;
     }
 
-    let sample = manifests::web_manifest("web", "10.96.0.10".parse()?, &web);
+    // The web service is a LoadBalancer: its cluster IP for the pods,
+    // NodePorts on both nodes and a load-balancer IP the router sends to
+    // the nodes, for the outside client.
+    let service = manifests::exposed(
+        manifests::web_service("web", "10.96.0.10".parse()?),
+        &lab_exposure(),
+    );
+    let sample = manifests::manifest(
+        &service,
+        web.iter().map(|p| manifests::pod_endpoint(p)).collect(),
+    );
     for node in [1u8, 2] {
         let dir = node_dir(node);
         // Every node's agent sees the same objects, as from the API server.
@@ -98,6 +108,9 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             &dir.join("manifests"),
             &bpffs,
             &dir.join("agent.log"),
+            // The nodes' uplinks are veths: generic XDP (native XDP_TX on a
+            // veth needs NAPI on its peer, the router's bridge port).
+            &["--xdp-mode".into(), "generic".into()],
         )?;
         pids.extend(agent.pid());
         agent.detach();
@@ -114,6 +127,20 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         lab_dir().display()
     );
     Ok(())
+}
+
+/// NodePorts of the lab's web service (http, dns).
+pub const NODE_PORTS: [u16; 2] = [30080, 30053];
+/// The lab's load-balancer IP (routed to both nodes by the router).
+pub const LB_IP: [u8; 4] = [198, 51, 100, 10];
+
+fn lab_exposure() -> manifests::Exposure {
+    manifests::Exposure {
+        type_: Some("LoadBalancer"),
+        node_ports: NODE_PORTS.to_vec(),
+        load_balancer_ips: vec![LB_IP.into()],
+        ..Default::default()
+    }
 }
 
 /// A backend server in `ns`, in a process group of its own so that it

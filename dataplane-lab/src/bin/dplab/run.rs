@@ -4,9 +4,14 @@
 use std::{net::SocketAddr, process::Command};
 
 use anyhow::Context as _;
-use dataplane_lab::{cgroup, netns::in_netns, topology::default_pods, traffic};
+use dataplane_lab::{
+    cgroup,
+    netns::in_netns,
+    topology::{default_pods, node_ip, OUTSIDE_CLIENT_IP},
+    traffic,
+};
 
-use crate::lab::{self, UpOptions, PREFIX};
+use crate::lab::{self, UpOptions, LB_IP, NODE_PORTS, PREFIX};
 
 pub fn run(options: UpOptions) -> anyhow::Result<()> {
     lab::up(&options)?;
@@ -53,6 +58,7 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
                 i + 1
             );
         }
+        failed += outside_requests();
     }
     let dir = lab::lab_dir();
     let dir = dir.display();
@@ -62,6 +68,8 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
         "
 The lab is running. Explore it:
   ip netns exec {PREFIX}client curl -s http://10.96.0.10/       # through the service
+  ip netns exec {PREFIX}outside curl -s http://192.168.100.2:30080/   # a NodePort from outside
+  ip netns exec {PREFIX}outside curl -s http://198.51.100.10/     # the load-balancer IP
   ip netns exec {PREFIX}node1 ip -br addr; ip netns exec {PREFIX}node1 ip route
   target/release/dataplane-agent inspect services  --bpffs {dir}/node1/bpf
   target/release/dataplane-agent inspect conntrack --bpffs {dir}/node1/bpf
@@ -99,4 +107,44 @@ pub fn outcome_text(seen: &traffic::Outcome) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// Requests from the outside client to a NodePort on each node and to the
+/// load-balancer IP, with the backend that answered and the client address
+/// it saw (the client's own when the backend is on the node that took the
+/// connection, that node's when it was SNATed to another). Returns how many
+/// failed.
+fn outside_requests() -> usize {
+    let mut targets: Vec<(String, SocketAddr)> = Vec::new();
+    for node in [1u8, 2] {
+        for _ in 0..3 {
+            targets.push((
+                format!("NodePort on node{node}"),
+                SocketAddr::from((node_ip(node), NODE_PORTS[0])),
+            ));
+        }
+    }
+    for _ in 0..3 {
+        targets.push(("load-balancer IP".into(), SocketAddr::from((LB_IP, 80))));
+    }
+    println!("\noutside client ({OUTSIDE_CLIENT_IP}, behind the router):");
+    let mut failed = 0;
+    for (what, to) in targets {
+        let seen = in_netns(&format!("{PREFIX}outside"), move || traffic::tcp_seen(to));
+        match seen {
+            Ok(Ok(seen)) => println!(
+                "  {what} {to}: answered by {:<6} which saw the client as {} (reply from {})",
+                seen.backend, seen.client, seen.from
+            ),
+            Ok(Err(outcome)) => {
+                failed += 1;
+                println!("  {what} {to}: {outcome:?}");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("  {what} {to}: {e:#}");
+            }
+        }
+    }
+    failed
 }

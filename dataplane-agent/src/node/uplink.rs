@@ -1,0 +1,172 @@
+//! The node's uplinks and addresses: which interfaces carry traffic from
+//! outside (by default those holding the default routes), the addresses
+//! NodePorts are served on, and the SNAT port range kept free of the
+//! node's own sockets.
+
+use std::{net::Ipv4Addr, path::Path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listing the node's addresses")]
+    Addresses(#[source] nix::Error),
+    #[error("uplink interface {name}: no such interface")]
+    NoSuchInterface {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SNAT port range {min}-{max} overlaps the node's ephemeral ports {eph_min}-{eph_max} (net.ipv4.ip_local_port_range)")]
+    RangeOverlapsEphemeral {
+        min: u16,
+        max: u16,
+        eph_min: u16,
+        eph_max: u16,
+    },
+}
+
+/// An interface traffic from outside arrives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// Names of the interfaces holding an IPv4 default route, from
+/// `/proc/net/route` (this network namespace's), without duplicates.
+pub fn default_route_interfaces() -> Result<Vec<String>, UplinkError> {
+    let path = "/proc/net/route";
+    let text = std::fs::read_to_string(path).map_err(|source| UplinkError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Ok(parse_default_routes(&text))
+}
+
+fn parse_default_routes(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        if fields.len() >= 8 && fields[1] == "00000000" && fields[7] == "00000000" {
+            let name = fields[0].to_owned();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// The interfaces named, with their indexes.
+pub fn resolve(names: &[String]) -> Result<Vec<Uplink>, UplinkError> {
+    names
+        .iter()
+        .map(|name| {
+            nix::net::if_::if_nametoindex(name.as_str())
+                .map(|ifindex| Uplink {
+                    ifindex,
+                    name: name.clone(),
+                })
+                .map_err(|source| UplinkError::NoSuchInterface {
+                    name: name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// Whether `name` is a virtual interface (no device behind it in sysfs:
+/// veth, bridge, dummy), as opposed to a NIC with a driver.
+pub fn is_virtual(name: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(name)
+        .join("device")
+        .exists()
+}
+
+/// Every IPv4 address of the node, with the interface holding it.
+pub fn addresses() -> Result<Vec<(String, Ipv4Addr)>, UplinkError> {
+    let mut out = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().map_err(UplinkError::Addresses)? {
+        let Some(addr) = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
+            continue;
+        };
+        out.push((ifaddr.interface_name.clone(), addr.ip()));
+    }
+    Ok(out)
+}
+
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Makes sure no socket of the node gets a port of `min..=max` on its own:
+/// the range must lie outside the ephemeral range, and is also added to
+/// `ip_local_reserved_ports` so widening the ephemeral range later does
+/// not hand them out. (An explicit bind() to one of them is the
+/// operator's choice and is not prevented.)
+pub fn reserve_snat_ports(min: u16, max: u16) -> Result<(), UplinkError> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path).map_err(|source| UplinkError::Read {
+            path: path.into(),
+            source,
+        })
+    };
+    let range = read(PORT_RANGE)?;
+    let mut it = range
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u16>().ok());
+    if let (Some(eph_min), Some(eph_max)) = (it.next(), it.next()) {
+        if min <= eph_max && eph_min <= max {
+            return Err(UplinkError::RangeOverlapsEphemeral {
+                min,
+                max,
+                eph_min,
+                eph_max,
+            });
+        }
+    }
+    if !Path::new(RESERVED_PORTS).exists() {
+        return Ok(());
+    }
+    let reserved = read(RESERVED_PORTS)?;
+    let ours = format!("{min}-{max}");
+    if reserved.split(',').any(|r| r.trim() == ours) {
+        return Ok(());
+    }
+    let value = match reserved.trim() {
+        "" => ours,
+        existing => format!("{existing},{ours}"),
+    };
+    std::fs::write(RESERVED_PORTS, value).map_err(|source| UplinkError::Write {
+        path: RESERVED_PORTS.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_are_found_in_proc_net_route() {
+        let text =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0164A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t0064A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+cbr0\t00F4000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+eth1\t00000000\t0164A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
+        assert_eq!(parse_default_routes(text), vec!["eth0", "eth1"]);
+    }
+}

@@ -1,0 +1,593 @@
+//! The external datapath (`from_outside` on an uplink's ingress,
+//! `to_outside` on its egress) under BPF_PROG_TEST_RUN: build a packet from
+//! outside, program the frontends through the agent's sync engine, check
+//! the output bytes (checksums recomputed here) and the conntrack and NAT
+//! entries.
+//!
+//! Needs root and a kernel with BPF (each test mounts its own bpffs).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use dataplane_agent::control::model::{Frontend, Protocol, Scope};
+use dataplane_common::{
+    ct_dir, ipv4_to_map, nat_dir, port_to_map, Counter, NatKey, IPPROTO_TCP, IPPROTO_UDP,
+};
+use dataplane_testkit::datapath::{
+    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+};
+use dataplane_testkit::packets::{
+    assert_checksums_ok, assert_translated, endpoints, Tcp, Udp, ACK, SYN,
+};
+
+const NODE: [u8; 4] = [192, 168, 100, 1];
+const NODE_PORT: u16 = 30080;
+const SNAT_PORT: u16 = 61000;
+
+fn outside_client() -> SocketAddrV4 {
+    addr([203, 0, 113, 5], 40_000)
+}
+fn node_port() -> SocketAddrV4 {
+    addr(NODE, NODE_PORT)
+}
+fn local_backend() -> SocketAddrV4 {
+    addr([10, 244, 1, 11], 8080)
+}
+fn remote_backend() -> SocketAddrV4 {
+    addr([10, 244, 2, 10], 8080)
+}
+fn lb_ip() -> SocketAddrV4 {
+    addr([198, 51, 100, 10], 80)
+}
+
+fn external(ip: SocketAddrV4, proto: Protocol) -> Frontend {
+    Frontend {
+        ip: *ip.ip(),
+        port: ip.port(),
+        proto,
+        scope: Scope::External,
+    }
+}
+
+/// A node with address NODE, SNAT ports `SNAT_PORT..=SNAT_PORT + extra`.
+fn node(extra_ports: u16) -> Harness {
+    let mut dp = Harness::new();
+    dp.set_node_addresses(&[Ipv4Addr::from(NODE)]);
+    dp.set_snat(Ipv4Addr::from(NODE), SNAT_PORT, SNAT_PORT + extra_ports);
+    dp
+}
+
+/// A NodePort with policy Cluster whose only endpoint is `backend`.
+fn node_port_to(dp: &mut Harness, backend: SocketAddrV4, local: bool, proto: Protocol) {
+    dp.set_frontend_with(
+        "web",
+        Frontend::node_port(NODE_PORT, proto),
+        &[backend],
+        |spec| {
+            spec.masquerade_remote = true;
+            if local {
+                spec.local_ips = vec![*backend.ip()];
+            }
+        },
+    );
+}
+
+fn nat_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, direction: u8) -> NatKey {
+    NatKey {
+        src_addr: ipv4_to_map(src.ip().octets()),
+        dst_addr: ipv4_to_map(dst.ip().octets()),
+        src_port: port_to_map(src.port()),
+        dst_port: port_to_map(dst.port()),
+        proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+const BACKEND_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+/// Runs `f` on a thread in a network namespace of its own (test runs look
+/// routes up there) holding the node's address on `uplink0`, a route to
+/// the other node's pods and a default route, with permanent neighbours.
+fn in_routed_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let commands: [&[&str]; 8] = [
+            &["link", "set", "lo", "up"],
+            &[
+                "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+            ],
+            &["link", "set", "uplink0", "up"],
+            &["link", "set", "uplink1", "up"],
+            &["addr", "add", "192.168.100.1/24", "dev", "uplink0"],
+            &["route", "add", "10.244.2.0/24", "via", "192.168.100.2"],
+            &["route", "add", "default", "via", "192.168.100.254"],
+            &[
+                "neigh",
+                "add",
+                "192.168.100.2",
+                "lladdr",
+                &mac(BACKEND_NODE_MAC),
+                "dev",
+                "uplink0",
+                "nud",
+                "permanent",
+            ],
+        ];
+        let router: &[&str] = &[
+            "neigh",
+            "add",
+            "192.168.100.254",
+            "lladdr",
+            &mac(ROUTER_MAC),
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ];
+        for args in commands.iter().copied().chain([router]) {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
+        f()
+    })
+    .join()
+    .expect("test thread")
+}
+
+/// A redirect to the next hop, counted.
+fn assert_sent_on(dp: &Harness, run: &Run, dst_mac: [u8; 6], what: &str) {
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "{what}");
+    assert!(dp.counter(Counter::Redirected) >= 1, "{what}");
+    assert_eq!(&run.output[..6], &dst_mac, "{what}: next hop's MAC");
+}
+
+#[test]
+fn node_port_from_outside_to_a_local_endpoint_keeps_the_client_address() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run("from_outside", &syn);
+
+    assert_eq!(run.verdict, TC_ACT_OK, "the stack delivers it to the pod");
+    assert_translated(
+        &syn,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "DNATed SYN",
+    );
+    assert!(dp
+        .ct_get(&ct_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_some());
+    assert_eq!(dp.nat().keys().count(), 0, "no SNAT for a local endpoint");
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+
+    // The pod's reply leaves through the uplink as the NodePort's.
+    let reply = Tcp::new(local_backend(), outside_client(), SYN | ACK).build();
+    let run = dp.run("to_outside", &reply);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(&reply, &run.output, node_port(), outside_client(), "reply");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+}
+
+#[test]
+fn node_port_from_outside_to_a_remote_endpoint_is_snatted_to_the_node_and_back() {
+    in_routed_netns(snatted_to_the_node_and_back);
+}
+
+fn snatted_to_the_node_and_back() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run("from_outside", &syn);
+
+    assert_sent_on(&dp, &run, BACKEND_NODE_MAC, "SNATed SYN");
+    let snat = addr(NODE, SNAT_PORT);
+    assert_eq!(
+        endpoints(&run.output),
+        (snat, remote_backend()),
+        "SNAT + DNAT"
+    );
+    assert_checksums_ok(&run.output, "SNATed SYN");
+    let nat = dp.nat();
+    let original = nat
+        .get(
+            &nat_key(
+                outside_client(),
+                node_port(),
+                IPPROTO_TCP,
+                nat_dir::ORIGINAL,
+            ),
+            0,
+        )
+        .expect("NAT holds the original tuple");
+    let reply = nat
+        .get(
+            &nat_key(remote_backend(), snat, IPPROTO_TCP, nat_dir::REPLY),
+            0,
+        )
+        .expect("NAT holds the reply tuple, reserving the port");
+    assert_eq!(original, reply);
+    assert_eq!(original.nat_port, port_to_map(SNAT_PORT));
+    assert_eq!(dp.ct_len(), 0, "conntrack is not used for SNATed flows");
+
+    // The backend's answer to the node goes back to the client, from the
+    // NodePort.
+    let answer = Tcp::new(remote_backend(), snat, SYN | ACK).build();
+    let run = dp.run("from_outside", &answer);
+    assert!(
+        matches!(run.verdict, TC_ACT_REDIRECT | TC_ACT_SHOT),
+        "{}",
+        run.verdict
+    );
+    assert_eq!(endpoints(&run.output), (node_port(), outside_client()));
+    assert_checksums_ok(&run.output, "reverse-translated reply");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+
+    // The next client packet follows the same translation.
+    let ack = Tcp::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run("from_outside", &ack);
+    assert_eq!(endpoints(&run.output), (snat, remote_backend()));
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "one flow");
+
+    // Without a route the packet is dropped, never passed with the node's
+    // address as source.
+    let status = std::process::Command::new("ip")
+        .args(["route", "replace", "unreachable", "10.244.2.0/24"])
+        .status()
+        .expect("ip");
+    assert!(status.success());
+    let run = dp.run("from_outside", &ack);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::FibLookupFailed), 1);
+}
+
+#[test]
+fn snat_port_exhaustion_refuses_the_new_connection_and_counts_it() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let first = Tcp::new(outside_client(), node_port(), SYN).build();
+    dp.run("from_outside", &first);
+    let second = Tcp::new(addr([203, 0, 113, 6], 40_000), node_port(), SYN).build();
+
+    let run = dp.run("from_outside", &second);
+
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::NatPortsExhausted), 1);
+    assert_eq!(dp.nat().keys().count(), 2, "the first flow keeps its port");
+}
+
+#[test]
+fn traffic_to_the_node_that_is_not_a_node_port_passes_untouched() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    for packet in [
+        Tcp::new(outside_client(), addr(NODE, 22), SYN).build(),
+        Udp::new(outside_client(), addr(NODE, NODE_PORT)).build(),
+        Tcp::new(outside_client(), addr([192, 168, 100, 9], NODE_PORT), SYN).build(),
+    ] {
+        let run = dp.run("from_outside", &packet);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(run.output, packet);
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+}
+
+#[test]
+fn load_balancer_ip_outside_its_source_ranges_is_dropped_and_counted() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "web",
+        external(lb_ip(), Protocol::Tcp),
+        &[local_backend()],
+        |spec| {
+            spec.masquerade_remote = true;
+            spec.local_ips = vec![*local_backend().ip()];
+            spec.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
+        },
+    );
+    let allowed = Tcp::new(outside_client(), lb_ip(), SYN).build();
+    let run = dp.run("from_outside", &allowed);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(
+        &allowed,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "allowed",
+    );
+
+    let stranger = Tcp::new(addr([203, 0, 113, 77], 40_000), lb_ip(), SYN).build();
+    let run = dp.run("from_outside", &stranger);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropSourceRange), 1);
+}
+
+#[test]
+fn external_ip_is_served_without_being_a_node_address() {
+    let mut dp = node(0);
+    let external_ip = addr([192, 0, 2, 7], 80);
+    dp.set_frontend_with(
+        "web",
+        external(external_ip, Protocol::Udp),
+        &[local_backend()],
+        |spec| {
+            spec.masquerade_remote = true;
+            spec.local_ips = vec![*local_backend().ip()];
+        },
+    );
+    let query = Udp::new(outside_client(), external_ip)
+        .payload(b"q")
+        .build();
+    let run = dp.run("from_outside", &query);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(
+        &query,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "UDP",
+    );
+    assert!(dp
+        .ct_get(&ct_key(
+            outside_client(),
+            external_ip,
+            Protocol::Udp,
+            ct_dir::ORIGINAL
+        ))
+        .is_some_and(|e| e.proto == IPPROTO_UDP));
+}
+
+#[test]
+fn policy_local_without_a_local_endpoint_drops_new_connections() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "web",
+        Frontend::node_port(NODE_PORT, Protocol::Tcp),
+        &[],
+        |spec| {
+            spec.drop_without_local_endpoints = true;
+        },
+    );
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    let run = dp.run("from_outside", &syn);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropNoLocalEndpoints), 1);
+}
+
+#[test]
+fn pods_reach_a_node_port_on_their_node_address_too() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let pod = addr([10, 244, 1, 10], 40_000);
+    let syn = Tcp::new(pod, node_port(), SYN).build();
+    let run = dp.run_from_pod(&syn);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(&syn, &run.output, pod, remote_backend(), "pod to NodePort");
+    let reply = Tcp::new(remote_backend(), pod, SYN | ACK).build();
+    let run = dp.run_to_pod(&reply);
+    assert_translated(&reply, &run.output, node_port(), pod, "reply to the pod");
+}
+
+// The XDP program in front of the tc one: the same pipeline on direct
+// packet access, with its own checksum arithmetic (checked here against
+// checksums computed from scratch), leaving to tc what only tc can do.
+
+#[test]
+fn xdp_dnats_a_node_port_to_a_local_endpoint_with_correct_checksums() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN)
+        .payload(b"hello")
+        .build();
+
+    let run = dp.run_xdp(&syn);
+
+    assert_eq!(run.verdict, XDP_PASS, "the stack delivers it to the pod");
+    assert_translated(
+        &syn,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "XDP DNAT",
+    );
+    assert!(dp
+        .ct_get(&ct_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_some());
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+    // The next segment follows the flow.
+    let ack = Tcp::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run_xdp(&ack);
+    assert_translated(
+        &ack,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "XDP established",
+    );
+    assert_eq!(dp.counter(Counter::Established), 1);
+}
+
+#[test]
+fn xdp_udp_checksums_follow_the_rewrite_and_zero_stays_zero() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Udp);
+    let with = Udp::new(outside_client(), node_port())
+        .payload(b"query")
+        .build();
+    let run = dp.run_xdp(&with);
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_translated(&with, &run.output, outside_client(), local_backend(), "UDP");
+
+    let client2 = addr([203, 0, 113, 9], 40_001);
+    let without = Udp::new(client2, node_port())
+        .payload(b"query")
+        .no_checksum()
+        .build();
+    let run = dp.run_xdp(&without);
+    assert_eq!(run.verdict, XDP_PASS);
+    let l4_csum = 14 + 20 + 6;
+    assert_eq!(
+        &run.output[l4_csum..l4_csum + 2],
+        &[0, 0],
+        "no checksum stays none"
+    );
+    assert_eq!(endpoints(&run.output), (client2, local_backend()));
+}
+
+#[test]
+fn xdp_leaves_what_it_cannot_finish_untouched_and_uncounted_for_tc() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "web",
+        Frontend::node_port(NODE_PORT, Protocol::Tcp),
+        &[],
+        |_| {},
+    );
+    for packet in [
+        // No endpoints: tc answers with a RST.
+        Tcp::new(outside_client(), node_port(), SYN).build(),
+        // Not a NodePort: the node's own traffic.
+        Tcp::new(outside_client(), addr(NODE, 22), SYN).build(),
+    ] {
+        let run = dp.run_xdp(&packet);
+        assert_eq!(run.verdict, XDP_PASS);
+        assert_eq!(run.output, packet);
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+    // tc, behind it, refuses the connection.
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    let run = dp.run("from_outside", &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a RST back to the client");
+    assert_eq!(dp.counter(Counter::RejectNoEndpoints), 1);
+}
+
+#[test]
+fn xdp_hands_a_snat_flow_it_cannot_send_itself_to_tc_which_follows_it() {
+    in_routed_netns(xdp_hands_over_to_tc);
+}
+
+fn xdp_hands_over_to_tc() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run_xdp(&syn);
+
+    // Under test-run the packet "arrives" on lo: the backend's next hop is
+    // another interface (uplink0), which only tc sends to.
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(run.output, syn, "left untouched for tc");
+    assert_eq!(dp.nat().keys().count(), 2, "the flow is set up");
+    let run = dp.run("from_outside", &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        endpoints(&run.output),
+        (addr(NODE, SNAT_PORT), remote_backend()),
+        "tc translates it as the flow says"
+    );
+    assert_eq!(dp.counter(Counter::Established), 1);
+}
+
+#[test]
+fn xdp_drops_load_balancer_clients_outside_the_source_ranges() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "web",
+        external(lb_ip(), Protocol::Tcp),
+        &[local_backend()],
+        |spec| {
+            spec.local_ips = vec![*local_backend().ip()];
+            spec.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        },
+    );
+    let syn = Tcp::new(outside_client(), lb_ip(), SYN).build();
+    let run = dp.run_xdp(&syn);
+    assert_eq!(run.verdict, XDP_DROP);
+    assert_eq!(dp.counter(Counter::DropSourceRange), 1);
+}
+
+#[test]
+fn fragmentation_needed_about_a_snatted_flow_reaches_the_client_about_what_it_sent() {
+    in_routed_netns(fragmentation_needed_reaches_the_client);
+}
+
+fn fragmentation_needed_reaches_the_client() {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    let sent = dp.run("from_outside", &syn).output;
+    assert_eq!(endpoints(&sent), (addr(NODE, SNAT_PORT), remote_backend()));
+    // A router between the nodes cannot forward it unfragmented.
+    let router = Ipv4Addr::new(192, 168, 100, 254);
+    let quote = &sent[14..14 + 28];
+    let builder = PacketBuilder::ethernet2(ROUTER_MAC, [0x02, 0, 0, 0, 0, 0x01])
+        .ipv4(router.octets(), NODE, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let mut error = Vec::with_capacity(builder.size(quote.len()));
+    builder.write(&mut error, quote).expect("ICMP error");
+
+    let run = dp.run("from_outside", &error);
+
+    assert_sent_on(&dp, &run, ROUTER_MAC, "the error, towards the client");
+    let out = &run.output;
+    let f = dataplane_testkit::packets::ipv4_fields(out).expect("IPv4");
+    assert_eq!(
+        (f.src, f.dst),
+        (router, *outside_client().ip()),
+        "outer addresses"
+    );
+    let q = f.l4() + 8;
+    let quoted = |off: usize| Ipv4Addr::new(out[off], out[off + 1], out[off + 2], out[off + 3]);
+    let port = |off: usize| u16::from_be_bytes([out[off], out[off + 1]]);
+    assert_eq!(
+        (
+            addr(quoted(q + 12).octets(), port(q + 20)),
+            addr(quoted(q + 16).octets(), port(q + 22))
+        ),
+        (outside_client(), node_port()),
+        "the quote is what the client sent"
+    );
+    assert_eq!(port(f.l4() + 6), 1400, "MTU kept");
+    assert!(
+        dataplane_testkit::packets::ip_checksum_ok(out)
+            && dataplane_testkit::packets::l4_checksum_ok(out)
+            && dataplane_testkit::packets::ones_sum(&out[q..q + 20]) == 0xffff,
+        "checksums (outer IP, ICMP, quoted IP)"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}

@@ -1,0 +1,56 @@
+//! Sending a translated external packet on to its next hop: a FIB lookup
+//! and a redirect, the way a router forwards it. Needed because a packet
+//! whose source became this node's address (SNAT) would be dropped by the
+//! stack as a martian if handed back to it on ingress.
+
+use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
+
+use crate::{parse::Ipv4Flow, skb};
+
+const AF_INET: u8 = 2;
+
+/// Where the FIB sends a packet.
+pub struct NextHop {
+    pub ifindex: u32,
+    /// Destination and source MAC, as the Ethernet header wants them;
+    /// `None` when the kernel has no neighbour entry yet.
+    pub macs: Option<[u8; 12]>,
+}
+
+/// Looks up the route of `flow` as if it arrived on `ingress_ifindex`.
+/// `None`: no usable unicast route (blackhole, unreachable, local, not
+/// forwarding).
+#[inline(always)]
+pub fn fib4_lookup(
+    raw_ctx: *mut core::ffi::c_void,
+    ingress_ifindex: u32,
+    flow: &Ipv4Flow,
+) -> Option<NextHop> {
+    let mut params = skb::fib_params();
+    params.family = AF_INET;
+    params.l4_protocol = flow.proto;
+    params.sport = flow.src_port;
+    params.dport = flow.dst_port;
+    // tot_len 0 skips the MTU check: GRO may have merged segments past the
+    // MTU that are split again on the way out.
+    params.ifindex = ingress_ifindex;
+    params.__bindgen_anon_3.ipv4_src = flow.src_addr;
+    params.__bindgen_anon_4.ipv4_dst = flow.dst_addr;
+    let ret = skb::fib_lookup(raw_ctx, &mut params, 0);
+    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&params.dmac);
+        macs[6..].copy_from_slice(&params.smac);
+        return Some(NextHop {
+            ifindex: params.ifindex,
+            macs: Some(macs),
+        });
+    }
+    if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return Some(NextHop {
+            ifindex: params.ifindex,
+            macs: None,
+        });
+    }
+    None
+}

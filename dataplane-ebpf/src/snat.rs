@@ -1,0 +1,128 @@
+//! SNAT state of external flows to remote backends, in the `NAT` map (kept
+//! apart from `CONNTRACK`): the SNAT port is reserved by the flow's REPLY
+//! entry (backend -> this node's address and port), inserted only where no
+//! live flow holds that tuple, so two flows never share a reply tuple.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use dataplane_common::{ct_state, nat_dir, NatEntry, NatKey, IPPROTO_TCP};
+
+use crate::{
+    maps::{nat_config, nat_get, nat_slot, NatSlot, NAT},
+    parse::{Ipv4Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    skb,
+};
+
+/// Random SNAT ports tried for a new flow before it is refused as
+/// exhausted: with the range half full, 8 tries all fail 0.4% of the time.
+const NAT_PORT_TRIES: u32 = 8;
+
+#[inline(always)]
+pub fn nat4_key(flow: &Ipv4Flow, direction: u8) -> NatKey {
+    NatKey {
+        src_addr: flow.src_addr,
+        dst_addr: flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn nat4_lookup(key: &NatKey) -> Option<NatSlot> {
+    nat_slot(key)
+}
+
+/// Why a new SNATed flow could not be set up.
+pub enum NatCreateError {
+    /// No free SNAT port found (or no SNAT address configured).
+    Exhausted,
+    /// The map refused an insert.
+    InsertFailed,
+}
+
+/// Whether the REPLY entry `reply` still belongs to a live flow.
+#[inline(always)]
+fn nat4_is_live(reply: &NatEntry, now_ns: u64) -> bool {
+    nat_get(&reply.original_key()).is_some_and(|owner| {
+        !nat4_is_expired(&owner, now_ns) && owner.reply_key() == reply.reply_key()
+    })
+}
+
+/// Whether the SNATed flow `entry` has outlived the conntrack lifetime of
+/// its state (`CT_LIFETIMES`).
+#[inline(always)]
+pub fn nat4_is_expired(entry: &NatEntry, now_ns: u64) -> bool {
+    entry.is_expired(now_ns, &crate::maps::ct_lifetimes())
+}
+
+/// Creates both entries of a flow: `entry` with `nat_addr`/`nat_port`
+/// chosen here. A concurrent creation of the same flow (retransmitted SYN
+/// on another CPU) wins and is returned.
+#[inline(always)]
+pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<NatEntry, NatCreateError> {
+    let config = nat_config().ok_or(NatCreateError::Exhausted)?;
+    if config.snat_addr == 0 || config.port_max < config.port_min {
+        return Err(NatCreateError::Exhausted);
+    }
+    entry.nat_addr = config.snat_addr;
+    let range = u32::from(config.port_max - config.port_min) + 1;
+    let mut claimed = false;
+    for _ in 0..NAT_PORT_TRIES {
+        let port = config.port_min as u32 + skb::random_u32() % range;
+        entry.nat_port = (port as u16).to_be();
+        let reply = entry.reply_key();
+        if NAT.insert(reply, *entry, BPF_NOEXIST as u64).is_ok() {
+            claimed = true;
+            break;
+        }
+        // Held by a flow that is gone: its port is free again.
+        if let Some(holder) = nat_get(&reply) {
+            if !nat4_is_live(&holder, now_ns) && NAT.insert(reply, *entry, 0).is_ok() {
+                claimed = true;
+                break;
+            }
+        }
+    }
+    if !claimed {
+        return Err(NatCreateError::Exhausted);
+    }
+    let original = entry.original_key();
+    if NAT.insert(original, *entry, BPF_NOEXIST as u64).is_err() {
+        let _ = NAT.remove(entry.reply_key());
+        return nat_get(&original).ok_or(NatCreateError::InsertFailed);
+    }
+    Ok(*entry)
+}
+
+#[inline(always)]
+pub fn nat4_delete(entry: &NatEntry) {
+    let _ = NAT.remove(entry.original_key());
+    let _ = NAT.remove(entry.reply_key());
+}
+
+/// Refreshes a flow's ORIGINAL entry for a packet in `direction`: a reply
+/// establishes it, a FIN or RST starts closing. (Coarser than `CONNTRACK`:
+/// a TCP flow the backend answered is established without waiting for the
+/// client's ACK; the entries are LRU either way.)
+#[inline(always)]
+pub fn nat4_update(slot: NatSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
+    let state = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_RST | TCP_FIN) != 0 {
+        ct_state::CLOSING
+    } else if direction == nat_dir::REPLY {
+        ct_state::ESTABLISHED
+    } else {
+        ct_state::OPENING
+    };
+    slot.touch(now_ns, state);
+}
+
+/// A TCP SYN (without ACK) on a closing flow starts a new connection on the
+/// same tuple: it gets a fresh backend and port.
+#[inline(always)]
+pub fn nat4_is_reopen(entry: &NatEntry, flow: &Ipv4Flow) -> bool {
+    flow.proto == IPPROTO_TCP
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && entry.state == ct_state::CLOSING
+}

@@ -7,9 +7,9 @@
 //! (SNATed remote backends) -> backend selection -> DNAT (+ SNAT and FIB
 //! redirect for remote backends with policy Cluster). A flow to a local
 //! backend (policy Local, or a local endpoint with policy Cluster) keeps
-//! the client's address and is tracked in `CONNTRACK` like a pod's; a flow
-//! to a remote backend with policy Cluster gets this node's address and a
-//! port of the SNAT range, tracked in `NAT`.
+//! the client's address and is tracked in `CT_TCP`/`CT_OTHER` like a
+//! pod's; a flow to a remote backend with policy Cluster gets this node's
+//! address and a port of the SNAT range, tracked in `NAT`.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 

@@ -346,8 +346,8 @@ fn choose_backend<C: PacketCtx>(
     }
 }
 
-/// A new flow to `selected` tracked in `CONNTRACK` and DNATed; the stack
-/// delivers it (and the backend's replies are translated back where they
+/// A new flow to `selected` tracked in conntrack (`CT_TCP`, `CT_OTHER`)
+/// and DNATed; the stack delivers it (and the backend's replies are translated back where they
 /// leave: `to_pod`, `to_outside`).
 #[inline(always)]
 fn ct_new_flow<C: PacketCtx>(

@@ -1,5 +1,5 @@
 //! SNAT state of external flows to remote backends, in the `NAT` map (kept
-//! apart from `CONNTRACK`): the SNAT port is reserved by the flow's REPLY
+//! apart from conntrack): the SNAT port is reserved by the flow's REPLY
 //! entry (backend -> this node's address and port), inserted only where no
 //! live flow holds that tuple, so two flows never share a reply tuple.
 
@@ -103,7 +103,7 @@ pub fn nat4_delete(entry: &NatEntry) {
 }
 
 /// Refreshes a flow's ORIGINAL entry for a packet in `direction`: a reply
-/// establishes it, a FIN or RST starts closing. (Coarser than `CONNTRACK`:
+/// establishes it, a FIN or RST starts closing. (Coarser than conntrack:
 /// a TCP flow the backend answered is established without waiting for the
 /// client's ACK; the entries are LRU either way.)
 #[inline(always)]

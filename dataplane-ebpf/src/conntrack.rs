@@ -91,7 +91,8 @@ fn ct4_is_live_reply(reply: &CtEntry, now_ns: u64) -> bool {
 /// Whether the flow `entry` has outlived the lifetime of its state.
 #[inline(always)]
 pub fn ct4_is_expired(entry: &CtEntry, now_ns: u64) -> bool {
-    entry.is_expired(now_ns, &ct_lifetimes())
+    // The array's one entry is always there.
+    ct_lifetimes().is_some_and(|l| entry.is_expired(now_ns, l))
 }
 
 /// Rebuilds a flow's REPLY entry from its ORIGINAL one (`ct`) when it is

@@ -33,7 +33,10 @@ use crate::{
     icmp::{
         icmp4_nat_error_flow, icmp4_nat_reverse_translate, icmp4_nat_translated_outer, IPPROTO_ICMP,
     },
-    lb::{lb4_lookup_backend, lb4_lookup_external, lb4_service_ip, lb4_source_allowed, Selected},
+    lb::{
+        lb4_choose_backend, lb4_lookup_backend, lb4_lookup_external, lb4_service_ip,
+        lb4_source_allowed, Choice, Client, Selected,
+    },
     maps::{count, nat_config, nat_get},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError},
@@ -91,9 +94,6 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
     };
     let now = skb::now_ns();
     let packet = Packet::new(ctx, trace_hook::FROM_OUTSIDE, &flow);
-    if flow.frag == frag::FIRST {
-        frag4_track(&flow);
-    }
     if ip_value & service_ip_flags::NODE_ADDRESS != 0 && in_snat_range(flow.dst_port) {
         if let Some(verdict) = snat_reply(&packet, &mut flow, now) {
             return verdict;
@@ -171,9 +171,11 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
             Ids::service(service.service_id),
         );
     }
-    let selected = match choose_backend(&packet, &flow, &service, now) {
-        Ok(selected) => selected,
-        Err(verdict) => return verdict,
+    let ids = Ids::service(service.service_id);
+    let selected = match lb4_choose_backend(&service, Client::addr(flow.src_addr), now) {
+        Choice::Backend(selected) => selected,
+        Choice::NoLocalEndpoints => return packet.drop(Counter::DropNoLocalEndpoints, &flow, ids),
+        Choice::NoEndpoints => return packet.reject(Counter::RejectNoEndpoints, &flow, ids),
     };
     if service.flags & service_flags::MASQUERADE_REMOTE == 0
         || selected.backend.flags & backend_flags::LOCAL != 0

@@ -287,8 +287,9 @@ pub fn frag_insert(key: &FragKey, ports: &FragPorts) {
 /// The lifetimes the agent configured (kube-proxy's defaults if it has not
 /// written them yet).
 #[inline(always)]
-pub fn ct_lifetimes() -> CtLifetimes {
-    copied(CT_LIFETIMES.get_ptr(0)).unwrap_or_default()
+pub fn ct_lifetimes() -> Option<&'static CtLifetimes> {
+    // Read in place: a copy would take stack the external pipeline lacks.
+    CT_LIFETIMES.get(0)
 }
 
 /// A conntrack entry in place, for updates.

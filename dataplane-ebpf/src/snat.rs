@@ -54,7 +54,7 @@ fn nat4_is_live(reply: &NatEntry, now_ns: u64) -> bool {
 /// its state (`CT_LIFETIMES`).
 #[inline(always)]
 pub fn nat4_is_expired(entry: &NatEntry, now_ns: u64) -> bool {
-    entry.is_expired(now_ns, &crate::maps::ct_lifetimes())
+    crate::maps::ct_lifetimes().is_some_and(|l| entry.is_expired(now_ns, l))
 }
 
 /// Creates both entries of a flow: `entry` with `nat_addr`/`nat_port`

@@ -73,12 +73,15 @@ pub fn trace_sock(sock: &SockAddr, decision: &Decision) {
     }
 }
 
-/// Not inlined: the event is built in a frame of its own, so it does not
-/// add to the stack of the pipelines that trace (the external one has
-/// little to spare).
-#[inline(never)]
+#[inline(always)]
 fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
-    let event = TraceEvent {
+    // Written in place in the ring (no copy on the stack). A full ring
+    // drops the event, never the packet.
+    let Some(mut entry) = TRACE_EVENTS.reserve(0) else {
+        count(Counter::TraceLost);
+        return;
+    };
+    entry.write(TraceEvent {
         ts_ns: skb::now_ns(),
         ifindex,
         hook: decision.hook,
@@ -91,9 +94,6 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
         after: decision.after,
         netns_cookie,
         cgroup_id,
-    };
-    // A full ring drops the event, never the packet.
-    if TRACE_EVENTS.output(event, 0).is_err() {
-        count(Counter::TraceLost);
-    }
+    });
+    entry.submit(0);
 }

@@ -13,8 +13,8 @@ use std::{net::SocketAddrV4, path::Path, process::Command};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use dataplane_agent::{control::model::Protocol, node::datapath::DatapathConfig};
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_to_map, map_names, port_to_map, Backend,
-    Counter, CtEntry, CtKey, ServiceKey, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
+    ct_dir, ct_flags, ct_state, ipv4_to_map, map_names, port_to_map, Backend, Counter, CtEntry,
+    CtKey, ServiceKey, IPPROTO_TCP, IPPROTO_UDP, LAYOUT_VERSION,
 };
 use dataplane_testkit::{
     datapath::{addr, ct_key, Bpffs, Harness, TC_ACT_OK},

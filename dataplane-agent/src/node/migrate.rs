@@ -610,7 +610,9 @@ pub fn convert(
                     &from,
                     &to,
                     pass,
-                    |k, v| ((k.proto == IPPROTO_TCP) == tcp).then(|| (*k, ct_entry_from(version, v))),
+                    |k, v| {
+                        ((k.proto == IPPROTO_TCP) == tcp).then(|| (*k, ct_entry_from(version, v)))
+                    },
                     newer_flow,
                 )?
             }

@@ -710,6 +710,7 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragPorts {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SockRevNatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockRevNatEntry {}

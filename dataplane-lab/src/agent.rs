@@ -157,6 +157,10 @@ impl Agent {
         Ok(agent)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "private: the public launchers name the cases"
+    )]
     fn spawn(
         bin: &Path,
         node_ns: &str,
@@ -206,11 +210,11 @@ impl Agent {
             cmd.arg("--cgroup-root").arg(&cgroup);
         }
         cmd.args(extra)
-        .env("RUST_LOG", "info")
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
         if detached {
             cmd.process_group(0);
         }

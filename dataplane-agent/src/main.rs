@@ -24,10 +24,6 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; boxing would only add noise"
-)]
 enum Command {
     /// Load the datapath on this node and keep it in sync.
     Run(Box<run::Options>),

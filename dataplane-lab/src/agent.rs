@@ -158,6 +158,10 @@ impl Agent {
         Ok(agent)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "private: the public launchers name the cases"
+    )]
     fn spawn(
         bin: &Path,
         node_ns: &str,

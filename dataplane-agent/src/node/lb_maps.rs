@@ -180,6 +180,11 @@ pub struct BpfLbMaps {
     names: OwnedFd,
     /// An LPM trie has no batch operations: written key by key.
     source_ranges: LpmTrie<MapData, [u32; 2], u32>,
+    /// The maps as aya opened them, kept open while these are used.
+    /// Programs loaded after the maps left the object (the socket hooks)
+    /// were relocated against aya's descriptor numbers: closing those
+    /// would let a number name another map by the time they load.
+    _opened: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 /// The trie's key: the prefix length, then the data it covers (service id
@@ -189,10 +194,14 @@ fn lpm_key(key: &SourceRangeKey) -> LpmKey<[u32; 2]> {
 }
 
 /// A second descriptor of `map`, once aya has checked it is a `T` (type,
-/// key and value sizes).
-fn checked_fd<T>(name: &'static str, map: Map) -> Result<OwnedFd, MapOpenError>
+/// key and value sizes); aya's own is kept in `opened`.
+fn checked_fd<T>(
+    name: &'static str,
+    map: Map,
+    opened: &mut Vec<Box<dyn std::any::Any + Send>>,
+) -> Result<OwnedFd, MapOpenError>
 where
-    T: TryFrom<Map, Error = MapError>,
+    T: TryFrom<Map, Error = MapError> + Send + 'static,
 {
     let type_err = |source| MapOpenError::Type {
         name,
@@ -206,7 +215,7 @@ where
         )),
     }
     .map_err(|e| type_err(MapError::IoError(e)))?;
-    T::try_from(map).map_err(type_err)?;
+    opened.push(Box::new(T::try_from(map).map_err(type_err)?));
     Ok(fd)
 }
 
@@ -220,44 +229,70 @@ impl BpfLbMaps {
     /// The maps a running (or stopped) agent pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<Self, MapOpenError> {
         let open = |name| pinned::open_map(dir, name);
+        let mut opened = Vec::new();
         Ok(Self {
             service_ips: checked_fd::<ServiceIpsMap>(
                 map_names::SERVICE_IPS,
                 open(map_names::SERVICE_IPS)?,
+                &mut opened,
             )?,
-            services: checked_fd::<ServicesMap>(map_names::SERVICES, open(map_names::SERVICES)?)?,
+            services: checked_fd::<ServicesMap>(
+                map_names::SERVICES,
+                open(map_names::SERVICES)?,
+                &mut opened,
+            )?,
             slots: checked_fd::<SlotsMap>(
                 map_names::BACKEND_SLOTS,
                 open(map_names::BACKEND_SLOTS)?,
+                &mut opened,
             )?,
-            backends: checked_fd::<BackendsMap>(map_names::BACKENDS, open(map_names::BACKENDS)?)?,
+            backends: checked_fd::<BackendsMap>(
+                map_names::BACKENDS,
+                open(map_names::BACKENDS)?,
+                &mut opened,
+            )?,
             names: checked_fd::<NamesMap>(
                 map_names::SERVICE_NAMES,
                 open(map_names::SERVICE_NAMES)?,
+                &mut opened,
             )?,
             source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
+            _opened: opened,
         })
     }
 
     /// The maps of a freshly loaded object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapOpenError> {
         let mut take = |name| ebpf.take_map(name).ok_or(MapOpenError::Missing { name });
+        let mut opened = Vec::new();
         Ok(Self {
             service_ips: checked_fd::<ServiceIpsMap>(
                 map_names::SERVICE_IPS,
                 take(map_names::SERVICE_IPS)?,
+                &mut opened,
             )?,
-            services: checked_fd::<ServicesMap>(map_names::SERVICES, take(map_names::SERVICES)?)?,
+            services: checked_fd::<ServicesMap>(
+                map_names::SERVICES,
+                take(map_names::SERVICES)?,
+                &mut opened,
+            )?,
             slots: checked_fd::<SlotsMap>(
                 map_names::BACKEND_SLOTS,
                 take(map_names::BACKEND_SLOTS)?,
+                &mut opened,
             )?,
-            backends: checked_fd::<BackendsMap>(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
+            backends: checked_fd::<BackendsMap>(
+                map_names::BACKENDS,
+                take(map_names::BACKENDS)?,
+                &mut opened,
+            )?,
             names: checked_fd::<NamesMap>(
                 map_names::SERVICE_NAMES,
                 take(map_names::SERVICE_NAMES)?,
+                &mut opened,
             )?,
             source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
+            _opened: opened,
         })
     }
 }

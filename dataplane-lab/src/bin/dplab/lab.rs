@@ -110,7 +110,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             &dir.join("agent.log"),
             // The nodes' uplinks are veths: generic XDP (native XDP_TX on a
             // veth needs NAPI on its peer, the router's bridge port).
-            &["--xdp-mode".into(), "generic".into()],
+            &["--xdp-mode", "generic"],
         )?;
         pids.extend(agent.pid());
         agent.detach();

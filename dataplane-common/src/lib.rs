@@ -401,18 +401,7 @@ impl NatEntry {
     /// conntrack lifetimes (`CT_LIFETIMES`).
     #[inline(always)]
     pub fn lifetime_ns(&self, lifetimes: &CtLifetimes) -> u64 {
-        let secs = if self.proto == IPPROTO_TCP {
-            match self.state {
-                ct_state::ESTABLISHED => lifetimes.tcp_established_s,
-                ct_state::CLOSING => lifetimes.tcp_closing_s,
-                _ => lifetimes.tcp_opening_s,
-            }
-        } else if self.state == ct_state::OPENING {
-            lifetimes.udp_s
-        } else {
-            lifetimes.udp_stream_s
-        };
-        secs as u64 * 1_000_000_000
+        lifetimes.lifetime_ns(self.proto, self.state)
     }
 
     #[inline(always)]
@@ -588,23 +577,32 @@ impl Default for CtLifetimes {
     }
 }
 
+impl CtLifetimes {
+    /// How long after its last packet a flow of `proto` in `state` (one of
+    /// [`ct_state`]) stays valid; conntrack and NAT entries alike.
+    #[inline(always)]
+    pub fn lifetime_ns(&self, proto: u8, state: u8) -> u64 {
+        let secs = if proto == IPPROTO_TCP {
+            match state {
+                ct_state::ESTABLISHED => self.tcp_established_s,
+                ct_state::CLOSING => self.tcp_closing_s,
+                _ => self.tcp_opening_s,
+            }
+        } else if state == ct_state::OPENING {
+            self.udp_s
+        } else {
+            // A reply was seen (the datapath moves the flow on with it).
+            self.udp_stream_s
+        };
+        secs as u64 * 1_000_000_000
+    }
+}
+
 impl CtEntry {
     /// How long after `last_seen_ns` this flow's entries stay valid.
     #[inline(always)]
     pub fn lifetime_ns(&self, lifetimes: &CtLifetimes) -> u64 {
-        let secs = if self.proto == IPPROTO_TCP {
-            match self.state {
-                ct_state::ESTABLISHED => lifetimes.tcp_established_s,
-                ct_state::CLOSING => lifetimes.tcp_closing_s,
-                _ => lifetimes.tcp_opening_s,
-            }
-        } else if self.state == ct_state::OPENING {
-            lifetimes.udp_s
-        } else {
-            // A reply was seen (the datapath moves the flow on with it).
-            lifetimes.udp_stream_s
-        };
-        secs as u64 * 1_000_000_000
+        lifetimes.lifetime_ns(self.proto, self.state)
     }
 
     #[inline(always)]

@@ -167,33 +167,8 @@ impl Harness {
         backends: &[SocketAddrV4],
         configure: impl FnOnce(&mut FrontendSpec),
     ) {
-        let service = ObjectRef {
-            namespace: "default".into(),
-            name: name.into(),
-        };
-        let spec = FrontendSpec {
-            service: service.clone(),
-            port_name: None,
-            backends: backends
-                .iter()
-                .map(|b| BackendAddr {
-                    ip: *b.ip(),
-                    port: b.port(),
-                })
-                .collect(),
-            draining: Vec::new(),
-            affinity_timeout_s: None,
-            drop_without_local_endpoints: false,
-            masquerade_remote: false,
-            local_ips: Vec::new(),
-            source_ranges: Vec::new(),
-        };
-        let mut spec = spec;
-        configure(&mut spec);
         let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), proto);
-        self.engine
-            .sync_service(&service, &[(frontend, spec)])
-            .expect("syncing the service into the maps");
+        self.set_frontend_with(name, frontend, backends, configure);
     }
 
     /// A full sync (as the agent's first after a start) to exactly these
@@ -203,27 +178,7 @@ impl Harness {
         let all = services
             .iter()
             .map(|(name, frontend, proto, backends)| {
-                let service = ObjectRef {
-                    namespace: "default".into(),
-                    name: (*name).into(),
-                };
-                let spec = FrontendSpec {
-                    service: service.clone(),
-                    port_name: None,
-                    backends: backends
-                        .iter()
-                        .map(|b| BackendAddr {
-                            ip: *b.ip(),
-                            port: b.port(),
-                        })
-                        .collect(),
-                    draining: Vec::new(),
-                    affinity_timeout_s: None,
-                    drop_without_local_endpoints: false,
-                    masquerade_remote: false,
-                    local_ips: Vec::new(),
-                    source_ranges: Vec::new(),
-                };
+                let (service, spec) = plain_spec(name, backends);
                 let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
                 (service, vec![(frontend, spec)])
             })
@@ -242,27 +197,7 @@ impl Harness {
         backends: &[SocketAddrV4],
         configure: impl FnOnce(&mut FrontendSpec),
     ) {
-        let service = ObjectRef {
-            namespace: "default".into(),
-            name: name.into(),
-        };
-        let mut spec = FrontendSpec {
-            service: service.clone(),
-            port_name: None,
-            backends: backends
-                .iter()
-                .map(|b| BackendAddr {
-                    ip: *b.ip(),
-                    port: b.port(),
-                })
-                .collect(),
-            draining: Vec::new(),
-            affinity_timeout_s: None,
-            drop_without_local_endpoints: false,
-            masquerade_remote: false,
-            local_ips: Vec::new(),
-            source_ranges: Vec::new(),
-        };
+        let (service, mut spec) = plain_spec(name, backends);
         configure(&mut spec);
         self.engine
             .sync_service(&service, &[(frontend, spec)])
@@ -452,4 +387,31 @@ pub fn proto_number(proto: Protocol) -> u8 {
 
 pub fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), port)
+}
+
+/// Service `default/name` with these ready backends and nothing else set
+/// (no affinity, cluster policies, no external options).
+fn plain_spec(name: &str, backends: &[SocketAddrV4]) -> (ObjectRef, FrontendSpec) {
+    let service = ObjectRef {
+        namespace: "default".into(),
+        name: name.into(),
+    };
+    let spec = FrontendSpec {
+        service: service.clone(),
+        port_name: None,
+        backends: backends
+            .iter()
+            .map(|b| BackendAddr {
+                ip: *b.ip(),
+                port: b.port(),
+            })
+            .collect(),
+        draining: Vec::new(),
+        affinity_timeout_s: None,
+        drop_without_local_endpoints: false,
+        masquerade_remote: false,
+        local_ips: Vec::new(),
+        source_ranges: Vec::new(),
+    };
+    (service, spec)
 }

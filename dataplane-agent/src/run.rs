@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_common::{port_from_map, IPPROTO_UDP};
+use dataplane_common::{port_from_map, NatConfig, IPPROTO_UDP};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -34,7 +34,7 @@ use crate::{
         ct_options::ConntrackOptions,
         datapath::{Datapath, XdpAttachMode},
         interfaces::{self, LinkEvent, PodInterfaceFilter},
-        lb_maps::LbMaps,
+        lb_maps::{BpfLbMaps, LbMaps},
         pinned, sock_destroy, socket_lb, uplink,
     },
     operator::{health_check, healthz, metrics, metrics::Metrics},
@@ -158,19 +158,38 @@ struct ExternalSetup {
 }
 
 fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
-    let names = if options.uplink_ifaces.is_empty() {
+    let names = uplink_names(options)?;
+    let uplinks = uplink::resolve(&names)?;
+    let (node_addrs, snat_addr) = node_addresses(options, &names)?;
+    Ok(ExternalSetup {
+        uplinks,
+        node_addrs,
+        snat_addr,
+    })
+}
+
+fn uplink_names(options: &Options) -> anyhow::Result<Vec<String>> {
+    Ok(if options.uplink_ifaces.is_empty() {
         uplink::default_route_interfaces()?
     } else {
         options.uplink_ifaces.clone()
-    };
-    let uplinks = uplink::resolve(&names)?;
+    })
+}
+
+/// The addresses NodePorts are served on (the uplinks' addresses, or those
+/// in `--nodeport-addresses`), and the SNAT address (the first uplink's
+/// first address), as the node has them now.
+fn node_addresses(
+    options: &Options,
+    uplinks: &[String],
+) -> anyhow::Result<(Vec<Ipv4Addr>, Option<Ipv4Addr>)> {
     let addrs = uplink::addresses()?;
     let prefixes = &options.nodeport_addresses;
     let mut node_addrs: Vec<Ipv4Addr> = addrs
         .iter()
         .filter(|(name, ip)| {
             if prefixes.is_empty() {
-                names.contains(name)
+                uplinks.contains(name)
             } else {
                 prefixes.iter().any(|p| p.contains(*ip))
             }
@@ -181,13 +200,67 @@ fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
     node_addrs.dedup();
     let snat_addr = uplinks
         .first()
-        .and_then(|u| addrs.iter().find(|(name, _)| *name == u.name))
+        .and_then(|u| addrs.iter().find(|(name, _)| name == u))
         .map(|(_, ip)| *ip);
-    Ok(ExternalSetup {
-        uplinks,
-        node_addrs,
-        snat_addr,
-    })
+    Ok((node_addrs, snat_addr))
+}
+
+/// The SNAT configuration as written to `NAT_CONFIG`.
+struct SnatState {
+    /// Whether the port range could be kept from the node's sockets (else
+    /// no SNAT address is configured: such connections are refused).
+    reserved: bool,
+    port_min: u16,
+    port_max: u16,
+    addr: Option<Ipv4Addr>,
+}
+
+impl SnatState {
+    fn write(&self, map: &mut aya::maps::Array<aya::maps::MapData, NatConfig>) -> anyhow::Result<()> {
+        let config = NatConfig {
+            snat_addr: self
+                .addr
+                .map_or(0, |a| dataplane_common::ipv4_to_map(a.octets())),
+            port_min: self.port_min,
+            port_max: self.port_max,
+        };
+        map.set(0, config, 0)
+            .context("writing the SNAT configuration")
+    }
+}
+
+/// The next notice of `rx`; never, without one.
+async fn next_notice(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An address was added or removed: NodePorts follow the node's addresses,
+/// SNAT the first uplink's first address.
+fn follow_addresses(
+    options: &Options,
+    control: &mut ControlLoop<BpfLbMaps, Metrics>,
+    snat: &mut SnatState,
+    nat_config: &mut aya::maps::Array<aya::maps::MapData, NatConfig>,
+) -> anyhow::Result<()> {
+    let uplinks = uplink_names(options)?;
+    let (node_addrs, snat_addr) = node_addresses(options, &uplinks)?;
+    control
+        .set_node_addresses(&node_addrs)
+        .context("writing the node addresses")?;
+    let snat_addr = snat_addr.filter(|_| snat.reserved);
+    if snat_addr != snat.addr {
+        snat.addr = snat_addr;
+        snat.write(nat_config)?;
+    }
+    info!(
+        "node addresses changed: NodePorts on {node_addrs:?}, SNAT to {}",
+        snat.addr
+            .map_or("nothing (no address)".to_string(), |a| a.to_string())
+    );
+    Ok(())
 }
 
 /// `--nodeport-addresses` entries.
@@ -289,6 +362,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let (mut datapath, maps) = Datapath::load_with(&options.bpffs, &config)?;
     let mut conntrack_maps = maps.conntrack;
     let sock_revnat = maps.sock_revnat;
+    let mut nat = maps.nat;
     let ct_capacity = CtOccupancy {
         tcp_capacity: config.ct_max_tcp,
         other_capacity: config.ct_max_other,
@@ -296,31 +370,40 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     };
     let mut nat_config = maps.nat_config;
     let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    // Subscribed before the addresses are read: none added in between is
+    // missed.
+    let mut address_changes = if options.external_datapath == ExternalDatapath::None {
+        None
+    } else {
+        Some(uplink::watch_addresses()?)
+    };
     let external = if options.external_datapath == ExternalDatapath::None {
         None
     } else {
         Some(external_setup(&options)?)
     };
+    let mut snat = None;
     if let Some(ext) = &external {
         let (port_min, port_max) = parse_port_range(&options.snat_port_range)?;
-        let snat_addr = match uplink::reserve_snat_ports(port_min, port_max) {
-            Ok(()) => ext.snat_addr,
+        let reserved = match uplink::reserve_snat_ports(port_min, port_max) {
+            Ok(()) => true,
             Err(e) => {
                 error!(
                     "{:#}: external connections to remote backends are refused",
                     anyhow::Error::from(e)
                 );
-                None
+                false
             }
         };
-        let config = dataplane_common::NatConfig {
-            snat_addr: snat_addr.map_or(0, |a| dataplane_common::ipv4_to_map(a.octets())),
+        let snat_addr = ext.snat_addr.filter(|_| reserved);
+        let state = SnatState {
+            reserved,
             port_min,
             port_max,
+            addr: snat_addr,
         };
-        nat_config
-            .set(0, config, 0)
-            .context("writing the SNAT configuration")?;
+        state.write(&mut nat_config)?;
+        snat = Some(state);
         engine
             .set_node_addresses(&ext.node_addrs)
             .context("writing the node addresses")?;
@@ -424,6 +507,13 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                     changed
                 });
             }
+            Some(()) = next_notice(&mut address_changes) => {
+                if let Some(state) = &mut snat {
+                    if let Err(e) = follow_addresses(&options, &mut control, state, &mut nat_config) {
+                        warn!("following the node's addresses: {e:#}");
+                    }
+                }
+            }
             link = links.recv() => match link {
                 Some(link) => handle_link(&mut datapath, link),
                 None => break Err(anyhow::anyhow!("netlink link notifications stopped")),
@@ -433,6 +523,10 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 let sweep = ct_gc::sweep(&mut conntrack_maps, &config.ct_lifetimes);
                 if sweep.removed > 0 {
                     log::debug!("conntrack: removed {} expired entries", sweep.removed);
+                }
+                let (nat_removed, _) = ct_gc::sweep_nat(&mut nat, &config.ct_lifetimes);
+                if nat_removed > 0 {
+                    log::debug!("NAT: removed {nat_removed} expired entries");
                 }
                 metrics.conntrack_entries(CtOccupancy {
                     tcp: sweep.remaining_tcp,

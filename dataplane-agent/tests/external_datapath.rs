@@ -8,9 +8,13 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dataplane_agent::control::model::{Frontend, Protocol, Scope};
+use dataplane_agent::{
+    control::model::{Frontend, Protocol, Scope},
+    node::ct_gc::sweep_nat,
+};
 use dataplane_common::{
-    ct_dir, ipv4_to_map, nat_dir, port_to_map, Counter, NatKey, IPPROTO_TCP, IPPROTO_UDP,
+    ct_dir, ct_state, ipv4_to_map, nat_dir, port_to_map, Counter, CtLifetimes, NatEntry, NatKey,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use dataplane_testkit::datapath::{
     addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
@@ -590,4 +594,85 @@ fn fragmentation_needed_reaches_the_client() {
         "checksums (outer IP, ICMP, quoted IP)"
     );
     assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+/// Both NAT entries of every flow from `client_port`, with `f` applied.
+fn age_nat_flow(dp: &Harness, client_port: u16, f: impl Fn(&mut NatEntry)) {
+    let mut nat = dp.nat();
+    let entries: Vec<(NatKey, NatEntry)> = nat.iter().map(Result::unwrap).collect();
+    for (key, mut entry) in entries {
+        if entry.client_port == port_to_map(client_port) {
+            f(&mut entry);
+            nat.insert(key, entry, 0).unwrap();
+        }
+    }
+}
+
+#[test]
+fn expired_nat_entries_are_swept_and_live_ones_kept() {
+    let mut dp = node(1);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let other_client = addr([203, 0, 113, 5], 40_001);
+    for client in [outside_client(), other_client] {
+        dp.run(
+            "from_outside",
+            &Tcp::new(client, node_port(), SYN).build(),
+        );
+    }
+    assert_eq!(dp.nat().keys().count(), 4, "two SNATed flows");
+    // The first flow was last seen at boot: past any lifetime.
+    age_nat_flow(&dp, outside_client().port(), |e| e.last_seen_ns = 0);
+
+    let (removed, left) = sweep_nat(&mut dp.nat(), &CtLifetimes::default());
+
+    assert_eq!((removed, left), (2, 2));
+    let kept: Vec<NatEntry> = dp.nat().iter().map(|r| r.unwrap().1).collect();
+    assert!(
+        kept.iter()
+            .all(|e| e.client_port == port_to_map(other_client.port())),
+        "{kept:?}"
+    );
+}
+
+#[test]
+fn nat_last_seen_is_written_at_most_once_a_second() {
+    in_routed_netns(nat_last_seen_once_a_second);
+}
+
+fn nat_last_seen_once_a_second() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    dp.run(
+        "from_outside",
+        &Tcp::new(outside_client(), node_port(), SYN).build(),
+    );
+    let original = nat_key(
+        outside_client(),
+        node_port(),
+        IPPROTO_TCP,
+        nat_dir::ORIGINAL,
+    );
+    let created = dp.nat().get(&original, 0).unwrap();
+    let snat = addr(NODE, SNAT_PORT);
+
+    // The answer within the second: the state moves on, the time stays.
+    dp.run(
+        "from_outside",
+        &Tcp::new(remote_backend(), snat, SYN | ACK).build(),
+    );
+    let answered = dp.nat().get(&original, 0).unwrap();
+    assert_eq!(answered.state, ct_state::ESTABLISHED);
+    assert_eq!(answered.last_seen_ns, created.last_seen_ns);
+
+    // Two seconds later (as the map says), the next packet writes it.
+    let two_seconds_ago = created.last_seen_ns - 2_000_000_000;
+    age_nat_flow(&dp, outside_client().port(), |e| {
+        e.last_seen_ns = two_seconds_ago
+    });
+    dp.run(
+        "from_outside",
+        &Tcp::new(outside_client(), node_port(), ACK).build(),
+    );
+    let refreshed = dp.nat().get(&original, 0).unwrap();
+    assert!(refreshed.last_seen_ns >= created.last_seen_ns, "{refreshed:?}");
 }

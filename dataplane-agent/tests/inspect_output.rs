@@ -4,9 +4,9 @@
 //!
 //! Needs root and a kernel with BPF.
 
-use std::process::Command;
+use std::{net::Ipv4Addr, process::Command};
 
-use dataplane_agent::control::model::Protocol;
+use dataplane_agent::control::model::{Frontend, Protocol};
 use dataplane_testkit::datapath::{addr, Harness, TC_ACT_OK};
 use dataplane_testkit::packets::{endpoints, Tcp, SYN};
 use serde_json::{json, Value};
@@ -151,4 +151,45 @@ fn counters_and_backends() {
             "{backends}"
         );
     }
+}
+
+/// A NodePort (policy Cluster) on node 192.168.100.1 whose one endpoint is
+/// on another node, and one connection from outside to it: SNATed.
+#[test]
+fn nat_lists_snatted_external_flows_with_both_tuples() {
+    let mut dp = Harness::new();
+    dp.set_node_addresses(&[Ipv4Addr::new(192, 168, 100, 1)]);
+    dp.set_snat(Ipv4Addr::new(192, 168, 100, 1), 61_000, 61_000);
+    dp.set_frontend_with(
+        "web",
+        Frontend::node_port(30_080, Protocol::Tcp),
+        &[addr([10, 244, 2, 10], 8080)],
+        |spec| spec.masquerade_remote = true,
+    );
+    let syn = Tcp::new(
+        addr([203, 0, 113, 5], 40_000),
+        addr([192, 168, 100, 1], 30_080),
+        SYN,
+    )
+    .build();
+    dp.run("from_outside", &syn);
+
+    let rows = inspect_json(&dp, &["nat"]);
+    let rows = rows.as_array().expect("a list");
+    assert_eq!(rows.len(), 1, "one flow (its ORIGINAL entry): {rows:?}");
+    let flow = &rows[0];
+    assert!(
+        flow["service"].as_str().unwrap().starts_with("default/web"),
+        "{flow}"
+    );
+    assert_eq!(flow["original"], "203.0.113.5:40000 -> 192.168.100.1:30080");
+    assert_eq!(flow["translated"], "192.168.100.1:61000 -> 10.244.2.10:8080");
+    assert_eq!(flow["state"], "SYN_SENT");
+    let table = inspect(&dp, &["nat"]);
+    assert!(
+        table.contains(
+            "TCP 203.0.113.5:40000 -> 192.168.100.1:30080 => 192.168.100.1:61000 -> 10.244.2.10:8080 SYN_SENT expires in"
+        ),
+        "{table}"
+    );
 }

@@ -139,15 +139,15 @@ pub fn median_f64(mut v: Vec<f64>) -> f64 {
 
 /// CPU time counters at one instant, in seconds.
 #[derive(Debug, Clone, Copy)]
-struct CpuTimes {
+pub(crate) struct CpuTimes {
     /// /proc/stat: system + irq + softirq over all CPUs.
-    node_kernel: f64,
+    pub(crate) node_kernel: f64,
     /// getrusage(RUSAGE_SELF): system time of every thread of this process.
-    process_sys: f64,
+    pub(crate) process_sys: f64,
 }
 
 impl CpuTimes {
-    fn now() -> anyhow::Result<Self> {
+    pub(crate) fn now() -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
         let line = stat
             .lines()
@@ -219,7 +219,7 @@ impl Topology {
 /// Threads accepting and answering on SERVER_IP:8080: one line in, "OK\n"
 /// out; a request starting with 'S' is a stream, counted until EOF and
 /// answered with the byte count.
-struct Server {
+pub(crate) struct Server {
     listener: TcpListener,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -248,7 +248,7 @@ fn serve_one(mut s: TcpStream) {
 }
 
 impl Server {
-    fn start(ns: &str, threads: usize) -> anyhow::Result<Self> {
+    pub(crate) fn start(ns: &str, threads: usize) -> anyhow::Result<Self> {
         // A socket stays in the namespace it was created in: the accepting
         // threads need not join it.
         let listener = in_netns(ns, || {
@@ -325,15 +325,15 @@ fn one_request(target: SocketAddr) -> Option<Duration> {
     Some(latency)
 }
 
-struct LoadResult {
-    conns: usize,
-    conns_per_s: f64,
-    p50_us: u32,
-    p99_us: u32,
-    errors: u64,
+pub(crate) struct LoadResult {
+    pub(crate) conns: usize,
+    pub(crate) conns_per_s: f64,
+    pub(crate) p50_us: u32,
+    pub(crate) p99_us: u32,
+    pub(crate) errors: u64,
 }
 
-fn load(
+pub(crate) fn load(
     client_ns: &str,
     target: SocketAddr,
     length: Duration,
@@ -379,7 +379,7 @@ fn load(
 }
 
 /// One TCP stream for `length`; Gbit/s as counted by the server.
-fn stream(client_ns: &str, target: SocketAddr, length: Duration) -> anyhow::Result<f64> {
+pub(crate) fn stream(client_ns: &str, target: SocketAddr, length: Duration) -> anyhow::Result<f64> {
     in_netns(client_ns, move || -> anyhow::Result<f64> {
         let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -399,7 +399,7 @@ fn stream(client_ns: &str, target: SocketAddr, length: Duration) -> anyhow::Resu
 }
 
 /// Waits until a connection through `target` gets its answer.
-fn wait_ready(client_ns: &str, target: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn wait_ready(client_ns: &str, target: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ok = in_netns(client_ns, move || one_request(target).is_some())?;
@@ -645,10 +645,18 @@ pub fn ratio_spread(
     reference: &CaseResult,
     f: impl Fn(&Round) -> f64,
 ) -> (f64, f64, f64) {
+    rounds_ratio_spread(&case.rounds, &reference.rounds, f)
+}
+
+/// [`ratio_spread`] of two systems' rounds, paired in round order.
+pub fn rounds_ratio_spread(
+    case: &[Round],
+    reference: &[Round],
+    f: impl Fn(&Round) -> f64,
+) -> (f64, f64, f64) {
     let ratios: Vec<f64> = case
-        .rounds
         .iter()
-        .zip(&reference.rounds)
+        .zip(reference)
         .map(|(c, r)| f(c) / f(r))
         .filter(|x| x.is_finite())
         .collect();

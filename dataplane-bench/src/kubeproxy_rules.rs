@@ -3,8 +3,11 @@
 //! KUBE-SVC-* -> KUBE-SEP-* with `statistic --mode random`), and an `nft -f`
 //! transaction for its nftables mode (`service-ips` verdict map -> service
 //! chain -> `numgen random mod N vmap` -> endpoint chain doing dnat).
-//! ClusterIP services only, with `--cluster-cidr` set (pod sources are not
-//! masqueraded), as on the bench's topology.
+//! ClusterIP services, with `--cluster-cidr` set (pod sources are not
+//! masqueraded), as on the bench's topology; services with a nodePort also
+//! get kube-proxy's NodePort rules for policy Cluster (KUBE-NODEPORTS ->
+//! KUBE-EXT-* masquerade mark -> the service chain; nftables:
+//! `service-nodeports` verdict map on the `nodeport-ips`).
 
 use std::fmt::Write as _;
 
@@ -50,6 +53,13 @@ fn chain_hash(s: &str) -> String {
 fn svc_chain(svc: &Svc) -> String {
     format!(
         "KUBE-SVC-{}",
+        chain_hash(&format!("{}tcp", svc.port_name()))
+    )
+}
+
+fn ext_chain(svc: &Svc) -> String {
+    format!(
+        "KUBE-EXT-{}",
         chain_hash(&format!("{}tcp", svc.port_name()))
     )
 }
@@ -171,6 +181,24 @@ fn service_chains(out: &mut String, svc: &Svc) {
     }
 }
 
+/// The NodePort rules of `svc` (policy Cluster: every source masqueraded).
+fn nodeport_rules(out: &mut String, svc: &Svc) {
+    let Some(node_port) = svc.node_port else {
+        return;
+    };
+    let name = svc.port_name();
+    let ext = ext_chain(svc);
+    let _ = writeln!(
+        out,
+        "-A KUBE-NODEPORTS -m comment --comment {name} -m tcp -p tcp --dport {node_port} -j {ext}"
+    );
+    let _ = writeln!(
+        out,
+        "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+    );
+    let _ = writeln!(out, "-A {ext} -j {}", svc_chain(svc));
+}
+
 fn nat_header(out: &mut String) {
     out.push_str("*nat\n");
     for c in NAT_CHAINS {
@@ -196,6 +224,9 @@ pub fn iptables_full(svcs: &[Svc]) -> String {
     nat_header(&mut out);
     for svc in svcs {
         let _ = writeln!(out, ":{} - [0:0]", svc_chain(svc));
+        if svc.node_port.is_some() {
+            let _ = writeln!(out, ":{} - [0:0]", ext_chain(svc));
+        }
         for ep in &svc.backends {
             let _ = writeln!(out, ":{} - [0:0]", sep_chain(svc, ep));
         }
@@ -206,6 +237,9 @@ pub fn iptables_full(svcs: &[Svc]) -> String {
         kube_services_rule(&mut out, svc);
     }
     out.push_str(NODEPORTS_LAST);
+    for svc in svcs {
+        nodeport_rules(&mut out, svc);
+    }
     for svc in svcs {
         service_chains(&mut out, svc);
     }
@@ -255,6 +289,15 @@ const NFT_TABLE: &str = "ip kube-proxy";
 fn nft_svc_chain(svc: &Svc) -> String {
     format!(
         "service-{}-{}/{}/tcp/http",
+        &chain_hash(&format!("{}tcp", svc.port_name()))[..8],
+        svc.name.namespace,
+        svc.name.name
+    )
+}
+
+fn nft_ext_chain(svc: &Svc) -> String {
+    format!(
+        "external-{}-{}/{}/tcp/http",
         &chain_hash(&format!("{}tcp", svc.port_name()))[..8],
         svc.name.namespace,
         svc.name.name
@@ -343,8 +386,34 @@ add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}
 add rule {t} nat-postrouting jump masquerading
 "
     );
+    let node_ports = svcs.iter().any(|s| s.node_port.is_some());
+    if node_ports {
+        let _ = write!(
+            out,
+            "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}
+add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}
+add rule {t} services fib daddr type local ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
+"
+        );
+    }
     for svc in svcs {
         nft_service(&mut out, svc);
+        if svc.node_port.is_some() {
+            let ext = nft_ext_chain(svc);
+            let _ = writeln!(out, "add chain {t} {ext}");
+            let _ = writeln!(out, "flush chain {t} {ext}");
+            let _ = writeln!(out, "add rule {t} {ext} jump mark-for-masquerade");
+            let _ = writeln!(out, "add rule {t} {ext} goto {}", nft_svc_chain(svc));
+        }
+    }
+    for svc in svcs {
+        if let Some(node_port) = svc.node_port {
+            let _ = writeln!(
+                out,
+                "add element {t} service-nodeports {{ tcp . {node_port} : goto {} }}",
+                nft_ext_chain(svc)
+            );
+        }
     }
     for svc in svcs {
         let _ = writeln!(out, "add element {t} cluster-ips {{ {} }}", svc.ip);
@@ -357,6 +426,14 @@ add rule {t} nat-postrouting jump masquerading
         );
     }
     out
+}
+
+/// The node addresses NodePorts are served on, in kube-proxy's nftables
+/// layout (its `nodeport-ips` set).
+pub fn nft_nodeport_ips(ips: &[std::net::Ipv4Addr]) -> String {
+    ips.iter()
+        .map(|ip| format!("add element {NFT_TABLE} nodeport-ips {{ {ip} }}\n"))
+        .collect()
 }
 
 /// kube-proxy nftables mode's transaction after service `which` changed:

@@ -10,6 +10,7 @@
 mod control_plane;
 mod e2e;
 mod kubeproxy_rules;
+mod outside;
 mod report;
 mod scenario;
 mod stats;
@@ -68,6 +69,13 @@ struct Cli {
     /// 1 000 and 10 000; 10 and 1 000 with --quick).
     #[arg(long, value_delimiter = ',')]
     e2e_scales: Vec<usize>,
+    /// Outside-client cases: only these systems (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    outside_systems: Vec<outside::OutsideSystem>,
+    /// Outside-client cases: only these numbers of services (default: 10
+    /// and 10 000; 10 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    outside_scales: Vec<usize>,
     /// Endpoints per service everywhere.
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
@@ -77,6 +85,8 @@ struct Cli {
 enum Part {
     Testrun,
     E2e,
+    /// End to end from outside the cluster through a NodePort.
+    Outside,
     ControlPlane,
 }
 
@@ -151,6 +161,36 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         match e2e::run(&o) {
             Ok(r) => rep.e2e = r,
             Err(e) => rep.fail("end to end", e),
+        }
+    }
+    if wants(Part::Outside) {
+        let o = outside::Options {
+            scales: if !cli.outside_scales.is_empty() {
+                cli.outside_scales.clone()
+            } else if quick {
+                vec![10]
+            } else {
+                vec![10, 10_000]
+            },
+            systems: if cli.outside_systems.is_empty() {
+                outside::OutsideSystem::ALL.to_vec()
+            } else {
+                cli.outside_systems.clone()
+            },
+            endpoints: cli.endpoints,
+            length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 1.0 } else { 5.0 })),
+            concurrency: cli.concurrency,
+            rounds: cli.rounds,
+        };
+        rep.outside_seconds = o.length.as_secs_f64();
+        rep.concurrency = o.concurrency;
+        eprintln!(
+            "[outside] from outside through a NodePort to a remote backend, {} interleaved rounds, {:?} per case and round",
+            o.rounds, o.length
+        );
+        match outside::run(&o) {
+            Ok(r) => rep.outside = r,
+            Err(e) => rep.fail("from outside", e),
         }
     }
     if wants(Part::ControlPlane) {

@@ -7,6 +7,7 @@ use plotters::prelude::*;
 use crate::{
     control_plane::ControlPlaneResult,
     e2e::{ratio_spread, CaseResult, System},
+    outside::{OutsideResult, OutsideSystem},
     testrun::ScaleResult,
 };
 
@@ -16,6 +17,8 @@ pub struct Report {
     pub e2e: Vec<CaseResult>,
     pub e2e_seconds: f64,
     pub concurrency: usize,
+    pub outside: Vec<OutsideResult>,
+    pub outside_seconds: f64,
     pub control: Option<ControlPlaneResult>,
     pub failures: Vec<String>,
 }
@@ -52,6 +55,8 @@ impl Report {
             e2e: Vec::new(),
             e2e_seconds: 0.0,
             concurrency: 0,
+            outside: Vec::new(),
+            outside_seconds: 0.0,
             control: None,
             failures: Vec::new(),
         }
@@ -87,6 +92,7 @@ impl Report {
         }
         self.testrun_md(&mut o);
         self.e2e_md(&mut o);
+        self.outside_md(&mut o);
         self.control_md(&mut o);
         o
     }
@@ -278,6 +284,102 @@ impl Report {
                         s.label(),
                         reference,
                         k.services
+                    );
+                }
+            }
+        }
+        o.push('\n');
+    }
+
+    fn outside_md(&self, o: &mut String) {
+        if self.outside.is_empty() {
+            return;
+        }
+        let rounds = self
+            .outside
+            .iter()
+            .map(|r| r.rounds.len())
+            .max()
+            .unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "## 2b. From outside the cluster (NodePort to a remote backend)\n\n\
+             The lab's outside client → router → node 1's uplink (`eth0`, a veth) → NodePort → SNAT to node 1 → back out \
+             of the uplink → node 2 → backend pod; replies return through node 1. One lab per system, set up side by \
+             side and measured in {rounds} interleaved rounds, as section 2: {} concurrent connect / request / close (RST) \
+             loops for {:.0} s, then one TCP stream for {:.0} s, to the LAST service (its nodePort is the last of \
+             kube-proxy's NodePort rules; the last 2 768 services have nodePorts, the range's size). The reference, \
+             \"routed\", connects to the backend pod's address with node 1 as the router both ways: the same hops \
+             without any translation. Ratios are paired per round: median [range]. The agent's SNAT range is \
+             1024-59999 (node 1's ephemeral ports 60000-65535).\n",
+            self.concurrency, self.outside_seconds, self.outside_seconds
+        );
+        let _ = writeln!(
+            o,
+            "| services | system | conn/s | vs routed | vs nftables | kernel CPU µs/conn, node | vs routed | connect p50 | stream | vs routed | errors | setup |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let spread = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2}x [{lo:.2}–{hi:.2}]");
+        let find = |services: usize, s: OutsideSystem| {
+            self.outside
+                .iter()
+                .find(|r| r.services == services && r.system == s)
+        };
+        let nan = (f64::NAN, f64::NAN, f64::NAN);
+        for r in &self.outside {
+            let vs = |reference: OutsideSystem, f: fn(&crate::e2e::Round) -> f64| {
+                find(r.services, reference).map_or(nan, |d| r.ratio(d, f))
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {} | {} | {:.1} | {} | {:.0} µs | {:.2} Gbit/s | {} | {} | {} |",
+                r.services,
+                r.system.label(),
+                r.median(|x| x.conns_per_s),
+                spread(vs(OutsideSystem::Routed, |x| x.conns_per_s)),
+                spread(vs(OutsideSystem::Nftables, |x| x.conns_per_s)),
+                r.median(|x| x.node_cpu_us_per_conn),
+                spread(vs(OutsideSystem::Routed, |x| x.node_cpu_us_per_conn)),
+                r.median(|x| f64::from(x.connect_p50_us)),
+                r.median(|x| x.stream_gbit_s),
+                spread(vs(OutsideSystem::Routed, |x| x.stream_gbit_s)),
+                r.rounds.iter().map(|x| x.errors).sum::<u64>(),
+                ms(r.setup)
+            );
+        }
+        let notes: Vec<String> = self
+            .outside
+            .iter()
+            .filter(|r| !r.note.is_empty())
+            .map(|r| format!("- {} ({} services): `{}`", r.system.label(), r.services, r.note))
+            .collect();
+        if !notes.is_empty() {
+            let _ = writeln!(o, "\nAgent's uplink log line:\n{}", notes.join("\n"));
+        }
+        let _ = writeln!(o, "\n| target | measured | |\n|---|---|---|");
+        let mut scales: Vec<usize> = self.outside.iter().map(|r| r.services).collect();
+        scales.sort_unstable();
+        scales.dedup();
+        for services in scales {
+            for system in [OutsideSystem::Xdp, OutsideSystem::XdpNative] {
+                let Some(x) = find(services, system) else {
+                    continue;
+                };
+                if let Some(n) = find(services, OutsideSystem::Nftables) {
+                    let (m, lo, hi) = x.ratio(n, |r| r.conns_per_s);
+                    let _ = writeln!(
+                        o,
+                        "| {} ≥ 1.5x kube-proxy nftables, {services} services (conn/s) | {m:.2}x [{lo:.2}–{hi:.2}] | {} |",
+                        system.label(),
+                        verdict(m >= 1.5)
+                    );
+                }
+                if let Some(d) = find(services, OutsideSystem::Routed) {
+                    let (m, lo, hi) = x.ratio(d, |r| r.conns_per_s);
+                    let _ = writeln!(
+                        o,
+                        "| {} within 10% of routed, {services} services (conn/s) | {m:.2}x [{lo:.2}–{hi:.2}] | {} |",
+                        system.label(),
+                        verdict(m >= 0.9)
                     );
                 }
             }

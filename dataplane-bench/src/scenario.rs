@@ -26,6 +26,8 @@ pub struct Svc {
     pub port: u16,
     /// Sorted, distinct.
     pub backends: Vec<BackendAddr>,
+    /// `type: NodePort` with this nodePort (policy Cluster), else ClusterIP.
+    pub node_port: Option<u16>,
 }
 
 impl Svc {
@@ -69,9 +71,28 @@ pub fn services(count: usize, endpoints: usize, target: Option<BackendAddr>) -> 
                 ip: service_ip(i),
                 port: SERVICE_PORT,
                 backends,
+                node_port: None,
             }
         })
         .collect()
+}
+
+/// kube-proxy's default NodePort range, 30000-32767.
+pub const NODE_PORT_MAX: u16 = 32767;
+const NODE_PORTS: usize = 2768;
+
+/// `svcs` with the last of them (as many as the NodePort range holds) made
+/// `type: NodePort`: the last service, the one traffic goes to, gets
+/// [`NODE_PORT_MAX`], and is the last NodePort in kube-proxy's layouts.
+pub fn with_node_ports(mut svcs: Vec<Svc>) -> Vec<Svc> {
+    let count = svcs.len();
+    for (i, svc) in svcs.iter_mut().enumerate() {
+        let from_last = count - 1 - i;
+        if from_last < NODE_PORTS {
+            svc.node_port = Some(NODE_PORT_MAX - from_last as u16);
+        }
+    }
+    svcs
 }
 
 /// The same services after one endpoint of service `which` was replaced by
@@ -126,8 +147,20 @@ pub fn manifests_yaml(svcs: &[Svc]) -> String {
                 target_port: TARGET_PORT,
                 ..HTTP
             };
+            let service = manifests::service(&s.name.namespace, &s.name.name, s.ip, &[http]);
+            let service = match s.node_port {
+                Some(node_port) => manifests::exposed(
+                    service,
+                    &manifests::Exposure {
+                        type_: Some("NodePort"),
+                        node_ports: vec![node_port],
+                        ..Default::default()
+                    },
+                ),
+                None => service,
+            };
             manifests::manifest(
-                &manifests::service(&s.name.namespace, &s.name.name, s.ip, &[http]),
+                &service,
                 s.backends
                     .iter()
                     .map(|b| manifests::endpoint(b.ip, None, State::Ready))

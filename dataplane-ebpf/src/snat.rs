@@ -16,6 +16,11 @@ use crate::{
 /// exhausted: with the range half full, 8 tries all fail 0.4% of the time.
 const NAT_PORT_TRIES: u32 = 8;
 
+/// How stale a flow's `last_seen_ns` may get before a packet refreshes it,
+/// as conntrack's: every write dirties a cache line the other direction's
+/// CPU reads too; a flow may expire up to this much early.
+const NAT_REFRESH_NS: u64 = 1_000_000_000;
+
 #[inline(always)]
 pub fn nat4_key(flow: &Ipv4Flow, direction: u8) -> NatKey {
     NatKey {
@@ -103,7 +108,8 @@ pub fn nat4_delete(entry: &NatEntry) {
 }
 
 /// Refreshes a flow's ORIGINAL entry for a packet in `direction`: a reply
-/// establishes it, a FIN or RST starts closing. (Coarser than conntrack:
+/// establishes it, a FIN or RST starts closing; the last-seen time is
+/// written at most once per `NAT_REFRESH_NS`. (Coarser than conntrack:
 /// a TCP flow the backend answered is established without waiting for the
 /// client's ACK; the entries are LRU either way.)
 #[inline(always)]
@@ -115,7 +121,7 @@ pub fn nat4_update(slot: NatSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
     } else {
         ct_state::OPENING
     };
-    slot.touch(now_ns, state);
+    slot.touch(now_ns, state, NAT_REFRESH_NS);
 }
 
 /// A TCP SYN (without ACK) on a closing flow starts a new connection on the

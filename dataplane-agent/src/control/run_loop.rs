@@ -114,6 +114,11 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         }
     }
 
+    /// Serves NodePorts on `addrs` from now on (the node's addresses changed).
+    pub fn set_node_addresses(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<(), SyncError> {
+        self.engine.set_node_addresses(addrs)
+    }
+
     /// Takes in one update of a source's initial state, without touching the
     /// maps: nothing is written until the source has listed everything, so
     /// a restart never removes a live service. True once the initial state

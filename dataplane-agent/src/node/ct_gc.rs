@@ -1,45 +1,103 @@
 //! The conntrack garbage collector. The datapath ignores expired entries and the
 //! LRU evicts under pressure; this sweep removes dead flows early so the
-//! table (and `inspect conntrack`) holds live flows only.
+//! tables (and `inspect conntrack`/`inspect nat`) hold live flows only. The
+//! same rule serves both two-entry flow tables: conntrack (`CT_TCP`,
+//! `CT_OTHER`) and the SNAT entries of external flows (`NAT`).
 
-use dataplane_common::{ct_dir, CtEntry, CtKey, CtLifetimes, IPPROTO_TCP};
+use std::collections::HashMap;
 
-use crate::node::pinned::{monotonic_now_ns, ConntrackMaps};
+use dataplane_common::{ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, NatEntry, NatKey, IPPROTO_TCP};
+
+use crate::node::pinned::{monotonic_now_ns, ConntrackMaps, NatMap};
+
+/// An entry of a table holding each flow twice, under its ORIGINAL key (which
+/// carries the flow's age) and its REPLY key.
+pub trait FlowEntry: Copy {
+    type Key: Copy + Eq + std::hash::Hash;
+    fn is_original(key: &Self::Key) -> bool;
+    fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool;
+    fn original_key(&self) -> Self::Key;
+    /// Whether this reply entry still belongs to the flow `original` (a NAT
+    /// reply key is a SNAT port: a later flow may have taken it).
+    fn reply_of(&self, original: &Self) -> bool;
+}
+
+impl FlowEntry for CtEntry {
+    type Key = CtKey;
+
+    fn is_original(key: &CtKey) -> bool {
+        key.direction == ct_dir::ORIGINAL
+    }
+
+    fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        CtEntry::is_expired(self, now_ns, lifetimes)
+    }
+
+    fn original_key(&self) -> CtKey {
+        CtEntry::original_key(self)
+    }
+
+    fn reply_of(&self, _original: &Self) -> bool {
+        true
+    }
+}
+
+impl FlowEntry for NatEntry {
+    type Key = NatKey;
+
+    fn is_original(key: &NatKey) -> bool {
+        key.direction == nat_dir::ORIGINAL
+    }
+
+    fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        NatEntry::is_expired(self, now_ns, lifetimes)
+    }
+
+    fn original_key(&self) -> NatKey {
+        NatEntry::original_key(self)
+    }
+
+    fn reply_of(&self, original: &Self) -> bool {
+        original.reply_key() == self.reply_key()
+    }
+}
 
 /// Keys to delete: expired flows (both entries) and reply entries whose flow
 /// is gone.
-pub fn expired_keys(
-    entries: &[(CtKey, CtEntry)],
+pub fn expired_keys<E: FlowEntry>(
+    entries: &[(E::Key, E)],
     now_ns: u64,
     lifetimes: &CtLifetimes,
-) -> Vec<CtKey> {
-    let live_originals: std::collections::HashSet<CtKey> = entries
+) -> Vec<E::Key> {
+    let live_originals: HashMap<E::Key, E> = entries
         .iter()
-        .filter(|(k, e)| k.direction == ct_dir::ORIGINAL && !e.is_expired(now_ns, lifetimes))
-        .map(|(k, _)| *k)
+        .filter(|(k, e)| E::is_original(k) && !e.is_expired(now_ns, lifetimes))
+        .map(|(k, e)| (*k, *e))
         .collect();
     entries
         .iter()
         .filter(|(k, e)| {
-            if k.direction == ct_dir::ORIGINAL {
+            if E::is_original(k) {
                 e.is_expired(now_ns, lifetimes)
             } else {
-                !live_originals.contains(&e.original_key())
+                !live_originals
+                    .get(&e.original_key())
+                    .is_some_and(|o| e.reply_of(o))
             }
         })
         .map(|(k, _)| *k)
         .collect()
 }
 
-/// The conntrack table as the sweep uses it: look an entry up, delete it.
-/// The pinned map in the agent; a plain map in the unit tests.
-pub trait CtTable {
-    fn lookup(&self, key: &CtKey) -> Option<CtEntry>;
+/// A flow table as the sweep uses it: look an entry up, delete it. The
+/// pinned maps in the agent; a plain map in the unit tests.
+pub trait FlowTable<E: FlowEntry> {
+    fn lookup(&self, key: &E::Key) -> Option<E>;
     /// Whether an entry was deleted.
-    fn delete(&mut self, key: &CtKey) -> bool;
+    fn delete(&mut self, key: &E::Key) -> bool;
 }
 
-impl CtTable for ConntrackMaps {
+impl FlowTable<CtEntry> for ConntrackMaps {
     fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
         self.get(key, 0).ok()
     }
@@ -49,39 +107,65 @@ impl CtTable for ConntrackMaps {
     }
 }
 
+impl FlowTable<NatEntry> for NatMap {
+    fn lookup(&self, key: &NatKey) -> Option<NatEntry> {
+        self.get(key, 0).ok()
+    }
+
+    fn delete(&mut self, key: &NatKey) -> bool {
+        self.remove(key).is_ok()
+    }
+}
+
 /// Whether `key` is dead by `expired_keys`' rule, judged on what the table
 /// holds now rather than on the walk's snapshot: the datapath may have
 /// created or refreshed the flow since.
-pub fn still_dead(table: &impl CtTable, key: &CtKey, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+pub fn still_dead<E: FlowEntry>(
+    table: &impl FlowTable<E>,
+    key: &E::Key,
+    now_ns: u64,
+    lifetimes: &CtLifetimes,
+) -> bool {
     let Some(entry) = table.lookup(key) else {
         return false;
     };
-    if key.direction == ct_dir::ORIGINAL {
+    if E::is_original(key) {
         entry.is_expired(now_ns, lifetimes)
     } else {
         table
             .lookup(&entry.original_key())
-            .is_none_or(|original| original.is_expired(now_ns, lifetimes))
+            .is_none_or(|original| {
+                original.is_expired(now_ns, lifetimes) || !entry.reply_of(&original)
+            })
     }
 }
 
 /// Deletes those of `candidates` that are still dead; the number deleted.
 /// Original entries go first, so a reply entry whose flow this sweep ends
 /// goes in the same sweep.
-pub fn delete_still_dead(
-    table: &mut impl CtTable,
-    candidates: &[CtKey],
+pub fn delete_still_dead<E: FlowEntry>(
+    table: &mut impl FlowTable<E>,
+    candidates: &[E::Key],
     now_ns: u64,
     lifetimes: &CtLifetimes,
 ) -> usize {
-    let (originals, replies): (Vec<&CtKey>, Vec<&CtKey>) = candidates
-        .iter()
-        .partition(|k| k.direction == ct_dir::ORIGINAL);
+    let (originals, replies): (Vec<&E::Key>, Vec<&E::Key>) =
+        candidates.iter().partition(|k| E::is_original(k));
     originals
         .into_iter()
         .chain(replies)
         .filter(|k| still_dead(table, k, now_ns, lifetimes) && table.delete(k))
         .count()
+}
+
+/// One sweep of the `NAT` map (SNAT entries of external flows); the number
+/// of entries removed and left.
+pub fn sweep_nat(map: &mut NatMap, lifetimes: &CtLifetimes) -> (usize, usize) {
+    let entries: Vec<(NatKey, NatEntry)> = map.iter().filter_map(Result::ok).collect();
+    let now_ns = monotonic_now_ns();
+    let candidates = expired_keys(&entries, now_ns, lifetimes);
+    let removed = delete_still_dead(map, &candidates, now_ns, lifetimes);
+    (removed, entries.len() - removed)
 }
 
 /// What one sweep saw.
@@ -203,12 +287,12 @@ mod tests {
         assert_eq!(expired_keys(&[reply], 0, &L), vec![reply.0]);
     }
 
-    impl CtTable for HashMap<CtKey, CtEntry> {
-        fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
+    impl<E: FlowEntry> FlowTable<E> for HashMap<E::Key, E> {
+        fn lookup(&self, key: &E::Key) -> Option<E> {
             self.get(key).copied()
         }
 
-        fn delete(&mut self, key: &CtKey) -> bool {
+        fn delete(&mut self, key: &E::Key) -> bool {
             self.remove(key).is_some()
         }
     }
@@ -260,5 +344,54 @@ mod tests {
         let candidates = expired_keys(&entries, 61 * SEC, &L);
         let mut table: HashMap<CtKey, CtEntry> = HashMap::new();
         assert_eq!(delete_still_dead(&mut table, &candidates, 61 * SEC, &L), 0);
+    }
+
+    /// Both entries of a SNATed TCP flow last seen at `last_seen_s`.
+    fn nat_flow(state: u8, last_seen_s: u64, nat_port: u16) -> [(NatKey, NatEntry); 2] {
+        let e = NatEntry {
+            last_seen_ns: last_seen_s * SEC,
+            client_addr: 1,
+            frontend_addr: 2,
+            backend_addr: 3,
+            nat_addr: 4,
+            client_port: 10,
+            frontend_port: 20,
+            backend_port: 30,
+            nat_port,
+            proto: IPPROTO_TCP,
+            state,
+            ..Default::default()
+        };
+        [(e.original_key(), e), (e.reply_key(), e)]
+    }
+
+    #[test]
+    fn expired_nat_entries_are_removed_and_live_ones_kept() {
+        let dead = nat_flow(ct_state::CLOSING, 0, 61_000);
+        let mut live = nat_flow(ct_state::ESTABLISHED, 0, 61_001);
+        // Another client's flow: its own original key.
+        for (k, e) in &mut live {
+            e.client_port = 11;
+            if k.direction == nat_dir::ORIGINAL {
+                k.src_port = 11;
+            }
+        }
+        let entries: Vec<(NatKey, NatEntry)> = dead.into_iter().chain(live).collect();
+        let now = 11 * SEC;
+        let candidates = expired_keys(&entries, now, &L);
+        let mut table: HashMap<NatKey, NatEntry> = entries.into_iter().collect();
+        assert_eq!(delete_still_dead(&mut table, &candidates, now, &L), 2);
+        assert_eq!(table.len(), 2);
+        assert!(table.keys().all(|k| k.src_port == 11 || k.dst_port == 61_001));
+    }
+
+    /// A REPLY entry (a SNAT port) the original flow no longer points at
+    /// (it was given another port) is an orphan.
+    #[test]
+    fn nat_reply_entry_of_a_port_its_flow_left_is_removed() {
+        let [original, _] = nat_flow(ct_state::ESTABLISHED, 100, 61_000);
+        let [_, stale_reply] = nat_flow(ct_state::ESTABLISHED, 100, 61_005);
+        let entries = [original, stale_reply];
+        assert_eq!(expired_keys(&entries, 101 * SEC, &L), vec![stale_reply.0]);
     }
 }

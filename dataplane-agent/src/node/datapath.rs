@@ -26,7 +26,7 @@ use log::{info, warn};
 use crate::node::{
     lb_maps::BpfLbMaps,
     migrate::{self, Carry, MigrateError, Pass, Plan},
-    pinned::{self, ConntrackMaps, CounterMap, MapOpenError, SockRevNatMap},
+    pinned::{self, ConntrackMaps, CounterMap, MapOpenError, NatMap, SockRevNatMap},
     socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
 
@@ -137,6 +137,8 @@ pub struct DatapathMaps {
     pub counters: CounterMap,
     pub sock_revnat: SockRevNatMap,
     pub nat_config: Array<MapData, NatConfig>,
+    /// SNAT entries of external flows, for the sweep.
+    pub nat: NatMap,
 }
 
 /// What the datapath is loaded with: conntrack sizes and lifetimes
@@ -286,6 +288,7 @@ impl Datapath {
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
         let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
         let nat_config = pinned::take(&mut ebpf, map_names::NAT_CONFIG)?;
+        let nat: NatMap = pinned::take(&mut ebpf, map_names::NAT)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
@@ -305,6 +308,7 @@ impl Datapath {
                 counters,
                 sock_revnat,
                 nat_config,
+                nat,
             },
         ))
     }

@@ -91,6 +91,8 @@ pub fn ct_lifetimes(map: &CtLifetimesMap) -> Result<CtLifetimes, MapError> {
 pub type CounterMap = PerCpuArray<MapData, u64>;
 pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
 pub type SockRevNatMap = BpfHashMap<MapData, SockRevNatKey, SockRevNatEntry>;
+/// `NAT`: the SNAT entries of external flows.
+pub type NatMap = BpfHashMap<MapData, dataplane_common::NatKey, dataplane_common::NatEntry>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapOpenError {

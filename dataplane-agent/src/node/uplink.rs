@@ -1,9 +1,18 @@
 //! The node's uplinks and addresses: which interfaces carry traffic from
 //! outside (by default those holding the default routes), the addresses
-//! NodePorts are served on, and the SNAT port range kept free of the
-//! node's own sockets.
+//! NodePorts are served on (followed as they change), and the SNAT port
+//! range kept free of the node's own sockets.
 
 use std::{net::Ipv4Addr, path::Path};
+
+use futures::StreamExt as _;
+use rtnetlink::{
+    constants::RTMGRP_IPV4_IFADDR,
+    packet_core::NetlinkPayload,
+    packet_route::RouteNetlinkMessage,
+    sys::{AsyncSocket as _, SocketAddr},
+};
+use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -27,6 +36,8 @@ pub enum UplinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening a netlink socket for address events")]
+    Netlink(#[source] std::io::Error),
     #[error("SNAT port range {min}-{max} overlaps the node's ephemeral ports {eph_min}-{eph_max} (net.ipv4.ip_local_port_range)")]
     RangeOverlapsEphemeral {
         min: u16,
@@ -106,6 +117,35 @@ pub fn addresses() -> Result<Vec<(String, Ipv4Addr)>, UplinkError> {
         out.push((ifaddr.interface_name.clone(), addr.ip()));
     }
     Ok(out)
+}
+
+/// A notice each time an IPv4 address of this network namespace is added
+/// or removed; the receiver reads the addresses again ([`addresses`]).
+/// Notices that arrive while one is pending are merged into it.
+pub fn watch_addresses() -> Result<mpsc::Receiver<()>, UplinkError> {
+    let (mut connection, _handle, mut messages) =
+        rtnetlink::new_connection().map_err(UplinkError::Netlink)?;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR))
+        .map_err(UplinkError::Netlink)?;
+    tokio::spawn(connection);
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+            ) = message.payload
+            {
+                if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+        }
+        log::error!("netlink address notifications ended");
+    });
+    Ok(rx)
 }
 
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";

@@ -12,7 +12,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, Backend, Counter, ServiceKey,
+    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, nat_dir, Backend, Counter, ServiceKey,
     ServiceValue, IPPROTO_UDP,
 };
 use serde::Serialize;
@@ -21,7 +21,7 @@ use crate::node::{
     lb_maps::{BpfLbMaps, LbMapError, LbMaps as _, LbSnapshot},
     pinned::{
         self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMaps, CounterMap,
-        CtLifetimesMap, MapOpenError, ServiceNamesMap, SockRevNatMap,
+        CtLifetimesMap, MapOpenError, NatMap, ServiceNamesMap, SockRevNatMap,
     },
 };
 
@@ -93,6 +93,10 @@ pub enum What {
     /// Sockets the socket hooks translated: socket cookie, backend, and the
     /// service address recvmsg()/getpeername() show instead.
     SockRevnat,
+    /// SNAT of external flows to remote backends (the `NAT` map): client ->
+    /// frontend as the client sent it, node address and SNAT port ->
+    /// backend as the backend sees it, state, expiry.
+    Nat,
 }
 
 #[derive(Debug, Serialize)]
@@ -259,13 +263,7 @@ pub fn conntrack(
                 endpoint(translated_src, ct.client_port),
                 endpoint(ct.backend_addr, ct.backend_port)
             ),
-            state: match (ct.proto, ct.state) {
-                (IPPROTO_UDP, ct_state::ESTABLISHED) => "REPLIED",
-                (IPPROTO_UDP, _) => "UNREPLIED",
-                (_, ct_state::ESTABLISHED) => "ESTABLISHED",
-                (_, ct_state::CLOSING) => "CLOSING",
-                _ => "SYN_SENT",
-            },
+            state: state_name(ct.proto, ct.state),
             hairpin,
             age_s: now.saturating_sub(ct.created_ns) / 1_000_000_000,
             expires_in_s: (ct.last_seen_ns + ct.lifetime_ns(&lifetimes)).saturating_sub(now)
@@ -274,6 +272,17 @@ pub fn conntrack(
     }
     rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));
     Ok(rows)
+}
+
+/// A flow's state in conntrack(8)'s words.
+fn state_name(proto: u8, state: u8) -> &'static str {
+    match (proto, state) {
+        (IPPROTO_UDP, ct_state::ESTABLISHED) => "REPLIED",
+        (IPPROTO_UDP, _) => "UNREPLIED",
+        (_, ct_state::ESTABLISHED) => "ESTABLISHED",
+        (_, ct_state::CLOSING) => "CLOSING",
+        _ => "SYN_SENT",
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -322,6 +331,56 @@ pub fn sock_revnat(dir: &Path) -> Result<Vec<SockRevNatRow>, InspectError> {
         });
     }
     rows.sort_by(|a, b| (a.cookie, &a.backend).cmp(&(b.cookie, &b.backend)));
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize)]
+pub struct NatRow {
+    pub service: String,
+    pub proto: &'static str,
+    pub original: String,
+    pub translated: String,
+    pub state: &'static str,
+    pub expires_in_s: u64,
+}
+
+/// Live SNAT flows of the `NAT` map, one row per flow (its ORIGINAL entry),
+/// sorted by service then original tuple.
+pub fn nat(dir: &Path) -> Result<Vec<NatRow>, InspectError> {
+    let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
+    let map: NatMap = pinned::open(dir, map_names::NAT)?;
+    let lifetimes_map: CtLifetimesMap = pinned::open(dir, map_names::CT_LIFETIMES)?;
+    let lifetimes =
+        pinned::ct_lifetimes(&lifetimes_map).map_err(read_err(map_names::CT_LIFETIMES))?;
+    let now = monotonic_now_ns();
+    let mut rows = Vec::new();
+    for entry in map.iter() {
+        let (key, e) = entry.map_err(read_err(map_names::NAT))?;
+        if key.direction != nat_dir::ORIGINAL || e.is_expired(now, &lifetimes) {
+            continue;
+        }
+        rows.push(NatRow {
+            service: names
+                .get(&e.service_id, 0)
+                .map(|l| l.as_str().to_owned())
+                .unwrap_or_default(),
+            proto: proto_name(e.proto),
+            original: format!(
+                "{} -> {}",
+                endpoint(e.client_addr, e.client_port),
+                endpoint(e.frontend_addr, e.frontend_port)
+            ),
+            translated: format!(
+                "{} -> {}",
+                endpoint(e.nat_addr, e.nat_port),
+                endpoint(e.backend_addr, e.backend_port)
+            ),
+            state: state_name(e.proto, e.state),
+            expires_in_s: (e.last_seen_ns + e.lifetime_ns(&lifetimes)).saturating_sub(now)
+                / 1_000_000_000,
+        });
+    }
+    rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));
     Ok(rows)
 }
 
@@ -427,6 +486,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             format!(
                 "socket {:<10} {} shown as {} [{}]",
                 r.cookie, r.backend, r.frontend, r.service
+            )
+        }),
+        What::Nat => print(&nat(dir)?, format, |r| {
+            format!(
+                "{} {} {} => {} {} expires in {}s",
+                r.service, r.proto, r.original, r.translated, r.state, r.expires_in_s
             )
         }),
         What::Interfaces => print(&interfaces()?, format, |r| {

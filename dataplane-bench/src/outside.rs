@@ -1,0 +1,333 @@
+//! End to end from outside the cluster: the lab's outside client behind its
+//! router connects to a NodePort on node 1 whose one backend is a pod on
+//! node 2 (policy Cluster: node 1 DNATs, SNATs to its own address and sends
+//! the packet back out of its uplink). Every system gets its own lab.
+//!
+//! Systems: the agent's uplink program in XDP (as `auto` picks it on the
+//! veth uplink: generic), XDP asked native, and tc; kube-proxy's iptables
+//! and nftables NodePort layouts; and the limit, the client connecting to
+//! the backend pod's address with node 1 as its router both ways (no
+//! translation, the same hops). Measured as the pod-client case
+//! (`crate::e2e`): interleaved rounds, ratios paired per round.
+//!
+//! SNAT ports: node 1's ephemeral ports are 60000-65535 on every system, the
+//! agent's SNAT range 1024-59999 (kube-proxy's MASQUERADE takes 1024-65535).
+//! With the default range (61000-65535) a closed flow holds its port for the
+//! 10 s closing lifetime, so a connection loop faster than ~450/s runs out.
+
+use std::{
+    any::Any,
+    net::{SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use dataplane_agent::control::model::BackendAddr;
+use dataplane_lab::{
+    agent::{agent_bin, Agent, Source},
+    netns::{self, ip, sysctl},
+    topology::{node_ip, unique_prefix, OUTSIDE_CLIENT_IP},
+    CrossNode, Lab, LabSpec, PodSpec, Topology,
+};
+use dataplane_testkit::datapath::Bpffs;
+
+use crate::{
+    e2e::{load, median_f64, rounds_ratio_spread, stream, wait_ready, CpuTimes, Round, Server},
+    kubeproxy_rules::{self, iptables_restore},
+    scenario::{self, TARGET_PORT},
+};
+
+/// The backend pod, on node 2.
+const BACKEND: &str = "srv";
+const BACKEND_HOST: u8 = 10;
+/// The node the client connects to.
+const ENTRY_NODE: u8 = 1;
+const SNAT_PORTS: &str = "1024-59999";
+const NODE_EPHEMERAL_PORTS: &str = "60000 65535";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutsideSystem {
+    /// To the backend pod's address, node 1 routing (no service).
+    Routed,
+    /// The agent, `--external-datapath xdp` (`--xdp-mode auto`).
+    Xdp,
+    /// The agent, `--xdp-mode native`.
+    XdpNative,
+    /// The agent, `--external-datapath tc`.
+    Tc,
+    Iptables,
+    Nftables,
+}
+
+impl OutsideSystem {
+    pub const ALL: [OutsideSystem; 6] = [
+        OutsideSystem::Routed,
+        OutsideSystem::Xdp,
+        OutsideSystem::XdpNative,
+        OutsideSystem::Tc,
+        OutsideSystem::Iptables,
+        OutsideSystem::Nftables,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            OutsideSystem::Routed => "routed to the pod (no service)",
+            OutsideSystem::Xdp => "eBPF XDP (auto)",
+            OutsideSystem::XdpNative => "eBPF XDP native",
+            OutsideSystem::Tc => "eBPF tc",
+            OutsideSystem::Iptables => "kube-proxy iptables",
+            OutsideSystem::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OutsideResult {
+    pub system: OutsideSystem,
+    pub services: usize,
+    pub rounds: Vec<Round>,
+    pub setup: Duration,
+    /// What the agent's log says about the uplink's XDP mode.
+    pub note: String,
+}
+
+impl OutsideResult {
+    pub fn median(&self, f: impl Fn(&Round) -> f64) -> f64 {
+        median_f64(self.rounds.iter().map(f).collect())
+    }
+
+    /// (median, min, max) over rounds of `f` of this over `f` of `reference`.
+    pub fn ratio(&self, reference: &OutsideResult, f: impl Fn(&Round) -> f64) -> (f64, f64, f64) {
+        rounds_ratio_spread(&self.rounds, &reference.rounds, f)
+    }
+}
+
+pub struct Options {
+    pub scales: Vec<usize>,
+    pub endpoints: usize,
+    pub length: Duration,
+    pub concurrency: usize,
+    pub systems: Vec<OutsideSystem>,
+    pub rounds: usize,
+}
+
+/// One system set up and ready for load.
+struct Case {
+    system: OutsideSystem,
+    target: SocketAddr,
+    setup: Duration,
+    note: String,
+    // Drop order: agent or rules, the server, then the namespaces.
+    _guard: Box<dyn Any>,
+    _server: Server,
+    lab: Lab,
+}
+
+fn build_lab() -> anyhow::Result<Lab> {
+    let lab = Lab::build(LabSpec {
+        prefix: unique_prefix("bo"),
+        topology: Topology::Bridge,
+        cross_node: CrossNode::Direct,
+        pods: vec![PodSpec::new(BACKEND, 2, BACKEND_HOST)],
+    })?;
+    let router = lab.router_ns();
+    let entry = lab.node_ns(ENTRY_NODE);
+    let backend_node = lab.node_ns(2);
+    // The routed limit: the pod network through node 1 both ways (the
+    // NodePort systems' replies cross node 1 too, to its SNAT address).
+    ip(&[
+        "-n",
+        &router,
+        "route",
+        "add",
+        "10.244.2.0/24",
+        "via",
+        &node_ip(ENTRY_NODE).to_string(),
+    ])?;
+    ip(&[
+        "-n",
+        &backend_node,
+        "route",
+        "add",
+        &format!("{OUTSIDE_CLIENT_IP}/32"),
+        "via",
+        &node_ip(ENTRY_NODE).to_string(),
+    ])?;
+    sysctl(&entry, "net.ipv4.ip_local_port_range", NODE_EPHEMERAL_PORTS)?;
+    let outside = lab.outside_ns();
+    sysctl(&outside, "net.ipv4.ip_local_port_range", "1024 65535")?;
+    sysctl(&outside, "net.ipv4.tcp_tw_reuse", "1")?;
+    Ok(lab)
+}
+
+/// Programs `system` on node 1; the target address and what must live
+/// while it runs.
+fn setup(
+    system: OutsideSystem,
+    lab: &Lab,
+    services: usize,
+    endpoints: usize,
+) -> anyhow::Result<(SocketAddr, Box<dyn Any>, String)> {
+    let pod_ip = lab.pod(BACKEND).ip();
+    let backend = BackendAddr {
+        ip: pod_ip,
+        port: TARGET_PORT,
+    };
+    let svcs = scenario::with_node_ports(scenario::services(services, endpoints, Some(backend)));
+    let node_port = svcs
+        .last()
+        .and_then(|s| s.node_port)
+        .context("no services")?;
+    let node_addr = node_ip(ENTRY_NODE);
+    let node_port_target = SocketAddr::V4(SocketAddrV4::new(node_addr, node_port));
+    let entry = lab.node_ns(ENTRY_NODE);
+    let agent_args: &[&str] = match system {
+        OutsideSystem::Routed => {
+            return Ok((
+                SocketAddr::V4(SocketAddrV4::new(pod_ip, TARGET_PORT)),
+                Box::new(()),
+                String::new(),
+            ))
+        }
+        OutsideSystem::Iptables => {
+            netns::run_in(
+                &entry,
+                iptables_restore(),
+                &["--noflush"],
+                Some(&kubeproxy_rules::iptables_full(&svcs)),
+            )?;
+            return Ok((node_port_target, Box::new(()), String::new()));
+        }
+        OutsideSystem::Nftables => {
+            let rules = kubeproxy_rules::nft_full(&svcs)
+                + &kubeproxy_rules::nft_nodeport_ips(&[node_addr]);
+            netns::run_in(&entry, "nft", &["-f", "-"], Some(&rules))?;
+            return Ok((node_port_target, Box::new(()), String::new()));
+        }
+        OutsideSystem::Xdp => &["--external-datapath", "xdp", "--xdp-mode", "auto"],
+        OutsideSystem::XdpNative => &["--external-datapath", "xdp", "--xdp-mode", "native"],
+        OutsideSystem::Tc => &["--external-datapath", "tc"],
+    };
+    let bpffs = Bpffs::new()?;
+    let work = tempfile::tempdir()?;
+    let manifests = work.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(
+        manifests.join("services.yaml"),
+        scenario::manifests_yaml(&svcs),
+    )?;
+    let mut args = vec!["--uplink-ifaces", "eth0", "--snat-port-range", SNAT_PORTS];
+    args.extend_from_slice(agent_args);
+    let mut agent = Agent::launch_bin(
+        &agent_bin(),
+        &entry,
+        "bench-node1",
+        Source::Manifests(&manifests),
+        bpffs.path(),
+        &work.path().join("agent.log"),
+        &args,
+    )?;
+    agent.wait_healthy(Duration::from_secs(120))?;
+    let note = agent
+        .log_text()
+        .lines()
+        .find(|l| l.contains("XDP attached") || l.contains("uplink"))
+        .map(|l| l.trim().to_owned())
+        .unwrap_or_default();
+    // Drop order: the agent first, then its bpffs, then the files.
+    Ok((node_port_target, Box::new((agent, bpffs, work)), note))
+}
+
+fn set_up(system: OutsideSystem, services: usize, o: &Options) -> anyhow::Result<Case> {
+    let lab = build_lab().context("building the lab")?;
+    let server = Server::start(&lab.pod_ns(BACKEND), o.concurrency)?;
+    let started = Instant::now();
+    let (target, guard, note) = setup(system, &lab, services, o.endpoints)?;
+    let client = lab.outside_ns();
+    wait_ready(&client, target)?;
+    let setup = started.elapsed();
+    load(&client, target, Duration::from_millis(300), o.concurrency)?;
+    Ok(Case {
+        system,
+        target,
+        setup,
+        note,
+        _guard: guard,
+        _server: server,
+        lab,
+    })
+}
+
+fn measure(case: &Case, o: &Options) -> anyhow::Result<Round> {
+    let client = case.lab.outside_ns();
+    let before = CpuTimes::now()?;
+    let l = load(&client, case.target, o.length, o.concurrency)?;
+    let after = CpuTimes::now()?;
+    let gbit = stream(&client, case.target, o.length)?;
+    let per_conn = |seconds: f64| seconds * 1e6 / l.conns.max(1) as f64;
+    Ok(Round {
+        conns_per_s: l.conns_per_s,
+        connect_p50_us: l.p50_us,
+        connect_p99_us: l.p99_us,
+        errors: l.errors,
+        stream_gbit_s: gbit,
+        node_cpu_us_per_conn: per_conn(after.node_kernel - before.node_kernel),
+        process_sys_us_per_conn: per_conn(after.process_sys - before.process_sys),
+    })
+}
+
+pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {
+    let mut results = Vec::new();
+    for &services in &o.scales {
+        let mut cases = Vec::new();
+        for &system in &o.systems {
+            // A system that cannot run here (native XDP refused) is left out
+            // of this scale and said so; the others still run.
+            match set_up(system, services, o) {
+                Ok(case) => {
+                    eprintln!(
+                        "  outside, {services} services, {}: ready after {:?} {}",
+                        system.label(),
+                        case.setup,
+                        case.note
+                    );
+                    cases.push(case);
+                }
+                Err(e) => eprintln!(
+                    "  outside, {services} services, {}: not measured: {e:#}",
+                    system.label()
+                ),
+            }
+        }
+        let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); cases.len()];
+        for round in 1..=o.rounds.max(1) {
+            for (case, measured) in cases.iter().zip(&mut rounds) {
+                let r = measure(case, o).with_context(|| {
+                    format!("outside, {} with {services} services", case.system.label())
+                })?;
+                eprintln!(
+                    "  outside, {services} services, round {round}, {}: {:.0} conn/s, {:.1} µs kernel CPU per conn, connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s",
+                    case.system.label(),
+                    r.conns_per_s,
+                    r.node_cpu_us_per_conn,
+                    r.connect_p50_us,
+                    r.connect_p99_us,
+                    r.errors,
+                    r.stream_gbit_s,
+                );
+                measured.push(r);
+            }
+        }
+        for (case, rounds) in cases.iter().zip(rounds) {
+            results.push(OutsideResult {
+                system: case.system,
+                services,
+                rounds,
+                setup: case.setup,
+                note: case.note.clone(),
+            });
+        }
+    }
+    Ok(results)
+}
+

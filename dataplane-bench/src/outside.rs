@@ -10,6 +10,13 @@
 //! translation, the same hops). Measured as the pod-client case
 //! (`crate::e2e`): interleaved rounds, ratios paired per round.
 //!
+//! The wire: native XDP_TX on node 1's veth uplink reaches the router only
+//! if the router's end of the pair runs an XDP program (on this kernel a
+//! GRO-enabled peer is not enough: the frames are counted as sent and never
+//! arrive). Every lab therefore gets an XDP program that passes everything
+//! on the router's ends of both nodes' uplinks, so every system crosses the
+//! same wire.
+//!
 //! SNAT ports: node 1's ephemeral ports are 60000-65535 on every system, the
 //! agent's SNAT range 1024-59999 (kube-proxy's MASQUERADE takes 1024-65535).
 //! With the default range (61000-65535) a closed flow holds its port for the
@@ -18,6 +25,7 @@
 use std::{
     any::Any,
     net::{SocketAddr, SocketAddrV4},
+    os::fd::{FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -117,10 +125,96 @@ struct Case {
     target: SocketAddr,
     setup: Duration,
     note: String,
-    // Drop order: agent or rules, the server, then the namespaces.
+    // Drop order: agent or rules, the server, the wire's programs, then
+    // the namespaces.
     _guard: Box<dyn Any>,
     _server: Server,
+    _wire: Vec<OwnedFd>,
     lab: Lab,
+}
+
+/// `bpf(2)` with `attr`; the returned fd owned.
+fn bpf_fd<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a properly sized, initialized `bpf_attr` prefix for
+    // `cmd` (the kernel zero-checks the rest up to the size given).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *const T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches an XDP program returning XDP_PASS (two instructions, loaded
+/// with `bpf(2)`: no object file) to `iface` of `ns` in native mode; it stays
+/// attached while the returned link lives.
+fn xdp_pass_on(ns: &str, iface: &str) -> anyhow::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    // r0 = XDP_PASS (2); exit.
+    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let iface = std::ffi::CString::new(iface)?;
+    netns::in_netns(ns, move || -> anyhow::Result<OwnedFd> {
+        use std::os::fd::AsRawFd as _;
+        let prog = bpf_fd(
+            BPF_PROG_LOAD,
+            &ProgLoad {
+                prog_type: BPF_PROG_TYPE_XDP,
+                insn_cnt: insns.len() as u32,
+                insns: insns.as_ptr() as u64,
+                license: license.as_ptr() as u64,
+                log_level: 0,
+                log_size: 0,
+                log_buf: 0,
+                kern_version: 0,
+                prog_flags: 0,
+            },
+        )
+        .context("loading an XDP_PASS program")?;
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+        anyhow::ensure!(ifindex != 0, "no interface {iface:?}");
+        bpf_fd(
+            BPF_LINK_CREATE,
+            &LinkCreate {
+                prog_fd: prog.as_raw_fd() as u32,
+                target_ifindex: ifindex,
+                attach_type: BPF_XDP,
+                flags: XDP_FLAGS_DRV_MODE,
+            },
+        )
+        .with_context(|| format!("attaching XDP_PASS to {iface:?}"))
+    })?
 }
 
 fn build_lab() -> anyhow::Result<Lab> {
@@ -228,18 +322,22 @@ fn setup(
         &args,
     )?;
     agent.wait_healthy(Duration::from_secs(120))?;
+    // The agent's own words on the uplink's XDP mode, without the log prefix.
     let note = agent
         .log_text()
         .lines()
-        .find(|l| l.contains("XDP attached") || l.contains("uplink"))
-        .map(|l| l.trim().to_owned())
-        .unwrap_or_default();
+        .find_map(|l| l.split_once("XDP attached").map(|(_, mode)| mode.trim_start_matches(", ").to_owned()))
+        .unwrap_or_else(|| "tc".into());
     // Drop order: the agent first, then its bpffs, then the files.
     Ok((node_port_target, Box::new((agent, bpffs, work)), note))
 }
 
 fn set_up(system: OutsideSystem, services: usize, o: &Options) -> anyhow::Result<Case> {
     let lab = build_lab().context("building the lab")?;
+    let wire = ["node1", "node2"]
+        .iter()
+        .map(|port| xdp_pass_on(&lab.router_ns(), port))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let server = Server::start(&lab.pod_ns(BACKEND), o.concurrency)?;
     let started = Instant::now();
     let (target, guard, note) = setup(system, &lab, services, o.endpoints)?;
@@ -254,6 +352,7 @@ fn set_up(system: OutsideSystem, services: usize, o: &Options) -> anyhow::Result
         note,
         _guard: guard,
         _server: server,
+        _wire: wire,
         lab,
     })
 }

@@ -23,7 +23,6 @@ use dataplane_common::{
 };
 
 use crate::{
-    choose_backend,
     conntrack::{
         ct4_delete, ct4_get, ct4_is_expired, ct4_is_reopen, ct4_key, ct4_lookup, ct4_restore_reply,
         ct4_update,

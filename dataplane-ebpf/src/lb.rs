@@ -75,6 +75,25 @@ pub fn lb4_lookup_external(flow: &Ipv4Flow, ip_value: u32) -> Option<ServiceValu
     None
 }
 
+/// The frontend a socket's connect()/sendmsg() to `addr:port` is for: a
+/// cluster IP, else a NodePort when `addr` is one of this node's addresses
+/// (a node process reaching its own node's NodePort: those packets never
+/// cross a program of the packet path). Load-balancer IPs and externalIPs,
+/// where source ranges apply, stay with the packet path.
+#[inline(always)]
+pub fn lb4_lookup_sock(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    let ip_value = service_ip_get(addr)?;
+    if ip_value & service_ip_flags::COUNT_MASK != 0 {
+        if let Some(svc) = lb4_lookup_service(addr, port, proto) {
+            return Some(svc);
+        }
+    }
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        return service_get(&lb4_key(0, port, proto, service_scope::EXTERNAL));
+    }
+    None
+}
+
 /// The frontend a pod's (or node's) packet is for: a cluster IP first,
 /// then the external frontends, which in-cluster clients reach too.
 #[inline(always)]

@@ -14,7 +14,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    lb::{lb4_choose_backend, lb4_is_service_ip, lb4_lookup_service, Choice, Client},
+    lb::{lb4_choose_backend, lb4_lookup_sock, Choice, Client},
     maps::{count, sock_revnat_get, SOCK_REVNAT},
     skb,
     sock_ctx::{SockAddr, AF_INET},
@@ -108,11 +108,8 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
         return ALLOW;
     }
     let (addr, port) = (sock.user_ip4(), sock.user_port());
-    if !lb4_is_service_ip(addr) {
-        return ALLOW;
-    }
     // A port that is no service is left to the packet path, as it is there.
-    let Some(service) = lb4_lookup_service(addr, port, proto) else {
+    let Some(service) = lb4_lookup_sock(addr, port, proto) else {
         return ALLOW;
     };
     let before = TraceTuple {

@@ -13,7 +13,9 @@ use dataplane_lab::{
     topology::{node_ip, OUTSIDE_CLIENT_IP},
     CrossNode, Topology,
 };
-use integration_tests::{lab_pod, require_root, Cluster, WEB_IP};
+use integration_tests::{
+    lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen as Outcome, WEB_IP,
+};
 
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
@@ -401,5 +403,60 @@ fn session_affinity_holds_through_a_node_port() {
         backends.len(),
         1,
         "one backend for one client: {backends:?}"
+    );
+}
+
+/// An address given to node 1's uplink after the agent started serves the
+/// NodePort too (the agent follows netlink address notifications), and no
+/// longer once it is removed.
+#[test]
+fn node_port_is_served_on_an_address_added_after_start() {
+    require_root();
+    let c = start_tc(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    let added = Ipv4Addr::new(192, 168, 100, 101);
+    let node1 = c.lab.node_ns(1);
+    let ip = |verb: &str| {
+        dataplane_lab::netns::ip(&["-n", &node1, "addr", verb, "192.168.100.101/24", "dev", "eth0"])
+            .expect("ip addr")
+    };
+    ip("add");
+    c.eventually("the NodePort answers on the added address", || {
+        c.outside_tcp(at(added, NODE_PORT_HTTP)).is_ok()
+    });
+    assert!(
+        c.agent_log(1).contains("node addresses changed"),
+        "{}",
+        c.agent_log(1)
+    );
+    ip("del");
+    c.eventually("the removed address no longer serves it", || {
+        c.outside_tcp(at(added, NODE_PORT_HTTP)).is_err()
+    });
+}
+
+/// A host-network process of node 1 connecting to node 1's own address on
+/// the NodePort: the socket hooks translate it at connect() (its packets
+/// cross no program of the packet path: they stay on `lo`), and the
+/// process sees the NodePort as its peer.
+#[test]
+fn node_processes_reach_a_node_port_on_their_own_node_address() {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    let to = at(node_ip(1), NODE_PORT_HTTP);
+    let seen = sockclient_outcomes(sockclient_command(
+        &c.lab.node_ns(1),
+        &c.lab.node_cgroup(1),
+        &["tcp", &to.to_string(), "20"],
+    ));
+    let backends: BTreeSet<&str> = seen.iter().filter_map(|s| s.backend()).collect();
+    assert_eq!(
+        backends,
+        BTreeSet::from(["web-a", "web-b", "web-c"]),
+        "{seen:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        seen.iter().all(|s| matches!(s, Outcome::Answered { from, .. } if *from == to)),
+        "{seen:?}"
     );
 }

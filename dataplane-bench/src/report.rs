@@ -311,7 +311,8 @@ impl Report {
              kube-proxy's NodePort rules; the last 2 768 services have nodePorts, the range's size). The reference, \
              \"routed\", connects to the backend pod's address with node 1 as the router both ways: the same hops \
              without any translation. Ratios are paired per round: median [range]. The agent's SNAT range is \
-             1024-59999 (node 1's ephemeral ports 60000-65535).\n",
+             1024-59999 (node 1's ephemeral ports 60000-65535). The router's ends of both uplinks run an XDP program \
+             that passes everything, in every system's lab (native XDP_TX on a veth needs one on the peer).\n",
             self.concurrency, self.outside_seconds, self.outside_seconds
         );
         let _ = writeln!(
@@ -350,10 +351,10 @@ impl Report {
             .outside
             .iter()
             .filter(|r| !r.note.is_empty())
-            .map(|r| format!("- {} ({} services): `{}`", r.system.label(), r.services, r.note))
+            .map(|r| format!("- {} ({} services): {}", r.system.label(), r.services, r.note))
             .collect();
         if !notes.is_empty() {
-            let _ = writeln!(o, "\nAgent's uplink log line:\n{}", notes.join("\n"));
+            let _ = writeln!(o, "\nWhat the agent attached to the uplink (its log):\n{}", notes.join("\n"));
         }
         let _ = writeln!(o, "\n| target | measured | |\n|---|---|---|");
         let mut scales: Vec<usize> = self.outside.iter().map(|r| r.services).collect();

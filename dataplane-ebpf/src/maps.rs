@@ -220,9 +220,10 @@ impl NatSlot {
     /// Plain stores: racing CPUs store equally recent times, and a lost
     /// state step is made good by the flow's next packet. The last-seen
     /// time is written only once it is `refresh_ns` old (see
-    /// `snat::NAT_REFRESH_NS`).
-    #[inline(always)]
-    pub fn touch(&self, now_ns: u64, state: u8, refresh_ns: u64) {
+    /// `snat::NAT_REFRESH_NS`). A call of its own: the external pipeline
+    /// has no stack left for the comparison's registers.
+    #[inline(never)]
+    pub fn touch(self, now_ns: u64, state: u8, refresh_ns: u64) {
         // SAFETY: plain fields of this run's value.
         unsafe {
             if now_ns.saturating_sub((*self.0).last_seen_ns) >= refresh_ns {

@@ -394,6 +394,77 @@ fn socket_lb_false_falls_back_to_the_tc_path() {
     assert!(counter(&c, 1, "new_flow") >= 24);
 }
 
+/// A cgroup v1 hierarchy the test mounts itself (a node without cgroup2
+/// there); unmounted when dropped.
+struct CgroupV1 {
+    dir: tempfile::TempDir,
+}
+
+impl CgroupV1 {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().expect("a directory to mount on");
+        let name = format!("name=dpt{}v1", std::process::id());
+        let status = Command::new("mount")
+            .args(["-t", "cgroup", "-o", &format!("none,{name}"), "cgroup"])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a cgroup v1 hierarchy: {status}");
+        Self { dir }
+    }
+}
+
+impl Drop for CgroupV1 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A node where the kernel refuses the socket hooks (here: the cgroup it
+/// is given is a cgroup v1 hierarchy, to which the kernel attaches no BPF
+/// program, as a kernel without the hooks refuses to load them): the agent
+/// says so once in its log, attaches nothing, and pods reach ClusterIPs
+/// through the tc path, TCP and UDP, with the service address as source.
+#[test]
+fn without_socket_hooks_the_agent_says_so_once_and_the_tc_path_serves_pods() {
+    require_root();
+    let v1 = CgroupV1::mount();
+    let root = v1.dir.path().to_str().expect("a UTF-8 path").to_owned();
+    let backends_ = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    let c = Cluster::start_with_agent_args(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends_.iter().collect::<Vec<_>>()))],
+        &["--cgroup-root", &root],
+    );
+    assert_eq!(attached_to_cgroup(&c, 1), Vec::<String>::new());
+    assert!(!c.bpffs(1).join("sock-links").join("connect4").exists());
+    let new_flows = counter(&c, 1, "new_flow");
+    for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
+        let seen = from_pod_process(&c, "client", mode, to, 12);
+        assert!(
+            seen.iter()
+                .all(|s| matches!(s, Seen::Answered { from, .. } if *from == to)),
+            "{mode}: {seen:?}\n{}",
+            c.logs()
+        );
+    }
+    let thread = c.tcp("client", http(WEB_IP));
+    assert!(thread.backend().is_some(), "{thread:?}\n{}", c.logs());
+    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
+    assert!(counter(&c, 1, "new_flow") >= new_flows + 25);
+    let log = c.agent_log(1);
+    assert_eq!(
+        log.matches("socket-level load balancing unavailable")
+            .count(),
+        1,
+        "said once: {log}"
+    );
+    assert!(log.contains(&root), "the log names the cgroup: {log}");
+    // The agents go before the hierarchy they were given is unmounted.
+    drop(c);
+}
+
 /// Cilium's "connected UDP sockets pinned to deleted backends": a backend
 /// leaves the service while a host process holds a connected UDP socket
 /// aimed at it; the agent closes that socket (the application sees an

@@ -96,23 +96,66 @@ pub fn read_record(bytes: &[u8]) -> Option<TraceEvent> {
     bytemuck::try_pod_read_unaligned(bytes.get(..size_of::<TraceEvent>())?).ok()
 }
 
+/// The hooks' names in the `hook` column, by `trace_hook` number.
+const HOOK_NAMES: [(u8, &str); 8] = [
+    (trace_hook::FROM_POD, "from-pod"),
+    (trace_hook::TO_POD, "to-pod"),
+    (trace_hook::SOCK_CONNECT, "connect"),
+    (trace_hook::SOCK_SENDMSG, "sendmsg"),
+    (trace_hook::SOCK_RECVMSG, "recvmsg"),
+    (trace_hook::SOCK_GETPEERNAME, "getpeername"),
+    (trace_hook::FROM_OUTSIDE, "from-outside"),
+    (trace_hook::TO_OUTSIDE, "to-outside"),
+];
+
+fn hook_name(hook: u8) -> &'static str {
+    HOOK_NAMES
+        .iter()
+        .find(|(number, _)| *number == hook)
+        .map_or("?", |(_, name)| name)
+}
+
+/// The cgroup socket hooks; the others see packets on an interface.
+fn is_socket_hook(hook: u8) -> bool {
+    (trace_hook::SOCK_CONNECT..=trace_hook::SOCK_GETPEERNAME).contains(&hook)
+}
+
+/// Column widths of the table: the longest hook and decision names, so
+/// every row's columns start where the others' do.
+const HOOK_WIDTH: usize = {
+    let mut width = 0;
+    let mut i = 0;
+    while i < HOOK_NAMES.len() {
+        if HOOK_NAMES[i].1.len() > width {
+            width = HOOK_NAMES[i].1.len();
+        }
+        i += 1;
+    }
+    width
+};
+const DECISION_WIDTH: usize = {
+    let mut width = 0;
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        if Counter::ALL[i].name().len() > width {
+            width = Counter::ALL[i].name().len();
+        }
+        i += 1;
+    }
+    width
+};
+/// An interface name has at most IFNAMSIZ - 1 bytes.
+const INTERFACE_WIDTH: usize = 15;
+/// `255.255.255.255:65535 -> 255.255.255.255:65535`
+const TUPLE_WIDTH: usize = 45;
+
 impl Event {
     /// `raw` in operator terms; `names` maps service ids to labels.
     pub fn new(raw: &TraceEvent, names: &HashMap<u32, String>) -> Self {
-        let socket_hook = raw.hook >= trace_hook::SOCK_CONNECT;
+        let socket_hook = is_socket_hook(raw.hook);
         Self {
             ts_ns: raw.ts_ns,
-            hook: match raw.hook {
-                trace_hook::FROM_POD => "from-pod",
-                trace_hook::TO_POD => "to-pod",
-                trace_hook::SOCK_CONNECT => "connect",
-                trace_hook::SOCK_SENDMSG => "sendmsg",
-                trace_hook::SOCK_RECVMSG => "recvmsg",
-                trace_hook::SOCK_GETPEERNAME => "getpeername",
-                trace_hook::FROM_OUTSIDE => "from-outside",
-                trace_hook::TO_OUTSIDE => "to-outside",
-                _ => "?",
-            },
+            hook: hook_name(raw.hook),
             ifindex: raw.ifindex,
             interface: if socket_hook {
                 "socket".into()
@@ -140,7 +183,7 @@ impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<8} {:<12} {:<4} {:<45} {:<22}",
+            "{:<HOOK_WIDTH$} {:<INTERFACE_WIDTH$} {:<4} {:<TUPLE_WIDTH$} {:<DECISION_WIDTH$}",
             self.hook, self.interface, self.proto, self.before, self.decision
         )?;
         if self.after != self.before {
@@ -278,5 +321,99 @@ async fn follow(options: Options) -> anyhow::Result<()> {
             }
         }
         ready.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::port_to_map;
+
+    use super::*;
+
+    /// One event of every hook, each with the shortest and the longest
+    /// decision name, and widest addresses.
+    fn rows() -> Vec<String> {
+        let tuple = |src: [u8; 4], dst: [u8; 4]| TraceTuple {
+            src_addr: ipv4_to_map(src),
+            dst_addr: ipv4_to_map(dst),
+            src_port: port_to_map(65535),
+            dst_port: port_to_map(53),
+        };
+        let decisions = [
+            Counter::ALL.iter().min_by_key(|c| c.name().len()).unwrap(),
+            Counter::ALL.iter().max_by_key(|c| c.name().len()).unwrap(),
+        ];
+        let mut rows = Vec::new();
+        for (hook, _) in HOOK_NAMES {
+            for decision in decisions {
+                let raw = TraceEvent {
+                    hook,
+                    // The loopback interface: a name in every namespace.
+                    ifindex: if is_socket_hook(hook) { 0 } else { 1 },
+                    proto: dataplane_common::IPPROTO_UDP,
+                    decision: *decision as u8,
+                    service_id: 7,
+                    before: tuple([255, 255, 255, 255], [10, 96, 0, 10]),
+                    after: tuple([255, 255, 255, 255], [10, 244, 1, 2]),
+                    netns_cookie: 4096,
+                    cgroup_id: 12,
+                    ..TraceEvent::default()
+                };
+                rows.push(Event::new(&raw, &HashMap::new()).to_string());
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn every_hooks_rows_have_their_columns_where_the_others_have_them() {
+        let rows = rows();
+        // The before tuple, the decision and the after tuple start at the
+        // same column in every row, getpeername's and from-outside's too.
+        for marker in ["255.255.255.255:65535 -> 10.96", " => 255.255"] {
+            let columns: Vec<_> = rows.iter().map(|row| row.find(marker)).collect();
+            assert!(
+                columns.iter().all(|c| c.is_some() && *c == columns[0]),
+                "{marker:?} at {columns:?} in\n{}",
+                rows.join("\n")
+            );
+        }
+        let decision_column = rows
+            .iter()
+            .map(|row| {
+                let decision = Counter::ALL
+                    .iter()
+                    .map(|c| c.name())
+                    .filter(|name| row.contains(&format!(" {name} ")))
+                    .max_by_key(|name| name.len())
+                    .expect("a decision in the row");
+                row.find(&format!(" {decision} ")).unwrap()
+            })
+            .collect::<Vec<_>>();
+        assert!(
+            decision_column.iter().all(|c| *c == decision_column[0]),
+            "decisions at {decision_column:?} in\n{}",
+            rows.join("\n")
+        );
+    }
+
+    #[test]
+    fn only_socket_hooks_show_a_socket_and_its_namespace() {
+        for (hook, name) in HOOK_NAMES {
+            let raw = TraceEvent {
+                hook,
+                ifindex: 1,
+                netns_cookie: 4096,
+                cgroup_id: 12,
+                ..TraceEvent::default()
+            };
+            let event = Event::new(&raw, &HashMap::new());
+            let socket = name == "connect"
+                || name == "sendmsg"
+                || name == "recvmsg"
+                || name == "getpeername";
+            assert_eq!(event.interface == "socket", socket, "{name}: {event}");
+            assert_eq!(event.netns_cookie.is_some(), socket, "{name}: {event}");
+        }
     }
 }

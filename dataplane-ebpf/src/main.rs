@@ -268,8 +268,9 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         let backend_alive = lb4_lookup_backend(ct.backend_id)
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
-            ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
-            ct4_restore_reply(&ct, now);
+            if ct4_update(slot, &flow, ct_dir::ORIGINAL, now) {
+                ct4_restore_reply(&ct, now);
+            }
             forward_established(ctx, &mut flow, &ct)?;
             let decision = if flow.frag == frag::LATER {
                 Counter::FragmentTranslated

@@ -54,7 +54,7 @@ use crate::{
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{
         lb4_choose_backend, lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_frontend,
-        lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
+        lb4_may_be_reply, lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
     },
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
@@ -469,6 +469,10 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     };
+    if !lb4_may_be_reply(&flow) {
+        // Not from a backend: traffic between pods, untouched.
+        return Ok(TC_ACT_OK);
+    }
     let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };

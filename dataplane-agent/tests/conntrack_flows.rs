@@ -197,13 +197,25 @@ fn established_flow() -> Harness {
     dp
 }
 
+/// The original entry as if the flow's last packet were `secs` seconds old.
+fn age_tcp_flow(dp: &mut Harness, secs: u64) {
+    let key = ct_key(client(), service(), Protocol::Tcp, ct_dir::ORIGINAL);
+    let mut entry = original(dp);
+    entry.last_seen_ns = monotonic_now_ns() - secs * 1_000_000_000;
+    dp.conntrack.insert(key, entry, 0).expect("aging the flow");
+}
+
 #[test]
-fn lost_reply_entry_is_rebuilt_by_the_clients_next_packet() {
+fn lost_reply_entry_is_rebuilt_by_the_clients_next_packet_a_second_on() {
+    // The datapath looks for the reply entry only when a packet refreshes
+    // the flow (at most once a second) or moves its state, not on every
+    // packet: a second is the most a busy flow's replies go untranslated.
     let mut dp = established_flow();
     let lost = dp.ct_get(&reply_key()).expect("the reply entry");
     dp.conntrack
         .remove(&reply_key())
         .expect("evicting the reply entry");
+    age_tcp_flow(&mut dp, 2);
     let request = Tcp::new(client(), service(), ACK | packets::PSH)
         .seq(7_001)
         .payload(b"GET / HTTP/1.1\r\n\r\n")

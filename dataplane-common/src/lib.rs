@@ -41,8 +41,11 @@ pub mod map_names {
     pub const NAT: &str = "NAT";
     pub const NAT_CONFIG: &str = "NAT_CONFIG";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    /// Backends' (address, port, protocol): the sources of packets into a
+    /// pod that may be replies to translate.
+    pub const REPLY_SOURCES: &str = "REPLY_SOURCES";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -61,6 +64,7 @@ pub mod map_names {
         NAT,
         NAT_CONFIG,
         SOURCE_RANGES,
+        REPLY_SOURCES,
     ];
 }
 
@@ -85,8 +89,9 @@ pub mod map_names {
 /// north-south: `ServiceKey::scope` (external frontends, NodePorts keyed by
 /// address 0), the node-address bit in `SERVICE_IPS`, `Backend::flags`
 /// `LOCAL`, the `NAT`, `NAT_CONFIG` and `SOURCE_RANGES` maps, their counters
-/// and the uplink trace hooks.
-pub const LAYOUT_VERSION: u32 = 3;
+/// and the uplink trace hooks. Version 4: the `REPLY_SOURCES` map (backends'
+/// address, port and protocol), the pre-filter of reply translation.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +139,7 @@ pub mod map_layouts {
         layout::<NatKey, NatEntry>(map_names::NAT, capacity::NAT),
         layout::<u32, NatConfig>(map_names::NAT_CONFIG, 1),
         layout::<SourceRangeKey, u32>(map_names::SOURCE_RANGES, capacity::SOURCE_RANGES),
+        layout::<ReplySource, u32>(map_names::REPLY_SOURCES, capacity::REPLY_SOURCES),
     ];
 }
 
@@ -147,6 +153,8 @@ pub mod capacity {
     /// half of it may be padding). A power of two itself.
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
+    /// One entry per backend at most.
+    pub const REPLY_SOURCES: u32 = BACKENDS;
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
     pub const CT_TCP: u32 = 131_072;
     pub const CT_OTHER: u32 = 65_536;
@@ -338,6 +346,29 @@ pub struct Backend {
     pub proto: u8,
     /// Bits of [`backend_flags`].
     pub flags: u8,
+}
+
+/// Key of `REPLY_SOURCES`: a backend's address, port and protocol, as its
+/// replies carry them in their source (network byte order). Only packets
+/// from such a source are looked up in conntrack on their way into a pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ReplySource {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ReplySource {
+    pub fn of(backend: &Backend) -> Self {
+        Self {
+            addr: backend.addr,
+            port: backend.port,
+            proto: backend.proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// Flags of a [`Backend`].
@@ -899,6 +930,8 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ReplySource {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.

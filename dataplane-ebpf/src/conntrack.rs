@@ -98,7 +98,10 @@ pub fn ct4_is_expired(entry: &CtEntry, now_ns: u64) -> bool {
 /// Rebuilds a flow's REPLY entry from its ORIGINAL one (`ct`) when it is
 /// gone (LRU eviction, the agent's sweep) or left over from an earlier flow,
 /// so the backend's replies keep being translated. A tuple another live flow
-/// holds is left to it.
+/// holds is left to it. Costs a lookup: callers check only when
+/// `ct4_update` wrote the ORIGINAL entry (at most once a second, or when the
+/// flow's state moves), so a lost entry of a busy flow is back within a
+/// second.
 #[inline(always)]
 pub fn ct4_restore_reply(ct: &CtEntry, now_ns: u64) {
     let consistent =
@@ -146,13 +149,20 @@ const CT_REFRESH_NS: u64 = 1_000_000_000;
 /// Updates state and last-seen time of a flow's ORIGINAL entry for a packet in
 /// `direction`. State and flags only gain bits, each with one atomic OR, and
 /// only when the packet adds something; the last-seen time is written at
-/// most once per `CT_REFRESH_NS`.
+/// most once per `CT_REFRESH_NS`. Returns whether it wrote anything.
 #[inline(always)]
-pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
+pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) -> bool {
     let e = slot.get();
-    if now_ns.saturating_sub(e.last_seen_ns) >= CT_REFRESH_NS {
+    let refreshed = now_ns.saturating_sub(e.last_seen_ns) >= CT_REFRESH_NS;
+    if refreshed {
         slot.set_last_seen(now_ns);
     }
+    ct4_update_state(slot, &e, flow, direction) || refreshed
+}
+
+/// The state part of `ct4_update`: whether it changed state or flags.
+#[inline(always)]
+fn ct4_update_state(slot: CtSlot, e: &CtEntry, flow: &Ipv4Flow, direction: u8) -> bool {
     let mut flags = 0;
     if direction == ct_dir::REPLY {
         flags |= ct_flags::SEEN_REPLY;
@@ -163,12 +173,10 @@ pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
         } else {
             ct_state::OPENING
         };
-        ct4_or(slot, &e, state, flags);
-        return;
+        return ct4_or(slot, e, state, flags).0;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        ct4_or(slot, &e, ct_state::CLOSING, flags);
-        return;
+        return ct4_or(slot, e, ct_state::CLOSING, flags).0;
     }
     if flow.tcp_flags & TCP_FIN != 0 {
         flags |= if direction == ct_dir::ORIGINAL {
@@ -177,11 +185,11 @@ pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
             ct_flags::FIN_REPLY
         };
     }
-    let (state, flags) = ct4_or(slot, &e, ct_state::OPENING, flags);
+    let (wrote, (state, flags)) = ct4_or(slot, e, ct_state::OPENING, flags);
     let both_fins = ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY;
     if flags & both_fins == both_fins {
         // Of two CPUs adding the two FINs at once, the later OR sees both.
-        ct4_or(slot, &e, ct_state::CLOSING, 0);
+        return ct4_or(slot, e, ct_state::CLOSING, 0).0 || wrote;
     } else if state == ct_state::OPENING
         && direction == ct_dir::ORIGINAL
         && flags & ct_flags::SEEN_REPLY != 0
@@ -190,16 +198,18 @@ pub fn ct4_update(slot: CtSlot, flow: &Ipv4Flow, direction: u8, now_ns: u64) {
         // The client's first segment after the backend's SYN-ACK completes
         // the handshake; the SYN-ACK alone does not (half-open flows keep
         // the short opening lifetime).
-        ct4_or(slot, &e, ct_state::ESTABLISHED, 0);
+        return ct4_or(slot, e, ct_state::ESTABLISHED, 0).0 || wrote;
     }
+    wrote
 }
 
 /// ORs `state` and `flags` into the entry unless `seen` (read just before)
-/// already has them all: the common packet writes nothing.
+/// already has them all: the common packet writes nothing. Returns whether
+/// it wrote, and state and flags after it.
 #[inline(always)]
-fn ct4_or(slot: CtSlot, seen: &CtEntry, state: u8, flags: u8) -> (u8, u8) {
+fn ct4_or(slot: CtSlot, seen: &CtEntry, state: u8, flags: u8) -> (bool, (u8, u8)) {
     if state & !seen.state == 0 && flags & !seen.flags == 0 {
-        return (seen.state, seen.flags);
+        return (false, (seen.state, seen.flags));
     }
-    slot.or_state_flags(state, flags)
+    (true, slot.or_state_flags(state, flags))
 }

@@ -1,9 +1,9 @@
 //! What the shared stages need from a program's context: bounded reads and
 //! writes of packet bytes, checksum updates, where the packet is, and how
-//! to send it on. `TcContext` (through the skb helpers, which also work on
-//! non-linear packets) and `XdpContext` (direct packet access through one
-//! bounds-checked pointer helper) implement it, so parse, NAT rewrite and
-//! the external pipeline are written once for both hooks.
+//! to send it on. `TcContext` and `XdpContext` implement it, both with
+//! direct packet access through one bounds-checked pointer helper each (tc
+//! pulls headers that lie past the linear area into it first), so parse,
+//! NAT rewrite and the external pipeline are written once for both hooks.
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -57,12 +57,21 @@ impl PacketCtx for TcContext {
 
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
-        TcContext::load(self, off).ok()
+        let ptr = tc_ptr_at::<T>(self, off)?;
+        // SAFETY: `tc_ptr_at` checked that the bytes lie inside the linear
+        // area; packet data has no alignment guarantee, hence the unaligned
+        // read.
+        Some(unsafe { core::ptr::read_unaligned(ptr) })
     }
 
     #[inline(always)]
     fn store<T: Copy>(&self, off: usize, value: &T) -> Result<(), ()> {
-        TcContext::store(self, off, value, 0).map_err(|_| ())
+        let ptr = tc_ptr_at::<T>(self, off).ok_or(())?;
+        // SAFETY: as for `load`. The verifier makes a program that writes
+        // packet data unclone a cloned skb before it runs, so the write
+        // never shows in another clone's data.
+        unsafe { core::ptr::write_unaligned(ptr, *value) };
+        Ok(())
     }
 
     #[inline(always)]
@@ -114,15 +123,43 @@ impl PacketCtx for TcContext {
     }
 }
 
-/// Farthest offset XDP reads or writes: a bound the verifier can see on
-/// every variable offset (Ethernet + IPv4 with options + an ICMP quote).
-const XDP_MAX_OFF: usize = 256;
+/// Farthest offset the programs read or write: a bound the verifier can
+/// see on every variable offset (Ethernet + IPv4 with options + an ICMP
+/// quote).
+const MAX_OFF: usize = 256;
+
+/// How much of a non-linear packet `tc_ptr_at` pulls into the linear area:
+/// every offset the programs touch, whatever is asked first.
+const PULL_LEN: u32 = (MAX_OFF + 64) as u32;
+
+/// The one place tc touches packet memory: a pointer to `size_of::<T>()`
+/// bytes at `off`, or `None` when they are not all inside the packet.
+/// Headers past the linear area (a non-linear skb) are pulled into it
+/// first, and the bounds checked again: the pull moves the data.
+#[inline(always)]
+fn tc_ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    if off > MAX_OFF {
+        return None;
+    }
+    // The bound is checked on the very pointer returned, so the verifier
+    // sees it.
+    let ptr = ctx.data() + off;
+    if ptr + size_of::<T>() <= ctx.data_end() {
+        return Some(ptr as *mut T);
+    }
+    ctx.pull_data(ctx.len().min(PULL_LEN)).ok()?;
+    let ptr = ctx.data() + off;
+    if ptr + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(ptr as *mut T)
+}
 
 /// The one place XDP touches packet memory: a pointer to `size_of::<T>()`
 /// bytes at `off`, or `None` when they are not all inside the packet.
 #[inline(always)]
 fn xdp_ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    if off > XDP_MAX_OFF {
+    if off > MAX_OFF {
         return None;
     }
     let start = ctx.data();

@@ -5,12 +5,12 @@
 
 use dataplane_common::{
     service_flags, service_ip_flags, service_scope, AffinityEntry, AffinityKey, Backend,
-    ServiceKey, ServiceValue,
+    ReplySource, ServiceKey, ServiceValue,
 };
 
 use crate::{
     maps::{
-        affinity_slot, backend_get, backend_slot_get, service_get, service_ip_get,
+        affinity_slot, backend_get, backend_slot_get, is_reply_source, service_get, service_ip_get,
         source_range_contains, AFFINITY, SERVICE_IPS,
     },
     parse::Ipv4Flow,
@@ -21,6 +21,19 @@ use crate::{
 #[inline(always)]
 pub fn lb4_is_service_ip(addr: u32) -> bool {
     SERVICE_IPS.get_ptr(addr).is_some()
+}
+
+/// Cheap pre-filter of reply translation: may `flow` (into a pod) come
+/// from a backend? A later fragment, without ports, may.
+#[inline(always)]
+pub fn lb4_may_be_reply(flow: &Ipv4Flow) -> bool {
+    !flow.has_l4_header()
+        || is_reply_source(&ReplySource {
+            addr: flow.src_addr,
+            port: flow.src_port,
+            proto: flow.proto,
+            _pad: 0,
+        })
 }
 
 /// The `SERVICE_IPS` value of `addr` (frontend count, node bit), if it is

@@ -54,7 +54,7 @@ use crate::{
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{
         lb4_choose_backend, lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_frontend,
-        lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
+        lb4_may_be_reply, lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
     },
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
@@ -268,8 +268,9 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         let backend_alive = lb4_lookup_backend(ct.backend_id)
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
-            ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
-            ct4_restore_reply(&ct, now);
+            if ct4_update(slot, &flow, ct_dir::ORIGINAL, now) {
+                ct4_restore_reply(&ct, now);
+            }
             forward_established(ctx, &mut flow, &ct)?;
             let decision = if flow.frag == frag::LATER {
                 Counter::FragmentTranslated
@@ -468,6 +469,10 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     };
+    if !lb4_may_be_reply(&flow) {
+        // Not from a backend: traffic between pods, untouched.
+        return Ok(TC_ACT_OK);
+    }
     let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, CtLifetimes, FragKey,
-    FragPorts, NatConfig, NatEntry, NatKey, ServiceKey, ServiceLabel, ServiceValue,
+    FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel, ServiceValue,
     SockRevNatEntry, SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
 
@@ -59,6 +59,17 @@ pub static BACKEND_SLOTS: Array<u32, { capacity::BACKEND_SLOTS as usize }> = Arr
 /// id holds the all-zero backend.
 #[btf_map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
+
+/// Backends' (address, port, protocol) -> 1, written by the agent with
+/// `BACKENDS`: the only sources whose packets into a pod `to_pod` looks up
+/// in conntrack, so traffic between pods costs one lookup in this small map.
+#[btf_map(name = "REPLY_SOURCES")]
+static REPLY_SOURCES: HashMap<
+    ReplySource,
+    u32,
+    { capacity::REPLY_SOURCES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Our conntrack, TCP flows. LRU so that a table full of dead flows evicts
 /// the oldest instead of refusing new connections; entries also carry their
@@ -176,6 +187,12 @@ pub fn backend_slot_get(index: u32) -> Option<u32> {
 #[inline(always)]
 pub fn backend_get(backend_id: u32) -> Option<Backend> {
     copied(BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != 0)
+}
+
+/// Whether `source` is a backend's (`REPLY_SOURCES`).
+#[inline(always)]
+pub fn is_reply_source(source: &ReplySource) -> bool {
+    REPLY_SOURCES.get_ptr(source).is_some()
 }
 
 /// The `SERVICE_IPS` value of `addr`: frontend count and node bit.

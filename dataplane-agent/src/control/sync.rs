@@ -14,7 +14,8 @@ use std::net::Ipv4Addr;
 
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
-    service_scope, Backend, ServiceKey, ServiceValue, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
+    service_scope, Backend, ReplySource, ServiceKey, ServiceValue, SourceRangeKey, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -334,6 +335,9 @@ pub struct SyncEngine<M: LbMaps> {
     owned: HashMap<ServiceName, BTreeSet<ServiceKey>>,
     backends: HashMap<Backend, BackendRef>,
     backend_by_id: HashMap<u32, Backend>,
+    /// Backend ids per `REPLY_SOURCES` key (an endpoint may have two ids
+    /// for a moment, e.g. while its flags change).
+    reply_sources: HashMap<ReplySource, u32>,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
     service_ips: HashMap<u32, u32>,
     /// This node's addresses, flagged in `SERVICE_IPS` so NodePorts match
@@ -461,6 +465,7 @@ impl<M: LbMaps> SyncEngine<M> {
             owned: HashMap::new(),
             backends: HashMap::new(),
             backend_by_id: HashMap::new(),
+            reply_sources: HashMap::new(),
             service_ips: HashMap::new(),
             node_addrs: BTreeSet::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
@@ -511,6 +516,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backends,
             names,
             source_ranges,
+            reply_sources,
         } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
         let mut ranges_by_id: HashMap<u32, BTreeSet<SourceRangeKey>> = HashMap::new();
         for key in source_ranges {
@@ -587,6 +593,25 @@ impl<M: LbMaps> SyncEngine<M> {
         for &index in slots.keys() {
             if !owned_slots.contains(&index) {
                 self.pending.remove_slot(index);
+            }
+        }
+        // `REPLY_SOURCES` follows the backends adopted (and is filled here
+        // when an agent of an earlier layout left none).
+        self.reply_sources.clear();
+        for backend in self.backend_by_id.values() {
+            *self
+                .reply_sources
+                .entry(ReplySource::of(backend))
+                .or_insert(0) += 1;
+        }
+        for key in self.reply_sources.keys() {
+            if !reply_sources.contains_key(key) {
+                self.pending.set_reply_source(*key);
+            }
+        }
+        for key in reply_sources.keys() {
+            if !self.reply_sources.contains_key(key) {
+                self.pending.remove_reply_source(*key);
             }
         }
         let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
@@ -1031,6 +1056,14 @@ impl<M: LbMaps> SyncEngine<M> {
             return r.id;
         }
         let id = self.backend_ids.allocate();
+        let source = self
+            .reply_sources
+            .entry(ReplySource::of(&backend))
+            .or_insert(0);
+        if *source == 0 {
+            self.pending.set_reply_source(ReplySource::of(&backend));
+        }
+        *source += 1;
         self.pending.set_backend(id, backend);
         self.backends.insert(backend, BackendRef { id, refs: 1 });
         self.backend_by_id.insert(id, backend);
@@ -1047,6 +1080,14 @@ impl<M: LbMaps> SyncEngine<M> {
             self.pending.remove_backend(id);
             self.backends.remove(&backend);
             self.backend_by_id.remove(&id);
+            let source = ReplySource::of(&backend);
+            if let Some(n) = self.reply_sources.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.reply_sources.remove(&source);
+                    self.pending.remove_reply_source(source);
+                }
+            }
             self.backend_ids.release(id);
             self.removed.push(backend);
         }
@@ -1298,6 +1339,50 @@ mod tests {
         assert_eq!(stats, SyncStats::default());
     }
 
+    /// `REPLY_SOURCES` as the datapath would see it.
+    fn reply_sources(maps: &MemLbMaps) -> BTreeSet<ReplySource> {
+        maps.state.reply_sources.keys().copied().collect()
+    }
+
+    /// `REPLY_SOURCES` of the backends in `BACKENDS`.
+    fn sources_of_backends(maps: &MemLbMaps) -> BTreeSet<ReplySource> {
+        maps.state.backends.values().map(ReplySource::of).collect()
+    }
+
+    #[test]
+    fn reply_sources_follow_the_backends_and_are_filled_when_adopting_maps_without_them() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let api = frontend([10, 96, 0, 11], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10, 11]))])
+            .unwrap();
+        // 11 serves both services: one reply source.
+        e.sync_service(&name("api"), &[(api, spec("api", &[11, 12]))])
+            .unwrap();
+        assert_eq!(reply_sources(e.maps()).len(), 3);
+        assert_eq!(reply_sources(e.maps()), sources_of_backends(e.maps()));
+        e.sync_service(&name("web"), &[(web, spec("web", &[10]))])
+            .unwrap();
+        assert_eq!(reply_sources(e.maps()).len(), 3, "11 still serves api");
+        e.sync_service(&name("api"), &[]).unwrap();
+        assert_eq!(reply_sources(e.maps()), sources_of_backends(e.maps()));
+        assert_eq!(reply_sources(e.maps()).len(), 1, "only 10 is left");
+
+        // An agent of layout 3 pinned no REPLY_SOURCES.
+        let mut state = e.maps().state.clone();
+        state.reply_sources.clear();
+        let adopted = SyncEngine::adopt(MemLbMaps {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            reply_sources(adopted.maps()),
+            sources_of_backends(adopted.maps())
+        );
+        assert!(!reply_sources(adopted.maps()).is_empty());
+    }
+
     #[test]
     fn one_endpoint_change_rewrites_one_slot_and_keeps_the_others_in_place() {
         let mut e = engine();
@@ -1306,11 +1391,12 @@ mod tests {
             .unwrap();
         let before = programmed(e.maps(), &web).unwrap();
         let writes = e.maps().writes;
-        // 11 replaced by 13: new backend, its slot, the count, old backend gone.
+        // 11 replaced by 13: new backend and its reply source, its slot, the
+        // count, old backend and its reply source gone.
         e.sync_service(&name("web"), &[(web, spec("web", &[10, 12, 13]))])
             .unwrap();
         let after = programmed(e.maps(), &web).unwrap();
-        assert_eq!(e.maps().writes - writes, 4);
+        assert_eq!(e.maps().writes - writes, 6);
         for (b, a) in before.iter().zip(&after) {
             if *b != 11 {
                 assert_eq!(a, b, "surviving backends keep their slots");

@@ -17,7 +17,7 @@ use aya::{
     sys::SyscallError,
 };
 use dataplane_common::{
-    map_names, Backend, ServiceKey, ServiceLabel, ServiceValue, SourceRangeKey,
+    map_names, Backend, ReplySource, ServiceKey, ServiceLabel, ServiceValue, SourceRangeKey,
 };
 
 use crate::node::{
@@ -47,6 +47,8 @@ pub struct LbSnapshot {
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
     pub source_ranges: Vec<SourceRangeKey>,
+    /// `REPLY_SOURCES`, derived from the backends.
+    pub reply_sources: BTreeMap<ReplySource, u32>,
 }
 
 /// Pending writes of one map, in the order they were made: `Some` sets the
@@ -96,11 +98,12 @@ impl<K: Copy + Ord, V: Copy> MapWrites<K, V> {
 /// write of each key is applied, in this order, which never shows the
 /// datapath a slot without its backend or a count without its slots:
 ///
-/// 1. sets: backends, slots, service names, source ranges, services,
-///    service IPs (a range is in place before the service flag that
-///    enables it);
-/// 2. deletes: services, service IPs, slots, backends, service names,
-///    source ranges (removed after the flag).
+/// 1. sets: reply sources, backends, slots, service names, source ranges,
+///    services, service IPs (a range is in place before the service flag
+///    that enables it; a backend's replies are translated before any flow
+///    can reach it);
+/// 2. deletes: services, service IPs, slots, backends, reply sources,
+///    service names, source ranges (removed after the flag).
 ///
 /// The engine does not reuse a backend or service id released in the same
 /// batch, so no set of an id is applied before the delete of its old use.
@@ -112,6 +115,7 @@ pub struct LbWrites {
     pub backends: MapWrites<u32, Backend>,
     pub names: MapWrites<u32, ServiceLabel>,
     pub source_ranges: MapWrites<SourceRangeKey, ()>,
+    pub reply_sources: MapWrites<ReplySource, u32>,
 }
 
 impl LbWrites {
@@ -151,6 +155,12 @@ impl LbWrites {
     pub fn remove_source_range(&mut self, key: SourceRangeKey) {
         self.source_ranges.push(key, None);
     }
+    pub fn set_reply_source(&mut self, key: ReplySource) {
+        self.reply_sources.push(key, Some(1));
+    }
+    pub fn remove_reply_source(&mut self, key: ReplySource) {
+        self.reply_sources.push(key, None);
+    }
 
     pub fn is_empty(&self) -> bool {
         self.service_ips.is_empty()
@@ -159,6 +169,7 @@ impl LbWrites {
             && self.backends.is_empty()
             && self.names.is_empty()
             && self.source_ranges.is_empty()
+            && self.reply_sources.is_empty()
     }
 }
 
@@ -178,6 +189,7 @@ pub struct BpfLbMaps {
     slots: OwnedFd,
     backends: OwnedFd,
     names: OwnedFd,
+    reply_sources: OwnedFd,
     /// An LPM trie has no batch operations: written key by key.
     source_ranges: LpmTrie<MapData, [u32; 2], u32>,
     /// The maps as aya opened them, kept open while these are used.
@@ -224,6 +236,7 @@ type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
 type SlotsMap = Array<MapData, u32>;
 type BackendsMap = Array<MapData, Backend>;
 type NamesMap = HashMap<MapData, u32, ServiceLabel>;
+type ReplySourcesMap = HashMap<MapData, ReplySource, u32>;
 
 impl BpfLbMaps {
     /// The maps a running (or stopped) agent pinned under `dir`.
@@ -254,6 +267,11 @@ impl BpfLbMaps {
             names: checked_fd::<NamesMap>(
                 map_names::SERVICE_NAMES,
                 open(map_names::SERVICE_NAMES)?,
+                &mut opened,
+            )?,
+            reply_sources: checked_fd::<ReplySourcesMap>(
+                map_names::REPLY_SOURCES,
+                open(map_names::REPLY_SOURCES)?,
                 &mut opened,
             )?,
             source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
@@ -289,6 +307,11 @@ impl BpfLbMaps {
             names: checked_fd::<NamesMap>(
                 map_names::SERVICE_NAMES,
                 take(map_names::SERVICE_NAMES)?,
+                &mut opened,
+            )?,
+            reply_sources: checked_fd::<ReplySourcesMap>(
+                map_names::REPLY_SOURCES,
+                take(map_names::REPLY_SOURCES)?,
                 &mut opened,
             )?,
             source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
@@ -334,6 +357,11 @@ fn hash_deletes<K: aya::Pod>(
 
 impl LbMaps for BpfLbMaps {
     fn write(&mut self, w: &LbWrites) -> Result<(), LbMapError> {
+        let source_deletes = hash_sets(
+            &self.reply_sources,
+            map_names::REPLY_SOURCES,
+            &w.reply_sources,
+        )?;
         // BACKENDS and BACKEND_SLOTS are arrays: deleting is writing the
         // all-zero value, which the datapath treats as absent.
         let (ids, backends, gone) = w.backends.settled();
@@ -363,6 +391,11 @@ impl LbMaps for BpfLbMaps {
         let zeros = vec![Backend::default(); gone.len()];
         map_batch::update(self.backends.as_fd(), &gone, &zeros)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        hash_deletes(
+            &self.reply_sources,
+            map_names::REPLY_SOURCES,
+            &source_deletes,
+        )?;
         hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)?;
         for key in &ranges_gone {
             match self.source_ranges.remove(&lpm_key(key)) {
@@ -407,6 +440,10 @@ impl LbMaps for BpfLbMaps {
             .map_err(read(map_names::BACKENDS))?
             .into_iter()
             .filter(|(_, b)| *b != Backend::default())
+            .collect();
+        snap.reply_sources = map_batch::lookup_all(self.reply_sources.as_fd())
+            .map_err(read(map_names::REPLY_SOURCES))?
+            .into_iter()
             .collect();
         Ok(snap)
     }
@@ -478,6 +515,12 @@ impl LbMaps for MemLbMaps {
         fn same<K, V>(k: K, v: V) -> (K, V) {
             (k, v)
         }
+        let sources = self.sets(
+            map_names::REPLY_SOURCES,
+            &w.reply_sources,
+            |s| &mut s.reply_sources,
+            same,
+        )?;
         let backends = self.sets(map_names::BACKENDS, &w.backends, |s| &mut s.backends, same)?;
         let slots = self.sets(map_names::BACKEND_SLOTS, &w.slots, |s| &mut s.slots, same)?;
         let names = self.sets(
@@ -504,6 +547,12 @@ impl LbMaps for MemLbMaps {
         self.deletes(map_names::SERVICE_IPS, &ips, |s| &mut s.service_ips, |k| k)?;
         self.deletes(map_names::BACKEND_SLOTS, &slots, |s| &mut s.slots, |k| k)?;
         self.deletes(map_names::BACKENDS, &backends, |s| &mut s.backends, |k| k)?;
+        self.deletes(
+            map_names::REPLY_SOURCES,
+            &sources,
+            |s| &mut s.reply_sources,
+            |k| k,
+        )?;
         self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)?;
         self.check(map_names::SOURCE_RANGES, ranges_gone.len())?;
         self.state

@@ -63,7 +63,10 @@ fn role(name: &str) -> Role {
         | map_names::SERVICES
         | map_names::BACKEND_SLOTS
         | map_names::SERVICE_NAMES
-        | map_names::SOURCE_RANGES => Role::Lb,
+        | map_names::SOURCE_RANGES
+        // New in layout 4: created, and filled by the sync engine from the
+        // backends it adopts.
+        | map_names::REPLY_SOURCES => Role::Lb,
         map_names::BACKENDS => Role::BackendIds,
         map_names::CT_TCP | map_names::CT_OTHER | map_names::AFFINITY => Role::Flows,
         // `NAT` holds flows too, but no earlier layout has it: it is only

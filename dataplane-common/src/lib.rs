@@ -9,6 +9,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+mod ipv6;
+pub use ipv6::*;
+
 /// Names of the maps as pinned under the agent's bpffs directory. They are
 /// part of the operator interface (`bpftool map dump pinned DIR/NAME`).
 pub mod map_names {
@@ -41,8 +44,17 @@ pub mod map_names {
     pub const NAT: &str = "NAT";
     pub const NAT_CONFIG: &str = "NAT_CONFIG";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    // IPv6: the family in the name; see `crate::ipv6`.
+    pub const LB6_SERVICE_IPS: &str = "LB6_SERVICE_IPS";
+    pub const LB6_SERVICES: &str = "LB6_SERVICES";
+    pub const LB6_BACKENDS: &str = "LB6_BACKENDS";
+    pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
+    pub const LB6_SOCK_REVNAT: &str = "LB6_SOCK_REVNAT";
+    pub const CT6_TCP: &str = "CT6_TCP";
+    pub const CT6_OTHER: &str = "CT6_OTHER";
+    pub const CT6_FRAGMENTS: &str = "CT6_FRAGMENTS";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 26] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -61,6 +73,14 @@ pub mod map_names {
         NAT,
         NAT_CONFIG,
         SOURCE_RANGES,
+        LB6_SERVICE_IPS,
+        LB6_SERVICES,
+        LB6_BACKENDS,
+        LB6_AFFINITY,
+        LB6_SOCK_REVNAT,
+        CT6_TCP,
+        CT6_OTHER,
+        CT6_FRAGMENTS,
     ];
 }
 
@@ -85,8 +105,9 @@ pub mod map_names {
 /// north-south: `ServiceKey::scope` (external frontends, NodePorts keyed by
 /// address 0), the node-address bit in `SERVICE_IPS`, `Backend::flags`
 /// `LOCAL`, the `NAT`, `NAT_CONFIG` and `SOURCE_RANGES` maps, their counters
-/// and the uplink trace hooks.
-pub const LAYOUT_VERSION: u32 = 3;
+/// and the uplink trace hooks. Version 4: IPv6 maps (`LB6_*`, `CT6_*`, new,
+/// created).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +155,17 @@ pub mod map_layouts {
         layout::<NatKey, NatEntry>(map_names::NAT, capacity::NAT),
         layout::<u32, NatConfig>(map_names::NAT_CONFIG, 1),
         layout::<SourceRangeKey, u32>(map_names::SOURCE_RANGES, capacity::SOURCE_RANGES),
+        layout::<Ipv6Bytes, u32>(map_names::LB6_SERVICE_IPS, capacity::SERVICE_IPS),
+        layout::<Service6Key, ServiceValue>(map_names::LB6_SERVICES, capacity::SERVICES),
+        layout::<u32, Backend6>(map_names::LB6_BACKENDS, capacity::LB6_BACKENDS),
+        layout::<Affinity6Key, AffinityEntry>(map_names::LB6_AFFINITY, capacity::AFFINITY),
+        layout::<SockRevNat6Key, SockRevNat6Entry>(
+            map_names::LB6_SOCK_REVNAT,
+            capacity::SOCK_REVNAT,
+        ),
+        layout::<Ct6Key, Ct6Entry>(map_names::CT6_TCP, capacity::CT_TCP),
+        layout::<Ct6Key, Ct6Entry>(map_names::CT6_OTHER, capacity::CT_OTHER),
+        layout::<Frag6Key, FragPorts>(map_names::CT6_FRAGMENTS, capacity::FRAGMENTS),
     ];
 }
 
@@ -147,6 +179,8 @@ pub mod capacity {
     /// half of it may be padding). A power of two itself.
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
+    /// IPv6 backends (an array, preallocated: fewer than IPv4's).
+    pub const LB6_BACKENDS: u32 = 65_536;
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
     pub const CT_TCP: u32 = 131_072;
     pub const CT_OTHER: u32 = 65_536;

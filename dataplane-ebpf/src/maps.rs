@@ -17,6 +17,14 @@ use dataplane_common::{
     FragPorts, NatConfig, NatEntry, NatKey, ServiceKey, ServiceLabel, ServiceValue,
     SockRevNatEntry, SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
+#[expect(
+    unused_imports,
+    reason = "the IPv6 datapath is being built on these maps"
+)]
+use dataplane_common::{
+    Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Service6Key, SockRevNat6Entry,
+    SockRevNat6Key,
+};
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
 // dump` prints field names. The agent pins every one by name (aya-ebpf's BTF
@@ -135,6 +143,50 @@ pub static SOURCE_RANGES: LpmTrie<[u32; 2], u32, { capacity::SOURCE_RANGES as us
     LpmTrie::new();
 
 /// Per-CPU counters indexed by `Counter`.
+// IPv6 maps, beside the IPv4 ones so no IPv4 key carries 16-byte
+// addresses; the same roles as their IPv4 namesakes above.
+
+#[btf_map(name = "LB6_SERVICE_IPS")]
+pub static LB6_SERVICE_IPS: HashMap<
+    Ipv6Bytes,
+    u32,
+    { capacity::SERVICE_IPS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "LB6_SERVICES")]
+pub static LB6_SERVICES: HashMap<
+    Service6Key,
+    ServiceValue,
+    { capacity::SERVICES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "LB6_BACKENDS")]
+pub static LB6_BACKENDS: Array<Backend6, { capacity::LB6_BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "LB6_AFFINITY")]
+pub static LB6_AFFINITY: LruHashMap<Affinity6Key, AffinityEntry, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "LB6_SOCK_REVNAT")]
+pub static LB6_SOCK_REVNAT: LruHashMap<
+    SockRevNat6Key,
+    SockRevNat6Entry,
+    { capacity::SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "CT6_TCP")]
+pub static CT6_TCP: LruHashMap<Ct6Key, Ct6Entry, { capacity::CT_TCP as usize }> = LruHashMap::new();
+
+#[btf_map(name = "CT6_OTHER")]
+pub static CT6_OTHER: LruHashMap<Ct6Key, Ct6Entry, { capacity::CT_OTHER as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "CT6_FRAGMENTS")]
+pub static CT6_FRAGMENTS: LruHashMap<Frag6Key, FragPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
 #[btf_map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 

@@ -165,11 +165,12 @@ impl DatapathConfig {
         map_layouts::ALL
             .iter()
             .map(|l| match l.name {
-                map_names::CT_TCP => MapLayout {
+                // Each family's conntrack maps get the same sizes.
+                map_names::CT_TCP | map_names::CT6_TCP => MapLayout {
                     max_entries: self.ct_max_tcp,
                     ..*l
                 },
-                map_names::CT_OTHER => MapLayout {
+                map_names::CT_OTHER | map_names::CT6_OTHER => MapLayout {
                     max_entries: self.ct_max_other,
                     ..*l
                 },
@@ -256,6 +257,8 @@ impl Datapath {
         }
         loader.map_max_entries(map_names::CT_TCP, config.ct_max_tcp);
         loader.map_max_entries(map_names::CT_OTHER, config.ct_max_other);
+        loader.map_max_entries(map_names::CT6_TCP, config.ct_max_tcp);
+        loader.map_max_entries(map_names::CT6_OTHER, config.ct_max_other);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {

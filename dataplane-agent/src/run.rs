@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     control::{
         health::Health,
-        model::Ipv4Prefix,
+        model::{IpFamilies, IpFamily, Ipv4Prefix},
         run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
         sync::{CtOccupancy, SyncEngine},
@@ -123,6 +123,11 @@ pub struct Options {
     /// flag). Default: the uplinks' addresses.
     #[arg(long, value_delimiter = ',', value_parser = parse_prefix)]
     pub nodeport_addresses: Vec<Ipv4Prefix>,
+    /// Address families to proxy, comma separated (`ipv4`, `ipv6`).
+    /// Default: those the node has an address of (other than loopback and
+    /// link-local); a Service's frontends of another family are skipped.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub ip_families: Vec<IpFamilyOption>,
     /// The program on the uplinks.
     #[arg(long, value_enum, default_value = "xdp")]
     pub external_datapath: ExternalDatapath,
@@ -136,6 +141,38 @@ pub struct Options {
     /// there).
     #[arg(long, default_value = "61000-65535")]
     pub snat_port_range: String,
+}
+
+/// `--ip-families`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpFamilyOption {
+    Ipv4,
+    Ipv6,
+}
+
+/// The families this node proxies: `--ip-families`, else those it has an
+/// address of. Each one left out is reported here, once.
+fn ip_families(options: &Options) -> anyhow::Result<IpFamilies> {
+    let families = if options.ip_families.is_empty() {
+        let (ipv4, ipv6) = uplink::address_families()?;
+        IpFamilies { ipv4, ipv6 }
+    } else {
+        IpFamilies {
+            ipv4: options.ip_families.contains(&IpFamilyOption::Ipv4),
+            ipv6: options.ip_families.contains(&IpFamilyOption::Ipv6),
+        }
+    };
+    for family in [IpFamily::Ipv4, IpFamily::Ipv6] {
+        if !families.contains(family) {
+            let why = if options.ip_families.is_empty() {
+                "the node has no address of it"
+            } else {
+                "not in --ip-families"
+            };
+            warn!("{family}: not proxied ({why}); Services' {family} frontends are skipped");
+        }
+    }
+    Ok(families)
 }
 
 /// `--xdp-mode`.
@@ -341,6 +378,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         health.clone(),
         metrics.clone(),
     );
+    control.set_ip_families(ip_families(&options)?);
 
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));

@@ -17,7 +17,8 @@ use aya::{
     sys::SyscallError,
 };
 use dataplane_common::{
-    map_names, Backend, ServiceKey, ServiceLabel, ServiceValue, SourceRangeKey,
+    map_names, Backend, Backend6, Ipv6Bytes, Service6Key, ServiceKey, ServiceLabel, ServiceValue,
+    SourceRangeKey,
 };
 
 use crate::node::{
@@ -47,6 +48,11 @@ pub struct LbSnapshot {
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
     pub source_ranges: Vec<SourceRangeKey>,
+    /// `LB6_SERVICE_IPS`, `LB6_SERVICES`, `LB6_BACKENDS` (ids of their own;
+    /// slots and service ids shared with IPv4).
+    pub service_ips6: BTreeMap<Ipv6Bytes, u32>,
+    pub services6: BTreeMap<Service6Key, ServiceValue>,
+    pub backends6: BTreeMap<u32, Backend6>,
 }
 
 /// Pending writes of one map, in the order they were made: `Some` sets the
@@ -102,6 +108,8 @@ impl<K: Copy + Ord, V: Copy> MapWrites<K, V> {
 /// 2. deletes: services, service IPs, slots, backends, service names,
 ///    source ranges (removed after the flag).
 ///
+/// Each IPv6 map is written with its IPv4 counterpart.
+///
 /// The engine does not reuse a backend or service id released in the same
 /// batch, so no set of an id is applied before the delete of its old use.
 #[derive(Debug, Default)]
@@ -112,9 +120,30 @@ pub struct LbWrites {
     pub backends: MapWrites<u32, Backend>,
     pub names: MapWrites<u32, ServiceLabel>,
     pub source_ranges: MapWrites<SourceRangeKey, ()>,
+    pub service_ips6: MapWrites<Ipv6Bytes, u32>,
+    pub services6: MapWrites<Service6Key, ServiceValue>,
+    pub backends6: MapWrites<u32, Backend6>,
 }
 
 impl LbWrites {
+    pub fn set_service_ip6(&mut self, addr: Ipv6Bytes, port_count: u32) {
+        self.service_ips6.push(addr, Some(port_count));
+    }
+    pub fn remove_service_ip6(&mut self, addr: Ipv6Bytes) {
+        self.service_ips6.push(addr, None);
+    }
+    pub fn set_service6(&mut self, key: Service6Key, value: ServiceValue) {
+        self.services6.push(key, Some(value));
+    }
+    pub fn remove_service6(&mut self, key: Service6Key) {
+        self.services6.push(key, None);
+    }
+    pub fn set_backend6(&mut self, id: u32, backend: Backend6) {
+        self.backends6.push(id, Some(backend));
+    }
+    pub fn remove_backend6(&mut self, id: u32) {
+        self.backends6.push(id, None);
+    }
     pub fn set_service_ip(&mut self, addr: u32, port_count: u32) {
         self.service_ips.push(addr, Some(port_count));
     }
@@ -159,6 +188,9 @@ impl LbWrites {
             && self.backends.is_empty()
             && self.names.is_empty()
             && self.source_ranges.is_empty()
+            && self.service_ips6.is_empty()
+            && self.services6.is_empty()
+            && self.backends6.is_empty()
     }
 }
 
@@ -178,6 +210,9 @@ pub struct BpfLbMaps {
     slots: OwnedFd,
     backends: OwnedFd,
     names: OwnedFd,
+    service_ips6: OwnedFd,
+    services6: OwnedFd,
+    backends6: OwnedFd,
     /// An LPM trie has no batch operations: written key by key.
     source_ranges: LpmTrie<MapData, [u32; 2], u32>,
     /// The maps as aya opened them, kept open while these are used.
@@ -224,6 +259,9 @@ type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
 type SlotsMap = Array<MapData, u32>;
 type BackendsMap = Array<MapData, Backend>;
 type NamesMap = HashMap<MapData, u32, ServiceLabel>;
+type ServiceIps6Map = HashMap<MapData, Ipv6Bytes, u32>;
+type Services6Map = HashMap<MapData, Service6Key, ServiceValue>;
+type Backends6Map = Array<MapData, Backend6>;
 
 impl BpfLbMaps {
     /// The maps a running (or stopped) agent pinned under `dir`.
@@ -254,6 +292,21 @@ impl BpfLbMaps {
             names: checked_fd::<NamesMap>(
                 map_names::SERVICE_NAMES,
                 open(map_names::SERVICE_NAMES)?,
+                &mut opened,
+            )?,
+            service_ips6: checked_fd::<ServiceIps6Map>(
+                map_names::LB6_SERVICE_IPS,
+                open(map_names::LB6_SERVICE_IPS)?,
+                &mut opened,
+            )?,
+            services6: checked_fd::<Services6Map>(
+                map_names::LB6_SERVICES,
+                open(map_names::LB6_SERVICES)?,
+                &mut opened,
+            )?,
+            backends6: checked_fd::<Backends6Map>(
+                map_names::LB6_BACKENDS,
+                open(map_names::LB6_BACKENDS)?,
                 &mut opened,
             )?,
             source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
@@ -289,6 +342,21 @@ impl BpfLbMaps {
             names: checked_fd::<NamesMap>(
                 map_names::SERVICE_NAMES,
                 take(map_names::SERVICE_NAMES)?,
+                &mut opened,
+            )?,
+            service_ips6: checked_fd::<ServiceIps6Map>(
+                map_names::LB6_SERVICE_IPS,
+                take(map_names::LB6_SERVICE_IPS)?,
+                &mut opened,
+            )?,
+            services6: checked_fd::<Services6Map>(
+                map_names::LB6_SERVICES,
+                take(map_names::LB6_SERVICES)?,
+                &mut opened,
+            )?,
+            backends6: checked_fd::<Backends6Map>(
+                map_names::LB6_BACKENDS,
+                take(map_names::LB6_BACKENDS)?,
                 &mut opened,
             )?,
             source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
@@ -339,6 +407,9 @@ impl LbMaps for BpfLbMaps {
         let (ids, backends, gone) = w.backends.settled();
         map_batch::update(self.backends.as_fd(), &ids, &backends)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        let (ids6, backends6, gone6) = w.backends6.settled();
+        map_batch::update(self.backends6.as_fd(), &ids6, &backends6)
+            .map_err(err(map_names::LB6_BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
         let (slots, slot_ids, slots_gone) = w.slots.settled();
         map_batch::update(self.slots.as_fd(), &slots, &slot_ids)
             .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
@@ -350,10 +421,18 @@ impl LbMaps for BpfLbMaps {
                 .map_err(lpm_err("insert"))?;
         }
         let service_deletes = hash_sets(&self.services, map_names::SERVICES, &w.services)?;
+        let service6_deletes = hash_sets(&self.services6, map_names::LB6_SERVICES, &w.services6)?;
         let ip_deletes = hash_sets(&self.service_ips, map_names::SERVICE_IPS, &w.service_ips)?;
+        let ip6_deletes = hash_sets(
+            &self.service_ips6,
+            map_names::LB6_SERVICE_IPS,
+            &w.service_ips6,
+        )?;
 
         hash_deletes(&self.services, map_names::SERVICES, &service_deletes)?;
+        hash_deletes(&self.services6, map_names::LB6_SERVICES, &service6_deletes)?;
         hash_deletes(&self.service_ips, map_names::SERVICE_IPS, &ip_deletes)?;
+        hash_deletes(&self.service_ips6, map_names::LB6_SERVICE_IPS, &ip6_deletes)?;
         map_batch::update(
             self.slots.as_fd(),
             &slots_gone,
@@ -363,6 +442,9 @@ impl LbMaps for BpfLbMaps {
         let zeros = vec![Backend::default(); gone.len()];
         map_batch::update(self.backends.as_fd(), &gone, &zeros)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        let zeros6 = vec![Backend6::default(); gone6.len()];
+        map_batch::update(self.backends6.as_fd(), &gone6, &zeros6)
+            .map_err(err(map_names::LB6_BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
         hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)?;
         for key in &ranges_gone {
             match self.source_ranges.remove(&lpm_key(key)) {
@@ -407,6 +489,19 @@ impl LbMaps for BpfLbMaps {
             .map_err(read(map_names::BACKENDS))?
             .into_iter()
             .filter(|(_, b)| *b != Backend::default())
+            .collect();
+        snap.service_ips6 = map_batch::lookup_all(self.service_ips6.as_fd())
+            .map_err(read(map_names::LB6_SERVICE_IPS))?
+            .into_iter()
+            .collect();
+        snap.services6 = map_batch::lookup_all(self.services6.as_fd())
+            .map_err(read(map_names::LB6_SERVICES))?
+            .into_iter()
+            .collect();
+        snap.backends6 = map_batch::lookup_all::<u32, Backend6>(self.backends6.as_fd())
+            .map_err(read(map_names::LB6_BACKENDS))?
+            .into_iter()
+            .filter(|(_, b)| *b != Backend6::default())
             .collect();
         Ok(snap)
     }
@@ -479,6 +574,12 @@ impl LbMaps for MemLbMaps {
             (k, v)
         }
         let backends = self.sets(map_names::BACKENDS, &w.backends, |s| &mut s.backends, same)?;
+        let backends6 = self.sets(
+            map_names::LB6_BACKENDS,
+            &w.backends6,
+            |s| &mut s.backends6,
+            same,
+        )?;
         let slots = self.sets(map_names::BACKEND_SLOTS, &w.slots, |s| &mut s.slots, same)?;
         let names = self.sets(
             map_names::SERVICE_NAMES,
@@ -494,16 +595,46 @@ impl LbMaps for MemLbMaps {
             }
         }
         let services = self.sets(map_names::SERVICES, &w.services, |s| &mut s.services, same)?;
+        let services6 = self.sets(
+            map_names::LB6_SERVICES,
+            &w.services6,
+            |s| &mut s.services6,
+            same,
+        )?;
         let ips = self.sets(
             map_names::SERVICE_IPS,
             &w.service_ips,
             |s| &mut s.service_ips,
             same,
         )?;
+        let ips6 = self.sets(
+            map_names::LB6_SERVICE_IPS,
+            &w.service_ips6,
+            |s| &mut s.service_ips6,
+            same,
+        )?;
         self.deletes(map_names::SERVICES, &services, |s| &mut s.services, |k| k)?;
+        self.deletes(
+            map_names::LB6_SERVICES,
+            &services6,
+            |s| &mut s.services6,
+            |k| k,
+        )?;
         self.deletes(map_names::SERVICE_IPS, &ips, |s| &mut s.service_ips, |k| k)?;
+        self.deletes(
+            map_names::LB6_SERVICE_IPS,
+            &ips6,
+            |s| &mut s.service_ips6,
+            |k| k,
+        )?;
         self.deletes(map_names::BACKEND_SLOTS, &slots, |s| &mut s.slots, |k| k)?;
         self.deletes(map_names::BACKENDS, &backends, |s| &mut s.backends, |k| k)?;
+        self.deletes(
+            map_names::LB6_BACKENDS,
+            &backends6,
+            |s| &mut s.backends6,
+            |k| k,
+        )?;
         self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)?;
         self.check(map_names::SOURCE_RANGES, ranges_gone.len())?;
         self.state

@@ -41,7 +41,7 @@ fn lb_ip() -> SocketAddrV4 {
 
 fn external(ip: SocketAddrV4, proto: Protocol) -> Frontend {
     Frontend {
-        ip: *ip.ip(),
+        ip: (*ip.ip()).into(),
         port: ip.port(),
         proto,
         scope: Scope::External,
@@ -65,7 +65,7 @@ fn node_port_to(dp: &mut Harness, backend: SocketAddrV4, local: bool, proto: Pro
         |spec| {
             spec.masquerade_remote = true;
             if local {
-                spec.local_ips = vec![*backend.ip()];
+                spec.local_ips = vec![(*backend.ip()).into()];
             }
         },
     );
@@ -304,7 +304,7 @@ fn load_balancer_ip_outside_its_source_ranges_is_dropped_and_counted() {
         &[local_backend()],
         |spec| {
             spec.masquerade_remote = true;
-            spec.local_ips = vec![*local_backend().ip()];
+            spec.local_ips = vec![(*local_backend().ip()).into()];
             spec.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
         },
     );
@@ -335,7 +335,7 @@ fn external_ip_is_served_without_being_a_node_address() {
         &[local_backend()],
         |spec| {
             spec.masquerade_remote = true;
-            spec.local_ips = vec![*local_backend().ip()];
+            spec.local_ips = vec![(*local_backend().ip()).into()];
         },
     );
     let query = Udp::new(outside_client(), external_ip)
@@ -528,7 +528,7 @@ fn xdp_drops_load_balancer_clients_outside_the_source_ranges() {
         external(lb_ip(), Protocol::Tcp),
         &[local_backend()],
         |spec| {
-            spec.local_ips = vec![*local_backend().ip()];
+            spec.local_ips = vec![(*local_backend().ip()).into()];
             spec.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
         },
     );

@@ -3,7 +3,11 @@
 //! operator writes them for the agent's manifest directory. One builder for
 //! the lab, the tests, the API server double and the bench.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use k8s_openapi::{
@@ -168,14 +172,14 @@ pub enum State {
 }
 
 /// An endpoint: pod IP, node name (if known), state.
-pub fn endpoint(ip: Ipv4Addr, node: Option<&str>, state: State) -> Endpoint {
+pub fn endpoint(ip: impl Into<IpAddr>, node: Option<&str>, state: State) -> Endpoint {
     let (ready, serving, terminating) = match state {
         State::Ready => (true, true, false),
         State::Terminating => (false, true, true),
         State::NotReady => (false, false, false),
     };
     Endpoint {
-        addresses: vec![ip.to_string()],
+        addresses: vec![ip.into().to_string()],
         conditions: Some(EndpointConditions {
             ready: Some(ready),
             serving: Some(serving),

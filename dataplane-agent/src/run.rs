@@ -30,7 +30,7 @@ use crate::{
     kubeproxy_config,
     node::{
         bpffs::ensure_bpffs,
-        ct_gc,
+        ct_gc, ct_gc6,
         ct_options::ConntrackOptions,
         datapath::{Datapath, XdpAttachMode},
         interfaces::{self, LinkEvent, PodInterfaceFilter},
@@ -325,6 +325,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let config = options.conntrack.datapath_config(cpus);
     let (mut datapath, maps) = Datapath::load_with(&options.bpffs, &config)?;
     let mut conntrack_maps = maps.conntrack;
+    let mut conntrack6_maps = maps.conntrack6;
     let sock_revnat = maps.sock_revnat;
     let ct_capacity = CtOccupancy {
         tcp_capacity: config.ct_max_tcp,
@@ -472,9 +473,15 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 if sweep.removed > 0 {
                     log::debug!("conntrack: removed {} expired entries", sweep.removed);
                 }
+                let sweep6 = ct_gc6::sweep6(&mut conntrack6_maps, &config.ct_lifetimes);
+                if sweep6.removed > 0 {
+                    log::debug!("conntrack: removed {} expired IPv6 entries", sweep6.removed);
+                }
                 metrics.conntrack_entries(CtOccupancy {
                     tcp: sweep.remaining_tcp,
                     other: sweep.remaining_other,
+                    tcp6: sweep6.remaining_tcp,
+                    other6: sweep6.remaining_other,
                     ..ct_capacity
                 });
                 metrics.sock_revnat_entries(sock_revnat.keys().count());

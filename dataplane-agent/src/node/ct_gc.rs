@@ -1,45 +1,83 @@
 //! The conntrack garbage collector. The datapath ignores expired entries and the
 //! LRU evicts under pressure; this sweep removes dead flows early so the
-//! table (and `inspect conntrack`) holds live flows only.
+//! tables (and `inspect conntrack`) hold live flows only. The same rule
+//! serves every two-entry flow table: conntrack of both families (`CT_TCP`,
+//! `CT_OTHER`; `CT6_TCP`, `CT6_OTHER` in [`crate::node::ct_gc6`]).
+
+use std::collections::HashMap;
 
 use dataplane_common::{ct_dir, CtEntry, CtKey, CtLifetimes, IPPROTO_TCP};
 
 use crate::node::pinned::{monotonic_now_ns, ConntrackMaps};
 
+/// An entry of a table holding each flow twice, under its ORIGINAL key (which
+/// carries the flow's age) and its REPLY key.
+pub trait FlowEntry: Copy {
+    type Key: Copy + Eq + std::hash::Hash;
+    fn is_original(key: &Self::Key) -> bool;
+    fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool;
+    fn original_key(&self) -> Self::Key;
+    /// Whether this reply entry still belongs to the flow `original` (a NAT
+    /// reply key is a SNAT port: a later flow may have taken it).
+    fn reply_of(&self, original: &Self) -> bool;
+}
+
+impl FlowEntry for CtEntry {
+    type Key = CtKey;
+
+    fn is_original(key: &CtKey) -> bool {
+        key.direction == ct_dir::ORIGINAL
+    }
+
+    fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        CtEntry::is_expired(self, now_ns, lifetimes)
+    }
+
+    fn original_key(&self) -> CtKey {
+        CtEntry::original_key(self)
+    }
+
+    fn reply_of(&self, _original: &Self) -> bool {
+        true
+    }
+}
+
 /// Keys to delete: expired flows (both entries) and reply entries whose flow
 /// is gone.
-pub fn expired_keys(
-    entries: &[(CtKey, CtEntry)],
+pub fn expired_keys<E: FlowEntry>(
+    entries: &[(E::Key, E)],
     now_ns: u64,
     lifetimes: &CtLifetimes,
-) -> Vec<CtKey> {
-    let live_originals: std::collections::HashSet<CtKey> = entries
+) -> Vec<E::Key> {
+    let live_originals: HashMap<E::Key, E> = entries
         .iter()
-        .filter(|(k, e)| k.direction == ct_dir::ORIGINAL && !e.is_expired(now_ns, lifetimes))
-        .map(|(k, _)| *k)
+        .filter(|(k, e)| E::is_original(k) && !e.is_expired(now_ns, lifetimes))
+        .map(|(k, e)| (*k, *e))
         .collect();
     entries
         .iter()
         .filter(|(k, e)| {
-            if k.direction == ct_dir::ORIGINAL {
+            if E::is_original(k) {
                 e.is_expired(now_ns, lifetimes)
             } else {
-                !live_originals.contains(&e.original_key())
+                !live_originals
+                    .get(&e.original_key())
+                    .is_some_and(|o| e.reply_of(o))
             }
         })
         .map(|(k, _)| *k)
         .collect()
 }
 
-/// The conntrack table as the sweep uses it: look an entry up, delete it.
-/// The pinned map in the agent; a plain map in the unit tests.
-pub trait CtTable {
-    fn lookup(&self, key: &CtKey) -> Option<CtEntry>;
+/// A flow table as the sweep uses it: look an entry up, delete it. The
+/// pinned maps in the agent; a plain map in the unit tests.
+pub trait FlowTable<E: FlowEntry> {
+    fn lookup(&self, key: &E::Key) -> Option<E>;
     /// Whether an entry was deleted.
-    fn delete(&mut self, key: &CtKey) -> bool;
+    fn delete(&mut self, key: &E::Key) -> bool;
 }
 
-impl CtTable for ConntrackMaps {
+impl FlowTable<CtEntry> for ConntrackMaps {
     fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
         self.get(key, 0).ok()
     }
@@ -52,31 +90,35 @@ impl CtTable for ConntrackMaps {
 /// Whether `key` is dead by `expired_keys`' rule, judged on what the table
 /// holds now rather than on the walk's snapshot: the datapath may have
 /// created or refreshed the flow since.
-pub fn still_dead(table: &impl CtTable, key: &CtKey, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+pub fn still_dead<E: FlowEntry>(
+    table: &impl FlowTable<E>,
+    key: &E::Key,
+    now_ns: u64,
+    lifetimes: &CtLifetimes,
+) -> bool {
     let Some(entry) = table.lookup(key) else {
         return false;
     };
-    if key.direction == ct_dir::ORIGINAL {
+    if E::is_original(key) {
         entry.is_expired(now_ns, lifetimes)
     } else {
-        table
-            .lookup(&entry.original_key())
-            .is_none_or(|original| original.is_expired(now_ns, lifetimes))
+        table.lookup(&entry.original_key()).is_none_or(|original| {
+            original.is_expired(now_ns, lifetimes) || !entry.reply_of(&original)
+        })
     }
 }
 
 /// Deletes those of `candidates` that are still dead; the number deleted.
 /// Original entries go first, so a reply entry whose flow this sweep ends
 /// goes in the same sweep.
-pub fn delete_still_dead(
-    table: &mut impl CtTable,
-    candidates: &[CtKey],
+pub fn delete_still_dead<E: FlowEntry>(
+    table: &mut impl FlowTable<E>,
+    candidates: &[E::Key],
     now_ns: u64,
     lifetimes: &CtLifetimes,
 ) -> usize {
-    let (originals, replies): (Vec<&CtKey>, Vec<&CtKey>) = candidates
-        .iter()
-        .partition(|k| k.direction == ct_dir::ORIGINAL);
+    let (originals, replies): (Vec<&E::Key>, Vec<&E::Key>) =
+        candidates.iter().partition(|k| E::is_original(k));
     originals
         .into_iter()
         .chain(replies)
@@ -203,12 +245,12 @@ mod tests {
         assert_eq!(expired_keys(&[reply], 0, &L), vec![reply.0]);
     }
 
-    impl CtTable for HashMap<CtKey, CtEntry> {
-        fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
+    impl<E: FlowEntry> FlowTable<E> for HashMap<E::Key, E> {
+        fn lookup(&self, key: &E::Key) -> Option<E> {
             self.get(key).copied()
         }
 
-        fn delete(&mut self, key: &CtKey) -> bool {
+        fn delete(&mut self, key: &E::Key) -> bool {
             self.remove(key).is_some()
         }
     }

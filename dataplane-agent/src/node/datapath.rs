@@ -26,7 +26,7 @@ use log::{info, warn};
 use crate::node::{
     lb_maps::BpfLbMaps,
     migrate::{self, Carry, MigrateError, Pass, Plan},
-    pinned::{self, ConntrackMaps, CounterMap, MapOpenError, SockRevNatMap},
+    pinned::{self, Conntrack6Maps, ConntrackMaps, CounterMap, MapOpenError, SockRevNatMap},
     socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
 
@@ -134,6 +134,7 @@ fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Dat
 pub struct DatapathMaps {
     pub lb: BpfLbMaps,
     pub conntrack: ConntrackMaps,
+    pub conntrack6: Conntrack6Maps,
     pub counters: CounterMap,
     pub sock_revnat: SockRevNatMap,
     pub nat_config: Array<MapData, NatConfig>,
@@ -286,6 +287,7 @@ impl Datapath {
         };
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack = ConntrackMaps::take(&mut ebpf)?;
+        let conntrack6 = Conntrack6Maps::take(&mut ebpf)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
         let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
         let nat_config = pinned::take(&mut ebpf, map_names::NAT_CONFIG)?;
@@ -305,6 +307,7 @@ impl Datapath {
             DatapathMaps {
                 lb,
                 conntrack,
+                conntrack6,
                 counters,
                 sock_revnat,
                 nat_config,

@@ -146,3 +146,36 @@ fn ipv6_service_without_endpoints_is_rejected_at_once() {
         assert_eq!(c.udp("client", dns6()), Seen::Refused, "{}", c.logs());
     }
 }
+
+/// What the agents write for a dual-stack service, as `inspect services`
+/// reads it back from each node's maps: one frontend per family and port,
+/// each with that family's endpoints.
+#[test]
+fn dual_stack_service_is_programmed_in_each_familys_maps() {
+    require_root();
+    let ips = [IpAddr::from(WEB_IP6), WEB_IP.into()];
+    let backends = [lab_pod("web-a"), lab_pod("web-b")];
+    let c = cluster(CrossNode::Direct, web_of(&ips, &backends));
+    let expected: std::collections::BTreeMap<String, Vec<String>> = [
+        (
+            "default/web:http [fd00:10:96::10]:80/TCP",
+            ["[fd00:10:244:1::11]:8080", "[fd00:10:244:2::10]:8080"],
+        ),
+        (
+            "default/web:dns [fd00:10:96::10]:53/UDP",
+            ["[fd00:10:244:1::11]:5353", "[fd00:10:244:2::10]:5353"],
+        ),
+        (
+            "default/web:http 10.96.0.10:80/TCP",
+            ["10.244.1.11:8080", "10.244.2.10:8080"],
+        ),
+        (
+            "default/web:dns 10.96.0.10:53/UDP",
+            ["10.244.1.11:5353", "10.244.2.10:5353"],
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.map(str::to_owned).to_vec()))
+    .collect();
+    c.eventually_programmed(&expected);
+}

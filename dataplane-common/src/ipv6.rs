@@ -180,6 +180,29 @@ pub struct Frag6Key {
     pub _pad: [u8; 3],
 }
 
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: #[repr(C)] and bytemuck::Pod (no padding holes, any bit
+    // pattern valid), which is exactly what aya::Pod requires.
+    unsafe impl aya::Pod for Service6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Affinity6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNat6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevNat6Entry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Ct6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Ct6Entry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Frag6Key {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

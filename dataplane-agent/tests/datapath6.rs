@@ -655,3 +655,74 @@ fn ipv6_local_traffic_policy_without_local_endpoints_drops() {
     assert_eq!(run.verdict, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::DropNoLocalEndpoints), 1);
 }
+
+#[test]
+fn ipv6_time_exceeded_about_a_translated_flow_is_made_about_the_service() {
+    let dp = Harness::new();
+    dns(&dp, &[dns_backend()]);
+    let sent = dp
+        .run_from_pod(&Udp6::new(client(), dns_service()).build())
+        .output;
+    let error = icmp6_error([3, 0], router(), 0, &sent);
+
+    let run = dp.run_to_pod(&error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let f = ipv6_fields(&run.output);
+    assert_eq!(
+        (f.src, f.dst),
+        (router(), *client().ip()),
+        "outer addresses kept"
+    );
+    let inner = IP6_L4 + 8;
+    let mut quote = run.output[..ETH_HLEN].to_vec();
+    quote.extend_from_slice(&run.output[inner..]);
+    assert_eq!(endpoints6(&quote), (client(), dns_service()));
+    assert!(
+        l4_checksum6_ok(&run.output),
+        "ICMPv6 checksum: {}",
+        hex(&run.output)
+    );
+}
+
+#[test]
+fn ipv6_fragment_header_after_hop_by_hop_is_found_and_its_datagram_tracked() {
+    let dp = Harness::new();
+    dns(&dp, &[dns_backend()]);
+    let query = Udp6::new(client(), dns_service()).payload(&[9u8; 64]);
+    let datagram = query.datagram();
+    let (src, dst) = (*client().ip(), *dns_service().ip());
+    let first = ipv6_frame(
+        src,
+        dst,
+        &[
+            ExtHeader::HopByHop,
+            ExtHeader::Fragment {
+                offset: 0,
+                more: true,
+                id: 77,
+            },
+        ],
+        PROTO_UDP,
+        &datagram[..32],
+    );
+    let later = ipv6_frame(
+        src,
+        dst,
+        &[ExtHeader::Fragment {
+            offset: 32,
+            more: false,
+            id: 77,
+        }],
+        PROTO_UDP,
+        &datagram[32..],
+    );
+
+    let run = dp.run_from_pod(&first);
+    assert_eq!(ipv6_fields(&run.output).l4, IP6_L4 + 16);
+    assert_eq!(endpoints6(&run.output), (client(), dns_backend()));
+    let run = dp.run_from_pod(&later);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(ipv6_fields(&run.output).dst, *dns_backend().ip());
+    assert_eq!(dp.counter(Counter::FragmentTranslated), 1);
+}

@@ -846,10 +846,13 @@ pub enum Counter {
     /// No route or no usable next hop for a translated external packet:
     /// dropped (a node-addressed packet cannot go through the stack).
     FibLookupFailed = 28,
+    /// An IPv6 packet with more extension headers than the datapath walks
+    /// (towards a service IP): passed untouched, never rewritten.
+    Ipv6ExtHeadersPastBound = 29,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -880,6 +883,7 @@ impl Counter {
         Counter::DropSourceRange,
         Counter::Redirected,
         Counter::FibLookupFailed,
+        Counter::Ipv6ExtHeadersPastBound,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -918,6 +922,7 @@ impl Counter {
             Counter::DropSourceRange => "drop_source_range",
             Counter::Redirected => "redirected",
             Counter::FibLookupFailed => "fib_lookup_failed",
+            Counter::Ipv6ExtHeadersPastBound => "ipv6_ext_headers_past_bound",
         }
     }
 }

@@ -114,10 +114,12 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::SERVICE_IPS,
         ],
     ),
-    // IPv6: the `LB6_*` and `CT6_*` maps are new (created).
+    // IPv6: the `LB6_*` and `CT6_*` maps are new (created); one more
+    // counter.
     (
         4,
         &[
+            map_names::COUNTERS,
             map_names::LB6_SERVICE_IPS,
             map_names::LB6_SERVICES,
             map_names::LB6_BACKENDS,

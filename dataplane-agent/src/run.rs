@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     control::{
         health::Health,
-        model::Ipv4Prefix,
+        model::{IpFamilies, IpFamily, Ipv4Prefix},
         run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
         sync::{CtOccupancy, SyncEngine},
@@ -30,7 +30,7 @@ use crate::{
     kubeproxy_config,
     node::{
         bpffs::ensure_bpffs,
-        ct_gc,
+        ct_gc, ct_gc6,
         ct_options::ConntrackOptions,
         datapath::{Datapath, XdpAttachMode},
         interfaces::{self, LinkEvent, PodInterfaceFilter},
@@ -123,6 +123,11 @@ pub struct Options {
     /// flag). Default: the uplinks' addresses.
     #[arg(long, value_delimiter = ',', value_parser = parse_prefix)]
     pub nodeport_addresses: Vec<Ipv4Prefix>,
+    /// Address families to proxy, comma separated (`ipv4`, `ipv6`).
+    /// Default: those the node has an address of (other than loopback and
+    /// link-local); a Service's frontends of another family are skipped.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub ip_families: Vec<IpFamilyOption>,
     /// The program on the uplinks.
     #[arg(long, value_enum, default_value = "xdp")]
     pub external_datapath: ExternalDatapath,
@@ -136,6 +141,38 @@ pub struct Options {
     /// there).
     #[arg(long, default_value = "61000-65535")]
     pub snat_port_range: String,
+}
+
+/// `--ip-families`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpFamilyOption {
+    Ipv4,
+    Ipv6,
+}
+
+/// The families this node proxies: `--ip-families`, else those it has an
+/// address of. Each one left out is reported here, once.
+fn ip_families(options: &Options) -> anyhow::Result<IpFamilies> {
+    let families = if options.ip_families.is_empty() {
+        let (ipv4, ipv6) = uplink::address_families()?;
+        IpFamilies { ipv4, ipv6 }
+    } else {
+        IpFamilies {
+            ipv4: options.ip_families.contains(&IpFamilyOption::Ipv4),
+            ipv6: options.ip_families.contains(&IpFamilyOption::Ipv6),
+        }
+    };
+    for family in [IpFamily::Ipv4, IpFamily::Ipv6] {
+        if !families.contains(family) {
+            let why = if options.ip_families.is_empty() {
+                "the node has no address of it"
+            } else {
+                "not in --ip-families"
+            };
+            warn!("{family}: not proxied ({why}); Services' {family} frontends are skipped");
+        }
+    }
+    Ok(families)
 }
 
 /// `--xdp-mode`.
@@ -216,7 +253,10 @@ struct SnatState {
 }
 
 impl SnatState {
-    fn write(&self, map: &mut aya::maps::Array<aya::maps::MapData, NatConfig>) -> anyhow::Result<()> {
+    fn write(
+        &self,
+        map: &mut aya::maps::Array<aya::maps::MapData, NatConfig>,
+    ) -> anyhow::Result<()> {
         let config = NatConfig {
             snat_addr: self
                 .addr
@@ -361,6 +401,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let config = options.conntrack.datapath_config(cpus);
     let (mut datapath, maps) = Datapath::load_with(&options.bpffs, &config)?;
     let mut conntrack_maps = maps.conntrack;
+    let mut conntrack6_maps = maps.conntrack6;
     let sock_revnat = maps.sock_revnat;
     let mut nat = maps.nat;
     let ct_capacity = CtOccupancy {
@@ -424,6 +465,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         health.clone(),
         metrics.clone(),
     );
+    control.set_ip_families(ip_families(&options)?);
 
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
@@ -528,9 +570,15 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 if nat_removed > 0 {
                     log::debug!("NAT: removed {nat_removed} expired entries");
                 }
+                let sweep6 = ct_gc6::sweep6(&mut conntrack6_maps, &config.ct_lifetimes);
+                if sweep6.removed > 0 {
+                    log::debug!("conntrack: removed {} expired IPv6 entries", sweep6.removed);
+                }
                 metrics.conntrack_entries(CtOccupancy {
                     tcp: sweep.remaining_tcp,
                     other: sweep.remaining_other,
+                    tcp6: sweep6.remaining_tcp,
+                    other6: sweep6.remaining_other,
                     ..ct_capacity
                 });
                 metrics.sock_revnat_entries(sock_revnat.keys().count());

@@ -45,7 +45,7 @@ fn lb_ip() -> SocketAddrV4 {
 
 fn external(ip: SocketAddrV4, proto: Protocol) -> Frontend {
     Frontend {
-        ip: *ip.ip(),
+        ip: (*ip.ip()).into(),
         port: ip.port(),
         proto,
         scope: Scope::External,
@@ -69,7 +69,7 @@ fn node_port_to(dp: &mut Harness, backend: SocketAddrV4, local: bool, proto: Pro
         |spec| {
             spec.masquerade_remote = true;
             if local {
-                spec.local_ips = vec![*backend.ip()];
+                spec.local_ips = vec![(*backend.ip()).into()];
             }
         },
     );
@@ -308,7 +308,7 @@ fn load_balancer_ip_outside_its_source_ranges_is_dropped_and_counted() {
         &[local_backend()],
         |spec| {
             spec.masquerade_remote = true;
-            spec.local_ips = vec![*local_backend().ip()];
+            spec.local_ips = vec![(*local_backend().ip()).into()];
             spec.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
         },
     );
@@ -339,7 +339,7 @@ fn external_ip_is_served_without_being_a_node_address() {
         &[local_backend()],
         |spec| {
             spec.masquerade_remote = true;
-            spec.local_ips = vec![*local_backend().ip()];
+            spec.local_ips = vec![(*local_backend().ip()).into()];
         },
     );
     let query = Udp::new(outside_client(), external_ip)
@@ -532,7 +532,7 @@ fn xdp_drops_load_balancer_clients_outside_the_source_ranges() {
         external(lb_ip(), Protocol::Tcp),
         &[local_backend()],
         |spec| {
-            spec.local_ips = vec![*local_backend().ip()];
+            spec.local_ips = vec![(*local_backend().ip()).into()];
             spec.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
         },
     );
@@ -614,10 +614,7 @@ fn expired_nat_entries_are_swept_and_live_ones_kept() {
     node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
     let other_client = addr([203, 0, 113, 5], 40_001);
     for client in [outside_client(), other_client] {
-        dp.run(
-            "from_outside",
-            &Tcp::new(client, node_port(), SYN).build(),
-        );
+        dp.run("from_outside", &Tcp::new(client, node_port(), SYN).build());
     }
     assert_eq!(dp.nat().keys().count(), 4, "two SNATed flows");
     // The first flow was last seen at boot: past any lifetime.
@@ -674,5 +671,8 @@ fn nat_last_seen_once_a_second() {
         &Tcp::new(outside_client(), node_port(), ACK).build(),
     );
     let refreshed = dp.nat().get(&original, 0).unwrap();
-    assert!(refreshed.last_seen_ns >= created.last_seen_ns, "{refreshed:?}");
+    assert!(
+        refreshed.last_seen_ns >= created.last_seen_ns,
+        "{refreshed:?}"
+    );
 }

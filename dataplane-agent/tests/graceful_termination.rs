@@ -33,7 +33,7 @@ fn client(port: u16) -> SocketAddrV4 {
 fn with_old_pod_terminating(dp: &mut Harness) {
     dp.set_service_with("web", service(), Protocol::Tcp, &[new_pod()], |spec| {
         spec.draining = vec![BackendAddr {
-            ip: *old_pod().ip(),
+            ip: (*old_pod().ip()).into(),
             port: old_pod().port(),
         }];
     });

@@ -450,7 +450,7 @@ fn setup(
     endpoints: usize,
 ) -> anyhow::Result<(SocketAddr, Box<dyn Any>)> {
     let backend = BackendAddr {
-        ip: SERVER_IP,
+        ip: SERVER_IP.into(),
         port: TARGET_PORT,
     };
     let svcs = scenario::services(services, endpoints, Some(backend));

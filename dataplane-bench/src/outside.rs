@@ -223,6 +223,7 @@ fn build_lab() -> anyhow::Result<Lab> {
         topology: Topology::Bridge,
         cross_node: CrossNode::Direct,
         pods: vec![PodSpec::new(BACKEND, 2, BACKEND_HOST)],
+        ipv6: false,
     })?;
     let router = lab.router_ns();
     let entry = lab.node_ns(ENTRY_NODE);
@@ -264,7 +265,7 @@ fn setup(
 ) -> anyhow::Result<(SocketAddr, Box<dyn Any>, String)> {
     let pod_ip = lab.pod(BACKEND).ip();
     let backend = BackendAddr {
-        ip: pod_ip,
+        ip: pod_ip.into(),
         port: TARGET_PORT,
     };
     let svcs = scenario::with_node_ports(scenario::services(services, endpoints, Some(backend)));
@@ -293,8 +294,8 @@ fn setup(
             return Ok((node_port_target, Box::new(()), String::new()));
         }
         OutsideSystem::Nftables => {
-            let rules = kubeproxy_rules::nft_full(&svcs)
-                + &kubeproxy_rules::nft_nodeport_ips(&[node_addr]);
+            let rules =
+                kubeproxy_rules::nft_full(&svcs) + &kubeproxy_rules::nft_nodeport_ips(&[node_addr]);
             netns::run_in(&entry, "nft", &["-f", "-"], Some(&rules))?;
             return Ok((node_port_target, Box::new(()), String::new()));
         }
@@ -326,7 +327,10 @@ fn setup(
     let note = agent
         .log_text()
         .lines()
-        .find_map(|l| l.split_once("XDP attached").map(|(_, mode)| mode.trim_start_matches(", ").to_owned()))
+        .find_map(|l| {
+            l.split_once("XDP attached")
+                .map(|(_, mode)| mode.trim_start_matches(", ").to_owned())
+        })
         .unwrap_or_else(|| "tc".into());
     // Drop order: the agent first, then its bpffs, then the files.
     Ok((node_port_target, Box::new((agent, bpffs, work)), note))
@@ -429,4 +433,3 @@ pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {
     }
     Ok(results)
 }
-

@@ -44,7 +44,7 @@ pub fn service_ip(i: usize) -> Ipv4Addr {
 
 fn filler_backend(k: u32) -> BackendAddr {
     BackendAddr {
-        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k % BACKEND_POOL),
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k % BACKEND_POOL).into(),
         port: TARGET_PORT,
     }
 }
@@ -101,7 +101,7 @@ pub fn with_one_endpoint_changed(svcs: &[Svc], which: usize, generation: u32) ->
     let mut changed = svcs.to_vec();
     let svc = &mut changed[which];
     let new = BackendAddr {
-        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 140, 0, 1)) + generation),
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 140, 0, 1)) + generation).into(),
         port: TARGET_PORT,
     };
     if svc.backends.is_empty() {

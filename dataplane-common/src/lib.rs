@@ -9,6 +9,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+mod ipv6;
+pub use ipv6::*;
+
 /// Names of the maps as pinned under the agent's bpffs directory. They are
 /// part of the operator interface (`bpftool map dump pinned DIR/NAME`).
 pub mod map_names {
@@ -44,8 +47,17 @@ pub mod map_names {
     /// Backends' (address, port, protocol): the sources of packets into a
     /// pod that may be replies to translate.
     pub const REPLY_SOURCES: &str = "REPLY_SOURCES";
+    // IPv6: the family in the name; see `crate::ipv6`.
+    pub const LB6_SERVICE_IPS: &str = "LB6_SERVICE_IPS";
+    pub const LB6_SERVICES: &str = "LB6_SERVICES";
+    pub const LB6_BACKENDS: &str = "LB6_BACKENDS";
+    pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
+    pub const LB6_SOCK_REVNAT: &str = "LB6_SOCK_REVNAT";
+    pub const CT6_TCP: &str = "CT6_TCP";
+    pub const CT6_OTHER: &str = "CT6_OTHER";
+    pub const CT6_FRAGMENTS: &str = "CT6_FRAGMENTS";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 27] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -65,6 +77,14 @@ pub mod map_names {
         NAT_CONFIG,
         SOURCE_RANGES,
         REPLY_SOURCES,
+        LB6_SERVICE_IPS,
+        LB6_SERVICES,
+        LB6_BACKENDS,
+        LB6_AFFINITY,
+        LB6_SOCK_REVNAT,
+        CT6_TCP,
+        CT6_OTHER,
+        CT6_FRAGMENTS,
     ];
 }
 
@@ -90,7 +110,8 @@ pub mod map_names {
 /// address 0), the node-address bit in `SERVICE_IPS`, `Backend::flags`
 /// `LOCAL`, the `NAT`, `NAT_CONFIG` and `SOURCE_RANGES` maps, their counters
 /// and the uplink trace hooks. Version 4: the `REPLY_SOURCES` map (backends'
-/// address, port and protocol), the pre-filter of reply translation.
+/// address, port and protocol), the pre-filter of reply translation; IPv6
+/// maps (`LB6_*`, `CT6_*`, new, created) and their counters.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// Shape of a pinned map as this release creates it.
@@ -140,6 +161,17 @@ pub mod map_layouts {
         layout::<u32, NatConfig>(map_names::NAT_CONFIG, 1),
         layout::<SourceRangeKey, u32>(map_names::SOURCE_RANGES, capacity::SOURCE_RANGES),
         layout::<ReplySource, u32>(map_names::REPLY_SOURCES, capacity::REPLY_SOURCES),
+        layout::<Ipv6Bytes, u32>(map_names::LB6_SERVICE_IPS, capacity::SERVICE_IPS),
+        layout::<Service6Key, ServiceValue>(map_names::LB6_SERVICES, capacity::SERVICES),
+        layout::<u32, Backend6>(map_names::LB6_BACKENDS, capacity::LB6_BACKENDS),
+        layout::<Affinity6Key, AffinityEntry>(map_names::LB6_AFFINITY, capacity::AFFINITY),
+        layout::<SockRevNat6Key, SockRevNat6Entry>(
+            map_names::LB6_SOCK_REVNAT,
+            capacity::SOCK_REVNAT,
+        ),
+        layout::<Ct6Key, Ct6Entry>(map_names::CT6_TCP, capacity::CT_TCP),
+        layout::<Ct6Key, Ct6Entry>(map_names::CT6_OTHER, capacity::CT_OTHER),
+        layout::<Frag6Key, FragPorts>(map_names::CT6_FRAGMENTS, capacity::FRAGMENTS),
     ];
 }
 
@@ -155,6 +187,8 @@ pub mod capacity {
     pub const BACKENDS: u32 = 262_144;
     /// One entry per backend at most.
     pub const REPLY_SOURCES: u32 = BACKENDS;
+    /// IPv6 backends (an array, preallocated: fewer than IPv4's).
+    pub const LB6_BACKENDS: u32 = 65_536;
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
     pub const CT_TCP: u32 = 131_072;
     pub const CT_OTHER: u32 = 65_536;
@@ -843,10 +877,13 @@ pub enum Counter {
     /// No route or no usable next hop for a translated external packet:
     /// dropped (a node-addressed packet cannot go through the stack).
     FibLookupFailed = 28,
+    /// An IPv6 packet with more extension headers than the datapath walks
+    /// (towards a service IP): passed untouched, never rewritten.
+    Ipv6ExtHeadersPastBound = 29,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NewFlow,
         Counter::Established,
@@ -877,6 +914,7 @@ impl Counter {
         Counter::DropSourceRange,
         Counter::Redirected,
         Counter::FibLookupFailed,
+        Counter::Ipv6ExtHeadersPastBound,
     ];
 
     pub fn from_index(index: u32) -> Option<Counter> {
@@ -915,6 +953,7 @@ impl Counter {
             Counter::DropSourceRange => "drop_source_range",
             Counter::Redirected => "redirected",
             Counter::FibLookupFailed => "fib_lookup_failed",
+            Counter::Ipv6ExtHeadersPastBound => "ipv6_ext_headers_past_bound",
         }
     }
 }

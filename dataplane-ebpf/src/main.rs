@@ -18,17 +18,24 @@
 #![expect(internal_features, reason = "core_intrinsics for the BPF atomic OR")]
 
 mod conntrack;
+mod conntrack6;
 mod csum;
 mod ctx;
 mod external;
 mod fib;
 mod fragment;
 mod icmp;
+mod icmp6;
 mod lb;
+mod lb6;
 mod maps;
 mod nat;
+mod nat6;
 mod parse;
+mod parse6;
+mod pod6;
 mod reject;
+mod reject6;
 mod skb;
 mod snat;
 mod sock;
@@ -63,14 +70,32 @@ use crate::{
     trace::{trace, tuple, Decision},
 };
 
+/// IPv6 frames go to `pod6` before anything else, so neither family's
+/// stack frame is stacked on the other's.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    try_from_pod(&ctx).unwrap_or_else(|verdict| verdict)
+    if parse6::is_ipv6_frame(&ctx) {
+        return pod6::from_pod6(&ctx);
+    }
+    from_pod4(&ctx)
+}
+
+#[inline(never)]
+fn from_pod4(ctx: &TcContext) -> i32 {
+    try_from_pod(ctx).unwrap_or_else(|verdict| verdict)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    try_to_pod(&ctx).unwrap_or_else(|verdict| verdict)
+    if parse6::is_ipv6_frame(&ctx) {
+        return pod6::to_pod6(&ctx);
+    }
+    to_pod4(&ctx)
+}
+
+#[inline(never)]
+fn to_pod4(ctx: &TcContext) -> i32 {
+    try_to_pod(ctx).unwrap_or_else(|verdict| verdict)
 }
 
 /// tc ingress of an uplink: NodePorts, load-balancer IPs and externalIPs

@@ -17,6 +17,10 @@ use dataplane_common::{
     FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel, ServiceValue,
     SockRevNatEntry, SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
+use dataplane_common::{
+    Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Service6Key, SockRevNat6Entry,
+    SockRevNat6Key,
+};
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
 // dump` prints field names. The agent pins every one by name (aya-ebpf's BTF
@@ -146,6 +150,50 @@ pub static SOURCE_RANGES: LpmTrie<[u32; 2], u32, { capacity::SOURCE_RANGES as us
     LpmTrie::new();
 
 /// Per-CPU counters indexed by `Counter`.
+// IPv6 maps, beside the IPv4 ones so no IPv4 key carries 16-byte
+// addresses; the same roles as their IPv4 namesakes above.
+
+#[btf_map(name = "LB6_SERVICE_IPS")]
+pub static LB6_SERVICE_IPS: HashMap<
+    Ipv6Bytes,
+    u32,
+    { capacity::SERVICE_IPS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "LB6_SERVICES")]
+pub static LB6_SERVICES: HashMap<
+    Service6Key,
+    ServiceValue,
+    { capacity::SERVICES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "LB6_BACKENDS")]
+pub static LB6_BACKENDS: Array<Backend6, { capacity::LB6_BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "LB6_AFFINITY")]
+pub static LB6_AFFINITY: LruHashMap<Affinity6Key, AffinityEntry, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "LB6_SOCK_REVNAT")]
+pub static LB6_SOCK_REVNAT: LruHashMap<
+    SockRevNat6Key,
+    SockRevNat6Entry,
+    { capacity::SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "CT6_TCP")]
+pub static CT6_TCP: LruHashMap<Ct6Key, Ct6Entry, { capacity::CT_TCP as usize }> = LruHashMap::new();
+
+#[btf_map(name = "CT6_OTHER")]
+pub static CT6_OTHER: LruHashMap<Ct6Key, Ct6Entry, { capacity::CT_OTHER as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "CT6_FRAGMENTS")]
+pub static CT6_FRAGMENTS: LruHashMap<Frag6Key, FragPorts, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
 #[btf_map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 
@@ -377,5 +425,125 @@ impl AffinitySlot {
     pub fn set_last_used(&self, now_ns: u64) {
         // SAFETY: a plain field of this run's value.
         unsafe { (*self.0).last_used_ns = now_ns };
+    }
+}
+
+// IPv6 wrappers, the same roles as their IPv4 namesakes above.
+
+#[inline(always)]
+pub fn service6_ip_get(addr: &Ipv6Bytes) -> Option<u32> {
+    copied(LB6_SERVICE_IPS.get_ptr(addr))
+}
+
+#[inline(always)]
+pub fn service6_get(key: &Service6Key) -> Option<ServiceValue> {
+    copied(LB6_SERVICES.get_ptr(key))
+}
+
+/// The IPv6 backend with this id, if the id is in use.
+#[inline(always)]
+pub fn backend6_get(backend_id: u32) -> Option<Backend6> {
+    copied(LB6_BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != [0; 16])
+}
+
+#[inline(always)]
+pub fn affinity6_slot(key: &Affinity6Key) -> Option<AffinitySlot> {
+    LB6_AFFINITY.get_ptr_mut(key).map(AffinitySlot)
+}
+
+#[inline(always)]
+pub fn affinity6_insert(key: &Affinity6Key, entry: &AffinityEntry) {
+    // Best effort: without the entry the next connection is balanced anew.
+    let _ = LB6_AFFINITY.insert(key, entry, 0);
+}
+
+#[inline(always)]
+fn ct6_get_ptr_mut(key: &Ct6Key) -> Option<*mut Ct6Entry> {
+    if key.proto == IPPROTO_TCP {
+        CT6_TCP.get_ptr_mut(key)
+    } else {
+        CT6_OTHER.get_ptr_mut(key)
+    }
+}
+
+#[inline(always)]
+pub fn ct6_get(key: &Ct6Key) -> Option<Ct6Entry> {
+    copied(ct6_get_ptr_mut(key).map(|p| p as *const Ct6Entry))
+}
+
+#[inline(always)]
+pub fn ct6_insert(key: &Ct6Key, entry: &Ct6Entry, flags: u64) -> Result<(), i32> {
+    if key.proto == IPPROTO_TCP {
+        CT6_TCP.insert(key, entry, flags)
+    } else {
+        CT6_OTHER.insert(key, entry, flags)
+    }
+}
+
+#[inline(always)]
+pub fn ct6_remove(key: &Ct6Key) {
+    let _ = if key.proto == IPPROTO_TCP {
+        CT6_TCP.remove(key)
+    } else {
+        CT6_OTHER.remove(key)
+    };
+}
+
+#[inline(always)]
+pub fn frag6_get(key: &Frag6Key) -> Option<FragPorts> {
+    copied(CT6_FRAGMENTS.get_ptr(key))
+}
+
+/// As `frag_insert`.
+#[inline(always)]
+pub fn frag6_insert(key: &Frag6Key, ports: &FragPorts) {
+    let _ = CT6_FRAGMENTS.insert(key, ports, 0);
+}
+
+/// An IPv6 conntrack entry in place; see [`CtSlot`].
+#[derive(Clone, Copy)]
+pub struct Ct6Slot(*mut Ct6Entry);
+
+#[inline(always)]
+pub fn ct6_slot(key: &Ct6Key) -> Option<Ct6Slot> {
+    ct6_get_ptr_mut(key).map(Ct6Slot)
+}
+
+impl Ct6Slot {
+    #[inline(always)]
+    pub fn get(&self) -> Ct6Entry {
+        // SAFETY: a value pointer of this run's lookup, copied at once.
+        unsafe { *self.0 }
+    }
+
+    /// The entry read in place: an 88-byte copy per use would not fit the
+    /// IPv6 path's stack. Fields other CPUs change concurrently (the state
+    /// word, last seen) read as a copy would read them, old or new.
+    #[inline(always)]
+    pub fn entry(&self) -> &Ct6Entry {
+        // SAFETY: a value pointer of this run's lookup, valid for the run
+        // (see above); only read through this reference.
+        unsafe { &*self.0 }
+    }
+
+    #[inline(always)]
+    pub fn set_last_seen(&self, now_ns: u64) {
+        // SAFETY: a plain field of this run's value; see `CtSlot`.
+        unsafe { (*self.0).last_seen_ns = now_ns };
+    }
+
+    /// As [`CtSlot::or_state_flags`].
+    #[inline(always)]
+    pub fn or_state_flags(&self, state: u8, flags: u8) -> (u8, u8) {
+        let bits = u64::from_le_bytes([state, flags, 0, 0, 0, 0, 0, 0]);
+        // SAFETY: `state` starts an aligned 64-bit word of this run's value
+        // (asserted in dataplane-common); the OR sets only bits of `state`
+        // and `flags`.
+        let before = unsafe {
+            let word = core::ptr::addr_of_mut!((*self.0).state).cast::<u64>();
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bits)
+        };
+        let [state, flags, ..] = (before | bits).to_le_bytes();
+        (state, flags)
     }
 }

@@ -132,3 +132,38 @@ pub fn random_u32() -> u32 {
     // SAFETY: helper without arguments or side effects.
     unsafe { bpf_get_prandom_u32() }
 }
+
+/// `bpf_csum_diff` of a 16-byte field (an IPv6 address) going from `from`
+/// to `to`: what to add to a checksum that covers it. Read where they are
+/// (stack or map value), without copies: the IPv6 path's stack is tight.
+#[inline(always)]
+pub fn csum_diff16(from: &[u8; 16], to: &[u8; 16]) -> u32 {
+    // SAFETY: both point to 16 readable bytes for the call; the helper only
+    // reads them (its pointer arguments are read-only memory), so the
+    // casts to *mut never lead to a write.
+    let diff = unsafe {
+        bpf_csum_diff(
+            from.as_ptr() as *mut u32,
+            16,
+            to.as_ptr() as *mut u32,
+            16,
+            0,
+        )
+    };
+    diff as u32
+}
+
+/// The frame's EtherType as on the wire, read straight from the linear
+/// packet data: the family dispatch at the top of the pod programs costs
+/// no helper call. `None` when the Ethernet header is not in the linear
+/// part (never for frames from a veth).
+#[inline(always)]
+pub fn ether_type(ctx: &TcContext) -> Option<u16> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 14 > end {
+        return None;
+    }
+    // SAFETY: the 14 bytes of the Ethernet header lie inside the packet
+    // data (checked against data_end above); no alignment is guaranteed.
+    Some(unsafe { core::ptr::read_unaligned((data + 12) as *const u16) })
+}

@@ -3,7 +3,11 @@
 //! operator writes them for the agent's manifest directory. One builder for
 //! the lab, the tests, the API server double and the bench.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use k8s_openapi::{
@@ -94,6 +98,38 @@ pub fn web_service(name: &str, cluster_ip: Ipv4Addr) -> Service {
     service(DEFAULT_NAMESPACE, name, cluster_ip, &WEB_PORTS)
 }
 
+/// `service` with `cluster_ips` (one per family, the primary first) as the
+/// API server allocates them: `clusterIP`, `clusterIPs`, `ipFamilies`, and
+/// `ipFamilyPolicy` (RequireDualStack with two, SingleStack with one).
+pub fn with_cluster_ips(mut service: Service, cluster_ips: &[IpAddr]) -> Service {
+    let spec = service.spec.get_or_insert_with(Default::default);
+    spec.cluster_ip = cluster_ips.first().map(ToString::to_string);
+    spec.cluster_ips = Some(cluster_ips.iter().map(ToString::to_string).collect());
+    spec.ip_families = Some(
+        cluster_ips
+            .iter()
+            .map(|ip| family(*ip).to_owned())
+            .collect(),
+    );
+    spec.ip_family_policy = Some(
+        if cluster_ips.len() > 1 {
+            "RequireDualStack"
+        } else {
+            "SingleStack"
+        }
+        .into(),
+    );
+    service
+}
+
+/// The `addressType` of `ip`'s family.
+pub fn family(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}
+
 /// How a service is reached from outside the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exposure {
@@ -168,14 +204,14 @@ pub enum State {
 }
 
 /// An endpoint: pod IP, node name (if known), state.
-pub fn endpoint(ip: Ipv4Addr, node: Option<&str>, state: State) -> Endpoint {
+pub fn endpoint(ip: impl Into<IpAddr>, node: Option<&str>, state: State) -> Endpoint {
     let (ready, serving, terminating) = match state {
         State::Ready => (true, true, false),
         State::Terminating => (false, true, true),
         State::NotReady => (false, false, false),
     };
     Endpoint {
-        addresses: vec![ip.to_string()],
+        addresses: vec![ip.into().to_string()],
         conditions: Some(EndpointConditions {
             ready: Some(ready),
             serving: Some(serving),
@@ -189,6 +225,17 @@ pub fn endpoint(ip: Ipv4Addr, node: Option<&str>, state: State) -> Endpoint {
 /// A ready endpoint on a lab pod (node `nodeN`).
 pub fn pod_endpoint(pod: &PodSpec) -> Endpoint {
     endpoint(pod.ip(), Some(&format!("node{}", pod.node)), State::Ready)
+}
+
+/// A ready endpoint for the pod's address of `address_type` (`IPv4` or
+/// `IPv6`).
+pub fn pod_endpoint_of(pod: &PodSpec, address_type: &str) -> Endpoint {
+    let ip: IpAddr = if address_type == "IPv6" {
+        pod.ipv6().into()
+    } else {
+        pod.ip().into()
+    };
+    endpoint(ip, Some(&format!("node{}", pod.node)), State::Ready)
 }
 
 /// An IPv4 EndpointSlice `NAMESPACE/NAME` of service `service` listing the
@@ -233,6 +280,17 @@ pub fn document(object: &impl Serialize) -> String {
 /// A Service and the EndpointSlice (`NAME-1`) the EndpointSlice controller
 /// would write for it, with `endpoints`, as one manifest file.
 pub fn manifest(service: &Service, endpoints: Vec<Endpoint>) -> String {
+    document(service) + &document(&slice_of(service, "IPv4", "1", endpoints))
+}
+
+/// The EndpointSlice `NAME-SUFFIX` of `service` for one address family,
+/// listing its ports' target ports.
+fn slice_of(
+    service: &Service,
+    address_type: &str,
+    suffix: &str,
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
     let name = service.metadata.name.as_deref().unwrap_or_default();
     let namespace = service
         .metadata
@@ -253,17 +311,44 @@ pub fn manifest(service: &Service, endpoints: Vec<Endpoint>) -> String {
             ..Default::default()
         })
         .collect();
-    let slice = EndpointSlice {
+    EndpointSlice {
         metadata: meta(
             namespace,
-            &format!("{name}-1"),
+            &format!("{name}-{suffix}"),
             &[(SERVICE_NAME_LABEL, name)],
         ),
-        address_type: "IPv4".into(),
+        address_type: address_type.into(),
         endpoints,
         ports: Some(ports),
-    };
-    document(service) + &document(&slice)
+    }
+}
+
+/// A Service and one EndpointSlice per family of its `ipFamilies` (`NAME-1`
+/// IPv4, `NAME-v6` IPv6), as the EndpointSlice controller writes them for a
+/// dual-stack or IPv6 service; `endpoints` gives each family's endpoints.
+pub fn manifest_per_family(
+    service: &Service,
+    endpoints: impl Fn(&'static str) -> Vec<Endpoint>,
+) -> String {
+    let families = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ip_families.clone())
+        .unwrap_or_else(|| vec!["IPv4".into()]);
+    let mut out = document(service);
+    for family in &families {
+        let (address_type, suffix) = match family.as_str() {
+            "IPv6" => ("IPv6", "v6"),
+            _ => ("IPv4", "1"),
+        };
+        out += &document(&slice_of(
+            service,
+            address_type,
+            suffix,
+            endpoints(address_type),
+        ));
+    }
+    out
 }
 
 /// [`web_service`] `default/NAME` and one EndpointSlice with `backends`, as
@@ -350,6 +435,30 @@ mod tests {
         assert_eq!(docs[1]["metadata"]["namespace"], "bench");
         assert_eq!(docs[1]["ports"].as_sequence().map(Vec::len), Some(1));
         assert_eq!(docs[1]["ports"][0]["name"], "http");
+    }
+
+    #[test]
+    fn dual_stack_manifest_has_a_slice_per_family() {
+        let pods = [PodSpec::new("web-a", 1, 11)];
+        let svc = with_cluster_ips(
+            web_service("web", Ipv4Addr::new(10, 96, 0, 10)),
+            &[
+                "10.96.0.10".parse().unwrap(),
+                "fd00:10:96::10".parse().unwrap(),
+            ],
+        );
+        let docs = docs(&manifest_per_family(&svc, |family| {
+            pods.iter().map(|p| pod_endpoint_of(p, family)).collect()
+        }));
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[0]["spec"]["clusterIPs"][1], "fd00:10:96::10");
+        assert_eq!(docs[0]["spec"]["ipFamilies"][1], "IPv6");
+        assert_eq!(docs[0]["spec"]["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(docs[1]["addressType"], "IPv4");
+        assert_eq!(docs[1]["endpoints"][0]["addresses"][0], "10.244.1.11");
+        assert_eq!(docs[2]["addressType"], "IPv6");
+        assert_eq!(docs[2]["metadata"]["name"], "web-v6");
+        assert_eq!(docs[2]["endpoints"][0]["addresses"][0], "fd00:10:244:1::11");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Building and tearing down the lab's namespaces.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -49,7 +49,29 @@ impl PodSpec {
     pub fn ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.node, self.host)
     }
+
+    /// Its IPv6 address (with [`LabSpec::ipv6`]): `fd00:10:244:NODE::HOST`
+    /// in its node's /64, HOST written with the digits of the IPv4 one
+    /// (10.244.1.11 and fd00:10:244:1::11).
+    pub fn ipv6(&self) -> Ipv6Addr {
+        let host = u16::from_str_radix(&self.host.to_string(), 16).expect("decimal digits");
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, self.node.into(), 0, 0, 0, host)
+    }
 }
+
+/// A node's pod /64 (with [`LabSpec::ipv6`]).
+pub fn pod_cidr6(node: u8) -> String {
+    format!("fd00:10:244:{node}::/64")
+}
+
+/// A node's IPv6 address on the nodes' network.
+pub fn node_ip6(node: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, node.into())
+}
+
+/// The IPv6 gateway a routed pod's default route points at: a link-local
+/// address every host-side veth holds, as Calico's does.
+pub const ROUTED_GATEWAY6: &str = "fe80::1";
 
 #[derive(Debug, Clone)]
 pub struct LabSpec {
@@ -58,6 +80,9 @@ pub struct LabSpec {
     pub topology: Topology,
     pub cross_node: CrossNode,
     pub pods: Vec<PodSpec>,
+    /// Pods and nodes get IPv6 addresses too (dual-stack): a /64 per
+    /// node's pods, routed between the nodes as the IPv4 ones are.
+    pub ipv6: bool,
 }
 
 /// The two-node lab with a client and three web pods, as in the talk.
@@ -83,6 +108,19 @@ pub fn bridge_mac(node: u8) -> String {
 /// incremental checksum updates would then be wrong.
 fn full_checksums(ns: &str) -> anyhow::Result<()> {
     exec(ns, &["ethtool", "-K", "eth0", "tx", "off"])
+}
+
+/// Adds IPv6 address `cidr` to `dev` in `ns`, usable at once: no duplicate
+/// address detection (nothing else on these links could hold it, and a
+/// tentative address cannot be a source yet).
+fn addr6(ns: &str, cidr: &str, dev: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "-6", "addr", "add", cidr, "dev", dev, "nodad"])
+}
+
+/// Makes `ns` forward IPv6 as a node does (the IPv4 settings are
+/// [`forward_as_a_node`]'s).
+fn forward_ipv6(ns: &str) -> anyhow::Result<()> {
+    sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
 }
 
 /// A unique prefix for a test's namespaces: tests run in parallel.
@@ -219,7 +257,13 @@ impl Lab {
                     "dev",
                     "cbr0",
                 ])?;
+                if self.spec.ipv6 {
+                    addr6(&ns, &format!("fd00:10:244:{n}::1/64"), "cbr0")?;
+                }
                 ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
+            }
+            if self.spec.ipv6 {
+                forward_ipv6(&ns)?;
             }
         }
         // The nodes' network: each node's eth0 (its uplink) on a bridge in
@@ -239,6 +283,10 @@ impl Lab {
             "br0",
         ])?;
         ip(&["-n", &router, "link", "set", "br0", "up"])?;
+        if self.spec.ipv6 {
+            forward_ipv6(&router)?;
+            addr6(&router, "fd00:192:168:100::fe/64", "br0")?;
+        }
         for n in NODES {
             let ns = self.node_ns(n);
             let port = format!("node{n}");
@@ -261,6 +309,9 @@ impl Lab {
                 "dev",
                 "eth0",
             ])?;
+            if self.spec.ipv6 {
+                addr6(&ns, &format!("{}/64", node_ip6(n)), "eth0")?;
+            }
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&[
                 "-n",
@@ -335,6 +386,18 @@ impl Lab {
                         "via",
                         &format!("192.168.100.{peer}"),
                     ])?;
+                    if self.spec.ipv6 {
+                        ip(&[
+                            "-n",
+                            &ns,
+                            "-6",
+                            "route",
+                            "add",
+                            &pod_cidr6(peer),
+                            "via",
+                            &node_ip6(peer).to_string(),
+                        ])?;
+                    }
                 }
                 CrossNode::Vxlan => {
                     let mac = |n: u8| format!("02:00:00:00:00:0{n}");
@@ -398,6 +461,40 @@ impl Lab {
                             &format!("192.168.100.{peer}"),
                         ],
                     )?;
+                    if self.spec.ipv6 {
+                        // IPv6 pods over the same (IPv4) tunnel: each node's
+                        // vxlan0 holds an address of its own pod /64, the
+                        // peer's is the next hop, resolved statically.
+                        let gw6 = |n: u8| format!("fd00:10:244:{n}::fffe");
+                        addr6(&ns, &format!("{}/128", gw6(n)), "vxlan0")?;
+                        ip(&[
+                            "-n",
+                            &ns,
+                            "-6",
+                            "route",
+                            "add",
+                            &pod_cidr6(peer),
+                            "via",
+                            &gw6(peer),
+                            "dev",
+                            "vxlan0",
+                            "onlink",
+                        ])?;
+                        ip(&[
+                            "-n",
+                            &ns,
+                            "-6",
+                            "neigh",
+                            "add",
+                            &gw6(peer),
+                            "lladdr",
+                            &mac(peer),
+                            "dev",
+                            "vxlan0",
+                            "nud",
+                            "permanent",
+                        ])?;
+                    }
                 }
             }
         }
@@ -431,6 +528,7 @@ impl Lab {
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         full_checksums(&ns)?;
         let pod_ip = pod.ip().to_string();
+        let pod_ip6 = pod.ipv6().to_string();
         match self.spec.topology {
             Topology::Bridge => {
                 ip(&["-n", &node, "link", "set", &host_if, "master", "cbr0", "up"])?;
@@ -452,6 +550,19 @@ impl Lab {
                     "via",
                     &format!("10.244.{}.1", pod.node),
                 ])?;
+                if self.spec.ipv6 {
+                    addr6(&ns, &format!("{pod_ip6}/64"), "eth0")?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "-6",
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &format!("fd00:10:244:{}::1", pod.node),
+                    ])?;
+                }
             }
             Topology::Routed => {
                 ip(&["-n", &node, "link", "set", &host_if, "up"])?;
@@ -496,6 +607,34 @@ impl Lab {
                     "dev",
                     "eth0",
                 ])?;
+                if self.spec.ipv6 {
+                    // The node answers for the link-local gateway itself:
+                    // no proxy NDP needed.
+                    addr6(&node, &format!("{ROUTED_GATEWAY6}/64"), &host_if)?;
+                    ip(&[
+                        "-n",
+                        &node,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{pod_ip6}/128"),
+                        "dev",
+                        &host_if,
+                    ])?;
+                    addr6(&ns, &format!("{pod_ip6}/128"), "eth0")?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "-6",
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        ROUTED_GATEWAY6,
+                        "dev",
+                        "eth0",
+                    ])?;
+                }
             }
         }
         Ok(())

@@ -63,10 +63,12 @@ pub struct Server {
 }
 
 impl Server {
+    /// Binds both families: `[::]` takes IPv4 too (as IPv4-mapped
+    /// addresses, shown in their IPv4 form).
     pub fn bind(name: String) -> std::io::Result<Self> {
         Ok(Self {
-            tcp: TcpListener::bind(("0.0.0.0", TCP_PORT))?,
-            udp: UdpSocket::bind(("0.0.0.0", UDP_PORT))?,
+            tcp: TcpListener::bind(("::", TCP_PORT))?,
+            udp: UdpSocket::bind(("::", UDP_PORT))?,
             name,
         })
     }
@@ -94,6 +96,8 @@ impl Server {
 /// client's address as it arrived when the request asks `peer?` (to show
 /// whether the client's address was kept or SNATed).
 fn reply(name: &str, request: &[u8], peer: SocketAddr) -> String {
+    // An IPv4 client of the dual-stack socket as itself, not `::ffff:a.b.c.d`.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     if request.starts_with(PEER_REQUEST) {
         format!("{name} {peer}\n")
     } else {
@@ -218,7 +222,12 @@ pub struct UdpConn {
 
 impl UdpConn {
     pub fn open(to: SocketAddr) -> std::io::Result<Self> {
-        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        let any: std::net::IpAddr = if to.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let socket = UdpSocket::bind((any, 0))?;
         socket.connect(to)?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         Ok(Self { socket })

@@ -1,7 +1,7 @@
 //! The lab's topologies without any agent: plain pod-to-pod traffic on the
 //! same node and across nodes, in every layout. Needs root (namespaces).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use dataplane_lab::{
     netns::{self, in_netns},
@@ -17,6 +17,7 @@ fn build(topology: Topology, cross_node: CrossNode) -> Lab {
         topology,
         cross_node,
         pods: default_pods(),
+        ipv6: true,
     })
     .expect("building the lab");
     for pod in lab.spec.pods.iter().filter(|p| p.name.starts_with("web")) {
@@ -25,21 +26,23 @@ fn build(topology: Topology, cross_node: CrossNode) -> Lab {
     lab
 }
 
-/// TCP and UDP from `from` to `to`'s pod IP answer with `to`'s name, from
-/// `to`'s address.
+/// TCP and UDP from `from` to each of `to`'s pod IPs (IPv4 and IPv6: the
+/// labs here are dual-stack) answer with `to`'s name, from that address.
 fn assert_reaches(lab: &Lab, from: &str, to: &PodSpec) {
-    let tcp = SocketAddr::from((to.ip(), traffic::TCP_PORT));
-    let udp = SocketAddr::from((to.ip(), traffic::UDP_PORT));
-    let (t, u) = in_netns(&lab.pod_ns(from), move || {
-        (traffic::tcp_request(tcp), traffic::udp_request(udp))
-    })
-    .unwrap();
-    let want = |addr| Outcome::Answered {
-        backend: to.name.clone(),
-        from: addr,
-    };
-    assert_eq!(t, want(tcp), "TCP {from} -> {}", to.name);
-    assert_eq!(u, want(udp), "UDP {from} -> {}", to.name);
+    for ip in [IpAddr::from(to.ip()), to.ipv6().into()] {
+        let tcp = SocketAddr::new(ip, traffic::TCP_PORT);
+        let udp = SocketAddr::new(ip, traffic::UDP_PORT);
+        let (t, u) = in_netns(&lab.pod_ns(from), move || {
+            (traffic::tcp_request(tcp), traffic::udp_request(udp))
+        })
+        .unwrap();
+        let want = |addr| Outcome::Answered {
+            backend: to.name.clone(),
+            from: addr,
+        };
+        assert_eq!(t, want(tcp), "TCP {from} -> {} {ip}", to.name);
+        assert_eq!(u, want(udp), "UDP {from} -> {} {ip}", to.name);
+    }
 }
 
 fn check(topology: Topology, cross_node: CrossNode) {

@@ -402,7 +402,7 @@ fn plain_spec(name: &str, backends: &[SocketAddrV4]) -> (ObjectRef, FrontendSpec
         backends: backends
             .iter()
             .map(|b| BackendAddr {
-                ip: *b.ip(),
+                ip: (*b.ip()).into(),
                 port: b.port(),
             })
             .collect(),

@@ -6,4 +6,6 @@
 
 pub mod apiserver;
 pub mod datapath;
+pub mod datapath6;
 pub mod packets;
+pub mod packets6;

@@ -132,11 +132,31 @@ impl Cluster {
 
     /// The lab with backend servers in every `web-*` pod, no agents yet.
     fn build(topology: Topology, cross_node: CrossNode) -> Self {
+        Self::build_with(topology, cross_node, false)
+    }
+
+    /// Like [`Cluster::start`] on a dual-stack lab: pods and nodes have IPv6
+    /// addresses too (see [`LabSpec::ipv6`]).
+    pub fn start_dual(
+        topology: Topology,
+        cross_node: CrossNode,
+        initial: &[(&str, String)],
+    ) -> Self {
+        let mut cluster = Self::build_with(topology, cross_node, true);
+        for (file, content) in initial {
+            cluster.write_manifest(file, content);
+        }
+        cluster.start_first_agents(true);
+        cluster
+    }
+
+    fn build_with(topology: Topology, cross_node: CrossNode, ipv6: bool) -> Self {
         let spec = LabSpec {
             prefix: unique_prefix(""),
             topology,
             cross_node,
             pods: default_pods(),
+            ipv6,
         };
         let lab = Lab::build(spec).expect("building the lab");
         let dir = tempfile::tempdir().expect("tempdir");

@@ -9,7 +9,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime},
@@ -220,7 +220,7 @@ fn web_slice(name: &str, ip: [u8; 4], trigger: Option<SystemTime>) -> EndpointSl
     let mut s = slice(
         name,
         "web",
-        vec![endpoint(ip.into(), Some("node-1"), State::Ready)],
+        vec![endpoint(IpAddr::from(ip), Some("node-1"), State::Ready)],
     );
     if let Some(at) = trigger {
         let stamp = k8s_openapi::jiff::Timestamp::try_from(at).expect("a time after 1970");

@@ -41,6 +41,8 @@ impl UpOptions {
             name(clap::ValueEnum::to_possible_value(&self.overlay)),
             "--topology".into(),
             name(clap::ValueEnum::to_possible_value(&self.topology)),
+            "--ip-family".into(),
+            name(clap::ValueEnum::to_possible_value(&self.ip_family)),
         ];
         if self.no_agent {
             args.push("--no-agent".into());

@@ -3,11 +3,16 @@
 //! [`parse_service`] and [`parse_slice`], which validate them once and keep
 //! only what the translation needs; the model then turns a Service and its
 //! EndpointSlices into frontends and backends with kube-proxy's semantics.
+//!
+//! Both address families live in this one model: a frontend or backend
+//! address is an [`IpAddr`], a dual-stack Service has one cluster IP and
+//! one set of EndpointSlices per family, and each family's frontends are
+//! joined to that family's slices only.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::SystemTime,
 };
 
@@ -72,6 +77,73 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An IP address family (`ipFamilies`, an EndpointSlice's `addressType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::Ipv4,
+            IpAddr::V6(_) => IpFamily::Ipv6,
+        }
+    }
+
+    /// As the API spells it (`ipFamilies`, `addressType`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "IPv4",
+            IpFamily::Ipv6 => "IPv6",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "IPv4" => Some(IpFamily::Ipv4),
+            "IPv6" => Some(IpFamily::Ipv6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The families this node proxies: those it has an address of (and the
+/// operator did not exclude). The others' frontends are skipped, as
+/// kube-proxy runs no proxier for a family the node lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpFamilies {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl IpFamilies {
+    pub const BOTH: Self = Self {
+        ipv4: true,
+        ipv6: true,
+    };
+
+    pub fn contains(self, family: IpFamily) -> bool {
+        match family {
+            IpFamily::Ipv4 => self.ipv4,
+            IpFamily::Ipv6 => self.ipv6,
+        }
+    }
+}
+
+impl Default for IpFamilies {
+    fn default() -> Self {
+        Self::BOTH
+    }
+}
+
 /// Who reaches a frontend: pods only (a cluster IP), or also the outside
 /// through the node's uplink (NodePort, load-balancer IP, externalIP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -84,16 +156,16 @@ pub enum Scope {
 /// an external frontend on the unspecified address: any of the node's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
     pub scope: Scope,
 }
 
 impl Frontend {
-    pub fn cluster_ip(ip: Ipv4Addr, port: u16, proto: Protocol) -> Self {
+    pub fn cluster_ip(ip: impl Into<IpAddr>, port: u16, proto: Protocol) -> Self {
         Self {
-            ip,
+            ip: ip.into(),
             port,
             proto,
             scope: Scope::Internal,
@@ -102,7 +174,7 @@ impl Frontend {
 
     pub fn node_port(port: u16, proto: Protocol) -> Self {
         Self {
-            ip: Ipv4Addr::UNSPECIFIED,
+            ip: Ipv4Addr::UNSPECIFIED.into(),
             port,
             proto,
             scope: Scope::External,
@@ -112,16 +184,22 @@ impl Frontend {
     pub fn is_node_port(&self) -> bool {
         self.scope == Scope::External && self.ip.is_unspecified()
     }
+
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.ip)
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `[addr]:port` for IPv6, as `SocketAddr` prints it.
+        let endpoint = std::net::SocketAddr::new(self.ip, self.port);
         match self.scope {
-            Scope::Internal => write!(f, "{}:{}/{}", self.ip, self.port, self.proto),
+            Scope::Internal => write!(f, "{endpoint}/{}", self.proto),
             Scope::External if self.ip.is_unspecified() => {
                 write!(f, "nodePort {}/{}", self.port, self.proto)
             }
-            Scope::External => write!(f, "{}:{}/{} (external)", self.ip, self.port, self.proto),
+            Scope::External => write!(f, "{endpoint}/{} (external)", self.proto),
         }
     }
 }
@@ -170,13 +248,13 @@ impl Ipv4Prefix {
 /// A pod IP and target port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        std::net::SocketAddr::new(self.ip, self.port).fmt(f)
     }
 }
 
@@ -204,7 +282,7 @@ pub struct FrontendSpec {
     pub masquerade_remote: bool,
     /// Addresses of `backends` and `draining` that run on this node.
     /// Sorted.
-    pub local_ips: Vec<Ipv4Addr>,
+    pub local_ips: Vec<IpAddr>,
     /// `loadBalancerSourceRanges` of a load-balancer IP frontend: only
     /// these clients are served. Empty: everyone. Sorted.
     pub source_ranges: Vec<Ipv4Prefix>,
@@ -222,8 +300,9 @@ pub struct ServiceEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProxiedService {
-    /// The IPv4 cluster IP (of a dual-stack service too).
-    pub ip: Ipv4Addr,
+    /// `spec.clusterIPs` (or `spec.clusterIP`): at most one per family,
+    /// the primary first.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortEntry>,
     /// `Some(t)` with `sessionAffinity: ClientIP`.
     pub affinity_timeout_s: Option<u32>,
@@ -267,9 +346,9 @@ pub struct SliceEntry {
     pub key: ObjectRef,
     /// The service named by its `kubernetes.io/service-name` label.
     pub owner: Option<ServiceName>,
-    /// Slices of other address families are legal; they are just not ours
-    /// and keep no ports or endpoints here.
-    pub ipv4: bool,
+    /// Its `addressType`; `None` for FQDN slices, which are legal but name
+    /// no address to proxy to and keep no ports or endpoints here.
+    pub family: Option<IpFamily>,
     pub ports: Vec<SlicePortEntry>,
     pub endpoints: Vec<EndpointEntry>,
     /// Its [`LAST_CHANGE_TRIGGER_TIME`] annotation, if set and valid.
@@ -277,12 +356,12 @@ pub struct SliceEntry {
     /// Every endpoint's addresses, in endpoint order, and the distinct node
     /// names: one allocation each per slice rather than two per endpoint
     /// (at 10 000 services of 10 endpoints, most of the model's memory).
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     nodes: Vec<String>,
 }
 
 impl SliceEntry {
-    pub fn addresses(&self, endpoint: &EndpointEntry) -> &[Ipv4Addr] {
+    pub fn addresses(&self, endpoint: &EndpointEntry) -> &[IpAddr] {
         let first = endpoint.first as usize;
         self.addresses
             .get(first..first + endpoint.count as usize)
@@ -350,8 +429,8 @@ pub enum ModelError {
         object: ObjectRef,
         value: String,
     },
-    #[error("service {object}: IPv6 cluster IP {value} is not supported yet")]
-    Ipv6NotSupported { object: ObjectRef, value: String },
+    #[error("service {object}: {reason}")]
+    IpFamilies { object: ObjectRef, reason: String },
     #[error("service {object}: port {port}/{proto} is listed twice in spec.ports")]
     DuplicatePort {
         object: ObjectRef,
@@ -440,7 +519,7 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
             proxied: None,
         });
     }
-    let ip = cluster_ipv4(&object, spec)?;
+    let cluster_ips = cluster_ips(&object, spec)?;
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let load_balancer = service_type == "LoadBalancer";
     let has_node_ports = load_balancer || service_type == "NodePort";
@@ -543,7 +622,7 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
     Ok(ServiceEntry {
         name: object,
         proxied: Some(ProxiedService {
-            ip,
+            cluster_ips,
             ports,
             affinity_timeout_s,
             local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -579,32 +658,71 @@ fn affinity_timeout(object: &ObjectRef, spec: &ServiceSpec) -> Result<Option<u32
     }
 }
 
-/// The cluster IP of a service that is not skipped.
-fn cluster_ipv4(object: &ObjectRef, spec: &ServiceSpec) -> Result<Ipv4Addr, ModelError> {
-    // Dual-stack services list both families in clusterIPs, the primary
-    // (which may be IPv6) first; this IPv4 dataplane serves the IPv4 one,
-    // as kube-proxy's IPv4 proxier does.
-    if let Some(v4) = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-    {
-        return Ok(v4);
+/// The cluster IPs of a service that is not skipped: `clusterIPs` (the
+/// primary first, which is `clusterIP`), checked against `ipFamilies` and
+/// `ipFamilyPolicy` as the API server checks them (hand-written manifests
+/// never went through it).
+fn cluster_ips(object: &ObjectRef, spec: &ServiceSpec) -> Result<Vec<IpAddr>, ModelError> {
+    let invalid = |field, value: &str| ModelError::InvalidIp {
+        kind: SERVICE,
+        object: object.clone(),
+        field,
+        value: value.into(),
+    };
+    let families_err = |reason: String| ModelError::IpFamilies {
+        object: object.clone(),
+        reason,
+    };
+    let primary = spec.cluster_ip.as_deref().unwrap_or("");
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(list) if !list.is_empty() => list.iter().map(String::as_str).collect(),
+        _ => vec![primary],
+    };
+    let mut ips = Vec::new();
+    for value in &listed {
+        let ip: IpAddr = value
+            .parse()
+            .map_err(|_| invalid("spec.clusterIPs", value))?;
+        if ips
+            .iter()
+            .any(|i: &IpAddr| IpFamily::of(*i) == IpFamily::of(ip))
+        {
+            return Err(families_err(format!(
+                "spec.clusterIPs lists two {} addresses",
+                IpFamily::of(ip)
+            )));
+        }
+        ips.push(ip);
     }
-    let ip = spec.cluster_ip.as_deref().unwrap_or("");
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => Ok(v4),
-        Ok(std::net::IpAddr::V6(_)) => Err(ModelError::Ipv6NotSupported {
-            object: object.clone(),
-            value: ip.into(),
-        }),
-        Err(_) => Err(ModelError::InvalidIp {
-            kind: SERVICE,
-            object: object.clone(),
-            field: "spec.clusterIP",
-            value: ip.into(),
-        }),
+    if !primary.is_empty() && primary.parse::<IpAddr>().ok() != ips.first().copied() {
+        return Err(families_err(format!(
+            "spec.clusterIP {primary} is not the first of spec.clusterIPs"
+        )));
+    }
+    if let Some(families) = spec.ip_families.as_deref().filter(|f| !f.is_empty()) {
+        let parsed: Vec<IpFamily> = families
+            .iter()
+            .map(|f| {
+                IpFamily::parse(f)
+                    .ok_or_else(|| families_err(format!("unknown family {f:?} in spec.ipFamilies")))
+            })
+            .collect::<Result<_, _>>()?;
+        let of_ips: Vec<IpFamily> = ips.iter().map(|ip| IpFamily::of(*ip)).collect();
+        if parsed != of_ips {
+            return Err(families_err(format!(
+                "spec.ipFamilies {families:?} do not match spec.clusterIPs {listed:?}"
+            )));
+        }
+    }
+    match (spec.ip_family_policy.as_deref(), ips.len()) {
+        (Some("SingleStack"), n) if n > 1 => Err(families_err(
+            "ipFamilyPolicy SingleStack with two cluster IPs".into(),
+        )),
+        (Some("RequireDualStack"), 1) => Err(families_err(
+            "ipFamilyPolicy RequireDualStack with one cluster IP".into(),
+        )),
+        (None | Some("SingleStack" | "PreferDualStack" | "RequireDualStack"), _) => Ok(ips),
+        (Some(other), _) => Err(families_err(format!("unknown ipFamilyPolicy {other:?}"))),
     }
 }
 
@@ -639,20 +757,26 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
             proto: protocol(SLICE, &object, p.protocol.as_deref())?,
         });
     }
-    let ipv4 = slice.address_type == "IPv4";
+    let family = IpFamily::parse(&slice.address_type);
     let mut endpoints = Vec::new();
     let mut addresses = Vec::new();
     let mut nodes: Vec<String> = Vec::new();
-    if ipv4 {
+    if let Some(family) = family {
         for e in &slice.endpoints {
             let first = addresses.len() as u32;
             for address in &e.addresses {
-                let ip = address.parse().map_err(|_| ModelError::InvalidIp {
-                    kind: SLICE,
-                    object: object.clone(),
-                    field: "endpoints[].addresses",
-                    value: address.clone(),
-                })?;
+                // An address of the other family would be joined to the
+                // wrong frontends.
+                let ip = address
+                    .parse::<IpAddr>()
+                    .ok()
+                    .filter(|ip| IpFamily::of(*ip) == family)
+                    .ok_or_else(|| ModelError::InvalidIp {
+                        kind: SLICE,
+                        object: object.clone(),
+                        field: "endpoints[].addresses",
+                        value: address.clone(),
+                    })?;
                 addresses.push(ip);
             }
             let condition = |pick: fn(&EndpointConditions) -> Option<bool>| {
@@ -707,7 +831,7 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
     Ok(SliceEntry {
         key: object,
         owner,
-        ipv4,
+        family,
         ports,
         endpoints,
         trigger_time,
@@ -719,12 +843,23 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
 /// Services and EndpointSlices as the sources last reported them.
 #[derive(Debug, Default)]
 pub struct ClusterState {
+    /// The families this node proxies.
+    families: IpFamilies,
     services: BTreeMap<ServiceName, ServiceEntry>,
     slices: BTreeMap<ObjectRef, SliceEntry>,
     slices_by_service: BTreeMap<ServiceName, BTreeSet<ObjectRef>>,
 }
 
 impl ClusterState {
+    /// Makes this node proxy only `families` (by default both).
+    pub fn set_ip_families(&mut self, families: IpFamilies) {
+        self.families = families;
+    }
+
+    pub fn ip_families(&self) -> IpFamilies {
+        self.families
+    }
+
     /// Applies one event; returns the services whose frontends may have changed.
     pub fn apply(&mut self, event: ClusterEvent) -> Vec<ServiceName> {
         match event {
@@ -791,15 +926,38 @@ impl ClusterState {
             log::debug!("service {name}: skipped (headless, ExternalName or another proxy's)");
             return None;
         };
+        let mut frontends = Vec::new();
+        for &cluster_ip in &svc.cluster_ips {
+            let family = IpFamily::of(cluster_ip);
+            if !self.families.contains(family) {
+                log::debug!("service {name}: {family} cluster IP {cluster_ip} skipped (this node does not proxy {family})");
+                continue;
+            }
+            self.family_frontends(name, svc, cluster_ip, node_name, &mut frontends);
+        }
+        Some(frontends)
+    }
+
+    /// The frontends of one family of a service: its cluster IP joined to
+    /// that family's slices, and (IPv4 only, for now) its external ones.
+    fn family_frontends(
+        &self,
+        name: &ServiceName,
+        svc: &ProxiedService,
+        cluster_ip: IpAddr,
+        node_name: Option<&str>,
+        frontends: &mut Vec<(Frontend, FrontendSpec)>,
+    ) {
+        let family = IpFamily::of(cluster_ip);
         let slices: Vec<&SliceEntry> = self
             .slices_by_service
             .get(name)
             .into_iter()
             .flatten()
             .filter_map(|k| self.slices.get(k))
-            .filter(|s| s.ipv4)
+            .filter(|s| s.family == Some(family))
             .collect();
-        let local_ips: Vec<Ipv4Addr> = match node_name {
+        let local_ips: Vec<IpAddr> = match node_name {
             Some(node) => slices
                 .iter()
                 .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
@@ -832,18 +990,22 @@ impl ClusterState {
                 source_ranges: Vec::new(),
             }
         };
-        let mut frontends = Vec::new();
         for sp in &svc.ports {
             frontends.push((
-                Frontend::cluster_ip(svc.ip, sp.port, sp.proto),
+                Frontend::cluster_ip(cluster_ip, sp.port, sp.proto),
                 spec_for(sp, svc.local_only),
             ));
+            // North-south (NodePorts, external and load-balancer IPs) is
+            // served on IPv4 only so far.
+            if family != IpFamily::Ipv4 {
+                continue;
+            }
             let external = FrontendSpec {
                 masquerade_remote: !svc.external_local,
                 ..spec_for(sp, svc.external_local)
             };
             let on = |ip: Ipv4Addr| Frontend {
-                ip,
+                ip: ip.into(),
                 port: sp.port,
                 proto: sp.proto,
                 scope: Scope::External,
@@ -862,7 +1024,6 @@ impl ClusterState {
                 frontends.push((Frontend::node_port(node_port, sp.proto), external));
             }
         }
-        Some(frontends)
     }
 
     /// The health-check node ports this node serves: kube-proxy's
@@ -882,7 +1043,9 @@ impl ClusterState {
                 .into_iter()
                 .flatten()
                 .filter_map(|k| self.slices.get(k))
-                .filter(|s| s.ipv4)
+                // The health check is about the IPv4 frontends (the only
+                // external ones so far).
+                .filter(|s| s.family == Some(IpFamily::Ipv4))
             {
                 for e in &slice.endpoints {
                     // kube-proxy counts ready local endpoints only: a node
@@ -1257,20 +1420,171 @@ mod tests {
         assert!(!f[0].1.drop_without_local_endpoints);
     }
 
+    fn slice6(name: &str, endpoints: serde_json::Value, ports: serde_json::Value) -> EndpointSlice {
+        let mut s = slice(name, endpoints, ports);
+        s.address_type = "IPv6".into();
+        s
+    }
+
+    fn ep6(ip: &str, node: &str) -> serde_json::Value {
+        json!({"addresses": [ip], "nodeName": node})
+    }
+
+    fn dual_stack() -> Service {
+        service(json!({"spec": {
+            "clusterIP": "fd00:10:96::10",
+            "clusterIPs": ["fd00:10:96::10", "10.96.0.20"],
+            "ipFamilies": ["IPv6", "IPv4"],
+            "ipFamilyPolicy": "RequireDualStack"
+        }}))
+    }
+
+    fn described(f: &[(Frontend, FrontendSpec)]) -> Vec<String> {
+        f.iter()
+            .map(|(fe, spec)| {
+                let b: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
+                format!("{fe} -> {}", b.join(","))
+            })
+            .collect()
+    }
+
     #[test]
-    fn dual_stack_service_is_served_on_its_ipv4_cluster_ip() {
+    fn dual_stack_service_joins_each_cluster_ip_to_its_family_slices() {
+        let ports = json!([{"name": "http", "port": 8080}]);
+        let s = state(
+            dual_stack(),
+            vec![
+                slice(
+                    "web-v4",
+                    json!([ep("10.244.1.10", json!({}))]),
+                    ports.clone(),
+                ),
+                slice6(
+                    "web-v6",
+                    json!([
+                        ep6("fd00:10:244:1::10", "node1"),
+                        ep6("fd00:10:244:2::10", "node2")
+                    ]),
+                    ports,
+                ),
+            ],
+        );
+        let f = s.frontends(&web(), Some("node1")).unwrap();
+        assert_eq!(
+            described(&f),
+            [
+                "[fd00:10:96::10]:80/TCP -> [fd00:10:244:1::10]:8080,[fd00:10:244:2::10]:8080",
+                "10.96.0.20:80/TCP -> 10.244.1.10:8080"
+            ]
+        );
+        let local: Vec<String> = f[0].1.local_ips.iter().map(ToString::to_string).collect();
+        assert_eq!(local, ["fd00:10:244:1::10"]);
+    }
+
+    #[test]
+    fn ipv6_only_service_is_served_on_ipv6() {
+        let s = state(
+            service(json!({"spec": {"clusterIP": "fd00:10:96::10", "ipFamilies": ["IPv6"]}})),
+            vec![slice6(
+                "v6",
+                json!([ep6("fd00:10:244:1::10", "node1")]),
+                json!([]),
+            )],
+        );
+        let f = s.frontends(&web(), None).unwrap();
+        assert_eq!(
+            described(&f),
+            ["[fd00:10:96::10]:80/TCP -> [fd00:10:244:1::10]:8080"]
+        );
+    }
+
+    #[test]
+    fn family_the_node_does_not_proxy_is_skipped() {
+        let mut s = state(
+            dual_stack(),
+            vec![
+                slice("web-v4", json!([ep("10.244.1.10", json!({}))]), json!([])),
+                slice6(
+                    "web-v6",
+                    json!([ep6("fd00:10:244:1::10", "node1")]),
+                    json!([]),
+                ),
+            ],
+        );
+        s.set_ip_families(IpFamilies {
+            ipv4: true,
+            ipv6: false,
+        });
+        let f = s.frontends(&web(), None).unwrap();
+        assert_eq!(described(&f), ["10.96.0.20:80/TCP -> 10.244.1.10:8080"]);
+        s.set_ip_families(IpFamilies {
+            ipv4: false,
+            ipv6: true,
+        });
+        let f = s.frontends(&web(), None).unwrap();
+        assert_eq!(
+            described(&f),
+            ["[fd00:10:96::10]:80/TCP -> [fd00:10:244:1::10]:8080"]
+        );
+    }
+
+    #[test]
+    fn ipv6_frontends_have_no_external_frontends_yet() {
         let s = state(
             service(json!({"spec": {
-                "clusterIP": "fd00::10",
-                "clusterIPs": ["fd00::10", "10.96.0.20"],
-                "ipFamilies": ["IPv6", "IPv4"]
+                "type": "NodePort",
+                "clusterIP": "fd00:10:96::10",
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]
             }})),
             vec![],
         );
         let f = s.frontends(&web(), None).unwrap();
-        assert_eq!(f[0].0.ip, Ipv4Addr::new(10, 96, 0, 20));
-        let v6_only = parse_service(&service(json!({"spec": {"clusterIP": "fd00::10"}})));
-        assert!(matches!(v6_only, Err(ModelError::Ipv6NotSupported { .. })));
+        assert_eq!(described(&f), ["[fd00:10:96::10]:80/TCP -> "]);
+    }
+
+    #[test]
+    fn ip_families_and_policy_are_checked_against_cluster_ips() {
+        let refused = |spec: serde_json::Value| {
+            let err = parse_service(&service(json!({ "spec": spec }))).unwrap_err();
+            assert!(matches!(err, ModelError::IpFamilies { .. }), "{err}");
+            err.to_string()
+        };
+        refused(json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "10.96.0.11"]}));
+        refused(json!({"clusterIP": "10.96.0.10", "clusterIPs": ["fd00::10", "10.96.0.10"]}));
+        refused(json!({"clusterIP": "10.96.0.10", "ipFamilies": ["IPv6"]}));
+        refused(json!({"clusterIP": "10.96.0.10", "ipFamilyPolicy": "RequireDualStack"}));
+        let msg = refused(json!({
+            "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+            "ipFamilyPolicy": "SingleStack"
+        }));
+        assert_eq!(
+            msg,
+            "service default/web: ipFamilyPolicy SingleStack with two cluster IPs"
+        );
+        // PreferDualStack with one family is what a single-stack cluster
+        // gives it.
+        let ok = parse_service(&service(
+            json!({"spec": {"clusterIP": "10.96.0.10", "ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4"]}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.proxied.unwrap().cluster_ips,
+            [IpAddr::from([10, 96, 0, 10])]
+        );
+    }
+
+    #[test]
+    fn slice_address_of_the_other_family_is_refused() {
+        let err = parse_slice(&slice6(
+            "v6",
+            json!([ep6("10.244.1.10", "node1")]),
+            json!([]),
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ModelError::InvalidIp { .. }), "{err}");
+        let err =
+            parse_slice(&slice("v4", json!([ep("fd00::1", json!({}))]), json!([]))).unwrap_err();
+        assert!(matches!(err, ModelError::InvalidIp { .. }), "{err}");
     }
 
     #[test]
@@ -1338,8 +1652,6 @@ mod tests {
             matches!(err, ModelError::UnsupportedProtocol { .. }),
             "{err}"
         );
-        let err = parse_service(&service(json!({"spec": {"clusterIP": "fd00::10"}}))).unwrap_err();
-        assert!(matches!(err, ModelError::Ipv6NotSupported { .. }), "{err}");
         let err =
             parse_slice(&slice("a", json!([ep("10.244.1.x", json!({}))]), json!([]))).unwrap_err();
         assert!(err.to_string().contains("10.244.1.x"), "{err}");
@@ -1544,7 +1856,7 @@ mod tests {
         let spec = &ext[0].1;
         assert!(spec.masquerade_remote);
         assert_eq!(spec.backends.len(), 2, "policy Cluster: every endpoint");
-        assert_eq!(spec.local_ips, vec![Ipv4Addr::new(10, 244, 1, 10)]);
+        assert_eq!(spec.local_ips, vec![IpAddr::from([10, 244, 1, 10])]);
         // The cluster IP stays as it was.
         let all = s.frontends(&web(), Some("node1")).unwrap();
         assert_eq!(all[0].0.to_string(), "10.96.0.10:80/TCP");

@@ -160,6 +160,12 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         self.health.synced();
     }
 
+    /// Makes this node proxy only `families` (by default both); call it
+    /// before the first sync.
+    pub fn set_ip_families(&mut self, families: crate::control::model::IpFamilies) {
+        self.state.set_ip_families(families);
+    }
+
     /// Backends that left the datapath since the last call (see
     /// [`SyncEngine::take_removed`]).
     pub fn take_removed_backends(&mut self) -> Vec<dataplane_common::Backend> {
@@ -396,7 +402,7 @@ mod tests {
         let (mut control, recorded) = control(MemLbMaps::default());
         control.initial(update(Vec::new(), true));
         control.full_sync();
-        let refused = parse("v6", "fd00::10").unwrap_err();
+        let refused = parse("bad", "10.96.0.300").unwrap_err();
         let mut with_error = update(vec![parse("a", "10.96.0.1").unwrap()], true);
         with_error.errors.push(SourceError::Invalid(refused));
         let deleted = update(

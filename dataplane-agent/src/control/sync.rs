@@ -10,18 +10,18 @@ use std::collections::{BTreeMap, BTreeSet};
 // cluster's own objects) and is a fifth of a 10 000-service full sync.
 use foldhash::{HashMap, HashMapExt as _};
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
-    service_scope, Backend, ReplySource, ServiceKey, ServiceValue, SourceRangeKey, IPPROTO_TCP,
-    IPPROTO_UDP,
+    service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey,
+    ServiceValue, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
 use crate::{
     control::model::{
-        BackendAddr, Frontend, FrontendSpec, Ipv4Prefix, Protocol, Scope, ServiceName,
+        BackendAddr, Frontend, FrontendSpec, IpFamily, Ipv4Prefix, Protocol, Scope, ServiceName,
     },
     node::{
         lb_maps::{LbMapError, LbMaps, LbSnapshot, LbWrites},
@@ -41,6 +41,9 @@ pub struct Occupancy {
     pub conntrack: CtOccupancy,
     /// Socket-level reverse entries, counted with the conntrack sweep.
     pub sock_revnat: usize,
+    pub service_ips6: usize,
+    pub services6: usize,
+    pub backends6: usize,
 }
 
 /// Entries and capacity (as sized at load) of the two conntrack maps.
@@ -48,13 +51,16 @@ pub struct Occupancy {
 pub struct CtOccupancy {
     pub tcp: usize,
     pub other: usize,
+    /// `CT6_TCP` and `CT6_OTHER`, sized as their IPv4 counterparts.
+    pub tcp6: usize,
+    pub other6: usize,
     pub tcp_capacity: u32,
     pub other_capacity: u32,
 }
 
 impl Occupancy {
     /// Each map's name, entries and capacity.
-    pub fn rows(&self) -> [(&'static str, usize, u32); 8] {
+    pub fn rows(&self) -> [(&'static str, usize, u32); 13] {
         [
             (
                 map_names::SERVICE_IPS,
@@ -88,6 +94,27 @@ impl Occupancy {
                 self.sock_revnat,
                 capacity::SOCK_REVNAT,
             ),
+            (
+                map_names::LB6_SERVICE_IPS,
+                self.service_ips6,
+                capacity::SERVICE_IPS,
+            ),
+            (map_names::LB6_SERVICES, self.services6, capacity::SERVICES),
+            (
+                map_names::LB6_BACKENDS,
+                self.backends6,
+                capacity::LB6_BACKENDS,
+            ),
+            (
+                map_names::CT6_TCP,
+                self.conntrack.tcp6,
+                self.conntrack.tcp_capacity,
+            ),
+            (
+                map_names::CT6_OTHER,
+                self.conntrack.other6,
+                self.conntrack.other_capacity,
+            ),
         ]
     }
 }
@@ -120,6 +147,14 @@ pub enum SyncError {
         #[source]
         source: LbMapError,
     },
+    #[error(
+        "service {service} {frontend}: backend {backend} is not of the frontend's address family"
+    )]
+    FamilyMismatch {
+        service: ServiceName,
+        frontend: Frontend,
+        backend: BackendAddr,
+    },
     #[error("reading the maps back failed")]
     Snapshot(#[source] LbMapError),
     #[error("writing the maps failed")]
@@ -134,6 +169,7 @@ impl SyncError {
             SyncError::TooManyBackends { service, .. }
             | SyncError::FrontendConflict { service, .. }
             | SyncError::CapacityExceeded { service, .. }
+            | SyncError::FamilyMismatch { service, .. }
             | SyncError::Map { service, .. } => Some(service),
             SyncError::Snapshot(_) | SyncError::Write(_) => None,
         }
@@ -145,10 +181,63 @@ impl SyncError {
             SyncError::TooManyBackends { .. } => "too_many_backends",
             SyncError::FrontendConflict { .. } => "frontend_conflict",
             SyncError::CapacityExceeded { .. } => "capacity",
+            SyncError::FamilyMismatch { .. } => "invalid_object",
             SyncError::Map { .. } | SyncError::Snapshot(_) | SyncError::Write(_) => "map_write",
         }
     }
 }
+
+/// A frontend's key in its family's services map (`SERVICES` or
+/// `LB6_SERVICES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKey {
+    V4(ServiceKey),
+    V6(Service6Key),
+}
+
+/// A backend as its family's backends map holds it (`BACKENDS` or
+/// `LB6_BACKENDS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendKey {
+    V4(Backend),
+    V6(Backend6),
+}
+
+impl BackendKey {
+    pub fn family(&self) -> IpFamily {
+        match self {
+            BackendKey::V4(_) => IpFamily::Ipv4,
+            BackendKey::V6(_) => IpFamily::Ipv6,
+        }
+    }
+}
+
+/// A service IP, keyed as its family's service-IP map keys it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum IpKey {
+    V4(u32),
+    V6(Ipv6Bytes),
+}
+
+impl FrontendKey {
+    pub fn family(&self) -> IpFamily {
+        match self {
+            FrontendKey::V4(_) => IpFamily::Ipv4,
+            FrontendKey::V6(_) => IpFamily::Ipv6,
+        }
+    }
+
+    /// Its service IP; none for a NodePort (address 0).
+    fn ip(&self) -> Option<IpKey> {
+        match self {
+            FrontendKey::V4(k) => (k.addr != 0).then_some(IpKey::V4(k.addr)),
+            FrontendKey::V6(k) => (k.addr != [0; 16]).then_some(IpKey::V6(k.addr)),
+        }
+    }
+}
+
+/// A backend id within one family's id space.
+type BackendId = (IpFamily, u32);
 
 /// What one frontend looks like in the maps.
 #[derive(Debug, Clone)]
@@ -156,7 +245,7 @@ struct Programmed {
     /// None for frontends adopted from a previous agent and not yet claimed.
     owner: Option<ServiceName>,
     value: ServiceValue,
-    /// Backend id per slot.
+    /// Backend id per slot (in the frontend's family's id space).
     slots: Vec<u32>,
     /// Backends of endpoints that are terminating (or not ready) but still
     /// listed: in `BACKENDS`, so established flows keep their backend, but
@@ -331,43 +420,58 @@ pub struct SyncEngine<M: LbMaps> {
     maps: M,
     /// Writes worked out but not yet applied ([`SyncEngine::flush`]).
     pending: LbWrites,
-    frontends: HashMap<ServiceKey, Programmed>,
-    owned: HashMap<ServiceName, BTreeSet<ServiceKey>>,
-    backends: HashMap<Backend, BackendRef>,
-    backend_by_id: HashMap<u32, Backend>,
+    frontends: HashMap<FrontendKey, Programmed>,
+    owned: HashMap<ServiceName, BTreeSet<FrontendKey>>,
+    backends: HashMap<BackendKey, BackendRef>,
+    backend_by_id: HashMap<BackendId, BackendKey>,
     /// Backend ids per `REPLY_SOURCES` key (an endpoint may have two ids
-    /// for a moment, e.g. while its flags change).
+    /// for a moment, e.g. while its flags change). IPv4 only: the IPv6
+    /// path has no reply pre-filter.
     reply_sources: HashMap<ReplySource, u32>,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
-    service_ips: HashMap<u32, u32>,
+    service_ips: HashMap<IpKey, u32>,
     /// This node's addresses, flagged in `SERVICE_IPS` so NodePorts match
     /// on them.
     node_addrs: BTreeSet<u32>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
+    /// `LB6_BACKENDS` ids: a dense space of their own.
+    backend6_ids: IdAllocator,
     slot_blocks: SlotBlocks,
     slot_count: usize,
     /// Backends found in the maps without a slot (draining for a previous
     /// agent, or left by a write that failed): kept until the next full
     /// sync has claimed what is still draining, then released.
-    adopted_draining: Vec<Backend>,
+    adopted_draining: Vec<BackendKey>,
     /// A write failed part way: memory may not match the maps. The next sync
     /// first reads the maps back.
     diverged: bool,
-    /// Backends removed from the maps since [`SyncEngine::take_removed`]:
-    /// sockets still aimed at them are closed by the caller.
+    /// IPv4 backends removed from the maps since
+    /// [`SyncEngine::take_removed`]: sockets still aimed at them are closed
+    /// by the caller (IPv4 sockets only so far).
     removed: Vec<Backend>,
 }
 
-pub fn service_key(frontend: &Frontend) -> ServiceKey {
-    ServiceKey {
-        addr: ipv4_to_map(frontend.ip.octets()),
-        port: port_to_map(frontend.port),
-        proto: proto_number(frontend.proto),
-        scope: match frontend.scope {
-            Scope::Internal => service_scope::INTERNAL,
-            Scope::External => service_scope::EXTERNAL,
-        },
+pub fn service_key(frontend: &Frontend) -> FrontendKey {
+    let port = port_to_map(frontend.port);
+    let proto = proto_number(frontend.proto);
+    let scope = match frontend.scope {
+        Scope::Internal => service_scope::INTERNAL,
+        Scope::External => service_scope::EXTERNAL,
+    };
+    match frontend.ip {
+        IpAddr::V4(ip) => FrontendKey::V4(ServiceKey {
+            addr: ipv4_to_map(ip.octets()),
+            port,
+            proto,
+            scope,
+        }),
+        IpAddr::V6(ip) => FrontendKey::V6(Service6Key {
+            addr: ip.octets(),
+            port,
+            proto,
+            scope,
+        }),
     }
 }
 
@@ -397,28 +501,71 @@ fn proto_number(proto: Protocol) -> u8 {
     }
 }
 
-fn backends_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
+fn backends_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<BackendKey> {
     to_backends(frontend, spec, &spec.backends)
 }
 
-fn draining_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<Backend> {
+fn draining_of(frontend: &Frontend, spec: &FrontendSpec) -> Vec<BackendKey> {
     to_backends(frontend, spec, &spec.draining)
 }
 
-fn to_backends(frontend: &Frontend, spec: &FrontendSpec, addrs: &[BackendAddr]) -> Vec<Backend> {
+/// The backends as the maps hold them; each in its own family (`check`
+/// refuses a frontend with backends of the other).
+fn to_backends(frontend: &Frontend, spec: &FrontendSpec, addrs: &[BackendAddr]) -> Vec<BackendKey> {
     addrs
         .iter()
-        .map(|b| Backend {
-            addr: ipv4_to_map(b.ip.octets()),
-            port: port_to_map(b.port),
-            proto: proto_number(frontend.proto),
-            flags: if spec.local_ips.binary_search(&b.ip).is_ok() {
+        .map(|b| {
+            let port = port_to_map(b.port);
+            let proto = proto_number(frontend.proto);
+            let flags = if spec.local_ips.binary_search(&b.ip).is_ok() {
                 backend_flags::LOCAL
             } else {
                 0
-            },
+            };
+            match b.ip {
+                IpAddr::V4(ip) => BackendKey::V4(Backend {
+                    addr: ipv4_to_map(ip.octets()),
+                    port,
+                    proto,
+                    flags,
+                }),
+                IpAddr::V6(ip) => BackendKey::V6(Backend6 {
+                    addr: ip.octets(),
+                    port,
+                    proto,
+                    flags,
+                }),
+            }
         })
         .collect()
+}
+
+fn set_service(w: &mut LbWrites, key: FrontendKey, value: ServiceValue) {
+    match key {
+        FrontendKey::V4(k) => w.set_service(k, value),
+        FrontendKey::V6(k) => w.set_service6(k, value),
+    }
+}
+
+fn remove_service(w: &mut LbWrites, key: FrontendKey) {
+    match key {
+        FrontendKey::V4(k) => w.remove_service(k),
+        FrontendKey::V6(k) => w.remove_service6(k),
+    }
+}
+
+fn set_service_ip(w: &mut LbWrites, ip: IpKey, value: u32) {
+    match ip {
+        IpKey::V4(a) => w.set_service_ip(a, value),
+        IpKey::V6(a) => w.set_service_ip6(a, value),
+    }
+}
+
+fn remove_service_ip(w: &mut LbWrites, ip: IpKey) {
+    match ip {
+        IpKey::V4(a) => w.remove_service_ip(a),
+        IpKey::V6(a) => w.remove_service_ip6(a),
+    }
 }
 
 fn flags_of(frontend: &Frontend, spec: &FrontendSpec) -> u32 {
@@ -437,9 +584,9 @@ fn flags_of(frontend: &Frontend, spec: &FrontendSpec) -> u32 {
 
 /// New slot layout: backends that stay keep their slot, so a change of one
 /// endpoint rewrites one slot, not the whole service.
-fn plan_slots(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
-    let wanted: BTreeSet<Backend> = new.iter().copied().collect();
-    let mut layout: Vec<Option<Backend>> = vec![None; new.len()];
+fn plan_slots(old: &[BackendKey], new: &[BackendKey]) -> Vec<BackendKey> {
+    let wanted: BTreeSet<BackendKey> = new.iter().copied().collect();
+    let mut layout: Vec<Option<BackendKey>> = vec![None; new.len()];
     let mut placed = BTreeSet::new();
     for (slot, backend) in old.iter().enumerate().take(new.len()) {
         if wanted.contains(backend) && placed.insert(*backend) {
@@ -470,6 +617,7 @@ impl<M: LbMaps> SyncEngine<M> {
             node_addrs: BTreeSet::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
             backend_ids: IdAllocator::from_used([], capacity::BACKENDS),
+            backend6_ids: IdAllocator::from_used([], capacity::LB6_BACKENDS),
             slot_blocks: SlotBlocks::new(),
             slot_count: 0,
             adopted_draining: Vec::new(),
@@ -503,6 +651,7 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         self.service_ids.settle();
         self.backend_ids.settle();
+        self.backend6_ids.settle();
         self.slot_blocks.settle();
         Ok(())
     }
@@ -517,6 +666,9 @@ impl<M: LbMaps> SyncEngine<M> {
             names,
             source_ranges,
             reply_sources,
+            service_ips6,
+            services6,
+            backends6,
         } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
         let mut ranges_by_id: HashMap<u32, BTreeSet<SourceRangeKey>> = HashMap::new();
         for key in source_ranges {
@@ -525,8 +677,21 @@ impl<M: LbMaps> SyncEngine<M> {
                 .or_default()
                 .insert(key);
         }
-        let by_id: HashMap<u32, Backend> = backends.clone().into_iter().collect();
-        let owners: HashMap<ServiceKey, ServiceName> = self
+        let by_id: HashMap<BackendId, BackendKey> = backends
+            .iter()
+            .map(|(id, b)| ((IpFamily::Ipv4, *id), BackendKey::V4(*b)))
+            .chain(
+                backends6
+                    .iter()
+                    .map(|(id, b)| ((IpFamily::Ipv6, *id), BackendKey::V6(*b))),
+            )
+            .collect();
+        let all_services: Vec<(FrontendKey, ServiceValue)> = services
+            .iter()
+            .map(|(k, v)| (FrontendKey::V4(*k), *v))
+            .chain(services6.iter().map(|(k, v)| (FrontendKey::V6(*k), *v)))
+            .collect();
+        let owners: HashMap<FrontendKey, ServiceName> = self
             .frontends
             .iter()
             .filter_map(|(key, p)| p.owner.clone().map(|o| (*key, o)))
@@ -538,12 +703,13 @@ impl<M: LbMaps> SyncEngine<M> {
         self.slot_blocks = SlotBlocks::new();
         self.slot_count = 0;
         let mut owned_slots = BTreeSet::new();
-        for (key, value) in &services {
+        for (key, value) in &all_services {
+            let family = key.family();
             let ids: Vec<u32> = (0..value.backend_count)
                 .filter_map(|slot| slots.get(&(value.slot_base.wrapping_add(slot))).copied())
                 .collect();
             let complete = ids.len() == value.backend_count as usize
-                && ids.iter().all(|id| by_id.contains_key(id))
+                && ids.iter().all(|id| by_id.contains_key(&(family, *id)))
                 && slot_order(ids.len())
                     .is_none_or(|order| self.slot_blocks.reserve(value.slot_base, order));
             let mut value = *value;
@@ -553,12 +719,12 @@ impl<M: LbMaps> SyncEngine<M> {
             owned_slots.extend((0..ids.len() as u32).map(|slot| value.slot_base + slot));
             value.backend_count = ids.len() as u32;
             for id in &ids {
-                let backend = by_id[id];
+                let backend = by_id[&(family, *id)];
                 self.backends
                     .entry(backend)
                     .or_insert(BackendRef { id: *id, refs: 0 })
                     .refs += 1;
-                self.backend_by_id.insert(*id, backend);
+                self.backend_by_id.insert((family, *id), backend);
             }
             self.slot_count += ids.len();
             self.frontends.insert(
@@ -577,17 +743,22 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         // Backends no slot points at may be draining established flows: the
         // next full sync claims those still listed and removes the rest.
-        for (&id, &backend) in &backends {
-            if self.backend_by_id.contains_key(&id) {
+        let mut ids: Vec<(&BackendId, &BackendKey)> = by_id.iter().collect();
+        ids.sort();
+        for (&(family, id), &backend) in ids {
+            if self.backend_by_id.contains_key(&(family, id)) {
                 continue;
             }
             if self.backends.contains_key(&backend) {
                 // The same endpoint under a second id: nothing reads this one.
-                self.pending.remove_backend(id);
+                match family {
+                    IpFamily::Ipv4 => self.pending.remove_backend(id),
+                    IpFamily::Ipv6 => self.pending.remove_backend6(id),
+                }
                 continue;
             }
             self.backends.insert(backend, BackendRef { id, refs: 1 });
-            self.backend_by_id.insert(id, backend);
+            self.backend_by_id.insert((family, id), backend);
             self.adopted_draining.push(backend);
         }
         for &index in slots.keys() {
@@ -599,10 +770,12 @@ impl<M: LbMaps> SyncEngine<M> {
         // when an agent of an earlier layout left none).
         self.reply_sources.clear();
         for backend in self.backend_by_id.values() {
-            *self
-                .reply_sources
-                .entry(ReplySource::of(backend))
-                .or_insert(0) += 1;
+            if let BackendKey::V4(backend) = backend {
+                *self
+                    .reply_sources
+                    .entry(ReplySource::of(backend))
+                    .or_insert(0) += 1;
+            }
         }
         for key in self.reply_sources.keys() {
             if !reply_sources.contains_key(key) {
@@ -614,7 +787,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.pending.remove_reply_source(*key);
             }
         }
-        let service_ids: BTreeSet<u32> = services.values().map(|v| v.service_id).collect();
+        let service_ids: BTreeSet<u32> = all_services.iter().map(|(_, v)| v.service_id).collect();
         for id in names.keys().filter(|id| !service_ids.contains(id)) {
             self.pending.remove_service_name(*id);
         }
@@ -625,13 +798,20 @@ impl<M: LbMaps> SyncEngine<M> {
             .collect();
         self.service_ips = service_ips
             .into_iter()
+            .map(|(k, v)| (IpKey::V4(k), v))
+            .chain(service_ips6.into_iter().map(|(k, v)| (IpKey::V6(k), v)))
             .map(|(k, v)| (k, v & service_ip_flags::COUNT_MASK))
             .filter(|(_, count)| *count > 0)
             .collect();
-        self.service_ids =
-            IdAllocator::from_used(services.values().map(|v| v.service_id), u32::MAX);
-        self.backend_ids =
-            IdAllocator::from_used(self.backend_by_id.keys().copied(), capacity::BACKENDS);
+        self.service_ids = IdAllocator::from_used(service_ids, u32::MAX);
+        let used = |family| {
+            self.backend_by_id
+                .keys()
+                .filter(move |(f, _)| *f == family)
+                .map(|(_, id)| *id)
+        };
+        self.backend_ids = IdAllocator::from_used(used(IpFamily::Ipv4), capacity::BACKENDS);
+        self.backend6_ids = IdAllocator::from_used(used(IpFamily::Ipv6), capacity::LB6_BACKENDS);
         self.owned.retain(|_, keys| {
             keys.retain(|k| self.frontends.contains_key(k));
             !keys.is_empty()
@@ -640,13 +820,13 @@ impl<M: LbMaps> SyncEngine<M> {
         self.flush().map_err(SyncError::Snapshot)
     }
 
-    fn slot_backends(&self, p: &Programmed) -> Vec<Backend> {
-        self.backends_by_id(&p.slots)
+    fn slot_backends(&self, key: &FrontendKey, p: &Programmed) -> Vec<BackendKey> {
+        self.backends_by_id(key.family(), &p.slots)
     }
 
-    fn backends_by_id(&self, ids: &[u32]) -> Vec<Backend> {
+    fn backends_by_id(&self, family: IpFamily, ids: &[u32]) -> Vec<BackendKey> {
         ids.iter()
-            .filter_map(|id| self.backend_by_id.get(id).copied())
+            .filter_map(|id| self.backend_by_id.get(&(family, *id)).copied())
             .collect()
     }
 
@@ -693,8 +873,10 @@ impl<M: LbMaps> SyncEngine<M> {
             })?;
             checked = self.check(service, frontends);
         }
-        let new_backends = checked?;
-        if self.backend_ids.available() < new_backends {
+        let (new_backends, new_backends6) = checked?;
+        if self.backend_ids.available() < new_backends
+            || self.backend6_ids.available() < new_backends6
+        {
             // Ids released since the last write are free once it is done.
             self.flush().map_err(|source| SyncError::Map {
                 service: service.clone(),
@@ -705,23 +887,36 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 
     /// Refuses what cannot be programmed whole; returns how many backends
-    /// the service adds.
+    /// the service adds, IPv4 and IPv6.
     fn check(
         &self,
         service: &ServiceName,
         frontends: &[(Frontend, FrontendSpec)],
-    ) -> Result<usize, SyncError> {
+    ) -> Result<(usize, usize), SyncError> {
         let mut new_frontends = 0usize;
         let mut slot_delta: isize = 0;
         // Blocks the frontends that move need, in the order `apply` takes them.
         let mut new_blocks = Vec::new();
         let old_keys = self.owned.get(service).cloned().unwrap_or_default();
-        let mut new_backends: BTreeSet<Backend> = BTreeSet::new();
-        let mut new_ips: BTreeSet<u32> = BTreeSet::new();
+        let mut new_backends: BTreeSet<BackendKey> = BTreeSet::new();
+        let mut new_ips: BTreeSet<IpKey> = BTreeSet::new();
         for (frontend, spec) in frontends {
-            let addr = service_key(frontend).addr;
-            if addr != 0 && !self.service_ips.contains_key(&addr) {
-                new_ips.insert(addr);
+            if let Some(ip) = service_key(frontend).ip() {
+                if !self.service_ips.contains_key(&ip) {
+                    new_ips.insert(ip);
+                }
+            }
+            if let Some(backend) = spec
+                .backends
+                .iter()
+                .chain(&spec.draining)
+                .find(|b| IpFamily::of(b.ip) != frontend.family())
+            {
+                return Err(SyncError::FamilyMismatch {
+                    service: service.clone(),
+                    frontend: *frontend,
+                    backend: *backend,
+                });
             }
             let count = spec.backends.len();
             if count > capacity::BACKENDS_PER_SERVICE as usize {
@@ -768,12 +963,24 @@ impl<M: LbMaps> SyncEngine<M> {
             .filter_map(|k| self.frontends.get(k))
             .map(|p| p.slots.len())
             .sum();
-        let limits = [
+        let count_of = |family: IpFamily| {
+            let ips = |ip: &&IpKey| matches!(ip, IpKey::V6(_)) == (family == IpFamily::Ipv6);
+            let old = self.service_ips.keys().filter(ips).count();
+            let backends = |b: &&BackendKey| b.family() == family;
             (
-                "SERVICE_IPS",
-                self.service_ips.len() + new_ips.len(),
-                capacity::SERVICE_IPS,
-            ),
+                old + new_ips.iter().filter(ips).count(),
+                self.backends.keys().filter(backends).count()
+                    + new_backends.iter().filter(backends).count(),
+            )
+        };
+        let (ips4, backends4) = count_of(IpFamily::Ipv4);
+        let (ips6, backends6) = count_of(IpFamily::Ipv6);
+        let limits = [
+            ("SERVICE_IPS", ips4, capacity::SERVICE_IPS),
+            ("LB6_SERVICE_IPS", ips6, capacity::SERVICE_IPS),
+            // Service ids and names are shared by both families: the
+            // frontends of both together fit in each services map and in
+            // `SERVICE_NAMES`.
             (
                 "SERVICES",
                 self.frontends.len() + new_frontends,
@@ -785,11 +992,8 @@ impl<M: LbMaps> SyncEngine<M> {
                 capacity::BACKEND_SLOTS,
             ),
             // Backend id 0 is never used: ids 1..capacity.
-            (
-                "BACKENDS",
-                self.backends.len() + new_backends.len(),
-                capacity::BACKENDS - 1,
-            ),
+            ("BACKENDS", backends4, capacity::BACKENDS - 1),
+            ("LB6_BACKENDS", backends6, capacity::LB6_BACKENDS - 1),
         ];
         for (map, needed, capacity) in limits {
             if needed > capacity as usize {
@@ -809,7 +1013,11 @@ impl<M: LbMaps> SyncEngine<M> {
                 capacity: capacity::BACKEND_SLOTS,
             });
         }
-        Ok(new_backends.len())
+        let new6 = new_backends
+            .iter()
+            .filter(|b| b.family() == IpFamily::Ipv6)
+            .count();
+        Ok((new_backends.len() - new6, new6))
     }
 
     fn apply(
@@ -842,7 +1050,7 @@ impl<M: LbMaps> SyncEngine<M> {
     fn program_frontend(
         &mut self,
         service: &ServiceName,
-        key: ServiceKey,
+        key: FrontendKey,
         frontend: &Frontend,
         spec: &FrontendSpec,
     ) -> bool {
@@ -852,14 +1060,14 @@ impl<M: LbMaps> SyncEngine<M> {
         let existing = self.frontends.get(&key).cloned();
         let old_backends = existing
             .as_ref()
-            .map(|p| self.slot_backends(p))
+            .map(|p| self.slot_backends(&key, p))
             .unwrap_or_default();
-        let old_set: BTreeSet<Backend> = old_backends.iter().copied().collect();
-        let new_set: BTreeSet<Backend> = desired.iter().copied().collect();
+        let old_set: BTreeSet<BackendKey> = old_backends.iter().copied().collect();
+        let new_set: BTreeSet<BackendKey> = desired.iter().copied().collect();
         let draining = draining_of(frontend, spec);
         let old_draining = existing
             .as_ref()
-            .map(|p| self.backends_by_id(&p.draining))
+            .map(|p| self.backends_by_id(key.family(), &p.draining))
             .unwrap_or_default();
         let label = match &spec.port_name {
             Some(port) if !port.is_empty() => format!("{service}:{port}"),
@@ -947,13 +1155,12 @@ impl<M: LbMaps> SyncEngine<M> {
         if existing.is_none() {
             self.pending.set_service_name(service_id, &label);
         }
-        self.pending.set_service(key, value);
-        if existing.is_none() && key.addr != 0 {
-            let ports = self.service_ips.get(&key.addr).copied().unwrap_or(0) + 1;
-            let node = self.node_addrs.contains(&key.addr);
-            self.pending
-                .set_service_ip(key.addr, service_ip_value(ports, node));
-            self.service_ips.insert(key.addr, ports);
+        set_service(&mut self.pending, key, value);
+        if let Some(ip) = key.ip().filter(|_| existing.is_none()) {
+            let ports = self.service_ips.get(&ip).copied().unwrap_or(0) + 1;
+            let node = self.is_node_addr(ip);
+            set_service_ip(&mut self.pending, ip, service_ip_value(ports, node));
+            self.service_ips.insert(ip, ports);
         }
         for key in old_ranges.difference(&ranges) {
             self.pending.remove_source_range(*key);
@@ -1006,14 +1213,19 @@ impl<M: LbMaps> SyncEngine<M> {
         true
     }
 
-    fn unprogram_frontend(&mut self, key: ServiceKey) {
+    /// Whether `ip` is one of the node's addresses (IPv4 only so far).
+    fn is_node_addr(&self, ip: IpKey) -> bool {
+        matches!(ip, IpKey::V4(a) if self.node_addrs.contains(&a))
+    }
+
+    fn unprogram_frontend(&mut self, key: FrontendKey) {
         let Some(p) = self.frontends.get(&key).cloned() else {
             return;
         };
-        let mut backends = self.slot_backends(&p);
-        backends.extend(self.backends_by_id(&p.draining));
+        let mut backends = self.slot_backends(&key, &p);
+        backends.extend(self.backends_by_id(key.family(), &p.draining));
         // The service entry goes first: from then on no new flow reads a slot.
-        self.pending.remove_service(key);
+        remove_service(&mut self.pending, key);
         for slot in 0..p.slots.len() {
             self.pending.remove_slot(p.value.slot_base + slot as u32);
         }
@@ -1023,22 +1235,21 @@ impl<M: LbMaps> SyncEngine<M> {
         for range in &p.source_ranges {
             self.pending.remove_source_range(*range);
         }
-        let node = self.node_addrs.contains(&key.addr);
-        match self.service_ips.get(&key.addr).copied().unwrap_or(1) {
-            _ if key.addr == 0 => {}
-            0 | 1 if node => {
-                self.pending
-                    .set_service_ip(key.addr, service_ip_value(0, true));
-                self.service_ips.remove(&key.addr);
-            }
-            0 | 1 => {
-                self.pending.remove_service_ip(key.addr);
-                self.service_ips.remove(&key.addr);
-            }
-            n => {
-                self.pending
-                    .set_service_ip(key.addr, service_ip_value(n - 1, node));
-                self.service_ips.insert(key.addr, n - 1);
+        if let Some(ip) = key.ip() {
+            let node = self.is_node_addr(ip);
+            match self.service_ips.get(&ip).copied().unwrap_or(1) {
+                0 | 1 if node => {
+                    set_service_ip(&mut self.pending, ip, service_ip_value(0, true));
+                    self.service_ips.remove(&ip);
+                }
+                0 | 1 => {
+                    remove_service_ip(&mut self.pending, ip);
+                    self.service_ips.remove(&ip);
+                }
+                n => {
+                    set_service_ip(&mut self.pending, ip, service_ip_value(n - 1, node));
+                    self.service_ips.insert(ip, n - 1);
+                }
             }
         }
         for backend in backends {
@@ -1050,46 +1261,61 @@ impl<M: LbMaps> SyncEngine<M> {
         self.frontends.remove(&key);
     }
 
-    fn acquire_backend(&mut self, backend: Backend) -> u32 {
+    fn acquire_backend(&mut self, backend: BackendKey) -> u32 {
         if let Some(r) = self.backends.get_mut(&backend) {
             r.refs += 1;
             return r.id;
         }
-        let id = self.backend_ids.allocate();
-        let source = self
-            .reply_sources
-            .entry(ReplySource::of(&backend))
-            .or_insert(0);
-        if *source == 0 {
-            self.pending.set_reply_source(ReplySource::of(&backend));
-        }
-        *source += 1;
-        self.pending.set_backend(id, backend);
+        let id = match backend {
+            BackendKey::V4(b) => {
+                let id = self.backend_ids.allocate();
+                let source = self.reply_sources.entry(ReplySource::of(&b)).or_insert(0);
+                if *source == 0 {
+                    self.pending.set_reply_source(ReplySource::of(&b));
+                }
+                *source += 1;
+                self.pending.set_backend(id, b);
+                id
+            }
+            BackendKey::V6(b) => {
+                let id = self.backend6_ids.allocate();
+                self.pending.set_backend6(id, b);
+                id
+            }
+        };
         self.backends.insert(backend, BackendRef { id, refs: 1 });
-        self.backend_by_id.insert(id, backend);
+        self.backend_by_id.insert((backend.family(), id), backend);
         id
     }
 
-    fn release_backend(&mut self, backend: Backend) {
+    fn release_backend(&mut self, backend: BackendKey) {
         let Some(r) = self.backends.get_mut(&backend) else {
             return;
         };
         r.refs -= 1;
         if r.refs == 0 {
             let id = r.id;
-            self.pending.remove_backend(id);
             self.backends.remove(&backend);
-            self.backend_by_id.remove(&id);
-            let source = ReplySource::of(&backend);
-            if let Some(n) = self.reply_sources.get_mut(&source) {
-                *n -= 1;
-                if *n == 0 {
-                    self.reply_sources.remove(&source);
-                    self.pending.remove_reply_source(source);
+            self.backend_by_id.remove(&(backend.family(), id));
+            match backend {
+                BackendKey::V4(b) => {
+                    self.pending.remove_backend(id);
+                    let source = ReplySource::of(&b);
+                    if let Some(n) = self.reply_sources.get_mut(&source) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.reply_sources.remove(&source);
+                            self.pending.remove_reply_source(source);
+                        }
+                    }
+                    self.backend_ids.release(id);
+                    self.removed.push(b);
+                }
+                BackendKey::V6(_) => {
+                    self.pending.remove_backend6(id);
+                    self.backend6_ids.release(id);
                 }
             }
-            self.backend_ids.release(id);
-            self.removed.push(backend);
         }
     }
 
@@ -1144,7 +1370,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 Err(e) => errors.push(e),
             }
         }
-        let unclaimed: Vec<ServiceKey> = self
+        let unclaimed: Vec<FrontendKey> = self
             .frontends
             .iter()
             .filter(|(_, p)| p.owner.is_none())
@@ -1185,12 +1411,12 @@ impl<M: LbMaps> SyncEngine<M> {
     pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), SyncError> {
         let wanted: BTreeSet<u32> = addrs.iter().map(|a| ipv4_to_map(a.octets())).collect();
         for &addr in wanted.difference(&self.node_addrs) {
-            let count = self.service_ips.get(&addr).copied().unwrap_or(0);
+            let count = self.service_ips.get(&IpKey::V4(addr)).copied().unwrap_or(0);
             self.pending
                 .set_service_ip(addr, service_ip_value(count, true));
         }
         for &addr in self.node_addrs.difference(&wanted) {
-            match self.service_ips.get(&addr).copied() {
+            match self.service_ips.get(&IpKey::V4(addr)).copied() {
                 Some(count) => self
                     .pending
                     .set_service_ip(addr, service_ip_value(count, false)),
@@ -1208,14 +1434,32 @@ impl<M: LbMaps> SyncEngine<M> {
 
     /// Entries of each load-balancing map, as this engine wrote them.
     pub fn occupancy(&self) -> Occupancy {
+        let ips6 = self
+            .service_ips
+            .keys()
+            .filter(|k| matches!(k, IpKey::V6(_)))
+            .count();
+        let services6 = self
+            .frontends
+            .keys()
+            .filter(|k| k.family() == IpFamily::Ipv6)
+            .count();
+        let backends6 = self
+            .backends
+            .keys()
+            .filter(|b| b.family() == IpFamily::Ipv6)
+            .count();
         Occupancy {
-            service_ips: self.service_ips.len(),
-            services: self.frontends.len(),
+            service_ips: self.service_ips.len() - ips6,
+            services: self.frontends.len() - services6,
             backend_slots: self.slot_count,
-            backends: self.backends.len(),
+            backends: self.backends.len() - backends6,
             service_names: self.frontends.len(),
             conntrack: CtOccupancy::default(),
             sock_revnat: 0,
+            service_ips6: ips6,
+            services6,
+            backends6,
         }
     }
 
@@ -1228,12 +1472,22 @@ impl<M: LbMaps> SyncEngine<M> {
     }
 }
 
-fn describe_key(key: &ServiceKey) -> String {
-    format!(
-        "{}/{}",
-        pinned::endpoint(key.addr, key.port),
-        pinned::proto_name(key.proto)
-    )
+fn describe_key(key: &FrontendKey) -> String {
+    match key {
+        FrontendKey::V4(key) => format!(
+            "{}/{}",
+            pinned::endpoint(key.addr, key.port),
+            pinned::proto_name(key.proto)
+        ),
+        FrontendKey::V6(key) => format!(
+            "{}/{}",
+            std::net::SocketAddr::new(
+                std::net::Ipv6Addr::from(key.addr).into(),
+                u16::from_be(key.port)
+            ),
+            pinned::proto_name(key.proto)
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -1264,7 +1518,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|last| BackendAddr {
-                    ip: Ipv4Addr::new(10, 244, 1, *last),
+                    ip: Ipv4Addr::new(10, 244, 1, *last).into(),
                     port: 8080,
                 })
                 .collect(),
@@ -1277,13 +1531,21 @@ mod tests {
         }
     }
 
+    /// The `SERVICES` key of an IPv4 frontend.
+    fn key4(f: &Frontend) -> ServiceKey {
+        match service_key(f) {
+            FrontendKey::V4(k) => k,
+            other => panic!("not IPv4: {other:?}"),
+        }
+    }
+
     fn engine() -> SyncEngine<MemLbMaps> {
         SyncEngine::adopt(MemLbMaps::default()).unwrap()
     }
 
     /// What the datapath would see for a frontend: its backends in slot order.
     fn programmed(maps: &MemLbMaps, f: &Frontend) -> Option<Vec<u8>> {
-        let value = maps.state.services.get(&service_key(f))?;
+        let value = maps.state.services.get(&key4(f))?;
         Some(
             (0..value.backend_count)
                 .map(|slot| {
@@ -1303,7 +1565,7 @@ mod tests {
         let mut got = programmed(e.maps(), &web).unwrap();
         got.sort();
         assert_eq!(got, vec![10, 11, 12]);
-        assert_eq!(e.maps().state.service_ips[&service_key(&web).addr], 1);
+        assert_eq!(e.maps().state.service_ips[&key4(&web).addr], 1);
     }
 
     #[test]
@@ -1315,14 +1577,14 @@ mod tests {
         desired.affinity_timeout_s = Some(60);
         e.sync_service(&name("web"), &[(web, desired.clone())])
             .unwrap();
-        let value = e.maps().state.services[&service_key(&web)];
+        let value = e.maps().state.services[&key4(&web)];
         assert_eq!(value.flags, service_flags::DROP_NO_LOCAL_ENDPOINTS);
         assert_eq!(value.affinity_timeout_s, 60);
         // Only the flag changes (e.g. the other nodes' endpoints went away):
         // the entry is still rewritten.
         desired.drop_without_local_endpoints = false;
         e.sync_service(&name("web"), &[(web, desired)]).unwrap();
-        assert_eq!(e.maps().state.services[&service_key(&web)].flags, 0);
+        assert_eq!(e.maps().state.services[&key4(&web)].flags, 0);
     }
 
     #[test]
@@ -1441,7 +1703,7 @@ mod tests {
             &[(web, spec("web", &[10])), (web_udp, spec("web", &[10]))],
         )
         .unwrap();
-        assert_eq!(e.maps().state.service_ips[&service_key(&web).addr], 2);
+        assert_eq!(e.maps().state.service_ips[&key4(&web).addr], 2);
         e.sync_service(&name("web"), &[]).unwrap();
         assert_eq!(e.maps().state, LbSnapshot::default());
     }
@@ -1467,7 +1729,7 @@ mod tests {
         let huge = FrontendSpec {
             backends: (0..=capacity::BACKENDS_PER_SERVICE)
                 .map(|i| BackendAddr {
-                    ip: Ipv4Addr::from(0x0af4_0000 + i),
+                    ip: Ipv4Addr::from(0x0af4_0000 + i).into(),
                     port: 80,
                 })
                 .collect(),
@@ -1492,7 +1754,7 @@ mod tests {
         // later service re-read all the maps: the 100k-service stall.
         let mut e = engine();
         e.service_ips
-            .extend((0..capacity::SERVICE_IPS).map(|i| (0x0a60_0000 + i, 1)));
+            .extend((0..capacity::SERVICE_IPS).map(|i| (IpKey::V4(0x0a60_0000 + i), 1)));
         let err = e
             .sync_service(
                 &name("web"),
@@ -1524,6 +1786,231 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("default/a"), "{err}");
         assert_eq!(programmed(e.maps(), &web).unwrap(), vec![10]);
+    }
+
+    fn frontend6(last: u16, port: u16) -> Frontend {
+        Frontend::cluster_ip(
+            std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, last),
+            port,
+            Protocol::Tcp,
+        )
+    }
+
+    fn pod6(last: u8) -> BackendAddr {
+        BackendAddr {
+            ip: std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, last.into()).into(),
+            port: 8080,
+        }
+    }
+
+    fn spec6(service: &str, backends: &[u8]) -> FrontendSpec {
+        FrontendSpec {
+            backends: backends.iter().map(|b| pod6(*b)).collect(),
+            ..spec(service, &[])
+        }
+    }
+
+    /// An IPv6 frontend's backends in slot order (last byte of each).
+    fn programmed6(maps: &MemLbMaps, f: &Frontend) -> Option<Vec<u8>> {
+        let FrontendKey::V6(key) = service_key(f) else {
+            panic!("not IPv6: {f}");
+        };
+        let value = maps.state.services6.get(&key)?;
+        Some(
+            (0..value.backend_count)
+                .map(|slot| {
+                    let id = maps.state.slots[&(value.slot_base + slot)];
+                    maps.state.backends6[&id].addr[15]
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn dual_stack_service_programs_each_family_in_its_own_maps() {
+        let mut e = engine();
+        let v4 = frontend([10, 96, 0, 10], 80);
+        let v6 = frontend6(0x10, 80);
+        e.sync_service(
+            &name("web"),
+            &[(v6, spec6("web", &[10, 11])), (v4, spec("web", &[10, 11]))],
+        )
+        .unwrap();
+        assert_eq!(programmed(e.maps(), &v4).unwrap().len(), 2);
+        let mut got = programmed6(e.maps(), &v6).unwrap();
+        got.sort();
+        assert_eq!(got, [10, 11]);
+        let state = &e.maps().state;
+        // IPv6 backend ids are a dense space of their own, from 1.
+        assert_eq!(state.backends6.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(state.backends.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        let FrontendKey::V6(key6) = service_key(&v6) else {
+            unreachable!()
+        };
+        assert_eq!(state.service_ips6[&key6.addr], 1);
+        assert_eq!(state.service_ips.len(), 1);
+        // Service ids and slot blocks are shared: distinct for the two.
+        let v4_value = state.services[&key4(&v4)];
+        let v6_value = state.services6[&key6];
+        assert_ne!(v4_value.service_id, v6_value.service_id);
+        assert_ne!(v4_value.slot_base, v6_value.slot_base);
+        assert_eq!(state.names.len(), 2);
+        let occupancy = e.occupancy();
+        assert_eq!(
+            (occupancy.services, occupancy.services6, occupancy.backends6),
+            (1, 1, 2)
+        );
+        assert_eq!((occupancy.service_ips, occupancy.service_ips6), (1, 1));
+
+        // Removing the service empties both families' maps.
+        e.sync_service(&name("web"), &[]).unwrap();
+        let state = &e.maps().state;
+        assert!(state.services6.is_empty() && state.service_ips6.is_empty());
+        assert!(state.backends6.is_empty() && state.slots.is_empty());
+        assert!(state.services.is_empty() && state.names.is_empty());
+    }
+
+    #[test]
+    fn ipv6_endpoint_change_rewrites_one_slot_and_drains_the_terminating_one() {
+        let mut e = engine();
+        let v6 = frontend6(0x10, 80);
+        e.sync_service(&name("web"), &[(v6, spec6("web", &[10, 11]))])
+            .unwrap();
+        let before = programmed6(e.maps(), &v6).unwrap();
+        let writes = e.maps().writes;
+        let mut next = spec6("web", &[10, 12]);
+        next.draining = vec![pod6(11)];
+        e.sync_service(&name("web"), &[(v6, next)]).unwrap();
+        let after = programmed6(e.maps(), &v6).unwrap();
+        let kept = before.iter().position(|b| *b == 10).unwrap();
+        assert_eq!(after[kept], 10, "the surviving backend keeps its slot");
+        assert!(after.contains(&12) && !after.contains(&11));
+        // The terminating endpoint stays in LB6_BACKENDS for its flows.
+        let in_map: Vec<u8> = e
+            .maps()
+            .state
+            .backends6
+            .values()
+            .map(|b| b.addr[15])
+            .collect();
+        assert!(in_map.contains(&11), "{in_map:?}");
+        // One backend, one slot, the service entry.
+        assert_eq!(e.maps().writes - writes, 3);
+        // The next sync without it lets it go.
+        e.sync_service(&name("web"), &[(v6, spec6("web", &[10, 12]))])
+            .unwrap();
+        let in_map: Vec<u8> = e
+            .maps()
+            .state
+            .backends6
+            .values()
+            .map(|b| b.addr[15])
+            .collect();
+        assert!(!in_map.contains(&11), "{in_map:?}");
+        assert!(e.take_removed().is_empty(), "IPv4 backends only");
+    }
+
+    #[test]
+    fn restarted_agent_adopts_ipv6_frontends_and_rewrites_nothing() {
+        let mut first = engine();
+        let v6 = frontend6(0x10, 80);
+        let gone = frontend6(0x99, 80);
+        first
+            .sync_service(&name("web"), &[(v6, spec6("web", &[10, 11]))])
+            .unwrap();
+        first
+            .sync_service(&name("gone"), &[(gone, spec6("gone", &[12]))])
+            .unwrap();
+        let maps = MemLbMaps {
+            state: first.maps().state.clone(),
+            ..Default::default()
+        };
+        let before = programmed6(&maps, &v6);
+        let mut second = SyncEngine::adopt(maps).unwrap();
+        let all = BTreeMap::from([(name("web"), vec![(v6, spec6("web", &[10, 11]))])]);
+        let (stats, errors) = second.sync_all(&all);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(programmed6(second.maps(), &v6), before);
+        assert_eq!(programmed6(second.maps(), &gone), None);
+        assert_eq!(stats.frontends_changed, 0);
+        assert_eq!(stats.frontends_removed, 1);
+        assert_eq!(second.maps().state.backends6.len(), 2);
+        assert_eq!(second.maps().state.service_ips6.len(), 1);
+        // A new backend takes the id the removed one freed (dense ids).
+        second
+            .sync_service(&name("web"), &[(v6, spec6("web", &[10, 11, 13]))])
+            .unwrap();
+        assert_eq!(
+            second
+                .maps()
+                .state
+                .backends6
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn backend_of_the_other_family_is_refused() {
+        let mut e = engine();
+        let err = e
+            .sync_service(&name("web"), &[(frontend6(0x10, 80), spec("web", &[10]))])
+            .unwrap_err();
+        assert!(matches!(err, SyncError::FamilyMismatch { .. }), "{err}");
+        assert_eq!(e.maps().writes, 0);
+    }
+
+    #[test]
+    fn ipv6_backends_beyond_capacity_are_refused_before_any_write() {
+        let mut e = engine();
+        for id in 1..capacity::LB6_BACKENDS {
+            let backend = BackendKey::V6(Backend6 {
+                addr: [
+                    0xfd,
+                    0x99,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    (id >> 8) as u8,
+                    id as u8,
+                ],
+                port: 1,
+                proto: 6,
+                flags: 0,
+            });
+            e.backends.insert(backend, BackendRef { id, refs: 1 });
+        }
+        let err = e
+            .sync_service(&name("web"), &[(frontend6(0x10, 80), spec6("web", &[10]))])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SyncError::CapacityExceeded {
+                    map: "LB6_BACKENDS",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(e.maps().writes, 0);
+        // IPv4 backends are not limited by it.
+        e.sync_service(
+            &name("api"),
+            &[(frontend([10, 96, 0, 11], 80), spec("api", &[10]))],
+        )
+        .unwrap();
     }
 
     #[test]
@@ -1606,7 +2093,7 @@ mod tests {
         spec.draining = draining
             .iter()
             .map(|last| BackendAddr {
-                ip: Ipv4Addr::new(10, 244, 1, *last),
+                ip: Ipv4Addr::new(10, 244, 1, *last).into(),
                 port: 8080,
             })
             .collect();
@@ -1779,10 +2266,10 @@ mod tests {
             .unwrap();
         e.sync_service(&name("api"), &[(api, spec("api", &[20, 21]))])
             .unwrap();
-        let old_base = e.maps().state.services[&service_key(&web)].slot_base;
+        let old_base = e.maps().state.services[&key4(&web)].slot_base;
         e.sync_service(&name("web"), &[(web, spec("web", &[10, 11, 12]))])
             .unwrap();
-        let value = e.maps().state.services[&service_key(&web)];
+        let value = e.maps().state.services[&key4(&web)];
         assert_ne!(
             value.slot_base, old_base,
             "two slots' block cannot hold three"
@@ -1827,11 +2314,13 @@ mod tests {
 
     #[test]
     fn slot_plan_keeps_survivors_and_fills_holes() {
-        let b = |n: u32| Backend {
-            addr: n,
-            port: 0,
-            proto: 6,
-            flags: 0,
+        let b = |n: u32| {
+            BackendKey::V4(Backend {
+                addr: n,
+                port: 0,
+                proto: 6,
+                flags: 0,
+            })
         };
         assert_eq!(
             plan_slots(&[b(1), b(2), b(3)], &[b(1), b(3), b(4)]),
@@ -1844,7 +2333,7 @@ mod tests {
     fn external_spec(service: &str, backends: &[u8]) -> FrontendSpec {
         FrontendSpec {
             masquerade_remote: true,
-            local_ips: vec![Ipv4Addr::new(10, 244, 1, 10)],
+            local_ips: vec![Ipv4Addr::new(10, 244, 1, 10).into()],
             ..spec(service, backends)
         }
     }
@@ -1860,7 +2349,7 @@ mod tests {
             &[(node_port, external_spec("web", &[10, 11]))],
         )
         .unwrap();
-        let key = service_key(&node_port);
+        let key = key4(&node_port);
         assert_eq!((key.addr, key.scope), (0, service_scope::EXTERNAL));
         let value = e.maps().state.services[&key];
         assert_eq!(value.flags, service_flags::MASQUERADE_REMOTE);
@@ -2004,7 +2493,7 @@ mod tests {
         desired.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
         e.sync_service(&name("web"), &[(lb, desired.clone())])
             .unwrap();
-        let value = e.maps().state.services[&service_key(&lb)];
+        let value = e.maps().state.services[&key4(&lb)];
         assert_ne!(value.flags & service_flags::SOURCE_RANGES, 0);
         assert_eq!(
             e.maps().state.source_ranges,

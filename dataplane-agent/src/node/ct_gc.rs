@@ -1,12 +1,15 @@
 //! The conntrack garbage collector. The datapath ignores expired entries and the
 //! LRU evicts under pressure; this sweep removes dead flows early so the
 //! tables (and `inspect conntrack`/`inspect nat`) hold live flows only. The
-//! same rule serves both two-entry flow tables: conntrack (`CT_TCP`,
-//! `CT_OTHER`) and the SNAT entries of external flows (`NAT`).
+//! same rule serves every two-entry flow table: conntrack of both families
+//! (`CT_TCP`, `CT_OTHER`; `CT6_TCP`, `CT6_OTHER` in [`crate::node::ct_gc6`])
+//! and the SNAT entries of external flows (`NAT`).
 
 use std::collections::HashMap;
 
-use dataplane_common::{ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, NatEntry, NatKey, IPPROTO_TCP};
+use dataplane_common::{
+    ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, NatEntry, NatKey, IPPROTO_TCP,
+};
 
 use crate::node::pinned::{monotonic_now_ns, ConntrackMaps, NatMap};
 
@@ -132,11 +135,9 @@ pub fn still_dead<E: FlowEntry>(
     if E::is_original(key) {
         entry.is_expired(now_ns, lifetimes)
     } else {
-        table
-            .lookup(&entry.original_key())
-            .is_none_or(|original| {
-                original.is_expired(now_ns, lifetimes) || !entry.reply_of(&original)
-            })
+        table.lookup(&entry.original_key()).is_none_or(|original| {
+            original.is_expired(now_ns, lifetimes) || !entry.reply_of(&original)
+        })
     }
 }
 
@@ -382,7 +383,9 @@ mod tests {
         let mut table: HashMap<NatKey, NatEntry> = entries.into_iter().collect();
         assert_eq!(delete_still_dead(&mut table, &candidates, now, &L), 2);
         assert_eq!(table.len(), 2);
-        assert!(table.keys().all(|k| k.src_port == 11 || k.dst_port == 61_001));
+        assert!(table
+            .keys()
+            .all(|k| k.src_port == 11 || k.dst_port == 61_001));
     }
 
     /// A REPLY entry (a SNAT port) the original flow no longer points at

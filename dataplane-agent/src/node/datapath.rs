@@ -26,7 +26,9 @@ use log::{info, warn};
 use crate::node::{
     lb_maps::BpfLbMaps,
     migrate::{self, Carry, MigrateError, Pass, Plan},
-    pinned::{self, ConntrackMaps, CounterMap, MapOpenError, NatMap, SockRevNatMap},
+    pinned::{
+        self, Conntrack6Maps, ConntrackMaps, CounterMap, MapOpenError, NatMap, SockRevNatMap,
+    },
     socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
 
@@ -134,6 +136,7 @@ fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Dat
 pub struct DatapathMaps {
     pub lb: BpfLbMaps,
     pub conntrack: ConntrackMaps,
+    pub conntrack6: Conntrack6Maps,
     pub counters: CounterMap,
     pub sock_revnat: SockRevNatMap,
     pub nat_config: Array<MapData, NatConfig>,
@@ -167,11 +170,12 @@ impl DatapathConfig {
         map_layouts::ALL
             .iter()
             .map(|l| match l.name {
-                map_names::CT_TCP => MapLayout {
+                // Each family's conntrack maps get the same sizes.
+                map_names::CT_TCP | map_names::CT6_TCP => MapLayout {
                     max_entries: self.ct_max_tcp,
                     ..*l
                 },
-                map_names::CT_OTHER => MapLayout {
+                map_names::CT_OTHER | map_names::CT6_OTHER => MapLayout {
                     max_entries: self.ct_max_other,
                     ..*l
                 },
@@ -258,6 +262,8 @@ impl Datapath {
         }
         loader.map_max_entries(map_names::CT_TCP, config.ct_max_tcp);
         loader.map_max_entries(map_names::CT_OTHER, config.ct_max_other);
+        loader.map_max_entries(map_names::CT6_TCP, config.ct_max_tcp);
+        loader.map_max_entries(map_names::CT6_OTHER, config.ct_max_other);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -285,6 +291,7 @@ impl Datapath {
         };
         let lb = BpfLbMaps::from_ebpf(&mut ebpf)?;
         let conntrack = ConntrackMaps::take(&mut ebpf)?;
+        let conntrack6 = Conntrack6Maps::take(&mut ebpf)?;
         let counters: CounterMap = pinned::take(&mut ebpf, map_names::COUNTERS)?;
         let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
         let nat_config = pinned::take(&mut ebpf, map_names::NAT_CONFIG)?;
@@ -305,6 +312,7 @@ impl Datapath {
             DatapathMaps {
                 lb,
                 conntrack,
+                conntrack6,
                 counters,
                 sock_revnat,
                 nat_config,

@@ -17,7 +17,8 @@ use aya::{
     sys::SyscallError,
 };
 use dataplane_common::{
-    map_names, Backend, ReplySource, ServiceKey, ServiceLabel, ServiceValue, SourceRangeKey,
+    map_names, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey, ServiceLabel,
+    ServiceValue, SourceRangeKey,
 };
 
 use crate::node::{
@@ -49,6 +50,11 @@ pub struct LbSnapshot {
     pub source_ranges: Vec<SourceRangeKey>,
     /// `REPLY_SOURCES`, derived from the backends.
     pub reply_sources: BTreeMap<ReplySource, u32>,
+    /// `LB6_SERVICE_IPS`, `LB6_SERVICES`, `LB6_BACKENDS` (ids of their own;
+    /// slots and service ids shared with IPv4).
+    pub service_ips6: BTreeMap<Ipv6Bytes, u32>,
+    pub services6: BTreeMap<Service6Key, ServiceValue>,
+    pub backends6: BTreeMap<u32, Backend6>,
 }
 
 /// Pending writes of one map, in the order they were made: `Some` sets the
@@ -105,6 +111,8 @@ impl<K: Copy + Ord, V: Copy> MapWrites<K, V> {
 /// 2. deletes: services, service IPs, slots, backends, reply sources,
 ///    service names, source ranges (removed after the flag).
 ///
+/// Each IPv6 map is written with its IPv4 counterpart.
+///
 /// The engine does not reuse a backend or service id released in the same
 /// batch, so no set of an id is applied before the delete of its old use.
 #[derive(Debug, Default)]
@@ -116,9 +124,30 @@ pub struct LbWrites {
     pub names: MapWrites<u32, ServiceLabel>,
     pub source_ranges: MapWrites<SourceRangeKey, ()>,
     pub reply_sources: MapWrites<ReplySource, u32>,
+    pub service_ips6: MapWrites<Ipv6Bytes, u32>,
+    pub services6: MapWrites<Service6Key, ServiceValue>,
+    pub backends6: MapWrites<u32, Backend6>,
 }
 
 impl LbWrites {
+    pub fn set_service_ip6(&mut self, addr: Ipv6Bytes, port_count: u32) {
+        self.service_ips6.push(addr, Some(port_count));
+    }
+    pub fn remove_service_ip6(&mut self, addr: Ipv6Bytes) {
+        self.service_ips6.push(addr, None);
+    }
+    pub fn set_service6(&mut self, key: Service6Key, value: ServiceValue) {
+        self.services6.push(key, Some(value));
+    }
+    pub fn remove_service6(&mut self, key: Service6Key) {
+        self.services6.push(key, None);
+    }
+    pub fn set_backend6(&mut self, id: u32, backend: Backend6) {
+        self.backends6.push(id, Some(backend));
+    }
+    pub fn remove_backend6(&mut self, id: u32) {
+        self.backends6.push(id, None);
+    }
     pub fn set_service_ip(&mut self, addr: u32, port_count: u32) {
         self.service_ips.push(addr, Some(port_count));
     }
@@ -170,6 +199,9 @@ impl LbWrites {
             && self.names.is_empty()
             && self.source_ranges.is_empty()
             && self.reply_sources.is_empty()
+            && self.service_ips6.is_empty()
+            && self.services6.is_empty()
+            && self.backends6.is_empty()
     }
 }
 
@@ -190,6 +222,9 @@ pub struct BpfLbMaps {
     backends: OwnedFd,
     names: OwnedFd,
     reply_sources: OwnedFd,
+    service_ips6: OwnedFd,
+    services6: OwnedFd,
+    backends6: OwnedFd,
     /// An LPM trie has no batch operations: written key by key.
     source_ranges: LpmTrie<MapData, [u32; 2], u32>,
     /// The maps as aya opened them, kept open while these are used.
@@ -237,6 +272,9 @@ type SlotsMap = Array<MapData, u32>;
 type BackendsMap = Array<MapData, Backend>;
 type NamesMap = HashMap<MapData, u32, ServiceLabel>;
 type ReplySourcesMap = HashMap<MapData, ReplySource, u32>;
+type ServiceIps6Map = HashMap<MapData, Ipv6Bytes, u32>;
+type Services6Map = HashMap<MapData, Service6Key, ServiceValue>;
+type Backends6Map = Array<MapData, Backend6>;
 
 impl BpfLbMaps {
     /// The maps a running (or stopped) agent pinned under `dir`.
@@ -272,6 +310,21 @@ impl BpfLbMaps {
             reply_sources: checked_fd::<ReplySourcesMap>(
                 map_names::REPLY_SOURCES,
                 open(map_names::REPLY_SOURCES)?,
+                &mut opened,
+            )?,
+            service_ips6: checked_fd::<ServiceIps6Map>(
+                map_names::LB6_SERVICE_IPS,
+                open(map_names::LB6_SERVICE_IPS)?,
+                &mut opened,
+            )?,
+            services6: checked_fd::<Services6Map>(
+                map_names::LB6_SERVICES,
+                open(map_names::LB6_SERVICES)?,
+                &mut opened,
+            )?,
+            backends6: checked_fd::<Backends6Map>(
+                map_names::LB6_BACKENDS,
+                open(map_names::LB6_BACKENDS)?,
                 &mut opened,
             )?,
             source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
@@ -312,6 +365,21 @@ impl BpfLbMaps {
             reply_sources: checked_fd::<ReplySourcesMap>(
                 map_names::REPLY_SOURCES,
                 take(map_names::REPLY_SOURCES)?,
+                &mut opened,
+            )?,
+            service_ips6: checked_fd::<ServiceIps6Map>(
+                map_names::LB6_SERVICE_IPS,
+                take(map_names::LB6_SERVICE_IPS)?,
+                &mut opened,
+            )?,
+            services6: checked_fd::<Services6Map>(
+                map_names::LB6_SERVICES,
+                take(map_names::LB6_SERVICES)?,
+                &mut opened,
+            )?,
+            backends6: checked_fd::<Backends6Map>(
+                map_names::LB6_BACKENDS,
+                take(map_names::LB6_BACKENDS)?,
                 &mut opened,
             )?,
             source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
@@ -367,6 +435,9 @@ impl LbMaps for BpfLbMaps {
         let (ids, backends, gone) = w.backends.settled();
         map_batch::update(self.backends.as_fd(), &ids, &backends)
             .map_err(err(map_names::BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        let (ids6, backends6, gone6) = w.backends6.settled();
+        map_batch::update(self.backends6.as_fd(), &ids6, &backends6)
+            .map_err(err(map_names::LB6_BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
         let (slots, slot_ids, slots_gone) = w.slots.settled();
         map_batch::update(self.slots.as_fd(), &slots, &slot_ids)
             .map_err(err(map_names::BACKEND_SLOTS, "BPF_MAP_UPDATE_BATCH"))?;
@@ -378,10 +449,18 @@ impl LbMaps for BpfLbMaps {
                 .map_err(lpm_err("insert"))?;
         }
         let service_deletes = hash_sets(&self.services, map_names::SERVICES, &w.services)?;
+        let service6_deletes = hash_sets(&self.services6, map_names::LB6_SERVICES, &w.services6)?;
         let ip_deletes = hash_sets(&self.service_ips, map_names::SERVICE_IPS, &w.service_ips)?;
+        let ip6_deletes = hash_sets(
+            &self.service_ips6,
+            map_names::LB6_SERVICE_IPS,
+            &w.service_ips6,
+        )?;
 
         hash_deletes(&self.services, map_names::SERVICES, &service_deletes)?;
+        hash_deletes(&self.services6, map_names::LB6_SERVICES, &service6_deletes)?;
         hash_deletes(&self.service_ips, map_names::SERVICE_IPS, &ip_deletes)?;
+        hash_deletes(&self.service_ips6, map_names::LB6_SERVICE_IPS, &ip6_deletes)?;
         map_batch::update(
             self.slots.as_fd(),
             &slots_gone,
@@ -396,6 +475,9 @@ impl LbMaps for BpfLbMaps {
             map_names::REPLY_SOURCES,
             &source_deletes,
         )?;
+        let zeros6 = vec![Backend6::default(); gone6.len()];
+        map_batch::update(self.backends6.as_fd(), &gone6, &zeros6)
+            .map_err(err(map_names::LB6_BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
         hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)?;
         for key in &ranges_gone {
             match self.source_ranges.remove(&lpm_key(key)) {
@@ -444,6 +526,19 @@ impl LbMaps for BpfLbMaps {
         snap.reply_sources = map_batch::lookup_all(self.reply_sources.as_fd())
             .map_err(read(map_names::REPLY_SOURCES))?
             .into_iter()
+            .collect();
+        snap.service_ips6 = map_batch::lookup_all(self.service_ips6.as_fd())
+            .map_err(read(map_names::LB6_SERVICE_IPS))?
+            .into_iter()
+            .collect();
+        snap.services6 = map_batch::lookup_all(self.services6.as_fd())
+            .map_err(read(map_names::LB6_SERVICES))?
+            .into_iter()
+            .collect();
+        snap.backends6 = map_batch::lookup_all::<u32, Backend6>(self.backends6.as_fd())
+            .map_err(read(map_names::LB6_BACKENDS))?
+            .into_iter()
+            .filter(|(_, b)| *b != Backend6::default())
             .collect();
         Ok(snap)
     }
@@ -522,6 +617,12 @@ impl LbMaps for MemLbMaps {
             same,
         )?;
         let backends = self.sets(map_names::BACKENDS, &w.backends, |s| &mut s.backends, same)?;
+        let backends6 = self.sets(
+            map_names::LB6_BACKENDS,
+            &w.backends6,
+            |s| &mut s.backends6,
+            same,
+        )?;
         let slots = self.sets(map_names::BACKEND_SLOTS, &w.slots, |s| &mut s.slots, same)?;
         let names = self.sets(
             map_names::SERVICE_NAMES,
@@ -537,20 +638,50 @@ impl LbMaps for MemLbMaps {
             }
         }
         let services = self.sets(map_names::SERVICES, &w.services, |s| &mut s.services, same)?;
+        let services6 = self.sets(
+            map_names::LB6_SERVICES,
+            &w.services6,
+            |s| &mut s.services6,
+            same,
+        )?;
         let ips = self.sets(
             map_names::SERVICE_IPS,
             &w.service_ips,
             |s| &mut s.service_ips,
             same,
         )?;
+        let ips6 = self.sets(
+            map_names::LB6_SERVICE_IPS,
+            &w.service_ips6,
+            |s| &mut s.service_ips6,
+            same,
+        )?;
         self.deletes(map_names::SERVICES, &services, |s| &mut s.services, |k| k)?;
+        self.deletes(
+            map_names::LB6_SERVICES,
+            &services6,
+            |s| &mut s.services6,
+            |k| k,
+        )?;
         self.deletes(map_names::SERVICE_IPS, &ips, |s| &mut s.service_ips, |k| k)?;
+        self.deletes(
+            map_names::LB6_SERVICE_IPS,
+            &ips6,
+            |s| &mut s.service_ips6,
+            |k| k,
+        )?;
         self.deletes(map_names::BACKEND_SLOTS, &slots, |s| &mut s.slots, |k| k)?;
         self.deletes(map_names::BACKENDS, &backends, |s| &mut s.backends, |k| k)?;
         self.deletes(
             map_names::REPLY_SOURCES,
             &sources,
             |s| &mut s.reply_sources,
+            |k| k,
+        )?;
+        self.deletes(
+            map_names::LB6_BACKENDS,
+            &backends6,
+            |s| &mut s.backends6,
             |k| k,
         )?;
         self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)?;

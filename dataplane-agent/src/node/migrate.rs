@@ -64,11 +64,18 @@ fn role(name: &str) -> Role {
         | map_names::BACKEND_SLOTS
         | map_names::SERVICE_NAMES
         | map_names::SOURCE_RANGES
+        | map_names::LB6_SERVICE_IPS
+        | map_names::LB6_SERVICES
         // New in layout 4: created, and filled by the sync engine from the
         // backends it adopts.
         | map_names::REPLY_SOURCES => Role::Lb,
-        map_names::BACKENDS => Role::BackendIds,
-        map_names::CT_TCP | map_names::CT_OTHER | map_names::AFFINITY => Role::Flows,
+        map_names::BACKENDS | map_names::LB6_BACKENDS => Role::BackendIds,
+        map_names::CT_TCP
+        | map_names::CT_OTHER
+        | map_names::AFFINITY
+        | map_names::CT6_TCP
+        | map_names::CT6_OTHER
+        | map_names::LB6_AFFINITY => Role::Flows,
         // `NAT` holds flows too, but no earlier layout has it: it is only
         // ever created, like the state maps (`NAT_CONFIG` is written at
         // every start).
@@ -108,6 +115,22 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             // `Backend` the `LOCAL` flag; `NAT`, `NAT_CONFIG` and
             // `SOURCE_RANGES` are new (created).
             map_names::SERVICE_IPS,
+        ],
+    ),
+    // IPv6: the `LB6_*` and `CT6_*` maps are new (created); one more
+    // counter.
+    (
+        4,
+        &[
+            map_names::COUNTERS,
+            map_names::LB6_SERVICE_IPS,
+            map_names::LB6_SERVICES,
+            map_names::LB6_BACKENDS,
+            map_names::LB6_AFFINITY,
+            map_names::LB6_SOCK_REVNAT,
+            map_names::CT6_TCP,
+            map_names::CT6_OTHER,
+            map_names::CT6_FRAGMENTS,
         ],
     ),
 ];

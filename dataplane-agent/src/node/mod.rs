@@ -4,7 +4,7 @@
 //! interfaces `interfaces` reports; `bpffs` is where maps and links are
 //! pinned; `lb_maps` is the load-balancing maps as the sync engine writes
 //! them; `pinned` opens and decodes the maps for everyone who reads them;
-//! `ct_gc` sweeps expired conntrack entries, sized and timed by
+//! `ct_gc` sweeps expired conntrack entries (`ct_gc6` the IPv6 ones), sized and timed by
 //! `ct_options`; `migrate` carries the maps of an earlier agent (another
 //! layout, other sizes) into this one's; `socket_lb` attaches the cgroup
 //! socket hooks. Nothing here knows about
@@ -12,6 +12,7 @@
 
 pub mod bpffs;
 pub mod ct_gc;
+pub mod ct_gc6;
 pub mod ct_options;
 pub mod datapath;
 pub mod interfaces;

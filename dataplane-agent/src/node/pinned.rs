@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use dataplane_common::{
-    ipv4_from_map, map_names, port_from_map, Counter, CtEntry, CtKey, CtLifetimes, ServiceLabel,
-    SockRevNatEntry, SockRevNatKey, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_from_map, map_names, port_from_map, Counter, Ct6Entry, Ct6Key, CtEntry, CtKey,
+    CtLifetimes, ServiceLabel, SockRevNatEntry, SockRevNatKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use nix::time::{clock_gettime, ClockId};
 
@@ -81,6 +81,54 @@ impl ConntrackMaps {
     pub fn lens(&self) -> (usize, usize) {
         let count = |m: &ConntrackMap| m.keys().filter(Result::is_ok).count();
         (count(&self.tcp), count(&self.other))
+    }
+}
+
+pub type Conntrack6Map = BpfHashMap<MapData, Ct6Key, Ct6Entry>;
+
+/// The IPv6 conntrack maps (`CT6_TCP`, `CT6_OTHER`), one table as
+/// [`ConntrackMaps`] is.
+pub struct Conntrack6Maps {
+    pub tcp: Conntrack6Map,
+    pub other: Conntrack6Map,
+}
+
+impl Conntrack6Maps {
+    /// The maps pinned under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, MapOpenError> {
+        Ok(Self {
+            tcp: open(dir, map_names::CT6_TCP)?,
+            other: open(dir, map_names::CT6_OTHER)?,
+        })
+    }
+
+    /// The maps of a loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapOpenError> {
+        Ok(Self {
+            tcp: take(ebpf, map_names::CT6_TCP)?,
+            other: take(ebpf, map_names::CT6_OTHER)?,
+        })
+    }
+
+    pub fn map(&self, proto: u8) -> &Conntrack6Map {
+        if proto == IPPROTO_TCP {
+            &self.tcp
+        } else {
+            &self.other
+        }
+    }
+
+    pub fn map_mut(&mut self, proto: u8) -> &mut Conntrack6Map {
+        if proto == IPPROTO_TCP {
+            &mut self.tcp
+        } else {
+            &mut self.other
+        }
+    }
+
+    /// Every entry of both maps, TCP first.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(Ct6Key, Ct6Entry), MapError>> + '_ {
+        self.tcp.iter().chain(self.other.iter())
     }
 }
 
@@ -165,6 +213,11 @@ pub fn proto_name(proto: u8) -> &'static str {
 /// An address and port in the maps' byte order.
 pub fn endpoint(addr: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ipv4(addr), port_from_map(port))
+}
+
+/// An IPv6 address and a port in the maps' byte order, as `[addr]:port`.
+pub fn endpoint6(addr: [u8; 16], port: u16) -> std::net::SocketAddrV6 {
+    std::net::SocketAddrV6::new(addr.into(), port_from_map(port), 0, 0)
 }
 
 /// An address in the maps' byte order.

@@ -107,6 +107,23 @@ pub fn is_virtual(name: &str) -> bool {
         .exists()
 }
 
+/// Whether the node has an IPv4 and an IPv6 address other than loopback
+/// and link-local ones: the families it can reach pods and services in.
+pub fn address_families() -> Result<(bool, bool), UplinkError> {
+    let (mut ipv4, mut ipv6) = (false, false);
+    for ifaddr in nix::ifaddrs::getifaddrs().map_err(UplinkError::Addresses)? {
+        let Some(addr) = ifaddr.address.as_ref() else {
+            continue;
+        };
+        if let Some(v4) = addr.as_sockaddr_in() {
+            ipv4 |= !v4.ip().is_loopback() && !v4.ip().is_link_local();
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            ipv6 |= !v6.ip().is_loopback() && !v6.ip().is_unicast_link_local();
+        }
+    }
+    Ok((ipv4, ipv6))
+}
+
 /// Every IPv4 address of the node, with the interface holding it.
 pub fn addresses() -> Result<Vec<(String, Ipv4Addr)>, UplinkError> {
     let mut out = Vec::new();

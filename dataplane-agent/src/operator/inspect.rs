@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -12,16 +12,17 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, ipv4_from_map, map_names, nat_dir, Backend, Counter, ServiceKey,
-    ServiceValue, IPPROTO_UDP,
+    ct_dir, ct_flags, ct_state, map_names, nat_dir, Backend, Counter, Ct6Entry, CtEntry,
+    CtLifetimes, Service6Key, ServiceKey, ServiceValue, IPPROTO_UDP,
 };
 use serde::Serialize;
 
 use crate::node::{
     lb_maps::{BpfLbMaps, LbMapError, LbMaps as _, LbSnapshot},
     pinned::{
-        self, counter_total, endpoint, monotonic_now_ns, proto_name, ConntrackMaps, CounterMap,
-        CtLifetimesMap, MapOpenError, NatMap, ServiceNamesMap, SockRevNatMap,
+        self, counter_total, endpoint, endpoint6, monotonic_now_ns, proto_name, Conntrack6Maps,
+        ConntrackMaps, CounterMap, CtLifetimesMap, MapOpenError, NatMap, ServiceNamesMap,
+        SockRevNatMap,
     },
 };
 
@@ -79,12 +80,12 @@ pub enum What {
         /// Only flows of this service (namespace/name).
         #[arg(long)]
         service: Option<String>,
-        /// Only flows from this client IP.
+        /// Only flows from this client IP (IPv4 or IPv6).
         #[arg(long)]
-        client: Option<Ipv4Addr>,
+        client: Option<IpAddr>,
         /// Only flows to this backend IP.
         #[arg(long)]
-        backend: Option<Ipv4Addr>,
+        backend: Option<IpAddr>,
     },
     /// Datapath counters: flows, translations, and every drop/reject reason.
     Counters,
@@ -114,6 +115,11 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
         .services
         .iter()
         .map(|(key, value)| service_row(&snap, key, value))
+        .chain(
+            snap.services6
+                .iter()
+                .map(|(key, value)| service6_row(&snap, key, value)),
+        )
         .collect();
     rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
     Ok(rows)
@@ -156,6 +162,38 @@ fn service_row(snap: &LbSnapshot, key: &ServiceKey, value: &ServiceValue) -> Ser
     }
 }
 
+/// An IPv6 frontend: its slots hold `LB6_BACKENDS` ids.
+fn service6_row(snap: &LbSnapshot, key: &Service6Key, value: &ServiceValue) -> ServiceRow {
+    let backends = (0..value.backend_count)
+        .map(|slot| {
+            match snap
+                .slots
+                .get(&(value.slot_base + slot))
+                .and_then(|id| snap.backends6.get(id))
+            {
+                Some(b) => endpoint6(b.addr, b.port).to_string(),
+                None => format!("<slot {slot} missing>"),
+            }
+        })
+        .collect();
+    let external = key.scope == dataplane_common::service_scope::EXTERNAL;
+    ServiceRow {
+        service: snap
+            .names
+            .get(&value.service_id)
+            .cloned()
+            .unwrap_or_else(|| format!("<id {}>", value.service_id)),
+        frontend: format!(
+            "{}/{}{}",
+            endpoint6(key.addr, key.port),
+            proto_name(key.proto),
+            if external { " (external)" } else { "" }
+        ),
+        backends,
+        affinity_timeout_s: (value.affinity_timeout_s > 0).then_some(value.affinity_timeout_s),
+    }
+}
+
 impl std::fmt::Display for ServiceRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {} -> ", self.service, self.frontend)?;
@@ -180,25 +218,41 @@ pub struct BackendRow {
 
 pub fn backends(dir: &Path) -> Result<Vec<BackendRow>, InspectError> {
     let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
-    let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for (key, value) in &snap.services {
-        let row = service_row(&snap, key, value);
+    // Users by (IPv6?, backend id): each family has its own ids.
+    let mut users: BTreeMap<(bool, u32), Vec<String>> = BTreeMap::new();
+    let rows = snap
+        .services
+        .iter()
+        .map(|(key, value)| (false, service_row(&snap, key, value), value))
+        .chain(
+            snap.services6
+                .iter()
+                .map(|(key, value)| (true, service6_row(&snap, key, value), value)),
+        );
+    for (v6, row, value) in rows {
         for slot in 0..value.backend_count {
             if let Some(id) = snap.slots.get(&(value.slot_base + slot)) {
                 users
-                    .entry(*id)
+                    .entry((v6, *id))
                     .or_default()
                     .push(format!("{} {}", row.service, row.frontend));
             }
         }
     }
-    Ok(snap
-        .backends
-        .iter()
-        .map(|(id, b): (&u32, &Backend)| BackendRow {
-            id: *id,
-            backend: format!("{}/{}", endpoint(b.addr, b.port), proto_name(b.proto)),
-            services: users.remove(id).unwrap_or_default(),
+    let v4 = snap.backends.iter().map(|(id, b): (&u32, &Backend)| {
+        let backend = format!("{}/{}", endpoint(b.addr, b.port), proto_name(b.proto));
+        (false, *id, backend)
+    });
+    let v6 = snap.backends6.iter().map(|(id, b)| {
+        let backend = format!("{}/{}", endpoint6(b.addr, b.port), proto_name(b.proto));
+        (true, *id, backend)
+    });
+    Ok(v4
+        .chain(v6)
+        .map(|(v6, id, backend)| BackendRow {
+            id,
+            backend,
+            services: users.remove(&(v6, id)).unwrap_or_default(),
         })
         .collect())
 }
@@ -215,59 +269,110 @@ pub struct FlowRow {
     pub expires_in_s: u64,
 }
 
+/// One tracked flow of either family, as `inspect conntrack` shows it.
+struct FlowView {
+    client: SocketAddr,
+    service: SocketAddr,
+    backend: SocketAddr,
+    proto: u8,
+    state: u8,
+    flags: u8,
+    service_id: u32,
+    created_ns: u64,
+    last_seen_ns: u64,
+    lifetime_ns: u64,
+}
+
+impl FlowView {
+    fn of(ct: &CtEntry, lifetimes: &CtLifetimes) -> Self {
+        Self {
+            client: endpoint(ct.client_addr, ct.client_port).into(),
+            service: endpoint(ct.service_addr, ct.service_port).into(),
+            backend: endpoint(ct.backend_addr, ct.backend_port).into(),
+            proto: ct.proto,
+            state: ct.state,
+            flags: ct.flags,
+            service_id: ct.service_id,
+            created_ns: ct.created_ns,
+            last_seen_ns: ct.last_seen_ns,
+            lifetime_ns: ct.lifetime_ns(lifetimes),
+        }
+    }
+
+    fn of6(ct: &Ct6Entry, lifetimes: &CtLifetimes) -> Self {
+        Self {
+            client: endpoint6(ct.client_addr, ct.client_port).into(),
+            service: endpoint6(ct.service_addr, ct.service_port).into(),
+            backend: endpoint6(ct.backend_addr, ct.backend_port).into(),
+            proto: ct.proto,
+            state: ct.state,
+            flags: ct.flags,
+            service_id: ct.service_id,
+            created_ns: ct.created_ns,
+            last_seen_ns: ct.last_seen_ns,
+            lifetime_ns: ct.lifetime_ns(lifetimes),
+        }
+    }
+}
+
 pub fn conntrack(
     dir: &Path,
     service: Option<&str>,
-    client: Option<Ipv4Addr>,
-    backend: Option<Ipv4Addr>,
+    client: Option<IpAddr>,
+    backend: Option<IpAddr>,
 ) -> Result<Vec<FlowRow>, InspectError> {
     let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
     let table = ConntrackMaps::open(dir)?;
+    let table6 = Conntrack6Maps::open(dir)?;
     let lifetimes_map: CtLifetimesMap = pinned::open(dir, map_names::CT_LIFETIMES)?;
     let lifetimes =
         pinned::ct_lifetimes(&lifetimes_map).map_err(read_err(map_names::CT_LIFETIMES))?;
     let now = monotonic_now_ns();
-    let mut rows = Vec::new();
+    let mut flows = Vec::new();
     for entry in table.iter() {
         let (key, ct) = entry.map_err(read_err("CT_TCP and CT_OTHER"))?;
-        if key.direction != ct_dir::ORIGINAL || ct.is_expired(now, &lifetimes) {
-            continue;
+        if key.direction == ct_dir::ORIGINAL && !ct.is_expired(now, &lifetimes) {
+            flows.push(FlowView::of(&ct, &lifetimes));
         }
+    }
+    for entry in table6.iter() {
+        let (key, ct) = entry.map_err(read_err("CT6_TCP and CT6_OTHER"))?;
+        if key.direction == ct_dir::ORIGINAL && !ct.is_expired(now, &lifetimes) {
+            flows.push(FlowView::of6(&ct, &lifetimes));
+        }
+    }
+    let mut rows = Vec::new();
+    for ct in flows {
         let label = names
             .get(&ct.service_id, 0)
             .map(|l| l.as_str().to_owned())
             .unwrap_or_default();
         let service_name = label.split(':').next().unwrap_or_default();
         if service.is_some_and(|s| s != service_name)
-            || client.is_some_and(|c| c.octets() != ipv4_from_map(ct.client_addr))
-            || backend.is_some_and(|b| b.octets() != ipv4_from_map(ct.backend_addr))
+            || client.is_some_and(|c| c != ct.client.ip())
+            || backend.is_some_and(|b| b != ct.backend.ip())
         {
             continue;
         }
         let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
         let translated_src = if hairpin {
-            ct.service_addr
+            ct.service.ip()
         } else {
-            ct.client_addr
+            ct.client.ip()
         };
         rows.push(FlowRow {
             service: label,
             proto: proto_name(ct.proto),
-            original: format!(
-                "{} -> {}",
-                endpoint(ct.client_addr, ct.client_port),
-                endpoint(ct.service_addr, ct.service_port)
-            ),
+            original: format!("{} -> {}", ct.client, ct.service),
             translated: format!(
                 "{} -> {}",
-                endpoint(translated_src, ct.client_port),
-                endpoint(ct.backend_addr, ct.backend_port)
+                SocketAddr::new(translated_src, ct.client.port()),
+                ct.backend
             ),
             state: state_name(ct.proto, ct.state),
             hairpin,
             age_s: now.saturating_sub(ct.created_ns) / 1_000_000_000,
-            expires_in_s: (ct.last_seen_ns + ct.lifetime_ns(&lifetimes)).saturating_sub(now)
-                / 1_000_000_000,
+            expires_in_s: (ct.last_seen_ns + ct.lifetime_ns).saturating_sub(now) / 1_000_000_000,
         });
     }
     rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));

@@ -504,10 +504,14 @@ mod tests {
                 ..CtOccupancy::default()
             },
             sock_revnat: 999,
+            services6: 1,
+            ..Occupancy::default()
         });
         m.conntrack_entries(CtOccupancy {
             tcp: 4,
             other: 6,
+            tcp6: 2,
+            other6: 0,
             tcp_capacity: 1000,
             other_capacity: 500,
         });
@@ -526,6 +530,9 @@ mod tests {
             "dataplane_map_entries{map=\"CT_OTHER\"} 6",
             "dataplane_map_capacity{map=\"CT_OTHER\"} 500",
             "dataplane_map_entries{map=\"SOCK_REVNAT\"} 5",
+            "dataplane_map_entries{map=\"LB6_SERVICES\"} 1",
+            "dataplane_map_entries{map=\"CT6_TCP\"} 2",
+            "dataplane_map_capacity{map=\"CT6_TCP\"} 1000",
             "dataplane_map_capacity{map=\"SOCK_REVNAT\"} 131072",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");

@@ -222,7 +222,7 @@ mod tests {
     fn object_the_model_refuses_is_reported_not_applied() {
         let mut t = Tracker::<Service>::new();
         let mut v6 = svc("v6");
-        v6.spec.as_mut().unwrap().cluster_ip = Some("fd00::10".into());
+        v6.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.300".into());
         let handled = t.handle(watcher::Event::Apply(v6));
         assert!(handled.events.is_empty());
         assert_eq!(handled.invalid.len(), 1);

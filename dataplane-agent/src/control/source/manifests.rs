@@ -761,8 +761,8 @@ metadata: {name: ignored}
         let ClusterEvent::ApplyService(svc) = &events[0] else {
             panic!("{:?}", names(&events));
         };
-        let ip = svc.proxied.as_ref().map(|s| s.ip);
-        assert_eq!(ip, Some(std::net::Ipv4Addr::new(10, 96, 0, 11)));
+        let ip = svc.proxied.as_ref().map(|s| s.cluster_ips[0]);
+        assert_eq!(ip, Some(std::net::Ipv4Addr::new(10, 96, 0, 11).into()));
     }
 
     #[test]
@@ -834,10 +834,10 @@ metadata: {name: ignored}
         let ClusterEvent::ApplyService(svc) = &events[0] else {
             panic!("{:?}", names(&events));
         };
-        let ip = svc.proxied.as_ref().map(|s| s.ip);
+        let ip = svc.proxied.as_ref().map(|s| s.cluster_ips[0]);
         assert_eq!(
             ip,
-            Some(std::net::Ipv4Addr::new(10, 96, 0, 11)),
+            Some(std::net::Ipv4Addr::new(10, 96, 0, 11).into()),
             "a.yaml, read first, must win over b.yaml"
         );
         let msg = errors[0].to_string();

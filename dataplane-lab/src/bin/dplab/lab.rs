@@ -26,7 +26,22 @@ fn lab_server_binary() -> PathBuf {
     workspace_root().join("target/release/lab-server")
 }
 
-pub use crate::up_options::{Overlay, PodNetwork, UpOptions};
+pub use crate::up_options::{IpFamily, Overlay, PodNetwork, UpOptions};
+
+/// The web service's IPv4 and IPv6 cluster IPs.
+pub const SERVICE_IP: [u8; 4] = [10, 96, 0, 10];
+pub const SERVICE_IP6: &str = "fd00:10:96::10";
+
+/// The web service's cluster IPs for `family`, the primary first.
+pub fn service_ips(family: IpFamily) -> Vec<std::net::IpAddr> {
+    let v4 = std::net::IpAddr::from(SERVICE_IP);
+    let v6: std::net::IpAddr = SERVICE_IP6.parse().expect("an IPv6 address");
+    match family {
+        IpFamily::Ipv4 => vec![v4],
+        IpFamily::Dual => vec![v4, v6],
+        IpFamily::Ipv6 => vec![v6],
+    }
+}
 
 /// Fixed prefix of the lab's namespaces (tests use unique ones).
 pub const PREFIX: &str = "dplab-";
@@ -60,6 +75,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             Overlay::Vxlan => CrossNode::Vxlan,
         },
         pods: default_pods(),
+        ipv6: options.ip_family != IpFamily::Ipv4,
     };
     // Until `keep`, an error drops the lab: its processes and namespaces go.
     let lab = Lab::build(spec).context("building the lab")?;
@@ -82,14 +98,20 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     // The web service is a LoadBalancer: its cluster IP for the pods,
     // NodePorts on both nodes and a load-balancer IP the router sends to
     // the nodes, for the outside client.
-    let service = manifests::exposed(
-        manifests::web_service("web", "10.96.0.10".parse()?),
-        &lab_exposure(),
+    // With IPv6 it has a cluster IP (and an EndpointSlice) per family; the
+    // external frontends are served on IPv4.
+    let service = manifests::with_cluster_ips(
+        manifests::exposed(
+            manifests::web_service("web", SERVICE_IP.into()),
+            &lab_exposure(),
+        ),
+        &service_ips(options.ip_family),
     );
-    let sample = manifests::manifest(
-        &service,
-        web.iter().map(|p| manifests::pod_endpoint(p)).collect(),
-    );
+    let sample = manifests::manifest_per_family(&service, |family| {
+        web.iter()
+            .map(|p| manifests::pod_endpoint_of(p, family))
+            .collect()
+    });
     for node in [1u8, 2] {
         let dir = node_dir(node);
         // Every node's agent sees the same objects, as from the API server.

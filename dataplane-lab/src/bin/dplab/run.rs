@@ -11,11 +11,17 @@ use dataplane_lab::{
     traffic,
 };
 
-use crate::lab::{self, UpOptions, LB_IP, NODE_PORTS, PREFIX};
+use crate::lab::{self, service_ips, UpOptions, LB_IP, NODE_PORTS, PREFIX};
 
 pub fn run(options: UpOptions) -> anyhow::Result<()> {
     lab::up(&options)?;
-    let service = SocketAddr::from(([10, 96, 0, 10], 80));
+    // The service's address of each family it has (its first for node1's
+    // own requests below).
+    let services: Vec<SocketAddr> = service_ips(options.ip_family)
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, 80))
+        .collect();
+    let service = services[0];
     // Without agents nothing translates the service IP: show the topology
     // itself, the client reaching each backend pod directly.
     let targets: Vec<(String, SocketAddr)> = if options.no_agent {
@@ -28,8 +34,10 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
             })
             .collect()
     } else {
+        // Six requests, over each family in turn.
         (0..6)
-            .map(|_| (format!("service default/web {service}"), service))
+            .map(|i| services[i % services.len()])
+            .map(|to| (format!("service default/web {to}"), to))
             .collect()
     };
     println!("\nclient (10.244.1.10 on node1):");
@@ -46,7 +54,8 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
             }
         }
     }
-    if !options.no_agent {
+    // Host processes go through the socket hooks, IPv4 only so far.
+    if !options.no_agent && service.is_ipv4() {
         println!("\nnode1 itself (a host-network process in node1's cgroup):");
         for i in 0..3 {
             let seen = host_request(service)?;
@@ -58,6 +67,8 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
                 i + 1
             );
         }
+    }
+    if !options.no_agent {
         failed += outside_requests();
     }
     let dir = lab::lab_dir();
@@ -68,6 +79,7 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
         "
 The lab is running. Explore it:
   ip netns exec {PREFIX}client curl -s http://10.96.0.10/       # through the service
+  ip netns exec {PREFIX}client curl -s 'http://[fd00:10:96::10]/'  # over IPv6 (--ip-family dual)
   ip netns exec {PREFIX}outside curl -s http://192.168.100.2:30080/   # a NodePort from outside
   ip netns exec {PREFIX}outside curl -s http://198.51.100.10/     # the load-balancer IP
   ip netns exec {PREFIX}node1 ip -br addr; ip netns exec {PREFIX}node1 ip route

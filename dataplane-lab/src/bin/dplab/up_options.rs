@@ -14,6 +14,18 @@ pub struct UpOptions {
     /// started (pod-to-pod traffic works, service IPs do not).
     #[arg(long)]
     pub no_agent: bool,
+    /// Address families of pods and services: `dual` gives pods and nodes
+    /// IPv6 addresses too and the web service a cluster IP of each family,
+    /// `ipv6` makes the web service IPv6 only (pods stay dual-stack).
+    #[arg(long, value_enum, default_value = "ipv4")]
+    pub ip_family: IpFamily,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    Ipv4,
+    Dual,
+    Ipv6,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]

@@ -1,0 +1,186 @@
+//! IPv6 service lookup and backend selection: the rules of `lb` (slots,
+//! ClientIP affinity, traffic policy) on the `LB6_*` maps. Slots are shared
+//! with IPv4 (`BACKEND_SLOTS`); an IPv6 frontend's slots hold ids in
+//! `LB6_BACKENDS`.
+
+use dataplane_common::{
+    service_flags, service_ip_flags, service_scope, Affinity6Key, AffinityEntry, Backend6,
+    Ipv6Bytes, Service6Key, ServiceValue,
+};
+
+use crate::{
+    maps::{
+        affinity6_insert, affinity6_slot, backend6_get, backend_slot_get, service6_get,
+        service6_ip_get,
+    },
+    parse6::Ipv6Flow,
+    skb,
+};
+
+/// The `LB6_SERVICE_IPS` value of `addr`, if it is a service IP or one of
+/// this node's addresses.
+#[inline(always)]
+pub fn lb6_service_ip(addr: &Ipv6Bytes) -> Option<u32> {
+    service6_ip_get(addr)
+}
+
+#[inline(always)]
+fn lb6_key(addr: Ipv6Bytes, port: u16, proto: u8, scope: u8) -> Service6Key {
+    Service6Key {
+        addr,
+        port,
+        proto,
+        scope,
+    }
+}
+
+/// The frontend a pod's packet is for: a cluster IP first, then a
+/// load-balancer IP or externalIP, then a NodePort on one of this node's
+/// addresses (as `lb4_lookup_frontend`).
+#[inline(always)]
+pub fn lb6_lookup_frontend(flow: &Ipv6Flow, ip_value: u32) -> Option<ServiceValue> {
+    if ip_value & service_ip_flags::COUNT_MASK != 0 {
+        for scope in [service_scope::INTERNAL, service_scope::EXTERNAL] {
+            let key = lb6_key(flow.dst_addr, flow.dst_port, flow.proto, scope);
+            if let Some(svc) = service6_get(&key) {
+                return Some(svc);
+            }
+        }
+    }
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        return service6_get(&lb6_key(
+            [0; 16],
+            flow.dst_port,
+            flow.proto,
+            service_scope::EXTERNAL,
+        ));
+    }
+    None
+}
+
+/// `loadBalancerSourceRanges` are kept for IPv4 clients only: a frontend
+/// that has them admits no IPv6 client.
+#[inline(always)]
+pub fn lb6_source_allowed(svc: &ServiceValue) -> bool {
+    svc.flags & service_flags::SOURCE_RANGES == 0
+}
+
+/// What a new IPv6 connection to a service gets; see `lb::Choice`. The
+/// backend itself is written to the caller's [`Selected6`]: a data-carrying
+/// enum crossing a BPF function call gets a BTF layout (its tag inside the
+/// payload) the kernel refuses.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Choice6 {
+    Backend,
+    NoEndpoints,
+    NoLocalEndpoints,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Selected6 {
+    pub backend_id: u32,
+    pub backend: Backend6,
+    pub by_affinity: bool,
+}
+
+/// `lb4_choose_backend` for an IPv6 client; the backend goes to
+/// `selected`.
+#[inline(never)]
+pub fn lb6_choose_backend(
+    svc: &ServiceValue,
+    client: &Ipv6Bytes,
+    now: u64,
+    selected: &mut Selected6,
+) -> Choice6 {
+    match lb6_select_backend(svc, client, now) {
+        Some(chosen) => {
+            *selected = chosen;
+            Choice6::Backend
+        }
+        None if svc.flags & service_flags::DROP_NO_LOCAL_ENDPOINTS != 0 => {
+            Choice6::NoLocalEndpoints
+        }
+        None => Choice6::NoEndpoints,
+    }
+}
+
+#[inline(always)]
+fn lb6_select_backend(svc: &ServiceValue, client: &Ipv6Bytes, now: u64) -> Option<Selected6> {
+    if svc.backend_count == 0 {
+        return None;
+    }
+    if svc.affinity_timeout_s == 0 {
+        let (_, backend_id, backend) = lb6_random_backend(svc)?;
+        return Some(Selected6 {
+            backend_id,
+            backend,
+            by_affinity: false,
+        });
+    }
+    let key = Affinity6Key {
+        service_id: svc.service_id,
+        client_addr: *client,
+        _pad: 0,
+        client_netns: 0,
+    };
+    if let Some(selected) = lb6_affinity_backend(svc, &key, now) {
+        return Some(selected);
+    }
+    let (slot, backend_id, backend) = lb6_random_backend(svc)?;
+    affinity6_insert(
+        &key,
+        &AffinityEntry {
+            last_used_ns: now,
+            backend_id,
+            slot,
+        },
+    );
+    Some(Selected6 {
+        backend_id,
+        backend,
+        by_affinity: false,
+    })
+}
+
+/// As `lb4_affinity_backend`.
+#[inline(always)]
+fn lb6_affinity_backend(svc: &ServiceValue, key: &Affinity6Key, now: u64) -> Option<Selected6> {
+    let entry = affinity6_slot(key)?;
+    let remembered = entry.get();
+    let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+    if now.saturating_sub(remembered.last_used_ns) > timeout_ns
+        || remembered.slot >= svc.backend_count
+        || lb6_slot(svc, remembered.slot) != Some(remembered.backend_id)
+    {
+        return None;
+    }
+    let backend = lb6_lookup_backend(remembered.backend_id)?;
+    entry.set_last_used(now);
+    Some(Selected6 {
+        backend_id: remembered.backend_id,
+        backend,
+        by_affinity: true,
+    })
+}
+
+/// As `lb4_random_backend`.
+#[inline(always)]
+fn lb6_random_backend(svc: &ServiceValue) -> Option<(u32, u32, Backend6)> {
+    let slot = skb::random_u32() % svc.backend_count;
+    let (slot, backend_id) = match lb6_slot(svc, slot) {
+        Some(id) => (slot, id),
+        None => (0, lb6_slot(svc, 0)?),
+    };
+    lb6_lookup_backend(backend_id).map(|b| (slot, backend_id, b))
+}
+
+#[inline(always)]
+fn lb6_slot(svc: &ServiceValue, slot: u32) -> Option<u32> {
+    backend_slot_get(svc.slot_base.wrapping_add(slot))
+}
+
+#[inline(always)]
+pub fn lb6_lookup_backend(backend_id: u32) -> Option<Backend6> {
+    backend6_get(backend_id)
+}

@@ -1,0 +1,165 @@
+//! IPv6 frontends written straight into the pinned `LB6_*` maps and
+//! `BACKEND_SLOTS`, for the datapath tests of the IPv6 programs (until the
+//! sync engine writes them: then these go through it, as IPv4's do). Ids
+//! and slot blocks come from ranges the sync engine's allocators do not
+//! reach in a test.
+
+use std::net::SocketAddrV6;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use dataplane_common::{
+    capacity, map_names, port_to_map, service_scope, Affinity6Key, AffinityEntry, Backend6,
+    Ct6Entry, Ct6Key, Ipv6Bytes, Service6Key, ServiceValue, IPPROTO_TCP,
+};
+
+use crate::datapath::{proto_number, Harness};
+use dataplane_agent::control::model::Protocol;
+
+/// First service id and slot of the IPv6 frontends tests write.
+const SERVICE_ID_BASE: u32 = 900_000;
+const SLOT_BASE: u32 = capacity::BACKEND_SLOTS - 65_536;
+/// Slots each test frontend owns.
+const SLOTS_PER_SERVICE: u32 = 64;
+
+/// How a test IPv6 frontend is set up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frontend6Options {
+    pub affinity_timeout_s: u32,
+    /// Bits of `service_flags`.
+    pub flags: u32,
+}
+
+fn open_pin(harness: &Harness, name: &str) -> MapData {
+    MapData::from_pin(harness.bpffs().join(name))
+        .unwrap_or_else(|e| panic!("opening the pinned {name} map: {e}"))
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(harness: &Harness, name: &str) -> BpfHashMap<MapData, K, V> {
+    BpfHashMap::try_from(Map::HashMap(open_pin(harness, name)))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn lru<K: aya::Pod, V: aya::Pod>(harness: &Harness, name: &str) -> BpfHashMap<MapData, K, V> {
+    BpfHashMap::try_from(Map::LruHashMap(open_pin(harness, name)))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn array<V: aya::Pod>(harness: &Harness, name: &str) -> Array<MapData, V> {
+    Array::try_from(Map::Array(open_pin(harness, name))).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn ipv6_bytes(addr: &SocketAddrV6) -> Ipv6Bytes {
+    addr.ip().octets()
+}
+
+/// Conntrack key of an IPv6 flow in the maps' byte order.
+pub fn ct6_key(src: SocketAddrV6, dst: SocketAddrV6, proto: Protocol, direction: u8) -> Ct6Key {
+    Ct6Key {
+        src_addr: ipv6_bytes(&src),
+        dst_addr: ipv6_bytes(&dst),
+        src_port: port_to_map(src.port()),
+        dst_port: port_to_map(dst.port()),
+        proto: proto_number(proto),
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+impl Harness {
+    /// IPv6 cluster-IP frontend number `index` (0..) at `frontend` with
+    /// these backends (none: no endpoints), which get the `LB6_BACKENDS`
+    /// ids `first_backend_id..`. Returns the service id.
+    pub fn set_service6(
+        &self,
+        index: u32,
+        frontend: SocketAddrV6,
+        proto: Protocol,
+        backends: &[SocketAddrV6],
+        first_backend_id: u32,
+        options: Frontend6Options,
+    ) -> u32 {
+        let proto = proto_number(proto);
+        let service_id = SERVICE_ID_BASE + index;
+        let slot_base = SLOT_BASE + index * SLOTS_PER_SERVICE;
+        let mut lb_backends: Array<MapData, Backend6> = array(self, map_names::LB6_BACKENDS);
+        let mut slots: Array<MapData, u32> = array(self, map_names::BACKEND_SLOTS);
+        for (i, b) in backends.iter().enumerate() {
+            let id = first_backend_id + i as u32;
+            let backend = Backend6 {
+                addr: ipv6_bytes(b),
+                port: port_to_map(b.port()),
+                proto,
+                flags: 0,
+            };
+            lb_backends
+                .set(id, backend, 0)
+                .expect("writing LB6_BACKENDS");
+            slots
+                .set(slot_base + i as u32, id, 0)
+                .expect("writing BACKEND_SLOTS");
+        }
+        let mut services: BpfHashMap<MapData, Service6Key, ServiceValue> =
+            hash(self, map_names::LB6_SERVICES);
+        let key = Service6Key {
+            addr: ipv6_bytes(&frontend),
+            port: port_to_map(frontend.port()),
+            proto,
+            scope: service_scope::INTERNAL,
+        };
+        let value = ServiceValue {
+            service_id,
+            backend_count: backends.len() as u32,
+            flags: options.flags,
+            affinity_timeout_s: options.affinity_timeout_s,
+            slot_base,
+        };
+        services
+            .insert(key, value, 0)
+            .expect("writing LB6_SERVICES");
+        let mut ips: BpfHashMap<MapData, Ipv6Bytes, u32> = hash(self, map_names::LB6_SERVICE_IPS);
+        let count = ips.get(&key.addr, 0).unwrap_or(0);
+        ips.insert(key.addr, count + 1, 0)
+            .expect("writing LB6_SERVICE_IPS");
+        service_id
+    }
+
+    /// Removes IPv6 backend `id` (its slot stays; the datapath sees an
+    /// unused id), as a backend deleted between two syncs.
+    pub fn remove_backend6(&self, id: u32) {
+        let mut lb_backends: Array<MapData, Backend6> = array(self, map_names::LB6_BACKENDS);
+        lb_backends
+            .set(id, Backend6::default(), 0)
+            .expect("clearing LB6_BACKENDS");
+    }
+
+    /// A copy of the IPv6 conntrack entry at `key`.
+    pub fn ct6_get(&self, key: &Ct6Key) -> Option<Ct6Entry> {
+        let name = if key.proto == IPPROTO_TCP {
+            map_names::CT6_TCP
+        } else {
+            map_names::CT6_OTHER
+        };
+        let map: BpfHashMap<MapData, Ct6Key, Ct6Entry> = lru(self, name);
+        map.get(key, 0).ok()
+    }
+
+    /// Entries in `CT6_TCP` and `CT6_OTHER`.
+    pub fn ct6_len(&self) -> usize {
+        [map_names::CT6_TCP, map_names::CT6_OTHER]
+            .iter()
+            .map(|name| {
+                let map: BpfHashMap<MapData, Ct6Key, Ct6Entry> = lru(self, name);
+                map.keys().count()
+            })
+            .sum()
+    }
+
+    /// The pinned `LB6_AFFINITY` map's entries.
+    pub fn affinity6(&self) -> Vec<(Affinity6Key, AffinityEntry)> {
+        let map: BpfHashMap<MapData, Affinity6Key, AffinityEntry> =
+            lru(self, map_names::LB6_AFFINITY);
+        map.iter()
+            .map(|e| e.expect("reading LB6_AFFINITY"))
+            .collect()
+    }
+}

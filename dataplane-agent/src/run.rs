@@ -216,7 +216,10 @@ struct SnatState {
 }
 
 impl SnatState {
-    fn write(&self, map: &mut aya::maps::Array<aya::maps::MapData, NatConfig>) -> anyhow::Result<()> {
+    fn write(
+        &self,
+        map: &mut aya::maps::Array<aya::maps::MapData, NatConfig>,
+    ) -> anyhow::Result<()> {
         let config = NatConfig {
             snat_addr: self
                 .addr

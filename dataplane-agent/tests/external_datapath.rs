@@ -614,10 +614,7 @@ fn expired_nat_entries_are_swept_and_live_ones_kept() {
     node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
     let other_client = addr([203, 0, 113, 5], 40_001);
     for client in [outside_client(), other_client] {
-        dp.run(
-            "from_outside",
-            &Tcp::new(client, node_port(), SYN).build(),
-        );
+        dp.run("from_outside", &Tcp::new(client, node_port(), SYN).build());
     }
     assert_eq!(dp.nat().keys().count(), 4, "two SNATed flows");
     // The first flow was last seen at boot: past any lifetime.
@@ -674,5 +671,8 @@ fn nat_last_seen_once_a_second() {
         &Tcp::new(outside_client(), node_port(), ACK).build(),
     );
     let refreshed = dp.nat().get(&original, 0).unwrap();
-    assert!(refreshed.last_seen_ns >= created.last_seen_ns, "{refreshed:?}");
+    assert!(
+        refreshed.last_seen_ns >= created.last_seen_ns,
+        "{refreshed:?}"
+    );
 }

@@ -183,7 +183,10 @@ fn nat_lists_snatted_external_flows_with_both_tuples() {
         "{flow}"
     );
     assert_eq!(flow["original"], "203.0.113.5:40000 -> 192.168.100.1:30080");
-    assert_eq!(flow["translated"], "192.168.100.1:61000 -> 10.244.2.10:8080");
+    assert_eq!(
+        flow["translated"],
+        "192.168.100.1:61000 -> 10.244.2.10:8080"
+    );
     assert_eq!(flow["state"], "SYN_SENT");
     let table = inspect(&dp, &["nat"]);
     assert!(

@@ -293,8 +293,8 @@ fn setup(
             return Ok((node_port_target, Box::new(()), String::new()));
         }
         OutsideSystem::Nftables => {
-            let rules = kubeproxy_rules::nft_full(&svcs)
-                + &kubeproxy_rules::nft_nodeport_ips(&[node_addr]);
+            let rules =
+                kubeproxy_rules::nft_full(&svcs) + &kubeproxy_rules::nft_nodeport_ips(&[node_addr]);
             netns::run_in(&entry, "nft", &["-f", "-"], Some(&rules))?;
             return Ok((node_port_target, Box::new(()), String::new()));
         }
@@ -326,7 +326,10 @@ fn setup(
     let note = agent
         .log_text()
         .lines()
-        .find_map(|l| l.split_once("XDP attached").map(|(_, mode)| mode.trim_start_matches(", ").to_owned()))
+        .find_map(|l| {
+            l.split_once("XDP attached")
+                .map(|(_, mode)| mode.trim_start_matches(", ").to_owned())
+        })
         .unwrap_or_else(|| "tc".into());
     // Drop order: the agent first, then its bpffs, then the files.
     Ok((node_port_target, Box::new((agent, bpffs, work)), note))
@@ -429,4 +432,3 @@ pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {
     }
     Ok(results)
 }
-

@@ -351,10 +351,21 @@ impl Report {
             .outside
             .iter()
             .filter(|r| !r.note.is_empty())
-            .map(|r| format!("- {} ({} services): {}", r.system.label(), r.services, r.note))
+            .map(|r| {
+                format!(
+                    "- {} ({} services): {}",
+                    r.system.label(),
+                    r.services,
+                    r.note
+                )
+            })
             .collect();
         if !notes.is_empty() {
-            let _ = writeln!(o, "\nWhat the agent attached to the uplink (its log):\n{}", notes.join("\n"));
+            let _ = writeln!(
+                o,
+                "\nWhat the agent attached to the uplink (its log):\n{}",
+                notes.join("\n")
+            );
         }
         let _ = writeln!(o, "\n| target | measured | |\n|---|---|---|");
         let mut scales: Vec<usize> = self.outside.iter().map(|r| r.services).collect();

@@ -14,7 +14,8 @@ use dataplane_lab::{
     CrossNode, Topology,
 };
 use integration_tests::{
-    lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen as Outcome, WEB_IP,
+    lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen as Outcome,
+    WEB_IP,
 };
 
 const NODE_PORT_HTTP: u16 = 30080;
@@ -416,8 +417,16 @@ fn node_port_is_served_on_an_address_added_after_start() {
     let added = Ipv4Addr::new(192, 168, 100, 101);
     let node1 = c.lab.node_ns(1);
     let ip = |verb: &str| {
-        dataplane_lab::netns::ip(&["-n", &node1, "addr", verb, "192.168.100.101/24", "dev", "eth0"])
-            .expect("ip addr")
+        dataplane_lab::netns::ip(&[
+            "-n",
+            &node1,
+            "addr",
+            verb,
+            "192.168.100.101/24",
+            "dev",
+            "eth0",
+        ])
+        .expect("ip addr")
     };
     ip("add");
     c.eventually("the NodePort answers on the added address", || {
@@ -456,7 +465,8 @@ fn node_processes_reach_a_node_port_on_their_own_node_address() {
         c.logs()
     );
     assert!(
-        seen.iter().all(|s| matches!(s, Outcome::Answered { from, .. } if *from == to)),
+        seen.iter()
+            .all(|s| matches!(s, Outcome::Answered { from, .. } if *from == to)),
         "{seen:?}"
     );
 }

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 
-use dataplane_common::{ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, NatEntry, NatKey, IPPROTO_TCP};
+use dataplane_common::{
+    ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, NatEntry, NatKey, IPPROTO_TCP,
+};
 
 use crate::node::pinned::{monotonic_now_ns, ConntrackMaps, NatMap};
 
@@ -132,11 +134,9 @@ pub fn still_dead<E: FlowEntry>(
     if E::is_original(key) {
         entry.is_expired(now_ns, lifetimes)
     } else {
-        table
-            .lookup(&entry.original_key())
-            .is_none_or(|original| {
-                original.is_expired(now_ns, lifetimes) || !entry.reply_of(&original)
-            })
+        table.lookup(&entry.original_key()).is_none_or(|original| {
+            original.is_expired(now_ns, lifetimes) || !entry.reply_of(&original)
+        })
     }
 }
 
@@ -382,7 +382,9 @@ mod tests {
         let mut table: HashMap<NatKey, NatEntry> = entries.into_iter().collect();
         assert_eq!(delete_still_dead(&mut table, &candidates, now, &L), 2);
         assert_eq!(table.len(), 2);
-        assert!(table.keys().all(|k| k.src_port == 11 || k.dst_port == 61_001));
+        assert!(table
+            .keys()
+            .all(|k| k.src_port == 11 || k.dst_port == 61_001));
     }
 
     /// A REPLY entry (a SNAT port) the original flow no longer points at

@@ -726,3 +726,19 @@ fn ipv6_fragment_header_after_hop_by_hop_is_found_and_its_datagram_tracked() {
     assert_eq!(ipv6_fields(&run.output).dst, *dns_backend().ip());
     assert_eq!(dp.counter(Counter::FragmentTranslated), 1);
 }
+
+#[test]
+fn ipv6_truncated_segment_to_a_service_passes_untouched_and_is_counted() {
+    let dp = Harness::new();
+    web(&dp, &[backend()]);
+    let mut syn = Tcp6::new(client(), service(), SYN).build();
+    // The payload length claims 8 bytes more than the frame holds.
+    let len = be16(&syn, ETH_HLEN + 4) + 8;
+    syn[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&len.to_be_bytes());
+
+    let run = dp.run_from_pod(&syn);
+
+    assert_untouched(&run, &syn, "truncated SYN");
+    assert_eq!(dp.counter(Counter::Malformed), 1);
+    assert_eq!(dp.ct6_len(), 0);
+}

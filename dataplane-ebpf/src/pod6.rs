@@ -134,7 +134,14 @@ fn try_from_pod6(ctx: &TcContext) -> Verdict {
     let mut flow = Ipv6Flow::default();
     match parse_ipv6_flow_into(ctx, &mut flow) {
         Ok(()) => {}
-        Err(Parse6Error::NotL4 | Parse6Error::Malformed) => return Ok(TC_ACT_OK),
+        Err(Parse6Error::NotL4) => return Ok(TC_ACT_OK),
+        Err(Parse6Error::Malformed) => {
+            // Never rewritten; counted when it was meant for a service.
+            if to_service(ctx) {
+                count(Counter::Malformed);
+            }
+            return Ok(TC_ACT_OK);
+        }
         Err(Parse6Error::PastBound) => {
             if to_service(ctx) {
                 count(Counter::Ipv6ExtHeadersPastBound);

@@ -262,6 +262,35 @@ fn backend_reply_is_translated_back_to_the_service_address() {
 }
 
 #[test]
+fn packets_into_a_pod_from_a_pod_that_serves_no_service_are_not_looked_up() {
+    // Only packets from a backend's address and port are looked up in
+    // conntrack on their way into a pod (`REPLY_SOURCES` follows the
+    // backends): a flow whose backend left the service keeps its entries
+    // until the client's next packet, but its former backend's packets pass
+    // as they are.
+    let other = addr([10, 244, 2, 11], 8080);
+    let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+    let syn_ack = Tcp::new(backend(), client(), SYN | ACK)
+        .seq(90_000)
+        .ack(7_001)
+        .build();
+    let mut dp = Harness::new();
+    dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    dp.set_service("web", service(), Protocol::Tcp, &[other]);
+    assert!(
+        dp.ct_get(&ct_key(backend(), client(), Protocol::Tcp, ct_dir::REPLY))
+            .is_some(),
+        "the reply entry is still there"
+    );
+
+    let run = dp.run_to_pod(&syn_ack);
+
+    assert_untouched(&run, &syn_ack, "packet of a pod that serves no service");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 0);
+}
+
+#[test]
 fn closed_connection_reopened_with_a_syn_is_a_new_flow() {
     let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
     let syn_ack = Tcp::new(backend(), client(), SYN | ACK)

@@ -114,7 +114,7 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "| services | flows in conntrack | floor | non-service | new flow | established | reply translation | floor, repeat = 10 000 (context) |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| services | flows in conntrack | floor | non-service | into a pod, not a reply | new flow | established | reply translation | floor, repeat = 10 000 (context) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &self.testrun {
             let cell = |ns: u32| {
@@ -125,11 +125,12 @@ impl Report {
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {} ns | {} | {} | {} | {} | {} ns |",
+                "| {} | {} | {} ns | {} | {} | {} | {} | {} | {} ns |",
                 r.services,
                 r.flows,
                 r.floor,
                 cell(r.non_service),
+                cell(r.into_pod),
                 cell(r.new_flow),
                 cell(r.established),
                 cell(r.reply),

@@ -35,6 +35,8 @@ pub struct ScaleResult {
     /// Medians, ns per packet.
     pub floor: u32,
     pub non_service: u32,
+    /// `to_pod` on a packet between pods (not from a backend).
+    pub into_pod: u32,
     pub new_flow: u32,
     pub established: u32,
     pub reply: u32,
@@ -170,6 +172,22 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
         non_service.push(ns);
     }
 
+    // The same packets on their way into the destination pod: no backend
+    // sent them, nothing to translate.
+    let mut into_pod = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let pkt = tcp_packet(
+            client_of(i),
+            SocketAddrV4::new(Ipv4Addr::from(pod_base + (i % 60_000) as u32), 8080),
+            ACK,
+        );
+        let (ns, verdict) = p.paired(Prog::ToPod, &pkt, true)?;
+        expect(verdict == TC_ACT_OK, || {
+            format!("into-pod verdict {verdict}")
+        })?;
+        into_pod.push(ns);
+    }
+
     // First packet of a new flow: every flow's SYN, flows spread over all
     // services, so conntrack ends up holding every flow.
     let mut new_flow = Vec::with_capacity(flows_n);
@@ -247,6 +265,7 @@ pub fn run_scale(services: usize, endpoints: usize, samples: usize) -> anyhow::R
         sync_time,
         floor,
         non_service: median(&mut non_service),
+        into_pod: median(&mut into_pod),
         new_flow: median(&mut new_flow),
         established: median(&mut established),
         reply: median(&mut reply),
@@ -289,8 +308,8 @@ pub fn run(scales: &[usize], endpoints: usize, samples: usize) -> anyhow::Result
         match r {
             Ok(r) => {
                 eprintln!(
-                    "  {services} services ({} flows, synced in {:?}): floor {} ns, non-service {} ns, new flow {} ns, established {} ns, reply {} ns; floor with repeat={REPEAT}: {} ns",
-                    r.flows, r.sync_time, r.floor, r.non_service, r.new_flow, r.established, r.reply
+                    "  {services} services ({} flows, synced in {:?}): floor {} ns, non-service {} ns, into a pod {} ns, new flow {} ns, established {} ns, reply {} ns; floor with repeat={REPEAT}: {} ns",
+                    r.flows, r.sync_time, r.floor, r.non_service, r.into_pod, r.new_flow, r.established, r.reply
                     , r.floor_repeat
                 );
                 results.push(r);

@@ -14,7 +14,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    lb::{lb4_choose_backend, lb4_is_service_ip, lb4_lookup_service, Choice, Client},
+    lb::{lb4_choose_backend, lb4_lookup_service, Choice, Client},
     maps::{count, sock_revnat_get, SOCK_REVNAT},
     skb,
     sock_ctx::{SockAddr, AF_INET},
@@ -108,10 +108,10 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
         return ALLOW;
     }
     let (addr, port) = (sock.user_ip4(), sock.user_port());
-    if !lb4_is_service_ip(addr) {
-        return ALLOW;
-    }
-    // A port that is no service is left to the packet path, as it is there.
+    // One lookup, the frontend's: a `SERVICE_IPS` check first would cost
+    // every service connection a second one and save other connections
+    // none. A port that is no service is left to the packet path, as it is
+    // there.
     let Some(service) = lb4_lookup_service(addr, port, proto) else {
         return ALLOW;
     };
@@ -168,8 +168,10 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
         _pad: 0,
         service_id: service.service_id,
     };
-    // Per datagram the entry is usually there already: no write then.
-    if sock_revnat_get(&key) != Some(entry) && SOCK_REVNAT.insert(key, entry, 0).is_err() {
+    // A connecting socket is new to the map (its cookie is); per datagram
+    // the entry is usually there already: no write then.
+    let stored = hook != trace_hook::SOCK_CONNECT && sock_revnat_get(&key) == Some(entry);
+    if !stored && SOCK_REVNAT.insert(key, entry, 0).is_err() {
         count(Counter::SockRevNatFailed);
     }
     sock.set_user_addr(backend.addr, backend.port);

@@ -536,13 +536,16 @@ fn set_up(system: System, services: usize, o: &Options) -> anyhow::Result<Case> 
     let started = Instant::now();
     let (target, guard) = setup(system, &topo, services, o.endpoints)?;
     let client = client_ns(system, &topo);
-    wait_ready(&client, target)?;
-    let setup = started.elapsed();
-    // Warm-up: conntrack, caches, the server's threads.
-    {
+    let setup = {
+        // In the node's cgroup already while waiting: a host-network
+        // client reaches the service only through the socket hooks.
         let _joined = join_for_load(system, &topo)?;
+        wait_ready(&client, target)?;
+        let setup = started.elapsed();
+        // Warm-up: conntrack, caches, the server's threads.
         load(&client, target, Duration::from_millis(300), o.concurrency)?;
-    }
+        setup
+    };
     Ok(Case {
         system,
         target,

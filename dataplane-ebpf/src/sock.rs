@@ -165,8 +165,10 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
         _pad: 0,
         service_id: service.service_id,
     };
-    // Per datagram the entry is usually there already: no write then.
-    if sock_revnat_get(&key) != Some(entry) && SOCK_REVNAT.insert(key, entry, 0).is_err() {
+    // A connecting socket is new to the map (its cookie is); per datagram
+    // the entry is usually there already: no write then.
+    let stored = hook != trace_hook::SOCK_CONNECT && sock_revnat_get(&key) == Some(entry);
+    if !stored && SOCK_REVNAT.insert(key, entry, 0).is_err() {
         count(Counter::SockRevNatFailed);
     }
     sock.set_user_addr(backend.addr, backend.port);

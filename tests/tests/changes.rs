@@ -313,14 +313,14 @@ fn open_tcp_connection_survives_an_agent_restart() {
 /// Upgrading from the previous release (maps of layout 2, one conntrack
 /// map): open TCP and UDP flows keep their backends while this build's
 /// agents migrate the maps and switch the programs. Needs that release's
-/// agent binary in `DATAPLANE_PREVIOUS_AGENT_BIN` (built from the commit
-/// before layout 3).
+/// agent binary in `DATAPLANE_PREVIOUS_AGENT_BIN` (`cargo xtask test`
+/// builds it from the last commit of layout 2).
 #[test]
-#[ignore = "needs DATAPLANE_PREVIOUS_AGENT_BIN, an agent of the previous map layout"]
 fn open_connections_survive_an_upgrade_from_the_previous_release() {
     require_root();
-    let previous = std::env::var_os("DATAPLANE_PREVIOUS_AGENT_BIN")
-        .expect("DATAPLANE_PREVIOUS_AGENT_BIN: the previous release's agent");
+    let previous = std::env::var_os("DATAPLANE_PREVIOUS_AGENT_BIN").expect(
+        "DATAPLANE_PREVIOUS_AGENT_BIN: the previous release's agent (`cargo xtask test` builds it)",
+    );
     let mut c = Cluster::start_with_agent_bin(
         previous.into(),
         Topology::Bridge,

@@ -4,6 +4,7 @@ mod bench;
 mod cargo;
 mod lab;
 mod lint;
+mod previous_release;
 mod run;
 mod setup;
 mod test;

@@ -2,7 +2,7 @@
 
 use crate::{
     cargo::{agent_binary, build_release, cargo, status},
-    setup,
+    previous_release, setup,
 };
 
 /// Tests run at once per test binary by default: each integration test
@@ -24,6 +24,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     cmd.args(&options.cargo_args);
     // The integration tests start this binary in the lab's node namespaces.
     cmd.env("DATAPLANE_AGENT_BIN", agent_binary());
+    // The upgrade test starts the previous release's agent first; a
+    // binary named by the caller wins over the one built from git.
+    if std::env::var_os("DATAPLANE_PREVIOUS_AGENT_BIN").is_none() {
+        cmd.env(
+            "DATAPLANE_PREVIOUS_AGENT_BIN",
+            previous_release::agent_binary()?,
+        );
+    }
     if std::env::var_os("RUST_TEST_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         cmd.env(

@@ -21,6 +21,15 @@ pub const HEALTHZ: &str = "127.0.0.1:10256";
 pub const METRICS: &str = "127.0.0.1:10249";
 
 /// The agent binary: `DATAPLANE_AGENT_BIN`, or the release build.
+/// Whether `bin run` takes `--cgroup-root`, from its help text.
+fn has_cgroup_root_flag(bin: &Path) -> anyhow::Result<bool> {
+    let help = Command::new(bin)
+        .args(["run", "--help"])
+        .output()
+        .with_context(|| format!("running {} run --help", bin.display()))?;
+    Ok(String::from_utf8_lossy(&help.stdout).contains("--cgroup-root"))
+}
+
 pub fn agent_bin() -> PathBuf {
     std::env::var_os("DATAPLANE_AGENT_BIN")
         .map(PathBuf::from)
@@ -119,8 +128,9 @@ impl Agent {
 
     /// [`Agent::launch_with`] another agent binary (an earlier release, for
     /// upgrades) and more `run` flags (e.g. `--socket-lb false`). The node's
-    /// cgroup is passed as `--cgroup-root` only to this build's agent:
-    /// earlier releases predate the socket hooks and refuse the flag.
+    /// cgroup is passed as `--cgroup-root` to every agent that has the flag
+    /// (releases before the socket hooks refuse it); one that has it must
+    /// get it, or its hooks would attach to the machine's root cgroup.
     pub fn launch_bin(
         bin: &Path,
         node_ns: &str,
@@ -208,7 +218,7 @@ impl Agent {
         .arg("--bpffs")
         .arg(bpffs);
         // A test may name another cgroup root itself.
-        if bin == agent_bin() && !extra.contains(&"--cgroup-root") {
+        if !extra.contains(&"--cgroup-root") && has_cgroup_root_flag(bin)? {
             cmd.arg("--cgroup-root").arg(&cgroup);
         }
         cmd.args(extra)

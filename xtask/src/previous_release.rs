@@ -7,12 +7,11 @@ use anyhow::{bail, Context as _};
 
 use crate::cargo::{clean_env, status, workspace_root};
 
-/// The last commit of main whose maps were of layout 2
-/// (`git log --first-parent -S'LAYOUT_VERSION: u32 = 2'`): the release an
-/// upgrade to layout 3 starts from. Its Cargo.lock names the same crates
-/// as today's but for `foldhash`'s use, so the registry cache CI already
-/// has builds it.
-const COMMIT: &str = "9e6993f2358c03cdb3c435d7f719b76ea10db00f";
+/// The last commit of main whose maps were of layout 3
+/// (`git log --first-parent -S'LAYOUT_VERSION: u32 = 3'`): the release an
+/// upgrade to layout 4 starts from. Its Cargo.lock is today's, so the
+/// registry cache CI already has builds it. Move it with every layout bump.
+const COMMIT: &str = "a903293d70f622c34e8eea3207dd03312c44da27";
 
 /// Where the agent of `COMMIT` is built: a source tree from `git archive`
 /// and a target directory of its own, so this workspace's build artifacts

@@ -210,6 +210,13 @@ impl Lab {
     fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
         ip(&["netns", "add", name])?;
         self.created.push(name.to_owned());
+        if self.spec.ipv6 {
+            // No duplicate address detection on any interface created here,
+            // link-local addresses included (see `addr6`).
+            for key in ["all", "default"] {
+                crate::netns::sysctl(name, &format!("net.ipv6.conf.{key}.accept_dad"), "0")?;
+            }
+        }
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 

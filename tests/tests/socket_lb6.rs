@@ -205,3 +205,34 @@ fn ipv4_mapped_address_on_an_ipv6_socket_reaches_the_ipv4_service() {
     // which the kernel hands a mapped destination as IPv4), not by tc.
     assert_translated_at_least(&c, before, [60, 30, 60, 30]);
 }
+
+/// "should have session affinity work for service with type clusterIP",
+/// from the node over IPv6: the host processes of a node are one client
+/// (its network namespace), held to one backend per service port.
+#[test]
+fn session_affinity_holds_across_host_processes_of_a_node_over_ipv6() {
+    require_root();
+    let mut service =
+        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+    service.spec.as_mut().expect("a spec").session_affinity = Some("ClientIP".into());
+    let c = cluster(manifests::manifest_per_family(&service, |family| {
+        all_web()
+            .iter()
+            .map(|p| pod_endpoint_of(p, family))
+            .collect()
+    }));
+    c.eventually("the IPv6 service is served from the node", || {
+        from_node(&c, "tcp", http6(), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    let hits = counter(&c, "affinity_hit");
+    for (mode, to) in [("tcp", http6()), ("udp", dns6())] {
+        let mut seen = from_node(&c, mode, to, 6);
+        seen.extend(from_node(&c, mode, to, 6));
+        // Without affinity, 12 connections over 3 backends would all land
+        // on one with probability 3^-11.
+        assert_eq!(backends(&seen).len(), 1, "{mode}: {seen:?}\n{}", c.logs());
+    }
+    assert!(counter(&c, "affinity_hit") >= hits + 22);
+}

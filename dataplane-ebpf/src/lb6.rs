@@ -58,6 +58,24 @@ pub fn lb6_lookup_frontend(flow: &Ipv6Flow, ip_value: u32) -> Option<ServiceValu
     None
 }
 
+/// The frontend a socket's connect()/sendmsg() to `addr:port` is for: a
+/// cluster IP, else a NodePort on one of this node's addresses (as
+/// `lb4_lookup_sock`; load-balancer IPs and externalIPs stay with the
+/// packet path).
+#[inline(always)]
+pub fn lb6_lookup_sock(addr: &Ipv6Bytes, port: u16, proto: u8) -> Option<ServiceValue> {
+    let ip_value = service6_ip_get(addr)?;
+    if ip_value & service_ip_flags::COUNT_MASK != 0 {
+        if let Some(svc) = service6_get(&lb6_key(*addr, port, proto, service_scope::INTERNAL)) {
+            return Some(svc);
+        }
+    }
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        return service6_get(&lb6_key([0; 16], port, proto, service_scope::EXTERNAL));
+    }
+    None
+}
+
 /// `loadBalancerSourceRanges` are kept for IPv4 clients only: a frontend
 /// that has them admits no IPv6 client.
 #[inline(always)]
@@ -93,7 +111,24 @@ pub fn lb6_choose_backend(
     now: u64,
     selected: &mut Selected6,
 ) -> Choice6 {
-    match lb6_select_backend(svc, client, now) {
+    lb6_choice(lb6_select_backend(svc, client, 0, now), svc, selected)
+}
+
+/// `lb6_choose_backend` for a socket, which session affinity knows by its
+/// network namespace (see `lb::Client`).
+#[inline(never)]
+pub fn lb6_choose_backend_netns(
+    svc: &ServiceValue,
+    netns: u64,
+    now: u64,
+    selected: &mut Selected6,
+) -> Choice6 {
+    lb6_choice(lb6_select_backend(svc, &[0; 16], netns, now), svc, selected)
+}
+
+#[inline(always)]
+fn lb6_choice(chosen: Option<Selected6>, svc: &ServiceValue, selected: &mut Selected6) -> Choice6 {
+    match chosen {
         Some(chosen) => {
             *selected = chosen;
             Choice6::Backend
@@ -106,7 +141,12 @@ pub fn lb6_choose_backend(
 }
 
 #[inline(always)]
-fn lb6_select_backend(svc: &ServiceValue, client: &Ipv6Bytes, now: u64) -> Option<Selected6> {
+fn lb6_select_backend(
+    svc: &ServiceValue,
+    client: &Ipv6Bytes,
+    client_netns: u64,
+    now: u64,
+) -> Option<Selected6> {
     if svc.backend_count == 0 {
         return None;
     }
@@ -122,7 +162,7 @@ fn lb6_select_backend(svc: &ServiceValue, client: &Ipv6Bytes, now: u64) -> Optio
         service_id: svc.service_id,
         client_addr: *client,
         _pad: 0,
-        client_netns: 0,
+        client_netns,
     };
     if let Some(selected) = lb6_affinity_backend(svc, &key, now) {
         return Some(selected);

@@ -39,6 +39,7 @@ mod reject6;
 mod skb;
 mod snat;
 mod sock;
+mod sock6;
 mod sock_ctx;
 mod trace;
 

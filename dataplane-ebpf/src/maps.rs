@@ -452,6 +452,11 @@ pub fn affinity6_slot(key: &Affinity6Key) -> Option<AffinitySlot> {
 }
 
 #[inline(always)]
+pub fn sock6_revnat_get(key: &SockRevNat6Key) -> Option<SockRevNat6Entry> {
+    copied(LB6_SOCK_REVNAT.get_ptr(key))
+}
+
+#[inline(always)]
 pub fn affinity6_insert(key: &Affinity6Key, entry: &AffinityEntry) {
     // Best effort: without the entry the next connection is balanced anew.
     let _ = LB6_AFFINITY.insert(key, entry, 0);

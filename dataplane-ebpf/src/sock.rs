@@ -17,17 +17,17 @@ use crate::{
     lb::{lb4_choose_backend, lb4_lookup_sock, Choice, Client},
     maps::{count, sock_revnat_get, SOCK_REVNAT},
     skb,
-    sock_ctx::{SockAddr, AF_INET},
+    sock_ctx::{ipv4_mapped, SockAddr, AF_INET},
     trace::{trace_sock, Decision},
 };
 
 /// Return values of the sock_addr hooks: carry on with the (possibly
 /// rewritten) address, or fail the syscall (with the errno set by
 /// `SockAddr::fail_with`, EPERM otherwise).
-const ALLOW: i32 = 1;
-const REJECT: i32 = 0;
+pub const ALLOW: i32 = 1;
+pub const REJECT: i32 = 0;
 
-const ECONNREFUSED: i32 = 111;
+pub const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
@@ -108,6 +108,22 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
         return ALLOW;
     }
     let (addr, port) = (sock.user_ip4(), sock.user_port());
+    sock4_forward_to(sock, addr, port, proto, false, hook, translated)
+}
+
+/// `sock4_forward` of `addr:port`, which came as an IPv4-mapped IPv6
+/// address (`::ffff:a.b.c.d`) on an AF_INET6 socket when `mapped`: the
+/// backend is written back the same way, as the socket's family wants.
+#[inline(always)]
+pub fn sock4_forward_to(
+    sock: &SockAddr,
+    addr: u32,
+    port: u16,
+    proto: u8,
+    mapped: bool,
+    hook: u8,
+    translated: Counter,
+) -> i32 {
     // A port that is no service is left to the packet path, as it is there.
     let Some(service) = lb4_lookup_sock(addr, port, proto) else {
         return ALLOW;
@@ -171,7 +187,11 @@ fn sock4_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
     if !stored && SOCK_REVNAT.insert(key, entry, 0).is_err() {
         count(Counter::SockRevNatFailed);
     }
-    sock.set_user_addr(backend.addr, backend.port);
+    if mapped {
+        sock.set_user_ip6(&ipv4_mapped(backend.addr), backend.port);
+    } else {
+        sock.set_user_addr(backend.addr, backend.port);
+    }
     if selected.by_affinity {
         count(Counter::AffinityHit);
     }
@@ -200,6 +220,20 @@ fn sock4_reverse(sock: &SockAddr, hook: u8, translated: Counter) {
         return;
     }
     let (addr, port) = (sock.user_ip4(), sock.user_port());
+    sock4_reverse_of(sock, addr, port, false, hook, translated);
+}
+
+/// `sock4_reverse` of `addr:port`, shown to the application as an
+/// IPv4-mapped IPv6 address when `mapped`.
+#[inline(always)]
+pub fn sock4_reverse_of(
+    sock: &SockAddr,
+    addr: u32,
+    port: u16,
+    mapped: bool,
+    hook: u8,
+    translated: Counter,
+) {
     let key = SockRevNatKey {
         cookie: sock.cookie(),
         backend_addr: addr,
@@ -209,7 +243,11 @@ fn sock4_reverse(sock: &SockAddr, hook: u8, translated: Counter) {
     let Some(entry) = sock_revnat_get(&key) else {
         return;
     };
-    sock.set_user_addr(entry.service_addr, entry.service_port);
+    if mapped {
+        sock.set_user_ip6(&ipv4_mapped(entry.service_addr), entry.service_port);
+    } else {
+        sock.set_user_addr(entry.service_addr, entry.service_port);
+    }
     let before = TraceTuple {
         src_addr: addr,
         src_port: port,

@@ -10,8 +10,26 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
+use dataplane_common::Ipv6Bytes;
 
 pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// `::ffff:a.b.c.d` for the IPv4 address `addr` (network byte order, as
+/// stored in maps).
+#[inline(always)]
+pub fn ipv4_mapped(addr: u32) -> Ipv6Bytes {
+    let [a, b, c, d] = addr.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
+}
+
+/// The IPv4 address of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`),
+/// network byte order.
+#[inline(always)]
+pub fn mapped_ipv4(addr: &Ipv6Bytes) -> Option<u32> {
+    let [prefix @ .., a, b, c, d] = *addr;
+    (prefix == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]).then(|| u32::from_ne_bytes([a, b, c, d]))
+}
 
 /// A socket-address hook's context: the address the application passed
 /// (connect, sendmsg) or is about to see (recvmsg, getpeername).
@@ -57,6 +75,37 @@ impl<'a> SockAddr<'a> {
     pub fn user_port(&self) -> u16 {
         // SAFETY: as above; a 4-byte read of `user_port`.
         unsafe { (*self.raw()).user_port as u16 }
+    }
+
+    /// The IPv6 address in packet byte order, as stored in maps (connect6,
+    /// sendmsg6, recvmsg6, getpeername6 only).
+    #[inline(always)]
+    pub fn user_ip6(&self) -> Ipv6Bytes {
+        // SAFETY: as above; four 4-byte reads of `user_ip6`, readable in
+        // the IPv6 hooks, each word in memory (network) byte order.
+        let words = unsafe { (*self.raw()).user_ip6 };
+        let [a, b, c, d] = words.map(u32::to_ne_bytes);
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    }
+
+    /// Rewrites the IPv6 address and port: writable in the IPv6 hooks this
+    /// object uses.
+    #[inline(always)]
+    pub fn set_user_ip6(&self, addr: &Ipv6Bytes, port: u16) {
+        let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+        let words = [word(0), word(4), word(8), word(12)];
+        // SAFETY: 4-byte writes of fields the verifier allows these hooks
+        // to write; the context is the program's own.
+        unsafe {
+            (*self.raw()).user_ip6[0] = words[0];
+            (*self.raw()).user_ip6[1] = words[1];
+            (*self.raw()).user_ip6[2] = words[2];
+            (*self.raw()).user_ip6[3] = words[3];
+            (*self.raw()).user_port = u32::from(port);
+        }
     }
 
     /// Rewrites the address (and port): writable in connect4, sendmsg4,

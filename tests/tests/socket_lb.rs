@@ -128,11 +128,15 @@ fn attached_to_cgroup(c: &Cluster, node: u8) -> Vec<String> {
     names
 }
 
-const HOOKS: [&str; 4] = [
+const HOOKS: [&str; 8] = [
     "sock4_connect",
     "sock4_getpeername",
     "sock4_recvmsg",
     "sock4_sendmsg",
+    "sock6_connect",
+    "sock6_getpeername",
+    "sock6_recvmsg",
+    "sock6_sendmsg",
 ];
 
 fn web_on_both_nodes() -> Cluster {

@@ -1,5 +1,5 @@
 //! Socket-level load balancing: the cgroup v2 socket hooks (`connect4`,
-//! `sendmsg4`, `recvmsg4`, `getpeername4`) attached at the root of the
+//! `sendmsg4`, `recvmsg4`, `getpeername4` and their IPv6 namesakes) attached at the root of the
 //! node's cgroup tree, so every process below it, pods and host-network
 //! alike, has its service connections translated once, at the socket.
 //!
@@ -44,6 +44,32 @@ pub const HOOKS: [(&str, &str, CgroupSockAddrAttachType); 4] = [
         "sock4_getpeername",
         "getpeername4",
         CgroupSockAddrAttachType::GetPeerName4,
+    ),
+];
+
+/// The IPv6 socket hooks, as [`HOOKS`]. Attached beside the IPv4 ones; a
+/// kernel refusing them leaves IPv6 (and IPv4-mapped addresses on AF_INET6
+/// sockets) to the packet path, and the IPv4 hooks in place.
+pub const HOOKS6: [(&str, &str, CgroupSockAddrAttachType); 4] = [
+    (
+        "sock6_connect",
+        "connect6",
+        CgroupSockAddrAttachType::Connect6,
+    ),
+    (
+        "sock6_sendmsg",
+        "sendmsg6",
+        CgroupSockAddrAttachType::UDPSendMsg6,
+    ),
+    (
+        "sock6_recvmsg",
+        "recvmsg6",
+        CgroupSockAddrAttachType::UDPRecvMsg6,
+    ),
+    (
+        "sock6_getpeername",
+        "getpeername6",
+        CgroupSockAddrAttachType::GetPeerName6,
     ),
 ];
 
@@ -191,15 +217,23 @@ pub fn resolve_cgroup_root(
 pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<(), SocketLbError> {
     // Load every hook before attaching any: a kernel without one of them
     // gets none (the tc path then serves everything).
-    for (name, _, _) in HOOKS {
-        let program = program_mut(ebpf, name)?;
-        program
-            .load()
-            .map_err(|source| SocketLbError::Unsupported { name, source })?;
-    }
+    load_all(ebpf, &HOOKS)?;
+    // The IPv6 hooks are loaded the same way, but a kernel refusing one of
+    // them costs only IPv6 at the socket.
+    let ipv6 = match load_all(ebpf, &HOOKS6) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(
+                "IPv6 socket hooks not attached, IPv6 services are served by the tc path: {:#}",
+                anyhow::Error::from(e)
+            );
+            false
+        }
+    };
     std::fs::create_dir_all(links_dir).map_err(fs_err("creating", links_dir))?;
     let cgroup = File::open(cgroup_root).map_err(fs_err("opening the cgroup", cgroup_root))?;
-    for (name, pin_name, _) in HOOKS {
+    let hooks6: &[_] = if ipv6 { &HOOKS6 } else { &[] };
+    for &(name, pin_name, _) in HOOKS.iter().chain(hooks6) {
         let program = program_mut(ebpf, name)?;
         let attach_err = |source| SocketLbError::Attach {
             name,
@@ -232,6 +266,18 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<(
         "socket-level load balancing attached to cgroup {}",
         cgroup_root.display()
     );
+    Ok(())
+}
+
+fn load_all(
+    ebpf: &mut Ebpf,
+    hooks: &[(&'static str, &str, CgroupSockAddrAttachType)],
+) -> Result<(), SocketLbError> {
+    for &(name, _, _) in hooks {
+        program_mut(ebpf, name)?
+            .load()
+            .map_err(|source| SocketLbError::Unsupported { name, source })?;
+    }
     Ok(())
 }
 

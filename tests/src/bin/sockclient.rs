@@ -12,7 +12,7 @@
 
 use std::{
     io::{BufRead as _, Write as _},
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
@@ -78,7 +78,12 @@ fn main() {
         "tcp" => (0..n).for_each(|_| say(&traffic::tcp_request(to))),
         "udp" => (0..n).for_each(|_| say(&traffic::udp_request(to))),
         "udp-unconnected" => {
-            let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("binding");
+            let any: IpAddr = if to.is_ipv6() {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            let socket = UdpSocket::bind((any, 0)).expect("binding");
             socket
                 .set_read_timeout(Some(Duration::from_secs(3)))
                 .expect("timeout");

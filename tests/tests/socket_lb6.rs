@@ -1,0 +1,238 @@
+//! Socket-level load balancing on IPv6, on a dual-stack lab: host-network
+//! processes of a node reach IPv6 cluster IPs through the `connect6`,
+//! `sendmsg6`, `recvmsg6` and `getpeername6` hooks, and an AF_INET6 socket
+//! reaches an IPv4 service by its IPv4-mapped address. Clients are
+//! `sockclient` processes in the node's netns and cgroup, as in
+//! `socket_lb.rs`.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    process::Command,
+};
+
+use dataplane_lab::{
+    agent::agent_bin,
+    manifests::{self, pod_endpoint_of},
+    CrossNode, PodSpec, Topology,
+};
+use integration_tests::{
+    lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen, WEB_IP,
+};
+
+/// The web service's IPv6 cluster IP.
+const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+fn http6() -> SocketAddr {
+    SocketAddr::new(WEB_IP6.into(), 80)
+}
+
+fn dns6() -> SocketAddr {
+    SocketAddr::new(WEB_IP6.into(), 53)
+}
+
+/// `[::ffff:10.96.0.10]:port`: the IPv4 cluster IP as a dual-stack
+/// application's AF_INET6 socket names it.
+fn mapped(port: u16) -> SocketAddr {
+    SocketAddr::new(WEB_IP.to_ipv6_mapped().into(), port)
+}
+
+/// The `web` service with `cluster_ips` (its families, the primary first)
+/// backed by `backends` in each family's EndpointSlice.
+fn web_of(cluster_ips: &[IpAddr], backends: &[PodSpec]) -> String {
+    let service = manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), cluster_ips);
+    manifests::manifest_per_family(&service, |family| {
+        backends
+            .iter()
+            .map(|p| pod_endpoint_of(p, family))
+            .collect()
+    })
+}
+
+/// web-a is on node 1, web-b and web-c on node 2.
+fn all_web() -> Vec<PodSpec> {
+    ["web-a", "web-b", "web-c"].map(lab_pod).to_vec()
+}
+
+fn cluster(manifest: String) -> Cluster {
+    Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifest)],
+    )
+}
+
+/// `n` requests of a host-network process of node 1.
+fn from_node(c: &Cluster, mode: &str, to: SocketAddr, n: usize) -> Vec<Seen> {
+    sockclient_outcomes(sockclient_command(
+        &c.lab.node_ns(1),
+        &c.lab.node_cgroup(1),
+        &[mode, &to.to_string(), &n.to_string()],
+    ))
+}
+
+fn backends(seen: &[Seen]) -> BTreeSet<String> {
+    seen.iter()
+        .filter_map(|s| s.backend().map(str::to_owned))
+        .collect()
+}
+
+/// A datapath counter of node 1, from `inspect counters`.
+fn counter(c: &Cluster, name: &str) -> u64 {
+    let out = Command::new(agent_bin())
+        .args(["inspect", "counters", "-o", "json", "--bpffs"])
+        .arg(c.bpffs(1))
+        .output()
+        .expect("running inspect");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect's JSON");
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["counter"] == name)
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+const TRANSLATED: [&str; 4] = [
+    "sock_connect_translated",
+    "sock_sendmsg_translated",
+    "sock_recvmsg_translated",
+    "sock_getpeername_translated",
+];
+
+fn translations(c: &Cluster) -> [u64; 4] {
+    TRANSLATED.map(|name| counter(c, name))
+}
+
+/// Each of the socket hooks' translation counters grew by at least `more`.
+fn assert_translated_at_least(c: &Cluster, before: [u64; 4], more: [u64; 4]) {
+    let after = translations(c);
+    for (((name, before), after), more) in TRANSLATED.iter().zip(before).zip(after).zip(more) {
+        assert!(
+            after >= before + more,
+            "{name}: {before} -> {after}, want at least {more} more"
+        );
+    }
+}
+
+/// Every request answered, by all of `want`, each answer from `to`.
+fn assert_served(c: &Cluster, what: &str, seen: &[Seen], to: SocketAddr, want: &BTreeSet<String>) {
+    for s in seen {
+        match s {
+            // getpeername() (TCP) and recvfrom() (UDP) both.
+            Seen::Answered { from, .. } => assert_eq!(*from, to, "{what}: reply source"),
+            other => panic!("{what}: {other:?}\n{}", c.logs()),
+        }
+    }
+    assert_eq!(&backends(seen), want, "{what}: {seen:?}\n{}", c.logs());
+}
+
+/// "should function for node-Service: http / udp", over IPv6: TCP,
+/// connected and unconnected UDP from the node reach the backends on both
+/// nodes, translated at the socket; getpeername() and recvfrom() show the
+/// service address.
+#[test]
+fn should_function_for_node_service_http_and_udp_over_ipv6() {
+    require_root();
+    let c = cluster(web_of(&[WEB_IP6.into()], &all_web()));
+    let want: BTreeSet<String> = ["web-a", "web-b", "web-c"].map(String::from).into();
+    c.eventually("the IPv6 service is served from the node", || {
+        from_node(&c, "tcp", http6(), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    let before = translations(&c);
+    for (mode, to) in [
+        ("tcp", http6()),
+        ("udp", dns6()),
+        ("udp-unconnected", dns6()),
+    ] {
+        let seen = from_node(&c, mode, to, 30);
+        assert_served(&c, mode, &seen, to, &want);
+    }
+    assert_translated_at_least(&c, before, [60, 30, 60, 30]);
+}
+
+/// "should be rejected when no endpoints exist", from the node over IPv6:
+/// connect() fails at once with ECONNREFUSED, as does a UDP send.
+#[test]
+fn should_be_rejected_when_no_endpoints_exist_from_the_node_over_ipv6() {
+    require_root();
+    let c = cluster(web_of(&[WEB_IP6.into()], &[]));
+    c.eventually("the IPv6 service refuses the node's connect()", || {
+        from_node(&c, "tcp", http6(), 1) == [Seen::Refused]
+    });
+    let refused = counter(&c, "sock_refused_no_endpoints");
+    for (mode, to) in [("tcp", http6()), ("udp", dns6())] {
+        let started = std::time::Instant::now();
+        let seen = from_node(&c, mode, to, 3);
+        assert_eq!(seen, vec![Seen::Refused; 3], "{mode}\n{}", c.logs());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{mode}: refused at once, not after a timeout"
+        );
+    }
+    assert!(counter(&c, "sock_refused_no_endpoints") >= refused + 6);
+}
+
+/// A dual-stack application's AF_INET6 socket naming the IPv4 cluster IP
+/// by its IPv4-mapped address (`::ffff:10.96.0.10`) is served by the IPv4
+/// service's backends, TCP and UDP, and sees the mapped service address in
+/// getpeername() and recvfrom().
+#[test]
+fn ipv4_mapped_address_on_an_ipv6_socket_reaches_the_ipv4_service() {
+    require_root();
+    let c = cluster(web_of(&[IpAddr::from(WEB_IP)], &all_web()));
+    let want: BTreeSet<String> = ["web-a", "web-b", "web-c"].map(String::from).into();
+    c.eventually(
+        "the IPv4 service is served through ::ffff:10.96.0.10",
+        || {
+            from_node(&c, "tcp", mapped(80), 1)
+                .first()
+                .is_some_and(|s| s.backend().is_some())
+        },
+    );
+    let before = translations(&c);
+    for (mode, to) in [
+        ("tcp", mapped(80)),
+        ("udp", mapped(53)),
+        ("udp-unconnected", mapped(53)),
+    ] {
+        let seen = from_node(&c, mode, to, 30);
+        assert_served(&c, mode, &seen, to, &want);
+    }
+    // Translated at the socket (the unconnected datagrams by sendmsg4, to
+    // which the kernel hands a mapped destination as IPv4), not by tc.
+    assert_translated_at_least(&c, before, [60, 30, 60, 30]);
+}
+
+/// "should have session affinity work for service with type clusterIP",
+/// from the node over IPv6: the host processes of a node are one client
+/// (its network namespace), held to one backend per service port.
+#[test]
+fn session_affinity_holds_across_host_processes_of_a_node_over_ipv6() {
+    require_root();
+    let mut service =
+        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+    service.spec.as_mut().expect("a spec").session_affinity = Some("ClientIP".into());
+    let c = cluster(manifests::manifest_per_family(&service, |family| {
+        all_web()
+            .iter()
+            .map(|p| pod_endpoint_of(p, family))
+            .collect()
+    }));
+    c.eventually("the IPv6 service is served from the node", || {
+        from_node(&c, "tcp", http6(), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    let hits = counter(&c, "affinity_hit");
+    for (mode, to) in [("tcp", http6()), ("udp", dns6())] {
+        let mut seen = from_node(&c, mode, to, 6);
+        seen.extend(from_node(&c, mode, to, 6));
+        // Without affinity, 12 connections over 3 backends would all land
+        // on one with probability 3^-11.
+        assert_eq!(backends(&seen).len(), 1, "{mode}: {seen:?}\n{}", c.logs());
+    }
+    assert!(counter(&c, "affinity_hit") >= hits + 22);
+}

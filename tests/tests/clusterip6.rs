@@ -12,6 +12,7 @@ use dataplane_lab::{
     CrossNode, PodSpec, Topology,
 };
 use integration_tests::{lab_pod, require_root, Cluster, Seen, WEB_IP};
+use k8s_openapi::api::core::v1::ServiceSpec;
 
 /// The web service's IPv6 cluster IP.
 const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
@@ -39,6 +40,20 @@ fn web_of(cluster_ips: &[IpAddr], backends: &[PodSpec]) -> String {
 /// web-a is on the client's node, web-b and web-c on the other.
 fn all_web() -> Vec<PodSpec> {
     ["web-a", "web-b", "web-c"].map(lab_pod).to_vec()
+}
+
+/// The IPv6-only `web` service with its spec adjusted (e.g. session
+/// affinity, traffic policy), backed by `backends`.
+fn web6_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&str]) -> String {
+    let mut service =
+        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+    configure(service.spec.as_mut().expect("a spec"));
+    manifests::manifest_per_family(&service, |family| {
+        backends
+            .iter()
+            .map(|p| pod_endpoint_of(&lab_pod(p), family))
+            .collect()
+    })
 }
 
 fn cluster(cross_node: CrossNode, manifest: String) -> Cluster {
@@ -178,4 +193,83 @@ fn dual_stack_service_is_programmed_in_each_familys_maps() {
     .map(|(k, v)| (k.to_owned(), v.map(str::to_owned).to_vec()))
     .collect();
     c.eventually_programmed(&expected);
+}
+
+/// "should have session affinity work for service with type clusterIP",
+/// over IPv6: ClientIP affinity keeps the client on one backend.
+#[test]
+fn session_affinity_client_ip_over_ipv6_keeps_each_client_on_one_backend() {
+    require_root();
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| spec.session_affinity = Some("ClientIP".into()),
+            &["web-a", "web-b", "web-c"],
+        ),
+    );
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    // Without affinity, 12 connections over 3 backends would all land on
+    // one with probability 3^-11.
+    let seen = c.tcp_backends("client", http6(), 12);
+    assert_eq!(seen.len(), 1, "client reached {seen:?}\n{}", c.logs());
+    let seen = backends_seen(&c, dns6(), true);
+    assert_eq!(seen.len(), 1, "UDP: client reached {seen:?}\n{}", c.logs());
+}
+
+/// "should respect internalTrafficPolicy=Local Pod to Pod", over IPv6: a
+/// node's pods reach only that node's endpoints; a node without any drops
+/// the traffic.
+#[test]
+fn internal_traffic_policy_local_over_ipv6_serves_from_this_node_only() {
+    require_root();
+    // Both endpoints on node2.
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| spec.internal_traffic_policy = Some("Local".into()),
+            &["web-b", "web-c"],
+        ),
+    );
+    c.eventually("node2's pods reach the IPv6 service", || {
+        c.tcp("web-b", http6()).backend().is_some()
+    });
+    let from_node2 = c.tcp_backends("web-b", http6(), 6);
+    assert!(
+        !from_node2.is_empty() && from_node2.iter().all(|b| b == "web-b" || b == "web-c"),
+        "from node2: {from_node2:?}\n{}",
+        c.logs()
+    );
+    // node1 has none: dropped as kube-proxy drops it (a timeout, not a
+    // refusal: the service does have endpoints, elsewhere).
+    assert_eq!(c.tcp("client", http6()), Seen::Timeout, "{}", c.logs());
+}
+
+/// "should allow pods to hairpin back to themselves through services",
+/// over IPv6: a pod reaching its own service gets its own answer, from the
+/// service address.
+#[test]
+fn pods_hairpin_back_to_themselves_through_their_ipv6_service() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web6_with(|_| {}, &["web-a"]));
+    c.eventually("web-a reaches its IPv6 service", || {
+        c.tcp("web-a", http6()).backend().is_some()
+    });
+    for _ in 0..3 {
+        match c.tcp("web-a", http6()) {
+            Seen::Answered { backend, from } => {
+                assert_eq!(backend, "web-a");
+                assert_eq!(from, http6());
+            }
+            other => panic!("hairpin TCP: {other:?}\n{}", c.logs()),
+        }
+        match c.udp("web-a", dns6()) {
+            Seen::Answered { backend, from } => {
+                assert_eq!(backend, "web-a");
+                assert_eq!(from, dns6());
+            }
+            other => panic!("hairpin UDP: {other:?}\n{}", c.logs()),
+        }
+    }
 }

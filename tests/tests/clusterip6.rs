@@ -4,7 +4,9 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
 };
 
 use dataplane_lab::{
@@ -272,4 +274,167 @@ fn pods_hairpin_back_to_themselves_through_their_ipv6_service() {
             other => panic!("hairpin UDP: {other:?}\n{}", c.logs()),
         }
     }
+}
+
+/// The `bulk` service's IPv6 cluster IP (the bulk server's, see
+/// [`serve_bulk`]).
+const BULK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+const BULK: manifests::Port = manifests::Port {
+    name: "bulk",
+    protocol: "TCP",
+    port: 90,
+    target_port: 9000,
+};
+/// Bytes moved each way: many segments of a full 1500-byte MTU.
+const BULK_BYTES: usize = 1 << 20;
+/// The MTU of the narrow link: IPv6's minimum.
+const NARROW_MTU: u32 = 1280;
+
+/// A server on [`BULK`]'s target port in netns `ns`: `up N` reads N bytes
+/// and answers `got N`; `down N` sends N bytes and closes.
+fn serve_bulk(ns: &str) {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    dataplane_lab::netns::spawn_in_netns(ns, move || {
+        let listener = TcpListener::bind(("::", BULK.target_port)).expect("binding bulk");
+        bound_tx.send(()).expect("test waiting");
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = bulk_answer(stream);
+            });
+        }
+    })
+    .expect("bulk server thread");
+    bound_rx.recv().expect("bulk server bound");
+}
+
+fn bulk_answer(stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let (verb, n) = (
+        words.next(),
+        words.next().and_then(|n| n.parse::<u64>().ok()),
+    );
+    let mut stream = stream;
+    match (verb, n) {
+        (Some("up"), Some(n)) => {
+            let got = std::io::copy(&mut reader.take(n), &mut std::io::sink())?;
+            stream.write_all(format!("got {got}\n").as_bytes())
+        }
+        (Some("down"), Some(n)) => {
+            std::io::copy(&mut std::io::repeat(b'x').take(n), &mut stream).map(drop)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Sends [`BULK_BYTES`] to `to`; what the server says it got.
+fn upload(to: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("up {BULK_BYTES}\n").as_bytes())?;
+    s.write_all(&vec![b'x'; BULK_BYTES])?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
+}
+
+/// Asks `to` for `n` bytes; how many arrived before the server closed.
+fn download(to: SocketAddr, n: usize) -> std::io::Result<usize> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("down {n}\n").as_bytes())?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    Ok(got.len())
+}
+
+/// The path MTU netns `ns` has learnt towards `to` (`None` while it uses
+/// the link's), as `ip -6 route get` shows it.
+fn learnt_mtu(ns: &str, to: Ipv6Addr) -> Option<u32> {
+    let out =
+        dataplane_lab::netns::output("ip", &["-n", ns, "-6", "route", "get", &to.to_string()])
+            .expect("ip route get");
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
+/// Issue 15's path MTU discovery through the service: the nodes' network
+/// is narrower than the pods' links, so the node forwarding a full-size
+/// segment onto it answers with a Packet Too Big (IPv6 routers never
+/// fragment). Uploading, node1 sends it to the client about the
+/// translated packet (to the backend), and the client's node makes it
+/// about the service, so the client's socket lowers its MSS; downloading,
+/// node2 sends it to the backend. Both transfers complete.
+#[test]
+fn packet_too_big_from_a_narrow_link_reaches_the_client_translated_and_transfers_complete() {
+    require_root();
+    let service = manifests::with_cluster_ips(
+        manifests::service("default", "bulk", WEB_IP, &[BULK]),
+        &[BULK_IP6.into()],
+    );
+    let manifest = manifests::manifest_per_family(&service, |family| {
+        vec![pod_endpoint_of(&lab_pod("web-b"), family)]
+    });
+    let c = cluster(CrossNode::Direct, manifest);
+    serve_bulk(&c.lab.pod_ns("web-b"));
+    let mtu = NARROW_MTU.to_string();
+    for node in [1u8, 2] {
+        let (node_ns, router) = (c.lab.node_ns(node), c.lab.router_ns());
+        let port = format!("node{node}");
+        for (ns, dev) in [(node_ns.as_str(), "eth0"), (router.as_str(), port.as_str())] {
+            dataplane_lab::netns::ip(&["-n", ns, "link", "set", "dev", dev, "mtu", &mtu])
+                .expect("narrowing the nodes' network");
+        }
+    }
+    let to = SocketAddr::new(BULK_IP6.into(), BULK.port);
+    let client = lab_pod("client").ipv6();
+    assert_eq!(learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6), None);
+
+    c.eventually("the bulk service answers", || {
+        c.in_pod("client", move || download(to, 1))
+            .is_ok_and(|n| n == 1)
+    });
+
+    let got = c.in_pod("client", move || upload(to));
+    assert_eq!(
+        got.as_deref().ok(),
+        Some(format!("got {BULK_BYTES}").as_str()),
+        "upload: {got:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6),
+        Some(NARROW_MTU),
+        "the client learnt the path MTU towards the service address"
+    );
+
+    // Forgotten, so that the client's SYN offers its link's MSS again (not
+    // the narrow path's) and the backend's full-size segments meet node2's
+    // narrow uplink.
+    dataplane_lab::netns::ip(&[
+        "-n",
+        &c.lab.pod_ns("client"),
+        "-6",
+        "route",
+        "flush",
+        "cache",
+    ])
+    .expect("flushing the client's learnt MTUs");
+    assert_eq!(learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6), None);
+    let got = c.in_pod("client", move || download(to, BULK_BYTES));
+    assert_eq!(
+        got.as_ref().ok(),
+        Some(&BULK_BYTES),
+        "download: {got:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        learnt_mtu(&c.lab.pod_ns("web-b"), client),
+        Some(NARROW_MTU),
+        "the backend learnt the narrow link's MTU"
+    );
 }

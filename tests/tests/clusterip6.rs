@@ -14,7 +14,7 @@ use dataplane_lab::{
     CrossNode, PodSpec, Topology,
 };
 use integration_tests::{lab_pod, require_root, Cluster, Seen, WEB_IP};
-use k8s_openapi::api::core::v1::ServiceSpec;
+use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::util::intstr::IntOrString};
 
 /// The web service's IPv6 cluster IP.
 const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
@@ -437,4 +437,35 @@ fn packet_too_big_from_a_narrow_link_reaches_the_client_translated_and_transfers
         Some(NARROW_MTU),
         "the backend learnt the narrow link's MTU"
     );
+}
+
+/// A UDP datagram larger than the path MTU, over IPv6: the client sends it
+/// in fragments (IPv6 routers never fragment), only the first of which
+/// carries the UDP header. Every fragment must reach the backend the first
+/// one went to, or the backend cannot reassemble it and never answers.
+#[test]
+fn udp_datagram_larger_than_the_mtu_reaches_a_backend_through_the_ipv6_service() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service answers", || {
+        c.udp("client", dns6()).backend().is_some()
+    });
+    for size in [1_400usize, 4_000, 9_000] {
+        let to = dns6();
+        let seen = c.in_pod("client", move || {
+            let socket = std::net::UdpSocket::bind(("::", 0))?;
+            socket.connect(to)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send(&vec![7u8; size])?;
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            std::io::Result::Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+        });
+        let (backend, from) = seen.unwrap_or_else(|e| panic!("{size} bytes: {e}\n{}", c.logs()));
+        assert!(
+            backend.starts_with("web-"),
+            "{size} bytes: answered by {backend}"
+        );
+        assert_eq!(from, to, "{size} bytes: the answer comes from the service");
+    }
 }

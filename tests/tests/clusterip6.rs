@@ -469,3 +469,28 @@ fn udp_datagram_larger_than_the_mtu_reaches_a_backend_through_the_ipv6_service()
         assert_eq!(from, to, "{size} bytes: the answer comes from the service");
     }
 }
+
+/// Over IPv6: the backend's ICMPv6 port unreachable quotes the backend's
+/// address; made about the service, the client's socket sees it: refused,
+/// on the same node and across nodes, rather than a timeout.
+#[test]
+fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_ipv6_service() {
+    require_root();
+    // The backends listen on UDP 5353; the service targets 5999.
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| {
+                let dns = spec.ports.iter_mut().flatten().find(|p| p.port == 53);
+                dns.expect("a dns port").target_port = Some(IntOrString::Int(5999));
+            },
+            &["web-a", "web-b"],
+        ),
+    );
+    c.eventually("the IPv6 service answers TCP", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    for _ in 0..4 {
+        assert_eq!(c.udp("client", dns6()), Seen::Refused, "{}", c.logs());
+    }
+}

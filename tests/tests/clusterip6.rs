@@ -494,3 +494,41 @@ fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_ipv6_service()
         assert_eq!(c.udp("client", dns6()), Seen::Refused, "{}", c.logs());
     }
 }
+
+/// Over IPv6: every request of one TCP connection reaches the backend its
+/// first one did.
+#[test]
+fn one_ipv6_connection_sticks_to_one_backend() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    let answers = c.in_pod("client", || {
+        let mut conn = dataplane_lab::traffic::TcpConn::open(http6()).expect("connect");
+        (0..20).map(|_| conn.request()).collect::<Vec<_>>()
+    });
+    let first = answers[0]
+        .backend()
+        .unwrap_or_else(|| panic!("{:?}\n{}", answers[0], c.logs()))
+        .to_owned();
+    assert!(
+        answers.iter().all(|a| a.backend() == Some(first.as_str())),
+        "{answers:?}"
+    );
+}
+
+/// "should be able to up and down services", over IPv6: a deleted IPv6
+/// service stops answering.
+#[test]
+fn deleted_ipv6_service_stops_answering() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    c.remove_manifest("web.yaml");
+    c.eventually("the deleted IPv6 service no longer answers", || {
+        c.tcp("client", http6()).backend().is_none()
+    });
+}

@@ -4,7 +4,9 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
 };
 
 use dataplane_lab::{
@@ -12,6 +14,7 @@ use dataplane_lab::{
     CrossNode, PodSpec, Topology,
 };
 use integration_tests::{lab_pod, require_root, Cluster, Seen, WEB_IP};
+use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::util::intstr::IntOrString};
 
 /// The web service's IPv6 cluster IP.
 const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
@@ -39,6 +42,20 @@ fn web_of(cluster_ips: &[IpAddr], backends: &[PodSpec]) -> String {
 /// web-a is on the client's node, web-b and web-c on the other.
 fn all_web() -> Vec<PodSpec> {
     ["web-a", "web-b", "web-c"].map(lab_pod).to_vec()
+}
+
+/// The IPv6-only `web` service with its spec adjusted (e.g. session
+/// affinity, traffic policy), backed by `backends`.
+fn web6_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&str]) -> String {
+    let mut service =
+        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+    configure(service.spec.as_mut().expect("a spec"));
+    manifests::manifest_per_family(&service, |family| {
+        backends
+            .iter()
+            .map(|p| pod_endpoint_of(&lab_pod(p), family))
+            .collect()
+    })
 }
 
 fn cluster(cross_node: CrossNode, manifest: String) -> Cluster {
@@ -178,4 +195,340 @@ fn dual_stack_service_is_programmed_in_each_familys_maps() {
     .map(|(k, v)| (k.to_owned(), v.map(str::to_owned).to_vec()))
     .collect();
     c.eventually_programmed(&expected);
+}
+
+/// "should have session affinity work for service with type clusterIP",
+/// over IPv6: ClientIP affinity keeps the client on one backend.
+#[test]
+fn session_affinity_client_ip_over_ipv6_keeps_each_client_on_one_backend() {
+    require_root();
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| spec.session_affinity = Some("ClientIP".into()),
+            &["web-a", "web-b", "web-c"],
+        ),
+    );
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    // Without affinity, 12 connections over 3 backends would all land on
+    // one with probability 3^-11.
+    let seen = c.tcp_backends("client", http6(), 12);
+    assert_eq!(seen.len(), 1, "client reached {seen:?}\n{}", c.logs());
+    let seen = backends_seen(&c, dns6(), true);
+    assert_eq!(seen.len(), 1, "UDP: client reached {seen:?}\n{}", c.logs());
+}
+
+/// "should respect internalTrafficPolicy=Local Pod to Pod", over IPv6: a
+/// node's pods reach only that node's endpoints; a node without any drops
+/// the traffic.
+#[test]
+fn internal_traffic_policy_local_over_ipv6_serves_from_this_node_only() {
+    require_root();
+    // Both endpoints on node2.
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| spec.internal_traffic_policy = Some("Local".into()),
+            &["web-b", "web-c"],
+        ),
+    );
+    c.eventually("node2's pods reach the IPv6 service", || {
+        c.tcp("web-b", http6()).backend().is_some()
+    });
+    let from_node2 = c.tcp_backends("web-b", http6(), 6);
+    assert!(
+        !from_node2.is_empty() && from_node2.iter().all(|b| b == "web-b" || b == "web-c"),
+        "from node2: {from_node2:?}\n{}",
+        c.logs()
+    );
+    // node1 has none: dropped as kube-proxy drops it (a timeout, not a
+    // refusal: the service does have endpoints, elsewhere).
+    assert_eq!(c.tcp("client", http6()), Seen::Timeout, "{}", c.logs());
+}
+
+/// "should allow pods to hairpin back to themselves through services",
+/// over IPv6: a pod reaching its own service gets its own answer, from the
+/// service address.
+#[test]
+fn pods_hairpin_back_to_themselves_through_their_ipv6_service() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web6_with(|_| {}, &["web-a"]));
+    c.eventually("web-a reaches its IPv6 service", || {
+        c.tcp("web-a", http6()).backend().is_some()
+    });
+    for _ in 0..3 {
+        match c.tcp("web-a", http6()) {
+            Seen::Answered { backend, from } => {
+                assert_eq!(backend, "web-a");
+                assert_eq!(from, http6());
+            }
+            other => panic!("hairpin TCP: {other:?}\n{}", c.logs()),
+        }
+        match c.udp("web-a", dns6()) {
+            Seen::Answered { backend, from } => {
+                assert_eq!(backend, "web-a");
+                assert_eq!(from, dns6());
+            }
+            other => panic!("hairpin UDP: {other:?}\n{}", c.logs()),
+        }
+    }
+}
+
+/// The `bulk` service's IPv6 cluster IP (the bulk server's, see
+/// [`serve_bulk`]).
+const BULK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+const BULK: manifests::Port = manifests::Port {
+    name: "bulk",
+    protocol: "TCP",
+    port: 90,
+    target_port: 9000,
+};
+/// Bytes moved each way: many segments of a full 1500-byte MTU.
+const BULK_BYTES: usize = 1 << 20;
+/// The MTU of the narrow link: IPv6's minimum.
+const NARROW_MTU: u32 = 1280;
+
+/// A server on [`BULK`]'s target port in netns `ns`: `up N` reads N bytes
+/// and answers `got N`; `down N` sends N bytes and closes.
+fn serve_bulk(ns: &str) {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    dataplane_lab::netns::spawn_in_netns(ns, move || {
+        let listener = TcpListener::bind(("::", BULK.target_port)).expect("binding bulk");
+        bound_tx.send(()).expect("test waiting");
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = bulk_answer(stream);
+            });
+        }
+    })
+    .expect("bulk server thread");
+    bound_rx.recv().expect("bulk server bound");
+}
+
+fn bulk_answer(stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let (verb, n) = (
+        words.next(),
+        words.next().and_then(|n| n.parse::<u64>().ok()),
+    );
+    let mut stream = stream;
+    match (verb, n) {
+        (Some("up"), Some(n)) => {
+            let got = std::io::copy(&mut reader.take(n), &mut std::io::sink())?;
+            stream.write_all(format!("got {got}\n").as_bytes())
+        }
+        (Some("down"), Some(n)) => {
+            std::io::copy(&mut std::io::repeat(b'x').take(n), &mut stream).map(drop)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Sends [`BULK_BYTES`] to `to`; what the server says it got.
+fn upload(to: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("up {BULK_BYTES}\n").as_bytes())?;
+    s.write_all(&vec![b'x'; BULK_BYTES])?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
+}
+
+/// Asks `to` for `n` bytes; how many arrived before the server closed.
+fn download(to: SocketAddr, n: usize) -> std::io::Result<usize> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("down {n}\n").as_bytes())?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    Ok(got.len())
+}
+
+/// The path MTU netns `ns` has learnt towards `to` (`None` while it uses
+/// the link's), as `ip -6 route get` shows it.
+fn learnt_mtu(ns: &str, to: Ipv6Addr) -> Option<u32> {
+    let out =
+        dataplane_lab::netns::output("ip", &["-n", ns, "-6", "route", "get", &to.to_string()])
+            .expect("ip route get");
+    let mut words = out.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
+/// Issue 15's path MTU discovery through the service: the nodes' network
+/// is narrower than the pods' links, so the node forwarding a full-size
+/// segment onto it answers with a Packet Too Big (IPv6 routers never
+/// fragment). Uploading, node1 sends it to the client about the
+/// translated packet (to the backend), and the client's node makes it
+/// about the service, so the client's socket lowers its MSS; downloading,
+/// node2 sends it to the backend. Both transfers complete.
+#[test]
+fn packet_too_big_from_a_narrow_link_reaches_the_client_translated_and_transfers_complete() {
+    require_root();
+    let service = manifests::with_cluster_ips(
+        manifests::service("default", "bulk", WEB_IP, &[BULK]),
+        &[BULK_IP6.into()],
+    );
+    let manifest = manifests::manifest_per_family(&service, |family| {
+        vec![pod_endpoint_of(&lab_pod("web-b"), family)]
+    });
+    let c = cluster(CrossNode::Direct, manifest);
+    serve_bulk(&c.lab.pod_ns("web-b"));
+    let mtu = NARROW_MTU.to_string();
+    for node in [1u8, 2] {
+        let (node_ns, router) = (c.lab.node_ns(node), c.lab.router_ns());
+        let port = format!("node{node}");
+        for (ns, dev) in [(node_ns.as_str(), "eth0"), (router.as_str(), port.as_str())] {
+            dataplane_lab::netns::ip(&["-n", ns, "link", "set", "dev", dev, "mtu", &mtu])
+                .expect("narrowing the nodes' network");
+        }
+    }
+    let to = SocketAddr::new(BULK_IP6.into(), BULK.port);
+    let client = lab_pod("client").ipv6();
+    assert_eq!(learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6), None);
+
+    c.eventually("the bulk service answers", || {
+        c.in_pod("client", move || download(to, 1))
+            .is_ok_and(|n| n == 1)
+    });
+
+    let got = c.in_pod("client", move || upload(to));
+    assert_eq!(
+        got.as_deref().ok(),
+        Some(format!("got {BULK_BYTES}").as_str()),
+        "upload: {got:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6),
+        Some(NARROW_MTU),
+        "the client learnt the path MTU towards the service address"
+    );
+
+    // Forgotten, so that the client's SYN offers its link's MSS again (not
+    // the narrow path's) and the backend's full-size segments meet node2's
+    // narrow uplink.
+    dataplane_lab::netns::ip(&[
+        "-n",
+        &c.lab.pod_ns("client"),
+        "-6",
+        "route",
+        "flush",
+        "cache",
+    ])
+    .expect("flushing the client's learnt MTUs");
+    assert_eq!(learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6), None);
+    let got = c.in_pod("client", move || download(to, BULK_BYTES));
+    assert_eq!(
+        got.as_ref().ok(),
+        Some(&BULK_BYTES),
+        "download: {got:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        learnt_mtu(&c.lab.pod_ns("web-b"), client),
+        Some(NARROW_MTU),
+        "the backend learnt the narrow link's MTU"
+    );
+}
+
+/// A UDP datagram larger than the path MTU, over IPv6: the client sends it
+/// in fragments (IPv6 routers never fragment), only the first of which
+/// carries the UDP header. Every fragment must reach the backend the first
+/// one went to, or the backend cannot reassemble it and never answers.
+#[test]
+fn udp_datagram_larger_than_the_mtu_reaches_a_backend_through_the_ipv6_service() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service answers", || {
+        c.udp("client", dns6()).backend().is_some()
+    });
+    for size in [1_400usize, 4_000, 9_000] {
+        let to = dns6();
+        let seen = c.in_pod("client", move || {
+            let socket = std::net::UdpSocket::bind(("::", 0))?;
+            socket.connect(to)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send(&vec![7u8; size])?;
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            std::io::Result::Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+        });
+        let (backend, from) = seen.unwrap_or_else(|e| panic!("{size} bytes: {e}\n{}", c.logs()));
+        assert!(
+            backend.starts_with("web-"),
+            "{size} bytes: answered by {backend}"
+        );
+        assert_eq!(from, to, "{size} bytes: the answer comes from the service");
+    }
+}
+
+/// Over IPv6: the backend's ICMPv6 port unreachable quotes the backend's
+/// address; made about the service, the client's socket sees it: refused,
+/// on the same node and across nodes, rather than a timeout.
+#[test]
+fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_ipv6_service() {
+    require_root();
+    // The backends listen on UDP 5353; the service targets 5999.
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| {
+                let dns = spec.ports.iter_mut().flatten().find(|p| p.port == 53);
+                dns.expect("a dns port").target_port = Some(IntOrString::Int(5999));
+            },
+            &["web-a", "web-b"],
+        ),
+    );
+    c.eventually("the IPv6 service answers TCP", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    for _ in 0..4 {
+        assert_eq!(c.udp("client", dns6()), Seen::Refused, "{}", c.logs());
+    }
+}
+
+/// Over IPv6: every request of one TCP connection reaches the backend its
+/// first one did.
+#[test]
+fn one_ipv6_connection_sticks_to_one_backend() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    let answers = c.in_pod("client", || {
+        let mut conn = dataplane_lab::traffic::TcpConn::open(http6()).expect("connect");
+        (0..20).map(|_| conn.request()).collect::<Vec<_>>()
+    });
+    let first = answers[0]
+        .backend()
+        .unwrap_or_else(|| panic!("{:?}\n{}", answers[0], c.logs()))
+        .to_owned();
+    assert!(
+        answers.iter().all(|a| a.backend() == Some(first.as_str())),
+        "{answers:?}"
+    );
+}
+
+/// "should be able to up and down services", over IPv6: a deleted IPv6
+/// service stops answering.
+#[test]
+fn deleted_ipv6_service_stops_answering() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    c.remove_manifest("web.yaml");
+    c.eventually("the deleted IPv6 service no longer answers", || {
+        c.tcp("client", http6()).backend().is_none()
+    });
 }

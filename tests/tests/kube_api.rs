@@ -774,12 +774,14 @@ fn objects_the_agent_cannot_represent_are_reported_and_the_rest_keeps_working() 
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
         api.apply(&web());
         api.apply(&web_slice("web-1", ready(&[&a])));
-        let mut v6 = web_service("only-v6", WEB_IP);
-        let spec = v6.spec.as_mut().unwrap();
+        // IPv6 is served, but not with families that contradict the
+        // addresses (the API server would refuse this one).
+        let mut mismatched = web_service("only-v6", WEB_IP);
+        let spec = mismatched.spec.as_mut().unwrap();
         spec.cluster_ip = Some("fd00::10".into());
         spec.cluster_ips = Some(vec!["fd00::10".into()]);
-        spec.ip_families = Some(vec!["IPv6".into()]);
-        api.apply(&v6);
+        spec.ip_families = Some(vec!["IPv4".into()]);
+        api.apply(&mismatched);
         let mut sctp = web_service("sctp", OTHER_IP);
         sctp.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
         api.apply(&sctp);

@@ -125,7 +125,8 @@ pub struct Options {
     pub nodeport_addresses: Vec<Ipv4Prefix>,
     /// Address families to proxy, comma separated (`ipv4`, `ipv6`).
     /// Default: those the node has an address of (other than loopback and
-    /// link-local); a Service's frontends of another family are skipped.
+    /// link-local; IPv4 when it has none yet); a Service's frontends of
+    /// another family are skipped.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub ip_families: Vec<IpFamilyOption>,
     /// The program on the uplinks.
@@ -151,11 +152,17 @@ pub enum IpFamilyOption {
 }
 
 /// The families this node proxies: `--ip-families`, else those it has an
-/// address of. Each one left out is reported here, once.
+/// address of (IPv4 when it has none). Each one left out is reported here,
+/// once.
 fn ip_families(options: &Options) -> anyhow::Result<IpFamilies> {
     let families = if options.ip_families.is_empty() {
         let (ipv4, ipv6) = uplink::address_families()?;
-        IpFamilies { ipv4, ipv6 }
+        // A node without any address yet (its uplink configured later)
+        // is IPv4, kube-proxy's primary family when it knows no node IP.
+        IpFamilies {
+            ipv4: ipv4 || !ipv6,
+            ipv6,
+        }
     } else {
         IpFamilies {
             ipv4: options.ip_families.contains(&IpFamilyOption::Ipv4),

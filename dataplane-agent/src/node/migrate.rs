@@ -118,11 +118,12 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
         ],
     ),
     // IPv6: the `LB6_*` and `CT6_*` maps are new (created); one more
-    // counter.
+    // counter; `REPLY_SOURCES` is new (created, filled from the backends).
     (
         4,
         &[
             map_names::COUNTERS,
+            map_names::REPLY_SOURCES,
             map_names::LB6_SERVICE_IPS,
             map_names::LB6_SERVICES,
             map_names::LB6_BACKENDS,

@@ -580,10 +580,21 @@ fn join_for_load(system: System, topo: &Topology) -> anyhow::Result<Option<Joine
 fn measure(case: &Case, o: &Options) -> anyhow::Result<Round> {
     let client = client_ns(case.system, &case.topo);
     let _joined = join_for_load(case.system, &case.topo)?;
+    measure_round(&client, case.target, o.length, o.concurrency)
+}
+
+/// One round from `client_ns` to `target`: connections under load with the
+/// CPU they cost, then one stream.
+pub(crate) fn measure_round(
+    client_ns: &str,
+    target: SocketAddr,
+    length: Duration,
+    concurrency: usize,
+) -> anyhow::Result<Round> {
     let before = CpuTimes::now()?;
-    let l = load(&client, case.target, o.length, o.concurrency)?;
+    let l = load(client_ns, target, length, concurrency)?;
     let after = CpuTimes::now()?;
-    let gbit = stream(&client, case.target, o.length)?;
+    let gbit = stream(client_ns, target, length)?;
     let per_conn = |seconds: f64| seconds * 1e6 / l.conns.max(1) as f64;
     Ok(Round {
         conns_per_s: l.conns_per_s,

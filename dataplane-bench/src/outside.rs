@@ -40,7 +40,7 @@ use dataplane_lab::{
 use dataplane_testkit::datapath::Bpffs;
 
 use crate::{
-    e2e::{load, median_f64, rounds_ratio_spread, stream, wait_ready, CpuTimes, Round, Server},
+    e2e::{load, measure_round, median_f64, rounds_ratio_spread, wait_ready, Round, Server},
     kubeproxy_rules::{self, iptables_restore},
     scenario::{self, TARGET_PORT},
 };
@@ -362,21 +362,7 @@ fn set_up(system: OutsideSystem, services: usize, o: &Options) -> anyhow::Result
 }
 
 fn measure(case: &Case, o: &Options) -> anyhow::Result<Round> {
-    let client = case.lab.outside_ns();
-    let before = CpuTimes::now()?;
-    let l = load(&client, case.target, o.length, o.concurrency)?;
-    let after = CpuTimes::now()?;
-    let gbit = stream(&client, case.target, o.length)?;
-    let per_conn = |seconds: f64| seconds * 1e6 / l.conns.max(1) as f64;
-    Ok(Round {
-        conns_per_s: l.conns_per_s,
-        connect_p50_us: l.p50_us,
-        connect_p99_us: l.p99_us,
-        errors: l.errors,
-        stream_gbit_s: gbit,
-        node_cpu_us_per_conn: per_conn(after.node_kernel - before.node_kernel),
-        process_sys_us_per_conn: per_conn(after.process_sys - before.process_sys),
-    })
+    measure_round(&case.lab.outside_ns(), case.target, o.length, o.concurrency)
 }
 
 pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {

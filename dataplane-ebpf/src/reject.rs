@@ -22,12 +22,47 @@ pub struct RejectError;
 
 /// Swaps the Ethernet addresses: the answer goes back to the sender.
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), RejectError> {
+pub(crate) fn swap_macs(ctx: &TcContext) -> Result<(), RejectError> {
     let macs: [u8; 12] = ctx.load(0).map_err(|_| RejectError)?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
     ctx.store(0, &swapped, 0).map_err(|_| RejectError)
+}
+
+/// The TCP header of the RST answering a segment (ports network order,
+/// sequence numbers host order), checksum still 0. RFC 793: an
+/// acknowledging segment gets `seq = its ack`, any other an ACK of what it
+/// consumed (payload, SYN, FIN).
+#[inline(always)]
+pub(crate) fn tcp_rst_segment(
+    src_port: u16,
+    dst_port: u16,
+    tcp_seq: u32,
+    tcp_ack_seq: u32,
+    tcp_flags: u8,
+    payload_len: u32,
+) -> [u8; 20] {
+    let (seq, ack_seq, flags) = if tcp_flags & TCP_ACK != 0 {
+        (tcp_ack_seq, 0u32, TCP_RST)
+    } else {
+        let mut consumed = payload_len;
+        if tcp_flags & TCP_SYN != 0 {
+            consumed += 1;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            consumed += 1;
+        }
+        (0u32, tcp_seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
+    };
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&dst_port.to_ne_bytes());
+    tcp[2..4].copy_from_slice(&src_port.to_ne_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack_seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp
 }
 
 /// IPv4 header without options, checksum filled, as four-byte words in wire
@@ -57,29 +92,17 @@ pub fn reject4_tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<i32, Reject
     let payload_len = flow
         .ip_tot_len
         .saturating_sub((flow.ip_hlen + flow.tcp_hlen) as u32);
-    let (seq, ack_seq, flags) = if flow.tcp_flags & TCP_ACK != 0 {
-        (flow.tcp_ack_seq, 0u32, TCP_RST)
-    } else {
-        let mut consumed = payload_len;
-        if flow.tcp_flags & TCP_SYN != 0 {
-            consumed += 1;
-        }
-        if flow.tcp_flags & TCP_FIN != 0 {
-            consumed += 1;
-        }
-        (0u32, flow.tcp_seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
-    };
-
     skb::change_tail(ctx, (ETH_HLEN + 40) as u32).map_err(|_| RejectError)?;
     swap_macs(ctx)?;
 
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&flow.dst_port.to_ne_bytes());
-    tcp[2..4].copy_from_slice(&flow.src_port.to_ne_bytes());
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&ack_seq.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
+    let mut tcp = tcp_rst_segment(
+        flow.src_port,
+        flow.dst_port,
+        flow.tcp_seq,
+        flow.tcp_ack_seq,
+        flow.tcp_flags,
+        payload_len,
+    );
     // Pseudo header: src, dst, zero, proto, TCP length.
     let mut pseudo = [
         flow.dst_addr,

@@ -7,9 +7,8 @@ use dataplane_common::{Ipv6Bytes, IPPROTO_TCP};
 
 use crate::{
     csum::{csum_fold, csum_prepare_partial, csum_sum_words, csum_words},
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     parse6::{Ipv6Flow, IP6_HLEN, IP6_L4_OFF, IP6_OFF, IPPROTO_ICMPV6},
-    reject::RejectError,
+    reject::{swap_macs, tcp_rst_segment, RejectError},
     skb,
 };
 
@@ -19,16 +18,6 @@ const HOP_LIMIT: u8 = 64;
 /// The quote of an ICMPv6 port unreachable: the client's IPv6 header and
 /// UDP header, what its stack matches the error to a socket by.
 const QUOTE_LEN: usize = IP6_HLEN + 8;
-
-/// Swaps the Ethernet addresses: the answer goes back to the sender.
-#[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), RejectError> {
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| RejectError)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0).map_err(|_| RejectError)
-}
 
 /// An IPv6 header without extension headers, as ten words in wire order.
 #[inline(always)]
@@ -66,29 +55,17 @@ fn pseudo_sum(src: &Ipv6Bytes, dst: &Ipv6Bytes, next: u8, len: u32) -> u32 {
 pub fn reject6_tcp_reset(ctx: &TcContext, flow: &Ipv6Flow) -> Result<i32, RejectError> {
     let headers = flow.l4_off - IP6_L4_OFF as u32 + u32::from(flow.tcp_hlen);
     let payload_len = flow.payload_len.saturating_sub(headers);
-    let (seq, ack_seq, flags) = if flow.tcp_flags & TCP_ACK != 0 {
-        (flow.tcp_ack_seq, 0u32, TCP_RST)
-    } else {
-        let mut consumed = payload_len;
-        if flow.tcp_flags & TCP_SYN != 0 {
-            consumed += 1;
-        }
-        if flow.tcp_flags & TCP_FIN != 0 {
-            consumed += 1;
-        }
-        (0u32, flow.tcp_seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
-    };
-
     skb::change_tail(ctx, (IP6_L4_OFF + 20) as u32).map_err(|_| RejectError)?;
     swap_macs(ctx)?;
 
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&flow.dst_port.to_ne_bytes());
-    tcp[2..4].copy_from_slice(&flow.src_port.to_ne_bytes());
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&ack_seq.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
+    let mut tcp = tcp_rst_segment(
+        flow.src_port,
+        flow.dst_port,
+        flow.tcp_seq,
+        flow.tcp_ack_seq,
+        flow.tcp_flags,
+        payload_len,
+    );
     let sum = pseudo_sum(&flow.dst_addr, &flow.src_addr, IPPROTO_TCP, 20);
     let mut tcp_words = csum_words::<5, 20>(&tcp);
     let csum = csum_fold(csum_sum_words(&mut tcp_words, sum));

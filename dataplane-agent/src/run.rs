@@ -5,12 +5,12 @@
 //! SIGTERM.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use dataplane_common::{port_from_map, NatConfig, IPPROTO_UDP};
+use dataplane_common::{port_from_map, Nat6Config, NatConfig, IPPROTO_UDP};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -194,21 +194,26 @@ pub enum XdpModeOption {
 }
 
 /// The uplinks, the node addresses NodePorts are served on, and the SNAT
-/// address (the first uplink's first address).
+/// addresses (the first uplink's first address of each family).
 struct ExternalSetup {
     uplinks: Vec<uplink::Uplink>,
     node_addrs: Vec<Ipv4Addr>,
     snat_addr: Option<Ipv4Addr>,
+    node_addrs6: Vec<Ipv6Addr>,
+    snat_addr6: Option<Ipv6Addr>,
 }
 
 fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
     let names = uplink_names(options)?;
     let uplinks = uplink::resolve(&names)?;
     let (node_addrs, snat_addr) = node_addresses(options, &names)?;
+    let (node_addrs6, snat_addr6) = node_addresses6(&names)?;
     Ok(ExternalSetup {
         uplinks,
         node_addrs,
         snat_addr,
+        node_addrs6,
+        snat_addr6,
     })
 }
 
@@ -249,7 +254,28 @@ fn node_addresses(
     Ok((node_addrs, snat_addr))
 }
 
-/// The SNAT configuration as written to `NAT_CONFIG`.
+/// The node's IPv6 addresses NodePorts are served on: the uplinks' global
+/// ones (`--nodeport-addresses` holds IPv4 prefixes only, and a family
+/// without prefixes is served on all its addresses, as kube-proxy's
+/// per-family proxiers do), and the IPv6 SNAT address (the first uplink's
+/// first).
+fn node_addresses6(uplinks: &[String]) -> anyhow::Result<(Vec<Ipv6Addr>, Option<Ipv6Addr>)> {
+    let addrs = uplink::addresses6()?;
+    let mut node_addrs: Vec<Ipv6Addr> = addrs
+        .iter()
+        .filter(|(name, _)| uplinks.contains(name))
+        .map(|(_, ip)| *ip)
+        .collect();
+    node_addrs.sort();
+    node_addrs.dedup();
+    let snat_addr = uplinks
+        .first()
+        .and_then(|u| addrs.iter().find(|(name, _)| name == u))
+        .map(|(_, ip)| *ip);
+    Ok((node_addrs, snat_addr))
+}
+
+/// The SNAT configuration as written to `NAT_CONFIG` and `NAT6_CONFIG`.
 struct SnatState {
     /// Whether the port range could be kept from the node's sockets (else
     /// no SNAT address is configured: such connections are refused).
@@ -257,9 +283,21 @@ struct SnatState {
     port_min: u16,
     port_max: u16,
     addr: Option<Ipv4Addr>,
+    addr6: Option<Ipv6Addr>,
 }
 
 impl SnatState {
+    fn write6(
+        &self,
+        map: &mut aya::maps::Array<aya::maps::MapData, Nat6Config>,
+    ) -> anyhow::Result<()> {
+        let config = Nat6Config {
+            snat_addr: self.addr6.map_or([0; 16], |a| a.octets()),
+        };
+        map.set(0, config, 0)
+            .context("writing the IPv6 SNAT configuration")
+    }
+
     fn write(
         &self,
         map: &mut aya::maps::Array<aya::maps::MapData, NatConfig>,
@@ -285,29 +323,44 @@ async fn next_notice(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option
 }
 
 /// An address was added or removed: NodePorts follow the node's addresses,
-/// SNAT the first uplink's first address.
+/// SNAT the first uplink's first address of each family.
 fn follow_addresses(
     options: &Options,
     control: &mut ControlLoop<BpfLbMaps, Metrics>,
     snat: &mut SnatState,
     nat_config: &mut aya::maps::Array<aya::maps::MapData, NatConfig>,
+    nat6_config: &mut aya::maps::Array<aya::maps::MapData, Nat6Config>,
 ) -> anyhow::Result<()> {
     let uplinks = uplink_names(options)?;
     let (node_addrs, snat_addr) = node_addresses(options, &uplinks)?;
+    let (node_addrs6, snat_addr6) = node_addresses6(&uplinks)?;
     control
         .set_node_addresses(&node_addrs)
         .context("writing the node addresses")?;
+    control
+        .set_node_addresses6(&node_addrs6)
+        .context("writing the node's IPv6 addresses")?;
     let snat_addr = snat_addr.filter(|_| snat.reserved);
     if snat_addr != snat.addr {
         snat.addr = snat_addr;
         snat.write(nat_config)?;
     }
+    let snat_addr6 = snat_addr6.filter(|_| snat.reserved);
+    if snat_addr6 != snat.addr6 {
+        snat.addr6 = snat_addr6;
+        snat.write6(nat6_config)?;
+    }
     info!(
-        "node addresses changed: NodePorts on {node_addrs:?}, SNAT to {}",
-        snat.addr
-            .map_or("nothing (no address)".to_string(), |a| a.to_string())
+        "node addresses changed: NodePorts on {node_addrs:?} {node_addrs6:?}, SNAT to {} and {}",
+        describe(snat.addr),
+        describe(snat.addr6),
     );
     Ok(())
+}
+
+/// A SNAT address for the log.
+fn describe(addr: Option<impl std::fmt::Display>) -> String {
+    addr.map_or("nothing (no address)".to_string(), |a| a.to_string())
 }
 
 /// `--nodeport-addresses` entries.
@@ -417,6 +470,8 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         ..CtOccupancy::default()
     };
     let mut nat_config = maps.nat_config;
+    let mut nat6_config = maps.nat6_config;
+    let mut nat6 = maps.nat6;
     let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
     // Subscribed before the addresses are read: none added in between is
     // missed.
@@ -444,23 +499,37 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             }
         };
         let snat_addr = ext.snat_addr.filter(|_| reserved);
+        let snat_addr6 = ext.snat_addr6.filter(|_| reserved);
         let state = SnatState {
             reserved,
             port_min,
             port_max,
             addr: snat_addr,
+            addr6: snat_addr6,
         };
         state.write(&mut nat_config)?;
+        state.write6(&mut nat6_config)?;
         snat = Some(state);
         engine
             .set_node_addresses(&ext.node_addrs)
             .context("writing the node addresses")?;
+        engine
+            .set_node_addresses6(&ext.node_addrs6)
+            .context("writing the node's IPv6 addresses")?;
         info!(
-            "external traffic: uplinks {:?}, NodePorts on {:?}, SNAT to {} ports {port_min}-{port_max}",
+            "external traffic: uplinks {:?}, NodePorts on {:?} {:?}, SNAT to {} and {} ports {port_min}-{port_max}",
             ext.uplinks.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
             ext.node_addrs,
-            snat_addr.map_or("nothing (no address)".to_string(), |a| a.to_string()),
+            ext.node_addrs6,
+            describe(snat_addr),
+            describe(snat_addr6),
         );
+        if options.external_datapath == ExternalDatapath::Xdp && !ext.node_addrs6.is_empty() {
+            info!(
+                "XDP serves IPv4 only: IPv6 NodePorts, load-balancer IPs and externalIPs \
+                 are served by the tc program behind it on the uplinks"
+            );
+        }
     }
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
@@ -558,7 +627,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             }
             Some(()) = next_notice(&mut address_changes) => {
                 if let Some(state) = &mut snat {
-                    if let Err(e) = follow_addresses(&options, &mut control, state, &mut nat_config) {
+                    if let Err(e) = follow_addresses(&options, &mut control, state, &mut nat_config, &mut nat6_config) {
                         warn!("following the node's addresses: {e:#}");
                     }
                 }
@@ -576,6 +645,10 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                 let (nat_removed, _) = ct_gc::sweep_nat(&mut nat, &config.ct_lifetimes);
                 if nat_removed > 0 {
                     log::debug!("NAT: removed {nat_removed} expired entries");
+                }
+                let (nat6_removed, _) = ct_gc::sweep_nat6(&mut nat6, &config.ct_lifetimes);
+                if nat6_removed > 0 {
+                    log::debug!("NAT6: removed {nat6_removed} expired entries");
                 }
                 let sweep6 = ct_gc6::sweep6(&mut conntrack6_maps, &config.ct_lifetimes);
                 if sweep6.removed > 0 {

@@ -10,7 +10,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{ct_dir, ct_flags, CtLifetimes};
+use crate::{ct_dir, ct_flags, nat_dir, CtLifetimes};
 
 /// An IPv6 address as it appears in the header.
 pub type Ipv6Bytes = [u8; 16];
@@ -180,6 +180,109 @@ pub struct Frag6Key {
     pub _pad: [u8; 3],
 }
 
+/// Key of `NAT6`: a tuple as it arrives on the uplink; see
+/// [`crate::NatKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Nat6Key {
+    pub src_addr: Ipv6Bytes,
+    pub dst_addr: Ipv6Bytes,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// One of [`crate::nat_dir`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `NAT6`: an external IPv6 flow to a remote backend, DNATed and
+/// SNATed to this node's IPv6 address; the fields mean what they mean in
+/// [`crate::NatEntry`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Nat6Entry {
+    pub last_seen_ns: u64,
+    pub client_addr: Ipv6Bytes,
+    pub frontend_addr: Ipv6Bytes,
+    pub backend_addr: Ipv6Bytes,
+    pub nat_addr: Ipv6Bytes,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub nat_port: u16,
+    /// Id in `LB6_BACKENDS`.
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub proto: u8,
+    /// One of [`crate::ct_state`]; plain stores.
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+impl Nat6Entry {
+    #[inline(always)]
+    pub fn lifetime_ns(&self, lifetimes: &CtLifetimes) -> u64 {
+        lifetimes.lifetime_ns(self.proto, self.state)
+    }
+
+    #[inline(always)]
+    pub fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns(lifetimes)
+    }
+
+    /// Client -> frontend.
+    #[inline(always)]
+    pub fn original_key(&self) -> Nat6Key {
+        Nat6Key {
+            src_addr: self.client_addr,
+            dst_addr: self.frontend_addr,
+            src_port: self.client_port,
+            dst_port: self.frontend_port,
+            proto: self.proto,
+            direction: nat_dir::ORIGINAL,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Backend -> this node's SNAT address and port: what reserves the
+    /// port.
+    #[inline(always)]
+    pub fn reply_key(&self) -> Nat6Key {
+        Nat6Key {
+            src_addr: self.backend_addr,
+            dst_addr: self.nat_addr,
+            src_port: self.backend_port,
+            dst_port: self.nat_port,
+            proto: self.proto,
+            direction: nat_dir::REPLY,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of `NAT6_CONFIG` (one entry, written by the agent): this node's
+/// IPv6 SNAT address; all zero: none, external IPv6 connections to remote
+/// backends are refused and counted. The port range is `NAT_CONFIG`'s
+/// (one range, reserved once for both families).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Nat6Config {
+    pub snat_addr: Ipv6Bytes,
+}
+
+/// Key of the `SOURCE_RANGES6` LPM trie: an IPv6
+/// `loadBalancerSourceRanges` prefix of one service; see
+/// [`crate::SourceRangeKey`] (`prefix_len` is 32 plus the prefix's own
+/// length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRange6Key {
+    pub prefix_len: u32,
+    /// Network byte order.
+    pub service_id_be: u32,
+    pub addr: Ipv6Bytes,
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -201,6 +304,14 @@ mod user {
     unsafe impl aya::Pod for Ct6Entry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Frag6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Nat6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Nat6Entry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Nat6Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRange6Key {}
 }
 
 #[cfg(test)]
@@ -218,6 +329,10 @@ mod tests {
         assert_eq!(size_of::<Ct6Key>(), 40);
         assert_eq!(size_of::<Ct6Entry>(), 88);
         assert_eq!(size_of::<Frag6Key>(), 40);
+        assert_eq!(size_of::<Nat6Key>(), 40);
+        assert_eq!(size_of::<Nat6Entry>(), 96);
+        assert_eq!(size_of::<Nat6Config>(), 16);
+        assert_eq!(size_of::<SourceRange6Key>(), 24);
     }
 
     #[test]

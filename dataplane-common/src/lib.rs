@@ -56,8 +56,14 @@ pub mod map_names {
     pub const CT6_TCP: &str = "CT6_TCP";
     pub const CT6_OTHER: &str = "CT6_OTHER";
     pub const CT6_FRAGMENTS: &str = "CT6_FRAGMENTS";
+    /// SNAT of external IPv6 flows to remote backends.
+    pub const NAT6: &str = "NAT6";
+    /// This node's IPv6 SNAT address.
+    pub const NAT6_CONFIG: &str = "NAT6_CONFIG";
+    /// IPv6 `loadBalancerSourceRanges`.
+    pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 30] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -85,6 +91,9 @@ pub mod map_names {
         CT6_TCP,
         CT6_OTHER,
         CT6_FRAGMENTS,
+        NAT6,
+        NAT6_CONFIG,
+        SOURCE_RANGES6,
     ];
 }
 
@@ -111,8 +120,10 @@ pub mod map_names {
 /// `LOCAL`, the `NAT`, `NAT_CONFIG` and `SOURCE_RANGES` maps, their counters
 /// and the uplink trace hooks. Version 4: the `REPLY_SOURCES` map (backends'
 /// address, port and protocol), the pre-filter of reply translation; IPv6
-/// maps (`LB6_*`, `CT6_*`, new, created) and their counters.
-pub const LAYOUT_VERSION: u32 = 4;
+/// maps (`LB6_*`, `CT6_*`, new, created) and their counters. Version 5:
+/// north-south on IPv6: the `NAT6`, `NAT6_CONFIG` and `SOURCE_RANGES6` maps
+/// (new, created).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +183,9 @@ pub mod map_layouts {
         layout::<Ct6Key, Ct6Entry>(map_names::CT6_TCP, capacity::CT_TCP),
         layout::<Ct6Key, Ct6Entry>(map_names::CT6_OTHER, capacity::CT_OTHER),
         layout::<Frag6Key, FragPorts>(map_names::CT6_FRAGMENTS, capacity::FRAGMENTS),
+        layout::<Nat6Key, Nat6Entry>(map_names::NAT6, capacity::NAT6),
+        layout::<u32, Nat6Config>(map_names::NAT6_CONFIG, 1),
+        layout::<SourceRange6Key, u32>(map_names::SOURCE_RANGES6, capacity::SOURCE_RANGES),
     ];
 }
 
@@ -205,6 +219,8 @@ pub mod capacity {
     pub const SOCK_REVNAT: u32 = 131_072;
     /// SNAT flows of external traffic (two entries each).
     pub const NAT: u32 = 131_072;
+    /// SNAT flows of external IPv6 traffic (two entries each).
+    pub const NAT6: u32 = 65_536;
     /// `loadBalancerSourceRanges` prefixes over all services.
     pub const SOURCE_RANGES: u32 = 16_384;
 }

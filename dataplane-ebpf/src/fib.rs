@@ -5,9 +5,12 @@
 
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 
+use dataplane_common::Ipv6Bytes;
+
 use crate::{parse::Ipv4Flow, skb};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Where the FIB sends a packet.
 pub struct NextHop {
@@ -36,7 +39,59 @@ pub fn fib4_lookup(
     params.ifindex = ingress_ifindex;
     params.__bindgen_anon_3.ipv4_src = flow.src_addr;
     params.__bindgen_anon_4.ipv4_dst = flow.dst_addr;
-    let ret = skb::fib_lookup(raw_ctx, &mut params, 0);
+    fib_result(raw_ctx, &mut params)
+}
+
+/// The IPv6 tuple of a packet to route: addresses as in the header, ports
+/// in network order.
+pub struct Route6<'a> {
+    pub src_addr: &'a Ipv6Bytes,
+    pub dst_addr: &'a Ipv6Bytes,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+/// [`fib4_lookup`] for IPv6 (`AF_INET6`).
+#[inline(always)]
+pub fn fib6_lookup(
+    raw_ctx: *mut core::ffi::c_void,
+    ingress_ifindex: u32,
+    route: &Route6,
+) -> Option<NextHop> {
+    let mut params = skb::fib_params();
+    params.family = AF_INET6;
+    params.l4_protocol = route.proto;
+    params.sport = route.src_port;
+    params.dport = route.dst_port;
+    params.ifindex = ingress_ifindex;
+    params.__bindgen_anon_3.ipv6_src = words(route.src_addr);
+    params.__bindgen_anon_4.ipv6_dst = words(route.dst_addr);
+    fib_result(raw_ctx, &mut params)
+}
+
+/// The address's bytes as the four words the FIB parameters hold, in
+/// memory order.
+#[inline(always)]
+fn words(addr: &Ipv6Bytes) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        *word = u32::from_ne_bytes([
+            addr[4 * i],
+            addr[4 * i + 1],
+            addr[4 * i + 2],
+            addr[4 * i + 3],
+        ]);
+    }
+    out
+}
+
+#[inline(always)]
+fn fib_result(
+    raw_ctx: *mut core::ffi::c_void,
+    params: &mut aya_ebpf::bindings::bpf_fib_lookup,
+) -> Option<NextHop> {
+    let ret = skb::fib_lookup(raw_ctx, params, 0);
     if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);

@@ -11,7 +11,7 @@ use dataplane_common::{
 use crate::{
     maps::{
         affinity6_insert, affinity6_slot, backend6_get, backend_slot_get, service6_get,
-        service6_ip_get,
+        service6_ip_get, source_range6_contains,
     },
     parse6::Ipv6Flow,
     skb,
@@ -58,6 +58,33 @@ pub fn lb6_lookup_frontend(flow: &Ipv6Flow, ip_value: u32) -> Option<ServiceValu
     None
 }
 
+/// The frontend a packet from outside is for: a load-balancer IP or
+/// externalIP by address, else a NodePort when the address is one of this
+/// node's (as `lb4_lookup_external`).
+#[inline(always)]
+pub fn lb6_lookup_external(flow: &Ipv6Flow, ip_value: u32) -> Option<ServiceValue> {
+    if ip_value & service_ip_flags::COUNT_MASK != 0 {
+        let key = lb6_key(
+            flow.dst_addr,
+            flow.dst_port,
+            flow.proto,
+            service_scope::EXTERNAL,
+        );
+        if let Some(svc) = service6_get(&key) {
+            return Some(svc);
+        }
+    }
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        return service6_get(&lb6_key(
+            [0; 16],
+            flow.dst_port,
+            flow.proto,
+            service_scope::EXTERNAL,
+        ));
+    }
+    None
+}
+
 /// The frontend a socket's connect()/sendmsg() to `addr:port` is for: a
 /// cluster IP, else a NodePort on one of this node's addresses (as
 /// `lb4_lookup_sock`; load-balancer IPs and externalIPs stay with the
@@ -76,11 +103,11 @@ pub fn lb6_lookup_sock(addr: &Ipv6Bytes, port: u16, proto: u8) -> Option<Service
     None
 }
 
-/// `loadBalancerSourceRanges` are kept for IPv4 clients only: a frontend
-/// that has them admits no IPv6 client.
+/// `loadBalancerSourceRanges`: a frontend that has them admits the IPv6
+/// clients in its `SOURCE_RANGES6` prefixes only.
 #[inline(always)]
-pub fn lb6_source_allowed(svc: &ServiceValue) -> bool {
-    svc.flags & service_flags::SOURCE_RANGES == 0
+pub fn lb6_source_allowed(svc: &ServiceValue, client: &Ipv6Bytes) -> bool {
+    svc.flags & service_flags::SOURCE_RANGES == 0 || source_range6_contains(svc.service_id, client)
 }
 
 /// What a new IPv6 connection to a service gets; see `lb::Choice`. The
@@ -97,6 +124,8 @@ pub enum Choice6 {
 
 #[derive(Clone, Copy, Default)]
 pub struct Selected6 {
+    /// The service's id, so callers need not carry it beside.
+    pub service_id: u32,
     pub backend_id: u32,
     pub backend: Backend6,
     pub by_affinity: bool,
@@ -153,6 +182,7 @@ fn lb6_select_backend(
     if svc.affinity_timeout_s == 0 {
         let (_, backend_id, backend) = lb6_random_backend(svc)?;
         return Some(Selected6 {
+            service_id: svc.service_id,
             backend_id,
             backend,
             by_affinity: false,
@@ -177,6 +207,7 @@ fn lb6_select_backend(
         },
     );
     Some(Selected6 {
+        service_id: svc.service_id,
         backend_id,
         backend,
         by_affinity: false,
@@ -198,6 +229,7 @@ fn lb6_affinity_backend(svc: &ServiceValue, key: &Affinity6Key, now: u64) -> Opt
     let backend = lb6_lookup_backend(remembered.backend_id)?;
     entry.set_last_used(now);
     Some(Selected6 {
+        service_id: svc.service_id,
         backend_id: remembered.backend_id,
         backend,
         by_affinity: true,

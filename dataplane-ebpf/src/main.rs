@@ -22,6 +22,7 @@ mod conntrack6;
 mod csum;
 mod ctx;
 mod external;
+mod external6;
 mod fib;
 mod fragment;
 mod icmp;
@@ -103,6 +104,9 @@ fn to_pod4(ctx: &TcContext) -> i32 {
 /// from outside (`--external-datapath tc`).
 #[classifier]
 pub fn from_outside(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6_frame(&ctx) {
+        return external6::from_outside6(&ctx);
+    }
     let verdict = if external::is_icmp4(&ctx) {
         external::icmp_error_from_outside(&ctx)
     } else {
@@ -114,7 +118,8 @@ pub fn from_outside(ctx: TcContext) -> i32 {
 /// XDP on an uplink: the same pipeline as `from_outside`, on the driver's
 /// buffer before an skb exists; what it cannot finish (answers to refused
 /// clients, next hops without a neighbour entry) it passes untouched to
-/// `from_outside` behind it.
+/// `from_outside` behind it. IPv4 only: IPv6 frames all pass to
+/// `from_outside`.
 #[xdp]
 pub fn xdp_from_outside(ctx: XdpContext) -> u32 {
     external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict) as u32
@@ -123,6 +128,9 @@ pub fn xdp_from_outside(ctx: XdpContext) -> u32 {
 /// tc egress of an uplink: local backends' replies to outside clients.
 #[classifier]
 pub fn to_outside(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6_frame(&ctx) {
+        return external6::to_outside6(&ctx);
+    }
     external::try_to_outside(&ctx).unwrap_or_else(|verdict| verdict)
 }
 

@@ -18,8 +18,8 @@ use dataplane_common::{
     SockRevNatEntry, SockRevNatKey, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
 use dataplane_common::{
-    Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Service6Key, SockRevNat6Entry,
-    SockRevNat6Key,
+    Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
+    Service6Key, SockRevNat6Entry, SockRevNat6Key,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -193,6 +193,20 @@ pub static CT6_OTHER: LruHashMap<Ct6Key, Ct6Entry, { capacity::CT_OTHER as usize
 #[btf_map(name = "CT6_FRAGMENTS")]
 pub static CT6_FRAGMENTS: LruHashMap<Frag6Key, FragPorts, { capacity::FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// SNAT of external IPv6 flows to remote backends; see `NAT`.
+#[btf_map(name = "NAT6")]
+pub static NAT6: LruHashMap<Nat6Key, Nat6Entry, { capacity::NAT6 as usize }> = LruHashMap::new();
+
+/// This node's IPv6 SNAT address, one entry, written by the agent (the
+/// port range is `NAT_CONFIG`'s).
+#[btf_map(name = "NAT6_CONFIG")]
+pub static NAT6_CONFIG: Array<Nat6Config, 1> = Array::new();
+
+/// IPv6 `loadBalancerSourceRanges`: (service id, client prefix) -> 1.
+#[btf_map(name = "SOURCE_RANGES6")]
+pub static SOURCE_RANGES6: LpmTrie<[u8; 20], u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 #[btf_map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -550,5 +564,60 @@ impl Ct6Slot {
         };
         let [state, flags, ..] = (before | bits).to_le_bytes();
         (state, flags)
+    }
+}
+
+/// This node's IPv6 SNAT address, read in place (all zero: none).
+#[inline(always)]
+pub fn nat6_config() -> Option<&'static Nat6Config> {
+    NAT6_CONFIG.get(0)
+}
+
+/// Whether IPv6 `client_addr` lies in one of `service_id`'s source ranges.
+#[inline(always)]
+pub fn source_range6_contains(service_id: u32, client_addr: &Ipv6Bytes) -> bool {
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&service_id.to_be_bytes());
+    data[4..].copy_from_slice(client_addr);
+    let key = LpmKey::new(160, data);
+    SOURCE_RANGES6.get(&key).is_some()
+}
+
+#[inline(always)]
+pub fn nat6_get(key: &Nat6Key) -> Option<Nat6Entry> {
+    copied(NAT6.get_ptr(key))
+}
+
+/// A `NAT6` entry in place; see [`NatSlot`].
+#[derive(Clone, Copy)]
+pub struct Nat6Slot(*mut Nat6Entry);
+
+#[inline(always)]
+pub fn nat6_slot(key: &Nat6Key) -> Option<Nat6Slot> {
+    NAT6.get_ptr_mut(key).map(Nat6Slot)
+}
+
+impl Nat6Slot {
+    /// The entry read in place (a 96-byte copy would not fit the stack);
+    /// see [`Ct6Slot::entry`].
+    #[inline(always)]
+    pub fn entry(&self) -> &Nat6Entry {
+        // SAFETY: a value pointer of this run's lookup, valid for the run;
+        // only read through this reference.
+        unsafe { &*self.0 }
+    }
+
+    /// As [`NatSlot::touch`].
+    #[inline(never)]
+    pub fn touch(self, now_ns: u64, state: u8, refresh_ns: u64) {
+        // SAFETY: plain fields of this run's value.
+        unsafe {
+            if now_ns.saturating_sub((*self.0).last_seen_ns) >= refresh_ns {
+                (*self.0).last_seen_ns = now_ns;
+            }
+            if (*self.0).state < state {
+                (*self.0).state = state;
+            }
+        }
     }
 }

@@ -54,13 +54,13 @@ fn to_service(ctx: &TcContext) -> bool {
 }
 
 #[inline(always)]
-fn pass(decision: Counter) -> Verdict {
+pub(crate) fn pass(decision: Counter) -> Verdict {
     count(decision);
     Ok(TC_ACT_OK)
 }
 
 #[inline(always)]
-fn drop(decision: Counter) -> Verdict {
+pub(crate) fn drop(decision: Counter) -> Verdict {
     count(decision);
     Err(TC_ACT_SHOT)
 }
@@ -72,15 +72,15 @@ fn drop(decision: Counter) -> Verdict {
 /// can get a BTF layout the kernel refuses.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Outcome {
-    verdict: i32,
+pub(crate) struct Outcome {
+    pub verdict: i32,
     /// One of the `next` values.
-    next: u32,
+    pub next: u32,
     /// The counter of a refusal.
-    refusal: Counter,
+    pub refusal: Counter,
 }
 
-mod next {
+pub(crate) mod next {
     pub const DONE: u32 = 0;
     pub const REFUSE: u32 = 1;
     pub const NEW_FLOW: u32 = 2;
@@ -88,7 +88,7 @@ mod next {
 
 impl Outcome {
     #[inline(always)]
-    fn done(verdict: Verdict) -> Self {
+    pub fn done(verdict: Verdict) -> Self {
         Self {
             verdict: verdict.unwrap_or_else(|v| v),
             next: next::DONE,
@@ -97,7 +97,7 @@ impl Outcome {
     }
 
     #[inline(always)]
-    fn refuse(refusal: Counter) -> Self {
+    pub fn refuse(refusal: Counter) -> Self {
         Self {
             verdict: TC_ACT_SHOT,
             next: next::REFUSE,
@@ -106,7 +106,7 @@ impl Outcome {
     }
 
     #[inline(always)]
-    fn new_flow() -> Self {
+    pub fn new_flow() -> Self {
         Self {
             verdict: TC_ACT_OK,
             next: next::NEW_FLOW,
@@ -118,7 +118,7 @@ impl Outcome {
 /// Answers the client at once: a RST for TCP (never for a RST), an ICMPv6
 /// port unreachable otherwise.
 #[inline(never)]
-fn refuse(ctx: &TcContext, decision: Counter, flow: &Ipv6Flow) -> Verdict {
+pub(crate) fn refuse(ctx: &TcContext, decision: Counter, flow: &Ipv6Flow) -> Verdict {
     count(decision);
     if flow.proto == IPPROTO_TCP {
         if flow.tcp_flags & TCP_RST != 0 {
@@ -194,7 +194,7 @@ fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
 /// backend is gone), or to be taken as a new flow (expired, or a UDP flow
 /// whose backend is gone).
 #[inline(never)]
-fn known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Ct6Slot, now: u64) -> Outcome {
+pub(crate) fn known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Ct6Slot, now: u64) -> Outcome {
     let ct = slot.entry();
     let expired = ct6_is_expired(ct, now) || ct6_is_reopen(ct, flow);
     let backend_alive = lb6_lookup_backend(ct.backend_id)
@@ -237,7 +237,7 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
         }
         return Outcome::done(pass(Counter::UnknownPort));
     };
-    if !lb6_source_allowed(&service) {
+    if !lb6_source_allowed(&service, &flow.src_addr) {
         return Outcome::done(drop(Counter::DropSourceRange));
     }
     let mut selected = Selected6::default();
@@ -246,6 +246,19 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
         Choice6::NoLocalEndpoints => return Outcome::done(drop(Counter::DropNoLocalEndpoints)),
         Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
     }
+    ct6_new_flow(ctx, flow, now, &selected)
+}
+
+/// A new flow to `selected` tracked in `CT6_TCP`/`CT6_OTHER` and DNATed
+/// (from a pod, or from outside to a local backend keeping the client's
+/// address).
+#[inline(never)]
+pub(crate) fn ct6_new_flow(
+    ctx: &TcContext,
+    flow: &mut Ipv6Flow,
+    now: u64,
+    selected: &Selected6,
+) -> Outcome {
     let backend = &selected.backend;
     let hairpin = backend.addr == flow.src_addr;
     let mut entry = Ct6Entry {
@@ -262,7 +275,7 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
         state: ct_state::OPENING,
         flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
         _pad: [0; 2],
-        service_id: service.service_id,
+        service_id: selected.service_id,
         backend_id: selected.backend_id,
         _pad1: 0,
     };
@@ -301,7 +314,12 @@ fn forward_established(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry) -> R
 /// Backend -> client packet: the source becomes the service again (and in
 /// a hairpin flow the destination the client).
 #[inline(never)]
-fn reply_translate(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry, now: u64) -> Verdict {
+pub(crate) fn reply_translate(
+    ctx: &TcContext,
+    flow: &mut Ipv6Flow,
+    ct: &Ct6Entry,
+    now: u64,
+) -> Verdict {
     let Some(owner) = ct6_lookup(&ct.original_key()) else {
         // The flow is gone: its reply entry is stale.
         ct6_delete(ct);

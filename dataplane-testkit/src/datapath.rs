@@ -412,6 +412,7 @@ fn plain_spec(name: &str, backends: &[SocketAddrV4]) -> (ObjectRef, FrontendSpec
         masquerade_remote: false,
         local_ips: Vec::new(),
         source_ranges: Vec::new(),
+        source_ranges6: Vec::new(),
     };
     (service, spec)
 }

@@ -6,10 +6,11 @@
 
 use std::net::SocketAddrV6;
 
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{lpm_trie::Key as LpmKey, Array, HashMap as BpfHashMap, LpmTrie, Map, MapData};
 use dataplane_common::{
-    capacity, map_names, port_to_map, service_scope, Affinity6Key, AffinityEntry, Backend6,
-    Ct6Entry, Ct6Key, Ipv6Bytes, Service6Key, ServiceValue, IPPROTO_TCP,
+    backend_flags, capacity, map_names, port_to_map, service_ip_flags, service_scope, Affinity6Key,
+    AffinityEntry, Backend6, Ct6Entry, Ct6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
+    NatConfig, Service6Key, ServiceValue, IPPROTO_TCP,
 };
 
 use crate::datapath::{proto_number, Harness};
@@ -65,7 +66,119 @@ pub fn ct6_key(src: SocketAddrV6, dst: SocketAddrV6, proto: Protocol, direction:
     }
 }
 
+/// `NAT6` key of an IPv6 tuple in the maps' byte order.
+pub fn nat6_key(src: SocketAddrV6, dst: SocketAddrV6, proto: Protocol, direction: u8) -> Nat6Key {
+    Nat6Key {
+        src_addr: ipv6_bytes(&src),
+        dst_addr: ipv6_bytes(&dst),
+        src_port: port_to_map(src.port()),
+        dst_port: port_to_map(dst.port()),
+        proto: proto_number(proto),
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// A backend of an external IPv6 test frontend.
+#[derive(Clone, Copy, Debug)]
+pub struct Backend6Spec {
+    pub addr: SocketAddrV6,
+    /// Runs on this node (`backend_flags::LOCAL`).
+    pub local: bool,
+}
+
 impl Harness {
+    /// IPv6 external frontend number `index` (0.., shared with
+    /// [`Harness::set_service6`]): a NodePort when `frontend`'s address is
+    /// `::`, else a load-balancer IP or externalIP. Returns the service id.
+    pub fn set_external6(
+        &self,
+        index: u32,
+        frontend: SocketAddrV6,
+        proto: Protocol,
+        backends: &[Backend6Spec],
+        first_backend_id: u32,
+        options: Frontend6Options,
+    ) -> u32 {
+        let proto_number = proto_number(proto);
+        let key = Service6Key {
+            addr: ipv6_bytes(&frontend),
+            port: port_to_map(frontend.port()),
+            proto: proto_number,
+            scope: service_scope::EXTERNAL,
+        };
+        let backends: Vec<Backend6> = backends
+            .iter()
+            .map(|b| Backend6 {
+                addr: ipv6_bytes(&b.addr),
+                port: port_to_map(b.addr.port()),
+                proto: proto_number,
+                flags: if b.local { backend_flags::LOCAL } else { 0 },
+            })
+            .collect();
+        self.write_frontend6(index, key, &backends, first_backend_id, options)
+    }
+
+    /// Makes `addr` one of this node's addresses, on which IPv6 NodePorts
+    /// are served.
+    pub fn set_node_address6(&self, addr: std::net::Ipv6Addr) {
+        let mut ips: BpfHashMap<MapData, Ipv6Bytes, u32> = hash(self, map_names::LB6_SERVICE_IPS);
+        let value = ips.get(&addr.octets(), 0).unwrap_or(0);
+        ips.insert(addr.octets(), value | service_ip_flags::NODE_ADDRESS, 0)
+            .expect("writing LB6_SERVICE_IPS");
+    }
+
+    /// IPv6 SNAT address and the (shared) SNAT port range.
+    pub fn set_snat6(&self, addr: std::net::Ipv6Addr, port_min: u16, port_max: u16) {
+        let mut config: Array<MapData, NatConfig> = array(self, map_names::NAT_CONFIG);
+        config
+            .set(
+                0,
+                NatConfig {
+                    snat_addr: 0,
+                    port_min,
+                    port_max,
+                },
+                0,
+            )
+            .expect("writing NAT_CONFIG");
+        let mut config6: Array<MapData, Nat6Config> = array(self, map_names::NAT6_CONFIG);
+        config6
+            .set(
+                0,
+                Nat6Config {
+                    snat_addr: addr.octets(),
+                },
+                0,
+            )
+            .expect("writing NAT6_CONFIG");
+    }
+
+    /// Admits IPv6 clients in `prefix/len` to service `service_id`'s
+    /// frontends that have source ranges.
+    pub fn add_source_range6(&self, service_id: u32, prefix: std::net::Ipv6Addr, len: u8) {
+        let mut trie: LpmTrie<MapData, [u8; 20], u32> =
+            LpmTrie::try_from(Map::LpmTrie(open_pin(self, map_names::SOURCE_RANGES6)))
+                .expect("SOURCE_RANGES6 is an LPM trie");
+        let mut data = [0u8; 20];
+        data[..4].copy_from_slice(&service_id.to_be_bytes());
+        data[4..].copy_from_slice(&prefix.octets());
+        trie.insert(&LpmKey::new(32 + u32::from(len), data), 1, 0)
+            .expect("writing SOURCE_RANGES6");
+    }
+
+    /// A copy of the `NAT6` entry at `key`.
+    pub fn nat6_get(&self, key: &Nat6Key) -> Option<Nat6Entry> {
+        let map: BpfHashMap<MapData, Nat6Key, Nat6Entry> = lru(self, map_names::NAT6);
+        map.get(key, 0).ok()
+    }
+
+    /// Entries in `NAT6`.
+    pub fn nat6_len(&self) -> usize {
+        let map: BpfHashMap<MapData, Nat6Key, Nat6Entry> = lru(self, map_names::NAT6);
+        map.keys().count()
+    }
+
     /// IPv6 cluster-IP frontend number `index` (0..) at `frontend` with
     /// these backends (none: no endpoints), which get the `LB6_BACKENDS`
     /// ids `first_backend_id..`. Returns the service id.
@@ -79,20 +192,40 @@ impl Harness {
         options: Frontend6Options,
     ) -> u32 {
         let proto = proto_number(proto);
-        let service_id = SERVICE_ID_BASE + index;
-        let slot_base = SLOT_BASE + index * SLOTS_PER_SERVICE;
-        let mut lb_backends: Array<MapData, Backend6> = array(self, map_names::LB6_BACKENDS);
-        let mut slots: Array<MapData, u32> = array(self, map_names::BACKEND_SLOTS);
-        for (i, b) in backends.iter().enumerate() {
-            let id = first_backend_id + i as u32;
-            let backend = Backend6 {
+        let key = Service6Key {
+            addr: ipv6_bytes(&frontend),
+            port: port_to_map(frontend.port()),
+            proto,
+            scope: service_scope::INTERNAL,
+        };
+        let backends: Vec<Backend6> = backends
+            .iter()
+            .map(|b| Backend6 {
                 addr: ipv6_bytes(b),
                 port: port_to_map(b.port()),
                 proto,
                 flags: 0,
-            };
+            })
+            .collect();
+        self.write_frontend6(index, key, &backends, first_backend_id, options)
+    }
+
+    fn write_frontend6(
+        &self,
+        index: u32,
+        key: Service6Key,
+        backends: &[Backend6],
+        first_backend_id: u32,
+        options: Frontend6Options,
+    ) -> u32 {
+        let service_id = SERVICE_ID_BASE + index;
+        let slot_base = SLOT_BASE + index * SLOTS_PER_SERVICE;
+        let mut lb_backends: Array<MapData, Backend6> = array(self, map_names::LB6_BACKENDS);
+        let mut slots: Array<MapData, u32> = array(self, map_names::BACKEND_SLOTS);
+        for (i, backend) in backends.iter().enumerate() {
+            let id = first_backend_id + i as u32;
             lb_backends
-                .set(id, backend, 0)
+                .set(id, *backend, 0)
                 .expect("writing LB6_BACKENDS");
             slots
                 .set(slot_base + i as u32, id, 0)
@@ -100,12 +233,6 @@ impl Harness {
         }
         let mut services: BpfHashMap<MapData, Service6Key, ServiceValue> =
             hash(self, map_names::LB6_SERVICES);
-        let key = Service6Key {
-            addr: ipv6_bytes(&frontend),
-            port: port_to_map(frontend.port()),
-            proto,
-            scope: service_scope::INTERNAL,
-        };
         let value = ServiceValue {
             service_id,
             backend_count: backends.len() as u32,
@@ -116,10 +243,13 @@ impl Harness {
         services
             .insert(key, value, 0)
             .expect("writing LB6_SERVICES");
-        let mut ips: BpfHashMap<MapData, Ipv6Bytes, u32> = hash(self, map_names::LB6_SERVICE_IPS);
-        let count = ips.get(&key.addr, 0).unwrap_or(0);
-        ips.insert(key.addr, count + 1, 0)
-            .expect("writing LB6_SERVICE_IPS");
+        if key.addr != [0; 16] {
+            let mut ips: BpfHashMap<MapData, Ipv6Bytes, u32> =
+                hash(self, map_names::LB6_SERVICE_IPS);
+            let count = ips.get(&key.addr, 0).unwrap_or(0);
+            ips.insert(key.addr, count + 1, 0)
+                .expect("writing LB6_SERVICE_IPS");
+        }
         service_id
     }
 

@@ -181,6 +181,14 @@ impl Frontend {
         }
     }
 
+    /// A NodePort on the node's IPv6 addresses.
+    pub fn node_port6(port: u16, proto: Protocol) -> Self {
+        Self {
+            ip: std::net::Ipv6Addr::UNSPECIFIED.into(),
+            ..Self::node_port(port, proto)
+        }
+    }
+
     pub fn is_node_port(&self) -> bool {
         self.scope == Scope::External && self.ip.is_unspecified()
     }
@@ -245,6 +253,40 @@ impl Ipv4Prefix {
     }
 }
 
+/// An IPv6 prefix of `loadBalancerSourceRanges`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv6Prefix {
+    pub addr: std::net::Ipv6Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Ipv6Prefix {
+    type Err = ();
+
+    /// `addr/len`, host bits cleared; a bare address is a /128.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, len) = match s.trim().split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().map_err(|_| ())?),
+            None => (s.trim(), 128),
+        };
+        let addr: std::net::Ipv6Addr = addr.parse().map_err(|_| ())?;
+        if len > 128 {
+            return Err(());
+        }
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        Ok(Self {
+            addr: std::net::Ipv6Addr::from(u128::from(addr) & mask),
+            len,
+        })
+    }
+}
+
 /// A pod IP and target port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
@@ -284,8 +326,11 @@ pub struct FrontendSpec {
     /// Sorted.
     pub local_ips: Vec<IpAddr>,
     /// `loadBalancerSourceRanges` of a load-balancer IP frontend: only
-    /// these clients are served. Empty: everyone. Sorted.
+    /// these clients are served. Empty (and `source_ranges6` empty):
+    /// everyone. Sorted.
     pub source_ranges: Vec<Ipv4Prefix>,
+    /// The IPv6 prefixes of `loadBalancerSourceRanges`. Sorted.
+    pub source_ranges6: Vec<Ipv6Prefix>,
 }
 
 /// A Service as the model keeps it: validated, and only what the
@@ -308,14 +353,16 @@ pub struct ProxiedService {
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local`.
     pub local_only: bool,
-    /// `spec.externalIPs` (the IPv4 ones): served on the service ports,
-    /// whether or not the address is on a node.
-    pub external_ips: Vec<Ipv4Addr>,
-    /// `status.loadBalancer.ingress[].ip` (IPv4) of a LoadBalancer service.
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.externalIPs`: served on the service ports, whether or not the
+    /// address is on a node. Sorted.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of a LoadBalancer service. Sorted.
+    pub load_balancer_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges` (IPv4), applied to the load-balancer
     /// IPs.
     pub source_ranges: Vec<Ipv4Prefix>,
+    /// The IPv6 ones, applied to the IPv6 load-balancer IPs.
+    pub source_ranges6: Vec<Ipv6Prefix>,
     /// `externalTrafficPolicy: Local`: external frontends use this node's
     /// endpoints only and keep the client's address.
     pub external_local: bool,
@@ -560,15 +607,14 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
         });
     }
     let affinity_timeout_s = affinity_timeout(&object, spec)?;
-    let ipv4s = |list: Option<&Vec<String>>, field| -> Result<Vec<Ipv4Addr>, ModelError> {
+    let ipv4s = |list: Option<&Vec<String>>, field| -> Result<Vec<IpAddr>, ModelError> {
         let mut out = BTreeSet::new();
         for value in list.into_iter().flatten() {
             match value.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(v4)) => {
-                    out.insert(v4);
+                // Each family's frontends take the addresses of theirs.
+                Ok(ip) => {
+                    out.insert(ip);
                 }
-                // This IPv4 dataplane leaves IPv6 ones to an IPv6 proxier.
-                Ok(std::net::IpAddr::V6(_)) => {}
                 Err(_) => {
                     return Err(ModelError::InvalidIp {
                         kind: SERVICE,
@@ -597,9 +643,18 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
         Vec::new()
     };
     let mut source_ranges = BTreeSet::new();
+    let mut source_ranges6 = BTreeSet::new();
     if load_balancer {
         for value in spec.load_balancer_source_ranges.iter().flatten() {
             if value.contains(':') {
+                let prefix =
+                    value
+                        .parse::<Ipv6Prefix>()
+                        .map_err(|()| ModelError::InvalidSourceRange {
+                            object: object.clone(),
+                            value: value.clone(),
+                        })?;
+                source_ranges6.insert(prefix);
                 continue;
             }
             let prefix =
@@ -629,6 +684,7 @@ pub fn parse_service(svc: &Service) -> Result<ServiceEntry, ModelError> {
             external_ips,
             load_balancer_ips,
             source_ranges: source_ranges.into_iter().collect(),
+            source_ranges6: source_ranges6.into_iter().collect(),
             external_local,
             health_check_node_port,
         }),
@@ -939,7 +995,8 @@ impl ClusterState {
     }
 
     /// The frontends of one family of a service: its cluster IP joined to
-    /// that family's slices, and (IPv4 only, for now) its external ones.
+    /// that family's slices, and its external ones (NodePorts, the
+    /// family's load-balancer IPs and externalIPs).
     fn family_frontends(
         &self,
         name: &ServiceName,
@@ -988,6 +1045,7 @@ impl ClusterState {
                 masquerade_remote: false,
                 local_ips: local_ips.clone(),
                 source_ranges: Vec::new(),
+                source_ranges6: Vec::new(),
             }
         };
         for sp in &svc.ports {
@@ -995,33 +1053,34 @@ impl ClusterState {
                 Frontend::cluster_ip(cluster_ip, sp.port, sp.proto),
                 spec_for(sp, svc.local_only),
             ));
-            // North-south (NodePorts, external and load-balancer IPs) is
-            // served on IPv4 only so far.
-            if family != IpFamily::Ipv4 {
-                continue;
-            }
             let external = FrontendSpec {
                 masquerade_remote: !svc.external_local,
                 ..spec_for(sp, svc.external_local)
             };
-            let on = |ip: Ipv4Addr| Frontend {
-                ip: ip.into(),
+            let on = |ip: IpAddr| Frontend {
+                ip,
                 port: sp.port,
                 proto: sp.proto,
                 scope: Scope::External,
             };
-            for &ip in &svc.external_ips {
+            let of_family = |ip: &&IpAddr| IpFamily::of(**ip) == family;
+            for &ip in svc.external_ips.iter().filter(of_family) {
                 frontends.push((on(ip), external.clone()));
             }
-            for &ip in &svc.load_balancer_ips {
+            for &ip in svc.load_balancer_ips.iter().filter(of_family) {
                 let spec = FrontendSpec {
                     source_ranges: svc.source_ranges.clone(),
+                    source_ranges6: svc.source_ranges6.clone(),
                     ..external.clone()
                 };
                 frontends.push((on(ip), spec));
             }
             if let Some(node_port) = sp.node_port {
-                frontends.push((Frontend::node_port(node_port, sp.proto), external));
+                let frontend = match family {
+                    IpFamily::Ipv4 => Frontend::node_port(node_port, sp.proto),
+                    IpFamily::Ipv6 => Frontend::node_port6(node_port, sp.proto),
+                };
+                frontends.push((frontend, external));
             }
         }
     }

@@ -119,6 +119,10 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         self.engine.set_node_addresses(addrs)
     }
 
+    pub fn set_node_addresses6(&mut self, addrs: &[std::net::Ipv6Addr]) -> Result<(), SyncError> {
+        self.engine.set_node_addresses6(addrs)
+    }
+
     /// Takes in one update of a source's initial state, without touching the
     /// maps: nothing is written until the source has listed everything, so
     /// a restart never removes a live service. True once the initial state

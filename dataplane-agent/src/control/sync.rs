@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 // cluster's own objects) and is a fifth of a 10 000-service full sync.
 use foldhash::{HashMap, HashMapExt as _};
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
@@ -430,9 +430,9 @@ pub struct SyncEngine<M: LbMaps> {
     reply_sources: HashMap<ReplySource, u32>,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
     service_ips: HashMap<IpKey, u32>,
-    /// This node's addresses, flagged in `SERVICE_IPS` so NodePorts match
-    /// on them.
-    node_addrs: BTreeSet<u32>,
+    /// This node's addresses, flagged in `SERVICE_IPS` (`LB6_SERVICE_IPS`)
+    /// so NodePorts match on them.
+    node_addrs: BTreeSet<IpKey>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     /// `LB6_BACKENDS` ids: a dense space of their own.
@@ -576,7 +576,11 @@ fn flags_of(frontend: &Frontend, spec: &FrontendSpec) -> u32 {
     if frontend.scope == Scope::External && spec.masquerade_remote {
         flags |= service_flags::MASQUERADE_REMOTE;
     }
-    if frontend.scope == Scope::External && !spec.source_ranges.is_empty() {
+    // Any prefix restricts the frontend: a client of the other family is
+    // admitted only by prefixes of its own (none: dropped).
+    if frontend.scope == Scope::External
+        && (!spec.source_ranges.is_empty() || !spec.source_ranges6.is_empty())
+    {
         flags |= service_flags::SOURCE_RANGES;
     }
     flags
@@ -791,10 +795,17 @@ impl<M: LbMaps> SyncEngine<M> {
         for id in names.keys().filter(|id| !service_ids.contains(id)) {
             self.pending.remove_service_name(*id);
         }
+        let node_address = |v: &u32| *v & service_ip_flags::NODE_ADDRESS != 0;
         self.node_addrs = service_ips
             .iter()
-            .filter(|(_, v)| *v & service_ip_flags::NODE_ADDRESS != 0)
-            .map(|(k, _)| *k)
+            .filter(|(_, v)| node_address(v))
+            .map(|(k, _)| IpKey::V4(*k))
+            .chain(
+                service_ips6
+                    .iter()
+                    .filter(|(_, v)| node_address(v))
+                    .map(|(k, _)| IpKey::V6(*k)),
+            )
             .collect();
         self.service_ips = service_ips
             .into_iter()
@@ -1213,9 +1224,9 @@ impl<M: LbMaps> SyncEngine<M> {
         true
     }
 
-    /// Whether `ip` is one of the node's addresses (IPv4 only so far).
+    /// Whether `ip` is one of the node's addresses.
     fn is_node_addr(&self, ip: IpKey) -> bool {
-        matches!(ip, IpKey::V4(a) if self.node_addrs.contains(&a))
+        self.node_addrs.contains(&ip)
     }
 
     fn unprogram_frontend(&mut self, key: FrontendKey) {
@@ -1409,21 +1420,38 @@ impl<M: LbMaps> SyncEngine<M> {
     /// Makes `addrs` the node's addresses, on which NodePorts are served
     /// (the `SERVICE_IPS` node bit); addresses no longer listed lose it.
     pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), SyncError> {
-        let wanted: BTreeSet<u32> = addrs.iter().map(|a| ipv4_to_map(a.octets())).collect();
-        for &addr in wanted.difference(&self.node_addrs) {
-            let count = self.service_ips.get(&IpKey::V4(addr)).copied().unwrap_or(0);
-            self.pending
-                .set_service_ip(addr, service_ip_value(count, true));
+        let wanted = addrs.iter().map(|a| IpKey::V4(ipv4_to_map(a.octets())));
+        self.set_family_node_addresses(IpFamily::Ipv4, wanted.collect())
+    }
+
+    /// [`SyncEngine::set_node_addresses`] for the node's IPv6 addresses
+    /// (`LB6_SERVICE_IPS`); the IPv4 ones stay as they are.
+    pub fn set_node_addresses6(&mut self, addrs: &[Ipv6Addr]) -> Result<(), SyncError> {
+        let wanted = addrs.iter().map(|a| IpKey::V6(a.octets()));
+        self.set_family_node_addresses(IpFamily::Ipv6, wanted.collect())
+    }
+
+    fn set_family_node_addresses(
+        &mut self,
+        family: IpFamily,
+        wanted: BTreeSet<IpKey>,
+    ) -> Result<(), SyncError> {
+        let of_family = |ip: &IpKey| matches!(ip, IpKey::V6(_)) == (family == IpFamily::Ipv6);
+        let current: BTreeSet<IpKey> = self.node_addrs.iter().copied().filter(of_family).collect();
+        for &addr in wanted.difference(&current) {
+            let count = self.service_ips.get(&addr).copied().unwrap_or(0);
+            set_service_ip(&mut self.pending, addr, service_ip_value(count, true));
         }
-        for &addr in self.node_addrs.difference(&wanted) {
-            match self.service_ips.get(&IpKey::V4(addr)).copied() {
-                Some(count) => self
-                    .pending
-                    .set_service_ip(addr, service_ip_value(count, false)),
-                None => self.pending.remove_service_ip(addr),
+        for &addr in current.difference(&wanted) {
+            match self.service_ips.get(&addr).copied() {
+                Some(count) => {
+                    set_service_ip(&mut self.pending, addr, service_ip_value(count, false))
+                }
+                None => remove_service_ip(&mut self.pending, addr),
             }
         }
-        self.node_addrs = wanted;
+        self.node_addrs.retain(|ip| !of_family(ip));
+        self.node_addrs.extend(wanted);
         self.flush().map_err(SyncError::Write)
     }
 
@@ -1528,6 +1556,7 @@ mod tests {
             masquerade_remote: false,
             local_ips: Vec::new(),
             source_ranges: Vec::new(),
+            source_ranges6: Vec::new(),
         }
     }
 

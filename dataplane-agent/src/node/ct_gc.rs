@@ -3,15 +3,15 @@
 //! tables (and `inspect conntrack`/`inspect nat`) hold live flows only. The
 //! same rule serves every two-entry flow table: conntrack of both families
 //! (`CT_TCP`, `CT_OTHER`; `CT6_TCP`, `CT6_OTHER` in [`crate::node::ct_gc6`])
-//! and the SNAT entries of external flows (`NAT`).
+//! and the SNAT entries of external flows (`NAT`, `NAT6`).
 
 use std::collections::HashMap;
 
 use dataplane_common::{
-    ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, NatEntry, NatKey, IPPROTO_TCP,
+    ct_dir, nat_dir, CtEntry, CtKey, CtLifetimes, Nat6Entry, Nat6Key, NatEntry, NatKey, IPPROTO_TCP,
 };
 
-use crate::node::pinned::{monotonic_now_ns, ConntrackMaps, NatMap};
+use crate::node::pinned::{monotonic_now_ns, ConntrackMaps, Nat6Map, NatMap};
 
 /// An entry of a table holding each flow twice, under its ORIGINAL key (which
 /// carries the flow's age) and its REPLY key.
@@ -58,6 +58,26 @@ impl FlowEntry for NatEntry {
 
     fn original_key(&self) -> NatKey {
         NatEntry::original_key(self)
+    }
+
+    fn reply_of(&self, original: &Self) -> bool {
+        original.reply_key() == self.reply_key()
+    }
+}
+
+impl FlowEntry for Nat6Entry {
+    type Key = Nat6Key;
+
+    fn is_original(key: &Nat6Key) -> bool {
+        key.direction == nat_dir::ORIGINAL
+    }
+
+    fn is_expired(&self, now_ns: u64, lifetimes: &CtLifetimes) -> bool {
+        Nat6Entry::is_expired(self, now_ns, lifetimes)
+    }
+
+    fn original_key(&self) -> Nat6Key {
+        Nat6Entry::original_key(self)
     }
 
     fn reply_of(&self, original: &Self) -> bool {
@@ -120,6 +140,16 @@ impl FlowTable<NatEntry> for NatMap {
     }
 }
 
+impl FlowTable<Nat6Entry> for Nat6Map {
+    fn lookup(&self, key: &Nat6Key) -> Option<Nat6Entry> {
+        self.get(key, 0).ok()
+    }
+
+    fn delete(&mut self, key: &Nat6Key) -> bool {
+        self.remove(key).is_ok()
+    }
+}
+
 /// Whether `key` is dead by `expired_keys`' rule, judged on what the table
 /// holds now rather than on the walk's snapshot: the datapath may have
 /// created or refreshed the flow since.
@@ -163,6 +193,15 @@ pub fn delete_still_dead<E: FlowEntry>(
 /// of entries removed and left.
 pub fn sweep_nat(map: &mut NatMap, lifetimes: &CtLifetimes) -> (usize, usize) {
     let entries: Vec<(NatKey, NatEntry)> = map.iter().filter_map(Result::ok).collect();
+    let now_ns = monotonic_now_ns();
+    let candidates = expired_keys(&entries, now_ns, lifetimes);
+    let removed = delete_still_dead(map, &candidates, now_ns, lifetimes);
+    (removed, entries.len() - removed)
+}
+
+/// [`sweep_nat`] for the `NAT6` map (SNAT entries of external IPv6 flows).
+pub fn sweep_nat6(map: &mut Nat6Map, lifetimes: &CtLifetimes) -> (usize, usize) {
+    let entries: Vec<(Nat6Key, Nat6Entry)> = map.iter().filter_map(Result::ok).collect();
     let now_ns = monotonic_now_ns();
     let candidates = expired_keys(&entries, now_ns, lifetimes);
     let removed = delete_still_dead(map, &candidates, now_ns, lifetimes);

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use dataplane_common::{
-    capacity, map_layouts, map_names, CtLifetimes, MapLayout, NatConfig, LAYOUT_VERSION,
+    capacity, map_layouts, map_names, CtLifetimes, MapLayout, Nat6Config, NatConfig, LAYOUT_VERSION,
 };
 use log::{info, warn};
 
@@ -27,7 +27,8 @@ use crate::node::{
     lb_maps::BpfLbMaps,
     migrate::{self, Carry, MigrateError, Pass, Plan},
     pinned::{
-        self, Conntrack6Maps, ConntrackMaps, CounterMap, MapOpenError, NatMap, SockRevNatMap,
+        self, Conntrack6Maps, ConntrackMaps, CounterMap, MapOpenError, Nat6Map, NatMap,
+        SockRevNatMap,
     },
     socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
 };
@@ -142,6 +143,10 @@ pub struct DatapathMaps {
     pub nat_config: Array<MapData, NatConfig>,
     /// SNAT entries of external flows, for the sweep.
     pub nat: NatMap,
+    /// This node's IPv6 SNAT address.
+    pub nat6_config: Array<MapData, Nat6Config>,
+    /// SNAT entries of external IPv6 flows, for the sweep.
+    pub nat6: Nat6Map,
 }
 
 /// What the datapath is loaded with: conntrack sizes and lifetimes
@@ -296,6 +301,8 @@ impl Datapath {
         let sock_revnat: SockRevNatMap = pinned::take(&mut ebpf, map_names::SOCK_REVNAT)?;
         let nat_config = pinned::take(&mut ebpf, map_names::NAT_CONFIG)?;
         let nat: NatMap = pinned::take(&mut ebpf, map_names::NAT)?;
+        let nat6_config = pinned::take(&mut ebpf, map_names::NAT6_CONFIG)?;
+        let nat6: Nat6Map = pinned::take(&mut ebpf, map_names::NAT6)?;
         let links_dir = bpffs.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(fs_err("creating", &links_dir))?;
         Ok((
@@ -317,6 +324,8 @@ impl Datapath {
                 sock_revnat,
                 nat_config,
                 nat,
+                nat6_config,
+                nat6,
             },
         ))
     }

@@ -64,6 +64,7 @@ fn role(name: &str) -> Role {
         | map_names::BACKEND_SLOTS
         | map_names::SERVICE_NAMES
         | map_names::SOURCE_RANGES
+        | map_names::SOURCE_RANGES6
         | map_names::LB6_SERVICE_IPS
         | map_names::LB6_SERVICES
         // New in layout 4: created, and filled by the sync engine from the
@@ -76,8 +77,8 @@ fn role(name: &str) -> Role {
         | map_names::CT6_TCP
         | map_names::CT6_OTHER
         | map_names::LB6_AFFINITY => Role::Flows,
-        // `NAT` holds flows too, but no earlier layout has it: it is only
-        // ever created, like the state maps (`NAT_CONFIG` is written at
+        // `NAT` and `NAT6` hold flows too, but no earlier layout has them
+        // (layout 5 adds `NAT6`): they are only ever created, like the state maps (`NAT_CONFIG` is written at
         // every start).
         _ => Role::State,
     }
@@ -132,6 +133,16 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::CT6_TCP,
             map_names::CT6_OTHER,
             map_names::CT6_FRAGMENTS,
+        ],
+    ),
+    // North-south on IPv6: `NAT6`, `NAT6_CONFIG` and `SOURCE_RANGES6` are
+    // new (created).
+    (
+        5,
+        &[
+            map_names::NAT6,
+            map_names::NAT6_CONFIG,
+            map_names::SOURCE_RANGES6,
         ],
     ),
 ];

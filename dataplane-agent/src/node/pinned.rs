@@ -141,6 +141,7 @@ pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
 pub type SockRevNatMap = BpfHashMap<MapData, SockRevNatKey, SockRevNatEntry>;
 /// `NAT`: the SNAT entries of external flows.
 pub type NatMap = BpfHashMap<MapData, dataplane_common::NatKey, dataplane_common::NatEntry>;
+pub type Nat6Map = BpfHashMap<MapData, dataplane_common::Nat6Key, dataplane_common::Nat6Entry>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapOpenError {

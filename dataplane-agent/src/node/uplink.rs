@@ -3,11 +3,14 @@
 //! NodePorts are served on (followed as they change), and the SNAT port
 //! range kept free of the node's own sockets.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use futures::StreamExt as _;
 use rtnetlink::{
-    constants::RTMGRP_IPV4_IFADDR,
+    constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR},
     packet_core::NetlinkPayload,
     packet_route::RouteNetlinkMessage,
     sys::{AsyncSocket as _, SocketAddr},
@@ -136,8 +139,26 @@ pub fn addresses() -> Result<Vec<(String, Ipv4Addr)>, UplinkError> {
     Ok(out)
 }
 
-/// A notice each time an IPv4 address of this network namespace is added
-/// or removed; the receiver reads the addresses again ([`addresses`]).
+/// Every global IPv6 address of the node (no loopback, no link-local),
+/// with the interface holding it.
+pub fn addresses6() -> Result<Vec<(String, Ipv6Addr)>, UplinkError> {
+    let mut out = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().map_err(UplinkError::Addresses)? {
+        let Some(addr) = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in6()) else {
+            continue;
+        };
+        let ip = addr.ip();
+        if ip.is_loopback() || ip.is_unicast_link_local() {
+            continue;
+        }
+        out.push((ifaddr.interface_name.clone(), ip));
+    }
+    Ok(out)
+}
+
+/// A notice each time an address (either family) of this network
+/// namespace is added or removed; the receiver reads the addresses again
+/// ([`addresses`], [`addresses6`]).
 /// Notices that arrive while one is pending are merged into it.
 pub fn watch_addresses() -> Result<mpsc::Receiver<()>, UplinkError> {
     let (mut connection, _handle, mut messages) =
@@ -145,7 +166,7 @@ pub fn watch_addresses() -> Result<mpsc::Receiver<()>, UplinkError> {
     connection
         .socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR))
+        .bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
         .map_err(UplinkError::Netlink)?;
     tokio::spawn(connection);
     let (tx, rx) = mpsc::channel(1);

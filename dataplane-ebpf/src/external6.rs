@@ -1,0 +1,622 @@
+//! The north-south path on IPv6: `from_outside` and `to_outside` for IPv6
+//! frames, the pipeline of `external` on the `LB6_*`, `CT6_*` and `NAT6`
+//! maps. A flow to a local backend (policy Local, or a local endpoint)
+//! keeps the client's address and is tracked in `CT6_*` like a pod's; a
+//! flow to a remote backend with policy Cluster gets this node's IPv6
+//! address (`NAT6_CONFIG`) and a port of the SNAT range (`NAT_CONFIG`'s),
+//! tracked in `NAT6`, and is sent on by FIB lookup. ICMPv6 errors about
+//! SNATed flows (Packet Too Big above all) reaching the SNAT address are
+//! made about what the client sent and sent on to it.
+//!
+//! tc only: `xdp_from_outside` passes IPv6 frames untouched to the tc
+//! program behind it. Every function that holds a large value is a call
+//! of its own, so no two of them stack their frames on one path.
+//! Not traced yet, like `pod6`.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK},
+    programs::TcContext,
+};
+use dataplane_common::{
+    backend_flags, ct_dir, ct_flags, ct_state, nat_dir, service_flags, service_ip_flags, Counter,
+    Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{
+    conntrack6::ct6_lookup_flow,
+    csum::csum_replace_plain,
+    ctx::PacketCtx,
+    fail,
+    fib::{fib6_lookup, NextHop, Route6},
+    fragment::frag6_track,
+    lb6::{
+        lb6_choose_backend, lb6_lookup_backend, lb6_lookup_external, lb6_service_ip,
+        lb6_source_allowed, Choice6, Selected6,
+    },
+    maps::{count, nat6_config, nat6_get, nat6_slot, nat_config, Nat6Slot, NAT6},
+    nat6::{csum6_add_pseudo, csum6_addr_diff, nat6_rewrite_dst, nat6_rewrite_src},
+    parse::{frag, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse6::{
+        ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Ipv6Hdr, Parse6Error,
+        IP6_DST_OFF, IP6_HLEN, IP6_L4_OFF, IP6_SRC_OFF, IPPROTO_ICMPV6,
+    },
+    pod6::{self, drop, next, pass, Outcome},
+    skb, Verdict,
+};
+
+/// As `snat::NAT_PORT_TRIES`.
+const NAT_PORT_TRIES: u32 = 8;
+/// As `snat::NAT_REFRESH_NS`.
+const NAT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// `from_outside` for an IPv6 frame.
+#[inline(never)]
+pub fn from_outside6(ctx: &TcContext) -> i32 {
+    try_from_outside6(ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// `to_outside` for an IPv6 frame.
+#[inline(never)]
+pub fn to_outside6(ctx: &TcContext) -> i32 {
+    try_to_outside6(ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// The `LB6_SERVICE_IPS` value of the frame's destination.
+#[inline(always)]
+fn dst_ip_value(ctx: &TcContext) -> Option<u32> {
+    ipv6_dst(ctx).and_then(|dst| lb6_service_ip(&dst))
+}
+
+#[inline(always)]
+fn try_from_outside6(ctx: &TcContext) -> Verdict {
+    let mut flow = Ipv6Flow::default();
+    match parse_ipv6_flow_into(ctx, &mut flow) {
+        Ok(()) => {}
+        Err(Parse6Error::NotL4) => return icmp6_error_from_outside(ctx),
+        Err(Parse6Error::Malformed) => {
+            if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
+                count(Counter::Malformed);
+            }
+            return Ok(TC_ACT_OK);
+        }
+        Err(Parse6Error::PastBound) => {
+            if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
+                count(Counter::Ipv6ExtHeadersPastBound);
+            }
+            return Ok(TC_ACT_OK);
+        }
+        Err(Parse6Error::UnknownFragment) => {
+            // The node's own traffic goes on; one to a load-balancer or
+            // external IP could not reach the right backend.
+            if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
+                return drop(Counter::FragmentUnknown);
+            }
+            return Ok(TC_ACT_OK);
+        }
+    }
+    let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
+        return Ok(TC_ACT_OK);
+    };
+    let mut outcome = outside_flow(ctx, &mut flow, ip_value);
+    if outcome.next == next::NEW_FLOW {
+        // Each stage called from here, none from another: their frames
+        // are never stacked (the new-flow path's calls go deep).
+        let mut selected = Selected6::default();
+        outcome = choose_backend(&mut flow, ip_value, &mut selected);
+        let now = skb::now_ns();
+        if outcome.next == next::NEW_FLOW {
+            outcome = pod6::ct6_new_flow(ctx, &mut flow, now, &selected);
+        } else if outcome.next == NEW_SNAT_FLOW {
+            outcome = snat6_new_flow(&flow, now, &selected);
+        }
+        if outcome.next == SNAT_FORWARD {
+            outcome = snat6_forward_new(ctx, &mut flow);
+        }
+    }
+    if outcome.next == next::REFUSE {
+        return pod6::refuse(ctx, outcome.refusal, &flow);
+    }
+    Ok(outcome.verdict)
+}
+
+/// A packet from outside to a node address, load-balancer IP or
+/// externalIP: the reply of a SNATed flow, a packet of a known flow, or
+/// (`next::NEW_FLOW`) a new flow.
+#[inline(never)]
+fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
+    let now = skb::now_ns();
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 && in_snat_range(flow.dst_port) {
+        if let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::REPLY)) {
+            let outcome = snat6_reply(ctx, flow, slot, now);
+            if outcome.next != next::NEW_FLOW {
+                return outcome;
+            }
+        }
+    }
+    let Some(service) = lb6_lookup_external(flow, ip_value) else {
+        if ip_value & service_ip_flags::COUNT_MASK == 0 {
+            // The node's own traffic (not to a NodePort).
+            return Outcome::done(Ok(TC_ACT_OK));
+        }
+        return Outcome::done(pass(Counter::UnknownPort));
+    };
+    if flow.frag == frag::FIRST {
+        frag6_track(flow);
+    }
+    // Established flows: to a local backend (conntrack) ...
+    if let Some(slot) = ct6_lookup_flow(flow, ct_dir::ORIGINAL) {
+        let outcome = pod6::known_flow(ctx, flow, slot, now);
+        if outcome.next != next::NEW_FLOW {
+            return outcome;
+        }
+    } else if service.flags & service_flags::MASQUERADE_REMOTE != 0 {
+        // ... or SNATed to a remote one.
+        if let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) {
+            let outcome = snat6_known_flow(ctx, flow, slot, now);
+            if outcome.next != next::NEW_FLOW {
+                return outcome;
+            }
+        }
+    }
+    if flow.frag == frag::LATER {
+        return Outcome::done(drop(Counter::FragmentUnknown));
+    }
+    Outcome::new_flow()
+}
+
+/// The backend of a new flow to an external frontend (looked up again:
+/// see `try_from_outside6`), written to `selected`: `next::NEW_FLOW` for
+/// a flow tracked in conntrack (local backend, or policy Local),
+/// [`NEW_SNAT_FLOW`] for one SNATed to a remote backend, else what
+/// becomes of the packet.
+#[inline(never)]
+fn choose_backend(flow: &mut Ipv6Flow, ip_value: u32, selected: &mut Selected6) -> Outcome {
+    let Some(service) = lb6_lookup_external(flow, ip_value) else {
+        return Outcome::done(Ok(TC_ACT_OK));
+    };
+    if !lb6_source_allowed(&service, &flow.src_addr) {
+        return Outcome::done(drop(Counter::DropSourceRange));
+    }
+    match lb6_choose_backend(&service, &flow.src_addr, skb::now_ns(), selected) {
+        Choice6::Backend => {}
+        Choice6::NoLocalEndpoints => return Outcome::done(drop(Counter::DropNoLocalEndpoints)),
+        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
+    }
+    if service.flags & service_flags::MASQUERADE_REMOTE == 0
+        || selected.backend.flags & backend_flags::LOCAL != 0
+    {
+        return Outcome::new_flow();
+    }
+    Outcome {
+        verdict: TC_ACT_OK,
+        next: NEW_SNAT_FLOW,
+        refusal: Counter::NewFlow,
+    }
+}
+
+/// `Outcome::next` of [`choose_backend`]: a new flow to a remote backend,
+/// to SNAT.
+const NEW_SNAT_FLOW: u32 = 4;
+
+/// The first packet of a SNATed flow whose `NAT6` entries
+/// [`snat6_new_flow`] made: on to the backend.
+#[inline(never)]
+fn snat6_forward_new(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
+    let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) else {
+        return Outcome::done(Err(fail(Counter::CtInsertFailed)));
+    };
+    Outcome::done(snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow))
+}
+
+#[inline(always)]
+fn in_snat_range(port: u16) -> bool {
+    let port = u16::from_be(port);
+    nat_config().is_some_and(|c| c.port_min <= port && port <= c.port_max)
+}
+
+#[inline(always)]
+fn nat6_key(flow: &Ipv6Flow, direction: u8) -> Nat6Key {
+    Nat6Key {
+        src_addr: flow.src_addr,
+        dst_addr: flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn nat6_is_expired(entry: &Nat6Entry, now_ns: u64) -> bool {
+    crate::maps::ct_lifetimes().is_some_and(|l| entry.is_expired(now_ns, l))
+}
+
+/// As `snat::nat4_is_reopen`.
+#[inline(always)]
+fn nat6_is_reopen(entry: &Nat6Entry, flow: &Ipv6Flow) -> bool {
+    flow.proto == IPPROTO_TCP
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && entry.state == ct_state::CLOSING
+}
+
+/// As `snat::nat4_update`.
+#[inline(always)]
+fn nat6_update(slot: Nat6Slot, flow: &Ipv6Flow, direction: u8, now_ns: u64) {
+    let state = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_RST | TCP_FIN) != 0 {
+        ct_state::CLOSING
+    } else if direction == nat_dir::REPLY {
+        ct_state::ESTABLISHED
+    } else {
+        ct_state::OPENING
+    };
+    slot.touch(now_ns, state, NAT_REFRESH_NS);
+}
+
+#[inline(always)]
+fn nat6_delete(entry: &Nat6Entry) {
+    let _ = NAT6.remove(&entry.original_key());
+    let _ = NAT6.remove(&entry.reply_key());
+}
+
+/// Whether the REPLY entry `reply` still belongs to a live flow.
+#[inline(always)]
+fn nat6_is_live(reply: &Nat6Entry, now_ns: u64) -> bool {
+    nat6_slot(&reply.original_key()).is_some_and(|owner| {
+        let owner = owner.entry();
+        !nat6_is_expired(owner, now_ns) && owner.reply_key() == reply.reply_key()
+    })
+}
+
+/// A packet of a SNATed flow: forwarded to its backend, refused (its
+/// backend is gone), or to be taken as a new flow.
+#[inline(never)]
+fn snat6_known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -> Outcome {
+    let nat = slot.entry();
+    let expired = nat6_is_expired(nat, now) || nat6_is_reopen(nat, flow);
+    let backend_alive = lb6_lookup_backend(nat.backend_id)
+        .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
+    if !expired && backend_alive {
+        nat6_update(slot, flow, nat_dir::ORIGINAL, now);
+        return Outcome::done(snat6_forward(ctx, flow, nat, Counter::Established));
+    }
+    if flow.frag == frag::LATER {
+        return Outcome::done(drop(Counter::FragmentUnknown));
+    }
+    nat6_delete(nat);
+    if !expired && flow.proto == IPPROTO_TCP {
+        return Outcome::refuse(Counter::ResetBackendGone);
+    }
+    if !expired {
+        count(Counter::UdpFlowMoved);
+    }
+    Outcome::new_flow()
+}
+
+/// Why a new SNATed flow could not be set up: plain numbers, as a
+/// data-carrying result crossing a BPF call can get a BTF layout the
+/// kernel refuses.
+mod nat6_create_error {
+    /// No free SNAT port (or no IPv6 SNAT address configured).
+    pub const EXHAUSTED: u32 = 1;
+    /// The map refused an insert.
+    pub const INSERT_FAILED: u32 = 2;
+}
+
+/// As `snat::nat4_create`: claims a SNAT port by inserting the REPLY
+/// entry where no live flow holds that tuple, then the ORIGINAL entry; a
+/// concurrent creation of the same flow wins and is copied into `entry`.
+/// 0, or one of [`nat6_create_error`]. Inlined: a frame of its own
+/// below `snat6_new_flow`'s would pass the 512-byte stack.
+#[inline(always)]
+fn nat6_create(entry: &mut Nat6Entry, now_ns: u64) -> u32 {
+    let (Some(config), Some(addr)) = (nat_config(), nat6_config()) else {
+        return nat6_create_error::EXHAUSTED;
+    };
+    if addr.snat_addr == [0; 16] || config.port_max < config.port_min {
+        return nat6_create_error::EXHAUSTED;
+    }
+    entry.nat_addr = addr.snat_addr;
+    let range = u32::from(config.port_max - config.port_min) + 1;
+    let mut claimed = false;
+    // Free ports only in the loop: one branch per try keeps the verifier's
+    // paths few (a liveness check per try multiplies them past its limit).
+    for _ in 0..NAT_PORT_TRIES {
+        let port = u32::from(config.port_min) + skb::random_u32() % range;
+        entry.nat_port = (port as u16).to_be();
+        if NAT6
+            .insert(&entry.reply_key(), &*entry, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            claimed = true;
+            break;
+        }
+    }
+    // The last port tried, if held by a flow that is gone, is free again
+    // (the sweep frees the others).
+    if !claimed {
+        let reply = entry.reply_key();
+        claimed = nat6_slot(&reply).is_some_and(|holder| !nat6_is_live(holder.entry(), now_ns))
+            && NAT6.insert(&reply, &*entry, 0).is_ok();
+    }
+    if !claimed {
+        return nat6_create_error::EXHAUSTED;
+    }
+    let original = entry.original_key();
+    if NAT6.insert(&original, &*entry, BPF_NOEXIST as u64).is_err() {
+        let _ = NAT6.remove(&entry.reply_key());
+        let Some(winner) = nat6_get(&original) else {
+            return nat6_create_error::INSERT_FAILED;
+        };
+        *entry = winner;
+    }
+    0
+}
+
+/// A new external flow to a remote backend: a SNAT port and both `NAT6`
+/// entries ([`SNAT_FORWARD`]: the caller sends the packet on).
+#[inline(never)]
+fn snat6_new_flow(flow: &Ipv6Flow, now: u64, selected: &Selected6) -> Outcome {
+    let mut entry = Nat6Entry {
+        last_seen_ns: now,
+        client_addr: flow.src_addr,
+        frontend_addr: flow.dst_addr,
+        backend_addr: selected.backend.addr,
+        nat_addr: [0; 16],
+        client_port: flow.src_port,
+        frontend_port: flow.dst_port,
+        backend_port: selected.backend.port,
+        nat_port: 0,
+        backend_id: selected.backend_id,
+        service_id: selected.service_id,
+        proto: flow.proto,
+        state: ct_state::OPENING,
+        _pad: [0; 6],
+    };
+    match nat6_create(&mut entry, now) {
+        0 => {}
+        nat6_create_error::EXHAUSTED => return Outcome::done(drop(Counter::NatPortsExhausted)),
+        _ => return Outcome::done(Err(fail(Counter::CtInsertFailed))),
+    }
+    if selected.by_affinity {
+        count(Counter::AffinityHit);
+    }
+    // Sent on by the caller, so `snat6_forward`'s frame is not stacked on
+    // this one's.
+    Outcome {
+        verdict: TC_ACT_OK,
+        next: SNAT_FORWARD,
+        refusal: Counter::NewFlow,
+    }
+}
+
+/// `Outcome::next` of [`snat6_new_flow`]: the flow's `NAT6` entries exist,
+/// the packet is to be sent on (`snat6_forward`).
+const SNAT_FORWARD: u32 = 3;
+
+/// Client -> frontend packet of a SNATed flow: to the backend, from this
+/// node's SNAT address and port, sent on by FIB lookup.
+#[inline(never)]
+fn snat6_forward(
+    ctx: &TcContext,
+    flow: &mut Ipv6Flow,
+    nat: &Nat6Entry,
+    decision: Counter,
+) -> Verdict {
+    let route = Route6 {
+        src_addr: &nat.nat_addr,
+        dst_addr: &nat.backend_addr,
+        src_port: nat.nat_port,
+        dst_port: nat.backend_port,
+        proto: flow.proto,
+    };
+    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
+        // A packet from this node's address cannot go through the stack
+        // on ingress: without a route it is dropped.
+        count(decision);
+        return drop(Counter::FibLookupFailed);
+    };
+    nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
+        .map_err(|_| fail(Counter::RewriteFailed))?;
+    nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port)
+        .map_err(|_| fail(Counter::RewriteFailed))?;
+    send(ctx, &hop, decision)
+}
+
+/// Sends a translated packet to `hop`, counting `decision` and the redirect.
+#[inline(always)]
+fn send(ctx: &TcContext, hop: &NextHop, decision: Counter) -> Verdict {
+    count(decision);
+    count(Counter::Redirected);
+    Ok(PacketCtx::send(ctx, hop))
+}
+
+/// Backend -> SNAT port packet, `slot` its REPLY entry: back to the
+/// client, from the frontend. A new flow (`next::NEW_FLOW`) when the entry
+/// was left by a flow that is gone.
+#[inline(never)]
+fn snat6_reply(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -> Outcome {
+    let reply = slot.entry();
+    let owner = nat6_slot(&reply.original_key());
+    let live = owner.is_some_and(|o| {
+        let e = o.entry();
+        e.reply_key() == reply.reply_key() && !nat6_is_expired(e, now)
+    });
+    let Some(owner) = owner.filter(|_| live) else {
+        // Left by a flow that is gone: the port is free again.
+        let _ = NAT6.remove(&reply.reply_key());
+        return Outcome::new_flow();
+    };
+    let route = Route6 {
+        src_addr: &reply.frontend_addr,
+        dst_addr: &reply.client_addr,
+        src_port: reply.frontend_port,
+        dst_port: reply.client_port,
+        proto: flow.proto,
+    };
+    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
+        count(Counter::ReplyTranslated);
+        return Outcome::done(drop(Counter::FibLookupFailed));
+    };
+    nat6_update(owner, flow, nat_dir::REPLY, now);
+    let rewritten = nat6_rewrite_src(ctx, flow, &reply.frontend_addr, reply.frontend_port)
+        .and_then(|()| nat6_rewrite_dst(ctx, flow, &reply.client_addr, reply.client_port));
+    if rewritten.is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    Outcome::done(send(ctx, &hop, Counter::ReplyTranslated))
+}
+
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_HLEN: usize = 8;
+const ICMPV6_CSUM_OFF: usize = IP6_L4_OFF + 2;
+const INNER_OFF: usize = IP6_L4_OFF + ICMPV6_HLEN;
+const INNER_SRC_OFF: usize = INNER_OFF + 8;
+const INNER_DST_OFF: usize = INNER_OFF + 24;
+const INNER_L4_OFF: usize = INNER_OFF + IP6_HLEN;
+
+/// An ICMPv6 error about a SNATed flow (Packet Too Big on the way to the
+/// backend, above all) arriving at this node's SNAT address is made about
+/// what the client sent (quoted client -> frontend, from the frontend if
+/// the backend itself sent it) and sent on to the client; anything else
+/// passes.
+#[inline(never)]
+fn icmp6_error_from_outside(ctx: &TcContext) -> Verdict {
+    let Some(outer) = parse_ipv6_header(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if outer.next_header != IPPROTO_ICMPV6
+        || lb6_service_ip(&outer.dst_addr).is_none_or(|v| v & service_ip_flags::NODE_ADDRESS == 0)
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let icmp_type: u8 = PacketCtx::load(ctx, IP6_L4_OFF).ok_or(TC_ACT_OK)?;
+    if icmp_type != ICMPV6_PKT_TOOBIG
+        && icmp_type != ICMPV6_DEST_UNREACH
+        && icmp_type != ICMPV6_TIME_EXCEED
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(inner) = PacketCtx::load::<Ipv6Hdr>(ctx, INNER_OFF) else {
+        return Ok(TC_ACT_OK);
+    };
+    if inner.next_header != IPPROTO_TCP && inner.next_header != IPPROTO_UDP {
+        return Ok(TC_ACT_OK);
+    }
+    // The quoted packet went SNAT address -> backend; its REPLY entry is
+    // backend -> SNAT address.
+    let Some(ports) = PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF) else {
+        return Ok(TC_ACT_OK);
+    };
+    let key = Nat6Key {
+        src_addr: inner.dst_addr,
+        dst_addr: inner.src_addr,
+        src_port: ports[1],
+        dst_port: ports[0],
+        proto: inner.next_header,
+        direction: nat_dir::REPLY,
+        _pad: [0; 2],
+    };
+    let Some(slot) = nat6_slot(&key) else {
+        return Ok(TC_ACT_OK);
+    };
+    icmp6_nat_translate(ctx, &outer, slot.entry())
+}
+
+/// Rewrites an ICMPv6 error about the SNATed flow `nat` (see
+/// [`icmp6_error_from_outside`]) and sends it to the client. The quoted
+/// L4 checksum is left alone, as on IPv4.
+#[inline(never)]
+fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Verdict {
+    let rewrite = || -> Result<(), ()> {
+        // The quote: source SNAT address:port -> client, destination
+        // backend -> frontend (plain changes of bytes the checksum covers).
+        quote_addr(ctx, INNER_SRC_OFF, &nat.nat_addr, &nat.client_addr)?;
+        quote_addr(ctx, INNER_DST_OFF, &nat.backend_addr, &nat.frontend_addr)?;
+        quote_port(ctx, INNER_L4_OFF, nat.nat_port, nat.client_port)?;
+        quote_port(ctx, INNER_L4_OFF + 2, nat.backend_port, nat.frontend_port)?;
+        // The outer header: to the client, and from the frontend when the
+        // backend sent it (pseudo-header changes).
+        outer_addr(ctx, IP6_DST_OFF, &outer.dst_addr, &nat.client_addr)?;
+        if outer.src_addr == nat.backend_addr {
+            outer_addr(ctx, IP6_SRC_OFF, &outer.src_addr, &nat.frontend_addr)?;
+        }
+        Ok(())
+    };
+    rewrite().map_err(|()| fail(Counter::RewriteFailed))?;
+    let src_addr = if outer.src_addr == nat.backend_addr {
+        &nat.frontend_addr
+    } else {
+        &outer.src_addr
+    };
+    let route = Route6 {
+        src_addr,
+        dst_addr: &nat.client_addr,
+        src_port: 0,
+        dst_port: 0,
+        proto: IPPROTO_ICMPV6,
+    };
+    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
+        count(Counter::IcmpErrorTranslated);
+        return drop(Counter::FibLookupFailed);
+    };
+    send(ctx, &hop, Counter::IcmpErrorTranslated)
+}
+
+#[inline(always)]
+fn quote_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    csum_replace_plain(ctx, ICMPV6_CSUM_OFF, 0, csum6_addr_diff(old, new), 0).map_err(|_| ())?;
+    PacketCtx::store(ctx, off, new)
+}
+
+#[inline(always)]
+fn quote_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(), ()> {
+    csum_replace_plain(ctx, ICMPV6_CSUM_OFF, u32::from(old), u32::from(new), 2).map_err(|_| ())?;
+    PacketCtx::store(ctx, off, &new)
+}
+
+#[inline(always)]
+fn outer_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    csum6_add_pseudo(
+        ctx,
+        ICMPV6_CSUM_OFF,
+        IPPROTO_ICMPV6,
+        csum6_addr_diff(old, new),
+    )
+    .map_err(|_| ())?;
+    PacketCtx::store(ctx, off, new)
+}
+
+#[inline(always)]
+fn try_to_outside6(ctx: &TcContext) -> Verdict {
+    let mut flow = Ipv6Flow::default();
+    if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
+        return Ok(TC_ACT_OK);
+    }
+    to_outside_flow(ctx, &mut flow)
+}
+
+/// Uplink egress: a local backend's reply to an outside client gets the
+/// frontend as source.
+#[inline(never)]
+fn to_outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
+    let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) else {
+        return Ok(TC_ACT_OK);
+    };
+    if flow.frag == frag::FIRST {
+        frag6_track(flow);
+    }
+    let ct = reply.entry();
+    if ct.flags & ct_flags::HAIRPIN != 0 {
+        return Ok(TC_ACT_OK);
+    }
+    pod6::reply_translate(ctx, flow, ct, skb::now_ns())
+}

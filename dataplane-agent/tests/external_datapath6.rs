@@ -1,0 +1,449 @@
+//! The external datapath on IPv6 (`from_outside` on an uplink's ingress,
+//! `to_outside` on its egress) under BPF_PROG_TEST_RUN: frames from an
+//! outside IPv6 client to a NodePort on the node's IPv6 address and to a
+//! load-balancer IP. Expected frames are written out here and every
+//! checksum is recomputed here over the IPv6 pseudo header, never taken
+//! from the code under test.
+//!
+//! Needs root and a kernel with BPF (each test mounts its own bpffs).
+
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use dataplane_agent::control::model::Protocol;
+use dataplane_common::{ct_dir, nat_dir, service_flags, Counter};
+use dataplane_testkit::{
+    datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    datapath6::{ct6_key, nat6_key, Backend6Spec, Frontend6Options},
+    packets::{be32, hex, ACK, ETH_HLEN, SYN},
+    packets6::{
+        ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, Tcp6, IP6_L4,
+        PROTO_ICMPV6, PROTO_TCP,
+    },
+};
+
+const NODE_PORT: u16 = 30080;
+const SNAT_PORT: u16 = 61000;
+const BACKEND_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+fn sa(addr: &str, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(addr.parse().expect("an IPv6 address"), port, 0, 0)
+}
+fn node() -> Ipv6Addr {
+    "fd00:192:168:100::1".parse().unwrap()
+}
+fn router() -> Ipv6Addr {
+    "fd00:192:168:100::fe".parse().unwrap()
+}
+fn outside_client() -> SocketAddrV6 {
+    sa("2001:db8:113::5", 40_000)
+}
+fn node_port() -> SocketAddrV6 {
+    SocketAddrV6::new(node(), NODE_PORT, 0, 0)
+}
+/// The NodePort frontend: any of the node's addresses.
+fn any_node_port() -> SocketAddrV6 {
+    SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, NODE_PORT, 0, 0)
+}
+fn local_backend() -> SocketAddrV6 {
+    sa("fd00:10:244:1::b", 8080)
+}
+fn remote_backend() -> SocketAddrV6 {
+    sa("fd00:10:244:2::a", 8080)
+}
+fn lb_ip() -> SocketAddrV6 {
+    sa("2001:db8:51:100::a", 80)
+}
+
+/// A node with address `node()` and one SNAT port.
+fn node_harness() -> Harness {
+    let dp = Harness::new();
+    dp.set_node_address6(node());
+    dp.set_snat6(node(), SNAT_PORT, SNAT_PORT);
+    dp
+}
+
+/// An IPv6 NodePort with policy Cluster whose only endpoint is `backend`.
+fn node_port_to(dp: &Harness, backend: SocketAddrV6, local: bool) -> u32 {
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Tcp,
+        &[Backend6Spec {
+            addr: backend,
+            local,
+        }],
+        1,
+        Frontend6Options {
+            flags: service_flags::MASQUERADE_REMOTE,
+            ..Default::default()
+        },
+    )
+}
+
+/// `input` with its IPv6 addresses and TCP ports replaced; the TCP segment
+/// compared with one built and checksummed here.
+#[track_caller]
+fn assert_tcp_translated(
+    input: &[u8],
+    output: &[u8],
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    flags: u8,
+    what: &str,
+) {
+    assert_eq!(output.len(), input.len(), "{what}: length");
+    assert_eq!(
+        hex(&output[ETH_HLEN..ETH_HLEN + 8]),
+        hex(&input[ETH_HLEN..ETH_HLEN + 8]),
+        "{what}: IPv6 header before the addresses"
+    );
+    let f = ipv6_fields(output);
+    assert_eq!((f.src, f.dst), (*src.ip(), *dst.ip()), "{what}: addresses");
+    let ack = if flags & ACK != 0 { 5_000 } else { 0 };
+    let segment = tcp_segment(src.port(), dst.port(), flags, 1_000, ack, b"");
+    let expected = with_checksum6(*src.ip(), *dst.ip(), PROTO_TCP, segment);
+    assert_eq!(
+        hex(&output[IP6_L4..]),
+        hex(&expected),
+        "{what}: TCP segment (checksum recomputed here)"
+    );
+}
+
+#[test]
+fn ipv6_node_port_to_a_local_endpoint_keeps_the_client_address_and_replies_come_from_it() {
+    let dp = node_harness();
+    node_port_to(&dp, local_backend(), true);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run("from_outside", &syn);
+
+    assert_eq!(run.verdict, TC_ACT_OK, "the stack delivers it to the pod");
+    assert_tcp_translated(
+        &syn,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        SYN,
+        "DNATed SYN",
+    );
+    assert!(dp
+        .ct6_get(&ct6_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_some());
+    assert_eq!(dp.nat6_len(), 0, "no SNAT for a local endpoint");
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+
+    // The pod's reply leaves through the uplink as the NodePort's.
+    let reply = Tcp6::new(local_backend(), outside_client(), SYN | ACK).build();
+    let run = dp.run("to_outside", &reply);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_tcp_translated(
+        &reply,
+        &run.output,
+        node_port(),
+        outside_client(),
+        SYN | ACK,
+        "reply",
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+}
+
+#[test]
+fn ipv6_traffic_to_the_node_that_is_not_a_node_port_passes_untouched_and_uncounted() {
+    let dp = node_harness();
+    node_port_to(&dp, local_backend(), true);
+    for packet in [
+        Tcp6::new(outside_client(), SocketAddrV6::new(node(), 22, 0, 0), SYN).build(),
+        Tcp6::new(outside_client(), sa("fd00:192:168:100::9", NODE_PORT), SYN).build(),
+    ] {
+        let run = dp.run("from_outside", &packet);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(hex(&run.output), hex(&packet));
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+}
+
+/// Runs `f` on a thread in a network namespace of its own (test runs look
+/// routes up there) holding the node's IPv6 address on `uplink0`, a route
+/// to the other node's pods and a default route, with permanent
+/// neighbours.
+fn in_routed_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let (backend_mac, router_mac) = (mac(BACKEND_NODE_MAC), mac(ROUTER_MAC));
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["link", "set", "lo", "up"],
+            vec![
+                "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+            ],
+            vec!["link", "set", "uplink0", "up"],
+            vec!["link", "set", "uplink1", "up"],
+            vec![
+                "-6",
+                "addr",
+                "add",
+                "fd00:192:168:100::1/64",
+                "dev",
+                "uplink0",
+                "nodad",
+            ],
+            vec![
+                "-6",
+                "route",
+                "add",
+                "fd00:10:244:2::/64",
+                "via",
+                "fd00:192:168:100::2",
+            ],
+            vec![
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:192:168:100::fe",
+            ],
+            vec![
+                "-6",
+                "neigh",
+                "add",
+                "fd00:192:168:100::2",
+                "lladdr",
+                &backend_mac,
+                "dev",
+                "uplink0",
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "-6",
+                "neigh",
+                "add",
+                "fd00:192:168:100::fe",
+                "lladdr",
+                &router_mac,
+                "dev",
+                "uplink0",
+                "nud",
+                "permanent",
+            ],
+        ];
+        for args in &commands {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding on");
+        f()
+    })
+    .join()
+    .expect("test thread")
+}
+
+#[test]
+fn ipv6_node_port_to_a_remote_endpoint_is_snatted_to_the_node_and_back() {
+    in_routed_netns(snatted_to_the_node_and_back);
+}
+
+fn snatted_to_the_node_and_back() {
+    let dp = node_harness();
+    node_port_to(&dp, remote_backend(), false);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run("from_outside", &syn);
+
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent on by the FIB");
+    assert_eq!(
+        &run.output[..6],
+        &BACKEND_NODE_MAC,
+        "the backend node's MAC"
+    );
+    let snat = SocketAddrV6::new(node(), SNAT_PORT, 0, 0);
+    assert_tcp_translated(
+        &syn,
+        &run.output[..],
+        snat,
+        remote_backend(),
+        SYN,
+        "SNATed SYN",
+    );
+    let original = dp
+        .nat6_get(&nat6_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            nat_dir::ORIGINAL,
+        ))
+        .expect("NAT6 holds the original tuple");
+    let reply = dp
+        .nat6_get(&nat6_key(
+            remote_backend(),
+            snat,
+            Protocol::Tcp,
+            nat_dir::REPLY,
+        ))
+        .expect("NAT6 holds the reply tuple, reserving the port");
+    assert_eq!(original, reply);
+    assert_eq!(dp.ct6_len(), 0, "conntrack is not used for SNATed flows");
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+    assert_eq!(dp.counter(Counter::Redirected), 1);
+
+    // The backend's answer to the node goes back to the client, from the
+    // NodePort, through the router.
+    let answer = Tcp6::new(remote_backend(), snat, SYN | ACK).build();
+    let run = dp.run("from_outside", &answer);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&run.output[..6], &ROUTER_MAC, "towards the client");
+    assert_tcp_translated(
+        &answer,
+        &run.output,
+        node_port(),
+        outside_client(),
+        SYN | ACK,
+        "reverse-translated reply",
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+
+    // The next client packet follows the same translation, one flow.
+    let ack = Tcp6::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run("from_outside", &ack);
+    assert_tcp_translated(&ack, &run.output, snat, remote_backend(), ACK, "ACK");
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "one flow");
+
+    // A second client finds the only SNAT port taken: refused, counted.
+    let other = Tcp6::new(sa("2001:db8:113::6", 40_000), node_port(), SYN).build();
+    let run = dp.run("from_outside", &other);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::NatPortsExhausted), 1);
+    assert_eq!(dp.nat6_len(), 2, "the first flow keeps its port");
+
+    // Without a route the packet is dropped, never passed with the node's
+    // address as source.
+    let status = std::process::Command::new("ip")
+        .args([
+            "-6",
+            "route",
+            "replace",
+            "unreachable",
+            "fd00:10:244:2::/64",
+        ])
+        .status()
+        .expect("ip");
+    assert!(status.success());
+    let run = dp.run("from_outside", &ack);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::FibLookupFailed), 1);
+}
+
+#[test]
+fn ipv6_packet_too_big_about_a_snatted_flow_reaches_the_client_about_what_it_sent() {
+    in_routed_netns(packet_too_big_reaches_the_client);
+}
+
+fn packet_too_big_reaches_the_client() {
+    let dp = node_harness();
+    node_port_to(&dp, remote_backend(), false);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN)
+        .payload(&[7u8; 64])
+        .build();
+    let sent = dp.run("from_outside", &syn).output;
+    // A router between the nodes cannot forward it: Packet Too Big to the
+    // node's SNAT address, quoting what it got.
+    let mut icmp = vec![2, 0, 0, 0];
+    icmp.extend_from_slice(&1280u32.to_be_bytes());
+    icmp.extend_from_slice(&sent[ETH_HLEN..]);
+    let icmp = with_checksum6(router(), node(), PROTO_ICMPV6, icmp);
+    let ptb = ipv6_frame(router(), node(), &[], PROTO_ICMPV6, &icmp);
+
+    let run = dp.run("from_outside", &ptb);
+
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&run.output[..6], &ROUTER_MAC, "towards the client");
+    // Expected: to the client, the router still the source; the quote is
+    // what the client sent (its quoted TCP checksum left as it was).
+    let mut quote = sent[ETH_HLEN..].to_vec();
+    quote[8..24].copy_from_slice(&outside_client().ip().octets());
+    quote[24..40].copy_from_slice(&node().octets());
+    quote[40..42].copy_from_slice(&outside_client().port().to_be_bytes());
+    quote[42..44].copy_from_slice(&NODE_PORT.to_be_bytes());
+    let mut icmp = vec![2, 0, 0, 0];
+    icmp.extend_from_slice(&1280u32.to_be_bytes());
+    icmp.extend_from_slice(&quote);
+    let icmp = with_checksum6(router(), *outside_client().ip(), PROTO_ICMPV6, icmp);
+    let expected = ipv6_frame(router(), *outside_client().ip(), &[], PROTO_ICMPV6, &icmp);
+    assert_eq!(
+        hex(&run.output[ETH_HLEN..]),
+        hex(&expected[ETH_HLEN..]),
+        "the error, about what the client sent (ICMPv6 checksum recomputed here)"
+    );
+    assert!(l4_checksum6_ok(&run.output));
+    assert_eq!(be32(&run.output, IP6_L4 + 4), 1280, "MTU kept");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+#[test]
+fn ipv6_load_balancer_ip_admits_only_clients_in_its_ipv6_source_ranges() {
+    let dp = node_harness();
+    let service_id = dp.set_external6(
+        0,
+        lb_ip(),
+        Protocol::Tcp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options {
+            flags: service_flags::MASQUERADE_REMOTE | service_flags::SOURCE_RANGES,
+            ..Default::default()
+        },
+    );
+    dp.add_source_range6(service_id, "2001:db8:113::".parse().unwrap(), 64);
+    let allowed = Tcp6::new(outside_client(), lb_ip(), SYN).build();
+    let run = dp.run("from_outside", &allowed);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_tcp_translated(
+        &allowed,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        SYN,
+        "allowed",
+    );
+
+    let stranger = Tcp6::new(sa("2001:db8:114::5", 40_000), lb_ip(), SYN).build();
+    let run = dp.run("from_outside", &stranger);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropSourceRange), 1);
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "only the allowed client");
+}
+
+#[test]
+fn xdp_passes_ipv6_frames_to_tc_untouched_and_uncounted() {
+    let dp = node_harness();
+    node_port_to(&dp, local_backend(), true);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run_xdp(&syn);
+
+    assert_eq!(run.verdict, dataplane_testkit::datapath::XDP_PASS);
+    assert_eq!(hex(&run.output), hex(&syn));
+    assert!(dp.counters().iter().all(|(_, n)| *n == 0));
+}

@@ -149,6 +149,12 @@ pub const NODES: [u8; 2] = [1, 2];
 pub const OUTSIDE_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// The router's address on the outside network.
 pub const ROUTER_OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The outside client's IPv6 address (with [`LabSpec::ipv6`]).
+pub const OUTSIDE_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x10);
+/// The router's IPv6 address on the outside network.
+pub const ROUTER_OUTSIDE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 1);
+/// The router's IPv6 address on the nodes' network.
+pub const ROUTER_NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, 0xfe);
 /// The router's address on the nodes' network: their default gateway.
 pub const ROUTER_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
 /// Load-balancer IPs the router sends to the nodes (ECMP over both), as a
@@ -292,7 +298,7 @@ impl Lab {
         ip(&["-n", &router, "link", "set", "br0", "up"])?;
         if self.spec.ipv6 {
             forward_ipv6(&router)?;
-            addr6(&router, "fd00:192:168:100::fe/64", "br0")?;
+            addr6(&router, &format!("{ROUTER_NODE_IP6}/64"), "br0")?;
         }
         for n in NODES {
             let ns = self.node_ns(n);
@@ -320,6 +326,19 @@ impl Lab {
                 addr6(&ns, &format!("{}/64", node_ip6(n)), "eth0")?;
             }
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            if self.spec.ipv6 {
+                // The outside client's replies leave through the router.
+                ip(&[
+                    "-n",
+                    &ns,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &ROUTER_NODE_IP6.to_string(),
+                ])?;
+            }
             ip(&[
                 "-n",
                 &ns,
@@ -356,6 +375,20 @@ impl Lab {
             "eth0",
         ])?;
         ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
+        if self.spec.ipv6 {
+            addr6(&router, &format!("{ROUTER_OUTSIDE_IP6}/64"), "ext0")?;
+            addr6(&outside, &format!("{OUTSIDE_CLIENT_IP6}/64"), "eth0")?;
+            ip(&[
+                "-n",
+                &outside,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &ROUTER_OUTSIDE_IP6.to_string(),
+            ])?;
+        }
         full_checksums(&outside)?;
         ip(&[
             "-n",

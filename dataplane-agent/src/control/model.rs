@@ -1588,17 +1588,39 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_frontends_have_no_external_frontends_yet() {
+    fn ipv6_service_has_an_ipv6_node_port_and_its_family_of_external_addresses() {
         let s = state(
-            service(json!({"spec": {
-                "type": "NodePort",
-                "clusterIP": "fd00:10:96::10",
-                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]
-            }})),
+            service(json!({
+                "spec": {
+                    "type": "LoadBalancer",
+                    "clusterIP": "fd00:10:96::10",
+                    "externalIPs": ["2001:db8::20", "198.51.100.20"],
+                    "loadBalancerSourceRanges": ["2001:db8:113::/48", "203.0.113.0/24"],
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": "2001:db8::10"}, {"ip": "198.51.100.10"}]}}
+            })),
             vec![],
         );
         let f = s.frontends(&web(), None).unwrap();
-        assert_eq!(described(&f), ["[fd00:10:96::10]:80/TCP -> "]);
+        let ips: Vec<(String, bool)> = f
+            .iter()
+            .map(|(fe, _)| (fe.ip.to_string(), fe.scope == Scope::External))
+            .collect();
+        assert_eq!(
+            ips,
+            [
+                ("fd00:10:96::10".to_string(), false),
+                ("2001:db8::20".to_string(), true),
+                ("2001:db8::10".to_string(), true),
+                ("::".to_string(), true),
+            ],
+            "the IPv6 addresses only, and the NodePort on the node's IPv6 addresses"
+        );
+        let (_, lb) = &f[2];
+        assert_eq!(lb.source_ranges6.len(), 1);
+        assert_eq!(lb.source_ranges6[0].to_string(), "2001:db8:113::/48");
+        assert!(lb.masquerade_remote);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
     service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey,
-    ServiceValue, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
+    ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -251,8 +251,54 @@ struct Programmed {
     /// listed: in `BACKENDS`, so established flows keep their backend, but
     /// in no slot, so no new flow picks them.
     draining: Vec<u32>,
-    /// Its `SOURCE_RANGES` entries.
-    source_ranges: BTreeSet<SourceRangeKey>,
+    /// Its `SOURCE_RANGES` and `SOURCE_RANGES6` entries.
+    source_ranges: BTreeSet<RangeKey>,
+}
+
+/// A `loadBalancerSourceRanges` entry, in its family's trie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RangeKey {
+    V4(SourceRangeKey),
+    V6(SourceRange6Key),
+}
+
+impl RangeKey {
+    fn service_id(&self) -> u32 {
+        u32::from_be(match self {
+            RangeKey::V4(k) => k.service_id_be,
+            RangeKey::V6(k) => k.service_id_be,
+        })
+    }
+}
+
+fn set_source_range(w: &mut LbWrites, key: RangeKey) {
+    match key {
+        RangeKey::V4(k) => w.set_source_range(k),
+        RangeKey::V6(k) => w.set_source_range6(k),
+    }
+}
+
+fn remove_source_range(w: &mut LbWrites, key: RangeKey) {
+    match key {
+        RangeKey::V4(k) => w.remove_source_range(k),
+        RangeKey::V6(k) => w.remove_source_range6(k),
+    }
+}
+
+/// The trie entries of a frontend's source ranges, both families.
+fn source_range_keys(service_id: u32, spec: &FrontendSpec) -> BTreeSet<RangeKey> {
+    let v4 = spec
+        .source_ranges
+        .iter()
+        .map(|r| RangeKey::V4(source_range_key(service_id, r)));
+    let v6 = spec.source_ranges6.iter().map(|r| {
+        RangeKey::V6(SourceRange6Key {
+            prefix_len: 32 + u32::from(r.len),
+            service_id_be: service_id.to_be(),
+            addr: r.addr.octets(),
+        })
+    });
+    v4.chain(v6).collect()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -669,15 +715,20 @@ impl<M: LbMaps> SyncEngine<M> {
             backends,
             names,
             source_ranges,
+            source_ranges6,
             reply_sources,
             service_ips6,
             services6,
             backends6,
         } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
-        let mut ranges_by_id: HashMap<u32, BTreeSet<SourceRangeKey>> = HashMap::new();
-        for key in source_ranges {
+        let mut ranges_by_id: HashMap<u32, BTreeSet<RangeKey>> = HashMap::new();
+        let all_ranges = source_ranges
+            .into_iter()
+            .map(RangeKey::V4)
+            .chain(source_ranges6.into_iter().map(RangeKey::V6));
+        for key in all_ranges {
             ranges_by_id
-                .entry(u32::from_be(key.service_id_be))
+                .entry(key.service_id())
                 .or_default()
                 .insert(key);
         }
@@ -743,7 +794,7 @@ impl<M: LbMaps> SyncEngine<M> {
             );
         }
         for key in ranges_by_id.into_values().flatten() {
-            self.pending.remove_source_range(key);
+            remove_source_range(&mut self.pending, key);
         }
         // Backends no slot points at may be draining established flows: the
         // next full sync claims those still listed and removes the rest.
@@ -1090,11 +1141,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.pending.set_service_name(p.value.service_id, &label);
                 self.frontends.get_mut(&key).expect("present").owner = Some(service.clone());
             }
-            let ranges: BTreeSet<SourceRangeKey> = spec
-                .source_ranges
-                .iter()
-                .map(|r| source_range_key(p.value.service_id, r))
-                .collect();
+            let ranges = source_range_keys(p.value.service_id, spec);
             if old_set == new_set
                 && old_draining == draining
                 && p.value.affinity_timeout_s == affinity
@@ -1143,17 +1190,13 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         // 3. Source ranges before the flag that makes them apply; ranges
         // no longer listed after it (briefly too open, never too closed).
-        let ranges: BTreeSet<SourceRangeKey> = spec
-            .source_ranges
-            .iter()
-            .map(|r| source_range_key(service_id, r))
-            .collect();
+        let ranges = source_range_keys(service_id, spec);
         let old_ranges = existing
             .as_ref()
             .map(|p| p.source_ranges.clone())
             .unwrap_or_default();
         for key in ranges.difference(&old_ranges) {
-            self.pending.set_source_range(*key);
+            set_source_range(&mut self.pending, *key);
         }
         // 4. The service entry (and its IP in the pre-filter) with the count.
         let value = ServiceValue {
@@ -1174,7 +1217,7 @@ impl<M: LbMaps> SyncEngine<M> {
             self.service_ips.insert(ip, ports);
         }
         for key in old_ranges.difference(&ranges) {
-            self.pending.remove_source_range(*key);
+            remove_source_range(&mut self.pending, *key);
         }
         // 5. Slots nothing counts any more (the old block, or past the new
         // count), then backends nobody uses any more.
@@ -1244,7 +1287,7 @@ impl<M: LbMaps> SyncEngine<M> {
             self.slot_blocks.release(p.value.slot_base, order);
         }
         for range in &p.source_ranges {
-            self.pending.remove_source_range(*range);
+            remove_source_range(&mut self.pending, *range);
         }
         if let Some(ip) = key.ip() {
             let node = self.is_node_addr(ip);
@@ -2539,5 +2582,54 @@ mod tests {
         assert_eq!(e.maps().state.source_ranges[0].prefix_len, 57);
         e.sync_service(&name("web"), &[]).unwrap();
         assert!(e.maps().state.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn ipv6_source_ranges_go_to_their_own_trie_and_leave_with_the_frontend() {
+        let mut e = engine();
+        let lb = Frontend {
+            ip: "2001:db8:51:100::a".parse::<Ipv6Addr>().unwrap().into(),
+            port: 80,
+            proto: Protocol::Tcp,
+            scope: Scope::External,
+        };
+        let mut desired = external_spec("web", &[]);
+        desired.backends = vec![pod6(10)];
+        desired.local_ips = Vec::new();
+        desired.source_ranges6 = vec!["2001:db8:113::/48".parse().unwrap()];
+        e.sync_service(&name("web"), &[(lb, desired)]).unwrap();
+        let FrontendKey::V6(key) = service_key(&lb) else {
+            panic!("an IPv6 frontend")
+        };
+        let value = e.maps().state.services6[&key];
+        assert_ne!(value.flags & service_flags::SOURCE_RANGES, 0);
+        assert!(e.maps().state.source_ranges.is_empty());
+        assert_eq!(
+            e.maps().state.source_ranges6,
+            vec![SourceRange6Key {
+                prefix_len: 32 + 48,
+                service_id_be: value.service_id.to_be(),
+                addr: "2001:db8:113::".parse::<Ipv6Addr>().unwrap().octets(),
+            }]
+        );
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert!(e.maps().state.source_ranges6.is_empty());
+    }
+
+    #[test]
+    fn ipv6_node_addresses_carry_the_node_bit_beside_the_ipv4_ones() {
+        let mut e = engine();
+        let v6: Ipv6Addr = "fd00:192:168:100::1".parse().unwrap();
+        e.set_node_addresses(&[Ipv4Addr::new(192, 168, 100, 1)])
+            .unwrap();
+        e.set_node_addresses6(&[v6]).unwrap();
+        assert_eq!(
+            e.maps().state.service_ips6.get(&v6.octets()),
+            Some(&service_ip_flags::NODE_ADDRESS)
+        );
+        assert_eq!(e.maps().state.service_ips.len(), 1, "IPv4 kept");
+        e.set_node_addresses6(&[]).unwrap();
+        assert!(e.maps().state.service_ips6.is_empty());
+        assert_eq!(e.maps().state.service_ips.len(), 1, "IPv4 still kept");
     }
 }

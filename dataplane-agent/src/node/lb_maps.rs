@@ -18,7 +18,7 @@ use aya::{
 };
 use dataplane_common::{
     map_names, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey, ServiceLabel,
-    ServiceValue, SourceRangeKey,
+    ServiceValue, SourceRange6Key, SourceRangeKey,
 };
 
 use crate::node::{
@@ -48,6 +48,8 @@ pub struct LbSnapshot {
     pub backends: BTreeMap<u32, Backend>,
     pub names: BTreeMap<u32, String>,
     pub source_ranges: Vec<SourceRangeKey>,
+    /// `SOURCE_RANGES6`.
+    pub source_ranges6: Vec<SourceRange6Key>,
     /// `REPLY_SOURCES`, derived from the backends.
     pub reply_sources: BTreeMap<ReplySource, u32>,
     /// `LB6_SERVICE_IPS`, `LB6_SERVICES`, `LB6_BACKENDS` (ids of their own;
@@ -123,6 +125,7 @@ pub struct LbWrites {
     pub backends: MapWrites<u32, Backend>,
     pub names: MapWrites<u32, ServiceLabel>,
     pub source_ranges: MapWrites<SourceRangeKey, ()>,
+    pub source_ranges6: MapWrites<SourceRange6Key, ()>,
     pub reply_sources: MapWrites<ReplySource, u32>,
     pub service_ips6: MapWrites<Ipv6Bytes, u32>,
     pub services6: MapWrites<Service6Key, ServiceValue>,
@@ -184,6 +187,12 @@ impl LbWrites {
     pub fn remove_source_range(&mut self, key: SourceRangeKey) {
         self.source_ranges.push(key, None);
     }
+    pub fn set_source_range6(&mut self, key: SourceRange6Key) {
+        self.source_ranges6.push(key, Some(()));
+    }
+    pub fn remove_source_range6(&mut self, key: SourceRange6Key) {
+        self.source_ranges6.push(key, None);
+    }
     pub fn set_reply_source(&mut self, key: ReplySource) {
         self.reply_sources.push(key, Some(1));
     }
@@ -198,6 +207,7 @@ impl LbWrites {
             && self.backends.is_empty()
             && self.names.is_empty()
             && self.source_ranges.is_empty()
+            && self.source_ranges6.is_empty()
             && self.reply_sources.is_empty()
             && self.service_ips6.is_empty()
             && self.services6.is_empty()
@@ -227,6 +237,8 @@ pub struct BpfLbMaps {
     backends6: OwnedFd,
     /// An LPM trie has no batch operations: written key by key.
     source_ranges: LpmTrie<MapData, [u32; 2], u32>,
+    /// `SOURCE_RANGES6`, likewise.
+    source_ranges6: LpmTrie<MapData, [u8; 20], u32>,
     /// The maps as aya opened them, kept open while these are used.
     /// Programs loaded after the maps left the object (the socket hooks)
     /// were relocated against aya's descriptor numbers: closing those
@@ -238,6 +250,15 @@ pub struct BpfLbMaps {
 /// and address, both network order).
 fn lpm_key(key: &SourceRangeKey) -> LpmKey<[u32; 2]> {
     LpmKey::new(key.prefix_len, [key.service_id_be, key.addr])
+}
+
+/// The IPv6 trie's key: the prefix length, then the service id and the
+/// address.
+fn lpm_key6(key: &SourceRange6Key) -> LpmKey<[u8; 20]> {
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&key.service_id_be.to_ne_bytes());
+    data[4..].copy_from_slice(&key.addr);
+    LpmKey::new(key.prefix_len, data)
 }
 
 /// A second descriptor of `map`, once aya has checked it is a `T` (type,
@@ -328,6 +349,7 @@ impl BpfLbMaps {
                 &mut opened,
             )?,
             source_ranges: pinned::open(dir, map_names::SOURCE_RANGES)?,
+            source_ranges6: pinned::open(dir, map_names::SOURCE_RANGES6)?,
             _opened: opened,
         })
     }
@@ -383,6 +405,7 @@ impl BpfLbMaps {
                 &mut opened,
             )?,
             source_ranges: pinned::take(ebpf, map_names::SOURCE_RANGES)?,
+            source_ranges6: pinned::take(ebpf, map_names::SOURCE_RANGES6)?,
             _opened: opened,
         })
     }
@@ -448,6 +471,12 @@ impl LbMaps for BpfLbMaps {
                 .insert(&lpm_key(key), 1, 0)
                 .map_err(lpm_err("insert"))?;
         }
+        let (ranges6, _, ranges6_gone) = w.source_ranges6.settled();
+        for key in &ranges6 {
+            self.source_ranges6
+                .insert(&lpm_key6(key), 1, 0)
+                .map_err(lpm_err("insert"))?;
+        }
         let service_deletes = hash_sets(&self.services, map_names::SERVICES, &w.services)?;
         let service6_deletes = hash_sets(&self.services6, map_names::LB6_SERVICES, &w.services6)?;
         let ip_deletes = hash_sets(&self.service_ips, map_names::SERVICE_IPS, &w.service_ips)?;
@@ -485,6 +514,12 @@ impl LbMaps for BpfLbMaps {
                 Err(e) => return Err(lpm_err("delete")(e)),
             }
         }
+        for key in &ranges6_gone {
+            match self.source_ranges6.remove(&lpm_key6(key)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(lpm_err("delete")(e)),
+            }
+        }
         Ok(())
     }
 
@@ -497,6 +532,17 @@ impl LbMaps for BpfLbMaps {
             snap.source_ranges.push(SourceRangeKey {
                 prefix_len: key.prefix_len(),
                 service_id_be,
+                addr,
+            });
+        }
+        for key in self.source_ranges6.keys() {
+            let key = key.map_err(lpm_err("iterate"))?;
+            let data = key.data();
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&data[4..]);
+            snap.source_ranges6.push(SourceRange6Key {
+                prefix_len: key.prefix_len(),
+                service_id_be: u32::from_ne_bytes([data[0], data[1], data[2], data[3]]),
                 addr,
             });
         }
@@ -689,6 +735,19 @@ impl LbMaps for MemLbMaps {
         self.state
             .source_ranges
             .retain(|k| !ranges_gone.contains(k));
+        let (ranges6, _, ranges6_gone) = w.source_ranges6.settled();
+        self.check(
+            map_names::SOURCE_RANGES6,
+            ranges6.len() + ranges6_gone.len(),
+        )?;
+        for key in ranges6 {
+            if !self.state.source_ranges6.contains(&key) {
+                self.state.source_ranges6.push(key);
+            }
+        }
+        self.state
+            .source_ranges6
+            .retain(|k| !ranges6_gone.contains(k));
         Ok(())
     }
 

@@ -21,7 +21,7 @@ use crate::node::{
     lb_maps::{BpfLbMaps, LbMapError, LbMaps as _, LbSnapshot},
     pinned::{
         self, counter_total, endpoint, endpoint6, monotonic_now_ns, proto_name, Conntrack6Maps,
-        ConntrackMaps, CounterMap, CtLifetimesMap, MapOpenError, NatMap, ServiceNamesMap,
+        ConntrackMaps, CounterMap, CtLifetimesMap, MapOpenError, Nat6Map, NatMap, ServiceNamesMap,
         SockRevNatMap,
     },
 };
@@ -449,7 +449,8 @@ pub struct NatRow {
     pub expires_in_s: u64,
 }
 
-/// Live SNAT flows of the `NAT` map, one row per flow (its ORIGINAL entry),
+/// Live SNAT flows of the `NAT` and `NAT6` maps, one row per flow (its
+/// ORIGINAL entry),
 /// sorted by service then original tuple.
 pub fn nat(dir: &Path) -> Result<Vec<NatRow>, InspectError> {
     let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
@@ -484,6 +485,36 @@ pub fn nat(dir: &Path) -> Result<Vec<NatRow>, InspectError> {
             expires_in_s: (e.last_seen_ns + e.lifetime_ns(&lifetimes)).saturating_sub(now)
                 / 1_000_000_000,
         });
+    }
+    // `NAT6`: pinned by agents of layout 5 on.
+    if dir.join(map_names::NAT6).exists() {
+        let map6: Nat6Map = pinned::open(dir, map_names::NAT6)?;
+        for entry in map6.iter() {
+            let (key, e) = entry.map_err(read_err(map_names::NAT6))?;
+            if key.direction != nat_dir::ORIGINAL || e.is_expired(now, &lifetimes) {
+                continue;
+            }
+            rows.push(NatRow {
+                service: names
+                    .get(&e.service_id, 0)
+                    .map(|l| l.as_str().to_owned())
+                    .unwrap_or_default(),
+                proto: proto_name(e.proto),
+                original: format!(
+                    "{} -> {}",
+                    endpoint6(e.client_addr, e.client_port),
+                    endpoint6(e.frontend_addr, e.frontend_port)
+                ),
+                translated: format!(
+                    "{} -> {}",
+                    endpoint6(e.nat_addr, e.nat_port),
+                    endpoint6(e.backend_addr, e.backend_port)
+                ),
+                state: state_name(e.proto, e.state),
+                expires_in_s: (e.last_seen_ns + e.lifetime_ns(&lifetimes)).saturating_sub(now)
+                    / 1_000_000_000,
+            });
+        }
     }
     rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));
     Ok(rows)

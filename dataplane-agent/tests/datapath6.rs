@@ -742,3 +742,88 @@ fn ipv6_truncated_segment_to_a_service_passes_untouched_and_is_counted() {
     assert_eq!(dp.counter(Counter::Malformed), 1);
     assert_eq!(dp.ct6_len(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// Tracing (`monitor`).
+
+/// Every record waiting on `TRACE_EVENTS`, in operator terms.
+fn trace_events(dp: &Harness) -> Vec<dataplane_agent::operator::monitor::Event> {
+    use dataplane_agent::{node::pinned, operator::monitor};
+    let mut ring: aya::maps::RingBuf<aya::maps::MapData> =
+        pinned::open(dp.bpffs(), dataplane_common::map_names::TRACE_EVENTS).expect("TRACE_EVENTS");
+    let mut events = Vec::new();
+    while let Some(record) = ring.next() {
+        let record = monitor::read_record(&record).expect("a record of either family");
+        assert!(
+            matches!(record, monitor::Record::V6(_)),
+            "an IPv6 packet's record: {record:?}"
+        );
+        events.push(monitor::Event::of(&record, &Default::default()));
+    }
+    events
+}
+
+fn set_tracing(dp: &Harness, families: u32) {
+    use dataplane_common::TraceConfig;
+    let mut config: aya::maps::Array<aya::maps::MapData, TraceConfig> =
+        dataplane_agent::node::pinned::open(dp.bpffs(), dataplane_common::map_names::TRACE_CONFIG)
+            .expect("TRACE_CONFIG");
+    let on = TraceConfig {
+        enabled: families,
+        ..TraceConfig::default()
+    };
+    config.set(0, on, 0).expect("writing TRACE_CONFIG");
+}
+
+#[test]
+fn ipv6_decisions_are_traced_with_both_tuples_when_ipv6_tracing_is_on() {
+    use dataplane_common::trace_families;
+    let dp = Harness::new();
+    let service_id = web(&dp, &[backend()]);
+    dns(&dp, &[]);
+
+    // Off, or IPv4 only: nothing on the ring for IPv6 packets.
+    dp.run_from_pod(&Tcp6::new(client(), service(), SYN).build());
+    set_tracing(&dp, trace_families::IPV4);
+    dp.run_to_pod(&Tcp6::new(backend(), client(), SYN | ACK).build());
+    assert!(trace_events(&dp).is_empty());
+
+    set_tracing(&dp, trace_families::IPV6);
+    let ack = Tcp6::new(client(), service(), ACK).build();
+    assert_eq!(dp.run_from_pod(&ack).verdict, TC_ACT_OK);
+    dp.run_to_pod(&Tcp6::new(backend(), client(), ACK).build());
+    dp.run_from_pod(&Udp6::new(client(), dns_service()).build());
+
+    let events = trace_events(&dp);
+    let rows: Vec<_> = events
+        .iter()
+        .map(|e| (e.hook, e.decision, e.before.as_str(), e.after.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (
+                "from-pod",
+                "established",
+                "[fd00:10:244:1::a]:40000 -> [fd00:10:96::a]:80",
+                "[fd00:10:244:1::a]:40000 -> [fd00:10:244:2::a]:8080"
+            ),
+            (
+                "to-pod",
+                "reply_translated",
+                "[fd00:10:244:2::a]:8080 -> [fd00:10:244:1::a]:40000",
+                "[fd00:10:96::a]:80 -> [fd00:10:244:1::a]:40000"
+            ),
+            (
+                "from-pod",
+                "reject_no_endpoints",
+                "[fd00:10:244:1::a]:40000 -> [fd00:10:96::a]:53",
+                "[fd00:10:244:1::a]:40000 -> [fd00:10:96::a]:53"
+            ),
+        ]
+    );
+    assert_eq!(events[0].service, Some(format!("service id {service_id}")));
+    assert_eq!((events[0].backend_id, events[0].proto), (1, "TCP"));
+    assert_eq!(events[2].proto, "UDP");
+    assert_eq!(events[0].netns_cookie, None, "a packet, not a socket");
+}

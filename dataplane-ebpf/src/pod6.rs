@@ -331,11 +331,12 @@ fn known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Ct6Slot, now: u64) -> 
         // The rest of a datagram whose flow ended.
         return Outcome::drop(Counter::FragmentUnknown, Ids::of(ct));
     }
+    let ids = Ids::of(ct);
     ct6_delete(ct);
     if !expired && flow.proto == IPPROTO_TCP {
         // The backend is gone, and its connection state with it: the
         // client is told at once instead of timing out.
-        return Outcome::refuse(Counter::ResetBackendGone, Ids::of(ct));
+        return Outcome::refuse(Counter::ResetBackendGone, ids);
     }
     if !expired {
         count(Counter::UdpFlowMoved);

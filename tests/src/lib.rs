@@ -647,6 +647,40 @@ impl Drop for HeldClient {
     }
 }
 
+/// Cilium's "connected UDP sockets pinned to deleted backends", once
+/// backend pod `gone` has left the service: `held` (a connected UDP socket
+/// that reached it) no longer does, as the agent closed it and said so, and
+/// `fresh` sockets reach the remaining backends.
+pub fn assert_socket_to_removed_backend_closed(
+    c: &Cluster,
+    held: &mut HeldClient,
+    gone: &str,
+    fresh: impl FnOnce() -> Vec<Outcome>,
+) {
+    // The removed pod still runs and would answer a socket left aimed at it.
+    c.eventually(
+        "the held socket no longer reaches the removed backend",
+        || held.request().backend() != Some(gone),
+    );
+    let after = held.request();
+    assert!(
+        matches!(after, Outcome::Other(_) | Outcome::Refused),
+        "the held socket: {after:?}"
+    );
+    let fresh = fresh();
+    assert!(
+        fresh.iter().all(|s| s.backend().is_some_and(|b| b != gone)),
+        "{fresh:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        c.agent_log(1)
+            .contains("closed 1 connected UDP sockets aimed at removed backends"),
+        "{}",
+        c.logs()
+    );
+}
+
 /// An outcome as `sockclient` prints it.
 pub fn parse_outcome(line: &str) -> Outcome {
     let mut words = line.splitn(3, ' ');

@@ -13,8 +13,8 @@ use std::{
 
 use dataplane_lab::{agent::agent_bin, manifests, CrossNode, Topology};
 use integration_tests::{
-    dns, http, lab_pod, require_root, sockclient_command, sockclient_outcomes, web, Cluster,
-    HeldClient, Seen, WEB_IP,
+    assert_socket_to_removed_backend_closed, dns, http, lab_pod, require_root, sockclient_command,
+    sockclient_outcomes, web, Cluster, HeldClient, Seen, WEB_IP,
 };
 use k8s_openapi::api::core::v1::ServiceSpec;
 
@@ -448,28 +448,9 @@ fn connected_udp_socket_to_a_removed_backend_is_closed() {
         .map(lab_pod)
         .collect();
     c.write_manifest("web.yaml", &web(&rest.iter().collect::<Vec<_>>()));
-    // The removed pod still runs and would answer a socket left aimed at it.
-    c.eventually(
-        "the held socket no longer reaches the removed backend",
-        || held.request().backend() != Some(gone.as_str()),
-    );
-    let after = held.request();
-    assert!(
-        matches!(after, Seen::Other(_) | Seen::Refused),
-        "the held socket: {after:?}"
-    );
-    let fresh = from_node(&c, 1, "udp", dns(WEB_IP), 6);
-    assert!(
-        fresh.iter().all(|s| s.backend().is_some_and(|b| b != gone)),
-        "{fresh:?}\n{}",
-        c.logs()
-    );
-    assert!(
-        c.agent_log(1)
-            .contains("closed 1 connected UDP sockets aimed at removed backends"),
-        "{}",
-        c.logs()
-    );
+    assert_socket_to_removed_backend_closed(&c, &mut held, &gone, || {
+        from_node(&c, 1, "udp", dns(WEB_IP), 6)
+    });
 }
 
 /// `monitor` shows the socket hooks' decisions with the process's network

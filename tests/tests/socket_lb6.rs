@@ -17,8 +17,8 @@ use dataplane_lab::{
     CrossNode, PodSpec, Topology,
 };
 use integration_tests::{
-    http, lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, HeldClient,
-    Seen, WEB_IP,
+    assert_socket_to_removed_backend_closed, http, lab_pod, require_root, sockclient_command,
+    sockclient_outcomes, Cluster, HeldClient, Seen, WEB_IP,
 };
 
 /// The web service's IPv6 cluster IP.
@@ -259,28 +259,9 @@ fn connected_udp_socket_to_a_removed_ipv6_backend_is_closed() {
         .to_owned();
     let rest: Vec<PodSpec> = all_web().into_iter().filter(|p| p.name != gone).collect();
     c.write_manifest("web.yaml", &web_of(&[WEB_IP6.into()], &rest));
-    // The removed pod still runs and would answer a socket left aimed at it.
-    c.eventually(
-        "the held socket no longer reaches the removed backend",
-        || held.request().backend() != Some(gone.as_str()),
-    );
-    let after = held.request();
-    assert!(
-        matches!(after, Seen::Other(_) | Seen::Refused),
-        "the held socket: {after:?}"
-    );
-    let fresh = from_node(&c, "udp", dns6(), 6);
-    assert!(
-        fresh.iter().all(|s| s.backend().is_some_and(|b| b != gone)),
-        "{fresh:?}\n{}",
-        c.logs()
-    );
-    assert!(
-        c.agent_log(1)
-            .contains("closed 1 connected UDP sockets aimed at removed backends"),
-        "{}",
-        c.logs()
-    );
+    assert_socket_to_removed_backend_closed(&c, &mut held, &gone, || {
+        from_node(&c, "udp", dns6(), 6)
+    });
 }
 
 /// When the IPv6 socket hooks cannot be attached, the IPv4 ones stay and

@@ -198,6 +198,24 @@ struct Header {
     cgroup_id: u64,
 }
 
+/// The [`Header`] of a record of either family (their fields are named
+/// alike).
+macro_rules! header_of {
+    ($r:expr) => {
+        Header {
+            ts_ns: $r.ts_ns,
+            ifindex: $r.ifindex,
+            hook: $r.hook,
+            proto: $r.proto,
+            decision: $r.decision,
+            service_id: $r.service_id,
+            backend_id: $r.backend_id,
+            netns_cookie: $r.netns_cookie,
+            cgroup_id: $r.cgroup_id,
+        }
+    };
+}
+
 impl Event {
     /// An IPv4 record in operator terms; `names` maps service ids to labels.
     pub fn new(raw: &TraceEvent, names: &HashMap<u32, String>) -> Self {
@@ -207,36 +225,8 @@ impl Event {
     /// A record of either family in operator terms.
     pub fn of(record: &Record, names: &HashMap<u32, String>) -> Self {
         let (raw, before, after) = match record {
-            Record::V4(r) => (
-                Header {
-                    ts_ns: r.ts_ns,
-                    ifindex: r.ifindex,
-                    hook: r.hook,
-                    proto: r.proto,
-                    decision: r.decision,
-                    service_id: r.service_id,
-                    backend_id: r.backend_id,
-                    netns_cookie: r.netns_cookie,
-                    cgroup_id: r.cgroup_id,
-                },
-                tuple4_text(&r.before),
-                tuple4_text(&r.after),
-            ),
-            Record::V6(r) => (
-                Header {
-                    ts_ns: r.ts_ns,
-                    ifindex: r.ifindex,
-                    hook: r.hook,
-                    proto: r.proto,
-                    decision: r.decision,
-                    service_id: r.service_id,
-                    backend_id: r.backend_id,
-                    netns_cookie: r.netns_cookie,
-                    cgroup_id: r.cgroup_id,
-                },
-                tuple6_text(&r.before),
-                tuple6_text(&r.after),
-            ),
+            Record::V4(r) => (header_of!(r), tuple4_text(&r.before), tuple4_text(&r.after)),
+            Record::V6(r) => (header_of!(r), tuple6_text(&r.before), tuple6_text(&r.after)),
         };
         let socket_hook = is_socket_hook(raw.hook);
         Self {

@@ -4,16 +4,17 @@
 //! the same verdicts and counters. The entry points are not inlined, so the
 //! IPv4 path's stack frame stays as it was and this one gets its own.
 //!
-//! Each decision is traced (`trace6`) where the packet's way ends, at the
-//! top of the call chain: the stages hand their decision up in `Outcome`.
+//! Not traced: a tracing tail on every decision here (as the IPv4 path has)
+//! took `from_pod` past the verifier's budget of 1M instructions, since the
+//! IPv6 stages reach the top with many distinct states. The counters say
+//! what this path did; `monitor` shows the IPv6 socket hooks' decisions.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, service_ip_flags, trace_hook, Counter, Ct6Entry, Trace6Tuple,
-    IPPROTO_TCP,
+    ct_dir, ct_flags, ct_state, service_ip_flags, Counter, Ct6Entry, IPPROTO_TCP,
 };
 
 use crate::{
@@ -34,9 +35,7 @@ use crate::{
     parse::{frag, TCP_RST},
     parse6::{ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Parse6Error},
     reject6::{reject6_icmp_port_unreachable, reject6_tcp_reset},
-    skb,
-    trace::{trace6, tuple6, Decision6},
-    Verdict,
+    skb, Verdict,
 };
 
 /// `from_pod` for an IPv6 frame.
@@ -51,104 +50,37 @@ pub fn to_pod6(ctx: &TcContext) -> i32 {
     try_to_pod6(ctx).unwrap_or_else(|verdict| verdict)
 }
 
-/// The frame's destination, if it is a service IP (or node address).
+/// Whether the frame is addressed to a service IP (or node address).
 #[inline(always)]
-fn service_dst(ctx: &TcContext) -> Option<Trace6Tuple> {
-    let dst_addr = ipv6_dst(ctx)?;
-    lb6_service_ip(&dst_addr)?;
-    Some(Trace6Tuple {
-        dst_addr,
-        ..Trace6Tuple::default()
-    })
+fn to_service(ctx: &TcContext) -> bool {
+    ipv6_dst(ctx).is_some_and(|dst| lb6_service_ip(&dst).is_some())
 }
 
-/// Counts and traces a decision about a packet that was not parsed to its
-/// ports: only its destination is known.
-#[inline(never)]
-fn record_unparsed(ctx: &TcContext, decision: Counter, dst: &Trace6Tuple) {
+#[inline(always)]
+fn pass(decision: Counter) -> Verdict {
     count(decision);
-    trace_decision(
-        ctx,
-        trace_hook::FROM_POD,
-        dst,
-        dst,
-        0,
-        &Outcome::decided(Ok(TC_ACT_OK), decision, Ids::default()),
-    );
+    Ok(TC_ACT_OK)
 }
 
-/// The flow a decision is about, for the trace.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Ids {
-    service_id: u32,
-    backend_id: u32,
-}
-
-impl Ids {
-    #[inline(always)]
-    fn of(ct: &Ct6Entry) -> Self {
-        Self {
-            service_id: ct.service_id,
-            backend_id: ct.backend_id,
-        }
-    }
-
-    #[inline(always)]
-    fn service(service_id: u32) -> Self {
-        Self {
-            service_id,
-            backend_id: 0,
-        }
-    }
-}
-
-/// Reports `outcome`'s decision (if it has one) to `monitor`, with the
-/// packet's tuple on arrival and as it leaves.
 #[inline(always)]
-fn trace_decision(
-    ctx: &TcContext,
-    hook: u8,
-    before: &Trace6Tuple,
-    after: &Trace6Tuple,
-    proto: u8,
-    outcome: &Outcome,
-) {
-    if outcome.traced == 0 {
-        return;
-    }
-    trace6(
-        ctx,
-        &Decision6 {
-            hook,
-            decision: outcome.decision,
-            proto,
-            service_id: outcome.ids.service_id,
-            backend_id: outcome.ids.backend_id,
-            before,
-            after,
-        },
-    );
+fn drop(decision: Counter) -> Verdict {
+    count(decision);
+    Err(TC_ACT_SHOT)
 }
 
 /// What a stage decided: a verdict, or that the client is answered at once
 /// (done at the top of the call chain, where the stack has room for
 /// building the answer), or (`known_flow`) that the packet starts a new
-/// flow; and the decision to trace, if any. A plain struct: a
-/// data-carrying enum crossing a BPF function call can get a BTF layout the
-/// kernel refuses.
+/// flow. A plain struct: a data-carrying enum crossing a BPF function call
+/// can get a BTF layout the kernel refuses.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Outcome {
     verdict: i32,
     /// One of the `next` values.
     next: u32,
-    /// The counter of a refusal, or of the decision that is traced.
-    decision: Counter,
-    /// 1 when `decision` is to be traced (0: a helper failure, or a packet
-    /// that is no service's).
-    traced: u32,
-    ids: Ids,
+    /// The counter of a refusal.
+    refusal: Counter,
 }
 
 mod next {
@@ -158,64 +90,31 @@ mod next {
 }
 
 impl Outcome {
-    /// A verdict with no decision to trace.
     #[inline(always)]
     fn done(verdict: Verdict) -> Self {
         Self {
             verdict: verdict.unwrap_or_else(|v| v),
             next: next::DONE,
-            decision: Counter::NewFlow,
-            traced: 0,
-            ids: Ids::default(),
+            refusal: Counter::NewFlow,
         }
     }
 
-    /// A verdict and the decision it was, counted already.
     #[inline(always)]
-    fn decided(verdict: Verdict, decision: Counter, ids: Ids) -> Self {
-        Self {
-            verdict: verdict.unwrap_or_else(|v| v),
-            next: next::DONE,
-            decision,
-            traced: 1,
-            ids,
-        }
-    }
-
-    /// The packet goes on, counted under `decision`.
-    #[inline(always)]
-    fn pass(decision: Counter, ids: Ids) -> Self {
-        count(decision);
-        Self::decided(Ok(TC_ACT_OK), decision, ids)
-    }
-
-    /// The packet is dropped, counted under `decision`.
-    #[inline(always)]
-    fn drop(decision: Counter, ids: Ids) -> Self {
-        count(decision);
-        Self::decided(Err(TC_ACT_SHOT), decision, ids)
-    }
-
-    /// The client is answered at once (counted by `refuse`).
-    #[inline(always)]
-    fn refuse(refusal: Counter, ids: Ids) -> Self {
+    fn refuse(refusal: Counter) -> Self {
         Self {
             verdict: TC_ACT_SHOT,
             next: next::REFUSE,
-            decision: refusal,
-            traced: 1,
-            ids,
+            refusal,
         }
     }
 
     #[inline(always)]
     fn new_flow() -> Self {
-        Self::done(Ok(TC_ACT_OK)).with_next(next::NEW_FLOW)
-    }
-
-    #[inline(always)]
-    fn with_next(self, next: u32) -> Self {
-        Self { next, ..self }
+        Self {
+            verdict: TC_ACT_OK,
+            next: next::NEW_FLOW,
+            refusal: Counter::NewFlow,
+        }
     }
 }
 
@@ -241,42 +140,31 @@ fn try_from_pod6(ctx: &TcContext) -> Verdict {
         Err(Parse6Error::NotL4) => return Ok(TC_ACT_OK),
         Err(Parse6Error::Malformed) => {
             // Never rewritten; counted when it was meant for a service.
-            if let Some(dst) = service_dst(ctx) {
-                record_unparsed(ctx, Counter::Malformed, &dst);
+            if to_service(ctx) {
+                count(Counter::Malformed);
             }
             return Ok(TC_ACT_OK);
         }
         Err(Parse6Error::PastBound) => {
-            if let Some(dst) = service_dst(ctx) {
-                record_unparsed(ctx, Counter::Ipv6ExtHeadersPastBound, &dst);
+            if to_service(ctx) {
+                count(Counter::Ipv6ExtHeadersPastBound);
             }
             return Ok(TC_ACT_OK);
         }
         Err(Parse6Error::UnknownFragment) => {
-            if service_dst(ctx).is_none() {
+            if !to_service(ctx) {
                 return Ok(TC_ACT_OK);
             }
             // Sent on untranslated it would go to the service IP, nowhere.
-            count(Counter::FragmentUnknown);
-            return Err(TC_ACT_SHOT);
+            return drop(Counter::FragmentUnknown);
         }
     }
     let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
         return Ok(TC_ACT_OK);
     };
-    let before = tuple6(&flow);
     let outcome = pod_flow(ctx, &mut flow, ip_value);
-    let after = tuple6(&flow);
-    trace_decision(
-        ctx,
-        trace_hook::FROM_POD,
-        &before,
-        &after,
-        flow.proto,
-        &outcome,
-    );
     if outcome.next == next::REFUSE {
-        return refuse(ctx, outcome.decision, &flow);
+        return refuse(ctx, outcome.refusal, &flow);
     }
     Ok(outcome.verdict)
 }
@@ -297,10 +185,10 @@ fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
     } else if let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) {
         // Reply of a hairpinned flow: the backend answers the service
         // address, which stands for the client (itself).
-        return reply_translate(ctx, flow, reply.entry(), now);
+        return Outcome::done(reply_translate(ctx, flow, reply.entry(), now));
     }
     if flow.frag == frag::LATER {
-        return Outcome::drop(Counter::FragmentUnknown, Ids::default());
+        return Outcome::done(drop(Counter::FragmentUnknown));
     }
     new_flow(ctx, flow, now, ip_value)
 }
@@ -325,18 +213,17 @@ fn known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Ct6Slot, now: u64) -> 
         } else {
             Counter::Established
         };
-        return Outcome::pass(decision, Ids::of(ct));
+        return Outcome::done(pass(decision));
     }
     if flow.frag == frag::LATER {
         // The rest of a datagram whose flow ended.
-        return Outcome::drop(Counter::FragmentUnknown, Ids::of(ct));
+        return Outcome::done(drop(Counter::FragmentUnknown));
     }
-    let ids = Ids::of(ct);
     ct6_delete(ct);
     if !expired && flow.proto == IPPROTO_TCP {
         // The backend is gone, and its connection state with it: the
         // client is told at once instead of timing out.
-        return Outcome::refuse(Counter::ResetBackendGone, ids);
+        return Outcome::refuse(Counter::ResetBackendGone);
     }
     if !expired {
         count(Counter::UdpFlowMoved);
@@ -351,17 +238,16 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
             // Only a node address: the node's own traffic.
             return Outcome::done(Ok(TC_ACT_OK));
         }
-        return Outcome::pass(Counter::UnknownPort, Ids::default());
+        return Outcome::done(pass(Counter::UnknownPort));
     };
-    let ids = Ids::service(service.service_id);
     if !lb6_source_allowed(&service) {
-        return Outcome::drop(Counter::DropSourceRange, ids);
+        return Outcome::done(drop(Counter::DropSourceRange));
     }
     let mut selected = Selected6::default();
     match lb6_choose_backend(&service, &flow.src_addr, now, &mut selected) {
         Choice6::Backend => {}
-        Choice6::NoLocalEndpoints => return Outcome::drop(Counter::DropNoLocalEndpoints, ids),
-        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints, ids),
+        Choice6::NoLocalEndpoints => return Outcome::done(drop(Counter::DropNoLocalEndpoints)),
+        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
     }
     let backend = &selected.backend;
     let hairpin = backend.addr == flow.src_addr;
@@ -385,9 +271,7 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
     };
     match ct6_create(&mut entry, now) {
         Ok(()) => {}
-        Err(CtCreateError::ReplyClash) => {
-            return Outcome::drop(Counter::ReplyTupleClash, Ids::of(&entry))
-        }
+        Err(CtCreateError::ReplyClash) => return Outcome::done(drop(Counter::ReplyTupleClash)),
         Err(CtCreateError::InsertFailed) => {
             return Outcome::done(Err(fail(Counter::CtInsertFailed)))
         }
@@ -396,11 +280,11 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
         return Outcome::done(Err(verdict));
     }
     if selected.by_affinity {
-        // Counted as a new flow too; traced as the affinity hit it is.
+        // Counted as a new flow too.
         count(Counter::NewFlow);
-        return Outcome::pass(Counter::AffinityHit, Ids::of(&entry));
+        return Outcome::done(pass(Counter::AffinityHit));
     }
-    Outcome::pass(Counter::NewFlow, Ids::of(&entry))
+    Outcome::done(pass(Counter::NewFlow))
 }
 
 /// Client -> service packet of a known flow: DNAT to its backend, and in a
@@ -420,33 +304,28 @@ fn forward_established(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry) -> R
 /// Backend -> client packet: the source becomes the service again (and in
 /// a hairpin flow the destination the client).
 #[inline(never)]
-fn reply_translate(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry, now: u64) -> Outcome {
-    let untouched = Outcome::done(Ok(TC_ACT_OK));
+fn reply_translate(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry, now: u64) -> Verdict {
     let Some(owner) = ct6_lookup(&ct.original_key()) else {
         // The flow is gone: its reply entry is stale.
         ct6_delete(ct);
-        return untouched;
+        return Ok(TC_ACT_OK);
     };
     let owner_entry = owner.entry();
     if !ct6_owns_reply(owner_entry, ct) {
         // Left over from an earlier flow of this client tuple.
         ct6_delete_reply(ct);
-        return untouched;
+        return Ok(TC_ACT_OK);
     }
     if ct6_is_expired(owner_entry, now) {
         ct6_delete(ct);
-        return untouched;
+        return Ok(TC_ACT_OK);
     }
     ct6_update(owner, flow, ct_dir::REPLY, now);
-    if let Err(verdict) = translate_reply(ctx, flow, ct) {
-        return Outcome::done(Err(verdict));
+    translate_reply(ctx, flow, ct)?;
+    if flow.frag == frag::LATER {
+        return pass(Counter::FragmentTranslated);
     }
-    let decision = if flow.frag == frag::LATER {
-        Counter::FragmentTranslated
-    } else {
-        Counter::ReplyTranslated
-    };
-    Outcome::pass(decision, Ids::of(ct))
+    pass(Counter::ReplyTranslated)
 }
 
 #[inline(never)]
@@ -468,26 +347,14 @@ fn try_to_pod6(ctx: &TcContext) -> Verdict {
         Err(Parse6Error::NotL4) => return icmp6_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     }
-    let before = tuple6(&flow);
-    let outcome = to_pod_flow(ctx, &mut flow);
-    let after = tuple6(&flow);
-    trace_decision(
-        ctx,
-        trace_hook::TO_POD,
-        &before,
-        &after,
-        flow.proto,
-        &outcome,
-    );
-    Ok(outcome.verdict)
+    to_pod_flow(ctx, &mut flow)
 }
 
 /// A packet to a pod: translated back if it is a backend's reply.
 #[inline(never)]
-fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
-    let untouched = Outcome::done(Ok(TC_ACT_OK));
+fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
     let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) else {
-        return untouched;
+        return Ok(TC_ACT_OK);
     };
     if flow.frag == frag::FIRST {
         frag6_track(flow);
@@ -495,7 +362,7 @@ fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
     let ct = reply.entry();
     if ct.flags & ct_flags::HAIRPIN != 0 {
         // Hairpin replies are translated on the way out of the pod.
-        return untouched;
+        return Ok(TC_ACT_OK);
     }
     reply_translate(ctx, flow, ct, skb::now_ns())
 }
@@ -511,29 +378,5 @@ fn icmp6_error_to_pod(ctx: &TcContext) -> Verdict {
         return Ok(TC_ACT_OK);
     };
     icmp6_reverse_translate(ctx, &error).map_err(|_| fail(Counter::RewriteFailed))?;
-    count(Counter::IcmpErrorTranslated);
-    let ct = &error.ct;
-    let before = Trace6Tuple {
-        src_addr: error.outer_src,
-        dst_addr: outer.dst_addr,
-        ..Trace6Tuple::default()
-    };
-    let after = Trace6Tuple {
-        src_addr: if error.outer_src == ct.backend_addr {
-            ct.service_addr
-        } else {
-            error.outer_src
-        },
-        ..before
-    };
-    let outcome = Outcome::decided(Ok(TC_ACT_OK), Counter::IcmpErrorTranslated, Ids::of(ct));
-    trace_decision(
-        ctx,
-        trace_hook::TO_POD,
-        &before,
-        &after,
-        outer.next_header,
-        &outcome,
-    );
-    Ok(TC_ACT_OK)
+    pass(Counter::IcmpErrorTranslated)
 }

@@ -3,9 +3,10 @@
 //! with the tuple before and after translation. Off (the default) it costs
 //! one array lookup and a branch per traced decision point.
 //!
-//! IPv6 decisions go on the same ring as [`TraceEvent6`] records; their
-//! addresses are not filtered here (`TRACE_CONFIG` has room for IPv4 ones
-//! only), only their family switched on or off.
+//! The IPv6 socket hooks' decisions go on the same ring as [`TraceEvent6`]
+//! records; their addresses are not filtered here (`TRACE_CONFIG` has room
+//! for IPv4 ones only), only their family switched on or off. (The IPv6 tc
+//! path is not traced: see `pod6`.)
 
 use dataplane_common::{trace_families, Counter, Trace6Tuple, TraceEvent, TraceEvent6, TraceTuple};
 
@@ -13,7 +14,6 @@ use crate::{
     ctx::PacketCtx,
     maps::{count, TRACE_CONFIG, TRACE_EVENTS},
     parse::Ipv4Flow,
-    parse6::Ipv6Flow,
     skb,
     sock_ctx::{self, SockAddr},
 };
@@ -103,16 +103,6 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
     entry.submit(0);
 }
 
-#[inline(always)]
-pub fn tuple6(flow: &Ipv6Flow) -> Trace6Tuple {
-    Trace6Tuple {
-        src_addr: flow.src_addr,
-        dst_addr: flow.dst_addr,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-    }
-}
-
 /// What an IPv6 trace point knows; the tuples stay where they are.
 pub struct Decision6<'a> {
     pub hook: u8,
@@ -130,14 +120,6 @@ fn wanted6() -> bool {
     TRACE_CONFIG
         .get(0)
         .is_some_and(|config| config.enabled & trace_families::IPV6 != 0)
-}
-
-/// Reports an IPv6 packet's `decision` if IPv6 tracing is on.
-#[inline(always)]
-pub fn trace6<C: PacketCtx>(ctx: &C, decision: &Decision6) {
-    if wanted6() {
-        emit6(decision, ctx.ifindex(), 0, 0);
-    }
 }
 
 /// Reports an IPv6 socket hook's `decision`, with the socket's network

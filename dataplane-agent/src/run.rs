@@ -25,7 +25,7 @@ use crate::{
         model::{IpFamilies, IpFamily, Ipv4Prefix},
         run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
-        sync::{CtOccupancy, SyncEngine},
+        sync::{BackendKey, CtOccupancy, SyncEngine},
     },
     kubeproxy_config,
     node::{
@@ -714,11 +714,17 @@ fn close_sockets_to_removed<M: LbMaps, R: Report>(
     control: &mut ControlLoop<M, R>,
     cgroup_root: Option<&Path>,
 ) {
-    let gone: Vec<(Ipv4Addr, u16)> = control
+    let gone: Vec<SocketAddr> = control
         .take_removed_backends()
         .into_iter()
-        .filter(|b| b.proto == IPPROTO_UDP)
-        .map(|b| (pinned::ipv4(b.addr), port_from_map(b.port)))
+        .filter_map(|b| match b {
+            BackendKey::V4(b) => {
+                (b.proto == IPPROTO_UDP).then(|| pinned::endpoint(b.addr, b.port).into())
+            }
+            BackendKey::V6(b) => {
+                (b.proto == IPPROTO_UDP).then(|| pinned::endpoint6(b.addr, b.port).into())
+            }
+        })
         .collect();
     if let (Some(root), false) = (cgroup_root, gone.is_empty()) {
         // Not waited for: the thread logs what it closed.

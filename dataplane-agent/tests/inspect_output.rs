@@ -196,3 +196,77 @@ fn nat_lists_snatted_external_flows_with_both_tuples() {
         "{table}"
     );
 }
+
+/// One IPv4 and one IPv6 socket the hooks translated (written as the hooks
+/// write them: the hooks cannot run under BPF_PROG_TEST_RUN): both listed,
+/// each address in its usual text form.
+#[test]
+fn sock_revnat_lists_translated_sockets_of_both_families() {
+    use dataplane_agent::node::pinned::{self, ServiceNamesMap, SockRevNat6Map, SockRevNatMap};
+    use dataplane_common::{
+        ipv4_to_map, map_names, port_to_map, SockRevNat6Entry, SockRevNat6Key, SockRevNatEntry,
+        SockRevNatKey,
+    };
+    let (dp, _) = known_maps();
+    let names: ServiceNamesMap = pinned::open(dp.bpffs(), map_names::SERVICE_NAMES).unwrap();
+    let web = names
+        .iter()
+        .flatten()
+        .find(|(_, label)| label.as_str().starts_with("default/web"))
+        .map(|(id, _)| id)
+        .expect("web in SERVICE_NAMES");
+    let mut v4: SockRevNatMap = pinned::open(dp.bpffs(), map_names::SOCK_REVNAT).unwrap();
+    v4.insert(
+        SockRevNatKey {
+            cookie: 7,
+            backend_addr: ipv4_to_map([10, 244, 2, 10]),
+            backend_port: port_to_map(8080),
+            _pad: 0,
+        },
+        SockRevNatEntry {
+            service_addr: ipv4_to_map([10, 96, 0, 10]),
+            service_port: port_to_map(80),
+            _pad: 0,
+            service_id: web,
+        },
+        0,
+    )
+    .unwrap();
+    let mut v6: SockRevNat6Map = pinned::open(dp.bpffs(), map_names::LB6_SOCK_REVNAT).unwrap();
+    let v6_addr = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    v6.insert(
+        SockRevNat6Key {
+            cookie: 9,
+            backend_addr: v6_addr("fd00:10:244:2::10"),
+            backend_port: port_to_map(8080),
+            _pad: [0; 6],
+        },
+        SockRevNat6Entry {
+            service_addr: v6_addr("fd00:10:96::10"),
+            service_port: port_to_map(80),
+            _pad: 0,
+            service_id: web,
+        },
+        0,
+    )
+    .unwrap();
+
+    let rows = inspect_json(&dp, &["sock-revnat"]);
+    let label = names.get(&web, 0).unwrap().as_str().to_owned();
+    assert_eq!(
+        rows,
+        json!([
+            {"cookie": 7, "backend": "10.244.2.10:8080", "service": label,
+             "frontend": "10.96.0.10:80"},
+            {"cookie": 9, "backend": "[fd00:10:244:2::10]:8080", "service": label,
+             "frontend": "[fd00:10:96::10]:80"},
+        ])
+    );
+    let table = inspect(&dp, &["sock-revnat"]);
+    assert!(
+        table.contains(&format!(
+            "[fd00:10:244:2::10]:8080 shown as [fd00:10:96::10]:80 [{label}]"
+        )),
+        "{table}"
+    );
+}

@@ -283,6 +283,47 @@ pub struct SourceRange6Key {
     pub addr: Ipv6Bytes,
 }
 
+/// The 4-tuple of a traced IPv6 packet; ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Trace6Tuple {
+    pub src_addr: Ipv6Bytes,
+    pub dst_addr: Ipv6Bytes,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// An IPv6 event on `TRACE_EVENTS`, beside the IPv4 [`crate::TraceEvent`]
+/// records: the same header (through `backend_id`), with [`Self::family`]
+/// where the IPv4 record has a zero byte, then the socket fields, then the
+/// tuples.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceEvent6 {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub hook: u8,
+    pub proto: u8,
+    pub decision: u8,
+    /// Always [`TraceEvent6::FAMILY`].
+    pub family: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub netns_cookie: u64,
+    pub cgroup_id: u64,
+    pub before: Trace6Tuple,
+    pub after: Trace6Tuple,
+}
+
+impl TraceEvent6 {
+    pub const FAMILY: u8 = 6;
+}
+
+const _: () = assert!(
+    core::mem::offset_of!(TraceEvent6, family) == core::mem::offset_of!(crate::TraceEvent, _pad)
+);
+
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -329,6 +370,7 @@ mod tests {
         assert_eq!(size_of::<Ct6Key>(), 40);
         assert_eq!(size_of::<Ct6Entry>(), 88);
         assert_eq!(size_of::<Frag6Key>(), 40);
+        assert_eq!(size_of::<TraceEvent6>(), 112);
         assert_eq!(size_of::<Nat6Key>(), 40);
         assert_eq!(size_of::<Nat6Entry>(), 96);
         assert_eq!(size_of::<Nat6Config>(), 16);

@@ -754,12 +754,25 @@ pub struct FragPorts {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TraceConfig {
-    /// 0: tracing off, the datapath pays one array lookup per packet.
+    /// Bits of [`trace_families`]: which families' packets are traced; 0:
+    /// tracing off, the datapath pays one array lookup per packet.
     pub enabled: u32,
-    /// Network-order addresses; a packet is traced when each non-zero one
-    /// is its source or destination, before or after translation.
+    /// Network-order IPv4 addresses; an IPv4 packet is traced when each
+    /// non-zero one is its source or destination, before or after
+    /// translation. IPv6 packets are not filtered here (there is no room for
+    /// their addresses): `monitor` filters their events itself.
     pub addr_a: u32,
     pub addr_b: u32,
+}
+
+/// Bits of [`TraceConfig::enabled`]. A monitor filtering by an address of
+/// one family turns the other off, so its events do not fill the ring.
+pub mod trace_families {
+    /// IPv4 packets and sockets ([`crate::TraceEvent`] records); 1 is what
+    /// `enabled` held before IPv6 was traced.
+    pub const IPV4: u32 = 1;
+    /// IPv6 packets and sockets ([`crate::TraceEvent6`] records).
+    pub const IPV6: u32 = 2;
 }
 
 /// Where a traced packet was seen.
@@ -805,6 +818,8 @@ pub struct TraceEvent {
     /// The [`Counter`] this decision counts under: the decision itself
     /// (new flow, established, reply translated, reject or drop reason).
     pub decision: u8,
+    /// 0. The IPv6 record has its `family` (6) here: a reader tells the
+    /// two apart by this byte (and by their sizes).
     pub _pad: u8,
     pub service_id: u32,
     pub backend_id: u32,

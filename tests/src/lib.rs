@@ -601,6 +601,86 @@ pub fn sockclient_outcomes(mut cmd: std::process::Command) -> Vec<Outcome> {
         .collect()
 }
 
+/// A `sockclient` holding one connection (TCP) or connected socket (UDP)
+/// open, making one request per [`HeldClient::request`]; killed on drop.
+pub struct HeldClient {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl HeldClient {
+    /// `sockclient MODE TO` in netns `ns` and `cgroup` (`mode` one of the
+    /// holding modes: `tcp-hold`, `udp-hold`).
+    pub fn open(ns: &str, cgroup: &std::path::Path, mode: &str, to: SocketAddr) -> Self {
+        use std::process::Stdio;
+        let mut cmd = sockclient_command(ns, cgroup, &[mode, &to.to_string()]);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting sockclient");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn request(&mut self) -> Outcome {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin).expect("asking sockclient");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("sockclient's answer");
+        parse_outcome(line.trim())
+    }
+}
+
+impl Drop for HeldClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Cilium's "connected UDP sockets pinned to deleted backends", once
+/// backend pod `gone` has left the service: `held` (a connected UDP socket
+/// that reached it) no longer does, as the agent closed it and said so, and
+/// `fresh` sockets reach the remaining backends.
+pub fn assert_socket_to_removed_backend_closed(
+    c: &Cluster,
+    held: &mut HeldClient,
+    gone: &str,
+    fresh: impl FnOnce() -> Vec<Outcome>,
+) {
+    // The removed pod still runs and would answer a socket left aimed at it.
+    c.eventually(
+        "the held socket no longer reaches the removed backend",
+        || held.request().backend() != Some(gone),
+    );
+    let after = held.request();
+    assert!(
+        matches!(after, Outcome::Other(_) | Outcome::Refused),
+        "the held socket: {after:?}"
+    );
+    let fresh = fresh();
+    assert!(
+        fresh.iter().all(|s| s.backend().is_some_and(|b| b != gone)),
+        "{fresh:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        c.agent_log(1)
+            .contains("closed 1 connected UDP sockets aimed at removed backends"),
+        "{}",
+        c.logs()
+    );
+}
+
 /// An outcome as `sockclient` prints it.
 pub fn parse_outcome(line: &str) -> Outcome {
     let mut words = line.splitn(3, ' ');

@@ -4,17 +4,17 @@
 //! cgroup and a cgroup holds processes, not the test's threads.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::BufReader,
     net::SocketAddr,
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use dataplane_lab::{agent::agent_bin, manifests, CrossNode, Topology};
 use integration_tests::{
-    dns, http, lab_pod, parse_outcome, require_root, sockclient_command, sockclient_outcomes, web,
-    Cluster, Seen, WEB_IP,
+    assert_socket_to_removed_backend_closed, dns, http, lab_pod, require_root, sockclient_command,
+    sockclient_outcomes, web, Cluster, HeldClient, Seen, WEB_IP,
 };
 use k8s_openapi::api::core::v1::ServiceSpec;
 
@@ -50,50 +50,9 @@ fn backends(seen: &[Seen]) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// A client holding one connection (TCP) or connected socket (UDP) open,
-/// making one request per [`Held::request`].
-struct Held {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Held {
-    fn open(c: &Cluster, node: u8, mode: &str, to: SocketAddr) -> Self {
-        let mut cmd = sockclient(
-            &c.lab.node_ns(node),
-            &c.lab.node_cgroup(node),
-            &[mode, &to.to_string()],
-        );
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting sockclient");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        Self {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn request(&mut self) -> Seen {
-        writeln!(self.stdin).expect("asking sockclient");
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .expect("sockclient's answer");
-        parse_outcome(line.trim())
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A client of node `node` holding one connection or connected socket.
+fn held(c: &Cluster, node: u8, mode: &str, to: SocketAddr) -> HeldClient {
+    HeldClient::open(&c.lab.node_ns(node), &c.lab.node_cgroup(node), mode, to)
 }
 
 /// A datapath counter of `node`, from `inspect counters`.
@@ -309,7 +268,7 @@ fn agent_restart_keeps_open_connections_and_the_socket_hooks() {
     require_root();
     let mut c = web_on_both_nodes();
     assert_eq!(attached_to_cgroup(&c, 1), HOOKS, "{}", c.logs());
-    let mut conn = Held::open(&c, 1, "tcp-hold", http(WEB_IP));
+    let mut conn = held(&c, 1, "tcp-hold", http(WEB_IP));
     let first = conn.request();
     let backend = first
         .backend()
@@ -477,7 +436,7 @@ fn without_socket_hooks_the_agent_says_so_once_and_the_tc_path_serves_pods() {
 fn connected_udp_socket_to_a_removed_backend_is_closed() {
     require_root();
     let c = web_on_both_nodes();
-    let mut held = Held::open(&c, 1, "udp-hold", dns(WEB_IP));
+    let mut held = held(&c, 1, "udp-hold", dns(WEB_IP));
     let first = held.request();
     let gone = first
         .backend()
@@ -489,28 +448,9 @@ fn connected_udp_socket_to_a_removed_backend_is_closed() {
         .map(lab_pod)
         .collect();
     c.write_manifest("web.yaml", &web(&rest.iter().collect::<Vec<_>>()));
-    // The removed pod still runs and would answer a socket left aimed at it.
-    c.eventually(
-        "the held socket no longer reaches the removed backend",
-        || held.request().backend() != Some(gone.as_str()),
-    );
-    let after = held.request();
-    assert!(
-        matches!(after, Seen::Other(_) | Seen::Refused),
-        "the held socket: {after:?}"
-    );
-    let fresh = from_node(&c, 1, "udp", dns(WEB_IP), 6);
-    assert!(
-        fresh.iter().all(|s| s.backend().is_some_and(|b| b != gone)),
-        "{fresh:?}\n{}",
-        c.logs()
-    );
-    assert!(
-        c.agent_log(1)
-            .contains("closed 1 connected UDP sockets aimed at removed backends"),
-        "{}",
-        c.logs()
-    );
+    assert_socket_to_removed_backend_closed(&c, &mut held, &gone, || {
+        from_node(&c, 1, "udp", dns(WEB_IP), 6)
+    });
 }
 
 /// `monitor` shows the socket hooks' decisions with the process's network

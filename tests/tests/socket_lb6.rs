@@ -17,7 +17,8 @@ use dataplane_lab::{
     CrossNode, PodSpec, Topology,
 };
 use integration_tests::{
-    lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen, WEB_IP,
+    assert_socket_to_removed_backend_closed, http, lab_pod, require_root, sockclient_command,
+    sockclient_outcomes, Cluster, HeldClient, Seen, WEB_IP,
 };
 
 /// The web service's IPv6 cluster IP.
@@ -235,4 +236,166 @@ fn session_affinity_holds_across_host_processes_of_a_node_over_ipv6() {
         assert_eq!(backends(&seen).len(), 1, "{mode}: {seen:?}\n{}", c.logs());
     }
     assert!(counter(&c, "affinity_hit") >= hits + 22);
+}
+
+/// "connected UDP sockets pinned to deleted backends", over IPv6: a
+/// backend leaves the service while a host process holds a connected UDP
+/// socket aimed at its IPv6 address; the agent closes that socket and a
+/// new socket reaches a remaining backend.
+#[test]
+fn connected_udp_socket_to_a_removed_ipv6_backend_is_closed() {
+    require_root();
+    let c = cluster(web_of(&[WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service is served from the node", || {
+        from_node(&c, "udp", dns6(), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    let mut held = HeldClient::open(&c.lab.node_ns(1), &c.lab.node_cgroup(1), "udp-hold", dns6());
+    let first = held.request();
+    let gone = first
+        .backend()
+        .unwrap_or_else(|| panic!("{first:?}\n{}", c.logs()))
+        .to_owned();
+    let rest: Vec<PodSpec> = all_web().into_iter().filter(|p| p.name != gone).collect();
+    c.write_manifest("web.yaml", &web_of(&[WEB_IP6.into()], &rest));
+    assert_socket_to_removed_backend_closed(&c, &mut held, &gone, || {
+        from_node(&c, "udp", dns6(), 6)
+    });
+}
+
+/// When the IPv6 socket hooks cannot be attached, the IPv4 ones stay and
+/// serve, and the agent says once what happened. The failure is a real one:
+/// a directory where the restarted agent pins its `connect6` link.
+#[test]
+fn ipv6_socket_hooks_failing_leave_the_ipv4_ones_serving_and_say_so_once() {
+    require_root();
+    let mut c = cluster(web_of(&[IpAddr::from(WEB_IP), WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv4 service is served from the node", || {
+        from_node(&c, "tcp", http(WEB_IP), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    c.stop_agents();
+    let links = c.bpffs(1).join("sock-links");
+    let blocked = links.join("connect6");
+    std::fs::remove_file(&blocked).expect("the previous agent's connect6 link");
+    std::fs::create_dir(&blocked).expect("a directory on bpffs");
+    c.restart_agents();
+    c.eventually("the restarted agent has attached the socket hooks", || {
+        c.agent_log(1)
+            .contains("socket-level load balancing attached")
+    });
+
+    let log = c.agent_log(1);
+    let said = log.matches("IPv6 socket hooks not attached").count();
+    assert_eq!(said, 1, "said once: {log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("IPv6 socket hooks not attached"))
+        .expect("the line");
+    assert!(
+        line.contains("IPv4 ones attached") && line.contains(&blocked.display().to_string()),
+        "names the IPv4 hooks kept and the failed pin: {line}"
+    );
+    let mut pinned: Vec<String> = std::fs::read_dir(&links)
+        .expect("sock-links")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    pinned.sort();
+    assert_eq!(
+        pinned,
+        ["connect4", "getpeername4", "recvmsg4", "sendmsg4"],
+        "no IPv6 hook left half attached"
+    );
+
+    // IPv4 is still translated at the socket, by the new agent's hooks.
+    let before = counter(&c, "sock_connect_translated");
+    let want: BTreeSet<String> = ["web-a", "web-b", "web-c"].map(String::from).into();
+    let seen = from_node(&c, "tcp", http(WEB_IP), 30);
+    assert_served(&c, "tcp", &seen, http(WEB_IP), &want);
+    assert!(counter(&c, "sock_connect_translated") >= before + 30);
+    std::fs::remove_dir(&blocked).expect("removing the blocking directory");
+}
+
+/// `monitor --ip <IPv6 cluster IP>` shows the IPv6 socket hooks' decisions,
+/// addresses in their usual text form, with the process's network
+/// namespace cookie and cgroup id; no IPv4 event passes its filter.
+#[test]
+fn monitor_shows_ipv6_socket_decisions_with_netns_and_cgroup() {
+    use std::{
+        io::{BufRead as _, BufReader},
+        os::unix::fs::MetadataExt as _,
+        process::Stdio,
+    };
+    require_root();
+    let c = cluster(web_of(&[IpAddr::from(WEB_IP), WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service is served from the node", || {
+        from_node(&c, "tcp", http6(), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    let mut monitor = Command::new(agent_bin())
+        .arg("monitor")
+        .arg("--bpffs")
+        .arg(c.bpffs(1))
+        .args(["--ip", &WEB_IP6.to_string(), "-o", "json", "--count", "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting dataplane-agent monitor");
+    let mut ready = String::new();
+    BufReader::new(monitor.stderr.take().expect("stderr"))
+        .read_line(&mut ready)
+        .expect("monitor's first line");
+    assert!(ready.contains("tracing"), "monitor said: {ready}");
+    // IPv4 traffic first: filtered out. Then connect + getpeername (TCP),
+    // sendmsg + recvmsg (UDP): at least 6 IPv6 events.
+    from_node(&c, "tcp", http(WEB_IP), 1);
+    from_node(&c, "tcp", http6(), 1);
+    from_node(&c, "udp-unconnected", dns6(), 1);
+    from_node(&c, "tcp", http6(), 1);
+    let out = monitor.wait_with_output().expect("monitor's events");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let cgroup_id = std::fs::metadata(c.lab.node_cgroup(1))
+        .expect("node cgroup")
+        .ino();
+    for (hook, decision) in [
+        ("connect", "sock_connect_translated"),
+        ("getpeername", "sock_getpeername_translated"),
+        ("sendmsg", "sock_sendmsg_translated"),
+        ("recvmsg", "sock_recvmsg_translated"),
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e["hook"] == hook)
+            .unwrap_or_else(|| panic!("no {hook} event in {events:#?}"));
+        assert_eq!(event["decision"], decision, "{event:#}");
+        assert_eq!(event["interface"], "socket");
+        assert_eq!(event["cgroup_id"].as_u64(), Some(cgroup_id), "{event:#}");
+        assert!(event["netns_cookie"].as_u64().is_some_and(|c| c != 0));
+        assert!(
+            event["service"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("default/web:")),
+            "{event:#}"
+        );
+    }
+    assert!(
+        events.iter().all(|e| !e.to_string().contains("10.96.0.10")),
+        "only IPv6 events pass an IPv6 filter: {events:#?}"
+    );
+    let connect = events.iter().find(|e| e["hook"] == "connect").unwrap();
+    assert_eq!(connect["before"], "[::]:0 -> [fd00:10:96::10]:80");
+    assert!(
+        connect["after"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("]:8080") && !a.contains("fd00:10:96::10")),
+        "{connect:#}"
+    );
 }

@@ -1087,7 +1087,16 @@ impl ClusterState {
 
     /// The health-check node ports this node serves: kube-proxy's
     /// `healthCheckNodePort` of each LoadBalancer service with
-    /// `externalTrafficPolicy: Local`, with its endpoints on this node.
+    /// `externalTrafficPolicy: Local`, with its ready endpoints on this node.
+    ///
+    /// kube-proxy answers the check once per family (each family's proxier
+    /// listens on its family's node addresses and counts its family's
+    /// EndpointSlices). One listener answers here for both: the count is
+    /// that of the family with more local endpoints among those this node
+    /// proxies. That is the number kube-proxy gives on either family when
+    /// both families' slices list the same pods (the EndpointSlice
+    /// controller writes them from the same pods), and the IPv6 count of an
+    /// IPv6-only service. A dual-stack pod counts once, not once per family.
     pub fn health_checks(&self, node_name: Option<&str>) -> Vec<HealthCheck> {
         let mut out = Vec::new();
         for (name, entry) in &self.services {
@@ -1095,30 +1104,32 @@ impl ClusterState {
             let Some(port) = svc.health_check_node_port else {
                 continue;
             };
-            let mut local_endpoints = BTreeSet::new();
+            let (mut local4, mut local6) = (BTreeSet::new(), BTreeSet::new());
             for slice in self
                 .slices_by_service
                 .get(name)
                 .into_iter()
                 .flatten()
                 .filter_map(|k| self.slices.get(k))
-                // The health check is about the IPv4 frontends (the only
-                // external ones so far).
-                .filter(|s| s.family == Some(IpFamily::Ipv4))
             {
+                let local = match slice.family.filter(|f| self.families.contains(*f)) {
+                    Some(IpFamily::Ipv4) => &mut local4,
+                    Some(IpFamily::Ipv6) => &mut local6,
+                    None => continue,
+                };
                 for e in &slice.endpoints {
                     // kube-proxy counts ready local endpoints only: a node
                     // whose endpoints are all terminating fails the check,
                     // so load balancers drain it.
                     if e.ready && node_name.is_some() && slice.node_name(e) == node_name {
-                        local_endpoints.extend(slice.addresses(e).iter().copied());
+                        local.extend(slice.addresses(e).iter().copied());
                     }
                 }
             }
             out.push(HealthCheck {
                 port,
                 service: name.clone(),
-                local_endpoints: local_endpoints.len(),
+                local_endpoints: local4.len().max(local6.len()),
             });
         }
         out
@@ -2043,6 +2054,84 @@ mod tests {
         let s = svc(false);
         assert_eq!(check(&s, "node2"), 0, "only terminating: 503");
         assert_eq!(s.health_checks(Some("node2"))[0].port, 32000);
+    }
+
+    #[test]
+    fn health_check_counts_local_endpoints_of_either_family_once() {
+        let lb = |families: serde_json::Value| {
+            let mut spec = json!({"spec": {
+                "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}});
+            merge(&mut spec, families);
+            service(spec)
+        };
+        let ports = json!([{"name": "http", "port": 8080}]);
+        let v6_slice = slice6(
+            "web-v6",
+            json!([
+                ep6("fd00:10:244:1::10", "node1"),
+                ep6("fd00:10:244:1::11", "node1"),
+                ep6("fd00:10:244:2::10", "node2")
+            ]),
+            ports.clone(),
+        );
+        let check = |s: &ClusterState, node| s.health_checks(Some(node))[0].local_endpoints;
+
+        // IPv6-only: its endpoints are the service's, not zero.
+        let v6_only = state(
+            lb(json!({"spec": {"clusterIP": "fd00:10:96::10", "ipFamilies": ["IPv6"]}})),
+            vec![v6_slice.clone()],
+        );
+        assert_eq!(check(&v6_only, "node1"), 2);
+        assert_eq!(check(&v6_only, "node2"), 1);
+        assert_eq!(check(&v6_only, "node3"), 0);
+
+        // Dual-stack, one slice set per family from the same pods: each pod
+        // counts once, as kube-proxy's per-family answers each count it.
+        let dual = |families| {
+            let mut s = ClusterState::default();
+            s.set_ip_families(families);
+            s.apply(ClusterEvent::ApplyService(
+                parse_service(&lb(json!({"spec": {
+                    "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:10:96::10"],
+                    "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}})))
+                .unwrap(),
+            ));
+            for sl in [
+                slice(
+                    "web-v4",
+                    json!([
+                        ep("10.244.1.10", json!({})),
+                        ep("10.244.1.11", json!({})),
+                        ep("10.244.2.10", json!({}))
+                    ]),
+                    ports.clone(),
+                ),
+                v6_slice.clone(),
+            ] {
+                s.apply(ClusterEvent::ApplySlice(parse_slice(&sl).unwrap()));
+            }
+            s
+        };
+        let both = dual(IpFamilies::BOTH);
+        assert_eq!(check(&both, "node1"), 2);
+        assert_eq!(check(&both, "node2"), 1);
+        // A family this node does not proxy counts nothing: on a node
+        // without IPv6, only the (now not ready) IPv4 endpoints count.
+        let mut v4_only_node = dual(IpFamilies {
+            ipv4: true,
+            ipv6: false,
+        });
+        v4_only_node.apply(ClusterEvent::ApplySlice(
+            parse_slice(&slice(
+                "web-v4",
+                json!([ep("10.244.2.10", json!({"ready": false}))]),
+                ports,
+            ))
+            .unwrap(),
+        ));
+        assert_eq!(check(&v4_only_node, "node2"), 0);
+        assert_eq!(check(&v4_only_node, "node1"), 0);
     }
 
     #[test]

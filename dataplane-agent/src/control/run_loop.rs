@@ -172,7 +172,7 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
 
     /// Backends that left the datapath since the last call (see
     /// [`SyncEngine::take_removed`]).
-    pub fn take_removed_backends(&mut self) -> Vec<dataplane_common::Backend> {
+    pub fn take_removed_backends(&mut self) -> Vec<crate::control::sync::BackendKey> {
         self.engine.take_removed()
     }
 

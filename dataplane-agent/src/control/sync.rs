@@ -492,10 +492,10 @@ pub struct SyncEngine<M: LbMaps> {
     /// A write failed part way: memory may not match the maps. The next sync
     /// first reads the maps back.
     diverged: bool,
-    /// IPv4 backends removed from the maps since
+    /// Backends of either family removed from the maps since
     /// [`SyncEngine::take_removed`]: sockets still aimed at them are closed
-    /// by the caller (IPv4 sockets only so far).
-    removed: Vec<Backend>,
+    /// by the caller.
+    removed: Vec<BackendKey>,
 }
 
 pub fn service_key(frontend: &Frontend) -> FrontendKey {
@@ -684,7 +684,7 @@ impl<M: LbMaps> SyncEngine<M> {
 
     /// Backends that left the maps (no service uses them any more) since the
     /// last call.
-    pub fn take_removed(&mut self) -> Vec<Backend> {
+    pub fn take_removed(&mut self) -> Vec<BackendKey> {
         std::mem::take(&mut self.removed)
     }
 
@@ -1363,13 +1363,13 @@ impl<M: LbMaps> SyncEngine<M> {
                         }
                     }
                     self.backend_ids.release(id);
-                    self.removed.push(b);
                 }
                 BackendKey::V6(_) => {
                     self.pending.remove_backend6(id);
                     self.backend6_ids.release(id);
                 }
             }
+            self.removed.push(backend);
         }
     }
 
@@ -1979,7 +1979,15 @@ mod tests {
             .map(|b| b.addr[15])
             .collect();
         assert!(!in_map.contains(&11), "{in_map:?}");
-        assert!(e.take_removed().is_empty(), "IPv4 backends only");
+        let removed: Vec<u8> = e
+            .take_removed()
+            .iter()
+            .map(|b| match b {
+                BackendKey::V6(b) => b.addr[15],
+                BackendKey::V4(_) => panic!("no IPv4 backend here"),
+            })
+            .collect();
+        assert_eq!(removed, [11], "sockets aimed at it are to be closed");
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub fn ct_lifetimes(map: &CtLifetimesMap) -> Result<CtLifetimes, MapError> {
 pub type CounterMap = PerCpuArray<MapData, u64>;
 pub type ServiceNamesMap = BpfHashMap<MapData, u32, ServiceLabel>;
 pub type SockRevNatMap = BpfHashMap<MapData, SockRevNatKey, SockRevNatEntry>;
+/// `LB6_SOCK_REVNAT`: [`SockRevNatMap`] of IPv6 sockets.
+pub type SockRevNat6Map =
+    BpfHashMap<MapData, dataplane_common::SockRevNat6Key, dataplane_common::SockRevNat6Entry>;
 /// `NAT`: the SNAT entries of external flows.
 pub type NatMap = BpfHashMap<MapData, dataplane_common::NatKey, dataplane_common::NatEntry>;
 pub type Nat6Map = BpfHashMap<MapData, dataplane_common::Nat6Key, dataplane_common::Nat6Entry>;

@@ -10,11 +10,16 @@
 //! gets ECONNABORTED and is disconnected, and the application reconnects
 //! (and so gets a live backend). Netlink sees one network namespace, so
 //! this runs in every namespace of the processes under the cgroup root.
+//!
+//! Both families are dumped: an AF_INET6 socket is aimed at an IPv6
+//! backend, or (a dual-stack application that named an IPv4 service by its
+//! IPv4-mapped address) at an IPv4 backend in mapped form, which counts as
+//! that IPv4 backend.
 
 use std::{
     collections::HashSet,
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsFd as _, AsRawFd as _},
         unix::fs::MetadataExt as _,
@@ -39,6 +44,7 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IPPROTO_UDP: u8 = 17;
 /// A connected UDP socket is in TCP_ESTABLISHED.
 const TCP_ESTABLISHED: u8 = 1;
@@ -69,8 +75,9 @@ pub enum SockDestroyError {
     Malformed,
 }
 
-/// `inet_diag_req_v2` for UDP over IPv4 with `id` (zeroes for a dump).
-fn request(kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+/// `inet_diag_req_v2` for UDP sockets of `family` with `id` (zeroes for a
+/// dump).
+fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     let len = NLMSG_HDR + 8 + SOCKID_LEN;
     let mut msg = Vec::with_capacity(len);
     msg.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -78,7 +85,7 @@ fn request(kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     msg.extend_from_slice(&flags.to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    msg.extend_from_slice(&[AF_INET, IPPROTO_UDP, 0, 0]);
+    msg.extend_from_slice(&[family, IPPROTO_UDP, 0, 0]);
     msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     msg.extend_from_slice(id);
     msg
@@ -87,10 +94,27 @@ fn request(kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
 /// A connected UDP socket as the dump shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpSocketId {
-    pub dst: Ipv4Addr,
-    pub dport: u16,
+    /// Where it sends: an IPv4-mapped IPv6 destination is given as the IPv4
+    /// address it maps.
+    pub dst: SocketAddr,
+    /// `AF_INET` or `AF_INET6`.
+    family: u8,
     /// The raw `inet_diag_sockid`, sent back as is to destroy the socket.
     id: [u8; SOCKID_LEN],
+}
+
+/// The destination in a raw `inet_diag_sockid` of `family`.
+fn destination(family: u8, id: &[u8; SOCKID_LEN]) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes([id[2], id[3]]);
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(id[20], id[21], id[22], id[23])),
+        AF_INET6 => {
+            let octets: [u8; 16] = id[20..36].try_into().expect("16 bytes");
+            Ipv6Addr::from(octets).to_canonical()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The connected sockets in one batch of dump answers; `None` once the
@@ -113,12 +137,11 @@ fn parse_dump(buf: &[u8]) -> Result<Option<Vec<UdpSocketId>>, SockDestroyError> 
                     return Err(SockDestroyError::Malformed);
                 }
                 let id: [u8; SOCKID_LEN] = body[4..4 + SOCKID_LEN].try_into().expect("48 bytes");
-                if body[0] == AF_INET && body[1] == TCP_ESTABLISHED {
-                    found.push(UdpSocketId {
-                        dport: u16::from_be_bytes([id[2], id[3]]),
-                        dst: Ipv4Addr::new(id[20], id[21], id[22], id[23]),
-                        id,
-                    });
+                let family = body[0];
+                if body[1] == TCP_ESTABLISHED {
+                    if let Some(dst) = destination(family, &id) {
+                        found.push(UdpSocketId { dst, family, id });
+                    }
                 }
             }
             _ => {}
@@ -140,13 +163,23 @@ fn netlink() -> Result<std::os::fd::OwnedFd, SockDestroyError> {
     .map_err(SockDestroyError::Netlink)
 }
 
-/// Connected UDP sockets of this thread's network namespace.
+/// Connected UDP sockets of this thread's network namespace, both
+/// families.
 pub fn connected_udp_sockets() -> Result<Vec<UdpSocketId>, SockDestroyError> {
+    let mut sockets = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        sockets.extend(connected_udp_sockets_of(family)?);
+    }
+    Ok(sockets)
+}
+
+fn connected_udp_sockets_of(family: u8) -> Result<Vec<UdpSocketId>, SockDestroyError> {
     let fd = netlink()?;
     let kernel = NetlinkAddr::new(0, 0);
     let dump = request(
         SOCK_DIAG_BY_FAMILY,
         NLM_F_REQUEST | NLM_F_DUMP,
+        family,
         &[0; SOCKID_LEN],
     );
     sendto(fd.as_raw_fd(), &dump, &kernel, MsgFlags::empty()).map_err(SockDestroyError::Netlink)?;
@@ -165,7 +198,12 @@ pub fn connected_udp_sockets() -> Result<Vec<UdpSocketId>, SockDestroyError> {
 /// Destroys one socket of this thread's network namespace.
 fn destroy(socket: &UdpSocketId) -> Result<(), SockDestroyError> {
     let fd = netlink()?;
-    let msg = request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &socket.id);
+    let msg = request(
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        socket.family,
+        &socket.id,
+    );
     sendto(
         fd.as_raw_fd(),
         &msg,
@@ -188,10 +226,10 @@ fn destroy(socket: &UdpSocketId) -> Result<(), SockDestroyError> {
 }
 
 /// Destroys this namespace's connected UDP sockets aimed at `gone`.
-fn destroy_in_current_netns(gone: &HashSet<(Ipv4Addr, u16)>) -> Result<usize, SockDestroyError> {
+fn destroy_in_current_netns(gone: &HashSet<SocketAddr>) -> Result<usize, SockDestroyError> {
     let mut destroyed = 0;
     for socket in connected_udp_sockets()? {
-        if gone.contains(&(socket.dst, socket.dport)) {
+        if gone.contains(&socket.dst) {
             match destroy(&socket) {
                 Ok(()) => destroyed += 1,
                 // Closed meanwhile.
@@ -237,12 +275,12 @@ fn namespaces_under(root: &Path) -> Vec<(PathBuf, File)> {
     found
 }
 
-/// Destroys every connected UDP socket aimed at a backend of `gone` (IPv4
-/// address, port) in the namespaces of the processes under `cgroup_root`,
+/// Destroys every connected UDP socket aimed at a backend of `gone` (either
+/// family) in the namespaces of the processes under `cgroup_root`,
 /// on a thread of its own (which enters each namespace in turn), so the
 /// caller does not wait. The thread returns how many it destroyed.
 pub fn destroy_udp_sockets_to(
-    gone: Vec<(Ipv4Addr, u16)>,
+    gone: Vec<SocketAddr>,
     cgroup_root: PathBuf,
 ) -> std::thread::JoinHandle<usize> {
     let gone: HashSet<_> = gone.into_iter().collect();
@@ -277,15 +315,19 @@ mod tests {
     use super::*;
 
     fn answer(kind: u16, state: u8, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        answer_of(kind, AF_INET, state, &dst, dport)
+    }
+
+    fn answer_of(kind: u16, family: u8, state: u8, dst: &[u8], dport: u16) -> Vec<u8> {
         let len = NLMSG_HDR + DIAG_MSG_LEN;
         let mut msg = Vec::new();
         msg.extend_from_slice(&(len as u32).to_ne_bytes());
         msg.extend_from_slice(&kind.to_ne_bytes());
         msg.extend_from_slice(&[0; 10]);
-        msg.extend_from_slice(&[AF_INET, state, 0, 0]);
+        msg.extend_from_slice(&[family, state, 0, 0]);
         let mut id = [0u8; SOCKID_LEN];
         id[2..4].copy_from_slice(&dport.to_be_bytes());
-        id[20..24].copy_from_slice(&dst);
+        id[20..20 + dst.len()].copy_from_slice(dst);
         msg.extend_from_slice(&id);
         msg.extend_from_slice(&[0; 20]);
         msg
@@ -298,8 +340,38 @@ mod tests {
         buf.extend(answer(SOCK_DIAG_BY_FAMILY, 7, [0, 0, 0, 0], 0));
         let found = parse_dump(&buf).expect("parsed").expect("not done");
         assert_eq!(found.len(), 1);
-        assert_eq!(found[0].dst, Ipv4Addr::new(10, 244, 2, 10));
-        assert_eq!(found[0].dport, 5353);
+        assert_eq!(found[0].dst, "10.244.2.10:5353".parse().unwrap());
+    }
+
+    #[test]
+    fn ipv6_dump_gives_ipv6_destinations_and_mapped_ones_as_ipv4() {
+        let v6: Ipv6Addr = "fd00:10:244:2::10".parse().unwrap();
+        let mapped = Ipv4Addr::new(10, 244, 2, 10).to_ipv6_mapped();
+        let mut buf = answer_of(
+            SOCK_DIAG_BY_FAMILY,
+            AF_INET6,
+            TCP_ESTABLISHED,
+            &v6.octets(),
+            53,
+        );
+        buf.extend(answer_of(
+            SOCK_DIAG_BY_FAMILY,
+            AF_INET6,
+            TCP_ESTABLISHED,
+            &mapped.octets(),
+            5353,
+        ));
+        let found = parse_dump(&buf).expect("parsed").expect("not done");
+        let dsts: Vec<SocketAddr> = found.iter().map(|s| s.dst).collect();
+        assert_eq!(
+            dsts,
+            [
+                "[fd00:10:244:2::10]:53".parse().unwrap(),
+                "10.244.2.10:5353".parse().unwrap()
+            ]
+        );
+        // Destroyed in the family it was dumped in.
+        assert!(found.iter().all(|s| s.family == AF_INET6));
     }
 
     #[test]

@@ -218,22 +218,41 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<(
     // Load every hook before attaching any: a kernel without one of them
     // gets none (the tc path then serves everything).
     load_all(ebpf, &HOOKS)?;
-    // The IPv6 hooks are loaded the same way, but a kernel refusing one of
-    // them costs only IPv6 at the socket.
-    let ipv6 = match load_all(ebpf, &HOOKS6) {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(
-                "IPv6 socket hooks not attached, IPv6 services are served by the tc path: {:#}",
-                anyhow::Error::from(e)
-            );
-            false
-        }
-    };
     std::fs::create_dir_all(links_dir).map_err(fs_err("creating", links_dir))?;
     let cgroup = File::open(cgroup_root).map_err(fs_err("opening the cgroup", cgroup_root))?;
-    let hooks6: &[_] = if ipv6 { &HOOKS6 } else { &[] };
-    for &(name, pin_name, _) in HOOKS.iter().chain(hooks6) {
+    attach_all(ebpf, &cgroup, cgroup_root, links_dir, &HOOKS)?;
+    // The IPv6 hooks the same way, after the IPv4 ones are in place: a
+    // kernel refusing one of them, or a failure attaching one, costs only
+    // IPv6 at the socket.
+    let ipv6 = load_all(ebpf, &HOOKS6)
+        .and_then(|()| attach_all(ebpf, &cgroup, cgroup_root, links_dir, &HOOKS6));
+    if let Err(e) = ipv6 {
+        // None left half attached (nor a previous agent's): the tc path
+        // serves IPv6 whole.
+        for &(_, pin_name, _) in &HOOKS6 {
+            let _ = std::fs::remove_file(links_dir.join(pin_name));
+        }
+        warn!(
+            "IPv6 socket hooks not attached, IPv6 services are served by the tc path (IPv4 ones attached): {:#}",
+            anyhow::Error::from(e)
+        );
+    }
+    info!(
+        "socket-level load balancing attached to cgroup {}",
+        cgroup_root.display()
+    );
+    Ok(())
+}
+
+/// Attaches the loaded `hooks` to `cgroup` and pins their links.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    cgroup_root: &Path,
+    links_dir: &Path,
+    hooks: &[(&'static str, &str, CgroupSockAddrAttachType)],
+) -> Result<(), SocketLbError> {
+    for &(name, pin_name, _) in hooks {
         let program = program_mut(ebpf, name)?;
         let attach_err = |source| SocketLbError::Attach {
             name,
@@ -244,7 +263,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<(
         // always lets several links share a hook, so the previous agent's
         // stays attached until ours is, and other tools may attach theirs.
         let id = program
-            .attach(&cgroup, CgroupAttachMode::Single)
+            .attach(cgroup, CgroupAttachMode::Single)
             .map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
         let link =
@@ -262,10 +281,6 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<(
             source,
         })?;
     }
-    info!(
-        "socket-level load balancing attached to cgroup {}",
-        cgroup_root.display()
-    );
     Ok(())
 }
 

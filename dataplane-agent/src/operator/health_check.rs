@@ -2,7 +2,8 @@
 //! load balancers steer around nodes without a local endpoint of a
 //! `externalTrafficPolicy: Local` service: 200 with the JSON body naming
 //! the service and its `localEndpoints` when this node has ready ones, 503
-//! (same body) when it has none or only terminating ones.
+//! (same body) when it has none or only terminating ones. The count covers
+//! both families (see `ClusterState::health_checks`).
 //!
 //! The control loop publishes the list; one listener per port follows it.
 

@@ -22,7 +22,7 @@ use crate::node::{
     pinned::{
         self, counter_total, endpoint, endpoint6, monotonic_now_ns, proto_name, Conntrack6Maps,
         ConntrackMaps, CounterMap, CtLifetimesMap, MapOpenError, Nat6Map, NatMap, ServiceNamesMap,
-        SockRevNatMap,
+        SockRevNat6Map, SockRevNatMap,
     },
 };
 
@@ -91,8 +91,9 @@ pub enum What {
     Counters,
     /// Which interfaces have the programs attached (tcx).
     Interfaces,
-    /// Sockets the socket hooks translated: socket cookie, backend, and the
-    /// service address recvmsg()/getpeername() show instead.
+    /// Sockets the socket hooks translated, of both families: socket
+    /// cookie, backend, and the service address recvmsg()/getpeername()
+    /// show instead.
     SockRevnat,
     /// SNAT of external flows to remote backends (the `NAT` map): client ->
     /// frontend as the client sent it, node address and SNAT port ->
@@ -418,22 +419,39 @@ pub struct SockRevNatRow {
     pub frontend: String,
 }
 
-/// The socket-level reverse map (`SOCK_REVNAT`), sorted by socket cookie.
+/// The socket-level reverse maps (`SOCK_REVNAT`, `LB6_SOCK_REVNAT`),
+/// sorted by socket cookie.
 pub fn sock_revnat(dir: &Path) -> Result<Vec<SockRevNatRow>, InspectError> {
     let names: ServiceNamesMap = pinned::open(dir, map_names::SERVICE_NAMES)?;
     let map: SockRevNatMap = pinned::open(dir, map_names::SOCK_REVNAT)?;
+    let map6: SockRevNat6Map = pinned::open(dir, map_names::LB6_SOCK_REVNAT)?;
+    let row = |cookie, backend: SocketAddr, service_id, frontend: SocketAddr| SockRevNatRow {
+        cookie,
+        backend: backend.to_string(),
+        service: names
+            .get(&service_id, 0)
+            .map(|l| l.as_str().to_owned())
+            .unwrap_or_else(|_| format!("<id {service_id}>")),
+        frontend: frontend.to_string(),
+    };
     let mut rows = Vec::new();
     for entry in map.iter() {
         let (key, value) = entry.map_err(read_err(map_names::SOCK_REVNAT))?;
-        rows.push(SockRevNatRow {
-            cookie: key.cookie,
-            backend: endpoint(key.backend_addr, key.backend_port).to_string(),
-            service: names
-                .get(&value.service_id, 0)
-                .map(|l| l.as_str().to_owned())
-                .unwrap_or_else(|_| format!("<id {}>", value.service_id)),
-            frontend: endpoint(value.service_addr, value.service_port).to_string(),
-        });
+        rows.push(row(
+            key.cookie,
+            endpoint(key.backend_addr, key.backend_port).into(),
+            value.service_id,
+            endpoint(value.service_addr, value.service_port).into(),
+        ));
+    }
+    for entry in map6.iter() {
+        let (key, value) = entry.map_err(read_err(map_names::LB6_SOCK_REVNAT))?;
+        rows.push(row(
+            key.cookie,
+            endpoint6(key.backend_addr, key.backend_port).into(),
+            value.service_id,
+            endpoint6(value.service_addr, value.service_port).into(),
+        ));
     }
     rows.sort_by(|a, b| (a.cookie, &a.backend).cmp(&(b.cookie, &b.backend)));
     Ok(rows)

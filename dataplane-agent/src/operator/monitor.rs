@@ -2,17 +2,22 @@
 //! live. Turns tracing on in the pinned `TRACE_CONFIG` for a filter, prints
 //! each `TRACE_EVENTS` event in operator terms, and turns tracing off again
 //! on exit. The running agent is not involved and nothing restarts.
+//!
+//! Both families: the datapath filters IPv4 events by address itself;
+//! `TRACE_CONFIG` has no room for IPv6 addresses, so IPv6 events are
+//! filtered here, and a filter of one family turns the other's events off.
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
 use aya::maps::{Array, MapData, RingBuf};
 use dataplane_common::{
-    ipv4_to_map, map_names, port_from_map, trace_hook, Counter, TraceConfig, TraceEvent, TraceTuple,
+    ipv4_to_map, map_names, port_from_map, trace_families, trace_hook, Counter, Trace6Tuple,
+    TraceConfig, TraceEvent, TraceEvent6, TraceTuple,
 };
 use serde::Serialize;
 use tokio::{
@@ -33,9 +38,10 @@ pub struct Options {
     /// Only packets of this service (namespace/name): to or from its IP.
     #[arg(long)]
     pub service: Option<String>,
-    /// Only packets to or from this IP (client, backend or service).
+    /// Only packets to or from this IP (client, backend or service), IPv4
+    /// or IPv6.
     #[arg(long)]
-    pub ip: Option<Ipv4Addr>,
+    pub ip: Option<IpAddr>,
     /// Where the agent pinned its maps.
     #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
     pub bpffs: PathBuf,
@@ -71,18 +77,25 @@ pub struct Event {
     pub cgroup_id: Option<u64>,
 }
 
-fn tuple_text(t: &TraceTuple) -> String {
-    let ip = pinned::ipv4;
-    if t.src_port == 0 && t.dst_port == 0 {
-        return format!("{} -> {}", ip(t.src_addr), ip(t.dst_addr));
+/// `src -> dst` in the addresses' usual text forms (`10.0.0.1:80`,
+/// `[2001:db8::1]:80`), without ports when the event has none.
+fn tuple_text(src: IpAddr, dst: IpAddr, src_port: u16, dst_port: u16) -> String {
+    if src_port == 0 && dst_port == 0 {
+        return format!("{src} -> {dst}");
     }
-    format!(
-        "{}:{} -> {}:{}",
-        ip(t.src_addr),
-        port_from_map(t.src_port),
-        ip(t.dst_addr),
-        port_from_map(t.dst_port)
-    )
+    let src = SocketAddr::new(src, port_from_map(src_port));
+    let dst = SocketAddr::new(dst, port_from_map(dst_port));
+    format!("{src} -> {dst}")
+}
+
+fn tuple4_text(t: &TraceTuple) -> String {
+    let ip = |addr| IpAddr::V4(pinned::ipv4(addr));
+    tuple_text(ip(t.src_addr), ip(t.dst_addr), t.src_port, t.dst_port)
+}
+
+fn tuple6_text(t: &Trace6Tuple) -> String {
+    let ip = |addr| IpAddr::V6(Ipv6Addr::from(addr));
+    tuple_text(ip(t.src_addr), ip(t.dst_addr), t.src_port, t.dst_port)
 }
 
 fn interface_name(ifindex: u32) -> String {
@@ -92,8 +105,31 @@ fn interface_name(ifindex: u32) -> String {
 }
 
 /// One ring buffer record as the datapath wrote it.
-pub fn read_record(bytes: &[u8]) -> Option<TraceEvent> {
-    bytemuck::try_pod_read_unaligned(bytes.get(..size_of::<TraceEvent>())?).ok()
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    V4(TraceEvent),
+    V6(TraceEvent6),
+}
+
+/// Reads a record, telling the families apart by the byte the IPv6 record
+/// has its `family` in (0 in an IPv4 record).
+pub fn read_record(bytes: &[u8]) -> Option<Record> {
+    let family = *bytes.get(std::mem::offset_of!(TraceEvent6, family))?;
+    if family == TraceEvent6::FAMILY {
+        let raw = bytes.get(..size_of::<TraceEvent6>())?;
+        return bytemuck::try_pod_read_unaligned(raw).ok().map(Record::V6);
+    }
+    let raw = bytes.get(..size_of::<TraceEvent>())?;
+    bytemuck::try_pod_read_unaligned(raw).ok().map(Record::V4)
+}
+
+impl Record {
+    fn service_id(&self) -> u32 {
+        match self {
+            Record::V4(raw) => raw.service_id,
+            Record::V6(raw) => raw.service_id,
+        }
+    }
 }
 
 /// The hooks' names in the `hook` column, by `trace_hook` number.
@@ -149,9 +185,49 @@ const INTERFACE_WIDTH: usize = 15;
 /// `255.255.255.255:65535 -> 255.255.255.255:65535`
 const TUPLE_WIDTH: usize = 45;
 
+/// The fields both families' records have.
+struct Header {
+    ts_ns: u64,
+    ifindex: u32,
+    hook: u8,
+    proto: u8,
+    decision: u8,
+    service_id: u32,
+    backend_id: u32,
+    netns_cookie: u64,
+    cgroup_id: u64,
+}
+
+/// The [`Header`] of a record of either family (their fields are named
+/// alike).
+macro_rules! header_of {
+    ($r:expr) => {
+        Header {
+            ts_ns: $r.ts_ns,
+            ifindex: $r.ifindex,
+            hook: $r.hook,
+            proto: $r.proto,
+            decision: $r.decision,
+            service_id: $r.service_id,
+            backend_id: $r.backend_id,
+            netns_cookie: $r.netns_cookie,
+            cgroup_id: $r.cgroup_id,
+        }
+    };
+}
+
 impl Event {
-    /// `raw` in operator terms; `names` maps service ids to labels.
+    /// An IPv4 record in operator terms; `names` maps service ids to labels.
     pub fn new(raw: &TraceEvent, names: &HashMap<u32, String>) -> Self {
+        Self::of(&Record::V4(*raw), names)
+    }
+
+    /// A record of either family in operator terms.
+    pub fn of(record: &Record, names: &HashMap<u32, String>) -> Self {
+        let (raw, before, after) = match record {
+            Record::V4(r) => (header_of!(r), tuple4_text(&r.before), tuple4_text(&r.after)),
+            Record::V6(r) => (header_of!(r), tuple6_text(&r.before), tuple6_text(&r.after)),
+        };
         let socket_hook = is_socket_hook(raw.hook);
         Self {
             ts_ns: raw.ts_ns,
@@ -171,8 +247,8 @@ impl Event {
                     .unwrap_or_else(|| format!("service id {}", raw.service_id))
             }),
             backend_id: raw.backend_id,
-            before: tuple_text(&raw.before),
-            after: tuple_text(&raw.after),
+            before,
+            after,
             netns_cookie: socket_hook.then_some(raw.netns_cookie),
             cgroup_id: socket_hook.then_some(raw.cgroup_id),
         }
@@ -205,19 +281,102 @@ fn service_names(dir: &Path) -> anyhow::Result<HashMap<u32, String>> {
     Ok(pinned::service_names(&map))
 }
 
-/// The cluster IP of service `namespace/name` (or `namespace/name:port`),
-/// from the pinned maps.
-fn service_ip(dir: &Path, service: &str) -> anyhow::Result<Ipv4Addr> {
+/// The cluster IPs of service `namespace/name` (or `namespace/name:port`)
+/// from the pinned maps: its IPv4 one, its IPv6 one, or both.
+fn service_ips(dir: &Path, service: &str) -> anyhow::Result<ServiceIps> {
     let snap = BpfLbMaps::from_pins(dir)?.snapshot()?;
-    snap.services
-        .iter()
-        .find(|(_, value)| {
-            snap.names
-                .get(&value.service_id)
-                .is_some_and(|label| label == service || label.split(':').next() == Some(service))
+    let named = |value: &dataplane_common::ServiceValue| {
+        snap.names
+            .get(&value.service_id)
+            .is_some_and(|label| label == service || label.split(':').next() == Some(service))
+    };
+    let ips = ServiceIps {
+        v4: snap
+            .services
+            .iter()
+            .find(|(_, value)| named(value))
+            .map(|(key, _)| pinned::ipv4(key.addr)),
+        v6: snap
+            .services6
+            .iter()
+            .find(|(_, value)| named(value))
+            .map(|(key, _)| Ipv6Addr::from(key.addr)),
+    };
+    if ips.v4.is_none() && ips.v6.is_none() {
+        anyhow::bail!("no service {service} in the maps under {}", dir.display());
+    }
+    Ok(ips)
+}
+
+/// A service's addresses, one per family it has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceIps {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// Which events the monitor shows: the datapath's part (`config`: the
+/// families, and IPv4 addresses) and the IPv6 addresses it checks itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub config: TraceConfig,
+    /// Each must be the source or destination of an IPv6 event, before or
+    /// after translation.
+    pub ipv6: Vec<Ipv6Addr>,
+}
+
+impl Filter {
+    /// Packets of `service` (when given) and of `ip` (when given). Fails
+    /// when no packet can match: the service has no address of `ip`'s
+    /// family.
+    pub fn new(service: Option<ServiceIps>, ip: Option<IpAddr>) -> anyhow::Result<Self> {
+        let v4 = service.is_none_or(|s| s.v4.is_some()) && !matches!(ip, Some(IpAddr::V6(_)));
+        let v6 = service.is_none_or(|s| s.v6.is_some()) && !matches!(ip, Some(IpAddr::V4(_)));
+        if !v4 && !v6 {
+            anyhow::bail!("the service has no address of the family of {ip:?}: nothing to trace");
+        }
+        let ip4 = |ip: Option<Ipv4Addr>| ip.map_or(0, |ip| ipv4_to_map(ip.octets()));
+        let ip_v4 = match ip {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        };
+        let ip_v6 = match ip {
+            Some(IpAddr::V6(ip)) => Some(ip),
+            _ => None,
+        };
+        let mut families = 0;
+        if v4 {
+            families |= trace_families::IPV4;
+        }
+        if v6 {
+            families |= trace_families::IPV6;
+        }
+        Ok(Self {
+            config: TraceConfig {
+                enabled: families,
+                addr_a: ip4(service.and_then(|s| s.v4)),
+                addr_b: ip4(ip_v4),
+            },
+            ipv6: service
+                .and_then(|s| s.v6)
+                .into_iter()
+                .chain(ip_v6)
+                .collect(),
         })
-        .map(|(key, _)| pinned::ipv4(key.addr))
-        .with_context(|| format!("no service {service} in the maps under {}", dir.display()))
+    }
+
+    /// Whether the record passes the part of the filter the datapath could
+    /// not apply.
+    pub fn matches(&self, record: &Record) -> bool {
+        let Record::V6(raw) = record else {
+            return true;
+        };
+        let touches =
+            |t: &Trace6Tuple, ip: &Ipv6Addr| t.src_addr == ip.octets() || t.dst_addr == ip.octets();
+        self.ipv6
+            .iter()
+            .all(|ip| touches(&raw.before, ip) || touches(&raw.after, ip))
+    }
 }
 
 /// Tracing stays on only while this lives.
@@ -264,11 +423,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 /// tracing is off again when it returns, whichever way.
 async fn follow(options: Options) -> anyhow::Result<()> {
     let dir = options.bpffs.as_path();
-    let service_addr = options
+    let service_ips = options
         .service
         .as_deref()
-        .map(|s| service_ip(dir, s))
+        .map(|s| service_ips(dir, s))
         .transpose()?;
+    let filter = Filter::new(service_ips, options.ip)?;
     let mut names = service_names(dir)?;
     let mut ring: RingBuf<MapData> = pinned::open(dir, map_names::TRACE_EVENTS)?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -277,21 +437,14 @@ async fn follow(options: Options) -> anyhow::Result<()> {
     // Old events from an earlier session are not this one's.
     while ring.next().is_some() {}
     let mut ring = readable_ring(ring).context("watching TRACE_EVENTS")?;
-    let _switch = TraceSwitch::on(
-        dir,
-        TraceConfig {
-            enabled: 1,
-            addr_a: service_addr.map_or(0, |ip| ipv4_to_map(ip.octets())),
-            addr_b: options.ip.map_or(0, |ip| ipv4_to_map(ip.octets())),
-        },
-    )?;
-    let filter = match (&options.service, options.ip) {
+    let _switch = TraceSwitch::on(dir, filter.config)?;
+    let described = match (&options.service, options.ip) {
         (Some(s), Some(ip)) => format!("service {s} and IP {ip}"),
         (Some(s), None) => format!("service {s}"),
         (None, Some(ip)) => format!("IP {ip}"),
         (None, None) => "every service packet".into(),
     };
-    eprintln!("monitor: tracing {filter}; Ctrl-C stops and turns tracing off");
+    eprintln!("monitor: tracing {described}; Ctrl-C stops and turns tracing off");
 
     let mut seen = 0usize;
     loop {
@@ -306,11 +459,15 @@ async fn follow(options: Options) -> anyhow::Result<()> {
                 continue;
             };
             drop(record);
-            if raw.service_id != 0 && !names.contains_key(&raw.service_id) {
+            if !filter.matches(&raw) {
+                continue;
+            }
+            let service_id = raw.service_id();
+            if service_id != 0 && !names.contains_key(&service_id) {
                 // A service created after we started: refresh the names.
                 names = service_names(dir)?;
             }
-            let event = Event::new(&raw, &names);
+            let event = Event::of(&raw, &names);
             match options.output {
                 Format::Table => println!("{event}"),
                 Format::Json => println!("{}", serde_json::to_string(&event)?),
@@ -394,6 +551,126 @@ mod tests {
             decision_column.iter().all(|c| *c == decision_column[0]),
             "decisions at {decision_column:?} in\n{}",
             rows.join("\n")
+        );
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    /// A connect() of an IPv6 socket to a service, as `sock6` writes it.
+    fn connect6() -> TraceEvent6 {
+        TraceEvent6 {
+            hook: trace_hook::SOCK_CONNECT,
+            proto: dataplane_common::IPPROTO_TCP,
+            decision: Counter::SockConnectTranslated as u8,
+            family: TraceEvent6::FAMILY,
+            service_id: 7,
+            backend_id: 3,
+            netns_cookie: 4096,
+            cgroup_id: 12,
+            before: Trace6Tuple {
+                dst_addr: v6("2001:db8::1").octets(),
+                dst_port: port_to_map(80),
+                ..Trace6Tuple::default()
+            },
+            after: Trace6Tuple {
+                dst_addr: v6("fd00:10:244:1::10").octets(),
+                dst_port: port_to_map(8080),
+                ..Trace6Tuple::default()
+            },
+            ..TraceEvent6::default()
+        }
+    }
+
+    #[test]
+    fn ipv6_records_are_told_from_ipv4_ones_and_print_bracketed_addresses() {
+        let raw6 = connect6();
+        let record = read_record(bytemuck::bytes_of(&raw6)).expect("a record");
+        assert_eq!(record, Record::V6(raw6));
+        let names = HashMap::from([(7, "default/web:http".to_owned())]);
+        let event = Event::of(&record, &names);
+        assert_eq!(event.before, "[::]:0 -> [2001:db8::1]:80");
+        assert_eq!(event.after, "[::]:0 -> [fd00:10:244:1::10]:8080");
+        assert_eq!(event.hook, "connect");
+        assert_eq!(event.decision, "sock_connect_translated");
+        assert_eq!(event.service.as_deref(), Some("default/web:http"));
+        assert_eq!(event.netns_cookie, Some(4096));
+        let row = event.to_string();
+        assert!(
+            row.contains("[::]:0 -> [2001:db8::1]:80")
+                && row.contains(" => [::]:0 -> [fd00:10:244:1::10]:8080"),
+            "{row}"
+        );
+
+        // An IPv4 record still reads as one, with or without trailing bytes.
+        let raw4 = TraceEvent {
+            hook: trace_hook::FROM_POD,
+            before: TraceTuple {
+                src_addr: ipv4_to_map([10, 244, 1, 10]),
+                dst_addr: ipv4_to_map([10, 96, 0, 10]),
+                ..TraceTuple::default()
+            },
+            ..TraceEvent::default()
+        };
+        let mut bytes = bytemuck::bytes_of(&raw4).to_vec();
+        assert_eq!(read_record(&bytes), Some(Record::V4(raw4)));
+        bytes.extend([0; 8]);
+        assert_eq!(read_record(&bytes), Some(Record::V4(raw4)));
+        let event = Event::of(&Record::V4(raw4), &HashMap::new());
+        assert_eq!(event.before, "10.244.1.10 -> 10.96.0.10");
+        // A truncated IPv6 record is no record.
+        assert_eq!(read_record(&bytemuck::bytes_of(&raw6)[..100]), None);
+    }
+
+    #[test]
+    fn filters_of_either_family_reach_the_datapath_or_are_applied_here() {
+        let dual = ServiceIps {
+            v4: Some(Ipv4Addr::new(10, 96, 0, 10)),
+            v6: Some(v6("2001:db8::1")),
+        };
+        // Everything: both families, no address.
+        let all = Filter::new(None, None).unwrap();
+        assert_eq!(
+            all.config.enabled,
+            trace_families::IPV4 | trace_families::IPV6
+        );
+        assert_eq!((all.config.addr_a, all.config.addr_b), (0, 0));
+        assert!(all.matches(&Record::V6(connect6())));
+
+        // A dual-stack service: its IPv4 address in the datapath, its IPv6
+        // one here.
+        let service = Filter::new(Some(dual), None).unwrap();
+        assert_eq!(
+            service.config.enabled,
+            trace_families::IPV4 | trace_families::IPV6
+        );
+        assert_eq!(service.config.addr_a, ipv4_to_map([10, 96, 0, 10]));
+        assert_eq!(service.ipv6, [v6("2001:db8::1")]);
+        assert!(service.matches(&Record::V6(connect6())));
+
+        // An IPv6 client or backend: IPv4 off, the address checked on each
+        // IPv6 event, before or after translation.
+        let backend = Filter::new(Some(dual), Some(v6("fd00:10:244:1::10").into())).unwrap();
+        assert_eq!(backend.config.enabled, trace_families::IPV6);
+        assert!(backend.matches(&Record::V6(connect6())));
+        let other = Filter::new(None, Some(v6("fd00:10:244:9::9").into())).unwrap();
+        assert!(!other.matches(&Record::V6(connect6())));
+
+        // An IPv4 address: IPv6 off, the datapath filters.
+        let client = Filter::new(Some(dual), Some(Ipv4Addr::new(10, 244, 1, 10).into())).unwrap();
+        assert_eq!(client.config.enabled, trace_families::IPV4);
+        assert_eq!(client.config.addr_b, ipv4_to_map([10, 244, 1, 10]));
+
+        // An IPv6-only service and an IPv4 address: nothing can match.
+        let v6_only = ServiceIps {
+            v4: None,
+            v6: Some(v6("2001:db8::1")),
+        };
+        assert!(Filter::new(Some(v6_only), Some(Ipv4Addr::new(10, 0, 0, 1).into())).is_err());
+        assert_eq!(
+            Filter::new(Some(v6_only), None).unwrap().config.enabled,
+            trace_families::IPV6
         );
     }
 

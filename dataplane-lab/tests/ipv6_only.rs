@@ -75,7 +75,16 @@ fn service_answers_from_a_pod(topology: Topology, cross_node: CrossNode) {
     for pod in &lab.spec.pods {
         let v4 = netns::output(
             "ip",
-            &["-n", &lab.pod_ns(&pod.name), "-4", "-o", "addr", "show"],
+            &[
+                "-n",
+                &lab.pod_ns(&pod.name),
+                "-4",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ],
         )
         .unwrap();
         assert!(

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use dataplane_agent::control::{
-    model::{ClusterEvent, ClusterState},
+    model::{ClusterEvent, ClusterState, IpFamily},
     source::manifests::ManifestSource,
 };
 use dataplane_lab::{
@@ -222,7 +222,7 @@ pub fn run(
     endpoints: usize,
     kube_proxy: bool,
 ) -> anyhow::Result<ControlPlaneResult> {
-    let svcs = scenario::services(services, endpoints, None);
+    let svcs = scenario::services(IpFamily::Ipv4, services, endpoints, None);
     let mut result = ControlPlaneResult {
         services,
         endpoints,

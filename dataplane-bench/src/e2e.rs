@@ -18,11 +18,16 @@
 //! without IRQ time accounting the softirq work done on their behalf is in
 //! their system time). It is what a node pays and far less noisy than the
 //! rate.
+//!
+//! Families: each system is measured on an IPv4 and an IPv6 cluster (pods,
+//! node and services of that one family; kube-proxy's ip6tables and
+//! `ip6 kube-proxy` layouts for IPv6), all cases of a scale interleaved in
+//! the same rounds; IPv6 ratios are to direct over IPv6.
 
 use std::{
     any::Any,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -33,22 +38,47 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use dataplane_agent::control::model::BackendAddr;
+use dataplane_agent::control::model::{BackendAddr, IpFamily};
 use dataplane_lab::{
-    agent::Agent,
+    agent::{agent_bin, Agent, Source},
     cgroup,
     netns::{self, in_netns, ip, spawn_in_netns, Netns},
 };
 use dataplane_testkit::datapath::Bpffs;
 
 use crate::{
-    kubeproxy_rules::{self, iptables_restore},
+    kubeproxy_rules::{self, iptables_restore_of},
     scenario::{self, SERVICE_PORT, TARGET_PORT},
     stats::percentile,
 };
 
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+/// The pods' subnet on the node's bridge: (gateway, prefix length); the
+/// client is host .10 (::10), the server .11 (::11).
+fn pod_subnet(family: IpFamily) -> (IpAddr, u8) {
+    match family {
+        IpFamily::Ipv4 => (Ipv4Addr::new(10, 244, 1, 1).into(), 24),
+        IpFamily::Ipv6 => (Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 1).into(), 64),
+    }
+}
+
+fn pod_ip(family: IpFamily, host: u8) -> IpAddr {
+    match family {
+        IpFamily::Ipv4 => Ipv4Addr::new(10, 244, 1, host).into(),
+        // ::10 and ::11, the IPv4 hosts' digits.
+        IpFamily::Ipv6 => {
+            let host = u16::from_str_radix(&host.to_string(), 16).expect("decimal digits");
+            Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host).into()
+        }
+    }
+}
+
+fn client_ip(family: IpFamily) -> IpAddr {
+    pod_ip(family, 10)
+}
+
+fn server_ip(family: IpFamily) -> IpAddr {
+    pod_ip(family, 11)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum System {
@@ -107,6 +137,7 @@ pub struct Round {
 #[derive(Debug, Clone)]
 pub struct CaseResult {
     pub system: System,
+    pub family: IpFamily,
     pub services: usize,
     /// In round order.
     pub rounds: Vec<Round>,
@@ -184,18 +215,41 @@ struct Topology {
 }
 
 impl Topology {
-    fn build() -> anyhow::Result<Self> {
+    /// Node, bridge and pods with addresses of `family` only.
+    fn build(family: IpFamily) -> anyhow::Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("cli")?;
         let server = Netns::new("srv")?;
+        let (gateway, prefix) = pod_subnet(family);
+        let v6 = family == IpFamily::Ipv6;
+        for ns in [&node, &client, &server] {
+            if v6 {
+                // Usable at once: nothing else on these links could hold
+                // an address, and a tentative one cannot be a source.
+                ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+                ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+            }
+        }
         netns::forward_as_a_node(&node.name)?;
+        if v6 {
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         let n = node.name.as_str();
         ip(&["-n", n, "link", "add", "cbr0", "type", "bridge"])?;
-        ip(&["-n", n, "addr", "add", "10.244.1.1/24", "dev", "cbr0"])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{gateway}/{prefix}"),
+            "dev",
+            "cbr0",
+            "nodad",
+        ])?;
         ip(&["-n", n, "link", "set", "cbr0", "up"])?;
         for (pod, host_if, addr) in [
-            (&client, "vethclient", CLIENT_IP),
-            (&server, "vethserver", SERVER_IP),
+            (&client, "vethclient", client_ip(family)),
+            (&server, "vethserver", server_ip(family)),
         ] {
             let p = pod.name.as_str();
             ip(&[
@@ -203,9 +257,27 @@ impl Topology {
             ])?;
             ip(&["-n", n, "link", "set", host_if, "master", "cbr0", "up"])?;
             ip(&["-n", p, "link", "set", "eth0", "up"])?;
-            ip(&["-n", p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-            ip(&["-n", p, "route", "add", "default", "via", "10.244.1.1"])?;
+            ip(&[
+                "-n",
+                p,
+                "addr",
+                "add",
+                &format!("{addr}/{prefix}"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&[
+                "-n",
+                p,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
         }
+        // Shared by both families' ports.
         client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         Ok(Self {
@@ -216,7 +288,7 @@ impl Topology {
     }
 }
 
-/// Threads accepting and answering on SERVER_IP:8080: one line in, "OK\n"
+/// Threads accepting and answering on port 8080: one line in, "OK\n"
 /// out; a request starting with 'S' is a stream, counted until EOF and
 /// answered with the byte count.
 pub(crate) struct Server {
@@ -248,13 +320,16 @@ fn serve_one(mut s: TcpStream) {
 }
 
 impl Server {
-    pub(crate) fn start(ns: &str, threads: usize) -> anyhow::Result<Self> {
+    /// Listens on every address of `family` in `ns`.
+    pub(crate) fn start(ns: &str, family: IpFamily, threads: usize) -> anyhow::Result<Self> {
+        let any: IpAddr = match family {
+            IpFamily::Ipv4 => Ipv4Addr::UNSPECIFIED.into(),
+            IpFamily::Ipv6 => Ipv6Addr::UNSPECIFIED.into(),
+        };
         // A socket stays in the namespace it was created in: the accepting
         // threads need not join it.
-        let listener = in_netns(ns, || {
-            TcpListener::bind((Ipv4Addr::UNSPECIFIED, TARGET_PORT))
-        })?
-        .context("binding the server")?;
+        let listener = in_netns(ns, move || TcpListener::bind((any, TARGET_PORT)))?
+            .context("binding the server")?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..threads {
@@ -445,21 +520,28 @@ impl Drop for JoinedCgroup {
 /// Programs `system` in the node; returns what must live while it runs.
 fn setup(
     system: System,
+    family: IpFamily,
     topo: &Topology,
     services: usize,
     endpoints: usize,
 ) -> anyhow::Result<(SocketAddr, Box<dyn Any>)> {
     let backend = BackendAddr {
-        ip: SERVER_IP.into(),
+        ip: server_ip(family),
         port: TARGET_PORT,
     };
-    let svcs = scenario::services(services, endpoints, Some(backend));
+    let svcs = scenario::services(family, services, endpoints, Some(backend));
     let last = svcs.last().context("no services")?;
-    let service = SocketAddr::V4(SocketAddrV4::new(last.ip, SERVICE_PORT));
+    let service = SocketAddr::new(last.ip, SERVICE_PORT);
     let node = topo.node.name.as_str();
+    // Pod-to-pod replies cross the bridge: kube-proxy needs br_netfilter
+    // for them to be un-NATed (it is built in here), per family.
+    let bridge_nf = match family {
+        IpFamily::Ipv4 => "net.bridge.bridge-nf-call-iptables",
+        IpFamily::Ipv6 => "net.bridge.bridge-nf-call-ip6tables",
+    };
     match system {
         System::Direct => Ok((
-            SocketAddr::V4(SocketAddrV4::new(SERVER_IP, TARGET_PORT)),
+            SocketAddr::new(server_ip(family), TARGET_PORT),
             Box::new(()),
         )),
         System::Ebpf | System::SocketLb | System::SocketLbHost => {
@@ -471,32 +553,37 @@ fn setup(
                 manifests.join("services.yaml"),
                 scenario::manifests_yaml(&svcs),
             )?;
-            let agent = Agent::start(
+            // The family said outright (the node has no address of the
+            // other one either).
+            let families = match family {
+                IpFamily::Ipv4 => "ipv4",
+                IpFamily::Ipv6 => "ipv6",
+            };
+            let mut agent = Agent::launch_bin(
+                &agent_bin(),
                 node,
                 "bench-node",
-                &manifests,
+                Source::Manifests(&manifests),
                 bpffs.path(),
                 &work.path().join("agent.log"),
+                &["--ip-families", families],
             )?;
+            agent.wait_healthy(Duration::from_secs(30))?;
             // Drop order: the agent first, then its bpffs, then the files.
             Ok((service, Box::new((agent, bpffs, work))))
         }
         System::Iptables => {
-            // Pod-to-pod replies cross the bridge: kube-proxy needs
-            // br_netfilter for them to be un-NATed (it is built in here).
-            topo.node
-                .sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+            topo.node.sysctl(bridge_nf, "1")?;
             netns::run_in(
                 node,
-                iptables_restore(),
+                &iptables_restore_of(family),
                 &["--noflush"],
                 Some(&kubeproxy_rules::iptables_full(&svcs)),
             )?;
             Ok((service, Box::new(())))
         }
         System::Nftables => {
-            topo.node
-                .sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+            topo.node.sysctl(bridge_nf, "1")?;
             netns::run_in(
                 node,
                 "nft",
@@ -514,6 +601,8 @@ pub struct Options {
     pub length: Duration,
     pub concurrency: usize,
     pub systems: Vec<System>,
+    /// Every system is measured on each of these families.
+    pub families: Vec<IpFamily>,
     /// Interleaved rounds over all systems at each scale.
     pub rounds: usize,
 }
@@ -521,6 +610,7 @@ pub struct Options {
 /// One system set up and ready for load.
 struct Case {
     system: System,
+    family: IpFamily,
     target: SocketAddr,
     setup: Duration,
     // Drop order: what the system needs (agent, rules) before the server
@@ -530,11 +620,11 @@ struct Case {
     topo: Topology,
 }
 
-fn set_up(system: System, services: usize, o: &Options) -> anyhow::Result<Case> {
-    let topo = Topology::build().context("building the namespaces")?;
-    let server = Server::start(&topo.server.name, o.concurrency)?;
+fn set_up(system: System, family: IpFamily, services: usize, o: &Options) -> anyhow::Result<Case> {
+    let topo = Topology::build(family).context("building the namespaces")?;
+    let server = Server::start(&topo.server.name, family, o.concurrency)?;
     let started = Instant::now();
-    let (target, guard) = setup(system, &topo, services, o.endpoints)?;
+    let (target, guard) = setup(system, family, &topo, services, o.endpoints)?;
     let client = client_ns(system, &topo);
     let setup = {
         // In the node's cgroup already while waiting: a host-network
@@ -548,6 +638,7 @@ fn set_up(system: System, services: usize, o: &Options) -> anyhow::Result<Case> 
     };
     Ok(Case {
         system,
+        family,
         target,
         setup,
         _guard: guard,
@@ -611,24 +702,35 @@ pub fn run(o: &Options) -> anyhow::Result<Vec<CaseResult>> {
     let mut results = Vec::new();
     for &services in &o.scales {
         let mut cases = Vec::new();
-        for &system in &o.systems {
-            let case = set_up(system, services, o)
-                .with_context(|| format!("{} with {services} services", system.label()))?;
-            eprintln!(
-                "  {services} services, {}: ready after {:?}",
-                system.label(),
-                case.setup
-            );
-            cases.push(case);
+        // A family that cannot be set up fails the part, naming the
+        // family: an IPv6 row is never silently left out.
+        for &family in &o.families {
+            for &system in &o.systems {
+                let case = set_up(system, family, services, o).with_context(|| {
+                    format!("{} over {family} with {services} services", system.label())
+                })?;
+                eprintln!(
+                    "  {services} services, {}, {family}: ready after {:?}",
+                    system.label(),
+                    case.setup
+                );
+                cases.push(case);
+            }
         }
         let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); cases.len()];
         for round in 1..=o.rounds.max(1) {
             for (case, measured) in cases.iter().zip(&mut rounds) {
-                let r = measure(case, o)
-                    .with_context(|| format!("{} with {services} services", case.system.label()))?;
+                let r = measure(case, o).with_context(|| {
+                    format!(
+                        "{} over {} with {services} services",
+                        case.system.label(),
+                        case.family
+                    )
+                })?;
                 eprintln!(
-                    "  {services} services, round {round}, {}: {:.0} conn/s, {:.1} µs kernel CPU per conn (this process: {:.1} µs), connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s",
+                    "  {services} services, round {round}, {}, {}: {:.0} conn/s, {:.1} µs kernel CPU per conn (this process: {:.1} µs), connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s",
                     case.system.label(),
+                    case.family,
                     r.conns_per_s,
                     r.node_cpu_us_per_conn,
                     r.process_sys_us_per_conn,
@@ -643,6 +745,7 @@ pub fn run(o: &Options) -> anyhow::Result<Vec<CaseResult>> {
         for (case, rounds) in cases.iter().zip(rounds) {
             results.push(CaseResult {
                 system: case.system,
+                family: case.family,
                 services,
                 rounds,
                 setup: case.setup,
@@ -698,6 +801,7 @@ mod tests {
     fn case(system: System, rates: &[f64]) -> CaseResult {
         CaseResult {
             system,
+            family: IpFamily::Ipv4,
             services: 10,
             rounds: rates.iter().copied().map(round).collect(),
             setup: Duration::ZERO,

@@ -8,12 +8,58 @@
 //! get kube-proxy's NodePort rules for policy Cluster (KUBE-NODEPORTS ->
 //! KUBE-EXT-* masquerade mark -> the service chain; nftables:
 //! `service-nodeports` verdict map on the `nodeport-ips`).
+//!
+//! Either family: kube-proxy runs one proxier per family, writing the same
+//! layout with ip6tables and an `ip6 kube-proxy` table for IPv6. Every
+//! function writes the family of the services it is given.
 
 use std::fmt::Write as _;
 
-use dataplane_agent::control::model::BackendAddr;
+use dataplane_agent::control::model::{BackendAddr, IpFamily};
 
-use crate::scenario::{Svc, CLUSTER_CIDR};
+use crate::scenario::{cluster_cidr, Svc};
+
+/// What differs between kube-proxy's IPv4 and IPv6 proxiers' rules.
+#[derive(Clone, Copy)]
+struct Family {
+    family: IpFamily,
+    /// A single address's prefix length.
+    host: u8,
+    /// `nft` table (family and name) and the address's expression and type.
+    nft_table: &'static str,
+    nft_ip: &'static str,
+    nft_addr_type: &'static str,
+}
+
+impl Family {
+    fn of(family: IpFamily) -> Self {
+        match family {
+            IpFamily::Ipv4 => Self {
+                family,
+                host: 32,
+                nft_table: "ip kube-proxy",
+                nft_ip: "ip",
+                nft_addr_type: "ipv4_addr",
+            },
+            IpFamily::Ipv6 => Self {
+                family,
+                host: 128,
+                nft_table: "ip6 kube-proxy",
+                nft_ip: "ip6",
+                nft_addr_type: "ipv6_addr",
+            },
+        }
+    }
+
+    /// The family of `svcs` (IPv4 for none).
+    fn of_services(svcs: &[Svc]) -> Self {
+        Self::of(svcs.first().map_or(IpFamily::Ipv4, Svc::family))
+    }
+
+    fn cluster_cidr(self) -> &'static str {
+        cluster_cidr(self.family)
+    }
+}
 
 static IPTABLES_RESTORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -26,6 +72,15 @@ pub fn iptables_restore() -> &'static str {
     IPTABLES_RESTORE
         .get()
         .map_or("iptables-legacy-restore", String::as_str)
+}
+
+/// The restore binary of `family` with the chosen backend:
+/// `ip6tables-legacy-restore` beside `iptables-legacy-restore`.
+pub fn iptables_restore_of(family: IpFamily) -> String {
+    match family {
+        IpFamily::Ipv4 => iptables_restore().to_owned(),
+        IpFamily::Ipv6 => iptables_restore().replacen("iptables", "ip6tables", 1),
+    }
 }
 
 /// 16 characters of base32 as kube-proxy's chain names carry (it hashes
@@ -114,7 +169,7 @@ fn builtin_jumps(out: &mut String, table: &str) {
     }
 }
 
-fn filter_table(out: &mut String, with_builtin_jumps: bool) {
+fn filter_table(out: &mut String, f: Family, with_builtin_jumps: bool) {
     out.push_str("*filter\n");
     for c in FILTER_CHAINS {
         let _ = writeln!(out, ":{c} - [0:0]");
@@ -122,8 +177,11 @@ fn filter_table(out: &mut String, with_builtin_jumps: bool) {
     if with_builtin_jumps {
         builtin_jumps(out, "filter");
     }
+    if f.family == IpFamily::Ipv4 {
+        // route_localnet exists for IPv4 only; so does this guard.
+        out.push_str("-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
+    }
     out.push_str(concat!(
-        "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n",
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n",
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
@@ -132,23 +190,29 @@ fn filter_table(out: &mut String, with_builtin_jumps: bool) {
 }
 
 fn kube_services_rule(out: &mut String, svc: &Svc) {
+    let f = Family::of(svc.family());
     let _ = writeln!(
         out,
-        "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} -j {}",
+        "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {}/{} --dport {} -j {}",
         svc.port_name(),
         svc.ip,
+        f.host,
         svc.port,
         svc_chain(svc)
     );
 }
 
 fn service_chains(out: &mut String, svc: &Svc) {
+    let f = Family::of(svc.family());
     let name = svc.port_name();
     let chain = svc_chain(svc);
     let _ = writeln!(
         out,
-        "-A {chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
-        svc.ip, svc.port
+        "-A {chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {}/{} --dport {} ! -s {} -j KUBE-MARK-MASQ",
+        svc.ip,
+        f.host,
+        svc.port,
+        f.cluster_cidr()
     );
     let n = svc.backends.len();
     for (i, ep) in svc.backends.iter().enumerate() {
@@ -171,8 +235,8 @@ fn service_chains(out: &mut String, svc: &Svc) {
         let sep = sep_chain(svc, ep);
         let _ = writeln!(
             out,
-            "-A {sep} -m comment --comment {name} -s {}/32 -j KUBE-MARK-MASQ",
-            ep.ip
+            "-A {sep} -m comment --comment {name} -s {}/{} -j KUBE-MARK-MASQ",
+            ep.ip, f.host
         );
         let _ = writeln!(
             out,
@@ -220,7 +284,7 @@ const NODEPORTS_LAST: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes
 /// `iptables-restore --noflush` input of a full sync from nothing.
 pub fn iptables_full(svcs: &[Svc]) -> String {
     let mut out = String::with_capacity(svcs.len() * 2_000);
-    filter_table(&mut out, true);
+    filter_table(&mut out, Family::of_services(svcs), true);
     nat_header(&mut out);
     for svc in svcs {
         let _ = writeln!(out, ":{} - [0:0]", svc_chain(svc));
@@ -253,7 +317,7 @@ pub fn iptables_full(svcs: &[Svc]) -> String {
 /// chains; endpoint chains no longer used are deleted.
 pub fn iptables_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
     let mut out = String::with_capacity(after.len() * 200);
-    filter_table(&mut out, false);
+    filter_table(&mut out, Family::of_services(after), false);
     nat_header(&mut out);
     let svc = &after[which];
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(svc));
@@ -284,8 +348,6 @@ pub fn iptables_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
     out
 }
 
-const NFT_TABLE: &str = "ip kube-proxy";
-
 fn nft_svc_chain(svc: &Svc) -> String {
     format!(
         "service-{}-{}/{}/tcp/http",
@@ -305,39 +367,41 @@ fn nft_ext_chain(svc: &Svc) -> String {
 }
 
 fn nft_ep_chain(svc: &Svc, ep: &BackendAddr) -> String {
+    // An IPv6 address's colons are not allowed in a chain name.
     format!(
         "endpoint-{}-{}/{}/tcp/http__{}/{}",
         &chain_hash(&format!("{}tcp{ep}", svc.port_name()))[..8],
         svc.name.namespace,
         svc.name.name,
-        ep.ip,
+        ep.ip.to_string().replace(':', "."),
         ep.port
     )
 }
 
 fn nft_service(out: &mut String, svc: &Svc) {
+    let f = Family::of(svc.family());
+    let (t, ip) = (f.nft_table, f.nft_ip);
     let chain = nft_svc_chain(svc);
     for ep in &svc.backends {
         let ep_chain = nft_ep_chain(svc, ep);
-        let _ = writeln!(out, "add chain {NFT_TABLE} {ep_chain}");
-        let _ = writeln!(out, "flush chain {NFT_TABLE} {ep_chain}");
+        let _ = writeln!(out, "add chain {t} {ep_chain}");
+        let _ = writeln!(out, "flush chain {t} {ep_chain}");
         let _ = writeln!(
             out,
-            "add rule {NFT_TABLE} {ep_chain} ip saddr {} jump mark-for-masquerade",
+            "add rule {t} {ep_chain} {ip} saddr {} jump mark-for-masquerade",
             ep.ip
         );
-        let _ = writeln!(
-            out,
-            "add rule {NFT_TABLE} {ep_chain} meta l4proto tcp dnat to {}:{}",
-            ep.ip, ep.port
-        );
+        // `ep` prints as kube-proxy writes it: `[addr]:port` for IPv6.
+        let _ = writeln!(out, "add rule {t} {ep_chain} meta l4proto tcp dnat to {ep}");
     }
-    let _ = writeln!(out, "add chain {NFT_TABLE} {chain}");
-    let _ = writeln!(out, "flush chain {NFT_TABLE} {chain}");
+    let _ = writeln!(out, "add chain {t} {chain}");
+    let _ = writeln!(out, "flush chain {t} {chain}");
     let _ = writeln!(
         out,
-        "add rule {NFT_TABLE} {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-        svc.ip, svc.port
+        "add rule {t} {chain} {ip} daddr {} tcp dport {} {ip} saddr != {} jump mark-for-masquerade",
+        svc.ip,
+        svc.port,
+        f.cluster_cidr()
     );
     if !svc.backends.is_empty() {
         let targets: Vec<String> = svc
@@ -348,7 +412,7 @@ fn nft_service(out: &mut String, svc: &Svc) {
             .collect();
         let _ = writeln!(
             out,
-            "add rule {NFT_TABLE} {chain} numgen random mod {} vmap {{ {} }}",
+            "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
             svc.backends.len(),
             targets.join(" , ")
         );
@@ -358,7 +422,8 @@ fn nft_service(out: &mut String, svc: &Svc) {
 /// `nft -f` transaction of a full sync from nothing.
 pub fn nft_full(svcs: &[Svc]) -> String {
     let mut out = String::with_capacity(svcs.len() * 2_500);
-    let t = NFT_TABLE;
+    let f = Family::of_services(svcs);
+    let (t, ip, addr) = (f.nft_table, f.nft_ip, f.nft_addr_type);
     let _ = write!(
         out,
         "add table {t} {{ comment \"rules for kube-proxy\" ; }}
@@ -368,12 +433,12 @@ add chain {t} masquerading
 add rule {t} masquerading mark and 0x4000 == 0 return
 add rule {t} masquerading mark set mark xor 0x4000
 add rule {t} masquerading masquerade fully-random
-add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}
-add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}
+add map {t} service-ips {{ type {addr} . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}
+add set {t} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}
 add chain {t} services
-add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips
+add rule {t} services {ip} daddr . meta l4proto . th dport vmap @service-ips
 add chain {t} cluster-ips-check
-add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"
+add rule {t} cluster-ips-check {ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"
 add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}
 add rule {t} filter-forward ct state new jump cluster-ips-check
 add chain {t} filter-output {{ type filter hook output priority -110 ; }}
@@ -390,9 +455,9 @@ add rule {t} nat-postrouting jump masquerading
     if node_ports {
         let _ = write!(
             out,
-            "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}
+            "add set {t} nodeport-ips {{ type {addr} ; comment \"IPs that accept NodePort traffic\" ; }}
 add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}
-add rule {t} services fib daddr type local ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
+add rule {t} services fib daddr type local {ip} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
 "
         );
     }
@@ -428,11 +493,12 @@ add rule {t} services fib daddr type local ip daddr @nodeport-ips meta l4proto .
     out
 }
 
-/// The node addresses NodePorts are served on, in kube-proxy's nftables
-/// layout (its `nodeport-ips` set).
+/// The node addresses NodePorts are served on, in kube-proxy's IPv4
+/// nftables layout (its `nodeport-ips` set).
 pub fn nft_nodeport_ips(ips: &[std::net::Ipv4Addr]) -> String {
+    let t = Family::of(IpFamily::Ipv4).nft_table;
     ips.iter()
-        .map(|ip| format!("add element {NFT_TABLE} nodeport-ips {{ {ip} }}\n"))
+        .map(|ip| format!("add element {t} nodeport-ips {{ {ip} }}\n"))
         .collect()
 }
 
@@ -440,12 +506,13 @@ pub fn nft_nodeport_ips(ips: &[std::net::Ipv4Addr]) -> String {
 /// its chains rewritten, endpoint chains no longer used deleted.
 pub fn nft_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
     let mut out = String::new();
+    let t = Family::of(after[which].family()).nft_table;
     nft_service(&mut out, &after[which]);
     for ep in &before[which].backends {
         if !after[which].backends.contains(ep) {
             let chain = nft_ep_chain(&before[which], ep);
-            let _ = writeln!(out, "flush chain {NFT_TABLE} {chain}");
-            let _ = writeln!(out, "delete chain {NFT_TABLE} {chain}");
+            let _ = writeln!(out, "flush chain {t} {chain}");
+            let _ = writeln!(out, "delete chain {t} {chain}");
         }
     }
     out
@@ -458,7 +525,7 @@ mod tests {
 
     #[test]
     fn chain_names_are_kube_proxy_shaped_and_distinct() {
-        let svcs = services(3, 2, None);
+        let svcs = services(IpFamily::Ipv4, 3, 2, None);
         let a = svc_chain(&svcs[0]);
         assert_eq!(a.len(), "KUBE-SVC-".len() + 16);
         assert_ne!(a, svc_chain(&svcs[1]));
@@ -467,7 +534,7 @@ mod tests {
 
     #[test]
     fn full_iptables_has_one_service_rule_per_service_and_probabilities() {
-        let svcs = services(5, 3, None);
+        let svcs = services(IpFamily::Ipv4, 5, 3, None);
         let text = iptables_full(&svcs);
         assert_eq!(text.matches("-A KUBE-SERVICES -m comment").count(), 6);
         assert_eq!(text.matches("--probability 0.3333333333").count(), 5);
@@ -477,7 +544,7 @@ mod tests {
 
     #[test]
     fn partial_sync_rewrites_one_service_and_deletes_its_old_endpoint() {
-        let before = services(4, 2, None);
+        let before = services(IpFamily::Ipv4, 4, 2, None);
         let after = with_one_endpoint_changed(&before, 2, 1);
         let text = iptables_partial(&before, &after, 2);
         assert_eq!(text.matches("-j DNAT").count(), 2);
@@ -485,5 +552,43 @@ mod tests {
         let nft = nft_partial(&before, &after, 2);
         assert_eq!(nft.matches("delete chain").count(), 1);
         assert!(nft.contains("numgen random mod 2 vmap"));
+    }
+
+    #[test]
+    fn ipv6_services_get_kube_proxys_ip6tables_and_ip6_nftables_layout() {
+        let svcs = services(IpFamily::Ipv6, 2, 2, None);
+        let ipt = iptables_full(&svcs);
+        assert!(
+            !ipt.contains("/32 ") && !ipt.contains("127.0.0.0/8"),
+            "{ipt}"
+        );
+        assert!(ipt.contains("-d fd00:10:96::2/128 --dport 80"), "{ipt}");
+        assert!(
+            ipt.contains("! -s fd00:10:244::/56 -j KUBE-MARK-MASQ"),
+            "{ipt}"
+        );
+        assert!(
+            ipt.contains("-j DNAT --to-destination [fd00:10:128::1]:8080"),
+            "{ipt}"
+        );
+        let nft = nft_full(&svcs);
+        assert!(
+            !nft.contains(" ip kube-proxy") && !nft.contains("ipv4_addr"),
+            "{nft}"
+        );
+        assert!(nft.contains("add table ip6 kube-proxy"), "{nft}");
+        assert!(
+            nft.contains("ip6 daddr fd00:10:96::1 tcp dport 80 ip6 saddr != fd00:10:244::/56"),
+            "{nft}"
+        );
+        assert!(nft.contains("dnat to [fd00:10:128::1]:8080"), "{nft}");
+        assert!(
+            nft.contains("__fd00.10.128..1/8080"),
+            "no colons in chain names: {nft}"
+        );
+        assert_eq!(
+            iptables_restore_of(IpFamily::Ipv6),
+            iptables_restore().replacen("iptables", "ip6tables", 1)
+        );
     }
 }

@@ -20,6 +20,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
+use dataplane_agent::{control::model::IpFamily, run::IpFamilyOption};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks of the eBPF service dataplane against kube-proxy")]
@@ -79,6 +80,11 @@ struct Cli {
     /// Endpoints per service everywhere.
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
+    /// Address families of the per-packet and end-to-end parts (default:
+    /// both): each is a single-family cluster of its own, kube-proxy's
+    /// layouts written with iptables/ip6tables and `ip`/`ip6` tables.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    families: Vec<IpFamilyOption>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,12 +117,28 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(n) = cli.dump_iptables {
         print!(
             "{}",
-            kubeproxy_rules::iptables_full(&scenario::services(n, cli.endpoints, None))
+            kubeproxy_rules::iptables_full(&scenario::services(
+                IpFamily::Ipv4,
+                n,
+                cli.endpoints,
+                None
+            ))
         );
         return Ok(true);
     }
     kubeproxy_rules::set_iptables_restore(&cli.iptables_restore);
     let wants = |p: Part| cli.only.is_empty() || cli.only.contains(&p);
+    let families: Vec<IpFamily> = if cli.families.is_empty() {
+        vec![IpFamily::Ipv4, IpFamily::Ipv6]
+    } else {
+        cli.families
+            .iter()
+            .map(|f| match f {
+                IpFamilyOption::Ipv4 => IpFamily::Ipv4,
+                IpFamilyOption::Ipv6 => IpFamily::Ipv6,
+            })
+            .collect()
+    };
     let quick = cli.quick;
     let mut rep = report::Report::new(quick);
 
@@ -128,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         };
         let samples = cli.samples.unwrap_or(if quick { 5_000 } else { 20_000 });
         eprintln!("[1/3] per-packet cost (BPF_PROG_TEST_RUN), {samples} samples per figure");
-        match testrun::run(scales, cli.endpoints, samples) {
+        match testrun::run(&families, scales, cli.endpoints, samples) {
             Ok(r) => rep.testrun = r,
             Err(e) => rep.fail("per-packet cost", e),
         }
@@ -147,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             } else {
                 cli.systems.clone()
             },
+            families: families.clone(),
             endpoints: cli.endpoints,
             length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 1.0 } else { 5.0 })),
             concurrency: cli.concurrency,

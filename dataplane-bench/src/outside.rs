@@ -30,7 +30,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use dataplane_agent::control::model::BackendAddr;
+use dataplane_agent::control::model::{BackendAddr, IpFamily};
 use dataplane_lab::{
     agent::{agent_bin, Agent, Source},
     netns::{self, ip, sysctl},
@@ -224,6 +224,7 @@ fn build_lab() -> anyhow::Result<Lab> {
         cross_node: CrossNode::Direct,
         pods: vec![PodSpec::new(BACKEND, 2, BACKEND_HOST)],
         ipv6: false,
+        ipv4: true,
     })?;
     let router = lab.router_ns();
     let entry = lab.node_ns(ENTRY_NODE);
@@ -268,7 +269,12 @@ fn setup(
         ip: pod_ip.into(),
         port: TARGET_PORT,
     };
-    let svcs = scenario::with_node_ports(scenario::services(services, endpoints, Some(backend)));
+    let svcs = scenario::with_node_ports(scenario::services(
+        IpFamily::Ipv4,
+        services,
+        endpoints,
+        Some(backend),
+    ));
     let node_port = svcs
         .last()
         .and_then(|s| s.node_port)
@@ -342,7 +348,7 @@ fn set_up(system: OutsideSystem, services: usize, o: &Options) -> anyhow::Result
         .iter()
         .map(|port| xdp_pass_on(&lab.router_ns(), port))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let server = Server::start(&lab.pod_ns(BACKEND), o.concurrency)?;
+    let server = Server::start(&lab.pod_ns(BACKEND), IpFamily::Ipv4, o.concurrency)?;
     let started = Instant::now();
     let (target, guard, note) = setup(system, &lab, services, o.endpoints)?;
     let client = lab.outside_ns();

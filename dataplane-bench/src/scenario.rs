@@ -2,27 +2,54 @@
 //! services `bench/svc-N` (port 80/TCP -> 8080) with `endpoints` pods each,
 //! written the same way to the eBPF maps (sync engine), to kube-proxy's
 //! iptables and nftables layouts, and to Service + EndpointSlice manifests.
+//! One family per cluster: the IPv6 one is the IPv4 one with IPv6
+//! addresses (kube-proxy runs one proxier per family, the agent one set of
+//! maps per family), so each family's figures stand on their own.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use dataplane_agent::control::model::{
-    BackendAddr, Frontend, FrontendSpec, ObjectRef, Protocol, ServiceName,
+    BackendAddr, Frontend, FrontendSpec, IpFamily, ObjectRef, Protocol, ServiceName,
 };
 use dataplane_lab::manifests::{self, Port, State, HTTP};
 
 pub const NAMESPACE: &str = "bench";
 pub const SERVICE_PORT: u16 = 80;
 pub const TARGET_PORT: u16 = 8080;
-/// The cluster's pod CIDR (kube-proxy's `--cluster-cidr`).
-pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
-/// Distinct fake pod IPs (10.128.0.0 upwards) the filler endpoints cycle
-/// through; below the agent's BACKENDS capacity.
+/// The cluster's pod CIDR of `family` (kube-proxy's `--cluster-cidr`).
+pub fn cluster_cidr(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::Ipv4 => "10.244.0.0/16",
+        IpFamily::Ipv6 => "fd00:10:244::/56",
+    }
+}
+/// Distinct fake pod IPs (10.128.0.0, fd00:10:128:: upwards) the filler
+/// endpoints cycle through; below the agent's BACKENDS capacity.
 const BACKEND_POOL: u32 = 200_000;
+
+/// `base` + `offset`, in `base`'s family.
+fn add(base: IpAddr, offset: u32) -> IpAddr {
+    match base {
+        IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + offset).into(),
+        IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) + u128::from(offset)).into(),
+    }
+}
+
+/// A base address of `family`: `v4` or `v6`.
+fn pick(family: IpFamily, v4: Ipv4Addr, v6: Ipv6Addr) -> IpAddr {
+    match family {
+        IpFamily::Ipv4 => v4.into(),
+        IpFamily::Ipv6 => v6.into(),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Svc {
     pub name: ServiceName,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// Sorted, distinct.
     pub backends: Vec<BackendAddr>,
@@ -37,28 +64,52 @@ impl Svc {
     }
 }
 
-pub fn service_ip(i: usize) -> Ipv4Addr {
-    // 10.96.0.0/12 holds a million addresses: room for any scale here.
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
+impl Svc {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.ip)
+    }
 }
 
-fn filler_backend(k: u32) -> BackendAddr {
+pub fn service_ip(family: IpFamily, i: usize) -> IpAddr {
+    // 10.96.0.0/12 holds a million addresses: room for any scale here.
+    let base = pick(
+        family,
+        Ipv4Addr::new(10, 96, 0, 1),
+        Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 1),
+    );
+    add(base, i as u32)
+}
+
+fn filler_backend(family: IpFamily, k: u32) -> BackendAddr {
+    let base = pick(
+        family,
+        Ipv4Addr::new(10, 128, 0, 1),
+        Ipv6Addr::new(0xfd00, 0x10, 0x128, 0, 0, 0, 0, 1),
+    );
     BackendAddr {
-        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k % BACKEND_POOL).into(),
+        ip: add(base, k % BACKEND_POOL),
         port: TARGET_PORT,
     }
 }
 
-/// `count` services of `endpoints` fake pods each. With `target`, the LAST
-/// service (the one kube-proxy's iptables layout matches last) has that one
-/// real backend instead.
-pub fn services(count: usize, endpoints: usize, target: Option<BackendAddr>) -> Vec<Svc> {
+/// `count` services of `family` with `endpoints` fake pods each. With
+/// `target` (of the same family), the LAST service (the one kube-proxy's
+/// iptables layout matches last) has that one real backend instead.
+pub fn services(
+    family: IpFamily,
+    count: usize,
+    endpoints: usize,
+    target: Option<BackendAddr>,
+) -> Vec<Svc> {
+    if let Some(t) = target {
+        assert_eq!(IpFamily::of(t.ip), family, "a target of another family");
+    }
     (0..count)
         .map(|i| {
             let mut backends: Vec<BackendAddr> = match target {
                 Some(t) if i + 1 == count => vec![t],
                 _ => (0..endpoints)
-                    .map(|j| filler_backend((i * endpoints + j) as u32))
+                    .map(|j| filler_backend(family, (i * endpoints + j) as u32))
                     .collect(),
             };
             backends.sort();
@@ -68,7 +119,7 @@ pub fn services(count: usize, endpoints: usize, target: Option<BackendAddr>) -> 
                     namespace: NAMESPACE.into(),
                     name: format!("svc-{i}"),
                 },
-                ip: service_ip(i),
+                ip: service_ip(family, i),
                 port: SERVICE_PORT,
                 backends,
                 node_port: None,
@@ -100,8 +151,13 @@ pub fn with_node_ports(mut svcs: Vec<Svc>) -> Vec<Svc> {
 pub fn with_one_endpoint_changed(svcs: &[Svc], which: usize, generation: u32) -> Vec<Svc> {
     let mut changed = svcs.to_vec();
     let svc = &mut changed[which];
+    let base = pick(
+        svc.family(),
+        Ipv4Addr::new(10, 140, 0, 1),
+        Ipv6Addr::new(0xfd00, 0x10, 0x140, 0, 0, 0, 0, 1),
+    );
     let new = BackendAddr {
-        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 140, 0, 1)) + generation).into(),
+        ip: add(base, generation),
         port: TARGET_PORT,
     };
     if svc.backends.is_empty() {
@@ -147,7 +203,17 @@ pub fn manifests_yaml(svcs: &[Svc]) -> String {
                 target_port: TARGET_PORT,
                 ..HTTP
             };
-            let service = manifests::service(&s.name.namespace, &s.name.name, s.ip, &[http]);
+            // The placeholder is replaced by the service's own family's
+            // address (with `ipFamilies`, as the API server writes it).
+            let service = manifests::with_cluster_ips(
+                manifests::service(
+                    &s.name.namespace,
+                    &s.name.name,
+                    Ipv4Addr::UNSPECIFIED,
+                    &[http],
+                ),
+                &[s.ip],
+            );
             let service = match s.node_port {
                 Some(node_port) => manifests::exposed(
                     service,
@@ -159,13 +225,12 @@ pub fn manifests_yaml(svcs: &[Svc]) -> String {
                 ),
                 None => service,
             };
-            manifests::manifest(
-                &service,
+            manifests::manifest_per_family(&service, |_| {
                 s.backends
                     .iter()
                     .map(|b| manifests::endpoint(b.ip, None, State::Ready))
-                    .collect(),
-            )
+                    .collect()
+            })
         })
         .collect()
 }

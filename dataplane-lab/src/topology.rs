@@ -83,6 +83,10 @@ pub struct LabSpec {
     /// Pods and nodes get IPv6 addresses too (dual-stack): a /64 per
     /// node's pods, routed between the nodes as the IPv4 ones are.
     pub ipv6: bool,
+    /// Pods (and the nodes' pod-facing side) get IPv4 addresses. Off with
+    /// `ipv6`: an IPv6-only cluster. The nodes' network stays dual-stack:
+    /// the VXLAN underlay and the outside network are IPv4.
+    pub ipv4: bool,
 }
 
 /// The two-node lab with a client and three web pods, as in the talk.
@@ -261,15 +265,17 @@ impl Lab {
                     "type",
                     "bridge",
                 ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("10.244.{n}.1/24"),
-                    "dev",
-                    "cbr0",
-                ])?;
+                if self.spec.ipv4 {
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "addr",
+                        "add",
+                        &format!("10.244.{n}.1/24"),
+                        "dev",
+                        "cbr0",
+                    ])?;
+                }
                 if self.spec.ipv6 {
                     addr6(&ns, &format!("fd00:10:244:{n}::1/64"), "cbr0")?;
                 }
@@ -417,15 +423,17 @@ impl Lab {
             let peer_cidr = format!("10.244.{peer}.0/24");
             match self.spec.cross_node {
                 CrossNode::Direct => {
-                    ip(&[
-                        "-n",
-                        &ns,
-                        "route",
-                        "add",
-                        &peer_cidr,
-                        "via",
-                        &format!("192.168.100.{peer}"),
-                    ])?;
+                    if self.spec.ipv4 {
+                        ip(&[
+                            "-n",
+                            &ns,
+                            "route",
+                            "add",
+                            &peer_cidr,
+                            "via",
+                            &format!("192.168.100.{peer}"),
+                        ])?;
+                    }
                     if self.spec.ipv6 {
                         ip(&[
                             "-n",
@@ -460,34 +468,38 @@ impl Lab {
                         "nolearning",
                     ])?;
                     ip(&["-n", &ns, "link", "set", "vxlan0", "address", &mac(n)])?;
-                    ip(&[
-                        "-n",
-                        &ns,
-                        "addr",
-                        "add",
-                        &format!("10.244.{n}.0/32"),
-                        "dev",
-                        "vxlan0",
-                    ])?;
+                    if self.spec.ipv4 {
+                        ip(&[
+                            "-n",
+                            &ns,
+                            "addr",
+                            "add",
+                            &format!("10.244.{n}.0/32"),
+                            "dev",
+                            "vxlan0",
+                        ])?;
+                    }
                     ip(&["-n", &ns, "link", "set", "vxlan0", "up"])?;
-                    let gw = format!("10.244.{peer}.0");
-                    ip(&[
-                        "-n", &ns, "route", "add", &peer_cidr, "via", &gw, "dev", "vxlan0",
-                        "onlink",
-                    ])?;
-                    ip(&[
-                        "-n",
-                        &ns,
-                        "neigh",
-                        "add",
-                        &gw,
-                        "lladdr",
-                        &mac(peer),
-                        "dev",
-                        "vxlan0",
-                        "nud",
-                        "permanent",
-                    ])?;
+                    if self.spec.ipv4 {
+                        let gw = format!("10.244.{peer}.0");
+                        ip(&[
+                            "-n", &ns, "route", "add", &peer_cidr, "via", &gw, "dev", "vxlan0",
+                            "onlink",
+                        ])?;
+                        ip(&[
+                            "-n",
+                            &ns,
+                            "neigh",
+                            "add",
+                            &gw,
+                            "lladdr",
+                            &mac(peer),
+                            "dev",
+                            "vxlan0",
+                            "nud",
+                            "permanent",
+                        ])?;
+                    }
                     exec(
                         &ns,
                         &[
@@ -572,24 +584,26 @@ impl Lab {
         match self.spec.topology {
             Topology::Bridge => {
                 ip(&["-n", &node, "link", "set", &host_if, "master", "cbr0", "up"])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{pod_ip}/24"),
-                    "dev",
-                    "eth0",
-                ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.244.{}.1", pod.node),
-                ])?;
+                if self.spec.ipv4 {
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "addr",
+                        "add",
+                        &format!("{pod_ip}/24"),
+                        "dev",
+                        "eth0",
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &format!("10.244.{}.1", pod.node),
+                    ])?;
+                }
                 if self.spec.ipv6 {
                     addr6(&ns, &format!("{pod_ip6}/64"), "eth0")?;
                     ip(&[
@@ -606,77 +620,92 @@ impl Lab {
             }
             Topology::Routed => {
                 ip(&["-n", &node, "link", "set", &host_if, "up"])?;
-                sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
-                ip(&[
-                    "-n",
-                    &node,
-                    "route",
-                    "add",
-                    &format!("{pod_ip}/32"),
-                    "dev",
-                    &host_if,
-                ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{pod_ip}/32"),
-                    "dev",
-                    "eth0",
-                ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                ])?;
+                if self.spec.ipv4 {
+                    Self::route_pod4(&node, &ns, &host_if, &pod_ip)?;
+                }
                 if self.spec.ipv6 {
-                    // The node answers for the link-local gateway itself:
-                    // no proxy NDP needed.
-                    addr6(&node, &format!("{ROUTED_GATEWAY6}/64"), &host_if)?;
-                    ip(&[
-                        "-n",
-                        &node,
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("{pod_ip6}/128"),
-                        "dev",
-                        &host_if,
-                    ])?;
-                    addr6(&ns, &format!("{pod_ip6}/128"), "eth0")?;
-                    ip(&[
-                        "-n",
-                        &ns,
-                        "-6",
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        ROUTED_GATEWAY6,
-                        "dev",
-                        "eth0",
-                    ])?;
+                    Self::route_pod6(&node, &ns, &host_if, &pod_ip6)?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A routed pod's IPv4 /32, Calico's way: proxy ARP on the host side
+    /// for the fake gateway 169.254.1.1.
+    fn route_pod4(node: &str, ns: &str, host_if: &str, pod_ip: &str) -> anyhow::Result<()> {
+        sysctl(node, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+        ip(&[
+            "-n",
+            node,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            host_if,
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        Ok(())
+    }
+
+    /// A routed pod's IPv6 /128 behind the host side's link-local gateway.
+    fn route_pod6(node: &str, ns: &str, host_if: &str, pod_ip6: &str) -> anyhow::Result<()> {
+        // The node answers for the link-local gateway itself:
+        // no proxy NDP needed.
+        addr6(node, &format!("{ROUTED_GATEWAY6}/64"), host_if)?;
+        ip(&[
+            "-n",
+            node,
+            "-6",
+            "route",
+            "add",
+            &format!("{pod_ip6}/128"),
+            "dev",
+            host_if,
+        ])?;
+        addr6(ns, &format!("{pod_ip6}/128"), "eth0")?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTED_GATEWAY6,
+            "dev",
+            "eth0",
+        ])?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ fn build(topology: Topology, cross_node: CrossNode) -> Lab {
         cross_node,
         pods: default_pods(),
         ipv6: true,
+        ipv4: true,
     })
     .expect("building the lab");
     for pod in lab.spec.pods.iter().filter(|p| p.name.starts_with("web")) {

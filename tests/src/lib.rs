@@ -157,6 +157,7 @@ impl Cluster {
             cross_node,
             pods: default_pods(),
             ipv6,
+            ipv4: true,
         };
         let lab = Lab::build(spec).expect("building the lab");
         let dir = tempfile::tempdir().expect("tempdir");

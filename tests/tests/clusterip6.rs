@@ -14,6 +14,7 @@ use dataplane_lab::{
     CrossNode, PodSpec, Topology,
 };
 use integration_tests::{lab_pod, require_root, Cluster, Seen, WEB_IP};
+use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
 use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::util::intstr::IntOrString};
 
 /// The web service's IPv6 cluster IP.
@@ -372,6 +373,47 @@ fn learnt_mtu(ns: &str, to: Ipv6Addr) -> Option<u32> {
 #[test]
 fn packet_too_big_from_a_narrow_link_reaches_the_client_translated_and_transfers_complete() {
     require_root();
+    packet_too_big_through(CrossNode::Direct, |c, mtu| {
+        for node in [1u8, 2] {
+            let (node_ns, router) = (c.lab.node_ns(node), c.lab.router_ns());
+            let port = format!("node{node}");
+            for (ns, dev) in [(node_ns.as_str(), "eth0"), (router.as_str(), port.as_str())] {
+                dataplane_lab::netns::ip(&["-n", ns, "link", "set", "dev", dev, "mtu", mtu])
+                    .expect("narrowing the nodes' network");
+            }
+        }
+    });
+}
+
+/// The same over the VXLAN overlay: the narrow link is the tunnel itself
+/// (each node's `vxlan0`, narrower than the pods' links), so the node
+/// encapsulating a full-size segment answers with the Packet Too Big.
+#[test]
+fn packet_too_big_from_a_narrow_overlay_reaches_the_client_translated_and_transfers_complete() {
+    require_root();
+    packet_too_big_through(CrossNode::Vxlan, |c, mtu| {
+        for node in [1u8, 2] {
+            dataplane_lab::netns::ip(&[
+                "-n",
+                &c.lab.node_ns(node),
+                "link",
+                "set",
+                "dev",
+                "vxlan0",
+                "mtu",
+                mtu,
+            ])
+            .expect("narrowing the overlay");
+        }
+    });
+}
+
+/// The bulk service backed by web-b (node2) on a lab crossing the nodes
+/// by `cross_node`, the path between the nodes narrowed by `narrow` (to
+/// the MTU it is given): uploads and downloads through the service
+/// complete, and each end learns the narrow MTU from a Packet Too Big
+/// about the addresses it uses.
+fn packet_too_big_through(cross_node: CrossNode, narrow: impl FnOnce(&Cluster, &str)) {
     let service = manifests::with_cluster_ips(
         manifests::service("default", "bulk", WEB_IP, &[BULK]),
         &[BULK_IP6.into()],
@@ -379,17 +421,9 @@ fn packet_too_big_from_a_narrow_link_reaches_the_client_translated_and_transfers
     let manifest = manifests::manifest_per_family(&service, |family| {
         vec![pod_endpoint_of(&lab_pod("web-b"), family)]
     });
-    let c = cluster(CrossNode::Direct, manifest);
+    let c = cluster(cross_node, manifest);
     serve_bulk(&c.lab.pod_ns("web-b"));
-    let mtu = NARROW_MTU.to_string();
-    for node in [1u8, 2] {
-        let (node_ns, router) = (c.lab.node_ns(node), c.lab.router_ns());
-        let port = format!("node{node}");
-        for (ns, dev) in [(node_ns.as_str(), "eth0"), (router.as_str(), port.as_str())] {
-            dataplane_lab::netns::ip(&["-n", ns, "link", "set", "dev", dev, "mtu", &mtu])
-                .expect("narrowing the nodes' network");
-        }
-    }
+    narrow(&c, &NARROW_MTU.to_string());
     let to = SocketAddr::new(BULK_IP6.into(), BULK.port);
     let client = lab_pod("client").ipv6();
     assert_eq!(learnt_mtu(&c.lab.pod_ns("client"), BULK_IP6), None);
@@ -531,4 +565,136 @@ fn deleted_ipv6_service_stops_answering() {
     c.eventually("the deleted IPv6 service no longer answers", || {
         c.tcp("client", http6()).backend().is_none()
     });
+}
+
+/// "should be rejected when no endpoints exist", over IPv6, whatever the
+/// host-side veth's tx checksum offload: the client's packets arrive
+/// CHECKSUM_PARTIAL, the RST and the ICMPv6 port unreachable are built in
+/// their place, and with offload off the host veth computes the checksum
+/// where the client's packet had it.
+#[test]
+fn ipv6_rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &[]));
+    let client = c.pod("client");
+    let host_veth = dataplane_lab::Lab::host_iface(&client);
+    c.eventually("the IPv6 service refuses TCP", || {
+        c.tcp("client", http6()) == Seen::Refused
+    });
+    for tx in ["off", "on"] {
+        dataplane_lab::netns::exec(
+            &c.lab.node_ns(client.node),
+            &["ethtool", "-K", &host_veth, "tx", tx],
+        )
+        .unwrap_or_else(|e| panic!("ethtool -K {host_veth} tx {tx}: {e}"));
+        for _ in 0..3 {
+            assert_eq!(
+                c.tcp("client", http6()),
+                Seen::Refused,
+                "TCP with tx offload {tx}\n{}",
+                c.logs()
+            );
+            assert_eq!(
+                c.udp("client", dns6()),
+                Seen::Refused,
+                "UDP with tx offload {tx}\n{}",
+                c.logs()
+            );
+        }
+    }
+}
+
+/// The IPv6-only `web` service with `endpoints` (IPv6 addresses of lab
+/// pods, with their states) in its IPv6 EndpointSlice.
+fn web6_endpoints(endpoints: &[(&str, manifests::State)]) -> String {
+    let service =
+        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+    manifests::manifest_per_family(&service, |_| {
+        endpoints
+            .iter()
+            .map(|(pod, state)| {
+                let pod = lab_pod(pod);
+                manifests::endpoint(pod.ipv6(), Some(&format!("node{}", pod.node)), *state)
+            })
+            .collect()
+    })
+}
+
+/// Graceful termination over IPv6: a terminating (still serving) endpoint
+/// gets new connections only while no endpoint is ready.
+#[test]
+fn ipv6_terminating_endpoints_serve_only_while_none_is_ready() {
+    use manifests::State::{NotReady, Ready, Terminating};
+    require_root();
+    let c = cluster(
+        CrossNode::Direct,
+        web6_endpoints(&[("web-a", Ready), ("web-b", Terminating)]),
+    );
+    let only = |pod: &str| BTreeSet::from([pod.to_owned()]);
+    c.eventually("only the ready web-a answers", || {
+        backends_seen(&c, http6(), false) == only("web-a")
+    });
+
+    // web-a goes away (rolling update): the terminating web-b still serves.
+    c.write_manifest(
+        "web.yaml",
+        &web6_endpoints(&[("web-a", NotReady), ("web-b", Terminating)]),
+    );
+    c.eventually("the terminating web-b answers", || {
+        backends_seen(&c, http6(), false) == only("web-b")
+    });
+
+    // A ready endpoint again: the terminating one stops getting new flows.
+    c.write_manifest(
+        "web.yaml",
+        &web6_endpoints(&[("web-a", Ready), ("web-b", Terminating)]),
+    );
+    c.eventually("web-a alone answers again", || {
+        backends_seen(&c, http6(), false) == only("web-a")
+    });
+}
+
+/// "should have session affinity timeout work for service with type
+/// clusterIP", over IPv6: within `timeoutSeconds` a client stays on its
+/// backend; after that long idle, its next connection is balanced anew.
+#[test]
+fn ipv6_session_affinity_ends_after_its_timeout() {
+    require_root();
+    const TIMEOUT_S: i32 = 2;
+    let c = cluster(
+        CrossNode::Direct,
+        web6_with(
+            |spec| {
+                spec.session_affinity = Some("ClientIP".into());
+                spec.session_affinity_config = Some(SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(TIMEOUT_S),
+                    }),
+                });
+            },
+            &["web-a", "web-b", "web-c"],
+        ),
+    );
+    c.eventually("the IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    // Within the timeout: one backend (12 connections over 3 backends
+    // without affinity: all on one with probability 3^-11).
+    let seen = c.tcp_backends("client", http6(), 12);
+    assert_eq!(seen.len(), 1, "within the timeout: {seen:?}\n{}", c.logs());
+
+    // Each connection after the timeout has passed idle: balanced anew, so
+    // 8 of them land on one backend with probability 3^-7.
+    let mut after = BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(TIMEOUT_S as u64 * 1000 + 600));
+        if let Some(b) = c.tcp("client", http6()).backend() {
+            after.insert(b.to_owned());
+        }
+    }
+    assert!(
+        after.len() > 1,
+        "after the timeout every connection went to {after:?}\n{}",
+        c.logs()
+    );
 }

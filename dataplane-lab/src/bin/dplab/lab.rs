@@ -76,6 +76,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         },
         pods: default_pods(),
         ipv6: options.ip_family != IpFamily::Ipv4,
+        ipv4: options.ip_family != IpFamily::Ipv6,
     };
     // Until `keep`, an error drops the lab: its processes and namespaces go.
     let lab = Lab::build(spec).context("building the lab")?;
@@ -99,14 +100,15 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     // NodePorts on both nodes and a load-balancer IP the router sends to
     // the nodes, for the outside client.
     // With IPv6 it has a cluster IP (and an EndpointSlice) per family; the
-    // external frontends are served on IPv4.
-    let service = manifests::with_cluster_ips(
-        manifests::exposed(
-            manifests::web_service("web", SERVICE_IP.into()),
-            &lab_exposure(),
-        ),
-        &service_ips(options.ip_family),
-    );
+    // external frontends are served on IPv4, so an IPv6-only cluster's web
+    // service is a ClusterIP one.
+    let web_service = manifests::web_service("web", SERVICE_IP.into());
+    let web_service = if options.ip_family == IpFamily::Ipv6 {
+        web_service
+    } else {
+        manifests::exposed(web_service, &lab_exposure())
+    };
+    let service = manifests::with_cluster_ips(web_service, &service_ips(options.ip_family));
     let sample = manifests::manifest_per_family(&service, |family| {
         web.iter()
             .map(|p| manifests::pod_endpoint_of(p, family))
@@ -130,9 +132,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             &dir.join("manifests"),
             &bpffs,
             &dir.join("agent.log"),
-            // The nodes' uplinks are veths: generic XDP (native XDP_TX on a
-            // veth needs NAPI on its peer, the router's bridge port).
-            &["--xdp-mode", "generic"],
+            &agent_args(options.ip_family),
         )?;
         pids.extend(agent.pid());
         agent.detach();
@@ -149,6 +149,19 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
         lab_dir().display()
     );
     Ok(())
+}
+
+/// The lab agents' flags beyond the node's own.
+pub fn agent_args(family: IpFamily) -> Vec<&'static str> {
+    // The nodes' uplinks are veths: generic XDP (native XDP_TX on a veth
+    // needs NAPI on its peer, the router's bridge port).
+    let mut args = vec!["--xdp-mode", "generic"];
+    if family == IpFamily::Ipv6 {
+        // The nodes keep their IPv4 uplink addresses (the underlay): the
+        // family is said, not found from the node's addresses.
+        args.extend(["--ip-families", "ipv6"]);
+    }
+    args
 }
 
 /// NodePorts of the lab's web service (http, dns).

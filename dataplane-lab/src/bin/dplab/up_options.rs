@@ -15,8 +15,11 @@ pub struct UpOptions {
     #[arg(long)]
     pub no_agent: bool,
     /// Address families of pods and services: `dual` gives pods and nodes
-    /// IPv6 addresses too and the web service a cluster IP of each family,
-    /// `ipv6` makes the web service IPv6 only (pods stay dual-stack).
+    /// IPv6 addresses too and the web service a cluster IP of each family;
+    /// `ipv6` is an IPv6-only cluster: pods IPv6 only, routed between the
+    /// nodes directly or over VXLAN (whose underlay, the nodes' network,
+    /// stays IPv4), the web service an IPv6 ClusterIP and the agents
+    /// proxying IPv6 only.
     #[arg(long, value_enum, default_value = "ipv4")]
     pub ip_family: IpFamily,
 }

@@ -111,6 +111,11 @@ pub struct Options {
     /// here, or one mounted under --run-dir when none is visible.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Test switch, hidden: socket hooks (kernel names, e.g. `connect4`)
+    /// refused as a kernel without them refuses to load them, so tests
+    /// reach the fallback to the tc path on a kernel that has them.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub test_refuse_socket_hooks: Vec<String>,
     /// The agent's runtime directory (a cgroup2 mount if it needs one).
     #[arg(long, default_value = "/run/dataplane")]
     pub run_dir: PathBuf,
@@ -700,7 +705,11 @@ fn start_socket_lb(options: &Options, datapath: &mut Datapath) -> Option<PathBuf
         return None;
     }
     let attached = socket_lb::resolve_cgroup_root(options.cgroup_root.as_deref(), &options.run_dir)
-        .and_then(|root| datapath.attach_socket_lb(&root).map(|()| root));
+        .and_then(|root| {
+            datapath
+                .attach_socket_lb(&root, &options.test_refuse_socket_hooks)
+                .map(|()| root)
+        });
     match attached {
         Ok(root) => Some(root),
         Err(e) => {

@@ -559,3 +559,32 @@ fn node_port_is_served_through_a_named_uplink_created_after_start() {
         c.agent_log(1)
     );
 }
+
+/// A pod of node 1 connecting to node 2's address on a NodePort whose only
+/// backend is on node 2, with the nodes joined by a VXLAN overlay: the
+/// request arrives on node 2's uplink, the backend's reply goes back to the
+/// pod over the overlay (not out of the uplink) and is translated all the
+/// same: the pod sees the NodePort answer.
+#[test]
+fn pods_reach_a_node_port_of_another_node_with_a_local_backend_across_a_vxlan_overlay() {
+    require_root();
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Vxlan,
+        &[("web.yaml", web_exposed(&["web-b"], &node_port(false)))],
+    );
+    let to = at(node_ip(2), NODE_PORT_HTTP);
+    assert_eq!(lab_pod("client").node, 1);
+    c.eventually("the NodePort answers the pod of the other node", || {
+        c.tcp("client", to).backend() == Some("web-b")
+    });
+    match c.tcp("client", to) {
+        Outcome::Answered { from, .. } => assert_eq!(from, to, "TCP reply from the NodePort"),
+        other => panic!("TCP: {other:?}\n{}", c.logs()),
+    }
+    let dns = at(node_ip(2), NODE_PORT_DNS);
+    match c.udp("client", dns) {
+        Outcome::Answered { from, .. } => assert_eq!(from, dns, "UDP reply from the NodePort"),
+        other => panic!("UDP: {other:?}\n{}", c.logs()),
+    }
+}

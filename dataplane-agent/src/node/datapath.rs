@@ -359,9 +359,14 @@ impl Datapath {
     }
 
     /// Socket-level load balancing on: attaches the socket hooks at
-    /// `cgroup_root` (see `socket_lb`).
-    pub fn attach_socket_lb(&mut self, cgroup_root: &Path) -> Result<(), SocketLbError> {
-        socket_lb::attach(&mut self.ebpf, cgroup_root, &self.sock_links_dir)
+    /// `cgroup_root`, but for those `refused` (a test switch; see
+    /// `socket_lb::attach`).
+    pub fn attach_socket_lb(
+        &mut self,
+        cgroup_root: &Path,
+        refused: &[String],
+    ) -> Result<(), SocketLbError> {
+        socket_lb::attach(&mut self.ebpf, cgroup_root, &self.sock_links_dir, refused)
     }
 
     /// Socket-level load balancing off: removes hooks a previous agent

@@ -111,6 +111,11 @@ pub struct Options {
     /// here, or one mounted under --run-dir when none is visible.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Test switch, hidden: socket hooks (kernel names, e.g. `connect4`)
+    /// refused as a kernel without them refuses to load them, so tests
+    /// reach the fallback to the tc path on a kernel that has them.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub test_refuse_socket_hooks: Vec<String>,
     /// The agent's runtime directory (a cgroup2 mount if it needs one).
     #[arg(long, default_value = "/run/dataplane")]
     pub run_dir: PathBuf,
@@ -193,10 +198,12 @@ pub enum XdpModeOption {
     Generic,
 }
 
-/// The uplinks, the node addresses NodePorts are served on, and the SNAT
-/// addresses (the first uplink's first address of each family).
+/// The uplinks present, the node addresses NodePorts are served on, and the
+/// SNAT addresses (the first uplink's first address of each family).
 struct ExternalSetup {
     uplinks: Vec<uplink::Uplink>,
+    /// Uplinks named by `--uplink-ifaces` that do not exist yet.
+    missing: Vec<String>,
     node_addrs: Vec<Ipv4Addr>,
     snat_addr: Option<Ipv4Addr>,
     node_addrs6: Vec<Ipv6Addr>,
@@ -205,11 +212,12 @@ struct ExternalSetup {
 
 fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
     let names = uplink_names(options)?;
-    let uplinks = uplink::resolve(&names)?;
+    let (uplinks, missing) = uplink::present(&names);
     let (node_addrs, snat_addr) = node_addresses(options, &names)?;
     let (node_addrs6, snat_addr6) = node_addresses6(&names)?;
     Ok(ExternalSetup {
         uplinks,
+        missing,
         node_addrs,
         snat_addr,
         node_addrs6,
@@ -322,30 +330,119 @@ async fn next_notice(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option
     }
 }
 
-/// An address was added or removed: NodePorts follow the node's addresses,
-/// SNAT the first uplink's first address of each family.
-fn follow_addresses(
+/// Attaches the external datapath to the uplinks in `wanted` that lack it,
+/// and takes it off those no longer in it (gone, renamed, or no longer
+/// holding a default route). Every uplink is tried; the first failure is
+/// returned.
+fn follow_uplinks(
+    options: &Options,
+    datapath: &mut Datapath,
+    wanted: &[uplink::Uplink],
+) -> anyhow::Result<()> {
+    for (ifindex, name) in datapath.uplinks() {
+        if !wanted
+            .iter()
+            .any(|u| u.ifindex == ifindex && u.name == name)
+        {
+            datapath.detach_uplink(ifindex);
+        }
+    }
+    let attached = datapath.uplinks();
+    let mut first_err = None;
+    for u in wanted {
+        if attached.iter().any(|(ifindex, _)| *ifindex == u.ifindex) {
+            continue;
+        }
+        if let Err(e) = attach_uplink(options, datapath, u) {
+            warn!("{e:#}");
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// The external datapath on one uplink: tc, and XDP in front of it unless
+/// `--external-datapath tc`.
+fn attach_uplink(
+    options: &Options,
+    datapath: &mut Datapath,
+    u: &uplink::Uplink,
+) -> anyhow::Result<()> {
+    datapath
+        .attach_uplink(u.ifindex, &u.name)
+        .with_context(|| format!("attaching to uplink {}", u.name))?;
+    if options.external_datapath == ExternalDatapath::Xdp {
+        let modes: &[XdpAttachMode] = match options.xdp_mode {
+            // A virtual interface (veth: kind, netns labs) takes native XDP
+            // but drops its XDP_TX frames unless the peer runs NAPI:
+            // generic there.
+            XdpModeOption::Auto if uplink::is_virtual(&u.name) => &[XdpAttachMode::Generic],
+            XdpModeOption::Auto => &[XdpAttachMode::Native, XdpAttachMode::Generic],
+            XdpModeOption::Native => &[XdpAttachMode::Native],
+            XdpModeOption::Generic => &[XdpAttachMode::Generic],
+        };
+        if let Err(e) = datapath.attach_uplink_xdp(u.ifindex, &u.name, modes) {
+            // Not half attached: the next notice tries again.
+            datapath.detach_uplink(u.ifindex);
+            return Err(e).with_context(|| format!("attaching XDP to uplink {}", u.name));
+        }
+    }
+    Ok(())
+}
+
+/// What the agent follows of the node's network for the external datapath.
+struct NodeNetwork {
+    snat: SnatState,
+    node_addrs: Vec<Ipv4Addr>,
+    node_addrs6: Vec<Ipv6Addr>,
+    /// Uplinks named by `--uplink-ifaces` not present, as last logged.
+    missing: Vec<String>,
+}
+
+/// A link, route or address was added, changed or removed: the uplinks
+/// follow the named interfaces (or those holding the default routes),
+/// NodePorts the node's addresses, SNAT the first uplink's first address
+/// of each family.
+fn follow_node_network(
     options: &Options,
     control: &mut ControlLoop<BpfLbMaps, Metrics>,
-    snat: &mut SnatState,
+    datapath: &mut Datapath,
+    state: &mut NodeNetwork,
     nat_config: &mut aya::maps::Array<aya::maps::MapData, NatConfig>,
     nat6_config: &mut aya::maps::Array<aya::maps::MapData, Nat6Config>,
 ) -> anyhow::Result<()> {
     let uplinks = uplink_names(options)?;
+    let (present, missing) = uplink::present(&uplinks);
+    if missing != state.missing {
+        if !missing.is_empty() {
+            info!("uplinks {missing:?} not present: attached when they appear");
+        }
+        state.missing = missing;
+    }
+    // Failures are logged there; the next notice tries again.
+    let _ = follow_uplinks(options, datapath, &present);
     let (node_addrs, snat_addr) = node_addresses(options, &uplinks)?;
     let (node_addrs6, snat_addr6) = node_addresses6(&uplinks)?;
+    let snat = &mut state.snat;
+    let snat_addr = snat_addr.filter(|_| snat.reserved);
+    let snat_addr6 = snat_addr6.filter(|_| snat.reserved);
+    if node_addrs == state.node_addrs
+        && node_addrs6 == state.node_addrs6
+        && snat_addr == snat.addr
+        && snat_addr6 == snat.addr6
+    {
+        return Ok(());
+    }
     control
         .set_node_addresses(&node_addrs)
         .context("writing the node addresses")?;
     control
         .set_node_addresses6(&node_addrs6)
         .context("writing the node's IPv6 addresses")?;
-    let snat_addr = snat_addr.filter(|_| snat.reserved);
     if snat_addr != snat.addr {
         snat.addr = snat_addr;
         snat.write(nat_config)?;
     }
-    let snat_addr6 = snat_addr6.filter(|_| snat.reserved);
     if snat_addr6 != snat.addr6 {
         snat.addr6 = snat_addr6;
         snat.write6(nat6_config)?;
@@ -355,6 +452,8 @@ fn follow_addresses(
         describe(snat.addr),
         describe(snat.addr6),
     );
+    state.node_addrs = node_addrs;
+    state.node_addrs6 = node_addrs6;
     Ok(())
 }
 
@@ -473,19 +572,19 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let mut nat6_config = maps.nat6_config;
     let mut nat6 = maps.nat6;
     let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
-    // Subscribed before the addresses are read: none added in between is
-    // missed.
-    let mut address_changes = if options.external_datapath == ExternalDatapath::None {
+    // Subscribed before the uplinks and addresses are read: no change in
+    // between is missed.
+    let mut network_changes = if options.external_datapath == ExternalDatapath::None {
         None
     } else {
-        Some(uplink::watch_addresses()?)
+        Some(uplink::watch_node_network()?)
     };
     let external = if options.external_datapath == ExternalDatapath::None {
         None
     } else {
         Some(external_setup(&options)?)
     };
-    let mut snat = None;
+    let mut network = None;
     if let Some(ext) = &external {
         let (port_min, port_max) = parse_port_range(&options.snat_port_range)?;
         let reserved = match uplink::reserve_snat_ports(port_min, port_max) {
@@ -509,7 +608,6 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         };
         state.write(&mut nat_config)?;
         state.write6(&mut nat6_config)?;
-        snat = Some(state);
         engine
             .set_node_addresses(&ext.node_addrs)
             .context("writing the node addresses")?;
@@ -530,6 +628,18 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                  are served by the tc program behind it on the uplinks"
             );
         }
+        if !ext.missing.is_empty() {
+            info!(
+                "uplinks {:?} not present: attached when they appear",
+                ext.missing
+            );
+        }
+        network = Some(NodeNetwork {
+            snat: state,
+            node_addrs: ext.node_addrs.clone(),
+            node_addrs6: ext.node_addrs6.clone(),
+            missing: ext.missing.clone(),
+        });
     }
     let metrics = Metrics::new(Some(maps.counters));
     let health = Health::new(options.healthz_timeout);
@@ -579,25 +689,7 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         handle_link(&mut datapath, link);
     }
     if let Some(ext) = &external {
-        for u in &ext.uplinks {
-            datapath
-                .attach_uplink(u.ifindex, &u.name)
-                .with_context(|| format!("attaching to uplink {}", u.name))?;
-            if options.external_datapath == ExternalDatapath::Xdp {
-                let modes: &[XdpAttachMode] = match options.xdp_mode {
-                    // A virtual interface (veth: kind, netns labs) takes
-                    // native XDP but drops its XDP_TX frames unless the
-                    // peer runs NAPI: generic there.
-                    XdpModeOption::Auto if uplink::is_virtual(&u.name) => &[XdpAttachMode::Generic],
-                    XdpModeOption::Auto => &[XdpAttachMode::Native, XdpAttachMode::Generic],
-                    XdpModeOption::Native => &[XdpAttachMode::Native],
-                    XdpModeOption::Generic => &[XdpAttachMode::Generic],
-                };
-                datapath
-                    .attach_uplink_xdp(u.ifindex, &u.name, modes)
-                    .with_context(|| format!("attaching XDP to uplink {}", u.name))?;
-            }
-        }
+        follow_uplinks(&options, &mut datapath, &ext.uplinks)?;
     }
     let socket_lb_root = start_socket_lb(&options, &mut datapath);
     // The programs (tc and socket hooks) run on the new maps everywhere
@@ -625,10 +717,10 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
                     changed
                 });
             }
-            Some(()) = next_notice(&mut address_changes) => {
-                if let Some(state) = &mut snat {
-                    if let Err(e) = follow_addresses(&options, &mut control, state, &mut nat_config, &mut nat6_config) {
-                        warn!("following the node's addresses: {e:#}");
+            Some(()) = next_notice(&mut network_changes) => {
+                if let Some(state) = &mut network {
+                    if let Err(e) = follow_node_network(&options, &mut control, &mut datapath, state, &mut nat_config, &mut nat6_config) {
+                        warn!("following the node's network: {e:#}");
                     }
                 }
             }
@@ -694,7 +786,11 @@ fn start_socket_lb(options: &Options, datapath: &mut Datapath) -> Option<PathBuf
         return None;
     }
     let attached = socket_lb::resolve_cgroup_root(options.cgroup_root.as_deref(), &options.run_dir)
-        .and_then(|root| datapath.attach_socket_lb(&root).map(|()| root));
+        .and_then(|root| {
+            datapath
+                .attach_socket_lb(&root, &options.test_refuse_socket_hooks)
+                .map(|()| root)
+        });
     match attached {
         Ok(root) => Some(root),
         Err(e) => {

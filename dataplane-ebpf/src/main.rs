@@ -79,8 +79,18 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if parse6::is_ipv6_frame(&ctx) {
         return pod6::from_pod6(&ctx);
     }
-    from_pod4(&ctx)
+    match from_pod4(&ctx) {
+        // Called from here, not from `from_pod4`: the two frames would not
+        // fit the stack together.
+        MAYBE_NODE_PORT_REPLY => node_port_reply_from_pod4(&ctx),
+        verdict => verdict,
+    }
 }
+
+/// `from_pod4`'s answer for a packet to no service that may come from a
+/// backend (`lb4_may_be_reply`): see [`node_port_reply_from_pod4`]. No tc
+/// verdict has this value.
+const MAYBE_NODE_PORT_REPLY: i32 = 0x4e50_5259;
 
 #[inline(never)]
 fn from_pod4(ctx: &TcContext) -> i32 {
@@ -288,6 +298,9 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         }
     };
     let Some(ip_value) = lb4_service_ip(flow.dst_addr) else {
+        if lb4_may_be_reply(&flow) {
+            return Ok(MAYBE_NODE_PORT_REPLY);
+        }
         return Ok(TC_ACT_OK);
     };
     let now = skb::now_ns();
@@ -383,7 +396,7 @@ fn choose_backend<C: PacketCtx>(
 
 /// A new flow to `selected` tracked in conntrack (`CT_TCP`, `CT_OTHER`)
 /// and DNATed; the stack delivers it (and the backend's replies are translated back where they
-/// leave: `to_pod`, `to_outside`).
+/// leave: `to_pod`, `to_outside`, or, NodePort replies of local backends, `from_pod`).
 #[inline(always)]
 fn ct_new_flow<C: PacketCtx>(
     packet: &Packet<C>,
@@ -494,6 +507,35 @@ fn reply_translate(
         Counter::ReplyTranslated
     };
     packet.pass(decision, flow, Ids::of(ct))
+}
+
+/// A local backend's reply to a client of a NodePort on this node's
+/// address, translated as it leaves the backend: the client may be a pod
+/// of another node, reached over an overlay device, where the uplink's
+/// `to_outside` never sees the reply (only the encapsulated packet). Every
+/// other reply is translated where it leaves the node (`to_outside`) or
+/// enters the client (`to_pod`).
+///
+/// Not inlined: a subprogram of its own, called by `from_pod` after
+/// `from_pod4` (see [`MAYBE_NODE_PORT_REPLY`]).
+#[inline(never)]
+fn node_port_reply_from_pod4(ctx: &TcContext) -> i32 {
+    let Ok(mut flow) = parse_ipv4_flow(ctx) else {
+        return TC_ACT_OK;
+    };
+    let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
+        return TC_ACT_OK;
+    };
+    let node_port = lb4_service_ip(ct.service_addr)
+        .is_some_and(|v| v & dataplane_common::service_ip_flags::NODE_ADDRESS != 0);
+    if !node_port || ct.flags & ct_flags::HAIRPIN != 0 {
+        return TC_ACT_OK;
+    }
+    if flow.frag == frag::FIRST {
+        frag4_track(&flow);
+    }
+    let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
+    reply_translate(&packet, &mut flow, &ct, skb::now_ns()).unwrap_or_else(|verdict| verdict)
 }
 
 #[inline(always)]

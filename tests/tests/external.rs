@@ -10,7 +10,8 @@ use std::{
 
 use dataplane_lab::{
     manifests::{self, pod_endpoint, Exposure},
-    topology::{node_ip, OUTSIDE_CLIENT_IP},
+    netns,
+    topology::{node_ip, OUTSIDE_CLIENT_IP, ROUTER_NODE_IP},
     CrossNode, Topology,
 };
 use integration_tests::{
@@ -100,8 +101,16 @@ fn should_be_able_to_create_a_functioning_nodeport_service_with_the_tc_fallback(
 }
 
 fn functioning_node_port(c: &Cluster) {
-    let client = IpAddr::V4(OUTSIDE_CLIENT_IP);
     for node in [1u8, 2] {
+        functioning_node_port_on(c, node);
+    }
+}
+
+/// NodePort from outside on `node`'s address reaches every backend (each
+/// seeing the source policy Cluster gives it) and replies come from it.
+fn functioning_node_port_on(c: &Cluster, node: u8) {
+    let client = IpAddr::V4(OUTSIDE_CLIENT_IP);
+    {
         let addr = node_ip(node);
         // Local backends see the outside client; remote ones the node that
         // accepted the connection (SNAT, policy Cluster).
@@ -469,4 +478,113 @@ fn node_processes_reach_a_node_port_on_their_own_node_address() {
             .all(|s| matches!(s, Outcome::Answered { from, .. } if *from == to)),
         "{seen:?}"
     );
+}
+
+/// Replaces node `node`'s uplink `eth0` with a new interface `name` (a new
+/// ifindex) joined to the router as eth0 was: same address and MAC, the
+/// default route and the route to the other node's pods on it. An uplink
+/// that appears after the agent started.
+fn replace_uplink(c: &Cluster, node: u8, name: &str) {
+    let ns = c.lab.node_ns(node);
+    let router = c.lab.router_ns();
+    let mac = netns::mac(&ns, "eth0").expect("the uplink's MAC");
+    let port = format!("node{node}");
+    let peer = 3 - node;
+    let node_cidr = format!("{}/24", node_ip(node));
+    let peer_pods = format!("10.244.{peer}.0/24");
+    let (gateway, peer_ip) = (ROUTER_NODE_IP.to_string(), node_ip(peer).to_string());
+    for args in [
+        &["-n", &ns, "link", "del", "eth0"][..],
+        &[
+            "-n", &ns, "link", "add", name, "address", &mac, "type", "veth", "peer", "name", &port,
+            "netns", &router,
+        ],
+        &["-n", &router, "link", "set", &port, "master", "br0", "up"],
+        &["-n", &ns, "addr", "add", &node_cidr, "dev", name],
+        &["-n", &ns, "link", "set", name, "up"],
+        &["-n", &ns, "route", "add", "default", "via", &gateway],
+        &["-n", &ns, "route", "add", &peer_pods, "via", &peer_ip],
+    ] {
+        netns::ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+}
+
+/// Uplinks defaulted (the interfaces holding the default routes): node 1's
+/// uplink is replaced by a new interface holding the default route after
+/// the agent started; the agent follows the link and route notifications,
+/// takes the datapath off the old one and puts it on the new one, and
+/// NodePort from outside works through it.
+#[test]
+fn node_port_is_served_through_an_uplink_that_appears_after_start() {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    replace_uplink(&c, 1, "uplink1");
+    functioning_node_port_on(&c, 1);
+    let log = c.agent_log(1);
+    for line in [
+        "detached the external datapath from uplink eth0",
+        "attached the external datapath to uplink uplink1",
+        "xdp_from_outside on uplink1: XDP attached, mode Generic",
+    ] {
+        assert!(log.contains(line), "{line:?} not logged:\n{log}");
+    }
+}
+
+/// `--uplink-ifaces` naming an interface that does not exist yet: the agent
+/// starts, says so, and attaches to it when it appears.
+#[test]
+fn node_port_is_served_through_a_named_uplink_created_after_start() {
+    require_root();
+    let c = Cluster::start_with_agent_args(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "web.yaml",
+            web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)),
+        )],
+        &["--uplink-ifaces", "uplink1", "--external-datapath", "tc"],
+    );
+    assert!(
+        c.agent_log(1)
+            .contains(r#"uplinks ["uplink1"] not present: attached when they appear"#),
+        "{}",
+        c.agent_log(1)
+    );
+    replace_uplink(&c, 1, "uplink1");
+    functioning_node_port_on(&c, 1);
+    assert!(
+        c.agent_log(1)
+            .contains("attached the external datapath to uplink uplink1"),
+        "{}",
+        c.agent_log(1)
+    );
+}
+
+/// A pod of node 1 connecting to node 2's address on a NodePort whose only
+/// backend is on node 2, with the nodes joined by a VXLAN overlay: the
+/// request arrives on node 2's uplink, the backend's reply goes back to the
+/// pod over the overlay (not out of the uplink) and is translated all the
+/// same: the pod sees the NodePort answer.
+#[test]
+fn pods_reach_a_node_port_of_another_node_with_a_local_backend_across_a_vxlan_overlay() {
+    require_root();
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Vxlan,
+        &[("web.yaml", web_exposed(&["web-b"], &node_port(false)))],
+    );
+    let to = at(node_ip(2), NODE_PORT_HTTP);
+    assert_eq!(lab_pod("client").node, 1);
+    c.eventually("the NodePort answers the pod of the other node", || {
+        c.tcp("client", to).backend() == Some("web-b")
+    });
+    match c.tcp("client", to) {
+        Outcome::Answered { from, .. } => assert_eq!(from, to, "TCP reply from the NodePort"),
+        other => panic!("TCP: {other:?}\n{}", c.logs()),
+    }
+    let dns = at(node_ip(2), NODE_PORT_DNS);
+    match c.udp("client", dns) {
+        Outcome::Answered { from, .. } => assert_eq!(from, dns, "UDP reply from the NodePort"),
+        other => panic!("UDP: {other:?}\n{}", c.logs()),
+    }
 }

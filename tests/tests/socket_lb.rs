@@ -428,6 +428,51 @@ fn without_socket_hooks_the_agent_says_so_once_and_the_tc_path_serves_pods() {
     drop(c);
 }
 
+/// A kernel that refuses to load the socket hooks (an old one: here the
+/// agent's test switch refuses `connect4` at load, where such a kernel
+/// fails): the agent says once why, attaches none of them, and pods reach
+/// ClusterIPs through the tc path, TCP and UDP, with the service address
+/// as source.
+#[test]
+fn when_the_socket_hooks_cannot_load_the_agent_says_why_once_and_the_tc_path_serves_pods() {
+    require_root();
+    let backends_ = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    let c = Cluster::start_with_agent_args(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends_.iter().collect::<Vec<_>>()))],
+        &["--test-refuse-socket-hooks", "connect4"],
+    );
+    assert_eq!(attached_to_cgroup(&c, 1), Vec::<String>::new());
+    assert!(!c.bpffs(1).join("sock-links").exists());
+    let new_flows = counter(&c, 1, "new_flow");
+    for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
+        let seen = from_pod_process(&c, "client", mode, to, 12);
+        assert!(
+            seen.iter()
+                .all(|s| matches!(s, Seen::Answered { from, .. } if *from == to)),
+            "{mode}: {seen:?}\n{}",
+            c.logs()
+        );
+    }
+    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
+    assert!(counter(&c, 1, "new_flow") >= new_flows + 24);
+    let log = c.agent_log(1);
+    assert_eq!(
+        log.matches("socket-level load balancing unavailable")
+            .count(),
+        1,
+        "said once: {log}"
+    );
+    assert!(
+        log.contains(
+            "loading the socket hook sock4_connect (kernel without cgroup socket hooks?): \
+             `bpf_prog_load (refused by --test-refuse-socket-hooks)` failed"
+        ),
+        "the log names the reason: {log}"
+    );
+}
+
 /// Cilium's "connected UDP sockets pinned to deleted backends": a backend
 /// leaves the service while a host process holds a connected UDP socket
 /// aimed at it; the agent closes that socket (the application sees an

@@ -368,9 +368,14 @@ impl Datapath {
     }
 
     /// Socket-level load balancing on: attaches the socket hooks at
-    /// `cgroup_root` (see `socket_lb`).
-    pub fn attach_socket_lb(&mut self, cgroup_root: &Path) -> Result<(), SocketLbError> {
-        socket_lb::attach(&mut self.ebpf, cgroup_root, &self.sock_links_dir)
+    /// `cgroup_root`, but for those `refused` (a test switch; see
+    /// `socket_lb::attach`).
+    pub fn attach_socket_lb(
+        &mut self,
+        cgroup_root: &Path,
+        refused: &[String],
+    ) -> Result<(), SocketLbError> {
+        socket_lb::attach(&mut self.ebpf, cgroup_root, &self.sock_links_dir, refused)
     }
 
     /// Socket-level load balancing off: removes hooks a previous agent
@@ -477,6 +482,34 @@ impl Datapath {
 
     pub fn uplink_count(&self) -> usize {
         self.uplinks.len()
+    }
+
+    /// The uplinks attached now: (ifindex, name).
+    pub fn uplinks(&self) -> Vec<(u32, String)> {
+        self.uplinks
+            .iter()
+            .map(|(&ifindex, a)| (ifindex, a.ifname.clone()))
+            .collect()
+    }
+
+    /// Takes the external datapath (tc and XDP) off an uplink: one that
+    /// went away (the kernel dropped its programs, only the pins remain) or
+    /// that no longer is an uplink (unpinning detaches them).
+    pub fn detach_uplink(&mut self, ifindex: u32) {
+        let Some(attachment) = self.uplinks.remove(&ifindex) else {
+            return;
+        };
+        self.release(FROM_OUTSIDE, attachment.from_pod);
+        self.release(TO_OUTSIDE, attachment.to_pod);
+        let xdp = self.links_dir.join(format!("{ifindex}-uplink-xdp"));
+        if let Some(i) = self.xdp_pins.iter().position(|p| *p == xdp) {
+            self.xdp_pins.swap_remove(i);
+            let _ = std::fs::remove_file(&xdp);
+        }
+        info!(
+            "detached the external datapath from uplink {} (ifindex {ifindex})",
+            attachment.ifname
+        );
     }
 
     /// The loaded XDP program, e.g. to run it under BPF_PROG_TEST_RUN.

@@ -18,6 +18,7 @@ use aya::{
         links::{CgroupAttachMode, FdLink, LinkError},
         CgroupSockAddr, CgroupSockAddrAttachType, ProgramError,
     },
+    sys::SyscallError,
     Ebpf,
 };
 use log::{info, warn};
@@ -213,18 +214,26 @@ pub fn resolve_cgroup_root(
 
 /// Loads the socket hooks and attaches them to `cgroup_root`, pinning the
 /// links under `links_dir`; links a previous agent pinned there are
-/// replaced once the new ones are in place.
-pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<(), SocketLbError> {
+/// replaced once the new ones are in place. Hooks named in `refused` (by
+/// their kernel name, e.g. `connect4`) are refused as a kernel without
+/// them refuses them: the test switch `--test-refuse-socket-hooks`, so the
+/// fallback to the tc path can be tested on a kernel that has them all.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup_root: &Path,
+    links_dir: &Path,
+    refused: &[String],
+) -> Result<(), SocketLbError> {
     // Load every hook before attaching any: a kernel without one of them
     // gets none (the tc path then serves everything).
-    load_all(ebpf, &HOOKS)?;
+    load_all(ebpf, &HOOKS, refused)?;
     std::fs::create_dir_all(links_dir).map_err(fs_err("creating", links_dir))?;
     let cgroup = File::open(cgroup_root).map_err(fs_err("opening the cgroup", cgroup_root))?;
     attach_all(ebpf, &cgroup, cgroup_root, links_dir, &HOOKS)?;
     // The IPv6 hooks the same way, after the IPv4 ones are in place: a
     // kernel refusing one of them, or a failure attaching one, costs only
     // IPv6 at the socket.
-    let ipv6 = load_all(ebpf, &HOOKS6)
+    let ipv6 = load_all(ebpf, &HOOKS6, refused)
         .and_then(|()| attach_all(ebpf, &cgroup, cgroup_root, links_dir, &HOOKS6));
     if let Err(e) = ipv6 {
         // None left half attached (nor a previous agent's): the tc path
@@ -287,8 +296,17 @@ fn attach_all(
 fn load_all(
     ebpf: &mut Ebpf,
     hooks: &[(&'static str, &str, CgroupSockAddrAttachType)],
+    refused: &[String],
 ) -> Result<(), SocketLbError> {
-    for &(name, _, _) in hooks {
+    for &(name, hook, _) in hooks {
+        if refused.iter().any(|r| r == hook) {
+            // What the kernel answers a program type or hook it lacks.
+            let source = ProgramError::SyscallError(SyscallError {
+                call: "bpf_prog_load (refused by --test-refuse-socket-hooks)",
+                io_error: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+            return Err(SocketLbError::Unsupported { name, source });
+        }
         program_mut(ebpf, name)?
             .load()
             .map_err(|source| SocketLbError::Unsupported { name, source })?;

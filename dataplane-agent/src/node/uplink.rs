@@ -1,7 +1,7 @@
 //! The node's uplinks and addresses: which interfaces carry traffic from
 //! outside (by default those holding the default routes), the addresses
-//! NodePorts are served on (followed as they change), and the SNAT port
-//! range kept free of the node's own sockets.
+//! NodePorts are served on (both followed as links, routes and addresses
+//! change), and the SNAT port range kept free of the node's own sockets.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -10,7 +10,7 @@ use std::{
 
 use futures::StreamExt as _;
 use rtnetlink::{
-    constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR},
+    constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_LINK},
     packet_core::NetlinkPayload,
     packet_route::RouteNetlinkMessage,
     sys::{AsyncSocket as _, SocketAddr},
@@ -27,19 +27,13 @@ pub enum UplinkError {
     },
     #[error("listing the node's addresses")]
     Addresses(#[source] nix::Error),
-    #[error("uplink interface {name}: no such interface")]
-    NoSuchInterface {
-        name: String,
-        #[source]
-        source: nix::Error,
-    },
     #[error("writing {path}")]
     Write {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("opening a netlink socket for address events")]
+    #[error("opening a netlink socket for link, route and address events")]
     Netlink(#[source] std::io::Error),
     #[error("SNAT port range {min}-{max} overlaps the node's ephemeral ports {eph_min}-{eph_max} (net.ipv4.ip_local_port_range)")]
     RangeOverlapsEphemeral {
@@ -83,22 +77,21 @@ fn parse_default_routes(text: &str) -> Vec<String> {
     names
 }
 
-/// The interfaces named, with their indexes.
-pub fn resolve(names: &[String]) -> Result<Vec<Uplink>, UplinkError> {
-    names
-        .iter()
-        .map(|name| {
-            nix::net::if_::if_nametoindex(name.as_str())
-                .map(|ifindex| Uplink {
-                    ifindex,
-                    name: name.clone(),
-                })
-                .map_err(|source| UplinkError::NoSuchInterface {
-                    name: name.clone(),
-                    source,
-                })
-        })
-        .collect()
+/// The interfaces named that exist now, with their indexes, and the names
+/// of those that do not (yet).
+pub fn present(names: &[String]) -> (Vec<Uplink>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for name in names {
+        match nix::net::if_::if_nametoindex(name.as_str()) {
+            Ok(ifindex) => found.push(Uplink {
+                ifindex,
+                name: name.clone(),
+            }),
+            Err(_) => missing.push(name.clone()),
+        }
+    }
+    (found, missing)
 }
 
 /// Whether `name` is a virtual interface (no device behind it in sysfs:
@@ -156,24 +149,33 @@ pub fn addresses6() -> Result<Vec<(String, Ipv6Addr)>, UplinkError> {
     Ok(out)
 }
 
-/// A notice each time an address (either family) of this network
-/// namespace is added or removed; the receiver reads the addresses again
-/// ([`addresses`], [`addresses6`]).
-/// Notices that arrive while one is pending are merged into it.
-pub fn watch_addresses() -> Result<mpsc::Receiver<()>, UplinkError> {
+/// A notice each time an interface, an IPv4 route or an address (either
+/// family) of this network namespace is added, changed or removed: the
+/// receiver reads the uplinks ([`default_route_interfaces`], [`present`])
+/// and addresses ([`addresses`], [`addresses6`]) again. Notices that arrive
+/// while one is pending are merged into it.
+pub fn watch_node_network() -> Result<mpsc::Receiver<()>, UplinkError> {
     let (mut connection, _handle, mut messages) =
         rtnetlink::new_connection().map_err(UplinkError::Netlink)?;
     connection
         .socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        .bind(&SocketAddr::new(
+            0,
+            RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_LINK,
+        ))
         .map_err(UplinkError::Netlink)?;
     tokio::spawn(connection);
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         while let Some((message, _)) = messages.next().await {
             if let NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+                RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_)
+                | RouteNetlinkMessage::NewLink(_)
+                | RouteNetlinkMessage::DelLink(_)
+                | RouteNetlinkMessage::NewRoute(_)
+                | RouteNetlinkMessage::DelRoute(_),
             ) = message.payload
             {
                 if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
@@ -181,7 +183,7 @@ pub fn watch_addresses() -> Result<mpsc::Receiver<()>, UplinkError> {
                 }
             }
         }
-        log::error!("netlink address notifications ended");
+        log::error!("netlink link, route and address notifications ended");
     });
     Ok(rx)
 }

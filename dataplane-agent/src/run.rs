@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_common::{port_from_map, Nat6Config, NatConfig, IPPROTO_UDP};
+use dataplane_common::{Nat6Config, NatConfig, IPPROTO_UDP};
 
 use anyhow::Context as _;
 use log::{error, info, warn};

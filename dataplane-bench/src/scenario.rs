@@ -234,3 +234,30 @@ pub fn manifests_yaml(svcs: &[Svc]) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_services_are_written_as_ipv6_only_services_with_an_ipv6_slice() {
+        let target = BackendAddr {
+            ip: "fd00:10:244:1::11".parse().unwrap(),
+            port: TARGET_PORT,
+        };
+        let svcs = services(IpFamily::Ipv6, 3, 2, Some(target));
+        assert!(svcs.iter().all(|s| s.family() == IpFamily::Ipv6));
+        assert_eq!(svcs[2].backends, vec![target]);
+        assert!(svcs[..2]
+            .iter()
+            .flat_map(|s| &s.backends)
+            .all(|b| b.ip.is_ipv6()));
+        let yaml = manifests_yaml(&svcs);
+        assert_eq!(yaml.matches("addressType: IPv6").count(), 3, "{yaml}");
+        assert!(
+            !yaml.contains("IPv4") && !yaml.contains("0.0.0.0"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("clusterIP: fd00:10:96::3"), "{yaml}");
+    }
+}

@@ -310,11 +310,11 @@ fn open_tcp_connection_survives_an_agent_restart() {
     );
 }
 
-/// Upgrading from the previous release (maps of layout 3): open TCP and
+/// Upgrading from the previous release (maps of layout 4): open TCP and
 /// UDP flows keep their backends while this build's agents migrate the maps
 /// and switch the programs. Needs that release's agent binary in
 /// `DATAPLANE_PREVIOUS_AGENT_BIN` (`cargo xtask test` builds it from the
-/// last commit of layout 3).
+/// last commit of layout 4).
 #[test]
 fn open_connections_survive_an_upgrade_from_the_previous_release() {
     require_root();
@@ -371,7 +371,7 @@ fn open_connections_survive_an_upgrade_from_the_previous_release() {
     );
     let log = c.agent_log(1);
     assert!(
-        log.contains("migrated from layout Some(3)"),
+        log.contains("migrated from layout Some(4)"),
         "the new agent migrated the maps: {log}"
     );
     assert!(

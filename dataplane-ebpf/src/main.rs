@@ -512,9 +512,11 @@ fn reply_translate(
 /// A local backend's reply to a client of a NodePort on this node's
 /// address, translated as it leaves the backend: the client may be a pod
 /// of another node, reached over an overlay device, where the uplink's
-/// `to_outside` never sees the reply (only the encapsulated packet). Every
-/// other reply is translated where it leaves the node (`to_outside`) or
-/// enters the client (`to_pod`).
+/// `to_outside` never sees the reply (only the encapsulated packet). With
+/// this node's address as source the stack would drop it on ingress (a
+/// martian): it is sent to its next hop by FIB lookup, as `from_outside`
+/// sends SNATed replies. Every other reply is translated where it leaves
+/// the node (`to_outside`) or enters the client (`to_pod`).
 ///
 /// Not inlined: a subprogram of its own, called by `from_pod` after
 /// `from_pod4` (see [`MAYBE_NODE_PORT_REPLY`]).
@@ -531,11 +533,23 @@ fn node_port_reply_from_pod4(ctx: &TcContext) -> i32 {
     if !node_port || ct.flags & ct_flags::HAIRPIN != 0 {
         return TC_ACT_OK;
     }
+    let after = Ipv4Flow {
+        src_addr: ct.service_addr,
+        src_port: ct.service_port,
+        ..flow
+    };
+    // No route to the client: left as it is, to the stack.
+    let Some(hop) = fib::fib4_lookup(ctx.raw(), ctx.ifindex(), &after) else {
+        return TC_ACT_OK;
+    };
     if flow.frag == frag::FIRST {
         frag4_track(&flow);
     }
     let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
-    reply_translate(&packet, &mut flow, &ct, skb::now_ns()).unwrap_or_else(|verdict| verdict)
+    match reply_translate(&packet, &mut flow, &ct, skb::now_ns()) {
+        Ok(_) if flow.src_addr == ct.service_addr => ctx.send(&hop),
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[inline(always)]

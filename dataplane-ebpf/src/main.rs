@@ -34,6 +34,7 @@ mod nat6;
 mod parse;
 mod parse6;
 mod pod6;
+mod redirect;
 mod reject;
 mod reject6;
 mod skb;
@@ -67,6 +68,7 @@ use crate::{
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
+    redirect::{redirect4_learn_backend, redirect4_to_backend},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
     trace::{trace, tuple, Decision},
 };
@@ -303,7 +305,8 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             } else {
                 Counter::Established
             };
-            return packet.pass(decision, &flow, Ids::of(&ct));
+            packet.pass(decision, &flow, Ids::of(&ct))?;
+            return Ok(deliver(ctx, &packet.before, &flow));
         }
         if flow.frag == frag::LATER {
             // The rest of a datagram whose flow ended: no answer, no new
@@ -328,7 +331,25 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return packet.drop(Counter::FragmentUnknown, &flow, Ids::default());
     }
 
-    new_flow(&packet, &mut flow, now, ip_value)
+    let verdict = new_flow(&packet, &mut flow, now, ip_value)?;
+    if verdict != TC_ACT_OK {
+        return Ok(verdict);
+    }
+    Ok(deliver(ctx, &packet.before, &flow))
+}
+
+/// Where a packet that passes goes: straight to its backend when it was
+/// DNATed to one (`redirect`), else to the stack. A hairpin flow (its
+/// source became the service) and anything untranslated stay with the
+/// stack.
+#[inline(always)]
+fn deliver(ctx: &TcContext, before: &TraceTuple, flow: &Ipv4Flow) -> i32 {
+    let to_backend = flow.src_addr == before.src_addr
+        && (flow.dst_addr != before.dst_addr || flow.dst_port != before.dst_port);
+    if !to_backend {
+        return TC_ACT_OK;
+    }
+    redirect4_to_backend(ctx, flow)
 }
 
 #[inline(always)]
@@ -495,6 +516,7 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     };
+    redirect4_learn_backend(ctx, &flow);
     if !lb4_may_be_reply(&flow) {
         // Not from a backend: traffic between pods, untouched.
         return Ok(TC_ACT_OK);

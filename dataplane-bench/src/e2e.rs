@@ -35,7 +35,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use dataplane_agent::control::model::BackendAddr;
 use dataplane_lab::{
-    agent::Agent,
+    agent::{agent_bin, Agent, Source},
     cgroup,
     netns::{self, in_netns, ip, spawn_in_netns, Netns},
 };
@@ -57,6 +57,9 @@ pub enum System {
     /// This dataplane: the agent binary in the node; the client pod is
     /// outside the node's cgroup, so the tc programs translate.
     Ebpf,
+    /// The same, `--direct-redirect false`: translated packets go through
+    /// the node's stack instead of straight to the backend.
+    EbpfStack,
     /// The same agent, the client pod's process in the node's cgroup: its
     /// sockets are translated at connect() (socket-level load balancing).
     SocketLb,
@@ -69,9 +72,10 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 7] = [
         System::Direct,
         System::Ebpf,
+        System::EbpfStack,
         System::SocketLb,
         System::SocketLbHost,
         System::Iptables,
@@ -82,6 +86,7 @@ impl System {
         match self {
             System::Direct => "direct (no service)",
             System::Ebpf => "eBPF dataplane",
+            System::EbpfStack => "eBPF dataplane, --direct-redirect false",
             System::SocketLb => "eBPF socket LB",
             System::SocketLbHost => "eBPF socket LB, host client",
             System::Iptables => "kube-proxy iptables",
@@ -184,18 +189,85 @@ struct Topology {
 }
 
 impl Topology {
-    fn build() -> anyhow::Result<Self> {
+    fn build(pods: PodNetwork) -> anyhow::Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("cli")?;
         let server = Netns::new("srv")?;
         netns::forward_as_a_node(&node.name)?;
+        if pods == PodNetwork::Routed {
+            Self::route_pods(&node, &client, &server)?;
+        } else {
+            Self::bridge_pods(&node, &client, &server)?;
+        }
+        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        Ok(Self {
+            client,
+            server,
+            node,
+        })
+    }
+
+    /// Calico's layout: /32 pods, each behind its own veth, the node
+    /// answering ARP for the pods' link-local gateway.
+    fn route_pods(node: &Netns, client: &Netns, server: &Netns) -> anyhow::Result<()> {
+        let n = node.name.as_str();
+        ip(&["-n", n, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        for (pod, host_if, addr) in [
+            (client, "vethclient", CLIENT_IP),
+            (server, "vethserver", SERVER_IP),
+        ] {
+            let p = pod.name.as_str();
+            ip(&[
+                "-n", n, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", p,
+            ])?;
+            ip(&["-n", n, "link", "set", host_if, "up"])?;
+            node.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+            ip(&[
+                "-n",
+                n,
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                host_if,
+            ])?;
+            ip(&["-n", p, "link", "set", "eth0", "up"])?;
+            ip(&["-n", p, "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                p,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            ip(&[
+                "-n",
+                p,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn bridge_pods(node: &Netns, client: &Netns, server: &Netns) -> anyhow::Result<()> {
         let n = node.name.as_str();
         ip(&["-n", n, "link", "add", "cbr0", "type", "bridge"])?;
         ip(&["-n", n, "addr", "add", "10.244.1.1/24", "dev", "cbr0"])?;
         ip(&["-n", n, "link", "set", "cbr0", "up"])?;
         for (pod, host_if, addr) in [
-            (&client, "vethclient", CLIENT_IP),
-            (&server, "vethserver", SERVER_IP),
+            (client, "vethclient", CLIENT_IP),
+            (server, "vethserver", SERVER_IP),
         ] {
             let p = pod.name.as_str();
             ip(&[
@@ -206,13 +278,7 @@ impl Topology {
             ip(&["-n", p, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
             ip(&["-n", p, "route", "add", "default", "via", "10.244.1.1"])?;
         }
-        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        Ok(Self {
-            client,
-            server,
-            node,
-        })
+        Ok(())
     }
 }
 
@@ -462,7 +528,7 @@ fn setup(
             SocketAddr::V4(SocketAddrV4::new(SERVER_IP, TARGET_PORT)),
             Box::new(()),
         )),
-        System::Ebpf | System::SocketLb | System::SocketLbHost => {
+        System::Ebpf | System::EbpfStack | System::SocketLb | System::SocketLbHost => {
             let bpffs = Bpffs::new()?;
             let work = tempfile::tempdir()?;
             let manifests = work.path().join("manifests");
@@ -471,13 +537,21 @@ fn setup(
                 manifests.join("services.yaml"),
                 scenario::manifests_yaml(&svcs),
             )?;
-            let agent = Agent::start(
+            let extra: &[&str] = if system == System::EbpfStack {
+                &["--direct-redirect", "false"]
+            } else {
+                &[]
+            };
+            let mut agent = Agent::launch_bin(
+                &agent_bin(),
                 node,
                 "bench-node",
-                &manifests,
+                Source::Manifests(&manifests),
                 bpffs.path(),
                 &work.path().join("agent.log"),
+                extra,
             )?;
+            agent.wait_healthy(Duration::from_secs(30))?;
             // Drop order: the agent first, then its bpffs, then the files.
             Ok((service, Box::new((agent, bpffs, work))))
         }
@@ -516,6 +590,16 @@ pub struct Options {
     pub systems: Vec<System>,
     /// Interleaved rounds over all systems at each scale.
     pub rounds: usize,
+    pub pods: PodNetwork,
+}
+
+/// How the node connects its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodNetwork {
+    /// Pods on a bridge (CNI's bridge plugin, kubenet).
+    Bridge,
+    /// /32 pods routed over their own veth with proxy ARP (Calico).
+    Routed,
 }
 
 /// One system set up and ready for load.
@@ -531,7 +615,7 @@ struct Case {
 }
 
 fn set_up(system: System, services: usize, o: &Options) -> anyhow::Result<Case> {
-    let topo = Topology::build().context("building the namespaces")?;
+    let topo = Topology::build(o.pods).context("building the namespaces")?;
     let server = Server::start(&topo.server.name, o.concurrency)?;
     let started = Instant::now();
     let (target, guard) = setup(system, &topo, services, o.endpoints)?;

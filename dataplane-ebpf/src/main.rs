@@ -68,7 +68,7 @@ use crate::{
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
-    redirect::{redirect4_learn_backend, redirect4_to_backend},
+    redirect::{redirect4_enabled, redirect4_learn_backend, redirect4_to_backend},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
     trace::{trace, tuple, Decision},
 };
@@ -80,8 +80,19 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if parse6::is_ipv6_frame(&ctx) {
         return pod6::from_pod6(&ctx);
     }
-    from_pod4(&ctx)
+    let verdict = from_pod4(&ctx);
+    if verdict == TO_BACKEND {
+        // Here, not in `from_pod4`: the two stack frames together would
+        // not fit in 512 bytes.
+        return redirect4_to_backend(&ctx);
+    }
+    verdict
 }
+
+/// `from_pod4`'s verdict for a packet it DNATed to a backend, to be sent
+/// on by [`redirect4_to_backend`] (with `--direct-redirect`); never a tc
+/// verdict.
+const TO_BACKEND: i32 = 0x1_0000;
 
 #[inline(never)]
 fn from_pod4(ctx: &TcContext) -> i32 {
@@ -306,7 +317,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
                 Counter::Established
             };
             packet.pass(decision, &flow, Ids::of(&ct))?;
-            return Ok(deliver(ctx, &packet.before, &flow));
+            return Ok(deliver(&packet.before, &flow));
         }
         if flow.frag == frag::LATER {
             // The rest of a datagram whose flow ended: no answer, no new
@@ -335,21 +346,21 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
     if verdict != TC_ACT_OK {
         return Ok(verdict);
     }
-    Ok(deliver(ctx, &packet.before, &flow))
+    Ok(deliver(&packet.before, &flow))
 }
 
 /// Where a packet that passes goes: straight to its backend when it was
-/// DNATed to one (`redirect`), else to the stack. A hairpin flow (its
-/// source became the service) and anything untranslated stay with the
-/// stack.
+/// DNATed to one ([`TO_BACKEND`]), else to the stack. A hairpin flow (its
+/// source became the service), fragments and anything untranslated stay
+/// with the stack.
 #[inline(always)]
-fn deliver(ctx: &TcContext, before: &TraceTuple, flow: &Ipv4Flow) -> i32 {
+fn deliver(before: &TraceTuple, flow: &Ipv4Flow) -> i32 {
     let to_backend = flow.src_addr == before.src_addr
         && (flow.dst_addr != before.dst_addr || flow.dst_port != before.dst_port);
-    if !to_backend {
+    if !to_backend || flow.frag != frag::NONE || !redirect4_enabled() {
         return TC_ACT_OK;
     }
-    redirect4_to_backend(ctx, flow)
+    TO_BACKEND
 }
 
 #[inline(always)]

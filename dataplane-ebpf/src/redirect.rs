@@ -20,7 +20,7 @@ use crate::{
     ctx::PacketCtx,
     fib::{fib4_lookup, NextHop},
     maps::{backend_interface, count, learn_backend_interface},
-    parse::{Ipv4Flow, TCP_ACK, TCP_SYN},
+    parse::{parse_ipv4_flow, Ipv4Flow, TCP_ACK, TCP_SYN},
     skb,
 };
 
@@ -30,7 +30,7 @@ use crate::{
 static DIRECT_REDIRECT: u8 = 0;
 
 #[inline(always)]
-fn enabled() -> bool {
+pub fn redirect4_enabled() -> bool {
     // SAFETY: a plain read of a constant the loader may have rewritten; the
     // volatile read keeps the compiler from folding in the default.
     unsafe { core::ptr::read_volatile(&DIRECT_REDIRECT) != 0 }
@@ -46,14 +46,15 @@ fn backend_of(flow: &Ipv4Flow) -> ReplySource {
     }
 }
 
-/// `from_pod`: sends `flow`, DNATed to a backend, on to it; `TC_ACT_OK`
-/// leaves it to the stack. A call of its own: the FIB parameters would not
-/// fit on the pipeline's stack.
+/// `from_pod`: sends the packet, DNATed to a backend, on to it;
+/// `TC_ACT_OK` leaves it to the stack. A call of its own, on the packet as
+/// it is now: the pipeline's stack has no room for the FIB parameters.
 #[inline(never)]
-pub fn redirect4_to_backend(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
-    if !enabled() {
+pub fn redirect4_to_backend(ctx: &TcContext) -> i32 {
+    let Ok(flow) = parse_ipv4_flow(ctx) else {
         return TC_ACT_OK;
-    }
+    };
+    let flow = &flow;
     let ingress = PacketCtx::ifindex(ctx);
     let Some(hop) = fib4_lookup(PacketCtx::raw(ctx), ingress, flow) else {
         return TC_ACT_OK;
@@ -73,10 +74,13 @@ pub fn redirect4_to_backend(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
         }
         return skb::redirect_peer(hop.ifindex);
     }
-    PacketCtx::send(ctx, &NextHop {
-        ifindex: hop.ifindex,
-        macs: Some(macs),
-    })
+    PacketCtx::send(
+        ctx,
+        &NextHop {
+            ifindex: hop.ifindex,
+            macs: Some(macs),
+        },
+    )
 }
 
 /// `to_pod`: a packet opening a flow to a backend goes into the pod
@@ -85,7 +89,7 @@ pub fn redirect4_to_backend(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
 /// of a redirected flow never come this way.
 #[inline(always)]
 pub fn redirect4_learn_backend(ctx: &TcContext, flow: &Ipv4Flow) {
-    if !enabled() || !flow.has_l4_header() {
+    if !redirect4_enabled() || !flow.has_l4_header() {
         return;
     }
     if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {

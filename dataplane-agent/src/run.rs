@@ -32,7 +32,7 @@ use crate::{
         bpffs::ensure_bpffs,
         ct_gc, ct_gc6,
         ct_options::ConntrackOptions,
-        datapath::{Datapath, XdpAttachMode},
+        datapath::{Datapath, DatapathConfig, XdpAttachMode},
         interfaces::{self, LinkEvent, PodInterfaceFilter},
         lb_maps::{BpfLbMaps, LbMaps},
         pinned, sock_destroy, socket_lb, uplink,
@@ -92,6 +92,12 @@ pub struct Options {
     pub metrics_bind_address: SocketAddr,
     #[command(flatten)]
     pub conntrack: ConntrackOptions,
+    /// Deliver a pod's service packet straight to its backend once
+    /// translated: into a pod of this node with `bpf_redirect_peer`, to
+    /// another node by FIB lookup and redirect, skipping the host's routing
+    /// and netfilter. Off (or a kernel before 5.10): the stack delivers it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub direct_redirect: bool,
     /// kube-proxy's configuration file (a `KubeProxyConfiguration`, YAML or
     /// JSON): every field with a meaning here is applied; flags given on
     /// the command line win.
@@ -557,7 +563,10 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let filter = PodInterfaceFilter::new(&options.pod_ifaces)?;
     ensure_bpffs(&options.bpffs)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let config = options.conntrack.datapath_config(cpus);
+    let config = DatapathConfig {
+        direct_redirect: options.direct_redirect,
+        ..options.conntrack.datapath_config(cpus)
+    };
     let (mut datapath, maps) = Datapath::load_with(&options.bpffs, &config)?;
     let mut conntrack_maps = maps.conntrack;
     let mut conntrack6_maps = maps.conntrack6;

@@ -87,6 +87,9 @@ pub enum System {
     /// This dataplane: the agent binary in the node; the client pod is
     /// outside the node's cgroup, so the tc programs translate.
     Ebpf,
+    /// The same, `--direct-redirect false`: translated packets go through
+    /// the node's stack instead of straight to the backend.
+    EbpfStack,
     /// The same agent, the client pod's process in the node's cgroup: its
     /// sockets are translated at connect() (socket-level load balancing).
     SocketLb,
@@ -99,9 +102,10 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 7] = [
         System::Direct,
         System::Ebpf,
+        System::EbpfStack,
         System::SocketLb,
         System::SocketLbHost,
         System::Iptables,
@@ -112,6 +116,7 @@ impl System {
         match self {
             System::Direct => "direct (no service)",
             System::Ebpf => "eBPF dataplane",
+            System::EbpfStack => "eBPF dataplane, --direct-redirect false",
             System::SocketLb => "eBPF socket LB",
             System::SocketLbHost => "eBPF socket LB, host client",
             System::Iptables => "kube-proxy iptables",
@@ -215,12 +220,12 @@ struct Topology {
 }
 
 impl Topology {
-    /// Node, bridge and pods with addresses of `family` only.
-    fn build(family: IpFamily) -> anyhow::Result<Self> {
+    /// Node and pods with addresses of `family` only, on a bridge or
+    /// routed (`pods`).
+    fn build(family: IpFamily, pods: PodNetwork) -> anyhow::Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("cli")?;
         let server = Netns::new("srv")?;
-        let (gateway, prefix) = pod_subnet(family);
         let v6 = family == IpFamily::Ipv6;
         for ns in [&node, &client, &server] {
             if v6 {
@@ -234,6 +239,78 @@ impl Topology {
         if v6 {
             node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
+        let pod_addrs = [
+            (&client, "vethclient", client_ip(family)),
+            (&server, "vethserver", server_ip(family)),
+        ];
+        if pods == PodNetwork::Routed {
+            Self::route_pods(&node, family, &pod_addrs)?;
+        } else {
+            Self::bridge_pods(&node, family, &pod_addrs)?;
+        }
+        // Shared by both families' ports.
+        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        Ok(Self {
+            client,
+            server,
+            node,
+        })
+    }
+
+    /// Calico's layout: /32 (/128) pods, each behind its own veth, with a
+    /// link-local gateway the node answers for (IPv4: 169.254.1.1 by proxy
+    /// ARP; IPv6: fe80::1 on each host veth, link-local being per link).
+    fn route_pods(
+        node: &Netns,
+        family: IpFamily,
+        pods: &[(&Netns, &str, IpAddr)],
+    ) -> anyhow::Result<()> {
+        let n = node.name.as_str();
+        let (gateway, host_len) = match family {
+            IpFamily::Ipv4 => ("169.254.1.1", 32),
+            IpFamily::Ipv6 => ("fe80::1", 128),
+        };
+        if family == IpFamily::Ipv4 {
+            ip(&["-n", n, "route", "add", "169.254.1.1/32", "dev", "lo"])?;
+        }
+        for &(pod, host_if, addr) in pods {
+            let p = pod.name.as_str();
+            ip(&[
+                "-n", n, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", p,
+            ])?;
+            ip(&["-n", n, "link", "set", host_if, "up"])?;
+            match family {
+                IpFamily::Ipv4 => {
+                    node.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?
+                }
+                IpFamily::Ipv6 => ip(&[
+                    "-n", n, "addr", "add", "fe80::1/64", "dev", host_if, "nodad",
+                ])?,
+            }
+            let host_route = format!("{addr}/{host_len}");
+            ip(&["-n", n, "route", "add", &host_route, "dev", host_if])?;
+            ip(&["-n", p, "link", "set", "eth0", "up"])?;
+            ip(&["-n", p, "addr", "add", &host_route, "dev", "eth0", "nodad"])?;
+            if family == IpFamily::Ipv4 {
+                ip(&[
+                    "-n", p, "route", "add", gateway, "dev", "eth0", "scope", "link",
+                ])?;
+            }
+            ip(&[
+                "-n", p, "route", "add", "default", "via", gateway, "dev", "eth0",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// The talk's layout: pods in one subnet on the node's bridge `cbr0`.
+    fn bridge_pods(
+        node: &Netns,
+        family: IpFamily,
+        pods: &[(&Netns, &str, IpAddr)],
+    ) -> anyhow::Result<()> {
+        let (gateway, prefix) = pod_subnet(family);
         let n = node.name.as_str();
         ip(&["-n", n, "link", "add", "cbr0", "type", "bridge"])?;
         ip(&[
@@ -247,10 +324,7 @@ impl Topology {
             "nodad",
         ])?;
         ip(&["-n", n, "link", "set", "cbr0", "up"])?;
-        for (pod, host_if, addr) in [
-            (&client, "vethclient", client_ip(family)),
-            (&server, "vethserver", server_ip(family)),
-        ] {
+        for &(pod, host_if, addr) in pods {
             let p = pod.name.as_str();
             ip(&[
                 "-n", n, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", p,
@@ -277,14 +351,7 @@ impl Topology {
                 &gateway.to_string(),
             ])?;
         }
-        // Shared by both families' ports.
-        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        Ok(Self {
-            client,
-            server,
-            node,
-        })
+        Ok(())
     }
 }
 
@@ -544,7 +611,7 @@ fn setup(
             SocketAddr::new(server_ip(family), TARGET_PORT),
             Box::new(()),
         )),
-        System::Ebpf | System::SocketLb | System::SocketLbHost => {
+        System::Ebpf | System::EbpfStack | System::SocketLb | System::SocketLbHost => {
             let bpffs = Bpffs::new()?;
             let work = tempfile::tempdir()?;
             let manifests = work.path().join("manifests");
@@ -559,6 +626,10 @@ fn setup(
                 IpFamily::Ipv4 => "ipv4",
                 IpFamily::Ipv6 => "ipv6",
             };
+            let mut args = vec!["--ip-families", families];
+            if system == System::EbpfStack {
+                args.extend(["--direct-redirect", "false"]);
+            };
             let mut agent = Agent::launch_bin(
                 &agent_bin(),
                 node,
@@ -566,7 +637,7 @@ fn setup(
                 Source::Manifests(&manifests),
                 bpffs.path(),
                 &work.path().join("agent.log"),
-                &["--ip-families", families],
+                &args,
             )?;
             agent.wait_healthy(Duration::from_secs(30))?;
             // Drop order: the agent first, then its bpffs, then the files.
@@ -605,6 +676,16 @@ pub struct Options {
     pub families: Vec<IpFamily>,
     /// Interleaved rounds over all systems at each scale.
     pub rounds: usize,
+    pub pods: PodNetwork,
+}
+
+/// How the node connects its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodNetwork {
+    /// Pods on a bridge (CNI's bridge plugin, kubenet).
+    Bridge,
+    /// /32 pods routed over their own veth with proxy ARP (Calico).
+    Routed,
 }
 
 /// One system set up and ready for load.
@@ -621,7 +702,7 @@ struct Case {
 }
 
 fn set_up(system: System, family: IpFamily, services: usize, o: &Options) -> anyhow::Result<Case> {
-    let topo = Topology::build(family).context("building the namespaces")?;
+    let topo = Topology::build(family, o.pods).context("building the namespaces")?;
     let server = Server::start(&topo.server.name, family, o.concurrency)?;
     let started = Instant::now();
     let (target, guard) = setup(system, family, &topo, services, o.endpoints)?;

@@ -66,6 +66,9 @@ struct Cli {
     /// End-to-end cases: only these systems (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Vec<e2e::System>,
+    /// End-to-end cases: how the node connects its pods.
+    #[arg(long, value_enum, default_value = "bridge")]
+    pod_network: e2e::PodNetwork,
     /// End-to-end cases: only these numbers of services (default: 10,
     /// 1 000 and 10 000; 10 and 1 000 with --quick).
     #[arg(long, value_delimiter = ',')]
@@ -174,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 1.0 } else { 5.0 })),
             concurrency: cli.concurrency,
             rounds: cli.rounds,
+            pods: cli.pod_network,
         };
         rep.e2e_seconds = o.length.as_secs_f64();
         rep.concurrency = o.concurrency;

@@ -35,6 +35,7 @@ mod nat6;
 mod parse;
 mod parse6;
 mod pod6;
+mod redirect;
 mod reject;
 mod reject6;
 mod skb;
@@ -68,6 +69,7 @@ use crate::{
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
+    redirect::{redirect4_enabled, redirect4_learn_backend, redirect4_to_backend},
     reject::{reject4_icmp_port_unreachable, reject4_tcp_reset},
     trace::{trace, tuple, Decision},
 };
@@ -79,10 +81,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if parse6::is_ipv6_frame(&ctx) {
         return pod6::from_pod6(&ctx);
     }
+    // The follow-ups are called from here, not from `from_pod4`: the two
+    // stack frames together would not fit in 512 bytes.
     match from_pod4(&ctx) {
-        // Called from here, not from `from_pod4`: the two frames would not
-        // fit the stack together.
         MAYBE_NODE_PORT_REPLY => node_port_reply_from_pod4(&ctx),
+        TO_BACKEND => redirect4_to_backend(&ctx),
         verdict => verdict,
     }
 }
@@ -91,6 +94,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// backend (`lb4_may_be_reply`): see [`node_port_reply_from_pod4`]. No tc
 /// verdict has this value.
 const MAYBE_NODE_PORT_REPLY: i32 = 0x4e50_5259;
+
+/// `from_pod4`'s verdict for a packet it DNATed to a backend, to be sent
+/// on by [`redirect4_to_backend`] (with `--direct-redirect`); never a tc
+/// verdict.
+const TO_BACKEND: i32 = 0x1_0000;
 
 #[inline(never)]
 fn from_pod4(ctx: &TcContext) -> i32 {
@@ -324,7 +332,8 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
             } else {
                 Counter::Established
             };
-            return packet.pass(decision, &flow, Ids::of(&ct));
+            packet.pass(decision, &flow, Ids::of(&ct))?;
+            return Ok(deliver(&packet.before, &flow));
         }
         if flow.frag == frag::LATER {
             // The rest of a datagram whose flow ended: no answer, no new
@@ -349,7 +358,25 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return packet.drop(Counter::FragmentUnknown, &flow, Ids::default());
     }
 
-    new_flow(&packet, &mut flow, now, ip_value)
+    let verdict = new_flow(&packet, &mut flow, now, ip_value)?;
+    if verdict != TC_ACT_OK {
+        return Ok(verdict);
+    }
+    Ok(deliver(&packet.before, &flow))
+}
+
+/// Where a packet that passes goes: straight to its backend when it was
+/// DNATed to one ([`TO_BACKEND`]), else to the stack. A hairpin flow (its
+/// source became the service), fragments and anything untranslated stay
+/// with the stack.
+#[inline(always)]
+fn deliver(before: &TraceTuple, flow: &Ipv4Flow) -> i32 {
+    let to_backend = flow.src_addr == before.src_addr
+        && (flow.dst_addr != before.dst_addr || flow.dst_port != before.dst_port);
+    if !to_backend || flow.frag != frag::NONE || !redirect4_enabled() {
+        return TC_ACT_OK;
+    }
+    TO_BACKEND
 }
 
 #[inline(always)]
@@ -559,6 +586,7 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
         Err(_) => return Ok(TC_ACT_OK),
     };
+    redirect4_learn_backend(ctx, &flow);
     if !lb4_may_be_reply(&flow) {
         // Not from a backend: traffic between pods, untouched.
         return Ok(TC_ACT_OK);

@@ -67,6 +67,8 @@ pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::ne
 /// Backends' (address, port, protocol) -> 1, written by the agent with
 /// `BACKENDS`: the only sources whose packets into a pod `to_pod` looks up
 /// in conntrack, so traffic between pods costs one lookup in this small map.
+/// With `--direct-redirect`, `to_pod` replaces the 1 with the pod interface
+/// it saw a flow to the backend go into (`redirect`).
 #[btf_map(name = "REPLY_SOURCES")]
 static REPLY_SOURCES: HashMap<
     ReplySource,
@@ -256,6 +258,28 @@ pub fn backend_get(backend_id: u32) -> Option<Backend> {
 #[inline(always)]
 pub fn is_reply_source(source: &ReplySource) -> bool {
     REPLY_SOURCES.get_ptr(source).is_some()
+}
+
+/// The pod interface flows to `backend` were seen going into, if any
+/// (`redirect`); 1 only marks a backend.
+#[inline(always)]
+pub fn backend_interface(backend: &ReplySource) -> Option<u32> {
+    copied(REPLY_SOURCES.get_ptr(backend)).filter(|ifindex| *ifindex > 1)
+}
+
+/// Remembers `ifindex` as the pod interface of `backend`, if it is one.
+#[inline(always)]
+pub fn learn_backend_interface(backend: &ReplySource, ifindex: u32) {
+    if let Some(value) = REPLY_SOURCES.get_ptr_mut(backend) {
+        // SAFETY: a plain field of this run's value; written only when it
+        // changes, so the line stays shared between CPUs. Racing writers
+        // store interfaces the FIB check in `redirect` verifies anyway.
+        unsafe {
+            if *value != ifindex {
+                *value = ifindex;
+            }
+        }
+    }
 }
 
 /// The `SERVICE_IPS` value of `addr`: frontend count and node bit.

@@ -6,7 +6,8 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_fib_lookup, TC_ACT_REDIRECT},
     helpers::{
         bpf_csum_diff, bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_tail,
+        bpf_skb_change_type,
     },
     programs::TcContext,
 };
@@ -53,6 +54,40 @@ pub fn redirect_egress(ifindex: u32) -> i32 {
         TC_ACT_REDIRECT
     } else {
         aya_ebpf::bindings::TC_ACT_SHOT
+    }
+}
+
+/// Hands the packet to the other end of veth `ifindex` (a pod's eth0),
+/// as if it arrived there: the host's stack and the veth's backlog are
+/// skipped. Only from tc ingress, and only towards a veth (or netkit): the
+/// kernel drops it anywhere else.
+#[inline(always)]
+pub fn redirect_peer(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; the verdict it returns is TC_ACT_REDIRECT or
+    // TC_ACT_SHOT, both valid tc verdicts.
+    let ret = unsafe { bpf_redirect_peer(ifindex, 0) };
+    if ret == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT
+    } else {
+        aya_ebpf::bindings::TC_ACT_SHOT
+    }
+}
+
+/// `PACKET_HOST`: the packet is for the host it arrives at.
+const PACKET_HOST: u32 = 0;
+
+/// Marks the packet as addressed to the host that gets it, as the pod's
+/// stack wants it after `redirect_peer`: the mark was set on arrival from
+/// the destination MAC of the hop before (a bridge's, say), and kernels
+/// before 6.8 keep it across the redirect.
+#[inline(always)]
+pub fn set_packet_host(ctx: &TcContext) -> Result<(), i64> {
+    // SAFETY: helper call on the program's own context.
+    let ret = unsafe { bpf_skb_change_type(raw(ctx), PACKET_HOST) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(ret)
     }
 }
 

@@ -290,6 +290,18 @@ impl Harness {
         })
     }
 
+    /// Runs `program` on `packet` as if it was on interface `ifindex` (of
+    /// the test's network namespace).
+    pub fn run_on(&self, program: &str, packet: &[u8], ifindex: u32) -> Run {
+        // The test run's `struct __sk_buff` up to `ifindex`; every other
+        // field it accepts stays 0.
+        const IFINDEX_OFF: usize = 40;
+        let mut skb = [0u8; IFINDEX_OFF + 4];
+        skb[IFINDEX_OFF..].copy_from_slice(&ifindex.to_ne_bytes());
+        self.run_with_context(program, packet, 1, Some(&skb))
+            .unwrap_or_else(|e| panic!("test run of {program} on interface {ifindex} failed: {e}"))
+    }
+
     pub fn run(&self, program: &str, packet: &[u8]) -> Run {
         self.try_run(program, packet)
             .unwrap_or_else(|e| panic!("test run of {program} failed: {e}"))

@@ -54,3 +54,90 @@ fn routed_pods_hairpin_through_the_service() {
         c.logs()
     );
 }
+
+/// Packets the node's netfilter forwarded to `web-a` (10.244.1.11:8080),
+/// counted by an nftables rule on the node's forward hook.
+fn forwarded_to_web_a(c: &Cluster) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.lab.node_ns(1),
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "dptfwd",
+        ])
+        .output()
+        .expect("nft");
+    assert!(out.status.success(), "nft list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {text}"))
+}
+
+fn count_forwarding_to_web_a(c: &Cluster) {
+    let rules = "table ip dptfwd { chain counted { type filter hook forward priority 0; \
+                 ip daddr 10.244.1.11 tcp dport 8080 counter; }; }";
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.lab.node_ns(1), "nft", rules])
+        .status()
+        .expect("nft");
+    assert!(status.success(), "nft add");
+}
+
+#[test]
+fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() {
+    require_root();
+    // The tc path: with the socket hooks a client connects to the pod
+    // address itself.
+    let mut c = Cluster::start_with_agent_args(
+        Topology::Routed,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&lab_pod("web-a")]))],
+        &["--socket-lb", "false"],
+    );
+    count_forwarding_to_web_a(&c);
+    // The first packet finds no neighbour entry for the pod yet: the stack
+    // forwards it and resolves one.
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    let resolving = forwarded_to_web_a(&c);
+    for _ in 0..3 {
+        assert_eq!(
+            c.tcp("client", http(WEB_IP)).backend(),
+            Some("web-a"),
+            "{}",
+            c.logs()
+        );
+    }
+    assert_eq!(
+        forwarded_to_web_a(&c),
+        resolving,
+        "redirected straight to the pod, never forwarded by the node's stack"
+    );
+    assert!(c.counter(1, "redirected") > 0, "{}", c.logs());
+
+    // The same connections through the stack, for contrast: the rule sees them.
+    c.stop_agents();
+    c.set_agent_args(&["--socket-lb", "false", "--direct-redirect", "false"]);
+    c.restart_agents();
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    assert!(
+        forwarded_to_web_a(&c) > 0,
+        "--direct-redirect false: the node forwards"
+    );
+}

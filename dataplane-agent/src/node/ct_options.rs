@@ -76,6 +76,7 @@ impl ConntrackOptions {
             ct_max_tcp: self.max_tcp(cpus),
             ct_max_other: self.max_other(cpus),
             ct_lifetimes: self.lifetimes(),
+            ..DatapathConfig::default()
         }
     }
 }

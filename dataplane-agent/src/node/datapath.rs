@@ -57,6 +57,8 @@ pub enum XdpAttachMode {
     /// mode it was attached with is kept).
     Adopted,
 }
+/// The programs' load-time switch of `DatapathConfig::direct_redirect`.
+const DIRECT_REDIRECT: &str = "DIRECT_REDIRECT";
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
 
@@ -150,21 +152,48 @@ pub struct DatapathMaps {
 }
 
 /// What the datapath is loaded with: conntrack sizes and lifetimes
-/// (`ConntrackOptions`).
+/// (`ConntrackOptions`), and how translated packets are delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatapathConfig {
     pub ct_max_tcp: u32,
     pub ct_max_other: u32,
     pub ct_lifetimes: CtLifetimes,
+    /// A pod's packet DNATed to a backend goes straight to it (FIB lookup
+    /// and redirect, into a local pod's namespace with
+    /// `bpf_redirect_peer`) instead of through the host's stack
+    /// (`--direct-redirect`); off where the kernel lacks the helpers.
+    pub direct_redirect: bool,
 }
 
 impl Default for DatapathConfig {
-    /// The object's sizes, kube-proxy's lifetimes.
+    /// The object's sizes, kube-proxy's lifetimes, delivery by the stack
+    /// (what a test run, whose FIB is the host's, can check).
     fn default() -> Self {
         Self {
             ct_max_tcp: capacity::CT_TCP,
             ct_max_other: capacity::CT_OTHER,
             ct_lifetimes: CtLifetimes::default(),
+            direct_redirect: false,
+        }
+    }
+}
+
+/// Whether the kernel has `bpf_redirect_peer` for tc programs (5.10 and
+/// later), probed as libbpf does; logs once why not.
+fn redirect_peer_supported() -> bool {
+    use aya::{programs::ProgramType, sys::BpfHelper};
+    match aya::sys::is_helper_supported(
+        ProgramType::SchedClassifier,
+        BpfHelper::BPF_FUNC_redirect_peer,
+    ) {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!("this kernel has no bpf_redirect_peer (before 5.10): --direct-redirect is off, the stack delivers");
+            false
+        }
+        Err(e) => {
+            warn!("probing for bpf_redirect_peer failed ({e}): --direct-redirect is off, the stack delivers");
+            false
         }
     }
 }
@@ -269,6 +298,8 @@ impl Datapath {
         loader.map_max_entries(map_names::CT_OTHER, config.ct_max_other);
         loader.map_max_entries(map_names::CT6_TCP, config.ct_max_tcp);
         loader.map_max_entries(map_names::CT6_OTHER, config.ct_max_other);
+        let direct_redirect = u8::from(config.direct_redirect && redirect_peer_supported());
+        loader.override_global(DIRECT_REDIRECT, &direct_redirect, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {

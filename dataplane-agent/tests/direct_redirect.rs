@@ -1,0 +1,226 @@
+//! `--direct-redirect` under BPF_PROG_TEST_RUN: a pod's packet DNATed to a
+//! backend is redirected where the FIB of the test's own network namespace
+//! sends it, with that next hop's MAC addresses, and left to the stack
+//! where the FIB has no answer to act on.
+//!
+//! Needs root and a kernel with BPF (each test mounts its own bpffs and
+//! runs in a network namespace of its own).
+
+use std::net::SocketAddrV4;
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use dataplane_agent::{control::model::Protocol, node::datapath::DatapathConfig};
+use dataplane_common::{ipv4_to_map, map_names, port_to_map, Counter, ReplySource, IPPROTO_TCP};
+use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT};
+use dataplane_testkit::packets::{assert_translated, Tcp, ACK, SYN};
+
+fn client() -> SocketAddrV4 {
+    addr([10, 244, 1, 10], 40_000)
+}
+fn service() -> SocketAddrV4 {
+    addr([10, 96, 0, 10], 80)
+}
+/// A pod of this node, routed over its own veth (`pod0`).
+fn local_backend() -> SocketAddrV4 {
+    addr([10, 244, 1, 20], 8080)
+}
+/// A pod of the other node, behind 192.168.100.2 on `uplink0`.
+fn remote_backend() -> SocketAddrV4 {
+    addr([10, 244, 2, 10], 8080)
+}
+/// A pod whose next hop has no neighbour entry yet.
+fn unresolved_backend() -> SocketAddrV4 {
+    addr([10, 244, 3, 10], 8080)
+}
+
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// In the calling thread's namespace (sysfs shows the mount's).
+fn ifindex(name: &str) -> u32 {
+    nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("ifindex of {name}: {e}"))
+}
+
+/// Runs `f` on a thread in a network namespace of its own holding the
+/// client's veth `cli0`, a local backend's veth `pod0` (a /32 route), an
+/// uplink towards the other node's pods and a route without a neighbour.
+fn in_node_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
+        ip(&["link", "set", "lo", "up"]);
+        for (host, peer) in [("cli0", "cli1"), ("pod0", "pod1"), ("uplink0", "uplink1")] {
+            ip(&["link", "add", host, "type", "veth", "peer", "name", peer]);
+            ip(&["link", "set", host, "up"]);
+            ip(&["link", "set", peer, "up"]);
+        }
+        ip(&["addr", "add", "192.168.100.1/24", "dev", "uplink0"]);
+        ip(&["route", "add", "10.244.1.10/32", "dev", "cli0"]);
+        ip(&["route", "add", "10.244.1.20/32", "dev", "pod0"]);
+        ip(&["route", "add", "10.244.2.0/24", "via", "192.168.100.2"]);
+        ip(&["route", "add", "10.244.3.0/24", "via", "192.168.100.3"]);
+        let pod_mac = mac(POD_MAC);
+        let node_mac = mac(NODE_MAC);
+        ip(&[
+            "neigh",
+            "add",
+            "10.244.1.20",
+            "lladdr",
+            &pod_mac,
+            "dev",
+            "pod0",
+            "nud",
+            "permanent",
+        ]);
+        ip(&[
+            "neigh",
+            "add",
+            "192.168.100.2",
+            "lladdr",
+            &node_mac,
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ]);
+        f()
+    })
+    .join()
+    .expect("test thread")
+}
+
+fn node(direct_redirect: bool) -> Harness {
+    let config = DatapathConfig {
+        direct_redirect,
+        ..DatapathConfig::default()
+    };
+    let mut dp = Harness::load_on(Bpffs::new().expect("a bpffs"), &config)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    dp.set_service("web", service(), Protocol::Tcp, &[local_backend()]);
+    dp
+}
+
+/// `output` with `input`'s MAC addresses, for comparing the rest.
+fn with_macs_of(input: &[u8], output: &[u8]) -> Vec<u8> {
+    let mut out = output.to_vec();
+    out[..12].copy_from_slice(&input[..12]);
+    out
+}
+
+/// The interface `REPLY_SOURCES` holds for `backend` (1: none learned).
+fn learned_interface(dp: &Harness, backend: SocketAddrV4) -> Option<u32> {
+    let data = MapData::from_pin(dp.bpffs().join(map_names::REPLY_SOURCES)).expect("pinned map");
+    let map: BpfHashMap<MapData, ReplySource, u32> =
+        BpfHashMap::try_from(Map::HashMap(data)).expect("a hash map");
+    let key = ReplySource {
+        addr: ipv4_to_map(backend.ip().octets()),
+        port: port_to_map(backend.port()),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    map.get(&key, 0).ok()
+}
+
+#[test]
+fn a_local_backend_gets_the_packet_through_its_learned_pod_interface() {
+    in_node_netns(|| {
+        let dp = node(true);
+        let (cli0, pod0) = (ifindex("cli0"), ifindex("pod0"));
+        let syn = Tcp::new(client(), service(), SYN).build();
+
+        // Before any flow was seen going into the pod: sent out of `pod0`
+        // (where `to_pod` sees it) with the pod's MAC.
+        let first = dp.run_on("from_pod", &syn, cli0);
+        assert_eq!(first.verdict, TC_ACT_REDIRECT, "first SYN");
+        assert_eq!(&first.output[..6], &POD_MAC, "first SYN: the pod's MAC");
+        assert_translated(
+            &syn,
+            &with_macs_of(&syn, &first.output),
+            client(),
+            local_backend(),
+            "first SYN",
+        );
+        assert_eq!(learned_interface(&dp, local_backend()), Some(1));
+
+        // `to_pod` on the pod's interface learns it from the opening packet.
+        let run = dp.run_on("to_pod", &first.output, pod0);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(learned_interface(&dp, local_backend()), Some(pod0));
+        // A packet into another interface, or not opening a flow, teaches nothing.
+        let ack = Tcp::new(client(), local_backend(), ACK).build();
+        dp.run_on("to_pod", &ack, cli0);
+        assert_eq!(learned_interface(&dp, local_backend()), Some(pod0));
+
+        // The flow's next packet: into the pod's namespace (the verdict is
+        // the same redirect; the MACs are the pod's and `pod0`'s).
+        let ack = Tcp::new(client(), service(), ACK).build();
+        let run = dp.run_on("from_pod", &ack, cli0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "established ACK");
+        assert_eq!(&run.output[..6], &POD_MAC, "established ACK: the pod's MAC");
+        assert_translated(
+            &ack,
+            &with_macs_of(&ack, &run.output),
+            client(),
+            local_backend(),
+            "ACK",
+        );
+        assert!(dp.counter(Counter::Redirected) >= 2);
+    });
+}
+
+#[test]
+fn a_remote_backend_gets_the_packet_through_the_fib_next_hop() {
+    in_node_netns(|| {
+        let mut dp = node(true);
+        dp.set_service("web", service(), Protocol::Tcp, &[remote_backend()]);
+        let syn = Tcp::new(client(), service(), SYN).build();
+
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&run.output[..6], &NODE_MAC, "the other node's MAC");
+        assert_translated(
+            &syn,
+            &with_macs_of(&syn, &run.output),
+            client(),
+            remote_backend(),
+            "SYN",
+        );
+    });
+}
+
+#[test]
+fn without_a_neighbour_entry_or_with_direct_redirect_off_the_stack_delivers() {
+    in_node_netns(|| {
+        let mut dp = node(true);
+        dp.set_service("web", service(), Protocol::Tcp, &[unresolved_backend()]);
+        let syn = Tcp::new(client(), service(), SYN).build();
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+        assert_eq!(
+            run.verdict, TC_ACT_OK,
+            "no neighbour: the stack resolves it"
+        );
+        assert_translated(&syn, &run.output, client(), unresolved_backend(), "SYN");
+
+        let dp = node(false);
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+        assert_eq!(run.verdict, TC_ACT_OK, "--direct-redirect false");
+        assert_translated(&syn, &run.output, client(), local_backend(), "SYN");
+        assert_eq!(dp.counter(Counter::Redirected), 0);
+    });
+}

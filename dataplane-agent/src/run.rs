@@ -95,8 +95,12 @@ pub struct Options {
     /// Deliver a pod's service packet straight to its backend once
     /// translated: into a pod of this node with `bpf_redirect_peer`, to
     /// another node by FIB lookup and redirect, skipping the host's routing
-    /// and netfilter. Off (or a kernel before 5.10): the stack delivers it.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// and netfilter. Off by default: a CNI or host firewall enforcing
+    /// NetworkPolicy in the node's FORWARD chains (Calico's iptables mode,
+    /// kube-router) would no longer see pod-to-service packets; turn it on
+    /// where nothing relies on them. Off (or a kernel before 5.10): the
+    /// stack delivers it.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub direct_redirect: bool,
     /// kube-proxy's configuration file (a `KubeProxyConfiguration`, YAML or
     /// JSON): every field with a meaning here is applied; flags given on

@@ -87,9 +87,9 @@ pub enum System {
     /// This dataplane: the agent binary in the node; the client pod is
     /// outside the node's cgroup, so the tc programs translate.
     Ebpf,
-    /// The same, `--direct-redirect false`: translated packets go through
-    /// the node's stack instead of straight to the backend.
-    EbpfStack,
+    /// The same, `--direct-redirect true`: translated packets go straight
+    /// to the backend instead of through the node's stack.
+    EbpfRedirect,
     /// The same agent, the client pod's process in the node's cgroup: its
     /// sockets are translated at connect() (socket-level load balancing).
     SocketLb,
@@ -105,7 +105,7 @@ impl System {
     pub const ALL: [System; 7] = [
         System::Direct,
         System::Ebpf,
-        System::EbpfStack,
+        System::EbpfRedirect,
         System::SocketLb,
         System::SocketLbHost,
         System::Iptables,
@@ -116,7 +116,7 @@ impl System {
         match self {
             System::Direct => "direct (no service)",
             System::Ebpf => "eBPF dataplane",
-            System::EbpfStack => "eBPF dataplane, --direct-redirect false",
+            System::EbpfRedirect => "eBPF dataplane, --direct-redirect true",
             System::SocketLb => "eBPF socket LB",
             System::SocketLbHost => "eBPF socket LB, host client",
             System::Iptables => "kube-proxy iptables",
@@ -611,7 +611,7 @@ fn setup(
             SocketAddr::new(server_ip(family), TARGET_PORT),
             Box::new(()),
         )),
-        System::Ebpf | System::EbpfStack | System::SocketLb | System::SocketLbHost => {
+        System::Ebpf | System::EbpfRedirect | System::SocketLb | System::SocketLbHost => {
             let bpffs = Bpffs::new()?;
             let work = tempfile::tempdir()?;
             let manifests = work.path().join("manifests");
@@ -627,8 +627,8 @@ fn setup(
                 IpFamily::Ipv6 => "ipv6",
             };
             let mut args = vec!["--ip-families", families];
-            if system == System::EbpfStack {
-                args.extend(["--direct-redirect", "false"]);
+            if system == System::EbpfRedirect {
+                args.extend(["--direct-redirect", "true"]);
             };
             let mut agent = Agent::launch_bin(
                 &agent_bin(),

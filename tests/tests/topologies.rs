@@ -99,7 +99,7 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
         Topology::Routed,
         CrossNode::Direct,
         &[("web.yaml", web(&[&lab_pod("web-a")]))],
-        &["--socket-lb", "false"],
+        &["--socket-lb", "false", "--direct-redirect", "true"],
     );
     count_forwarding_to_web_a(&c);
     // The first packet finds no neighbour entry for the pod yet: the stack
@@ -126,7 +126,8 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
     );
     assert!(c.counter(1, "redirected") > 0, "{}", c.logs());
 
-    // The same connections through the stack, for contrast: the rule sees them.
+    // The same connections through the stack (the default), for contrast:
+    // the rule sees them.
     c.stop_agents();
     c.set_agent_args(&["--socket-lb", "false", "--direct-redirect", "false"]);
     c.restart_agents();

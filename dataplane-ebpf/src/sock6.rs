@@ -105,9 +105,23 @@ fn sock6_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
     }
     let (addr, port) = (sock.user_ip6(), sock.user_port());
     if let Some(addr4) = mapped_ipv4(&addr) {
-        return sock4_forward_to(sock, addr4, port, proto, true, hook, translated);
+        return sock6_forward_mapped(sock, addr4, port, hook, translated);
     }
     sock6_forward_to(sock, &addr, port, hook, translated)
+}
+
+/// `sock4_forward_to` of an IPv4-mapped address, in a frame of its own: the
+/// hook's frame stays small, so either path fits the verifier's combined
+/// stack limit with the trace's frame on top.
+#[inline(never)]
+fn sock6_forward_mapped(
+    sock: &SockAddr,
+    addr4: u32,
+    port: u16,
+    hook: u8,
+    translated: Counter,
+) -> i32 {
+    sock4_forward_to(sock, addr4, port, sock.protocol(), true, hook, translated)
 }
 
 /// `sock6_forward` of an IPv6 service address. Not inlined: its frame and
@@ -187,10 +201,17 @@ fn sock6_reverse(sock: &SockAddr, hook: u8, translated: Counter) {
     }
     let (addr, port) = (sock.user_ip6(), sock.user_port());
     if let Some(addr4) = mapped_ipv4(&addr) {
-        sock4_reverse_of(sock, addr4, port, true, hook, translated);
+        sock6_reverse_mapped(sock, addr4, port, hook, translated);
         return;
     }
     sock6_reverse_of(sock, &addr, port, hook, translated);
+}
+
+/// `sock4_reverse_of` of an IPv4-mapped address, in a frame of its own as
+/// `sock6_forward_mapped`.
+#[inline(never)]
+fn sock6_reverse_mapped(sock: &SockAddr, addr4: u32, port: u16, hook: u8, translated: Counter) {
+    sock4_reverse_of(sock, addr4, port, true, hook, translated);
 }
 
 /// `sock6_reverse` of an IPv6 backend address; not inlined, as

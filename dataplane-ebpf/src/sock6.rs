@@ -138,7 +138,9 @@ fn sock6_forward_to(
     let Some(service) = lb6_lookup_sock(&addr, port, proto) else {
         return ALLOW;
     };
-    let before = Trace6Tuple {
+    // Built where it is traced: a tuple held across the whole function
+    // would take the frame past the verifier's combined stack limit.
+    let before = || Trace6Tuple {
         dst_addr: addr,
         dst_port: port,
         ..Trace6Tuple::default()
@@ -149,14 +151,14 @@ fn sock6_forward_to(
         Choice6::Backend => {}
         Choice6::NoEndpoints => {
             let refused = Counter::SockRefusedNoEndpoints;
-            record6(sock, hook, refused, proto, ids, &before, &before);
+            record6(sock, hook, refused, proto, ids, &before(), &before());
             sock.fail_with(ECONNREFUSED);
             return REJECT;
         }
         Choice6::NoLocalEndpoints => {
             // Left untranslated, as `sock4_forward` leaves it.
             let untranslated = Counter::SockNoLocalEndpoints;
-            record6(sock, hook, untranslated, proto, ids, &before, &before);
+            record6(sock, hook, untranslated, proto, ids, &before(), &before());
             return ALLOW;
         }
     }
@@ -188,7 +190,7 @@ fn sock6_forward_to(
         ..Trace6Tuple::default()
     };
     let ids = (service.service_id, selected.backend_id);
-    record6(sock, hook, translated, proto, ids, &before, &after);
+    record6(sock, hook, translated, proto, ids, &before(), &after);
     ALLOW
 }
 

@@ -121,8 +121,8 @@ pub static SERVICE_NAMES: HashMap<
 #[btf_map(name = "TRACE_CONFIG")]
 pub static TRACE_CONFIG: Array<TraceConfig, 1> = Array::new();
 
-/// Trace events for `dataplane-agent monitor`: `TraceEvent` records, and
-/// `TraceEvent6` ones (reserved untyped) for IPv6.
+/// Trace events for `dataplane-agent monitor`: `TraceEvent` records (and
+/// room for `TraceEvent6` ones, reserved untyped, for IPv6).
 #[btf_map(name = "TRACE_EVENTS")]
 pub static TRACE_EVENTS: RingBuf<TraceEvent, { capacity::TRACE_EVENTS_BYTES as usize }> =
     RingBuf::new();

@@ -4,15 +4,13 @@
 //! by its IPv4-mapped address (`::ffff:10.96.0.10`) is translated with the
 //! IPv4 maps, and sees the backend (and the service again) in that form.
 //!
-//! Decisions are traced as `sock` traces them, as IPv6 records (a mapped
-//! address's as IPv4 ones, by `sock`). (An unconnected UDP datagram to a
-//! mapped address is not seen here: the kernel hands it to `sendmsg4` as
-//! an IPv4 sockaddr.)
+//! No trace events for IPv6 yet: the counters say what the hooks did.
+//! (An unconnected UDP datagram to a mapped address is not seen here: the
+//! kernel hands it to `sendmsg4` as an IPv4 sockaddr.)
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use dataplane_common::{
-    trace_hook, Counter, Ipv6Bytes, SockRevNat6Entry, SockRevNat6Key, Trace6Tuple, IPPROTO_TCP,
-    IPPROTO_UDP,
+    trace_hook, Counter, SockRevNat6Entry, SockRevNat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -21,7 +19,6 @@ use crate::{
     skb,
     sock::{sock4_forward_to, sock4_reverse_of, ALLOW, ECONNREFUSED, REJECT},
     sock_ctx::{mapped_ipv4, SockAddr, AF_INET6},
-    trace::{trace6_sock, Decision6},
 };
 
 #[cgroup_sock_addr(connect6)]
@@ -67,32 +64,6 @@ pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Counts `decision` and reports it to `monitor` when IPv6 tracing is on.
-#[inline(always)]
-fn record6(
-    sock: &SockAddr,
-    hook: u8,
-    decision: Counter,
-    proto: u8,
-    ids: (u32, u32),
-    before: &Trace6Tuple,
-    after: &Trace6Tuple,
-) {
-    count(decision);
-    trace6_sock(
-        sock,
-        &Decision6 {
-            hook,
-            decision,
-            proto,
-            service_id: ids.0,
-            backend_id: ids.1,
-            before,
-            after,
-        },
-    );
-}
-
 /// connect() / sendmsg() to a service: the destination becomes a backend.
 #[inline(always)]
 fn sock6_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
@@ -107,42 +78,20 @@ fn sock6_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
     if let Some(addr4) = mapped_ipv4(&addr) {
         return sock4_forward_to(sock, addr4, port, proto, true, hook, translated);
     }
-    sock6_forward_to(sock, &addr, port, hook, translated)
-}
-
-/// `sock6_forward` of an IPv6 service address. Not inlined: its frame and
-/// the IPv4-mapped path's are never stacked.
-#[inline(never)]
-fn sock6_forward_to(
-    sock: &SockAddr,
-    addr: &Ipv6Bytes,
-    port: u16,
-    hook: u8,
-    translated: Counter,
-) -> i32 {
-    let (addr, proto) = (*addr, sock.protocol());
     let Some(service) = lb6_lookup_sock(&addr, port, proto) else {
         return ALLOW;
     };
-    let before = Trace6Tuple {
-        dst_addr: addr,
-        dst_port: port,
-        ..Trace6Tuple::default()
-    };
-    let ids = (service.service_id, 0);
     let mut selected = Selected6::default();
     match lb6_choose_backend_netns(&service, sock.netns_cookie(), skb::now_ns(), &mut selected) {
         Choice6::Backend => {}
         Choice6::NoEndpoints => {
-            let refused = Counter::SockRefusedNoEndpoints;
-            record6(sock, hook, refused, proto, ids, &before, &before);
+            count(Counter::SockRefusedNoEndpoints);
             sock.fail_with(ECONNREFUSED);
             return REJECT;
         }
         Choice6::NoLocalEndpoints => {
             // Left untranslated, as `sock4_forward` leaves it.
-            let untranslated = Counter::SockNoLocalEndpoints;
-            record6(sock, hook, untranslated, proto, ids, &before, &before);
+            count(Counter::SockNoLocalEndpoints);
             return ALLOW;
         }
     }
@@ -168,13 +117,7 @@ fn sock6_forward_to(
     if selected.by_affinity {
         count(Counter::AffinityHit);
     }
-    let after = Trace6Tuple {
-        dst_addr: backend.addr,
-        dst_port: backend.port,
-        ..Trace6Tuple::default()
-    };
-    let ids = (service.service_id, selected.backend_id);
-    record6(sock, hook, translated, proto, ids, &before, &after);
+    count(translated);
     ALLOW
 }
 
@@ -190,14 +133,6 @@ fn sock6_reverse(sock: &SockAddr, hook: u8, translated: Counter) {
         sock4_reverse_of(sock, addr4, port, true, hook, translated);
         return;
     }
-    sock6_reverse_of(sock, &addr, port, hook, translated);
-}
-
-/// `sock6_reverse` of an IPv6 backend address; not inlined, as
-/// `sock6_forward_to`.
-#[inline(never)]
-fn sock6_reverse_of(sock: &SockAddr, addr: &Ipv6Bytes, port: u16, hook: u8, translated: Counter) {
-    let addr = *addr;
     let key = SockRevNat6Key {
         cookie: sock.cookie(),
         backend_addr: addr,
@@ -208,24 +143,5 @@ fn sock6_reverse_of(sock: &SockAddr, addr: &Ipv6Bytes, port: u16, hook: u8, tran
         return;
     };
     sock.set_user_ip6(&entry.service_addr, entry.service_port);
-    let before = Trace6Tuple {
-        src_addr: addr,
-        src_port: port,
-        ..Trace6Tuple::default()
-    };
-    let after = Trace6Tuple {
-        src_addr: entry.service_addr,
-        src_port: entry.service_port,
-        ..Trace6Tuple::default()
-    };
-    let ids = (entry.service_id, 0);
-    record6(
-        sock,
-        hook,
-        translated,
-        sock.protocol(),
-        ids,
-        &before,
-        &after,
-    );
+    count(translated);
 }

@@ -2,13 +2,8 @@
 //! so, each decision on a matching packet is reported on `TRACE_EVENTS`
 //! with the tuple before and after translation. Off (the default) it costs
 //! one array lookup and a branch per traced decision point.
-//!
-//! The IPv6 socket hooks' decisions go on the same ring as [`TraceEvent6`]
-//! records; their addresses are not filtered here (`TRACE_CONFIG` has room
-//! for IPv4 ones only), only their family switched on or off. (The IPv6 tc
-//! path is not traced: see `pod6`.)
 
-use dataplane_common::{trace_families, Counter, Trace6Tuple, TraceEvent, TraceEvent6, TraceTuple};
+use dataplane_common::{trace_families, Counter, TraceEvent, TraceTuple};
 
 use crate::{
     ctx::PacketCtx,
@@ -99,59 +94,6 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
         after: decision.after,
         netns_cookie,
         cgroup_id,
-    });
-    entry.submit(0);
-}
-
-/// What an IPv6 trace point knows; the tuples stay where they are.
-pub struct Decision6<'a> {
-    pub hook: u8,
-    pub decision: Counter,
-    pub proto: u8,
-    pub service_id: u32,
-    pub backend_id: u32,
-    pub before: &'a Trace6Tuple,
-    pub after: &'a Trace6Tuple,
-}
-
-/// Whether IPv6 tracing is on.
-#[inline(always)]
-fn wanted6() -> bool {
-    TRACE_CONFIG
-        .get(0)
-        .is_some_and(|config| config.enabled & trace_families::IPV6 != 0)
-}
-
-/// Reports an IPv6 socket hook's `decision`, with the socket's network
-/// namespace and the caller's cgroup.
-#[inline(always)]
-pub fn trace6_sock(sock: &SockAddr, decision: &Decision6) {
-    if wanted6() {
-        emit6(decision, 0, sock.netns_cookie(), sock_ctx::cgroup_id());
-    }
-}
-
-/// Not inlined: the record is built in a frame of its own, beside (not on
-/// top of) the IPv6 pipeline's deepest calls.
-#[inline(never)]
-fn emit6(decision: &Decision6, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
-    let Some(mut entry) = TRACE_EVENTS.reserve_untyped::<TraceEvent6>(0) else {
-        count(Counter::TraceLost);
-        return;
-    };
-    entry.write(TraceEvent6 {
-        ts_ns: skb::now_ns(),
-        ifindex,
-        hook: decision.hook,
-        proto: decision.proto,
-        decision: decision.decision as u8,
-        family: TraceEvent6::FAMILY,
-        service_id: decision.service_id,
-        backend_id: decision.backend_id,
-        netns_cookie,
-        cgroup_id,
-        before: *decision.before,
-        after: *decision.after,
     });
     entry.submit(0);
 }

@@ -285,7 +285,14 @@ impl Topology {
                     node.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?
                 }
                 IpFamily::Ipv6 => ip(&[
-                    "-n", n, "addr", "add", "fe80::1/64", "dev", host_if, "nodad",
+                    "-n",
+                    n,
+                    "addr",
+                    "add",
+                    "fe80::1/64",
+                    "dev",
+                    host_if,
+                    "nodad",
                 ])?,
             }
             let host_route = format!("{addr}/{host_len}");

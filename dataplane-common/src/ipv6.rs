@@ -323,7 +323,6 @@ const _: () = assert!(
     core::mem::offset_of!(TraceEvent6, family) == core::mem::offset_of!(crate::TraceEvent, _pad)
 );
 
-
 #[cfg(feature = "user")]
 mod user {
     use super::*;

@@ -183,6 +183,7 @@ pub fn frontends(svc: &Svc) -> Vec<(Frontend, FrontendSpec)> {
             masquerade_remote: false,
             local_ips: Vec::new(),
             source_ranges: Vec::new(),
+            source_ranges6: Vec::new(),
         },
     )]
 }

@@ -821,8 +821,8 @@ pub struct TraceEvent {
     /// The [`Counter`] this decision counts under: the decision itself
     /// (new flow, established, reply translated, reject or drop reason).
     pub decision: u8,
-    /// 0. The IPv6 record has its `family` (6) here: a reader tells the
-    /// two apart by this byte (and by their sizes).
+    /// Always 0; the IPv6 record has its `family` (6) here, so a reader
+    /// tells the two apart by this byte (and by their sizes).
     pub _pad: u8,
     pub service_id: u32,
     pub backend_id: u32,

@@ -8,10 +8,9 @@
 //! The thread is pinned to one CPU while measuring.
 //!
 //! IPv6 rows: the same flows over an IPv6-only set of services, through the
-//! IPv6 paths of the same programs. `bench_floor` parses IPv4 only: on an
-//! IPv6 packet it stops at the EtherType, so the IPv6 floor is the test run's
-//! own cost with no parse or lookup, and IPv6 ratios to it are larger than
-//! IPv4's for the same work (the report says so).
+//! IPv6 paths of the same programs; `bench_floor` takes the IPv6 parse and
+//! one `LB6_SERVICE_IPS` lookup for them, so each family's ratio is to its
+//! own floor.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},

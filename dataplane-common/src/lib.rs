@@ -906,7 +906,8 @@ pub enum Counter {
     /// New connection to a load-balancer IP from outside its
     /// `loadBalancerSourceRanges`: dropped.
     DropSourceRange = 26,
-    /// An external packet was sent on by FIB lookup and redirect.
+    /// A packet was sent on by FIB lookup and redirect: an external one, or
+    /// (`--direct-redirect`) a pod's translated one, to its backend.
     Redirected = 27,
     /// No route or no usable next hop for a translated external packet:
     /// dropped (a node-addressed packet cannot go through the stack).

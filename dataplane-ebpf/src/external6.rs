@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    backend_flags, ct_dir, ct_flags, ct_state, nat_dir, service_flags, service_ip_flags, Counter,
-    Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+    backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, Counter, Ipv6Bytes,
+    Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -601,22 +601,7 @@ fn try_to_outside6(ctx: &TcContext) -> Verdict {
     if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
         return Ok(TC_ACT_OK);
     }
-    to_outside_flow(ctx, &mut flow)
-}
-
-/// Uplink egress: a local backend's reply to an outside client gets the
-/// frontend as source.
-#[inline(never)]
-fn to_outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
-    let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) else {
-        return Ok(TC_ACT_OK);
-    };
-    if flow.frag == frag::FIRST {
-        frag6_track(flow);
-    }
-    let ct = reply.entry();
-    if ct.flags & ct_flags::HAIRPIN != 0 {
-        return Ok(TC_ACT_OK);
-    }
-    pod6::reply_translate(ctx, flow, ct, skb::now_ns())
+    // Uplink egress: a local backend's reply to an outside client gets the
+    // frontend as source, as a reply into a pod gets the service.
+    pod6::to_pod_flow(ctx, &mut flow)
 }

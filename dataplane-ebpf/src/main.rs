@@ -644,13 +644,28 @@ fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
     Ok(TC_ACT_OK)
 }
 
-/// Reference for benchmarks, never attached: parses like `from_pod` and does
-/// one hash lookup. The floor every datapath figure is compared against.
+/// Reference for benchmarks, never attached: parses like `from_pod` (either
+/// family) and does one hash lookup. The floor every datapath figure is
+/// compared against.
 #[classifier]
 pub fn bench_floor(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6_frame(&ctx) {
+        return bench_floor6(&ctx);
+    }
     // Distinct verdicts keep the lookup from being optimised away.
     match parse_ipv4_flow(&ctx) {
         Ok(flow) if lb4_is_service_ip(flow.dst_addr) => TC_ACT_OK,
+        _ => aya_ebpf::bindings::TC_ACT_UNSPEC,
+    }
+}
+
+/// [`bench_floor`] for IPv6: the IPv6 parse (extension headers walked) and
+/// one `LB6_SERVICE_IPS` lookup.
+#[inline(never)]
+fn bench_floor6(ctx: &TcContext) -> i32 {
+    let mut flow = parse6::Ipv6Flow::default();
+    match parse6::parse_ipv6_flow_into(ctx, &mut flow) {
+        Ok(()) if lb6::lb6_service_ip(&flow.dst_addr).is_some() => TC_ACT_OK,
         _ => aya_ebpf::bindings::TC_ACT_UNSPEC,
     }
 }

@@ -368,9 +368,10 @@ fn try_to_pod6(ctx: &TcContext) -> Verdict {
     to_pod_flow(ctx, &mut flow)
 }
 
-/// A packet to a pod: translated back if it is a backend's reply.
+/// A packet to a pod (or, from `external6`, to the uplink): translated
+/// back if it is a backend's reply.
 #[inline(never)]
-fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
+pub(crate) fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
     let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) else {
         return Ok(TC_ACT_OK);
     };

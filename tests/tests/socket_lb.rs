@@ -344,8 +344,15 @@ fn socket_lb_false_falls_back_to_the_tc_path() {
         &["--socket-lb", "false"],
     );
     assert_eq!(attached_to_cgroup(&c, 1), Vec::<String>::new());
+    pod_processes_are_served_by_the_tc_path(&c);
+}
+
+/// Pod processes reach the web service, TCP and UDP, with the service
+/// address as source, and every connection was translated by tc.
+fn pod_processes_are_served_by_the_tc_path(c: &Cluster) {
+    let new_flows = counter(c, 1, "new_flow");
     for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
-        let seen = from_pod_process(&c, "client", mode, to, 12);
+        let seen = from_pod_process(c, "client", mode, to, 12);
         assert!(
             seen.iter()
                 .all(|s| matches!(s, Seen::Answered { from, .. } if *from == to)),
@@ -353,8 +360,8 @@ fn socket_lb_false_falls_back_to_the_tc_path() {
             c.logs()
         );
     }
-    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
-    assert!(counter(&c, 1, "new_flow") >= 24);
+    assert_eq!(counter(c, 1, "sock_connect_translated"), 0);
+    assert!(counter(c, 1, "new_flow") >= new_flows + 24);
 }
 
 /// A cgroup v1 hierarchy the test mounts itself (a node without cgroup2
@@ -445,18 +452,7 @@ fn when_the_socket_hooks_cannot_load_the_agent_says_why_once_and_the_tc_path_ser
     );
     assert_eq!(attached_to_cgroup(&c, 1), Vec::<String>::new());
     assert!(!c.bpffs(1).join("sock-links").exists());
-    let new_flows = counter(&c, 1, "new_flow");
-    for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
-        let seen = from_pod_process(&c, "client", mode, to, 12);
-        assert!(
-            seen.iter()
-                .all(|s| matches!(s, Seen::Answered { from, .. } if *from == to)),
-            "{mode}: {seen:?}\n{}",
-            c.logs()
-        );
-    }
-    assert_eq!(counter(&c, 1, "sock_connect_translated"), 0);
-    assert!(counter(&c, 1, "new_flow") >= new_flows + 24);
+    pod_processes_are_served_by_the_tc_path(&c);
     let log = c.agent_log(1);
     assert_eq!(
         log.matches("socket-level load balancing unavailable")

@@ -181,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         };
         rep.e2e_seconds = o.length.as_secs_f64();
         rep.concurrency = o.concurrency;
+        rep.e2e_pods = o.pods;
         eprintln!(
             "[2/3] end to end through network namespaces, {} interleaved rounds, {:?} per case and round",
             o.rounds, o.length

@@ -18,6 +18,8 @@ pub struct Report {
     pub e2e: Vec<CaseResult>,
     pub e2e_seconds: f64,
     pub concurrency: usize,
+    /// How the end-to-end node connects its pods.
+    pub e2e_pods: crate::e2e::PodNetwork,
     pub outside: Vec<OutsideResult>,
     pub outside_seconds: f64,
     pub control: Option<ControlPlaneResult>,
@@ -64,6 +66,7 @@ impl Report {
             e2e: Vec::new(),
             e2e_seconds: 0.0,
             concurrency: 0,
+            e2e_pods: crate::e2e::PodNetwork::Bridge,
             outside: Vec::new(),
             outside_seconds: 0.0,
             control: None,
@@ -219,9 +222,9 @@ impl Report {
         let _ = writeln!(
             o,
             "## 2. End to end (network namespaces)\n\n\
-             Client pod → node (bridge `cbr0`) → server pod, one set of namespaces per system. At each scale all four \
-             systems are set up side by side and measured in {rounds} interleaved rounds (direct, eBPF, iptables, \
-             nftables, again). Per round and system: {} concurrent loops of connect / one request / close (RST) for \
+             Client pod → node ({}) → server pod, one set of namespaces per system. At each scale all \
+             systems are set up side by side and measured in {rounds} interleaved rounds (each system once, then \
+             again). Per round and system: {} concurrent loops of connect / one request / close (RST) for \
              {:.0} s (latency is the connect() call), then one TCP stream for {:.0} s. Traffic goes to the LAST service \
              installed. Ratios to direct (the server pod IP, no service) are taken within each round; the table gives \
              their median and, in brackets, their range over the rounds. Kernel CPU per connection: system + irq + \
@@ -231,7 +234,13 @@ impl Report {
              IPv6 rows: the same on an IPv6-only set of namespaces (pods, node and services IPv6 only; kube-proxy's \
              layouts loaded with ip6tables and as an `ip6` nftables table), set up beside the IPv4 ones and measured \
              in the same interleaved rounds; their ratios are to direct over IPv6 in the same round.\n",
-            self.concurrency, self.e2e_seconds, self.e2e_seconds
+            match self.e2e_pods {
+                crate::e2e::PodNetwork::Bridge => "pods on the bridge `cbr0`",
+                crate::e2e::PodNetwork::Routed => "routed /32 pods with proxy ARP",
+            },
+            self.concurrency,
+            self.e2e_seconds,
+            self.e2e_seconds
         );
         let _ = writeln!(
             o,

@@ -270,3 +270,54 @@ fn sock_revnat_lists_translated_sockets_of_both_families() {
         "{table}"
     );
 }
+
+/// An IPv6 SNATed flow (written as `external6` writes it: an ORIGINAL
+/// entry seen just now) is listed with both tuples, addresses bracketed.
+#[test]
+fn nat_lists_snatted_ipv6_flows_with_both_tuples() {
+    use dataplane_agent::node::pinned::{self, monotonic_now_ns, Nat6Map, ServiceNamesMap};
+    use dataplane_common::{ct_state, map_names, port_to_map, Nat6Entry, IPPROTO_TCP};
+    let (dp, _) = known_maps();
+    let names: ServiceNamesMap = pinned::open(dp.bpffs(), map_names::SERVICE_NAMES).unwrap();
+    let (web, label) = names
+        .iter()
+        .flatten()
+        .find(|(_, label)| label.as_str().starts_with("default/web"))
+        .map(|(id, label)| (id, label.as_str().to_owned()))
+        .expect("web in SERVICE_NAMES");
+    let v6_addr = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let flow = Nat6Entry {
+        last_seen_ns: monotonic_now_ns(),
+        client_addr: v6_addr("2001:db8:cafe::5"),
+        frontend_addr: v6_addr("fd00:192:168:100::1"),
+        backend_addr: v6_addr("fd00:10:244:2::a"),
+        nat_addr: v6_addr("fd00:192:168:100::1"),
+        client_port: port_to_map(40_000),
+        frontend_port: port_to_map(30_080),
+        backend_port: port_to_map(8080),
+        nat_port: port_to_map(61_000),
+        backend_id: 1,
+        service_id: web,
+        proto: IPPROTO_TCP,
+        state: ct_state::ESTABLISHED,
+        _pad: [0; 6],
+    };
+    let mut nat6: Nat6Map = pinned::open(dp.bpffs(), map_names::NAT6).unwrap();
+    nat6.insert(flow.original_key(), flow, 0).unwrap();
+    // The REPLY entry reserves the port; it is not a row of its own.
+    nat6.insert(flow.reply_key(), flow, 0).unwrap();
+
+    let rows = inspect_json(&dp, &["nat"]);
+    let rows = rows.as_array().expect("a list");
+    assert_eq!(rows.len(), 1, "one flow (its ORIGINAL entry): {rows:?}");
+    assert_eq!(rows[0]["service"], label.as_str());
+    assert_eq!(
+        rows[0]["original"],
+        "[2001:db8:cafe::5]:40000 -> [fd00:192:168:100::1]:30080"
+    );
+    assert_eq!(
+        rows[0]["translated"],
+        "[fd00:192:168:100::1]:61000 -> [fd00:10:244:2::a]:8080"
+    );
+    assert_eq!(rows[0]["state"], "ESTABLISHED");
+}

@@ -477,32 +477,38 @@ pub fn nat(dir: &Path) -> Result<Vec<NatRow>, InspectError> {
     let lifetimes =
         pinned::ct_lifetimes(&lifetimes_map).map_err(read_err(map_names::CT_LIFETIMES))?;
     let now = monotonic_now_ns();
+    // One row of either family: the flow's four endpoints (client,
+    // frontend, SNAT address, backend) and when it expires.
+    let row = |service_id: u32,
+               proto: u8,
+               state: u8,
+               [client, frontend, nat, backend]: [SocketAddr; 4],
+               expires_at_ns: u64| NatRow {
+        service: names
+            .get(&service_id, 0)
+            .map(|l| l.as_str().to_owned())
+            .unwrap_or_default(),
+        proto: proto_name(proto),
+        original: format!("{client} -> {frontend}"),
+        translated: format!("{nat} -> {backend}"),
+        state: state_name(proto, state),
+        expires_in_s: expires_at_ns.saturating_sub(now) / 1_000_000_000,
+    };
     let mut rows = Vec::new();
     for entry in map.iter() {
         let (key, e) = entry.map_err(read_err(map_names::NAT))?;
         if key.direction != nat_dir::ORIGINAL || e.is_expired(now, &lifetimes) {
             continue;
         }
-        rows.push(NatRow {
-            service: names
-                .get(&e.service_id, 0)
-                .map(|l| l.as_str().to_owned())
-                .unwrap_or_default(),
-            proto: proto_name(e.proto),
-            original: format!(
-                "{} -> {}",
-                endpoint(e.client_addr, e.client_port),
-                endpoint(e.frontend_addr, e.frontend_port)
-            ),
-            translated: format!(
-                "{} -> {}",
-                endpoint(e.nat_addr, e.nat_port),
-                endpoint(e.backend_addr, e.backend_port)
-            ),
-            state: state_name(e.proto, e.state),
-            expires_in_s: (e.last_seen_ns + e.lifetime_ns(&lifetimes)).saturating_sub(now)
-                / 1_000_000_000,
-        });
+        let endpoints = [
+            (e.client_addr, e.client_port),
+            (e.frontend_addr, e.frontend_port),
+            (e.nat_addr, e.nat_port),
+            (e.backend_addr, e.backend_port),
+        ]
+        .map(|(addr, port)| endpoint(addr, port).into());
+        let expires_at = e.last_seen_ns + e.lifetime_ns(&lifetimes);
+        rows.push(row(e.service_id, e.proto, e.state, endpoints, expires_at));
     }
     // `NAT6`: pinned by agents of layout 5 on.
     if dir.join(map_names::NAT6).exists() {
@@ -512,26 +518,15 @@ pub fn nat(dir: &Path) -> Result<Vec<NatRow>, InspectError> {
             if key.direction != nat_dir::ORIGINAL || e.is_expired(now, &lifetimes) {
                 continue;
             }
-            rows.push(NatRow {
-                service: names
-                    .get(&e.service_id, 0)
-                    .map(|l| l.as_str().to_owned())
-                    .unwrap_or_default(),
-                proto: proto_name(e.proto),
-                original: format!(
-                    "{} -> {}",
-                    endpoint6(e.client_addr, e.client_port),
-                    endpoint6(e.frontend_addr, e.frontend_port)
-                ),
-                translated: format!(
-                    "{} -> {}",
-                    endpoint6(e.nat_addr, e.nat_port),
-                    endpoint6(e.backend_addr, e.backend_port)
-                ),
-                state: state_name(e.proto, e.state),
-                expires_in_s: (e.last_seen_ns + e.lifetime_ns(&lifetimes)).saturating_sub(now)
-                    / 1_000_000_000,
-            });
+            let endpoints = [
+                (e.client_addr, e.client_port),
+                (e.frontend_addr, e.frontend_port),
+                (e.nat_addr, e.nat_port),
+                (e.backend_addr, e.backend_port),
+            ]
+            .map(|(addr, port)| endpoint6(addr, port).into());
+            let expires_at = e.last_seen_ns + e.lifetime_ns(&lifetimes);
+            rows.push(row(e.service_id, e.proto, e.state, endpoints, expires_at));
         }
     }
     rows.sort_by(|a, b| (&a.service, &a.original).cmp(&(&b.service, &b.original)));

@@ -12,6 +12,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use dataplane_agent::{control::model::Protocol, node::datapath::DatapathConfig};
 use dataplane_common::{ipv4_to_map, map_names, port_to_map, Counter, ReplySource, IPPROTO_TCP};
 use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT};
+use dataplane_testkit::netns::{in_new_netns, ip, mac_text};
 use dataplane_testkit::packets::{assert_translated, Tcp, ACK, SYN};
 
 fn client() -> SocketAddrV4 {
@@ -36,21 +37,6 @@ fn unresolved_backend() -> SocketAddrV4 {
 const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ip(args: &[&str]) {
-    let status = std::process::Command::new("ip")
-        .args(args)
-        .status()
-        .expect("ip");
-    assert!(status.success(), "ip {args:?}");
-}
-
 /// In the calling thread's namespace (sysfs shows the mount's).
 fn ifindex(name: &str) -> u32 {
     nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("ifindex of {name}: {e}"))
@@ -60,10 +46,8 @@ fn ifindex(name: &str) -> u32 {
 /// client's veth `cli0`, a local backend's veth `pod0` (a /32 route), an
 /// uplink towards the other node's pods and a route without a neighbour.
 fn in_node_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+    in_new_netns(move || {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
-        ip(&["link", "set", "lo", "up"]);
         for (host, peer) in [("cli0", "cli1"), ("pod0", "pod1"), ("uplink0", "uplink1")] {
             ip(&["link", "add", host, "type", "veth", "peer", "name", peer]);
             ip(&["link", "set", host, "up"]);
@@ -74,8 +58,8 @@ fn in_node_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T
         ip(&["route", "add", "10.244.1.20/32", "dev", "pod0"]);
         ip(&["route", "add", "10.244.2.0/24", "via", "192.168.100.2"]);
         ip(&["route", "add", "10.244.3.0/24", "via", "192.168.100.3"]);
-        let pod_mac = mac(POD_MAC);
-        let node_mac = mac(NODE_MAC);
+        let pod_mac = mac_text(POD_MAC);
+        let node_mac = mac_text(NODE_MAC);
         ip(&[
             "neigh",
             "add",
@@ -100,8 +84,6 @@ fn in_node_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T
         ]);
         f()
     })
-    .join()
-    .expect("test thread")
 }
 
 fn node(direct_redirect: bool) -> Harness {

@@ -19,6 +19,7 @@ use dataplane_common::{
 use dataplane_testkit::datapath::{
     addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
+use dataplane_testkit::netns::{in_new_netns, ip, mac_text};
 use dataplane_testkit::packets::{
     assert_checksums_ok, assert_translated, endpoints, Tcp, Udp, ACK, SYN,
 };
@@ -94,59 +95,35 @@ const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 /// routes up there) holding the node's address on `uplink0`, a route to
 /// the other node's pods and a default route, with permanent neighbours.
 fn in_routed_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        let mac = |m: [u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        let commands: [&[&str]; 8] = [
-            &["link", "set", "lo", "up"],
-            &[
-                "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
-            ],
-            &["link", "set", "uplink0", "up"],
-            &["link", "set", "uplink1", "up"],
-            &["addr", "add", "192.168.100.1/24", "dev", "uplink0"],
-            &["route", "add", "10.244.2.0/24", "via", "192.168.100.2"],
-            &["route", "add", "default", "via", "192.168.100.254"],
-            &[
+    in_new_netns(move || {
+        ip(&[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+        ]);
+        ip(&["link", "set", "uplink0", "up"]);
+        ip(&["link", "set", "uplink1", "up"]);
+        ip(&["addr", "add", "192.168.100.1/24", "dev", "uplink0"]);
+        ip(&["route", "add", "10.244.2.0/24", "via", "192.168.100.2"]);
+        ip(&["route", "add", "default", "via", "192.168.100.254"]);
+        for (neighbour, mac) in [
+            ("192.168.100.2", BACKEND_NODE_MAC),
+            ("192.168.100.254", ROUTER_MAC),
+        ] {
+            let mac = mac_text(mac);
+            ip(&[
                 "neigh",
                 "add",
-                "192.168.100.2",
+                neighbour,
                 "lladdr",
-                &mac(BACKEND_NODE_MAC),
+                &mac,
                 "dev",
                 "uplink0",
                 "nud",
                 "permanent",
-            ],
-        ];
-        let router: &[&str] = &[
-            "neigh",
-            "add",
-            "192.168.100.254",
-            "lladdr",
-            &mac(ROUTER_MAC),
-            "dev",
-            "uplink0",
-            "nud",
-            "permanent",
-        ];
-        for args in commands.iter().copied().chain([router]) {
-            let status = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip");
-            assert!(status.success(), "ip {args:?}");
+            ]);
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("forwarding on");
         f()
     })
-    .join()
-    .expect("test thread")
 }
 
 /// A redirect to the next hop, counted.

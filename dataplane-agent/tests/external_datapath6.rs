@@ -14,6 +14,7 @@ use dataplane_common::{ct_dir, nat_dir, service_flags, Counter};
 use dataplane_testkit::{
     datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     datapath6::{ct6_key, nat6_key, Backend6Spec, Frontend6Options},
+    netns::{in_new_netns, ip, mac_text},
     packets::{be32, hex, ACK, ETH_HLEN, SYN},
     packets6::{
         ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, Tcp6, IP6_L4,
@@ -177,84 +178,58 @@ fn ipv6_traffic_to_the_node_that_is_not_a_node_port_passes_untouched_and_uncount
 /// to the other node's pods and a default route, with permanent
 /// neighbours.
 fn in_routed_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        let mac = |m: [u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        let (backend_mac, router_mac) = (mac(BACKEND_NODE_MAC), mac(ROUTER_MAC));
-        let commands: Vec<Vec<&str>> = vec![
-            vec!["link", "set", "lo", "up"],
-            vec![
-                "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
-            ],
-            vec!["link", "set", "uplink0", "up"],
-            vec!["link", "set", "uplink1", "up"],
-            vec![
-                "-6",
-                "addr",
-                "add",
-                "fd00:192:168:100::1/64",
-                "dev",
-                "uplink0",
-                "nodad",
-            ],
-            vec![
-                "-6",
-                "route",
-                "add",
-                "fd00:10:244:2::/64",
-                "via",
-                "fd00:192:168:100::2",
-            ],
-            vec![
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                "fd00:192:168:100::fe",
-            ],
-            vec![
+    in_new_netns(move || {
+        ip(&[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+        ]);
+        ip(&["link", "set", "uplink0", "up"]);
+        ip(&["link", "set", "uplink1", "up"]);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:192:168:100::1/64",
+            "dev",
+            "uplink0",
+            "nodad",
+        ]);
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:10:244:2::/64",
+            "via",
+            "fd00:192:168:100::2",
+        ]);
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:192:168:100::fe",
+        ]);
+        for (neighbour, mac) in [
+            ("fd00:192:168:100::2", BACKEND_NODE_MAC),
+            ("fd00:192:168:100::fe", ROUTER_MAC),
+        ] {
+            let mac = mac_text(mac);
+            ip(&[
                 "-6",
                 "neigh",
                 "add",
-                "fd00:192:168:100::2",
+                neighbour,
                 "lladdr",
-                &backend_mac,
+                &mac,
                 "dev",
                 "uplink0",
                 "nud",
                 "permanent",
-            ],
-            vec![
-                "-6",
-                "neigh",
-                "add",
-                "fd00:192:168:100::fe",
-                "lladdr",
-                &router_mac,
-                "dev",
-                "uplink0",
-                "nud",
-                "permanent",
-            ],
-        ];
-        for args in &commands {
-            let status = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip");
-            assert!(status.success(), "ip {args:?}");
+            ]);
         }
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("forwarding on");
         f()
     })
-    .join()
-    .expect("test thread")
 }
 
 #[test]

@@ -7,5 +7,6 @@
 pub mod apiserver;
 pub mod datapath;
 pub mod datapath6;
+pub mod netns;
 pub mod packets;
 pub mod packets6;

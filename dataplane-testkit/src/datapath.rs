@@ -46,10 +46,15 @@ pub struct Bpffs {
     dir: TempDir,
 }
 
+/// Prefix of every test bpffs directory; the creating process's pid
+/// follows it, so a later run can tell whose mount is left over.
+const BPFFS_PREFIX: &str = "dataplane-bpffs-";
+
 impl Bpffs {
     pub fn new() -> anyhow::Result<Self> {
+        sweep_stale_bpffs(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
-            .prefix("dataplane-bpffs-")
+            .prefix(&format!("{BPFFS_PREFIX}{}-", std::process::id()))
             .tempdir()
             .context("creating a directory for a bpffs")?;
         ensure_bpffs(dir.path()).context("mounting a bpffs")?;
@@ -65,6 +70,33 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         // Lazy unmount: the maps go away with the last fd that holds them.
         let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
+    }
+}
+
+/// Unmounts and removes the bpffs directories of test processes that no
+/// longer exist: a killed test run never reaches `Bpffs`'s `Drop`, and its
+/// mounts would otherwise pile up under the temporary directory. Best
+/// effort; a directory of a live process (another test binary running in
+/// parallel) is left alone.
+fn sweep_stale_bpffs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(BPFFS_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(entry.path());
     }
 }
 
@@ -427,4 +459,27 @@ fn plain_spec(name: &str, backends: &[SocketAddrV4]) -> (ObjectRef, FrontendSpec
         source_ranges6: Vec::new(),
     };
     (service, spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_bpffs_dirs_of_dead_processes_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        // pid_max is at most 2^22: this pid cannot exist.
+        let dead = tmp.path().join(format!("{BPFFS_PREFIX}4294967295-abc"));
+        let live = tmp
+            .path()
+            .join(format!("{BPFFS_PREFIX}{}-abc", std::process::id()));
+        let other = tmp.path().join("unrelated-4294967295");
+        for dir in [&dead, &live, &other] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        sweep_stale_bpffs(tmp.path());
+        assert!(!dead.exists(), "a dead process's directory stays");
+        assert!(live.exists(), "this process's directory was removed");
+        assert!(other.exists(), "a directory that is not ours was removed");
+    }
 }

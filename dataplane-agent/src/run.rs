@@ -931,7 +931,10 @@ mod tests {
 
     /// eth0: 192.168.100.1, 10.0.0.1, fd00:192:168:100::1 and 2001:db8::1;
     /// eth1 (not an uplink): 172.16.0.1 and fd00:172::1.
-    fn node() -> (Vec<(String, IpAddr)>, Vec<(String, IpAddr)>, Vec<String>) {
+    /// (interface, address) pairs of one family.
+    type Addresses = Vec<(String, IpAddr)>;
+
+    fn node() -> (Addresses, Addresses, Vec<String>) {
         let at = |dev: &str, ip: &str| (dev.to_owned(), ip.parse::<IpAddr>().unwrap());
         let v4 = vec![
             at("lo", "127.0.0.1"),

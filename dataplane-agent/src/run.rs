@@ -724,7 +724,8 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         health.clone(),
         metrics.clone(),
     );
-    control.set_ip_families(ip_families(&options)?);
+    let families = ip_families(&options)?;
+    control.set_ip_families(families);
 
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
@@ -750,7 +751,13 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     control.full_sync();
     let (health_checks_tx, health_checks_rx) = watch::channel(control.health_checks());
     let health_check_server =
-        tokio::spawn(health_check::run(Ipv4Addr::UNSPECIFIED, health_checks_rx));
+        // On both families when IPv6 is proxied, as kube-proxy's
+        // listener on the unspecified address answers both.
+        tokio::spawn(health_check::run(
+            Ipv4Addr::UNSPECIFIED,
+            families.ipv6.then_some(Ipv6Addr::UNSPECIFIED),
+            health_checks_rx,
+        ));
 
     // Interfaces after the first sync: a pod never sees the programs with
     // empty maps. Healthy only once the pods present now have them.

@@ -325,7 +325,7 @@ const OTHER_NODE1_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0
 
 /// `--nodeport-addresses` with an IPv6 CIDR: the IPv6 NodePort is served
 /// on node 1's IPv6 address inside it and not on its other IPv6 address
-/// (which answers ping: it is reachable), and the IPv4 NodePort, with no
+/// (reachable: a listener of the node answers there), and the IPv4 NodePort, with no
 /// IPv4 CIDR given, stays on the uplink's IPv4 address (kube-proxy filters
 /// each family by its own CIDRs).
 #[test]
@@ -377,19 +377,22 @@ fn ipv6_node_port_is_served_only_on_the_ipv6_addresses_in_nodeport_addresses() {
     c.eventually("the IPv6 NodePort answers inside the CIDR", || {
         c.outside_tcp(at6(node_ip6(1), NODE_PORT_HTTP)).is_ok()
     });
-    dataplane_lab::netns::exec(
-        &c.lab.outside_ns(),
-        &[
-            "ping",
-            "-6",
-            "-c",
-            "1",
-            "-W",
-            "2",
-            &OTHER_NODE1_IP6.to_string(),
-        ],
-    )
-    .expect("node 1's other IPv6 address is reachable");
+    // The other address is reachable from outside: a listener of node 1
+    // on another port answers there.
+    let listener = dataplane_lab::netns::in_netns(&c.lab.node_ns(1), || {
+        std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, 9999))
+    })
+    .expect("thread in node 1")
+    .expect("a listener on node 1");
+    let reachable = c.outside(|| {
+        std::net::TcpStream::connect_timeout(
+            &at6(OTHER_NODE1_IP6, 9999),
+            std::time::Duration::from_secs(2),
+        )
+        .is_ok()
+    });
+    assert!(reachable, "node 1's other IPv6 address is reachable");
+    drop(listener);
     let other = c.outside_tcp(at6(OTHER_NODE1_IP6, NODE_PORT_HTTP));
     assert!(other.is_err(), "served outside the CIDR: {other:?}");
     let ipv4 = SocketAddr::from((dataplane_lab::topology::node_ip(1), NODE_PORT_HTTP));
@@ -400,7 +403,7 @@ fn ipv6_node_port_is_served_only_on_the_ipv6_addresses_in_nodeport_addresses() {
 
 /// A node whose only default route is IPv6 (an IPv6-only node): the
 /// interface holding it is an uplink (the agent attaches the external
-/// datapath to it, seen with `bpftool net`), and the IPv6 NodePort is
+/// datapath to it, and pins the tcx link), and the IPv6 NodePort is
 /// served through it.
 #[test]
 fn an_ipv6_default_route_alone_makes_the_interface_an_uplink() {
@@ -423,23 +426,18 @@ fn an_ipv6_default_route_alone_makes_the_interface_an_uplink() {
         log.contains("attached the external datapath to uplink eth0"),
         "{log}"
     );
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.lab.node_ns(1),
-            "bpftool",
-            "net",
-            "show",
-            "dev",
-            "eth0",
-        ])
-        .output()
-        .expect("bpftool net");
-    let tc = String::from_utf8_lossy(&out.stdout);
+    // The kernel's side: the tcx link on eth0's ingress (`from_outside`), pinned by
+    // the agent (bpftool 7.1 does not list tcx links).
+    let eth0 = dataplane_lab::netns::output(
+        "ip",
+        &["-n", &c.lab.node_ns(1), "-o", "link", "show", "eth0"],
+    )
+    .expect("node 1's eth0");
+    let eth0 = eth0.split(':').next().unwrap_or_default().trim();
+    let links = c.pinned_links(1);
     assert!(
-        tc.contains("from_outside"),
-        "bpftool net show dev eth0:\n{tc}"
+        links.contains(&format!("{eth0}-uplink-ingress")),
+        "pinned links of node 1: {links:?}"
     );
     c.eventually("the IPv6 NodePort answers through the uplink", || {
         c.outside_tcp(at6(node_ip6(1), NODE_PORT_HTTP))

@@ -444,3 +444,47 @@ fn an_ipv6_default_route_alone_makes_the_interface_an_uplink() {
             .is_ok_and(|s| s.backend == "web-a")
     });
 }
+
+/// A node whose only default routes are in a policy routing table (table
+/// 100, looked up after `main` by an `ip rule`), none in `main`: the
+/// interface holding them is an uplink all the same, and the IPv6 NodePort
+/// is served through it (the backend's replies take that table back to
+/// the router).
+#[test]
+fn a_default_route_in_a_policy_routing_table_makes_the_interface_an_uplink() {
+    require_root();
+    let c = Cluster::start_dual_with(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "web.yaml",
+            web6_exposed(&["web-a"], &node_port6(false), &[], &[]),
+        )],
+        &["--external-datapath", "tc"],
+        |lab| {
+            let ns = lab.node_ns(1);
+            let gateway = dataplane_lab::topology::ROUTER_NODE_IP6.to_string();
+            for args in [
+                &["-n", &ns, "-4", "route", "del", "default"][..],
+                &["-n", &ns, "-6", "route", "del", "default"],
+                &[
+                    "-n", &ns, "-6", "route", "add", "default", "via", &gateway, "table", "100",
+                ],
+                &[
+                    "-n", &ns, "-6", "rule", "add", "lookup", "100", "priority", "40000",
+                ],
+            ] {
+                dataplane_lab::netns::ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+            }
+        },
+    );
+    let log = c.agent_log(1);
+    assert!(
+        log.contains("attached the external datapath to uplink eth0"),
+        "{log}"
+    );
+    c.eventually("the IPv6 NodePort answers through the uplink", || {
+        c.outside_tcp(at6(node_ip6(1), NODE_PORT_HTTP))
+            .is_ok_and(|s| s.backend == "web-a")
+    });
+}

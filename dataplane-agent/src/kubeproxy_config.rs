@@ -27,7 +27,10 @@ use clap::{parser::ValueSource, ArgMatches};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{control::model::Ipv4Prefix, run::Options};
+use crate::{
+    control::model::{Ipv4Prefix, Ipv6Prefix},
+    run::Options,
+};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -198,15 +201,55 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// One entry of `nodePortAddresses`.
+/// One entry of `nodePortAddresses` (and of `--nodeport-addresses`). As in
+/// kube-proxy, each family is filtered by its own networks only: a family
+/// none of them is of keeps its default addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodePortAddress {
-    /// Node addresses in this network (`--nodeport-addresses`' own type).
+    /// Node addresses in this IPv4 network.
     Cidr(Ipv4Prefix),
-    /// An IPv6 network: this dataplane serves IPv4 only.
-    Ipv6,
-    /// `primary`: the node's primary addresses (kube-proxy ≥ 1.29).
+    /// Node addresses in this IPv6 network.
+    Cidr6(Ipv6Prefix),
+    /// `primary`: the node's primary address of each family (kube-proxy ≥
+    /// 1.29); alone, never with networks.
     Primary,
+}
+
+impl std::str::FromStr for NodePortAddress {
+    type Err = ();
+
+    /// `primary`, or a CIDR of either family (a bare address is not one).
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let text = text.trim();
+        if text == "primary" {
+            Ok(Self::Primary)
+        } else if !text.contains('/') {
+            Err(())
+        } else if text.contains(':') {
+            text.parse().map(Self::Cidr6)
+        } else {
+            text.parse().map(Self::Cidr)
+        }
+    }
+}
+
+impl fmt::Display for NodePortAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cidr(p) => p.fmt(f),
+            Self::Cidr6(p) => p.fmt(f),
+            Self::Primary => f.write_str("primary"),
+        }
+    }
+}
+
+/// kube-proxy's rule for a list of [`NodePortAddress`]: `primary` stands
+/// alone.
+pub fn check_node_port_addresses(list: &[NodePortAddress]) -> Result<(), &'static str> {
+    if list.contains(&NodePortAddress::Primary) && list.len() > 1 {
+        return Err("\"primary\" cannot be combined with CIDRs");
+    }
+    Ok(())
 }
 
 /// How kube-proxy tells pod traffic from other traffic (`detectLocalMode`).
@@ -357,17 +400,11 @@ impl KubeProxyConfig {
             c.udp_stream_timeout.as_ref(),
             given("conntrack_udp_timeout_stream"),
         );
-        // The one place `nodePortAddresses` goes onto the options: its IPv4
-        // networks; `primary` is the flag's default (the uplinks' addresses).
+        // The one place `nodePortAddresses` goes onto the options.
         if !given("nodeport_addresses") && options.nodeport_addresses.is_empty() {
-            options.nodeport_addresses = self
-                .node_port_addresses
-                .iter()
-                .filter_map(|a| match a {
-                    NodePortAddress::Cidr(prefix) => Some(*prefix),
-                    NodePortAddress::Ipv6 | NodePortAddress::Primary => None,
-                })
-                .collect();
+            options
+                .nodeport_addresses
+                .clone_from(&self.node_port_addresses);
         }
         if !given("v") && options.v.is_none() {
             options.v = self.verbosity;
@@ -389,12 +426,6 @@ impl KubeProxyConfig {
                 "KubeProxyConfiguration: unknown fields, ignored: {}",
                 self.unknown.join(", ")
             ));
-        }
-        if self.node_port_addresses.contains(&NodePortAddress::Ipv6) {
-            notes.push(
-                "KubeProxyConfiguration: nodePortAddresses: IPv6 networks ignored (this dataplane serves IPv4)"
-                    .into(),
-            );
         }
         if !self.feature_gates.is_empty() {
             let gates: Vec<String> = self
@@ -581,28 +612,11 @@ impl Reader<'_> {
                     format!("{entry:?} is neither a CIDR nor \"primary\""),
                 )
             };
-            let address = if entry == "primary" {
-                NodePortAddress::Primary
-            } else if entry.contains(':') {
-                Cidr::parse(&entry).ok_or_else(invalid)?;
-                NodePortAddress::Ipv6
-            } else if entry.contains('/') {
-                NodePortAddress::Cidr(entry.parse().map_err(|()| invalid())?)
-            } else {
-                return Err(invalid());
-            };
+            let address = entry.parse().map_err(|()| invalid())?;
             config.node_port_addresses.push(address);
         }
-        if config
-            .node_port_addresses
-            .contains(&NodePortAddress::Primary)
-            && config.node_port_addresses.len() > 1
-        {
-            return Err(self.invalid(
-                "nodePortAddresses",
-                "\"primary\" cannot be combined with CIDRs",
-            ));
-        }
+        check_node_port_addresses(&config.node_port_addresses)
+            .map_err(|why| self.invalid("nodePortAddresses", why))?;
         for cidr in non_empty(doc.cluster_cidr)
             .iter()
             .flat_map(|s| s.split(','))
@@ -829,6 +843,39 @@ mod tests {
         assert_eq!(config.cluster_cidrs[0].to_string(), "10.244.0.0/16");
         let notes = config.notes().join("\n");
         assert_eq!(notes.matches("iptables").count(), 1, "{notes}");
+    }
+
+    #[test]
+    fn node_port_addresses_of_both_families_reach_the_options() {
+        let options = options_with(
+            &minimal("nodePortAddresses: [192.168.0.0/16, \"fd00:192:168:100::/64\"]\n"),
+            &[],
+        );
+        assert_eq!(
+            options.nodeport_addresses,
+            [
+                NodePortAddress::Cidr("192.168.0.0/16".parse().unwrap()),
+                NodePortAddress::Cidr6("fd00:192:168:100::/64".parse().unwrap()),
+            ]
+        );
+        assert_eq!(
+            configz(&options)["kubeproxy.config.k8s.io"]["nodePortAddresses"],
+            json!(["192.168.0.0/16", "fd00:192:168:100::/64"])
+        );
+        let primary = options_with(&minimal("nodePortAddresses: [primary]\n"), &[]);
+        assert_eq!(primary.nodeport_addresses, [NodePortAddress::Primary]);
+        let flag = options_with(
+            &minimal("nodePortAddresses: [10.0.0.0/8]\n"),
+            &["--nodeport-addresses", "2001:db8::/32"],
+        );
+        assert_eq!(
+            flag.nodeport_addresses,
+            [NodePortAddress::Cidr6("2001:db8::/32".parse().unwrap())]
+        );
+        assert!(
+            error(&minimal("nodePortAddresses: [primary, \"fd00::/8\"]\n"))
+                .contains("\"primary\" cannot be combined with CIDRs")
+        );
     }
 
     #[test]

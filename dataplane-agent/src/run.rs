@@ -5,7 +5,7 @@
 //! SIGTERM.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -22,12 +22,12 @@ use tokio::{
 use crate::{
     control::{
         health::Health,
-        model::{IpFamilies, IpFamily, Ipv4Prefix},
+        model::{IpFamilies, IpFamily},
         run_loop::{ControlLoop, Report},
         source::{self, SourceUpdate, UpdateSender},
         sync::{BackendKey, CtOccupancy, SyncEngine},
     },
-    kubeproxy_config,
+    kubeproxy_config::{self, NodePortAddress},
     node::{
         bpffs::ensure_bpffs,
         ct_gc, ct_gc6,
@@ -134,10 +134,13 @@ pub struct Options {
     /// default routes.
     #[arg(long, value_delimiter = ',')]
     pub uplink_ifaces: Vec<String>,
-    /// Node addresses NodePorts are served on, as CIDRs (kube-proxy's
-    /// flag). Default: the uplinks' addresses.
-    #[arg(long, value_delimiter = ',', value_parser = parse_prefix)]
-    pub nodeport_addresses: Vec<Ipv4Prefix>,
+    /// Node addresses NodePorts are served on, as CIDRs of either family,
+    /// or `primary` (kube-proxy's flag): each family is filtered by its own
+    /// CIDRs, and a family without any keeps the default, the uplinks'
+    /// addresses; `primary` is each family's first uplink address (the
+    /// SNAT address).
+    #[arg(long, value_delimiter = ',', value_parser = parse_node_port_address)]
+    pub nodeport_addresses: Vec<NodePortAddress>,
     /// Address families to proxy, comma separated (`ipv4`, `ipv6`).
     /// Default: those the node has an address of (other than loopback and
     /// link-local; IPv4 when it has none yet); a Service's frontends of
@@ -224,7 +227,7 @@ fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
     let names = uplink_names(options)?;
     let (uplinks, missing) = uplink::present(&names);
     let (node_addrs, snat_addr) = node_addresses(options, &names)?;
-    let (node_addrs6, snat_addr6) = node_addresses6(&names)?;
+    let (node_addrs6, snat_addr6) = node_addresses6(options, &names)?;
     Ok(ExternalSetup {
         uplinks,
         missing,
@@ -243,54 +246,109 @@ fn uplink_names(options: &Options) -> anyhow::Result<Vec<String>> {
     })
 }
 
-/// The addresses NodePorts are served on (the uplinks' addresses, or those
-/// in `--nodeport-addresses`), and the SNAT address (the first uplink's
-/// first address), as the node has them now.
+/// The node's IPv4 addresses NodePorts are served on and its IPv4 SNAT
+/// address, as the node has them now.
 fn node_addresses(
     options: &Options,
     uplinks: &[String],
 ) -> anyhow::Result<(Vec<Ipv4Addr>, Option<Ipv4Addr>)> {
-    let addrs = uplink::addresses()?;
-    let prefixes = &options.nodeport_addresses;
-    let mut node_addrs: Vec<Ipv4Addr> = addrs
-        .iter()
-        .filter(|(name, ip)| {
-            if prefixes.is_empty() {
-                uplinks.contains(name)
-            } else {
-                prefixes.iter().any(|p| p.contains(*ip))
-            }
-        })
-        .map(|(_, ip)| *ip)
+    let addrs: Vec<(String, IpAddr)> = uplink::addresses()?
+        .into_iter()
+        .map(|(name, ip)| (name, ip.into()))
         .collect();
-    node_addrs.sort();
-    node_addrs.dedup();
-    let snat_addr = uplinks
-        .first()
-        .and_then(|u| addrs.iter().find(|(name, _)| name == u))
-        .map(|(_, ip)| *ip);
+    let node_addrs = served_node_addresses(&options.nodeport_addresses, &addrs, uplinks)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let snat_addr = primary_address(&addrs, uplinks).and_then(|ip| match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    });
     Ok((node_addrs, snat_addr))
 }
 
-/// The node's IPv6 addresses NodePorts are served on: the uplinks' global
-/// ones (`--nodeport-addresses` holds IPv4 prefixes only, and a family
-/// without prefixes is served on all its addresses, as kube-proxy's
-/// per-family proxiers do), and the IPv6 SNAT address (the first uplink's
-/// first).
-fn node_addresses6(uplinks: &[String]) -> anyhow::Result<(Vec<Ipv6Addr>, Option<Ipv6Addr>)> {
-    let addrs = uplink::addresses6()?;
-    let mut node_addrs: Vec<Ipv6Addr> = addrs
+/// [`node_addresses`] for IPv6: the global addresses (no loopback, no
+/// link-local).
+fn node_addresses6(
+    options: &Options,
+    uplinks: &[String],
+) -> anyhow::Result<(Vec<Ipv6Addr>, Option<Ipv6Addr>)> {
+    let addrs: Vec<(String, IpAddr)> = uplink::addresses6()?
+        .into_iter()
+        .map(|(name, ip)| (name, ip.into()))
+        .collect();
+    let node_addrs = served_node_addresses(&options.nodeport_addresses, &addrs, uplinks)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let snat_addr = primary_address(&addrs, uplinks).and_then(|ip| match ip {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
+    });
+    Ok((node_addrs, snat_addr))
+}
+
+/// The node's primary address of one family: the first address of the
+/// first uplink holding one (`addrs`, interface and address, are all of
+/// that family). SNAT uses it, and `--nodeport-addresses primary`.
+fn primary_address(addrs: &[(String, IpAddr)], uplinks: &[String]) -> Option<IpAddr> {
+    uplinks
         .iter()
-        .filter(|(name, _)| uplinks.contains(name))
+        .find_map(|u| addrs.iter().find(|(name, _)| name == u))
+        .map(|(_, ip)| *ip)
+}
+
+/// The addresses of `addrs` (one family's, with the interface holding
+/// each) NodePorts are served on, sorted, as kube-proxy's proxier of that
+/// family picks them from `--nodeport-addresses`: the addresses in its
+/// CIDRs of that family, on any interface; without CIDRs of that family
+/// (none given, or only of the other family) the default, the uplinks'
+/// addresses (kube-proxy's default is every address; NodePorts here are
+/// for traffic from outside); with `primary`, the primary address.
+fn served_node_addresses(
+    selection: &[NodePortAddress],
+    addrs: &[(String, IpAddr)],
+    uplinks: &[String],
+) -> Vec<IpAddr> {
+    if selection.contains(&NodePortAddress::Primary) {
+        return primary_address(addrs, uplinks).into_iter().collect();
+    }
+    let in_selection = |ip: IpAddr| -> Option<bool> {
+        let mut of_family = false;
+        for entry in selection {
+            match (entry, ip) {
+                (NodePortAddress::Cidr(p), IpAddr::V4(v4)) => {
+                    of_family = true;
+                    if p.contains(v4) {
+                        return Some(true);
+                    }
+                }
+                (NodePortAddress::Cidr6(p), IpAddr::V6(v6)) => {
+                    of_family = true;
+                    if p.contains(v6) {
+                        return Some(true);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // None: no CIDR of this family given.
+        of_family.then_some(false)
+    };
+    let mut served: Vec<IpAddr> = addrs
+        .iter()
+        .filter(|(name, ip)| in_selection(*ip).unwrap_or_else(|| uplinks.contains(name)))
         .map(|(_, ip)| *ip)
         .collect();
-    node_addrs.sort();
-    node_addrs.dedup();
-    let snat_addr = uplinks
-        .first()
-        .and_then(|u| addrs.iter().find(|(name, _)| name == u))
-        .map(|(_, ip)| *ip);
-    Ok((node_addrs, snat_addr))
+    served.sort();
+    served.dedup();
+    served
 }
 
 /// The SNAT configuration as written to `NAT_CONFIG` and `NAT6_CONFIG`.
@@ -432,7 +490,7 @@ fn follow_node_network(
     // Failures are logged there; the next notice tries again.
     let _ = follow_uplinks(options, datapath, &present);
     let (node_addrs, snat_addr) = node_addresses(options, &uplinks)?;
-    let (node_addrs6, snat_addr6) = node_addresses6(&uplinks)?;
+    let (node_addrs6, snat_addr6) = node_addresses6(options, &uplinks)?;
     let snat = &mut state.snat;
     let snat_addr = snat_addr.filter(|_| snat.reserved);
     let snat_addr6 = snat_addr6.filter(|_| snat.reserved);
@@ -473,9 +531,9 @@ fn describe(addr: Option<impl std::fmt::Display>) -> String {
 }
 
 /// `--nodeport-addresses` entries.
-fn parse_prefix(text: &str) -> Result<Ipv4Prefix, String> {
+fn parse_node_port_address(text: &str) -> Result<NodePortAddress, String> {
     text.parse()
-        .map_err(|()| format!("{text:?} is not an IPv4 CIDR"))
+        .map_err(|()| format!("{text:?} is neither a CIDR nor \"primary\""))
 }
 
 fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
@@ -564,6 +622,8 @@ fn handle_link(datapath: &mut Datapath, link: LinkEvent) {
 }
 
 async fn run_async(options: Options) -> anyhow::Result<()> {
+    kubeproxy_config::check_node_port_addresses(&options.nodeport_addresses)
+        .map_err(|why| anyhow::anyhow!("--nodeport-addresses: {why}"))?;
     let filter = PodInterfaceFilter::new(&options.pod_ifaces)?;
     ensure_bpffs(&options.bpffs)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -664,7 +724,8 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
         health.clone(),
         metrics.clone(),
     );
-    control.set_ip_families(ip_families(&options)?);
+    let families = ip_families(&options)?;
+    control.set_ip_families(families);
 
     let mut healthz_server =
         tokio::spawn(healthz::serve(options.healthz_bind_address, health.clone()));
@@ -690,7 +751,13 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     control.full_sync();
     let (health_checks_tx, health_checks_rx) = watch::channel(control.health_checks());
     let health_check_server =
-        tokio::spawn(health_check::run(Ipv4Addr::UNSPECIFIED, health_checks_rx));
+        // On both families when IPv6 is proxied, as kube-proxy's
+        // listener on the unspecified address answers both.
+        tokio::spawn(health_check::run(
+            Ipv4Addr::UNSPECIFIED,
+            families.ipv6.then_some(Ipv6Addr::UNSPECIFIED),
+            health_checks_rx,
+        ));
 
     // Interfaces after the first sync: a pod never sees the programs with
     // empty maps. Healthy only once the pods present now have them.
@@ -858,5 +925,148 @@ fn server_stopped<E: std::error::Error + Send + Sync + 'static>(
     match served {
         Ok(Err(e)) => Err(e.into()),
         _ => Err(anyhow::anyhow!("the {what} server stopped")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selection(entries: &[&str]) -> Vec<NodePortAddress> {
+        entries.iter().map(|e| e.parse().unwrap()).collect()
+    }
+
+    /// eth0: 192.168.100.1, 10.0.0.1, fd00:192:168:100::1 and 2001:db8::1;
+    /// eth1 (not an uplink): 172.16.0.1 and fd00:172::1.
+    /// (interface, address) pairs of one family.
+    type Addresses = Vec<(String, IpAddr)>;
+
+    fn node() -> (Addresses, Addresses, Vec<String>) {
+        let at = |dev: &str, ip: &str| (dev.to_owned(), ip.parse::<IpAddr>().unwrap());
+        let v4 = vec![
+            at("lo", "127.0.0.1"),
+            at("eth0", "192.168.100.1"),
+            at("eth0", "10.0.0.1"),
+            at("eth1", "172.16.0.1"),
+        ];
+        let v6 = vec![
+            at("eth0", "fd00:192:168:100::1"),
+            at("eth0", "2001:db8::1"),
+            at("eth1", "fd00:172::1"),
+        ];
+        (v4, v6, vec!["eth0".to_owned()])
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn node_ports_default_to_the_uplinks_addresses_of_each_family() {
+        let (v4, v6, uplinks) = node();
+        assert_eq!(
+            served_node_addresses(&[], &v4, &uplinks),
+            ips(&["10.0.0.1", "192.168.100.1"])
+        );
+        assert_eq!(
+            served_node_addresses(&[], &v6, &uplinks),
+            ips(&["2001:db8::1", "fd00:192:168:100::1"])
+        );
+    }
+
+    #[test]
+    fn ipv6_cidrs_select_the_ipv6_addresses_inside_them_on_any_interface() {
+        let (_, v6, uplinks) = node();
+        let only = selection(&["fd00::/16"]);
+        assert_eq!(
+            served_node_addresses(&only, &v6, &uplinks),
+            ips(&["fd00:172::1", "fd00:192:168:100::1"])
+        );
+    }
+
+    #[test]
+    fn each_family_is_filtered_by_its_own_cidrs_only() {
+        let (v4, v6, uplinks) = node();
+        // IPv4 CIDRs only: IPv6 keeps its default, and the other way round.
+        let v4_only = selection(&["192.168.100.0/24"]);
+        assert_eq!(
+            served_node_addresses(&v4_only, &v4, &uplinks),
+            ips(&["192.168.100.1"])
+        );
+        assert_eq!(
+            served_node_addresses(&v4_only, &v6, &uplinks),
+            ips(&["2001:db8::1", "fd00:192:168:100::1"])
+        );
+        let v6_only = selection(&["2001:db8::/32"]);
+        assert_eq!(
+            served_node_addresses(&v6_only, &v4, &uplinks),
+            ips(&["10.0.0.1", "192.168.100.1"])
+        );
+        let both = selection(&["172.16.0.0/12", "2001:db8::/32"]);
+        assert_eq!(
+            served_node_addresses(&both, &v4, &uplinks),
+            ips(&["172.16.0.1"])
+        );
+        assert_eq!(
+            served_node_addresses(&both, &v6, &uplinks),
+            ips(&["2001:db8::1"])
+        );
+    }
+
+    #[test]
+    fn cidrs_holding_no_node_address_of_their_family_serve_none_of_it() {
+        let (_, v6, uplinks) = node();
+        let elsewhere = selection(&["2001:db8:ffff::/48"]);
+        assert!(served_node_addresses(&elsewhere, &v6, &uplinks).is_empty());
+    }
+
+    #[test]
+    fn primary_is_the_first_uplink_address_of_each_family() {
+        let (v4, v6, uplinks) = node();
+        let primary = selection(&["primary"]);
+        assert_eq!(
+            served_node_addresses(&primary, &v4, &uplinks),
+            ips(&["192.168.100.1"])
+        );
+        assert_eq!(
+            served_node_addresses(&primary, &v6, &uplinks),
+            ips(&["fd00:192:168:100::1"])
+        );
+    }
+
+    #[test]
+    fn the_primary_address_is_of_the_first_uplink_holding_one_of_the_family() {
+        let (_, v6, _) = node();
+        // The first uplink has no IPv6 address: the next one's counts.
+        let uplinks = ["ipv4only".to_owned(), "eth1".to_owned()];
+        assert_eq!(
+            primary_address(&v6, &uplinks),
+            Some("fd00:172::1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn node_port_address_flags_take_cidrs_of_either_family_or_primary_alone() {
+        assert_eq!(
+            parse_node_port_address("2001:db8::7/64")
+                .unwrap()
+                .to_string(),
+            "2001:db8::/64"
+        );
+        assert_eq!(
+            parse_node_port_address("10.1.2.3/8").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            parse_node_port_address("primary"),
+            Ok(NodePortAddress::Primary)
+        );
+        for bad in ["2001:db8::1", "fd00::/129", "10.0.0.0/33", "primary4"] {
+            assert!(parse_node_port_address(bad).is_err(), "{bad}");
+        }
+        assert!(
+            kubeproxy_config::check_node_port_addresses(&selection(&["primary", "fd00::/8"]))
+                .is_err()
+        );
     }
 }

@@ -150,6 +150,50 @@ impl Cluster {
         cluster
     }
 
+    /// Like [`Cluster::start_dual`], each agent run with `args` as well, and
+    /// `prepare` changing the lab (routes, addresses) before they start.
+    pub fn start_dual_with(
+        topology: Topology,
+        cross_node: CrossNode,
+        initial: &[(&str, String)],
+        args: &[&str],
+        prepare: impl FnOnce(&Lab),
+    ) -> Self {
+        let mut cluster = Self::build_with(topology, cross_node, true);
+        cluster.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
+        prepare(&cluster.lab);
+        for (file, content) in initial {
+            cluster.write_manifest(file, content);
+        }
+        cluster.start_first_agents(true);
+        cluster
+    }
+
+    /// Routes `prefix` (IPv6) from the router to the nodes' IPv6 addresses
+    /// (ECMP over both), as [`dataplane_lab::topology::LB_CIDR`] is for IPv4:
+    /// load-balancer IPs and externalIPs reach the nodes.
+    pub fn route_to_nodes6(&self, prefix: &str) {
+        let (node1, node2) = (
+            dataplane_lab::topology::node_ip6(1).to_string(),
+            dataplane_lab::topology::node_ip6(2).to_string(),
+        );
+        netns::ip(&[
+            "-n",
+            &self.lab.router_ns(),
+            "-6",
+            "route",
+            "add",
+            prefix,
+            "nexthop",
+            "via",
+            &node1,
+            "nexthop",
+            "via",
+            &node2,
+        ])
+        .unwrap_or_else(|e| panic!("routing {prefix} to the nodes: {e:#}"));
+    }
+
     fn build_with(topology: Topology, cross_node: CrossNode, ipv6: bool) -> Self {
         let spec = LabSpec {
             prefix: unique_prefix(""),

@@ -287,6 +287,15 @@ impl std::str::FromStr for Ipv6Prefix {
     }
 }
 
+impl Ipv6Prefix {
+    pub fn contains(&self, ip: std::net::Ipv6Addr) -> bool {
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.len))
+            .unwrap_or(0);
+        u128::from(ip) & mask == u128::from(self.addr)
+    }
+}
+
 /// A pod IP and target port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {

@@ -10,10 +10,15 @@ use std::{
 
 use futures::StreamExt as _;
 use rtnetlink::{
-    constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_LINK},
-    packet_core::NetlinkPayload,
-    packet_route::RouteNetlinkMessage,
-    sys::{AsyncSocket as _, SocketAddr},
+    constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+    },
+    packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
+    packet_route::{
+        route::{RouteAttribute, RouteHeader, RouteMessage, RouteType},
+        AddressFamily, RouteNetlinkMessage,
+    },
+    sys::{protocols::NETLINK_ROUTE, AsyncSocket as _, Socket, SocketAddr},
 };
 use tokio::sync::mpsc;
 
@@ -35,6 +40,8 @@ pub enum UplinkError {
     },
     #[error("opening a netlink socket for link, route and address events")]
     Netlink(#[source] std::io::Error),
+    #[error("listing the routes (netlink)")]
+    RouteDump(#[source] std::io::Error),
     #[error("SNAT port range {min}-{max} overlaps the node's ephemeral ports {eph_min}-{eph_max} (net.ipv4.ip_local_port_range)")]
     RangeOverlapsEphemeral {
         min: u16,
@@ -51,30 +58,124 @@ pub struct Uplink {
     pub name: String,
 }
 
-/// Names of the interfaces holding an IPv4 default route, from
-/// `/proc/net/route` (this network namespace's), without duplicates.
+/// The routing table `local` (255): the node's own and broadcast
+/// addresses, never a way out.
+const RT_TABLE_LOCAL: u32 = 255;
+const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+
+/// Names of the interfaces holding a default route (`0.0.0.0/0` or `::/0`)
+/// in this network namespace, either family, without duplicates: those of
+/// the main table first, then those of the other tables in table order
+/// (each by metric, IPv4 before IPv6), so the first one is the interface
+/// the node itself leaves by.
+///
+/// Every table but `local` counts, not only `main`: policy routing
+/// (source-based routing of a second NIC, a cloud's per-ENI tables, a
+/// VRF's table) puts the default route of an interface traffic from
+/// outside arrives on in a table of its own. Whether an `ip rule` sends
+/// lookups there is not asked: a VRF's table is reached by the `l3mdev`
+/// rule, which names no table, and rules would be one more thing to
+/// follow. Only unicast routes count: the `unreachable`/`blackhole`/
+/// `prohibit` defaults that close policy tables and VRFs have no device.
 pub fn default_route_interfaces() -> Result<Vec<String>, UplinkError> {
-    let path = "/proc/net/route";
-    let text = std::fs::read_to_string(path).map_err(|source| UplinkError::Read {
-        path: path.into(),
-        source,
-    })?;
-    Ok(parse_default_routes(&text))
+    let mut routes = dump_routes(AddressFamily::Inet)?;
+    routes.extend(dump_routes(AddressFamily::Inet6)?);
+    Ok(default_route_ifindexes(&routes)
+        .into_iter()
+        // An interface gone since the dump is not an uplink any more.
+        .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
+        .filter_map(|name| name.into_string().ok())
+        .collect())
 }
 
-fn parse_default_routes(text: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
-        if fields.len() >= 8 && fields[1] == "00000000" && fields[7] == "00000000" {
-            let name = fields[0].to_owned();
-            if !names.contains(&name) {
-                names.push(name);
+/// The routes of one family in every table (`RTM_GETROUTE` dump), as
+/// `ip route show table all` lists them.
+fn dump_routes(family: AddressFamily) -> Result<Vec<RouteMessage>, UplinkError> {
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(UplinkError::RouteDump)?;
+    socket.bind_auto().map_err(UplinkError::RouteDump)?;
+    let mut query = RouteMessage::default();
+    query.header.address_family = family;
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(query));
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(UplinkError::RouteDump)?;
+    let mut routes = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full().map_err(UplinkError::RouteDump)?;
+        let mut offset = 0;
+        while offset < datagram.len() {
+            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[offset..])
+                .map_err(|e| UplinkError::RouteDump(std::io::Error::other(e)))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
+                    routes.push(route);
+                }
+                NetlinkPayload::Done(_) => return Ok(routes),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(UplinkError::RouteDump(e.to_io()));
+                }
+                _ => {}
             }
+            if length == 0 {
+                break;
+            }
+            // Messages are 4-byte aligned within a datagram.
+            offset += (length + 3) & !3;
         }
     }
-    names
+}
+
+/// The interfaces (indexes) of the default routes among `routes`, in the
+/// order [`default_route_interfaces`] gives: the selection, apart from
+/// reading the kernel's tables.
+fn default_route_ifindexes(routes: &[RouteMessage]) -> Vec<u32> {
+    let mut defaults: Vec<(u32, u8, u32, Vec<u32>)> = routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 0 && r.header.kind == RouteType::Unicast)
+        .filter_map(|r| {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            if table == RT_TABLE_LOCAL {
+                return None;
+            }
+            let mut devices = Vec::new();
+            let mut metric = 0;
+            for attribute in &r.attributes {
+                match attribute {
+                    RouteAttribute::Oif(ifindex) => devices.push(*ifindex),
+                    // ECMP: every next hop's interface.
+                    RouteAttribute::MultiPath(hops) => {
+                        devices.extend(hops.iter().map(|h| h.interface_index));
+                    }
+                    RouteAttribute::Priority(p) => metric = *p,
+                    _ => {}
+                }
+            }
+            let family = u8::from(r.header.address_family == AddressFamily::Inet6);
+            Some((table, family, metric, devices))
+        })
+        .collect();
+    // Main first, then by table; stable, so the dump's order breaks ties.
+    defaults.sort_by_key(|(table, family, metric, _)| {
+        (*table != RT_TABLE_MAIN, *table, *metric, *family)
+    });
+    let mut ifindexes = Vec::new();
+    for ifindex in defaults.into_iter().flat_map(|(.., devices)| devices) {
+        if ifindex != 0 && !ifindexes.contains(&ifindex) {
+            ifindexes.push(ifindex);
+        }
+    }
+    ifindexes
 }
 
 /// The interfaces named that exist now, with their indexes, and the names
@@ -149,8 +250,8 @@ pub fn addresses6() -> Result<Vec<(String, Ipv6Addr)>, UplinkError> {
     Ok(out)
 }
 
-/// A notice each time an interface, an IPv4 route or an address (either
-/// family) of this network namespace is added, changed or removed: the
+/// A notice each time an interface, a route or an address (either
+/// family, any table) of this network namespace is added, changed or removed: the
 /// receiver reads the uplinks ([`default_route_interfaces`], [`present`])
 /// and addresses ([`addresses`], [`addresses6`]) again. Notices that arrive
 /// while one is pending are merged into it.
@@ -162,7 +263,11 @@ pub fn watch_node_network() -> Result<mpsc::Receiver<()>, UplinkError> {
         .socket_mut()
         .bind(&SocketAddr::new(
             0,
-            RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_LINK,
+            RTMGRP_IPV4_IFADDR
+                | RTMGRP_IPV6_IFADDR
+                | RTMGRP_IPV4_ROUTE
+                | RTMGRP_IPV6_ROUTE
+                | RTMGRP_LINK,
         ))
         .map_err(UplinkError::Netlink)?;
     tokio::spawn(connection);
@@ -239,14 +344,184 @@ pub fn reserve_snat_ports(min: u16, max: u16) -> Result<(), UplinkError> {
 mod tests {
     use super::*;
 
+    use rtnetlink::packet_route::route::RouteNextHop;
+
+    /// A route as a dump gives it: `dst/len` in `table`, of `kind`, through
+    /// `oif` (0: none) at `metric`.
+    fn route(
+        family: AddressFamily,
+        len: u8,
+        table: u32,
+        kind: RouteType,
+        oif: u32,
+        metric: u32,
+    ) -> RouteMessage {
+        let mut r = RouteMessage::default();
+        r.header.address_family = family;
+        r.header.destination_prefix_length = len;
+        r.header.table = u8::try_from(table).unwrap_or(252);
+        r.header.kind = kind;
+        r.attributes.push(RouteAttribute::Table(table));
+        r.attributes.push(RouteAttribute::Priority(metric));
+        if oif != 0 {
+            r.attributes.push(RouteAttribute::Oif(oif));
+        }
+        r
+    }
+
+    fn default4(table: u32, oif: u32, metric: u32) -> RouteMessage {
+        route(
+            AddressFamily::Inet,
+            0,
+            table,
+            RouteType::Unicast,
+            oif,
+            metric,
+        )
+    }
+
+    fn default6(table: u32, oif: u32, metric: u32) -> RouteMessage {
+        route(
+            AddressFamily::Inet6,
+            0,
+            table,
+            RouteType::Unicast,
+            oif,
+            metric,
+        )
+    }
+
     #[test]
-    fn default_routes_are_found_in_proc_net_route() {
-        let text =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-eth0\t00000000\t0164A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-eth0\t0064A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-cbr0\t00F4000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-eth1\t00000000\t0164A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
-        assert_eq!(parse_default_routes(text), vec!["eth0", "eth1"]);
+    fn an_ipv6_default_route_makes_an_uplink_on_an_ipv6_only_node() {
+        let routes = [
+            route(
+                AddressFamily::Inet6,
+                64,
+                RT_TABLE_MAIN,
+                RouteType::Unicast,
+                3,
+                256,
+            ),
+            default6(RT_TABLE_MAIN, 2, 1024),
+        ];
+        assert_eq!(default_route_ifindexes(&routes), [2]);
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_default_routes_both_count_once_each_interface() {
+        let routes = [
+            default4(RT_TABLE_MAIN, 2, 0),
+            default6(RT_TABLE_MAIN, 2, 1024),
+            default6(RT_TABLE_MAIN, 4, 1024),
+        ];
+        assert_eq!(default_route_ifindexes(&routes), [2, 4]);
+    }
+
+    #[test]
+    fn default_routes_of_policy_routing_tables_count_after_the_main_table() {
+        let routes = [
+            // A second NIC's source-based table, dumped first.
+            default4(100, 5, 0),
+            default4(RT_TABLE_MAIN, 2, 100),
+            default6(1000, 6, 0),
+            // The `default` table (253), consulted by the last rule.
+            default4(253, 7, 0),
+        ];
+        assert_eq!(default_route_ifindexes(&routes), [2, 5, 7, 6]);
+    }
+
+    #[test]
+    fn lower_metric_default_routes_come_first() {
+        let routes = [
+            default4(RT_TABLE_MAIN, 3, 200),
+            default4(RT_TABLE_MAIN, 2, 100),
+        ];
+        assert_eq!(default_route_ifindexes(&routes), [2, 3]);
+    }
+
+    #[test]
+    fn routes_other_than_unicast_defaults_outside_the_local_table_do_not_count() {
+        let routes = [
+            // Not a default route.
+            route(
+                AddressFamily::Inet,
+                24,
+                RT_TABLE_MAIN,
+                RouteType::Unicast,
+                3,
+                0,
+            ),
+            // The `unreachable default` closing a VRF's table: no device.
+            route(
+                AddressFamily::Inet,
+                0,
+                10,
+                RouteType::Unreachable,
+                0,
+                4278198272,
+            ),
+            route(AddressFamily::Inet6, 0, 10, RouteType::BlackHole, 0, 0),
+            // A `local default dev lo` (a proxy's TPROXY table).
+            route(AddressFamily::Inet, 0, 2004, RouteType::Local, 1, 0),
+            // Anything in the `local` table.
+            default4(RT_TABLE_LOCAL, 8, 0),
+        ];
+        assert_eq!(default_route_ifindexes(&routes), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn every_next_hop_of_an_ecmp_default_route_is_an_uplink() {
+        let mut ecmp = default4(RT_TABLE_MAIN, 0, 0);
+        ecmp.attributes.push(RouteAttribute::MultiPath(
+            [3, 2]
+                .map(|interface_index| {
+                    let mut hop = RouteNextHop::default();
+                    hop.interface_index = interface_index;
+                    hop
+                })
+                .to_vec(),
+        ));
+        assert_eq!(default_route_ifindexes(&[ecmp]), [3, 2]);
+    }
+
+    #[test]
+    fn table_ids_above_255_are_read_from_the_table_attribute() {
+        // The header's u8 says 252 (RT_TABLE_COMPAT); RTA_TABLE has the id.
+        let routes = [default4(1_000_000, 9, 0), default4(RT_TABLE_MAIN, 2, 0)];
+        assert_eq!(default_route_ifindexes(&routes), [2, 9]);
+    }
+
+    /// The dump itself, in a namespace of this test's own: its default
+    /// routes of both families and of a policy table are found.
+    #[test]
+    fn the_route_dump_finds_default_routes_of_both_families_and_every_table() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (a network namespace of its own)"
+        );
+        let names = dataplane_testkit::netns::in_new_netns(|| {
+            let ip = |args: &[&str]| dataplane_testkit::netns::ip(args);
+            for dev in ["up4", "up6", "up100"] {
+                let peer = format!("{dev}p");
+                ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+                ip(&["link", "set", &peer, "up"]);
+                ip(&["link", "set", dev, "up"]);
+            }
+            ip(&["addr", "add", "192.0.2.1/24", "dev", "up4"]);
+            ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.0.2.254",
+                "dev",
+                "up4",
+            ]);
+            ip(&["-6", "route", "add", "default", "dev", "up6"]);
+            ip(&["route", "add", "default", "dev", "up100", "table", "100"]);
+            ip(&["route", "add", "unreachable", "default", "table", "101"]);
+            default_route_interfaces().unwrap()
+        });
+        assert_eq!(names, ["up4", "up6", "up100"]);
     }
 }

@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -80,8 +80,12 @@ async fn answer(State((checks, port)): State<(Checks, u16)>) -> impl IntoRespons
 }
 
 /// Serves every health check `updates` lists, on `bind` (all addresses by
-/// default), until the sender is dropped.
-pub async fn run(bind: Ipv4Addr, mut updates: watch::Receiver<Vec<HealthCheck>>) {
+/// default) and on `bind6` too if given, until the sender is dropped.
+pub async fn run(
+    bind: Ipv4Addr,
+    bind6: Option<Ipv6Addr>,
+    mut updates: watch::Receiver<Vec<HealthCheck>>,
+) {
     let checks: Checks = Arc::default();
     let mut servers: HashMap<u16, JoinHandle<()>> = HashMap::new();
     loop {
@@ -106,11 +110,21 @@ pub async fn run(bind: Ipv4Addr, mut updates: watch::Receiver<Vec<HealthCheck>>)
                 .fallback(get(answer))
                 .with_state((checks.clone(), port));
             let addr = SocketAddr::from((bind, port));
+            let addr6 = bind6.map(|ip| SocketAddr::from((ip, port)));
             info!("health check node port {port}: serving {}", check.service);
             servers.insert(
                 port,
                 tokio::spawn(async move {
-                    if let Err(e) = http::serve("health check node port", addr, app).await {
+                    const WHAT: &str = "health check node port";
+                    let ipv4 = http::serve(WHAT, addr, app.clone());
+                    let ipv6 = async {
+                        match addr6 {
+                            Some(addr6) => http::serve_ipv6_only(WHAT, addr6, app).await,
+                            None => Ok(()),
+                        }
+                    };
+                    let (ipv4, ipv6) = tokio::join!(ipv4, ipv6);
+                    for e in [ipv4.err(), ipv6.err()].into_iter().flatten() {
                         warn!("{:#}", anyhow::Error::from(e));
                     }
                 }),

@@ -252,10 +252,7 @@ struct UdpHdr {
 ///
 /// Out of line, into the caller's `flow` (no copy through a result).
 #[inline(never)]
-pub fn parse_ipv6_flow_into<C: PacketCtx>(
-    ctx: &C,
-    flow: &mut Ipv6Flow,
-) -> Result<(), Parse6Error> {
+pub fn parse_ipv6_flow_into<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow) -> Result<(), Parse6Error> {
     let ip = parse_ipv6_header(ctx).ok_or(Parse6Error::NotL4)?;
     let upper = walk_ext_headers(ctx, &ip)?;
     let payload_len = match u16::from_be(ip.payload_len) {
@@ -301,9 +298,7 @@ pub fn parse_ipv6_flow_into<C: PacketCtx>(
             return Err(Parse6Error::Malformed);
         }
         // The checksum field is written on rewrite: it must be there too.
-        let _: u32 = ctx
-            .load_far(upper.off + 16)
-            .ok_or(Parse6Error::Malformed)?;
+        let _: u32 = ctx.load_far(upper.off + 16).ok_or(Parse6Error::Malformed)?;
         flow.src_port = tcp.src_port;
         flow.dst_port = tcp.dst_port;
         flow.tcp_flags = tcp.flags;

@@ -19,11 +19,11 @@ use dataplane_common::{
 
 use crate::{
     conntrack::CtCreateError,
-    ctx::PacketCtx,
     conntrack6::{
         ct6_create, ct6_delete, ct6_delete_reply, ct6_is_expired, ct6_is_reopen, ct6_lookup,
         ct6_lookup_flow, ct6_owns_reply, ct6_restore_reply, ct6_update,
     },
+    ctx::PacketCtx,
     fail, fail_as,
     fragment::frag6_track,
     icmp6::{icmp6_error_flow, icmp6_reverse_translate},

@@ -17,8 +17,8 @@ use dataplane_testkit::{
     netns::{in_new_netns, ip, mac_text},
     packets::{be32, hex, ACK, ETH_HLEN, SYN},
     packets6::{
-        ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, Tcp6, IP6_L4,
-        PROTO_ICMPV6, PROTO_TCP,
+        ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, ExtHeader, Tcp6,
+        Udp6, IP6_L4, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     },
 };
 
@@ -654,4 +654,72 @@ fn xdp_drops_ipv6_load_balancer_clients_outside_the_source_ranges() {
 
     assert_eq!(run.verdict, XDP_DROP);
     assert_eq!(dp.counter(Counter::DropSourceRange), 1);
+}
+
+#[test]
+fn xdp_translates_ipv6_udp_after_extension_headers_with_a_valid_checksum() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Udp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options {
+            flags: service_flags::MASQUERADE_REMOTE,
+            ..Default::default()
+        },
+    );
+    let ext = [ExtHeader::HopByHop, ExtHeader::DestOpts];
+    let query = Udp6::new(outside_client(), node_port()).ext(&ext).build();
+
+    let run = dp.run_xdp(&query);
+
+    assert_eq!(run.verdict, XDP_PASS);
+    let expected = Udp6::new(outside_client(), local_backend())
+        .ext(&ext)
+        .build();
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "DNATed past the extension headers (checksum recomputed here)"
+    );
+    assert_eq!(ipv6_fields(&run.output).proto, PROTO_UDP);
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+}
+
+#[test]
+fn xdp_leaves_ipv6_fragments_to_tc_untouched_and_uncounted() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Udp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options::default(),
+    );
+    let fragments = Udp6::new(outside_client(), node_port())
+        .payload(&[9u8; 64])
+        .fragments(7, 40);
+    for fragment in &fragments {
+        let run = dp.run_xdp(fragment);
+        assert_eq!(run.verdict, XDP_PASS);
+        assert_eq!(hex(&run.output), hex(fragment));
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+    // tc translates them.
+    let run = dp.run("from_outside", &fragments[0]);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
 }

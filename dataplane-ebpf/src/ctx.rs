@@ -3,7 +3,8 @@
 //! to send it on. `TcContext` and `XdpContext` implement it, both with
 //! direct packet access through one bounds-checked pointer helper each (tc
 //! pulls headers that lie past the linear area into it first), so parse,
-//! NAT rewrite and the external pipeline are written once for both hooks.
+//! NAT rewrite and the external pipelines (IPv4 and IPv6) are written once
+//! for both hooks.
 
 use core::{ffi::c_void, mem::size_of};
 

@@ -695,12 +695,6 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
             describe(snat_addr),
             describe(snat_addr6),
         );
-        if options.external_datapath == ExternalDatapath::Xdp && !ext.node_addrs6.is_empty() {
-            info!(
-                "XDP serves IPv4 only: IPv6 NodePorts, load-balancer IPs and externalIPs \
-                 are served by the tc program behind it on the uplinks"
-            );
-        }
         if !ext.missing.is_empty() {
             info!(
                 "uplinks {:?} not present: attached when they appear",

@@ -12,13 +12,13 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 use dataplane_agent::control::model::Protocol;
 use dataplane_common::{ct_dir, nat_dir, service_flags, Counter};
 use dataplane_testkit::{
-    datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX},
     datapath6::{ct6_key, nat6_key, Backend6Spec, Frontend6Options},
     netns::{in_new_netns, ip, mac_text},
     packets::{be32, hex, ACK, ETH_HLEN, SYN},
     packets6::{
-        ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, Tcp6, IP6_L4,
-        PROTO_ICMPV6, PROTO_TCP,
+        ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, ExtHeader, Tcp6,
+        Udp6, IP6_L4, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     },
 };
 
@@ -410,15 +410,316 @@ fn ipv6_load_balancer_ip_admits_only_clients_in_its_ipv6_source_ranges() {
     assert_eq!(dp.counter(Counter::NewFlow), 1, "only the allowed client");
 }
 
+// XDP on the uplink (`xdp_from_outside`) runs the same pipeline on IPv6
+// frames and leaves what it cannot finish to `from_outside` behind it.
+
 #[test]
-fn xdp_passes_ipv6_frames_to_tc_untouched_and_uncounted() {
+fn xdp_dnats_an_ipv6_node_port_to_a_local_endpoint_and_tc_leaves_it_alone() {
     let dp = node_harness();
     node_port_to(&dp, local_backend(), true);
     let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
 
     let run = dp.run_xdp(&syn);
 
-    assert_eq!(run.verdict, dataplane_testkit::datapath::XDP_PASS);
+    assert_eq!(run.verdict, XDP_PASS, "the stack delivers it to the pod");
+    assert_tcp_translated(
+        &syn,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        SYN,
+        "DNATed on XDP",
+    );
+    assert!(dp
+        .ct6_get(&ct6_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL
+        ))
+        .is_some());
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+
+    // tc behind it sees a packet to the pod: not a frontend, left alone.
+    let run = dp.run("from_outside", &run.output);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "counted once");
+
+    // The next segment follows the flow on XDP.
+    let ack = Tcp6::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run_xdp(&ack);
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_tcp_translated(
+        &ack,
+        &run.output,
+        outside_client(),
+        local_backend(),
+        ACK,
+        "ACK on XDP",
+    );
+    assert_eq!(dp.counter(Counter::Established), 1);
+}
+
+/// The index and MAC address of `name` in the calling thread's namespace.
+fn link(name: &str) -> (u32, [u8; 6]) {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "ip link show {name}");
+    let text = String::from_utf8(out.stdout).expect("ip output");
+    let index = text
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no index in {text}"));
+    let mac = text
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
+    let mut bytes = [0u8; 6];
+    for (byte, part) in bytes.iter_mut().zip(mac.split(':')) {
+        *byte = u8::from_str_radix(part, 16).expect("a MAC byte");
+    }
+    (index, bytes)
+}
+
+#[test]
+fn xdp_snats_an_ipv6_node_port_to_a_remote_endpoint_and_sends_it_back_out_of_the_uplink() {
+    in_routed_netns(xdp_snatted_to_the_node_and_back);
+}
+
+fn xdp_snatted_to_the_node_and_back() {
+    let dp = node_harness();
+    node_port_to(&dp, remote_backend(), false);
+    let (uplink, uplink_mac) = link("uplink0");
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run_xdp_on(&syn, uplink);
+
+    assert_eq!(run.verdict, XDP_TX, "out of the uplink it came in on");
+    assert_eq!(&run.output[..6], &BACKEND_NODE_MAC, "to the backend's node");
+    assert_eq!(&run.output[6..12], &uplink_mac, "from the uplink");
+    let snat = SocketAddrV6::new(node(), SNAT_PORT, 0, 0);
+    assert_tcp_translated(&syn, &run.output, snat, remote_backend(), SYN, "SNATed SYN");
+    assert!(dp
+        .nat6_get(&nat6_key(
+            outside_client(),
+            node_port(),
+            Protocol::Tcp,
+            nat_dir::ORIGINAL,
+        ))
+        .is_some());
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+    assert_eq!(dp.counter(Counter::Redirected), 1);
+
+    let answer = Tcp6::new(remote_backend(), snat, SYN | ACK).build();
+    let run = dp.run_xdp_on(&answer, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(&run.output[..6], &ROUTER_MAC, "towards the client");
+    assert_tcp_translated(
+        &answer,
+        &run.output,
+        node_port(),
+        outside_client(),
+        SYN | ACK,
+        "reverse-translated reply",
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+
+    let ack = Tcp6::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run_xdp_on(&ack, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_tcp_translated(&ack, &run.output, snat, remote_backend(), ACK, "ACK");
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "one flow");
+    assert_eq!(dp.counter(Counter::Established), 1);
+
+    // Out of another interface (under test-run without one the packet
+    // "arrives" on lo): left untouched to tc, which follows the flow.
+    let run = dp.run_xdp(&ack);
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(hex(&run.output), hex(&ack), "untouched for tc");
+    assert_eq!(dp.counter(Counter::Established), 1, "counted by tc");
+    let run = dp.run("from_outside", &ack);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_tcp_translated(&ack, &run.output, snat, remote_backend(), ACK, "tc");
+}
+
+#[test]
+fn xdp_leaves_a_refused_ipv6_client_to_tc_untouched_and_uncounted() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Tcp,
+        &[],
+        1,
+        Frontend6Options::default(),
+    );
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run_xdp(&syn);
+
+    assert_eq!(run.verdict, XDP_PASS);
     assert_eq!(hex(&run.output), hex(&syn));
-    assert!(dp.counters().iter().all(|(_, n)| *n == 0));
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+    // tc, behind it, answers with a RST.
+    let run = dp.run("from_outside", &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a RST back to the client");
+    assert_eq!(dp.counter(Counter::RejectNoEndpoints), 1);
+}
+
+#[test]
+fn xdp_leaves_an_ipv6_flow_whose_backend_is_gone_to_tc_which_resets_it() {
+    let dp = node_harness();
+    node_port_to(&dp, local_backend(), true);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+    assert_eq!(dp.run_xdp(&syn).verdict, XDP_PASS);
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+    // The endpoint (backend id 1) goes away.
+    dp.remove_backend6(1);
+    let ack = Tcp6::new(outside_client(), node_port(), ACK).build();
+
+    let run = dp.run_xdp(&ack);
+
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(hex(&run.output), hex(&ack), "untouched for tc");
+    let key = ct6_key(
+        outside_client(),
+        node_port(),
+        Protocol::Tcp,
+        ct_dir::ORIGINAL,
+    );
+    assert!(dp.ct6_get(&key).is_some(), "the flow is left for tc");
+    let run = dp.run("from_outside", &ack);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a RST back to the client");
+    assert_eq!(dp.counter(Counter::ResetBackendGone), 1);
+    assert!(dp.ct6_get(&key).is_none());
+}
+
+#[test]
+fn xdp_passes_ipv6_that_is_not_for_a_frontend_and_ndp_untouched_and_uncounted() {
+    let dp = node_harness();
+    node_port_to(&dp, local_backend(), true);
+    // A neighbour solicitation for the node's address, from the router.
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&node().octets());
+    let ns = with_checksum6(router(), node(), PROTO_ICMPV6, ns);
+    let mut echo = vec![128, 0, 0, 0, 0, 1, 0, 1];
+    echo.extend_from_slice(b"ping");
+    let echo = with_checksum6(*outside_client().ip(), node(), PROTO_ICMPV6, echo);
+    for packet in [
+        Tcp6::new(outside_client(), SocketAddrV6::new(node(), 22, 0, 0), SYN).build(),
+        Tcp6::new(outside_client(), sa("fd00:192:168:100::9", NODE_PORT), SYN).build(),
+        ipv6_frame(router(), node(), &[], PROTO_ICMPV6, &ns),
+        ipv6_frame(*outside_client().ip(), node(), &[], PROTO_ICMPV6, &echo),
+    ] {
+        let run = dp.run_xdp(&packet);
+        assert_eq!(run.verdict, XDP_PASS);
+        assert_eq!(hex(&run.output), hex(&packet));
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+}
+
+#[test]
+fn xdp_drops_ipv6_load_balancer_clients_outside_the_source_ranges() {
+    let dp = node_harness();
+    let service_id = dp.set_external6(
+        0,
+        lb_ip(),
+        Protocol::Tcp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options {
+            flags: service_flags::SOURCE_RANGES,
+            ..Default::default()
+        },
+    );
+    dp.add_source_range6(service_id, "2001:db8:113::".parse().unwrap(), 64);
+    let stranger = Tcp6::new(sa("2001:db8:114::5", 40_000), lb_ip(), SYN).build();
+
+    let run = dp.run_xdp(&stranger);
+
+    assert_eq!(run.verdict, XDP_DROP);
+    assert_eq!(dp.counter(Counter::DropSourceRange), 1);
+}
+
+#[test]
+fn xdp_translates_ipv6_udp_after_extension_headers_with_a_valid_checksum() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Udp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options {
+            flags: service_flags::MASQUERADE_REMOTE,
+            ..Default::default()
+        },
+    );
+    let ext = [ExtHeader::HopByHop, ExtHeader::DestOpts];
+    let query = Udp6::new(outside_client(), node_port()).ext(&ext).build();
+
+    let run = dp.run_xdp(&query);
+
+    assert_eq!(run.verdict, XDP_PASS);
+    let expected = Udp6::new(outside_client(), local_backend())
+        .ext(&ext)
+        .build();
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "DNATed past the extension headers (checksum recomputed here)"
+    );
+    assert_eq!(ipv6_fields(&run.output).proto, PROTO_UDP);
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
+}
+
+#[test]
+fn xdp_leaves_ipv6_fragments_to_tc_untouched_and_uncounted() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Udp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options::default(),
+    );
+    let fragments = Udp6::new(outside_client(), node_port())
+        .payload(&[9u8; 64])
+        .fragments(7, 40);
+    for fragment in &fragments {
+        let run = dp.run_xdp(fragment);
+        assert_eq!(run.verdict, XDP_PASS);
+        assert_eq!(hex(&run.output), hex(fragment));
+    }
+    assert!(
+        dp.counters().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        dp.counters()
+    );
+    // tc translates them.
+    let run = dp.run("from_outside", &fragments[0]);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(dp.counter(Counter::NewFlow), 1);
 }

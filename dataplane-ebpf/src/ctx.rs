@@ -3,7 +3,8 @@
 //! to send it on. `TcContext` and `XdpContext` implement it, both with
 //! direct packet access through one bounds-checked pointer helper each (tc
 //! pulls headers that lie past the linear area into it first), so parse,
-//! NAT rewrite and the external pipeline are written once for both hooks.
+//! NAT rewrite and the external pipelines (IPv4 and IPv6) are written once
+//! for both hooks.
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -13,7 +14,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 
-use crate::{fib::NextHop, parse::Ipv4Flow, skb, Verdict};
+use dataplane_common::Counter;
+
+use crate::{fib::NextHop, parse::Ipv4Flow, parse6::Ipv6Flow, skb, Verdict};
 
 /// The checksum update flags of `bpf_l4_csum_replace`, which the XDP
 /// implementation follows too.
@@ -32,6 +35,13 @@ pub trait PacketCtx {
 
     fn load<T: Copy>(&self, off: usize) -> Option<T>;
     fn store<T: Copy>(&self, off: usize, value: &T) -> Result<(), ()>;
+    /// `load` at any offset the packet has: tc through
+    /// `bpf_skb_load_bytes`, which needs no bound the verifier can see (an
+    /// IPv6 extension header chain can be long); XDP as `load`, within the
+    /// bound of direct access.
+    fn load_far<T: Copy>(&self, off: usize) -> Option<T>;
+    /// `store` at any offset the packet has, as [`PacketCtx::load_far`].
+    fn store_far<T: Copy>(&self, off: usize, value: &T) -> Result<(), ()>;
     /// Bytes of the packet from its Ethernet header on.
     fn packet_len(&self) -> u32;
     /// A GSO super-packet (BIG TCP); never in XDP.
@@ -48,6 +58,9 @@ pub trait PacketCtx {
     fn send(&self, hop: &NextHop) -> i32;
     /// Answers a refused client (tc); XDP never gets here (`DEFERS_TO_TC`).
     fn refuse(&self, flow: &Ipv4Flow) -> Verdict;
+    /// [`PacketCtx::refuse`] for IPv6, counting `decision` (tc); XDP passes
+    /// the packet to tc uncounted.
+    fn refuse6(&self, decision: Counter, flow: &Ipv6Flow) -> Verdict;
 }
 
 impl PacketCtx for TcContext {
@@ -72,6 +85,16 @@ impl PacketCtx for TcContext {
         // never shows in another clone's data.
         unsafe { core::ptr::write_unaligned(ptr, *value) };
         Ok(())
+    }
+
+    #[inline(always)]
+    fn load_far<T: Copy>(&self, off: usize) -> Option<T> {
+        TcContext::load(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn store_far<T: Copy>(&self, off: usize, value: &T) -> Result<(), ()> {
+        TcContext::store(self, off, value, 0).map_err(|_| ())
     }
 
     #[inline(always)]
@@ -121,6 +144,11 @@ impl PacketCtx for TcContext {
     fn refuse(&self, flow: &Ipv4Flow) -> Verdict {
         crate::refuse_tc(self, flow)
     }
+
+    #[inline(always)]
+    fn refuse6(&self, decision: Counter, flow: &Ipv6Flow) -> Verdict {
+        crate::pod6::refuse(self, decision, flow)
+    }
 }
 
 /// Farthest offset the programs read or write: a bound the verifier can
@@ -155,6 +183,22 @@ fn tc_ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     Some(ptr as *mut T)
 }
 
+/// `data` and `data_end` of an XDP context, read from it where they are
+/// used. Volatile: left to itself, LLVM hands them to a function out of
+/// line as 32-bit arguments and widens the end pointer there, arithmetic
+/// on it that the verifier refuses.
+#[inline(always)]
+fn xdp_bounds(ctx: &XdpContext) -> (usize, usize) {
+    // SAFETY: `ctx.ctx` is the program's context, valid for the whole run;
+    // both fields are plain `u32`s.
+    unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ctx).data)) as usize,
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ctx).data_end)) as usize,
+        )
+    }
+}
+
 /// The one place XDP touches packet memory: a pointer to `size_of::<T>()`
 /// bytes at `off`, or `None` when they are not all inside the packet.
 #[inline(always)]
@@ -162,8 +206,7 @@ fn xdp_ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     if off > MAX_OFF {
         return None;
     }
-    let start = ctx.data();
-    let end = ctx.data_end();
+    let (start, end) = xdp_bounds(ctx);
     if start + off + size_of::<T>() > end {
         return None;
     }
@@ -192,8 +235,19 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
+    fn load_far<T: Copy>(&self, off: usize) -> Option<T> {
+        PacketCtx::load(self, off)
+    }
+
+    #[inline(always)]
+    fn store_far<T: Copy>(&self, off: usize, value: &T) -> Result<(), ()> {
+        PacketCtx::store(self, off, value)
+    }
+
+    #[inline(always)]
     fn packet_len(&self) -> u32 {
-        (self.data_end() - self.data()) as u32
+        let (start, end) = xdp_bounds(self);
+        (end - start) as u32
     }
 
     #[inline(always)]
@@ -249,6 +303,11 @@ impl PacketCtx for XdpContext {
 
     #[inline(always)]
     fn refuse(&self, _flow: &Ipv4Flow) -> Verdict {
+        Ok(Self::PASS)
+    }
+
+    #[inline(always)]
+    fn refuse6(&self, _decision: Counter, _flow: &Ipv6Flow) -> Verdict {
         Ok(Self::PASS)
     }
 }

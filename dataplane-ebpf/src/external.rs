@@ -11,7 +11,10 @@
 //! pod's; a flow to a remote backend with policy Cluster gets this node's
 //! address and a port of the SNAT range, tracked in `NAT`.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    programs::{TcContext, XdpContext},
+};
 
 use crate::{
     ctx::PacketCtx,
@@ -59,6 +62,13 @@ pub fn is_icmp4(ctx: &TcContext) -> bool {
 #[inline(never)]
 pub fn tc_from_outside(ctx: &TcContext) -> Verdict {
     try_from_outside(ctx)
+}
+
+/// [`try_from_outside`] for XDP, as a subprogram of its own (the XDP entry
+/// calls it or `external6`'s).
+#[inline(never)]
+pub fn xdp_from_outside4(ctx: &XdpContext) -> i32 {
+    try_from_outside(ctx).unwrap_or_else(|verdict| verdict)
 }
 
 /// The ingress pipeline, for tc (`from_outside`) and XDP

@@ -8,14 +8,20 @@
 //! SNATed flows (Packet Too Big above all) reaching the SNAT address are
 //! made about what the client sent and sent on to it.
 //!
-//! tc only: `xdp_from_outside` passes IPv6 frames untouched to the tc
-//! program behind it. Every function that holds a large value is a call
-//! of its own, so no two of them stack their frames on one path.
+//! The TCP/UDP pipeline runs on tc (`from_outside`) and on XDP
+//! (`xdp_from_outside`) alike, generic over `PacketCtx` as `external`'s
+//! IPv4 one is. What XDP cannot finish it passes untouched and uncounted to
+//! the tc program behind it: answers to refused clients (with the flow
+//! state they need left in place), next hops without a neighbour entry or
+//! out of another interface, fragments, frames whose headers lie past
+//! XDP's direct-access bound, and ICMPv6 (errors about SNATed flows are
+//! translated by tc; NDP passes). Every function that holds a large value
+//! is a call of its own, so no two of them stack their frames on one path.
 //! Not traced yet, like `pod6`.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
     backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, Counter, Ipv6Bytes,
@@ -26,7 +32,7 @@ use crate::{
     conntrack6::ct6_lookup_flow,
     csum::csum_replace_plain,
     ctx::PacketCtx,
-    fail,
+    fail, fail_as,
     fib::{fib6_lookup, NextHop, Route6},
     fragment::frag6_track,
     lb6::{
@@ -38,9 +44,9 @@ use crate::{
     parse::{frag, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     parse6::{
         ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Ipv6Hdr, Parse6Error,
-        IP6_DST_OFF, IP6_HLEN, IP6_L4_OFF, IP6_SRC_OFF, IPPROTO_ICMPV6,
+        IP6_DST_OFF, IP6_HLEN, IP6_L4_OFF, IP6_OFF, IP6_SRC_OFF, IPPROTO_ICMPV6,
     },
-    pod6::{self, drop, next, pass, Outcome},
+    pod6::{self, drop, drop_as, next, pass_as, Outcome},
     skb, Verdict,
 };
 
@@ -49,10 +55,30 @@ const NAT_PORT_TRIES: u32 = 8;
 /// As `snat::NAT_REFRESH_NS`.
 const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// `from_outside` for an IPv6 frame.
+/// `from_outside` for an IPv6 frame: an ICMPv6 error about a SNATed flow,
+/// or the TCP/UDP pipeline.
 #[inline(never)]
 pub fn from_outside6(ctx: &TcContext) -> i32 {
+    let verdict = if is_icmp6(ctx) {
+        icmp6_error_from_outside(ctx)
+    } else {
+        try_from_outside6(ctx)
+    };
+    verdict.unwrap_or_else(|verdict| verdict)
+}
+
+/// `xdp_from_outside` for an IPv6 frame: the TCP/UDP pipeline; ICMPv6 and
+/// what else it cannot finish pass to `from_outside` behind it.
+#[inline(never)]
+pub fn xdp_from_outside6(ctx: &XdpContext) -> i32 {
     try_from_outside6(ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// Whether the fixed IPv6 header is followed by ICMPv6 (where an error
+/// about a SNATed flow is).
+#[inline(always)]
+fn is_icmp6(ctx: &TcContext) -> bool {
+    PacketCtx::load_far::<u8>(ctx, IP6_OFF + 6) == Some(IPPROTO_ICMPV6)
 }
 
 /// `to_outside` for an IPv6 frame.
@@ -63,58 +89,72 @@ pub fn to_outside6(ctx: &TcContext) -> i32 {
 
 /// The `LB6_SERVICE_IPS` value of the frame's destination.
 #[inline(always)]
-fn dst_ip_value(ctx: &TcContext) -> Option<u32> {
+fn dst_ip_value<C: PacketCtx>(ctx: &C) -> Option<u32> {
     ipv6_dst(ctx).and_then(|dst| lb6_service_ip(&dst))
 }
 
+/// The ingress pipeline for TCP and UDP, for tc and XDP alike. Under XDP,
+/// whatever would pass untranslated is passed without being counted: the
+/// tc program behind sees it again.
 #[inline(always)]
-fn try_from_outside6(ctx: &TcContext) -> Verdict {
+fn try_from_outside6<C: PacketCtx>(ctx: &C) -> Verdict {
     let mut flow = Ipv6Flow::default();
-    match parse_ipv6_flow_into(ctx, &mut flow) {
+    let parsed = parse_ipv6_flow_into(ctx, &mut flow);
+    if C::DEFERS_TO_TC {
+        // tc counts what is wrong with the frame, and a fragment (its
+        // first one tracked, a later one followed) is its to handle.
+        if parsed.is_err() || flow.frag != frag::NONE {
+            return Ok(C::PASS);
+        }
+    }
+    match parsed {
         Ok(()) => {}
-        Err(Parse6Error::NotL4) => return icmp6_error_from_outside(ctx),
+        // ICMPv6 errors are `from_outside6`'s; NDP and the rest pass.
+        Err(Parse6Error::NotL4) => return Ok(C::PASS),
         Err(Parse6Error::Malformed) => {
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
                 count(Counter::Malformed);
             }
-            return Ok(TC_ACT_OK);
+            return Ok(C::PASS);
         }
         Err(Parse6Error::PastBound) => {
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
                 count(Counter::Ipv6ExtHeadersPastBound);
             }
-            return Ok(TC_ACT_OK);
+            return Ok(C::PASS);
         }
         Err(Parse6Error::UnknownFragment) => {
             // The node's own traffic goes on; one to a load-balancer or
             // external IP could not reach the right backend.
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
-                return drop(Counter::FragmentUnknown);
+                return drop_as::<C>(Counter::FragmentUnknown);
             }
-            return Ok(TC_ACT_OK);
+            return Ok(C::PASS);
         }
     }
     let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
-        return Ok(TC_ACT_OK);
+        return Ok(C::PASS);
     };
     let mut outcome = outside_flow(ctx, &mut flow, ip_value);
     if outcome.next == next::NEW_FLOW {
         // Each stage called from here, none from another: their frames
         // are never stacked (the new-flow path's calls go deep).
         let mut selected = Selected6::default();
-        outcome = choose_backend(&mut flow, ip_value, &mut selected);
+        outcome = choose_backend::<C>(&mut flow, ip_value, &mut selected);
         let now = skb::now_ns();
         if outcome.next == next::NEW_FLOW {
             outcome = pod6::ct6_new_flow(ctx, &mut flow, now, &selected);
         } else if outcome.next == NEW_SNAT_FLOW {
-            outcome = snat6_new_flow(&flow, now, &selected);
+            outcome = snat6_new_flow::<C>(&flow, now, &selected);
         }
         if outcome.next == SNAT_FORWARD {
             outcome = snat6_forward_new(ctx, &mut flow);
         }
     }
     if outcome.next == next::REFUSE {
-        return pod6::refuse(ctx, outcome.refusal, &flow);
+        // XDP leaves the answer (and the counting) to tc: the stages
+        // change no state on the way to a refusal there.
+        return ctx.refuse6(outcome.refusal, &flow);
     }
     Ok(outcome.verdict)
 }
@@ -123,7 +163,7 @@ fn try_from_outside6(ctx: &TcContext) -> Verdict {
 /// externalIP: the reply of a SNATed flow, a packet of a known flow, or
 /// (`next::NEW_FLOW`) a new flow.
 #[inline(never)]
-fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
+fn outside_flow<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
     let now = skb::now_ns();
     if ip_value & service_ip_flags::NODE_ADDRESS != 0 && in_snat_range(flow.dst_port) {
         if let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::REPLY)) {
@@ -134,11 +174,11 @@ fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome 
         }
     }
     let Some(service) = lb6_lookup_external(flow, ip_value) else {
-        if ip_value & service_ip_flags::COUNT_MASK == 0 {
-            // The node's own traffic (not to a NodePort).
-            return Outcome::done(Ok(TC_ACT_OK));
+        if ip_value & service_ip_flags::COUNT_MASK == 0 || C::DEFERS_TO_TC {
+            // The node's own traffic (not to a NodePort), or counted by tc.
+            return Outcome::done(Ok(C::PASS));
         }
-        return Outcome::done(pass(Counter::UnknownPort));
+        return Outcome::done(pass_as::<C>(Counter::UnknownPort));
     };
     if flow.frag == frag::FIRST {
         frag6_track(flow);
@@ -159,7 +199,7 @@ fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome 
         }
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop(Counter::FragmentUnknown));
+        return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
     }
     Outcome::new_flow()
 }
@@ -170,16 +210,22 @@ fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome 
 /// [`NEW_SNAT_FLOW`] for one SNATed to a remote backend, else what
 /// becomes of the packet.
 #[inline(never)]
-fn choose_backend(flow: &mut Ipv6Flow, ip_value: u32, selected: &mut Selected6) -> Outcome {
+fn choose_backend<C: PacketCtx>(
+    flow: &mut Ipv6Flow,
+    ip_value: u32,
+    selected: &mut Selected6,
+) -> Outcome {
     let Some(service) = lb6_lookup_external(flow, ip_value) else {
-        return Outcome::done(Ok(TC_ACT_OK));
+        return Outcome::done(Ok(C::PASS));
     };
     if !lb6_source_allowed(&service, &flow.src_addr) {
-        return Outcome::done(drop(Counter::DropSourceRange));
+        return Outcome::done(drop_as::<C>(Counter::DropSourceRange));
     }
     match lb6_choose_backend(&service, &flow.src_addr, skb::now_ns(), selected) {
         Choice6::Backend => {}
-        Choice6::NoLocalEndpoints => return Outcome::done(drop(Counter::DropNoLocalEndpoints)),
+        Choice6::NoLocalEndpoints => {
+            return Outcome::done(drop_as::<C>(Counter::DropNoLocalEndpoints))
+        }
         Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
     }
     if service.flags & service_flags::MASQUERADE_REMOTE == 0
@@ -201,9 +247,9 @@ const NEW_SNAT_FLOW: u32 = 4;
 /// The first packet of a SNATed flow whose `NAT6` entries
 /// [`snat6_new_flow`] made: on to the backend.
 #[inline(never)]
-fn snat6_forward_new(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
+fn snat6_forward_new<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow) -> Outcome {
     let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) else {
-        return Outcome::done(Err(fail(Counter::CtInsertFailed)));
+        return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed)));
     };
     Outcome::done(snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow))
 }
@@ -269,9 +315,15 @@ fn nat6_is_live(reply: &Nat6Entry, now_ns: u64) -> bool {
 }
 
 /// A packet of a SNATed flow: forwarded to its backend, refused (its
-/// backend is gone), or to be taken as a new flow.
+/// backend is gone), or to be taken as a new flow. On XDP a refusal is
+/// tc's, flow state and all.
 #[inline(never)]
-fn snat6_known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -> Outcome {
+fn snat6_known_flow<C: PacketCtx>(
+    ctx: &C,
+    flow: &mut Ipv6Flow,
+    slot: Nat6Slot,
+    now: u64,
+) -> Outcome {
     let nat = slot.entry();
     let expired = nat6_is_expired(nat, now) || nat6_is_reopen(nat, flow);
     let backend_alive = lb6_lookup_backend(nat.backend_id)
@@ -281,7 +333,11 @@ fn snat6_known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u
         return Outcome::done(snat6_forward(ctx, flow, nat, Counter::Established));
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop(Counter::FragmentUnknown));
+        return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
+    }
+    if C::DEFERS_TO_TC && !expired && flow.proto == IPPROTO_TCP {
+        // tc resets the client.
+        return Outcome::done(Ok(C::PASS));
     }
     nat6_delete(nat);
     if !expired && flow.proto == IPPROTO_TCP {
@@ -356,7 +412,7 @@ fn nat6_create(entry: &mut Nat6Entry, now_ns: u64) -> u32 {
 /// A new external flow to a remote backend: a SNAT port and both `NAT6`
 /// entries ([`SNAT_FORWARD`]: the caller sends the packet on).
 #[inline(never)]
-fn snat6_new_flow(flow: &Ipv6Flow, now: u64, selected: &Selected6) -> Outcome {
+fn snat6_new_flow<C: PacketCtx>(flow: &Ipv6Flow, now: u64, selected: &Selected6) -> Outcome {
     let mut entry = Nat6Entry {
         last_seen_ns: now,
         client_addr: flow.src_addr,
@@ -375,8 +431,10 @@ fn snat6_new_flow(flow: &Ipv6Flow, now: u64, selected: &Selected6) -> Outcome {
     };
     match nat6_create(&mut entry, now) {
         0 => {}
-        nat6_create_error::EXHAUSTED => return Outcome::done(drop(Counter::NatPortsExhausted)),
-        _ => return Outcome::done(Err(fail(Counter::CtInsertFailed))),
+        nat6_create_error::EXHAUSTED => {
+            return Outcome::done(drop_as::<C>(Counter::NatPortsExhausted))
+        }
+        _ => return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed))),
     }
     if selected.by_affinity {
         count(Counter::AffinityHit);
@@ -397,8 +455,8 @@ const SNAT_FORWARD: u32 = 3;
 /// Client -> frontend packet of a SNATed flow: to the backend, from this
 /// node's SNAT address and port, sent on by FIB lookup.
 #[inline(never)]
-fn snat6_forward(
-    ctx: &TcContext,
+fn snat6_forward<C: PacketCtx>(
+    ctx: &C,
     flow: &mut Ipv6Flow,
     nat: &Nat6Entry,
     decision: Counter,
@@ -410,32 +468,47 @@ fn snat6_forward(
         dst_port: nat.backend_port,
         proto: flow.proto,
     };
-    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
-        // A packet from this node's address cannot go through the stack
-        // on ingress: without a route it is dropped.
-        count(decision);
-        return drop(Counter::FibLookupFailed);
-    };
+    let hop = next_hop(ctx, &route, decision)?;
     nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
-        .map_err(|_| fail(Counter::RewriteFailed))?;
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
     nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port)
-        .map_err(|_| fail(Counter::RewriteFailed))?;
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
     send(ctx, &hop, decision)
+}
+
+/// The next hop of the packet once translated to `route`, looked up before
+/// anything is rewritten: without a route it is dropped (a packet from
+/// this node's address cannot go through the stack on ingress), counted
+/// with its `decision` (the flow's state changed all the same); without a
+/// neighbour entry, or out of another interface (a native XDP redirect
+/// works only towards XDP-capable devices), XDP leaves it untouched to
+/// tc, which sends it anywhere. The error side is the packet's verdict.
+#[inline(always)]
+fn next_hop<C: PacketCtx>(ctx: &C, route: &Route6, decision: Counter) -> Result<NextHop, i32> {
+    let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), route) else {
+        count(decision);
+        count(Counter::FibLookupFailed);
+        return Err(C::DROP);
+    };
+    if C::DEFERS_TO_TC && (hop.macs.is_none() || hop.ifindex != ctx.ifindex()) {
+        return Err(C::PASS);
+    }
+    Ok(hop)
 }
 
 /// Sends a translated packet to `hop`, counting `decision` and the redirect.
 #[inline(always)]
-fn send(ctx: &TcContext, hop: &NextHop, decision: Counter) -> Verdict {
+fn send<C: PacketCtx>(ctx: &C, hop: &NextHop, decision: Counter) -> Verdict {
     count(decision);
     count(Counter::Redirected);
-    Ok(PacketCtx::send(ctx, hop))
+    Ok(ctx.send(hop))
 }
 
 /// Backend -> SNAT port packet, `slot` its REPLY entry: back to the
 /// client, from the frontend. A new flow (`next::NEW_FLOW`) when the entry
 /// was left by a flow that is gone.
 #[inline(never)]
-fn snat6_reply(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -> Outcome {
+fn snat6_reply<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -> Outcome {
     let reply = slot.entry();
     let owner = nat6_slot(&reply.original_key());
     let live = owner.is_some_and(|o| {
@@ -454,15 +527,15 @@ fn snat6_reply(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -
         dst_port: reply.client_port,
         proto: flow.proto,
     };
-    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
-        count(Counter::ReplyTranslated);
-        return Outcome::done(drop(Counter::FibLookupFailed));
+    let hop = match next_hop(ctx, &route, Counter::ReplyTranslated) {
+        Ok(hop) => hop,
+        Err(verdict) => return Outcome::done(Err(verdict)),
     };
     nat6_update(owner, flow, nat_dir::REPLY, now);
     let rewritten = nat6_rewrite_src(ctx, flow, &reply.frontend_addr, reply.frontend_port)
         .and_then(|()| nat6_rewrite_dst(ctx, flow, &reply.client_addr, reply.client_port));
     if rewritten.is_err() {
-        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+        return Outcome::done(Err(fail_as::<C>(Counter::RewriteFailed)));
     }
     Outcome::done(send(ctx, &hop, Counter::ReplyTranslated))
 }

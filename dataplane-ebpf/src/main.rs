@@ -133,14 +133,19 @@ pub fn from_outside(ctx: TcContext) -> i32 {
     verdict.unwrap_or_else(|verdict| verdict)
 }
 
-/// XDP on an uplink: the same pipeline as `from_outside`, on the driver's
-/// buffer before an skb exists; what it cannot finish (answers to refused
-/// clients, next hops without a neighbour entry) it passes untouched to
-/// `from_outside` behind it. IPv4 only: IPv6 frames all pass to
-/// `from_outside`.
+/// XDP on an uplink: the same pipeline as `from_outside`, IPv4 and IPv6,
+/// on the driver's buffer before an skb exists; what it cannot finish
+/// (answers to refused clients, next hops without a neighbour entry or out
+/// of another interface, ICMP errors, fragments and malformed frames) it
+/// passes untouched and uncounted to `from_outside` behind it. Each family
+/// is a call of its own, so neither's stack frame is stacked on the
+/// other's.
 #[xdp]
 pub fn xdp_from_outside(ctx: XdpContext) -> u32 {
-    external::try_from_outside(&ctx).unwrap_or_else(|verdict| verdict) as u32
+    if parse6::is_ipv6(&ctx) {
+        return external6::xdp_from_outside6(&ctx) as u32;
+    }
+    external::xdp_from_outside4(&ctx) as u32
 }
 
 /// tc egress of an uplink: local backends' replies to outside clients.

@@ -1,13 +1,13 @@
 //! IPv6 address and port rewrites. IPv6 has no header checksum: an address
 //! change only reaches the L4 checksum, through its pseudo header, as the
 //! one's-complement difference of the two 16-byte addresses
-//! (`bpf_csum_diff`) added with `bpf_l4_csum_replace`.
+//! (`bpf_csum_diff`) added with `bpf_l4_csum_replace` (on XDP, its
+//! `PacketCtx` equivalent).
 
-use aya_ebpf::programs::TcContext;
 use dataplane_common::{Ipv6Bytes, IPPROTO_UDP};
 
 use crate::{
-    ctx::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    ctx::{PacketCtx, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     nat::RewriteError,
     parse6::{Ipv6Flow, IP6_DST_OFF, IP6_SRC_OFF},
     skb,
@@ -32,20 +32,20 @@ fn l4_flags(proto: u8) -> u64 {
 /// Adds `diff` (a one's-complement difference of pseudo-header bytes) to
 /// the L4 checksum at `csum_off`.
 #[inline(always)]
-pub fn csum6_add_pseudo(
-    ctx: &TcContext,
+pub fn csum6_add_pseudo<C: PacketCtx>(
+    ctx: &C,
     csum_off: usize,
     proto: u8,
     diff: u32,
 ) -> Result<(), RewriteError> {
     let flags = BPF_F_PSEUDO_HDR | l4_flags(proto);
     if ctx
-        .l4_csum_replace(csum_off, 0, u64::from(diff), flags | BPF_F_IPV6)
+        .l4_csum_replace(csum_off, 0, diff, flags | BPF_F_IPV6)
         .is_ok()
     {
         return Ok(());
     }
-    ctx.l4_csum_replace(csum_off, 0, u64::from(diff), flags)
+    ctx.l4_csum_replace(csum_off, 0, diff, flags)
         .map_err(|_| RewriteError)
 }
 
@@ -56,8 +56,8 @@ pub fn csum6_addr_diff(old: &Ipv6Bytes, new: &Ipv6Bytes) -> u32 {
 }
 
 #[inline(always)]
-fn rewrite_addr(
-    ctx: &TcContext,
+fn rewrite_addr<C: PacketCtx>(
+    ctx: &C,
     flow: &Ipv6Flow,
     off: usize,
     old: &Ipv6Bytes,
@@ -76,12 +76,12 @@ fn rewrite_addr(
     }
     // A later fragment: the L4 checksum, in the first fragment, already has
     // the change, and there is no IP header checksum to update.
-    ctx.store(off, new, 0).map_err(|_| RewriteError)
+    ctx.store_far(off, new).map_err(|_| RewriteError)
 }
 
 #[inline(always)]
-fn rewrite_port(
-    ctx: &TcContext,
+fn rewrite_port<C: PacketCtx>(
+    ctx: &C,
     flow: &Ipv6Flow,
     off: usize,
     old: u16,
@@ -92,18 +92,18 @@ fn rewrite_port(
     }
     ctx.l4_csum_replace(
         flow.l4_csum_off(),
-        u64::from(old),
-        u64::from(new),
+        u32::from(old),
+        u32::from(new),
         l4_flags(flow.proto) | 2,
     )
     .map_err(|_| RewriteError)?;
-    ctx.store(off, &new, 0).map_err(|_| RewriteError)
+    ctx.store_far(off, &new).map_err(|_| RewriteError)
 }
 
 /// DNAT: destination becomes `addr:port` (port in network byte order).
 #[inline(always)]
-pub fn nat6_rewrite_dst(
-    ctx: &TcContext,
+pub fn nat6_rewrite_dst<C: PacketCtx>(
+    ctx: &C,
     flow: &mut Ipv6Flow,
     addr: &Ipv6Bytes,
     port: u16,
@@ -118,8 +118,8 @@ pub fn nat6_rewrite_dst(
 
 /// SNAT / reverse translation: source becomes `addr:port`.
 #[inline(always)]
-pub fn nat6_rewrite_src(
-    ctx: &TcContext,
+pub fn nat6_rewrite_src<C: PacketCtx>(
+    ctx: &C,
     flow: &mut Ipv6Flow,
     addr: &Ipv6Bytes,
     port: u16,

@@ -1,12 +1,15 @@
-//! IPv6 header parsing for the pod-facing tc programs: the fixed header,
-//! then the extension headers (hop-by-hop, routing, destination options,
-//! fragment) up to a fixed number, then TCP or UDP. Reads go through
-//! `bpf_skb_load_bytes` (`TcContext::load`), as the IPv4 parser's do.
+//! IPv6 header parsing for the tc programs and the uplink's XDP program:
+//! the fixed header, then the extension headers (hop-by-hop, routing,
+//! destination options, fragment) up to a fixed number, then TCP or UDP.
+//! Reads go through `PacketCtx::load_far`: `bpf_skb_load_bytes` on tc, as
+//! the IPv4 parser's do, and bounded direct access on XDP (a header past
+//! that bound makes the frame `Malformed` there, and XDP leaves it to tc).
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{Frag6Key, Ipv6Bytes, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
+    ctx::PacketCtx,
     maps::frag6_get,
     parse::{frag, ETH_HLEN},
     skb,
@@ -56,8 +59,8 @@ pub enum Parse6Error {
 
 /// The destination address of an IPv6 frame.
 #[inline(always)]
-pub fn ipv6_dst(ctx: &TcContext) -> Option<Ipv6Bytes> {
-    ctx.load(IP6_DST_OFF).ok()
+pub fn ipv6_dst<C: PacketCtx>(ctx: &C) -> Option<Ipv6Bytes> {
+    ctx.load_far(IP6_DST_OFF)
 }
 
 /// The IPv6 4-tuple and what the datapath needs to rewrite it.
@@ -139,20 +142,20 @@ pub fn is_ipv6_frame(ctx: &TcContext) -> bool {
     skb::ether_type(ctx).is_some_and(|t| u16::from_be(t) == ETH_P_IPV6)
 }
 
-/// Whether the frame is IPv6 (through `bpf_skb_load_bytes`).
+/// Whether the frame is IPv6 (tc: through `bpf_skb_load_bytes`).
 #[inline(always)]
-pub fn is_ipv6(ctx: &TcContext) -> bool {
-    ctx.load::<u16>(12)
-        .is_ok_and(|t| u16::from_be(t) == ETH_P_IPV6)
+pub fn is_ipv6<C: PacketCtx>(ctx: &C) -> bool {
+    ctx.load_far::<u16>(12)
+        .is_some_and(|t| u16::from_be(t) == ETH_P_IPV6)
 }
 
 /// The fixed IPv6 header of an Ethernet/IPv6 frame.
 #[inline(always)]
-pub fn parse_ipv6_header(ctx: &TcContext) -> Option<Ipv6Hdr> {
+pub fn parse_ipv6_header<C: PacketCtx>(ctx: &C) -> Option<Ipv6Hdr> {
     if !is_ipv6(ctx) {
         return None;
     }
-    let ip: Ipv6Hdr = ctx.load(IP6_OFF).ok()?;
+    let ip: Ipv6Hdr = ctx.load_far(IP6_OFF)?;
     (ip.ver_tc_flow.to_ne_bytes()[0] >> 4 == 6).then_some(ip)
 }
 
@@ -169,7 +172,7 @@ struct Upper {
 /// upper layer other than TCP/UDP; `PastBound` when more than
 /// [`IP6_EXT_HEADERS_MAX`] come before it.
 #[inline(always)]
-fn walk_ext_headers(ctx: &TcContext, ip: &Ipv6Hdr) -> Result<Upper, Parse6Error> {
+fn walk_ext_headers<C: PacketCtx>(ctx: &C, ip: &Ipv6Hdr) -> Result<Upper, Parse6Error> {
     let mut next = ip.next_header;
     let mut off = IP6_L4_OFF;
     let mut position = frag::NONE;
@@ -189,12 +192,12 @@ fn walk_ext_headers(ctx: &TcContext, ip: &Ipv6Hdr) -> Result<Upper, Parse6Error>
         }
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let h: [u8; 2] = ctx.load(off).map_err(|_| Parse6Error::Malformed)?;
+                let h: [u8; 2] = ctx.load_far(off).ok_or(Parse6Error::Malformed)?;
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                let h: [u8; 8] = ctx.load(off).map_err(|_| Parse6Error::Malformed)?;
+                let h: [u8; 8] = ctx.load_far(off).ok_or(Parse6Error::Malformed)?;
                 next = h[0];
                 off += 8;
                 frag_id = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
@@ -249,19 +252,19 @@ struct UdpHdr {
 ///
 /// Out of line, into the caller's `flow` (no copy through a result).
 #[inline(never)]
-pub fn parse_ipv6_flow_into(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Parse6Error> {
+pub fn parse_ipv6_flow_into<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow) -> Result<(), Parse6Error> {
     let ip = parse_ipv6_header(ctx).ok_or(Parse6Error::NotL4)?;
     let upper = walk_ext_headers(ctx, &ip)?;
     let payload_len = match u16::from_be(ip.payload_len) {
         // BIG TCP: a GSO super-packet longer than 64 KiB carries payload
         // length 0 and is as long as the skb.
-        0 if upper.proto == IPPROTO_TCP && skb::is_gso(ctx) => {
-            ctx.len().saturating_sub(IP6_L4_OFF as u32)
+        0 if upper.proto == IPPROTO_TCP && ctx.is_gso() => {
+            ctx.packet_len().saturating_sub(IP6_L4_OFF as u32)
         }
         len => u32::from(len),
     };
     let end = IP6_L4_OFF as u32 + payload_len;
-    if end > ctx.len() || upper.off as u32 > end {
+    if end > ctx.packet_len() || upper.off as u32 > end {
         return Err(Parse6Error::Malformed);
     }
     *flow = Ipv6Flow {
@@ -289,14 +292,13 @@ pub fn parse_ipv6_flow_into(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), 
         return Ok(());
     }
     if flow.proto == IPPROTO_TCP {
-        let tcp: TcpHdrHead = ctx.load(upper.off).map_err(|_| Parse6Error::Malformed)?;
+        let tcp: TcpHdrHead = ctx.load_far(upper.off).ok_or(Parse6Error::Malformed)?;
         let tcp_hlen = u32::from(tcp.doff_res >> 4) * 4;
         if tcp_hlen < 20 || tcp_hlen > l4_len {
             return Err(Parse6Error::Malformed);
         }
-        let _: u32 = ctx
-            .load(upper.off + 16)
-            .map_err(|_| Parse6Error::Malformed)?;
+        // The checksum field is written on rewrite: it must be there too.
+        let _: u32 = ctx.load_far(upper.off + 16).ok_or(Parse6Error::Malformed)?;
         flow.src_port = tcp.src_port;
         flow.dst_port = tcp.dst_port;
         flow.tcp_flags = tcp.flags;
@@ -304,7 +306,7 @@ pub fn parse_ipv6_flow_into(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), 
         flow.tcp_ack_seq = u32::from_be(tcp.ack_seq);
         flow.tcp_hlen = tcp_hlen as u8;
     } else {
-        let udp: UdpHdr = ctx.load(upper.off).map_err(|_| Parse6Error::Malformed)?;
+        let udp: UdpHdr = ctx.load_far(upper.off).ok_or(Parse6Error::Malformed)?;
         let udp_len = u32::from(u16::from_be(udp.len));
         let fits = flow.frag == frag::FIRST || udp_len <= l4_len;
         if udp_len < 8 || !fits {

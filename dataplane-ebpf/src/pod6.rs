@@ -23,7 +23,8 @@ use crate::{
         ct6_create, ct6_delete, ct6_delete_reply, ct6_is_expired, ct6_is_reopen, ct6_lookup,
         ct6_lookup_flow, ct6_owns_reply, ct6_restore_reply, ct6_update,
     },
-    fail,
+    ctx::PacketCtx,
+    fail, fail_as,
     fragment::frag6_track,
     icmp6::{icmp6_error_flow, icmp6_reverse_translate},
     lb6::{
@@ -58,14 +59,27 @@ fn to_service(ctx: &TcContext) -> bool {
 
 #[inline(always)]
 pub(crate) fn pass(decision: Counter) -> Verdict {
-    count(decision);
-    Ok(TC_ACT_OK)
+    pass_as::<TcContext>(decision)
 }
 
 #[inline(always)]
 pub(crate) fn drop(decision: Counter) -> Verdict {
+    drop_as::<TcContext>(decision)
+}
+
+/// [`pass`] with the verdict of context `C` (the stages `external6` runs
+/// on XDP too).
+#[inline(always)]
+pub(crate) fn pass_as<C: PacketCtx>(decision: Counter) -> Verdict {
     count(decision);
-    Err(TC_ACT_SHOT)
+    Ok(C::PASS)
+}
+
+/// [`drop`] with the verdict of context `C`.
+#[inline(always)]
+pub(crate) fn drop_as<C: PacketCtx>(decision: Counter) -> Verdict {
+    count(decision);
+    Err(C::DROP)
 }
 
 /// What a stage decided: a verdict, or that the client is answered at once
@@ -195,9 +209,14 @@ fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
 
 /// A packet of a tracked flow: forwarded to its backend, refused (its
 /// backend is gone), or to be taken as a new flow (expired, or a UDP flow
-/// whose backend is gone).
+/// whose backend is gone). On XDP a refusal is tc's, flow state and all.
 #[inline(never)]
-pub(crate) fn known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Ct6Slot, now: u64) -> Outcome {
+pub(crate) fn known_flow<C: PacketCtx>(
+    ctx: &C,
+    flow: &mut Ipv6Flow,
+    slot: Ct6Slot,
+    now: u64,
+) -> Outcome {
     let ct = slot.entry();
     let expired = ct6_is_expired(ct, now) || ct6_is_reopen(ct, flow);
     let backend_alive = lb6_lookup_backend(ct.backend_id)
@@ -213,11 +232,15 @@ pub(crate) fn known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Ct6Slot, no
         } else {
             Counter::Established
         };
-        return Outcome::done(pass(decision));
+        return Outcome::done(pass_as::<C>(decision));
     }
     if flow.frag == frag::LATER {
         // The rest of a datagram whose flow ended.
-        return Outcome::done(drop(Counter::FragmentUnknown));
+        return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
+    }
+    if C::DEFERS_TO_TC && !expired && flow.proto == IPPROTO_TCP {
+        // tc resets the client (and deletes the entry).
+        return Outcome::done(Ok(C::PASS));
     }
     ct6_delete(ct);
     if !expired && flow.proto == IPPROTO_TCP {
@@ -256,8 +279,8 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
 /// (from a pod, or from outside to a local backend keeping the client's
 /// address).
 #[inline(never)]
-pub(crate) fn ct6_new_flow(
-    ctx: &TcContext,
+pub(crate) fn ct6_new_flow<C: PacketCtx>(
+    ctx: &C,
     flow: &mut Ipv6Flow,
     now: u64,
     selected: &Selected6,
@@ -284,9 +307,11 @@ pub(crate) fn ct6_new_flow(
     };
     match ct6_create(&mut entry, now) {
         Ok(()) => {}
-        Err(CtCreateError::ReplyClash) => return Outcome::done(drop(Counter::ReplyTupleClash)),
+        Err(CtCreateError::ReplyClash) => {
+            return Outcome::done(drop_as::<C>(Counter::ReplyTupleClash))
+        }
         Err(CtCreateError::InsertFailed) => {
-            return Outcome::done(Err(fail(Counter::CtInsertFailed)))
+            return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed)))
         }
     }
     if let Err(verdict) = forward_established(ctx, flow, &entry) {
@@ -295,23 +320,27 @@ pub(crate) fn ct6_new_flow(
     if selected.by_affinity {
         // Counted as a new flow too.
         count(Counter::NewFlow);
-        return Outcome::done(pass(Counter::AffinityHit));
+        return Outcome::done(pass_as::<C>(Counter::AffinityHit));
     }
-    Outcome::done(pass(Counter::NewFlow))
+    Outcome::done(pass_as::<C>(Counter::NewFlow))
 }
 
 /// Client -> service packet of a known flow: DNAT to its backend, and in a
 /// hairpin flow SNAT to the service address (the pod would drop a packet
 /// from its own address).
 #[inline(never)]
-fn forward_established(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry) -> Result<(), i32> {
+fn forward_established<C: PacketCtx>(
+    ctx: &C,
+    flow: &mut Ipv6Flow,
+    ct: &Ct6Entry,
+) -> Result<(), i32> {
     if ct.flags & ct_flags::HAIRPIN != 0 {
         let port = flow.src_port;
         nat6_rewrite_src(ctx, flow, &ct.service_addr, port)
-            .map_err(|_| fail(Counter::RewriteFailed))?;
+            .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
     }
     nat6_rewrite_dst(ctx, flow, &ct.backend_addr, ct.backend_port)
-        .map_err(|_| fail(Counter::RewriteFailed))
+        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))
 }
 
 /// Backend -> client packet: the source becomes the service again (and in

@@ -362,6 +362,39 @@ impl Harness {
         }
     }
 
+    /// Runs the uplink's XDP program on `packet` as if it arrived on
+    /// interface `ifindex` (of the test's network namespace), so that a
+    /// next hop out of that interface is sent back out with XDP_TX.
+    pub fn run_xdp_on(&self, packet: &[u8], ifindex: u32) -> Run {
+        let xdp = self
+            .datapath
+            .xdp()
+            .unwrap_or_else(|e| panic!("XDP program: {e}"));
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex; the test run wants data_end to be
+        // the packet's length and the rest but the interface 0.
+        let mut md = [0u32; 6];
+        md[1] = packet.len() as u32;
+        md[3] = ifindex;
+        let md: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut output = vec![0u8; packet.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut output),
+                ctx_in: Some(&md),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of the XDP program on {ifindex} failed: {e}"));
+        output.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value as i32,
+            output,
+            duration: result.duration,
+        }
+    }
+
     pub fn run_from_pod(&self, packet: &[u8]) -> Run {
         self.run("from_pod", packet)
     }

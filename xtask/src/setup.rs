@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "curl",
+    "tcpdump",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

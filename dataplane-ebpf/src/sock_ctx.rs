@@ -191,7 +191,11 @@ impl<'a> Sock<'a> {
         // `dst_port`: every kernel with this hook takes it (the field was
         // 4 bytes until 5.18, which kept such reads working), the port in
         // the low 16 bits as `user_port` has it.
-        unsafe { core::ptr::addr_of!((*self.raw()).dst_port).cast::<u32>().read() as u16 }
+        unsafe {
+            core::ptr::addr_of!((*self.raw()).dst_port)
+                .cast::<u32>()
+                .read() as u16
+        }
     }
 
     /// The peer's IPv4 address, network byte order, as stored in maps.

@@ -373,12 +373,7 @@ fn without_sock_release_the_other_hooks_serve_and_closed_sockets_keep_entries() 
         &[("web.yaml", web(&backends_.iter().collect::<Vec<_>>()))],
         &["--test-refuse-socket-hooks", "sock_release"],
     );
-    assert_eq!(
-        attached_to_cgroup(&c, 1),
-        HOOKS[..8],
-        "{}",
-        c.logs()
-    );
+    assert_eq!(attached_to_cgroup(&c, 1), HOOKS[..8], "{}", c.logs());
     assert!(!c.bpffs(1).join("sock-links").join("sock_release").exists());
     let log = c.agent_log(1);
     assert_eq!(
@@ -386,8 +381,16 @@ fn without_sock_release_the_other_hooks_serve_and_closed_sockets_keep_entries() 
         1,
         "said once: {log}"
     );
-    assert!(!log.contains("socket-level load balancing unavailable"), "{log}");
-    assert_eq!(churn_leaves_revnat_entries(&c, 20), (20, 20), "{}", c.logs());
+    assert!(
+        !log.contains("socket-level load balancing unavailable"),
+        "{log}"
+    );
+    assert_eq!(
+        churn_leaves_revnat_entries(&c, 20),
+        (20, 20),
+        "{}",
+        c.logs()
+    );
 }
 
 /// `dataplane-agent cleanup` detaches the socket hooks with the rest.

@@ -303,7 +303,8 @@ fn attach_release(
         .attach(cgroup, CgroupAttachMode::Single)
         .map_err(attach_err)?;
     let link = program.take_link(id).map_err(attach_err)?;
-    let link = FdLink::try_from(link).map_err(|source| SocketLbError::NotFdLink { name, source })?;
+    let link =
+        FdLink::try_from(link).map_err(|source| SocketLbError::NotFdLink { name, source })?;
     pin_link(link, name, pin_name, links_dir)
 }
 

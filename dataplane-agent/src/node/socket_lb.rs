@@ -79,7 +79,7 @@ pub const HOOKS6: [(&str, &str, CgroupSockAddrAttachType); 4] = [
 /// `sock_release` (program name, pin name of its link): deletes the
 /// `SOCK_REVNAT`/`LB6_SOCK_REVNAT` entry of a socket that `connect()` made
 /// as the socket closes, so under connection churn the LRU maps do not sit
-/// full of closed sockets and every connect pay for an eviction. Attached
+/// full of closed sockets and every connect() pays for an eviction. Attached
 /// after the other hooks; a kernel refusing it (before 5.9) costs only
 /// that: closed sockets' entries then age out of the LRU. Unconnected UDP's
 /// per-datagram entries always do (see the eBPF `sock_release`).
@@ -226,9 +226,10 @@ pub fn resolve_cgroup_root(
 /// Loads the socket hooks and attaches them to `cgroup_root`, pinning the
 /// links under `links_dir`; links a previous agent pinned there are
 /// replaced once the new ones are in place. Hooks named in `refused` (by
-/// their kernel name, e.g. `connect4`, or `sock_release`) are refused as a kernel without
-/// them refuses them: the test switch `--test-refuse-socket-hooks`, so the
-/// fallback to the tc path can be tested on a kernel that has them all.
+/// their kernel name, e.g. `connect4`, or `sock_release`) are refused as a
+/// kernel without them refuses them: the test switch
+/// `--test-refuse-socket-hooks`, so the fallback to the tc path can be
+/// tested on a kernel that has them all.
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_root: &Path,

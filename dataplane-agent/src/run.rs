@@ -121,9 +121,9 @@ pub struct Options {
     /// here, or one mounted under --run-dir when none is visible.
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
-    /// Test switch, hidden: socket hooks (kernel names, e.g. `connect4`)
-    /// refused as a kernel without them refuses to load them, so tests
-    /// reach the fallback to the tc path on a kernel that has them.
+    /// Test switch, hidden: socket hooks (kernel names, e.g. `connect4`,
+    /// `sock_release`) refused as a kernel without them refuses to load
+    /// them, so tests reach the fallbacks on a kernel that has them.
     #[arg(long, hide = true, value_delimiter = ',')]
     pub test_refuse_socket_hooks: Vec<String>,
     /// The agent's runtime directory (a cgroup2 mount if it needs one).

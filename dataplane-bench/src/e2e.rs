@@ -646,7 +646,10 @@ fn setup(
                 &work.path().join("agent.log"),
                 &args,
             )?;
-            agent.wait_healthy(Duration::from_secs(30))?;
+            // As the outside part waits: 10 000 services x 10 endpoints
+            // take the agent well over 30 s to parse and sync on a loaded
+            // 2-core machine (1.8 s idle); the setup column shows how long.
+            agent.wait_healthy(Duration::from_secs(120))?;
             // Drop order: the agent first, then its bpffs, then the files.
             Ok((service, Box::new((agent, bpffs, work))))
         }

@@ -1,4 +1,5 @@
-//! tc programs of the service dataplane, and the socket hooks (`sock`).
+//! tc programs of the service dataplane, and the socket hooks (`sock`,
+//! `sock6`, `sock_release`).
 //!
 //! `from_pod` runs on tc ingress of a pod's host-side interface (packets the
 //! pod sends): service DNAT, conntrack, rejects, hairpin replies.
@@ -43,6 +44,7 @@ mod snat;
 mod sock;
 mod sock6;
 mod sock_ctx;
+mod sock_release;
 mod trace;
 
 use aya_ebpf::{

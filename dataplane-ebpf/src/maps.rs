@@ -128,8 +128,9 @@ pub static TRACE_EVENTS: RingBuf<TraceEvent, { capacity::TRACE_EVENTS_BYTES as u
     RingBuf::new();
 
 /// Socket hooks: (socket cookie, backend) -> the service the socket asked
-/// for, so `recvmsg` and `getpeername` show the service address. LRU: a
-/// closed socket's entries are never deleted, they age out.
+/// for, so `recvmsg` and `getpeername` show the service address. A closed
+/// socket's connect() entry is deleted by `sock_release`; what that cannot
+/// find (unconnected UDP's per-datagram entries) ages out of the LRU.
 #[btf_map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<
     SockRevNatKey,

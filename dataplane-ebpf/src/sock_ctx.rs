@@ -1,13 +1,14 @@
-//! Narrow wrappers over the socket-address context of the cgroup socket
-//! hooks (`bpf_sock_addr`) and the helpers they need. Like `skb`, this is
-//! where the socket hooks' `unsafe` blocks live.
+//! Narrow wrappers over the contexts of the cgroup socket hooks: the
+//! socket address of the sock_addr hooks (`bpf_sock_addr`), the socket of
+//! `sock_release` (`bpf_sock`), and the helpers they need. Like `skb`,
+//! this is where the socket hooks' `unsafe` blocks live.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval,
     },
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
 use dataplane_common::Ipv6Bytes;
@@ -83,12 +84,7 @@ impl<'a> SockAddr<'a> {
     pub fn user_ip6(&self) -> Ipv6Bytes {
         // SAFETY: as above; four 4-byte reads of `user_ip6`, readable in
         // the IPv6 hooks, each word in memory (network) byte order.
-        let words = unsafe { (*self.raw()).user_ip6 };
-        let [a, b, c, d] = words.map(u32::to_ne_bytes);
-        [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
-            d[2], d[3],
-        ]
+        ip6_bytes(unsafe { (*self.raw()).user_ip6 })
     }
 
     /// Rewrites the IPv6 address and port: writable in the IPv6 hooks this
@@ -142,6 +138,85 @@ impl<'a> SockAddr<'a> {
         unsafe {
             bpf_set_retval(-errno);
         }
+    }
+}
+
+/// Four address words in memory (network) byte order as packet bytes, as
+/// stored in maps.
+#[inline(always)]
+fn ip6_bytes(words: [u32; 4]) -> Ipv6Bytes {
+    let [a, b, c, d] = words.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The socket a `sock_release` program sees: read-only, as the kernel
+/// lets that hook read it.
+pub struct Sock<'a> {
+    ctx: &'a SockContext,
+}
+
+impl<'a> Sock<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a SockContext) -> Self {
+        Self { ctx }
+    }
+
+    fn raw(&self) -> *mut bpf_sock {
+        self.ctx.sock
+    }
+
+    /// AF_INET or AF_INET6 (the hook runs for inet sockets only).
+    #[inline(always)]
+    pub fn family(&self) -> u32 {
+        // SAFETY: the kernel hands the program a valid bpf_sock for its
+        // whole run; `family` is a readable 4-byte field in every
+        // cgroup/sock hook.
+        unsafe { (*self.raw()).family }
+    }
+
+    #[inline(always)]
+    pub fn protocol(&self) -> u8 {
+        // SAFETY: as above; `protocol` is a readable 4-byte field.
+        unsafe { (*self.raw()).protocol as u8 }
+    }
+
+    /// The peer's port, network byte order, as stored in maps; 0 for a
+    /// socket never connected.
+    #[inline(always)]
+    pub fn dst_port(&self) -> u16 {
+        // SAFETY: as above; a 4-byte read at the 4-byte aligned offset of
+        // `dst_port`: every kernel with this hook takes it (the field was
+        // 4 bytes until 5.18, which kept such reads working), the port in
+        // the low 16 bits as `user_port` has it.
+        unsafe {
+            core::ptr::addr_of!((*self.raw()).dst_port)
+                .cast::<u32>()
+                .read() as u16
+        }
+    }
+
+    /// The peer's IPv4 address, network byte order, as stored in maps.
+    #[inline(always)]
+    pub fn dst_ip4(&self) -> u32 {
+        // SAFETY: as above; a 4-byte read of `dst_ip4`.
+        unsafe { (*self.raw()).dst_ip4 }
+    }
+
+    /// The peer's IPv6 address in packet byte order, as stored in maps.
+    #[inline(always)]
+    pub fn dst_ip6(&self) -> Ipv6Bytes {
+        // SAFETY: as above; four 4-byte reads of `dst_ip6`.
+        ip6_bytes(unsafe { (*self.raw()).dst_ip6 })
+    }
+
+    /// The cookie the sock_addr hooks keyed the socket's entries with.
+    #[inline(always)]
+    pub fn cookie(&self) -> u64 {
+        // SAFETY: helper call on the program's own context.
+        unsafe { bpf_get_socket_cookie(self.ctx.as_ptr()) }
     }
 }
 

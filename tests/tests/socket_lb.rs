@@ -87,7 +87,7 @@ fn attached_to_cgroup(c: &Cluster, node: u8) -> Vec<String> {
     names
 }
 
-const HOOKS: [&str; 8] = [
+const HOOKS: [&str; 9] = [
     "sock4_connect",
     "sock4_getpeername",
     "sock4_recvmsg",
@@ -96,7 +96,62 @@ const HOOKS: [&str; 8] = [
     "sock6_getpeername",
     "sock6_recvmsg",
     "sock6_sendmsg",
+    "sock_release",
 ];
+
+/// `SOCK_REVNAT` entries of node `node` whose frontend is `service` (`inspect
+/// sock-revnat`).
+fn revnat_entries(c: &Cluster, node: u8, service: SocketAddr) -> usize {
+    let out = Command::new(agent_bin())
+        .args(["inspect", "sock-revnat", "-o", "json", "--bpffs"])
+        .arg(c.bpffs(node))
+        .output()
+        .expect("running inspect");
+    assert!(
+        out.status.success(),
+        "inspect sock-revnat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect's JSON");
+    rows.as_array()
+        .expect("a list of entries")
+        .iter()
+        .filter(|r| r["frontend"] == service.to_string())
+        .count()
+}
+
+/// Connection churn from node 1 to the web service: `n` TCP connections
+/// and `n` connected UDP sockets, each opened, used and closed, while one
+/// TCP connection stays open. The open one keeps its entry and is still
+/// shown the service address (getpeername); returns how many entries the
+/// closed sockets left in `SOCK_REVNAT` (TCP, UDP).
+fn churn_leaves_revnat_entries(c: &Cluster, n: usize) -> (usize, usize) {
+    let mut open = held(c, 1, "tcp-hold", http(WEB_IP));
+    let first = open.request();
+    assert!(
+        matches!(&first, Seen::Answered { from, .. } if *from == http(WEB_IP)),
+        "{first:?}\n{}",
+        c.logs()
+    );
+    for (mode, to) in [("tcp", http(WEB_IP)), ("udp", dns(WEB_IP))] {
+        let seen = from_node(c, 1, mode, to, n);
+        assert!(
+            seen.iter()
+                .all(|s| matches!(s, Seen::Answered { from, .. } if *from == to)),
+            "{mode}: {seen:?}\n{}",
+            c.logs()
+        );
+    }
+    let tcp = revnat_entries(c, 1, http(WEB_IP))
+        .checked_sub(1)
+        .unwrap_or_else(|| panic!("no entry for the open connection\n{}", c.logs()));
+    let left = (tcp, revnat_entries(c, 1, dns(WEB_IP)));
+    // The open connection still has its entry: getpeername() still shows
+    // the service, on the same backend.
+    let again = open.request();
+    assert_eq!(again, first, "{}", c.logs());
+    left
+}
 
 fn web_on_both_nodes() -> Cluster {
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
@@ -291,6 +346,51 @@ fn agent_restart_keeps_open_connections_and_the_socket_hooks() {
     assert!(c
         .agent_log(1)
         .contains("replaced the link a previous agent pinned"));
+}
+
+/// Closing a socket deletes its `SOCK_REVNAT` entry (`sock_release`): after
+/// 200 TCP connections and 200 connected UDP sockets from the node, opened
+/// and closed, the reverse map holds only the connection still open, which
+/// keeps its entry and is still shown the service address.
+#[test]
+fn closed_sockets_leave_no_reverse_map_entries() {
+    require_root();
+    let c = web_on_both_nodes();
+    assert_eq!(churn_leaves_revnat_entries(&c, 200), (0, 0), "{}", c.logs());
+    assert!(counter(&c, 1, "sock_connect_translated") >= 401);
+}
+
+/// A kernel refusing `sock_release` (here: the agent's test switch): the
+/// agent says so once and every other socket hook stays attached and
+/// serving; closed sockets' entries then stay until the LRU evicts them.
+#[test]
+fn without_sock_release_the_other_hooks_serve_and_closed_sockets_keep_entries() {
+    require_root();
+    let backends_ = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
+    let c = Cluster::start_with_agent_args(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&backends_.iter().collect::<Vec<_>>()))],
+        &["--test-refuse-socket-hooks", "sock_release"],
+    );
+    assert_eq!(attached_to_cgroup(&c, 1), HOOKS[..8], "{}", c.logs());
+    assert!(!c.bpffs(1).join("sock-links").join("sock_release").exists());
+    let log = c.agent_log(1);
+    assert_eq!(
+        log.matches("sock_release not attached").count(),
+        1,
+        "said once: {log}"
+    );
+    assert!(
+        !log.contains("socket-level load balancing unavailable"),
+        "{log}"
+    );
+    assert_eq!(
+        churn_leaves_revnat_entries(&c, 20),
+        (20, 20),
+        "{}",
+        c.logs()
+    );
 }
 
 /// `dataplane-agent cleanup` detaches the socket hooks with the rest.

@@ -307,7 +307,13 @@ fn ipv6_socket_hooks_failing_leave_the_ipv4_ones_serving_and_say_so_once() {
     pinned.sort();
     assert_eq!(
         pinned,
-        ["connect4", "getpeername4", "recvmsg4", "sendmsg4"],
+        [
+            "connect4",
+            "getpeername4",
+            "recvmsg4",
+            "sendmsg4",
+            "sock_release"
+        ],
         "no IPv6 hook left half attached"
     );
 

@@ -1,7 +1,9 @@
 //! Socket-level load balancing: the cgroup v2 socket hooks (`connect4`,
-//! `sendmsg4`, `recvmsg4`, `getpeername4` and their IPv6 namesakes) attached at the root of the
-//! node's cgroup tree, so every process below it, pods and host-network
-//! alike, has its service connections translated once, at the socket.
+//! `sendmsg4`, `recvmsg4`, `getpeername4` and their IPv6 namesakes)
+//! attached at the root of the node's cgroup tree, so every process below
+//! it, pods and host-network alike, has its service connections translated
+//! once, at the socket; and `sock_release`, which deletes a closing
+//! socket's reverse-map entry.
 //!
 //! The links are pinned under `<bpffs>/sock-links/` like the tc links:
 //! a restarted agent attaches its own programs next to them and then
@@ -16,7 +18,7 @@ use aya::{
     pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
-        CgroupSockAddr, CgroupSockAddrAttachType, ProgramError,
+        CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType, ProgramError,
     },
     sys::SyscallError,
     Ebpf,
@@ -73,6 +75,15 @@ pub const HOOKS6: [(&str, &str, CgroupSockAddrAttachType); 4] = [
         CgroupSockAddrAttachType::GetPeerName6,
     ),
 ];
+
+/// `sock_release` (program name, pin name of its link): deletes the
+/// `SOCK_REVNAT`/`LB6_SOCK_REVNAT` entry of a socket that `connect()` made
+/// as the socket closes, so under connection churn the LRU maps do not sit
+/// full of closed sockets and every connect() pays for an eviction. Attached
+/// after the other hooks; a kernel refusing it (before 5.9) costs only
+/// that: closed sockets' entries then age out of the LRU. Unconnected UDP's
+/// per-datagram entries always do (see the eBPF `sock_release`).
+pub const RELEASE: (&str, &str) = ("sock_release", "sock_release");
 
 /// Subdirectory of the bpffs directory holding the pinned socket hook links.
 pub const SOCK_LINKS_DIR: &str = "sock-links";
@@ -215,9 +226,10 @@ pub fn resolve_cgroup_root(
 /// Loads the socket hooks and attaches them to `cgroup_root`, pinning the
 /// links under `links_dir`; links a previous agent pinned there are
 /// replaced once the new ones are in place. Hooks named in `refused` (by
-/// their kernel name, e.g. `connect4`) are refused as a kernel without
-/// them refuses them: the test switch `--test-refuse-socket-hooks`, so the
-/// fallback to the tc path can be tested on a kernel that has them all.
+/// their kernel name, e.g. `connect4`, or `sock_release`) are refused as a
+/// kernel without them refuses them: the test switch
+/// `--test-refuse-socket-hooks`, so the fallback to the tc path can be
+/// tested on a kernel that has them all.
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_root: &Path,
@@ -246,11 +258,88 @@ pub fn attach(
             anyhow::Error::from(e)
         );
     }
+    if let Err(e) = attach_release(ebpf, &cgroup, cgroup_root, links_dir, refused) {
+        let _ = std::fs::remove_file(links_dir.join(RELEASE.1));
+        warn!(
+            "sock_release not attached, closed sockets' reverse-map entries wait for LRU eviction (the other socket hooks attached): {:#}",
+            anyhow::Error::from(e)
+        );
+    }
     info!(
         "socket-level load balancing attached to cgroup {}",
         cgroup_root.display()
     );
     Ok(())
+}
+
+/// Loads `sock_release`, attaches it to `cgroup` and pins its link.
+fn attach_release(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    cgroup_root: &Path,
+    links_dir: &Path,
+    refused: &[String],
+) -> Result<(), SocketLbError> {
+    let (name, pin_name) = RELEASE;
+    if refused.iter().any(|r| r == pin_name) {
+        return Err(SocketLbError::Unsupported {
+            name,
+            source: refused_by_test_switch(),
+        });
+    }
+    let program: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .ok_or(SocketLbError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| SocketLbError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| SocketLbError::Unsupported { name, source })?;
+    let attach_err = |source| SocketLbError::Attach {
+        name,
+        root: cgroup_root.to_owned(),
+        source,
+    };
+    let id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(attach_err)?;
+    let link = program.take_link(id).map_err(attach_err)?;
+    let link =
+        FdLink::try_from(link).map_err(|source| SocketLbError::NotFdLink { name, source })?;
+    pin_link(link, name, pin_name, links_dir)
+}
+
+/// Pins `link` as `links_dir/pin_name`, in place of the link a previous
+/// agent pinned there (which the kernel detaches once unpinned, after ours
+/// is attached).
+fn pin_link(
+    link: FdLink,
+    name: &'static str,
+    pin_name: &str,
+    links_dir: &Path,
+) -> Result<(), SocketLbError> {
+    let pin = links_dir.join(pin_name);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => info!("{pin_name}: replaced the link a previous agent pinned"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fs_err("removing", &pin)(e)),
+    }
+    // On failure the link is dropped, which detaches it.
+    link.pin(&pin).map_err(|source| SocketLbError::PinLink {
+        name,
+        path: pin.clone(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// What the kernel answers a program type or hook it lacks, for the hooks
+/// `--test-refuse-socket-hooks` names.
+fn refused_by_test_switch() -> ProgramError {
+    ProgramError::SyscallError(SyscallError {
+        call: "bpf_prog_load (refused by --test-refuse-socket-hooks)",
+        io_error: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })
 }
 
 /// Attaches the loaded `hooks` to `cgroup` and pins their links.
@@ -277,18 +366,7 @@ fn attach_all(
         let link = program.take_link(id).map_err(attach_err)?;
         let link =
             FdLink::try_from(link).map_err(|source| SocketLbError::NotFdLink { name, source })?;
-        let pin = links_dir.join(pin_name);
-        match std::fs::remove_file(&pin) {
-            Ok(()) => info!("{pin_name}: replaced the link a previous agent pinned"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fs_err("removing", &pin)(e)),
-        }
-        // On failure the link is dropped, which detaches it.
-        link.pin(&pin).map_err(|source| SocketLbError::PinLink {
-            name,
-            path: pin.clone(),
-            source,
-        })?;
+        pin_link(link, name, pin_name, links_dir)?;
     }
     Ok(())
 }
@@ -300,12 +378,10 @@ fn load_all(
 ) -> Result<(), SocketLbError> {
     for &(name, hook, _) in hooks {
         if refused.iter().any(|r| r == hook) {
-            // What the kernel answers a program type or hook it lacks.
-            let source = ProgramError::SyscallError(SyscallError {
-                call: "bpf_prog_load (refused by --test-refuse-socket-hooks)",
-                io_error: std::io::Error::from_raw_os_error(libc::EINVAL),
+            return Err(SocketLbError::Unsupported {
+                name,
+                source: refused_by_test_switch(),
             });
-            return Err(SocketLbError::Unsupported { name, source });
         }
         program_mut(ebpf, name)?
             .load()

@@ -11,15 +11,15 @@
 //! tc only: `xdp_from_outside` passes IPv6 frames untouched to the tc
 //! program behind it. Every function that holds a large value is a call
 //! of its own, so no two of them stack their frames on one path.
-//! Not traced yet, like `pod6`.
+//! Traced as `pod6` is: decisions handed up, traced once at the entry.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
     programs::TcContext,
 };
 use dataplane_common::{
-    backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, Counter, Ipv6Bytes,
-    Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+    backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, trace_hook, Counter,
+    Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -40,8 +40,9 @@ use crate::{
         ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Ipv6Hdr, Parse6Error,
         IP6_DST_OFF, IP6_HLEN, IP6_L4_OFF, IP6_SRC_OFF, IPPROTO_ICMPV6,
     },
-    pod6::{self, drop, next, pass, Outcome},
-    skb, Verdict,
+    pod6::{self, drop, next, Ids, Outcome},
+    skb,
+    trace::Packet6,
 };
 
 /// As `snat::NAT_PORT_TRIES`.
@@ -49,16 +50,30 @@ const NAT_PORT_TRIES: u32 = 8;
 /// As `snat::NAT_REFRESH_NS`.
 const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// `from_outside` for an IPv6 frame.
+/// `from_outside` for an IPv6 frame; traced as `pod6::from_pod6` is.
 #[inline(never)]
 pub fn from_outside6(ctx: &TcContext) -> i32 {
-    try_from_outside6(ctx).unwrap_or_else(|verdict| verdict)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::FROM_OUTSIDE);
+    let outcome = try_from_outside6(ctx, &mut flow, &packet);
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
 }
 
 /// `to_outside` for an IPv6 frame.
 #[inline(never)]
 pub fn to_outside6(ctx: &TcContext) -> i32 {
-    try_to_outside6(ctx).unwrap_or_else(|verdict| verdict)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::TO_OUTSIDE);
+    let outcome = try_to_outside6(ctx, &mut flow, &packet);
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
+}
+
+/// The ids of a SNATed flow, for the trace.
+#[inline(always)]
+fn nat_ids(nat: &Nat6Entry) -> Ids {
+    Ids::new(nat.service_id, nat.backend_id)
 }
 
 /// The `LB6_SERVICE_IPS` value of the frame's destination.
@@ -68,55 +83,56 @@ fn dst_ip_value(ctx: &TcContext) -> Option<u32> {
 }
 
 #[inline(always)]
-fn try_from_outside6(ctx: &TcContext) -> Verdict {
-    let mut flow = Ipv6Flow::default();
-    match parse_ipv6_flow_into(ctx, &mut flow) {
+fn try_from_outside6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
+    match parse_ipv6_flow_into(ctx, flow) {
         Ok(()) => {}
-        Err(Parse6Error::NotL4) => return icmp6_error_from_outside(ctx),
+        Err(Parse6Error::NotL4) => return icmp6_error_from_outside(ctx, flow, packet),
         Err(Parse6Error::Malformed) => {
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
                 count(Counter::Malformed);
             }
-            return Ok(TC_ACT_OK);
+            return untouched;
         }
         Err(Parse6Error::PastBound) => {
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
                 count(Counter::Ipv6ExtHeadersPastBound);
             }
-            return Ok(TC_ACT_OK);
+            return untouched;
         }
         Err(Parse6Error::UnknownFragment) => {
             // The node's own traffic goes on; one to a load-balancer or
             // external IP could not reach the right backend.
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
-                return drop(Counter::FragmentUnknown);
+                return Outcome::done(drop(Counter::FragmentUnknown));
             }
-            return Ok(TC_ACT_OK);
+            return untouched;
         }
     }
     let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
-    let mut outcome = outside_flow(ctx, &mut flow, ip_value);
+    packet.arrived(flow);
+    let mut outcome = outside_flow(ctx, flow, ip_value);
     if outcome.next == next::NEW_FLOW {
         // Each stage called from here, none from another: their frames
         // are never stacked (the new-flow path's calls go deep).
         let mut selected = Selected6::default();
-        outcome = choose_backend(&mut flow, ip_value, &mut selected);
+        outcome = choose_backend(flow, ip_value, &mut selected);
         let now = skb::now_ns();
         if outcome.next == next::NEW_FLOW {
-            outcome = pod6::ct6_new_flow(ctx, &mut flow, now, &selected);
+            outcome = pod6::ct6_new_flow(ctx, flow, now, &selected);
         } else if outcome.next == NEW_SNAT_FLOW {
-            outcome = snat6_new_flow(&flow, now, &selected);
+            outcome = snat6_new_flow(flow, now, &selected);
         }
         if outcome.next == SNAT_FORWARD {
-            outcome = snat6_forward_new(ctx, &mut flow);
+            outcome = snat6_forward_new(ctx, flow);
         }
     }
     if outcome.next == next::REFUSE {
-        return pod6::refuse(ctx, outcome.refusal, &flow);
+        return outcome.refused(pod6::refuse(ctx, outcome.refusal(), flow));
     }
-    Ok(outcome.verdict)
+    outcome
 }
 
 /// A packet from outside to a node address, load-balancer IP or
@@ -138,7 +154,7 @@ fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome 
             // The node's own traffic (not to a NodePort).
             return Outcome::done(Ok(TC_ACT_OK));
         }
-        return Outcome::done(pass(Counter::UnknownPort));
+        return Outcome::pass(Counter::UnknownPort, Ids::NONE);
     };
     if flow.frag == frag::FIRST {
         frag6_track(flow);
@@ -159,7 +175,7 @@ fn outside_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome 
         }
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop(Counter::FragmentUnknown));
+        return Outcome::drop(Counter::FragmentUnknown, Ids::NONE);
     }
     Outcome::new_flow()
 }
@@ -174,24 +190,21 @@ fn choose_backend(flow: &mut Ipv6Flow, ip_value: u32, selected: &mut Selected6) 
     let Some(service) = lb6_lookup_external(flow, ip_value) else {
         return Outcome::done(Ok(TC_ACT_OK));
     };
+    let ids = Ids::service(service.service_id);
     if !lb6_source_allowed(&service, &flow.src_addr) {
-        return Outcome::done(drop(Counter::DropSourceRange));
+        return Outcome::drop(Counter::DropSourceRange, ids);
     }
     match lb6_choose_backend(&service, &flow.src_addr, skb::now_ns(), selected) {
         Choice6::Backend => {}
-        Choice6::NoLocalEndpoints => return Outcome::done(drop(Counter::DropNoLocalEndpoints)),
-        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
+        Choice6::NoLocalEndpoints => return Outcome::drop(Counter::DropNoLocalEndpoints, ids),
+        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints, ids),
     }
     if service.flags & service_flags::MASQUERADE_REMOTE == 0
         || selected.backend.flags & backend_flags::LOCAL != 0
     {
         return Outcome::new_flow();
     }
-    Outcome {
-        verdict: TC_ACT_OK,
-        next: NEW_SNAT_FLOW,
-        refusal: Counter::NewFlow,
-    }
+    Outcome::new_flow().with_next(NEW_SNAT_FLOW)
 }
 
 /// `Outcome::next` of [`choose_backend`]: a new flow to a remote backend,
@@ -205,7 +218,7 @@ fn snat6_forward_new(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
     let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) else {
         return Outcome::done(Err(fail(Counter::CtInsertFailed)));
     };
-    Outcome::done(snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow))
+    snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow)
 }
 
 #[inline(always)]
@@ -278,14 +291,14 @@ fn snat6_known_flow(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u
         .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
     if !expired && backend_alive {
         nat6_update(slot, flow, nat_dir::ORIGINAL, now);
-        return Outcome::done(snat6_forward(ctx, flow, nat, Counter::Established));
+        return snat6_forward(ctx, flow, nat, Counter::Established);
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop(Counter::FragmentUnknown));
+        return Outcome::drop(Counter::FragmentUnknown, nat_ids(nat));
     }
     nat6_delete(nat);
     if !expired && flow.proto == IPPROTO_TCP {
-        return Outcome::refuse(Counter::ResetBackendGone);
+        return Outcome::refuse(Counter::ResetBackendGone, nat_ids(nat));
     }
     if !expired {
         count(Counter::UdpFlowMoved);
@@ -375,7 +388,10 @@ fn snat6_new_flow(flow: &Ipv6Flow, now: u64, selected: &Selected6) -> Outcome {
     };
     match nat6_create(&mut entry, now) {
         0 => {}
-        nat6_create_error::EXHAUSTED => return Outcome::done(drop(Counter::NatPortsExhausted)),
+        nat6_create_error::EXHAUSTED => {
+            let ids = Ids::new(selected.service_id, selected.backend_id);
+            return Outcome::drop(Counter::NatPortsExhausted, ids);
+        }
         _ => return Outcome::done(Err(fail(Counter::CtInsertFailed))),
     }
     if selected.by_affinity {
@@ -383,11 +399,7 @@ fn snat6_new_flow(flow: &Ipv6Flow, now: u64, selected: &Selected6) -> Outcome {
     }
     // Sent on by the caller, so `snat6_forward`'s frame is not stacked on
     // this one's.
-    Outcome {
-        verdict: TC_ACT_OK,
-        next: SNAT_FORWARD,
-        refusal: Counter::NewFlow,
-    }
+    Outcome::new_flow().with_next(SNAT_FORWARD)
 }
 
 /// `Outcome::next` of [`snat6_new_flow`]: the flow's `NAT6` entries exist,
@@ -402,7 +414,7 @@ fn snat6_forward(
     flow: &mut Ipv6Flow,
     nat: &Nat6Entry,
     decision: Counter,
-) -> Verdict {
+) -> Outcome {
     let route = Route6 {
         src_addr: &nat.nat_addr,
         dst_addr: &nat.backend_addr,
@@ -414,21 +426,22 @@ fn snat6_forward(
         // A packet from this node's address cannot go through the stack
         // on ingress: without a route it is dropped.
         count(decision);
-        return drop(Counter::FibLookupFailed);
+        return Outcome::drop(Counter::FibLookupFailed, nat_ids(nat));
     };
-    nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
-        .map_err(|_| fail(Counter::RewriteFailed))?;
-    nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port)
-        .map_err(|_| fail(Counter::RewriteFailed))?;
-    send(ctx, &hop, decision)
+    let rewritten = nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
+        .and_then(|()| nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port));
+    if rewritten.is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    send(ctx, &hop, decision, nat_ids(nat))
 }
 
 /// Sends a translated packet to `hop`, counting `decision` and the redirect.
 #[inline(always)]
-fn send(ctx: &TcContext, hop: &NextHop, decision: Counter) -> Verdict {
-    count(decision);
+fn send(ctx: &TcContext, hop: &NextHop, decision: Counter, ids: Ids) -> Outcome {
     count(Counter::Redirected);
-    Ok(PacketCtx::send(ctx, hop))
+    count(decision);
+    Outcome::decided(Ok(PacketCtx::send(ctx, hop)), decision, ids)
 }
 
 /// Backend -> SNAT port packet, `slot` its REPLY entry: back to the
@@ -456,7 +469,7 @@ fn snat6_reply(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -
     };
     let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
         count(Counter::ReplyTranslated);
-        return Outcome::done(drop(Counter::FibLookupFailed));
+        return Outcome::drop(Counter::FibLookupFailed, nat_ids(reply));
     };
     nat6_update(owner, flow, nat_dir::REPLY, now);
     let rewritten = nat6_rewrite_src(ctx, flow, &reply.frontend_addr, reply.frontend_port)
@@ -464,7 +477,7 @@ fn snat6_reply(ctx: &TcContext, flow: &mut Ipv6Flow, slot: Nat6Slot, now: u64) -
     if rewritten.is_err() {
         return Outcome::done(Err(fail(Counter::RewriteFailed)));
     }
-    Outcome::done(send(ctx, &hop, Counter::ReplyTranslated))
+    send(ctx, &hop, Counter::ReplyTranslated, nat_ids(reply))
 }
 
 const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -483,32 +496,35 @@ const INNER_L4_OFF: usize = INNER_OFF + IP6_HLEN;
 /// the backend itself sent it) and sent on to the client; anything else
 /// passes.
 #[inline(never)]
-fn icmp6_error_from_outside(ctx: &TcContext) -> Verdict {
+fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(outer) = parse_ipv6_header(ctx) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     if outer.next_header != IPPROTO_ICMPV6
         || lb6_service_ip(&outer.dst_addr).is_none_or(|v| v & service_ip_flags::NODE_ADDRESS == 0)
     {
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
-    let icmp_type: u8 = PacketCtx::load(ctx, IP6_L4_OFF).ok_or(TC_ACT_OK)?;
+    let Some(icmp_type) = PacketCtx::load::<u8>(ctx, IP6_L4_OFF) else {
+        return untouched;
+    };
     if icmp_type != ICMPV6_PKT_TOOBIG
         && icmp_type != ICMPV6_DEST_UNREACH
         && icmp_type != ICMPV6_TIME_EXCEED
     {
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     let Some(inner) = PacketCtx::load::<Ipv6Hdr>(ctx, INNER_OFF) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     if inner.next_header != IPPROTO_TCP && inner.next_header != IPPROTO_UDP {
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     // The quoted packet went SNAT address -> backend; its REPLY entry is
     // backend -> SNAT address.
     let Some(ports) = PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     let key = Nat6Key {
         src_addr: inner.dst_addr,
@@ -520,16 +536,30 @@ fn icmp6_error_from_outside(ctx: &TcContext) -> Verdict {
         _pad: [0; 2],
     };
     let Some(slot) = nat6_slot(&key) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
-    icmp6_nat_translate(ctx, &outer, slot.entry())
+    // Traced with the outer addresses (`flow` holds no ports here).
+    *flow = Ipv6Flow {
+        src_addr: outer.src_addr,
+        dst_addr: outer.dst_addr,
+        proto: IPPROTO_ICMPV6,
+        ..Ipv6Flow::default()
+    };
+    packet.arrived(flow);
+    icmp6_nat_translate(ctx, &outer, slot.entry(), flow)
 }
 
 /// Rewrites an ICMPv6 error about the SNATed flow `nat` (see
-/// [`icmp6_error_from_outside`]) and sends it to the client. The quoted
-/// L4 checksum is left alone, as on IPv4.
+/// [`icmp6_error_from_outside`]) and sends it to the client; `flow` gets
+/// the outer addresses it leaves with. The quoted L4 checksum is left
+/// alone, as on IPv4.
 #[inline(never)]
-fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Verdict {
+fn icmp6_nat_translate(
+    ctx: &TcContext,
+    outer: &Ipv6Hdr,
+    nat: &Nat6Entry,
+    flow: &mut Ipv6Flow,
+) -> Outcome {
     let rewrite = || -> Result<(), ()> {
         // The quote: source SNAT address:port -> client, destination
         // backend -> frontend (plain changes of bytes the checksum covers).
@@ -545,14 +575,15 @@ fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Ver
         }
         Ok(())
     };
-    rewrite().map_err(|()| fail(Counter::RewriteFailed))?;
-    let src_addr = if outer.src_addr == nat.backend_addr {
-        &nat.frontend_addr
-    } else {
-        &outer.src_addr
-    };
+    if rewrite().is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    if outer.src_addr == nat.backend_addr {
+        flow.src_addr = nat.frontend_addr;
+    }
+    flow.dst_addr = nat.client_addr;
     let route = Route6 {
-        src_addr,
+        src_addr: &flow.src_addr,
         dst_addr: &nat.client_addr,
         src_port: 0,
         dst_port: 0,
@@ -560,9 +591,9 @@ fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Ver
     };
     let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
         count(Counter::IcmpErrorTranslated);
-        return drop(Counter::FibLookupFailed);
+        return Outcome::drop(Counter::FibLookupFailed, nat_ids(nat));
     };
-    send(ctx, &hop, Counter::IcmpErrorTranslated)
+    send(ctx, &hop, Counter::IcmpErrorTranslated, nat_ids(nat))
 }
 
 #[inline(always)]
@@ -596,12 +627,12 @@ fn outer_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> 
 }
 
 #[inline(always)]
-fn try_to_outside6(ctx: &TcContext) -> Verdict {
-    let mut flow = Ipv6Flow::default();
-    if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
-        return Ok(TC_ACT_OK);
+fn try_to_outside6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    if parse_ipv6_flow_into(ctx, flow).is_err() {
+        return Outcome::done(Ok(TC_ACT_OK));
     }
+    packet.arrived(flow);
     // Uplink egress: a local backend's reply to an outside client gets the
     // frontend as source, as a reply into a pod gets the service.
-    pod6::to_pod_flow(ctx, &mut flow)
+    pod6::to_pod_flow(ctx, flow)
 }

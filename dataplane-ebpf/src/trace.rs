@@ -143,7 +143,9 @@ impl Packet6 {
     /// IPv6 tracing is on.
     #[inline(always)]
     pub fn arrived(&self, flow: &Ipv6Flow) {
-        keep6(flow);
+        if wanted6() {
+            keep6(flow);
+        }
     }
 
     /// Reports a decision (`decision`, a [`Counter`], with the flow's ids)

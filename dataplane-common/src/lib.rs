@@ -777,10 +777,7 @@ pub mod trace_families {
     /// IPv4 packets and sockets ([`crate::TraceEvent`] records); 1 is what
     /// `enabled` held before IPv6 was traced.
     pub const IPV4: u32 = 1;
-    /// IPv6 packets and sockets ([`crate::TraceEvent6`] records). No
-    /// IPv6 decision emits one yet: a trace tail took `from_pod` past the
-    /// verifier's instruction budget and `connect6` past its combined stack
-    /// limit (528 of 512 bytes); `monitor` reads and filters them already.
+    /// IPv6 packets and sockets ([`crate::TraceEvent6`] records).
     pub const IPV6: u32 = 2;
 }
 

@@ -108,8 +108,7 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
     entry.submit(0);
 }
 
-/// Whether IPv6 tracing is on: the one `TRACE_CONFIG` read of an IPv6
-/// packet or socket call.
+/// Whether IPv6 tracing is on (one `TRACE_CONFIG` read).
 #[inline(always)]
 fn wanted6() -> bool {
     TRACE_CONFIG
@@ -128,7 +127,9 @@ fn wanted6() -> bool {
 /// chains are at the verifier's 512 bytes. Off, tracing costs two
 /// `TRACE_CONFIG` reads per packet to a service (no flag is carried from
 /// one to the other: a flag known on one path and not on the other would
-/// have the verifier walk the whole pipeline twice).
+/// have the verifier walk the whole pipeline twice). A monitor starting
+/// between the two reads can get one event whose tuple on arrival is an
+/// earlier packet's.
 pub struct Packet6 {
     hook: u8,
 }

@@ -8,8 +8,15 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use dataplane_agent::control::model::Protocol;
-use dataplane_common::{ct_dir, ct_flags, ct_state, service_flags, Counter};
+use aya::maps::{Array, Map, MapData, RingBuf};
+use dataplane_agent::{
+    control::model::Protocol,
+    operator::monitor::{read_record, Record},
+};
+use dataplane_common::{
+    ct_dir, ct_flags, ct_state, map_names, service_flags, trace_families, trace_hook, Counter,
+    Trace6Tuple, TraceConfig, TraceEvent6, IPPROTO_TCP,
+};
 use dataplane_testkit::{
     datapath::{Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     datapath6::{ct6_key, ipv6_bytes, Frontend6Options},
@@ -741,4 +748,109 @@ fn ipv6_truncated_segment_to_a_service_passes_untouched_and_is_counted() {
     assert_untouched(&run, &syn, "truncated SYN");
     assert_eq!(dp.counter(Counter::Malformed), 1);
     assert_eq!(dp.ct6_len(), 0);
+}
+
+/// Turns tracing on for the `families` (bits of `trace_families`), as
+/// `monitor` does.
+fn trace(dp: &Harness, families: u32) {
+    let data = MapData::from_pin(dp.bpffs().join(map_names::TRACE_CONFIG)).expect("TRACE_CONFIG");
+    let mut config: Array<MapData, TraceConfig> =
+        Array::try_from(Map::Array(data)).expect("an array");
+    let value = TraceConfig {
+        enabled: families,
+        ..TraceConfig::default()
+    };
+    config.set(0, value, 0).expect("writing TRACE_CONFIG");
+}
+
+/// The records on `TRACE_EVENTS` so far; panics on an IPv4 one.
+fn trace_events6(dp: &Harness) -> Vec<TraceEvent6> {
+    let data = MapData::from_pin(dp.bpffs().join(map_names::TRACE_EVENTS)).expect("TRACE_EVENTS");
+    let mut ring = RingBuf::try_from(Map::RingBuf(data)).expect("a ring buffer");
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        match read_record(&item) {
+            Some(Record::V6(event)) => events.push(event),
+            other => panic!("an IPv6 record, not {other:?}"),
+        }
+    }
+    events
+}
+
+fn tuple6(src: SocketAddrV6, dst: SocketAddrV6) -> Trace6Tuple {
+    Trace6Tuple {
+        src_addr: src.ip().octets(),
+        dst_addr: dst.ip().octets(),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+    }
+}
+
+#[test]
+fn ipv6_dnat_and_its_reply_are_each_traced_once_with_the_tuple_before_and_after() {
+    let dp = Harness::new();
+    let service_id = web(&dp, &[backend()]);
+    trace(&dp, trace_families::IPV6);
+    let syn = Tcp6::new(client(), service(), SYN).build();
+
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "one event for the SYN: {events:?}");
+    let e = events[0];
+    assert_eq!(e.family, TraceEvent6::FAMILY);
+    assert_eq!(e.hook, trace_hook::FROM_POD);
+    assert_eq!(e.proto, IPPROTO_TCP);
+    assert_eq!(e.decision, Counter::NewFlow as u8);
+    assert_eq!((e.service_id, e.backend_id), (service_id, 1));
+    assert_eq!(e.before, tuple6(client(), service()), "as the pod sent it");
+    assert_eq!(e.after, tuple6(client(), backend()), "DNATed");
+
+    let reply = Tcp6::new(backend(), client(), SYN | ACK).build();
+    assert_eq!(dp.run_to_pod(&reply).verdict, TC_ACT_OK);
+
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "one event for the reply: {events:?}");
+    let e = events[0];
+    assert_eq!(e.hook, trace_hook::TO_POD);
+    assert_eq!(e.decision, Counter::ReplyTranslated as u8);
+    assert_eq!((e.service_id, e.backend_id), (service_id, 1));
+    assert_eq!(e.before, tuple6(backend(), client()));
+    assert_eq!(e.after, tuple6(service(), client()), "from the service");
+}
+
+#[test]
+fn ipv6_refusal_is_traced_once_with_the_tuple_the_client_sent() {
+    let dp = Harness::new();
+    let service_id = web(&dp, &[]);
+    trace(&dp, trace_families::IPV4 | trace_families::IPV6);
+    let syn = Tcp6::new(client(), service(), SYN).build();
+
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_REDIRECT);
+
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(e.hook, trace_hook::FROM_POD);
+    assert_eq!(e.decision, Counter::RejectNoEndpoints as u8);
+    assert_eq!((e.service_id, e.backend_id), (service_id, 0));
+    assert_eq!(e.before, tuple6(client(), service()));
+    assert_eq!(e.after, e.before, "refused untranslated");
+}
+
+#[test]
+fn ipv6_packets_are_not_traced_when_only_ipv4_tracing_is_on() {
+    let dp = Harness::new();
+    web(&dp, &[backend()]);
+    dns(&dp, &[]);
+    trace(&dp, trace_families::IPV4);
+
+    let syn = Tcp6::new(client(), service(), SYN).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    let refused = Udp6::new(client(), dns_service()).payload(b"q").build();
+    dp.run_from_pod(&refused);
+
+    assert_eq!(trace_events6(&dp), [], "IPv6 tracing is off");
+    assert_eq!(dp.counter(Counter::NewFlow), 1, "the SYN was translated");
+    assert_eq!(dp.counter(Counter::RejectNoEndpoints), 1);
 }

@@ -62,8 +62,11 @@ pub mod map_names {
     pub const NAT6_CONFIG: &str = "NAT6_CONFIG";
     /// IPv6 `loadBalancerSourceRanges`.
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+    /// Per CPU: a traced IPv6 packet's tuple on arrival, kept off the
+    /// stack until its decision is traced.
+    pub const TRACE6_SCRATCH: &str = "TRACE6_SCRATCH";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -94,6 +97,7 @@ pub mod map_names {
         NAT6,
         NAT6_CONFIG,
         SOURCE_RANGES6,
+        TRACE6_SCRATCH,
     ];
 }
 
@@ -122,8 +126,9 @@ pub mod map_names {
 /// address, port and protocol), the pre-filter of reply translation; IPv6
 /// maps (`LB6_*`, `CT6_*`, new, created) and their counters. Version 5:
 /// north-south on IPv6: the `NAT6`, `NAT6_CONFIG` and `SOURCE_RANGES6` maps
+/// (new, created). Version 6: IPv6 trace events, the `TRACE6_SCRATCH` map
 /// (new, created).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +191,7 @@ pub mod map_layouts {
         layout::<Nat6Key, Nat6Entry>(map_names::NAT6, capacity::NAT6),
         layout::<u32, Nat6Config>(map_names::NAT6_CONFIG, 1),
         layout::<SourceRange6Key, u32>(map_names::SOURCE_RANGES6, capacity::SOURCE_RANGES),
+        layout::<u32, Trace6Tuple>(map_names::TRACE6_SCRATCH, 1),
     ];
 }
 
@@ -771,10 +777,7 @@ pub mod trace_families {
     /// IPv4 packets and sockets ([`crate::TraceEvent`] records); 1 is what
     /// `enabled` held before IPv6 was traced.
     pub const IPV4: u32 = 1;
-    /// IPv6 packets and sockets ([`crate::TraceEvent6`] records). No
-    /// IPv6 decision emits one yet: a trace tail took `from_pod` past the
-    /// verifier's instruction budget and `connect6` past its combined stack
-    /// limit (528 of 512 bytes); `monitor` reads and filters them already.
+    /// IPv6 packets and sockets ([`crate::TraceEvent6`] records).
     pub const IPV6: u32 = 2;
 }
 

@@ -10,22 +10,23 @@
 //!
 //! The TCP/UDP pipeline runs on tc (`from_outside`) and on XDP
 //! (`xdp_from_outside`) alike, generic over `PacketCtx` as `external`'s
-//! IPv4 one is. What XDP cannot finish it passes untouched and uncounted to
-//! the tc program behind it: answers to refused clients (with the flow
-//! state they need left in place), next hops without a neighbour entry or
-//! out of another interface, fragments, frames whose headers lie past
-//! XDP's direct-access bound, and ICMPv6 (errors about SNATed flows are
-//! translated by tc; NDP passes). Every function that holds a large value
-//! is a call of its own, so no two of them stack their frames on one path.
-//! Not traced yet, like `pod6`.
+//! IPv4 one is. What XDP cannot finish it passes untouched, uncounted and
+//! untraced to the tc program behind it: answers to refused clients (with
+//! the flow state they need left in place), next hops without a neighbour
+//! entry or out of another interface, fragments, frames whose headers lie
+//! past XDP's direct-access bound, and ICMPv6 (errors about SNATed flows
+//! are translated by tc; NDP passes). Every function that holds a large
+//! value is a call of its own, so no two of them stack their frames on one
+//! path. Traced as `pod6` is: decisions handed up, traced once at each
+//! entry (tc's and XDP's).
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, Counter, Ipv6Bytes,
-    Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+    backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, trace_hook, Counter,
+    Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -46,8 +47,9 @@ use crate::{
         ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Ipv6Hdr, Parse6Error,
         IP6_DST_OFF, IP6_HLEN, IP6_L4_OFF, IP6_OFF, IP6_SRC_OFF, IPPROTO_ICMPV6,
     },
-    pod6::{self, drop, drop_as, next, pass_as, Outcome},
-    skb, Verdict,
+    pod6::{self, drop_as, next, Ids, Outcome},
+    skb,
+    trace::Packet6,
 };
 
 /// As `snat::NAT_PORT_TRIES`.
@@ -56,22 +58,30 @@ const NAT_PORT_TRIES: u32 = 8;
 const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// `from_outside` for an IPv6 frame: an ICMPv6 error about a SNATed flow,
-/// or the TCP/UDP pipeline.
+/// or the TCP/UDP pipeline; traced as `pod6::from_pod6` is.
 #[inline(never)]
 pub fn from_outside6(ctx: &TcContext) -> i32 {
-    let verdict = if is_icmp6(ctx) {
-        icmp6_error_from_outside(ctx)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::FROM_OUTSIDE);
+    let outcome = if is_icmp6(ctx) {
+        icmp6_error_from_outside(ctx, &mut flow, &packet)
     } else {
-        try_from_outside6(ctx)
+        try_from_outside6(ctx, &mut flow, &packet)
     };
-    verdict.unwrap_or_else(|verdict| verdict)
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
 }
 
-/// `xdp_from_outside` for an IPv6 frame: the TCP/UDP pipeline; ICMPv6 and
-/// what else it cannot finish pass to `from_outside` behind it.
+/// `xdp_from_outside` for an IPv6 frame: the TCP/UDP pipeline, traced as
+/// `from_outside6` is; ICMPv6 and what else it cannot finish pass to
+/// `from_outside` behind it, which traces them.
 #[inline(never)]
 pub fn xdp_from_outside6(ctx: &XdpContext) -> i32 {
-    try_from_outside6(ctx).unwrap_or_else(|verdict| verdict)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::FROM_OUTSIDE);
+    let outcome = try_from_outside6(ctx, &mut flow, &packet);
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
 }
 
 /// Whether the fixed IPv6 header is followed by ICMPv6 (where an error
@@ -84,7 +94,17 @@ fn is_icmp6(ctx: &TcContext) -> bool {
 /// `to_outside` for an IPv6 frame.
 #[inline(never)]
 pub fn to_outside6(ctx: &TcContext) -> i32 {
-    try_to_outside6(ctx).unwrap_or_else(|verdict| verdict)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::TO_OUTSIDE);
+    let outcome = try_to_outside6(ctx, &mut flow, &packet);
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
+}
+
+/// The ids of a SNATed flow, for the trace.
+#[inline(always)]
+fn nat_ids(nat: &Nat6Entry) -> Ids {
+    Ids::new(nat.service_id, nat.backend_id)
 }
 
 /// The `LB6_SERVICE_IPS` value of the frame's destination.
@@ -94,69 +114,73 @@ fn dst_ip_value<C: PacketCtx>(ctx: &C) -> Option<u32> {
 }
 
 /// The ingress pipeline for TCP and UDP, for tc and XDP alike. Under XDP,
-/// whatever would pass untranslated is passed without being counted: the
-/// tc program behind sees it again.
+/// whatever would pass untranslated is passed without being counted or
+/// traced: the tc program behind sees it again.
 #[inline(always)]
-fn try_from_outside6<C: PacketCtx>(ctx: &C) -> Verdict {
-    let mut flow = Ipv6Flow::default();
-    let parsed = parse_ipv6_flow_into(ctx, &mut flow);
+fn try_from_outside6<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    let untouched = Outcome::done(Ok(C::PASS));
+    let parsed = parse_ipv6_flow_into(ctx, flow);
     if C::DEFERS_TO_TC {
         // tc counts what is wrong with the frame, and a fragment (its
         // first one tracked, a later one followed) is its to handle.
         if parsed.is_err() || flow.frag != frag::NONE {
-            return Ok(C::PASS);
+            return untouched;
         }
     }
     match parsed {
         Ok(()) => {}
         // ICMPv6 errors are `from_outside6`'s; NDP and the rest pass.
-        Err(Parse6Error::NotL4) => return Ok(C::PASS),
+        Err(Parse6Error::NotL4) => return untouched,
         Err(Parse6Error::Malformed) => {
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
                 count(Counter::Malformed);
             }
-            return Ok(C::PASS);
+            return untouched;
         }
         Err(Parse6Error::PastBound) => {
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
                 count(Counter::Ipv6ExtHeadersPastBound);
             }
-            return Ok(C::PASS);
+            return untouched;
         }
         Err(Parse6Error::UnknownFragment) => {
             // The node's own traffic goes on; one to a load-balancer or
             // external IP could not reach the right backend.
             if dst_ip_value(ctx).is_some_and(|v| v & service_ip_flags::COUNT_MASK != 0) {
-                return drop_as::<C>(Counter::FragmentUnknown);
+                return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
             }
-            return Ok(C::PASS);
+            return untouched;
         }
     }
     let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
-        return Ok(C::PASS);
+        return untouched;
     };
-    let mut outcome = outside_flow(ctx, &mut flow, ip_value);
+    packet.arrived(flow);
+    let mut outcome = outside_flow(ctx, flow, ip_value);
     if outcome.next == next::NEW_FLOW {
         // Each stage called from here, none from another: their frames
         // are never stacked (the new-flow path's calls go deep).
         let mut selected = Selected6::default();
-        outcome = choose_backend::<C>(&mut flow, ip_value, &mut selected);
+        outcome = choose_backend::<C>(flow, ip_value, &mut selected);
         let now = skb::now_ns();
         if outcome.next == next::NEW_FLOW {
-            outcome = pod6::ct6_new_flow(ctx, &mut flow, now, &selected);
+            outcome = pod6::ct6_new_flow(ctx, flow, now, &selected);
         } else if outcome.next == NEW_SNAT_FLOW {
-            outcome = snat6_new_flow::<C>(&flow, now, &selected);
+            outcome = snat6_new_flow::<C>(flow, now, &selected);
         }
         if outcome.next == SNAT_FORWARD {
-            outcome = snat6_forward_new(ctx, &mut flow);
+            outcome = snat6_forward_new(ctx, flow);
         }
     }
     if outcome.next == next::REFUSE {
-        // XDP leaves the answer (and the counting) to tc: the stages
-        // change no state on the way to a refusal there.
-        return ctx.refuse6(outcome.refusal, &flow);
+        if C::DEFERS_TO_TC {
+            // XDP leaves the answer (its counting and its trace) to tc:
+            // the stages change no state on the way to a refusal there.
+            return untouched;
+        }
+        return outcome.refused(ctx.refuse6(outcome.refusal(), flow));
     }
-    Ok(outcome.verdict)
+    outcome
 }
 
 /// A packet from outside to a node address, load-balancer IP or
@@ -178,7 +202,7 @@ fn outside_flow<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, ip_value: u32) -> Ou
             // The node's own traffic (not to a NodePort), or counted by tc.
             return Outcome::done(Ok(C::PASS));
         }
-        return Outcome::done(pass_as::<C>(Counter::UnknownPort));
+        return Outcome::pass_as::<C>(Counter::UnknownPort, Ids::NONE);
     };
     if flow.frag == frag::FIRST {
         frag6_track(flow);
@@ -199,7 +223,7 @@ fn outside_flow<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, ip_value: u32) -> Ou
         }
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
+        return Outcome::drop_as::<C>(Counter::FragmentUnknown, Ids::NONE);
     }
     Outcome::new_flow()
 }
@@ -218,26 +242,23 @@ fn choose_backend<C: PacketCtx>(
     let Some(service) = lb6_lookup_external(flow, ip_value) else {
         return Outcome::done(Ok(C::PASS));
     };
+    let ids = Ids::service(service.service_id);
     if !lb6_source_allowed(&service, &flow.src_addr) {
-        return Outcome::done(drop_as::<C>(Counter::DropSourceRange));
+        return Outcome::drop_as::<C>(Counter::DropSourceRange, ids);
     }
     match lb6_choose_backend(&service, &flow.src_addr, skb::now_ns(), selected) {
         Choice6::Backend => {}
         Choice6::NoLocalEndpoints => {
-            return Outcome::done(drop_as::<C>(Counter::DropNoLocalEndpoints))
+            return Outcome::drop_as::<C>(Counter::DropNoLocalEndpoints, ids)
         }
-        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
+        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints, ids),
     }
     if service.flags & service_flags::MASQUERADE_REMOTE == 0
         || selected.backend.flags & backend_flags::LOCAL != 0
     {
         return Outcome::new_flow();
     }
-    Outcome {
-        verdict: TC_ACT_OK,
-        next: NEW_SNAT_FLOW,
-        refusal: Counter::NewFlow,
-    }
+    Outcome::new_flow().with_next(NEW_SNAT_FLOW)
 }
 
 /// `Outcome::next` of [`choose_backend`]: a new flow to a remote backend,
@@ -251,7 +272,7 @@ fn snat6_forward_new<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow) -> Outcome {
     let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) else {
         return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed)));
     };
-    Outcome::done(snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow))
+    snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow)
 }
 
 #[inline(always)]
@@ -330,10 +351,10 @@ fn snat6_known_flow<C: PacketCtx>(
         .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
     if !expired && backend_alive {
         nat6_update(slot, flow, nat_dir::ORIGINAL, now);
-        return Outcome::done(snat6_forward(ctx, flow, nat, Counter::Established));
+        return snat6_forward(ctx, flow, nat, Counter::Established);
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
+        return Outcome::drop_as::<C>(Counter::FragmentUnknown, nat_ids(nat));
     }
     if C::DEFERS_TO_TC && !expired && flow.proto == IPPROTO_TCP {
         // tc resets the client.
@@ -341,7 +362,7 @@ fn snat6_known_flow<C: PacketCtx>(
     }
     nat6_delete(nat);
     if !expired && flow.proto == IPPROTO_TCP {
-        return Outcome::refuse(Counter::ResetBackendGone);
+        return Outcome::refuse(Counter::ResetBackendGone, nat_ids(nat));
     }
     if !expired {
         count(Counter::UdpFlowMoved);
@@ -432,7 +453,8 @@ fn snat6_new_flow<C: PacketCtx>(flow: &Ipv6Flow, now: u64, selected: &Selected6)
     match nat6_create(&mut entry, now) {
         0 => {}
         nat6_create_error::EXHAUSTED => {
-            return Outcome::done(drop_as::<C>(Counter::NatPortsExhausted))
+            let ids = Ids::new(selected.service_id, selected.backend_id);
+            return Outcome::drop_as::<C>(Counter::NatPortsExhausted, ids);
         }
         _ => return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed))),
     }
@@ -441,11 +463,7 @@ fn snat6_new_flow<C: PacketCtx>(flow: &Ipv6Flow, now: u64, selected: &Selected6)
     }
     // Sent on by the caller, so `snat6_forward`'s frame is not stacked on
     // this one's.
-    Outcome {
-        verdict: TC_ACT_OK,
-        next: SNAT_FORWARD,
-        refusal: Counter::NewFlow,
-    }
+    Outcome::new_flow().with_next(SNAT_FORWARD)
 }
 
 /// `Outcome::next` of [`snat6_new_flow`]: the flow's `NAT6` entries exist,
@@ -460,7 +478,7 @@ fn snat6_forward<C: PacketCtx>(
     flow: &mut Ipv6Flow,
     nat: &Nat6Entry,
     decision: Counter,
-) -> Verdict {
+) -> Outcome {
     let route = Route6 {
         src_addr: &nat.nat_addr,
         dst_addr: &nat.backend_addr,
@@ -468,40 +486,42 @@ fn snat6_forward<C: PacketCtx>(
         dst_port: nat.backend_port,
         proto: flow.proto,
     };
-    let hop = next_hop(ctx, &route, decision)?;
-    nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
-        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
-    nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port)
-        .map_err(|_| fail_as::<C>(Counter::RewriteFailed))?;
-    send(ctx, &hop, decision)
+    let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), &route) else {
+        // A packet from this node's address cannot go through the stack
+        // on ingress: without a route it is dropped.
+        count(decision);
+        return Outcome::drop_as::<C>(Counter::FibLookupFailed, nat_ids(nat));
+    };
+    if leaves_to_tc(ctx, &hop) {
+        return Outcome::done(Ok(C::PASS));
+    }
+    let rewritten = nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
+        .and_then(|()| nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port));
+    if rewritten.is_err() {
+        return Outcome::done(Err(fail_as::<C>(Counter::RewriteFailed)));
+    }
+    send(ctx, &hop, decision, nat_ids(nat))
 }
 
-/// The next hop of the packet once translated to `route`, looked up before
-/// anything is rewritten: without a route it is dropped (a packet from
-/// this node's address cannot go through the stack on ingress), counted
-/// with its `decision` (the flow's state changed all the same); without a
-/// neighbour entry, or out of another interface (a native XDP redirect
-/// works only towards XDP-capable devices), XDP leaves it untouched to
-/// tc, which sends it anywhere. The error side is the packet's verdict.
+/// Whether XDP leaves a translated packet to `hop` untouched, uncounted
+/// and untraced to tc, which sends it anywhere: without a neighbour entry,
+/// or out of another interface (a native XDP redirect works only towards
+/// XDP-capable devices). Asked before anything is rewritten. (No route at
+/// all drops the packet, counted with its decision, on either hook: the
+/// flow's state changed all the same.) Checked where the hop is looked
+/// up, not in a helper returning it: a result holding an `Outcome` took
+/// `snat6_forward`'s frame past the stack the chain above it leaves.
 #[inline(always)]
-fn next_hop<C: PacketCtx>(ctx: &C, route: &Route6, decision: Counter) -> Result<NextHop, i32> {
-    let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), route) else {
-        count(decision);
-        count(Counter::FibLookupFailed);
-        return Err(C::DROP);
-    };
-    if C::DEFERS_TO_TC && (hop.macs.is_none() || hop.ifindex != ctx.ifindex()) {
-        return Err(C::PASS);
-    }
-    Ok(hop)
+fn leaves_to_tc<C: PacketCtx>(ctx: &C, hop: &NextHop) -> bool {
+    C::DEFERS_TO_TC && (hop.macs.is_none() || hop.ifindex != ctx.ifindex())
 }
 
 /// Sends a translated packet to `hop`, counting `decision` and the redirect.
 #[inline(always)]
-fn send<C: PacketCtx>(ctx: &C, hop: &NextHop, decision: Counter) -> Verdict {
-    count(decision);
+fn send<C: PacketCtx>(ctx: &C, hop: &NextHop, decision: Counter, ids: Ids) -> Outcome {
     count(Counter::Redirected);
-    Ok(ctx.send(hop))
+    count(decision);
+    Outcome::decided(Ok(ctx.send(hop)), decision, ids)
 }
 
 /// Backend -> SNAT port packet, `slot` its REPLY entry: back to the
@@ -527,17 +547,20 @@ fn snat6_reply<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, slot: Nat6Slot, now: 
         dst_port: reply.client_port,
         proto: flow.proto,
     };
-    let hop = match next_hop(ctx, &route, Counter::ReplyTranslated) {
-        Ok(hop) => hop,
-        Err(verdict) => return Outcome::done(Err(verdict)),
+    let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), &route) else {
+        count(Counter::ReplyTranslated);
+        return Outcome::drop_as::<C>(Counter::FibLookupFailed, nat_ids(reply));
     };
+    if leaves_to_tc(ctx, &hop) {
+        return Outcome::done(Ok(C::PASS));
+    }
     nat6_update(owner, flow, nat_dir::REPLY, now);
     let rewritten = nat6_rewrite_src(ctx, flow, &reply.frontend_addr, reply.frontend_port)
         .and_then(|()| nat6_rewrite_dst(ctx, flow, &reply.client_addr, reply.client_port));
     if rewritten.is_err() {
         return Outcome::done(Err(fail_as::<C>(Counter::RewriteFailed)));
     }
-    Outcome::done(send(ctx, &hop, Counter::ReplyTranslated))
+    send(ctx, &hop, Counter::ReplyTranslated, nat_ids(reply))
 }
 
 const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -556,32 +579,35 @@ const INNER_L4_OFF: usize = INNER_OFF + IP6_HLEN;
 /// the backend itself sent it) and sent on to the client; anything else
 /// passes.
 #[inline(never)]
-fn icmp6_error_from_outside(ctx: &TcContext) -> Verdict {
+fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(outer) = parse_ipv6_header(ctx) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     if outer.next_header != IPPROTO_ICMPV6
         || lb6_service_ip(&outer.dst_addr).is_none_or(|v| v & service_ip_flags::NODE_ADDRESS == 0)
     {
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
-    let icmp_type: u8 = PacketCtx::load(ctx, IP6_L4_OFF).ok_or(TC_ACT_OK)?;
+    let Some(icmp_type) = PacketCtx::load::<u8>(ctx, IP6_L4_OFF) else {
+        return untouched;
+    };
     if icmp_type != ICMPV6_PKT_TOOBIG
         && icmp_type != ICMPV6_DEST_UNREACH
         && icmp_type != ICMPV6_TIME_EXCEED
     {
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     let Some(inner) = PacketCtx::load::<Ipv6Hdr>(ctx, INNER_OFF) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     if inner.next_header != IPPROTO_TCP && inner.next_header != IPPROTO_UDP {
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     // The quoted packet went SNAT address -> backend; its REPLY entry is
     // backend -> SNAT address.
     let Some(ports) = PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     let key = Nat6Key {
         src_addr: inner.dst_addr,
@@ -593,16 +619,30 @@ fn icmp6_error_from_outside(ctx: &TcContext) -> Verdict {
         _pad: [0; 2],
     };
     let Some(slot) = nat6_slot(&key) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
-    icmp6_nat_translate(ctx, &outer, slot.entry())
+    // Traced with the outer addresses (`flow` holds no ports here).
+    *flow = Ipv6Flow {
+        src_addr: outer.src_addr,
+        dst_addr: outer.dst_addr,
+        proto: IPPROTO_ICMPV6,
+        ..Ipv6Flow::default()
+    };
+    packet.arrived(flow);
+    icmp6_nat_translate(ctx, &outer, slot.entry(), flow)
 }
 
 /// Rewrites an ICMPv6 error about the SNATed flow `nat` (see
-/// [`icmp6_error_from_outside`]) and sends it to the client. The quoted
-/// L4 checksum is left alone, as on IPv4.
+/// [`icmp6_error_from_outside`]) and sends it to the client; `flow` gets
+/// the outer addresses it leaves with. The quoted L4 checksum is left
+/// alone, as on IPv4.
 #[inline(never)]
-fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Verdict {
+fn icmp6_nat_translate(
+    ctx: &TcContext,
+    outer: &Ipv6Hdr,
+    nat: &Nat6Entry,
+    flow: &mut Ipv6Flow,
+) -> Outcome {
     let rewrite = || -> Result<(), ()> {
         // The quote: source SNAT address:port -> client, destination
         // backend -> frontend (plain changes of bytes the checksum covers).
@@ -618,14 +658,15 @@ fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Ver
         }
         Ok(())
     };
-    rewrite().map_err(|()| fail(Counter::RewriteFailed))?;
-    let src_addr = if outer.src_addr == nat.backend_addr {
-        &nat.frontend_addr
-    } else {
-        &outer.src_addr
-    };
+    if rewrite().is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    if outer.src_addr == nat.backend_addr {
+        flow.src_addr = nat.frontend_addr;
+    }
+    flow.dst_addr = nat.client_addr;
     let route = Route6 {
-        src_addr,
+        src_addr: &flow.src_addr,
         dst_addr: &nat.client_addr,
         src_port: 0,
         dst_port: 0,
@@ -633,9 +674,9 @@ fn icmp6_nat_translate(ctx: &TcContext, outer: &Ipv6Hdr, nat: &Nat6Entry) -> Ver
     };
     let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
         count(Counter::IcmpErrorTranslated);
-        return drop(Counter::FibLookupFailed);
+        return Outcome::drop(Counter::FibLookupFailed, nat_ids(nat));
     };
-    send(ctx, &hop, Counter::IcmpErrorTranslated)
+    send(ctx, &hop, Counter::IcmpErrorTranslated, nat_ids(nat))
 }
 
 #[inline(always)]
@@ -669,12 +710,12 @@ fn outer_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> 
 }
 
 #[inline(always)]
-fn try_to_outside6(ctx: &TcContext) -> Verdict {
-    let mut flow = Ipv6Flow::default();
-    if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
-        return Ok(TC_ACT_OK);
+fn try_to_outside6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    if parse_ipv6_flow_into(ctx, flow).is_err() {
+        return Outcome::done(Ok(TC_ACT_OK));
     }
+    packet.arrived(flow);
     // Uplink egress: a local backend's reply to an outside client gets the
     // frontend as source, as a reply into a pod gets the service.
-    pod6::to_pod_flow(ctx, &mut flow)
+    pod6::to_pod_flow(ctx, flow)
 }

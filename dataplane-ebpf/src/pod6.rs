@@ -4,17 +4,17 @@
 //! the same verdicts and counters. The entry points are not inlined, so the
 //! IPv4 path's stack frame stays as it was and this one gets its own.
 //!
-//! Not traced: a tracing tail on every decision here (as the IPv4 path has)
-//! took `from_pod` past the verifier's budget of 1M instructions, since the
-//! IPv6 stages reach the top with many distinct states. The counters say
-//! what this path did; `monitor` shows the IPv6 socket hooks' decisions.
+//! Each stage counts its decision and hands it up in its `Outcome`; the
+//! entry points trace it once (`Packet6::finish`), after the pipeline
+//! returned: a tracing tail on every decision (as the IPv4 path has) took
+//! `from_pod` past the verifier's budget of 1M instructions.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, service_ip_flags, Counter, Ct6Entry, IPPROTO_TCP,
+    ct_dir, ct_flags, ct_state, service_ip_flags, trace_hook, Counter, Ct6Entry, IPPROTO_TCP,
 };
 
 use crate::{
@@ -36,30 +36,52 @@ use crate::{
     parse::{frag, TCP_RST},
     parse6::{ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Parse6Error},
     reject6::{reject6_icmp_port_unreachable, reject6_tcp_reset},
-    skb, Verdict,
+    skb,
+    trace::Packet6,
+    Verdict,
 };
 
-/// `from_pod` for an IPv6 frame.
+/// `from_pod` for an IPv6 frame. The pipeline is a call of its own, so
+/// its decisions reach the one trace tail here as values the compiler
+/// cannot fold (a tail copied into every decision path is what the
+/// verifier's budget cannot take).
 #[inline(never)]
 pub fn from_pod6(ctx: &TcContext) -> i32 {
-    try_from_pod6(ctx).unwrap_or_else(|verdict| verdict)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::FROM_POD);
+    let outcome = try_from_pod6(ctx, &mut flow, &packet);
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
 }
 
-/// `to_pod` for an IPv6 frame.
+/// `to_pod` for an IPv6 frame; traced as `from_pod6` is.
 #[inline(never)]
 pub fn to_pod6(ctx: &TcContext) -> i32 {
-    try_to_pod6(ctx).unwrap_or_else(|verdict| verdict)
+    let mut flow = Ipv6Flow::default();
+    let packet = Packet6::new(trace_hook::TO_POD);
+    let outcome = try_to_pod6(ctx, &mut flow, &packet);
+    outcome.trace(ctx, &packet, &flow);
+    outcome.verdict()
 }
 
-/// Whether the frame is addressed to a service IP (or node address).
+/// A frame that could not be parsed to its ports (`decision`): counted and
+/// traced with its destination when that is a service IP (or node
+/// address).
 #[inline(always)]
-fn to_service(ctx: &TcContext) -> bool {
-    ipv6_dst(ctx).is_some_and(|dst| lb6_service_ip(&dst).is_some())
-}
-
-#[inline(always)]
-pub(crate) fn pass(decision: Counter) -> Verdict {
-    pass_as::<TcContext>(decision)
+fn unparsed(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6, decision: Counter) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
+    let Some(dst_addr) = ipv6_dst(ctx) else {
+        return untouched;
+    };
+    if lb6_service_ip(&dst_addr).is_none() {
+        return untouched;
+    }
+    *flow = Ipv6Flow {
+        dst_addr,
+        ..Ipv6Flow::default()
+    };
+    packet.arrived(flow);
+    Outcome::pass(decision, Ids::NONE)
 }
 
 #[inline(always)]
@@ -67,35 +89,69 @@ pub(crate) fn drop(decision: Counter) -> Verdict {
     drop_as::<TcContext>(decision)
 }
 
-/// [`pass`] with the verdict of context `C` (the stages `external6` runs
+/// [`drop`] with the verdict of context `C` (the stages `external6` runs
 /// on XDP too).
-#[inline(always)]
-pub(crate) fn pass_as<C: PacketCtx>(decision: Counter) -> Verdict {
-    count(decision);
-    Ok(C::PASS)
-}
-
-/// [`drop`] with the verdict of context `C`.
 #[inline(always)]
 pub(crate) fn drop_as<C: PacketCtx>(decision: Counter) -> Verdict {
     count(decision);
     Err(C::DROP)
 }
 
+/// The flow a decision is about, for the trace.
+#[derive(Clone, Copy)]
+pub(crate) struct Ids {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+impl Ids {
+    pub const NONE: Self = Self::new(0, 0);
+
+    #[inline(always)]
+    pub const fn new(service_id: u32, backend_id: u32) -> Self {
+        Self {
+            service_id,
+            backend_id,
+        }
+    }
+
+    #[inline(always)]
+    pub fn of(ct: &Ct6Entry) -> Self {
+        Self::new(ct.service_id, ct.backend_id)
+    }
+
+    #[inline(always)]
+    pub fn service(service_id: u32) -> Self {
+        Self::new(service_id, 0)
+    }
+}
+
 /// What a stage decided: a verdict, or that the client is answered at once
 /// (done at the top of the call chain, where the stack has room for
 /// building the answer), or (`known_flow`) that the packet starts a new
-/// flow. A plain struct: a data-carrying enum crossing a BPF function call
-/// can get a BTF layout the kernel refuses.
+/// flow; and the decision to trace, if any. The constructors are the IPv6
+/// shape of the IPv4 `Packet` methods (`pass`, `drop`, `refuse`), each with
+/// the counter and ids. A plain struct: a data-carrying enum crossing a
+/// BPF function call can get a BTF layout the kernel refuses. Words, not
+/// bytes: the verifier knows the constants a stage stores in 4-byte stack
+/// words, not in single bytes, and without them it walks every stage's
+/// continuation after every other's.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct Outcome {
-    pub verdict: i32,
+    /// The verdict (`TC_ACT_*`).
+    verdict: i32,
     /// One of the `next` values.
     pub next: u32,
-    /// The counter of a refusal.
-    pub refusal: Counter,
+    /// The [`Counter`] of the decision (for `next::REFUSE`, of the
+    /// refusal), or [`UNTRACED`]: a packet that is no service's, or a
+    /// helper failure (counted only, as on IPv4).
+    decision: u32,
+    ids: Ids,
 }
+
+/// [`Outcome::decision`] of an outcome with nothing to trace.
+const UNTRACED: u32 = u32::MAX;
 
 pub(crate) mod next {
     pub const DONE: u32 = 0;
@@ -104,30 +160,111 @@ pub(crate) mod next {
 }
 
 impl Outcome {
+    /// A verdict with nothing to trace (no service's packet, or a helper
+    /// failure, counted already).
     #[inline(always)]
     pub fn done(verdict: Verdict) -> Self {
         Self {
             verdict: verdict.unwrap_or_else(|v| v),
             next: next::DONE,
-            refusal: Counter::NewFlow,
+            decision: UNTRACED,
+            ids: Ids::NONE,
+        }
+    }
+
+    /// `verdict`, the outcome of `decision` (counted already).
+    #[inline(always)]
+    pub fn decided(verdict: Verdict, decision: Counter, ids: Ids) -> Self {
+        Self {
+            verdict: verdict.unwrap_or_else(|v| v),
+            next: next::DONE,
+            decision: decision as u32,
+            ids,
         }
     }
 
     #[inline(always)]
-    pub fn refuse(refusal: Counter) -> Self {
+    pub fn verdict(&self) -> i32 {
+        self.verdict
+    }
+
+    /// The counter of a `next::REFUSE` outcome.
+    #[inline(always)]
+    pub fn refusal(&self) -> Counter {
+        if self.decision == Counter::ResetBackendGone as u32 {
+            Counter::ResetBackendGone
+        } else {
+            Counter::RejectNoEndpoints
+        }
+    }
+
+    /// Reports the decision, if there is one, to `monitor` (when IPv6
+    /// tracing is on), with the packet's tuple now (`flow`).
+    #[inline(always)]
+    pub fn trace<C: PacketCtx>(&self, ctx: &C, packet: &Packet6, flow: &Ipv6Flow) {
+        if self.decision != UNTRACED {
+            let ids = (self.ids.service_id, self.ids.backend_id);
+            packet.finish(ctx, self.decision as u8, ids, flow.proto, flow);
+        }
+    }
+
+    /// The packet goes on (translated or not), counted under `decision`.
+    #[inline(always)]
+    pub fn pass(decision: Counter, ids: Ids) -> Self {
+        Self::pass_as::<TcContext>(decision, ids)
+    }
+
+    /// [`Outcome::pass`] with the verdict of context `C` (the stages
+    /// `external6` runs on XDP too).
+    #[inline(always)]
+    pub fn pass_as<C: PacketCtx>(decision: Counter, ids: Ids) -> Self {
+        count(decision);
+        Self::decided(Ok(C::PASS), decision, ids)
+    }
+
+    /// The packet is dropped without an answer, counted under `decision`.
+    #[inline(always)]
+    pub fn drop(decision: Counter, ids: Ids) -> Self {
+        Self::drop_as::<TcContext>(decision, ids)
+    }
+
+    /// [`Outcome::drop`] with the verdict of context `C`.
+    #[inline(always)]
+    pub fn drop_as<C: PacketCtx>(decision: Counter, ids: Ids) -> Self {
+        count(decision);
+        Self::decided(Err(C::DROP), decision, ids)
+    }
+
+    /// The client is to be answered at once ([`refuse`], which counts it).
+    /// On XDP the answer is tc's (`C::DEFERS_TO_TC`): the caller passes
+    /// the packet on untraced, and the stages change no state on the way
+    /// here.
+    #[inline(always)]
+    pub fn refuse(refusal: Counter, ids: Ids) -> Self {
         Self {
-            verdict: TC_ACT_SHOT,
             next: next::REFUSE,
-            refusal,
+            ..Self::decided(Err(TC_ACT_SHOT), refusal, ids)
         }
     }
 
     #[inline(always)]
     pub fn new_flow() -> Self {
+        Self::done(Ok(TC_ACT_OK)).with_next(next::NEW_FLOW)
+    }
+
+    /// This outcome with `next` set (a stage's own continuation).
+    #[inline(always)]
+    pub fn with_next(self, next: u32) -> Self {
+        Self { next, ..self }
+    }
+
+    /// The client answered (or not: `refuse` failed) as `next::REFUSE` asked.
+    #[inline(always)]
+    pub fn refused(self, verdict: Verdict) -> Self {
         Self {
-            verdict: TC_ACT_OK,
-            next: next::NEW_FLOW,
-            refusal: Counter::NewFlow,
+            verdict: verdict.unwrap_or_else(|v| v),
+            next: next::DONE,
+            ..self
         }
     }
 }
@@ -147,46 +284,46 @@ pub(crate) fn refuse(ctx: &TcContext, decision: Counter, flow: &Ipv6Flow) -> Ver
 }
 
 #[inline(always)]
-fn try_from_pod6(ctx: &TcContext) -> Verdict {
-    let mut flow = Ipv6Flow::default();
-    match parse_ipv6_flow_into(ctx, &mut flow) {
+fn try_from_pod6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    match parse_ipv6_flow_into(ctx, flow) {
         Ok(()) => {}
-        Err(Parse6Error::NotL4) => return Ok(TC_ACT_OK),
-        Err(Parse6Error::Malformed) => {
-            // Never rewritten; counted when it was meant for a service.
-            if to_service(ctx) {
-                count(Counter::Malformed);
-            }
-            return Ok(TC_ACT_OK);
-        }
+        Err(Parse6Error::NotL4) => return Outcome::done(Ok(TC_ACT_OK)),
+        // Never rewritten; counted when it was meant for a service.
+        Err(Parse6Error::Malformed) => return unparsed(ctx, flow, packet, Counter::Malformed),
         Err(Parse6Error::PastBound) => {
-            if to_service(ctx) {
-                count(Counter::Ipv6ExtHeadersPastBound);
-            }
-            return Ok(TC_ACT_OK);
+            return unparsed(ctx, flow, packet, Counter::Ipv6ExtHeadersPastBound)
         }
         Err(Parse6Error::UnknownFragment) => {
-            if !to_service(ctx) {
-                return Ok(TC_ACT_OK);
+            if ipv6_dst(ctx).is_none_or(|dst| lb6_service_ip(&dst).is_none()) {
+                return Outcome::done(Ok(TC_ACT_OK));
             }
             // Sent on untranslated it would go to the service IP, nowhere.
-            return drop(Counter::FragmentUnknown);
+            // Counted only, as on IPv4.
+            return Outcome::done(drop(Counter::FragmentUnknown));
         }
     }
     let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
-        return Ok(TC_ACT_OK);
+        return Outcome::done(Ok(TC_ACT_OK));
     };
-    let outcome = pod_flow(ctx, &mut flow, ip_value);
-    if outcome.next == next::REFUSE {
-        return refuse(ctx, outcome.refusal, &flow);
+    packet.arrived(flow);
+    // Each stage called from here, none from another: the new-flow
+    // path's frames are at the verifier's 512 bytes with this one's.
+    let mut outcome = pod_flow(ctx, flow);
+    if outcome.next == next::NEW_FLOW {
+        outcome = new_flow(ctx, flow, skb::now_ns(), ip_value);
     }
-    Ok(outcome.verdict)
+    if outcome.next == next::REFUSE {
+        return outcome.refused(refuse(ctx, outcome.refusal(), flow));
+    }
+    outcome
 }
 
 /// A pod's packet to a service IP: its tracked flow, the reply of a
-/// hairpinned flow, or a new flow.
-#[inline(always)]
-fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
+/// hairpinned flow, or (`next::NEW_FLOW`) a new flow. Not inlined: the
+/// entry point's trace tail meets its decisions as values the compiler
+/// cannot fold into a tail per decision.
+#[inline(never)]
+fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
     let now = skb::now_ns();
     if flow.frag == frag::FIRST {
         frag6_track(flow);
@@ -199,12 +336,12 @@ fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow, ip_value: u32) -> Outcome {
     } else if let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) {
         // Reply of a hairpinned flow: the backend answers the service
         // address, which stands for the client (itself).
-        return Outcome::done(reply_translate(ctx, flow, reply.entry(), now));
+        return reply_translate(ctx, flow, reply.entry(), now);
     }
     if flow.frag == frag::LATER {
-        return Outcome::done(drop(Counter::FragmentUnknown));
+        return Outcome::drop(Counter::FragmentUnknown, Ids::NONE);
     }
-    new_flow(ctx, flow, now, ip_value)
+    Outcome::new_flow()
 }
 
 /// A packet of a tracked flow: forwarded to its backend, refused (its
@@ -232,11 +369,11 @@ pub(crate) fn known_flow<C: PacketCtx>(
         } else {
             Counter::Established
         };
-        return Outcome::done(pass_as::<C>(decision));
+        return Outcome::pass_as::<C>(decision, Ids::of(ct));
     }
     if flow.frag == frag::LATER {
         // The rest of a datagram whose flow ended.
-        return Outcome::done(drop_as::<C>(Counter::FragmentUnknown));
+        return Outcome::drop_as::<C>(Counter::FragmentUnknown, Ids::of(ct));
     }
     if C::DEFERS_TO_TC && !expired && flow.proto == IPPROTO_TCP {
         // tc resets the client (and deletes the entry).
@@ -246,7 +383,7 @@ pub(crate) fn known_flow<C: PacketCtx>(
     if !expired && flow.proto == IPPROTO_TCP {
         // The backend is gone, and its connection state with it: the
         // client is told at once instead of timing out.
-        return Outcome::refuse(Counter::ResetBackendGone);
+        return Outcome::refuse(Counter::ResetBackendGone, Ids::of(ct));
     }
     if !expired {
         count(Counter::UdpFlowMoved);
@@ -261,16 +398,17 @@ fn new_flow(ctx: &TcContext, flow: &mut Ipv6Flow, now: u64, ip_value: u32) -> Ou
             // Only a node address: the node's own traffic.
             return Outcome::done(Ok(TC_ACT_OK));
         }
-        return Outcome::done(pass(Counter::UnknownPort));
+        return Outcome::pass(Counter::UnknownPort, Ids::NONE);
     };
+    let ids = Ids::service(service.service_id);
     if !lb6_source_allowed(&service, &flow.src_addr) {
-        return Outcome::done(drop(Counter::DropSourceRange));
+        return Outcome::drop(Counter::DropSourceRange, ids);
     }
     let mut selected = Selected6::default();
     match lb6_choose_backend(&service, &flow.src_addr, now, &mut selected) {
         Choice6::Backend => {}
-        Choice6::NoLocalEndpoints => return Outcome::done(drop(Counter::DropNoLocalEndpoints)),
-        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints),
+        Choice6::NoLocalEndpoints => return Outcome::drop(Counter::DropNoLocalEndpoints, ids),
+        Choice6::NoEndpoints => return Outcome::refuse(Counter::RejectNoEndpoints, ids),
     }
     ct6_new_flow(ctx, flow, now, &selected)
 }
@@ -308,7 +446,7 @@ pub(crate) fn ct6_new_flow<C: PacketCtx>(
     match ct6_create(&mut entry, now) {
         Ok(()) => {}
         Err(CtCreateError::ReplyClash) => {
-            return Outcome::done(drop_as::<C>(Counter::ReplyTupleClash))
+            return Outcome::drop_as::<C>(Counter::ReplyTupleClash, Ids::of(&entry))
         }
         Err(CtCreateError::InsertFailed) => {
             return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed)))
@@ -318,11 +456,11 @@ pub(crate) fn ct6_new_flow<C: PacketCtx>(
         return Outcome::done(Err(verdict));
     }
     if selected.by_affinity {
-        // Counted as a new flow too.
+        // Counted as a new flow too; traced as the affinity hit it is.
         count(Counter::NewFlow);
-        return Outcome::done(pass_as::<C>(Counter::AffinityHit));
+        return Outcome::pass_as::<C>(Counter::AffinityHit, Ids::of(&entry));
     }
-    Outcome::done(pass_as::<C>(Counter::NewFlow))
+    Outcome::pass_as::<C>(Counter::NewFlow, Ids::of(&entry))
 }
 
 /// Client -> service packet of a known flow: DNAT to its backend, and in a
@@ -351,28 +489,33 @@ pub(crate) fn reply_translate(
     flow: &mut Ipv6Flow,
     ct: &Ct6Entry,
     now: u64,
-) -> Verdict {
+) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(owner) = ct6_lookup(&ct.original_key()) else {
         // The flow is gone: its reply entry is stale.
         ct6_delete(ct);
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     let owner_entry = owner.entry();
     if !ct6_owns_reply(owner_entry, ct) {
         // Left over from an earlier flow of this client tuple.
         ct6_delete_reply(ct);
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     if ct6_is_expired(owner_entry, now) {
         ct6_delete(ct);
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     ct6_update(owner, flow, ct_dir::REPLY, now);
-    translate_reply(ctx, flow, ct)?;
-    if flow.frag == frag::LATER {
-        return pass(Counter::FragmentTranslated);
+    if let Err(verdict) = translate_reply(ctx, flow, ct) {
+        return Outcome::done(Err(verdict));
     }
-    pass(Counter::ReplyTranslated)
+    let decision = if flow.frag == frag::LATER {
+        Counter::FragmentTranslated
+    } else {
+        Counter::ReplyTranslated
+    };
+    Outcome::pass(decision, Ids::of(ct))
 }
 
 #[inline(never)]
@@ -387,22 +530,23 @@ fn translate_reply(ctx: &TcContext, flow: &mut Ipv6Flow, ct: &Ct6Entry) -> Resul
 }
 
 #[inline(always)]
-fn try_to_pod6(ctx: &TcContext) -> Verdict {
-    let mut flow = Ipv6Flow::default();
-    match parse_ipv6_flow_into(ctx, &mut flow) {
+fn try_to_pod6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    match parse_ipv6_flow_into(ctx, flow) {
         Ok(()) => {}
-        Err(Parse6Error::NotL4) => return icmp6_error_to_pod(ctx),
-        Err(_) => return Ok(TC_ACT_OK),
+        Err(Parse6Error::NotL4) => return icmp6_error_to_pod(ctx, flow, packet),
+        Err(_) => return Outcome::done(Ok(TC_ACT_OK)),
     }
-    to_pod_flow(ctx, &mut flow)
+    packet.arrived(flow);
+    to_pod_flow(ctx, flow)
 }
 
 /// A packet to a pod (or, from `external6`, to the uplink): translated
 /// back if it is a backend's reply.
 #[inline(never)]
-pub(crate) fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
+pub(crate) fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     if flow.frag == frag::FIRST {
         frag6_track(flow);
@@ -410,21 +554,37 @@ pub(crate) fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Verdict {
     let ct = reply.entry();
     if ct.flags & ct_flags::HAIRPIN != 0 {
         // Hairpin replies are translated on the way out of the pod.
-        return Ok(TC_ACT_OK);
+        return untouched;
     }
     reply_translate(ctx, flow, ct, skb::now_ns())
 }
 
 /// An ICMPv6 error about one of the client's translated flows is made about
-/// the service; any other packet passes.
+/// the service; any other packet passes. Traced with the outer addresses
+/// (in `flow`, which holds no ports here): the source becomes the service
+/// when the backend sent it.
 #[inline(never)]
-fn icmp6_error_to_pod(ctx: &TcContext) -> Verdict {
+fn icmp6_error_to_pod(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(outer) = parse_ipv6_header(ctx) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
     let Some(error) = icmp6_error_flow(ctx, &outer) else {
-        return Ok(TC_ACT_OK);
+        return untouched;
     };
-    icmp6_reverse_translate(ctx, &error).map_err(|_| fail(Counter::RewriteFailed))?;
-    pass(Counter::IcmpErrorTranslated)
+    if icmp6_reverse_translate(ctx, &error).is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    *flow = Ipv6Flow {
+        src_addr: error.outer_src,
+        dst_addr: outer.dst_addr,
+        proto: outer.next_header,
+        ..Ipv6Flow::default()
+    };
+    packet.arrived(flow);
+    let ct = &error.ct;
+    if error.outer_src == ct.backend_addr {
+        flow.src_addr = ct.service_addr;
+    }
+    Outcome::pass(Counter::IcmpErrorTranslated, Ids::of(ct))
 }

@@ -4,8 +4,8 @@
 //! by its IPv4-mapped address (`::ffff:10.96.0.10`) is translated with the
 //! IPv4 maps, and sees the backend (and the service again) in that form.
 //!
-//! No trace events for IPv6 yet: the counters say what the hooks did.
-//! (An unconnected UDP datagram to a mapped address is not seen here: the
+//! Decisions are traced as `TraceEvent6` records (`record6_sock`), the
+//! IPv4-mapped ones as IPv4 `TraceEvent`s. (An unconnected UDP datagram to a mapped address is not seen here: the
 //! kernel hands it to `sendmsg4` as an IPv4 sockaddr.)
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
@@ -19,6 +19,7 @@ use crate::{
     skb,
     sock::{sock4_forward_to, sock4_reverse_of, ALLOW, ECONNREFUSED, REJECT},
     sock_ctx::{mapped_ipv4, SockAddr, AF_INET6},
+    trace::{record6_sock, Sock6Decision},
 };
 
 #[cgroup_sock_addr(connect6)]
@@ -82,16 +83,26 @@ fn sock6_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
         return ALLOW;
     };
     let mut selected = Selected6::default();
+    let untranslated = |decision| Sock6Decision {
+        hook,
+        decision,
+        proto,
+        forward: true,
+        service_id: service.service_id,
+        backend_id: 0,
+        before: (&addr, port),
+        after: (&addr, port),
+    };
     match lb6_choose_backend_netns(&service, sock.netns_cookie(), skb::now_ns(), &mut selected) {
         Choice6::Backend => {}
         Choice6::NoEndpoints => {
-            count(Counter::SockRefusedNoEndpoints);
+            record6_sock(sock, &untranslated(Counter::SockRefusedNoEndpoints));
             sock.fail_with(ECONNREFUSED);
             return REJECT;
         }
         Choice6::NoLocalEndpoints => {
             // Left untranslated, as `sock4_forward` leaves it.
-            count(Counter::SockNoLocalEndpoints);
+            record6_sock(sock, &untranslated(Counter::SockNoLocalEndpoints));
             return ALLOW;
         }
     }
@@ -117,7 +128,19 @@ fn sock6_forward(sock: &SockAddr, hook: u8, translated: Counter) -> i32 {
     if selected.by_affinity {
         count(Counter::AffinityHit);
     }
-    count(translated);
+    record6_sock(
+        sock,
+        &Sock6Decision {
+            hook,
+            decision: translated,
+            proto,
+            forward: true,
+            service_id: service.service_id,
+            backend_id: selected.backend_id,
+            before: (&addr, port),
+            after: (&backend.addr, backend.port),
+        },
+    );
     ALLOW
 }
 
@@ -143,5 +166,17 @@ fn sock6_reverse(sock: &SockAddr, hook: u8, translated: Counter) {
         return;
     };
     sock.set_user_ip6(&entry.service_addr, entry.service_port);
-    count(translated);
+    record6_sock(
+        sock,
+        &Sock6Decision {
+            hook,
+            decision: translated,
+            proto: sock.protocol(),
+            forward: false,
+            service_id: entry.service_id,
+            backend_id: 0,
+            before: (&addr, port),
+            after: (&entry.service_addr, entry.service_port),
+        },
+    );
 }

@@ -2,13 +2,23 @@
 //! so, each decision on a matching packet is reported on `TRACE_EVENTS`
 //! with the tuple before and after translation. Off (the default) it costs
 //! one array lookup and a branch per traced decision point.
+//!
+//! IPv6 decisions go on the same ring as [`TraceEvent6`] records; their
+//! addresses are not filtered here (`TRACE_CONFIG` has room for IPv4 ones
+//! only), only their family switched on or off. An IPv6 packet's decision
+//! is traced once, at the program's entry, after its pipeline returned
+//! (see [`Packet6`]): a trace tail at every decision point, as IPv4 has,
+//! took `from_pod` past the verifier's budget of 1M instructions.
 
-use dataplane_common::{trace_families, Counter, TraceEvent, TraceTuple};
+use dataplane_common::{
+    trace_families, Counter, Ipv6Bytes, Trace6Tuple, TraceEvent, TraceEvent6, TraceTuple,
+};
 
 use crate::{
     ctx::PacketCtx,
-    maps::{count, TRACE_CONFIG, TRACE_EVENTS},
+    maps::{count, TRACE6_SCRATCH, TRACE_CONFIG, TRACE_EVENTS},
     parse::Ipv4Flow,
+    parse6::Ipv6Flow,
     skb,
     sock_ctx::{self, SockAddr},
 };
@@ -96,4 +106,238 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
         cgroup_id,
     });
     entry.submit(0);
+}
+
+/// Whether IPv6 tracing is on (one `TRACE_CONFIG` read).
+#[inline(always)]
+fn wanted6() -> bool {
+    TRACE_CONFIG
+        .get(0)
+        .is_some_and(|config| config.enabled & trace_families::IPV6 != 0)
+}
+
+/// An IPv6 packet on its way through one program: where it was seen. The
+/// IPv6 shape of the IPv4 `Packet`: the stages count their decision and
+/// hand it up (in `pod6::Outcome`, whose `pass`, `drop` and `refuse` take
+/// the counter and ids as `Packet`'s methods do) instead of tracing it
+/// where it is made; the entry point traces it once ([`Packet6::finish`]),
+/// after the pipeline returned, so the verifier meets one trace tail per
+/// program rather than one per decision point. The tuple on arrival waits
+/// in `TRACE6_SCRATCH`, not on the stack: the IPv6 paths' deepest call
+/// chains are at the verifier's 512 bytes. Off, tracing costs two
+/// `TRACE_CONFIG` reads per packet to a service (no flag is carried from
+/// one to the other: a flag known on one path and not on the other would
+/// have the verifier walk the whole pipeline twice). A monitor starting
+/// between the two reads can get one event whose tuple on arrival is an
+/// earlier packet's.
+pub struct Packet6 {
+    hook: u8,
+}
+
+impl Packet6 {
+    #[inline(always)]
+    pub fn new(hook: u8) -> Self {
+        Self { hook }
+    }
+
+    /// The packet's tuple as parsed, before any translation: kept when
+    /// IPv6 tracing is on.
+    #[inline(always)]
+    pub fn arrived(&self, flow: &Ipv6Flow) {
+        if wanted6() {
+            keep6(flow);
+        }
+    }
+
+    /// Reports a decision (`decision`, a [`Counter`], with the flow's ids)
+    /// if IPv6 tracing is on, with the tuple kept on arrival and the
+    /// packet's as it leaves (`flow`).
+    #[inline(always)]
+    pub fn finish<C: PacketCtx>(
+        &self,
+        ctx: &C,
+        decision: u8,
+        ids: (u32, u32),
+        proto: u8,
+        flow: &Ipv6Flow,
+    ) {
+        if wanted6() {
+            let header = u32::from(self.hook) | u32::from(proto) << 8 | u32::from(decision) << 16;
+            emit6_packet(ctx.ifindex(), header, ids.0, ids.1, flow);
+        }
+    }
+}
+
+/// Not inlined: the copy is made in a frame of its own, not in the entry
+/// point's.
+#[inline(never)]
+fn keep6(flow: &Ipv6Flow) {
+    if let Some(slot) = TRACE6_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the tc and XDP programs do not nest on
+        // a CPU, and only they use it.
+        unsafe {
+            (*slot).src_addr = flow.src_addr;
+            (*slot).dst_addr = flow.dst_addr;
+            (*slot).src_port = flow.src_port;
+            (*slot).dst_port = flow.dst_port;
+        }
+    }
+}
+
+/// Writes an IPv6 record in place in the ring, one field at a time
+/// (`tuples` writes the two tuples): a record built whole would be a
+/// 112-byte value on the stack. A full ring drops the event, never the
+/// packet.
+#[inline(always)]
+fn emit6(header: &Header6, tuples: impl FnOnce(&Tuples6)) {
+    let Some(mut entry) = TRACE_EVENTS.reserve_untyped::<TraceEvent6>(0) else {
+        count(Counter::TraceLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` is the record reserved above, ours alone until it is
+    // submitted; every field is written through the raw pointer (no
+    // reference to the uninitialised record is made), all are `Copy`, and
+    // `tuples` writes every field of both tuples.
+    unsafe {
+        (*event).ts_ns = skb::now_ns();
+        (*event).ifindex = header.ifindex;
+        (*event).hook = header.hook;
+        (*event).proto = header.proto;
+        (*event).decision = header.decision;
+        (*event).family = TraceEvent6::FAMILY;
+        (*event).service_id = header.service_id;
+        (*event).backend_id = header.backend_id;
+        (*event).netns_cookie = header.netns_cookie;
+        (*event).cgroup_id = header.cgroup_id;
+        tuples(&Tuples6 {
+            before: core::ptr::addr_of_mut!((*event).before),
+            after: core::ptr::addr_of_mut!((*event).after),
+        });
+    }
+    entry.submit(0);
+}
+
+/// The tuples of a record being written in the ring (`emit6`).
+struct Tuples6 {
+    before: *mut Trace6Tuple,
+    after: *mut Trace6Tuple,
+}
+
+impl Tuples6 {
+    /// `t` := `tuple`.
+    #[inline(always)]
+    fn set(t: *mut Trace6Tuple, tuple: &Trace6Tuple) {
+        // SAFETY: `t` is one of the reserved record's tuples (`emit6`).
+        unsafe { *t = *tuple };
+    }
+
+    /// `t` := the tuple of `flow`.
+    #[inline(always)]
+    fn flow(t: *mut Trace6Tuple, flow: &Ipv6Flow) {
+        // SAFETY: as in `set`.
+        unsafe {
+            (*t).src_addr = flow.src_addr;
+            (*t).dst_addr = flow.dst_addr;
+            (*t).src_port = flow.src_port;
+            (*t).dst_port = flow.dst_port;
+        }
+    }
+
+    /// `t` := a tuple of one side (the destination when `dst`, else the
+    /// source), the other zero.
+    #[inline(always)]
+    fn side(t: *mut Trace6Tuple, dst: bool, addr: &Ipv6Bytes, port: u16) {
+        // SAFETY: as in `set`.
+        unsafe {
+            (*t).src_addr = if dst { [0; 16] } else { *addr };
+            (*t).dst_addr = if dst { *addr } else { [0; 16] };
+            (*t).src_port = if dst { 0 } else { port };
+            (*t).dst_port = if dst { port } else { 0 };
+        }
+    }
+}
+
+/// The fields of a [`TraceEvent6`] before its tuples.
+struct Header6 {
+    ifindex: u32,
+    hook: u8,
+    proto: u8,
+    decision: u8,
+    service_id: u32,
+    backend_id: u32,
+    netns_cookie: u64,
+    cgroup_id: u64,
+}
+
+/// Not inlined: one copy of the tail per program. Plain numbers as
+/// arguments (`header`: hook, protocol and decision bytes), nothing built
+/// on the caller's stack.
+#[inline(never)]
+fn emit6_packet(ifindex: u32, header: u32, service_id: u32, backend_id: u32, flow: &Ipv6Flow) {
+    let Some(before) = TRACE6_SCRATCH.get(0) else {
+        return;
+    };
+    let header = Header6 {
+        ifindex,
+        hook: header as u8,
+        proto: (header >> 8) as u8,
+        decision: (header >> 16) as u8,
+        service_id,
+        backend_id,
+        netns_cookie: 0,
+        cgroup_id: 0,
+    };
+    emit6(&header, |t| {
+        Tuples6::set(t.before, before);
+        Tuples6::flow(t.after, flow);
+    });
+}
+
+/// What an IPv6 socket hook did to the one address it rewrites: the
+/// destination (`connect6`, `sendmsg6`) or the source (`recvmsg6`,
+/// `getpeername6`), from `before` to `after`. References, so no tuple is
+/// built on the hook's stack (its frame and the lookups' are near the
+/// verifier's 512 bytes).
+pub struct Sock6Decision<'a> {
+    pub hook: u8,
+    pub decision: Counter,
+    pub proto: u8,
+    /// Whether the destination (else the source) was rewritten.
+    pub forward: bool,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub before: (&'a Ipv6Bytes, u16),
+    pub after: (&'a Ipv6Bytes, u16),
+}
+
+/// Counts an IPv6 socket hook's `decision` and reports it (when IPv6
+/// tracing is on) with the socket's network namespace and the caller's
+/// cgroup.
+#[inline(always)]
+pub fn record6_sock(sock: &SockAddr, decision: &Sock6Decision) {
+    count(decision.decision);
+    if wanted6() {
+        emit6_sock(sock, decision);
+    }
+}
+
+#[inline(never)]
+fn emit6_sock(sock: &SockAddr, decision: &Sock6Decision) {
+    let header = Header6 {
+        ifindex: 0,
+        hook: decision.hook,
+        proto: decision.proto,
+        decision: decision.decision as u8,
+        service_id: decision.service_id,
+        backend_id: decision.backend_id,
+        netns_cookie: sock.netns_cookie(),
+        cgroup_id: sock_ctx::cgroup_id(),
+    };
+    emit6(&header, |t| {
+        let (addr, port) = decision.before;
+        Tuples6::side(t.before, decision.forward, addr, port);
+        let (addr, port) = decision.after;
+        Tuples6::side(t.after, decision.forward, addr, port);
+    });
 }

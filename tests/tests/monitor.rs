@@ -3,17 +3,78 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::{Child, Command, Stdio},
     sync::mpsc,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use dataplane_lab::{agent::agent_bin, manifests, CrossNode, Topology};
+use dataplane_lab::{
+    agent::agent_bin,
+    manifests::{self, pod_endpoint_of},
+    CrossNode, Topology,
+};
 use integration_tests::{http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 use serde_json::Value;
 
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// The web service's IPv6 cluster IP (as in `clusterip6`).
+const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// `dataplane-agent monitor --ip ip -o json` on node 1, once it said it is
+/// tracing: the process, its JSON events, and the thread reading them.
+fn start_monitor(c: &Cluster, ip: IpAddr) -> (Child, mpsc::Receiver<Value>, JoinHandle<()>) {
+    let mut monitor = Command::new(agent_bin())
+        .arg("monitor")
+        .arg("--bpffs")
+        .arg(c.bpffs(1))
+        .args(["--ip", &ip.to_string(), "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting dataplane-agent monitor");
+    let mut stderr = BufReader::new(monitor.stderr.take().unwrap());
+    let mut ready = String::new();
+    stderr.read_line(&mut ready).unwrap();
+    assert!(
+        ready.contains(&format!("tracing IP {ip}")),
+        "monitor said: {ready}"
+    );
+    let (tx, events) = mpsc::channel::<Value>();
+    let stdout = BufReader::new(monitor.stdout.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    (monitor, events, reader)
+}
+
+/// Events from `events` until each of `decisions` was seen (5 s at most).
+fn events_until(c: &Cluster, events: &mpsc::Receiver<Value>, decisions: &[&str]) -> Vec<Value> {
+    let mut seen: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let has = |seen: &[Value], decision: &str| seen.iter().any(|e| e["decision"] == decision);
+    while !decisions.iter().all(|d| has(&seen, d)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(e) => seen.push(e),
+            Err(_) => panic!("missing decisions; events: {seen:#?}\n{}", c.logs()),
+        }
+    }
+    seen
+}
+
+fn stop_monitor(mut monitor: Child, reader: JoinHandle<()>) {
+    nix_kill(monitor.id());
+    let status = monitor.wait().unwrap();
+    reader.join().unwrap();
+    assert!(status.success(), "monitor exit {status}");
+}
 
 #[test]
 fn monitor_shows_new_flow_established_reply_and_reject() {
@@ -29,32 +90,7 @@ fn monitor_shows_new_flow_established_reply_and_reject() {
             ),
         ],
     );
-    let mut monitor = Command::new(agent_bin())
-        .arg("monitor")
-        .arg("--bpffs")
-        .arg(c.bpffs(1))
-        .args(["--ip", "10.244.1.10", "-o", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting dataplane-agent monitor");
-    let mut stderr = BufReader::new(monitor.stderr.take().unwrap());
-    let mut ready = String::new();
-    stderr.read_line(&mut ready).unwrap();
-    assert!(
-        ready.contains("tracing IP 10.244.1.10"),
-        "monitor said: {ready}"
-    );
-    let (tx, events) = mpsc::channel::<Value>();
-    let stdout = BufReader::new(monitor.stdout.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            if tx.send(event).is_err() {
-                break;
-            }
-        }
-    });
+    let (monitor, events, reader) = start_monitor(&c, Ipv4Addr::new(10, 244, 1, 10).into());
 
     // Cross-node: client on node1, web-b on node2.
     assert_eq!(
@@ -70,28 +106,17 @@ fn monitor_shows_new_flow_established_reply_and_reject() {
         c.logs()
     );
 
-    let mut seen: Vec<Value> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let has = |seen: &[Value], decision: &str| seen.iter().any(|e| e["decision"] == decision);
-    while ![
-        "new_flow",
-        "established",
-        "reply_translated",
-        "reject_no_endpoints",
-    ]
-    .iter()
-    .all(|d| has(&seen, d))
-    {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left) {
-            Ok(e) => seen.push(e),
-            Err(_) => panic!("missing decisions; events: {seen:#?}\n{}", c.logs()),
-        }
-    }
-    nix_kill(monitor.id());
-    let status = monitor.wait().unwrap();
-    reader.join().unwrap();
-    assert!(status.success(), "monitor exit {status}");
+    let seen = events_until(
+        &c,
+        &events,
+        &[
+            "new_flow",
+            "established",
+            "reply_translated",
+            "reject_no_endpoints",
+        ],
+    );
+    stop_monitor(monitor, reader);
 
     let find = |decision: &str| {
         seen.iter()
@@ -167,6 +192,67 @@ fn monitor_shows_new_flow_established_reply_and_reject() {
     assert!(
         bytes.iter().all(|b| b == "0x00"),
         "tracing left on after the monitor exited: {dump}"
+    );
+}
+
+#[test]
+fn monitor_shows_an_ipv6_connection_to_an_ipv6_cluster_ip_with_bracketed_addresses() {
+    require_root();
+    let web_b = lab_pod("web-b");
+    let service =
+        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+    let manifest =
+        manifests::manifest_per_family(&service, |family| vec![pod_endpoint_of(&web_b, family)]);
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifest)],
+    );
+    let client = lab_pod("client").ipv6();
+    let (monitor, events, reader) = start_monitor(&c, client.into());
+
+    // Cross-node: client on node1, web-b on node2.
+    assert_eq!(
+        c.tcp("client", SocketAddr::new(WEB_IP6.into(), 80))
+            .backend(),
+        Some("web-b"),
+        "{}",
+        c.logs()
+    );
+
+    let seen = events_until(&c, &events, &["new_flow", "reply_translated"]);
+    stop_monitor(monitor, reader);
+    let find = |decision: &str| {
+        seen.iter()
+            .find(|e| e["decision"] == decision)
+            .unwrap_or_else(|| panic!("no {decision} in {seen:#?}"))
+    };
+    let new_flow = find("new_flow");
+    assert_eq!(new_flow["hook"], "from-pod");
+    assert_eq!(new_flow["proto"], "TCP");
+    assert_eq!(new_flow["service"], "default/web:http");
+    let before = new_flow["before"].as_str().unwrap();
+    let after = new_flow["after"].as_str().unwrap();
+    assert!(
+        before.starts_with(&format!("[{client}]:"))
+            && before.ends_with(&format!("-> [{WEB_IP6}]:80")),
+        "{before}"
+    );
+    assert!(
+        after.ends_with(&format!("-> [{}]:8080", web_b.ipv6())),
+        "DNAT to web-b: {after}"
+    );
+    let reply = find("reply_translated");
+    assert_eq!(reply["hook"], "to-pod");
+    let r_before = reply["before"].as_str().unwrap();
+    let r_after = reply["after"].as_str().unwrap();
+    assert!(
+        r_before.starts_with(&format!("[{}]:8080 -> [{client}]:", web_b.ipv6())),
+        "{r_before}"
+    );
+    assert!(
+        r_after.starts_with(&format!("[{WEB_IP6}]:80 -> [{client}]:")),
+        "{r_after}"
     );
 }
 

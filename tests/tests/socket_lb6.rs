@@ -325,3 +325,83 @@ fn ipv6_socket_hooks_failing_leave_the_ipv4_ones_serving_and_say_so_once() {
     assert!(counter(&c, "sock_connect_translated") >= before + 30);
     std::fs::remove_dir(&blocked).expect("removing the blocking directory");
 }
+
+/// `monitor --ip <IPv6 cluster IP>` shows the IPv6 socket hooks' decisions,
+/// addresses in their usual text form, with the process's network
+/// namespace cookie and cgroup id; no IPv4 event passes its filter.
+#[test]
+fn monitor_shows_ipv6_socket_decisions_with_netns_and_cgroup() {
+    use std::{
+        io::{BufRead as _, BufReader},
+        os::unix::fs::MetadataExt as _,
+        process::Stdio,
+    };
+    require_root();
+    let c = cluster(web_of(&[IpAddr::from(WEB_IP), WEB_IP6.into()], &all_web()));
+    c.eventually("the IPv6 service is served from the node", || {
+        from_node(&c, "tcp", http6(), 1)
+            .first()
+            .is_some_and(|s| s.backend().is_some())
+    });
+    let mut monitor = Command::new(agent_bin())
+        .arg("monitor")
+        .arg("--bpffs")
+        .arg(c.bpffs(1))
+        .args(["--ip", &WEB_IP6.to_string(), "-o", "json", "--count", "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting dataplane-agent monitor");
+    let mut ready = String::new();
+    BufReader::new(monitor.stderr.take().expect("stderr"))
+        .read_line(&mut ready)
+        .expect("monitor's first line");
+    assert!(ready.contains("tracing"), "monitor said: {ready}");
+    // IPv4 traffic first: filtered out. Then connect + getpeername (TCP),
+    // sendmsg + recvmsg (UDP): at least 6 IPv6 events.
+    from_node(&c, "tcp", http(WEB_IP), 1);
+    from_node(&c, "tcp", http6(), 1);
+    from_node(&c, "udp-unconnected", dns6(), 1);
+    from_node(&c, "tcp", http6(), 1);
+    let out = monitor.wait_with_output().expect("monitor's events");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let cgroup_id = std::fs::metadata(c.lab.node_cgroup(1))
+        .expect("node cgroup")
+        .ino();
+    for (hook, decision) in [
+        ("connect", "sock_connect_translated"),
+        ("getpeername", "sock_getpeername_translated"),
+        ("sendmsg", "sock_sendmsg_translated"),
+        ("recvmsg", "sock_recvmsg_translated"),
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e["hook"] == hook)
+            .unwrap_or_else(|| panic!("no {hook} event in {events:#?}"));
+        assert_eq!(event["decision"], decision, "{event:#}");
+        assert_eq!(event["interface"], "socket");
+        assert_eq!(event["cgroup_id"].as_u64(), Some(cgroup_id), "{event:#}");
+        assert!(event["netns_cookie"].as_u64().is_some_and(|c| c != 0));
+        assert!(
+            event["service"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("default/web:")),
+            "{event:#}"
+        );
+    }
+    assert!(
+        events.iter().all(|e| !e.to_string().contains("10.96.0.10")),
+        "only IPv6 events pass an IPv6 filter: {events:#?}"
+    );
+    let connect = events.iter().find(|e| e["hook"] == "connect").unwrap();
+    assert_eq!(connect["before"], "[::]:0 -> [fd00:10:96::10]:80");
+    assert!(
+        connect["after"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("]:8080") && !a.contains("fd00:10:96::10")),
+        "{connect:#}"
+    );
+}

@@ -145,6 +145,8 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::SOURCE_RANGES6,
         ],
     ),
+    // IPv6 trace events: `TRACE6_SCRATCH` is new (created).
+    (6, &[map_names::TRACE6_SCRATCH]),
 ];
 
 /// Maps of earlier layouts this one no longer has: unpinned at [`commit`].

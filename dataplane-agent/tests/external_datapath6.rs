@@ -9,8 +9,15 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use dataplane_agent::control::model::Protocol;
-use dataplane_common::{ct_dir, nat_dir, service_flags, Counter};
+use aya::maps::{Array, Map, MapData, RingBuf};
+use dataplane_agent::{
+    control::model::Protocol,
+    operator::monitor::{read_record, Record},
+};
+use dataplane_common::{
+    ct_dir, map_names, nat_dir, service_flags, trace_families, trace_hook, Counter, Trace6Tuple,
+    TraceConfig, TraceEvent6, IPPROTO_TCP,
+};
 use dataplane_testkit::{
     datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX},
     datapath6::{ct6_key, nat6_key, Backend6Spec, Frontend6Options},
@@ -722,4 +729,93 @@ fn xdp_leaves_ipv6_fragments_to_tc_untouched_and_uncounted() {
     let run = dp.run("from_outside", &fragments[0]);
     assert_eq!(run.verdict, TC_ACT_OK);
     assert_eq!(dp.counter(Counter::NewFlow), 1);
+}
+
+/// Turns IPv6 tracing on, as `monitor` does.
+fn trace6(dp: &Harness) {
+    let data = MapData::from_pin(dp.bpffs().join(map_names::TRACE_CONFIG)).expect("TRACE_CONFIG");
+    let mut config: Array<MapData, TraceConfig> =
+        Array::try_from(Map::Array(data)).expect("an array");
+    let value = TraceConfig {
+        enabled: trace_families::IPV6,
+        ..TraceConfig::default()
+    };
+    config.set(0, value, 0).expect("writing TRACE_CONFIG");
+}
+
+/// The records on `TRACE_EVENTS` so far; panics on an IPv4 one.
+fn trace_events6(dp: &Harness) -> Vec<TraceEvent6> {
+    let data = MapData::from_pin(dp.bpffs().join(map_names::TRACE_EVENTS)).expect("TRACE_EVENTS");
+    let mut ring = RingBuf::try_from(Map::RingBuf(data)).expect("a ring buffer");
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        match read_record(&item) {
+            Some(Record::V6(event)) => events.push(event),
+            other => panic!("an IPv6 record, not {other:?}"),
+        }
+    }
+    events
+}
+
+fn tuple6(src: SocketAddrV6, dst: SocketAddrV6) -> Trace6Tuple {
+    Trace6Tuple {
+        src_addr: src.ip().octets(),
+        dst_addr: dst.ip().octets(),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+    }
+}
+
+#[test]
+fn xdp_traces_an_ipv6_node_port_dnat_once_and_tc_behind_it_does_not_again() {
+    let dp = node_harness();
+    let service_id = node_port_to(&dp, local_backend(), true);
+    trace6(&dp);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    let run = dp.run_xdp(&syn);
+    assert_eq!(run.verdict, XDP_PASS);
+
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "one event for the SYN: {events:?}");
+    let e = events[0];
+    assert_eq!(e.family, TraceEvent6::FAMILY);
+    assert_eq!(e.hook, trace_hook::FROM_OUTSIDE);
+    assert_eq!(e.proto, IPPROTO_TCP);
+    assert_eq!(e.decision, Counter::NewFlow as u8);
+    assert_eq!((e.service_id, e.backend_id), (service_id, 1));
+    assert_eq!(e.before, tuple6(outside_client(), node_port()), "as sent");
+    assert_eq!(e.after, tuple6(outside_client(), local_backend()), "DNATed");
+
+    // tc behind it sees a packet to the pod: no decision, no event.
+    assert_eq!(dp.run("from_outside", &run.output).verdict, TC_ACT_OK);
+    assert_eq!(trace_events6(&dp), [], "traced once, by XDP");
+}
+
+#[test]
+fn xdp_leaves_the_trace_of_a_refused_ipv6_client_to_tc() {
+    let dp = node_harness();
+    let service_id = dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Tcp,
+        &[],
+        1,
+        Frontend6Options::default(),
+    );
+    trace6(&dp);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+
+    assert_eq!(dp.run_xdp(&syn).verdict, XDP_PASS);
+    assert_eq!(trace_events6(&dp), [], "XDP passes it on untraced");
+
+    assert_eq!(dp.run("from_outside", &syn).verdict, TC_ACT_REDIRECT);
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(e.hook, trace_hook::FROM_OUTSIDE);
+    assert_eq!(e.decision, Counter::RejectNoEndpoints as u8);
+    assert_eq!((e.service_id, e.backend_id), (service_id, 0));
+    assert_eq!(e.before, tuple6(outside_client(), node_port()));
+    assert_eq!(e.after, e.before, "refused untranslated");
 }

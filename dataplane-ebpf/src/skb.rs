@@ -5,9 +5,9 @@
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_fib_lookup, TC_ACT_REDIRECT},
     helpers::{
-        bpf_csum_diff, bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32,
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_change_type,
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_tail,
+        bpf_skb_change_type,
     },
     programs::TcContext,
 };
@@ -155,21 +155,14 @@ pub fn csum_diff_add<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {
     sum as u32
 }
 
-/// CLOCK_MONOTONIC nanoseconds at the last timer tick (1 to 4 ms behind
-/// the exact time), the clock conntrack, NAT and affinity timestamps use:
-/// their lifetimes are seconds and refreshes a second apart, and reading
-/// the tick's time costs no clock read (`bpf_ktime_get_ns` was the
-/// established path's third largest cost under test runs).
+/// CLOCK_MONOTONIC nanoseconds, the clock conntrack, NAT and affinity
+/// timestamps use. Not `bpf_ktime_get_coarse_ns`, though it would save a
+/// clock read per packet (≈60 ns under test runs): that helper came in
+/// kernel 5.11, and a 5.10 node (Debian 11, Amazon Linux 2) would refuse
+/// every program; choosing it by a load-time constant is the way to have
+/// both.
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: helper without arguments or side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// CLOCK_MONOTONIC nanoseconds, exact: for trace events, which are ordered
-/// and compared by `monitor`.
-#[inline(always)]
-pub fn precise_now_ns() -> u64 {
     // SAFETY: helper without arguments or side effects.
     unsafe { bpf_ktime_get_ns() }
 }

@@ -82,7 +82,7 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
         return;
     };
     entry.write(TraceEvent {
-        ts_ns: skb::precise_now_ns(),
+        ts_ns: skb::now_ns(),
         ifindex,
         hook: decision.hook,
         proto: decision.proto,

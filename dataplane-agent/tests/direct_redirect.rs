@@ -206,3 +206,61 @@ fn without_a_neighbour_entry_or_with_direct_redirect_off_the_stack_delivers() {
         assert_eq!(dp.counter(Counter::Redirected), 0);
     });
 }
+
+/// A pod of the other node behind a route whose MTU is locked below the
+/// uplink's, as over a tunnel.
+fn narrow_route_backend() -> SocketAddrV4 {
+    addr([10, 244, 4, 10], 8080)
+}
+
+/// A TCP segment from the client to the service, `ip_len` bytes of IPv4.
+fn segment_of(client: SocketAddrV4, ip_len: usize) -> Vec<u8> {
+    Tcp::new(client, service(), ACK)
+        .payload(&vec![0x5a; ip_len - 40])
+        .build()
+}
+
+#[test]
+fn a_packet_larger_than_the_path_mtu_is_left_to_the_stack() {
+    in_node_netns(|| {
+        let cli0 = ifindex("cli0");
+        ip(&[
+            "route",
+            "add",
+            "10.244.4.0/24",
+            "via",
+            "192.168.100.2",
+            "mtu",
+            "lock",
+            "1400",
+        ]);
+        let mut dp = node(true);
+        dp.set_service("web", service(), Protocol::Tcp, &[narrow_route_backend()]);
+        let syn = Tcp::new(client(), service(), SYN).build();
+        assert_eq!(dp.run_on("from_pod", &syn, cli0).verdict, TC_ACT_REDIRECT);
+
+        // Over the route's MTU, under the uplink's: the stack fragments it
+        // or tells the client.
+        let big = segment_of(client(), 1450);
+        let run = dp.run_on("from_pod", &big, cli0);
+        assert_eq!(run.verdict, TC_ACT_OK, "1450 bytes over a 1400-byte route");
+        assert_translated(&big, &run.output, client(), narrow_route_backend(), "1450");
+        let fits = segment_of(client(), 1400);
+        let run = dp.run_on("from_pod", &fits, cli0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "1400 bytes fit the route");
+
+        // Over the egress device's MTU by two bytes: within the slack the
+        // kernel's own check of the skb allows (VLAN headers), not a fit.
+        ip(&["link", "set", "uplink0", "mtu", "1400"]);
+        dp.set_service("web", service(), Protocol::Tcp, &[remote_backend()]);
+        let other = addr([10, 244, 1, 10], 40_001);
+        let syn = Tcp::new(other, service(), SYN).build();
+        assert_eq!(dp.run_on("from_pod", &syn, cli0).verdict, TC_ACT_REDIRECT);
+        let over = segment_of(other, 1402);
+        let run = dp.run_on("from_pod", &over, cli0);
+        assert_eq!(run.verdict, TC_ACT_OK, "1402 bytes over a 1400-byte uplink");
+        assert_translated(&over, &run.output, other, remote_backend(), "1402");
+        let run = dp.run_on("from_pod", &segment_of(other, 1400), cli0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "1400 bytes fit the uplink");
+    });
+}

@@ -117,9 +117,14 @@ impl PacketCtx for TcContext {
         self.as_ptr()
     }
 
+    /// Folded in place, without `bpf_l3_csum_replace`: an IPv4 header
+    /// checksum is always a full one, never offloaded, and the helper only
+    /// does this same arithmetic on the field (behind a call and a
+    /// writability check the direct access has made already).
     #[inline(always)]
     fn l3_csum_replace(&self, off: usize, old: u32, new: u32) -> Result<(), ()> {
-        TcContext::l3_csum_replace(self, off, old as u64, new as u64, 4).map_err(|_| ())
+        let csum: u16 = PacketCtx::load(self, off).ok_or(())?;
+        PacketCtx::store(self, off, &csum_update(csum, old, new, 4))
     }
 
     #[inline(always)]

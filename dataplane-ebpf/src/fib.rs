@@ -42,6 +42,31 @@ pub fn fib4_lookup(
     fib_result(raw_ctx, &mut params)
 }
 
+/// [`fib4_lookup`] for a packet of `ip_len` bytes (its IPv4 total length)
+/// that must fit the route's MTU as it is: `None` also when it does not
+/// (`BPF_FIB_LKUP_RET_FRAG_NEEDED`), so the stack fragments it or tells
+/// the sender. The route's MTU (`ip route ... mtu`) counts, not only the
+/// egress device's, and without the four bytes of VLAN slack the kernel
+/// allows when it checks the skb itself (`ip_len` 0).
+#[inline(always)]
+pub fn fib4_lookup_fitting(
+    raw_ctx: *mut core::ffi::c_void,
+    ingress_ifindex: u32,
+    flow: &Ipv4Flow,
+    ip_len: u16,
+) -> Option<NextHop> {
+    let mut params = skb::fib_params();
+    params.family = AF_INET;
+    params.l4_protocol = flow.proto;
+    params.sport = flow.src_port;
+    params.dport = flow.dst_port;
+    params.__bindgen_anon_1.tot_len = ip_len;
+    params.ifindex = ingress_ifindex;
+    params.__bindgen_anon_3.ipv4_src = flow.src_addr;
+    params.__bindgen_anon_4.ipv4_dst = flow.dst_addr;
+    fib_result(raw_ctx, &mut params)
+}
+
 /// The IPv6 tuple of a packet to route: addresses as in the header, ports
 /// in network order.
 pub struct Route6<'a> {

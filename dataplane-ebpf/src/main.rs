@@ -673,6 +673,14 @@ pub fn bench_floor(ctx: TcContext) -> i32 {
     }
 }
 
+/// Reference for benchmarks, never attached: does nothing. What one
+/// BPF_PROG_TEST_RUN call costs around any program (timers, context
+/// setup), shown beside the figures so readers can see the fixed part.
+#[classifier]
+pub fn bench_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 /// [`bench_floor`] for IPv6: the IPv6 parse (extension headers walked) and
 /// one `LB6_SERVICE_IPS` lookup.
 #[inline(never)]

@@ -10,15 +10,16 @@
 //! backend go into the very interface the FIB names now (`REPLY_SOURCES`
 //! keeps it). Any other next hop with a known neighbour (a bridge, another
 //! node over a route or an overlay) gets the packet with the next hop's MAC
-//! addresses on its egress; a next hop without a neighbour entry, or no
-//! route, leaves the packet to the stack, which resolves or refuses it.
+//! addresses on its egress; a next hop without a neighbour entry, no route,
+//! or a packet larger than the route's MTU leaves the packet to the stack,
+//! which resolves, refuses or fragments it.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{Counter, ReplySource, IPPROTO_TCP};
 
 use crate::{
     ctx::PacketCtx,
-    fib::{fib4_lookup, NextHop},
+    fib::{fib4_lookup_fitting, NextHop},
     maps::{backend_interface, count, learn_backend_interface},
     parse::{parse_ipv4_flow, Ipv4Flow, TCP_ACK, TCP_SYN},
     skb,
@@ -56,7 +57,16 @@ pub fn redirect4_to_backend(ctx: &TcContext) -> i32 {
     };
     let flow = &flow;
     let ingress = PacketCtx::ifindex(ctx);
-    let Some(hop) = fib4_lookup(PacketCtx::raw(ctx), ingress, flow) else {
+    // A packet larger than the path's MTU goes to the stack, which
+    // fragments it or answers "fragmentation needed": a redirect would
+    // hand the next hop a packet it drops (or a pod one it never asked
+    // for). A GSO packet is checked by the kernel per segment (length 0).
+    let ip_len = if PacketCtx::is_gso(ctx) {
+        0
+    } else {
+        u16::try_from(flow.ip_tot_len).unwrap_or(u16::MAX)
+    };
+    let Some(hop) = fib4_lookup_fitting(PacketCtx::raw(ctx), ingress, flow, ip_len) else {
         return TC_ACT_OK;
     };
     let Some(macs) = hop.macs else {

@@ -5,6 +5,7 @@
 //! `model` (Services and EndpointSlices → frontends and backends) → `sync`
 //! (the diff against what the maps hold) → `node::lb_maps`.
 
+mod family_map;
 pub mod health;
 pub mod model;
 pub mod run_loop;

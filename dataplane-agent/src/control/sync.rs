@@ -20,8 +20,11 @@ use dataplane_common::{
 use log::{debug, info};
 
 use crate::{
-    control::model::{
-        BackendAddr, Frontend, FrontendSpec, IpFamily, Ipv4Prefix, Protocol, Scope, ServiceName,
+    control::{
+        family_map::{Family, FamilyMap},
+        model::{
+            BackendAddr, Frontend, FrontendSpec, IpFamily, Ipv4Prefix, Protocol, Scope, ServiceName,
+        },
     },
     node::{
         lb_maps::{LbMapError, LbMaps, LbSnapshot, LbWrites},
@@ -217,6 +220,21 @@ impl BackendKey {
 enum IpKey {
     V4(u32),
     V6(Ipv6Bytes),
+}
+
+impl Family for IpKey {
+    fn family(&self) -> IpFamily {
+        match self {
+            IpKey::V4(_) => IpFamily::Ipv4,
+            IpKey::V6(_) => IpFamily::Ipv6,
+        }
+    }
+}
+
+impl Family for BackendKey {
+    fn family(&self) -> IpFamily {
+        BackendKey::family(self)
+    }
 }
 
 impl FrontendKey {
@@ -468,14 +486,14 @@ pub struct SyncEngine<M: LbMaps> {
     pending: LbWrites,
     frontends: HashMap<FrontendKey, Programmed>,
     owned: HashMap<ServiceName, BTreeSet<FrontendKey>>,
-    backends: HashMap<BackendKey, BackendRef>,
+    backends: FamilyMap<BackendKey, BackendRef>,
     backend_by_id: HashMap<BackendId, BackendKey>,
     /// Backend ids per `REPLY_SOURCES` key (an endpoint may have two ids
     /// for a moment, e.g. while its flags change). IPv4 only: the IPv6
     /// path has no reply pre-filter.
     reply_sources: HashMap<ReplySource, u32>,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
-    service_ips: HashMap<IpKey, u32>,
+    service_ips: FamilyMap<IpKey, u32>,
     /// This node's addresses, flagged in `SERVICE_IPS` (`LB6_SERVICE_IPS`)
     /// so NodePorts match on them.
     node_addrs: BTreeSet<IpKey>,
@@ -660,10 +678,10 @@ impl<M: LbMaps> SyncEngine<M> {
             pending: LbWrites::default(),
             frontends: HashMap::new(),
             owned: HashMap::new(),
-            backends: HashMap::new(),
+            backends: FamilyMap::new(),
             backend_by_id: HashMap::new(),
             reply_sources: HashMap::new(),
-            service_ips: HashMap::new(),
+            service_ips: FamilyMap::new(),
             node_addrs: BTreeSet::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
             backend_ids: IdAllocator::from_used([], capacity::BACKENDS),
@@ -776,8 +794,7 @@ impl<M: LbMaps> SyncEngine<M> {
             for id in &ids {
                 let backend = by_id[&(family, *id)];
                 self.backends
-                    .entry(backend)
-                    .or_insert(BackendRef { id: *id, refs: 0 })
+                    .get_or_insert_with(backend, || BackendRef { id: *id, refs: 0 })
                     .refs += 1;
                 self.backend_by_id.insert((family, *id), backend);
             }
@@ -1026,13 +1043,11 @@ impl<M: LbMaps> SyncEngine<M> {
             .map(|p| p.slots.len())
             .sum();
         let count_of = |family: IpFamily| {
-            let ips = |ip: &&IpKey| matches!(ip, IpKey::V6(_)) == (family == IpFamily::Ipv6);
-            let old = self.service_ips.keys().filter(ips).count();
-            let backends = |b: &&BackendKey| b.family() == family;
             (
-                old + new_ips.iter().filter(ips).count(),
-                self.backends.keys().filter(backends).count()
-                    + new_backends.iter().filter(backends).count(),
+                self.service_ips.count(family)
+                    + new_ips.iter().filter(|ip| ip.family() == family).count(),
+                self.backends.count(family)
+                    + new_backends.iter().filter(|b| b.family() == family).count(),
             )
         };
         let (ips4, backends4) = count_of(IpFamily::Ipv4);
@@ -1505,21 +1520,13 @@ impl<M: LbMaps> SyncEngine<M> {
 
     /// Entries of each load-balancing map, as this engine wrote them.
     pub fn occupancy(&self) -> Occupancy {
-        let ips6 = self
-            .service_ips
-            .keys()
-            .filter(|k| matches!(k, IpKey::V6(_)))
-            .count();
+        let ips6 = self.service_ips.count(IpFamily::Ipv6);
         let services6 = self
             .frontends
             .keys()
             .filter(|k| k.family() == IpFamily::Ipv6)
             .count();
-        let backends6 = self
-            .backends
-            .keys()
-            .filter(|b| b.family() == IpFamily::Ipv6)
-            .count();
+        let backends6 = self.backends.count(IpFamily::Ipv6);
         Occupancy {
             service_ips: self.service_ips.len() - ips6,
             services: self.frontends.len() - services6,

@@ -61,6 +61,9 @@ pub enum XdpAttachMode {
 const DIRECT_REDIRECT: &str = "DIRECT_REDIRECT";
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
+/// Benchmark reference program that does nothing: the fixed cost of a test
+/// run. Loaded, never attached.
+pub const BENCH_EMPTY: &str = "bench_empty";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -306,7 +309,14 @@ impl Datapath {
                 dir: bpffs.to_owned(),
                 source: Box::new(source),
             })?;
-        for name in [FROM_POD, TO_POD, FROM_OUTSIDE, TO_OUTSIDE, BENCH_FLOOR] {
+        for name in [
+            FROM_POD,
+            TO_POD,
+            FROM_OUTSIDE,
+            TO_OUTSIDE,
+            BENCH_FLOOR,
+            BENCH_EMPTY,
+        ] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Verify { name, source })?;

@@ -97,7 +97,7 @@ fn paired_ratio(pairs: &[Pair], fixed: u32) -> f64 {
         return 0.0;
     }
     ratios.sort_unstable_by(f64::total_cmp);
-    ratios[(ratios.len() - 1) / 2 + usize::from(ratios.len() % 2 == 0)]
+    ratios[(ratios.len() - 1) / 2 + usize::from(ratios.len().is_multiple_of(2))]
 }
 
 fn ratios(pairs: [&[Pair]; 5], fixed: u32) -> Ratios {

@@ -399,20 +399,21 @@ async fn next_notice(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option
 }
 
 /// Attaches the external datapath to the uplinks in `wanted` that lack it,
-/// and takes it off those no longer in it (gone, renamed, or no longer
-/// holding a default route). Every uplink is tried; the first failure is
-/// returned.
+/// and takes it off those no longer in it (gone, or no longer holding a
+/// default route, or no longer named by `--uplink-ifaces`). An uplink
+/// still wanted under a new name (`ip link set eth0 name wan0`: the same
+/// ifindex) keeps its programs: its traffic never passes unserved. Every
+/// uplink is tried; the first failure is returned.
 fn follow_uplinks(
     options: &Options,
     datapath: &mut Datapath,
     wanted: &[uplink::Uplink],
 ) -> anyhow::Result<()> {
     for (ifindex, name) in datapath.uplinks() {
-        if !wanted
-            .iter()
-            .any(|u| u.ifindex == ifindex && u.name == name)
-        {
-            datapath.detach_uplink(ifindex);
+        match wanted.iter().find(|u| u.ifindex == ifindex) {
+            Some(u) if u.name != name => datapath.rename_uplink(ifindex, &u.name),
+            Some(_) => {}
+            None => datapath.detach_uplink(ifindex),
         }
     }
     let attached = datapath.uplinks();

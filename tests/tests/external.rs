@@ -590,3 +590,163 @@ fn pods_reach_a_node_port_of_another_node_with_a_local_backend_across_a_vxlan_ov
         other => panic!("UDP: {other:?}\n{}", c.logs()),
     }
 }
+
+/// Writes `net.ipv4.nexthop_compat_mode` in node `node`'s namespace: with
+/// 0, routes through nexthop objects name only the object (no device), as
+/// on nodes where a routing daemon manages them.
+fn nexthop_compat_mode(c: &Cluster, node: u8, value: &str) {
+    netns::sysctl(&c.lab.node_ns(node), "net.ipv4.nexthop_compat_mode", value)
+        .expect("sysctl nexthop_compat_mode");
+}
+
+/// Node 1's uplink is replaced after the agent started by one whose
+/// default route goes through a nexthop object (`ip route add default
+/// nhid 10`, FRR's way), the kernel naming only the object: the agent
+/// resolves it to its device and serves NodePort through it.
+#[test]
+fn node_port_is_served_through_an_uplink_whose_default_route_uses_a_nexthop_object() {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    nexthop_compat_mode(&c, 1, "0");
+    replace_uplink(&c, 1, "uplink1");
+    let ns = c.lab.node_ns(1);
+    let gateway = ROUTER_NODE_IP.to_string();
+    for args in [
+        &["-n", &ns, "route", "del", "default"][..],
+        &[
+            "-n", &ns, "nexthop", "add", "id", "10", "via", &gateway, "dev", "uplink1",
+        ],
+        &["-n", &ns, "route", "add", "default", "nhid", "10"],
+    ] {
+        netns::ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+    functioning_node_port_on(&c, 1);
+    let log = c.agent_log(1);
+    for line in [
+        "detached the external datapath from uplink eth0",
+        "attached the external datapath to uplink uplink1",
+    ] {
+        assert!(log.contains(line), "{line:?} not logged:\n{log}");
+    }
+}
+
+/// Node 1 gains a second uplink `uplink2` on the router's bridge with an
+/// address of its own, and its default route becomes an ECMP route over
+/// both uplinks, set up by `ecmp`. Node 1 answers ARP only on the
+/// interface holding the address asked for, so traffic from outside to
+/// the second address arrives on `uplink2`.
+fn add_ecmp_uplink(c: &Cluster, ecmp: &[&[&str]]) -> Ipv4Addr {
+    let second = Ipv4Addr::new(192, 168, 100, 11);
+    let ns = c.lab.node_ns(1);
+    let router = c.lab.router_ns();
+    netns::sysctl(&ns, "net.ipv4.conf.all.arp_ignore", "1").expect("sysctl arp_ignore");
+    let addr = format!("{second}/24");
+    for args in [
+        &[
+            "-n", &ns, "link", "add", "uplink2", "type", "veth", "peer", "name", "node1b", "netns",
+            &router,
+        ][..],
+        &[
+            "-n", &router, "link", "set", "node1b", "master", "br0", "up",
+        ],
+        &["-n", &ns, "addr", "add", &addr, "dev", "uplink2"],
+        &["-n", &ns, "link", "set", "uplink2", "up"],
+    ] {
+        netns::ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+    for args in ecmp {
+        let args: Vec<&str> = ["-n", ns.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        netns::ip(&args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    }
+    second
+}
+
+/// NodePort from outside on `addr` (an address of node 1) reaches every
+/// backend.
+fn node_port_answers_on(c: &Cluster, addr: Ipv4Addr) {
+    c.eventually(&format!("NodePort on {addr} reaches all backends"), || {
+        let seen: BTreeSet<String> = seen_from_outside(c, at(addr, NODE_PORT_HTTP), 30)
+            .into_iter()
+            .map(|(backend, _)| backend)
+            .collect();
+        seen == BTreeSet::from(["web-a".into(), "web-b".into(), "web-c".into()])
+    });
+}
+
+fn assert_both_ecmp_uplinks_attached(c: &Cluster) {
+    let log = c.agent_log(1);
+    assert!(
+        log.contains("attached the external datapath to uplink uplink2"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("detached the external datapath from uplink eth0"),
+        "{log}"
+    );
+}
+
+/// A default route through a nexthop group (`ip nexthop add id 20 group
+/// 10/11`, ECMP) over node 1's two uplinks, the kernel naming only the
+/// group: both members get the external datapath, and NodePort is served
+/// on the addresses of both.
+#[test]
+fn node_port_is_served_through_both_uplinks_of_a_nexthop_group_default_route() {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    nexthop_compat_mode(&c, 1, "0");
+    let gateway = ROUTER_NODE_IP.to_string();
+    let second = add_ecmp_uplink(
+        &c,
+        &[
+            &["nexthop", "add", "id", "10", "via", &gateway, "dev", "eth0"],
+            &[
+                "nexthop", "add", "id", "11", "via", &gateway, "dev", "uplink2",
+            ],
+            &["nexthop", "add", "id", "20", "group", "10/11"],
+            &["route", "replace", "default", "nhid", "20"],
+        ],
+    );
+    node_port_answers_on(&c, second);
+    node_port_answers_on(&c, node_ip(1));
+    assert_both_ecmp_uplinks_attached(&c);
+}
+
+/// A multipath default route (`ip route add default nexthop via A dev
+/// eth0 nexthop via B dev uplink2`) over node 1's two uplinks: both get
+/// the external datapath, and NodePort is served on the addresses of both.
+#[test]
+fn node_port_is_served_through_both_uplinks_of_a_multipath_default_route() {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    let gateway = ROUTER_NODE_IP.to_string();
+    let second = add_ecmp_uplink(
+        &c,
+        &[&[
+            "route", "replace", "default", "nexthop", "via", &gateway, "dev", "eth0", "nexthop",
+            "via", &gateway, "dev", "uplink2",
+        ]],
+    );
+    node_port_answers_on(&c, second);
+    node_port_answers_on(&c, node_ip(1));
+    assert_both_ecmp_uplinks_attached(&c);
+}
+
+/// Node 1's uplink renamed while the agent runs (`ip link set eth0 name
+/// wan0`, up: the same interface, routes kept): the external datapath
+/// stays on it, never detached, and NodePort keeps being served.
+#[test]
+fn a_renamed_uplink_stays_attached() {
+    require_root();
+    let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
+    let ns = c.lab.node_ns(1);
+    netns::ip(&["-n", &ns, "link", "set", "eth0", "name", "wan0"]).expect("ip link set name");
+    c.eventually("the rename is noticed", || {
+        c.agent_log(1).contains("renamed wan0")
+    });
+    functioning_node_port_on(&c, 1);
+    let log = c.agent_log(1);
+    assert!(!log.contains("detached the external datapath"), "{log}");
+}

@@ -533,6 +533,18 @@ impl Datapath {
             .collect()
     }
 
+    /// Records an attached uplink's new name: the programs stay attached to
+    /// the interface (links and pins go by ifindex).
+    pub fn rename_uplink(&mut self, ifindex: u32, ifname: &str) {
+        if let Some(attachment) = self.uplinks.get_mut(&ifindex) {
+            info!(
+                "uplink {} (ifindex {ifindex}) renamed {ifname}: the external datapath stays attached",
+                attachment.ifname
+            );
+            ifname.clone_into(&mut attachment.ifname);
+        }
+    }
+
     /// Takes the external datapath (tc and XDP) off an uplink: one that
     /// went away (the kernel dropped its programs, only the pins remain) or
     /// that no longer is an uplink (unpinning detaches them).

@@ -4,21 +4,27 @@
 //! change), and the SNAT port range kept free of the node's own sockets.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
-use futures::StreamExt as _;
 use rtnetlink::{
     constants::{
         RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
     },
-    packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
+    packet_core::{
+        parse_i32, parse_u32, Emitable as _, NetlinkBuffer, NlasIterator, Parseable as _,
+        NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
+    },
     packet_route::{
         route::{RouteAttribute, RouteHeader, RouteMessage, RouteType},
-        AddressFamily, RouteNetlinkMessage,
+        AddressFamily,
     },
-    sys::{protocols::NETLINK_ROUTE, AsyncSocket as _, Socket, SocketAddr},
+    sys::{
+        protocols::NETLINK_ROUTE, AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr,
+        TokioSocket,
+    },
 };
 use tokio::sync::mpsc;
 
@@ -77,10 +83,26 @@ const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 /// rule, which names no table, and rules would be one more thing to
 /// follow. Only unicast routes count: the `unreachable`/`blackhole`/
 /// `prohibit` defaults that close policy tables and VRFs have no device.
+///
+/// A route through a nexthop object (`ip route add default nhid 10`, as
+/// FRR installs them) names only the object's id once
+/// `net.ipv4.nexthop_compat_mode` is 0: the objects are dumped too and the
+/// id resolved to the devices of the object, or of every member of a
+/// group (ECMP).
 pub fn default_route_interfaces() -> Result<Vec<String>, UplinkError> {
     let mut routes = dump_routes(AddressFamily::Inet)?;
     routes.extend(dump_routes(AddressFamily::Inet6)?);
-    Ok(default_route_ifindexes(&routes)
+    let uses_nexthop_objects = routes.iter().any(|r| {
+        r.attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::NhId(_)))
+    });
+    let nexthops = if uses_nexthop_objects {
+        dump_nexthops()?
+    } else {
+        HashMap::new()
+    };
+    Ok(default_route_ifindexes(&routes, &nexthops)
         .into_iter()
         // An interface gone since the dump is not an uplink any more.
         .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
@@ -88,51 +110,165 @@ pub fn default_route_interfaces() -> Result<Vec<String>, UplinkError> {
         .collect())
 }
 
+// Nexthop objects (linux/rtnetlink.h, linux/nexthop.h): netlink-packet-route
+// has no messages for them.
+const RTM_NEWNEXTHOP: u16 = 104;
+const RTM_DELNEXTHOP: u16 = 105;
+const RTM_GETNEXTHOP: u16 = 106;
+const RTNLGRP_NEXTHOP: u32 = 32;
+/// `struct nhmsg`: family, scope, protocol, reserved, flags (u32).
+const NHMSG_LEN: usize = 8;
+const NHA_ID: u16 = 1;
+const NHA_GROUP: u16 = 2;
+const NHA_OIF: u16 = 5;
+/// `struct nexthop_grp`: id (u32), weight, weight_high, reserved (u16).
+const NEXTHOP_GRP_LEN: usize = 8;
+
+/// A nexthop object as far as uplinks go: its device, or the members of a
+/// group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct NextHop {
+    id: u32,
+    /// `NHA_OIF`; none for a group or a blackhole.
+    oif: Option<u32>,
+    /// `NHA_GROUP`: the member ids.
+    group: Vec<u32>,
+}
+
+/// A `RTM_NEWNEXTHOP` payload (`nhmsg` and attributes), or `None` when it
+/// is malformed or has no id.
+fn parse_nexthop(payload: &[u8]) -> Option<NextHop> {
+    let mut nexthop = NextHop::default();
+    let mut id = None;
+    for nla in NlasIterator::new(payload.get(NHMSG_LEN..)?) {
+        let nla = nla.ok()?;
+        let value = nla.value();
+        match nla.kind() {
+            NHA_ID => id = Some(parse_u32(value).ok()?),
+            NHA_OIF => nexthop.oif = Some(parse_u32(value).ok()?),
+            NHA_GROUP => {
+                nexthop.group = value
+                    .chunks_exact(NEXTHOP_GRP_LEN)
+                    .filter_map(|member| parse_u32(&member[..4]).ok())
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    nexthop.id = id?;
+    Some(nexthop)
+}
+
+/// The devices nexthop `id` sends through: its own, or its members' for a
+/// group (groups hold plain nexthops only; one more level is not
+/// followed).
+fn nexthop_devices(id: u32, nexthops: &HashMap<u32, NextHop>) -> Vec<u32> {
+    let Some(nexthop) = nexthops.get(&id) else {
+        return Vec::new();
+    };
+    if nexthop.group.is_empty() {
+        return nexthop.oif.into_iter().collect();
+    }
+    nexthop
+        .group
+        .iter()
+        .filter_map(|member| nexthops.get(member)?.oif)
+        .collect()
+}
+
+/// Every nexthop object of the namespace (`RTM_GETNEXTHOP` dump), by id;
+/// none on a kernel without them (before 5.3).
+fn dump_nexthops() -> Result<HashMap<u32, NextHop>, UplinkError> {
+    let payloads = match dump(RTM_GETNEXTHOP, RTM_NEWNEXTHOP, &[0; NHMSG_LEN]) {
+        Ok(payloads) => payloads,
+        Err(UplinkError::RouteDump(e))
+            if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) =>
+        {
+            return Ok(HashMap::new());
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(payloads
+        .iter()
+        .filter_map(|p| parse_nexthop(p))
+        .map(|nh| (nh.id, nh))
+        .collect())
+}
+
 /// The routes of one family in every table (`RTM_GETROUTE` dump), as
 /// `ip route show table all` lists them.
 fn dump_routes(family: AddressFamily) -> Result<Vec<RouteMessage>, UplinkError> {
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(UplinkError::RouteDump)?;
-    socket.bind_auto().map_err(UplinkError::RouteDump)?;
     let mut query = RouteMessage::default();
     query.header.address_family = family;
-    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(query));
-    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0).map_err(UplinkError::RouteDump)?;
-    let mut routes = Vec::new();
+    let mut header = vec![0; query.buffer_len()];
+    query.emit(&mut header);
+    dump(RTM_GETROUTE, RTM_NEWROUTE, &header)?
+        .iter()
+        .map(|payload| {
+            RouteMessage::parse(payload.as_slice())
+                .map_err(|e| UplinkError::RouteDump(std::io::Error::other(e)))
+        })
+        .collect()
+}
+
+/// A dump request of `request` type with `header` (the family's fixed
+/// header): the payloads of the `reply` messages answering it.
+fn dump(request: u16, reply: u16, header: &[u8]) -> Result<Vec<Vec<u8>>, UplinkError> {
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(UplinkError::RouteDump)?;
+    socket.bind_auto().map_err(UplinkError::RouteDump)?;
+    let mut message = vec![0; NETLINK_HEADER_LEN + header.len()];
+    {
+        let mut buf = NetlinkBuffer::new(&mut message[..]);
+        buf.set_length((NETLINK_HEADER_LEN + header.len()) as u32);
+        buf.set_message_type(request);
+        buf.set_flags(NLM_F_REQUEST | NLM_F_DUMP);
+        buf.set_sequence_number(1);
+        buf.payload_mut().copy_from_slice(header);
+    }
+    socket.send(&message, 0).map_err(UplinkError::RouteDump)?;
+    let mut payloads = Vec::new();
     loop {
         let (datagram, _) = socket.recv_from_full().map_err(UplinkError::RouteDump)?;
-        let mut offset = 0;
-        while offset < datagram.len() {
-            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[offset..])
-                .map_err(|e| UplinkError::RouteDump(std::io::Error::other(e)))?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
-                    routes.push(route);
+        for (kind, payload) in messages(&datagram) {
+            match kind {
+                NLMSG_DONE => return Ok(payloads),
+                NLMSG_ERROR => {
+                    // `struct nlmsgerr`: a negative errno first.
+                    let code = payload.get(..4).and_then(|c| parse_i32(c).ok());
+                    if let Some(code) = code.filter(|c| *c != 0) {
+                        return Err(UplinkError::RouteDump(std::io::Error::from_raw_os_error(
+                            -code,
+                        )));
+                    }
                 }
-                NetlinkPayload::Done(_) => return Ok(routes),
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    return Err(UplinkError::RouteDump(e.to_io()));
-                }
+                kind if kind == reply => payloads.push(payload.to_vec()),
                 _ => {}
             }
-            if length == 0 {
-                break;
-            }
-            // Messages are 4-byte aligned within a datagram.
-            offset += (length + 3) & !3;
         }
     }
 }
 
+const NETLINK_HEADER_LEN: usize = 16;
+
+/// The netlink messages of a datagram: (type, payload). A malformed one
+/// ends the walk.
+fn messages(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = datagram;
+    std::iter::from_fn(move || {
+        let buf = NetlinkBuffer::new_checked(rest).ok()?;
+        let length = buf.length() as usize;
+        let item = (buf.message_type(), buf.payload());
+        // Messages are 4-byte aligned within a datagram.
+        rest = rest.get(((length + 3) & !3).min(rest.len())..)?;
+        Some(item)
+    })
+}
+
 /// The interfaces (indexes) of the default routes among `routes`, in the
 /// order [`default_route_interfaces`] gives: the selection, apart from
-/// reading the kernel's tables.
-fn default_route_ifindexes(routes: &[RouteMessage]) -> Vec<u32> {
+/// reading the kernel's tables. `nexthops` resolves the routes through
+/// nexthop objects.
+fn default_route_ifindexes(routes: &[RouteMessage], nexthops: &HashMap<u32, NextHop>) -> Vec<u32> {
     let mut defaults: Vec<(u32, u8, u32, Vec<u32>)> = routes
         .iter()
         .filter(|r| r.header.destination_prefix_length == 0 && r.header.kind == RouteType::Unicast)
@@ -157,6 +293,8 @@ fn default_route_ifindexes(routes: &[RouteMessage]) -> Vec<u32> {
                     RouteAttribute::MultiPath(hops) => {
                         devices.extend(hops.iter().map(|h| h.interface_index));
                     }
+                    // A nexthop object, or a group of them (ECMP).
+                    RouteAttribute::NhId(id) => devices.extend(nexthop_devices(*id, nexthops)),
                     RouteAttribute::Priority(p) => metric = *p,
                     _ => {}
                 }
@@ -250,16 +388,46 @@ pub fn addresses6() -> Result<Vec<(String, Ipv6Addr)>, UplinkError> {
     Ok(out)
 }
 
-/// A notice each time an interface, a route or an address (either
-/// family, any table) of this network namespace is added, changed or removed: the
-/// receiver reads the uplinks ([`default_route_interfaces`], [`present`])
-/// and addresses ([`addresses`], [`addresses6`]) again. Notices that arrive
-/// while one is pending are merged into it.
+// Message types of linux/rtnetlink.h that netlink-packet-route keeps private.
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+
+/// Whether a notification of this type may change the uplinks or the
+/// node's addresses.
+fn is_node_network_change(message_type: u16) -> bool {
+    matches!(
+        message_type,
+        RTM_NEWLINK
+            | RTM_DELLINK
+            | RTM_NEWADDR
+            | RTM_DELADDR
+            | RTM_NEWROUTE
+            | RTM_DELROUTE
+            | RTM_NEWNEXTHOP
+            | RTM_DELNEXTHOP
+    )
+}
+
+/// A notice each time an interface, a route (either family, any table), a
+/// nexthop object or an address of this network namespace is added,
+/// changed or removed: the receiver reads the uplinks
+/// ([`default_route_interfaces`], [`present`]) and addresses
+/// ([`addresses`], [`addresses6`]) again. Notices that arrive while one is
+/// pending are merged into it.
+///
+/// Nexthop notifications count because replacing an object or a group's
+/// members changes the devices of the routes using it without a route
+/// notification, and deleting one removes its routes silently. The
+/// messages are only told apart by type, never decoded: rtnetlink's
+/// connection cannot decode nexthop messages.
 pub fn watch_node_network() -> Result<mpsc::Receiver<()>, UplinkError> {
-    let (mut connection, _handle, mut messages) =
-        rtnetlink::new_connection().map_err(UplinkError::Netlink)?;
-    connection
-        .socket_mut()
+    let mut socket = TokioSocket::new(NETLINK_ROUTE).map_err(UplinkError::Netlink)?;
+    socket
         .socket_mut()
         .bind(&SocketAddr::new(
             0,
@@ -270,25 +438,31 @@ pub fn watch_node_network() -> Result<mpsc::Receiver<()>, UplinkError> {
                 | RTMGRP_LINK,
         ))
         .map_err(UplinkError::Netlink)?;
-    tokio::spawn(connection);
+    // Kernels without nexthop objects (before 5.3) have no such group.
+    if let Err(e) = socket.socket_ref().add_membership(RTNLGRP_NEXTHOP) {
+        log::info!("not following nexthop objects: {e}");
+    }
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        while let Some((message, _)) = messages.next().await {
-            if let NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::NewAddress(_)
-                | RouteNetlinkMessage::DelAddress(_)
-                | RouteNetlinkMessage::NewLink(_)
-                | RouteNetlinkMessage::DelLink(_)
-                | RouteNetlinkMessage::NewRoute(_)
-                | RouteNetlinkMessage::DelRoute(_),
-            ) = message.payload
-            {
+        loop {
+            let changed = match socket.recv_from_full().await {
+                Ok((datagram, _)) => {
+                    messages(&datagram).any(|(kind, _)| is_node_network_change(kind))
+                }
+                // The socket's buffer overflowed: notifications were lost,
+                // so everything is read again.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
+                Err(e) => {
+                    log::error!("netlink link, route and address notifications ended: {e}");
+                    return;
+                }
+            };
+            if changed {
                 if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
                     return;
                 }
             }
         }
-        log::error!("netlink link, route and address notifications ended");
     });
     Ok(rx)
 }
@@ -404,7 +578,7 @@ mod tests {
             ),
             default6(RT_TABLE_MAIN, 2, 1024),
         ];
-        assert_eq!(default_route_ifindexes(&routes), [2]);
+        assert_eq!(default_route_ifindexes(&routes, &HashMap::new()), [2]);
     }
 
     #[test]
@@ -414,7 +588,7 @@ mod tests {
             default6(RT_TABLE_MAIN, 2, 1024),
             default6(RT_TABLE_MAIN, 4, 1024),
         ];
-        assert_eq!(default_route_ifindexes(&routes), [2, 4]);
+        assert_eq!(default_route_ifindexes(&routes, &HashMap::new()), [2, 4]);
     }
 
     #[test]
@@ -427,7 +601,10 @@ mod tests {
             // The `default` table (253), consulted by the last rule.
             default4(253, 7, 0),
         ];
-        assert_eq!(default_route_ifindexes(&routes), [2, 5, 7, 6]);
+        assert_eq!(
+            default_route_ifindexes(&routes, &HashMap::new()),
+            [2, 5, 7, 6]
+        );
     }
 
     #[test]
@@ -436,7 +613,7 @@ mod tests {
             default4(RT_TABLE_MAIN, 3, 200),
             default4(RT_TABLE_MAIN, 2, 100),
         ];
-        assert_eq!(default_route_ifindexes(&routes), [2, 3]);
+        assert_eq!(default_route_ifindexes(&routes, &HashMap::new()), [2, 3]);
     }
 
     #[test]
@@ -466,7 +643,10 @@ mod tests {
             // Anything in the `local` table.
             default4(RT_TABLE_LOCAL, 8, 0),
         ];
-        assert_eq!(default_route_ifindexes(&routes), Vec::<u32>::new());
+        assert_eq!(
+            default_route_ifindexes(&routes, &HashMap::new()),
+            Vec::<u32>::new()
+        );
     }
 
     #[test]
@@ -481,14 +661,187 @@ mod tests {
                 })
                 .to_vec(),
         ));
-        assert_eq!(default_route_ifindexes(&[ecmp]), [3, 2]);
+        assert_eq!(default_route_ifindexes(&[ecmp], &HashMap::new()), [3, 2]);
     }
 
     #[test]
     fn table_ids_above_255_are_read_from_the_table_attribute() {
         // The header's u8 says 252 (RT_TABLE_COMPAT); RTA_TABLE has the id.
         let routes = [default4(1_000_000, 9, 0), default4(RT_TABLE_MAIN, 2, 0)];
-        assert_eq!(default_route_ifindexes(&routes), [2, 9]);
+        assert_eq!(default_route_ifindexes(&routes, &HashMap::new()), [2, 9]);
+    }
+
+    /// A netlink attribute: length, type, value, padded to 4 bytes.
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&u16::try_from(4 + value.len()).unwrap().to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    /// A `RTM_NEWNEXTHOP` payload: `nhmsg` (AF_INET) and `attributes`.
+    fn nhmsg(attributes: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = vec![2, 0, 4, 0, 0, 0, 0, 0];
+        for a in attributes {
+            out.extend_from_slice(a);
+        }
+        out
+    }
+
+    fn group(members: &[u32]) -> Vec<u8> {
+        members
+            .iter()
+            .flat_map(|id| {
+                let mut entry = id.to_ne_bytes().to_vec();
+                // Weight 1 (stored as weight - 1), reserved.
+                entry.extend_from_slice(&[0, 0, 0, 0]);
+                entry
+            })
+            .collect()
+    }
+
+    const NHA_GATEWAY: u16 = 6;
+    const NHA_GROUP_TYPE: u16 = 3;
+
+    #[test]
+    fn a_nexthop_object_reads_as_its_id_and_device() {
+        // `ip nexthop add id 10 via 192.168.100.254 dev eth0` (ifindex 2).
+        let payload = nhmsg(&[
+            nla(NHA_ID, &10u32.to_ne_bytes()),
+            nla(NHA_GATEWAY, &[192, 168, 100, 254]),
+            nla(NHA_OIF, &2u32.to_ne_bytes()),
+        ]);
+        assert_eq!(
+            parse_nexthop(&payload),
+            Some(NextHop {
+                id: 10,
+                oif: Some(2),
+                group: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn a_nexthop_group_reads_as_its_members() {
+        // `ip nexthop add id 20 group 10/11`.
+        let payload = nhmsg(&[
+            nla(NHA_ID, &20u32.to_ne_bytes()),
+            nla(NHA_GROUP, &group(&[10, 11])),
+            nla(NHA_GROUP_TYPE, &0u16.to_ne_bytes()),
+        ]);
+        assert_eq!(
+            parse_nexthop(&payload),
+            Some(NextHop {
+                id: 20,
+                oif: None,
+                group: vec![10, 11],
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_nexthop_messages_are_skipped() {
+        // Shorter than `nhmsg`; no id; an attribute longer than the message.
+        assert_eq!(parse_nexthop(&[2, 0, 4]), None);
+        assert_eq!(
+            parse_nexthop(&nhmsg(&[nla(NHA_OIF, &2u32.to_ne_bytes())])),
+            None
+        );
+        let mut truncated = nhmsg(&[nla(NHA_ID, &10u32.to_ne_bytes())]);
+        truncated.extend_from_slice(&[40, 0, 5, 0, 2, 0]);
+        assert_eq!(parse_nexthop(&truncated), None);
+    }
+
+    fn nexthops(list: &[NextHop]) -> HashMap<u32, NextHop> {
+        list.iter().map(|nh| (nh.id, nh.clone())).collect()
+    }
+
+    fn device(id: u32, oif: u32) -> NextHop {
+        NextHop {
+            id,
+            oif: Some(oif),
+            group: vec![],
+        }
+    }
+
+    /// A default route naming only a nexthop object, as the kernel dumps
+    /// it with `nexthop_compat_mode` 0.
+    fn default_via_nexthop(family: AddressFamily, id: u32) -> RouteMessage {
+        let mut r = route(family, 0, RT_TABLE_MAIN, RouteType::Unicast, 0, 0);
+        r.attributes.push(RouteAttribute::NhId(id));
+        r
+    }
+
+    #[test]
+    fn a_default_route_through_a_nexthop_object_makes_its_device_an_uplink() {
+        let table = nexthops(&[device(10, 2), device(11, 3)]);
+        let routes = [
+            default_via_nexthop(AddressFamily::Inet, 10),
+            default_via_nexthop(AddressFamily::Inet6, 11),
+        ];
+        assert_eq!(default_route_ifindexes(&routes, &table), [2, 3]);
+    }
+
+    #[test]
+    fn every_member_of_a_nexthop_group_of_a_default_route_is_an_uplink() {
+        let table = nexthops(&[
+            device(10, 2),
+            device(11, 3),
+            NextHop {
+                id: 20,
+                oif: None,
+                group: vec![11, 10],
+            },
+        ]);
+        let routes = [default_via_nexthop(AddressFamily::Inet, 20)];
+        assert_eq!(default_route_ifindexes(&routes, &table), [3, 2]);
+    }
+
+    #[test]
+    fn a_nexthop_object_also_given_as_the_device_counts_once() {
+        // `nexthop_compat_mode` 1 (the default): RTA_NH_ID and RTA_OIF.
+        let mut r = default4(RT_TABLE_MAIN, 2, 0);
+        r.attributes.push(RouteAttribute::NhId(10));
+        assert_eq!(
+            default_route_ifindexes(&[r], &nexthops(&[device(10, 2)])),
+            [2]
+        );
+    }
+
+    #[test]
+    fn an_unknown_nexthop_object_makes_no_uplink() {
+        // Deleted between the two dumps: its routes go with it.
+        let routes = [default_via_nexthop(AddressFamily::Inet, 10)];
+        assert_eq!(
+            default_route_ifindexes(&routes, &nexthops(&[device(11, 3)])),
+            Vec::<u32>::new()
+        );
+    }
+
+    #[test]
+    fn a_datagram_is_split_into_its_messages() {
+        let message = |kind: u16, payload: &[u8]| {
+            let mut out = vec![0; NETLINK_HEADER_LEN];
+            let mut buf = NetlinkBuffer::new(&mut out[..]);
+            buf.set_length(u32::try_from(NETLINK_HEADER_LEN + payload.len()).unwrap());
+            buf.set_message_type(kind);
+            out.extend_from_slice(payload);
+            out.resize(out.len().next_multiple_of(4), 0);
+            out
+        };
+        let mut datagram = message(RTM_NEWNEXTHOP, &[1, 2, 3]);
+        datagram.extend(message(NLMSG_DONE, &[0; 4]));
+        // A trailing fragment shorter than a header is not a message.
+        datagram.extend_from_slice(&[1, 2]);
+        assert_eq!(
+            messages(&datagram).collect::<Vec<_>>(),
+            [
+                (RTM_NEWNEXTHOP, &[1u8, 2, 3][..]),
+                (NLMSG_DONE, &[0; 4][..])
+            ]
+        );
     }
 
     /// The dump itself, in a namespace of this test's own: its default
@@ -523,5 +876,66 @@ mod tests {
             default_route_interfaces().unwrap()
         });
         assert_eq!(names, ["up4", "up6", "up100"]);
+    }
+
+    /// The dump of routes through nexthop objects, with the kernel naming
+    /// only the object (`nexthop_compat_mode` 0): a nexthop's device, and
+    /// every member of a group.
+    #[test]
+    fn the_route_dump_resolves_nexthop_objects_and_groups() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (a network namespace of its own)"
+        );
+        let names = dataplane_testkit::netns::in_new_netns(|| {
+            let ip = |args: &[&str]| dataplane_testkit::netns::ip(args);
+            std::fs::write("/proc/sys/net/ipv4/nexthop_compat_mode", "0").unwrap();
+            for (dev, addr) in [
+                ("nh1", "192.0.2.1/24"),
+                ("nh2", "198.51.100.1/24"),
+                ("nh3", "203.0.113.1/24"),
+            ] {
+                let peer = format!("{dev}p");
+                ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+                ip(&["link", "set", &peer, "up"]);
+                ip(&["link", "set", dev, "up"]);
+                ip(&["addr", "add", addr, "dev", dev]);
+            }
+            ip(&[
+                "nexthop",
+                "add",
+                "id",
+                "10",
+                "via",
+                "192.0.2.254",
+                "dev",
+                "nh1",
+            ]);
+            ip(&[
+                "nexthop",
+                "add",
+                "id",
+                "11",
+                "via",
+                "198.51.100.254",
+                "dev",
+                "nh2",
+            ]);
+            ip(&[
+                "nexthop",
+                "add",
+                "id",
+                "12",
+                "via",
+                "203.0.113.254",
+                "dev",
+                "nh3",
+            ]);
+            ip(&["nexthop", "add", "id", "20", "group", "12/11"]);
+            ip(&["route", "add", "default", "nhid", "10"]);
+            ip(&["route", "add", "default", "nhid", "20", "table", "100"]);
+            default_route_interfaces().unwrap()
+        });
+        assert_eq!(names, ["nh1", "nh3", "nh2"]);
     }
 }

@@ -226,8 +226,8 @@ struct ExternalSetup {
 fn external_setup(options: &Options) -> anyhow::Result<ExternalSetup> {
     let names = uplink_names(options)?;
     let (uplinks, missing) = uplink::present(&names);
-    let (node_addrs, snat_addr) = node_addresses(options, &names)?;
-    let (node_addrs6, snat_addr6) = node_addresses6(options, &names)?;
+    let (node_addrs, snat_addr) = node_addresses(options, &names, &uplink::addresses()?);
+    let (node_addrs6, snat_addr6) = node_addresses(options, &names, &uplink::addresses6()?);
     Ok(ExternalSetup {
         uplinks,
         missing,
@@ -246,58 +246,24 @@ fn uplink_names(options: &Options) -> anyhow::Result<Vec<String>> {
     })
 }
 
-/// The node's IPv4 addresses NodePorts are served on and its IPv4 SNAT
-/// address, as the node has them now.
-fn node_addresses(
+/// The node's addresses of one family NodePorts are served on and its
+/// SNAT address of that family, from `addrs` ([`uplink::addresses`] or
+/// [`uplink::addresses6`]).
+fn node_addresses<A: Copy + Ord + Into<IpAddr>>(
     options: &Options,
     uplinks: &[String],
-) -> anyhow::Result<(Vec<Ipv4Addr>, Option<Ipv4Addr>)> {
-    let addrs: Vec<(String, IpAddr)> = uplink::addresses()?
-        .into_iter()
-        .map(|(name, ip)| (name, ip.into()))
-        .collect();
-    let node_addrs = served_node_addresses(&options.nodeport_addresses, &addrs, uplinks)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let snat_addr = primary_address(&addrs, uplinks).and_then(|ip| match ip {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(_) => None,
-    });
-    Ok((node_addrs, snat_addr))
-}
-
-/// [`node_addresses`] for IPv6: the global addresses (no loopback, no
-/// link-local).
-fn node_addresses6(
-    options: &Options,
-    uplinks: &[String],
-) -> anyhow::Result<(Vec<Ipv6Addr>, Option<Ipv6Addr>)> {
-    let addrs: Vec<(String, IpAddr)> = uplink::addresses6()?
-        .into_iter()
-        .map(|(name, ip)| (name, ip.into()))
-        .collect();
-    let node_addrs = served_node_addresses(&options.nodeport_addresses, &addrs, uplinks)
-        .into_iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(v6) => Some(v6),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
-    let snat_addr = primary_address(&addrs, uplinks).and_then(|ip| match ip {
-        IpAddr::V6(v6) => Some(v6),
-        IpAddr::V4(_) => None,
-    });
-    Ok((node_addrs, snat_addr))
+    addrs: &[(String, A)],
+) -> (Vec<A>, Option<A>) {
+    (
+        served_node_addresses(&options.nodeport_addresses, addrs, uplinks),
+        primary_address(addrs, uplinks),
+    )
 }
 
 /// The node's primary address of one family: the first address of the
 /// first uplink holding one (`addrs`, interface and address, are all of
 /// that family). SNAT uses it, and `--nodeport-addresses primary`.
-fn primary_address(addrs: &[(String, IpAddr)], uplinks: &[String]) -> Option<IpAddr> {
+fn primary_address<A: Copy>(addrs: &[(String, A)], uplinks: &[String]) -> Option<A> {
     uplinks
         .iter()
         .find_map(|u| addrs.iter().find(|(name, _)| name == u))
@@ -311,11 +277,11 @@ fn primary_address(addrs: &[(String, IpAddr)], uplinks: &[String]) -> Option<IpA
 /// (none given, or only of the other family) the default, the uplinks'
 /// addresses (kube-proxy's default is every address; NodePorts here are
 /// for traffic from outside); with `primary`, the primary address.
-fn served_node_addresses(
+fn served_node_addresses<A: Copy + Ord + Into<IpAddr>>(
     selection: &[NodePortAddress],
-    addrs: &[(String, IpAddr)],
+    addrs: &[(String, A)],
     uplinks: &[String],
-) -> Vec<IpAddr> {
+) -> Vec<A> {
     if selection.contains(&NodePortAddress::Primary) {
         return primary_address(addrs, uplinks).into_iter().collect();
     }
@@ -341,9 +307,9 @@ fn served_node_addresses(
         // None: no CIDR of this family given.
         of_family.then_some(false)
     };
-    let mut served: Vec<IpAddr> = addrs
+    let mut served: Vec<A> = addrs
         .iter()
-        .filter(|(name, ip)| in_selection(*ip).unwrap_or_else(|| uplinks.contains(name)))
+        .filter(|(name, ip)| in_selection((*ip).into()).unwrap_or_else(|| uplinks.contains(name)))
         .map(|(_, ip)| *ip)
         .collect();
     served.sort();
@@ -490,8 +456,8 @@ fn follow_node_network(
     }
     // Failures are logged there; the next notice tries again.
     let _ = follow_uplinks(options, datapath, &present);
-    let (node_addrs, snat_addr) = node_addresses(options, &uplinks)?;
-    let (node_addrs6, snat_addr6) = node_addresses6(options, &uplinks)?;
+    let (node_addrs, snat_addr) = node_addresses(options, &uplinks, &uplink::addresses()?);
+    let (node_addrs6, snat_addr6) = node_addresses(options, &uplinks, &uplink::addresses6()?);
     let snat = &mut state.snat;
     let snat_addr = snat_addr.filter(|_| snat.reserved);
     let snat_addr6 = snat_addr6.filter(|_| snat.reserved);
@@ -1037,6 +1003,28 @@ mod tests {
         assert_eq!(
             primary_address(&v6, &uplinks),
             Some("fd00:172::1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn addresses_of_the_family_type_are_selected_as_their_ip_addr_forms() {
+        // As `uplink::addresses` gives them: Ipv4Addr, not IpAddr.
+        let (v4, _, uplinks) = node();
+        let typed: Vec<(String, Ipv4Addr)> = v4
+            .iter()
+            .filter_map(|(dev, ip)| match ip {
+                IpAddr::V4(v4) => Some((dev.clone(), *v4)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let only = selection(&["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(
+            served_node_addresses(&only, &typed, &uplinks),
+            [Ipv4Addr::new(10, 0, 0, 1)]
+        );
+        assert_eq!(
+            served_node_addresses(&[], &typed, &uplinks),
+            [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(192, 168, 100, 1)]
         );
     }
 

@@ -1,7 +1,7 @@
 //! Building and tearing down the lab's namespaces.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -83,10 +83,31 @@ pub struct LabSpec {
     /// Pods and nodes get IPv6 addresses too (dual-stack): a /64 per
     /// node's pods, routed between the nodes as the IPv4 ones are.
     pub ipv6: bool,
-    /// Pods (and the nodes' pod-facing side) get IPv4 addresses. Off with
-    /// `ipv6`: an IPv6-only cluster. The nodes' network stays dual-stack:
-    /// the VXLAN underlay and the outside network are IPv4.
+    /// Pods and nodes get IPv4 addresses. Off with `ipv6`: an IPv6-only
+    /// cluster, whose nodes have no IPv4 address at all: their network
+    /// (the underlay: direct routes between the nodes, VXLAN) is IPv6 as
+    /// well, the router's side of it too. Only the outside network, beyond
+    /// the router, keeps its IPv4 addresses.
     pub ipv4: bool,
+}
+
+impl LabSpec {
+    /// Whether the nodes' network is IPv6 (the IPv6-only cluster) rather
+    /// than IPv4.
+    pub fn ipv6_underlay(&self) -> bool {
+        !self.ipv4
+    }
+
+    /// Node `node`'s address on the nodes' network: where the other node
+    /// sends its pods' traffic (the next hop of direct routes, the VXLAN
+    /// tunnel's end).
+    pub fn underlay_ip(&self, node: u8) -> IpAddr {
+        if self.ipv6_underlay() {
+            node_ip6(node).into()
+        } else {
+            node_ip(node).into()
+        }
+    }
 }
 
 /// The two-node lab with a client and three web pods, as in the talk.
@@ -292,15 +313,17 @@ impl Lab {
         self.add_ns(&router)?;
         forward_as_a_node(&router)?;
         ip(&["-n", &router, "link", "add", "br0", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            &router,
-            "addr",
-            "add",
-            &format!("{ROUTER_NODE_IP}/24"),
-            "dev",
-            "br0",
-        ])?;
+        if self.spec.ipv4 {
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{ROUTER_NODE_IP}/24"),
+                "dev",
+                "br0",
+            ])?;
+        }
         ip(&["-n", &router, "link", "set", "br0", "up"])?;
         if self.spec.ipv6 {
             forward_ipv6(&router)?;
@@ -319,15 +342,17 @@ impl Lab {
             // (Toggled: only a change of the feature enables NAPI.)
             exec(&router, &["ethtool", "-K", &port, "gro", "off"])?;
             exec(&router, &["ethtool", "-K", &port, "gro", "on"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", node_ip(n)),
-                "dev",
-                "eth0",
-            ])?;
+            if self.spec.ipv4 {
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", node_ip(n)),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
             if self.spec.ipv6 {
                 addr6(&ns, &format!("{}/64", node_ip6(n)), "eth0")?;
             }
@@ -345,15 +370,17 @@ impl Lab {
                     &ROUTER_NODE_IP6.to_string(),
                 ])?;
             }
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &ROUTER_NODE_IP.to_string(),
-            ])?;
+            if self.spec.ipv4 {
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &ROUTER_NODE_IP.to_string(),
+                ])?;
+            }
         }
         let outside = self.outside_ns();
         self.add_ns(&outside)?;
@@ -405,19 +432,21 @@ impl Lab {
             "via",
             &ROUTER_OUTSIDE_IP.to_string(),
         ])?;
-        ip(&[
-            "-n",
-            &router,
-            "route",
-            "add",
-            LB_CIDR,
-            "nexthop",
-            "via",
-            &node_ip(1).to_string(),
-            "nexthop",
-            "via",
-            &node_ip(2).to_string(),
-        ])?;
+        if self.spec.ipv4 {
+            ip(&[
+                "-n",
+                &router,
+                "route",
+                "add",
+                LB_CIDR,
+                "nexthop",
+                "via",
+                &node_ip(1).to_string(),
+                "nexthop",
+                "via",
+                &node_ip(2).to_string(),
+            ])?;
+        }
         for (n, peer) in [(1u8, 2u8), (2, 1)] {
             let ns = self.node_ns(n);
             let peer_cidr = format!("10.244.{peer}.0/24");
@@ -431,7 +460,7 @@ impl Lab {
                             "add",
                             &peer_cidr,
                             "via",
-                            &format!("192.168.100.{peer}"),
+                            &node_ip(peer).to_string(),
                         ])?;
                     }
                     if self.spec.ipv6 {
@@ -462,7 +491,7 @@ impl Lab {
                         "dstport",
                         "8472",
                         "local",
-                        &format!("192.168.100.{n}"),
+                        &self.spec.underlay_ip(n).to_string(),
                         "dev",
                         "eth0",
                         "nolearning",
@@ -510,13 +539,14 @@ impl Lab {
                             "dev",
                             "vxlan0",
                             "dst",
-                            &format!("192.168.100.{peer}"),
+                            &self.spec.underlay_ip(peer).to_string(),
                         ],
                     )?;
                     if self.spec.ipv6 {
-                        // IPv6 pods over the same (IPv4) tunnel: each node's
-                        // vxlan0 holds an address of its own pod /64, the
-                        // peer's is the next hop, resolved statically.
+                        // IPv6 pods over the same tunnel (IPv4 or IPv6
+                        // underlay alike): each node's vxlan0 holds an
+                        // address of its own pod /64, the peer's is the next
+                        // hop, resolved statically.
                         let gw6 = |n: u8| format!("fd00:10:244:{n}::fffe");
                         addr6(&ns, &format!("{}/128", gw6(n)), "vxlan0")?;
                         ip(&[
@@ -574,8 +604,14 @@ impl Lab {
             &ns,
         ])?;
         if self.spec.cross_node == CrossNode::Vxlan {
-            // Room for the VXLAN header on the node-to-node path.
-            ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1450"])?;
+            // Room for the VXLAN encapsulation on the node-to-node path:
+            // 50 bytes over IPv4, 70 over IPv6.
+            let mtu = if self.spec.ipv6_underlay() {
+                "1430"
+            } else {
+                "1450"
+            };
+            ip(&["-n", &ns, "link", "set", "eth0", "mtu", mtu])?;
         }
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         full_checksums(&ns)?;

@@ -1,7 +1,8 @@
-//! The IPv6-only cluster (`cargo xtask lab up --ip-family ipv6`): pods with
-//! IPv6 addresses only, routed between the nodes directly and over VXLAN
-//! (its underlay, the nodes' network, is IPv4), one agent per node proxying
-//! IPv6 only. Needs root and the release agent (`cargo xtask build`).
+//! The IPv6-only cluster (`cargo xtask lab up --ip-family ipv6`): pods and
+//! nodes with IPv6 addresses only, pods routed between the nodes directly
+//! and over VXLAN across an IPv6 underlay (the nodes' network), one agent
+//! per node finding IPv4 absent and proxying IPv6 only. Needs root and the
+//! release agent (`cargo xtask build`).
 
 use std::{
     collections::BTreeSet,
@@ -15,7 +16,7 @@ use dataplane_lab::{
     manifests, netns,
     netns::in_netns,
     require_root,
-    topology::{default_pods, unique_prefix},
+    topology::{default_pods, node_ip6, pod_cidr6, unique_prefix, ROUTER_NODE_IP6},
     traffic::{self, Outcome},
     CrossNode, Lab, LabSpec, Topology,
 };
@@ -68,10 +69,66 @@ fn ipv6_only_lab(topology: Topology, cross_node: CrossNode) -> Lab {
     .expect("building the IPv6-only lab")
 }
 
+/// `ip ARGS` in namespace `ns`, its output.
+fn ip_in(ns: &str, args: &[&str]) -> String {
+    let full: Vec<&str> = ["-n", ns].iter().chain(args).copied().collect();
+    netns::output("ip", &full).unwrap()
+}
+
+/// The nodes have no IPv4 address and no IPv4 default route; their
+/// default routes, the direct routes to the other node's pods and the
+/// VXLAN tunnel go over the nodes' IPv6 network.
+fn assert_ipv6_underlay(lab: &Lab) {
+    for (node, peer) in [(1u8, 2u8), (2, 1)] {
+        let ns = lab.node_ns(node);
+        let v4 = ip_in(&ns, &["-4", "-o", "addr", "show", "scope", "global"]);
+        assert!(v4.trim().is_empty(), "node{node} has IPv4 addresses: {v4}");
+        let default4 = ip_in(&ns, &["-4", "route", "show", "default"]);
+        assert!(
+            default4.trim().is_empty(),
+            "node{node} has an IPv4 default route: {default4}"
+        );
+        let default6 = ip_in(&ns, &["-6", "route", "show", "default"]);
+        assert!(
+            default6.contains(&format!("via {ROUTER_NODE_IP6} dev eth0")),
+            "node{node}'s IPv6 default route: {default6}"
+        );
+        match lab.spec.cross_node {
+            CrossNode::Direct => {
+                let route = ip_in(&ns, &["-6", "route", "show", &pod_cidr6(peer)]);
+                assert!(
+                    route.contains(&format!("via {} dev eth0", node_ip6(peer))),
+                    "node{node}'s route to node{peer}'s pods: {route}"
+                );
+            }
+            CrossNode::Vxlan => {
+                let link = ip_in(&ns, &["-d", "link", "show", "vxlan0"]);
+                assert!(
+                    link.contains(&format!("local {} dev eth0", node_ip6(node))),
+                    "node{node}'s vxlan0: {link}"
+                );
+                let fdb = netns::output(
+                    "ip",
+                    &[
+                        "netns", "exec", &ns, "bridge", "fdb", "show", "dev", "vxlan0",
+                    ],
+                )
+                .unwrap();
+                assert!(
+                    fdb.contains(&format!("dst {}", node_ip6(peer))),
+                    "node{node}'s vxlan0 forwarding entries: {fdb}"
+                );
+            }
+        }
+    }
+}
+
 /// A service backed by the pods on node 2 answers the client on node 1
-/// over IPv6, from the service's address, and the pods have no IPv4.
+/// over IPv6, from the service's address, across the IPv6 underlay; the
+/// pods and nodes have no IPv4 and the agents find IPv4 absent.
 fn service_answers_from_a_pod(topology: Topology, cross_node: CrossNode) {
     let lab = ipv6_only_lab(topology, cross_node);
+    assert_ipv6_underlay(&lab);
     for pod in &lab.spec.pods {
         let v4 = netns::output(
             "ip",
@@ -121,7 +178,8 @@ fn service_answers_from_a_pod(topology: Topology, cross_node: CrossNode) {
             Source::Manifests(&node_dir.join("manifests")),
             &node_dir.join("bpf"),
             &node_dir.join("agent.log"),
-            &["--ip-families", "ipv6"],
+            // No --ip-families: the agent finds the node's families.
+            &[],
         )
         .unwrap();
         agent.wait_healthy(Duration::from_secs(30)).unwrap();
@@ -148,11 +206,16 @@ fn service_answers_from_a_pod(topology: Topology, cross_node: CrossNode) {
         BTreeSet::from(["web-b".to_owned(), "web-c".to_owned()]),
         "both remote backends answer"
     );
-    let log = agents[0].log_text();
-    assert!(
-        log.contains("IPv4: not proxied"),
-        "the agent proxies IPv6 only: {log}"
-    );
+    for agent in &agents {
+        let log = agent.log_text();
+        assert_eq!(
+            log.matches("IPv4: not proxied (the node has no address of it)")
+                .count(),
+            1,
+            "the agent says once that it proxies IPv6 only: {log}"
+        );
+        assert!(!log.contains("IPv6: not proxied"), "{log}");
+    }
 }
 
 #[test]

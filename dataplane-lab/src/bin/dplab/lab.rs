@@ -132,7 +132,7 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
             &dir.join("manifests"),
             &bpffs,
             &dir.join("agent.log"),
-            &agent_args(options.ip_family),
+            &agent_args(),
         )?;
         pids.extend(agent.pid());
         agent.detach();
@@ -151,17 +151,13 @@ pub fn up(options: &UpOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The lab agents' flags beyond the node's own.
-pub fn agent_args(family: IpFamily) -> Vec<&'static str> {
+/// The lab agents' flags beyond the node's own. No `--ip-families`: each
+/// agent proxies the families its node has addresses of (an IPv6-only
+/// cluster's nodes have no IPv4 address).
+pub fn agent_args() -> Vec<&'static str> {
     // The nodes' uplinks are veths: generic XDP (native XDP_TX on a veth
     // needs NAPI on its peer, the router's bridge port).
-    let mut args = vec!["--xdp-mode", "generic"];
-    if family == IpFamily::Ipv6 {
-        // The nodes keep their IPv4 uplink addresses (the underlay): the
-        // family is said, not found from the node's addresses.
-        args.extend(["--ip-families", "ipv6"]);
-    }
-    args
+    vec!["--xdp-mode", "generic"]
 }
 
 /// NodePorts of the lab's web service (http, dns).

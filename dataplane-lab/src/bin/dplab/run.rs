@@ -68,7 +68,9 @@ pub fn run(options: UpOptions) -> anyhow::Result<()> {
             );
         }
     }
-    if !options.no_agent {
+    // The outside requests go to IPv4 NodePorts and load-balancer IPs,
+    // which an IPv6-only cluster's nodes do not have.
+    if !options.no_agent && options.ip_family != lab::IpFamily::Ipv6 {
         failed += outside_requests();
     }
     let dir = lab::lab_dir();

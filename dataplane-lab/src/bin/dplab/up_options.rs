@@ -16,10 +16,10 @@ pub struct UpOptions {
     pub no_agent: bool,
     /// Address families of pods and services: `dual` gives pods and nodes
     /// IPv6 addresses too and the web service a cluster IP of each family;
-    /// `ipv6` is an IPv6-only cluster: pods IPv6 only, routed between the
-    /// nodes directly or over VXLAN (whose underlay, the nodes' network,
-    /// stays IPv4), the web service an IPv6 ClusterIP and the agents
-    /// proxying IPv6 only.
+    /// `ipv6` is an IPv6-only cluster: pods and nodes IPv6 only, routed
+    /// between the nodes directly or over VXLAN across an IPv6 underlay
+    /// (the nodes' network), the web service an IPv6 ClusterIP and the
+    /// agents proxying IPv6 only (the nodes having no IPv4 address).
     #[arg(long, value_enum, default_value = "ipv4")]
     pub ip_family: IpFamily,
 }

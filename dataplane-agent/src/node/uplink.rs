@@ -879,8 +879,8 @@ mod tests {
     }
 
     /// The dump of routes through nexthop objects, with the kernel naming
-    /// only the object (`nexthop_compat_mode` 0): a nexthop's device, and
-    /// every member of a group.
+    /// only the object (`nexthop_compat_mode` 0, which covers IPv6 routes
+    /// too): a nexthop's device, and every member of a group.
     #[test]
     fn the_route_dump_resolves_nexthop_objects_and_groups() {
         assert!(
@@ -894,6 +894,7 @@ mod tests {
                 ("nh1", "192.0.2.1/24"),
                 ("nh2", "198.51.100.1/24"),
                 ("nh3", "203.0.113.1/24"),
+                ("nh6", "2001:db8::1/64"),
             ] {
                 let peer = format!("{dev}p");
                 ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
@@ -934,8 +935,13 @@ mod tests {
             ip(&["nexthop", "add", "id", "20", "group", "12/11"]);
             ip(&["route", "add", "default", "nhid", "10"]);
             ip(&["route", "add", "default", "nhid", "20", "table", "100"]);
+            // IPv6 through an IPv6 nexthop object.
+            ip(&["-6", "nexthop", "add", "id", "30", "dev", "nh6"]);
+            ip(&[
+                "-6", "route", "add", "default", "nhid", "30", "table", "200",
+            ]);
             default_route_interfaces().unwrap()
         });
-        assert_eq!(names, ["nh1", "nh3", "nh2"]);
+        assert_eq!(names, ["nh1", "nh3", "nh2", "nh6"]);
     }
 }

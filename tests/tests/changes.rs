@@ -3,25 +3,68 @@
 use dataplane_lab::{manifests, netns, traffic, CrossNode, Lab, PodSpec, Topology};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 
+fn names<const N: usize>(names: [&str; N]) -> std::collections::BTreeSet<String> {
+    names.into_iter().map(str::to_owned).collect()
+}
+
+/// Upstream: "should serve a basic endpoint from pods": the service reaches
+/// every endpoint as they come and go, and refuses once none is left.
 #[test]
-fn added_endpoint_starts_receiving_new_connections() {
+fn should_serve_a_basic_endpoint_from_pods() {
     require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
-        &[("web.yaml", web(&[&a]))],
+        &[("web.yaml", web(&[]))],
     );
-    assert_eq!(
-        c.tcp_backends("client", http(WEB_IP), 5),
-        ["web-a".to_string()].into(),
-        "{}",
-        c.logs()
-    );
+    assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Refused, "{}", c.logs());
+    c.write_manifest("web.yaml", &web(&[&a]));
+    c.eventually("web-a answers", || {
+        c.tcp_backends("client", http(WEB_IP), 5) == names(["web-a"])
+    });
     c.write_manifest("web.yaml", &web(&[&a, &b]));
     c.eventually("web-b answers too", || {
-        c.tcp_backends("client", http(WEB_IP), 10).contains("web-b")
+        c.tcp_backends("client", http(WEB_IP), 12) == names(["web-a", "web-b"])
     });
+    c.write_manifest("web.yaml", &web(&[&b]));
+    c.eventually("only web-b answers", || {
+        c.tcp_backends("client", http(WEB_IP), 8) == names(["web-b"])
+    });
+    c.write_manifest("web.yaml", &web(&[]));
+    c.eventually("refused once no endpoint is left", || {
+        c.tcp("client", http(WEB_IP)) == Seen::Refused
+    });
+}
+
+/// Networking Granular Checks: "should update endpoints: http" and "…:
+/// udp": an endpoint taken out of the service stops getting traffic of
+/// either protocol while the others keep theirs.
+#[test]
+fn should_update_endpoints_http_and_udp() {
+    require_root();
+    let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&a, &b, &cc]))],
+    );
+    let udp_backends = |n: usize| -> std::collections::BTreeSet<String> {
+        (0..n)
+            .filter_map(|_| c.udp("client", dns(WEB_IP)).backend().map(str::to_owned))
+            .collect()
+    };
+    let all = names(["web-a", "web-b", "web-c"]);
+    c.eventually("every endpoint answers TCP", || {
+        c.tcp_backends("client", http(WEB_IP), 30) == all
+    });
+    c.eventually("every endpoint answers UDP", || udp_backends(30) == all);
+    c.write_manifest("web.yaml", &web(&[&a, &cc]));
+    let left = names(["web-a", "web-c"]);
+    c.eventually("web-b no longer answers TCP", || {
+        c.tcp_backends("client", http(WEB_IP), 20) == left
+    });
+    c.eventually("web-b no longer answers UDP", || udp_backends(20) == left);
 }
 
 #[test]
@@ -67,7 +110,7 @@ fn removed_endpoint_gets_no_new_connections_and_its_tcp_flow_is_reset() {
 /// for a ClusterIP service": the flow's backend is removed, a new one comes,
 /// and the same socket reaches it (no black hole).
 #[test]
-fn udp_traffic_is_preserved_when_the_server_pod_cycles_for_a_clusterip_service() {
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip_service() {
     require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-c"));
     let c = Cluster::start(
@@ -388,7 +431,7 @@ fn open_connections_survive_an_upgrade_from_the_previous_release() {
 /// endpoint was not ready (refused, nothing tracked) reaches the endpoint
 /// once it is ready, on the same 5-tuple.
 #[test]
-fn udp_traffic_is_preserved_when_initial_unready_endpoints_get_ready() {
+fn should_be_able_to_preserve_udp_traffic_when_initial_unready_endpoints_get_ready() {
     require_root();
     let pod = lab_pod("web-a");
     let with_state = |state| {

@@ -1,8 +1,21 @@
 //! ClusterIP routing on the talk's topology: bridges, direct routes.
 
-use dataplane_lab::{manifests, CrossNode, Topology};
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use dataplane_lab::{
+    manifests::{self, Port},
+    traffic, CrossNode, Topology,
+};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
-use k8s_openapi::{api::core::v1::ServiceSpec, apimachinery::pkg::util::intstr::IntOrString};
+use k8s_openapi::{
+    api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 
 fn web_on_both_nodes() -> Cluster {
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
@@ -13,8 +26,10 @@ fn web_on_both_nodes() -> Cluster {
     )
 }
 
+/// Networking Granular Checks: "should function for pod-Service: http" and
+/// "…: udp": a pod client reaches every endpoint, on both nodes, over both.
 #[test]
-fn every_backend_on_both_nodes_is_reached_over_tcp_and_udp() {
+fn should_function_for_pod_service_http_and_udp() {
     require_root();
     let c = web_on_both_nodes();
     let want: std::collections::BTreeSet<String> =
@@ -93,8 +108,9 @@ fn one_connection_sticks_to_one_backend() {
     );
 }
 
+/// Upstream: "should be rejected when no endpoints exist".
 #[test]
-fn service_without_endpoints_refuses_at_once() {
+fn should_be_rejected_when_no_endpoints_exist() {
     require_root();
     let c = Cluster::start(
         Topology::Bridge,
@@ -114,7 +130,7 @@ fn service_without_endpoints_refuses_at_once() {
 /// port unreachable are built in their place, and with offload off the
 /// host veth computes the checksum where the client's packet had it.
 #[test]
-fn rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off() {
+fn should_be_rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off() {
     require_root();
     let c = Cluster::start(
         Topology::Bridge,
@@ -147,8 +163,10 @@ fn rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off() {
     }
 }
 
+/// Upstream: "should allow pods to hairpin back to themselves through
+/// services": the only endpoint reaches itself through its service.
 #[test]
-fn pod_reaching_itself_through_the_service_gets_its_answer() {
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
     require_root();
     let c = Cluster::start(
         Topology::Bridge,
@@ -172,12 +190,71 @@ fn pod_reaching_itself_through_the_service_gets_its_answer() {
     }
 }
 
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const THIRD_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+
+/// Upstream: "should be able to up and down services": a service deleted
+/// stops answering while the others keep theirs, and one created later
+/// answers.
 #[test]
-fn deleted_service_stops_answering() {
+fn should_be_able_to_up_and_down_services() {
     require_root();
-    let c = web_on_both_nodes();
-    assert!(
-        c.tcp("client", http(WEB_IP)).backend().is_some(),
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[
+            ("web.yaml", web(&[&a])),
+            (
+                "other.yaml",
+                manifests::web_manifest("other", OTHER_IP, &[&b]),
+            ),
+        ],
+    );
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(c.tcp("client", http(OTHER_IP)).backend(), Some("web-b"));
+    c.remove_manifest("web.yaml");
+    c.eventually("the deleted service no longer answers", || {
+        c.tcp("client", http(WEB_IP)).backend().is_none()
+            && c.udp("client", dns(WEB_IP)).backend().is_none()
+    });
+    assert_eq!(
+        c.tcp("client", http(OTHER_IP)).backend(),
+        Some("web-b"),
+        "the service left up\n{}",
+        c.logs()
+    );
+    c.write_manifest(
+        "third.yaml",
+        &manifests::web_manifest("third", THIRD_IP, &[&a]),
+    );
+    c.eventually("the service brought up later answers", || {
+        c.tcp("client", http(THIRD_IP)).backend() == Some("web-a")
+    });
+    assert_eq!(c.udp("client", dns(THIRD_IP)).backend(), Some("web-a"));
+    assert!(c.tcp("client", http(WEB_IP)).backend().is_none());
+}
+
+/// Upstream: "should work after the service has been recreated": deleted,
+/// then created again on the same IP with another endpoint, it reaches the
+/// new endpoint only (nothing left of the old service).
+#[test]
+fn should_work_after_the_service_has_been_recreated() {
+    require_root();
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&a]))],
+    );
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
         "{}",
         c.logs()
     );
@@ -185,6 +262,21 @@ fn deleted_service_stops_answering() {
     c.eventually("the deleted service no longer answers", || {
         c.tcp("client", http(WEB_IP)).backend().is_none()
     });
+    c.write_manifest("web.yaml", &web(&[&b]));
+    c.eventually("the recreated service answers", || {
+        c.tcp("client", http(WEB_IP)).backend().is_some()
+    });
+    let want: BTreeSet<String> = ["web-b".to_owned()].into();
+    assert_eq!(
+        c.tcp_backends("client", http(WEB_IP), 10),
+        want,
+        "{}",
+        c.logs()
+    );
+    let udp: BTreeSet<String> = (0..10)
+        .filter_map(|_| c.udp("client", dns(WEB_IP)).backend().map(str::to_owned))
+        .collect();
+    assert_eq!(udp, want, "{}", c.logs());
 }
 
 /// Both agents serving `web`, backed by `backends`, with its spec adjusted
@@ -203,8 +295,10 @@ fn web_cluster_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&str])
     )
 }
 
+/// Upstream: "should have session affinity work for service with type
+/// clusterIP".
 #[test]
-fn client_ip_affinity_keeps_each_client_on_one_backend() {
+fn should_have_session_affinity_work_for_service_with_type_clusterip() {
     require_root();
     let c = web_cluster_with(
         |spec| spec.session_affinity = Some("ClientIP".into()),
@@ -253,4 +347,353 @@ fn udp_to_a_backend_port_nobody_listens_on_is_refused_through_the_service() {
     for _ in 0..4 {
         assert_eq!(c.udp("client", dns(WEB_IP)), Seen::Refused, "{}", c.logs());
     }
+}
+
+fn names<const N: usize>(names: [&str; N]) -> BTreeSet<String> {
+    names.into_iter().map(str::to_owned).collect()
+}
+
+/// The backends `n` new UDP sockets of `from_pod` reached.
+fn udp_backends(c: &Cluster, from_pod: &str, to: SocketAddr, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .filter_map(|_| c.udp(from_pod, to).backend().map(str::to_owned))
+        .collect()
+}
+
+/// A TCP server on `port` in `pod` answering every line with `answer`
+/// (a container port other than the lab servers'); listening on return.
+fn listen(c: &Cluster, pod: &str, port: u16, answer: &'static str) {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns(pod), move || {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("binding");
+        bound_tx.send(()).unwrap();
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(&stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if (&stream)
+                        .write_all(format!("{answer}\n").as_bytes())
+                        .is_err()
+                    {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    })
+    .expect("server thread");
+    bound_rx.recv().expect("the server bound its port");
+}
+
+/// Upstream: "should serve multiport endpoints from pods": two service
+/// ports with named target ports, which each endpoint resolves to its own
+/// number (its slice's ports). web-a serves `web` on 8080 and `alt` on
+/// 9090; web-b `web` on 9191 and `alt` on 8080.
+#[test]
+fn should_serve_multiport_endpoints_from_pods() {
+    require_root();
+    let web_port = Port {
+        name: "web",
+        protocol: "TCP",
+        port: 80,
+        target_port: 0,
+    };
+    let alt_port = Port {
+        name: "alt",
+        port: 81,
+        ..web_port
+    };
+    let mut service = manifests::service("default", "multi", WEB_IP, &[web_port, alt_port]);
+    for (p, name) in service
+        .spec
+        .as_mut()
+        .and_then(|s| s.ports.as_mut())
+        .expect("ports")
+        .iter_mut()
+        .zip(["web-port", "alt-port"])
+    {
+        p.target_port = Some(IntOrString::String(name.into()));
+    }
+    let slice = |name: &str, pod: &str, web_target: u16, alt_target: u16| {
+        manifests::endpoint_slice(
+            "default",
+            name,
+            "multi",
+            &[
+                Port {
+                    target_port: web_target,
+                    ..web_port
+                },
+                Port {
+                    target_port: alt_target,
+                    ..alt_port
+                },
+            ],
+            vec![manifests::pod_endpoint(&lab_pod(pod))],
+        )
+    };
+    let manifest = manifests::document(&service)
+        + &manifests::document(&slice("multi-a", "web-a", 8080, 9090))
+        + &manifests::document(&slice("multi-b", "web-b", 9191, 8080));
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("multi.yaml", manifest)],
+    );
+    listen(&c, "web-a", 9090, "web-a/alt");
+    listen(&c, "web-b", 9191, "web-b/web");
+    let at = |port| SocketAddr::from((WEB_IP, port));
+    c.eventually("port 80 reaches each endpoint's web port", || {
+        c.tcp_backends("client", at(80), 20) == names(["web-a", "web-b/web"])
+    });
+    c.eventually("port 81 reaches each endpoint's alt port", || {
+        c.tcp_backends("client", at(81), 20) == names(["web-a/alt", "web-b"])
+    });
+}
+
+/// Upstream: "should serve endpoints on same port and different protocols":
+/// TCP 80 and UDP 80 are two frontends of one service.
+#[test]
+fn should_serve_endpoints_on_same_port_and_different_protocols() {
+    require_root();
+    let tcp = Port {
+        name: "tcp",
+        protocol: "TCP",
+        port: 80,
+        target_port: traffic::TCP_PORT,
+    };
+    let udp = Port {
+        name: "udp",
+        protocol: "UDP",
+        port: 80,
+        target_port: traffic::UDP_PORT,
+    };
+    let service = manifests::service("default", "web", WEB_IP, &[tcp, udp]);
+    let backends = ["web-a", "web-b"];
+    let endpoints = backends
+        .iter()
+        .map(|p| manifests::pod_endpoint(&lab_pod(p)))
+        .collect();
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifests::manifest(&service, endpoints))],
+    );
+    let to = http(WEB_IP);
+    c.eventually("TCP 80 reaches both endpoints", || {
+        c.tcp_backends("client", to, 20) == names(backends)
+    });
+    c.eventually("UDP 80 reaches both endpoints", || {
+        udp_backends(&c, "client", to, 20) == names(backends)
+    });
+}
+
+/// Upstream: "should be updated after adding or deleting ports": a port
+/// added starts answering, a port removed stops.
+#[test]
+fn should_be_updated_after_adding_or_deleting_ports() {
+    require_root();
+    let a = lab_pod("web-a");
+    let with_ports = |ports: &[Port]| {
+        manifests::manifest(
+            &manifests::service("default", "web", WEB_IP, ports),
+            vec![manifests::pod_endpoint(&a)],
+        )
+    };
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", with_ports(&[manifests::HTTP]))],
+    );
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(
+        c.udp("client", dns(WEB_IP)).backend(),
+        None,
+        "no dns port yet"
+    );
+
+    c.write_manifest("web.yaml", &with_ports(&[manifests::HTTP, manifests::DNS]));
+    c.eventually("the added dns port answers", || {
+        c.udp("client", dns(WEB_IP)).backend() == Some("web-a")
+    });
+    assert_eq!(c.tcp("client", http(WEB_IP)).backend(), Some("web-a"));
+
+    c.write_manifest("web.yaml", &with_ports(&[manifests::DNS]));
+    c.eventually("the deleted http port no longer answers", || {
+        c.tcp("client", http(WEB_IP)).backend().is_none()
+    });
+    assert_eq!(
+        c.udp("client", dns(WEB_IP)).backend(),
+        Some("web-a"),
+        "the port kept\n{}",
+        c.logs()
+    );
+}
+
+/// Upstream: "should preserve source pod IP for traffic thru service
+/// cluster IP": each endpoint, on this node and the other, sees the client
+/// pod's own address (no SNAT between pods), over TCP and UDP.
+#[test]
+fn should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() {
+    require_root();
+    let c = web_on_both_nodes();
+    let client = IpAddr::V4(lab_pod("client").ip());
+    let want: BTreeSet<(String, IpAddr)> = ["web-a", "web-b", "web-c"]
+        .map(|b| (b.to_owned(), client))
+        .into();
+    c.eventually("every endpoint sees the client's IP over TCP", || {
+        let seen: BTreeSet<(String, IpAddr)> = (0..30)
+            .filter_map(|_| c.in_pod("client", || traffic::tcp_seen(http(WEB_IP))).ok())
+            .map(|s| (s.backend, s.client.ip()))
+            .collect();
+        assert!(
+            seen.iter().all(|(_, ip)| *ip == client),
+            "source rewritten: {seen:?}"
+        );
+        seen == want
+    });
+    c.eventually("every endpoint sees the client's IP over UDP", || {
+        let seen: BTreeSet<(String, IpAddr)> = (0..30)
+            .filter_map(|_| c.in_pod("client", || traffic::udp_seen(dns(WEB_IP))).ok())
+            .map(|s| (s.backend, s.client.ip()))
+            .collect();
+        assert!(
+            seen.iter().all(|(_, ip)| *ip == client),
+            "source rewritten: {seen:?}"
+        );
+        seen == want
+    });
+}
+
+/// Networking Granular Checks: "should function for endpoint-Service: http"
+/// and "…: udp": an endpoint pod reaches every endpoint of its own service,
+/// itself included, and the answers come from the service.
+#[test]
+fn should_function_for_endpoint_service_http_and_udp() {
+    require_root();
+    let c = web_on_both_nodes();
+    let all = names(["web-a", "web-b", "web-c"]);
+    c.eventually("web-a reaches every endpoint over TCP", || {
+        c.tcp_backends("web-a", http(WEB_IP), 30) == all
+    });
+    c.eventually("web-a reaches every endpoint over UDP", || {
+        udp_backends(&c, "web-a", dns(WEB_IP), 30) == all
+    });
+    for _ in 0..5 {
+        match c.tcp("web-a", http(WEB_IP)) {
+            Seen::Answered { from, .. } => assert_eq!(from, http(WEB_IP)),
+            other => panic!("TCP: {other:?}\n{}", c.logs()),
+        }
+        match c.udp("web-a", dns(WEB_IP)) {
+            Seen::Answered { from, .. } => assert_eq!(from, dns(WEB_IP)),
+            other => panic!("UDP: {other:?}\n{}", c.logs()),
+        }
+    }
+}
+
+/// Upstream: "should be rejected for evicted pods (no endpoints exist)":
+/// once the only endpoint's pod is evicted (listed not ready, then gone
+/// from the slice), clients are refused at once, not left to time out.
+#[test]
+fn should_be_rejected_for_evicted_pods() {
+    require_root();
+    let a = lab_pod("web-a");
+    let c = Cluster::start(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", web(&[&a]))],
+    );
+    assert_eq!(
+        c.tcp("client", http(WEB_IP)).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    let evicted = manifests::manifest(
+        &manifests::web_service("web", WEB_IP),
+        vec![manifests::endpoint(
+            a.ip(),
+            Some("node1"),
+            manifests::State::NotReady,
+        )],
+    );
+    for (stage, manifest) in [("listed not ready", evicted), ("removed", web(&[]))] {
+        c.write_manifest("web.yaml", &manifest);
+        c.eventually(&format!("{stage}: TCP refused"), || {
+            c.tcp("client", http(WEB_IP)) == Seen::Refused
+        });
+        for _ in 0..3 {
+            assert_eq!(c.tcp("client", http(WEB_IP)), Seen::Refused, "{stage}");
+            assert_eq!(c.udp("client", dns(WEB_IP)), Seen::Refused, "{stage}");
+        }
+    }
+}
+
+/// `web` with ClientIP affinity (`timeout` seconds, if given).
+fn with_affinity(spec: &mut ServiceSpec, timeout: Option<i32>) {
+    spec.session_affinity = Some("ClientIP".into());
+    spec.session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(t),
+        }),
+    });
+}
+
+/// Upstream: "should have session affinity timeout work for service with
+/// type clusterIP": the client sticks to one endpoint while it keeps
+/// coming back, and is balanced again once it stayed away longer than
+/// `timeoutSeconds`.
+#[test]
+fn should_have_session_affinity_timeout_work_for_service_with_type_clusterip() {
+    require_root();
+    let c = web_cluster_with(
+        |spec| with_affinity(spec, Some(2)),
+        &["web-a", "web-b", "web-c"],
+    );
+    let sticky = c.tcp_backends("client", http(WEB_IP), 12);
+    assert_eq!(
+        sticky.len(),
+        1,
+        "within the timeout: {sticky:?}\n{}",
+        c.logs()
+    );
+    // One connection after each pause longer than the timeout: without
+    // expiry all ten land on the same endpoint; with it, all ten do so with
+    // probability 3^-9.
+    let after_pauses: BTreeSet<String> = (0..10)
+        .filter_map(|_| {
+            std::thread::sleep(Duration::from_secs(3));
+            c.tcp("client", http(WEB_IP)).backend().map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        after_pauses.len() > 1,
+        "affinity outlived its timeout: {after_pauses:?}\n{}",
+        c.logs()
+    );
+}
+
+/// Networking Granular Checks: "should function for client IP based
+/// session affinity: http" and "…: udp": every new connection and every new
+/// UDP socket of one client reaches the same endpoint.
+#[test]
+fn should_function_for_client_ip_based_session_affinity_http_and_udp() {
+    require_root();
+    let c = web_cluster_with(
+        |spec| with_affinity(spec, None),
+        &["web-a", "web-b", "web-c"],
+    );
+    // Without affinity, 12 over 3 endpoints all land on one with
+    // probability 3^-11.
+    let tcp = c.tcp_backends("client", http(WEB_IP), 12);
+    assert_eq!(tcp.len(), 1, "TCP reached {tcp:?}\n{}", c.logs());
+    let udp = udp_backends(&c, "client", dns(WEB_IP), 12);
+    assert_eq!(udp.len(), 1, "UDP reached {udp:?}\n{}", c.logs());
 }

@@ -14,10 +14,12 @@ use dataplane_lab::{
     topology::{node_ip, OUTSIDE_CLIENT_IP, ROUTER_NODE_IP},
     CrossNode, Topology,
 };
+use dataplane_testkit::apiserver::ApiServer;
 use integration_tests::{
     lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen as Outcome,
     WEB_IP,
 };
+use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
 
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
@@ -387,8 +389,9 @@ fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_numb
     });
 }
 
+/// Upstream: "should have session affinity work for NodePort service".
 #[test]
-fn session_affinity_holds_through_a_node_port() {
+fn should_have_session_affinity_work_for_nodeport_service() {
     require_root();
     let exposure = node_port(false);
     let service = manifests::exposed(manifests::web_service("web", WEB_IP), &exposure);
@@ -452,34 +455,40 @@ fn node_port_is_served_on_an_address_added_after_start() {
     });
 }
 
-/// A host-network process of node 1 connecting to node 1's own address on
-/// the NodePort: the socket hooks translate it at connect() (its packets
-/// cross no program of the packet path: they stay on `lo`), and the
-/// process sees the NodePort as its peer.
+/// Networking Granular Checks: "should function for node-Service: http"
+/// and "…: udp" through a nodePort: host-network processes of node 1
+/// reach the NodePort on their own node's address and on the other node's,
+/// over TCP and UDP. The socket hooks translate them at connect() (to its
+/// own address the packets stay on `lo`, crossing no program of the packet
+/// path), and the process sees the NodePort as its peer.
 #[test]
-fn node_processes_reach_a_node_port_on_their_own_node_address() {
+fn should_function_for_node_service_http_and_udp_via_node_port() {
     require_root();
     let c = start(web_exposed(&["web-a", "web-b", "web-c"], &node_port(false)));
-    let to = at(node_ip(1), NODE_PORT_HTTP);
-    // 40 connections: with 20, one of three backends went unpicked by
-    // chance ((2/3)^20 ≈ 3e-4) in a CI run; (2/3)^40 ≈ 1e-7.
-    let seen = sockclient_outcomes(sockclient_command(
-        &c.lab.node_ns(1),
-        &c.lab.node_cgroup(1),
-        &["tcp", &to.to_string(), "40"],
-    ));
-    let backends: BTreeSet<&str> = seen.iter().filter_map(|s| s.backend()).collect();
-    assert_eq!(
-        backends,
-        BTreeSet::from(["web-a", "web-b", "web-c"]),
-        "{seen:?}\n{}",
-        c.logs()
-    );
-    assert!(
-        seen.iter()
-            .all(|s| matches!(s, Outcome::Answered { from, .. } if *from == to)),
-        "{seen:?}"
-    );
+    for (mode, port) in [("tcp", NODE_PORT_HTTP), ("udp", NODE_PORT_DNS)] {
+        for node in [1u8, 2] {
+            let to = at(node_ip(node), port);
+            // 40 requests: with 20, one of three backends went unpicked by
+            // chance ((2/3)^20 ≈ 3e-4) in a CI run; (2/3)^40 ≈ 1e-7.
+            let seen = sockclient_outcomes(sockclient_command(
+                &c.lab.node_ns(1),
+                &c.lab.node_cgroup(1),
+                &[mode, &to.to_string(), "40"],
+            ));
+            let backends: BTreeSet<&str> = seen.iter().filter_map(|s| s.backend()).collect();
+            assert_eq!(
+                backends,
+                BTreeSet::from(["web-a", "web-b", "web-c"]),
+                "{mode} to {to}: {seen:?}\n{}",
+                c.logs()
+            );
+            assert!(
+                seen.iter()
+                    .all(|s| matches!(s, Outcome::Answered { from, .. } if *from == to)),
+                "{mode} to {to}: {seen:?}"
+            );
+        }
+    }
 }
 
 /// Replaces node `node`'s uplink `eth0` with a new interface `name` (a new
@@ -749,4 +758,235 @@ fn a_renamed_uplink_stays_attached() {
     functioning_node_port_on(&c, 1);
     let log = c.agent_log(1);
     assert!(!log.contains("detached the external datapath"), "{log}");
+// The upstream behaviours of ../shared/CONFORMANCE.md's NodePort table
+// that had no test of their name yet.
+
+/// `web` with ClientIP affinity (`timeout` seconds, if given), exposed as
+/// `exposure` says, on `pods`.
+fn web_with_affinity(pods: &[&str], exposure: &Exposure, timeout: Option<i32>) -> String {
+    let mut service = manifests::exposed(manifests::web_service("web", WEB_IP), exposure);
+    if let Some(spec) = service.spec.as_mut() {
+        spec.session_affinity = Some("ClientIP".into());
+        spec.session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(t),
+            }),
+        });
+    }
+    manifests::manifest(
+        &service,
+        pods.iter().map(|p| pod_endpoint(&lab_pod(p))).collect(),
+    )
+}
+
+/// Backends `n` connections from outside to `to` reached.
+fn backends_from_outside(c: &Cluster, to: SocketAddr, n: usize) -> BTreeSet<String> {
+    seen_from_outside(c, to, n)
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect()
+}
+
+/// Upstream: "should have session affinity timeout work for NodePort
+/// service": the outside client sticks to one endpoint through the
+/// NodePort while it keeps coming back, and is balanced again after
+/// staying away longer than `timeoutSeconds`.
+#[test]
+fn should_have_session_affinity_timeout_work_for_nodeport_service() {
+    require_root();
+    let pods = ["web-a", "web-b", "web-c"];
+    let c = start(web_with_affinity(&pods, &node_port(false), Some(2)));
+    let to = at(node_ip(1), NODE_PORT_HTTP);
+    c.eventually("the NodePort answers", || c.outside_tcp(to).is_ok());
+    let sticky = backends_from_outside(&c, to, 12);
+    assert_eq!(
+        sticky.len(),
+        1,
+        "within the timeout: {sticky:?}\n{}",
+        c.logs()
+    );
+    // Without expiry all ten land on one endpoint; with it, all ten do so
+    // with probability 3^-9.
+    let after_pauses: BTreeSet<String> = (0..10)
+        .filter_map(|_| {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            c.outside_tcp(to).ok().map(|s| s.backend)
+        })
+        .collect();
+    assert!(
+        after_pauses.len() > 1,
+        "affinity outlived its timeout: {after_pauses:?}\n{}",
+        c.logs()
+    );
+}
+
+/// Upstream: "should be able to switch session affinity for NodePort
+/// service": ClientIP affinity turned off and on again, live.
+#[test]
+fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
+    require_root();
+    let pods = ["web-a", "web-b", "web-c"];
+    let c = start(web_with_affinity(&pods, &node_port(false), None));
+    let to = at(node_ip(1), NODE_PORT_HTTP);
+    c.eventually("the NodePort answers", || c.outside_tcp(to).is_ok());
+    let sticky = backends_from_outside(&c, to, 12);
+    assert_eq!(sticky.len(), 1, "{sticky:?}\n{}", c.logs());
+    c.write_manifest("web.yaml", &web_exposed(&pods, &node_port(false)));
+    c.eventually("affinity off: connections spread again", || {
+        backends_from_outside(&c, to, 12).len() > 1
+    });
+    c.write_manifest(
+        "web.yaml",
+        &web_with_affinity(&pods, &node_port(false), None),
+    );
+    c.eventually("affinity on again: one endpoint", || {
+        backends_from_outside(&c, to, 12).len() == 1
+    });
+    let sticky = backends_from_outside(&c, to, 12);
+    assert_eq!(sticky.len(), 1, "{sticky:?}\n{}", c.logs());
+}
+
+/// Upstream: "should be possible to connect to a service via ExternalIP
+/// when the external IP is not assigned to a node": the router sends the
+/// externalIP to the nodes, none of which has it; it is served from
+/// outside and from pods, and answers come from it.
+#[test]
+fn should_be_possible_to_connect_to_a_service_via_externalip_when_the_external_ip_is_not_assigned_to_a_node(
+) {
+    require_root();
+    let exposure = Exposure {
+        external_ips: vec![EXTERNAL_IP],
+        ..Exposure::default()
+    };
+    let c = start(web_exposed(&["web-a", "web-b"], &exposure));
+    for node in [1u8, 2] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &c.lab.node_ns(node), "-4", "addr", "show"])
+            .output()
+            .expect("ip addr");
+        let addrs = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !addrs.contains(&EXTERNAL_IP.to_string()),
+            "node{node} has the external IP: {addrs}"
+        );
+    }
+    let to = at(EXTERNAL_IP, 80);
+    let all: BTreeSet<String> = ["web-a", "web-b"].map(String::from).into();
+    c.eventually(
+        "the external IP reaches both endpoints from outside",
+        || backends_from_outside(&c, to, 20) == all,
+    );
+    let answer = c.outside_tcp(to).expect("answered");
+    assert_eq!(answer.from, to, "the answer comes from the external IP");
+    let udp = c.outside_udp(at(EXTERNAL_IP, 53)).expect("UDP answered");
+    assert_eq!(udp.from, at(EXTERNAL_IP, 53));
+    c.eventually("a pod reaches the external IP", || {
+        c.tcp_backends("client", to, 20) == all
+    });
+}
+
+/// Upstream: "should fallback to local terminating endpoints when there are
+/// no ready endpoints with externalTrafficPolicy=Local": node1's only
+/// endpoint is terminating while node2 has a ready one; node1's NodePort
+/// still serves its own terminating endpoint, keeping the client's
+/// address, and never sends the client to node2's.
+#[test]
+fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_external_traffic_policy_local(
+) {
+    require_root();
+    let service = manifests::exposed(manifests::web_service("web", WEB_IP), &node_port(true));
+    let with = |a: manifests::State| {
+        manifests::manifest(
+            &service,
+            vec![
+                manifests::endpoint(lab_pod("web-a").ip(), Some("node1"), a),
+                pod_endpoint(&lab_pod("web-b")),
+            ],
+        )
+    };
+    let c = start(with(manifests::State::Ready));
+    let client = IpAddr::V4(OUTSIDE_CLIENT_IP);
+    let node1 = at(node_ip(1), NODE_PORT_HTTP);
+    c.eventually("node1 serves its ready endpoint", || {
+        seen_from_outside(&c, node1, 5) == [("web-a".to_string(), client)].into()
+    });
+    c.write_manifest("web.yaml", &with(manifests::State::Terminating));
+    // Only web-b would answer if node1 lost its terminating endpoint and
+    // fell back to the cluster's; nothing would if it dropped.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    c.eventually("node1 still serves its terminating endpoint", || {
+        seen_from_outside(&c, node1, 10) == [("web-a".to_string(), client)].into()
+    });
+    assert_eq!(
+        seen_from_outside(&c, at(node_ip(2), NODE_PORT_HTTP), 5),
+        [("web-b".to_string(), client)].into(),
+        "node2 serves its ready endpoint\n{}",
+        c.logs()
+    );
+}
+
+/// An ExternalName `default/web` (not proxied).
+fn external_name_web() -> k8s_openapi::api::core::v1::Service {
+    let mut s = manifests::web_service("web", WEB_IP);
+    let spec = s.spec.as_mut().expect("a spec");
+    spec.type_ = Some("ExternalName".into());
+    spec.external_name = Some("example.com".into());
+    spec.cluster_ip = None;
+    spec.cluster_ips = None;
+    s
+}
+
+fn web_slice_of(pods: &[&str]) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    manifests::slice(
+        "web-1",
+        "web",
+        pods.iter().map(|p| pod_endpoint(&lab_pod(p))).collect(),
+    )
+}
+
+/// Upstream: "should be able to change the type from ExternalName to
+/// NodePort": the ExternalName service is not served; changed to NodePort
+/// its nodePorts answer on both nodes, and its cluster IP from pods.
+#[test]
+fn should_be_able_to_change_the_type_from_externalname_to_nodeport() {
+    require_root();
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&external_name_web());
+        api.apply(&web_slice_of(&["web-a", "web-b"]));
+    });
+    assert!(c.outside_tcp(at(node_ip(1), NODE_PORT_HTTP)).is_err());
+    c.api().apply(&manifests::exposed(
+        manifests::web_service("web", WEB_IP),
+        &node_port(false),
+    ));
+    for node in [1u8, 2] {
+        c.eventually(&format!("node{node}'s NodePort answers"), || {
+            c.outside_tcp(at(node_ip(node), NODE_PORT_HTTP)).is_ok()
+                && c.outside_udp(at(node_ip(node), NODE_PORT_DNS)).is_ok()
+        });
+    }
+    assert!(
+        c.tcp("client", at(WEB_IP, 80)).backend().is_some(),
+        "{}",
+        c.logs()
+    );
+}
+
+/// Upstream: "should be able to change the type from ClusterIP to
+/// ExternalName": the cluster IP stops answering at once, and nothing of
+/// the service is left in the maps.
+#[test]
+fn should_be_able_to_change_the_type_from_clusterip_to_externalname() {
+    require_root();
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&manifests::web_service("web", WEB_IP));
+        api.apply(&web_slice_of(&["web-a", "web-b"]));
+    });
+    c.eventually("the ClusterIP answers", || {
+        c.tcp("client", at(WEB_IP, 80)).backend().is_some()
+    });
+    c.api().apply(&external_name_web());
+    c.eventually_programmed(&Default::default());
+    assert!(c.tcp("client", at(WEB_IP, 80)).backend().is_none());
+    assert!(c.udp("client", at(WEB_IP, 53)).backend().is_none());
 }

@@ -171,12 +171,17 @@ fn slices_of_one_service_are_merged_and_an_address_in_two_counts_once() {
     c.eventually("only web-c answers", || reached(&c, 8) == set(["web-c"]));
 }
 
+/// Upstream: "should fallback to terminating endpoints when there are no
+/// ready endpoints with internalTrafficPolicy=Cluster".
 #[test]
-fn terminating_endpoints_serve_only_while_none_is_ready() {
+fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster(
+) {
     require_root();
     let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
     let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
-        api.apply(&web());
+        let mut cluster_web = web();
+        cluster_web.spec.as_mut().unwrap().internal_traffic_policy = Some("Cluster".into());
+        api.apply(&cluster_web);
         api.apply(&web_slice(
             "web-1",
             vec![ep(&a, State::Ready), ep(&b, State::Terminating)],
@@ -201,8 +206,11 @@ fn terminating_endpoints_serve_only_while_none_is_ready() {
     c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
 }
 
+/// Upstream: "should implement service.kubernetes.io/service-proxy-name":
+/// a service labelled for another proxy is left alone until the label goes
+/// (headless and ExternalName services are left alone as well).
 #[test]
-fn headless_external_name_and_other_proxies_services_are_skipped() {
+fn should_implement_service_kubernetes_io_service_proxy_name() {
     require_root();
     let a = lab_pod("web-a");
     let proxied_elsewhere = || {
@@ -612,8 +620,10 @@ fn backoff_bound_counts_the_doublings_that_fit() {
     assert_eq!(most_attempts(ms(5_000), ms(5)), 10);
 }
 
+/// Upstream: "should be able to switch session affinity for service with
+/// type clusterIP": ClientIP affinity turned off, then on again, live.
 #[test]
-fn client_ip_affinity_follows_the_service_object() {
+fn should_be_able_to_switch_session_affinity_for_service_with_type_clusterip() {
     require_root();
     let backends = [lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c")];
     let with_affinity = |on: bool| {
@@ -637,10 +647,21 @@ fn client_ip_affinity_follows_the_service_object() {
     c.eventually("affinity off: connections spread again", || {
         reached(&c, 12).len() > 1
     });
+    c.api().apply(&with_affinity(true));
+    c.eventually("affinity on again: one endpoint", || {
+        reached(&c, 12).len() == 1
+    });
+    // Held: not a lucky draw of the check above.
+    let seen = reached(&c, 12);
+    assert_eq!(seen.len(), 1, "client reached {seen:?}\n{}", c.logs());
 }
 
+/// Upstream: "should work after restarting kube-proxy": an open connection
+/// and the services keep working across an agent restart, the new agents
+/// catch up with what changed while none ran, and changes made after the
+/// restart are applied.
 #[test]
-fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
+fn should_work_after_restarting_kube_proxy() {
     require_root();
     let (a, b, cc) = (lab_pod("web-a"), lab_pod("web-b"), lab_pod("web-c"));
     let mut c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
@@ -686,6 +707,24 @@ fn restarted_agents_keep_an_open_connection_and_catch_up_with_the_api() {
     assert!(
         c.tcp("client", http(OTHER_IP)).backend().is_none(),
         "the service deleted while no agent ran is gone\n{}",
+        c.logs()
+    );
+
+    // Changes after the restart still apply.
+    c.api().apply(&web_slice("web-1", ready(&[&cc])));
+    c.api().apply(&web_service("other", OTHER_IP));
+    c.api().apply(&slice("other-1", "other", ready(&[&a])));
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&cc]),
+        expect_web("other", OTHER_IP, &[&a]),
+    ]));
+    c.eventually("only web-c answers web", || {
+        reached(&c, 8) == set(["web-c"])
+    });
+    assert_eq!(
+        c.tcp("client", http(OTHER_IP)).backend(),
+        Some("web-a"),
+        "a service created after the restart\n{}",
         c.logs()
     );
 }
@@ -800,4 +839,162 @@ fn objects_the_agent_cannot_represent_are_reported_and_the_rest_keeps_working() 
         expect_web("web", WEB_IP, &[&a]),
         expect_web("other", Ipv4Addr::new(10, 96, 0, 12), &[&a]),
     ]));
+}
+
+/// Upstream: "should implement service.kubernetes.io/headless": a service
+/// with a cluster IP but labelled headless is not proxied; without the
+/// label it is, and labelled again it is not.
+#[test]
+fn should_implement_service_kubernetes_io_headless() {
+    require_root();
+    let a = lab_pod("web-a");
+    let labelled = |on: bool| {
+        let mut s = web_service("other", OTHER_IP);
+        s.metadata.labels =
+            on.then(|| [("service.kubernetes.io/headless".to_owned(), String::new())].into());
+        s
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+        api.apply(&labelled(true));
+        api.apply(&slice("other-1", "other", ready(&[&a])));
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+    assert!(
+        c.tcp("client", http(OTHER_IP)).backend().is_none(),
+        "a service labelled headless is not translated\n{}",
+        c.logs()
+    );
+    c.api().apply(&labelled(false));
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&a]),
+        expect_web("other", OTHER_IP, &[&a]),
+    ]));
+    c.eventually("the service answers without the label", || {
+        c.tcp("client", http(OTHER_IP)).backend() == Some("web-a")
+    });
+    c.api().apply(&labelled(true));
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+}
+
+/// Upstream: "should create endpoints for unready pods": for a service with
+/// `publishNotReadyAddresses` the EndpointSlice controller publishes its
+/// unready pods as ready (but not serving); they are served.
+#[test]
+fn should_create_endpoints_for_unready_pods() {
+    require_root();
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let published = |pod: &PodSpec| {
+        let mut e = ep(pod, State::Ready);
+        if let Some(conditions) = e.conditions.as_mut() {
+            conditions.serving = Some(false);
+        }
+        e
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        let mut s = web();
+        s.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true);
+        api.apply(&s);
+        api.apply(&web_slice("web-1", vec![published(&a), published(&b)]));
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a, &b]));
+    c.eventually("both unready pods answer", || {
+        reached(&c, 16) == set(["web-a", "web-b"])
+    });
+    assert!(
+        c.udp("client", dns(WEB_IP)).backend().is_some(),
+        "{}",
+        c.logs()
+    );
+}
+
+/// Upstream: "should fallback to terminating endpoints when there are no
+/// ready endpoints with internalTrafficPolicy=Local": node1's only endpoint
+/// is terminating while node2 has a ready one; node1's clients stay on
+/// their node's terminating endpoint, and once it stops serving they get
+/// nothing (never the other node's).
+#[test]
+fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_local(
+) {
+    require_root();
+    let (a, b) = (lab_pod("web-a"), lab_pod("web-b"));
+    let local_web = || {
+        let mut s = web();
+        s.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        s
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&local_web());
+        api.apply(&web_slice(
+            "web-1",
+            vec![ep(&a, State::Ready), ep(&b, State::Ready)],
+        ));
+    });
+    c.eventually("node1 serves its ready endpoint", || {
+        reached(&c, 8) == set(["web-a"])
+    });
+    c.api().apply(&web_slice(
+        "web-1",
+        vec![ep(&a, State::Terminating), ep(&b, State::Ready)],
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.programmed(1) != expect_web("web", WEB_IP, &[&a])
+        || c.programmed(2) != expect_web("web", WEB_IP, &[&b])
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node1 {:#?}\nnode2 {:#?}\n{}",
+            c.programmed(1),
+            c.programmed(2),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(reached(&c, 8), set(["web-a"]), "{}", c.logs());
+    assert_eq!(c.tcp_backends("web-b", http(WEB_IP), 4), set(["web-b"]));
+
+    // No longer serving: node1 has nothing left; dropped as kube-proxy does.
+    c.api().apply(&web_slice(
+        "web-1",
+        vec![ep(&a, State::NotReady), ep(&b, State::Ready)],
+    ));
+    c.eventually("node1 drops the service's traffic", || {
+        c.tcp("client", http(WEB_IP)) == Seen::Timeout
+    });
+}
+
+/// Upstream: "should be able to change the type from ExternalName to
+/// ClusterIP": an ExternalName service is not proxied; changed to ClusterIP
+/// (the API server allocates its IP) it is served.
+#[test]
+fn should_be_able_to_change_the_type_from_externalname_to_clusterip() {
+    require_root();
+    let a = lab_pod("web-a");
+    let external_name = || {
+        let mut s = web_service("other", OTHER_IP);
+        let spec = s.spec.as_mut().unwrap();
+        spec.type_ = Some("ExternalName".into());
+        spec.external_name = Some("example.com".into());
+        spec.cluster_ip = None;
+        spec.cluster_ips = None;
+        s
+    };
+    let c = Cluster::start_api(Topology::Bridge, CrossNode::Direct, |api: &ApiServer| {
+        api.apply(&web());
+        api.apply(&web_slice("web-1", ready(&[&a])));
+        api.apply(&external_name());
+        api.apply(&slice("other-1", "other", ready(&[&a])));
+    });
+    c.eventually_programmed(&expect_web("web", WEB_IP, &[&a]));
+    assert!(c.tcp("client", http(OTHER_IP)).backend().is_none());
+    c.api().apply(&web_service("other", OTHER_IP));
+    c.eventually_programmed(&merged([
+        expect_web("web", WEB_IP, &[&a]),
+        expect_web("other", OTHER_IP, &[&a]),
+    ]));
+    c.eventually("the ClusterIP answers", || {
+        c.tcp("client", http(OTHER_IP)).backend() == Some("web-a")
+    });
+    assert_eq!(c.udp("client", dns(OTHER_IP)).backend(), Some("web-a"));
 }

@@ -28,6 +28,9 @@ use k8s_openapi::{
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services carrying this label belong to another proxy (kube-proxy skips them).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services carrying this label (any value) are headless to service proxies,
+/// whatever their cluster IP: kube-proxy's informers select them out.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// When the change an EndpointSlice carries was made (a pod became ready,
 /// a service changed), set by the EndpointSlice controller: where network
 /// programming latency starts.
@@ -545,11 +548,9 @@ fn is_skipped(svc: &Service) -> bool {
     spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName")
         || cluster_ip.is_empty()
         || cluster_ip == "None"
-        || svc
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+        || svc.metadata.labels.as_ref().is_some_and(|l| {
+            l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)
+        })
 }
 
 /// Parses a Service into what the model keeps, checking everything the
@@ -1458,6 +1459,7 @@ mod tests {
             json!({"spec": {"clusterIP": "None"}}),
             json!({"spec": {"type": "ExternalName", "externalName": "example.org", "clusterIP": ""}}),
             json!({"metadata": {"labels": {SERVICE_PROXY_NAME_LABEL: "other"}}}),
+            json!({"metadata": {"labels": {HEADLESS_LABEL: ""}}}),
         ] {
             let s = state(service(extra.clone()), vec![]);
             assert_eq!(s.frontends(&web(), None), None, "{extra}");

@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     backend_flags, ct_dir, ct_flags, ct_state, nat_dir, service_flags, service_ip_flags,
-    trace_hook, Counter, Ct6Entry, Ct6Key, Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+    trace_hook, Counter, Ct6Key, Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -639,6 +639,26 @@ fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packe
     if inner.src_addr != outer.dst_addr {
         return untouched;
     }
+    packet.arrived(flow);
+    icmp6_local_translate(ctx, &outer, &inner, ports, flow)
+}
+
+/// Rewrites an ICMPv6 error about a flow to a local backend (see
+/// [`icmp6_error_from_outside`]), `inner` and `ports` its quote, found by
+/// its conntrack entry: the quote's source becomes the backend address
+/// and port, and the error goes to the backend through the stack, as the
+/// flow's packets from the client do; `flow` gets the outer addresses it
+/// leaves with. The quoted L4 checksum is left alone. A call of its own:
+/// its key is not in the frame above the SNATed flows' path.
+#[inline(never)]
+fn icmp6_local_translate(
+    ctx: &TcContext,
+    outer: &Ipv6Hdr,
+    inner: &Ipv6Hdr,
+    ports: [u16; 2],
+    flow: &mut Ipv6Flow,
+) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
     // The quoted packet went frontend -> client; the flow's ORIGINAL
     // entry is client -> frontend.
     let key = Ct6Key {
@@ -653,25 +673,10 @@ fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packe
     let Some(slot) = ct6_lookup(&key) else {
         return untouched;
     };
-    if slot.entry().flags & ct_flags::HAIRPIN != 0 {
+    let ct = slot.entry();
+    if ct.flags & ct_flags::HAIRPIN != 0 {
         return untouched;
     }
-    packet.arrived(flow);
-    icmp6_local_translate(ctx, &outer, slot.entry(), flow)
-}
-
-/// Rewrites an ICMPv6 error about the flow `ct` to a local backend (see
-/// [`icmp6_error_from_outside`]): the quote's source becomes the backend
-/// address and port, and the error goes to the backend through the stack,
-/// as the flow's packets from the client do; `flow` gets the outer
-/// addresses it leaves with. The quoted L4 checksum is left alone.
-#[inline(never)]
-fn icmp6_local_translate(
-    ctx: &TcContext,
-    outer: &Ipv6Hdr,
-    ct: &Ct6Entry,
-    flow: &mut Ipv6Flow,
-) -> Outcome {
     let rewrite = || -> Result<(), ()> {
         quote_addr(ctx, INNER_SRC_OFF, &outer.dst_addr, &ct.backend_addr)?;
         quote_port(ctx, INNER_L4_OFF, ct.service_port, ct.backend_port)?;
@@ -682,53 +687,6 @@ fn icmp6_local_translate(
     }
     flow.dst_addr = ct.backend_addr;
     Outcome::pass(Counter::IcmpErrorTranslated, Ids::of(ct))
-}
-
-/// Rewrites an ICMPv6 error about the SNATed flow `nat` (see
-/// [`icmp6_error_from_outside`]) and sends it to the client; `flow` gets
-/// the outer addresses it leaves with. The quoted L4 checksum is left
-/// alone, as on IPv4.
-#[inline(never)]
-fn icmp6_nat_translate(
-    ctx: &TcContext,
-    outer: &Ipv6Hdr,
-    nat: &Nat6Entry,
-    flow: &mut Ipv6Flow,
-) -> Outcome {
-    let rewrite = || -> Result<(), ()> {
-        // The quote: source SNAT address:port -> client, destination
-        // backend -> frontend (plain changes of bytes the checksum covers).
-        quote_addr(ctx, INNER_SRC_OFF, &nat.nat_addr, &nat.client_addr)?;
-        quote_addr(ctx, INNER_DST_OFF, &nat.backend_addr, &nat.frontend_addr)?;
-        quote_port(ctx, INNER_L4_OFF, nat.nat_port, nat.client_port)?;
-        quote_port(ctx, INNER_L4_OFF + 2, nat.backend_port, nat.frontend_port)?;
-        // The outer header: to the client, and from the frontend when the
-        // backend sent it (pseudo-header changes).
-        outer_addr(ctx, IP6_DST_OFF, &outer.dst_addr, &nat.client_addr)?;
-        if outer.src_addr == nat.backend_addr {
-            outer_addr(ctx, IP6_SRC_OFF, &outer.src_addr, &nat.frontend_addr)?;
-        }
-        Ok(())
-    };
-    if rewrite().is_err() {
-        return Outcome::done(Err(fail(Counter::RewriteFailed)));
-    }
-    if outer.src_addr == nat.backend_addr {
-        flow.src_addr = nat.frontend_addr;
-    }
-    flow.dst_addr = nat.client_addr;
-    let route = Route6 {
-        src_addr: &flow.src_addr,
-        dst_addr: &nat.client_addr,
-        src_port: 0,
-        dst_port: 0,
-        proto: IPPROTO_ICMPV6,
-    };
-    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
-        count(Counter::IcmpErrorTranslated);
-        return Outcome::drop(Counter::FibLookupFailed, nat_ids(nat));
-    };
-    send(ctx, &hop, Counter::IcmpErrorTranslated, nat_ids(nat))
 }
 
 #[inline(always)]
@@ -763,8 +721,13 @@ fn outer_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> 
 
 #[inline(always)]
 fn try_to_outside6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
-    if parse_ipv6_flow_into(ctx, flow).is_err() {
-        return Outcome::done(Ok(TC_ACT_OK));
+    match parse_ipv6_flow_into(ctx, flow) {
+        Ok(()) => {}
+        // An ICMPv6 error a local backend (or this node) sends an outside
+        // client about a flow to it is made about the frontend, as an
+        // error to a client pod is made about the service.
+        Err(Parse6Error::NotL4) => return pod6::icmp6_error_to_pod(ctx, flow, packet),
+        Err(_) => return Outcome::done(Ok(TC_ACT_OK)),
     }
     packet.arrived(flow);
     // Uplink egress: a local backend's reply to an outside client gets the

@@ -825,3 +825,45 @@ fn icmp_errors_from_outside_that_are_truncated_or_about_no_flow_pass_untouched()
     assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0);
     assert_eq!(dp.counter(Counter::RewriteFailed), 0);
 }
+
+/// An ICMP error a local backend sends an outside client (a UDP port
+/// unreachable, as a backend that stopped listening answers) leaves the
+/// uplink about what the client sent, from the NodePort's address, as the
+/// backend's replies do: the client's socket matches it and gets
+/// ECONNREFUSED instead of waiting. Every byte but the quoted UDP checksum
+/// (left as the backend got it) is what the node itself would have sent.
+#[test]
+fn icmp_errors_a_local_backend_sends_an_outside_client_are_about_the_node_port() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Udp);
+    let query = Udp::new(outside_client(), node_port())
+        .payload(b"query")
+        .build();
+    let delivered = dp.run("from_outside", &query).output;
+    assert_eq!(endpoints(&delivered), (outside_client(), local_backend()));
+    let unreachable = |from: SocketAddrV4, quote: &[u8]| {
+        use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+        let builder = PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x01], ROUTER_MAC)
+            .ipv4(from.ip().octets(), outside_client().ip().octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ));
+        let mut error = Vec::with_capacity(builder.size(quote.len()));
+        builder.write(&mut error, quote).expect("ICMP error");
+        error
+    };
+    let error = unreachable(local_backend(), &delivered[14..]);
+
+    let run = dp.run("to_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut quote = query[14..].to_vec();
+    quote[26..28].copy_from_slice(&delivered[14 + 26..14 + 28]);
+    let expected = unreachable(node_port(), &quote);
+    assert_eq!(
+        dataplane_testkit::packets::hex(&run.output),
+        dataplane_testkit::packets::hex(&expected),
+        "the error, from the NodePort about what the client sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}

@@ -1001,3 +1001,47 @@ fn ipv6_icmp_errors_from_outside_that_are_truncated_or_about_no_flow_pass_untouc
     assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0);
     assert_eq!(dp.counter(Counter::RewriteFailed), 0);
 }
+
+/// An ICMPv6 error a local backend sends an outside client (a UDP port
+/// unreachable) leaves the uplink about what the client sent, from the
+/// NodePort's address, as the backend's replies do; the ICMPv6 checksum
+/// (over the new pseudo header) is recomputed here, the quoted UDP
+/// checksum left as the backend got it.
+#[test]
+fn ipv6_icmp_errors_a_local_backend_sends_an_outside_client_are_about_the_node_port() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Udp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options::default(),
+    );
+    let query = Udp6::new(outside_client(), node_port()).build();
+    let delivered = dp.run("from_outside", &query).output;
+    assert_eq!(ipv6_fields(&delivered).dst, *local_backend().ip());
+    let unreachable = |from: Ipv6Addr, quote: &[u8]| {
+        let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(quote);
+        let icmp = with_checksum6(from, *outside_client().ip(), PROTO_ICMPV6, icmp);
+        ipv6_frame(from, *outside_client().ip(), &[], PROTO_ICMPV6, &icmp)
+    };
+    let error = unreachable(*local_backend().ip(), &delivered[ETH_HLEN..]);
+
+    let run = dp.run("to_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut quote = query[ETH_HLEN..].to_vec();
+    quote[46..48].copy_from_slice(&delivered[IP6_L4 + 6..IP6_L4 + 8]);
+    let expected = unreachable(node(), &quote);
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "the error, from the NodePort about what the client sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}

@@ -689,6 +689,53 @@ fn icmp6_local_translate(
     Outcome::pass(Counter::IcmpErrorTranslated, Ids::of(ct))
 }
 
+/// Rewrites an ICMPv6 error about the SNATed flow `nat` (see
+/// [`icmp6_error_from_outside`]) and sends it to the client; `flow` gets
+/// the outer addresses it leaves with. The quoted L4 checksum is left
+/// alone, as on IPv4.
+#[inline(never)]
+fn icmp6_nat_translate(
+    ctx: &TcContext,
+    outer: &Ipv6Hdr,
+    nat: &Nat6Entry,
+    flow: &mut Ipv6Flow,
+) -> Outcome {
+    let rewrite = || -> Result<(), ()> {
+        // The quote: source SNAT address:port -> client, destination
+        // backend -> frontend (plain changes of bytes the checksum covers).
+        quote_addr(ctx, INNER_SRC_OFF, &nat.nat_addr, &nat.client_addr)?;
+        quote_addr(ctx, INNER_DST_OFF, &nat.backend_addr, &nat.frontend_addr)?;
+        quote_port(ctx, INNER_L4_OFF, nat.nat_port, nat.client_port)?;
+        quote_port(ctx, INNER_L4_OFF + 2, nat.backend_port, nat.frontend_port)?;
+        // The outer header: to the client, and from the frontend when the
+        // backend sent it (pseudo-header changes).
+        outer_addr(ctx, IP6_DST_OFF, &outer.dst_addr, &nat.client_addr)?;
+        if outer.src_addr == nat.backend_addr {
+            outer_addr(ctx, IP6_SRC_OFF, &outer.src_addr, &nat.frontend_addr)?;
+        }
+        Ok(())
+    };
+    if rewrite().is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    if outer.src_addr == nat.backend_addr {
+        flow.src_addr = nat.frontend_addr;
+    }
+    flow.dst_addr = nat.client_addr;
+    let route = Route6 {
+        src_addr: &flow.src_addr,
+        dst_addr: &nat.client_addr,
+        src_port: 0,
+        dst_port: 0,
+        proto: IPPROTO_ICMPV6,
+    };
+    let Some(hop) = fib6_lookup(ctx.raw(), PacketCtx::ifindex(ctx), &route) else {
+        count(Counter::IcmpErrorTranslated);
+        return Outcome::drop(Counter::FibLookupFailed, nat_ids(nat));
+    };
+    send(ctx, &hop, Counter::IcmpErrorTranslated, nat_ids(nat))
+}
+
 #[inline(always)]
 fn quote_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> Result<(), ()> {
     if old == new {

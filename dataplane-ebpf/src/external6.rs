@@ -603,14 +603,30 @@ fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packe
     {
         return untouched;
     }
-    let Some(inner) = PacketCtx::load::<Ipv6Hdr>(ctx, INNER_OFF) else {
+    // The quote, reversed: the tuple of the flow's entry that matches it
+    // (about a SNATed flow, its REPLY entry backend -> SNAT address; about
+    // a flow to a local backend, its ORIGINAL entry client -> frontend).
+    // Loaded straight into the key: the quoted header whole would not
+    // leave the stack room for the calls below.
+    let (Some(quoted_src), Some(quoted_dst), Some(proto), Some(ports)) = (
+        PacketCtx::load::<Ipv6Bytes>(ctx, INNER_SRC_OFF),
+        PacketCtx::load::<Ipv6Bytes>(ctx, INNER_DST_OFF),
+        PacketCtx::load::<u8>(ctx, INNER_OFF + 6),
+        PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF),
+    ) else {
         return untouched;
     };
-    if inner.next_header != IPPROTO_TCP && inner.next_header != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return untouched;
     }
-    let Some(ports) = PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF) else {
-        return untouched;
+    let mut key = Nat6Key {
+        src_addr: quoted_dst,
+        dst_addr: quoted_src,
+        src_port: ports[1],
+        dst_port: ports[0],
+        proto,
+        direction: nat_dir::REPLY,
+        _pad: [0; 2],
     };
     // Traced with the outer addresses (`flow` holds no ports here).
     *flow = Ipv6Flow {
@@ -620,54 +636,43 @@ fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packe
         ..Ipv6Flow::default()
     };
     if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
-        // The quoted packet went SNAT address -> backend; its REPLY entry
-        // is backend -> SNAT address.
-        let key = Nat6Key {
-            src_addr: inner.dst_addr,
-            dst_addr: inner.src_addr,
-            src_port: ports[1],
-            dst_port: ports[0],
-            proto: inner.next_header,
-            direction: nat_dir::REPLY,
-            _pad: [0; 2],
-        };
         if let Some(slot) = nat6_slot(&key) {
             packet.arrived(flow);
             return icmp6_nat_translate(ctx, &outer, slot.entry(), flow);
         }
     }
-    if inner.src_addr != outer.dst_addr {
+    // An error about a reply sent from the frontend is addressed to it.
+    if key.dst_addr != outer.dst_addr {
         return untouched;
     }
+    key.direction = ct_dir::ORIGINAL;
     packet.arrived(flow);
-    icmp6_local_translate(ctx, &outer, &inner, ports, flow)
+    icmp6_local_translate(ctx, &outer, &key, flow)
 }
 
 /// Rewrites an ICMPv6 error about a flow to a local backend (see
-/// [`icmp6_error_from_outside`]), `inner` and `ports` its quote, found by
-/// its conntrack entry: the quote's source becomes the backend address
-/// and port, and the error goes to the backend through the stack, as the
-/// flow's packets from the client do; `flow` gets the outer addresses it
-/// leaves with. The quoted L4 checksum is left alone. A call of its own:
-/// its key is not in the frame above the SNATed flows' path.
+/// [`icmp6_error_from_outside`]), found by its conntrack entry (at
+/// `quoted`, the reversed quote with the ORIGINAL direction; a `Ct6Key`
+/// has the same fields): the quote's source becomes the backend
+/// address and port, and the error goes to the backend through the stack,
+/// as the flow's packets from the client do; `flow` gets the outer
+/// addresses it leaves with. The quoted L4 checksum is left alone. A call
+/// of its own: its frame is not above the SNATed flows' path.
 #[inline(never)]
 fn icmp6_local_translate(
     ctx: &TcContext,
     outer: &Ipv6Hdr,
-    inner: &Ipv6Hdr,
-    ports: [u16; 2],
+    quoted: &Nat6Key,
     flow: &mut Ipv6Flow,
 ) -> Outcome {
     let untouched = Outcome::done(Ok(TC_ACT_OK));
-    // The quoted packet went frontend -> client; the flow's ORIGINAL
-    // entry is client -> frontend.
     let key = Ct6Key {
-        src_addr: inner.dst_addr,
-        dst_addr: inner.src_addr,
-        src_port: ports[1],
-        dst_port: ports[0],
-        proto: inner.next_header,
-        direction: ct_dir::ORIGINAL,
+        src_addr: quoted.src_addr,
+        dst_addr: quoted.dst_addr,
+        src_port: quoted.src_port,
+        dst_port: quoted.dst_port,
+        proto: quoted.proto,
+        direction: quoted.direction,
         _pad: [0; 2],
     };
     let Some(slot) = ct6_lookup(&key) else {

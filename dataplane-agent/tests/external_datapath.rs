@@ -653,3 +653,217 @@ fn nat_last_seen_once_a_second() {
         "{refreshed:?}"
     );
 }
+
+const ROUTER: [u8; 4] = [192, 168, 100, 254];
+
+/// An ICMP error from the router to `to` about `quote` (an IPv4 packet, as
+/// much of it as the router quotes), checksummed by etherparse.
+fn icmp_error_from_router(to: [u8; 4], kind: etherparse::Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, [0x02, 0, 0, 0, 0, 0x01])
+        .ipv4(ROUTER, to, 64)
+        .icmpv4(kind);
+    let mut error = Vec::with_capacity(builder.size(quote.len()));
+    builder.write(&mut error, quote).expect("ICMP error");
+    error
+}
+
+fn fragmentation_needed(mtu: u16) -> etherparse::Icmpv4Type {
+    use etherparse::icmpv4::DestUnreachableHeader;
+    etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: mtu,
+    })
+}
+
+/// A NodePort flow from the outside client to the local backend: the SYN,
+/// then the backend's SYN-ACK as it leaves the pod (returned) and as it
+/// leaves the uplink (translated, returned).
+fn local_node_port_flow(dp: &mut Harness) -> (Vec<u8>, Vec<u8>) {
+    node_port_to(dp, local_backend(), true, Protocol::Tcp);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    assert_eq!(dp.run("from_outside", &syn).verdict, TC_ACT_OK);
+    let reply = Tcp::new(local_backend(), outside_client(), SYN | ACK).build();
+    let sent = dp.run("to_outside", &reply).output;
+    assert_eq!(endpoints(&sent), (node_port(), outside_client()));
+    (reply, sent)
+}
+
+/// Issue 12's path MTU discovery through a NodePort to a local backend: a
+/// router towards the client cannot forward the backend's reply, which
+/// left as the NodePort's, and tells the node address it came from. The
+/// backend gets the error about what it sent (from its own address and
+/// port), so its socket lowers its MSS. The router quotes the classic 28
+/// bytes: every byte of the output is what the router would have sent the
+/// backend itself, every checksum computed here by etherparse.
+#[test]
+fn fragmentation_needed_about_a_node_port_reply_of_a_local_backend_reaches_the_backend() {
+    let mut dp = node(0);
+    let (reply, sent) = local_node_port_flow(&mut dp);
+    let error = icmp_error_from_router(NODE, fragmentation_needed(1400), &sent[14..14 + 28]);
+
+    let run = dp.run("from_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK, "the stack delivers it to the pod");
+    let expected = icmp_error_from_router(
+        local_backend().ip().octets(),
+        fragmentation_needed(1400),
+        &reply[14..14 + 28],
+    );
+    assert_eq!(
+        dataplane_testkit::packets::hex(&run.output),
+        dataplane_testkit::packets::hex(&expected),
+        "the error, to the backend about what it sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+/// The same on a load-balancer IP over UDP, the router quoting the whole
+/// datagram (as Linux does): the quoted UDP checksum stays as it was sent
+/// (receivers match errors by addresses and ports), everything else is
+/// what the backend sent.
+#[test]
+fn icmp_errors_about_a_load_balancer_ip_flow_to_a_local_backend_reach_the_backend() {
+    let mut dp = node(0);
+    dp.set_frontend_with(
+        "dns",
+        external(lb_ip(), Protocol::Udp),
+        &[local_backend()],
+        |spec| spec.local_ips = vec![(*local_backend().ip()).into()],
+    );
+    let query = Udp::new(outside_client(), lb_ip())
+        .payload(b"query")
+        .build();
+    assert_eq!(dp.run("from_outside", &query).verdict, TC_ACT_OK);
+    let reply = Udp::new(local_backend(), outside_client())
+        .payload(&[7u8; 600])
+        .build();
+    let sent = dp.run("to_outside", &reply).output;
+    assert_eq!(endpoints(&sent), (lb_ip(), outside_client()));
+    let error = icmp_error_from_router(
+        lb_ip().ip().octets(),
+        fragmentation_needed(576),
+        &sent[14..],
+    );
+
+    let run = dp.run("from_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut quote = reply[14..].to_vec();
+    quote[26..28].copy_from_slice(&sent[14 + 26..14 + 28]);
+    let expected = icmp_error_from_router(
+        local_backend().ip().octets(),
+        fragmentation_needed(576),
+        &quote,
+    );
+    assert_eq!(
+        dataplane_testkit::packets::hex(&run.output),
+        dataplane_testkit::packets::hex(&expected),
+        "the error, to the backend about what it sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+/// Under XDP the error passes untouched and uncounted to tc behind it,
+/// which translates it.
+#[test]
+fn xdp_leaves_icmp_errors_about_a_local_backend_flow_to_tc_which_translates_them() {
+    let mut dp = node(0);
+    let (reply, sent) = local_node_port_flow(&mut dp);
+    let error = icmp_error_from_router(NODE, fragmentation_needed(1400), &sent[14..14 + 28]);
+
+    let run = dp.run_xdp(&error);
+
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(run.output, error, "left untouched for tc");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0);
+    let run = dp.run("from_outside", &error);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let expected = icmp_error_from_router(
+        local_backend().ip().octets(),
+        fragmentation_needed(1400),
+        &reply[14..14 + 28],
+    );
+    assert_eq!(
+        dataplane_testkit::packets::hex(&run.output),
+        dataplane_testkit::packets::hex(&expected),
+        "tc makes it about what the backend sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+/// Errors this node cannot match to a flow to a local backend are never
+/// rewritten: a quote cut before the ports, one about a flow that does
+/// not exist, and one addressed elsewhere than the quoted source.
+#[test]
+fn icmp_errors_from_outside_that_are_truncated_or_about_no_flow_pass_untouched() {
+    let mut dp = node(0);
+    let (_, sent) = local_node_port_flow(&mut dp);
+    let truncated = icmp_error_from_router(NODE, fragmentation_needed(1400), &sent[14..14 + 22]);
+    let mut other_client = sent[14..14 + 28].to_vec();
+    other_client[16..20].copy_from_slice(&[203, 0, 113, 6]);
+    let about_no_flow = icmp_error_from_router(NODE, fragmentation_needed(1400), &other_client);
+    let elsewhere = icmp_error_from_router(
+        lb_ip().ip().octets(),
+        fragmentation_needed(1400),
+        &sent[14..14 + 28],
+    );
+    dp.set_frontend_with(
+        "lb",
+        external(lb_ip(), Protocol::Tcp),
+        &[local_backend()],
+        |spec| spec.local_ips = vec![(*local_backend().ip()).into()],
+    );
+
+    for (error, what) in [
+        (truncated, "truncated"),
+        (about_no_flow, "about no flow"),
+        (elsewhere, "to another frontend"),
+    ] {
+        let run = dp.run("from_outside", &error);
+        assert_eq!(run.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(run.output, error, "{what}: untouched");
+    }
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0);
+    assert_eq!(dp.counter(Counter::RewriteFailed), 0);
+}
+
+/// An ICMP error a local backend sends an outside client (a UDP port
+/// unreachable, as a backend that stopped listening answers) leaves the
+/// uplink about what the client sent, from the NodePort's address, as the
+/// backend's replies do: the client's socket matches it and gets
+/// ECONNREFUSED instead of waiting. Every byte but the quoted UDP checksum
+/// (left as the backend got it) is what the node itself would have sent.
+#[test]
+fn icmp_errors_a_local_backend_sends_an_outside_client_are_about_the_node_port() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Udp);
+    let query = Udp::new(outside_client(), node_port())
+        .payload(b"query")
+        .build();
+    let delivered = dp.run("from_outside", &query).output;
+    assert_eq!(endpoints(&delivered), (outside_client(), local_backend()));
+    let unreachable = |from: SocketAddrV4, quote: &[u8]| {
+        use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+        let builder = PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x01], ROUTER_MAC)
+            .ipv4(from.ip().octets(), outside_client().ip().octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ));
+        let mut error = Vec::with_capacity(builder.size(quote.len()));
+        builder.write(&mut error, quote).expect("ICMP error");
+        error
+    };
+    let error = unreachable(local_backend(), &delivered[14..]);
+
+    let run = dp.run("to_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut quote = query[14..].to_vec();
+    quote[26..28].copy_from_slice(&delivered[14 + 26..14 + 28]);
+    let expected = unreachable(node_port(), &quote);
+    assert_eq!(
+        dataplane_testkit::packets::hex(&run.output),
+        dataplane_testkit::packets::hex(&expected),
+        "the error, from the NodePort about what the client sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}

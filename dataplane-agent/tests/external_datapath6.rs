@@ -819,3 +819,229 @@ fn xdp_leaves_the_trace_of_a_refused_ipv6_client_to_tc() {
     assert_eq!(e.before, tuple6(outside_client(), node_port()));
     assert_eq!(e.after, e.before, "refused untranslated");
 }
+
+/// A Packet Too Big from the router to `to` about `quote` (an IPv6
+/// packet), its checksum computed here.
+fn packet_too_big_from_router(to: Ipv6Addr, mtu: u32, quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![2, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let icmp = with_checksum6(router(), to, PROTO_ICMPV6, icmp);
+    ipv6_frame(router(), to, &[], PROTO_ICMPV6, &icmp)
+}
+
+/// A NodePort flow from the outside client to the local backend; the
+/// backend's SYN-ACK as it leaves the uplink (as the NodePort's).
+fn local_node_port_flow(dp: &Harness) -> Vec<u8> {
+    node_port_to(dp, local_backend(), true);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+    assert_eq!(dp.run("from_outside", &syn).verdict, TC_ACT_OK);
+    let reply = Tcp6::new(local_backend(), outside_client(), SYN | ACK)
+        .payload(&[7u8; 64])
+        .build();
+    let sent = dp.run("to_outside", &reply).output;
+    let f = ipv6_fields(&sent);
+    assert_eq!((f.src, f.dst), (node(), *outside_client().ip()));
+    sent
+}
+
+/// `sent` (a frame that left as the NodePort's) as the backend sent it:
+/// from its address and port, its TCP checksum left as it left.
+fn as_the_backend_sent_it(sent: &[u8]) -> Vec<u8> {
+    let mut quote = sent[ETH_HLEN..].to_vec();
+    quote[8..24].copy_from_slice(&local_backend().ip().octets());
+    quote[40..42].copy_from_slice(&local_backend().port().to_be_bytes());
+    quote
+}
+
+/// Issue 15's path MTU discovery through a NodePort to a local backend: a
+/// router towards the client cannot forward the backend's reply, which
+/// left as the NodePort's, and tells the node address it came from. The
+/// backend gets the Packet Too Big about what it sent, so its socket
+/// lowers its MSS; the ICMPv6 checksum (over the new pseudo header) is
+/// recomputed here.
+#[test]
+fn ipv6_packet_too_big_about_a_node_port_reply_of_a_local_backend_reaches_the_backend() {
+    let dp = node_harness();
+    let sent = local_node_port_flow(&dp);
+    trace6(&dp);
+    let ptb = packet_too_big_from_router(node(), 1280, &sent[ETH_HLEN..]);
+
+    let run = dp.run("from_outside", &ptb);
+
+    assert_eq!(run.verdict, TC_ACT_OK, "the stack delivers it to the pod");
+    let expected =
+        packet_too_big_from_router(*local_backend().ip(), 1280, &as_the_backend_sent_it(&sent));
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "the error, to the backend about what it sent (checksum recomputed here)"
+    );
+    assert!(l4_checksum6_ok(&run.output));
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(e.decision, Counter::IcmpErrorTranslated as u8);
+    assert_eq!(e.proto, PROTO_ICMPV6);
+    let from_router = SocketAddrV6::new(router(), 0, 0, 0);
+    assert_eq!(
+        e.before,
+        tuple6(from_router, SocketAddrV6::new(node(), 0, 0, 0))
+    );
+    assert_eq!(
+        e.after,
+        tuple6(
+            from_router,
+            SocketAddrV6::new(*local_backend().ip(), 0, 0, 0)
+        )
+    );
+}
+
+/// The same on a load-balancer IP, the error being a destination
+/// unreachable (what a router without a route to the client sends).
+#[test]
+fn ipv6_icmp_errors_about_a_load_balancer_ip_flow_to_a_local_backend_reach_the_backend() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        lb_ip(),
+        Protocol::Tcp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options::default(),
+    );
+    let syn = Tcp6::new(outside_client(), lb_ip(), SYN).build();
+    assert_eq!(dp.run("from_outside", &syn).verdict, TC_ACT_OK);
+    let reply = Tcp6::new(local_backend(), outside_client(), SYN | ACK).build();
+    let sent = dp.run("to_outside", &reply).output;
+    assert_eq!(ipv6_fields(&sent).src, *lb_ip().ip());
+    let unreachable = |to: Ipv6Addr, quote: &[u8]| {
+        let mut icmp = vec![1, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(quote);
+        let icmp = with_checksum6(router(), to, PROTO_ICMPV6, icmp);
+        ipv6_frame(router(), to, &[], PROTO_ICMPV6, &icmp)
+    };
+    let error = unreachable(*lb_ip().ip(), &sent[ETH_HLEN..]);
+
+    let run = dp.run("from_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut quote = sent[ETH_HLEN..].to_vec();
+    quote[8..24].copy_from_slice(&local_backend().ip().octets());
+    quote[40..42].copy_from_slice(&local_backend().port().to_be_bytes());
+    let expected = unreachable(*local_backend().ip(), &quote);
+    assert_eq!(hex(&run.output), hex(&expected));
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+/// XDP passes every ICMPv6 message to tc behind it, untouched and
+/// uncounted; tc translates the Packet Too Big.
+#[test]
+fn xdp_leaves_ipv6_packet_too_big_about_a_local_backend_flow_to_tc_which_translates_it() {
+    let dp = node_harness();
+    let sent = local_node_port_flow(&dp);
+    let ptb = packet_too_big_from_router(node(), 1280, &sent[ETH_HLEN..]);
+
+    let run = dp.run_xdp(&ptb);
+
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(hex(&run.output), hex(&ptb), "left untouched for tc");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0);
+    let run = dp.run("from_outside", &ptb);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let expected =
+        packet_too_big_from_router(*local_backend().ip(), 1280, &as_the_backend_sent_it(&sent));
+    assert_eq!(hex(&run.output), hex(&expected), "translated by tc");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}
+
+/// Errors this node cannot match to a flow to a local backend are never
+/// rewritten: a quote cut before the ports, one about another client,
+/// and one addressed elsewhere than the quoted source.
+#[test]
+fn ipv6_icmp_errors_from_outside_that_are_truncated_or_about_no_flow_pass_untouched() {
+    let dp = node_harness();
+    let sent = local_node_port_flow(&dp);
+    dp.set_external6(
+        0,
+        lb_ip(),
+        Protocol::Tcp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options::default(),
+    );
+    let quote = &sent[ETH_HLEN..];
+    let mut other_client = quote.to_vec();
+    other_client[39] ^= 1;
+    for (error, what) in [
+        (
+            packet_too_big_from_router(node(), 1280, &quote[..42]),
+            "truncated",
+        ),
+        (
+            packet_too_big_from_router(node(), 1280, &other_client),
+            "about no flow",
+        ),
+        (
+            packet_too_big_from_router(*lb_ip().ip(), 1280, quote),
+            "to another frontend",
+        ),
+    ] {
+        let run = dp.run("from_outside", &error);
+        assert_eq!(run.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(hex(&run.output), hex(&error), "{what}: untouched");
+    }
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0);
+    assert_eq!(dp.counter(Counter::RewriteFailed), 0);
+}
+
+/// An ICMPv6 error a local backend sends an outside client (a UDP port
+/// unreachable) leaves the uplink about what the client sent, from the
+/// NodePort's address, as the backend's replies do; the ICMPv6 checksum
+/// (over the new pseudo header) is recomputed here, the quoted UDP
+/// checksum left as the backend got it.
+#[test]
+fn ipv6_icmp_errors_a_local_backend_sends_an_outside_client_are_about_the_node_port() {
+    let dp = node_harness();
+    dp.set_external6(
+        0,
+        any_node_port(),
+        Protocol::Udp,
+        &[Backend6Spec {
+            addr: local_backend(),
+            local: true,
+        }],
+        1,
+        Frontend6Options::default(),
+    );
+    let query = Udp6::new(outside_client(), node_port()).build();
+    let delivered = dp.run("from_outside", &query).output;
+    assert_eq!(ipv6_fields(&delivered).dst, *local_backend().ip());
+    let unreachable = |from: Ipv6Addr, quote: &[u8]| {
+        let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(quote);
+        let icmp = with_checksum6(from, *outside_client().ip(), PROTO_ICMPV6, icmp);
+        ipv6_frame(from, *outside_client().ip(), &[], PROTO_ICMPV6, &icmp)
+    };
+    let error = unreachable(*local_backend().ip(), &delivered[ETH_HLEN..]);
+
+    let run = dp.run("to_outside", &error);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    let mut quote = query[ETH_HLEN..].to_vec();
+    quote[46..48].copy_from_slice(&delivered[IP6_L4 + 6..IP6_L4 + 8]);
+    let expected = unreachable(node(), &quote);
+    assert_eq!(
+        hex(&run.output),
+        hex(&expected),
+        "the error, from the NodePort about what the client sent"
+    );
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
+}

@@ -33,7 +33,8 @@ use crate::{
     ct_new_flow, fail_as, forward_established,
     fragment::frag4_track,
     icmp::{
-        icmp4_nat_error_flow, icmp4_nat_reverse_translate, icmp4_nat_translated_outer, IPPROTO_ICMP,
+        icmp4_local_error_flow, icmp4_local_translate, icmp4_nat_error_flow,
+        icmp4_nat_reverse_translate, icmp4_nat_translated_outer, IPPROTO_ICMP,
     },
     lb::{
         lb4_choose_backend, lb4_lookup_backend, lb4_lookup_external, lb4_service_ip,
@@ -41,7 +42,7 @@ use crate::{
     },
     maps::{count, nat_config, nat_get},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
-    parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError},
+    parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, Ipv4Hdr, ParseError},
     reply_translate, skb,
     snat::{
         nat4_create, nat4_delete, nat4_is_expired, nat4_is_reopen, nat4_key, nat4_lookup,
@@ -352,27 +353,82 @@ fn send<C: PacketCtx>(
     Ok(packet.ctx.send(hop))
 }
 
-/// tc: an ICMP error about a SNATed flow (fragmentation needed on the way
-/// to the backend, above all) arriving at this node's SNAT address is made
-/// about what the client sent and sent on to it; anything else passes.
+/// tc: an ICMP error from outside about a translated flow (fragmentation
+/// needed, above all) is made about what the other end of the flow sent
+/// and sent on to it: about a SNATed flow, arriving at this node's SNAT
+/// address, to the client; about a flow to a local backend, arriving at
+/// the frontend its replies come from, to the backend. Anything else
+/// passes. (XDP passes all ICMP to here.)
 ///
 /// Not inlined: a subprogram of its own, so its stack frame does not add to
-/// the TCP/UDP pipeline's (the classifier calls one or the other).
+/// the TCP/UDP pipeline's (the classifier calls one or the other); each
+/// kind of flow is a call of its own below it.
 #[inline(never)]
 pub fn icmp_error_from_outside(ctx: &TcContext) -> Verdict {
     let Some(outer) = parse_ipv4_header(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    if lb4_service_ip(outer.dst_addr).is_none_or(|v| v & service_ip_flags::NODE_ADDRESS == 0) {
+    let Some(ip_value) = lb4_service_ip(outer.dst_addr) else {
         return Ok(TC_ACT_OK);
+    };
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        let verdict = icmp_error_to_client(ctx, &outer);
+        if verdict != Ok(NOT_SNATTED) {
+            return verdict;
+        }
     }
-    let Some(error) = icmp4_nat_error_flow(ctx, &outer) else {
-        return Ok(TC_ACT_OK);
+    icmp_error_to_backend(ctx, &outer)
+}
+
+/// [`icmp_error_to_client`]'s answer for an error about no SNATed flow;
+/// never a tc verdict.
+const NOT_SNATTED: i32 = 0x4e_4f53;
+
+/// An ICMP error about a SNATed flow, to the client (see
+/// [`icmp_error_from_outside`]); [`NOT_SNATTED`] when it is about none.
+#[inline(never)]
+fn icmp_error_to_client(ctx: &TcContext, outer: &Ipv4Hdr) -> Verdict {
+    let Some(error) = icmp4_nat_error_flow(ctx, outer) else {
+        return Ok(NOT_SNATTED);
     };
     icmp4_nat_reverse_translate(ctx, &error)
         .map_err(|_| fail_as::<TcContext>(Counter::RewriteFailed))?;
     let (src_addr, dst_addr) = icmp4_nat_translated_outer(&error);
-    let flow = Ipv4Flow {
+    let flow = icmp_flow(src_addr, dst_addr);
+    let packet = Packet::new(ctx, trace_hook::FROM_OUTSIDE, &flow);
+    let ids = Ids {
+        service_id: error.nat.service_id,
+        backend_id: error.nat.backend_id,
+    };
+    let Some(hop) = fib4_lookup(ctx.raw(), ctx.ifindex(), &flow) else {
+        count(Counter::IcmpErrorTranslated);
+        return packet.drop(Counter::FibLookupFailed, &flow, ids);
+    };
+    send(&packet, &flow, &hop, Counter::IcmpErrorTranslated, ids)
+}
+
+/// An ICMP error about a flow to a local backend (policy Local, or a
+/// local endpoint with policy Cluster: conntrack only), to the backend
+/// through the stack, as the flow's packets from the client go.
+#[inline(never)]
+fn icmp_error_to_backend(ctx: &TcContext, outer: &Ipv4Hdr) -> Verdict {
+    let Some(error) = icmp4_local_error_flow(ctx, outer) else {
+        return Ok(TC_ACT_OK);
+    };
+    let packet = Packet::new(
+        ctx,
+        trace_hook::FROM_OUTSIDE,
+        &icmp_flow(outer.src_addr, outer.dst_addr),
+    );
+    icmp4_local_translate(ctx, &error).map_err(|_| fail_as::<TcContext>(Counter::RewriteFailed))?;
+    let flow = icmp_flow(outer.src_addr, error.ct.backend_addr);
+    packet.pass(Counter::IcmpErrorTranslated, &flow, Ids::of(&error.ct))
+}
+
+/// An ICMP packet's flow (addresses only), for the trace and the FIB.
+#[inline(always)]
+fn icmp_flow(src_addr: u32, dst_addr: u32) -> Ipv4Flow {
+    Ipv4Flow {
         src_addr,
         dst_addr,
         src_port: 0,
@@ -386,17 +442,7 @@ pub fn icmp_error_from_outside(ctx: &TcContext) -> Verdict {
         tcp_hlen: 0,
         frag: frag::NONE,
         ip_id: 0,
-    };
-    let packet = Packet::new(ctx, trace_hook::FROM_OUTSIDE, &flow);
-    let ids = Ids {
-        service_id: error.nat.service_id,
-        backend_id: error.nat.backend_id,
-    };
-    let Some(hop) = fib4_lookup(ctx.raw(), ctx.ifindex(), &flow) else {
-        count(Counter::IcmpErrorTranslated);
-        return packet.drop(Counter::FibLookupFailed, &flow, ids);
-    };
-    send(&packet, &flow, &hop, Counter::IcmpErrorTranslated, ids)
+    }
 }
 
 /// Uplink egress: a local backend's reply to an outside client gets the

@@ -4,9 +4,10 @@
 //! keeps the client's address and is tracked in `CT6_*` like a pod's; a
 //! flow to a remote backend with policy Cluster gets this node's IPv6
 //! address (`NAT6_CONFIG`) and a port of the SNAT range (`NAT_CONFIG`'s),
-//! tracked in `NAT6`, and is sent on by FIB lookup. ICMPv6 errors about
-//! SNATed flows (Packet Too Big above all) reaching the SNAT address are
-//! made about what the client sent and sent on to it.
+//! tracked in `NAT6`, and is sent on by FIB lookup. ICMPv6 errors from
+//! outside about either kind of flow (Packet Too Big above all) are made
+//! about what the other end sent and sent on to it: to the client of a
+//! SNATed flow, to the local backend of a tracked one.
 //!
 //! The TCP/UDP pipeline runs on tc (`from_outside`) and on XDP
 //! (`xdp_from_outside`) alike, generic over `PacketCtx` as `external`'s
@@ -14,8 +15,8 @@
 //! untraced to the tc program behind it: answers to refused clients (with
 //! the flow state they need left in place), next hops without a neighbour
 //! entry or out of another interface, fragments, frames whose headers lie
-//! past XDP's direct-access bound, and ICMPv6 (errors about SNATed flows
-//! are translated by tc; NDP passes). Every function that holds a large
+//! past XDP's direct-access bound, and ICMPv6 (errors about translated
+//! flows are translated by tc; NDP passes). Every function that holds a large
 //! value is a call of its own, so no two of them stack their frames on one
 //! path. Traced as `pod6` is: decisions handed up, traced once at each
 //! entry (tc's and XDP's).
@@ -25,12 +26,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    backend_flags, ct_dir, ct_state, nat_dir, service_flags, service_ip_flags, trace_hook, Counter,
-    Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+    backend_flags, ct_dir, ct_flags, ct_state, nat_dir, service_flags, service_ip_flags,
+    trace_hook, Counter, Ct6Key, Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
-    conntrack6::ct6_lookup_flow,
+    conntrack6::{ct6_lookup, ct6_lookup_flow},
     csum::csum_replace_plain,
     ctx::PacketCtx,
     fail, fail_as,
@@ -57,8 +58,8 @@ const NAT_PORT_TRIES: u32 = 8;
 /// As `snat::NAT_REFRESH_NS`.
 const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// `from_outside` for an IPv6 frame: an ICMPv6 error about a SNATed flow,
-/// or the TCP/UDP pipeline; traced as `pod6::from_pod6` is.
+/// `from_outside` for an IPv6 frame: an ICMPv6 error about a translated
+/// flow, or the TCP/UDP pipeline; traced as `pod6::from_pod6` is.
 #[inline(never)]
 pub fn from_outside6(ctx: &TcContext) -> i32 {
     let mut flow = Ipv6Flow::default();
@@ -85,7 +86,7 @@ pub fn xdp_from_outside6(ctx: &XdpContext) -> i32 {
 }
 
 /// Whether the fixed IPv6 header is followed by ICMPv6 (where an error
-/// about a SNATed flow is).
+/// about a translated flow is).
 #[inline(always)]
 fn is_icmp6(ctx: &TcContext) -> bool {
     PacketCtx::load_far::<u8>(ctx, IP6_OFF + 6) == Some(IPPROTO_ICMPV6)
@@ -573,22 +574,26 @@ const INNER_SRC_OFF: usize = INNER_OFF + 8;
 const INNER_DST_OFF: usize = INNER_OFF + 24;
 const INNER_L4_OFF: usize = INNER_OFF + IP6_HLEN;
 
-/// An ICMPv6 error about a SNATed flow (Packet Too Big on the way to the
-/// backend, above all) arriving at this node's SNAT address is made about
-/// what the client sent (quoted client -> frontend, from the frontend if
-/// the backend itself sent it) and sent on to the client; anything else
-/// passes.
+/// An ICMPv6 error from outside about a translated flow (Packet Too Big,
+/// above all) is made about what the other end of the flow sent and sent
+/// on to it. About a SNATed flow (on the way to the backend), arriving at
+/// this node's SNAT address: about what the client sent (quoted client ->
+/// frontend, from the frontend if the backend itself sent it), to the
+/// client. About a flow to a local backend (conntrack only), arriving at
+/// the frontend its replies come from: about what the backend sent, to
+/// the backend. Anything else passes. (XDP passes all ICMPv6 to here.)
 #[inline(never)]
 fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
     let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(outer) = parse_ipv6_header(ctx) else {
         return untouched;
     };
-    if outer.next_header != IPPROTO_ICMPV6
-        || lb6_service_ip(&outer.dst_addr).is_none_or(|v| v & service_ip_flags::NODE_ADDRESS == 0)
-    {
+    if outer.next_header != IPPROTO_ICMPV6 {
         return untouched;
     }
+    let Some(ip_value) = lb6_service_ip(&outer.dst_addr) else {
+        return untouched;
+    };
     let Some(icmp_type) = PacketCtx::load::<u8>(ctx, IP6_L4_OFF) else {
         return untouched;
     };
@@ -598,28 +603,30 @@ fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packe
     {
         return untouched;
     }
-    let Some(inner) = PacketCtx::load::<Ipv6Hdr>(ctx, INNER_OFF) else {
+    // The quote, reversed: the tuple of the flow's entry that matches it
+    // (about a SNATed flow, its REPLY entry backend -> SNAT address; about
+    // a flow to a local backend, its ORIGINAL entry client -> frontend).
+    // Loaded straight into the key: the quoted header whole would not
+    // leave the stack room for the calls below.
+    let (Some(quoted_src), Some(quoted_dst), Some(proto), Some(ports)) = (
+        PacketCtx::load::<Ipv6Bytes>(ctx, INNER_SRC_OFF),
+        PacketCtx::load::<Ipv6Bytes>(ctx, INNER_DST_OFF),
+        PacketCtx::load::<u8>(ctx, INNER_OFF + 6),
+        PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF),
+    ) else {
         return untouched;
     };
-    if inner.next_header != IPPROTO_TCP && inner.next_header != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return untouched;
     }
-    // The quoted packet went SNAT address -> backend; its REPLY entry is
-    // backend -> SNAT address.
-    let Some(ports) = PacketCtx::load::<[u16; 2]>(ctx, INNER_L4_OFF) else {
-        return untouched;
-    };
-    let key = Nat6Key {
-        src_addr: inner.dst_addr,
-        dst_addr: inner.src_addr,
+    let mut key = Nat6Key {
+        src_addr: quoted_dst,
+        dst_addr: quoted_src,
         src_port: ports[1],
         dst_port: ports[0],
-        proto: inner.next_header,
+        proto,
         direction: nat_dir::REPLY,
         _pad: [0; 2],
-    };
-    let Some(slot) = nat6_slot(&key) else {
-        return untouched;
     };
     // Traced with the outer addresses (`flow` holds no ports here).
     *flow = Ipv6Flow {
@@ -628,8 +635,63 @@ fn icmp6_error_from_outside(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packe
         proto: IPPROTO_ICMPV6,
         ..Ipv6Flow::default()
     };
+    if ip_value & service_ip_flags::NODE_ADDRESS != 0 {
+        if let Some(slot) = nat6_slot(&key) {
+            packet.arrived(flow);
+            return icmp6_nat_translate(ctx, &outer, slot.entry(), flow);
+        }
+    }
+    // An error about a reply sent from the frontend is addressed to it.
+    if key.dst_addr != outer.dst_addr {
+        return untouched;
+    }
+    key.direction = ct_dir::ORIGINAL;
     packet.arrived(flow);
-    icmp6_nat_translate(ctx, &outer, slot.entry(), flow)
+    icmp6_local_translate(ctx, &outer, &key, flow)
+}
+
+/// Rewrites an ICMPv6 error about a flow to a local backend (see
+/// [`icmp6_error_from_outside`]), found by its conntrack entry (at
+/// `quoted`, the reversed quote with the ORIGINAL direction; a `Ct6Key`
+/// has the same fields): the quote's source becomes the backend
+/// address and port, and the error goes to the backend through the stack,
+/// as the flow's packets from the client do; `flow` gets the outer
+/// addresses it leaves with. The quoted L4 checksum is left alone. A call
+/// of its own: its frame is not above the SNATed flows' path.
+#[inline(never)]
+fn icmp6_local_translate(
+    ctx: &TcContext,
+    outer: &Ipv6Hdr,
+    quoted: &Nat6Key,
+    flow: &mut Ipv6Flow,
+) -> Outcome {
+    let untouched = Outcome::done(Ok(TC_ACT_OK));
+    let key = Ct6Key {
+        src_addr: quoted.src_addr,
+        dst_addr: quoted.dst_addr,
+        src_port: quoted.src_port,
+        dst_port: quoted.dst_port,
+        proto: quoted.proto,
+        direction: quoted.direction,
+        _pad: [0; 2],
+    };
+    let Some(slot) = ct6_lookup(&key) else {
+        return untouched;
+    };
+    let ct = slot.entry();
+    if ct.flags & ct_flags::HAIRPIN != 0 {
+        return untouched;
+    }
+    let rewrite = || -> Result<(), ()> {
+        quote_addr(ctx, INNER_SRC_OFF, &outer.dst_addr, &ct.backend_addr)?;
+        quote_port(ctx, INNER_L4_OFF, ct.service_port, ct.backend_port)?;
+        outer_addr(ctx, IP6_DST_OFF, &outer.dst_addr, &ct.backend_addr)
+    };
+    if rewrite().is_err() {
+        return Outcome::done(Err(fail(Counter::RewriteFailed)));
+    }
+    flow.dst_addr = ct.backend_addr;
+    Outcome::pass(Counter::IcmpErrorTranslated, Ids::of(ct))
 }
 
 /// Rewrites an ICMPv6 error about the SNATed flow `nat` (see
@@ -711,8 +773,13 @@ fn outer_addr(ctx: &TcContext, off: usize, old: &Ipv6Bytes, new: &Ipv6Bytes) -> 
 
 #[inline(always)]
 fn try_to_outside6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
-    if parse_ipv6_flow_into(ctx, flow).is_err() {
-        return Outcome::done(Ok(TC_ACT_OK));
+    match parse_ipv6_flow_into(ctx, flow) {
+        Ok(()) => {}
+        // An ICMPv6 error a local backend (or this node) sends an outside
+        // client about a flow to it is made about the frontend, as an
+        // error to a client pod is made about the service.
+        Err(Parse6Error::NotL4) => return pod6::icmp6_error_to_pod(ctx, flow, packet),
+        Err(_) => return Outcome::done(Ok(TC_ACT_OK)),
     }
     packet.arrived(flow);
     // Uplink egress: a local backend's reply to an outside client gets the

@@ -14,7 +14,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    conntrack::ct4_get,
+    conntrack::{ct4_get, ct4_lookup},
     csum::{csum4_replace_ip, csum_replace_plain},
     maps::nat_get,
     nat::RewriteError,
@@ -282,4 +282,82 @@ pub fn icmp4_nat_translated_outer(e: &NatIcmpError) -> (u32, u32) {
         e.outer_src
     };
     (src, e.nat.client_addr)
+}
+
+/// An ICMP error from outside about a flow to a local backend (no SNAT,
+/// only conntrack): it quotes a reply this node sent the client from the
+/// frontend (a router on the way needing fragmentation, above all) and so
+/// arrives at the frontend's address.
+pub struct LocalIcmpError {
+    outer_dst: u32,
+    icmp_csum_off: usize,
+    inner_off: usize,
+    inner_l4_off: usize,
+    inner_src: u32,
+    inner_src_port: u16,
+    pub ct: CtEntry,
+}
+
+/// Finds the flow to a local backend an ICMP error arriving from outside
+/// is about: one addressed to the quoted reply's source (the frontend),
+/// whose quote (frontend -> client) is the REPLY of a tracked flow.
+/// `None` for anything else, truncated quotes and hairpin flows included.
+#[inline(always)]
+pub fn icmp4_local_error_flow(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<LocalIcmpError> {
+    let (icmp_off, inner_off, inner_l4_off, inner, ports) = icmp4_quote(ctx, outer)?;
+    if inner.src_addr != outer.dst_addr {
+        return None;
+    }
+    // The quoted packet went frontend -> client; the flow's ORIGINAL
+    // entry is client -> frontend.
+    let key = CtKey {
+        src_addr: inner.dst_addr,
+        dst_addr: inner.src_addr,
+        src_port: ports[1],
+        dst_port: ports[0],
+        proto: inner.proto,
+        direction: ct_dir::ORIGINAL,
+        _pad: [0; 2],
+    };
+    let ct = ct4_lookup(&key)?.get();
+    if ct.flags & ct_flags::HAIRPIN != 0 {
+        return None;
+    }
+    Some(LocalIcmpError {
+        outer_dst: outer.dst_addr,
+        icmp_csum_off: icmp_off + 2,
+        inner_off,
+        inner_l4_off,
+        inner_src: inner.src_addr,
+        inner_src_port: ports[0],
+        ct,
+    })
+}
+
+/// Makes the error about what the backend sent (backend -> client) and
+/// addresses it to the backend, as the flow's packets from the client
+/// are DNATed; the quoted L4 checksum is left alone (see
+/// [`icmp4_reverse_translate`]).
+#[inline(always)]
+pub fn icmp4_local_translate(ctx: &TcContext, e: &LocalIcmpError) -> Result<(), RewriteError> {
+    let ct = &e.ct;
+    let csum = |old: u32, new: u32, size: u64| {
+        csum_replace_plain(ctx, e.icmp_csum_off, old, new, size).map_err(|_| RewriteError)
+    };
+    let inner_csum_off = e.inner_off + 10;
+    let old_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| RewriteError)?;
+    csum4_replace_ip(ctx, inner_csum_off, e.inner_src, ct.backend_addr)
+        .map_err(|_| RewriteError)?;
+    let new_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| RewriteError)?;
+    csum(old_inner_csum as u32, new_inner_csum as u32, 2)?;
+    csum(e.inner_src, ct.backend_addr, 4)?;
+    ctx.store(e.inner_off + 12, &ct.backend_addr, 0)
+        .map_err(|_| RewriteError)?;
+    csum(e.inner_src_port as u32, ct.backend_port as u32, 2)?;
+    ctx.store(e.inner_l4_off, &ct.backend_port, 0)
+        .map_err(|_| RewriteError)?;
+
+    csum4_replace_ip(ctx, IP_CSUM_OFF, e.outer_dst, ct.backend_addr).map_err(|_| RewriteError)?;
+    ctx.store(IP_DST_OFF, &ct.backend_addr, 0)
+        .map_err(|_| RewriteError)
 }

@@ -163,7 +163,12 @@ pub fn to_outside(ctx: TcContext) -> i32 {
 /// IPv6 path's calls (that chain is at the verifier's 512 bytes).
 #[inline(never)]
 fn to_outside4(ctx: &TcContext) -> i32 {
-    external::try_to_outside(ctx).unwrap_or_else(|verdict| verdict)
+    let verdict = if external::is_icmp4(ctx) {
+        icmp4_error_to_client(ctx, trace_hook::TO_OUTSIDE)
+    } else {
+        external::try_to_outside(ctx)
+    };
+    verdict.unwrap_or_else(|verdict| verdict)
 }
 
 /// The error side carries the verdict for packets that cannot go on as they
@@ -597,7 +602,7 @@ fn node_port_reply_from_pod4(ctx: &TcContext) -> i32 {
 fn try_to_pod(ctx: &TcContext) -> Verdict {
     let mut flow = match parse_ipv4_flow(ctx) {
         Ok(flow) => flow,
-        Err(ParseError::NotIpv4L4) => return icmp_error_to_pod(ctx),
+        Err(ParseError::NotIpv4L4) => return icmp4_error_to_client(ctx, trace_hook::TO_POD),
         Err(_) => return Ok(TC_ACT_OK),
     };
     redirect4_learn_backend(ctx, &flow);
@@ -620,9 +625,11 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
 }
 
 /// An ICMP error about one of the client's translated flows is made about
-/// the service, as its replies are; any other packet passes.
+/// the service, as its replies are; any other packet passes. On its way
+/// to a client pod (`to_pod`) or out of an uplink to an outside client
+/// (`to_outside`, `hook`).
 #[inline(always)]
-fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
+fn icmp4_error_to_client(ctx: &TcContext, hook: u8) -> Verdict {
     let Some(outer) = parse_ipv4_header(ctx) else {
         return Ok(TC_ACT_OK);
     };
@@ -644,11 +651,7 @@ fn icmp_error_to_pod(ctx: &TcContext) -> Verdict {
         },
         ..before
     };
-    let packet = Packet {
-        ctx,
-        hook: trace_hook::TO_POD,
-        before,
-    };
+    let packet = Packet { ctx, hook, before };
     packet.record_tuple(
         Counter::IcmpErrorTranslated,
         outer.proto,

@@ -564,7 +564,11 @@ pub(crate) fn to_pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
 /// (in `flow`, which holds no ports here): the source becomes the service
 /// when the backend sent it.
 #[inline(never)]
-fn icmp6_error_to_pod(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcome {
+pub(crate) fn icmp6_error_to_pod(
+    ctx: &TcContext,
+    flow: &mut Ipv6Flow,
+    packet: &Packet6,
+) -> Outcome {
     let untouched = Outcome::done(Ok(TC_ACT_OK));
     let Some(outer) = parse_ipv6_header(ctx) else {
         return untouched;

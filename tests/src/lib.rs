@@ -18,6 +18,8 @@ use dataplane_lab::{
 };
 use dataplane_testkit::apiserver::{self, ApiServer, Bind};
 
+pub mod bulk;
+
 pub use dataplane_lab::traffic::Outcome as Seen;
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

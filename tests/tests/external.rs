@@ -16,7 +16,7 @@ use dataplane_lab::{
 };
 use dataplane_testkit::apiserver::ApiServer;
 use integration_tests::{
-    lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen as Outcome,
+    bulk, lab_pod, require_root, sockclient_command, sockclient_outcomes, Cluster, Seen as Outcome,
     WEB_IP,
 };
 use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
@@ -989,4 +989,76 @@ fn should_be_able_to_change_the_type_from_clusterip_to_externalname() {
     c.eventually_programmed(&Default::default());
     assert!(c.tcp("client", at(WEB_IP, 80)).backend().is_none());
     assert!(c.udp("client", at(WEB_IP, 53)).backend().is_none());
+}
+/// The `bulk` service's port: the download server of [`bulk`].
+const BULK: manifests::Port = manifests::Port {
+    name: "bulk",
+    protocol: "TCP",
+    port: 90,
+    target_port: 9000,
+};
+const BULK_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const NODE_PORT_BULK: u16 = 30090;
+/// Bytes downloaded: many segments of a full 1500-byte MTU.
+const BULK_BYTES: usize = 1 << 20;
+/// The MTU of the router's link to the outside network.
+const NARROW_MTU: u32 = 1280;
+
+/// Issue 12's path MTU discovery through a NodePort to a local backend
+/// (policy Local: no SNAT, conntrack only): the outside network is
+/// narrower than the nodes' (the router's link to it), and the client's
+/// SYN offers its own link's MSS, so the router cannot forward the
+/// backend's full-size segments and answers with fragmentation needed to
+/// the NodePort address they left from. The node makes the error about
+/// what the backend sent and delivers it to the backend (XDP, the default,
+/// passes it to tc), whose socket lowers its MSS: the download completes.
+#[test]
+fn path_mtu_discovery_works_through_a_node_port_to_a_local_backend() {
+    require_root();
+    let service = manifests::exposed(
+        manifests::service("default", "bulk", BULK_IP, &[BULK]),
+        &Exposure {
+            type_: Some("NodePort"),
+            node_ports: vec![NODE_PORT_BULK],
+            local: true,
+            ..Default::default()
+        },
+    );
+    let backend = lab_pod("web-a");
+    let c = start(manifests::manifest(&service, vec![pod_endpoint(&backend)]));
+    let backend_ns = c.lab.pod_ns(&backend.name);
+    bulk::serve_downloads(
+        &backend_ns,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, BULK.target_port)),
+    );
+    netns::ip(&[
+        "-n",
+        &c.lab.router_ns(),
+        "link",
+        "set",
+        "dev",
+        "ext0",
+        "mtu",
+        &NARROW_MTU.to_string(),
+    ])
+    .expect("narrowing the outside network");
+    let to = at(node_ip(backend.node), NODE_PORT_BULK);
+    c.eventually("the NodePort answers from outside", || {
+        c.outside(move || bulk::download(to, 1))
+            .is_ok_and(|n| n == 1)
+    });
+
+    let got = c.outside(move || bulk::download(to, BULK_BYTES));
+
+    assert_eq!(
+        got.as_ref().ok(),
+        Some(&BULK_BYTES),
+        "download: {got:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        bulk::learnt_mtu(&backend_ns, OUTSIDE_CLIENT_IP.into()),
+        Some(NARROW_MTU),
+        "the backend learnt the narrow link's MTU"
+    );
 }

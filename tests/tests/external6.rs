@@ -14,7 +14,7 @@ use dataplane_lab::{
     traffic::TCP_PORT,
     CrossNode, Topology,
 };
-use integration_tests::{lab_pod, require_root, Cluster, WEB_IP};
+use integration_tests::{bulk, lab_pod, require_root, Cluster, WEB_IP};
 
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
@@ -581,4 +581,88 @@ fn a_default_route_in_a_policy_routing_table_makes_the_interface_an_uplink() {
         c.outside_tcp(at6(node_ip6(1), NODE_PORT_HTTP))
             .is_ok_and(|s| s.backend == "web-a")
     });
+}
+
+/// The `bulk` service's port: the download server of [`bulk`].
+const BULK: manifests::Port = manifests::Port {
+    name: "bulk",
+    protocol: "TCP",
+    port: 90,
+    target_port: 9000,
+};
+/// The `bulk` service's cluster IPs (dual-stack).
+const BULK_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 30);
+const BULK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x30);
+const NODE_PORT_BULK: u16 = 30090;
+/// Bytes downloaded: many segments of a full 1500-byte MTU.
+const BULK_BYTES: usize = 1 << 20;
+/// The MTU of the router's link to the outside network: IPv6's minimum.
+const NARROW_MTU: u32 = 1280;
+
+/// Issue 15's path MTU discovery through an IPv6 NodePort to a local
+/// backend (policy Local: no SNAT, conntrack only): the router's link to
+/// the outside network is narrower than the nodes', so the router
+/// answers the backend's full-size segments with a Packet Too Big to the
+/// NodePort address they left from (IPv6 routers never fragment). The
+/// node makes it about what the backend sent and delivers it to the
+/// backend (XDP, the default, passes it to tc), whose socket lowers its
+/// MSS: the download completes.
+#[test]
+fn ipv6_path_mtu_discovery_works_through_a_node_port_to_a_local_backend() {
+    require_root();
+    let service = manifests::exposed(
+        manifests::with_cluster_ips(
+            manifests::service("default", "bulk", BULK_IP, &[BULK]),
+            &[BULK_IP.into(), BULK_IP6.into()],
+        ),
+        &Exposure {
+            type_: Some("NodePort"),
+            node_ports: vec![NODE_PORT_BULK],
+            local: true,
+            ..Default::default()
+        },
+    );
+    let backend = lab_pod("web-a");
+    let manifest =
+        manifests::manifest_per_family(&service, |family| vec![pod_endpoint_of(&backend, family)]);
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("bulk.yaml", manifest)],
+    );
+    let backend_ns = c.lab.pod_ns(&backend.name);
+    bulk::serve_downloads(
+        &backend_ns,
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), BULK.target_port),
+    );
+    dataplane_lab::netns::ip(&[
+        "-n",
+        &c.lab.router_ns(),
+        "link",
+        "set",
+        "dev",
+        "ext0",
+        "mtu",
+        &NARROW_MTU.to_string(),
+    ])
+    .expect("narrowing the outside network");
+    let to = at6(node_ip6(backend.node), NODE_PORT_BULK);
+    c.eventually("the IPv6 NodePort answers from outside", || {
+        c.outside(move || bulk::download(to, 1))
+            .is_ok_and(|n| n == 1)
+    });
+
+    let got = c.outside(move || bulk::download(to, BULK_BYTES));
+
+    assert_eq!(
+        got.as_ref().ok(),
+        Some(&BULK_BYTES),
+        "download: {got:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        bulk::learnt_mtu(&backend_ns, OUTSIDE_CLIENT_IP6.into()),
+        Some(NARROW_MTU),
+        "the backend learnt the narrow link's MTU"
+    );
 }

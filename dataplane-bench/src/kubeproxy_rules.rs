@@ -13,7 +13,7 @@
 //! layout with ip6tables and an `ip6 kube-proxy` table for IPv6. Every
 //! function writes the family of the services it is given.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::IpAddr};
 
 use dataplane_agent::control::model::{BackendAddr, IpFamily};
 
@@ -279,7 +279,20 @@ fn nat_common_rules(out: &mut String) {
     ));
 }
 
-const NODEPORTS_LAST: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
+/// The jump to KUBE-NODEPORTS for every local address (no
+/// `--nodeport-addresses`); the IPv6 proxier leaves out ::1, where
+/// NodePorts never work (the IPv4 one keeps 127.0.0.0/8 by default,
+/// `localhostNodePorts`).
+fn nodeports_last(out: &mut String, f: Family) {
+    let _ = writeln!(
+        out,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL{} -j KUBE-NODEPORTS",
+        match f.family {
+            IpFamily::Ipv4 => "",
+            IpFamily::Ipv6 => " ! -d ::1/128",
+        }
+    );
+}
 
 /// `iptables-restore --noflush` input of a full sync from nothing.
 pub fn iptables_full(svcs: &[Svc]) -> String {
@@ -300,7 +313,7 @@ pub fn iptables_full(svcs: &[Svc]) -> String {
     for svc in svcs {
         kube_services_rule(&mut out, svc);
     }
-    out.push_str(NODEPORTS_LAST);
+    nodeports_last(&mut out, Family::of_services(svcs));
     for svc in svcs {
         nodeport_rules(&mut out, svc);
     }
@@ -339,7 +352,7 @@ pub fn iptables_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
     for s in after {
         kube_services_rule(&mut out, s);
     }
-    out.push_str(NODEPORTS_LAST);
+    nodeports_last(&mut out, Family::of_services(after));
     service_chains(&mut out, svc);
     for chain in &stale {
         let _ = writeln!(out, "-X {chain}");
@@ -493,12 +506,14 @@ add rule {t} services fib daddr type local {ip} daddr @nodeport-ips meta l4proto
     out
 }
 
-/// The node addresses NodePorts are served on, in kube-proxy's IPv4
-/// nftables layout (its `nodeport-ips` set).
-pub fn nft_nodeport_ips(ips: &[std::net::Ipv4Addr]) -> String {
-    let t = Family::of(IpFamily::Ipv4).nft_table;
+/// The node addresses NodePorts are served on, in kube-proxy's nftables
+/// layout (its `nodeport-ips` set): each in its own family's table.
+pub fn nft_nodeport_ips(ips: &[IpAddr]) -> String {
     ips.iter()
-        .map(|ip| format!("add element {t} nodeport-ips {{ {ip} }}\n"))
+        .map(|&ip| {
+            let t = Family::of(IpFamily::of(ip)).nft_table;
+            format!("add element {t} nodeport-ips {{ {ip} }}\n")
+        })
         .collect()
 }
 
@@ -521,7 +536,7 @@ pub fn nft_partial(before: &[Svc], after: &[Svc], which: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::{services, with_one_endpoint_changed};
+    use crate::scenario::{services, with_node_ports, with_one_endpoint_changed};
 
     #[test]
     fn chain_names_are_kube_proxy_shaped_and_distinct() {
@@ -589,6 +604,71 @@ mod tests {
         assert_eq!(
             iptables_restore_of(IpFamily::Ipv6),
             iptables_restore().replacen("iptables", "ip6tables", 1)
+        );
+    }
+
+    #[test]
+    fn ipv6_node_ports_get_kube_proxys_ip6tables_and_ip6_nftables_node_port_rules() {
+        let target = BackendAddr {
+            ip: "fd00:10:244:2::10".parse().unwrap(),
+            port: crate::scenario::TARGET_PORT,
+        };
+        let svcs = with_node_ports(services(IpFamily::Ipv6, 3, 2, Some(target)));
+        let ipt = iptables_full(&svcs);
+        // Every local address but ::1, as kube-proxy's IPv6 proxier jumps.
+        assert!(
+            ipt.contains("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS\n"),
+            "{ipt}"
+        );
+        assert_eq!(
+            ipt.matches("-A KUBE-NODEPORTS -m comment").count(),
+            3,
+            "{ipt}"
+        );
+        assert!(ipt.contains("--dport 32767 -j KUBE-EXT-"), "{ipt}");
+        assert!(
+            ipt.contains("-j DNAT --to-destination [fd00:10:244:2::10]:8080"),
+            "{ipt}"
+        );
+        // The IPv4 proxier keeps localhost NodePorts (its default).
+        let ipt4 = iptables_full(&with_node_ports(services(IpFamily::Ipv4, 1, 1, None)));
+        assert!(
+            ipt4.contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n"),
+            "{ipt4}"
+        );
+
+        let node: IpAddr = "fd00:192:168:100::1".parse().unwrap();
+        let nft = nft_full(&svcs) + &nft_nodeport_ips(&[node]);
+        assert!(
+            nft.contains("add set ip6 kube-proxy nodeport-ips { type ipv6_addr ;"),
+            "{nft}"
+        );
+        assert!(
+            nft.contains(
+                "add rule ip6 kube-proxy services fib daddr type local ip6 daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
+            ),
+            "{nft}"
+        );
+        assert!(
+            nft.contains(
+                "add element ip6 kube-proxy service-nodeports { tcp . 32767 : goto external-"
+            ),
+            "{nft}"
+        );
+        assert!(
+            nft.ends_with("add element ip6 kube-proxy nodeport-ips { fd00:192:168:100::1 }\n"),
+            "{nft}"
+        );
+        assert!(!nft.contains(" ip kube-proxy"), "{nft}");
+    }
+
+    #[test]
+    fn node_port_addresses_go_to_their_own_familys_table() {
+        let ips: [IpAddr; 2] = ["192.168.100.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        assert_eq!(
+            nft_nodeport_ips(&ips),
+            "add element ip kube-proxy nodeport-ips { 192.168.100.1 }\n\
+             add element ip6 kube-proxy nodeport-ips { fd00::1 }\n"
         );
     }
 }

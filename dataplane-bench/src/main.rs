@@ -83,9 +83,10 @@ struct Cli {
     /// Endpoints per service everywhere.
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
-    /// Address families of the per-packet and end-to-end parts (default:
-    /// both): each is a single-family cluster of its own, kube-proxy's
-    /// layouts written with iptables/ip6tables and `ip`/`ip6` tables.
+    /// Address families of the per-packet, end-to-end and outside-client
+    /// parts (default: both): each is a single-family cluster of its own,
+    /// kube-proxy's layouts written with iptables/ip6tables and `ip`/`ip6`
+    /// tables.
     #[arg(long, value_enum, value_delimiter = ',')]
     families: Vec<IpFamilyOption>,
 }
@@ -205,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             } else {
                 cli.outside_systems.clone()
             },
+            families: families.clone(),
             endpoints: cli.endpoints,
             length: Duration::from_secs_f64(cli.seconds.unwrap_or(if quick { 1.0 } else { 5.0 })),
             concurrency: cli.concurrency,

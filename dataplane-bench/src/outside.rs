@@ -21,10 +21,16 @@
 //! agent's SNAT range 1024-59999 (kube-proxy's MASQUERADE takes 1024-65535).
 //! With the default range (61000-65535) a closed flow holds its port for the
 //! 10 s closing lifetime, so a connection loop faster than ~450/s runs out.
+//!
+//! Families: every system is measured over IPv4 and over IPv6 (an
+//! IPv6-only pod network; the outside client, the router and the NodePort
+//! on node 1's IPv6 address; kube-proxy's ip6tables and `ip6` nftables
+//! layouts), all cases of a scale interleaved in the same rounds, each
+//! family's ratios to routed over that family.
 
 use std::{
     any::Any,
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::fd::{FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -34,14 +40,16 @@ use dataplane_agent::control::model::{BackendAddr, IpFamily};
 use dataplane_lab::{
     agent::{agent_bin, Agent, Source},
     netns::{self, ip, sysctl},
-    topology::{node_ip, unique_prefix, OUTSIDE_CLIENT_IP},
+    topology::{
+        node_ip, node_ip6, pod_cidr6, unique_prefix, OUTSIDE_CLIENT_IP, OUTSIDE_CLIENT_IP6,
+    },
     CrossNode, Lab, LabSpec, PodSpec, Topology,
 };
 use dataplane_testkit::datapath::Bpffs;
 
 use crate::{
     e2e::{load, measure_round, median_f64, rounds_ratio_spread, wait_ready, Round, Server},
-    kubeproxy_rules::{self, iptables_restore},
+    kubeproxy_rules::{self, iptables_restore_of},
     scenario::{self, TARGET_PORT},
 };
 
@@ -89,9 +97,56 @@ impl OutsideSystem {
     }
 }
 
+/// The lab's addresses a case uses, in one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    /// Node 1's address on the nodes' network: the NodePort's.
+    entry_node: IpAddr,
+    /// The outside client's address.
+    client: IpAddr,
+    /// Node 2's pod CIDR, where the backend pod lives.
+    backend_pods: String,
+}
+
+impl Plan {
+    fn of(family: IpFamily) -> Self {
+        match family {
+            IpFamily::Ipv4 => Self {
+                entry_node: node_ip(ENTRY_NODE).into(),
+                client: OUTSIDE_CLIENT_IP.into(),
+                backend_pods: "10.244.2.0/24".into(),
+            },
+            IpFamily::Ipv6 => Self {
+                entry_node: node_ip6(ENTRY_NODE).into(),
+                client: OUTSIDE_CLIENT_IP6.into(),
+                backend_pods: pod_cidr6(2),
+            },
+        }
+    }
+
+    /// The routed reference's routes, as (node, `ip route add` arguments;
+    /// node 0 is the router): the pod network through node 1 both ways (the
+    /// NodePort systems' replies cross node 1 too, to its SNAT address).
+    fn routed_reference_routes(&self) -> [(u8, Vec<String>); 2] {
+        let host = if self.client.is_ipv4() { 32 } else { 128 };
+        let via = self.entry_node.to_string();
+        [
+            (
+                0,
+                vec![self.backend_pods.clone(), "via".into(), via.clone()],
+            ),
+            (
+                2,
+                vec![format!("{}/{host}", self.client), "via".into(), via],
+            ),
+        ]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct OutsideResult {
     pub system: OutsideSystem,
+    pub family: IpFamily,
     pub services: usize,
     pub rounds: Vec<Round>,
     pub setup: Duration,
@@ -116,12 +171,15 @@ pub struct Options {
     pub length: Duration,
     pub concurrency: usize,
     pub systems: Vec<OutsideSystem>,
+    /// Every system is measured on each of these families.
+    pub families: Vec<IpFamily>,
     pub rounds: usize,
 }
 
 /// One system set up and ready for load.
 struct Case {
     system: OutsideSystem,
+    family: IpFamily,
     target: SocketAddr,
     setup: Duration,
     note: String,
@@ -217,39 +275,31 @@ fn xdp_pass_on(ns: &str, iface: &str) -> anyhow::Result<OwnedFd> {
     })?
 }
 
-fn build_lab() -> anyhow::Result<Lab> {
+fn build_lab(family: IpFamily) -> anyhow::Result<Lab> {
     let lab = Lab::build(LabSpec {
         prefix: unique_prefix("bo"),
         topology: Topology::Bridge,
         cross_node: CrossNode::Direct,
         pods: vec![PodSpec::new(BACKEND, 2, BACKEND_HOST)],
-        ipv6: false,
-        ipv4: true,
+        ipv6: family == IpFamily::Ipv6,
+        ipv4: family == IpFamily::Ipv4,
     })?;
-    let router = lab.router_ns();
-    let entry = lab.node_ns(ENTRY_NODE);
-    let backend_node = lab.node_ns(2);
-    // The routed limit: the pod network through node 1 both ways (the
-    // NodePort systems' replies cross node 1 too, to its SNAT address).
-    ip(&[
-        "-n",
-        &router,
-        "route",
-        "add",
-        "10.244.2.0/24",
-        "via",
-        &node_ip(ENTRY_NODE).to_string(),
-    ])?;
-    ip(&[
-        "-n",
-        &backend_node,
-        "route",
-        "add",
-        &format!("{OUTSIDE_CLIENT_IP}/32"),
-        "via",
-        &node_ip(ENTRY_NODE).to_string(),
-    ])?;
-    sysctl(&entry, "net.ipv4.ip_local_port_range", NODE_EPHEMERAL_PORTS)?;
+    for (node, route) in Plan::of(family).routed_reference_routes() {
+        let ns = if node == 0 {
+            lab.router_ns()
+        } else {
+            lab.node_ns(node)
+        };
+        let mut args = vec!["-n", &ns, "route", "add"];
+        args.extend(route.iter().map(String::as_str));
+        ip(&args)?;
+    }
+    // Both families' ports (net.ipv4 holds the IPv6 ones too).
+    sysctl(
+        &lab.node_ns(ENTRY_NODE),
+        "net.ipv4.ip_local_port_range",
+        NODE_EPHEMERAL_PORTS,
+    )?;
     let outside = lab.outside_ns();
     sysctl(&outside, "net.ipv4.ip_local_port_range", "1024 65535")?;
     sysctl(&outside, "net.ipv4.tcp_tw_reuse", "1")?;
@@ -260,17 +310,22 @@ fn build_lab() -> anyhow::Result<Lab> {
 /// while it runs.
 fn setup(
     system: OutsideSystem,
+    family: IpFamily,
     lab: &Lab,
     services: usize,
     endpoints: usize,
 ) -> anyhow::Result<(SocketAddr, Box<dyn Any>, String)> {
-    let pod_ip = lab.pod(BACKEND).ip();
+    let pod = lab.pod(BACKEND);
+    let pod_ip: IpAddr = match family {
+        IpFamily::Ipv4 => pod.ip().into(),
+        IpFamily::Ipv6 => pod.ipv6().into(),
+    };
     let backend = BackendAddr {
-        ip: pod_ip.into(),
+        ip: pod_ip,
         port: TARGET_PORT,
     };
     let svcs = scenario::with_node_ports(scenario::services(
-        IpFamily::Ipv4,
+        family,
         services,
         endpoints,
         Some(backend),
@@ -279,13 +334,13 @@ fn setup(
         .last()
         .and_then(|s| s.node_port)
         .context("no services")?;
-    let node_addr = node_ip(ENTRY_NODE);
-    let node_port_target = SocketAddr::V4(SocketAddrV4::new(node_addr, node_port));
+    let node_addr = Plan::of(family).entry_node;
+    let node_port_target = SocketAddr::new(node_addr, node_port);
     let entry = lab.node_ns(ENTRY_NODE);
     let agent_args: &[&str] = match system {
         OutsideSystem::Routed => {
             return Ok((
-                SocketAddr::V4(SocketAddrV4::new(pod_ip, TARGET_PORT)),
+                SocketAddr::new(pod_ip, TARGET_PORT),
                 Box::new(()),
                 String::new(),
             ))
@@ -293,7 +348,7 @@ fn setup(
         OutsideSystem::Iptables => {
             netns::run_in(
                 &entry,
-                iptables_restore(),
+                &iptables_restore_of(family),
                 &["--noflush"],
                 Some(&kubeproxy_rules::iptables_full(&svcs)),
             )?;
@@ -317,7 +372,20 @@ fn setup(
         manifests.join("services.yaml"),
         scenario::manifests_yaml(&svcs),
     )?;
-    let mut args = vec!["--uplink-ifaces", "eth0", "--snat-port-range", SNAT_PORTS];
+    // The family said outright: node 1's uplink holds an IPv4 address in
+    // the IPv6 lab too (the nodes' network is dual-stack).
+    let families = match family {
+        IpFamily::Ipv4 => "ipv4",
+        IpFamily::Ipv6 => "ipv6",
+    };
+    let mut args = vec![
+        "--uplink-ifaces",
+        "eth0",
+        "--snat-port-range",
+        SNAT_PORTS,
+        "--ip-families",
+        families,
+    ];
     args.extend_from_slice(agent_args);
     let mut agent = Agent::launch_bin(
         &agent_bin(),
@@ -342,21 +410,27 @@ fn setup(
     Ok((node_port_target, Box::new((agent, bpffs, work)), note))
 }
 
-fn set_up(system: OutsideSystem, services: usize, o: &Options) -> anyhow::Result<Case> {
-    let lab = build_lab().context("building the lab")?;
+fn set_up(
+    system: OutsideSystem,
+    family: IpFamily,
+    services: usize,
+    o: &Options,
+) -> anyhow::Result<Case> {
+    let lab = build_lab(family).context("building the lab")?;
     let wire = ["node1", "node2"]
         .iter()
         .map(|port| xdp_pass_on(&lab.router_ns(), port))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let server = Server::start(&lab.pod_ns(BACKEND), IpFamily::Ipv4, o.concurrency)?;
+    let server = Server::start(&lab.pod_ns(BACKEND), family, o.concurrency)?;
     let started = Instant::now();
-    let (target, guard, note) = setup(system, &lab, services, o.endpoints)?;
+    let (target, guard, note) = setup(system, family, &lab, services, o.endpoints)?;
     let client = lab.outside_ns();
     wait_ready(&client, target)?;
     let setup = started.elapsed();
     load(&client, target, Duration::from_millis(300), o.concurrency)?;
     Ok(Case {
         system,
+        family,
         target,
         setup,
         note,
@@ -371,40 +445,52 @@ fn measure(case: &Case, o: &Options) -> anyhow::Result<Round> {
     measure_round(&case.lab.outside_ns(), case.target, o.length, o.concurrency)
 }
 
+/// Whether `system` may be left out when it cannot be set up: native XDP
+/// is the driver's to refuse. Any other system, of either family, that
+/// cannot be set up fails the part.
+fn may_be_refused(system: OutsideSystem) -> bool {
+    system == OutsideSystem::XdpNative
+}
+
 pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {
     let mut results = Vec::new();
     for &services in &o.scales {
         let mut cases = Vec::new();
-        for &system in &o.systems {
-            // A system that cannot run here (native XDP refused) is left out
-            // of this scale and said so; the others still run.
-            match set_up(system, services, o) {
-                Ok(case) => {
-                    eprintln!(
-                        "  outside, {services} services, {}: ready after {:?} {}",
-                        system.label(),
-                        case.setup,
-                        case.note
-                    );
-                    cases.push(case);
-                }
-                Err(e) => eprintln!(
-                    "  outside, {services} services, {}: not measured: {e:#}",
+        for &family in &o.families {
+            for &system in &o.systems {
+                let what = format!(
+                    "outside, {} over {family} with {services} services",
                     system.label()
-                ),
+                );
+                match set_up(system, family, services, o) {
+                    Ok(case) => {
+                        eprintln!("  {what}: ready after {:?} {}", case.setup, case.note);
+                        cases.push(case);
+                    }
+                    Err(e) if may_be_refused(system) => {
+                        eprintln!("  {what}: not measured: {e:#}");
+                    }
+                    Err(e) => return Err(e.context(format!("setting up {what}"))),
+                }
             }
         }
         let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); cases.len()];
         for round in 1..=o.rounds.max(1) {
             for (case, measured) in cases.iter().zip(&mut rounds) {
                 let r = measure(case, o).with_context(|| {
-                    format!("outside, {} with {services} services", case.system.label())
+                    format!(
+                        "outside, {} over {} with {services} services",
+                        case.system.label(),
+                        case.family
+                    )
                 })?;
                 eprintln!(
-                    "  outside, {services} services, round {round}, {}: {:.0} conn/s, {:.1} µs kernel CPU per conn, connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s",
+                    "  outside, {services} services, round {round}, {}, {}: {:.0} conn/s, {:.1} µs kernel CPU per conn (this process: {:.1} µs), connect p50 {} us p99 {} us, {} errors, stream {:.2} Gbit/s",
                     case.system.label(),
+                    case.family,
                     r.conns_per_s,
                     r.node_cpu_us_per_conn,
+                    r.process_sys_us_per_conn,
                     r.connect_p50_us,
                     r.connect_p99_us,
                     r.errors,
@@ -416,6 +502,7 @@ pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {
         for (case, rounds) in cases.iter().zip(rounds) {
             results.push(OutsideResult {
                 system: case.system,
+                family: case.family,
                 services,
                 rounds,
                 setup: case.setup,
@@ -424,4 +511,46 @@ pub fn run(o: &Options) -> anyhow::Result<Vec<OutsideResult>> {
         }
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_plan_uses_the_labs_ipv6_addresses_only() {
+        let plan = Plan::of(IpFamily::Ipv6);
+        assert_eq!(plan.entry_node, IpAddr::from(node_ip6(ENTRY_NODE)));
+        assert_eq!(plan.client, IpAddr::from(OUTSIDE_CLIENT_IP6));
+        let routes = plan.routed_reference_routes();
+        assert_eq!(
+            routes[0],
+            (
+                0,
+                vec![
+                    "fd00:10:244:2::/64".to_owned(),
+                    "via".into(),
+                    "fd00:192:168:100::1".into()
+                ]
+            )
+        );
+        assert_eq!(
+            routes[1],
+            (
+                2,
+                vec![
+                    "2001:db8:113::10/128".to_owned(),
+                    "via".into(),
+                    "fd00:192:168:100::1".into()
+                ]
+            )
+        );
+    }
+
+    #[test]
+    fn the_ipv4_plan_routes_the_pods_and_the_client_through_node_1() {
+        let routes = Plan::of(IpFamily::Ipv4).routed_reference_routes();
+        assert_eq!(routes[0].1.join(" "), "10.244.2.0/24 via 192.168.100.1");
+        assert_eq!(routes[1].1.join(" "), "203.0.113.10/32 via 192.168.100.1");
+    }
 }

@@ -378,34 +378,41 @@ impl Report {
              \"routed\", connects to the backend pod's address with node 1 as the router both ways: the same hops \
              without any translation. Ratios are paired per round: median [range]. The agent's SNAT range is \
              1024-59999 (node 1's ephemeral ports 60000-65535). The router's ends of both uplinks run an XDP program \
-             that passes everything, in every system's lab (native XDP_TX on a veth needs one on the peer).\n",
+             that passes everything, in every system's lab (native XDP_TX on a veth needs one on the peer). IPv6 \
+             rows: the same over an IPv6-only pod network, the client connecting to node 1's IPv6 address \
+             (kube-proxy's layouts loaded with ip6tables and as an `ip6` nftables table), set up beside the IPv4 ones \
+             and measured in the same interleaved rounds; their ratios are to routed over IPv6 in the same round. \
+             \"this process\": system time of the bench process (client and server threads) per connection, the \
+             figure least disturbed by other load on the machine.\n",
             self.concurrency, self.outside_seconds, self.outside_seconds
         );
         let _ = writeln!(
             o,
-            "| services | system | conn/s | vs routed | vs nftables | kernel CPU µs/conn, node | vs routed | connect p50 | stream | vs routed | errors | setup |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| family | services | system | conn/s | vs routed | vs nftables | kernel CPU µs/conn, node | this process | vs routed (process) | connect p50 | stream | vs routed | errors | setup |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let spread = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2}x [{lo:.2}–{hi:.2}]");
-        let find = |services: usize, s: OutsideSystem| {
+        let find = |family: IpFamily, services: usize, s: OutsideSystem| {
             self.outside
                 .iter()
-                .find(|r| r.services == services && r.system == s)
+                .find(|r| r.family == family && r.services == services && r.system == s)
         };
         let nan = (f64::NAN, f64::NAN, f64::NAN);
         for r in &self.outside {
             let vs = |reference: OutsideSystem, f: fn(&crate::e2e::Round) -> f64| {
-                find(r.services, reference).map_or(nan, |d| r.ratio(d, f))
+                find(r.family, r.services, reference).map_or(nan, |d| r.ratio(d, f))
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {:.0} | {} | {} | {:.1} | {} | {:.0} µs | {:.2} Gbit/s | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {:.0} µs | {:.2} Gbit/s | {} | {} | {} |",
+                r.family,
                 r.services,
                 r.system.label(),
                 r.median(|x| x.conns_per_s),
                 spread(vs(OutsideSystem::Routed, |x| x.conns_per_s)),
                 spread(vs(OutsideSystem::Nftables, |x| x.conns_per_s)),
                 r.median(|x| x.node_cpu_us_per_conn),
-                spread(vs(OutsideSystem::Routed, |x| x.node_cpu_us_per_conn)),
+                r.median(|x| x.process_sys_us_per_conn),
+                spread(vs(OutsideSystem::Routed, |x| x.process_sys_us_per_conn)),
                 r.median(|x| f64::from(x.connect_p50_us)),
                 r.median(|x| x.stream_gbit_s),
                 spread(vs(OutsideSystem::Routed, |x| x.stream_gbit_s)),
@@ -419,8 +426,9 @@ impl Report {
             .filter(|r| !r.note.is_empty())
             .map(|r| {
                 format!(
-                    "- {} ({} services): {}",
+                    "- {} ({}, {} services): {}",
                     r.system.label(),
+                    r.family,
                     r.services,
                     r.note
                 )
@@ -434,28 +442,32 @@ impl Report {
             );
         }
         let _ = writeln!(o, "\n| target | measured | |\n|---|---|---|");
-        let mut scales: Vec<usize> = self.outside.iter().map(|r| r.services).collect();
+        let mut scales: Vec<(IpFamily, usize)> = self
+            .outside
+            .iter()
+            .map(|r| (r.family, r.services))
+            .collect();
         scales.sort_unstable();
         scales.dedup();
-        for services in scales {
+        for (family, services) in scales {
             for system in [OutsideSystem::Xdp, OutsideSystem::XdpNative] {
-                let Some(x) = find(services, system) else {
+                let Some(x) = find(family, services, system) else {
                     continue;
                 };
-                if let Some(n) = find(services, OutsideSystem::Nftables) {
+                if let Some(n) = find(family, services, OutsideSystem::Nftables) {
                     let (m, lo, hi) = x.ratio(n, |r| r.conns_per_s);
                     let _ = writeln!(
                         o,
-                        "| {} ≥ 1.5x kube-proxy nftables, {services} services (conn/s) | {m:.2}x [{lo:.2}–{hi:.2}] | {} |",
+                        "| {family}: {} ≥ 1.5x kube-proxy nftables, {services} services (conn/s) | {m:.2}x [{lo:.2}–{hi:.2}] | {} |",
                         system.label(),
                         verdict(m >= 1.5)
                     );
                 }
-                if let Some(d) = find(services, OutsideSystem::Routed) {
+                if let Some(d) = find(family, services, OutsideSystem::Routed) {
                     let (m, lo, hi) = x.ratio(d, |r| r.conns_per_s);
                     let _ = writeln!(
                         o,
-                        "| {} within 10% of routed, {services} services (conn/s) | {m:.2}x [{lo:.2}–{hi:.2}] | {} |",
+                        "| {family}: {} within 10% of routed, {services} services (conn/s) | {m:.2}x [{lo:.2}–{hi:.2}] | {} |",
                         system.label(),
                         verdict(m >= 0.9)
                     );

@@ -758,6 +758,8 @@ fn a_renamed_uplink_stays_attached() {
     functioning_node_port_on(&c, 1);
     let log = c.agent_log(1);
     assert!(!log.contains("detached the external datapath"), "{log}");
+}
+
 // The upstream behaviours of ../shared/CONFORMANCE.md's NodePort table
 // that had no test of their name yet.
 

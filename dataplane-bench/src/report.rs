@@ -463,6 +463,16 @@ impl Report {
                         verdict(m >= 1.5)
                     );
                 }
+                if let Some(n) = find(family, services, OutsideSystem::Nftables) {
+                    // The steadier figure on a shared machine: what a
+                    // connection costs the bench's client and server.
+                    let (m, lo, hi) = x.ratio(n, |r| r.process_sys_us_per_conn);
+                    let _ = writeln!(
+                        o,
+                        "| {family}: context: {} kernel CPU per connection (this process) vs kube-proxy nftables, {services} services | {m:.2}x [{lo:.2}–{hi:.2}] | |",
+                        system.label()
+                    );
+                }
                 if let Some(d) = find(family, services, OutsideSystem::Routed) {
                     let (m, lo, hi) = x.ratio(d, |r| r.conns_per_s);
                     let _ = writeln!(

@@ -361,31 +361,30 @@ pub fn address_families() -> Result<(bool, bool), UplinkError> {
 
 /// Every IPv4 address of the node, with the interface holding it.
 pub fn addresses() -> Result<Vec<(String, Ipv4Addr)>, UplinkError> {
-    let mut out = Vec::new();
-    for ifaddr in nix::ifaddrs::getifaddrs().map_err(UplinkError::Addresses)? {
-        let Some(addr) = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
-            continue;
-        };
-        out.push((ifaddr.interface_name.clone(), addr.ip()));
-    }
-    Ok(out)
+    addresses_of(|addr| Some(addr.as_sockaddr_in()?.ip()))
 }
 
 /// Every global IPv6 address of the node (no loopback, no link-local),
 /// with the interface holding it.
 pub fn addresses6() -> Result<Vec<(String, Ipv6Addr)>, UplinkError> {
-    let mut out = Vec::new();
-    for ifaddr in nix::ifaddrs::getifaddrs().map_err(UplinkError::Addresses)? {
-        let Some(addr) = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in6()) else {
-            continue;
-        };
-        let ip = addr.ip();
-        if ip.is_loopback() || ip.is_unicast_link_local() {
-            continue;
-        }
-        out.push((ifaddr.interface_name.clone(), ip));
-    }
-    Ok(out)
+    addresses_of(|addr| {
+        let ip = addr.as_sockaddr_in6()?.ip();
+        (!ip.is_loopback() && !ip.is_unicast_link_local()).then_some(ip)
+    })
+}
+
+/// The node's addresses `pick` takes (those of one family), with the
+/// interface holding each.
+fn addresses_of<A>(
+    pick: impl Fn(&nix::sys::socket::SockaddrStorage) -> Option<A>,
+) -> Result<Vec<(String, A)>, UplinkError> {
+    Ok(nix::ifaddrs::getifaddrs()
+        .map_err(UplinkError::Addresses)?
+        .filter_map(|ifaddr| {
+            let ip = pick(ifaddr.address.as_ref()?)?;
+            Some((ifaddr.interface_name, ip))
+        })
+        .collect())
 }
 
 // Message types of linux/rtnetlink.h that netlink-packet-route keeps private.
@@ -876,6 +875,35 @@ mod tests {
             default_route_interfaces().unwrap()
         });
         assert_eq!(names, ["up4", "up6", "up100"]);
+    }
+
+    /// The addresses of each family as a namespace of this test's own has
+    /// them: IPv4 ones all (loopback too), IPv6 ones global only.
+    #[test]
+    fn node_addresses_are_read_per_family_with_their_interface() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (a network namespace of its own)"
+        );
+        let (v4, v6) = dataplane_testkit::netns::in_new_netns(|| {
+            let ip = |args: &[&str]| dataplane_testkit::netns::ip(args);
+            ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up0p"]);
+            ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+            ip(&["addr", "add", "2001:db8::1/64", "dev", "up0", "nodad"]);
+            ip(&["addr", "add", "fe80::1/64", "dev", "up0", "nodad"]);
+            (addresses().unwrap(), addresses6().unwrap())
+        });
+        assert_eq!(
+            v4,
+            [
+                ("lo".to_owned(), Ipv4Addr::LOCALHOST),
+                ("up0".to_owned(), Ipv4Addr::new(192, 0, 2, 1))
+            ]
+        );
+        assert_eq!(
+            v6,
+            [("up0".to_owned(), "2001:db8::1".parse::<Ipv6Addr>().unwrap())]
+        );
     }
 
     /// The dump of routes through nexthop objects, with the kernel naming

@@ -8,7 +8,10 @@ use std::net::SocketAddrV4;
 
 use dataplane_agent::{
     control::model::Protocol,
-    node::{datapath::DatapathConfig, pinned::monotonic_now_ns},
+    node::{
+        datapath::{DatapathClock, DatapathConfig},
+        pinned::monotonic_now_ns,
+    },
 };
 use dataplane_common::{ct_dir, ct_flags, ct_state, Counter, CtEntry, CtLifetimes};
 use dataplane_testkit::datapath::{self as harness, addr, ct_key, Harness, TC_ACT_OK};
@@ -43,6 +46,57 @@ fn opened_flow() -> Harness {
     let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
     assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK, "SYN");
     dp
+}
+
+/// CLOCK_MONOTONIC_COARSE, what `bpf_ktime_get_coarse_ns` reads.
+fn coarse_now_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Either clock the agent can choose loads, and a new flow's two entries
+/// carry that clock's now: read around the run on the same clock, so a
+/// datapath on the other one (a jiffy ahead or behind) shows.
+#[test]
+fn new_flows_are_stamped_with_now_on_either_datapath_clock() {
+    let has_coarse = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 11, 0));
+    for coarse_clock in [false, true] {
+        let config = DatapathConfig {
+            coarse_clock,
+            ..DatapathConfig::default()
+        };
+        let bpffs = harness::Bpffs::new().expect("a bpffs");
+        let mut dp = Harness::load_on(bpffs, &config).unwrap_or_else(|e| panic!("{e:#}"));
+        let (clock, now): (_, fn() -> u64) = if coarse_clock && has_coarse {
+            (DatapathClock::Coarse, coarse_now_ns)
+        } else {
+            (DatapathClock::Precise, monotonic_now_ns)
+        };
+        assert_eq!(dp.datapath.clock(), clock, "coarse wanted: {coarse_clock}");
+        dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
+        let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+
+        let before = now();
+        assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK, "SYN");
+        let after = now();
+
+        let reply = dp
+            .ct_get(&ct_key(backend(), client(), Protocol::Tcp, ct_dir::REPLY))
+            .expect("the reply entry");
+        for (what, entry) in [("original", original(&dp)), ("reply", reply)] {
+            for (field, ns) in [
+                ("created", entry.created_ns),
+                ("last seen", entry.last_seen_ns),
+            ] {
+                assert!(
+                    (before..=after).contains(&ns),
+                    "{clock:?}: {what} entry {field} {ns} outside [{before}, {after}]"
+                );
+            }
+        }
+    }
 }
 
 fn syn_ack() -> Vec<u8> {
@@ -416,5 +470,10 @@ fn last_seen_is_refreshed_at_most_once_a_second_but_flags_at_once() {
         .insert(key, entry, 0)
         .expect("ageing the entry");
     assert_eq!(dp.run_from_pod(&fin).verdict, TC_ACT_OK, "FIN again");
-    assert!(original(&dp).last_seen_ns >= now, "refreshed");
+    // Up to a jiffy (10 ms at HZ=100) behind `now` on the coarse clock.
+    let refreshed = original(&dp).last_seen_ns;
+    assert!(
+        refreshed + 50_000_000 >= now,
+        "refreshed: {refreshed} against {now}"
+    );
 }

@@ -5,9 +5,9 @@
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_fib_lookup, TC_ACT_REDIRECT},
     helpers::{
-        bpf_csum_diff, bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_tail,
-        bpf_skb_change_type,
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup_helper, bpf_get_prandom_u32,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_change_type,
     },
     programs::TcContext,
 };
@@ -155,16 +155,30 @@ pub fn csum_diff_add<const N: usize>(words: &mut [u32; N], seed: u32) -> u32 {
     sum as u32
 }
 
+/// Set by the agent at load when the kernel has `bpf_ktime_get_coarse_ns`
+/// (5.11) for every program type that reads the clock; read-only to the
+/// programs, so the verifier prunes the call an older kernel would refuse.
+#[unsafe(no_mangle)]
+static COARSE_CLOCK: u8 = 0;
+
 /// CLOCK_MONOTONIC nanoseconds, the clock conntrack, NAT and affinity
-/// timestamps use. Not `bpf_ktime_get_coarse_ns`, though it would save a
-/// clock read per packet (≈60 ns under test runs): that helper came in
-/// kernel 5.11, and a 5.10 node (Debian 11, Amazon Linux 2) would refuse
-/// every program; choosing it by a load-time constant is the way to have
-/// both.
-#[inline(always)]
+/// timestamps use: its coarse variant where the agent found it (the time of
+/// the last tick, so up to a jiffy behind, for half the cost), else the
+/// precise one. A call of its own: inlined, the branch costs stack slots
+/// in callers that are at the 512-byte limit, and a call clobbers the same
+/// registers a helper call does.
+#[inline(never)]
 pub fn now_ns() -> u64 {
-    // SAFETY: helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: a plain read of a constant the loader may have rewritten; the
+    // volatile read keeps the compiler from folding in the default.
+    let coarse = unsafe { core::ptr::read_volatile(&COARSE_CLOCK) } != 0;
+    if coarse {
+        // SAFETY: helper without arguments or side effects.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        // SAFETY: as above.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 #[inline(always)]

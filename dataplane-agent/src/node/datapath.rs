@@ -59,6 +59,8 @@ pub enum XdpAttachMode {
 }
 /// The programs' load-time switch of `DatapathConfig::direct_redirect`.
 const DIRECT_REDIRECT: &str = "DIRECT_REDIRECT";
+/// The programs' load-time switch of [`DatapathClock::Coarse`].
+const COARSE_CLOCK: &str = "COARSE_CLOCK";
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
 /// Benchmark reference program that does nothing: the fixed cost of a test
@@ -166,6 +168,9 @@ pub struct DatapathConfig {
     /// `bpf_redirect_peer`) instead of through the host's stack
     /// (`--direct-redirect`); off where the kernel lacks the helpers.
     pub direct_redirect: bool,
+    /// Timestamps from `bpf_ktime_get_coarse_ns` where the kernel has it
+    /// (5.11 and later), else from `bpf_ktime_get_ns`.
+    pub coarse_clock: bool,
 }
 
 impl Default for DatapathConfig {
@@ -177,8 +182,77 @@ impl Default for DatapathConfig {
             ct_max_other: capacity::CT_OTHER,
             ct_lifetimes: CtLifetimes::default(),
             direct_redirect: false,
+            coarse_clock: true,
         }
     }
+}
+
+/// The clock the programs read for conntrack, NAT, affinity and trace
+/// times. Both are CLOCK_MONOTONIC, so the agent compares either with its
+/// own `clock_gettime(CLOCK_MONOTONIC)`; the coarse one is the time of the
+/// last tick, up to a jiffy (1-10 ms) behind, so flows look that much older
+/// at most: nothing next to the lifetimes' seconds and the one-second
+/// refresh of `last_seen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatapathClock {
+    /// `bpf_ktime_get_ns`.
+    Precise,
+    /// `bpf_ktime_get_coarse_ns`: about half the cost of a read.
+    Coarse,
+}
+
+impl std::fmt::Display for DatapathClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Precise => "bpf_ktime_get_ns",
+            Self::Coarse => "bpf_ktime_get_coarse_ns",
+        })
+    }
+}
+
+/// Program types of the object whose programs read the clock (tc, the
+/// uplink's XDP, the socket hooks' affinity): one constant serves them
+/// all, so the coarse clock needs every one of them to have the helper.
+const CLOCK_READERS: [aya::programs::ProgramType; 3] = [
+    aya::programs::ProgramType::SchedClassifier,
+    aya::programs::ProgramType::Xdp,
+    aya::programs::ProgramType::CgroupSockAddr,
+];
+
+/// The clock for a load that `wants_coarse`, given `has_coarse`, the probe
+/// of one program type for `bpf_ktime_get_coarse_ns`; with the reason when
+/// the precise clock is taken although the coarse one was wanted.
+fn choose_clock<E: std::fmt::Display>(
+    wants_coarse: bool,
+    mut has_coarse: impl FnMut(aya::programs::ProgramType) -> Result<bool, E>,
+) -> (DatapathClock, Option<String>) {
+    if !wants_coarse {
+        return (DatapathClock::Precise, None);
+    }
+    for program_type in CLOCK_READERS {
+        let why = match has_coarse(program_type) {
+            Ok(true) => continue,
+            Ok(false) => format!("this kernel has no bpf_ktime_get_coarse_ns for {program_type:?} programs (before 5.11)"),
+            Err(e) => format!("probing for bpf_ktime_get_coarse_ns in {program_type:?} programs failed ({e})"),
+        };
+        return (DatapathClock::Precise, Some(why));
+    }
+    (DatapathClock::Coarse, None)
+}
+
+/// [`choose_clock`] with the kernel's answers; logs which clock it is.
+fn probe_clock(wants_coarse: bool) -> DatapathClock {
+    let (clock, why) = choose_clock(wants_coarse, |program_type| {
+        aya::sys::is_helper_supported(
+            program_type,
+            aya::sys::BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
+        )
+    });
+    match why {
+        Some(why) => info!("datapath clock: {clock} ({why})"),
+        None => info!("datapath clock: {clock}"),
+    }
+    clock
 }
 
 /// Whether the kernel has `bpf_redirect_peer` for tc programs (5.10 and
@@ -252,6 +326,7 @@ pub struct Datapath {
     uplinks: HashMap<u32, Attachment>,
     /// Pinned XDP links of the uplinks.
     xdp_pins: Vec<PathBuf>,
+    clock: DatapathClock,
 }
 
 impl Datapath {
@@ -303,6 +378,9 @@ impl Datapath {
         loader.map_max_entries(map_names::CT6_OTHER, config.ct_max_other);
         let direct_redirect = u8::from(config.direct_redirect && redirect_peer_supported());
         loader.override_global(DIRECT_REDIRECT, &direct_redirect, true);
+        let clock = probe_clock(config.coarse_clock);
+        let coarse_clock = u8::from(clock == DatapathClock::Coarse);
+        loader.override_global(COARSE_CLOCK, &coarse_clock, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -356,6 +434,7 @@ impl Datapath {
                 pending,
                 uplinks: HashMap::new(),
                 xdp_pins: Vec::new(),
+                clock,
             },
             DatapathMaps {
                 lb,
@@ -369,6 +448,11 @@ impl Datapath {
                 nat6,
             },
         ))
+    }
+
+    /// The clock the programs' timestamps come from.
+    pub fn clock(&self) -> DatapathClock {
+        self.clock
     }
 
     /// Whether maps of an earlier agent wait for [`Datapath::commit_migration`].
@@ -910,4 +994,45 @@ pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     }
     let _ = std::fs::remove_dir(&staging);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::programs::ProgramType;
+
+    use super::*;
+
+    #[test]
+    fn coarse_clock_is_taken_when_every_program_type_has_it() {
+        let mut probed = Vec::new();
+        let (clock, why) = choose_clock(true, |t| {
+            probed.push(t);
+            Ok::<_, String>(true)
+        });
+        assert_eq!((clock, why), (DatapathClock::Coarse, None));
+        assert_eq!(probed, CLOCK_READERS, "every clock reader probed");
+    }
+
+    #[test]
+    fn precise_clock_when_one_program_type_lacks_the_coarse_helper() {
+        let (clock, why) = choose_clock(true, |t| Ok::<_, String>(t != ProgramType::Xdp));
+        assert_eq!(clock, DatapathClock::Precise);
+        let why = why.expect("a reason for the log");
+        assert!(why.contains("Xdp") && why.contains("5.11"), "{why}");
+    }
+
+    #[test]
+    fn precise_clock_when_the_probe_fails() {
+        let (clock, why) = choose_clock(true, |_| Err("EPERM"));
+        assert_eq!(clock, DatapathClock::Precise);
+        assert!(why.expect("a reason").contains("EPERM"));
+    }
+
+    #[test]
+    fn precise_clock_when_coarse_is_not_wanted_without_probing() {
+        let (clock, why) = choose_clock(false, |_| -> Result<bool, String> {
+            panic!("probed although the coarse clock is not wanted")
+        });
+        assert_eq!((clock, why), (DatapathClock::Precise, None));
+    }
 }

@@ -242,7 +242,8 @@ pub fn service_names(map: &ServiceNamesMap) -> HashMap<u32, String> {
         .collect()
 }
 
-/// Now on the clock `bpf_ktime_get_ns` uses (conntrack and trace times).
+/// Now on the clock of conntrack and trace times (CLOCK_MONOTONIC; on the
+/// coarse datapath clock those lag it by up to a jiffy).
 pub fn monotonic_now_ns() -> u64 {
     clock_gettime(ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)

@@ -272,7 +272,6 @@ impl Report {
             o,
             "| family | services | system | conn/s | vs direct | kernel CPU µs/conn, node | this process | vs direct (process) | connect p50 | connect p99 | stream | vs direct | errors | setup |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        let spread = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2}x [{lo:.2}–{hi:.2}]");
         for r in &self.e2e {
             let direct = self.e2e.iter().find(|d| {
                 d.services == r.services && d.family == r.family && d.system == System::Direct
@@ -292,14 +291,14 @@ impl Report {
                 r.services,
                 r.system.label(),
                 r.median(|x| x.conns_per_s),
-                spread(conns),
+                fmt_spread(conns),
                 r.median(|x| x.node_cpu_us_per_conn),
                 r.median(|x| x.process_sys_us_per_conn),
-                spread(cpu),
+                fmt_spread(cpu),
                 r.median(|x| f64::from(x.connect_p50_us)),
                 r.median(|x| f64::from(x.connect_p99_us)),
                 r.median(|x| x.stream_gbit_s),
-                spread(stream),
+                fmt_spread(stream),
                 r.rounds.iter().map(|x| x.errors).sum::<u64>(),
                 ms(r.setup)
             );
@@ -390,7 +389,6 @@ impl Report {
             o,
             "| family | services | system | conn/s | vs routed | vs nftables | kernel CPU µs/conn, node | this process | vs routed (process) | connect p50 | stream | vs routed | errors | setup |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        let spread = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2}x [{lo:.2}–{hi:.2}]");
         let find = |family: IpFamily, services: usize, s: OutsideSystem| {
             self.outside
                 .iter()
@@ -408,14 +406,14 @@ impl Report {
                 r.services,
                 r.system.label(),
                 r.median(|x| x.conns_per_s),
-                spread(vs(OutsideSystem::Routed, |x| x.conns_per_s)),
-                spread(vs(OutsideSystem::Nftables, |x| x.conns_per_s)),
+                fmt_spread(vs(OutsideSystem::Routed, |x| x.conns_per_s)),
+                fmt_spread(vs(OutsideSystem::Nftables, |x| x.conns_per_s)),
                 r.median(|x| x.node_cpu_us_per_conn),
                 r.median(|x| x.process_sys_us_per_conn),
-                spread(vs(OutsideSystem::Routed, |x| x.process_sys_us_per_conn)),
+                fmt_spread(vs(OutsideSystem::Routed, |x| x.process_sys_us_per_conn)),
                 r.median(|x| f64::from(x.connect_p50_us)),
                 r.median(|x| x.stream_gbit_s),
-                spread(vs(OutsideSystem::Routed, |x| x.stream_gbit_s)),
+                fmt_spread(vs(OutsideSystem::Routed, |x| x.stream_gbit_s)),
                 r.rounds.iter().map(|x| x.errors).sum::<u64>(),
                 ms(r.setup)
             );
@@ -761,4 +759,25 @@ pub fn plot(rep: &Report, path: &Path) -> anyhow::Result<()> {
     encoder.set_depth(png::BitDepth::Eight);
     encoder.write_header()?.write_image_data(&buf)?;
     Ok(())
+}
+
+/// A ratio to a reference with its spread over rounds, or "–" when the
+/// reference was not measured (left out by `--systems`).
+fn fmt_spread((median, lo, hi): (f64, f64, f64)) -> String {
+    if median.is_finite() {
+        format!("{median:.2}x [{lo:.2}–{hi:.2}]")
+    } else {
+        "–".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_spread;
+
+    #[test]
+    fn a_ratio_without_its_reference_prints_a_dash_not_nan() {
+        assert_eq!(fmt_spread((0.874, 0.7, 1.05)), "0.87x [0.70–1.05]");
+        assert_eq!(fmt_spread((f64::NAN, f64::NAN, f64::NAN)), "–");
+    }
 }

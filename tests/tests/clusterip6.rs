@@ -698,3 +698,86 @@ fn ipv6_session_affinity_ends_after_its_timeout() {
         c.logs()
     );
 }
+
+/// The IPv6-only `web` service with `ports`, backed by `backends`.
+fn web6_ports(ports: &[manifests::Port], backends: &[&str]) -> String {
+    let service = manifests::with_cluster_ips(
+        manifests::service("default", "web", WEB_IP, ports),
+        &[WEB_IP6.into()],
+    );
+    manifests::manifest_per_family(&service, |family| {
+        backends
+            .iter()
+            .map(|p| pod_endpoint_of(&lab_pod(p), family))
+            .collect()
+    })
+}
+
+/// Upstream "should serve endpoints on same port and different protocols",
+/// over IPv6: TCP 80 and UDP 80 of one IPv6 cluster IP are two frontends,
+/// each reaching every endpoint.
+#[test]
+fn should_serve_endpoints_on_same_port_and_different_protocols_over_ipv6() {
+    require_root();
+    let tcp = manifests::Port {
+        name: "tcp",
+        protocol: "TCP",
+        port: 80,
+        target_port: dataplane_lab::traffic::TCP_PORT,
+    };
+    let udp = manifests::Port {
+        name: "udp",
+        protocol: "UDP",
+        port: 80,
+        target_port: dataplane_lab::traffic::UDP_PORT,
+    };
+    let c = cluster(
+        CrossNode::Direct,
+        web6_ports(&[tcp, udp], &["web-a", "web-b"]),
+    );
+    let both: BTreeSet<String> = ["web-a", "web-b"].map(String::from).into();
+    c.eventually("TCP [web6]:80 reaches both endpoints", || {
+        backends_seen(&c, http6(), false) == both
+    });
+    c.eventually("UDP [web6]:80 reaches both endpoints", || {
+        backends_seen(&c, http6(), true) == both
+    });
+}
+
+/// Upstream "should be updated after adding or deleting ports", over IPv6:
+/// a port added to the IPv6 service starts answering, a port removed stops.
+#[test]
+fn should_be_updated_after_adding_or_deleting_ports_over_ipv6() {
+    require_root();
+    let c = cluster(
+        CrossNode::Direct,
+        web6_ports(&[manifests::HTTP], &["web-a"]),
+    );
+    assert_eq!(
+        c.tcp("client", http6()).backend(),
+        Some("web-a"),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(c.udp("client", dns6()).backend(), None, "no dns port yet");
+
+    c.write_manifest(
+        "web.yaml",
+        &web6_ports(&[manifests::HTTP, manifests::DNS], &["web-a"]),
+    );
+    c.eventually("the added dns port answers over IPv6", || {
+        c.udp("client", dns6()).backend() == Some("web-a")
+    });
+    assert_eq!(c.tcp("client", http6()).backend(), Some("web-a"));
+
+    c.write_manifest("web.yaml", &web6_ports(&[manifests::DNS], &["web-a"]));
+    c.eventually("the deleted http port no longer answers over IPv6", || {
+        c.tcp("client", http6()).backend().is_none()
+    });
+    assert_eq!(
+        c.udp("client", dns6()).backend(),
+        Some("web-a"),
+        "the port kept\n{}",
+        c.logs()
+    );
+}

@@ -7,7 +7,10 @@
 //! masqueraded), as on the bench's topology; services with a nodePort also
 //! get kube-proxy's NodePort rules for policy Cluster (KUBE-NODEPORTS ->
 //! KUBE-EXT-* masquerade mark -> the service chain; nftables:
-//! `service-nodeports` verdict map on the `nodeport-ips`).
+//! `service-nodeports` verdict map on the `nodeport-ips`, matched by
+//! address alone as its nftables mode does with its default
+//! `--nodeport-addresses`, the node's primary IPs; no `fib daddr type
+//! local`, which it writes only for `--nodeport-addresses 0.0.0.0/0`).
 //!
 //! Either family: kube-proxy runs one proxier per family, writing the same
 //! layout with ip6tables and an `ip6 kube-proxy` table for IPv6. Every
@@ -470,7 +473,7 @@ add rule {t} nat-postrouting jump masquerading
             out,
             "add set {t} nodeport-ips {{ type {addr} ; comment \"IPs that accept NodePort traffic\" ; }}
 add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}
-add rule {t} services fib daddr type local {ip} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
+add rule {t} services {ip} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
 "
         );
     }
@@ -645,7 +648,7 @@ mod tests {
         );
         assert!(
             nft.contains(
-                "add rule ip6 kube-proxy services fib daddr type local ip6 daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
+                "add rule ip6 kube-proxy services ip6 daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
             ),
             "{nft}"
         );

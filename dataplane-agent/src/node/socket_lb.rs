@@ -295,15 +295,29 @@ fn attach_release(
     program
         .load()
         .map_err(|source| SocketLbError::Unsupported { name, source })?;
-    let attach_err = |source| SocketLbError::Attach {
+    let link = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .and_then(|id| program.take_link(id));
+    pin_attached(link, name, pin_name, cgroup_root, links_dir)
+}
+
+/// Pins the link of a hook just attached (either program type: their link
+/// types differ, both are bpf_links), or names the attach failure.
+fn pin_attached<L>(
+    link: Result<L, ProgramError>,
+    name: &'static str,
+    pin_name: &str,
+    cgroup_root: &Path,
+    links_dir: &Path,
+) -> Result<(), SocketLbError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let link = link.map_err(|source| SocketLbError::Attach {
         name,
         root: cgroup_root.to_owned(),
         source,
-    };
-    let id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(attach_err)?;
-    let link = program.take_link(id).map_err(attach_err)?;
+    })?;
     let link =
         FdLink::try_from(link).map_err(|source| SocketLbError::NotFdLink { name, source })?;
     pin_link(link, name, pin_name, links_dir)
@@ -352,21 +366,13 @@ fn attach_all(
 ) -> Result<(), SocketLbError> {
     for &(name, pin_name, _) in hooks {
         let program = program_mut(ebpf, name)?;
-        let attach_err = |source| SocketLbError::Attach {
-            name,
-            root: cgroup_root.to_owned(),
-            source,
-        };
         // A bpf_link: the kernel takes no attach flags with it (EINVAL) and
         // always lets several links share a hook, so the previous agent's
         // stays attached until ours is, and other tools may attach theirs.
-        let id = program
+        let link = program
             .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(attach_err)?;
-        let link = program.take_link(id).map_err(attach_err)?;
-        let link =
-            FdLink::try_from(link).map_err(|source| SocketLbError::NotFdLink { name, source })?;
-        pin_link(link, name, pin_name, links_dir)?;
+            .and_then(|id| program.take_link(id));
+        pin_attached(link, name, pin_name, cgroup_root, links_dir)?;
     }
     Ok(())
 }

@@ -7,11 +7,11 @@ use anyhow::{bail, Context as _};
 
 use crate::cargo::{clean_env, status, workspace_root};
 
-/// The last commit of main whose maps were of layout 5
-/// (`git log --first-parent -S'LAYOUT_VERSION: u32 = 5'`): the release an
-/// upgrade to layout 6 starts from. Its Cargo.lock is today's, so the
+/// The last commit of main whose maps were of layout 6
+/// (`git log --first-parent -S'LAYOUT_VERSION: u32 = 6'`): the release an
+/// upgrade to layout 7 starts from. Its Cargo.lock is today's, so the
 /// registry cache CI already has builds it. Move it with every layout bump.
-const COMMIT: &str = "0c26027f120123ce699e0bf270a60373b5cf11a8";
+const COMMIT: &str = "4e9f60c7073f2d115a5855b767776f4f95bfa692";
 
 /// Where the agent of `COMMIT` is built: a source tree from `git archive`
 /// and a target directory of its own, so this workspace's build artifacts

@@ -913,7 +913,10 @@ pub struct ClusterState {
     families: IpFamilies,
     services: BTreeMap<ServiceName, ServiceEntry>,
     slices: BTreeMap<ObjectRef, SliceEntry>,
-    slices_by_service: BTreeMap<ServiceName, BTreeSet<ObjectRef>>,
+    /// Each service's slices, sorted: a `Vec` rather than a `BTreeSet`,
+    /// whose smallest node holds eleven keys (10 000 services of one slice
+    /// each: 5 MiB for one key in each).
+    slices_by_service: BTreeMap<ServiceName, Vec<ObjectRef>>,
 }
 
 impl ClusterState {
@@ -942,10 +945,10 @@ impl ClusterState {
                 let key = slice.key.clone();
                 let mut touched = self.remove_slice(&key);
                 if let Some(owner) = &slice.owner {
-                    self.slices_by_service
-                        .entry(owner.clone())
-                        .or_default()
-                        .insert(key.clone());
+                    let keys = self.slices_by_service.entry(owner.clone()).or_default();
+                    if let Err(at) = keys.binary_search(&key) {
+                        keys.insert(at, key.clone());
+                    }
                     touched.push(owner.clone());
                 }
                 self.slices.insert(key, slice);
@@ -965,7 +968,9 @@ impl ClusterState {
             return Vec::new();
         };
         if let Some(set) = self.slices_by_service.get_mut(&owner) {
-            set.remove(key);
+            if let Ok(at) = set.binary_search(key) {
+                set.remove(at);
+            }
             if set.is_empty() {
                 self.slices_by_service.remove(&owner);
             }
@@ -973,8 +978,8 @@ impl ClusterState {
         vec![owner]
     }
 
-    pub fn service_names(&self) -> Vec<ServiceName> {
-        self.services.keys().cloned().collect()
+    pub fn service_names(&self) -> impl Iterator<Item = &ServiceName> {
+        self.services.keys()
     }
 
     pub fn service_count(&self) -> usize {
@@ -1001,6 +1006,9 @@ impl ClusterState {
             }
             self.family_frontends(name, svc, cluster_ip, node_name, &mut frontends);
         }
+        // Pushing one at a time leaves room for four: at 10 000 services
+        // held at once for a full sync, 7 MiB of nothing.
+        frontends.shrink_to_fit();
         Some(frontends)
     }
 
@@ -1924,7 +1932,7 @@ mod tests {
         assert_eq!(s.apply(ClusterEvent::DeleteSlice(slice_ref)), vec![]);
         assert_eq!(s.apply(ClusterEvent::DeleteService(web())), vec![web()]);
         assert_eq!(s.frontends(&web(), None), None);
-        assert!(s.service_names().is_empty());
+        assert_eq!(s.service_names().count(), 0);
     }
 
     fn external(state: &ClusterState, node: Option<&str>) -> Vec<(String, FrontendSpec)> {

@@ -257,8 +257,87 @@ impl FrontendKey {
     }
 }
 
-/// A backend id within one family's id space.
-type BackendId = (IpFamily, u32);
+/// Each family's backends by id. Ids are dense (they index `BACKENDS` and
+/// `LB6_BACKENDS`), so a vector each holds them in less than a hash map
+/// (at 100 000 backends, 1.5 MiB rather than 4.3).
+#[derive(Debug, Default)]
+struct BackendsById {
+    v4: Vec<Option<Backend>>,
+    v6: Vec<Option<Backend6>>,
+}
+
+impl BackendsById {
+    fn get(&self, family: IpFamily, id: u32) -> Option<BackendKey> {
+        let id = id as usize;
+        match family {
+            IpFamily::Ipv4 => self.v4.get(id).copied().flatten().map(BackendKey::V4),
+            IpFamily::Ipv6 => self.v6.get(id).copied().flatten().map(BackendKey::V6),
+        }
+    }
+
+    fn contains(&self, family: IpFamily, id: u32) -> bool {
+        self.get(family, id).is_some()
+    }
+
+    fn insert(&mut self, id: u32, backend: BackendKey) {
+        fn put<T>(list: &mut Vec<Option<T>>, id: usize, value: T) {
+            if list.len() <= id {
+                list.resize_with(id + 1, || None);
+            }
+            list[id] = Some(value);
+        }
+        match backend {
+            BackendKey::V4(b) => put(&mut self.v4, id as usize, b),
+            BackendKey::V6(b) => put(&mut self.v6, id as usize, b),
+        }
+    }
+
+    fn remove(&mut self, family: IpFamily, id: u32) {
+        let id = id as usize;
+        match family {
+            IpFamily::Ipv4 => {
+                if let Some(slot) = self.v4.get_mut(id) {
+                    *slot = None;
+                }
+            }
+            IpFamily::Ipv6 => {
+                if let Some(slot) = self.v6.get_mut(id) {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.v4.clear();
+        self.v6.clear();
+    }
+
+    /// The ids in use of one family.
+    fn ids(&self, family: IpFamily) -> Vec<u32> {
+        let used = |(id, b): (usize, bool)| b.then_some(id as u32);
+        match family {
+            IpFamily::Ipv4 => self
+                .v4
+                .iter()
+                .map(Option::is_some)
+                .enumerate()
+                .filter_map(used)
+                .collect(),
+            IpFamily::Ipv6 => self
+                .v6
+                .iter()
+                .map(Option::is_some)
+                .enumerate()
+                .filter_map(used)
+                .collect(),
+        }
+    }
+
+    fn v4_backends(&self) -> impl Iterator<Item = &Backend> {
+        self.v4.iter().flatten()
+    }
+}
 
 /// What one frontend looks like in the maps.
 #[derive(Debug, Clone)]
@@ -498,7 +577,7 @@ pub struct SyncEngine<M: LbMaps> {
     /// and a `BTreeSet`'s smallest node holds eleven.
     owned: HashMap<ServiceName, Vec<FrontendKey>>,
     backends: FamilyMap<BackendKey, BackendRef>,
-    backend_by_id: HashMap<BackendId, BackendKey>,
+    backend_by_id: BackendsById,
     /// Backend ids per `REPLY_SOURCES` key (an endpoint may have two ids
     /// for a moment, e.g. while its flags change). IPv4 only: the IPv6
     /// path has no reply pre-filter.
@@ -690,7 +769,7 @@ impl<M: LbMaps> SyncEngine<M> {
             frontends: HashMap::new(),
             owned: HashMap::new(),
             backends: FamilyMap::new(),
-            backend_by_id: HashMap::new(),
+            backend_by_id: BackendsById::default(),
             reply_sources: HashMap::new(),
             service_ips: FamilyMap::new(),
             node_addrs: BTreeSet::new(),
@@ -761,7 +840,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 .or_default()
                 .insert(key);
         }
-        let by_id: HashMap<BackendId, BackendKey> = backends
+        let by_id: HashMap<(IpFamily, u32), BackendKey> = backends
             .iter()
             .map(|(id, b)| ((IpFamily::Ipv4, *id), BackendKey::V4(*b)))
             .chain(
@@ -807,7 +886,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.backends
                     .get_or_insert_with(backend, || BackendRef { id: *id, refs: 0 })
                     .refs += 1;
-                self.backend_by_id.insert((family, *id), backend);
+                self.backend_by_id.insert(*id, backend);
             }
             self.slot_count += ids.len();
             self.frontends.insert(
@@ -826,10 +905,10 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         // Backends no slot points at may be draining established flows: the
         // next full sync claims those still listed and removes the rest.
-        let mut ids: Vec<(&BackendId, &BackendKey)> = by_id.iter().collect();
+        let mut ids: Vec<(&(IpFamily, u32), &BackendKey)> = by_id.iter().collect();
         ids.sort();
         for (&(family, id), &backend) in ids {
-            if self.backend_by_id.contains_key(&(family, id)) {
+            if self.backend_by_id.contains(family, id) {
                 continue;
             }
             if self.backends.contains_key(&backend) {
@@ -841,7 +920,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 continue;
             }
             self.backends.insert(backend, BackendRef { id, refs: 1 });
-            self.backend_by_id.insert((family, id), backend);
+            self.backend_by_id.insert(id, backend);
             self.adopted_draining.push(backend);
         }
         for &index in slots.keys() {
@@ -852,13 +931,11 @@ impl<M: LbMaps> SyncEngine<M> {
         // `REPLY_SOURCES` follows the backends adopted (and is filled here
         // when an agent of an earlier layout left none).
         self.reply_sources.clear();
-        for backend in self.backend_by_id.values() {
-            if let BackendKey::V4(backend) = backend {
-                *self
-                    .reply_sources
-                    .entry(ReplySource::of(backend))
-                    .or_insert(0) += 1;
-            }
+        for backend in self.backend_by_id.v4_backends() {
+            *self
+                .reply_sources
+                .entry(ReplySource::of(backend))
+                .or_insert(0) += 1;
         }
         for key in self.reply_sources.keys() {
             if !reply_sources.contains_key(key) {
@@ -894,12 +971,7 @@ impl<M: LbMaps> SyncEngine<M> {
             .filter(|(_, count)| *count > 0)
             .collect();
         self.service_ids = IdAllocator::from_used(service_ids, u32::MAX);
-        let used = |family| {
-            self.backend_by_id
-                .keys()
-                .filter(move |(f, _)| *f == family)
-                .map(|(_, id)| *id)
-        };
+        let used = |family| self.backend_by_id.ids(family);
         self.backend_ids = IdAllocator::from_used(used(IpFamily::Ipv4), capacity::BACKENDS);
         self.backend6_ids = IdAllocator::from_used(used(IpFamily::Ipv6), capacity::LB6_BACKENDS);
         self.owned.retain(|_, keys| {
@@ -916,7 +988,7 @@ impl<M: LbMaps> SyncEngine<M> {
 
     fn backends_by_id(&self, family: IpFamily, ids: &[u32]) -> Vec<BackendKey> {
         ids.iter()
-            .filter_map(|id| self.backend_by_id.get(&(family, *id)).copied())
+            .filter_map(|id| self.backend_by_id.get(family, *id))
             .collect()
     }
 
@@ -1364,7 +1436,7 @@ impl<M: LbMaps> SyncEngine<M> {
             }
         };
         self.backends.insert(backend, BackendRef { id, refs: 1 });
-        self.backend_by_id.insert((backend.family(), id), backend);
+        self.backend_by_id.insert(id, backend);
         id
     }
 
@@ -1376,7 +1448,7 @@ impl<M: LbMaps> SyncEngine<M> {
         if r.refs == 0 {
             let id = r.id;
             self.backends.remove(&backend);
-            self.backend_by_id.remove(&(backend.family(), id));
+            self.backend_by_id.remove(backend.family(), id);
             match backend {
                 BackendKey::V4(b) => {
                     self.pending.remove_backend(id);

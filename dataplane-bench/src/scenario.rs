@@ -117,7 +117,7 @@ pub fn services(
             Svc {
                 name: ObjectRef {
                     namespace: NAMESPACE.into(),
-                    name: format!("svc-{i}"),
+                    name: format!("svc-{i}").into(),
                 },
                 ip: service_ip(family, i),
                 port: SERVICE_PORT,

@@ -213,9 +213,8 @@ impl Harness {
                 let (service, spec) = plain_spec(name, backends);
                 let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
                 (service, vec![(frontend, spec)])
-            })
-            .collect();
-        let (_, errors) = self.engine.sync_all(&all);
+            });
+        let (_, errors) = self.engine.sync_all(all);
         assert!(errors.is_empty(), "full sync: {errors:?}");
     }
 

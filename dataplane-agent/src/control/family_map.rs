@@ -75,10 +75,6 @@ impl<K: Family + Hash + Eq, V> FamilyMap<K, V> {
         self.map.clear();
         self.ipv6 = 0;
     }
-
-    pub fn reserve(&mut self, additional: usize) {
-        self.map.reserve(additional);
-    }
 }
 
 impl<K: Family + Hash + Eq, V> Default for FamilyMap<K, V> {

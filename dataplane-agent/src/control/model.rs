@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -38,22 +39,31 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
+/// An object's namespace and name. Shared, not copied: the model, the sync
+/// engine and the sources each key their maps by it, and at 10 000
+/// services separate copies were 6 MiB of the agent's peak.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectRef {
-    pub fn of(meta: &ObjectMeta) -> Self {
+    pub fn new(namespace: &str, name: &str) -> Self {
         Self {
-            namespace: meta
-                .namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "default".into()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: namespace.into(),
+            name: name.into(),
         }
+    }
+
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default(),
+        )
     }
 }
 
@@ -877,7 +887,7 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<SliceEntry, ModelError> {
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .map(|name| ObjectRef {
             namespace: object.namespace.clone(),
-            name: name.clone(),
+            name: name.as_str().into(),
         });
     let trigger_time = slice
         .metadata
@@ -913,7 +923,10 @@ pub struct ClusterState {
     families: IpFamilies,
     services: BTreeMap<ServiceName, ServiceEntry>,
     slices: BTreeMap<ObjectRef, SliceEntry>,
-    slices_by_service: BTreeMap<ServiceName, BTreeSet<ObjectRef>>,
+    /// Each service's slices, sorted: a `Vec` rather than a `BTreeSet`,
+    /// whose smallest node holds eleven keys (10 000 services of one slice
+    /// each: 5 MiB for one key in each).
+    slices_by_service: BTreeMap<ServiceName, Vec<ObjectRef>>,
 }
 
 impl ClusterState {
@@ -942,10 +955,10 @@ impl ClusterState {
                 let key = slice.key.clone();
                 let mut touched = self.remove_slice(&key);
                 if let Some(owner) = &slice.owner {
-                    self.slices_by_service
-                        .entry(owner.clone())
-                        .or_default()
-                        .insert(key.clone());
+                    let keys = self.slices_by_service.entry(owner.clone()).or_default();
+                    if let Err(at) = keys.binary_search(&key) {
+                        keys.insert(at, key.clone());
+                    }
                     touched.push(owner.clone());
                 }
                 self.slices.insert(key, slice);
@@ -965,7 +978,9 @@ impl ClusterState {
             return Vec::new();
         };
         if let Some(set) = self.slices_by_service.get_mut(&owner) {
-            set.remove(key);
+            if let Ok(at) = set.binary_search(key) {
+                set.remove(at);
+            }
             if set.is_empty() {
                 self.slices_by_service.remove(&owner);
             }
@@ -973,8 +988,8 @@ impl ClusterState {
         vec![owner]
     }
 
-    pub fn service_names(&self) -> Vec<ServiceName> {
-        self.services.keys().cloned().collect()
+    pub fn service_names(&self) -> impl Iterator<Item = &ServiceName> {
+        self.services.keys()
     }
 
     pub fn service_count(&self) -> usize {
@@ -1001,6 +1016,9 @@ impl ClusterState {
             }
             self.family_frontends(name, svc, cluster_ip, node_name, &mut frontends);
         }
+        // Pushing one at a time leaves room for four: at 10 000 services
+        // held at once for a full sync, 7 MiB of nothing.
+        frontends.shrink_to_fit();
         Some(frontends)
     }
 
@@ -1924,7 +1942,7 @@ mod tests {
         assert_eq!(s.apply(ClusterEvent::DeleteSlice(slice_ref)), vec![]);
         assert_eq!(s.apply(ClusterEvent::DeleteService(web())), vec![web()]);
         assert_eq!(s.frontends(&web(), None), None);
-        assert!(s.service_names().is_empty());
+        assert_eq!(s.service_names().count(), 0);
     }
 
     fn external(state: &ClusterState, node: Option<&str>) -> Vec<(String, FrontendSpec)> {

@@ -180,14 +180,17 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
     /// and the model does not is removed.
     pub fn full_sync(&mut self) {
         let started = Instant::now();
-        let mut all = BTreeMap::new();
-        for service in self.state.service_names() {
-            let frontends = self.frontends_of(&service);
-            if !frontends.is_empty() {
-                all.insert(service, frontends);
-            }
-        }
-        let (stats, errors) = self.engine.sync_all(&all);
+        // Each service's frontends are worked out as the engine takes them,
+        // never the whole cluster's at once (the agent's peak memory).
+        let state = &self.state;
+        let node_name = self.node_name.as_deref();
+        let mut services = 0usize;
+        let all = state.service_names().filter_map(|service| {
+            let frontends = state.frontends(service, node_name).unwrap_or_default();
+            services += usize::from(!frontends.is_empty());
+            (!frontends.is_empty()).then_some((service, frontends))
+        });
+        let (stats, errors) = self.engine.sync_all(all);
         for e in &errors {
             error!("{e}");
             self.report.error(e.cause());
@@ -206,7 +209,7 @@ impl<M: LbMaps, R: Report> ControlLoop<M, R> {
         }
         info!(
             "full sync: {} services, {} frontends, {} backends programmed ({} changed, {} removed) in {:?}",
-            all.len(),
+            services,
             self.engine.frontend_count(),
             self.engine.backend_count(),
             stats.frontends_changed,

@@ -46,8 +46,8 @@ type Checks = Arc<RwLock<HashMap<u16, HealthCheck>>>;
 pub fn respond(check: &HealthCheck) -> (StatusCode, String) {
     let body = Body {
         service: ServiceRef {
-            namespace: check.service.namespace.clone(),
-            name: check.service.name.clone(),
+            namespace: check.service.namespace.to_string(),
+            name: check.service.name.to_string(),
         },
         local_endpoints: check.local_endpoints,
         service_proxy_healthy: true,

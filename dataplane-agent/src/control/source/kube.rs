@@ -60,8 +60,8 @@ impl Watched for EndpointSlice {
 
 fn key_of<K: Watched>(obj: &K) -> ObjectRef {
     ObjectRef {
-        namespace: obj.namespace().unwrap_or_else(|| "default".into()),
-        name: obj.name_any(),
+        namespace: obj.namespace().as_deref().unwrap_or("default").into(),
+        name: obj.name_any().into(),
     }
 }
 

@@ -612,6 +612,9 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let mut nat6_config = maps.nat6_config;
     let mut nat6 = maps.nat6;
     let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
+    // Flows carried over (a restart, an upgrade): their backends' replies
+    // stay looked up (`set_flows_carried`). One key read tells.
+    engine.set_flows_carried(conntrack_maps.iter().next().is_some());
     // Subscribed before the uplinks and addresses are read: no change in
     // between is missed.
     let mut network_changes = if options.external_datapath == ExternalDatapath::None {

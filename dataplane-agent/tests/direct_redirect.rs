@@ -6,14 +6,19 @@
 //! Needs root and a kernel with BPF (each test mounts its own bpffs and
 //! runs in a network namespace of its own).
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use dataplane_agent::{control::model::Protocol, node::datapath::DatapathConfig};
-use dataplane_common::{ipv4_to_map, map_names, port_to_map, Counter, ReplySource, IPPROTO_TCP};
+use dataplane_agent::{
+    control::model::{Frontend, Protocol},
+    node::datapath::DatapathConfig,
+};
+use dataplane_common::{
+    ipv4_to_map, map_names, port_to_map, reply_source_flags, Counter, ReplySource, IPPROTO_TCP,
+};
 use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT};
 use dataplane_testkit::netns::{in_new_netns, ip, mac_text};
-use dataplane_testkit::packets::{assert_translated, Tcp, ACK, SYN};
+use dataplane_testkit::packets::{assert_translated, hex, Tcp, ACK, SYN};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)
@@ -106,6 +111,11 @@ fn with_macs_of(input: &[u8], output: &[u8]) -> Vec<u8> {
 
 /// The interface `REPLY_SOURCES` holds for `backend` (1: none learned).
 fn learned_interface(dp: &Harness, backend: SocketAddrV4) -> Option<u32> {
+    reply_source_value(dp, backend).map(|v| v & reply_source_flags::IFINDEX_MASK)
+}
+
+/// `backend`'s whole `REPLY_SOURCES` value: interface and flag bits.
+fn reply_source_value(dp: &Harness, backend: SocketAddrV4) -> Option<u32> {
     let data = MapData::from_pin(dp.bpffs().join(map_names::REPLY_SOURCES)).expect("pinned map");
     let map: BpfHashMap<MapData, ReplySource, u32> =
         BpfHashMap::try_from(Map::HashMap(data)).expect("a hash map");
@@ -263,4 +273,154 @@ fn a_packet_larger_than_the_path_mtu_is_left_to_the_stack() {
         let run = dp.run_on("from_pod", &segment_of(other, 1400), cli0);
         assert_eq!(run.verdict, TC_ACT_REDIRECT, "1400 bytes fit the uplink");
     });
+}
+
+/// This node's address (on `uplink0`), where NodePorts are served.
+const NODE_ADDR: [u8; 4] = [192, 168, 100, 1];
+
+/// A client pod of the other node (behind 192.168.100.2 on `uplink0`, as
+/// over an overlay): the uplink's `to_outside` never sees its replies.
+fn remote_client() -> SocketAddrV4 {
+    addr([10, 244, 2, 77], 41_000)
+}
+
+// A backend's packets are looked up in conntrack only once a flow of this
+// node went to it (the "no flows yet" bits of its `REPLY_SOURCES` value):
+// as replies by `to_pod` after any flow, as NodePort replies by `from_pod`
+// after a NodePort flow. Until then its packets (of flows socket LB
+// translated, or direct connections) pass at the cost of one lookup; after
+// it, replies are translated as before.
+#[test]
+fn a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it() {
+    in_node_netns(|| {
+        let mut dp = node(false);
+        let local = vec![(*local_backend().ip()).into()];
+        dp.set_frontend_with(
+            "web",
+            Frontend::cluster_ip(*service().ip(), service().port(), Protocol::Tcp),
+            &[local_backend()],
+            |spec| spec.local_ips = local.clone(),
+        );
+        dp.set_node_addresses(&[Ipv4Addr::from(NODE_ADDR)]);
+        dp.set_frontend_with(
+            "web-np",
+            Frontend::node_port(30_080, Protocol::Tcp),
+            &[local_backend()],
+            |spec| spec.local_ips = local,
+        );
+        let (cli0, pod0, uplink0) = (ifindex("cli0"), ifindex("pod0"), ifindex("uplink0"));
+        let node_port = addr(NODE_ADDR, 30_080);
+        let bits = |dp: &Harness| {
+            reply_source_value(dp, local_backend()).map(|v| v & !reply_source_flags::IFINDEX_MASK)
+        };
+        let (no_flows, no_node_port) = (
+            reply_source_flags::NO_FLOWS,
+            reply_source_flags::NO_NODE_PORT_FLOWS,
+        );
+        assert_eq!(bits(&dp), Some(no_flows | no_node_port), "a new backend");
+
+        // The backend's packets of a flow no program here translated (the
+        // client's socket was translated at connect()): left byte for
+        // byte both ways, nothing counted.
+        let before = dp.counters();
+        let stray = Tcp::new(local_backend(), client(), ACK).build();
+        for (program, ifindex) in [("from_pod", pod0), ("to_pod", cli0)] {
+            let run = dp.run_on(program, &stray, ifindex);
+            assert_eq!(run.verdict, TC_ACT_OK, "{program}");
+            assert_eq!(hex(&run.output), hex(&stray), "{program}: left as it is");
+        }
+        assert_eq!(dp.counters(), before, "nothing counted");
+
+        // A ClusterIP flow to it: its replies are looked up (and
+        // translated) from now on; it is no NodePort flow.
+        let syn = Tcp::new(client(), service(), SYN).build();
+        let run = dp.run_on("from_pod", &syn, cli0);
+        assert_translated(
+            &syn,
+            &run.output,
+            client(),
+            local_backend(),
+            "ClusterIP SYN",
+        );
+        assert_eq!(bits(&dp), Some(no_node_port), "after a ClusterIP flow");
+        let reply = Tcp::new(local_backend(), client(), SYN | ACK).build();
+        let run = dp.run_on("to_pod", &reply, cli0);
+        assert_translated(&reply, &run.output, service(), client(), "ClusterIP reply");
+
+        // A NodePort flow from a client pod of the other node ...
+        let syn = Tcp::new(remote_client(), node_port, SYN).build();
+        let run = dp.run_on("from_outside", &syn, uplink0);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_translated(
+            &syn,
+            &run.output,
+            remote_client(),
+            local_backend(),
+            "NodePort SYN",
+        );
+        assert_eq!(bits(&dp), Some(0), "after a NodePort flow");
+        assert_eq!(
+            learned_interface(&dp, local_backend()),
+            Some(1),
+            "interface part kept"
+        );
+
+        // ... gets its reply, leaving the backend, translated to the
+        // NodePort and sent to the client's next hop.
+        let translated = dp.counter(Counter::ReplyTranslated);
+        let reply = Tcp::new(local_backend(), remote_client(), SYN | ACK).build();
+        let run = dp.run_on("from_pod", &reply, pod0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "NodePort reply");
+        assert_eq!(&run.output[..6], &NODE_MAC, "the client's next hop");
+        assert_translated(
+            &reply,
+            &with_macs_of(&reply, &run.output),
+            node_port,
+            remote_client(),
+            "NodePort reply",
+        );
+        assert_eq!(dp.counter(Counter::ReplyTranslated), translated + 1);
+
+        // A packet of no flow still passes as it is.
+        let stray = Tcp::new(local_backend(), addr([10, 244, 2, 78], 41_000), ACK).build();
+        let run = dp.run_on("from_pod", &stray, pod0);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(
+            hex(&run.output),
+            hex(&stray),
+            "left as it is once looked up"
+        );
+    });
+}
+
+// An agent that starts with flows in conntrack (a restart, an upgrade)
+// cannot know which backends they go to: the backends its first full sync
+// adds keep their replies looked up; those added later start without.
+#[test]
+fn backends_added_while_carried_flows_may_reach_them_keep_their_replies_looked_up() {
+    let mut dp = Harness::load().unwrap_or_else(|e| panic!("{e:#}"));
+    dp.engine.set_flows_carried(true);
+    dp.sync_all(&[("web", service(), Protocol::Tcp, &[local_backend()])]);
+    assert_eq!(
+        reply_source_value(&dp, local_backend()),
+        Some(reply_source_flags::MAY_HAVE_FLOWS),
+        "added by the first full sync"
+    );
+    // The first full sync is in: a backend added now is new to conntrack.
+    dp.sync_all(&[(
+        "web",
+        service(),
+        Protocol::Tcp,
+        &[local_backend(), remote_backend()],
+    )]);
+    assert_eq!(
+        reply_source_value(&dp, remote_backend()),
+        Some(reply_source_flags::FRESH),
+        "added later"
+    );
+    assert_eq!(
+        reply_source_value(&dp, local_backend()),
+        Some(reply_source_flags::MAY_HAVE_FLOWS),
+        "kept"
+    );
 }

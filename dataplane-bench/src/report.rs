@@ -125,12 +125,14 @@ impl Report {
              packet (warm, one timer read per 10 000 runs), is context: the translating paths cannot use repeat, as \
              the kernel does not restore the packet between repetitions. IPv6 rows: the same flows over IPv6 services \
              (their own maps), each paired with `bench_floor` on the IPv6 packet (the IPv6 parse and one \
-             `LB6_SERVICE_IPS` lookup).\n",
+             `LB6_SERVICE_IPS` lookup). The backend columns: a backend's packet to a client, before any flow of the tc path exists (a \
+             connection socket LB translated at connect(), or one dialled to the pod IP), through `from_pod` as it \
+             leaves the backend and `to_pod` as it goes into the client; both leave it byte for byte.\n",
             first.samples
         );
         let _ = writeln!(
             o,
-            "| family | services | flows in conntrack | empty program | floor | non-service | into a pod, not a reply | new flow | established | reply translation | floor, repeat = 10 000 (context) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| family | services | flows in conntrack | empty program | floor | non-service | into a pod, not a reply | backend's packet without a flow, out of it (`from_pod`) | the same into its client (`to_pod`) | new flow | established | reply translation | floor, repeat = 10 000 (context) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let mut narrowed = Vec::new();
         for r in &self.testrun {
@@ -145,7 +147,7 @@ impl Report {
             let (g, n) = (&r.ratio, &r.net_ratio);
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} ns | {} ns | {} | {} | {} | {} | {} | {} ns |",
+                "| {} | {} | {} | {} ns | {} ns | {} | {} | {} | {} | {} | {} | {} | {} ns |",
                 r.family,
                 services,
                 r.flows,
@@ -153,6 +155,8 @@ impl Report {
                 r.floor,
                 cell(r.non_service, g.non_service, n.non_service),
                 cell(r.into_pod, g.into_pod, n.into_pod),
+                cell(r.backend_out, g.backend_out, n.backend_out),
+                cell(r.backend_in, g.backend_in, n.backend_in),
                 cell(r.new_flow, g.new_flow, n.new_flow),
                 cell(r.established, g.established, n.established),
                 cell(r.reply, g.reply, n.reply),

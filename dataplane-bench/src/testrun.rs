@@ -50,6 +50,11 @@ pub struct ScaleResult {
     pub non_service: u32,
     /// `to_pod` on a packet between pods (not from a backend).
     pub into_pod: u32,
+    /// A backend's packet of no flow of this node (a socket-translated or
+    /// direct connection): `from_pod` as it leaves the backend, `to_pod`
+    /// as it goes into its client. Both leave it as it is.
+    pub backend_out: u32,
+    pub backend_in: u32,
     pub new_flow: u32,
     pub established: u32,
     pub reply: u32,
@@ -76,6 +81,8 @@ const REPEAT: u32 = 10_000;
 pub struct Ratios {
     pub non_service: f64,
     pub into_pod: f64,
+    pub backend_out: f64,
+    pub backend_in: f64,
     pub new_flow: f64,
     pub established: f64,
     pub reply: f64,
@@ -100,12 +107,14 @@ fn paired_ratio(pairs: &[Pair], fixed: u32) -> f64 {
     ratios[(ratios.len() - 1) / 2 + usize::from(ratios.len().is_multiple_of(2))]
 }
 
-fn ratios(pairs: [&[Pair]; 5], fixed: u32) -> Ratios {
-    let [non_service, into_pod, new_flow, established, reply] =
+fn ratios(pairs: [&[Pair]; 7], fixed: u32) -> Ratios {
+    let [non_service, into_pod, backend_out, backend_in, new_flow, established, reply] =
         pairs.map(|p| paired_ratio(p, fixed));
     Ratios {
         non_service,
         into_pod,
+        backend_out,
+        backend_in,
         new_flow,
         established,
         reply,
@@ -294,6 +303,29 @@ pub fn run_scale(
         })?;
     }
 
+    // A backend's packets of connections this node's programs did not
+    // translate (socket LB translated them at connect(), or the client
+    // dialled the pod IP), before any flow of the tc path exists (as with
+    // socket LB on): to a client, left byte for byte by both programs.
+    let (mut backend_out, mut backend_in) = (Vec::new(), Vec::new());
+    let all_backends: Vec<SocketAddr> = svcs
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| SocketAddr::new(b.ip, b.port)))
+        .collect();
+    for i in 0..samples {
+        let backend = all_backends[i % all_backends.len()];
+        let pkt = tcp_packet(backend, client_of(family, i), ACK);
+        for (prog, pairs) in [
+            (Prog::FromPod, &mut backend_out),
+            (Prog::ToPod, &mut backend_in),
+        ] {
+            let (_, verdict) = p.paired(prog, &pkt, Some(pairs))?;
+            expect(verdict == TC_ACT_OK && p.out == pkt, || {
+                format!("backend packet without a flow: verdict {verdict}, or changed")
+            })?;
+        }
+    }
+
     // First packet of a new flow: every flow's SYN, flows spread over all
     // services, so conntrack ends up holding every flow.
     let mut new_flow = Vec::with_capacity(flows_n);
@@ -376,7 +408,15 @@ pub fn run_scale(
             format!("counter {counter:?}: {got}, expected {n}")
         })?;
     }
-    let pairs = [&non_service[..], &into_pod, &new_flow, &established, &reply];
+    let pairs = [
+        &non_service[..],
+        &into_pod,
+        &backend_out,
+        &backend_in,
+        &new_flow,
+        &established,
+        &reply,
+    ];
     let ratio = ratios(pairs, 0);
     let net_ratio = ratios(pairs, empty);
     let ns = |pairs: &[Pair]| median(&mut pairs.iter().map(|p| p.0).collect::<Vec<_>>());
@@ -390,6 +430,8 @@ pub fn run_scale(
         floor,
         non_service: ns(&non_service),
         into_pod: ns(&into_pod),
+        backend_out: ns(&backend_out),
+        backend_in: ns(&backend_in),
         new_flow: ns(&new_flow),
         established: ns(&established),
         reply: ns(&reply),
@@ -464,8 +506,9 @@ pub fn run(
         match r {
             Ok(r) => {
                 eprintln!(
-                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x), reply {} ns; floor with repeat={REPEAT}: {} ns",
+                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x), reply {} ns; floor with repeat={REPEAT}: {} ns",
                     r.flows, r.sync_time, r.empty, r.floor, r.non_service, r.into_pod,
+                    r.backend_out, r.backend_in,
                     r.new_flow, r.ratio.new_flow, r.net_ratio.new_flow,
                     r.established, r.ratio.established, r.net_ratio.established,
                     r.reply, r.floor_repeat

@@ -127,8 +127,11 @@ pub mod map_names {
 /// maps (`LB6_*`, `CT6_*`, new, created) and their counters. Version 5:
 /// north-south on IPv6: the `NAT6`, `NAT6_CONFIG` and `SOURCE_RANGES6` maps
 /// (new, created). Version 6: IPv6 trace events, the `TRACE6_SCRATCH` map
-/// (new, created).
-pub const LAYOUT_VERSION: u32 = 6;
+/// (new, created). Version 7: `REPLY_SOURCES` values carry the
+/// [`reply_source_flags`] (an earlier layout's values, without them, read
+/// as "flows may exist": adopted as they are); `SOCK_REVNAT` has per-CPU
+/// LRU lists (`BPF_F_NO_COMMON_LRU`).
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,6 +428,30 @@ impl ReplySource {
             _pad: 0,
         }
     }
+}
+
+/// Bits of a `REPLY_SOURCES` value. The rest of the value is the pod
+/// interface `to_pod` saw flows to the backend go into (1 before it saw
+/// one: a backend). Both bits say "no flow of this node can be to this
+/// backend yet": the agent sets them on an entry it adds while conntrack
+/// holds nothing of the backend ([`reply_source_flags::FRESH`]); the
+/// datapath clears them when it creates a flow to it. A value without them
+/// (an earlier layout's, or the agent's while flows carried over from
+/// before its start may exist) means "look it up".
+pub mod reply_source_flags {
+    /// No flow to this backend yet: its packets into a pod are no replies,
+    /// `to_pod` leaves them without a conntrack lookup.
+    pub const NO_FLOWS: u32 = 1 << 30;
+    /// No NodePort flow (one whose service address is this node's) to
+    /// this backend yet: `from_pod` does not look its packets up as
+    /// NodePort replies.
+    pub const NO_NODE_PORT_FLOWS: u32 = 1 << 31;
+    /// The interface part of the value.
+    pub const IFINDEX_MASK: u32 = !(NO_FLOWS | NO_NODE_PORT_FLOWS);
+    /// What the agent writes for a backend no flow can be to yet.
+    pub const FRESH: u32 = 1 | NO_FLOWS | NO_NODE_PORT_FLOWS;
+    /// What it writes where flows to it may exist: a backend, no bit.
+    pub const MAY_HAVE_FLOWS: u32 = 1;
 }
 
 /// Flags of a [`Backend`].

@@ -4,14 +4,14 @@
 //! by the same slots, affinity and traffic policy.
 
 use dataplane_common::{
-    service_flags, service_ip_flags, service_scope, AffinityEntry, AffinityKey, Backend,
-    ReplySource, ServiceKey, ServiceValue,
+    reply_source_flags, service_flags, service_ip_flags, service_scope, AffinityEntry, AffinityKey,
+    Backend, ReplySource, ServiceKey, ServiceValue,
 };
 
 use crate::{
     maps::{
-        affinity_slot, backend_get, backend_slot_get, is_reply_source, service_get, service_ip_get,
-        source_range_contains, AFFINITY, SERVICE_IPS,
+        affinity_slot, backend_get, backend_slot_get, reply_source_get, reply_source_slot,
+        service_get, service_ip_get, source_range_contains, AFFINITY, SERVICE_IPS,
     },
     parse::Ipv4Flow,
     skb,
@@ -23,17 +23,60 @@ pub fn lb4_is_service_ip(addr: u32) -> bool {
     SERVICE_IPS.get_ptr(addr).is_some()
 }
 
-/// Cheap pre-filter of reply translation: may `flow` (into a pod) come
-/// from a backend? A later fragment, without ports, may.
+/// Whether `flow`'s source is a backend whose `REPLY_SOURCES` value has
+/// none of `bits` (`reply_source_flags`): a flow of the kind they stand for
+/// may be this packet's. A later fragment, without ports, may always be.
 #[inline(always)]
-pub fn lb4_may_be_reply(flow: &Ipv4Flow) -> bool {
+fn lb4_source_may_have(flow: &Ipv4Flow, bits: u32) -> bool {
     !flow.has_l4_header()
-        || is_reply_source(&ReplySource {
+        || reply_source_get(&ReplySource {
             addr: flow.src_addr,
             port: flow.src_port,
             proto: flow.proto,
             _pad: 0,
         })
+        .is_some_and(|v| v & bits == 0)
+}
+
+/// Cheap pre-filter of reply translation in `to_pod`: may `flow` (into a
+/// pod) be a backend's reply to a flow of this node? Not when its source
+/// is no backend, or a backend no flow went to yet (`NO_FLOWS`: the
+/// backend's packets of socket-translated or direct connections).
+#[inline(always)]
+pub fn lb4_may_be_reply(flow: &Ipv4Flow) -> bool {
+    lb4_source_may_have(flow, reply_source_flags::NO_FLOWS)
+}
+
+/// Pre-filter of NodePort reply translation in `from_pod`: may `flow`
+/// (out of a pod) answer a NodePort flow of this node? Only a backend a
+/// NodePort flow went to may (`NO_NODE_PORT_FLOWS` cleared).
+#[inline(always)]
+pub fn lb4_may_be_node_port_reply(flow: &Ipv4Flow) -> bool {
+    lb4_source_may_have(flow, reply_source_flags::NO_NODE_PORT_FLOWS)
+}
+
+/// A flow of this node goes to `backend` (new, or refreshed: a backend
+/// that left and came back under its old id revives its flows): clears
+/// its "no flows yet" bits, the NodePort one when the flow's service
+/// address (`service_addr`) is this node's and its replies leave a local
+/// pod unhairpinned (`node_port_candidate`). The common case, bits already
+/// clear, reads one value and writes nothing.
+#[inline(always)]
+pub fn lb4_flow_to_backend(backend: &Backend, service_addr: u32, node_port_candidate: bool) {
+    let Some(slot) = reply_source_slot(&ReplySource::of(backend)) else {
+        return;
+    };
+    let value = slot.get();
+    let mut bits = value & reply_source_flags::NO_FLOWS;
+    if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0
+        && node_port_candidate
+        && lb4_service_ip(service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+    {
+        bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
+    }
+    if bits != 0 {
+        slot.clear(bits);
+    }
 }
 
 /// The `SERVICE_IPS` value of `addr` (frontend count, node bit), if it is

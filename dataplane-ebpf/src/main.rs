@@ -53,7 +53,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, trace_hook, Counter, CtEntry, ServiceValue, TraceTuple, IPPROTO_TCP,
+    backend_flags, ct_dir, ct_flags, ct_state, trace_hook, Counter, CtEntry, ServiceValue,
+    TraceTuple, IPPROTO_TCP,
 };
 
 use crate::{
@@ -65,8 +66,9 @@ use crate::{
     fragment::frag4_track,
     icmp::{icmp4_error_flow, icmp4_reverse_translate},
     lb::{
-        lb4_choose_backend, lb4_is_service_ip, lb4_lookup_backend, lb4_lookup_frontend,
-        lb4_may_be_reply, lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
+        lb4_choose_backend, lb4_flow_to_backend, lb4_is_service_ip, lb4_lookup_backend,
+        lb4_lookup_frontend, lb4_may_be_node_port_reply, lb4_may_be_reply, lb4_service_ip,
+        lb4_source_allowed, Choice, Client, Selected,
     },
     maps::count,
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
@@ -93,8 +95,8 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 /// `from_pod4`'s answer for a packet to no service that may come from a
-/// backend (`lb4_may_be_reply`): see [`node_port_reply_from_pod4`]. No tc
-/// verdict has this value.
+/// backend a NodePort flow went to (`lb4_may_be_node_port_reply`): see
+/// [`node_port_reply_from_pod4`]. No tc verdict has this value.
 const MAYBE_NODE_PORT_REPLY: i32 = 0x4e50_5259;
 
 /// `from_pod4`'s verdict for a packet it DNATed to a backend, to be sent
@@ -325,7 +327,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         }
     };
     let Some(ip_value) = lb4_service_ip(flow.dst_addr) else {
-        if lb4_may_be_reply(&flow) {
+        if lb4_may_be_node_port_reply(&flow) {
             return Ok(MAYBE_NODE_PORT_REPLY);
         }
         return Ok(TC_ACT_OK);
@@ -339,11 +341,14 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
     if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
         let ct = slot.get();
         let expired = ct4_is_expired(&ct, now) || ct4_is_reopen(&ct, &flow);
-        let backend_alive = lb4_lookup_backend(ct.backend_id)
-            .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
-        if !expired && backend_alive {
+        let backend = lb4_lookup_backend(ct.backend_id)
+            .filter(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
+        if let (false, Some(backend)) = (expired, backend) {
             if ct4_update(slot, &flow, ct_dir::ORIGINAL, now) {
                 ct4_restore_reply(&ct, now);
+                let local = backend.flags & backend_flags::LOCAL != 0;
+                let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
+                lb4_flow_to_backend(&backend, ct.service_addr, local && !hairpin);
             }
             forward_established(ctx, &mut flow, &ct)?;
             let decision = if flow.frag == frag::LATER {
@@ -477,6 +482,11 @@ fn ct_new_flow<C: PacketCtx>(
         }
         Err(CtCreateError::InsertFailed) => return Err(fail_as::<C>(Counter::CtInsertFailed)),
     };
+    // The backend's packets are now looked up as replies (`to_pod`), and,
+    // for a NodePort flow to a pod of this node, as NodePort replies
+    // (`from_pod`).
+    let local = backend.flags & backend_flags::LOCAL != 0;
+    lb4_flow_to_backend(&backend, entry.service_addr, local && !hairpin);
     forward_established(packet.ctx, flow, &ct)?;
     if selected.by_affinity {
         // Counted as a new flow too; traced as the affinity hit it is.

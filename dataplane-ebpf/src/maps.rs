@@ -13,9 +13,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    capacity, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, CtLifetimes, FragKey,
-    FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel, ServiceValue,
-    SockRevNatEntry, SockRevNatKey, Trace6Tuple, TraceConfig, TraceEvent, IPPROTO_TCP,
+    capacity, reply_source_flags, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey,
+    CtLifetimes, FragKey, FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey,
+    ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, Trace6Tuple, TraceConfig,
+    TraceEvent, IPPROTO_TCP,
 };
 use dataplane_common::{
     Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
@@ -30,6 +31,11 @@ use dataplane_common::{
 /// Hash maps the agent fills incrementally are not preallocated: their
 /// capacity is large and most of it is usually unused.
 const BPF_F_NO_PREALLOC: usize = 1;
+/// LRU lists per CPU instead of one shared list: an insert or a delete
+/// takes its own CPU's list lock, not one all CPUs contend for. The
+/// capacity is split between the possible CPUs; an insert evicts from its
+/// own CPU's share.
+const BPF_F_NO_COMMON_LRU: usize = 2;
 
 /// `LAYOUT_VERSION` of the maps pinned next to it, written by the agent.
 #[btf_map(name = "LAYOUT")]
@@ -68,7 +74,9 @@ pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::ne
 /// `BACKENDS`: the only sources whose packets into a pod `to_pod` looks up
 /// in conntrack, so traffic between pods costs one lookup in this small map.
 /// With `--direct-redirect`, `to_pod` replaces the 1 with the pod interface
-/// it saw a flow to the backend go into (`redirect`).
+/// it saw a flow to the backend go into (`redirect`). The top two bits
+/// (`reply_source_flags`) say no flow, or no NodePort flow, went to the
+/// backend yet: `to_pod` and `from_pod` then skip their conntrack lookups.
 #[btf_map(name = "REPLY_SOURCES")]
 static REPLY_SOURCES: HashMap<
     ReplySource,
@@ -139,11 +147,13 @@ pub static TRACE6_SCRATCH: PerCpuArray<Trace6Tuple, 1> = PerCpuArray::new();
 /// for, so `recvmsg` and `getpeername` show the service address. A closed
 /// socket's connect() entry is deleted by `sock_release`; what that cannot
 /// find (unconnected UDP's per-datagram entries) ages out of the LRU.
+/// Per-CPU LRU lists: each connect() inserts and each close deletes.
 #[btf_map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<
     SockRevNatKey,
     SockRevNatEntry,
     { capacity::SOCK_REVNAT as usize },
+    BPF_F_NO_COMMON_LRU,
 > = LruHashMap::new();
 /// SNAT of external flows to remote backends: ORIGINAL (client ->
 /// frontend) and REPLY (backend -> this node's SNAT port) entries. LRU so
@@ -263,31 +273,69 @@ pub fn backend_get(backend_id: u32) -> Option<Backend> {
     copied(BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != 0)
 }
 
-/// Whether `source` is a backend's (`REPLY_SOURCES`).
+/// The `REPLY_SOURCES` value of `source`, if it is a backend's.
 #[inline(always)]
-pub fn is_reply_source(source: &ReplySource) -> bool {
-    REPLY_SOURCES.get_ptr(source).is_some()
+pub fn reply_source_get(source: &ReplySource) -> Option<u32> {
+    copied(REPLY_SOURCES.get_ptr(source))
 }
 
 /// The pod interface flows to `backend` were seen going into, if any
 /// (`redirect`); 1 only marks a backend.
 #[inline(always)]
 pub fn backend_interface(backend: &ReplySource) -> Option<u32> {
-    copied(REPLY_SOURCES.get_ptr(backend)).filter(|ifindex| *ifindex > 1)
+    reply_source_get(backend)
+        .map(|v| v & reply_source_flags::IFINDEX_MASK)
+        .filter(|ifindex| *ifindex > 1)
 }
 
 /// Remembers `ifindex` as the pod interface of `backend`, if it is one.
 #[inline(always)]
 pub fn learn_backend_interface(backend: &ReplySource, ifindex: u32) {
-    if let Some(value) = REPLY_SOURCES.get_ptr_mut(backend) {
-        // SAFETY: a plain field of this run's value; written only when it
-        // changes, so the line stays shared between CPUs. Racing writers
-        // store interfaces the FIB check in `redirect` verifies anyway.
-        unsafe {
-            if *value != ifindex {
-                *value = ifindex;
-            }
+    if let Some(slot) = reply_source_slot(backend) {
+        let mask = reply_source_flags::IFINDEX_MASK;
+        slot.update(|v| (v & !mask) | (ifindex & mask));
+    }
+}
+
+/// `backend`'s `REPLY_SOURCES` value in place, if it is a backend.
+#[inline(always)]
+pub fn reply_source_slot(backend: &ReplySource) -> Option<ReplySourceSlot> {
+    REPLY_SOURCES.get_ptr_mut(backend).map(ReplySourceSlot)
+}
+
+/// A `REPLY_SOURCES` value in place.
+pub struct ReplySourceSlot(*mut u32);
+
+impl ReplySourceSlot {
+    #[inline(always)]
+    pub fn get(&self) -> u32 {
+        // SAFETY: points into this run's map value.
+        unsafe { core::ptr::read_volatile(self.0) }
+    }
+
+    /// Writes `change(value)` if that differs: the common packet writes
+    /// nothing, so the line stays shared between CPUs. Not atomic (the BPF
+    /// target without alu32 has no 32-bit atomic AND/OR): the value is read
+    /// just before the write, and the two writers (`to_pod` learning an
+    /// interface, a new flow clearing "no flows yet" bits) race only on a
+    /// backend's first flows on two CPUs at once. A lost interface is
+    /// learned again from the next opening packet; lost cleared bits are
+    /// cleared again by the flow's next refresh (`from_pod`, at most a
+    /// second later) or the next new flow.
+    #[inline(always)]
+    pub fn update(&self, change: impl FnOnce(u32) -> u32) {
+        let value = self.get();
+        let changed = change(value);
+        if changed != value {
+            // SAFETY: an aligned u32 of this run's map value.
+            unsafe { core::ptr::write_volatile(self.0, changed) };
         }
+    }
+
+    /// Clears `bits` (`reply_source_flags`) if any is set.
+    #[inline(always)]
+    pub fn clear(&self, bits: u32) {
+        self.update(|v| v & !bits);
     }
 }
 

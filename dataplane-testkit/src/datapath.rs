@@ -151,7 +151,10 @@ impl Harness {
             },
         ) = Datapath::load_with(bpffs.path(), config)
             .context("loading the datapath (needs root, BPF, and `cargo xtask build`)")?;
-        let engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
+        let mut engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
+        // As the agent does: flows left by an earlier load (an upgrade
+        // test's) keep their backends' replies looked up.
+        engine.set_flows_carried(conntrack.iter().next().is_some());
         Ok(Self {
             datapath,
             conntrack,

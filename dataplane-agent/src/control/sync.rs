@@ -16,9 +16,10 @@ use foldhash::{HashMap, HashMapExt as _, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dataplane_common::{
-    backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
-    service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey,
-    ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
+    backend_flags, capacity, ipv4_to_map, map_names, port_to_map, reply_source_flags,
+    service_flags, service_ip_flags, service_scope, Backend, Backend6, Ipv6Bytes, ReplySource,
+    Service6Key, ServiceKey, ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -582,6 +583,11 @@ pub struct SyncEngine<M: LbMaps> {
     /// for a moment, e.g. while its flags change). IPv4 only: the IPv6
     /// path has no reply pre-filter.
     reply_sources: HashMap<ReplySource, u32>,
+    /// Conntrack may hold flows from before this engine started (a restart
+    /// or an upgrade), to backends it is about to add: until its first
+    /// full sync is written, the `REPLY_SOURCES` entries it adds say so
+    /// ([`set_flows_carried`](Self::set_flows_carried)).
+    flows_carried: bool,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
     service_ips: FamilyMap<IpKey, u32>,
     /// This node's addresses, flagged in `SERVICE_IPS` (`LB6_SERVICE_IPS`)
@@ -771,6 +777,7 @@ impl<M: LbMaps> SyncEngine<M> {
             backends: FamilyMap::new(),
             backend_by_id: BackendsById::default(),
             reply_sources: HashMap::new(),
+            flows_carried: false,
             service_ips: FamilyMap::new(),
             node_addrs: BTreeSet::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
@@ -788,6 +795,14 @@ impl<M: LbMaps> SyncEngine<M> {
 
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// Whether conntrack holds flows from before this engine's start: the
+    /// backends its first full sync adds may have flows, so their
+    /// `REPLY_SOURCES` entries go without the "no flows yet" bits
+    /// (`reply_source_flags`), and their replies are looked up as before.
+    pub fn set_flows_carried(&mut self, carried: bool) {
+        self.flows_carried = carried;
     }
 
     /// Backends that left the maps (no service uses them any more) since the
@@ -939,7 +954,9 @@ impl<M: LbMaps> SyncEngine<M> {
         }
         for key in self.reply_sources.keys() {
             if !reply_sources.contains_key(key) {
-                self.pending.set_reply_source(*key);
+                // Adopted backends: flows to them may exist.
+                self.pending
+                    .set_reply_source(*key, reply_source_flags::MAY_HAVE_FLOWS);
             }
         }
         for key in reply_sources.keys() {
@@ -1423,7 +1440,14 @@ impl<M: LbMaps> SyncEngine<M> {
                 let id = self.backend_ids.allocate();
                 let source = self.reply_sources.entry(ReplySource::of(&b)).or_insert(0);
                 if *source == 0 {
-                    self.pending.set_reply_source(ReplySource::of(&b));
+                    // A backend new to the maps: no flow of this node goes
+                    // to it yet, unless conntrack holds flows from before.
+                    let value = if self.flows_carried {
+                        reply_source_flags::MAY_HAVE_FLOWS
+                    } else {
+                        reply_source_flags::FRESH
+                    };
+                    self.pending.set_reply_source(ReplySource::of(&b), value);
                 }
                 *source += 1;
                 self.pending.set_backend(id, b);
@@ -1548,6 +1572,10 @@ impl<M: LbMaps> SyncEngine<M> {
         // One batch per map for the whole cluster.
         if let Err(source) = self.flush() {
             errors.push(SyncError::Write(source));
+        } else {
+            // Every backend of the cluster is in: those added from now on
+            // are new to conntrack too.
+            self.flows_carried = false;
         }
         (stats, errors)
     }

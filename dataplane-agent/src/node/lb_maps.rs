@@ -193,8 +193,9 @@ impl LbWrites {
     pub fn remove_source_range6(&mut self, key: SourceRange6Key) {
         self.source_ranges6.push(key, None);
     }
-    pub fn set_reply_source(&mut self, key: ReplySource) {
-        self.reply_sources.push(key, Some(1));
+    /// `value`: a `reply_source_flags` value (`FRESH` or `MAY_HAVE_FLOWS`).
+    pub fn set_reply_source(&mut self, key: ReplySource, value: u32) {
+        self.reply_sources.push(key, Some(value));
     }
     pub fn remove_reply_source(&mut self, key: ReplySource) {
         self.reply_sources.push(key, None);

@@ -128,9 +128,8 @@ pub mod map_names {
 /// north-south on IPv6: the `NAT6`, `NAT6_CONFIG` and `SOURCE_RANGES6` maps
 /// (new, created). Version 6: IPv6 trace events, the `TRACE6_SCRATCH` map
 /// (new, created). Version 7: `REPLY_SOURCES` values carry the
-/// [`reply_source_flags`] (an earlier layout's values, without them, read
-/// as "flows may exist": adopted as they are); `SOCK_REVNAT` has per-CPU
-/// LRU lists (`BPF_F_NO_COMMON_LRU`).
+/// [`reply_source_flags`] ("no flows yet" bits; a value without them means
+/// "flows may exist").
 pub const LAYOUT_VERSION: u32 = 7;
 
 /// Shape of a pinned map as this release creates it.

@@ -31,11 +31,6 @@ use dataplane_common::{
 /// Hash maps the agent fills incrementally are not preallocated: their
 /// capacity is large and most of it is usually unused.
 const BPF_F_NO_PREALLOC: usize = 1;
-/// LRU lists per CPU instead of one shared list: an insert or a delete
-/// takes its own CPU's list lock, not one all CPUs contend for. The
-/// capacity is split between the possible CPUs; an insert evicts from its
-/// own CPU's share.
-const BPF_F_NO_COMMON_LRU: usize = 2;
 
 /// `LAYOUT_VERSION` of the maps pinned next to it, written by the agent.
 #[btf_map(name = "LAYOUT")]
@@ -147,13 +142,11 @@ pub static TRACE6_SCRATCH: PerCpuArray<Trace6Tuple, 1> = PerCpuArray::new();
 /// for, so `recvmsg` and `getpeername` show the service address. A closed
 /// socket's connect() entry is deleted by `sock_release`; what that cannot
 /// find (unconnected UDP's per-datagram entries) ages out of the LRU.
-/// Per-CPU LRU lists: each connect() inserts and each close deletes.
 #[btf_map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<
     SockRevNatKey,
     SockRevNatEntry,
     { capacity::SOCK_REVNAT as usize },
-    BPF_F_NO_COMMON_LRU,
 > = LruHashMap::new();
 /// SNAT of external flows to remote backends: ORIGINAL (client ->
 /// frontend) and REPLY (backend -> this node's SNAT port) entries. LRU so

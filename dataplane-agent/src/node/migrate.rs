@@ -147,11 +147,10 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
     ),
     // IPv6 trace events: `TRACE6_SCRATCH` is new (created).
     (6, &[map_names::TRACE6_SCRATCH]),
-    // `SOCK_REVNAT` has per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): created
-    // with them. `REPLY_SOURCES` values gained the "no flows yet" bits; an
-    // earlier layout's values, without them, mean "flows may exist", as
-    // the agent writes where they may: adopted as they are.
-    (7, &[map_names::SOCK_REVNAT]),
+    // `REPLY_SOURCES` values gained the "no flows yet" bits: refilled with
+    // the load-balancing maps, the agent's first sync writing its backends
+    // without them while conntrack holds carried flows.
+    (7, &[map_names::REPLY_SOURCES]),
 ];
 
 /// Maps of earlier layouts this one no longer has: unpinned at [`commit`].

@@ -147,6 +147,9 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
     ),
     // IPv6 trace events: `TRACE6_SCRATCH` is new (created).
     (6, &[map_names::TRACE6_SCRATCH]),
+    // The IPv6 trace filter in the datapath: `TraceConfig` gained the IPv6
+    // addresses, `TRACE6_SCRATCH` holds a `Trace6Scratch`.
+    (7, &[map_names::TRACE_CONFIG, map_names::TRACE6_SCRATCH]),
 ];
 
 /// Maps of earlier layouts this one no longer has: unpinned at [`commit`].

@@ -354,19 +354,20 @@ pub struct Sock6Decision<'a> {
 #[inline(always)]
 pub fn record6_sock(sock: &SockAddr, decision: &Sock6Decision) {
     count(decision.decision);
-    if let Some(config) = config6() {
-        emit6_sock(sock, decision, config);
+    let Some(config) = config6() else {
+        return;
+    };
+    // Compared in place, in the map value and the hook's addresses (the
+    // filter handed to `emit6_sock` would be passed in more registers
+    // than a BPF call has).
+    let touches = |addr: &Ipv6Bytes| *decision.before.0 == *addr || *decision.after.0 == *addr;
+    if passes6([&config.addr6_a, &config.addr6_b], touches) {
+        emit6_sock(sock, decision);
     }
 }
 
-/// Not inlined: the filter and the record are made in a frame of their
-/// own, not in the hook's.
 #[inline(never)]
-fn emit6_sock(sock: &SockAddr, decision: &Sock6Decision, config: &TraceConfig) {
-    let touches = |addr: &Ipv6Bytes| *decision.before.0 == *addr || *decision.after.0 == *addr;
-    if !passes6([&config.addr6_a, &config.addr6_b], touches) {
-        return;
-    }
+fn emit6_sock(sock: &SockAddr, decision: &Sock6Decision) {
     let header = Header6 {
         ifindex: 0,
         hook: decision.hook,

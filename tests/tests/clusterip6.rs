@@ -150,20 +150,20 @@ fn dual_stack_service_answers_on_both_addresses_with_the_same_backends() {
     }
 }
 
-/// "should preserve source pod IP for traffic thru service cluster IP",
-/// over IPv6: the backend sees the client pod's IPv6 address.
+/// Upstream "should preserve source pod IP for traffic thru service
+/// cluster IP", over IPv6: each endpoint, on this node and the other, sees
+/// the client pod's own IPv6 address, over TCP and UDP.
 #[test]
-fn backend_sees_the_client_pods_ipv6_address() {
+fn should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip_over_ipv6() {
     require_root();
     let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
-    let client = IpAddr::from(lab_pod("client").ipv6());
-    for _ in 0..5 {
-        let seen = c
-            .in_pod("client", || dataplane_lab::traffic::tcp_seen(http6()))
-            .unwrap_or_else(|o| panic!("{o:?}\n{}", c.logs()));
-        assert_eq!(seen.client.ip(), client, "{seen:?}");
-        assert_eq!(seen.from, http6());
-    }
+    integration_tests::assert_endpoints_see_the_client(
+        &c,
+        IpAddr::from(lab_pod("client").ipv6()),
+        &["web-a", "web-b", "web-c"],
+        http6(),
+        dns6(),
+    );
 }
 
 /// "should be rejected when no endpoints exist", over IPv6: a TCP RST and
@@ -862,6 +862,22 @@ fn should_serve_endpoints_on_same_port_and_different_protocols_over_ipv6() {
     c.eventually("UDP [web6]:80 reaches both endpoints", || {
         backends_seen(&c, http6(), true) == both
     });
+}
+
+/// Upstream "should serve multiport endpoints from pods", over IPv6: see
+/// [`integration_tests::multiport`].
+#[test]
+fn should_serve_multiport_endpoints_from_pods_over_ipv6() {
+    require_root();
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "multi.yaml",
+            integration_tests::multiport::manifest(WEB_IP6.into()),
+        )],
+    );
+    integration_tests::multiport::serve_and_check(&c, WEB_IP6.into());
 }
 
 /// Upstream "should be updated after adding or deleting ports", over IPv6:

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread::JoinHandle,
@@ -12,16 +12,14 @@ use std::{
 
 use dataplane_lab::{
     agent::agent_bin,
-    manifests::{self, pod_endpoint_of, Exposure},
+    manifests::{self, pod_endpoint_of},
     topology::{node_ip6, OUTSIDE_CLIENT_IP6},
     CrossNode, Topology,
 };
-use integration_tests::{http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
+use integration_tests::{http, lab_pod, require_root, web, Cluster, Seen, WEB_IP, WEB_IP6};
 use serde_json::Value;
 
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-/// The web service's IPv6 cluster IP (as in `clusterip6`).
-const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 
 /// `dataplane-agent monitor --ip ip -o json` on node 1, once it said it is
 /// tracing: the process, its JSON events, and the thread reading them.
@@ -208,13 +206,7 @@ fn monitor_shows_an_ipv6_connection_to_an_ipv6_cluster_ip_with_bracketed_address
     let (monitor, events, reader) = start_monitor(&c, client.into());
 
     // Cross-node: client on node1, web-b on node2.
-    assert_eq!(
-        c.tcp("client", SocketAddr::new(WEB_IP6.into(), 80))
-            .backend(),
-        Some("web-b"),
-        "{}",
-        c.logs()
-    );
+    assert_web6_answers_from_web_b(&c);
 
     let seen = events_until(&c, &events, &["new_flow", "reply_translated"]);
     stop_monitor(monitor, reader);
@@ -260,19 +252,7 @@ const NODE_PORT_HTTP: u16 = 30080;
 fn monitor_shows_ipv6_decisions_of_the_xdp_program_on_the_uplink() {
     require_root();
     let web_b = lab_pod("web-b");
-    let service = manifests::exposed(
-        manifests::with_cluster_ips(
-            manifests::web_service("web", WEB_IP),
-            &[WEB_IP.into(), WEB_IP6.into()],
-        ),
-        &Exposure {
-            type_: Some("NodePort"),
-            node_ports: vec![NODE_PORT_HTTP, 30053],
-            ..Default::default()
-        },
-    );
-    let manifest =
-        manifests::manifest_per_family(&service, |family| vec![pod_endpoint_of(&web_b, family)]);
+    let manifest = integration_tests::dual_stack_web_node_port([NODE_PORT_HTTP, 30053], &["web-b"]);
     let c = Cluster::start_dual(
         Topology::Bridge,
         CrossNode::Direct,
@@ -291,13 +271,7 @@ fn monitor_shows_ipv6_decisions_of_the_xdp_program_on_the_uplink() {
     let (monitor, events, reader) = start_monitor(&c, client.into());
 
     // Flows of another client, which the filter leaves out.
-    assert_eq!(
-        c.tcp("client", SocketAddr::new(WEB_IP6.into(), 80))
-            .backend(),
-        Some("web-b"),
-        "{}",
-        c.logs()
-    );
+    assert_web6_answers_from_web_b(&c);
     assert_eq!(c.tcp("client", http(WEB_IP)).backend(), Some("web-b"));
     let seen = c.outside_tcp(node_port);
     assert!(
@@ -342,6 +316,12 @@ fn monitor_shows_ipv6_decisions_of_the_xdp_program_on_the_uplink() {
         r_after.starts_with(&format!("{node}:{NODE_PORT_HTTP} -> {bracketed}")),
         "{r_after}"
     );
+}
+
+/// The client pod reaches `web` on its IPv6 cluster IP, answered by web-b.
+fn assert_web6_answers_from_web_b(c: &Cluster) {
+    let to = SocketAddr::new(WEB_IP6.into(), 80);
+    assert_eq!(c.tcp("client", to).backend(), Some("web-b"), "{}", c.logs());
 }
 
 /// The first event of `decision` in `seen`.

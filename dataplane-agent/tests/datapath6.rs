@@ -921,7 +921,11 @@ fn ipv6_trace_filter_matches_an_address_before_or_after_translation() {
     assert_eq!(events[1].hook, trace_hook::TO_POD);
     assert_eq!(events[1].before, tuple6(backend(), client()), "as sent");
 
-    trace6_of(&dp, Ipv6Addr::UNSPECIFIED, "fd00:10:244:9::9".parse().unwrap());
+    trace6_of(
+        &dp,
+        Ipv6Addr::UNSPECIFIED,
+        "fd00:10:244:9::9".parse().unwrap(),
+    );
     let syn = Tcp6::new(sa("fd00:10:244:1::a", 40_002), service(), SYN).build();
     assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
     assert_eq!(trace_events6(&dp), [], "no packet of that address");

@@ -617,10 +617,7 @@ mod tests {
 
         // A dual-stack service: its address of each family.
         let service = Filter::new(Some(dual), None).unwrap().config;
-        assert_eq!(
-            service.enabled,
-            trace_families::IPV4 | trace_families::IPV6
-        );
+        assert_eq!(service.enabled, trace_families::IPV4 | trace_families::IPV6);
         assert_eq!(service.addr_a, ipv4_to_map([10, 96, 0, 10]));
         assert_eq!(service.addr6_a, v6("2001:db8::1").octets());
         assert_eq!((service.addr_b, service.addr6_b), (0, [0; 16]));

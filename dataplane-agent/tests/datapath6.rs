@@ -753,14 +753,35 @@ fn ipv6_truncated_segment_to_a_service_passes_untouched_and_is_counted() {
 /// Turns tracing on for the `families` (bits of `trace_families`), as
 /// `monitor` does.
 fn trace(dp: &Harness, families: u32) {
+    trace_with(
+        dp,
+        TraceConfig {
+            enabled: families,
+            ..TraceConfig::default()
+        },
+    );
+}
+
+/// Writes `value` to `TRACE_CONFIG`, as `monitor` does.
+fn trace_with(dp: &Harness, value: TraceConfig) {
     let data = MapData::from_pin(dp.bpffs().join(map_names::TRACE_CONFIG)).expect("TRACE_CONFIG");
     let mut config: Array<MapData, TraceConfig> =
         Array::try_from(Map::Array(data)).expect("an array");
-    let value = TraceConfig {
-        enabled: families,
-        ..TraceConfig::default()
-    };
     config.set(0, value, 0).expect("writing TRACE_CONFIG");
+}
+
+/// IPv6 tracing on for packets of `addr6_a` and `addr6_b` (each `::` or
+/// an address the packet must have, before or after translation).
+fn trace6_of(dp: &Harness, addr6_a: Ipv6Addr, addr6_b: Ipv6Addr) {
+    trace_with(
+        dp,
+        TraceConfig {
+            enabled: trace_families::IPV6,
+            addr6_a: addr6_a.octets(),
+            addr6_b: addr6_b.octets(),
+            ..TraceConfig::default()
+        },
+    );
 }
 
 /// The records on `TRACE_EVENTS` so far; panics on an IPv4 one.
@@ -853,4 +874,60 @@ fn ipv6_packets_are_not_traced_when_only_ipv4_tracing_is_on() {
     assert_eq!(trace_events6(&dp), [], "IPv6 tracing is off");
     assert_eq!(dp.counter(Counter::NewFlow), 1, "the SYN was translated");
     assert_eq!(dp.counter(Counter::RejectNoEndpoints), 1);
+}
+
+/// `monitor --service web --ip CLIENT` over IPv6: the service's address
+/// (only in the tuple before translation) and the client's; the datapath
+/// reports the client's packets and no other client's.
+#[test]
+fn ipv6_trace_filter_reports_a_matching_clients_packets_and_no_others() {
+    let dp = Harness::new();
+    let service_id = web(&dp, &[backend()]);
+    trace6_of(&dp, *service().ip(), *client().ip());
+
+    let syn = Tcp6::new(client(), service(), SYN).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 1, "the client's SYN: {events:?}");
+    assert_eq!(events[0].service_id, service_id);
+    assert_eq!(events[0].before, tuple6(client(), service()));
+    assert_eq!(events[0].after, tuple6(client(), backend()));
+
+    let other = sa("fd00:10:244:1::b", 40_001);
+    let syn = Tcp6::new(other, service(), SYN).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    assert_eq!(trace_events6(&dp), [], "another client's SYN");
+    assert_eq!(dp.counter(Counter::NewFlow), 2, "both SYNs were translated");
+}
+
+/// `monitor --ip BACKEND` over IPv6: the backend's address is only in the
+/// tuple after translation of a client's packet and only before it of the
+/// reply; both are reported, and nothing once the filter is another
+/// address.
+#[test]
+fn ipv6_trace_filter_matches_an_address_before_or_after_translation() {
+    let dp = Harness::new();
+    web(&dp, &[backend()]);
+    trace6_of(&dp, Ipv6Addr::UNSPECIFIED, *backend().ip());
+
+    let syn = Tcp6::new(client(), service(), SYN).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    let reply = Tcp6::new(backend(), client(), SYN | ACK).build();
+    assert_eq!(dp.run_to_pod(&reply).verdict, TC_ACT_OK);
+    let events = trace_events6(&dp);
+    assert_eq!(events.len(), 2, "the SYN and its reply: {events:?}");
+    assert_eq!(events[0].hook, trace_hook::FROM_POD);
+    assert_eq!(events[0].after, tuple6(client(), backend()), "DNATed");
+    assert_eq!(events[1].hook, trace_hook::TO_POD);
+    assert_eq!(events[1].before, tuple6(backend(), client()), "as sent");
+
+    trace6_of(
+        &dp,
+        Ipv6Addr::UNSPECIFIED,
+        "fd00:10:244:9::9".parse().unwrap(),
+    );
+    let syn = Tcp6::new(sa("fd00:10:244:1::a", 40_002), service(), SYN).build();
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    assert_eq!(trace_events6(&dp), [], "no packet of that address");
+    assert_eq!(dp.counter(Counter::NewFlow), 2);
 }

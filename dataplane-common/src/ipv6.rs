@@ -293,6 +293,21 @@ pub struct Trace6Tuple {
     pub dst_port: u16,
 }
 
+/// Value of `TRACE6_SCRATCH` (per CPU): what an IPv6 packet's trace needs
+/// from its arrival, so that the packet reads `TRACE_CONFIG` once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Trace6Scratch {
+    /// The packet's tuple as parsed, before any translation.
+    pub before: Trace6Tuple,
+    /// Non-zero from the arrival of a packet with IPv6 tracing on to its
+    /// trace, which clears it.
+    pub armed: u32,
+    /// `TraceConfig::addr6_a` and `addr6_b` when the packet arrived.
+    pub addr_a: Ipv6Bytes,
+    pub addr_b: Ipv6Bytes,
+}
+
 /// An IPv6 event on `TRACE_EVENTS`, beside the IPv4 [`crate::TraceEvent`]
 /// records: the same header (through `backend_id`), with [`Self::family`]
 /// where the IPv4 record has a zero byte, then the socket fields, then the

@@ -62,8 +62,8 @@ pub mod map_names {
     pub const NAT6_CONFIG: &str = "NAT6_CONFIG";
     /// IPv6 `loadBalancerSourceRanges`.
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
-    /// Per CPU: a traced IPv6 packet's tuple on arrival, kept off the
-    /// stack until its decision is traced.
+    /// Per CPU: a traced IPv6 packet's tuple on arrival and the filter it
+    /// is traced under, kept off the stack until its decision is traced.
     pub const TRACE6_SCRATCH: &str = "TRACE6_SCRATCH";
     /// Every map, for tools that walk them all (`cleanup`).
     pub const ALL: [&str; 31] = [
@@ -129,7 +129,9 @@ pub mod map_names {
 /// (new, created). Version 6: IPv6 trace events, the `TRACE6_SCRATCH` map
 /// (new, created). Version 7: `REPLY_SOURCES` values carry the
 /// [`reply_source_flags`] ("no flows yet" bits; a value without them means
-/// "flows may exist").
+/// "flows may exist"); IPv6 addresses in `TraceConfig` (the IPv6 trace
+/// filter in the datapath), `TRACE6_SCRATCH` holds a [`Trace6Scratch`]
+/// (the filter copied on a packet's arrival, read at its trace).
 pub const LAYOUT_VERSION: u32 = 7;
 
 /// Shape of a pinned map as this release creates it.
@@ -193,7 +195,7 @@ pub mod map_layouts {
         layout::<Nat6Key, Nat6Entry>(map_names::NAT6, capacity::NAT6),
         layout::<u32, Nat6Config>(map_names::NAT6_CONFIG, 1),
         layout::<SourceRange6Key, u32>(map_names::SOURCE_RANGES6, capacity::SOURCE_RANGES),
-        layout::<u32, Trace6Tuple>(map_names::TRACE6_SCRATCH, 1),
+        layout::<u32, Trace6Scratch>(map_names::TRACE6_SCRATCH, 1),
     ];
 }
 
@@ -791,10 +793,14 @@ pub struct TraceConfig {
     pub enabled: u32,
     /// Network-order IPv4 addresses; an IPv4 packet is traced when each
     /// non-zero one is its source or destination, before or after
-    /// translation. IPv6 packets are not filtered here (there is no room for
-    /// their addresses): `monitor` filters their events itself.
+    /// translation.
     pub addr_a: u32,
     pub addr_b: u32,
+    /// The IPv6 addresses, filtering IPv6 packets and sockets as `addr_a`
+    /// and `addr_b` do IPv4 ones; all zero (`::`): no filter. After the
+    /// IPv4 fields, so an IPv4 packet reads what it read before.
+    pub addr6_a: Ipv6Bytes,
+    pub addr6_b: Ipv6Bytes,
 }
 
 /// Bits of [`TraceConfig::enabled`]. A monitor filtering by an address of

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use dataplane_common::{
     capacity, reply_source_flags, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey,
     CtLifetimes, FragKey, FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey,
-    ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, Trace6Tuple, TraceConfig,
+    ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, Trace6Scratch, TraceConfig,
     TraceEvent, IPPROTO_TCP,
 };
 use dataplane_common::{
@@ -130,13 +130,13 @@ pub static TRACE_CONFIG: Array<TraceConfig, 1> = Array::new();
 pub static TRACE_EVENTS: RingBuf<TraceEvent, { capacity::TRACE_EVENTS_BYTES as usize }> =
     RingBuf::new();
 
-/// A traced IPv6 packet's tuple on arrival, one slot per CPU: kept here
-/// from the packet's parse to its trace, since the IPv6 paths' deepest
-/// call chains have no stack to spare for it. The tc and XDP programs do
+/// A traced IPv6 packet's tuple on arrival and its filter, one slot per
+/// CPU: kept here from the packet's parse to its trace, since the IPv6
+/// paths' deepest call chains have no stack to spare for them. The tc and XDP programs do
 /// not nest on a CPU (XDP has finished before tc sees the packet); the
 /// socket hooks never use it.
 #[btf_map(name = "TRACE6_SCRATCH")]
-pub static TRACE6_SCRATCH: PerCpuArray<Trace6Tuple, 1> = PerCpuArray::new();
+pub static TRACE6_SCRATCH: PerCpuArray<Trace6Scratch, 1> = PerCpuArray::new();
 
 /// Socket hooks: (socket cookie, backend) -> the service the socket asked
 /// for, so `recvmsg` and `getpeername` show the service address. A closed

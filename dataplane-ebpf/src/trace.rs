@@ -3,15 +3,17 @@
 //! with the tuple before and after translation. Off (the default) it costs
 //! one array lookup and a branch per traced decision point.
 //!
-//! IPv6 decisions go on the same ring as [`TraceEvent6`] records; their
-//! addresses are not filtered here (`TRACE_CONFIG` has room for IPv4 ones
-//! only), only their family switched on or off. An IPv6 packet's decision
+//! IPv6 decisions go on the same ring as [`TraceEvent6`] records, filtered
+//! here by `TRACE_CONFIG`'s IPv6 addresses as IPv4 ones are by its IPv4
+//! addresses (which stay where an IPv4 packet reads them: the IPv4 cost is
+//! unchanged). An IPv6 packet's decision
 //! is traced once, at the program's entry, after its pipeline returned
 //! (see [`Packet6`]): a trace tail at every decision point, as IPv4 has,
 //! took `from_pod` past the verifier's budget of 1M instructions.
 
 use dataplane_common::{
-    trace_families, Counter, Ipv6Bytes, Trace6Tuple, TraceEvent, TraceEvent6, TraceTuple,
+    trace_families, Counter, Ipv6Bytes, Trace6Scratch, Trace6Tuple, TraceConfig, TraceEvent,
+    TraceEvent6, TraceTuple,
 };
 
 use crate::{
@@ -108,12 +110,23 @@ fn emit(decision: &Decision, ifindex: u32, netns_cookie: u64, cgroup_id: u64) {
     entry.submit(0);
 }
 
-/// Whether IPv6 tracing is on (one `TRACE_CONFIG` read).
+/// The trace configuration when IPv6 tracing is on (one `TRACE_CONFIG`
+/// read).
 #[inline(always)]
-fn wanted6() -> bool {
+fn config6() -> Option<&'static TraceConfig> {
     TRACE_CONFIG
         .get(0)
-        .is_some_and(|config| config.enabled & trace_families::IPV6 != 0)
+        .filter(|config| config.enabled & trace_families::IPV6 != 0)
+}
+
+/// Whether each non-zero address of the IPv6 filter (`filter`) is one that
+/// the decision `touches` (a source or destination, before or after
+/// translation).
+#[inline(always)]
+fn passes6(filter: [&Ipv6Bytes; 2], touches: impl Fn(&Ipv6Bytes) -> bool) -> bool {
+    filter
+        .into_iter()
+        .all(|addr| *addr == [0; 16] || touches(addr))
 }
 
 /// An IPv6 packet on its way through one program: where it was seen. The
@@ -124,12 +137,16 @@ fn wanted6() -> bool {
 /// after the pipeline returned, so the verifier meets one trace tail per
 /// program rather than one per decision point. The tuple on arrival waits
 /// in `TRACE6_SCRATCH`, not on the stack: the IPv6 paths' deepest call
-/// chains are at the verifier's 512 bytes. Off, tracing costs two
-/// `TRACE_CONFIG` reads per packet to a service (no flag is carried from
-/// one to the other: a flag known on one path and not on the other would
-/// have the verifier walk the whole pipeline twice). A monitor starting
-/// between the two reads can get one event whose tuple on arrival is an
-/// earlier packet's.
+/// chains are at the verifier's 512 bytes. Beside it wait the filter's
+/// addresses and a mark that the packet is traced, so `TRACE_CONFIG` is
+/// read once per packet (on arrival) and the trace reads the scratch slot:
+/// off, tracing costs one array lookup per packet to a service and one per
+/// traced decision (no flag is carried from one to the other on the stack:
+/// a flag known on one path and not on the other would have the verifier
+/// walk the whole pipeline twice). A packet marked on arrival whose
+/// decision is not traced (a helper failure) leaves its mark to the next
+/// traced decision on the CPU: if a monitor stopped in between, that is
+/// one event nobody asked for.
 pub struct Packet6 {
     hook: u8,
 }
@@ -140,18 +157,19 @@ impl Packet6 {
         Self { hook }
     }
 
-    /// The packet's tuple as parsed, before any translation: kept when
-    /// IPv6 tracing is on.
+    /// The packet's tuple as parsed, before any translation: kept, with
+    /// the filter, when IPv6 tracing is on.
     #[inline(always)]
     pub fn arrived(&self, flow: &Ipv6Flow) {
-        if wanted6() {
-            keep6(flow);
+        if let Some(config) = config6() {
+            keep6(flow, config);
         }
     }
 
     /// Reports a decision (`decision`, a [`Counter`], with the flow's ids)
-    /// if IPv6 tracing is on, with the tuple kept on arrival and the
-    /// packet's as it leaves (`flow`).
+    /// if IPv6 tracing was on when the packet arrived and the filter kept
+    /// then matches, with the tuple kept on arrival and the packet's as it
+    /// leaves (`flow`).
     #[inline(always)]
     pub fn finish<C: PacketCtx>(
         &self,
@@ -161,7 +179,7 @@ impl Packet6 {
         proto: u8,
         flow: &Ipv6Flow,
     ) {
-        if wanted6() {
+        if TRACE6_SCRATCH.get(0).is_some_and(|kept| kept.armed != 0) {
             let header = u32::from(self.hook) | u32::from(proto) << 8 | u32::from(decision) << 16;
             emit6_packet(ctx.ifindex(), header, ids.0, ids.1, flow);
         }
@@ -171,15 +189,18 @@ impl Packet6 {
 /// Not inlined: the copy is made in a frame of its own, not in the entry
 /// point's.
 #[inline(never)]
-fn keep6(flow: &Ipv6Flow) {
+fn keep6(flow: &Ipv6Flow, config: &TraceConfig) {
     if let Some(slot) = TRACE6_SCRATCH.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; the tc and XDP programs do not nest on
         // a CPU, and only they use it.
         unsafe {
-            (*slot).src_addr = flow.src_addr;
-            (*slot).dst_addr = flow.dst_addr;
-            (*slot).src_port = flow.src_port;
-            (*slot).dst_port = flow.dst_port;
+            (*slot).before.src_addr = flow.src_addr;
+            (*slot).before.dst_addr = flow.dst_addr;
+            (*slot).before.src_port = flow.src_port;
+            (*slot).before.dst_port = flow.dst_port;
+            (*slot).addr_a = config.addr6_a;
+            (*slot).addr_b = config.addr6_b;
+            (*slot).armed = 1;
         }
     }
 }
@@ -275,9 +296,25 @@ struct Header6 {
 /// on the caller's stack.
 #[inline(never)]
 fn emit6_packet(ifindex: u32, header: u32, service_id: u32, backend_id: u32, flow: &Ipv6Flow) {
-    let Some(before) = TRACE6_SCRATCH.get(0) else {
+    let Some(slot) = TRACE6_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: this CPU's slot, as in `keep6`; the packet's trace ends its
+    // mark.
+    let kept: &Trace6Scratch = unsafe {
+        (*slot).armed = 0;
+        &*slot
+    };
+    let before = &kept.before;
+    let touches = |addr: &Ipv6Bytes| {
+        before.src_addr == *addr
+            || before.dst_addr == *addr
+            || flow.src_addr == *addr
+            || flow.dst_addr == *addr
+    };
+    if !passes6([&kept.addr_a, &kept.addr_b], touches) {
+        return;
+    }
     let header = Header6 {
         ifindex,
         hook: header as u8,
@@ -312,12 +349,19 @@ pub struct Sock6Decision<'a> {
 }
 
 /// Counts an IPv6 socket hook's `decision` and reports it (when IPv6
-/// tracing is on) with the socket's network namespace and the caller's
-/// cgroup.
+/// tracing is on and the filter matches) with the socket's network
+/// namespace and the caller's cgroup.
 #[inline(always)]
 pub fn record6_sock(sock: &SockAddr, decision: &Sock6Decision) {
     count(decision.decision);
-    if wanted6() {
+    let Some(config) = config6() else {
+        return;
+    };
+    // Compared in place, in the map value and the hook's addresses (the
+    // filter handed to `emit6_sock` would be passed in more registers
+    // than a BPF call has).
+    let touches = |addr: &Ipv6Bytes| *decision.before.0 == *addr || *decision.after.0 == *addr;
+    if passes6([&config.addr6_a, &config.addr6_b], touches) {
         emit6_sock(sock, decision);
     }
 }

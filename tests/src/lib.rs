@@ -2,15 +2,15 @@
 //! and backend servers, and clients that report what they saw.
 
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use dataplane_lab::{
     agent::{self, Agent},
-    manifests,
+    manifests::{self, pod_endpoint_of, Exposure},
     netns::{self, in_netns},
     topology::{default_pods, unique_prefix},
     traffic::{self, Outcome},
@@ -19,6 +19,7 @@ use dataplane_lab::{
 use dataplane_testkit::apiserver::{self, ApiServer, Bind};
 
 pub mod bulk;
+pub mod multiport;
 
 pub use dataplane_lab::traffic::Outcome as Seen;
 
@@ -772,4 +773,71 @@ pub fn dns(ip: Ipv4Addr) -> SocketAddr {
 /// The `web` service backed by the given pods.
 pub fn web(cluster_backends: &[&PodSpec]) -> String {
     manifests::web_manifest("web", WEB_IP, cluster_backends)
+}
+
+/// The web service's IPv6 cluster IP in the dual-stack tests.
+pub const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// The dual-stack `web` service (`WEB_IP`, `WEB_IP6`) as a NodePort on
+/// `node_ports` (http, dns), policy Cluster, backed by `backends`.
+pub fn dual_stack_web_node_port(node_ports: [u16; 2], backends: &[&str]) -> String {
+    let service = manifests::exposed(
+        manifests::with_cluster_ips(
+            manifests::web_service("web", WEB_IP),
+            &[WEB_IP.into(), WEB_IP6.into()],
+        ),
+        &Exposure {
+            type_: Some("NodePort"),
+            node_ports: node_ports.to_vec(),
+            ..Default::default()
+        },
+    );
+    manifests::manifest_per_family(&service, |family| {
+        backends
+            .iter()
+            .map(|p| pod_endpoint_of(&lab_pod(p), family))
+            .collect()
+    })
+}
+
+/// Upstream "should preserve source pod IP for traffic thru service
+/// cluster IP", for either family: each of `backends`, reached by the
+/// `client` pod at `http_to` (TCP) and `dns_to` (UDP), sees the client's
+/// own address `client_ip`.
+pub fn assert_endpoints_see_the_client(
+    c: &Cluster,
+    client_ip: IpAddr,
+    backends: &[&str],
+    http_to: SocketAddr,
+    dns_to: SocketAddr,
+) {
+    let want: BTreeSet<(String, IpAddr)> = backends
+        .iter()
+        .map(|b| ((*b).to_owned(), client_ip))
+        .collect();
+    for (proto, udp) in [("TCP", false), ("UDP", true)] {
+        c.eventually(
+            &format!("every endpoint sees the client's IP over {proto}"),
+            || {
+                let seen: BTreeSet<(String, IpAddr)> = (0..30)
+                    .filter_map(|_| {
+                        c.in_pod("client", move || {
+                            if udp {
+                                traffic::udp_seen(dns_to)
+                            } else {
+                                traffic::tcp_seen(http_to)
+                            }
+                        })
+                        .ok()
+                    })
+                    .map(|s| (s.backend, s.client.ip()))
+                    .collect();
+                assert!(
+                    seen.iter().all(|(_, ip)| *ip == client_ip),
+                    "source rewritten: {seen:?}"
+                );
+                seen == want
+            },
+        );
+    }
 }

@@ -2,7 +2,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -11,7 +10,7 @@ use dataplane_lab::{
     manifests::{self, Port},
     traffic, CrossNode, Topology,
 };
-use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
+use integration_tests::{dns, http, lab_pod, multiport, require_root, web, Cluster, Seen, WEB_IP};
 use k8s_openapi::{
     api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig},
     apimachinery::pkg::util::intstr::IntOrString,
@@ -360,97 +359,17 @@ fn udp_backends(c: &Cluster, from_pod: &str, to: SocketAddr, n: usize) -> BTreeS
         .collect()
 }
 
-/// A TCP server on `port` in `pod` answering every line with `answer`
-/// (a container port other than the lab servers'); listening on return.
-fn listen(c: &Cluster, pod: &str, port: u16, answer: &'static str) {
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    dataplane_lab::netns::spawn_in_netns(&c.lab.pod_ns(pod), move || {
-        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("binding");
-        bound_tx.send(()).unwrap();
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(&stream);
-                let mut line = String::new();
-                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                    if (&stream)
-                        .write_all(format!("{answer}\n").as_bytes())
-                        .is_err()
-                    {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    })
-    .expect("server thread");
-    bound_rx.recv().expect("the server bound its port");
-}
-
-/// Upstream: "should serve multiport endpoints from pods": two service
-/// ports with named target ports, which each endpoint resolves to its own
-/// number (its slice's ports). web-a serves `web` on 8080 and `alt` on
-/// 9090; web-b `web` on 9191 and `alt` on 8080.
+/// Upstream: "should serve multiport endpoints from pods": see
+/// [`multiport`].
 #[test]
 fn should_serve_multiport_endpoints_from_pods() {
     require_root();
-    let web_port = Port {
-        name: "web",
-        protocol: "TCP",
-        port: 80,
-        target_port: 0,
-    };
-    let alt_port = Port {
-        name: "alt",
-        port: 81,
-        ..web_port
-    };
-    let mut service = manifests::service("default", "multi", WEB_IP, &[web_port, alt_port]);
-    for (p, name) in service
-        .spec
-        .as_mut()
-        .and_then(|s| s.ports.as_mut())
-        .expect("ports")
-        .iter_mut()
-        .zip(["web-port", "alt-port"])
-    {
-        p.target_port = Some(IntOrString::String(name.into()));
-    }
-    let slice = |name: &str, pod: &str, web_target: u16, alt_target: u16| {
-        manifests::endpoint_slice(
-            "default",
-            name,
-            "multi",
-            &[
-                Port {
-                    target_port: web_target,
-                    ..web_port
-                },
-                Port {
-                    target_port: alt_target,
-                    ..alt_port
-                },
-            ],
-            vec![manifests::pod_endpoint(&lab_pod(pod))],
-        )
-    };
-    let manifest = manifests::document(&service)
-        + &manifests::document(&slice("multi-a", "web-a", 8080, 9090))
-        + &manifests::document(&slice("multi-b", "web-b", 9191, 8080));
     let c = Cluster::start(
         Topology::Bridge,
         CrossNode::Direct,
-        &[("multi.yaml", manifest)],
+        &[("multi.yaml", multiport::manifest(WEB_IP.into()))],
     );
-    listen(&c, "web-a", 9090, "web-a/alt");
-    listen(&c, "web-b", 9191, "web-b/web");
-    let at = |port| SocketAddr::from((WEB_IP, port));
-    c.eventually("port 80 reaches each endpoint's web port", || {
-        c.tcp_backends("client", at(80), 20) == names(["web-a", "web-b/web"])
-    });
-    c.eventually("port 81 reaches each endpoint's alt port", || {
-        c.tcp_backends("client", at(81), 20) == names(["web-a/alt", "web-b"])
-    });
+    multiport::serve_and_check(&c, WEB_IP.into());
 }
 
 /// Upstream: "should serve endpoints on same port and different protocols":
@@ -544,32 +463,13 @@ fn should_be_updated_after_adding_or_deleting_ports() {
 fn should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() {
     require_root();
     let c = web_on_both_nodes();
-    let client = IpAddr::V4(lab_pod("client").ip());
-    let want: BTreeSet<(String, IpAddr)> = ["web-a", "web-b", "web-c"]
-        .map(|b| (b.to_owned(), client))
-        .into();
-    c.eventually("every endpoint sees the client's IP over TCP", || {
-        let seen: BTreeSet<(String, IpAddr)> = (0..30)
-            .filter_map(|_| c.in_pod("client", || traffic::tcp_seen(http(WEB_IP))).ok())
-            .map(|s| (s.backend, s.client.ip()))
-            .collect();
-        assert!(
-            seen.iter().all(|(_, ip)| *ip == client),
-            "source rewritten: {seen:?}"
-        );
-        seen == want
-    });
-    c.eventually("every endpoint sees the client's IP over UDP", || {
-        let seen: BTreeSet<(String, IpAddr)> = (0..30)
-            .filter_map(|_| c.in_pod("client", || traffic::udp_seen(dns(WEB_IP))).ok())
-            .map(|s| (s.backend, s.client.ip()))
-            .collect();
-        assert!(
-            seen.iter().all(|(_, ip)| *ip == client),
-            "source rewritten: {seen:?}"
-        );
-        seen == want
-    });
+    integration_tests::assert_endpoints_see_the_client(
+        &c,
+        IpAddr::V4(lab_pod("client").ip()),
+        &["web-a", "web-b", "web-c"],
+        http(WEB_IP),
+        dns(WEB_IP),
+    );
 }
 
 /// Networking Granular Checks: "should function for endpoint-Service: http"

@@ -48,8 +48,19 @@ fn all_web() -> Vec<PodSpec> {
 /// The IPv6-only `web` service with its spec adjusted (e.g. session
 /// affinity, traffic policy), backed by `backends`.
 fn web6_with(configure: impl FnOnce(&mut ServiceSpec), backends: &[&str]) -> String {
+    service6("web", WEB_IP6, configure, backends)
+}
+
+/// The IPv6-only service `name` with the web ports on `ip`, its spec
+/// adjusted by `configure`, backed by `backends`.
+fn service6(
+    name: &str,
+    ip: Ipv6Addr,
+    configure: impl FnOnce(&mut ServiceSpec),
+    backends: &[&str],
+) -> String {
     let mut service =
-        manifests::with_cluster_ips(manifests::web_service("web", WEB_IP), &[WEB_IP6.into()]);
+        manifests::with_cluster_ips(manifests::web_service(name, WEB_IP), &[ip.into()]);
     configure(service.spec.as_mut().expect("a spec"));
     manifests::manifest_per_family(&service, |family| {
         backends
@@ -64,16 +75,32 @@ fn cluster(cross_node: CrossNode, manifest: String) -> Cluster {
 }
 
 fn backends_seen(c: &Cluster, to: SocketAddr, udp: bool) -> BTreeSet<String> {
+    backends_seen_from(c, "client", to, udp)
+}
+
+/// The backends 30 new connections (or UDP sockets) of `pod` reached.
+fn backends_seen_from(c: &Cluster, pod: &str, to: SocketAddr, udp: bool) -> BTreeSet<String> {
     (0..30)
         .filter_map(|_| {
-            let seen = if udp {
-                c.udp("client", to)
-            } else {
-                c.tcp("client", to)
-            };
+            let seen = if udp { c.udp(pod, to) } else { c.tcp(pod, to) };
             seen.backend().map(str::to_owned)
         })
         .collect()
+}
+
+/// `pod`'s TCP and UDP answers through the IPv6 service come from the
+/// service's address and ports.
+fn answers_come_from_the_service(c: &Cluster, pod: &str) {
+    for _ in 0..3 {
+        match c.tcp(pod, http6()) {
+            Seen::Answered { from, .. } => assert_eq!(from, http6(), "TCP reply source"),
+            other => panic!("TCP: {other:?}\n{}", c.logs()),
+        }
+        match c.udp(pod, dns6()) {
+            Seen::Answered { from, .. } => assert_eq!(from, dns6(), "UDP reply source"),
+            other => panic!("UDP: {other:?}\n{}", c.logs()),
+        }
+    }
 }
 
 /// "should function for pod-Service: http / udp", over IPv6: an IPv6-only
@@ -86,20 +113,11 @@ fn pod_service_over_ipv6(cross_node: CrossNode) {
         backends_seen(&c, http6(), false) == want
     });
     assert_eq!(backends_seen(&c, dns6(), true), want, "UDP\n{}", c.logs());
-    for _ in 0..3 {
-        match c.tcp("client", http6()) {
-            Seen::Answered { from, .. } => assert_eq!(from, http6(), "TCP reply source"),
-            other => panic!("TCP: {other:?}\n{}", c.logs()),
-        }
-        match c.udp("client", dns6()) {
-            Seen::Answered { from, .. } => assert_eq!(from, dns6(), "UDP reply source"),
-            other => panic!("UDP: {other:?}\n{}", c.logs()),
-        }
-    }
+    answers_come_from_the_service(&c, "client");
 }
 
 #[test]
-fn pod_service_http_and_udp_over_ipv6_reach_same_node_and_cross_node_backends() {
+fn should_function_for_pod_service_http_and_udp_over_ipv6() {
     require_root();
     pod_service_over_ipv6(CrossNode::Direct);
 }
@@ -132,26 +150,26 @@ fn dual_stack_service_answers_on_both_addresses_with_the_same_backends() {
     }
 }
 
-/// "should preserve source pod IP for traffic thru service cluster IP",
-/// over IPv6: the backend sees the client pod's IPv6 address.
+/// Upstream "should preserve source pod IP for traffic thru service
+/// cluster IP", over IPv6: each endpoint, on this node and the other, sees
+/// the client pod's own IPv6 address, over TCP and UDP.
 #[test]
-fn backend_sees_the_client_pods_ipv6_address() {
+fn should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip_over_ipv6() {
     require_root();
     let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
-    let client = IpAddr::from(lab_pod("client").ipv6());
-    for _ in 0..5 {
-        let seen = c
-            .in_pod("client", || dataplane_lab::traffic::tcp_seen(http6()))
-            .unwrap_or_else(|o| panic!("{o:?}\n{}", c.logs()));
-        assert_eq!(seen.client.ip(), client, "{seen:?}");
-        assert_eq!(seen.from, http6());
-    }
+    integration_tests::assert_endpoints_see_the_client(
+        &c,
+        IpAddr::from(lab_pod("client").ipv6()),
+        &["web-a", "web-b", "web-c"],
+        http6(),
+        dns6(),
+    );
 }
 
 /// "should be rejected when no endpoints exist", over IPv6: a TCP RST and
 /// an ICMPv6 port unreachable at once, never a timeout.
 #[test]
-fn ipv6_service_without_endpoints_is_rejected_at_once() {
+fn should_be_rejected_when_no_endpoints_exist_over_ipv6() {
     require_root();
     let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &[]));
     // The agents program the service (with no endpoints) shortly after
@@ -198,10 +216,11 @@ fn dual_stack_service_is_programmed_in_each_familys_maps() {
     c.eventually_programmed(&expected);
 }
 
-/// "should have session affinity work for service with type clusterIP",
-/// over IPv6: ClientIP affinity keeps the client on one backend.
+/// Networking Granular Checks "should function for client IP based session
+/// affinity: http" and "…: udp", over IPv6: ClientIP affinity keeps every
+/// new connection and UDP socket of the client on one backend.
 #[test]
-fn session_affinity_client_ip_over_ipv6_keeps_each_client_on_one_backend() {
+fn should_function_for_client_ip_based_session_affinity_http_and_udp_over_ipv6() {
     require_root();
     let c = cluster(
         CrossNode::Direct,
@@ -253,7 +272,7 @@ fn internal_traffic_policy_local_over_ipv6_serves_from_this_node_only() {
 /// over IPv6: a pod reaching its own service gets its own answer, from the
 /// service address.
 #[test]
-fn pods_hairpin_back_to_themselves_through_their_ipv6_service() {
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services_over_ipv6() {
     require_root();
     let c = cluster(CrossNode::Direct, web6_with(|_| {}, &["web-a"]));
     c.eventually("web-a reaches its IPv6 service", || {
@@ -552,19 +571,120 @@ fn one_ipv6_connection_sticks_to_one_backend() {
     );
 }
 
-/// "should be able to up and down services", over IPv6: a deleted IPv6
-/// service stops answering.
+const OTHER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x11);
+const THIRD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x12);
+
+/// Upstream "should be able to up and down services", over IPv6: an IPv6
+/// service deleted stops answering while the other keeps its answers, and
+/// one created later answers.
 #[test]
-fn deleted_ipv6_service_stops_answering() {
+fn should_be_able_to_up_and_down_services_over_ipv6() {
     require_root();
-    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
-    c.eventually("the IPv6 service answers", || {
-        c.tcp("client", http6()).backend().is_some()
+    let other = SocketAddr::new(OTHER_IP6.into(), 80);
+    let third = SocketAddr::new(THIRD_IP6.into(), 80);
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[
+            ("web.yaml", web6_with(|_| {}, &["web-a"])),
+            (
+                "other.yaml",
+                service6("other", OTHER_IP6, |_| {}, &["web-b"]),
+            ),
+        ],
+    );
+    c.eventually("both IPv6 services answer", || {
+        c.tcp("client", http6()).backend() == Some("web-a")
+            && c.tcp("client", other).backend() == Some("web-b")
+    });
+    c.remove_manifest("web.yaml");
+    c.eventually("the deleted IPv6 service no longer answers", || {
+        c.tcp("client", http6()).backend().is_none() && c.udp("client", dns6()).backend().is_none()
+    });
+    assert_eq!(
+        c.tcp("client", other).backend(),
+        Some("web-b"),
+        "the service left up\n{}",
+        c.logs()
+    );
+    c.write_manifest(
+        "third.yaml",
+        &service6("third", THIRD_IP6, |_| {}, &["web-a"]),
+    );
+    c.eventually("the IPv6 service brought up later answers", || {
+        c.tcp("client", third).backend() == Some("web-a")
+    });
+    let third_dns = SocketAddr::new(THIRD_IP6.into(), 53);
+    assert_eq!(c.udp("client", third_dns).backend(), Some("web-a"));
+    assert!(c.tcp("client", http6()).backend().is_none());
+}
+
+/// Upstream "should work after the service has been recreated", over
+/// IPv6: deleted, then created again on the same IPv6 address with another
+/// endpoint, it reaches the new endpoint only.
+#[test]
+fn should_work_after_the_service_has_been_recreated_over_ipv6() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web6_with(|_| {}, &["web-a"]));
+    c.eventually("the IPv6 service answers from web-a", || {
+        c.tcp("client", http6()).backend() == Some("web-a")
     });
     c.remove_manifest("web.yaml");
     c.eventually("the deleted IPv6 service no longer answers", || {
         c.tcp("client", http6()).backend().is_none()
     });
+    c.write_manifest("web.yaml", &web6_with(|_| {}, &["web-b"]));
+    c.eventually("the recreated IPv6 service answers", || {
+        c.tcp("client", http6()).backend().is_some()
+    });
+    let want = BTreeSet::from(["web-b".to_owned()]);
+    assert_eq!(backends_seen(&c, http6(), false), want, "TCP\n{}", c.logs());
+    assert_eq!(backends_seen(&c, dns6(), true), want, "UDP\n{}", c.logs());
+}
+
+/// Upstream "should be rejected for evicted pods (no endpoints exist)",
+/// over IPv6: once the only endpoint's pod is evicted (listed not ready,
+/// then gone from the slice), clients are refused at once (a TCP RST, an
+/// ICMPv6 port unreachable), not left to time out.
+#[test]
+fn should_be_rejected_for_evicted_pods_over_ipv6() {
+    use manifests::State::NotReady;
+    require_root();
+    let c = cluster(CrossNode::Direct, web6_with(|_| {}, &["web-a"]));
+    c.eventually("the IPv6 service answers from web-a", || {
+        c.tcp("client", http6()).backend() == Some("web-a")
+    });
+    for (stage, manifest) in [
+        ("listed not ready", web6_endpoints(&[("web-a", NotReady)])),
+        ("removed", web6_endpoints(&[])),
+    ] {
+        c.write_manifest("web.yaml", &manifest);
+        c.eventually(&format!("{stage}: TCP refused"), || {
+            c.tcp("client", http6()) == Seen::Refused
+        });
+        for _ in 0..3 {
+            assert_eq!(c.tcp("client", http6()), Seen::Refused, "{stage}");
+            assert_eq!(c.udp("client", dns6()), Seen::Refused, "{stage}");
+        }
+    }
+}
+
+/// Networking Granular Checks "should function for endpoint-Service: http"
+/// and "…: udp", over IPv6: an endpoint pod reaches every endpoint of its
+/// own IPv6 service, itself included, and the answers come from the
+/// service.
+#[test]
+fn should_function_for_endpoint_service_http_and_udp_over_ipv6() {
+    require_root();
+    let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &all_web()));
+    let all: BTreeSet<String> = ["web-a", "web-b", "web-c"].map(String::from).into();
+    c.eventually("web-a reaches every endpoint over TCP", || {
+        backends_seen_from(&c, "web-a", http6(), false) == all
+    });
+    c.eventually("web-a reaches every endpoint over UDP", || {
+        backends_seen_from(&c, "web-a", dns6(), true) == all
+    });
+    answers_come_from_the_service(&c, "web-a");
 }
 
 /// "should be rejected when no endpoints exist", over IPv6, whatever the
@@ -573,7 +693,7 @@ fn deleted_ipv6_service_stops_answering() {
 /// their place, and with offload off the host veth computes the checksum
 /// where the client's packet had it.
 #[test]
-fn ipv6_rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off() {
+fn should_be_rejected_when_no_endpoints_exist_with_tx_checksum_offload_on_and_off_over_ipv6() {
     require_root();
     let c = cluster(CrossNode::Direct, web_of(&[WEB_IP6.into()], &[]));
     let client = c.pod("client");
@@ -658,7 +778,7 @@ fn ipv6_terminating_endpoints_serve_only_while_none_is_ready() {
 /// clusterIP", over IPv6: within `timeoutSeconds` a client stays on its
 /// backend; after that long idle, its next connection is balanced anew.
 #[test]
-fn ipv6_session_affinity_ends_after_its_timeout() {
+fn should_have_session_affinity_timeout_work_for_service_with_type_clusterip_over_ipv6() {
     require_root();
     const TIMEOUT_S: i32 = 2;
     let c = cluster(
@@ -742,6 +862,22 @@ fn should_serve_endpoints_on_same_port_and_different_protocols_over_ipv6() {
     c.eventually("UDP [web6]:80 reaches both endpoints", || {
         backends_seen(&c, http6(), true) == both
     });
+}
+
+/// Upstream "should serve multiport endpoints from pods", over IPv6: see
+/// [`integration_tests::multiport`].
+#[test]
+fn should_serve_multiport_endpoints_from_pods_over_ipv6() {
+    require_root();
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[(
+            "multi.yaml",
+            integration_tests::multiport::manifest(WEB_IP6.into()),
+        )],
+    );
+    integration_tests::multiport::serve_and_check(&c, WEB_IP6.into());
 }
 
 /// Upstream "should be updated after adding or deleting ports", over IPv6:

@@ -24,23 +24,10 @@ const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 /// The dual-stack `web` NodePort service (policy Cluster) on web-a (node
 /// 1), web-b and web-c (node 2).
 fn web_node_port() -> String {
-    let service = manifests::exposed(
-        manifests::with_cluster_ips(
-            manifests::web_service("web", WEB_IP),
-            &[WEB_IP.into(), WEB_IP6.into()],
-        ),
-        &Exposure {
-            type_: Some("NodePort"),
-            node_ports: vec![NODE_PORT_HTTP, NODE_PORT_DNS],
-            ..Default::default()
-        },
-    );
-    manifests::manifest_per_family(&service, |family| {
-        ["web-a", "web-b", "web-c"]
-            .iter()
-            .map(|p| pod_endpoint_of(&lab_pod(p), family))
-            .collect()
-    })
+    integration_tests::dual_stack_web_node_port(
+        [NODE_PORT_HTTP, NODE_PORT_DNS],
+        &["web-a", "web-b", "web-c"],
+    )
 }
 
 /// (backend, address it saw the client as) over `n` connections to `to`.

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread::JoinHandle,
@@ -13,14 +13,13 @@ use std::{
 use dataplane_lab::{
     agent::agent_bin,
     manifests::{self, pod_endpoint_of},
+    topology::{node_ip6, OUTSIDE_CLIENT_IP6},
     CrossNode, Topology,
 };
-use integration_tests::{http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
+use integration_tests::{http, lab_pod, require_root, web, Cluster, Seen, WEB_IP, WEB_IP6};
 use serde_json::Value;
 
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-/// The web service's IPv6 cluster IP (as in `clusterip6`).
-const WEB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 
 /// `dataplane-agent monitor --ip ip -o json` on node 1, once it said it is
 /// tracing: the process, its JSON events, and the thread reading them.
@@ -118,12 +117,7 @@ fn monitor_shows_new_flow_established_reply_and_reject() {
     );
     stop_monitor(monitor, reader);
 
-    let find = |decision: &str| {
-        seen.iter()
-            .find(|e| e["decision"] == decision)
-            .unwrap_or_else(|| panic!("no {decision} in {seen:#?}"))
-    };
-    let new_flow = find("new_flow");
+    let new_flow = find(&seen, "new_flow");
     assert_eq!(new_flow["hook"], "from-pod");
     assert_eq!(new_flow["proto"], "TCP");
     assert_eq!(new_flow["service"], "default/web:http");
@@ -143,14 +137,14 @@ fn monitor_shows_new_flow_established_reply_and_reject() {
         "client side kept"
     );
 
-    let established = find("established");
+    let established = find(&seen, "established");
     assert_eq!(established["hook"], "from-pod");
     assert_eq!(
         established["after"], new_flow["after"],
         "same flow, same backend"
     );
 
-    let reply = find("reply_translated");
+    let reply = find(&seen, "reply_translated");
     assert_eq!(reply["hook"], "to-pod");
     let r_before = reply["before"].as_str().unwrap();
     let r_after = reply["after"].as_str().unwrap();
@@ -163,7 +157,7 @@ fn monitor_shows_new_flow_established_reply_and_reject() {
         "{r_after}"
     );
 
-    let reject = find("reject_no_endpoints");
+    let reject = find(&seen, "reject_no_endpoints");
     assert_eq!(reject["service"], "default/empty:http");
     assert!(
         reject["before"]
@@ -212,22 +206,11 @@ fn monitor_shows_an_ipv6_connection_to_an_ipv6_cluster_ip_with_bracketed_address
     let (monitor, events, reader) = start_monitor(&c, client.into());
 
     // Cross-node: client on node1, web-b on node2.
-    assert_eq!(
-        c.tcp("client", SocketAddr::new(WEB_IP6.into(), 80))
-            .backend(),
-        Some("web-b"),
-        "{}",
-        c.logs()
-    );
+    assert_web6_answers_from_web_b(&c);
 
     let seen = events_until(&c, &events, &["new_flow", "reply_translated"]);
     stop_monitor(monitor, reader);
-    let find = |decision: &str| {
-        seen.iter()
-            .find(|e| e["decision"] == decision)
-            .unwrap_or_else(|| panic!("no {decision} in {seen:#?}"))
-    };
-    let new_flow = find("new_flow");
+    let new_flow = find(&seen, "new_flow");
     assert_eq!(new_flow["hook"], "from-pod");
     assert_eq!(new_flow["proto"], "TCP");
     assert_eq!(new_flow["service"], "default/web:http");
@@ -242,7 +225,7 @@ fn monitor_shows_an_ipv6_connection_to_an_ipv6_cluster_ip_with_bracketed_address
         after.ends_with(&format!("-> [{}]:8080", web_b.ipv6())),
         "DNAT to web-b: {after}"
     );
-    let reply = find("reply_translated");
+    let reply = find(&seen, "reply_translated");
     assert_eq!(reply["hook"], "to-pod");
     let r_before = reply["before"].as_str().unwrap();
     let r_after = reply["after"].as_str().unwrap();
@@ -254,6 +237,98 @@ fn monitor_shows_an_ipv6_connection_to_an_ipv6_cluster_ip_with_bracketed_address
         r_after.starts_with(&format!("[{WEB_IP6}]:80 -> [{client}]:")),
         "{r_after}"
     );
+}
+
+const NODE_PORT_HTTP: u16 = 30080;
+
+/// The monitor on node 1, filtering by the outside client's IPv6 address,
+/// while that client reaches a NodePort on node 1's IPv6 address whose only
+/// backend is on node 2: node 1's XDP program SNATs the connection and
+/// sends it back out, and translates the backend's replies back, all
+/// before the stack (and the tc program behind it) could see a packet
+/// (`external6`'s XDP test). The datapath's filter keeps the client pod's
+/// own IPv6 and IPv4 flows to the same service out of the events.
+#[test]
+fn monitor_shows_ipv6_decisions_of_the_xdp_program_on_the_uplink() {
+    require_root();
+    let web_b = lab_pod("web-b");
+    let manifest = integration_tests::dual_stack_web_node_port([NODE_PORT_HTTP, 30053], &["web-b"]);
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Direct,
+        &[("web.yaml", manifest)],
+    );
+    let node_port = SocketAddr::new(node_ip6(1).into(), NODE_PORT_HTTP);
+    c.eventually("the IPv6 NodePort on node1 answers from web-b", || {
+        c.outside_tcp(node_port).is_ok_and(|s| s.backend == "web-b")
+    });
+    assert!(
+        c.agent_log(1).contains("XDP attached"),
+        "{}",
+        c.agent_log(1)
+    );
+    let client = OUTSIDE_CLIENT_IP6;
+    let (monitor, events, reader) = start_monitor(&c, client.into());
+
+    // Flows of another client, which the filter leaves out.
+    assert_web6_answers_from_web_b(&c);
+    assert_eq!(c.tcp("client", http(WEB_IP)).backend(), Some("web-b"));
+    let seen = c.outside_tcp(node_port);
+    assert!(
+        seen.as_ref().is_ok_and(|s| s.backend == "web-b"),
+        "{seen:?}\n{}",
+        c.logs()
+    );
+
+    let seen = events_until(&c, &events, &["new_flow", "reply_translated"]);
+    stop_monitor(monitor, reader);
+    let bracketed = format!("[{client}]:");
+    for e in &seen {
+        assert_eq!(e["hook"], "from-outside", "{e:#}");
+        let (before, after) = (e["before"].as_str().unwrap(), e["after"].as_str().unwrap());
+        assert!(
+            before.contains(&bracketed) || after.contains(&bracketed),
+            "an event of another address: {e:#}"
+        );
+    }
+    let node = format!("[{}]", node_ip6(1));
+    let new_flow = find(&seen, "new_flow");
+    assert_eq!(new_flow["service"], "default/web:http");
+    let before = new_flow["before"].as_str().unwrap();
+    let after = new_flow["after"].as_str().unwrap();
+    assert!(
+        before.starts_with(&bracketed) && before.ends_with(&format!("-> {node}:{NODE_PORT_HTTP}")),
+        "{before}"
+    );
+    assert!(
+        after.starts_with(&format!("{node}:"))
+            && after.ends_with(&format!("-> [{}]:8080", web_b.ipv6())),
+        "SNAT to node1, DNAT to web-b: {after}"
+    );
+    let reply = find(&seen, "reply_translated");
+    let r_before = reply["before"].as_str().unwrap();
+    let r_after = reply["after"].as_str().unwrap();
+    assert!(
+        r_before.starts_with(&format!("[{}]:8080 -> {node}:", web_b.ipv6())),
+        "{r_before}"
+    );
+    assert!(
+        r_after.starts_with(&format!("{node}:{NODE_PORT_HTTP} -> {bracketed}")),
+        "{r_after}"
+    );
+}
+
+/// The client pod reaches `web` on its IPv6 cluster IP, answered by web-b.
+fn assert_web6_answers_from_web_b(c: &Cluster) {
+    let to = SocketAddr::new(WEB_IP6.into(), 80);
+    assert_eq!(c.tcp("client", to).backend(), Some("web-b"), "{}", c.logs());
+}
+
+/// The first event of `decision` in `seen`.
+fn find<'a>(seen: &'a [Value], decision: &str) -> &'a Value {
+    seen.iter()
+        .find(|e| e["decision"] == decision)
+        .unwrap_or_else(|| panic!("no {decision} in {seen:#?}"))
 }
 
 fn nix_kill(pid: u32) {

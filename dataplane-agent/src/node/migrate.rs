@@ -149,8 +149,17 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
     (6, &[map_names::TRACE6_SCRATCH]),
     // `REPLY_SOURCES` values gained the "no flows yet" bits: refilled with
     // the load-balancing maps, the agent's first sync writing its backends
-    // without them while conntrack holds carried flows.
-    (7, &[map_names::REPLY_SOURCES]),
+    // without them while conntrack holds carried flows. The IPv6 trace
+    // filter in the datapath: `TraceConfig` gained the IPv6 addresses,
+    // `TRACE6_SCRATCH` holds a `Trace6Scratch`.
+    (
+        7,
+        &[
+            map_names::REPLY_SOURCES,
+            map_names::TRACE_CONFIG,
+            map_names::TRACE6_SCRATCH,
+        ],
+    ),
 ];
 
 /// Maps of earlier layouts this one no longer has: unpinned at [`commit`].

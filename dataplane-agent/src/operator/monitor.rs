@@ -3,9 +3,9 @@
 //! each `TRACE_EVENTS` event in operator terms, and turns tracing off again
 //! on exit. The running agent is not involved and nothing restarts.
 //!
-//! Both families: the datapath filters IPv4 events by address itself;
-//! `TRACE_CONFIG` has no room for IPv6 addresses, so IPv6 events are
-//! filtered here, and a filter of one family turns the other's events off.
+//! Both families: the datapath filters the events of each by address
+//! itself (`TRACE_CONFIG` holds the addresses of both), and a filter of one
+//! family turns the other's events off.
 
 use std::{
     collections::HashMap,
@@ -315,14 +315,11 @@ pub struct ServiceIps {
     pub v6: Option<Ipv6Addr>,
 }
 
-/// Which events the monitor shows: the datapath's part (`config`: the
-/// families, and IPv4 addresses) and the IPv6 addresses it checks itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which events the monitor shows, as the datapath filters them: the
+/// families, and the addresses of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Filter {
     pub config: TraceConfig,
-    /// Each must be the source or destination of an IPv6 event, before or
-    /// after translation.
-    pub ipv6: Vec<Ipv6Addr>,
 }
 
 impl Filter {
@@ -336,6 +333,8 @@ impl Filter {
             anyhow::bail!("the service has no address of the family of {ip:?}: nothing to trace");
         }
         let ip4 = |ip: Option<Ipv4Addr>| ip.map_or(0, |ip| ipv4_to_map(ip.octets()));
+        // `::` is no filter in the datapath, as 0.0.0.0 is.
+        let ip6 = |ip: Option<Ipv6Addr>| ip.map_or([0; 16], |ip| ip.octets());
         let ip_v4 = match ip {
             Some(IpAddr::V4(ip)) => Some(ip),
             _ => None,
@@ -356,26 +355,10 @@ impl Filter {
                 enabled: families,
                 addr_a: ip4(service.and_then(|s| s.v4)),
                 addr_b: ip4(ip_v4),
+                addr6_a: ip6(service.and_then(|s| s.v6)),
+                addr6_b: ip6(ip_v6),
             },
-            ipv6: service
-                .and_then(|s| s.v6)
-                .into_iter()
-                .chain(ip_v6)
-                .collect(),
         })
-    }
-
-    /// Whether the record passes the part of the filter the datapath could
-    /// not apply.
-    pub fn matches(&self, record: &Record) -> bool {
-        let Record::V6(raw) = record else {
-            return true;
-        };
-        let touches =
-            |t: &Trace6Tuple, ip: &Ipv6Addr| t.src_addr == ip.octets() || t.dst_addr == ip.octets();
-        self.ipv6
-            .iter()
-            .all(|ip| touches(&raw.before, ip) || touches(&raw.after, ip))
     }
 }
 
@@ -459,9 +442,6 @@ async fn follow(options: Options) -> anyhow::Result<()> {
                 continue;
             };
             drop(record);
-            if !filter.matches(&raw) {
-                continue;
-            }
             let service_id = raw.service_id();
             if service_id != 0 && !names.contains_key(&service_id) {
                 // A service created after we started: refresh the names.
@@ -624,43 +604,47 @@ mod tests {
     }
 
     #[test]
-    fn filters_of_either_family_reach_the_datapath_or_are_applied_here() {
+    fn filters_of_either_family_reach_the_datapath() {
         let dual = ServiceIps {
             v4: Some(Ipv4Addr::new(10, 96, 0, 10)),
             v6: Some(v6("2001:db8::1")),
         };
         // Everything: both families, no address.
-        let all = Filter::new(None, None).unwrap();
+        let all = Filter::new(None, None).unwrap().config;
+        assert_eq!(all.enabled, trace_families::IPV4 | trace_families::IPV6);
+        assert_eq!((all.addr_a, all.addr_b), (0, 0));
+        assert_eq!((all.addr6_a, all.addr6_b), ([0; 16], [0; 16]));
+
+        // A dual-stack service: its address of each family.
+        let service = Filter::new(Some(dual), None).unwrap().config;
+        assert_eq!(service.enabled, trace_families::IPV4 | trace_families::IPV6);
+        assert_eq!(service.addr_a, ipv4_to_map([10, 96, 0, 10]));
+        assert_eq!(service.addr6_a, v6("2001:db8::1").octets());
+        assert_eq!((service.addr_b, service.addr6_b), (0, [0; 16]));
+
+        // An IPv6 client or backend: IPv4 off, the service's IPv6 address
+        // and the one given.
+        let backend = Filter::new(Some(dual), Some(v6("fd00:10:244:1::10").into()))
+            .unwrap()
+            .config;
+        assert_eq!(backend.enabled, trace_families::IPV6);
+        assert_eq!(backend.addr6_a, v6("2001:db8::1").octets());
+        assert_eq!(backend.addr6_b, v6("fd00:10:244:1::10").octets());
+        let other = Filter::new(None, Some(v6("fd00:10:244:9::9").into()))
+            .unwrap()
+            .config;
+        assert_eq!(other.enabled, trace_families::IPV6);
         assert_eq!(
-            all.config.enabled,
-            trace_families::IPV4 | trace_families::IPV6
+            (other.addr6_a, other.addr6_b),
+            ([0; 16], v6("fd00:10:244:9::9").octets())
         );
-        assert_eq!((all.config.addr_a, all.config.addr_b), (0, 0));
-        assert!(all.matches(&Record::V6(connect6())));
 
-        // A dual-stack service: its IPv4 address in the datapath, its IPv6
-        // one here.
-        let service = Filter::new(Some(dual), None).unwrap();
-        assert_eq!(
-            service.config.enabled,
-            trace_families::IPV4 | trace_families::IPV6
-        );
-        assert_eq!(service.config.addr_a, ipv4_to_map([10, 96, 0, 10]));
-        assert_eq!(service.ipv6, [v6("2001:db8::1")]);
-        assert!(service.matches(&Record::V6(connect6())));
-
-        // An IPv6 client or backend: IPv4 off, the address checked on each
-        // IPv6 event, before or after translation.
-        let backend = Filter::new(Some(dual), Some(v6("fd00:10:244:1::10").into())).unwrap();
-        assert_eq!(backend.config.enabled, trace_families::IPV6);
-        assert!(backend.matches(&Record::V6(connect6())));
-        let other = Filter::new(None, Some(v6("fd00:10:244:9::9").into())).unwrap();
-        assert!(!other.matches(&Record::V6(connect6())));
-
-        // An IPv4 address: IPv6 off, the datapath filters.
-        let client = Filter::new(Some(dual), Some(Ipv4Addr::new(10, 244, 1, 10).into())).unwrap();
-        assert_eq!(client.config.enabled, trace_families::IPV4);
-        assert_eq!(client.config.addr_b, ipv4_to_map([10, 244, 1, 10]));
+        // An IPv4 address: IPv6 off.
+        let client = Filter::new(Some(dual), Some(Ipv4Addr::new(10, 244, 1, 10).into()))
+            .unwrap()
+            .config;
+        assert_eq!(client.enabled, trace_families::IPV4);
+        assert_eq!(client.addr_b, ipv4_to_map([10, 244, 1, 10]));
 
         // An IPv6-only service and an IPv4 address: nothing can match.
         let v6_only = ServiceIps {

@@ -37,6 +37,7 @@ mod parse;
 mod parse6;
 mod pod6;
 mod redirect;
+mod redirect6;
 mod reject;
 mod reject6;
 mod skb;

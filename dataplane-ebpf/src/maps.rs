@@ -19,7 +19,7 @@ use dataplane_common::{
 };
 use dataplane_common::{
     Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
-    Service6Key, SockRevNat6Entry, SockRevNat6Key,
+    ReplySource6, Service6Key, SockRevNat6Entry, SockRevNat6Key,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -184,6 +184,15 @@ pub static LB6_SERVICES: HashMap<
 #[btf_map(name = "LB6_BACKENDS")]
 pub static LB6_BACKENDS: Array<Backend6, { capacity::LB6_BACKENDS as usize }> = Array::new();
 
+/// `REPLY_SOURCES` of the IPv6 backends, written with `LB6_BACKENDS`.
+#[btf_map(name = "LB6_REPLY_SOURCES")]
+static LB6_REPLY_SOURCES: HashMap<
+    ReplySource6,
+    u32,
+    { capacity::LB6_REPLY_SOURCES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
 #[btf_map(name = "LB6_AFFINITY")]
 pub static LB6_AFFINITY: LruHashMap<Affinity6Key, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
@@ -280,13 +289,21 @@ pub fn backend_interface(backend: &ReplySource) -> Option<u32> {
 #[inline(always)]
 pub fn learn_backend_interface(backend: &ReplySource, ifindex: u32) {
     if let Some(value) = REPLY_SOURCES.get_ptr_mut(backend) {
-        // SAFETY: a plain field of this run's value; written only when it
-        // changes, so the line stays shared between CPUs. Racing writers
-        // store interfaces the FIB check in `redirect` verifies anyway.
-        unsafe {
-            if *value != ifindex {
-                *value = ifindex;
-            }
+        store_interface(value, ifindex);
+    }
+}
+
+/// A reply source's value (`REPLY_SOURCES`, `LB6_REPLY_SOURCES`) set to
+/// `ifindex`.
+#[inline(always)]
+fn store_interface(value: *mut u32, ifindex: u32) {
+    // SAFETY: a map value the lookup just returned, valid for this run;
+    // written only when it changes, so the line stays shared between CPUs.
+    // Racing writers store interfaces the FIB check in `redirect` verifies
+    // anyway.
+    unsafe {
+        if *value != ifindex {
+            *value = ifindex;
         }
     }
 }
@@ -492,6 +509,26 @@ pub fn service6_get(key: &Service6Key) -> Option<ServiceValue> {
 #[inline(always)]
 pub fn backend6_get(backend_id: u32) -> Option<Backend6> {
     copied(LB6_BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != [0; 16])
+}
+
+/// Whether `source` is an IPv6 backend's (`LB6_REPLY_SOURCES`).
+#[inline(always)]
+pub fn is_reply_source6(source: &ReplySource6) -> bool {
+    LB6_REPLY_SOURCES.get_ptr(source).is_some()
+}
+
+/// [`backend_interface`] of an IPv6 backend.
+#[inline(always)]
+pub fn backend_interface6(backend: &ReplySource6) -> Option<u32> {
+    copied(LB6_REPLY_SOURCES.get_ptr(backend)).filter(|ifindex| *ifindex > 1)
+}
+
+/// [`learn_backend_interface`] of an IPv6 backend.
+#[inline(always)]
+pub fn learn_backend_interface6(backend: &ReplySource6, ifindex: u32) {
+    if let Some(value) = LB6_REPLY_SOURCES.get_ptr_mut(backend) {
+        store_interface(value, ifindex);
+    }
 }
 
 #[inline(always)]

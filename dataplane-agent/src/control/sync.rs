@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
-    service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey,
+    service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, ReplySource6, Service6Key, ServiceKey,
     ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
@@ -228,6 +228,37 @@ impl Family for IpKey {
             IpKey::V4(_) => IpFamily::Ipv4,
             IpKey::V6(_) => IpFamily::Ipv6,
         }
+    }
+}
+
+/// A backend's reply source, keyed as its family's map keys it
+/// (`REPLY_SOURCES` or `LB6_REPLY_SOURCES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ReplySourceKey {
+    V4(ReplySource),
+    V6(ReplySource6),
+}
+
+impl ReplySourceKey {
+    pub fn of(backend: &BackendKey) -> Self {
+        match backend {
+            BackendKey::V4(b) => ReplySourceKey::V4(ReplySource::of(b)),
+            BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::of(b)),
+        }
+    }
+}
+
+fn set_reply_source(w: &mut LbWrites, key: ReplySourceKey) {
+    match key {
+        ReplySourceKey::V4(k) => w.set_reply_source(k),
+        ReplySourceKey::V6(k) => w.set_reply_source6(k),
+    }
+}
+
+fn remove_reply_source(w: &mut LbWrites, key: ReplySourceKey) {
+    match key {
+        ReplySourceKey::V4(k) => w.remove_reply_source(k),
+        ReplySourceKey::V6(k) => w.remove_reply_source6(k),
     }
 }
 
@@ -488,10 +519,9 @@ pub struct SyncEngine<M: LbMaps> {
     owned: HashMap<ServiceName, BTreeSet<FrontendKey>>,
     backends: FamilyMap<BackendKey, BackendRef>,
     backend_by_id: HashMap<BackendId, BackendKey>,
-    /// Backend ids per `REPLY_SOURCES` key (an endpoint may have two ids
-    /// for a moment, e.g. while its flags change). IPv4 only: the IPv6
-    /// path has no reply pre-filter.
-    reply_sources: HashMap<ReplySource, u32>,
+    /// Backend ids per `REPLY_SOURCES` (`LB6_REPLY_SOURCES`) key (an
+    /// endpoint may have two ids for a moment, e.g. while its flags change).
+    reply_sources: HashMap<ReplySourceKey, u32>,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
     service_ips: FamilyMap<IpKey, u32>,
     /// This node's addresses, flagged in `SERVICE_IPS` (`LB6_SERVICE_IPS`)
@@ -735,10 +765,16 @@ impl<M: LbMaps> SyncEngine<M> {
             source_ranges,
             source_ranges6,
             reply_sources,
+            reply_sources6,
             service_ips6,
             services6,
             backends6,
         } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
+        let reply_sources: BTreeSet<ReplySourceKey> = reply_sources
+            .into_keys()
+            .map(ReplySourceKey::V4)
+            .chain(reply_sources6.into_keys().map(ReplySourceKey::V6))
+            .collect();
         let mut ranges_by_id: HashMap<u32, BTreeSet<RangeKey>> = HashMap::new();
         let all_ranges = source_ranges
             .into_iter()
@@ -838,25 +874,24 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.pending.remove_slot(index);
             }
         }
-        // `REPLY_SOURCES` follows the backends adopted (and is filled here
-        // when an agent of an earlier layout left none).
+        // `REPLY_SOURCES` and `LB6_REPLY_SOURCES` follow the backends
+        // adopted (and are filled here when an agent of an earlier layout
+        // left none).
         self.reply_sources.clear();
         for backend in self.backend_by_id.values() {
-            if let BackendKey::V4(backend) = backend {
-                *self
-                    .reply_sources
-                    .entry(ReplySource::of(backend))
-                    .or_insert(0) += 1;
-            }
+            *self
+                .reply_sources
+                .entry(ReplySourceKey::of(backend))
+                .or_insert(0) += 1;
         }
         for key in self.reply_sources.keys() {
-            if !reply_sources.contains_key(key) {
-                self.pending.set_reply_source(*key);
+            if !reply_sources.contains(key) {
+                set_reply_source(&mut self.pending, *key);
             }
         }
-        for key in reply_sources.keys() {
+        for key in &reply_sources {
             if !self.reply_sources.contains_key(key) {
-                self.pending.remove_reply_source(*key);
+                remove_reply_source(&mut self.pending, *key);
             }
         }
         let service_ids: BTreeSet<u32> = all_services.iter().map(|(_, v)| v.service_id).collect();
@@ -1335,14 +1370,15 @@ impl<M: LbMaps> SyncEngine<M> {
             r.refs += 1;
             return r.id;
         }
+        let source_key = ReplySourceKey::of(&backend);
+        let source = self.reply_sources.entry(source_key).or_insert(0);
+        if *source == 0 {
+            set_reply_source(&mut self.pending, source_key);
+        }
+        *source += 1;
         let id = match backend {
             BackendKey::V4(b) => {
                 let id = self.backend_ids.allocate();
-                let source = self.reply_sources.entry(ReplySource::of(&b)).or_insert(0);
-                if *source == 0 {
-                    self.pending.set_reply_source(ReplySource::of(&b));
-                }
-                *source += 1;
                 self.pending.set_backend(id, b);
                 id
             }
@@ -1366,17 +1402,17 @@ impl<M: LbMaps> SyncEngine<M> {
             let id = r.id;
             self.backends.remove(&backend);
             self.backend_by_id.remove(&(backend.family(), id));
+            let source = ReplySourceKey::of(&backend);
+            if let Some(n) = self.reply_sources.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.reply_sources.remove(&source);
+                    remove_reply_source(&mut self.pending, source);
+                }
+            }
             match backend {
-                BackendKey::V4(b) => {
+                BackendKey::V4(_) => {
                     self.pending.remove_backend(id);
-                    let source = ReplySource::of(&b);
-                    if let Some(n) = self.reply_sources.get_mut(&source) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.reply_sources.remove(&source);
-                            self.pending.remove_reply_source(source);
-                        }
-                    }
                     self.backend_ids.release(id);
                 }
                 BackendKey::V6(_) => {

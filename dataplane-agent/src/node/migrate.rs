@@ -69,7 +69,9 @@ fn role(name: &str) -> Role {
         | map_names::LB6_SERVICES
         // New in layout 4: created, and filled by the sync engine from the
         // backends it adopts.
-        | map_names::REPLY_SOURCES => Role::Lb,
+        | map_names::REPLY_SOURCES
+        // New in layout 7, likewise.
+        | map_names::LB6_REPLY_SOURCES => Role::Lb,
         map_names::BACKENDS | map_names::LB6_BACKENDS => Role::BackendIds,
         map_names::CT_TCP
         | map_names::CT_OTHER
@@ -147,6 +149,9 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
     ),
     // IPv6 trace events: `TRACE6_SCRATCH` is new (created).
     (6, &[map_names::TRACE6_SCRATCH]),
+    // IPv6 reply pre-filter and direct delivery: `LB6_REPLY_SOURCES` is new
+    // (created, filled from the backends).
+    (7, &[map_names::LB6_REPLY_SOURCES]),
 ];
 
 /// Maps of earlier layouts this one no longer has: unpinned at [`commit`].

@@ -16,7 +16,7 @@ use crate::{
     lb6::lb6_service_ip,
     maps::{backend_interface6, count, learn_backend_interface6},
     parse::{frag, TCP_ACK, TCP_SYN},
-    parse6::{Ipv6Flow, IP6_HLEN},
+    parse6::{parse_ipv6_flow_into, Ipv6Flow, IP6_HLEN},
     redirect::redirect4_enabled,
     skb,
 };
@@ -37,14 +37,16 @@ fn backend_of(flow: &Ipv6Flow) -> ReplySource6 {
     }
 }
 
-/// `from_pod`: sends the packet, DNATed to a backend (`flow` as it is
-/// now), on to it; `TC_ACT_OK` leaves it to the stack. A call of its own:
-/// the pipeline's frames have no room for the FIB parameters.
+/// `from_pod`: sends the packet, DNATed to a backend, on to it;
+/// `TC_ACT_OK` leaves it to the stack. A call of its own, on the packet as
+/// it is now: the pipeline's frames have no room for the FIB parameters.
 #[inline(never)]
-pub fn redirect6_to_backend(ctx: &TcContext, flow: &Ipv6Flow) -> i32 {
-    if flow.frag != frag::NONE {
+pub fn redirect6_to_backend(ctx: &TcContext) -> i32 {
+    let mut flow = Ipv6Flow::default();
+    if parse_ipv6_flow_into(ctx, &mut flow).is_err() || flow.frag != frag::NONE {
         return TC_ACT_OK;
     }
+    let flow = &flow;
     // A hairpin flow's source became the service (or node) address: the
     // packet goes back into the pod it came from, the stack's business.
     if lb6_service_ip(&flow.src_addr).is_some() {

@@ -14,8 +14,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, service_flags, service_ip_flags,
-    service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, ReplySource6, Service6Key, ServiceKey,
-    ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
+    service_scope, Backend, Backend6, Ipv6Bytes, ReplySource, ReplySource6, Service6Key,
+    ServiceKey, ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -1758,6 +1758,61 @@ mod tests {
             sources_of_backends(adopted.maps())
         );
         assert!(!reply_sources(adopted.maps()).is_empty());
+    }
+
+    /// `LB6_REPLY_SOURCES` as the datapath would see it.
+    fn reply_sources6(maps: &MemLbMaps) -> BTreeSet<ReplySource6> {
+        maps.state.reply_sources6.keys().copied().collect()
+    }
+
+    /// `LB6_REPLY_SOURCES` of the backends in `LB6_BACKENDS`.
+    fn sources6_of_backends(maps: &MemLbMaps) -> BTreeSet<ReplySource6> {
+        maps.state
+            .backends6
+            .values()
+            .map(ReplySource6::of)
+            .collect()
+    }
+
+    #[test]
+    fn ipv6_reply_sources_follow_the_backends_and_are_filled_when_adopting_maps_without_them() {
+        let mut e = engine();
+        let v4 = frontend([10, 96, 0, 10], 80);
+        let v6 = frontend6(0x10, 80);
+        e.sync_service(
+            &name("web"),
+            &[(v6, spec6("web", &[10, 11])), (v4, spec("web", &[10, 11]))],
+        )
+        .unwrap();
+        assert_eq!(reply_sources6(e.maps()).len(), 2);
+        assert_eq!(reply_sources6(e.maps()), sources6_of_backends(e.maps()));
+        assert_eq!(reply_sources(e.maps()).len(), 2, "IPv4's in their own map");
+        e.sync_service(
+            &name("web"),
+            &[(v6, spec6("web", &[10])), (v4, spec("web", &[10, 11]))],
+        )
+        .unwrap();
+        assert_eq!(reply_sources6(e.maps()), sources6_of_backends(e.maps()));
+        assert_eq!(reply_sources6(e.maps()).len(), 1);
+        assert_eq!(reply_sources(e.maps()).len(), 2);
+
+        // An agent of layout 6 pinned no LB6_REPLY_SOURCES.
+        let mut state = e.maps().state.clone();
+        state.reply_sources6.clear();
+        let adopted = SyncEngine::adopt(MemLbMaps {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            reply_sources6(adopted.maps()),
+            sources6_of_backends(adopted.maps())
+        );
+        assert_eq!(reply_sources6(adopted.maps()).len(), 1);
+
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert!(reply_sources6(e.maps()).is_empty());
+        assert!(reply_sources(e.maps()).is_empty());
     }
 
     #[test]

@@ -200,6 +200,37 @@ fn ipv6_backend_reply_is_translated_back_to_the_service_address() {
 }
 
 #[test]
+fn ipv6_packets_into_a_pod_from_a_pod_that_serves_no_service_are_not_looked_up() {
+    // Only packets from a backend's address and port
+    // (`LB6_REPLY_SOURCES`) are looked up in conntrack on their way into a
+    // pod: the reply entry of a flow whose backend left every service is
+    // still there, but its former backend's packets pass as they are.
+    let dp = Harness::new();
+    web(&dp, &[backend()]);
+    assert_eq!(dp.reply_source6(backend()), Some(1));
+    dp.run_from_pod(&Tcp6::new(client(), service(), SYN).build());
+    let synack = Tcp6::new(backend(), client(), SYN | ACK).build();
+    dp.remove_reply_source6(backend());
+    assert!(
+        dp.ct6_get(&ct6_key(backend(), client(), Protocol::Tcp, ct_dir::REPLY))
+            .is_some(),
+        "the reply entry is still there"
+    );
+
+    let run = dp.run_to_pod(&synack);
+
+    assert_untouched(&run, &synack, "packet of a pod that serves no service");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 0);
+
+    // The same packet from a backend is translated (the pre-filter is what
+    // made the difference).
+    web(&dp, &[backend()]);
+    let run = dp.run_to_pod(&synack);
+    assert_translated6(&synack, &run.output, service(), client(), "reply");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+}
+
+#[test]
 fn ipv6_udp_is_translated_both_ways_with_a_valid_checksum() {
     let dp = Harness::new();
     dns(&dp, &[dns_backend()]);

@@ -3,10 +3,12 @@
 //! sends it, with that next hop's MAC addresses, and left to the stack
 //! where the FIB has no answer to act on.
 //!
+//! The same for IPv6 (`ipv6_*`), on the IPv6 FIB and `LB6_REPLY_SOURCES`.
+//!
 //! Needs root and a kernel with BPF (each test mounts its own bpffs and
 //! runs in a network namespace of its own).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use dataplane_agent::{
@@ -17,8 +19,12 @@ use dataplane_common::{
     ipv4_to_map, map_names, port_to_map, reply_source_flags, Counter, ReplySource, IPPROTO_TCP,
 };
 use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT};
+use dataplane_testkit::datapath6::Frontend6Options;
 use dataplane_testkit::netns::{in_new_netns, ip, mac_text};
-use dataplane_testkit::packets::{assert_translated, hex, Tcp, ACK, SYN};
+use dataplane_testkit::packets::{assert_translated, hex, Tcp, ACK, ETH_HLEN, SYN};
+use dataplane_testkit::packets6::{
+    endpoints6, ipv6_fields, l4_checksum6_ok, with_checksum6, Tcp6, PROTO_TCP,
+};
 
 fn client() -> SocketAddrV4 {
     addr([10, 244, 1, 10], 40_000)
@@ -423,4 +429,267 @@ fn backends_added_while_carried_flows_may_reach_them_keep_their_replies_looked_u
         Some(reply_source_flags::MAY_HAVE_FLOWS),
         "kept"
     );
+}
+
+// ---------------------------------------------------------------------------
+// IPv6: the same delivery on the IPv6 FIB and `LB6_REPLY_SOURCES`.
+
+fn sa6(addr: &str, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(addr.parse().expect("an IPv6 address"), port, 0, 0)
+}
+fn client6() -> SocketAddrV6 {
+    sa6("fd00:10:244:1::a", 40_000)
+}
+fn service6() -> SocketAddrV6 {
+    sa6("fd00:10:96::a", 80)
+}
+/// A pod of this node, routed over its own veth (`pod0`).
+fn local_backend6() -> SocketAddrV6 {
+    sa6("fd00:10:244:1::14", 8080)
+}
+/// A pod of the other node, behind fd00:192:168:100::2 on `uplink0`.
+fn remote_backend6() -> SocketAddrV6 {
+    sa6("fd00:10:244:2::a", 8080)
+}
+/// A pod whose next hop has no neighbour entry yet.
+fn unresolved_backend6() -> SocketAddrV6 {
+    sa6("fd00:10:244:3::a", 8080)
+}
+/// A pod of the other node behind a route whose MTU is locked below the
+/// uplink's.
+fn narrow_route_backend6() -> SocketAddrV6 {
+    sa6("fd00:10:244:4::a", 8080)
+}
+
+/// [`in_node_netns`] with the same interfaces, IPv6 routes and neighbours.
+fn in_node_netns6<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    in_node_netns(move || {
+        for conf in ["all", "default", "cli0", "pod0", "uplink0"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/forwarding"), "1")
+                .expect("IPv6 forwarding on");
+        }
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:192:168:100::1/64",
+            "dev",
+            "uplink0",
+            "nodad",
+        ]);
+        ip(&["-6", "route", "add", "fd00:10:244:1::a/128", "dev", "cli0"]);
+        ip(&["-6", "route", "add", "fd00:10:244:1::14/128", "dev", "pod0"]);
+        for (prefix, via) in [
+            ("fd00:10:244:2::/64", "fd00:192:168:100::2"),
+            ("fd00:10:244:3::/64", "fd00:192:168:100::3"),
+        ] {
+            ip(&["-6", "route", "add", prefix, "via", via, "dev", "uplink0"]);
+        }
+        for (addr, mac, dev) in [
+            ("fd00:10:244:1::14", POD_MAC, "pod0"),
+            ("fd00:192:168:100::2", NODE_MAC, "uplink0"),
+        ] {
+            ip(&[
+                "-6",
+                "neigh",
+                "add",
+                addr,
+                "lladdr",
+                &mac_text(mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        f()
+    })
+}
+
+fn node6(direct_redirect: bool, backends: &[SocketAddrV6]) -> Harness {
+    let config = DatapathConfig {
+        direct_redirect,
+        ..DatapathConfig::default()
+    };
+    let dp = Harness::load_on(Bpffs::new().expect("a bpffs"), &config)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    web6(&dp, backends);
+    dp
+}
+
+fn web6(dp: &Harness, backends: &[SocketAddrV6]) {
+    dp.set_service6(
+        0,
+        service6(),
+        Protocol::Tcp,
+        backends,
+        1,
+        Frontend6Options::default(),
+    );
+}
+
+/// `output` is `input` DNATed to `to` (checksum recomputed here), with
+/// `dst_mac` as its destination MAC; its source MAC is whatever the
+/// egress interface has.
+#[track_caller]
+fn assert_sent6(input: &[u8], output: &[u8], to: SocketAddrV6, dst_mac: [u8; 6], what: &str) {
+    assert_eq!(output.len(), input.len(), "{what}: length");
+    assert_eq!(&output[..6], &dst_mac, "{what}: destination MAC");
+    let mut expected = input.to_vec();
+    expected[..12].copy_from_slice(&output[..12]);
+    expected[ETH_HLEN + 24..ETH_HLEN + 40].copy_from_slice(&to.ip().octets());
+    let l4 = ipv6_fields(input).l4;
+    expected[l4 + 2..l4 + 4].copy_from_slice(&to.port().to_be_bytes());
+    // The checksum, recomputed here over the translated segment.
+    let (src, _) = endpoints6(input);
+    let mut segment = expected[l4..].to_vec();
+    segment[16..18].fill(0);
+    let segment = with_checksum6(*src.ip(), *to.ip(), PROTO_TCP, segment);
+    expected[l4..].copy_from_slice(&segment);
+    assert_eq!(hex(output), hex(&expected), "{what}: not the input DNATed");
+}
+
+#[test]
+fn ipv6_a_local_backend_gets_the_packet_through_its_learned_pod_interface() {
+    in_node_netns6(|| {
+        let dp = node6(true, &[local_backend6()]);
+        let (cli0, pod0) = (ifindex("cli0"), ifindex("pod0"));
+        let syn = Tcp6::new(client6(), service6(), SYN).build();
+
+        // Before any flow was seen going into the pod: sent out of `pod0`
+        // with the pod's MAC.
+        let first = dp.run_on("from_pod", &syn, cli0);
+        assert_eq!(first.verdict, TC_ACT_REDIRECT, "first SYN");
+        assert_sent6(&syn, &first.output, local_backend6(), POD_MAC, "first SYN");
+        assert_eq!(dp.reply_source6(local_backend6()), Some(1));
+
+        // `to_pod` on the pod's interface learns it from the opening packet.
+        let run = dp.run_on("to_pod", &first.output, pod0);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(dp.reply_source6(local_backend6()), Some(pod0));
+        // A packet into another interface, or not opening a flow, teaches
+        // nothing.
+        let ack = Tcp6::new(client6(), local_backend6(), ACK).build();
+        dp.run_on("to_pod", &ack, cli0);
+        assert_eq!(dp.reply_source6(local_backend6()), Some(pod0));
+
+        // The flow's next packet: into the pod's namespace.
+        let ack = Tcp6::new(client6(), service6(), ACK).build();
+        let run = dp.run_on("from_pod", &ack, cli0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "established ACK");
+        assert_sent6(&ack, &run.output, local_backend6(), POD_MAC, "ACK");
+        assert_eq!(dp.counter(Counter::Redirected), 2);
+    });
+}
+
+#[test]
+fn ipv6_a_remote_backend_gets_the_packet_through_the_fib_next_hop() {
+    in_node_netns6(|| {
+        let dp = node6(true, &[remote_backend6()]);
+        let syn = Tcp6::new(client6(), service6(), SYN).build();
+
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+
+        assert_eq!(run.verdict, TC_ACT_REDIRECT);
+        assert_sent6(&syn, &run.output, remote_backend6(), NODE_MAC, "SYN");
+        let uplink_mac = std::fs::read_to_string("/sys/class/net/uplink0/address");
+        if let Ok(mac) = uplink_mac {
+            assert_eq!(mac_text(run.output[6..12].try_into().unwrap()), mac.trim());
+        }
+    });
+}
+
+#[test]
+fn ipv6_without_a_neighbour_entry_or_with_direct_redirect_off_the_stack_delivers() {
+    in_node_netns6(|| {
+        let dp = node6(true, &[unresolved_backend6()]);
+        let syn = Tcp6::new(client6(), service6(), SYN).build();
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+        assert_eq!(
+            run.verdict, TC_ACT_OK,
+            "no neighbour: the stack resolves it"
+        );
+        assert_eq!(endpoints6(&run.output), (client6(), unresolved_backend6()));
+        assert_eq!(dp.counter(Counter::Redirected), 0);
+
+        let dp = node6(false, &[local_backend6()]);
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+        assert_eq!(run.verdict, TC_ACT_OK, "--direct-redirect false");
+        assert_eq!(endpoints6(&run.output), (client6(), local_backend6()));
+        assert!(l4_checksum6_ok(&run.output));
+        assert_eq!(dp.counter(Counter::Redirected), 0);
+    });
+}
+
+/// A TCP segment from `client` to the service, `ip_len` bytes from its
+/// IPv6 header on.
+fn segment6_of(client: SocketAddrV6, ip_len: usize) -> Vec<u8> {
+    Tcp6::new(client, service6(), ACK)
+        .payload(&vec![0x5a; ip_len - 40 - 20])
+        .build()
+}
+
+#[test]
+fn ipv6_a_packet_larger_than_the_path_mtu_is_left_to_the_stack() {
+    in_node_netns6(|| {
+        let cli0 = ifindex("cli0");
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:10:244:4::/64",
+            "via",
+            "fd00:192:168:100::2",
+            "dev",
+            "uplink0",
+            "mtu",
+            "lock",
+            "1400",
+        ]);
+        let dp = node6(true, &[narrow_route_backend6()]);
+        let syn = Tcp6::new(client6(), service6(), SYN).build();
+        assert_eq!(dp.run_on("from_pod", &syn, cli0).verdict, TC_ACT_REDIRECT);
+
+        // Over the route's MTU, under the uplink's: the stack answers the
+        // client with a Packet Too Big.
+        let big = segment6_of(client6(), 1450);
+        let run = dp.run_on("from_pod", &big, cli0);
+        assert_eq!(run.verdict, TC_ACT_OK, "1450 bytes over a 1400-byte route");
+        assert_eq!(
+            endpoints6(&run.output),
+            (client6(), narrow_route_backend6())
+        );
+        assert!(l4_checksum6_ok(&run.output), "translated all the same");
+        let run = dp.run_on("from_pod", &segment6_of(client6(), 1400), cli0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "1400 bytes fit the route");
+
+        // Over the egress device's MTU.
+        ip(&["link", "set", "uplink0", "mtu", "1400"]);
+        web6(&dp, &[remote_backend6()]);
+        let other = sa6("fd00:10:244:1::a", 40_001);
+        let syn = Tcp6::new(other, service6(), SYN).build();
+        assert_eq!(dp.run_on("from_pod", &syn, cli0).verdict, TC_ACT_REDIRECT);
+        let run = dp.run_on("from_pod", &segment6_of(other, 1402), cli0);
+        assert_eq!(run.verdict, TC_ACT_OK, "1402 bytes over a 1400-byte uplink");
+        assert_eq!(endpoints6(&run.output), (other, remote_backend6()));
+        let run = dp.run_on("from_pod", &segment6_of(other, 1400), cli0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "1400 bytes fit the uplink");
+    });
+}
+
+#[test]
+fn ipv6_a_hairpin_flow_is_left_to_the_stack() {
+    in_node_netns6(|| {
+        // The client is its own backend: its packet comes back from the
+        // service address, through the stack.
+        let dp = node6(true, &[sa6("fd00:10:244:1::a", 8080)]);
+        let syn = Tcp6::new(client6(), service6(), SYN).build();
+        let run = dp.run_on("from_pod", &syn, ifindex("cli0"));
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(
+            endpoints6(&run.output),
+            (sa6("fd00:10:96::a", 40_000), sa6("fd00:10:244:1::a", 8080))
+        );
+        assert_eq!(dp.counter(Counter::Redirected), 0);
+    });
 }

@@ -41,6 +41,31 @@ pub struct Backend6 {
     pub flags: u8,
 }
 
+/// Key of `LB6_REPLY_SOURCES`: an IPv6 backend's address, port and
+/// protocol, as its replies carry them in their source; see
+/// [`crate::ReplySource`]. The value is the same: 1, or the pod interface
+/// `to_pod` saw flows to the backend go into (`--direct-redirect`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ReplySource6 {
+    pub addr: Ipv6Bytes,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ReplySource6 {
+    pub fn of(backend: &Backend6) -> Self {
+        Self {
+            addr: backend.addr,
+            port: backend.port,
+            proto: backend.proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// Key of `LB6_AFFINITY`; see [`crate::AffinityKey`]. Exactly one of
 /// `client_addr` and `client_netns` is non-zero.
 #[repr(C)]
@@ -348,6 +373,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for Backend6 {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ReplySource6 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Affinity6Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockRevNat6Key {}
@@ -378,6 +405,7 @@ mod tests {
     fn ipv6_layouts_have_the_sizes_the_datapath_was_verified_with() {
         assert_eq!(size_of::<Service6Key>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<ReplySource6>(), 20);
         assert_eq!(size_of::<Affinity6Key>(), 32);
         assert_eq!(size_of::<SockRevNat6Key>(), 32);
         assert_eq!(size_of::<SockRevNat6Entry>(), 24);

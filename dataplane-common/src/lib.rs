@@ -53,6 +53,8 @@ pub mod map_names {
     pub const LB6_BACKENDS: &str = "LB6_BACKENDS";
     pub const LB6_AFFINITY: &str = "LB6_AFFINITY";
     pub const LB6_SOCK_REVNAT: &str = "LB6_SOCK_REVNAT";
+    /// IPv6 backends' (address, port, protocol): `REPLY_SOURCES` of IPv6.
+    pub const LB6_REPLY_SOURCES: &str = "LB6_REPLY_SOURCES";
     pub const CT6_TCP: &str = "CT6_TCP";
     pub const CT6_OTHER: &str = "CT6_OTHER";
     pub const CT6_FRAGMENTS: &str = "CT6_FRAGMENTS";
@@ -66,7 +68,7 @@ pub mod map_names {
     /// is traced under, kept off the stack until its decision is traced.
     pub const TRACE6_SCRATCH: &str = "TRACE6_SCRATCH";
     /// Every map, for tools that walk them all (`cleanup`).
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 32] = [
         SERVICE_IPS,
         SERVICES,
         BACKEND_SLOTS,
@@ -98,6 +100,7 @@ pub mod map_names {
         NAT6_CONFIG,
         SOURCE_RANGES6,
         TRACE6_SCRATCH,
+        LB6_REPLY_SOURCES,
     ];
 }
 
@@ -131,7 +134,10 @@ pub mod map_names {
 /// [`reply_source_flags`] ("no flows yet" bits; a value without them means
 /// "flows may exist"); IPv6 addresses in `TraceConfig` (the IPv6 trace
 /// filter in the datapath), `TRACE6_SCRATCH` holds a [`Trace6Scratch`]
-/// (the filter copied on a packet's arrival, read at its trace).
+/// (the filter copied on a packet's arrival, read at its trace); the
+/// `LB6_REPLY_SOURCES` map (IPv6 backends' address, port and protocol;
+/// new, created and filled from the backends), the reply pre-filter and
+/// direct delivery of IPv6.
 pub const LAYOUT_VERSION: u32 = 7;
 
 /// Shape of a pinned map as this release creates it.
@@ -196,6 +202,7 @@ pub mod map_layouts {
         layout::<u32, Nat6Config>(map_names::NAT6_CONFIG, 1),
         layout::<SourceRange6Key, u32>(map_names::SOURCE_RANGES6, capacity::SOURCE_RANGES),
         layout::<u32, Trace6Scratch>(map_names::TRACE6_SCRATCH, 1),
+        layout::<ReplySource6, u32>(map_names::LB6_REPLY_SOURCES, capacity::LB6_REPLY_SOURCES),
     ];
 }
 
@@ -213,6 +220,8 @@ pub mod capacity {
     pub const REPLY_SOURCES: u32 = BACKENDS;
     /// IPv6 backends (an array, preallocated: fewer than IPv4's).
     pub const LB6_BACKENDS: u32 = 65_536;
+    /// One entry per IPv6 backend at most.
+    pub const LB6_REPLY_SOURCES: u32 = LB6_BACKENDS;
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
     pub const CT_TCP: u32 = 131_072;
     pub const CT_OTHER: u32 = 65_536;

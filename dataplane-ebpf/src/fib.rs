@@ -84,11 +84,26 @@ pub fn fib6_lookup(
     ingress_ifindex: u32,
     route: &Route6,
 ) -> Option<NextHop> {
+    fib6_lookup_fitting(raw_ctx, ingress_ifindex, route, 0)
+}
+
+/// [`fib4_lookup_fitting`] for IPv6: `ip_len` is the packet's length from
+/// its IPv6 header on (0: no MTU check). IPv6 routers never fragment, so
+/// a packet that does not fit goes to the stack, which answers the sender
+/// with a Packet Too Big.
+#[inline(always)]
+pub fn fib6_lookup_fitting(
+    raw_ctx: *mut core::ffi::c_void,
+    ingress_ifindex: u32,
+    route: &Route6,
+    ip_len: u16,
+) -> Option<NextHop> {
     let mut params = skb::fib_params();
     params.family = AF_INET6;
     params.l4_protocol = route.proto;
     params.sport = route.src_port;
     params.dport = route.dst_port;
+    params.__bindgen_anon_1.tot_len = ip_len;
     params.ifindex = ingress_ifindex;
     params.__bindgen_anon_3.ipv6_src = words(route.src_addr);
     params.__bindgen_anon_4.ipv6_dst = words(route.dst_addr);

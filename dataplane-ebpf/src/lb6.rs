@@ -5,13 +5,13 @@
 
 use dataplane_common::{
     service_flags, service_ip_flags, service_scope, Affinity6Key, AffinityEntry, Backend6,
-    Ipv6Bytes, Service6Key, ServiceValue,
+    Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
 };
 
 use crate::{
     maps::{
-        affinity6_insert, affinity6_slot, backend6_get, backend_slot_get, service6_get,
-        service6_ip_get, source_range6_contains,
+        affinity6_insert, affinity6_slot, backend6_get, backend_slot_get, is_reply_source6,
+        service6_get, service6_ip_get, source_range6_contains,
     },
     parse6::Ipv6Flow,
     skb,
@@ -22,6 +22,20 @@ use crate::{
 #[inline(always)]
 pub fn lb6_service_ip(addr: &Ipv6Bytes) -> Option<u32> {
     service6_ip_get(addr)
+}
+
+/// Cheap pre-filter of reply translation, as `lb4_may_be_reply`: may
+/// `flow` (into a pod) come from an IPv6 backend? A later fragment,
+/// without ports, may.
+#[inline(always)]
+pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
+    !flow.has_l4_header()
+        || is_reply_source6(&ReplySource6 {
+            addr: flow.src_addr,
+            port: flow.src_port,
+            proto: flow.proto,
+            _pad: 0,
+        })
 }
 
 #[inline(always)]

@@ -37,6 +37,7 @@ mod parse;
 mod parse6;
 mod pod6;
 mod redirect;
+mod redirect6;
 mod reject;
 mod reject6;
 mod skb;
@@ -83,7 +84,10 @@ use crate::{
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     if parse6::is_ipv6_frame(&ctx) {
-        return pod6::from_pod6(&ctx);
+        return match pod6::from_pod6(&ctx) {
+            TO_BACKEND => redirect6::redirect6_to_backend(&ctx),
+            verdict => verdict,
+        };
     }
     // The follow-ups are called from here, not from `from_pod4`: the two
     // stack frames together would not fit in 512 bytes.
@@ -99,9 +103,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// [`node_port_reply_from_pod4`]. No tc verdict has this value.
 const MAYBE_NODE_PORT_REPLY: i32 = 0x4e50_5259;
 
-/// `from_pod4`'s verdict for a packet it DNATed to a backend, to be sent
-/// on by [`redirect4_to_backend`] (with `--direct-redirect`); never a tc
-/// verdict.
+/// `from_pod4`'s (`from_pod6`'s) verdict for a packet it DNATed to a
+/// backend, to be sent on by [`redirect4_to_backend`]
+/// (`redirect6_to_backend`) with `--direct-redirect`; never a tc verdict.
 const TO_BACKEND: i32 = 0x1_0000;
 
 #[inline(never)]

@@ -20,7 +20,7 @@ use dataplane_common::{
 };
 use dataplane_common::{
     Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
-    Service6Key, SockRevNat6Entry, SockRevNat6Key,
+    ReplySource6, Service6Key, SockRevNat6Entry, SockRevNat6Key,
 };
 
 // BTF-defined maps: each carries its key and value types, so `bpftool map
@@ -187,6 +187,15 @@ pub static LB6_SERVICES: HashMap<
 #[btf_map(name = "LB6_BACKENDS")]
 pub static LB6_BACKENDS: Array<Backend6, { capacity::LB6_BACKENDS as usize }> = Array::new();
 
+/// `REPLY_SOURCES` of the IPv6 backends, written with `LB6_BACKENDS`.
+#[btf_map(name = "LB6_REPLY_SOURCES")]
+static LB6_REPLY_SOURCES: HashMap<
+    ReplySource6,
+    u32,
+    { capacity::LB6_REPLY_SOURCES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
 #[btf_map(name = "LB6_AFFINITY")]
 pub static LB6_AFFINITY: LruHashMap<Affinity6Key, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
@@ -296,7 +305,7 @@ pub fn reply_source_slot(backend: &ReplySource) -> Option<ReplySourceSlot> {
     REPLY_SOURCES.get_ptr_mut(backend).map(ReplySourceSlot)
 }
 
-/// A `REPLY_SOURCES` value in place.
+/// A `REPLY_SOURCES` (`LB6_REPLY_SOURCES`) value in place.
 pub struct ReplySourceSlot(*mut u32);
 
 impl ReplySourceSlot {
@@ -533,6 +542,27 @@ pub fn service6_get(key: &Service6Key) -> Option<ServiceValue> {
 #[inline(always)]
 pub fn backend6_get(backend_id: u32) -> Option<Backend6> {
     copied(LB6_BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != [0; 16])
+}
+
+/// Whether `source` is an IPv6 backend's (`LB6_REPLY_SOURCES`).
+#[inline(always)]
+pub fn is_reply_source6(source: &ReplySource6) -> bool {
+    LB6_REPLY_SOURCES.get_ptr(source).is_some()
+}
+
+/// [`backend_interface`] of an IPv6 backend.
+#[inline(always)]
+pub fn backend_interface6(backend: &ReplySource6) -> Option<u32> {
+    copied(LB6_REPLY_SOURCES.get_ptr(backend)).filter(|ifindex| *ifindex > 1)
+}
+
+/// [`learn_backend_interface`] of an IPv6 backend.
+#[inline(always)]
+pub fn learn_backend_interface6(backend: &ReplySource6, ifindex: u32) {
+    // IPv6 values carry no flags: the interface is the whole value.
+    if let Some(value) = LB6_REPLY_SOURCES.get_ptr_mut(backend) {
+        ReplySourceSlot(value).update(|_| ifindex);
+    }
 }
 
 #[inline(always)]

@@ -28,13 +28,14 @@ use crate::{
     fragment::frag6_track,
     icmp6::{icmp6_error_flow, icmp6_reverse_translate},
     lb6::{
-        lb6_choose_backend, lb6_lookup_backend, lb6_lookup_frontend, lb6_service_ip,
-        lb6_source_allowed, Choice6, Selected6,
+        lb6_choose_backend, lb6_lookup_backend, lb6_lookup_frontend, lb6_may_be_reply,
+        lb6_service_ip, lb6_source_allowed, Choice6, Selected6,
     },
     maps::{count, Ct6Slot},
     nat6::{nat6_rewrite_dst, nat6_rewrite_src},
     parse::{frag, TCP_RST},
     parse6::{ipv6_dst, parse_ipv6_flow_into, parse_ipv6_header, Ipv6Flow, Parse6Error},
+    redirect6::{redirect6_enabled, redirect6_learn_backend},
     reject6::{reject6_icmp_port_unreachable, reject6_tcp_reset},
     skb,
     trace::Packet6,
@@ -50,8 +51,18 @@ pub fn from_pod6(ctx: &TcContext) -> i32 {
     let mut flow = Ipv6Flow::default();
     let packet = Packet6::new(trace_hook::FROM_POD);
     let outcome = try_from_pod6(ctx, &mut flow, &packet);
+    // Worked out before the trace, so only the verdict is kept across its
+    // call (one more value there is past the verifier's 512 bytes of
+    // stack on the new-flow path).
+    let verdict = if redirect6_enabled() && outcome.to_backend() && flow.frag == frag::NONE {
+        // Sent on by `redirect6_to_backend`, called by `from_pod` after
+        // this returned: the two frames together are past 512 bytes too.
+        crate::TO_BACKEND
+    } else {
+        outcome.verdict()
+    };
     outcome.trace(ctx, &packet, &flow);
-    outcome.verdict()
+    verdict
 }
 
 /// `to_pod` for an IPv6 frame; traced as `from_pod6` is.
@@ -186,6 +197,16 @@ impl Outcome {
     #[inline(always)]
     pub fn verdict(&self) -> i32 {
         self.verdict
+    }
+
+    /// A packet that goes on DNATed to a backend (a hairpin flow's too):
+    /// what `--direct-redirect` may send straight on.
+    #[inline(always)]
+    fn to_backend(&self) -> bool {
+        self.verdict == TC_ACT_OK
+            && (self.decision == Counter::Established as u32
+                || self.decision == Counter::NewFlow as u32
+                || self.decision == Counter::AffinityHit as u32)
     }
 
     /// The counter of a `next::REFUSE` outcome.
@@ -535,6 +556,11 @@ fn try_to_pod6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcom
         Ok(()) => {}
         Err(Parse6Error::NotL4) => return icmp6_error_to_pod(ctx, flow, packet),
         Err(_) => return Outcome::done(Ok(TC_ACT_OK)),
+    }
+    redirect6_learn_backend(ctx, flow);
+    if !lb6_may_be_reply(flow) {
+        // Not from a backend: traffic between pods, untouched.
+        return Outcome::done(Ok(TC_ACT_OK));
     }
     packet.arrived(flow);
     to_pod_flow(ctx, flow)

@@ -10,7 +10,7 @@ use aya::maps::{lpm_trie::Key as LpmKey, Array, HashMap as BpfHashMap, LpmTrie, 
 use dataplane_common::{
     backend_flags, capacity, map_names, port_to_map, service_ip_flags, service_scope, Affinity6Key,
     AffinityEntry, Backend6, Ct6Entry, Ct6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
-    NatConfig, Service6Key, ServiceValue, IPPROTO_TCP,
+    NatConfig, ReplySource6, Service6Key, ServiceValue, IPPROTO_TCP,
 };
 
 use crate::datapath::{proto_number, Harness};
@@ -38,6 +38,15 @@ fn open_pin(harness: &Harness, name: &str) -> MapData {
 fn hash<K: aya::Pod, V: aya::Pod>(harness: &Harness, name: &str) -> BpfHashMap<MapData, K, V> {
     BpfHashMap::try_from(Map::HashMap(open_pin(harness, name)))
         .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn reply_source6_key(backend: SocketAddrV6) -> ReplySource6 {
+    ReplySource6 {
+        addr: backend.ip().octets(),
+        port: port_to_map(backend.port()),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
 }
 
 fn lru<K: aya::Pod, V: aya::Pod>(harness: &Harness, name: &str) -> BpfHashMap<MapData, K, V> {
@@ -222,7 +231,15 @@ impl Harness {
         let slot_base = SLOT_BASE + index * SLOTS_PER_SERVICE;
         let mut lb_backends: Array<MapData, Backend6> = array(self, map_names::LB6_BACKENDS);
         let mut slots: Array<MapData, u32> = array(self, map_names::BACKEND_SLOTS);
+        // As the sync engine writes them with the backends.
+        let mut sources: BpfHashMap<MapData, ReplySource6, u32> =
+            hash(self, map_names::LB6_REPLY_SOURCES);
         for (i, backend) in backends.iter().enumerate() {
+            if sources.get(&ReplySource6::of(backend), 0).is_err() {
+                sources
+                    .insert(ReplySource6::of(backend), 1, 0)
+                    .expect("writing LB6_REPLY_SOURCES");
+            }
             let id = first_backend_id + i as u32;
             lb_backends
                 .set(id, *backend, 0)
@@ -260,6 +277,22 @@ impl Harness {
         lb_backends
             .set(id, Backend6::default(), 0)
             .expect("clearing LB6_BACKENDS");
+    }
+
+    /// `LB6_REPLY_SOURCES`' value for the TCP backend at `backend` (1: a
+    /// backend, more: the pod interface learnt), if it has one.
+    pub fn reply_source6(&self, backend: SocketAddrV6) -> Option<u32> {
+        let map: BpfHashMap<MapData, ReplySource6, u32> = hash(self, map_names::LB6_REPLY_SOURCES);
+        map.get(&reply_source6_key(backend), 0).ok()
+    }
+
+    /// Removes the TCP backend at `backend` from `LB6_REPLY_SOURCES`, as
+    /// the sync engine does when it leaves every service.
+    pub fn remove_reply_source6(&self, backend: SocketAddrV6) {
+        let mut map: BpfHashMap<MapData, ReplySource6, u32> =
+            hash(self, map_names::LB6_REPLY_SOURCES);
+        map.remove(&reply_source6_key(backend))
+            .expect("removing from LB6_REPLY_SOURCES");
     }
 
     /// A copy of the IPv6 conntrack entry at `key`.

@@ -1,5 +1,6 @@
 //! The same service behaviour on the other cluster network layouts: a VXLAN
-//! overlay between nodes, and Calico-style routed /32 pods with proxy ARP.
+//! overlay between nodes, and Calico-style routed /32 pods with proxy ARP;
+//! `--direct-redirect` on both, IPv4 and IPv6.
 
 use dataplane_lab::{CrossNode, Topology};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
@@ -141,4 +142,122 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
         forwarded_to_web_a(&c) > 0,
         "--direct-redirect false: the node forwards"
     );
+}
+
+// ---------------------------------------------------------------------------
+// `--direct-redirect` on IPv6, on both pod networks, same node and across.
+
+/// The IPv6-only web service's cluster IP.
+const WEB_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// The IPv6-only `web` service backed by `backend` alone.
+fn web6(backend: &str) -> String {
+    use dataplane_lab::manifests;
+    let service = manifests::with_cluster_ips(
+        manifests::web_service("web", WEB_IP),
+        &[std::net::IpAddr::V6(WEB_IP6)],
+    );
+    manifests::manifest_per_family(&service, |family| {
+        vec![manifests::pod_endpoint_of(&lab_pod(backend), family)]
+    })
+}
+
+/// Packets node 1's IPv6 stack forwarded to `to` port 8080, counted by an
+/// nftables rule on its forward hook ([`count_forwarding6_to`]).
+fn forwarded6(c: &Cluster) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.lab.node_ns(1),
+            "nft",
+            "list",
+            "table",
+            "ip6",
+            "dptfwd6",
+        ])
+        .output()
+        .expect("nft");
+    assert!(out.status.success(), "nft list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {text}"))
+}
+
+fn count_forwarding6_to(c: &Cluster, to: std::net::Ipv6Addr) {
+    let rules = format!(
+        "table ip6 dptfwd6 {{ chain counted {{ type filter hook forward priority 0; \
+         ip6 daddr {to} tcp dport 8080 counter; }}; }}"
+    );
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.lab.node_ns(1), "nft", &rules])
+        .status()
+        .expect("nft");
+    assert!(status.success(), "nft add");
+}
+
+/// The client (node 1) reaches `backend` through the IPv6 service without
+/// node 1's forwarding path once a neighbour entry exists, and through it
+/// with `--direct-redirect false`.
+fn check_direct_redirect6(topology: Topology, cross_node: CrossNode, backend: &str) {
+    let to = std::net::SocketAddr::new(WEB_IP6.into(), 80);
+    let mut c = Cluster::start_dual_with(
+        topology,
+        cross_node,
+        &[("web.yaml", web6(backend))],
+        &["--socket-lb", "false", "--direct-redirect", "true"],
+        |_| {},
+    );
+    count_forwarding6_to(&c, lab_pod(backend).ipv6());
+    // The first packets may find no neighbour entry yet: the stack
+    // forwards them and resolves one.
+    assert_eq!(c.tcp("client", to).backend(), Some(backend), "{}", c.logs());
+    let resolving = forwarded6(&c);
+    for _ in 0..3 {
+        assert_eq!(c.tcp("client", to).backend(), Some(backend), "{}", c.logs());
+    }
+    assert_eq!(
+        forwarded6(&c),
+        resolving,
+        "sent straight on, never forwarded by node 1's stack"
+    );
+    assert!(c.counter(1, "redirected") > 0, "{}", c.logs());
+
+    // The same connections through the stack, for contrast: the rule sees
+    // them.
+    c.stop_agents();
+    c.set_agent_args(&["--socket-lb", "false", "--direct-redirect", "false"]);
+    c.restart_agents();
+    assert_eq!(c.tcp("client", to).backend(), Some(backend), "{}", c.logs());
+    assert!(
+        forwarded6(&c) > resolving,
+        "--direct-redirect false: the node forwards"
+    );
+}
+
+#[test]
+fn ipv6_bridge_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() {
+    require_root();
+    check_direct_redirect6(Topology::Bridge, CrossNode::Direct, "web-a");
+}
+
+#[test]
+fn ipv6_bridge_cross_node_backend_gets_service_packets_without_the_nodes_forwarding_path() {
+    require_root();
+    check_direct_redirect6(Topology::Bridge, CrossNode::Vxlan, "web-b");
+}
+
+#[test]
+fn ipv6_routed_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() {
+    require_root();
+    check_direct_redirect6(Topology::Routed, CrossNode::Direct, "web-a");
+}
+
+#[test]
+fn ipv6_routed_cross_node_backend_gets_service_packets_without_the_nodes_forwarding_path() {
+    require_root();
+    check_direct_redirect6(Topology::Routed, CrossNode::Direct, "web-b");
 }

@@ -18,8 +18,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use dataplane_common::{
     backend_flags, capacity, ipv4_to_map, map_names, port_to_map, reply_source_flags,
     service_flags, service_ip_flags, service_scope, Backend, Backend6, Ipv6Bytes, ReplySource,
-    Service6Key, ServiceKey, ServiceValue, SourceRange6Key, SourceRangeKey, IPPROTO_TCP,
-    IPPROTO_UDP,
+    ReplySource6, Service6Key, ServiceKey, ServiceValue, SourceRange6Key, SourceRangeKey,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use log::{debug, info};
 
@@ -235,6 +235,39 @@ impl Family for IpKey {
     }
 }
 
+/// A backend's reply source, keyed as its family's map keys it
+/// (`REPLY_SOURCES` or `LB6_REPLY_SOURCES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ReplySourceKey {
+    V4(ReplySource),
+    V6(ReplySource6),
+}
+
+impl ReplySourceKey {
+    pub fn of(backend: &BackendKey) -> Self {
+        match backend {
+            BackendKey::V4(b) => ReplySourceKey::V4(ReplySource::of(b)),
+            BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::of(b)),
+        }
+    }
+}
+
+/// `value` is the IPv4 entry's ([`reply_source_flags`]); IPv6 entries
+/// carry no flags (its pre-filter has no "no flows yet" bits).
+fn set_reply_source(w: &mut LbWrites, key: ReplySourceKey, value: u32) {
+    match key {
+        ReplySourceKey::V4(k) => w.set_reply_source(k, value),
+        ReplySourceKey::V6(k) => w.set_reply_source6(k),
+    }
+}
+
+fn remove_reply_source(w: &mut LbWrites, key: ReplySourceKey) {
+    match key {
+        ReplySourceKey::V4(k) => w.remove_reply_source(k),
+        ReplySourceKey::V6(k) => w.remove_reply_source6(k),
+    }
+}
+
 impl Family for BackendKey {
     fn family(&self) -> IpFamily {
         BackendKey::family(self)
@@ -335,8 +368,10 @@ impl BackendsById {
         }
     }
 
-    fn v4_backends(&self) -> impl Iterator<Item = &Backend> {
-        self.v4.iter().flatten()
+    /// Every backend of both families.
+    fn all(&self) -> impl Iterator<Item = BackendKey> + '_ {
+        let v4 = self.v4.iter().flatten().map(|b| BackendKey::V4(*b));
+        v4.chain(self.v6.iter().flatten().map(|b| BackendKey::V6(*b)))
     }
 }
 
@@ -579,10 +614,9 @@ pub struct SyncEngine<M: LbMaps> {
     owned: HashMap<ServiceName, Vec<FrontendKey>>,
     backends: FamilyMap<BackendKey, BackendRef>,
     backend_by_id: BackendsById,
-    /// Backend ids per `REPLY_SOURCES` key (an endpoint may have two ids
-    /// for a moment, e.g. while its flags change). IPv4 only: the IPv6
-    /// path has no reply pre-filter.
-    reply_sources: HashMap<ReplySource, u32>,
+    /// Backend ids per `REPLY_SOURCES` (`LB6_REPLY_SOURCES`) key (an
+    /// endpoint may have two ids for a moment, e.g. while its flags change).
+    reply_sources: HashMap<ReplySourceKey, u32>,
     /// Conntrack may hold flows from before this engine started (a restart
     /// or an upgrade), to backends it is about to add: until its first
     /// full sync is written, the `REPLY_SOURCES` entries it adds say so
@@ -840,10 +874,16 @@ impl<M: LbMaps> SyncEngine<M> {
             source_ranges,
             source_ranges6,
             reply_sources,
+            reply_sources6,
             service_ips6,
             services6,
             backends6,
         } = self.maps.snapshot().map_err(SyncError::Snapshot)?;
+        let reply_sources: BTreeSet<ReplySourceKey> = reply_sources
+            .into_keys()
+            .map(ReplySourceKey::V4)
+            .chain(reply_sources6.into_keys().map(ReplySourceKey::V6))
+            .collect();
         let mut ranges_by_id: HashMap<u32, BTreeSet<RangeKey>> = HashMap::new();
         let all_ranges = source_ranges
             .into_iter()
@@ -943,25 +983,29 @@ impl<M: LbMaps> SyncEngine<M> {
                 self.pending.remove_slot(index);
             }
         }
-        // `REPLY_SOURCES` follows the backends adopted (and is filled here
-        // when an agent of an earlier layout left none).
+        // `REPLY_SOURCES` and `LB6_REPLY_SOURCES` follow the backends
+        // adopted (and are filled here when an agent of an earlier layout
+        // left none).
         self.reply_sources.clear();
-        for backend in self.backend_by_id.v4_backends() {
+        for backend in self.backend_by_id.all() {
             *self
                 .reply_sources
-                .entry(ReplySource::of(backend))
+                .entry(ReplySourceKey::of(&backend))
                 .or_insert(0) += 1;
         }
         for key in self.reply_sources.keys() {
-            if !reply_sources.contains_key(key) {
+            if !reply_sources.contains(key) {
                 // Adopted backends: flows to them may exist.
-                self.pending
-                    .set_reply_source(*key, reply_source_flags::MAY_HAVE_FLOWS);
+                set_reply_source(
+                    &mut self.pending,
+                    *key,
+                    reply_source_flags::MAY_HAVE_FLOWS,
+                );
             }
         }
-        for key in reply_sources.keys() {
+        for key in &reply_sources {
             if !self.reply_sources.contains_key(key) {
-                self.pending.remove_reply_source(*key);
+                remove_reply_source(&mut self.pending, *key);
             }
         }
         let service_ids: BTreeSet<u32> = all_services.iter().map(|(_, v)| v.service_id).collect();
@@ -1435,21 +1479,22 @@ impl<M: LbMaps> SyncEngine<M> {
             r.refs += 1;
             return r.id;
         }
+        let source_key = ReplySourceKey::of(&backend);
+        let source = self.reply_sources.entry(source_key).or_insert(0);
+        if *source == 0 {
+            // A backend new to the maps: no flow of this node goes to it
+            // yet, unless conntrack holds flows from before.
+            let value = if self.flows_carried {
+                reply_source_flags::MAY_HAVE_FLOWS
+            } else {
+                reply_source_flags::FRESH
+            };
+            set_reply_source(&mut self.pending, source_key, value);
+        }
+        *source += 1;
         let id = match backend {
             BackendKey::V4(b) => {
                 let id = self.backend_ids.allocate();
-                let source = self.reply_sources.entry(ReplySource::of(&b)).or_insert(0);
-                if *source == 0 {
-                    // A backend new to the maps: no flow of this node goes
-                    // to it yet, unless conntrack holds flows from before.
-                    let value = if self.flows_carried {
-                        reply_source_flags::MAY_HAVE_FLOWS
-                    } else {
-                        reply_source_flags::FRESH
-                    };
-                    self.pending.set_reply_source(ReplySource::of(&b), value);
-                }
-                *source += 1;
                 self.pending.set_backend(id, b);
                 id
             }
@@ -1473,17 +1518,17 @@ impl<M: LbMaps> SyncEngine<M> {
             let id = r.id;
             self.backends.remove(&backend);
             self.backend_by_id.remove(backend.family(), id);
+            let source = ReplySourceKey::of(&backend);
+            if let Some(n) = self.reply_sources.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.reply_sources.remove(&source);
+                    remove_reply_source(&mut self.pending, source);
+                }
+            }
             match backend {
-                BackendKey::V4(b) => {
+                BackendKey::V4(_) => {
                     self.pending.remove_backend(id);
-                    let source = ReplySource::of(&b);
-                    if let Some(n) = self.reply_sources.get_mut(&source) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.reply_sources.remove(&source);
-                            self.pending.remove_reply_source(source);
-                        }
-                    }
                     self.backend_ids.release(id);
                 }
                 BackendKey::V6(_) => {
@@ -1837,6 +1882,61 @@ mod tests {
             sources_of_backends(adopted.maps())
         );
         assert!(!reply_sources(adopted.maps()).is_empty());
+    }
+
+    /// `LB6_REPLY_SOURCES` as the datapath would see it.
+    fn reply_sources6(maps: &MemLbMaps) -> BTreeSet<ReplySource6> {
+        maps.state.reply_sources6.keys().copied().collect()
+    }
+
+    /// `LB6_REPLY_SOURCES` of the backends in `LB6_BACKENDS`.
+    fn sources6_of_backends(maps: &MemLbMaps) -> BTreeSet<ReplySource6> {
+        maps.state
+            .backends6
+            .values()
+            .map(ReplySource6::of)
+            .collect()
+    }
+
+    #[test]
+    fn ipv6_reply_sources_follow_the_backends_and_are_filled_when_adopting_maps_without_them() {
+        let mut e = engine();
+        let v4 = frontend([10, 96, 0, 10], 80);
+        let v6 = frontend6(0x10, 80);
+        e.sync_service(
+            &name("web"),
+            &[(v6, spec6("web", &[10, 11])), (v4, spec("web", &[10, 11]))],
+        )
+        .unwrap();
+        assert_eq!(reply_sources6(e.maps()).len(), 2);
+        assert_eq!(reply_sources6(e.maps()), sources6_of_backends(e.maps()));
+        assert_eq!(reply_sources(e.maps()).len(), 2, "IPv4's in their own map");
+        e.sync_service(
+            &name("web"),
+            &[(v6, spec6("web", &[10])), (v4, spec("web", &[10, 11]))],
+        )
+        .unwrap();
+        assert_eq!(reply_sources6(e.maps()), sources6_of_backends(e.maps()));
+        assert_eq!(reply_sources6(e.maps()).len(), 1);
+        assert_eq!(reply_sources(e.maps()).len(), 2);
+
+        // An agent of layout 6 pinned no LB6_REPLY_SOURCES.
+        let mut state = e.maps().state.clone();
+        state.reply_sources6.clear();
+        let adopted = SyncEngine::adopt(MemLbMaps {
+            state,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            reply_sources6(adopted.maps()),
+            sources6_of_backends(adopted.maps())
+        );
+        assert_eq!(reply_sources6(adopted.maps()).len(), 1);
+
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert!(reply_sources6(e.maps()).is_empty());
+        assert!(reply_sources(e.maps()).is_empty());
     }
 
     #[test]

@@ -17,8 +17,8 @@ use aya::{
     sys::SyscallError,
 };
 use dataplane_common::{
-    map_names, Backend, Backend6, Ipv6Bytes, ReplySource, Service6Key, ServiceKey, ServiceLabel,
-    ServiceValue, SourceRange6Key, SourceRangeKey,
+    map_names, Backend, Backend6, Ipv6Bytes, ReplySource, ReplySource6, Service6Key, ServiceKey,
+    ServiceLabel, ServiceValue, SourceRange6Key, SourceRangeKey,
 };
 
 use crate::node::{
@@ -52,6 +52,8 @@ pub struct LbSnapshot {
     pub source_ranges6: Vec<SourceRange6Key>,
     /// `REPLY_SOURCES`, derived from the backends.
     pub reply_sources: BTreeMap<ReplySource, u32>,
+    /// `LB6_REPLY_SOURCES`, likewise.
+    pub reply_sources6: BTreeMap<ReplySource6, u32>,
     /// `LB6_SERVICE_IPS`, `LB6_SERVICES`, `LB6_BACKENDS` (ids of their own;
     /// slots and service ids shared with IPv4).
     pub service_ips6: BTreeMap<Ipv6Bytes, u32>,
@@ -127,6 +129,7 @@ pub struct LbWrites {
     pub source_ranges: MapWrites<SourceRangeKey, ()>,
     pub source_ranges6: MapWrites<SourceRange6Key, ()>,
     pub reply_sources: MapWrites<ReplySource, u32>,
+    pub reply_sources6: MapWrites<ReplySource6, u32>,
     pub service_ips6: MapWrites<Ipv6Bytes, u32>,
     pub services6: MapWrites<Service6Key, ServiceValue>,
     pub backends6: MapWrites<u32, Backend6>,
@@ -200,6 +203,12 @@ impl LbWrites {
     pub fn remove_reply_source(&mut self, key: ReplySource) {
         self.reply_sources.push(key, None);
     }
+    pub fn set_reply_source6(&mut self, key: ReplySource6) {
+        self.reply_sources6.push(key, Some(1));
+    }
+    pub fn remove_reply_source6(&mut self, key: ReplySource6) {
+        self.reply_sources6.push(key, None);
+    }
 
     pub fn is_empty(&self) -> bool {
         self.service_ips.is_empty()
@@ -210,6 +219,7 @@ impl LbWrites {
             && self.source_ranges.is_empty()
             && self.source_ranges6.is_empty()
             && self.reply_sources.is_empty()
+            && self.reply_sources6.is_empty()
             && self.service_ips6.is_empty()
             && self.services6.is_empty()
             && self.backends6.is_empty()
@@ -233,6 +243,7 @@ pub struct BpfLbMaps {
     backends: OwnedFd,
     names: OwnedFd,
     reply_sources: OwnedFd,
+    reply_sources6: OwnedFd,
     service_ips6: OwnedFd,
     services6: OwnedFd,
     backends6: OwnedFd,
@@ -294,6 +305,7 @@ type SlotsMap = Array<MapData, u32>;
 type BackendsMap = Array<MapData, Backend>;
 type NamesMap = HashMap<MapData, u32, ServiceLabel>;
 type ReplySourcesMap = HashMap<MapData, ReplySource, u32>;
+type ReplySources6Map = HashMap<MapData, ReplySource6, u32>;
 type ServiceIps6Map = HashMap<MapData, Ipv6Bytes, u32>;
 type Services6Map = HashMap<MapData, Service6Key, ServiceValue>;
 type Backends6Map = Array<MapData, Backend6>;
@@ -332,6 +344,11 @@ impl BpfLbMaps {
             reply_sources: checked_fd::<ReplySourcesMap>(
                 map_names::REPLY_SOURCES,
                 open(map_names::REPLY_SOURCES)?,
+                &mut opened,
+            )?,
+            reply_sources6: checked_fd::<ReplySources6Map>(
+                map_names::LB6_REPLY_SOURCES,
+                open(map_names::LB6_REPLY_SOURCES)?,
                 &mut opened,
             )?,
             service_ips6: checked_fd::<ServiceIps6Map>(
@@ -388,6 +405,11 @@ impl BpfLbMaps {
             reply_sources: checked_fd::<ReplySourcesMap>(
                 map_names::REPLY_SOURCES,
                 take(map_names::REPLY_SOURCES)?,
+                &mut opened,
+            )?,
+            reply_sources6: checked_fd::<ReplySources6Map>(
+                map_names::LB6_REPLY_SOURCES,
+                take(map_names::LB6_REPLY_SOURCES)?,
                 &mut opened,
             )?,
             service_ips6: checked_fd::<ServiceIps6Map>(
@@ -454,6 +476,11 @@ impl LbMaps for BpfLbMaps {
             map_names::REPLY_SOURCES,
             &w.reply_sources,
         )?;
+        let source6_deletes = hash_sets(
+            &self.reply_sources6,
+            map_names::LB6_REPLY_SOURCES,
+            &w.reply_sources6,
+        )?;
         // BACKENDS and BACKEND_SLOTS are arrays: deleting is writing the
         // all-zero value, which the datapath treats as absent.
         let (ids, backends, gone) = w.backends.settled();
@@ -508,6 +535,11 @@ impl LbMaps for BpfLbMaps {
         let zeros6 = vec![Backend6::default(); gone6.len()];
         map_batch::update(self.backends6.as_fd(), &gone6, &zeros6)
             .map_err(err(map_names::LB6_BACKENDS, "BPF_MAP_UPDATE_BATCH"))?;
+        hash_deletes(
+            &self.reply_sources6,
+            map_names::LB6_REPLY_SOURCES,
+            &source6_deletes,
+        )?;
         hash_deletes(&self.names, map_names::SERVICE_NAMES, &name_deletes)?;
         for key in &ranges_gone {
             match self.source_ranges.remove(&lpm_key(key)) {
@@ -572,6 +604,10 @@ impl LbMaps for BpfLbMaps {
             .collect();
         snap.reply_sources = map_batch::lookup_all(self.reply_sources.as_fd())
             .map_err(read(map_names::REPLY_SOURCES))?
+            .into_iter()
+            .collect();
+        snap.reply_sources6 = map_batch::lookup_all(self.reply_sources6.as_fd())
+            .map_err(read(map_names::LB6_REPLY_SOURCES))?
             .into_iter()
             .collect();
         snap.service_ips6 = map_batch::lookup_all(self.service_ips6.as_fd())
@@ -663,6 +699,12 @@ impl LbMaps for MemLbMaps {
             |s| &mut s.reply_sources,
             same,
         )?;
+        let sources6 = self.sets(
+            map_names::LB6_REPLY_SOURCES,
+            &w.reply_sources6,
+            |s| &mut s.reply_sources6,
+            same,
+        )?;
         let backends = self.sets(map_names::BACKENDS, &w.backends, |s| &mut s.backends, same)?;
         let backends6 = self.sets(
             map_names::LB6_BACKENDS,
@@ -729,6 +771,12 @@ impl LbMaps for MemLbMaps {
             map_names::LB6_BACKENDS,
             &backends6,
             |s| &mut s.backends6,
+            |k| k,
+        )?;
+        self.deletes(
+            map_names::LB6_REPLY_SOURCES,
+            &sources6,
+            |s| &mut s.reply_sources6,
             |k| k,
         )?;
         self.deletes(map_names::SERVICE_NAMES, &names, |s| &mut s.names, |k| k)?;

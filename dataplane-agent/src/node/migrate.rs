@@ -69,7 +69,9 @@ fn role(name: &str) -> Role {
         | map_names::LB6_SERVICES
         // New in layout 4: created, and filled by the sync engine from the
         // backends it adopts.
-        | map_names::REPLY_SOURCES => Role::Lb,
+        | map_names::REPLY_SOURCES
+        // New in layout 7, likewise.
+        | map_names::LB6_REPLY_SOURCES => Role::Lb,
         map_names::BACKENDS | map_names::LB6_BACKENDS => Role::BackendIds,
         map_names::CT_TCP
         | map_names::CT_OTHER
@@ -151,13 +153,16 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
     // the load-balancing maps, the agent's first sync writing its backends
     // without them while conntrack holds carried flows. The IPv6 trace
     // filter in the datapath: `TraceConfig` gained the IPv6 addresses,
-    // `TRACE6_SCRATCH` holds a `Trace6Scratch`.
+    // `TRACE6_SCRATCH` holds a `Trace6Scratch`. IPv6 reply pre-filter and
+    // direct delivery: `LB6_REPLY_SOURCES` is new (created, filled from
+    // the backends).
     (
         7,
         &[
             map_names::REPLY_SOURCES,
             map_names::TRACE_CONFIG,
             map_names::TRACE6_SCRATCH,
+            map_names::LB6_REPLY_SOURCES,
         ],
     ),
 ];

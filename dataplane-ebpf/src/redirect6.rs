@@ -1,0 +1,112 @@
+//! Direct delivery of a pod's translated IPv6 packet (`--direct-redirect`):
+//! the rules of `redirect` on the IPv6 FIB and `LB6_REPLY_SOURCES`. A
+//! backend behind a pod interface `to_pod` saw flows to it go into gets
+//! the packet with `bpf_redirect_peer` when the FIB names that very
+//! interface; any other next hop with a neighbour entry gets it with the
+//! next hop's MAC addresses on its egress; no neighbour, no route, a
+//! packet larger than the route's MTU (the stack answers Packet Too Big)
+//! or a hairpin flow leaves it to the stack.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use dataplane_common::{Counter, ReplySource6, IPPROTO_TCP};
+
+use crate::{
+    ctx::PacketCtx,
+    fib::{fib6_lookup_fitting, NextHop, Route6},
+    lb6::lb6_service_ip,
+    maps::{backend_interface6, count, learn_backend_interface6},
+    parse::{frag, TCP_ACK, TCP_SYN},
+    parse6::{parse_ipv6_flow_into, Ipv6Flow, IP6_HLEN},
+    redirect::redirect4_enabled,
+    skb,
+};
+
+/// `--direct-redirect`: one switch for both families.
+#[inline(always)]
+pub fn redirect6_enabled() -> bool {
+    redirect4_enabled()
+}
+
+#[inline(always)]
+fn backend_of(flow: &Ipv6Flow) -> ReplySource6 {
+    ReplySource6 {
+        addr: flow.dst_addr,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    }
+}
+
+/// `from_pod`: sends the packet, DNATed to a backend, on to it;
+/// `TC_ACT_OK` leaves it to the stack. A call of its own, on the packet as
+/// it is now: the pipeline's frames have no room for the FIB parameters.
+#[inline(never)]
+pub fn redirect6_to_backend(ctx: &TcContext) -> i32 {
+    let mut flow = Ipv6Flow::default();
+    if parse_ipv6_flow_into(ctx, &mut flow).is_err() || flow.frag != frag::NONE {
+        return TC_ACT_OK;
+    }
+    let flow = &flow;
+    // A hairpin flow's source became the service (or node) address: the
+    // packet goes back into the pod it came from, the stack's business.
+    if lb6_service_ip(&flow.src_addr).is_some() {
+        return TC_ACT_OK;
+    }
+    let ingress = PacketCtx::ifindex(ctx);
+    // Checked against the route's MTU as it is; a GSO packet is checked by
+    // the kernel per segment (length 0).
+    let ip_len = if PacketCtx::is_gso(ctx) {
+        0
+    } else {
+        u16::try_from(IP6_HLEN as u32 + flow.payload_len).unwrap_or(u16::MAX)
+    };
+    let route = Route6 {
+        src_addr: &flow.src_addr,
+        dst_addr: &flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+    };
+    let Some(hop) = fib6_lookup_fitting(PacketCtx::raw(ctx), ingress, &route, ip_len) else {
+        return TC_ACT_OK;
+    };
+    let Some(macs) = hop.macs else {
+        return TC_ACT_OK;
+    };
+    if hop.ifindex == ingress {
+        // Back out of the interface it came in by: the stack's business.
+        return TC_ACT_OK;
+    }
+    count(Counter::Redirected);
+    if backend_interface6(&backend_of(flow)) == Some(hop.ifindex) {
+        if PacketCtx::store(ctx, 0, &macs).is_err() || skb::set_packet_host(ctx).is_err() {
+            return TC_ACT_OK;
+        }
+        return skb::redirect_peer(hop.ifindex);
+    }
+    PacketCtx::send(
+        ctx,
+        &NextHop {
+            ifindex: hop.ifindex,
+            macs: Some(macs),
+        },
+    )
+}
+
+/// `to_pod`: a packet opening a flow to an IPv6 backend goes into the pod
+/// interface the backend sits behind; remembered for
+/// [`redirect6_to_backend`].
+#[inline(always)]
+pub fn redirect6_learn_backend(ctx: &TcContext, flow: &Ipv6Flow) {
+    if !redirect6_enabled() || !flow.has_l4_header() {
+        return;
+    }
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let ifindex = PacketCtx::ifindex(ctx);
+    // 1 is the loopback (and a test run's device): never a pod's.
+    if ifindex > 1 {
+        learn_backend_interface6(&backend_of(flow), ifindex);
+    }
+}

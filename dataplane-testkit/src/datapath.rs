@@ -210,13 +210,11 @@ impl Harness {
     /// services, one frontend each: anything else the maps hold goes,
     /// backends adopted without a slot included.
     pub fn sync_all(&mut self, services: &[(&str, SocketAddrV4, Protocol, &[SocketAddrV4])]) {
-        let all = services
-            .iter()
-            .map(|(name, frontend, proto, backends)| {
-                let (service, spec) = plain_spec(name, backends);
-                let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
-                (service, vec![(frontend, spec)])
-            });
+        let all = services.iter().map(|(name, frontend, proto, backends)| {
+            let (service, spec) = plain_spec(name, backends);
+            let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
+            (service, vec![(frontend, spec)])
+        });
         let (_, errors) = self.engine.sync_all(all);
         assert!(errors.is_empty(), "full sync: {errors:?}");
     }

@@ -4,10 +4,7 @@
 //! difference, in an order that never shows the datapath a service without
 //! backends it still has.
 
-use std::{
-    borrow::Borrow,
-    collections::BTreeSet,
-};
+use std::{borrow::Borrow, collections::BTreeSet};
 
 // SipHash's resistance to chosen keys is not needed here (keys come from the
 // cluster's own objects) and is a fifth of a 10 000-service full sync.
@@ -1262,7 +1259,8 @@ impl<M: LbMaps> SyncEngine<M> {
             stats.frontends_removed += 1;
         }
         if !keys.is_empty() {
-            self.owned.insert(service.clone(), keys.into_iter().collect());
+            self.owned
+                .insert(service.clone(), keys.into_iter().collect());
         }
         stats
     }
@@ -2533,7 +2531,10 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(stats.frontends_removed, FULL_SYNC_BATCH_SERVICES);
         assert_eq!(stats.frontends_changed, 0);
-        assert_eq!(e.maps().state.services.len(), count - FULL_SYNC_BATCH_SERVICES);
+        assert_eq!(
+            e.maps().state.services.len(),
+            count - FULL_SYNC_BATCH_SERVICES
+        );
         assert_eq!(programmed(e.maps(), &frontend(ip(0), 80)), None);
     }
 

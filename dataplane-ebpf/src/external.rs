@@ -21,8 +21,8 @@ use crate::{
     fib::{fib4_lookup, NextHop},
 };
 use dataplane_common::{
-    backend_flags, ct_dir, nat_dir, service_flags, service_ip_flags, trace_hook, Counter, NatEntry,
-    ServiceValue, IPPROTO_TCP,
+    backend_flags, ct_dir, nat_dir, service_flags, service_ip_flags, trace_hook, Counter, HopCache,
+    NatEntry, ServiceValue, IPPROTO_TCP,
 };
 
 use crate::{
@@ -40,7 +40,7 @@ use crate::{
         lb4_choose_backend, lb4_lookup_backend, lb4_lookup_external, lb4_service_ip,
         lb4_source_allowed, Choice, Client, Selected,
     },
-    maps::{count, nat_config, nat_get},
+    maps::{count, nat_config, nat_slot, NatSlot},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, Ipv4Hdr, ParseError},
     reply_translate, skb,
@@ -149,7 +149,8 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
                 .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
             if !expired && backend_alive {
                 nat4_update(slot, &flow, nat_dir::ORIGINAL, now);
-                return snat_forward(&packet, &mut flow, &nat, Counter::Established);
+                let cached = Cached { slot, now };
+                return snat_forward(&packet, &mut flow, &nat, Some(cached), Counter::Established);
             }
             if !expired && flow.proto == IPPROTO_TCP && C::DEFERS_TO_TC {
                 return Ok(C::PASS);
@@ -225,7 +226,8 @@ fn snat_new_flow<C: PacketCtx>(
         service_id: service.service_id,
         proto: flow.proto,
         state: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        hop: HopCache::default(),
     };
     let ids = Ids {
         service_id: service.service_id,
@@ -241,7 +243,17 @@ fn snat_new_flow<C: PacketCtx>(
     if selected.by_affinity {
         count(Counter::AffinityHit);
     }
-    snat_forward(packet, flow, &nat, Counter::NewFlow)
+    // The next packet of the flow caches its hop: the entry of this one
+    // may be another CPU's (see `nat4_create`).
+    snat_forward(packet, flow, &nat, None, Counter::NewFlow)
+}
+
+/// The map entry of an established flow's direction, whose cached next
+/// hop is used while fresh and refreshed when not.
+#[derive(Clone, Copy)]
+struct Cached {
+    slot: NatSlot,
+    now: u64,
 }
 
 /// Client -> frontend packet of a SNATed flow: to the backend, from this
@@ -251,6 +263,7 @@ fn snat_forward<C: PacketCtx>(
     packet: &Packet<C>,
     flow: &mut Ipv4Flow,
     nat: &NatEntry,
+    cached: Option<Cached>,
     decision: Counter,
 ) -> Verdict {
     let ids = Ids {
@@ -264,7 +277,7 @@ fn snat_forward<C: PacketCtx>(
         dst_port: nat.backend_port,
         ..*flow
     };
-    let hop = match next_hop(packet, flow, &after, decision, ids) {
+    let hop = match next_hop(packet, flow, &after, cached, decision, ids) {
         Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
@@ -279,7 +292,8 @@ fn snat_forward<C: PacketCtx>(
 /// `None` when it is not a reply of a live SNATed flow.
 #[inline(always)]
 fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict> {
-    let reply = nat_get(&nat4_key(flow, nat_dir::REPLY))?;
+    let reply_slot = nat_slot(&nat4_key(flow, nat_dir::REPLY))?;
+    let reply = reply_slot.get();
     let owner = nat4_lookup(&reply.original_key());
     let live = owner.is_some_and(|o| {
         let e = o.get();
@@ -301,7 +315,11 @@ fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -
         dst_port: reply.client_port,
         ..*flow
     };
-    let hop = match next_hop(packet, flow, &after, Counter::ReplyTranslated, ids) {
+    let cached = Cached {
+        slot: reply_slot,
+        now,
+    };
+    let hop = match next_hop(packet, flow, &after, Some(cached), Counter::ReplyTranslated, ids) {
         Ok(hop) => hop,
         Err(verdict) => return Some(verdict),
     };
@@ -314,8 +332,9 @@ fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -
     Some(send(packet, flow, &hop, Counter::ReplyTranslated, ids))
 }
 
-/// The next hop of the packet once translated to `after`, looked up before
-/// anything is rewritten: without a route it is dropped (a packet from
+/// The next hop of the packet once translated to `after`, known before
+/// anything is rewritten: `cached` in the flow's entry while fresh, else
+/// looked up (and cached there). Without a route it is dropped (a packet from
 /// this node's address cannot go through the stack on ingress), counted
 /// with its `decision` (the flow's state changed all the same); without a
 /// neighbour entry, or out of another interface (a native XDP redirect
@@ -326,12 +345,22 @@ fn next_hop<C: PacketCtx>(
     packet: &Packet<C>,
     flow: &Ipv4Flow,
     after: &Ipv4Flow,
+    cached: Option<Cached>,
     decision: Counter,
     ids: Ids,
 ) -> Result<NextHop, Verdict> {
-    let Some(hop) = fib4_lookup(packet.ctx.raw(), packet.ctx.ifindex(), after) else {
-        count(decision);
-        return Err(packet.drop(Counter::FibLookupFailed, flow, ids));
+    let hop = match cached.and_then(|c| c.slot.cached_hop(c.now)) {
+        Some(hop) => hop,
+        None => {
+            let Some(hop) = fib4_lookup(packet.ctx.raw(), packet.ctx.ifindex(), after) else {
+                count(decision);
+                return Err(packet.drop(Counter::FibLookupFailed, flow, ids));
+            };
+            if let Some(c) = cached {
+                c.slot.keep_hop(&hop, c.now);
+            }
+            hop
+        }
     };
     if C::DEFERS_TO_TC && (hop.macs.is_none() || hop.ifindex != packet.ctx.ifindex()) {
         return Err(Ok(C::PASS));

@@ -6,6 +6,8 @@
 
 use core::intrinsics::{atomic_or, AtomicOrdering};
 
+use crate::fib::NextHop;
+
 use aya_ebpf::{
     btf_maps::{
         lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
@@ -14,7 +16,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, CtLifetimes, FragKey,
-    FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel, ServiceValue,
+    FragPorts, HopCache, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel, ServiceValue,
     SockRevNatEntry, SockRevNatKey, Trace6Tuple, TraceConfig, TraceEvent, IPPROTO_TCP,
 };
 use dataplane_common::{
@@ -310,6 +312,25 @@ pub fn source_range_contains(service_id: u32, client_addr: u32) -> bool {
 }
 
 #[inline(always)]
+fn cached_hop(cache: &HopCache, now_ns: u64) -> Option<NextHop> {
+    cache.is_fresh(now_ns).then(|| NextHop {
+        ifindex: cache.ifindex,
+        macs: Some(cache.macs),
+    })
+}
+
+#[inline(always)]
+fn keep_hop(cache: &mut HopCache, hop: &NextHop, now_ns: u64) {
+    if let Some(macs) = hop.macs {
+        *cache = HopCache {
+            ifindex: hop.ifindex,
+            macs,
+            checked: HopCache::stamp(now_ns),
+        };
+    }
+}
+
+#[inline(always)]
 pub fn nat_get(key: &NatKey) -> Option<NatEntry> {
     copied(NAT.get_ptr(key))
 }
@@ -328,6 +349,21 @@ impl NatSlot {
     pub fn get(&self) -> NatEntry {
         // SAFETY: a value pointer of this run's lookup, copied at once.
         unsafe { *self.0 }
+    }
+
+    /// This direction's next hop while the cached one is fresh.
+    #[inline(always)]
+    pub fn cached_hop(&self, now_ns: u64) -> Option<NextHop> {
+        // SAFETY: a value pointer of this run's lookup; the field is copied.
+        cached_hop(unsafe { &(*self.0).hop }, now_ns)
+    }
+
+    /// Caches `hop` as this direction's, looked up at `now_ns` (a complete
+    /// one only: without a neighbour entry the next packet looks again).
+    #[inline(always)]
+    pub fn keep_hop(&self, hop: &NextHop, now_ns: u64) {
+        // SAFETY: a plain field of this run's value.
+        keep_hop(unsafe { &mut (*self.0).hop }, hop, now_ns);
     }
 
     /// Plain stores: racing CPUs store equally recent times, and a lost
@@ -632,13 +668,28 @@ pub fn nat6_slot(key: &Nat6Key) -> Option<Nat6Slot> {
 }
 
 impl Nat6Slot {
-    /// The entry read in place (a 96-byte copy would not fit the stack);
+    /// The entry read in place (a 112-byte copy would not fit the stack);
     /// see [`Ct6Slot::entry`].
     #[inline(always)]
     pub fn entry(&self) -> &Nat6Entry {
         // SAFETY: a value pointer of this run's lookup, valid for the run;
         // only read through this reference.
         unsafe { &*self.0 }
+    }
+
+    /// As [`NatSlot::cached_hop`].
+    #[inline(always)]
+    pub fn cached_hop(&self, now_ns: u64) -> Option<NextHop> {
+        // SAFETY: a value pointer of this run's lookup; the field is copied.
+        cached_hop(unsafe { &(*self.0).hop }, now_ns)
+    }
+
+    /// As [`NatSlot::keep_hop`].
+    #[inline(always)]
+    pub fn keep_hop(&self, hop: &NextHop, now_ns: u64) {
+        // SAFETY: a plain field of this run's value (no `&Nat6Entry` from
+        // `entry` is alive across this store in the callers).
+        keep_hop(unsafe { &mut (*self.0).hop }, hop, now_ns);
     }
 
     /// As [`NatSlot::touch`].

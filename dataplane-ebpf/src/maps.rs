@@ -4,7 +4,10 @@
 //! Map values are read and written only through the wrappers at the bottom
 //! of this file: they hold the datapath's `unsafe` blocks besides `skb`.
 
-use core::intrinsics::{atomic_or, AtomicOrdering};
+use core::{
+    intrinsics::{atomic_or, AtomicOrdering},
+    ptr::NonNull,
+};
 
 use crate::fib::NextHop;
 
@@ -337,25 +340,36 @@ pub fn nat_get(key: &NatKey) -> Option<NatEntry> {
 
 /// A NAT entry in place, for updates.
 #[derive(Clone, Copy)]
-pub struct NatSlot(*mut NatEntry);
+/// Non-null, so an `Option<NatSlot>` is one register.
+pub struct NatSlot(NonNull<NatEntry>);
 
 #[inline(always)]
 pub fn nat_slot(key: &NatKey) -> Option<NatSlot> {
-    NAT.get_ptr_mut(key).map(NatSlot)
+    NAT.get_ptr_mut(key).and_then(NonNull::new).map(NatSlot)
 }
 
 impl NatSlot {
     #[inline(always)]
     pub fn get(&self) -> NatEntry {
         // SAFETY: a value pointer of this run's lookup, copied at once.
-        unsafe { *self.0 }
+        unsafe { *self.0.as_ptr() }
+    }
+
+    /// The entry read in place, for what needs a few fields only (a
+    /// whole copy costs the external pipeline stack it does not have).
+    #[inline(always)]
+    pub fn entry(&self) -> &NatEntry {
+        // SAFETY: a value pointer of this run's lookup, valid for the run;
+        // only read through this reference, which the callers drop before
+        // writing the entry.
+        unsafe { self.0.as_ref() }
     }
 
     /// This direction's next hop while the cached one is fresh.
     #[inline(always)]
     pub fn cached_hop(&self, now_ns: u64) -> Option<NextHop> {
         // SAFETY: a value pointer of this run's lookup; the field is copied.
-        cached_hop(unsafe { &(*self.0).hop }, now_ns)
+        cached_hop(unsafe { &(*self.0.as_ptr()).hop }, now_ns)
     }
 
     /// Caches `hop` as this direction's, looked up at `now_ns` (a complete
@@ -363,7 +377,7 @@ impl NatSlot {
     #[inline(always)]
     pub fn keep_hop(&self, hop: &NextHop, now_ns: u64) {
         // SAFETY: a plain field of this run's value.
-        keep_hop(unsafe { &mut (*self.0).hop }, hop, now_ns);
+        keep_hop(unsafe { &mut (*self.0.as_ptr()).hop }, hop, now_ns);
     }
 
     /// Plain stores: racing CPUs store equally recent times, and a lost
@@ -375,11 +389,11 @@ impl NatSlot {
     pub fn touch(self, now_ns: u64, state: u8, refresh_ns: u64) {
         // SAFETY: plain fields of this run's value.
         unsafe {
-            if now_ns.saturating_sub((*self.0).last_seen_ns) >= refresh_ns {
-                (*self.0).last_seen_ns = now_ns;
+            if now_ns.saturating_sub((*self.0.as_ptr()).last_seen_ns) >= refresh_ns {
+                (*self.0.as_ptr()).last_seen_ns = now_ns;
             }
-            if (*self.0).state < state {
-                (*self.0).state = state;
+            if (*self.0.as_ptr()).state < state {
+                (*self.0.as_ptr()).state = state;
             }
         }
     }

@@ -313,7 +313,15 @@ fn next_hop_cached() {
     for (neighbour, mac) in [("192.168.100.2", moved), ("192.168.100.254", router_moved)] {
         let mac = mac_text(mac);
         ip(&[
-            "neigh", "replace", neighbour, "lladdr", &mac, "dev", "uplink0", "nud", "permanent",
+            "neigh",
+            "replace",
+            neighbour,
+            "lladdr",
+            &mac,
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
         ]);
     }
     let answer_ack = Tcp::new(remote_backend(), snat, ACK).build();

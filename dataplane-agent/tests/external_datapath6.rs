@@ -389,7 +389,10 @@ fn ipv6_next_hop_cached() {
     assert_eq!(run.verdict, XDP_TX);
     assert_eq!(&run.output[..6], &BACKEND_NODE_MAC);
     let hop = hop6(&dp, outside_client(), node_port(), nat_dir::ORIGINAL);
-    assert_eq!((hop.ifindex, &hop.macs[..6]), (uplink, &BACKEND_NODE_MAC[..]));
+    assert_eq!(
+        (hop.ifindex, &hop.macs[..6]),
+        (uplink, &BACKEND_NODE_MAC[..])
+    );
 
     // The pods' route moves to another next hop: within the second the
     // flow keeps the cached one (no FIB lookup) ...

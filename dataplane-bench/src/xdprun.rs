@@ -33,9 +33,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{bail, ensure, Context as _};
 use dataplane_agent::control::model::{Frontend, IpFamily, Protocol};
-use dataplane_common::{
-    ipv4_to_map, nat_dir, port_to_map, Counter, HopCache, NatKey, IPPROTO_TCP,
-};
+use dataplane_common::{ipv4_to_map, nat_dir, port_to_map, Counter, HopCache, NatKey, IPPROTO_TCP};
 use dataplane_testkit::{
     datapath::Harness,
     datapath6::nat6_key,
@@ -164,7 +162,14 @@ fn routed_uplink() -> anyhow::Result<u32> {
         "via",
         "fd00:192:168:100::2",
     ])?;
-    ip(&["-6", "route", "add", "default", "via", "fd00:192:168:100::fe"])?;
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:192:168:100::fe",
+    ])?;
     for (neighbour, mac) in [
         ("192.168.100.2", "02:00:00:00:00:02"),
         ("192.168.100.254", "02:00:00:00:00:fe"),
@@ -278,7 +283,11 @@ fn run_scale(family: IpFamily, services: usize, samples: usize) -> anyhow::Resul
     let mut floor_samples = Vec::with_capacity(samples * 3);
     // The floor on `packet` readdressed to `other_addr`, then `packet`.
     let mut paired = |client: SocketAddr, to: SocketAddr, flags: u8, pairs: &mut Vec<Pair>| {
-        let floor_packet = tcp_packet(client, SocketAddr::new(other_addr(family), to.port()), flags);
+        let floor_packet = tcp_packet(
+            client,
+            SocketAddr::new(other_addr(family), to.port()),
+            flags,
+        );
         let floor = run(&floor_packet, 1)?;
         ensure!(floor.verdict == 2, "floor verdict {}", floor.verdict);
         floor_samples.push(ns(floor.duration));

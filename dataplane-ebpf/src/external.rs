@@ -322,7 +322,15 @@ fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -
         proto: flow.proto,
     };
     let cache = Some(reply_slot);
-    let hop = match next_hop(packet, flow, &after, cache, now, Counter::ReplyTranslated, ids) {
+    let hop = match next_hop(
+        packet,
+        flow,
+        &after,
+        cache,
+        now,
+        Counter::ReplyTranslated,
+        ids,
+    ) {
         Ok(hop) => hop,
         Err(verdict) => return Some(verdict),
     };

@@ -19,8 +19,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, CtLifetimes, FragKey,
-    FragPorts, HopCache, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel, ServiceValue,
-    SockRevNatEntry, SockRevNatKey, Trace6Tuple, TraceConfig, TraceEvent, IPPROTO_TCP,
+    FragPorts, HopCache, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey, ServiceLabel,
+    ServiceValue, SockRevNatEntry, SockRevNatKey, Trace6Tuple, TraceConfig, TraceEvent,
+    IPPROTO_TCP,
 };
 use dataplane_common::{
     Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,

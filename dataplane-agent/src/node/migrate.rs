@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, MapInfo};
 use dataplane_common::{
-    ct_state, map_names, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, MapLayout,
-    Nat6Entry, Nat6Key, NatEntry, NatKey, IPPROTO_TCP, LAYOUT_VERSION,
+    ct_state, map_names, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, MapLayout, Nat6Entry,
+    Nat6Key, NatEntry, NatKey, IPPROTO_TCP, LAYOUT_VERSION,
 };
 use log::info;
 

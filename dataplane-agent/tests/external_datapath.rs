@@ -13,13 +13,13 @@ use dataplane_agent::{
     node::ct_gc::sweep_nat,
 };
 use dataplane_common::{
-    ct_dir, ct_state, ipv4_to_map, nat_dir, port_to_map, Counter, CtLifetimes, NatEntry, NatKey,
-    IPPROTO_TCP, IPPROTO_UDP,
+    ct_dir, ct_state, ipv4_to_map, nat_dir, port_to_map, Counter, CtLifetimes, HopCache, NatEntry,
+    NatKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use dataplane_testkit::datapath::{
-    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+    addr, ct_key, Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
 };
-use dataplane_testkit::netns::{in_new_netns, ip, mac_text};
+use dataplane_testkit::netns::{in_new_netns, ip, link, mac_text};
 use dataplane_testkit::packets::{
     assert_checksums_ok, assert_translated, endpoints, Tcp, Udp, ACK, SYN,
 };
@@ -236,9 +236,128 @@ fn snatted_to_the_node_and_back() {
         .status()
         .expect("ip");
     assert!(status.success());
+    // (Once the flow's cached next hop is a second old.)
+    age_hops(&dp);
     let run = dp.run("from_outside", &ack);
     assert_eq!(run.verdict, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::FibLookupFailed), 1);
+}
+
+/// Every `NAT` entry's cached next hop made two seconds old.
+fn age_hops(dp: &Harness) {
+    let mut nat = dp.nat();
+    let entries: Vec<(NatKey, NatEntry)> = nat.iter().map(Result::unwrap).collect();
+    for (key, mut entry) in entries {
+        entry.hop.checked = entry
+            .hop
+            .checked
+            .wrapping_sub(HopCache::stamp(2 * HopCache::REFRESH_NS));
+        nat.insert(key, entry, 0).unwrap();
+    }
+}
+
+/// The cached next hop of the `NAT` entry from `src` to `dst`.
+fn hop(dp: &Harness, src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> HopCache {
+    dp.nat()
+        .get(&nat_key(src, dst, IPPROTO_TCP, direction), 0)
+        .expect("the flow's NAT entry")
+        .hop
+}
+
+#[test]
+fn established_snatted_flow_keeps_its_next_hop_for_a_second_then_follows_the_neighbour() {
+    in_routed_netns(next_hop_cached);
+}
+
+fn next_hop_cached() {
+    let mut dp = node(0);
+    node_port_to(&mut dp, remote_backend(), false, Protocol::Tcp);
+    let (uplink, uplink_mac) = link("uplink0");
+    let snat = addr(NODE, SNAT_PORT);
+    let syn = Tcp::new(outside_client(), node_port(), SYN).build();
+    assert_eq!(dp.run_xdp_on(&syn, uplink).verdict, XDP_TX);
+    assert_eq!(
+        hop(&dp, outside_client(), node_port(), nat_dir::ORIGINAL),
+        HopCache::default(),
+        "a new flow's hop is looked up, not cached"
+    );
+    let answer = Tcp::new(remote_backend(), snat, SYN | ACK).build();
+    assert_eq!(dp.run_xdp_on(&answer, uplink).verdict, XDP_TX);
+    let macs = |dst: [u8; 6]| {
+        let mut m = [0u8; 12];
+        m[..6].copy_from_slice(&dst);
+        m[6..].copy_from_slice(&uplink_mac);
+        m
+    };
+    let reply_hop = hop(&dp, remote_backend(), snat, nat_dir::REPLY);
+    assert_eq!(
+        (reply_hop.ifindex, reply_hop.macs),
+        (uplink, macs(ROUTER_MAC)),
+        "the reply direction's hop, in its own entry"
+    );
+    let ack = Tcp::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run_xdp_on(&ack, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(&run.output[..12], &macs(BACKEND_NODE_MAC));
+    let cached = hop(&dp, outside_client(), node_port(), nat_dir::ORIGINAL);
+    assert_eq!(
+        (cached.ifindex, cached.macs),
+        (uplink, macs(BACKEND_NODE_MAC))
+    );
+
+    // The backend node's and the router's MACs change (a replaced NIC):
+    // within the second both directions keep the cached hop (no FIB
+    // lookup) ...
+    let moved = [0x02, 0, 0, 0, 0, 0x22];
+    let router_moved = [0x02, 0, 0, 0, 0, 0xfd];
+    for (neighbour, mac) in [("192.168.100.2", moved), ("192.168.100.254", router_moved)] {
+        let mac = mac_text(mac);
+        ip(&[
+            "neigh",
+            "replace",
+            neighbour,
+            "lladdr",
+            &mac,
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let answer_ack = Tcp::new(remote_backend(), snat, ACK).build();
+    assert_eq!(
+        &dp.run_xdp_on(&ack, uplink).output[..6],
+        &BACKEND_NODE_MAC,
+        "cached"
+    );
+    assert_eq!(
+        &dp.run_xdp_on(&answer_ack, uplink).output[..6],
+        &ROUTER_MAC,
+        "cached"
+    );
+    // ... and once it is a second old, the next packet looks it up again
+    // and caches the new one.
+    age_hops(&dp);
+    let run = dp.run_xdp_on(&ack, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(&run.output[..6], &moved, "the new MAC");
+    assert_eq!(endpoints(&run.output), (snat, remote_backend()));
+    assert_checksums_ok(&run.output, "ACK");
+    let run = dp.run_xdp_on(&answer_ack, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(&run.output[..6], &router_moved, "the router's new MAC");
+    assert_eq!(endpoints(&run.output), (node_port(), outside_client()));
+    assert_eq!(
+        hop(&dp, outside_client(), node_port(), nat_dir::ORIGINAL).macs,
+        macs(moved),
+        "cached anew"
+    );
+    assert_eq!(
+        hop(&dp, remote_backend(), snat, nat_dir::REPLY).macs,
+        macs(router_moved)
+    );
+    assert_eq!(dp.counter(Counter::Established), 3);
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 3);
 }
 
 #[test]

@@ -15,13 +15,13 @@ use dataplane_agent::{
     operator::monitor::{read_record, Record},
 };
 use dataplane_common::{
-    ct_dir, map_names, nat_dir, service_flags, trace_families, trace_hook, Counter, Trace6Tuple,
-    TraceConfig, TraceEvent6, IPPROTO_TCP,
+    ct_dir, map_names, nat_dir, service_flags, trace_families, trace_hook, Counter, HopCache,
+    Trace6Tuple, TraceConfig, TraceEvent6, IPPROTO_TCP,
 };
 use dataplane_testkit::{
     datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX},
     datapath6::{ct6_key, nat6_key, Backend6Spec, Frontend6Options},
-    netns::{in_new_netns, ip, mac_text},
+    netns::{in_new_netns, ip, link, mac_text},
     packets::{be32, hex, ACK, ETH_HLEN, SYN},
     packets6::{
         ipv6_fields, ipv6_frame, l4_checksum6_ok, tcp_segment, with_checksum6, ExtHeader, Tcp6,
@@ -329,9 +329,105 @@ fn snatted_to_the_node_and_back() {
         .status()
         .expect("ip");
     assert!(status.success());
+    // (Once the flow's cached next hop is a second old.)
+    age_hops6(&dp);
     let run = dp.run("from_outside", &ack);
     assert_eq!(run.verdict, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::FibLookupFailed), 1);
+}
+
+/// Every `NAT6` entry's cached next hop made two seconds old.
+fn age_hops6(dp: &Harness) {
+    let mut nat = dp.nat6();
+    let entries: Vec<_> = nat.iter().map(Result::unwrap).collect();
+    for (key, mut entry) in entries {
+        entry.hop.checked = entry
+            .hop
+            .checked
+            .wrapping_sub(HopCache::stamp(2 * HopCache::REFRESH_NS));
+        nat.insert(key, entry, 0).unwrap();
+    }
+}
+
+/// The cached next hop of the `NAT6` entry from `src` to `dst`.
+fn hop6(dp: &Harness, src: SocketAddrV6, dst: SocketAddrV6, direction: u8) -> HopCache {
+    dp.nat6_get(&nat6_key(src, dst, Protocol::Tcp, direction))
+        .expect("the flow's NAT6 entry")
+        .hop
+}
+
+#[test]
+fn ipv6_established_snatted_flow_keeps_its_next_hop_for_a_second_then_follows_the_route() {
+    in_routed_netns(ipv6_next_hop_cached);
+}
+
+fn ipv6_next_hop_cached() {
+    let dp = node_harness();
+    node_port_to(&dp, remote_backend(), false);
+    let (uplink, uplink_mac) = link("uplink0");
+    let snat = SocketAddrV6::new(node(), SNAT_PORT, 0, 0);
+    let syn = Tcp6::new(outside_client(), node_port(), SYN).build();
+    assert_eq!(dp.run_xdp_on(&syn, uplink).verdict, XDP_TX);
+    assert_eq!(
+        hop6(&dp, outside_client(), node_port(), nat_dir::ORIGINAL),
+        HopCache::default(),
+        "a new flow's hop is looked up, not cached"
+    );
+    let answer = Tcp6::new(remote_backend(), snat, SYN | ACK).build();
+    assert_eq!(dp.run_xdp_on(&answer, uplink).verdict, XDP_TX);
+    let mut to_router = [0u8; 12];
+    to_router[..6].copy_from_slice(&ROUTER_MAC);
+    to_router[6..].copy_from_slice(&uplink_mac);
+    let reply_hop = hop6(&dp, remote_backend(), snat, nat_dir::REPLY);
+    assert_eq!(
+        (reply_hop.ifindex, reply_hop.macs),
+        (uplink, to_router),
+        "the reply direction's hop, in its own entry"
+    );
+    let ack = Tcp6::new(outside_client(), node_port(), ACK).build();
+    let run = dp.run_xdp_on(&ack, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(&run.output[..6], &BACKEND_NODE_MAC);
+    let hop = hop6(&dp, outside_client(), node_port(), nat_dir::ORIGINAL);
+    assert_eq!(
+        (hop.ifindex, &hop.macs[..6]),
+        (uplink, &BACKEND_NODE_MAC[..])
+    );
+
+    // The pods' route moves to another next hop: within the second the
+    // flow keeps the cached one (no FIB lookup) ...
+    let moved_mac = [0x02, 0, 0, 0, 0, 0x03];
+    ip(&[
+        "-6",
+        "neigh",
+        "add",
+        "fd00:192:168:100::3",
+        "lladdr",
+        &mac_text(moved_mac),
+        "dev",
+        "uplink0",
+        "nud",
+        "permanent",
+    ]);
+    ip(&[
+        "-6",
+        "route",
+        "replace",
+        "fd00:10:244:2::/64",
+        "via",
+        "fd00:192:168:100::3",
+    ]);
+    let run = dp.run_xdp_on(&ack, uplink);
+    assert_eq!(&run.output[..6], &BACKEND_NODE_MAC, "cached");
+    // ... and once it is a second old, the next packet follows the route.
+    age_hops6(&dp);
+    let run = dp.run_xdp_on(&ack, uplink);
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(&run.output[..6], &moved_mac, "the new next hop");
+    assert_tcp_translated(&ack, &run.output, snat, remote_backend(), ACK, "ACK");
+    let hop = hop6(&dp, outside_client(), node_port(), nat_dir::ORIGINAL);
+    assert_eq!(&hop.macs[..6], &moved_mac, "cached anew");
+    assert_eq!(dp.counter(Counter::Established), 3);
 }
 
 #[test]
@@ -468,30 +564,6 @@ fn xdp_dnats_an_ipv6_node_port_to_a_local_endpoint_and_tc_leaves_it_alone() {
 }
 
 /// The index and MAC address of `name` in the calling thread's namespace.
-fn link(name: &str) -> (u32, [u8; 6]) {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "link", "show", "dev", name])
-        .output()
-        .expect("ip");
-    assert!(out.status.success(), "ip link show {name}");
-    let text = String::from_utf8(out.stdout).expect("ip output");
-    let index = text
-        .split(':')
-        .next()
-        .and_then(|i| i.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no index in {text}"));
-    let mac = text
-        .split("link/ether ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no MAC in {text}"));
-    let mut bytes = [0u8; 6];
-    for (byte, part) in bytes.iter_mut().zip(mac.split(':')) {
-        *byte = u8::from_str_radix(part, 16).expect("a MAC byte");
-    }
-    (index, bytes)
-}
-
 #[test]
 fn xdp_snats_an_ipv6_node_port_to_a_remote_endpoint_and_sends_it_back_out_of_the_uplink() {
     in_routed_netns(xdp_snatted_to_the_node_and_back);

@@ -300,7 +300,7 @@ fn nat_lists_snatted_ipv6_flows_with_both_tuples() {
         service_id: web,
         proto: IPPROTO_TCP,
         state: ct_state::ESTABLISHED,
-        _pad: [0; 6],
+        ..Default::default()
     };
     let mut nat6: Nat6Map = pinned::open(dp.bpffs(), map_names::NAT6).unwrap();
     nat6.insert(flow.original_key(), flow, 0).unwrap();

@@ -15,6 +15,7 @@ mod report;
 mod scenario;
 mod stats;
 mod testrun;
+mod xdprun;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -157,6 +158,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         match testrun::run(&families, scales, cli.endpoints, samples) {
             Ok(r) => rep.testrun = r,
             Err(e) => rep.fail("per-packet cost", e),
+        }
+        let xdp_scales: &[usize] = if quick { &[10, 1_000] } else { &[10, 10_000] };
+        eprintln!("[1/3] per-packet cost of the uplink's XDP program, {samples} flows per figure");
+        match xdprun::run(&families, xdp_scales, samples) {
+            Ok(r) => rep.xdp = r,
+            Err(e) => rep.fail("per-packet cost of XDP", e),
         }
     }
     if wants(Part::E2e) {

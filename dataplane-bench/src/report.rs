@@ -10,11 +10,14 @@ use crate::{
     e2e::{ratio_spread, CaseResult, System},
     outside::{OutsideResult, OutsideSystem},
     testrun::{Ratios, ScaleResult},
+    xdprun::XdpResult,
 };
 
 pub struct Report {
     pub quick: bool,
     pub testrun: Vec<ScaleResult>,
+    /// The uplink's XDP program, per packet.
+    pub xdp: Vec<XdpResult>,
     pub e2e: Vec<CaseResult>,
     pub e2e_seconds: f64,
     pub concurrency: usize,
@@ -63,6 +66,7 @@ impl Report {
         Self {
             quick,
             testrun: Vec::new(),
+            xdp: Vec::new(),
             e2e: Vec::new(),
             e2e_seconds: 0.0,
             concurrency: 0,
@@ -103,10 +107,53 @@ impl Report {
             let _ = writeln!(o, "> **FAILED** {f}\n");
         }
         self.testrun_md(&mut o);
+        self.xdp_md(&mut o);
         self.e2e_md(&mut o);
         self.outside_md(&mut o);
         self.control_md(&mut o);
         o
+    }
+
+    fn xdp_md(&self, o: &mut String) {
+        let Some(first) = self.xdp.first() else {
+            return;
+        };
+        let _ = writeln!(
+            o,
+            "### Uplink XDP program (`xdp_from_outside`), NodePort to a remote backend (SNAT)\n\n\
+             {} flows from outside per figure, each packet run once (repeat = 1) on the uplink of a namespace of its \
+             own (routes and permanent neighbours: the translated packets leave with XDP_TX). Each run is paired with \
+             a floor run just before it: the same program on the same packet sent to an uplink address that is no \
+             node address (the parse and one service-IP lookup, through the same XDP test run). There is no empty \
+             XDP program: the fixed cost of a test run is estimated as floor (repeat = 1) minus floor (repeat = \
+             10 000, last column), and the net ratio takes it off both sides. Established: a later client packet of \
+             a flow the backend answered, the flows in shuffled order, the flow's NAT entry rewritten from userspace \
+             just before (unchanged: its next hop cached; or with the cached hop cleared: a `bpf_fib_lookup` per \
+             packet, the cost without the cache).\n",
+            first.samples
+        );
+        let _ = writeln!(
+            o,
+            "| family | services (NodePorts) | floor | new flow (SYN) | established, hop cached | established, FIB lookup | floor, repeat = 10 000 |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &self.xdp {
+            let cell =
+                |ns: u32, ratio: f64, net: f64| format!("{ns} ns ({ratio:.2}x, net {net:.2}x)");
+            let (g, n) = (&r.ratio, &r.net_ratio);
+            let _ = writeln!(
+                o,
+                "| {} | {} ({}) | {} ns | {} | {} | {} | {} ns |",
+                r.family,
+                r.services,
+                r.node_ports,
+                r.floor,
+                cell(r.new_flow, g.new_flow, n.new_flow),
+                cell(r.established, g.established, n.established),
+                cell(r.looked_up, g.looked_up, n.looked_up),
+                r.floor_repeat
+            );
+        }
+        o.push('\n');
     }
 
     fn testrun_md(&self, o: &mut String) {

@@ -92,7 +92,7 @@ pub struct Ratios {
 type Pair = (u32, u32);
 
 /// Median over `pairs` of path / floor, with `fixed` taken off both.
-fn paired_ratio(pairs: &[Pair], fixed: u32) -> f64 {
+pub(crate) fn paired_ratio(pairs: &[Pair], fixed: u32) -> f64 {
     let mut ratios: Vec<f64> = pairs
         .iter()
         .map(|&(path, floor)| {
@@ -121,7 +121,7 @@ fn ratios(pairs: [&[Pair]; 7], fixed: u32) -> Ratios {
     }
 }
 
-fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
+pub(crate) fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
     match (src, dst) {
         (SocketAddr::V4(s), SocketAddr::V4(d)) => Tcp::new(s, d, flags).build(),
         (SocketAddr::V6(s), SocketAddr::V6(d)) => Tcp6::new(s, d, flags).build(),

@@ -241,7 +241,9 @@ pub struct Nat6Entry {
     pub proto: u8,
     /// One of [`crate::ct_state`]; plain stores.
     pub state: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// As [`crate::NatEntry::hop`].
+    pub hop: crate::HopCache,
 }
 
 impl Nat6Entry {
@@ -414,7 +416,7 @@ mod tests {
         assert_eq!(size_of::<Frag6Key>(), 40);
         assert_eq!(size_of::<TraceEvent6>(), 112);
         assert_eq!(size_of::<Nat6Key>(), 40);
-        assert_eq!(size_of::<Nat6Entry>(), 96);
+        assert_eq!(size_of::<Nat6Entry>(), 112);
         assert_eq!(size_of::<Nat6Config>(), 16);
         assert_eq!(size_of::<SourceRange6Key>(), 24);
     }

@@ -137,7 +137,8 @@ pub mod map_names {
 /// (the filter copied on a packet's arrival, read at its trace); the
 /// `LB6_REPLY_SOURCES` map (IPv6 backends' address, port and protocol;
 /// new, created and filled from the backends), the reply pre-filter and
-/// direct delivery of IPv6.
+/// direct delivery of IPv6; `NatEntry` and `Nat6Entry` keep the flow's
+/// next hop ([`HopCache`]), so an established SNATed flow skips the FIB.
 pub const LAYOUT_VERSION: u32 = 7;
 
 /// Shape of a pinned map as this release creates it.
@@ -517,7 +518,47 @@ pub struct NatEntry {
     /// One of [`ct_state`]; plain stores (a lost update only shortens or
     /// lengthens one lifetime step).
     pub state: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Where this direction's packets were last sent (each of the flow's
+    /// two entries keeps its own direction's).
+    pub hop: HopCache,
+}
+
+/// A flow direction's next hop as the FIB last gave it (`NAT`, `NAT6`):
+/// packets within [`HopCache::REFRESH_NS`] of the lookup reuse it instead
+/// of calling `bpf_fib_lookup` again, so a route or neighbour change
+/// reaches an established flow within that time. Plain stores: racing
+/// CPUs store equally fresh results.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HopCache {
+    /// Egress interface; 0: nothing cached.
+    pub ifindex: u32,
+    /// Destination and source MAC, as the Ethernet header holds them.
+    pub macs: [u8; 12],
+    /// When it was looked up, in [`HopCache::stamp`] units (wrapping).
+    pub checked: u32,
+}
+
+impl HopCache {
+    /// How long a looked-up hop is used, as the flows' last-seen refresh.
+    pub const REFRESH_NS: u64 = 1_000_000_000;
+    /// `stamp` units are 2^20 ns (about 1 ms): 32 bits wrap after 52 days,
+    /// which `wrapping_sub` in [`HopCache::is_fresh`] absorbs.
+    const STAMP_SHIFT: u32 = 20;
+
+    #[inline(always)]
+    pub fn stamp(now_ns: u64) -> u32 {
+        (now_ns >> Self::STAMP_SHIFT) as u32
+    }
+
+    /// Whether a hop is cached and younger than [`HopCache::REFRESH_NS`].
+    #[inline(always)]
+    pub fn is_fresh(&self, now_ns: u64) -> bool {
+        self.ifindex != 0
+            && Self::stamp(now_ns).wrapping_sub(self.checked)
+                < (Self::REFRESH_NS >> Self::STAMP_SHIFT) as u32
+    }
 }
 
 impl NatEntry {
@@ -1125,7 +1166,8 @@ mod tests {
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatEntry>(), 12);
         assert_eq!(size_of::<NatKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 48);
+        assert_eq!(size_of::<NatEntry>(), 64);
+        assert_eq!(size_of::<HopCache>(), 20);
         assert_eq!(size_of::<NatConfig>(), 8);
         assert_eq!(size_of::<SourceRangeKey>(), 12);
     }

@@ -18,11 +18,11 @@ use aya_ebpf::{
 
 use crate::{
     ctx::PacketCtx,
-    fib::{fib4_lookup, NextHop},
+    fib::{fib4_lookup, fib4_route, NextHop, Route4},
 };
 use dataplane_common::{
-    backend_flags, ct_dir, nat_dir, service_flags, service_ip_flags, trace_hook, Counter, NatEntry,
-    ServiceValue, IPPROTO_TCP,
+    backend_flags, ct_dir, nat_dir, service_flags, service_ip_flags, trace_hook, Counter, HopCache,
+    NatEntry, ServiceValue, IPPROTO_TCP,
 };
 
 use crate::{
@@ -40,7 +40,7 @@ use crate::{
         lb4_choose_backend, lb4_lookup_backend, lb4_lookup_external, lb4_service_ip,
         lb4_source_allowed, Choice, Client, Selected,
     },
-    maps::{count, nat_config, nat_get},
+    maps::{count, nat_config, nat_slot, NatSlot},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, Ipv4Hdr, ParseError},
     reply_translate, skb,
@@ -59,10 +59,19 @@ pub fn is_icmp4(ctx: &TcContext) -> bool {
 }
 
 /// [`try_from_outside`] for tc, as a subprogram of its own (see
-/// [`icmp_error_from_outside`]).
+/// [`icmp_error_from_outside`]). Returns the verdict itself, not a
+/// `Verdict` through the caller's stack: the classifier then has no frame,
+/// and this one may take all of the 512 bytes.
 #[inline(never)]
-pub fn tc_from_outside(ctx: &TcContext) -> Verdict {
-    try_from_outside(ctx)
+pub fn tc_from_outside(ctx: &TcContext) -> i32 {
+    try_from_outside(ctx).unwrap_or_else(|verdict| verdict)
+}
+
+/// [`icmp_error_from_outside`] returning the verdict itself (see
+/// [`tc_from_outside`]).
+#[inline(never)]
+pub fn tc_icmp_error_from_outside(ctx: &TcContext) -> i32 {
+    icmp_error_from_outside(ctx).unwrap_or_else(|verdict| verdict)
 }
 
 /// [`try_from_outside`] for XDP, as a subprogram of its own (the XDP entry
@@ -117,6 +126,7 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
         return packet.pass(Counter::UnknownPort, &flow, Ids::default());
     };
 
+    let mut backend_gone = None;
     // Established flows: to a local backend (conntrack) ...
     if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
         let ct = slot.get();
@@ -149,23 +159,27 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
                 .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
             if !expired && backend_alive {
                 nat4_update(slot, &flow, nat_dir::ORIGINAL, now);
-                return snat_forward(&packet, &mut flow, &nat, Counter::Established);
+                let cache = Some(slot);
+                return snat_forward(&packet, &mut flow, &nat, cache, now, Counter::Established);
             }
             if !expired && flow.proto == IPPROTO_TCP && C::DEFERS_TO_TC {
                 return Ok(C::PASS);
             }
             nat4_delete(&nat);
-            let ids = Ids {
-                service_id: nat.service_id,
-                backend_id: nat.backend_id,
-            };
             if !expired && flow.proto == IPPROTO_TCP {
-                return packet.reject(Counter::ResetBackendGone, &flow, ids);
-            }
-            if !expired {
+                backend_gone = Some(Ids {
+                    service_id: nat.service_id,
+                    backend_id: nat.backend_id,
+                });
+            } else if !expired {
                 count(Counter::UdpFlowMoved);
             }
         }
+    }
+    if let Some(ids) = backend_gone {
+        // Out of the block above: the flow's entry copy is no longer on
+        // the stack while the reset is built.
+        return packet.reject(Counter::ResetBackendGone, &flow, ids);
     }
 
     if flow.frag == frag::LATER {
@@ -225,23 +239,26 @@ fn snat_new_flow<C: PacketCtx>(
         service_id: service.service_id,
         proto: flow.proto,
         state: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        hop: HopCache::default(),
     };
     let ids = Ids {
         service_id: service.service_id,
         backend_id: selected.backend_id,
     };
-    let nat = match nat4_create(&mut entry, now) {
-        Ok(nat) => nat,
+    match nat4_create(&mut entry, now) {
+        Ok(()) => {}
         Err(NatCreateError::Exhausted) => {
             return packet.drop(Counter::NatPortsExhausted, flow, ids);
         }
         Err(NatCreateError::InsertFailed) => return Err(fail_as::<C>(Counter::CtInsertFailed)),
-    };
+    }
     if selected.by_affinity {
         count(Counter::AffinityHit);
     }
-    snat_forward(packet, flow, &nat, Counter::NewFlow)
+    // The next packet of the flow caches its hop: the entry of this one
+    // may be another CPU's (see `nat4_create`).
+    snat_forward(packet, flow, &entry, None, now, Counter::NewFlow)
 }
 
 /// Client -> frontend packet of a SNATed flow: to the backend, from this
@@ -251,20 +268,22 @@ fn snat_forward<C: PacketCtx>(
     packet: &Packet<C>,
     flow: &mut Ipv4Flow,
     nat: &NatEntry,
+    cache: Option<NatSlot>,
+    now: u64,
     decision: Counter,
 ) -> Verdict {
     let ids = Ids {
         service_id: nat.service_id,
         backend_id: nat.backend_id,
     };
-    let after = Ipv4Flow {
+    let after = Route4 {
         src_addr: nat.nat_addr,
         src_port: nat.nat_port,
         dst_addr: nat.backend_addr,
         dst_port: nat.backend_port,
-        ..*flow
+        proto: flow.proto,
     };
-    let hop = match next_hop(packet, flow, &after, decision, ids) {
+    let hop = match next_hop(packet, flow, &after, cache, now, decision, ids) {
         Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
@@ -279,11 +298,12 @@ fn snat_forward<C: PacketCtx>(
 /// `None` when it is not a reply of a live SNATed flow.
 #[inline(always)]
 fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -> Option<Verdict> {
-    let reply = nat_get(&nat4_key(flow, nat_dir::REPLY))?;
+    let reply_slot = nat_slot(&nat4_key(flow, nat_dir::REPLY))?;
+    let reply = reply_slot.get();
     let owner = nat4_lookup(&reply.original_key());
     let live = owner.is_some_and(|o| {
-        let e = o.get();
-        e.reply_key() == reply.reply_key() && !nat4_is_expired(&e, now)
+        let e = o.entry();
+        e.reply_key() == reply.reply_key() && !nat4_is_expired(e, now)
     });
     let Some(owner) = owner.filter(|_| live) else {
         // Left by a flow that is gone: the port is free again.
@@ -294,14 +314,23 @@ fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -
         service_id: reply.service_id,
         backend_id: reply.backend_id,
     };
-    let after = Ipv4Flow {
+    let after = Route4 {
         src_addr: reply.frontend_addr,
         src_port: reply.frontend_port,
         dst_addr: reply.client_addr,
         dst_port: reply.client_port,
-        ..*flow
+        proto: flow.proto,
     };
-    let hop = match next_hop(packet, flow, &after, Counter::ReplyTranslated, ids) {
+    let cache = Some(reply_slot);
+    let hop = match next_hop(
+        packet,
+        flow,
+        &after,
+        cache,
+        now,
+        Counter::ReplyTranslated,
+        ids,
+    ) {
         Ok(hop) => hop,
         Err(verdict) => return Some(verdict),
     };
@@ -314,8 +343,10 @@ fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -
     Some(send(packet, flow, &hop, Counter::ReplyTranslated, ids))
 }
 
-/// The next hop of the packet once translated to `after`, looked up before
-/// anything is rewritten: without a route it is dropped (a packet from
+/// The next hop of the packet once translated to `after`, known before
+/// anything is rewritten: the one cached in the flow direction's entry
+/// (`cache`, an established flow's) while fresh, else looked up (and
+/// cached there). Without a route it is dropped (a packet from
 /// this node's address cannot go through the stack on ingress), counted
 /// with its `decision` (the flow's state changed all the same); without a
 /// neighbour entry, or out of another interface (a native XDP redirect
@@ -325,13 +356,24 @@ fn snat_reply<C: PacketCtx>(packet: &Packet<C>, flow: &mut Ipv4Flow, now: u64) -
 fn next_hop<C: PacketCtx>(
     packet: &Packet<C>,
     flow: &Ipv4Flow,
-    after: &Ipv4Flow,
+    after: &Route4,
+    cache: Option<NatSlot>,
+    now: u64,
     decision: Counter,
     ids: Ids,
 ) -> Result<NextHop, Verdict> {
-    let Some(hop) = fib4_lookup(packet.ctx.raw(), packet.ctx.ifindex(), after) else {
-        count(decision);
-        return Err(packet.drop(Counter::FibLookupFailed, flow, ids));
+    let hop = match cache.and_then(|slot| slot.cached_hop(now)) {
+        Some(hop) => hop,
+        None => {
+            let Some(hop) = fib4_route(packet.ctx.raw(), packet.ctx.ifindex(), after) else {
+                count(decision);
+                return Err(packet.drop(Counter::FibLookupFailed, flow, ids));
+            };
+            if let Some(slot) = cache {
+                slot.keep_hop(&hop, now);
+            }
+            hop
+        }
     };
     if C::DEFERS_TO_TC && (hop.macs.is_none() || hop.ifindex != packet.ctx.ifindex()) {
         return Err(Ok(C::PASS));

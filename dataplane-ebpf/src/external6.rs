@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     backend_flags, ct_dir, ct_flags, ct_state, nat_dir, service_flags, service_ip_flags,
-    trace_hook, Counter, Ct6Key, Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
+    trace_hook, Counter, Ct6Key, HopCache, Ipv6Bytes, Nat6Entry, Nat6Key, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -273,7 +273,13 @@ fn snat6_forward_new<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow) -> Outcome {
     let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) else {
         return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed)));
     };
-    snat6_forward(ctx, flow, slot.entry(), Counter::NewFlow)
+    // The next packet caches the hop, as on IPv4.
+    let forward = Forward {
+        slot,
+        now: None,
+        decision: Counter::NewFlow,
+    };
+    snat6_forward(ctx, flow, &forward)
 }
 
 #[inline(always)]
@@ -352,7 +358,12 @@ fn snat6_known_flow<C: PacketCtx>(
         .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
     if !expired && backend_alive {
         nat6_update(slot, flow, nat_dir::ORIGINAL, now);
-        return snat6_forward(ctx, flow, nat, Counter::Established);
+        let forward = Forward {
+            slot,
+            now: Some(now),
+            decision: Counter::Established,
+        };
+        return snat6_forward(ctx, flow, &forward);
     }
     if flow.frag == frag::LATER {
         return Outcome::drop_as::<C>(Counter::FragmentUnknown, nat_ids(nat));
@@ -449,7 +460,8 @@ fn snat6_new_flow<C: PacketCtx>(flow: &Ipv6Flow, now: u64, selected: &Selected6)
         service_id: selected.service_id,
         proto: flow.proto,
         state: ct_state::OPENING,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        hop: HopCache::default(),
     };
     match nat6_create(&mut entry, now) {
         0 => {}
@@ -471,31 +483,53 @@ fn snat6_new_flow<C: PacketCtx>(flow: &Ipv6Flow, now: u64, selected: &Selected6)
 /// the packet is to be sent on (`snat6_forward`).
 const SNAT_FORWARD: u32 = 3;
 
-/// Client -> frontend packet of a SNATed flow: to the backend, from this
-/// node's SNAT address and port, sent on by FIB lookup.
-#[inline(never)]
-fn snat6_forward<C: PacketCtx>(
-    ctx: &C,
-    flow: &mut Ipv6Flow,
-    nat: &Nat6Entry,
+/// What [`snat6_forward`] sends a packet with (by reference: a BPF call
+/// takes five registers).
+struct Forward {
+    /// The flow's ORIGINAL entry.
+    slot: Nat6Slot,
+    /// An established flow's time: its cached next hop is used while fresh,
+    /// else looked up and cached. `None` (a new flow): looked up only.
+    now: Option<u64>,
     decision: Counter,
-) -> Outcome {
-    let route = Route6 {
-        src_addr: &nat.nat_addr,
-        dst_addr: &nat.backend_addr,
-        src_port: nat.nat_port,
-        dst_port: nat.backend_port,
-        proto: flow.proto,
-    };
-    let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), &route) else {
-        // A packet from this node's address cannot go through the stack
-        // on ingress: without a route it is dropped.
-        count(decision);
-        return Outcome::drop_as::<C>(Counter::FibLookupFailed, nat_ids(nat));
+}
+
+/// Client -> frontend packet of a SNATed flow: to the backend, from this
+/// node's SNAT address and port, sent to the next hop (see [`Forward`]).
+#[inline(never)]
+fn snat6_forward<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, forward: &Forward) -> Outcome {
+    let Forward {
+        slot,
+        now,
+        decision,
+    } = *forward;
+    let hop = match now.and_then(|now| slot.cached_hop(now)) {
+        Some(hop) => hop,
+        None => {
+            let nat = slot.entry();
+            let route = Route6 {
+                src_addr: &nat.nat_addr,
+                dst_addr: &nat.backend_addr,
+                src_port: nat.nat_port,
+                dst_port: nat.backend_port,
+                proto: flow.proto,
+            };
+            let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), &route) else {
+                // A packet from this node's address cannot go through the
+                // stack on ingress: without a route it is dropped.
+                count(decision);
+                return Outcome::drop_as::<C>(Counter::FibLookupFailed, nat_ids(nat));
+            };
+            if let Some(now) = now {
+                slot.keep_hop(&hop, now);
+            }
+            hop
+        }
     };
     if leaves_to_tc(ctx, &hop) {
         return Outcome::done(Ok(C::PASS));
     }
+    let nat = slot.entry();
     let rewritten = nat6_rewrite_dst(ctx, flow, &nat.backend_addr, nat.backend_port)
         .and_then(|()| nat6_rewrite_src(ctx, flow, &nat.nat_addr, nat.nat_port));
     if rewritten.is_err() {
@@ -541,20 +575,28 @@ fn snat6_reply<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, slot: Nat6Slot, now: 
         let _ = NAT6.remove(&reply.reply_key());
         return Outcome::new_flow();
     };
-    let route = Route6 {
-        src_addr: &reply.frontend_addr,
-        dst_addr: &reply.client_addr,
-        src_port: reply.frontend_port,
-        dst_port: reply.client_port,
-        proto: flow.proto,
-    };
-    let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), &route) else {
-        count(Counter::ReplyTranslated);
-        return Outcome::drop_as::<C>(Counter::FibLookupFailed, nat_ids(reply));
+    let hop = match slot.cached_hop(now) {
+        Some(hop) => hop,
+        None => {
+            let route = Route6 {
+                src_addr: &reply.frontend_addr,
+                dst_addr: &reply.client_addr,
+                src_port: reply.frontend_port,
+                dst_port: reply.client_port,
+                proto: flow.proto,
+            };
+            let Some(hop) = fib6_lookup(ctx.raw(), ctx.ifindex(), &route) else {
+                count(Counter::ReplyTranslated);
+                return Outcome::drop_as::<C>(Counter::FibLookupFailed, nat_ids(reply));
+            };
+            slot.keep_hop(&hop, now);
+            hop
+        }
     };
     if leaves_to_tc(ctx, &hop) {
         return Outcome::done(Ok(C::PASS));
     }
+    let reply = slot.entry();
     nat6_update(owner, flow, nat_dir::REPLY, now);
     let rewritten = nat6_rewrite_src(ctx, flow, &reply.frontend_addr, reply.frontend_port)
         .and_then(|()| nat6_rewrite_dst(ctx, flow, &reply.client_addr, reply.client_port));

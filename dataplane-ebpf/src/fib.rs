@@ -29,16 +29,44 @@ pub fn fib4_lookup(
     ingress_ifindex: u32,
     flow: &Ipv4Flow,
 ) -> Option<NextHop> {
+    let route = Route4 {
+        src_addr: flow.src_addr,
+        dst_addr: flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+    };
+    fib4_route(raw_ctx, ingress_ifindex, &route)
+}
+
+/// The IPv4 tuple of a packet to route (network order), for callers that
+/// have no [`Ipv4Flow`] of the translated packet (a whole one on the stack
+/// costs the external pipeline room it does not have).
+pub struct Route4 {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+/// [`fib4_lookup`] of a [`Route4`].
+#[inline(always)]
+pub fn fib4_route(
+    raw_ctx: *mut core::ffi::c_void,
+    ingress_ifindex: u32,
+    route: &Route4,
+) -> Option<NextHop> {
     let mut params = skb::fib_params();
     params.family = AF_INET;
-    params.l4_protocol = flow.proto;
-    params.sport = flow.src_port;
-    params.dport = flow.dst_port;
+    params.l4_protocol = route.proto;
+    params.sport = route.src_port;
+    params.dport = route.dst_port;
     // tot_len 0 skips the MTU check: GRO may have merged segments past the
     // MTU that are split again on the way out.
     params.ifindex = ingress_ifindex;
-    params.__bindgen_anon_3.ipv4_src = flow.src_addr;
-    params.__bindgen_anon_4.ipv4_dst = flow.dst_addr;
+    params.__bindgen_anon_3.ipv4_src = route.src_addr;
+    params.__bindgen_anon_4.ipv4_dst = route.dst_addr;
     fib_result(raw_ctx, &mut params)
 }
 

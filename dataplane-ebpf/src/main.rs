@@ -133,12 +133,11 @@ pub fn from_outside(ctx: TcContext) -> i32 {
     if parse6::is_ipv6_frame(&ctx) {
         return external6::from_outside6(&ctx);
     }
-    let verdict = if external::is_icmp4(&ctx) {
-        external::icmp_error_from_outside(&ctx)
+    if external::is_icmp4(&ctx) {
+        external::tc_icmp_error_from_outside(&ctx)
     } else {
         external::tc_from_outside(&ctx)
-    };
-    verdict.unwrap_or_else(|verdict| verdict)
+    }
 }
 
 /// XDP on an uplink: the same pipeline as `from_outside`, IPv4 and IPv6,

@@ -4,7 +4,12 @@
 //! Map values are read and written only through the wrappers at the bottom
 //! of this file: they hold the datapath's `unsafe` blocks besides `skb`.
 
-use core::intrinsics::{atomic_or, AtomicOrdering};
+use core::{
+    intrinsics::{atomic_or, AtomicOrdering},
+    ptr::NonNull,
+};
+
+use crate::fib::NextHop;
 
 use aya_ebpf::{
     btf_maps::{
@@ -14,9 +19,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     capacity, reply_source_flags, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey,
-    CtLifetimes, FragKey, FragPorts, NatConfig, NatEntry, NatKey, ReplySource, ServiceKey,
-    ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, Trace6Scratch, TraceConfig,
-    TraceEvent, IPPROTO_TCP,
+    CtLifetimes, FragKey, FragPorts, HopCache, NatConfig, NatEntry, NatKey, ReplySource,
+    ServiceKey, ServiceLabel, ServiceValue, SockRevNatEntry, SockRevNatKey, Trace6Scratch,
+    TraceConfig, TraceEvent, IPPROTO_TCP,
 };
 use dataplane_common::{
     Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frag6Key, Ipv6Bytes, Nat6Config, Nat6Entry, Nat6Key,
@@ -360,24 +365,69 @@ pub fn source_range_contains(service_id: u32, client_addr: u32) -> bool {
 }
 
 #[inline(always)]
+fn cached_hop(cache: &HopCache, now_ns: u64) -> Option<NextHop> {
+    cache.is_fresh(now_ns).then(|| NextHop {
+        ifindex: cache.ifindex,
+        macs: Some(cache.macs),
+    })
+}
+
+#[inline(always)]
+fn keep_hop(cache: &mut HopCache, hop: &NextHop, now_ns: u64) {
+    if let Some(macs) = hop.macs {
+        *cache = HopCache {
+            ifindex: hop.ifindex,
+            macs,
+            checked: HopCache::stamp(now_ns),
+        };
+    }
+}
+
+#[inline(always)]
 pub fn nat_get(key: &NatKey) -> Option<NatEntry> {
     copied(NAT.get_ptr(key))
 }
 
 /// A NAT entry in place, for updates.
 #[derive(Clone, Copy)]
-pub struct NatSlot(*mut NatEntry);
+/// Non-null, so an `Option<NatSlot>` is one register.
+pub struct NatSlot(NonNull<NatEntry>);
 
 #[inline(always)]
 pub fn nat_slot(key: &NatKey) -> Option<NatSlot> {
-    NAT.get_ptr_mut(key).map(NatSlot)
+    NAT.get_ptr_mut(key).and_then(NonNull::new).map(NatSlot)
 }
 
 impl NatSlot {
     #[inline(always)]
     pub fn get(&self) -> NatEntry {
         // SAFETY: a value pointer of this run's lookup, copied at once.
-        unsafe { *self.0 }
+        unsafe { *self.0.as_ptr() }
+    }
+
+    /// The entry read in place, for what needs a few fields only (a
+    /// whole copy costs the external pipeline stack it does not have).
+    #[inline(always)]
+    pub fn entry(&self) -> &NatEntry {
+        // SAFETY: a value pointer of this run's lookup, valid for the run;
+        // only read through this reference, which the callers drop before
+        // writing the entry.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// This direction's next hop while the cached one is fresh.
+    #[inline(always)]
+    pub fn cached_hop(&self, now_ns: u64) -> Option<NextHop> {
+        // SAFETY: a value pointer of this run's lookup; the field is copied.
+        cached_hop(unsafe { &(*self.0.as_ptr()).hop }, now_ns)
+    }
+
+    /// Caches `hop` as this direction's, looked up at `now_ns` (a complete
+    /// one only: without a neighbour entry the next packet looks again).
+    #[inline(always)]
+    pub fn keep_hop(&self, hop: &NextHop, now_ns: u64) {
+        // SAFETY: a plain field of this run's value.
+        keep_hop(unsafe { &mut (*self.0.as_ptr()).hop }, hop, now_ns);
     }
 
     /// Plain stores: racing CPUs store equally recent times, and a lost
@@ -389,11 +439,11 @@ impl NatSlot {
     pub fn touch(self, now_ns: u64, state: u8, refresh_ns: u64) {
         // SAFETY: plain fields of this run's value.
         unsafe {
-            if now_ns.saturating_sub((*self.0).last_seen_ns) >= refresh_ns {
-                (*self.0).last_seen_ns = now_ns;
+            if now_ns.saturating_sub((*self.0.as_ptr()).last_seen_ns) >= refresh_ns {
+                (*self.0.as_ptr()).last_seen_ns = now_ns;
             }
-            if (*self.0).state < state {
-                (*self.0).state = state;
+            if (*self.0.as_ptr()).state < state {
+                (*self.0.as_ptr()).state = state;
             }
         }
     }
@@ -703,13 +753,28 @@ pub fn nat6_slot(key: &Nat6Key) -> Option<Nat6Slot> {
 }
 
 impl Nat6Slot {
-    /// The entry read in place (a 96-byte copy would not fit the stack);
+    /// The entry read in place (a 112-byte copy would not fit the stack);
     /// see [`Ct6Slot::entry`].
     #[inline(always)]
     pub fn entry(&self) -> &Nat6Entry {
         // SAFETY: a value pointer of this run's lookup, valid for the run;
         // only read through this reference.
         unsafe { &*self.0 }
+    }
+
+    /// As [`NatSlot::cached_hop`].
+    #[inline(always)]
+    pub fn cached_hop(&self, now_ns: u64) -> Option<NextHop> {
+        // SAFETY: a value pointer of this run's lookup; the field is copied.
+        cached_hop(unsafe { &(*self.0).hop }, now_ns)
+    }
+
+    /// As [`NatSlot::keep_hop`].
+    #[inline(always)]
+    pub fn keep_hop(&self, hop: &NextHop, now_ns: u64) {
+        // SAFETY: a plain field of this run's value (no `&Nat6Entry` from
+        // `entry` is alive across this store in the callers).
+        keep_hop(unsafe { &mut (*self.0).hop }, hop, now_ns);
     }
 
     /// As [`NatSlot::touch`].

@@ -50,8 +50,9 @@ pub enum NatCreateError {
 /// Whether the REPLY entry `reply` still belongs to a live flow.
 #[inline(always)]
 fn nat4_is_live(reply: &NatEntry, now_ns: u64) -> bool {
-    nat_get(&reply.original_key()).is_some_and(|owner| {
-        !nat4_is_expired(&owner, now_ns) && owner.reply_key() == reply.reply_key()
+    nat_slot(&reply.original_key()).is_some_and(|owner| {
+        let owner = owner.entry();
+        !nat4_is_expired(owner, now_ns) && owner.reply_key() == reply.reply_key()
     })
 }
 
@@ -64,9 +65,10 @@ pub fn nat4_is_expired(entry: &NatEntry, now_ns: u64) -> bool {
 
 /// Creates both entries of a flow: `entry` with `nat_addr`/`nat_port`
 /// chosen here. A concurrent creation of the same flow (retransmitted SYN
-/// on another CPU) wins and is returned.
+/// on another CPU) wins and is written to `entry` (in place: a second
+/// `NatEntry` on the pipeline's stack would not fit).
 #[inline(always)]
-pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<NatEntry, NatCreateError> {
+pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<(), NatCreateError> {
     let config = nat_config().ok_or(NatCreateError::Exhausted)?;
     if config.snat_addr == 0 || config.port_max < config.port_min {
         return Err(NatCreateError::Exhausted);
@@ -83,8 +85,8 @@ pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<NatEntry, NatCre
             break;
         }
         // Held by a flow that is gone: its port is free again.
-        if let Some(holder) = nat_get(&reply) {
-            if !nat4_is_live(&holder, now_ns) && NAT.insert(reply, *entry, 0).is_ok() {
+        if let Some(holder) = nat_slot(&reply) {
+            if !nat4_is_live(holder.entry(), now_ns) && NAT.insert(reply, *entry, 0).is_ok() {
                 claimed = true;
                 break;
             }
@@ -96,9 +98,9 @@ pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<NatEntry, NatCre
     let original = entry.original_key();
     if NAT.insert(original, *entry, BPF_NOEXIST as u64).is_err() {
         let _ = NAT.remove(entry.reply_key());
-        return nat_get(&original).ok_or(NatCreateError::InsertFailed);
+        *entry = nat_get(&original).ok_or(NatCreateError::InsertFailed)?;
     }
-    Ok(*entry)
+    Ok(())
 }
 
 #[inline(always)]

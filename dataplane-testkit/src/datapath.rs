@@ -366,6 +366,19 @@ impl Harness {
     /// interface `ifindex` (of the test's network namespace), so that a
     /// next hop out of that interface is sent back out with XDP_TX.
     pub fn run_xdp_on(&self, packet: &[u8], ifindex: u32) -> Run {
+        self.try_run_xdp_on(packet, ifindex, 1)
+            .unwrap_or_else(|e| panic!("test run of the XDP program on {ifindex} failed: {e}"))
+    }
+
+    /// [`Harness::run_xdp_on`] `repeat` times in one BPF_PROG_TEST_RUN (the
+    /// packet is not restored between repetitions); Err if the kernel
+    /// refused the run.
+    pub fn try_run_xdp_on(
+        &self,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<Run, ProgramError> {
         let xdp = self
             .datapath
             .xdp()
@@ -378,21 +391,19 @@ impl Harness {
         md[3] = ifindex;
         let md: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut output = vec![0u8; packet.len() + 256];
-        let result = xdp
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut output),
-                ctx_in: Some(&md),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of the XDP program on {ifindex} failed: {e}"));
+        let result = xdp.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut output),
+            ctx_in: Some(&md),
+            repeat,
+            ..Default::default()
+        })?;
         output.truncate(result.data_size_out as usize);
-        Run {
+        Ok(Run {
             verdict: result.return_value as i32,
             output,
             duration: result.duration,
-        }
+        })
     }
 
     pub fn run_from_pod(&self, packet: &[u8]) -> Run {

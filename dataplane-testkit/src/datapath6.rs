@@ -182,6 +182,11 @@ impl Harness {
         map.get(key, 0).ok()
     }
 
+    /// The pinned `NAT6` map.
+    pub fn nat6(&self) -> BpfHashMap<MapData, Nat6Key, Nat6Entry> {
+        lru(self, map_names::NAT6)
+    }
+
     /// Entries in `NAT6`.
     pub fn nat6_len(&self) -> usize {
         let map: BpfHashMap<MapData, Nat6Key, Nat6Entry> = lru(self, map_names::NAT6);

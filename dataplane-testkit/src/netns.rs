@@ -31,3 +31,29 @@ pub fn mac_text(m: [u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// Index and MAC address of interface `name` in the calling thread's
+/// namespace.
+pub fn link(name: &str) -> (u32, [u8; 6]) {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "ip link show {name}");
+    let text = String::from_utf8(out.stdout).expect("ip output");
+    let index = text
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no index in {text}"));
+    let mac = text
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
+    let mut bytes = [0u8; 6];
+    for (byte, part) in bytes.iter_mut().zip(mac.split(':')) {
+        *byte = u8::from_str_radix(part, 16).expect("a MAC byte");
+    }
+    (index, bytes)
+}

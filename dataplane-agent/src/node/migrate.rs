@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, MapInfo};
 use dataplane_common::{
-    ct_state, map_names, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, MapLayout,
-    IPPROTO_TCP, LAYOUT_VERSION,
+    ct_state, map_names, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, MapLayout, Nat6Entry,
+    Nat6Key, NatEntry, NatKey, IPPROTO_TCP, LAYOUT_VERSION,
 };
 use log::info;
 
@@ -78,10 +78,11 @@ fn role(name: &str) -> Role {
         | map_names::AFFINITY
         | map_names::CT6_TCP
         | map_names::CT6_OTHER
-        | map_names::LB6_AFFINITY => Role::Flows,
-        // `NAT` and `NAT6` hold flows too, but no earlier layout has them
-        // (layout 5 adds `NAT6`): they are only ever created, like the state maps (`NAT_CONFIG` is written at
-        // every start).
+        | map_names::LB6_AFFINITY
+        // SNATed external flows; their entries grew the cached next hop in
+        // layout 7 (converted with nothing cached).
+        | map_names::NAT
+        | map_names::NAT6 => Role::Flows,
         _ => Role::State,
     }
 }
@@ -155,7 +156,8 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
     // filter in the datapath: `TraceConfig` gained the IPv6 addresses,
     // `TRACE6_SCRATCH` holds a `Trace6Scratch`. IPv6 reply pre-filter and
     // direct delivery: `LB6_REPLY_SOURCES` is new (created, filled from
-    // the backends).
+    // the backends). `NatEntry` and `Nat6Entry` keep each direction's next
+    // hop.
     (
         7,
         &[
@@ -163,6 +165,8 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::TRACE_CONFIG,
             map_names::TRACE6_SCRATCH,
             map_names::LB6_REPLY_SOURCES,
+            map_names::NAT,
+            map_names::NAT6,
         ],
     ),
 ];
@@ -174,6 +178,16 @@ pub const RETIRED: &[&str] = &[map_names::CONNTRACK];
 /// field order only).
 const CT_ENTRY_SIZE: usize = 48;
 const _: () = assert!(core::mem::size_of::<CtEntry>() == CT_ENTRY_SIZE);
+
+/// `NatEntry` and `Nat6Entry` before layout 7: this layout's fields up to
+/// `state` (`NAT_KEPT`, `NAT6_KEPT` bytes), then padding where the cached
+/// next hop now follows.
+const NAT_ENTRY_SIZE_6: usize = 48;
+const NAT6_ENTRY_SIZE_6: usize = 96;
+const NAT_KEPT: usize = 42;
+const NAT6_KEPT: usize = 90;
+const _: () = assert!(core::mem::offset_of!(NatEntry, _pad) == NAT_KEPT);
+const _: () = assert!(core::mem::offset_of!(Nat6Entry, _pad) == NAT6_KEPT);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -433,9 +447,14 @@ fn flow_source(
     } else {
         layout.key_size
     };
+    let value_size = match layout.name {
+        map_names::NAT if found < 7 => NAT_ENTRY_SIZE_6 as u32,
+        map_names::NAT6 if found < 7 => NAT6_ENTRY_SIZE_6 as u32,
+        _ => layout.value_size,
+    };
     for (what, found_size, expected) in [
         ("key size", key, key_size),
-        ("value size", value, layout.value_size),
+        ("value size", value, value_size),
     ] {
         if found_size != expected {
             return Err(MigrateError::Unconvertible {
@@ -596,6 +615,37 @@ fn copy_entries<K: aya::Pod, V: aya::Pod, L: aya::Pod, W: aya::Pod>(
     Ok(written)
 }
 
+/// A `NAT` entry of a layout before 7: nothing cached.
+fn nat_entry_from_6(bytes: &[u8; NAT_ENTRY_SIZE_6]) -> NatEntry {
+    let mut widened = [0u8; core::mem::size_of::<NatEntry>()];
+    widened[..NAT_KEPT].copy_from_slice(&bytes[..NAT_KEPT]);
+    bytemuck::pod_read_unaligned(&widened)
+}
+
+/// A `NAT6` entry of a layout before 7: nothing cached.
+fn nat6_entry_from_6(bytes: &[u8; NAT6_ENTRY_SIZE_6]) -> Nat6Entry {
+    let mut widened = [0u8; core::mem::size_of::<Nat6Entry>()];
+    widened[..NAT6_KEPT].copy_from_slice(&bytes[..NAT6_KEPT]);
+    bytemuck::pod_read_unaligned(&widened)
+}
+
+/// A NAT entry the previous programs refreshed after the new map's copy
+/// was made (see [`newer_flow`]): the old one, with the furthest state.
+fn newer_nat(current: &NatEntry, old: &NatEntry) -> Option<NatEntry> {
+    (old.last_seen_ns > current.last_seen_ns).then_some(NatEntry {
+        state: old.state.max(current.state),
+        ..*old
+    })
+}
+
+/// [`newer_nat`] for `NAT6`.
+fn newer_nat6(current: &Nat6Entry, old: &Nat6Entry) -> Option<Nat6Entry> {
+    (old.last_seen_ns > current.last_seen_ns).then_some(Nat6Entry {
+        state: old.state.max(current.state),
+        ..*old
+    })
+}
+
 /// An affinity entry the previous programs refreshed after the new map's
 /// copy was made.
 fn newer_affinity(current: &AffinityEntry, old: &AffinityEntry) -> Option<AffinityEntry> {
@@ -683,6 +733,38 @@ pub fn convert(
                     newer_flow,
                 )?
             }
+            map_names::NAT if found < 7 => {
+                copy_entries::<NatKey, [u8; NAT_ENTRY_SIZE_6], NatKey, NatEntry>(
+                    &bpffs.join(layout.name),
+                    &to,
+                    pass,
+                    |k, v| Some((*k, nat_entry_from_6(v))),
+                    newer_nat,
+                )?
+            }
+            map_names::NAT => copy_entries::<NatKey, NatEntry, NatKey, NatEntry>(
+                &bpffs.join(layout.name),
+                &to,
+                pass,
+                |k, v| Some((*k, *v)),
+                newer_nat,
+            )?,
+            map_names::NAT6 if found < 7 => {
+                copy_entries::<Nat6Key, [u8; NAT6_ENTRY_SIZE_6], Nat6Key, Nat6Entry>(
+                    &bpffs.join(layout.name),
+                    &to,
+                    pass,
+                    |k, v| Some((*k, nat6_entry_from_6(v))),
+                    newer_nat6,
+                )?
+            }
+            map_names::NAT6 => copy_entries::<Nat6Key, Nat6Entry, Nat6Key, Nat6Entry>(
+                &bpffs.join(layout.name),
+                &to,
+                pass,
+                |k, v| Some((*k, *v)),
+                newer_nat6,
+            )?,
             _ => 0,
         };
         info!(
@@ -800,6 +882,50 @@ mod tests {
             ..copied
         };
         assert_eq!(newer_flow(&touched, &old), None);
+    }
+
+    #[test]
+    fn layout_6_nat_entries_keep_their_translation_with_nothing_cached() {
+        let e = NatEntry {
+            last_seen_ns: 7,
+            client_addr: 1,
+            frontend_addr: 2,
+            backend_addr: 3,
+            nat_addr: 4,
+            client_port: 10,
+            frontend_port: 20,
+            backend_port: 30,
+            nat_port: 40,
+            backend_id: 5,
+            service_id: 6,
+            proto: IPPROTO_TCP,
+            state: ct_state::ESTABLISHED,
+            ..Default::default()
+        };
+        let bytes: [u8; core::mem::size_of::<NatEntry>()] = bytemuck::cast(e);
+        let mut old = [0u8; NAT_ENTRY_SIZE_6];
+        old[..NAT_KEPT].copy_from_slice(&bytes[..NAT_KEPT]);
+        // Layout 6's padding, whatever it held, is not taken for a hop.
+        old[NAT_KEPT..].fill(0xff);
+        assert_eq!(nat_entry_from_6(&old), e);
+
+        let e6 = Nat6Entry {
+            last_seen_ns: 7,
+            client_addr: [1; 16],
+            frontend_addr: [2; 16],
+            backend_addr: [3; 16],
+            nat_addr: [4; 16],
+            nat_port: 40,
+            backend_id: 5,
+            proto: IPPROTO_TCP,
+            state: ct_state::CLOSING,
+            ..Default::default()
+        };
+        let bytes: [u8; core::mem::size_of::<Nat6Entry>()] = bytemuck::cast(e6);
+        let mut old = [0u8; NAT6_ENTRY_SIZE_6];
+        old[..NAT6_KEPT].copy_from_slice(&bytes[..NAT6_KEPT]);
+        old[NAT6_KEPT..].fill(0xff);
+        assert_eq!(nat6_entry_from_6(&old), e6);
     }
 
     #[test]

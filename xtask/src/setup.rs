@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
     "iproute2",
+    // The lab turns veth offloads off (checksums, GRO) with it.
+    "ethtool",
     "iptables",
     "nftables",
     "curl",

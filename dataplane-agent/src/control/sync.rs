@@ -234,13 +234,13 @@ impl Family for IpKey {
 /// A backend's reply source, keyed as its family's map keys it
 /// (`REPLY_SOURCES` or `LB6_REPLY_SOURCES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ReplySourceKey {
+enum ReplySourceKey {
     V4(ReplySource),
     V6(ReplySource6),
 }
 
 impl ReplySourceKey {
-    pub fn of(backend: &BackendKey) -> Self {
+    fn of(backend: &BackendKey) -> Self {
         match backend {
             BackendKey::V4(b) => ReplySourceKey::V4(ReplySource::of(b)),
             BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::of(b)),

@@ -2064,8 +2064,8 @@ mod tests {
             .map(|b| b.addr[15])
             .collect();
         assert!(in_map.contains(&11), "{in_map:?}");
-        // One backend, one slot, the service entry.
-        assert_eq!(e.maps().writes - writes, 3);
+        // One backend, its reply source, one slot, the service entry.
+        assert_eq!(e.maps().writes - writes, 4);
         // The next sync without it lets it go.
         e.sync_service(&name("web"), &[(v6, spec6("web", &[10, 12]))])
             .unwrap();

@@ -235,13 +235,13 @@ impl Family for IpKey {
 /// A backend's reply source, keyed as its family's map keys it
 /// (`REPLY_SOURCES` or `LB6_REPLY_SOURCES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ReplySourceKey {
+enum ReplySourceKey {
     V4(ReplySource),
     V6(ReplySource6),
 }
 
 impl ReplySourceKey {
-    pub fn of(backend: &BackendKey) -> Self {
+    fn of(backend: &BackendKey) -> Self {
         match backend {
             BackendKey::V4(b) => ReplySourceKey::V4(ReplySource::of(b)),
             BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::of(b)),
@@ -2186,8 +2186,8 @@ mod tests {
             .map(|b| b.addr[15])
             .collect();
         assert!(in_map.contains(&11), "{in_map:?}");
-        // One backend, one slot, the service entry.
-        assert_eq!(e.maps().writes - writes, 3);
+        // One backend, its reply source, one slot, the service entry.
+        assert_eq!(e.maps().writes - writes, 4);
         // The next sync without it lets it go.
         e.sync_service(&name("web"), &[(v6, spec6("web", &[10, 12]))])
             .unwrap();

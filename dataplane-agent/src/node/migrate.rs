@@ -902,7 +902,7 @@ mod tests {
             state: ct_state::ESTABLISHED,
             ..Default::default()
         };
-        let bytes: [u8; core::mem::size_of::<NatEntry>()] = bytemuck::cast(e);
+        let bytes = bytemuck::bytes_of(&e);
         let mut old = [0u8; NAT_ENTRY_SIZE_6];
         old[..NAT_KEPT].copy_from_slice(&bytes[..NAT_KEPT]);
         // Layout 6's padding, whatever it held, is not taken for a hop.
@@ -921,7 +921,7 @@ mod tests {
             state: ct_state::CLOSING,
             ..Default::default()
         };
-        let bytes: [u8; core::mem::size_of::<Nat6Entry>()] = bytemuck::cast(e6);
+        let bytes = bytemuck::bytes_of(&e6);
         let mut old = [0u8; NAT6_ENTRY_SIZE_6];
         old[..NAT6_KEPT].copy_from_slice(&bytes[..NAT6_KEPT]);
         old[NAT6_KEPT..].fill(0xff);

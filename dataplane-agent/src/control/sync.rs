@@ -993,11 +993,7 @@ impl<M: LbMaps> SyncEngine<M> {
         for key in self.reply_sources.keys() {
             if !reply_sources.contains(key) {
                 // Adopted backends: flows to them may exist.
-                set_reply_source(
-                    &mut self.pending,
-                    *key,
-                    reply_source_flags::MAY_HAVE_FLOWS,
-                );
+                set_reply_source(&mut self.pending, *key, reply_source_flags::MAY_HAVE_FLOWS);
             }
         }
         for key in &reply_sources {

@@ -66,7 +66,23 @@ pub fn redirect4_to_backend(ctx: &TcContext) -> i32 {
     } else {
         u16::try_from(flow.ip_tot_len).unwrap_or(u16::MAX)
     };
-    let Some(hop) = fib4_lookup_fitting(PacketCtx::raw(ctx), ingress, flow, ip_len) else {
+    let hop = fib4_lookup_fitting(PacketCtx::raw(ctx), ingress, flow, ip_len);
+    send_to_hop(ctx, ingress, hop, || backend_interface(&backend_of(flow)))
+}
+
+/// Sends a DNATed packet (either family) to the FIB's `hop`: into the
+/// backend's namespace when `learnt` (the pod interface `to_pod` saw the
+/// backend behind) is the hop's interface, else out of it with the hop's
+/// MAC addresses. No route, no neighbour entry, or back out of the
+/// interface it came in by: left to the stack.
+#[inline(always)]
+pub fn send_to_hop(
+    ctx: &TcContext,
+    ingress: u32,
+    hop: Option<NextHop>,
+    learnt: impl FnOnce() -> Option<u32>,
+) -> i32 {
+    let Some(hop) = hop else {
         return TC_ACT_OK;
     };
     let Some(macs) = hop.macs else {
@@ -78,7 +94,7 @@ pub fn redirect4_to_backend(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     count(Counter::Redirected);
-    if backend_interface(&backend_of(flow)) == Some(hop.ifindex) {
+    if learnt() == Some(hop.ifindex) {
         if PacketCtx::store(ctx, 0, &macs).is_err() || skb::set_packet_host(ctx).is_err() {
             return TC_ACT_OK;
         }

@@ -8,17 +8,16 @@
 //! or a hairpin flow leaves it to the stack.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use dataplane_common::{Counter, ReplySource6, IPPROTO_TCP};
+use dataplane_common::{ReplySource6, IPPROTO_TCP};
 
 use crate::{
     ctx::PacketCtx,
-    fib::{fib6_lookup_fitting, NextHop, Route6},
+    fib::{fib6_lookup_fitting, Route6},
     lb6::lb6_service_ip,
-    maps::{backend_interface6, count, learn_backend_interface6},
+    maps::{backend_interface6, learn_backend_interface6},
     parse::{frag, TCP_ACK, TCP_SYN},
     parse6::{parse_ipv6_flow_into, Ipv6Flow, IP6_HLEN},
-    redirect::redirect4_enabled,
-    skb,
+    redirect::{redirect4_enabled, send_to_hop},
 };
 
 /// `--direct-redirect`: one switch for both families.
@@ -67,30 +66,8 @@ pub fn redirect6_to_backend(ctx: &TcContext) -> i32 {
         dst_port: flow.dst_port,
         proto: flow.proto,
     };
-    let Some(hop) = fib6_lookup_fitting(PacketCtx::raw(ctx), ingress, &route, ip_len) else {
-        return TC_ACT_OK;
-    };
-    let Some(macs) = hop.macs else {
-        return TC_ACT_OK;
-    };
-    if hop.ifindex == ingress {
-        // Back out of the interface it came in by: the stack's business.
-        return TC_ACT_OK;
-    }
-    count(Counter::Redirected);
-    if backend_interface6(&backend_of(flow)) == Some(hop.ifindex) {
-        if PacketCtx::store(ctx, 0, &macs).is_err() || skb::set_packet_host(ctx).is_err() {
-            return TC_ACT_OK;
-        }
-        return skb::redirect_peer(hop.ifindex);
-    }
-    PacketCtx::send(
-        ctx,
-        &NextHop {
-            ifindex: hop.ifindex,
-            macs: Some(macs),
-        },
-    )
+    let hop = fib6_lookup_fitting(PacketCtx::raw(ctx), ingress, &route, ip_len);
+    send_to_hop(ctx, ingress, hop, || backend_interface6(&backend_of(flow)))
 }
 
 /// `to_pod`: a packet opening a flow to an IPv6 backend goes into the pod

@@ -130,7 +130,7 @@ pub(crate) fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8>
 }
 
 /// (source, destination) of a TCP frame of `family`.
-fn flow_of(family: IpFamily, frame: &[u8]) -> (SocketAddr, SocketAddr) {
+pub(crate) fn flow_of(family: IpFamily, frame: &[u8]) -> (SocketAddr, SocketAddr) {
     match family {
         IpFamily::Ipv4 => {
             let (s, d) = packets::endpoints(frame);

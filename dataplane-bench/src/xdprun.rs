@@ -38,15 +38,14 @@ use dataplane_testkit::{
     datapath::Harness,
     datapath6::nat6_key,
     netns::link,
-    packets::{self, ACK, SYN},
-    packets6::endpoints6,
+    packets::{ACK, SYN},
 };
 use rand::{rngs::StdRng, seq::SliceRandom as _, SeedableRng as _};
 
 use crate::{
     scenario,
     stats::median,
-    testrun::{online_cpus, paired_ratio, pin, tcp_packet},
+    testrun::{flow_of, online_cpus, paired_ratio, pin, tcp_packet},
 };
 
 /// Repetitions of the floor run that estimates the fixed cost.
@@ -107,19 +106,6 @@ fn outside_client(family: IpFamily, f: usize) -> SocketAddr {
         .into(),
     };
     SocketAddr::new(ip, 10_000 + (f % 50_000) as u16)
-}
-
-fn flow_of(family: IpFamily, frame: &[u8]) -> (SocketAddr, SocketAddr) {
-    match family {
-        IpFamily::Ipv4 => {
-            let (s, d) = packets::endpoints(frame);
-            (s.into(), d.into())
-        }
-        IpFamily::Ipv6 => {
-            let (s, d) = endpoints6(frame);
-            (s.into(), d.into())
-        }
-    }
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

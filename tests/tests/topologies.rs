@@ -2,6 +2,8 @@
 //! overlay between nodes, and Calico-style routed /32 pods with proxy ARP;
 //! `--direct-redirect` on both, IPv4 and IPv6.
 
+use std::net::IpAddr;
+
 use dataplane_lab::{CrossNode, Topology};
 use integration_tests::{dns, http, lab_pod, require_root, web, Cluster, Seen, WEB_IP};
 
@@ -56,20 +58,12 @@ fn routed_pods_hairpin_through_the_service() {
     );
 }
 
-/// Packets the node's netfilter forwarded to `web-a` (10.244.1.11:8080),
-/// counted by an nftables rule on the node's forward hook.
-fn forwarded_to_web_a(c: &Cluster) -> u64 {
+/// Packets node 1's stack forwarded to `to` port 8080, counted by the
+/// nftables rule [`count_forwarding_to`] put on its forward hook.
+fn forwarded_to(c: &Cluster, to: IpAddr) -> u64 {
     let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.lab.node_ns(1),
-            "nft",
-            "list",
-            "table",
-            "ip",
-            "dptfwd",
-        ])
+        .args(["netns", "exec", &c.lab.node_ns(1), "nft", "list", "table"])
+        .args([nft_family(to), "dptfwd"])
         .output()
         .expect("nft");
     assert!(out.status.success(), "nft list: {out:?}");
@@ -81,14 +75,32 @@ fn forwarded_to_web_a(c: &Cluster) -> u64 {
         .unwrap_or_else(|| panic!("no packet count in {text}"))
 }
 
-fn count_forwarding_to_web_a(c: &Cluster) {
-    let rules = "table ip dptfwd { chain counted { type filter hook forward priority 0; \
-                 ip daddr 10.244.1.11 tcp dport 8080 counter; }; }";
+/// Counts what node 1 forwards to `to` port 8080 ([`forwarded_to`]), in a
+/// table of `to`'s family.
+fn count_forwarding_to(c: &Cluster, to: IpAddr) {
+    let family = nft_family(to);
+    let rules = format!(
+        "table {family} dptfwd {{ chain counted {{ type filter hook forward priority 0; \
+         {family} daddr {to} tcp dport 8080 counter; }}; }}"
+    );
     let status = std::process::Command::new("ip")
-        .args(["netns", "exec", &c.lab.node_ns(1), "nft", rules])
+        .args(["netns", "exec", &c.lab.node_ns(1), "nft", &rules])
         .status()
         .expect("nft");
     assert!(status.success(), "nft add");
+}
+
+/// nftables' family (and address expression) of `addr`.
+fn nft_family(addr: IpAddr) -> &'static str {
+    match addr {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
+    }
+}
+
+/// `web-a`'s address.
+fn web_a() -> IpAddr {
+    lab_pod("web-a").ip().into()
 }
 
 #[test]
@@ -102,7 +114,7 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
         &[("web.yaml", web(&[&lab_pod("web-a")]))],
         &["--socket-lb", "false", "--direct-redirect", "true"],
     );
-    count_forwarding_to_web_a(&c);
+    count_forwarding_to(&c, web_a());
     // The first packet finds no neighbour entry for the pod yet: the stack
     // forwards it and resolves one.
     assert_eq!(
@@ -111,7 +123,7 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
         "{}",
         c.logs()
     );
-    let resolving = forwarded_to_web_a(&c);
+    let resolving = forwarded_to(&c, web_a());
     for _ in 0..3 {
         assert_eq!(
             c.tcp("client", http(WEB_IP)).backend(),
@@ -121,7 +133,7 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
         );
     }
     assert_eq!(
-        forwarded_to_web_a(&c),
+        forwarded_to(&c, web_a()),
         resolving,
         "redirected straight to the pod, never forwarded by the node's stack"
     );
@@ -139,7 +151,7 @@ fn a_same_node_backend_gets_service_packets_without_the_nodes_forwarding_path() 
         c.logs()
     );
     assert!(
-        forwarded_to_web_a(&c) > 0,
+        forwarded_to(&c, web_a()) > 0,
         "--direct-redirect false: the node forwards"
     );
 }
@@ -155,48 +167,11 @@ fn web6(backend: &str) -> String {
     use dataplane_lab::manifests;
     let service = manifests::with_cluster_ips(
         manifests::web_service("web", WEB_IP),
-        &[std::net::IpAddr::V6(WEB_IP6)],
+        &[IpAddr::V6(WEB_IP6)],
     );
     manifests::manifest_per_family(&service, |family| {
         vec![manifests::pod_endpoint_of(&lab_pod(backend), family)]
     })
-}
-
-/// Packets node 1's IPv6 stack forwarded to `to` port 8080, counted by an
-/// nftables rule on its forward hook ([`count_forwarding6_to`]).
-fn forwarded6(c: &Cluster) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.lab.node_ns(1),
-            "nft",
-            "list",
-            "table",
-            "ip6",
-            "dptfwd6",
-        ])
-        .output()
-        .expect("nft");
-    assert!(out.status.success(), "nft list: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no packet count in {text}"))
-}
-
-fn count_forwarding6_to(c: &Cluster, to: std::net::Ipv6Addr) {
-    let rules = format!(
-        "table ip6 dptfwd6 {{ chain counted {{ type filter hook forward priority 0; \
-         ip6 daddr {to} tcp dport 8080 counter; }}; }}"
-    );
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", &c.lab.node_ns(1), "nft", &rules])
-        .status()
-        .expect("nft");
-    assert!(status.success(), "nft add");
 }
 
 /// The client (node 1) reaches `backend` through the IPv6 service without
@@ -211,16 +186,17 @@ fn check_direct_redirect6(topology: Topology, cross_node: CrossNode, backend: &s
         &["--socket-lb", "false", "--direct-redirect", "true"],
         |_| {},
     );
-    count_forwarding6_to(&c, lab_pod(backend).ipv6());
+    let backend_ip = IpAddr::V6(lab_pod(backend).ipv6());
+    count_forwarding_to(&c, backend_ip);
     // The first packets may find no neighbour entry yet: the stack
     // forwards them and resolves one.
     assert_eq!(c.tcp("client", to).backend(), Some(backend), "{}", c.logs());
-    let resolving = forwarded6(&c);
+    let resolving = forwarded_to(&c, backend_ip);
     for _ in 0..3 {
         assert_eq!(c.tcp("client", to).backend(), Some(backend), "{}", c.logs());
     }
     assert_eq!(
-        forwarded6(&c),
+        forwarded_to(&c, backend_ip),
         resolving,
         "sent straight on, never forwarded by node 1's stack"
     );
@@ -233,7 +209,7 @@ fn check_direct_redirect6(topology: Topology, cross_node: CrossNode, backend: &s
     c.restart_agents();
     assert_eq!(c.tcp("client", to).backend(), Some(backend), "{}", c.logs());
     assert!(
-        forwarded6(&c) > resolving,
+        forwarded_to(&c, backend_ip) > resolving,
         "--direct-redirect false: the node forwards"
     );
 }

@@ -31,6 +31,7 @@ use crate::node::{
         SockRevNatMap,
     },
     socket_lb::{self, SocketLbError, SOCK_LINKS_DIR},
+    verify::load_uninterrupted,
 };
 
 /// The object built by build.rs from `dataplane-ebpf`, embedded so the agent
@@ -395,16 +396,15 @@ impl Datapath {
             BENCH_FLOOR,
             BENCH_EMPTY,
         ] {
-            program_mut(&mut ebpf, name)?
-                .load()
+            let program = program_mut(&mut ebpf, name)?;
+            load_uninterrupted(|| program.load())
                 .map_err(|source| DatapathError::Verify { name, source })?;
         }
-        xdp_mut(&mut ebpf)?
-            .load()
-            .map_err(|source| DatapathError::Verify {
-                name: XDP_FROM_OUTSIDE,
-                source,
-            })?;
+        let xdp = xdp_mut(&mut ebpf)?;
+        load_uninterrupted(|| xdp.load()).map_err(|source| DatapathError::Verify {
+            name: XDP_FROM_OUTSIDE,
+            source,
+        })?;
         set_lifetimes(&mut ebpf, &config.ct_lifetimes)?;
         let pending = if plan.is_migration() {
             migrate::convert(&plan, bpffs, &layouts, Pass::First)?;

@@ -7,7 +7,8 @@
 //! `ct_gc` sweeps expired conntrack entries (`ct_gc6` the IPv6 ones), sized and timed by
 //! `ct_options`; `migrate` carries the maps of an earlier agent (another
 //! layout, other sizes) into this one's; `socket_lb` attaches the cgroup
-//! socket hooks. Nothing here knows about
+//! socket hooks; `verify` loads a program again when a signal
+//! interrupted its verification. Nothing here knows about
 //! the control plane or the operator surface.
 
 pub mod bpffs;
@@ -23,3 +24,4 @@ pub mod pinned;
 pub mod sock_destroy;
 pub mod socket_lb;
 pub mod uplink;
+pub mod verify;

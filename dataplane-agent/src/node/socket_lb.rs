@@ -25,6 +25,8 @@ use aya::{
 };
 use log::{info, warn};
 
+use crate::node::verify::load_uninterrupted;
+
 /// The socket hooks: program name in the object, and the pin name of its
 /// link (the kernel's name of the hook).
 pub const HOOKS: [(&str, &str, CgroupSockAddrAttachType); 4] = [
@@ -292,8 +294,7 @@ fn attach_release(
         .ok_or(SocketLbError::MissingProgram { name })?
         .try_into()
         .map_err(|source| SocketLbError::Program { name, source })?;
-    program
-        .load()
+    load_uninterrupted(|| program.load())
         .map_err(|source| SocketLbError::Unsupported { name, source })?;
     let link = program
         .attach(cgroup, CgroupAttachMode::Single)
@@ -389,8 +390,8 @@ fn load_all(
                 source: refused_by_test_switch(),
             });
         }
-        program_mut(ebpf, name)?
-            .load()
+        let program = program_mut(ebpf, name)?;
+        load_uninterrupted(|| program.load())
             .map_err(|source| SocketLbError::Unsupported { name, source })?;
     }
     Ok(())

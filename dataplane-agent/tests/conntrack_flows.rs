@@ -477,3 +477,111 @@ fn last_seen_is_refreshed_at_most_once_a_second_but_flags_at_once() {
         "refreshed: {refreshed} against {now}"
     );
 }
+
+fn response() -> Vec<u8> {
+    Tcp::new(backend(), client(), ACK | packets::PSH)
+        .seq(90_001)
+        .ack(7_001)
+        .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+        .build()
+}
+
+/// The REPLY entry as if `ct4_reply_accept` stamped it `secs` seconds ago.
+fn age_reply_entry(dp: &mut Harness, secs: u64) {
+    let mut entry = dp.ct_get(&reply_key()).expect("the reply entry");
+    entry.last_seen_ns = monotonic_now_ns() - secs * 1_000_000_000;
+    dp.conntrack
+        .insert(reply_key(), entry, 0)
+        .expect("ageing the reply entry");
+}
+
+#[test]
+fn replies_of_an_established_flow_are_translated_from_their_reply_entry_for_a_second() {
+    // A reply looks up its flow's original entry (a second hash lookup)
+    // only when its reply entry was not stamped within the last second by
+    // a reply that found the flow established: a flow's original entry
+    // evicted is noticed by its replies within a second, not at once.
+    let mut dp = established_flow();
+    let unstamped = dp.ct_get(&reply_key()).expect("the reply entry");
+    assert_eq!(
+        (unstamped.state, unstamped.flags & ct_flags::SEEN_REPLY),
+        (ct_state::OPENING, 0),
+        "a SYN-ACK of an opening flow does not stamp the reply entry"
+    );
+
+    let first = dp.run_to_pod(&response());
+    assert_translated(&response(), &first.output, service(), client(), "first");
+    let stamped = dp.ct_get(&reply_key()).expect("the reply entry");
+    assert_eq!(
+        (stamped.state, stamped.flags & ct_flags::SEEN_REPLY),
+        (ct_state::ESTABLISHED, ct_flags::SEEN_REPLY),
+        "stamped by a reply of the established flow"
+    );
+    assert!(
+        stamped.last_seen_ns + 50_000_000 >= monotonic_now_ns(),
+        "stamped now"
+    );
+
+    dp.conntrack
+        .remove(&ct_key(
+            client(),
+            service(),
+            Protocol::Tcp,
+            ct_dir::ORIGINAL,
+        ))
+        .expect("evicting the original entry");
+    let within = dp.run_to_pod(&response());
+    assert_eq!(within.verdict, TC_ACT_OK);
+    assert_translated(
+        &response(),
+        &within.output,
+        service(),
+        client(),
+        "within the second, from the stamped reply entry",
+    );
+
+    age_reply_entry(&mut dp, 2);
+    let after = dp.run_to_pod(&response());
+    assert_eq!(after.verdict, TC_ACT_OK);
+    assert_eq!(
+        hex(&after.output),
+        hex(&response()),
+        "a second on, the lost flow is noticed: untranslated"
+    );
+    assert!(
+        dp.ct_get(&reply_key()).is_none(),
+        "and its stale reply entry deleted"
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 3);
+}
+
+#[test]
+fn backend_fin_and_reset_reach_the_flow_while_its_reply_entry_is_stamped() {
+    let dp = established_flow();
+    let run = dp.run_to_pod(&response());
+    assert_translated(&response(), &run.output, service(), client(), "stamps");
+    let fin = Tcp::new(backend(), client(), FIN | ACK)
+        .seq(90_020)
+        .ack(7_001)
+        .build();
+
+    let run = dp.run_to_pod(&fin);
+
+    assert_translated(&fin, &run.output, service(), client(), "backend's FIN");
+    let entry = original(&dp);
+    assert_ne!(entry.flags & ct_flags::FIN_REPLY, 0, "FIN recorded");
+    let client_fin = Tcp::new(client(), service(), FIN | ACK)
+        .seq(7_001)
+        .ack(90_021)
+        .build();
+    assert_eq!(dp.run_from_pod(&client_fin).verdict, TC_ACT_OK);
+    assert_eq!(original(&dp).state, ct_state::CLOSING, "both FINs close");
+
+    // A reset from a fresh, stamped reply entry closes too.
+    let dp = established_flow();
+    dp.run_to_pod(&response());
+    let rst = Tcp::new(backend(), client(), RST).seq(90_020).build();
+    let run = dp.run_to_pod(&rst);
+    assert_translated(&rst, &run.output, service(), client(), "backend's RST");
+    assert_eq!(original(&dp).state, ct_state::CLOSING, "RST closes");
+}

@@ -174,12 +174,15 @@ impl Report {
              (their own maps), each paired with `bench_floor` on the IPv6 packet (the IPv6 parse and one \
              `LB6_SERVICE_IPS` lookup). The backend columns: a backend's packet to a client, before any flow of the tc path exists (a \
              connection socket LB translated at connect(), or one dialled to the pod IP), through `from_pod` as it \
-             leaves the backend and `to_pod` as it goes into the client; both leave it byte for byte.\n",
+             leaves the backend and `to_pod` as it goes into the client; both leave it byte for byte. Reply \
+             translation is each flow's SYN-ACK; a reply of an established flow is the backend's second data \
+             segment after the handshake (the first, not measured, finds the flow established and stamps its \
+             reply entry, so later replies within a second skip the flow's original entry), the flows shuffled.\n",
             first.samples
         );
         let _ = writeln!(
             o,
-            "| family | services | flows in conntrack | empty program | floor | non-service | into a pod, not a reply | backend's packet without a flow, out of it (`from_pod`) | the same into its client (`to_pod`) | new flow | established | reply translation | floor, repeat = 10 000 (context) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| family | services | flows in conntrack | empty program | floor | non-service | into a pod, not a reply | backend's packet without a flow, out of it (`from_pod`) | the same into its client (`to_pod`) | new flow | established | reply translation (SYN-ACK) | reply of an established flow | floor, repeat = 10 000 (context) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let mut narrowed = Vec::new();
         for r in &self.testrun {
@@ -194,7 +197,7 @@ impl Report {
             let (g, n) = (&r.ratio, &r.net_ratio);
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} ns | {} ns | {} | {} | {} | {} | {} | {} | {} | {} ns |",
+                "| {} | {} | {} | {} ns | {} ns | {} | {} | {} | {} | {} | {} | {} | {} | {} ns |",
                 r.family,
                 services,
                 r.flows,
@@ -207,6 +210,11 @@ impl Report {
                 cell(r.new_flow, g.new_flow, n.new_flow),
                 cell(r.established, g.established, n.established),
                 cell(r.reply, g.reply, n.reply),
+                cell(
+                    r.reply_established,
+                    g.reply_established,
+                    n.reply_established
+                ),
                 r.floor_repeat
             );
         }

@@ -58,6 +58,9 @@ pub struct ScaleResult {
     pub new_flow: u32,
     pub established: u32,
     pub reply: u32,
+    /// A later reply of an established flow (after one reply that found
+    /// the flow established), as most of a flow's replies are.
+    pub reply_established: u32,
     /// `bench_empty` (returns at once) with repeat = 1: the fixed cost of
     /// one test run, inside every other figure. Median, ns.
     pub empty: u32,
@@ -86,6 +89,7 @@ pub struct Ratios {
     pub new_flow: f64,
     pub established: f64,
     pub reply: f64,
+    pub reply_established: f64,
 }
 
 /// (path ns, floor ns) of one packet, the floor run just before.
@@ -107,8 +111,8 @@ pub(crate) fn paired_ratio(pairs: &[Pair], fixed: u32) -> f64 {
     ratios[(ratios.len() - 1) / 2 + usize::from(ratios.len().is_multiple_of(2))]
 }
 
-fn ratios(pairs: [&[Pair]; 7], fixed: u32) -> Ratios {
-    let [non_service, into_pod, backend_out, backend_in, new_flow, established, reply] =
+fn ratios(pairs: [&[Pair]; 8], fixed: u32) -> Ratios {
+    let [non_service, into_pod, backend_out, backend_in, new_flow, established, reply, reply_established] =
         pairs.map(|p| paired_ratio(p, fixed));
     Ratios {
         non_service,
@@ -118,6 +122,7 @@ fn ratios(pairs: [&[Pair]; 7], fixed: u32) -> Ratios {
         new_flow,
         established,
         reply,
+        reply_established,
     }
 }
 
@@ -390,6 +395,30 @@ pub fn run_scale(
         })?;
     }
 
+    // A later reply of each of those flows: the backend's data after the
+    // handshake. One reply first, not measured, finds the flow established
+    // (and stamps its reply entry: `ct4_reply_accept`); the measured one
+    // follows, the flows shuffled again: what a busy flow's replies cost.
+    let data_reply = |fl: &Flow| tcp_packet(fl.backend, fl.client, ACK);
+    for &f in &picked {
+        let (_, verdict) = p.run(Prog::ToPod, &data_reply(&flows[f]))?;
+        expect(verdict == TC_ACT_OK, || {
+            format!("first data reply verdict {verdict}")
+        })?;
+    }
+    picked.shuffle(&mut rng);
+    let mut reply_established = Vec::with_capacity(samples);
+    for &f in &picked {
+        let fl = &flows[f];
+        let (_, verdict) = p.paired(Prog::ToPod, &data_reply(fl), Some(&mut reply_established))?;
+        expect(verdict == TC_ACT_OK, || {
+            format!("established reply verdict {verdict}")
+        })?;
+        expect(flow_of(family, &p.out).0 == fl.service, || {
+            "established reply not translated to the service".into()
+        })?;
+    }
+
     let empty = median(&mut p.empty_samples);
     let floor = median(&mut p.floor_samples);
     let fl = &flows[picked[0]];
@@ -399,7 +428,7 @@ pub fn run_scale(
     // The runs took the paths they are named after.
     let want = [
         (Counter::NewFlow, flows_n as u64),
-        (Counter::ReplyTranslated, picked.len() as u64),
+        (Counter::ReplyTranslated, 3 * picked.len() as u64),
         (Counter::Established, 2 * picked.len() as u64),
     ];
     for (counter, n) in want {
@@ -416,6 +445,7 @@ pub fn run_scale(
         &new_flow,
         &established,
         &reply,
+        &reply_established,
     ];
     let ratio = ratios(pairs, 0);
     let net_ratio = ratios(pairs, empty);
@@ -435,6 +465,7 @@ pub fn run_scale(
         new_flow: ns(&new_flow),
         established: ns(&established),
         reply: ns(&reply),
+        reply_established: ns(&reply_established),
         empty,
         ratio,
         net_ratio,
@@ -506,12 +537,14 @@ pub fn run(
         match r {
             Ok(r) => {
                 eprintln!(
-                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x), reply {} ns; floor with repeat={REPEAT}: {} ns",
+                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x), reply {} ns ({:.2}x, net {:.2}x), reply of an established flow {} ns ({:.2}x, net {:.2}x); floor with repeat={REPEAT}: {} ns",
                     r.flows, r.sync_time, r.empty, r.floor, r.non_service, r.into_pod,
                     r.backend_out, r.backend_in,
                     r.new_flow, r.ratio.new_flow, r.net_ratio.new_flow,
                     r.established, r.ratio.established, r.net_ratio.established,
-                    r.reply, r.floor_repeat
+                    r.reply, r.ratio.reply, r.net_ratio.reply,
+                    r.reply_established, r.ratio.reply_established, r.net_ratio.reply_established,
+                    r.floor_repeat
                 );
                 results.push(r);
             }

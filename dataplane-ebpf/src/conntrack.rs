@@ -111,6 +111,63 @@ pub fn ct4_restore_reply(ct: &CtEntry, now_ns: u64) {
     }
 }
 
+/// Whether the reply `flow` of the flow whose REPLY entry is `reply` (in
+/// place at `slot`) is translated, its flow's state and time updated
+/// (`ct4_update`): its ORIGINAL entry must be there, be the flow the REPLY
+/// entry was made for, and be unexpired; a REPLY entry that fails that is
+/// stale and deleted. Looking the ORIGINAL entry up is a second cold hash
+/// lookup per reply, most of a reply's cost: so once it finds the flow
+/// established with its reply seen, the REPLY entry is stamped (its
+/// `last_seen_ns`, `ESTABLISHED` and `SEEN_REPLY`, which nothing else
+/// reads in a REPLY entry), and for `CT_REFRESH_NS` after that the flow's
+/// replies that add nothing to its state (no FIN, no RST) are translated on
+/// the REPLY entry alone. The ORIGINAL entry's time is refreshed at most
+/// once a second anyway; what the window gives up is noticing within it
+/// that the ORIGINAL entry went away (evicted, or expired: an established
+/// flow's lifetime is hours), and the flow's own deletions (`ct4_delete`:
+/// a backend gone, a reopened tuple) take the REPLY entry with it.
+#[inline(always)]
+pub fn ct4_reply_accept(slot: CtSlot, reply: &CtEntry, flow: &Ipv4Flow, now_ns: u64) -> bool {
+    if ct4_reply_stamped(reply, flow, now_ns) {
+        return true;
+    }
+    let Some(owner) = ct_slot(&reply.original_key()) else {
+        // The flow is gone (expired, evicted, or its backend removed).
+        ct4_delete(reply);
+        return false;
+    };
+    let owner_entry = owner.get();
+    if !ct4_owns_reply(&owner_entry, reply) {
+        // Left over from an earlier flow of this client tuple: the flow
+        // now goes to another backend.
+        ct4_delete_reply(reply);
+        return false;
+    }
+    if ct4_is_expired(&owner_entry, now_ns) {
+        ct4_delete(reply);
+        return false;
+    }
+    ct4_update(owner, flow, ct_dir::REPLY, now_ns);
+    let (state, flags) = owner.state_flags();
+    if state == ct_state::ESTABLISHED && flags & ct_flags::SEEN_REPLY != 0 {
+        slot.set_last_seen(now_ns);
+        ct4_or(slot, reply, ct_state::ESTABLISHED, ct_flags::SEEN_REPLY);
+    }
+    true
+}
+
+/// Whether `reply`, a REPLY entry, was stamped by [`ct4_reply_accept`]
+/// within the last `CT_REFRESH_NS` and `flow` adds nothing to its flow's
+/// state: the reply is translated without the ORIGINAL entry.
+#[inline(always)]
+fn ct4_reply_stamped(reply: &CtEntry, flow: &Ipv4Flow, now_ns: u64) -> bool {
+    let closes = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    !closes
+        && reply.state == ct_state::ESTABLISHED
+        && reply.flags & ct_flags::SEEN_REPLY != 0
+        && now_ns.saturating_sub(reply.last_seen_ns) < CT_REFRESH_NS
+}
+
 /// Whether `owner`, the ORIGINAL entry a REPLY entry `reply` points at, is
 /// the flow that entry was made for (and not a later flow of the same client
 /// tuple that went to another backend).

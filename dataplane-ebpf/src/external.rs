@@ -27,7 +27,7 @@ use dataplane_common::{
 
 use crate::{
     conntrack::{
-        ct4_delete, ct4_get, ct4_is_expired, ct4_is_reopen, ct4_key, ct4_lookup, ct4_restore_reply,
+        ct4_delete, ct4_is_expired, ct4_is_reopen, ct4_key, ct4_lookup, ct4_restore_reply,
         ct4_update,
     },
     ct_new_flow, fail_as, forward_established,
@@ -494,9 +494,10 @@ pub fn try_to_outside(ctx: &TcContext) -> Verdict {
     let Ok(mut flow) = parse_ipv4_flow(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
+    let Some(reply) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };
+    let ct = reply.get();
     if flow.frag == frag::FIRST {
         frag4_track(&flow);
     }
@@ -504,5 +505,5 @@ pub fn try_to_outside(ctx: &TcContext) -> Verdict {
         return Ok(TC_ACT_OK);
     }
     let packet = Packet::new(ctx, trace_hook::TO_OUTSIDE, &flow);
-    reply_translate(&packet, &mut flow, &ct, skb::now_ns())
+    reply_translate(&packet, &mut flow, reply, &ct, skb::now_ns())
 }

@@ -60,8 +60,8 @@ use dataplane_common::{
 
 use crate::{
     conntrack::{
-        ct4_create, ct4_delete, ct4_delete_reply, ct4_get, ct4_is_expired, ct4_is_reopen, ct4_key,
-        ct4_lookup, ct4_owns_reply, ct4_restore_reply, ct4_update, CtCreateError,
+        ct4_create, ct4_delete, ct4_is_expired, ct4_is_reopen, ct4_key, ct4_lookup,
+        ct4_reply_accept, ct4_restore_reply, ct4_update, CtCreateError,
     },
     ctx::PacketCtx,
     fragment::frag4_track,
@@ -71,7 +71,7 @@ use crate::{
         lb4_lookup_frontend, lb4_may_be_node_port_reply, lb4_may_be_reply, lb4_service_ip,
         lb4_source_allowed, Choice, Client, Selected,
     },
-    maps::count,
+    maps::{count, CtSlot},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
     parse::{frag, parse_ipv4_flow, parse_ipv4_header, Ipv4Flow, ParseError, TCP_RST},
     redirect::{redirect4_enabled, redirect4_learn_backend, redirect4_to_backend},
@@ -376,10 +376,10 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         if !expired {
             count(Counter::UdpFlowMoved);
         }
-    } else if let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) {
+    } else if let Some(reply) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) {
         // Reply of a hairpinned flow: the backend answers the service IP,
         // which stands for the client (itself).
-        return reply_translate(&packet, &mut flow, &ct, now);
+        return reply_translate(&packet, &mut flow, reply, &reply.get(), now);
     }
     if flow.frag == frag::LATER {
         return packet.drop(Counter::FragmentUnknown, &flow, Ids::default());
@@ -527,33 +527,20 @@ fn forward_established<C: PacketCtx>(
         .map_err(|_| fail_as::<C>(Counter::RewriteFailed))
 }
 
-/// Backend -> client packet: the source becomes the service again.
+/// Backend -> client packet of the flow whose REPLY entry `ct` is (in
+/// place at `reply`): the source becomes the service again, unless the
+/// entry is stale (`ct4_reply_accept`).
 #[inline(always)]
 fn reply_translate(
     packet: &Packet<TcContext>,
     flow: &mut Ipv4Flow,
+    reply: CtSlot,
     ct: &CtEntry,
     now: u64,
 ) -> Verdict {
-    let original = ct.original_key();
-    let Some(owner) = ct4_lookup(&original) else {
-        // The flow is gone (expired, evicted, or its backend removed): its
-        // reply entry is stale.
-        ct4_delete(ct);
-        return Ok(TC_ACT_OK);
-    };
-    let owner_entry = owner.get();
-    if !ct4_owns_reply(&owner_entry, ct) {
-        // Left over from an earlier flow of this client tuple: the flow now
-        // goes to another backend.
-        ct4_delete_reply(ct);
+    if !ct4_reply_accept(reply, ct, flow, now) {
         return Ok(TC_ACT_OK);
     }
-    if ct4_is_expired(&owner_entry, now) {
-        ct4_delete(ct);
-        return Ok(TC_ACT_OK);
-    }
-    ct4_update(owner, flow, ct_dir::REPLY, now);
     nat4_rewrite_src(packet.ctx, flow, ct.service_addr, ct.service_port)
         .map_err(|_| fail(Counter::RewriteFailed))?;
     if ct.flags & ct_flags::HAIRPIN != 0 {
@@ -584,9 +571,10 @@ fn node_port_reply_from_pod4(ctx: &TcContext) -> i32 {
     let Ok(mut flow) = parse_ipv4_flow(ctx) else {
         return TC_ACT_OK;
     };
-    let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
+    let Some(reply) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
         return TC_ACT_OK;
     };
+    let ct = reply.get();
     let node_port = lb4_service_ip(ct.service_addr)
         .is_some_and(|v| v & dataplane_common::service_ip_flags::NODE_ADDRESS != 0);
     if !node_port || ct.flags & ct_flags::HAIRPIN != 0 {
@@ -605,7 +593,7 @@ fn node_port_reply_from_pod4(ctx: &TcContext) -> i32 {
         frag4_track(&flow);
     }
     let packet = Packet::new(ctx, trace_hook::FROM_POD, &flow);
-    match reply_translate(&packet, &mut flow, &ct, skb::now_ns()) {
+    match reply_translate(&packet, &mut flow, reply, &ct, skb::now_ns()) {
         Ok(_) if flow.src_addr == ct.service_addr => ctx.send(&hop),
         Ok(verdict) | Err(verdict) => verdict,
     }
@@ -623,9 +611,10 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         // Not from a backend: traffic between pods, untouched.
         return Ok(TC_ACT_OK);
     }
-    let Some(ct) = ct4_get(&ct4_key(&flow, ct_dir::REPLY)) else {
+    let Some(reply) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };
+    let ct = reply.get();
     if flow.frag == frag::FIRST {
         frag4_track(&flow);
     }
@@ -634,7 +623,7 @@ fn try_to_pod(ctx: &TcContext) -> Verdict {
         return Ok(TC_ACT_OK);
     }
     let packet = Packet::new(ctx, trace_hook::TO_POD, &flow);
-    reply_translate(&packet, &mut flow, &ct, skb::now_ns())
+    reply_translate(&packet, &mut flow, reply, &ct, skb::now_ns())
 }
 
 /// An ICMP error about one of the client's translated flows is made about

@@ -534,6 +534,13 @@ impl CtSlot {
         unsafe { (*self.0).last_seen_ns = now_ns };
     }
 
+    /// State and flags as they are now (two bytes, not the entry).
+    #[inline(always)]
+    pub fn state_flags(&self) -> (u8, u8) {
+        // SAFETY: plain fields of this run's value.
+        unsafe { ((*self.0).state, (*self.0).flags) }
+    }
+
     /// ORs `state` and `flags` into the entry atomically (see
     /// `CtEntry::state`) and returns both as they are after it.
     #[inline(always)]

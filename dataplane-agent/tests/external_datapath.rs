@@ -176,8 +176,18 @@ fn a_local_endpoints_lost_reply_entry_is_rebuilt_by_the_clients_next_packet_a_se
     // (at most once a second) or moves its state, not on every packet.
     let mut dp = node(0);
     node_port_to(&mut dp, local_backend(), true, Protocol::Tcp);
-    let original_key = ct_key(outside_client(), node_port(), Protocol::Tcp, ct_dir::ORIGINAL);
-    let reply_key = ct_key(local_backend(), outside_client(), Protocol::Tcp, ct_dir::REPLY);
+    let original_key = ct_key(
+        outside_client(),
+        node_port(),
+        Protocol::Tcp,
+        ct_dir::ORIGINAL,
+    );
+    let reply_key = ct_key(
+        local_backend(),
+        outside_client(),
+        Protocol::Tcp,
+        ct_dir::REPLY,
+    );
     let client = |flags| Tcp::new(outside_client(), node_port(), flags).build();
     let response = Tcp::new(local_backend(), outside_client(), ACK).build();
     assert_eq!(dp.run("from_outside", &client(SYN)).verdict, TC_ACT_OK);

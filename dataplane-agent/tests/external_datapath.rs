@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use dataplane_agent::{
     control::model::{Frontend, Protocol, Scope},
-    node::ct_gc::sweep_nat,
+    node::{ct_gc::sweep_nat, pinned::monotonic_now_ns},
 };
 use dataplane_common::{
     ct_dir, ct_state, ipv4_to_map, nat_dir, port_to_map, Counter, CtLifetimes, HopCache, NatEntry,
@@ -166,6 +166,88 @@ fn node_port_from_outside_to_a_local_endpoint_keeps_the_client_address() {
     assert_eq!(run.verdict, TC_ACT_OK);
     assert_translated(&reply, &run.output, node_port(), outside_client(), "reply");
     assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+}
+
+#[test]
+fn a_local_endpoints_lost_reply_entry_is_rebuilt_by_the_clients_next_packet_a_second_on() {
+    // A flow of a masquerading NodePort to this node's own endpoint is in
+    // conntrack (its NAT lookup, made first, misses). As on the pod path,
+    // its REPLY entry is looked for only when a packet refreshes the flow
+    // (at most once a second) or moves its state, not on every packet.
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Tcp);
+    let original_key = ct_key(
+        outside_client(),
+        node_port(),
+        Protocol::Tcp,
+        ct_dir::ORIGINAL,
+    );
+    let reply_key = ct_key(
+        local_backend(),
+        outside_client(),
+        Protocol::Tcp,
+        ct_dir::REPLY,
+    );
+    let client = |flags| Tcp::new(outside_client(), node_port(), flags).build();
+    let response = Tcp::new(local_backend(), outside_client(), ACK).build();
+    assert_eq!(dp.run("from_outside", &client(SYN)).verdict, TC_ACT_OK);
+    let syn_ack = Tcp::new(local_backend(), outside_client(), SYN | ACK).build();
+    assert_eq!(dp.run("to_outside", &syn_ack).verdict, TC_ACT_OK);
+    assert_eq!(dp.run("from_outside", &client(ACK)).verdict, TC_ACT_OK);
+    let established = dp.ct_get(&original_key).expect("the flow");
+    assert_eq!(established.state, ct_state::ESTABLISHED);
+    let lost = dp.ct_get(&reply_key).expect("the reply entry");
+    dp.conntrack
+        .remove(&reply_key)
+        .expect("evicting the reply entry");
+
+    // Within the second: forwarded, the REPLY entry not looked for.
+    let run = dp.run("from_outside", &client(ACK));
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(
+        &client(ACK),
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "a packet within the second",
+    );
+    assert!(
+        dp.ct_get(&reply_key).is_none(),
+        "the REPLY entry is not looked for on every packet"
+    );
+    assert_eq!(dp.nat().keys().count(), 0, "no SNAT for a local endpoint");
+
+    // A second on: the client's next packet rebuilds it.
+    let mut aged = established;
+    aged.last_seen_ns = monotonic_now_ns() - 2_000_000_000;
+    dp.conntrack
+        .insert(original_key, aged, 0)
+        .expect("aging the flow");
+    let run = dp.run("from_outside", &client(ACK));
+    assert_translated(
+        &client(ACK),
+        &run.output,
+        outside_client(),
+        local_backend(),
+        "a packet a second on",
+    );
+    let rebuilt = dp.ct_get(&reply_key).expect("the reply entry is back");
+    assert_eq!(
+        (rebuilt.original_key(), rebuilt.reply_key()),
+        (lost.original_key(), lost.reply_key()),
+        "the rebuilt entry translates as the lost one did"
+    );
+    let run = dp.run("to_outside", &response);
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_translated(
+        &response,
+        &run.output,
+        node_port(),
+        outside_client(),
+        "the response",
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 2);
+    assert_eq!(dp.counter(Counter::Established), 3);
 }
 
 #[test]

@@ -90,11 +90,21 @@ struct Cli {
     /// tables.
     #[arg(long, value_enum, value_delimiter = ',')]
     families: Vec<IpFamilyOption>,
+    /// Per-packet rows of the uplink: only these programs (default: both).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    uplinks: Vec<xdprun::Uplink>,
+    /// Per-packet rows of the uplink: flows to the first N NodePorts only
+    /// (default: every service's), the map sizes unchanged.
+    #[arg(long)]
+    uplink_node_ports: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
+    /// Per packet, BPF_PROG_TEST_RUN: the pod programs, and the uplink's.
     Testrun,
+    /// The uplink programs' rows of `testrun` alone.
+    Uplink,
     E2e,
     /// End to end from outside the cluster through a NodePort.
     Outside,
@@ -159,11 +169,19 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(r) => rep.testrun = r,
             Err(e) => rep.fail("per-packet cost", e),
         }
-        let xdp_scales: &[usize] = if quick { &[10, 1_000] } else { &[10, 10_000] };
-        eprintln!("[1/3] per-packet cost of the uplink's XDP program, {samples} flows per figure");
-        match xdprun::run(&families, xdp_scales, samples) {
-            Ok(r) => rep.xdp = r,
-            Err(e) => rep.fail("per-packet cost of XDP", e),
+    }
+    if wants(Part::Testrun) || wants(Part::Uplink) {
+        let samples = cli.samples.unwrap_or(if quick { 5_000 } else { 20_000 });
+        let scales: &[usize] = if quick { &[10, 1_000] } else { &[10, 10_000] };
+        let uplinks: &[xdprun::Uplink] = if cli.uplinks.is_empty() {
+            &xdprun::Uplink::ALL
+        } else {
+            &cli.uplinks
+        };
+        eprintln!("[1/3] per-packet cost of the uplink's programs, {samples} flows per figure");
+        match xdprun::run(uplinks, &families, scales, samples, cli.uplink_node_ports) {
+            Ok(r) => rep.uplink = r,
+            Err(e) => rep.fail("per-packet cost of the uplink programs", e),
         }
     }
     if wants(Part::E2e) {

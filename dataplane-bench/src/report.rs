@@ -10,14 +10,14 @@ use crate::{
     e2e::{ratio_spread, CaseResult, System},
     outside::{OutsideResult, OutsideSystem},
     testrun::{Ratios, ScaleResult},
-    xdprun::XdpResult,
+    xdprun::{Uplink, UplinkResult},
 };
 
 pub struct Report {
     pub quick: bool,
     pub testrun: Vec<ScaleResult>,
     /// The uplink's XDP program, per packet.
-    pub xdp: Vec<XdpResult>,
+    pub uplink: Vec<UplinkResult>,
     pub e2e: Vec<CaseResult>,
     pub e2e_seconds: f64,
     pub concurrency: usize,
@@ -66,7 +66,7 @@ impl Report {
         Self {
             quick,
             testrun: Vec::new(),
-            xdp: Vec::new(),
+            uplink: Vec::new(),
             e2e: Vec::new(),
             e2e_seconds: 0.0,
             concurrency: 0,
@@ -107,42 +107,50 @@ impl Report {
             let _ = writeln!(o, "> **FAILED** {f}\n");
         }
         self.testrun_md(&mut o);
-        self.xdp_md(&mut o);
+        self.uplink_md(&mut o);
         self.e2e_md(&mut o);
         self.outside_md(&mut o);
         self.control_md(&mut o);
         o
     }
 
-    fn xdp_md(&self, o: &mut String) {
-        let Some(first) = self.xdp.first() else {
+    fn uplink_md(&self, o: &mut String) {
+        let Some(first) = self.uplink.first() else {
             return;
         };
         let _ = writeln!(
             o,
-            "### Uplink XDP program (`xdp_from_outside`), NodePort to a remote backend (SNAT)\n\n\
+            "### Uplink programs (`xdp_from_outside`; tc `from_outside`, `--external-datapath tc`), NodePort to a remote backend (SNAT)\n\n\
              {} flows from outside per figure, each packet run once (repeat = 1) on the uplink of a namespace of its \
-             own (routes and permanent neighbours: the translated packets leave with XDP_TX). Each run is paired with \
-             a floor run just before it: the same program on the same packet sent to an uplink address that is no \
-             node address (the parse and one service-IP lookup, through the same XDP test run). There is no empty \
-             XDP program: the fixed cost of a test run is estimated as floor (repeat = 1) minus floor (repeat = \
-             10 000, last column), and the net ratio takes it off both sides. Established: a later client packet of \
-             a flow the backend answered, the flows in shuffled order, the flow's NAT entry rewritten from userspace \
-             just before (unchanged: its next hop cached; or with the cached hop cleared: a `bpf_fib_lookup` per \
-             packet, the cost without the cache).\n",
+             own (routes and permanent neighbours: the translated packets leave with XDP_TX, or a tc redirect), each \
+             program on a setup of its own. Each run is paired with a floor run just before it: the same program on \
+             the same packet sent to an uplink address that is no node address (the parse and one service-IP lookup, \
+             through the same test run). There is no empty program to compare with: the fixed cost of a test run is \
+             estimated as floor (repeat = 1) minus floor (repeat = 10 000, last column), and the net ratio takes it \
+             off both sides. Established: a later client packet of a flow the backend answered, the flows in \
+             shuffled order, the flow's NAT entry rewritten from userspace just before (its next hop stamped fresh: \
+             cached; or cleared: a `bpf_fib_lookup` per packet, the cost without the cache). Reply: the backend's \
+             packet to the flow's SNAT port, its REPLY entry rewritten the same way (hop cached). tc rows also show \
+             `to_outside` (uplink egress) on a backend's reply to a client whose address it saw (a second NodePort \
+             per service that keeps the client's address, tracked in conntrack as with policy Local), paired with \
+             the same ingress floor.\n",
             first.samples
         );
         let _ = writeln!(
             o,
-            "| family | services (NodePorts) | floor | new flow (SYN) | established, hop cached | established, FIB lookup | floor, repeat = 10 000 |\n|---|---:|---:|---:|---:|---:|---:|"
+            "| program | family | services (NodePorts) | floor | new flow (SYN) | established, hop cached | established, FIB lookup | reply, hop cached | `to_outside`, local backend's reply | floor, repeat = 10 000 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for r in &self.xdp {
+        for r in &self.uplink {
             let cell =
                 |ns: u32, ratio: f64, net: f64| format!("{ns} ns ({ratio:.2}x, net {net:.2}x)");
             let (g, n) = (&r.ratio, &r.net_ratio);
+            let program = match r.uplink {
+                Uplink::Xdp => "XDP",
+                Uplink::Tc => "tc",
+            };
             let _ = writeln!(
                 o,
-                "| {} | {} ({}) | {} ns | {} | {} | {} | {} ns |",
+                "| {program} | {} | {} ({}) | {} ns | {} | {} | {} | {} | {} | {} ns |",
                 r.family,
                 r.services,
                 r.node_ports,
@@ -150,6 +158,9 @@ impl Report {
                 cell(r.new_flow, g.new_flow, n.new_flow),
                 cell(r.established, g.established, n.established),
                 cell(r.looked_up, g.looked_up, n.looked_up),
+                cell(r.reply, g.reply, n.reply),
+                r.to_outside
+                    .map_or_else(|| "–".to_owned(), |ns| cell(ns, g.to_outside, n.to_outside)),
                 r.floor_repeat
             );
         }

@@ -127,15 +127,50 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
     };
 
     let mut backend_gone = None;
-    // Established flows: to a local backend (conntrack) ...
-    if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
+    // Established flows. A frontend that masquerades SNATs every flow but
+    // those to this node's own endpoints, so its NAT entry is looked up
+    // first and conntrack only without one: an established SNATed packet
+    // (the common one) does one flow lookup, not a conntrack miss first.
+    let nat = if service.flags & service_flags::MASQUERADE_REMOTE != 0 {
+        nat4_lookup(&nat4_key(&flow, nat_dir::ORIGINAL))
+    } else {
+        None
+    };
+    if let Some(slot) = nat {
+        // ... SNATed to a remote backend ...
+        let nat = slot.get();
+        let expired = nat4_is_expired(&nat, now) || nat4_is_reopen(&nat, &flow);
+        let backend_alive = lb4_lookup_backend(nat.backend_id)
+            .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
+        if !expired && backend_alive {
+            nat4_update(slot, &flow, nat_dir::ORIGINAL, now);
+            let cache = Some(slot);
+            return snat_forward(&packet, &mut flow, &nat, cache, now, Counter::Established);
+        }
+        if !expired && flow.proto == IPPROTO_TCP && C::DEFERS_TO_TC {
+            return Ok(C::PASS);
+        }
+        nat4_delete(&nat);
+        if !expired && flow.proto == IPPROTO_TCP {
+            backend_gone = Some(Ids {
+                service_id: nat.service_id,
+                backend_id: nat.backend_id,
+            });
+        } else if !expired {
+            count(Counter::UdpFlowMoved);
+        }
+    } else if let Some(slot) = ct4_lookup(&ct4_key(&flow, ct_dir::ORIGINAL)) {
+        // ... or to a local backend (conntrack).
         let ct = slot.get();
         let expired = ct4_is_expired(&ct, now) || ct4_is_reopen(&ct, &flow);
         let backend_alive = lb4_lookup_backend(ct.backend_id)
             .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
         if !expired && backend_alive {
-            ct4_update(slot, &flow, ct_dir::ORIGINAL, now);
-            ct4_restore_reply(&ct, now);
+            // The REPLY entry is checked (a lookup) only when the ORIGINAL
+            // one was written, at most once a second, as on the pod path.
+            if ct4_update(slot, &flow, ct_dir::ORIGINAL, now) {
+                ct4_restore_reply(&ct, now);
+            }
             forward_established(ctx, &mut flow, &ct)?;
             return packet.pass(Counter::Established, &flow, Ids::of(&ct));
         }
@@ -149,31 +184,6 @@ pub fn try_from_outside<C: PacketCtx>(ctx: &C) -> Verdict {
         }
         if !expired {
             count(Counter::UdpFlowMoved);
-        }
-    } else if service.flags & service_flags::MASQUERADE_REMOTE != 0 {
-        // ... or SNATed to a remote one.
-        if let Some(slot) = nat4_lookup(&nat4_key(&flow, nat_dir::ORIGINAL)) {
-            let nat = slot.get();
-            let expired = nat4_is_expired(&nat, now) || nat4_is_reopen(&nat, &flow);
-            let backend_alive = lb4_lookup_backend(nat.backend_id)
-                .is_some_and(|b| b.addr == nat.backend_addr && b.port == nat.backend_port);
-            if !expired && backend_alive {
-                nat4_update(slot, &flow, nat_dir::ORIGINAL, now);
-                let cache = Some(slot);
-                return snat_forward(&packet, &mut flow, &nat, cache, now, Counter::Established);
-            }
-            if !expired && flow.proto == IPPROTO_TCP && C::DEFERS_TO_TC {
-                return Ok(C::PASS);
-            }
-            nat4_delete(&nat);
-            if !expired && flow.proto == IPPROTO_TCP {
-                backend_gone = Some(Ids {
-                    service_id: nat.service_id,
-                    backend_id: nat.backend_id,
-                });
-            } else if !expired {
-                count(Counter::UdpFlowMoved);
-            }
         }
     }
     if let Some(ids) = backend_gone {

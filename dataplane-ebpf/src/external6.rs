@@ -208,19 +208,24 @@ fn outside_flow<C: PacketCtx>(ctx: &C, flow: &mut Ipv6Flow, ip_value: u32) -> Ou
     if flow.frag == frag::FIRST {
         frag6_track(flow);
     }
-    // Established flows: to a local backend (conntrack) ...
-    if let Some(slot) = ct6_lookup_flow(flow, ct_dir::ORIGINAL) {
-        let outcome = pod6::known_flow(ctx, flow, slot, now);
+    // Established flows: SNATed to a remote backend, looked up first where
+    // the frontend masquerades (all its flows but those to this node's
+    // endpoints; see `external::try_from_outside`) ...
+    let nat = if service.flags & service_flags::MASQUERADE_REMOTE != 0 {
+        nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL))
+    } else {
+        None
+    };
+    if let Some(slot) = nat {
+        let outcome = snat6_known_flow(ctx, flow, slot, now);
         if outcome.next != next::NEW_FLOW {
             return outcome;
         }
-    } else if service.flags & service_flags::MASQUERADE_REMOTE != 0 {
-        // ... or SNATed to a remote one.
-        if let Some(slot) = nat6_slot(&nat6_key(flow, nat_dir::ORIGINAL)) {
-            let outcome = snat6_known_flow(ctx, flow, slot, now);
-            if outcome.next != next::NEW_FLOW {
-                return outcome;
-            }
+    } else if let Some(slot) = ct6_lookup_flow(flow, ct_dir::ORIGINAL) {
+        // ... or to a local one (conntrack).
+        let outcome = pod6::known_flow(ctx, flow, slot, now);
+        if outcome.next != next::NEW_FLOW {
+            return outcome;
         }
     }
     if flow.frag == frag::LATER {

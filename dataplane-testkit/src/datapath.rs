@@ -325,13 +325,26 @@ impl Harness {
     /// Runs `program` on `packet` as if it was on interface `ifindex` (of
     /// the test's network namespace).
     pub fn run_on(&self, program: &str, packet: &[u8], ifindex: u32) -> Run {
+        self.try_run_on(program, packet, ifindex, 1)
+            .unwrap_or_else(|e| panic!("test run of {program} on interface {ifindex} failed: {e}"))
+    }
+
+    /// [`Harness::run_on`] `repeat` times in one BPF_PROG_TEST_RUN (the
+    /// packet is not restored between repetitions); Err if the kernel
+    /// refused the run.
+    pub fn try_run_on(
+        &self,
+        program: &str,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<Run, ProgramError> {
         // The test run's `struct __sk_buff` up to `ifindex`; every other
         // field it accepts stays 0.
         const IFINDEX_OFF: usize = 40;
         let mut skb = [0u8; IFINDEX_OFF + 4];
         skb[IFINDEX_OFF..].copy_from_slice(&ifindex.to_ne_bytes());
-        self.run_with_context(program, packet, 1, Some(&skb))
-            .unwrap_or_else(|e| panic!("test run of {program} on interface {ifindex} failed: {e}"))
+        self.run_with_context(program, packet, repeat, Some(&skb))
     }
 
     pub fn run(&self, program: &str, packet: &[u8]) -> Run {

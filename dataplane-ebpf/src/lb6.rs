@@ -5,7 +5,7 @@
 
 use dataplane_common::{
     reply_source_flags, service_flags, service_ip_flags, service_scope, Affinity6Key, AffinityEntry, Backend6,
-    Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
+    Ct6Entry, Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
 };
 
 use crate::{
@@ -40,21 +40,30 @@ pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
         .is_some_and(|v| v & reply_source_flags::NO_FLOWS == 0)
 }
 
-/// `lb4_flow_to_backend` of an IPv6 flow: a flow of this node goes to
-/// `backend` (new, or refreshed), so its "no flows yet" bits go, the
-/// NodePort one when `service_addr` is this node's and the replies leave a
-/// local pod unhairpinned (`node_port_candidate`). With the bits already
-/// clear it reads one value and writes nothing.
-#[inline(always)]
-pub fn lb6_flow_to_backend(backend: &Backend6, service_addr: &Ipv6Bytes, node_port_candidate: bool) {
-    let Some(slot) = reply_source6_slot(&ReplySource6::of(backend)) else {
+/// `lb4_flow_to_backend` of an IPv6 flow: the flow `ct` (new, or
+/// refreshed) goes to its backend, so the backend's "no flows yet" bits go,
+/// the NodePort one when the flow's service address is this node's and the
+/// replies leave a local pod unhairpinned (`node_port_candidate`). With the
+/// bits already clear it reads one value and writes nothing. A call of its
+/// own: inlined, its key took the new-flow and established paths past the
+/// verifier's 512 bytes of stack.
+#[inline(never)]
+pub fn lb6_flow_to_backend(ct: &Ct6Entry, node_port_candidate: bool) {
+    let backend = ReplySource6 {
+        addr: ct.backend_addr,
+        port: ct.backend_port,
+        proto: ct.proto,
+        _pad: 0,
+    };
+    let Some(slot) = reply_source6_slot(&backend) else {
         return;
     };
     let value = slot.get();
     let mut bits = value & reply_source_flags::NO_FLOWS;
     if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0
         && node_port_candidate
-        && lb6_service_ip(service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+        && lb6_service_ip(&ct.service_addr)
+            .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
     {
         bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
     }

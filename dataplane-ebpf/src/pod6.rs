@@ -378,17 +378,21 @@ pub(crate) fn known_flow<C: PacketCtx>(
 ) -> Outcome {
     let ct = slot.entry();
     let expired = ct6_is_expired(ct, now) || ct6_is_reopen(ct, flow);
+    // The backend's flags, if it is still the flow's.
     let backend = lb6_lookup_backend(ct.backend_id)
-        .filter(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
-    if let (false, Some(backend)) = (expired, backend) {
+        .filter(|b| b.addr == ct.backend_addr && b.port == ct.backend_port)
+        .map(|b| b.flags);
+    if let (false, Some(flags)) = (expired, backend) {
         let wrote = ct6_update(slot, flow, ct_dir::ORIGINAL, now);
         ct6_restore_reply(ct, now);
-        if wrote {
+        if wrote && !C::DEFERS_TO_TC {
             // Once a second at most: a backend that left and came back
             // under its old id has its flows' replies looked up again.
-            let local = backend.flags & backend_flags::LOCAL != 0;
+            // Not on XDP (its program is at the verifier's 1M
+            // instructions; as on IPv4, where only `from_pod` does it).
+            let local = flags & backend_flags::LOCAL != 0;
             let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
-            lb6_flow_to_backend(&backend, &ct.service_addr, local && !hairpin);
+            lb6_flow_to_backend(ct, local && !hairpin);
         }
         if let Err(verdict) = forward_established(ctx, flow, ct) {
             return Outcome::done(Err(verdict));
@@ -484,7 +488,7 @@ pub(crate) fn ct6_new_flow<C: PacketCtx>(
     // The backend's packets are now looked up as replies (`to_pod`), and
     // the NodePort bit goes for a NodePort flow to a pod of this node.
     let local = backend.flags & backend_flags::LOCAL != 0;
-    lb6_flow_to_backend(backend, &entry.service_addr, local && !hairpin);
+    lb6_flow_to_backend(&entry, local && !hairpin);
     if let Err(verdict) = forward_established(ctx, flow, &entry) {
         return Outcome::done(Err(verdict));
     }

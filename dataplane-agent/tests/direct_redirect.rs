@@ -810,13 +810,23 @@ fn ipv6_a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it(
         assert_between6(&run.output, client6(), local_backend6(), "ClusterIP ACK");
         assert_eq!(bits(&dp), Some(no_node_port), "refreshed: looked up again");
         let run = dp.run_on("to_pod", &reply, cli0);
-        assert_between6(&run.output, service6(), client6(), "reply after the refresh");
+        assert_between6(
+            &run.output,
+            service6(),
+            client6(),
+            "reply after the refresh",
+        );
 
         // A NodePort flow from a client pod of the other node (tc) ...
         let syn = Tcp6::new(remote_client6(), node_port, SYN).build();
         let run = dp.run_on("from_outside", &syn, uplink0);
         assert_eq!(run.verdict, TC_ACT_OK);
-        assert_between6(&run.output, remote_client6(), local_backend6(), "NodePort SYN");
+        assert_between6(
+            &run.output,
+            remote_client6(),
+            local_backend6(),
+            "NodePort SYN",
+        );
         assert_eq!(bits(&dp), Some(0), "after a NodePort flow");
         assert_eq!(
             dp.reply_source6(local_backend6())
@@ -835,7 +845,12 @@ fn ipv6_a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it(
         let syn = Tcp6::new(other_client, node_port, SYN).build();
         let run = dp.run_xdp_on(&syn, uplink0);
         assert_eq!(run.verdict, XDP_PASS, "the stack delivers it to the pod");
-        assert_between6(&run.output, other_client, local_backend6(), "NodePort SYN on XDP");
+        assert_between6(
+            &run.output,
+            other_client,
+            local_backend6(),
+            "NodePort SYN on XDP",
+        );
         assert_eq!(bits(&dp), Some(0), "after a NodePort flow on XDP");
     });
 }

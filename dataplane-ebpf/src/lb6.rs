@@ -4,8 +4,8 @@
 //! `LB6_BACKENDS`.
 
 use dataplane_common::{
-    reply_source_flags, service_flags, service_ip_flags, service_scope, Affinity6Key, AffinityEntry, Backend6,
-    Ct6Entry, Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
+    reply_source_flags, service_flags, service_ip_flags, service_scope, Affinity6Key,
+    AffinityEntry, Backend6, Ct6Entry, Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
 };
 
 use crate::{
@@ -62,8 +62,7 @@ pub fn lb6_flow_to_backend(ct: &Ct6Entry, node_port_candidate: bool) {
     let mut bits = value & reply_source_flags::NO_FLOWS;
     if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0
         && node_port_candidate
-        && lb6_service_ip(&ct.service_addr)
-            .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+        && lb6_service_ip(&ct.service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
     {
         bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
     }

@@ -16,9 +16,10 @@ use dataplane_agent::{
     node::datapath::DatapathConfig,
 };
 use dataplane_common::{
-    ipv4_to_map, map_names, port_to_map, reply_source_flags, Counter, ReplySource, IPPROTO_TCP,
+    ipv4_to_map, map_names, port_to_map, reply_source_flags, Counter, ReplySource, ReplySource6,
+    IPPROTO_TCP,
 };
-use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT};
+use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS};
 use dataplane_testkit::datapath6::Frontend6Options;
 use dataplane_testkit::netns::{in_new_netns, ip, mac_text};
 use dataplane_testkit::packets::{assert_translated, hex, Tcp, ACK, ETH_HLEN, SYN};
@@ -692,4 +693,224 @@ fn ipv6_a_hairpin_flow_is_left_to_the_stack() {
         );
         assert_eq!(dp.counter(Counter::Redirected), 0);
     });
+}
+
+/// This node's IPv6 address on `uplink0`, where IPv6 NodePorts are served.
+const NODE6: &str = "fd00:192:168:100::1";
+
+/// A client pod of the other node, behind `uplink0`.
+fn remote_client6() -> SocketAddrV6 {
+    sa6("fd00:10:244:2::4d", 41_000)
+}
+
+/// The pinned `LB6_REPLY_SOURCES`.
+fn reply_source6_map(dp: &Harness) -> BpfHashMap<MapData, ReplySource6, u32> {
+    let data =
+        MapData::from_pin(dp.bpffs().join(map_names::LB6_REPLY_SOURCES)).expect("pinned map");
+    BpfHashMap::try_from(Map::HashMap(data)).expect("a hash map")
+}
+
+fn reply_source6_key(backend: SocketAddrV6) -> ReplySource6 {
+    ReplySource6 {
+        addr: backend.ip().octets(),
+        port: port_to_map(backend.port()),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+/// Sets the "no flows yet" bits of `backend` again, as the agent writes
+/// them for a backend new to conntrack.
+fn mark_fresh6(dp: &Harness, backend: SocketAddrV6) {
+    let mut map = reply_source6_map(dp);
+    let key = reply_source6_key(backend);
+    let value = map.get(&key, 0).expect("a backend");
+    map.insert(key, value | !reply_source_flags::IFINDEX_MASK, 0)
+        .expect("writing LB6_REPLY_SOURCES");
+}
+
+/// `frame` went on from `src` to `dst`, its checksum right.
+#[track_caller]
+fn assert_between6(frame: &[u8], src: SocketAddrV6, dst: SocketAddrV6, what: &str) {
+    assert_eq!(endpoints6(frame), (src, dst), "{what}");
+    assert!(l4_checksum6_ok(frame), "{what}: checksum");
+}
+
+// `a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it`
+// on IPv6: the same bits in `LB6_REPLY_SOURCES`, written by the sync
+// engine, cleared by a flow from a pod, a NodePort flow from the uplink
+// (tc and XDP) and an established flow's refresh; while `NO_FLOWS` is set
+// `to_pod` does not look the backend's packets up.
+#[test]
+fn ipv6_a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it() {
+    in_node_netns6(|| {
+        let mut dp = Harness::load_on(Bpffs::new().expect("a bpffs"), &DatapathConfig::default())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let local = vec![(*local_backend6().ip()).into()];
+        dp.set_frontend6_with(
+            "web6",
+            Frontend::cluster_ip(*service6().ip(), service6().port(), Protocol::Tcp),
+            &[local_backend6()],
+            |spec| spec.local_ips = local.clone(),
+        );
+        let node6: std::net::Ipv6Addr = NODE6.parse().expect("an IPv6 address");
+        dp.set_node_addresses6(&[node6]);
+        dp.set_frontend6_with(
+            "web6-np",
+            Frontend::node_port6(30_080, Protocol::Tcp),
+            &[local_backend6()],
+            |spec| spec.local_ips = local,
+        );
+        let (cli0, pod0, uplink0) = (ifindex("cli0"), ifindex("pod0"), ifindex("uplink0"));
+        let node_port = SocketAddrV6::new(node6, 30_080, 0, 0);
+        let bits = |dp: &Harness| {
+            dp.reply_source6(local_backend6())
+                .map(|v| v & !reply_source_flags::IFINDEX_MASK)
+        };
+        let (no_flows, no_node_port) = (
+            reply_source_flags::NO_FLOWS,
+            reply_source_flags::NO_NODE_PORT_FLOWS,
+        );
+        assert_eq!(bits(&dp), Some(no_flows | no_node_port), "a new backend");
+
+        // The backend's packets of a flow no program here translated: left
+        // byte for byte both ways, nothing counted.
+        let before = dp.counters();
+        let stray = Tcp6::new(local_backend6(), client6(), ACK).build();
+        for (program, ifindex) in [("from_pod", pod0), ("to_pod", cli0)] {
+            let run = dp.run_on(program, &stray, ifindex);
+            assert_eq!(run.verdict, TC_ACT_OK, "{program}");
+            assert_eq!(hex(&run.output), hex(&stray), "{program}: left as it is");
+        }
+        assert_eq!(dp.counters(), before, "nothing counted");
+
+        // A ClusterIP flow to it: its replies are looked up (and
+        // translated) from now on; it is no NodePort flow.
+        let syn = Tcp6::new(client6(), service6(), SYN).build();
+        let run = dp.run_on("from_pod", &syn, cli0);
+        assert_between6(&run.output, client6(), local_backend6(), "ClusterIP SYN");
+        assert_eq!(bits(&dp), Some(no_node_port), "after a ClusterIP flow");
+        let reply = Tcp6::new(local_backend6(), client6(), SYN | ACK).build();
+        let run = dp.run_on("to_pod", &reply, cli0);
+        assert_between6(&run.output, service6(), client6(), "ClusterIP reply");
+
+        // The bits honoured: with `NO_FLOWS` set again (as for a backend
+        // that left and came back under its old id), the reply is not
+        // looked up ...
+        mark_fresh6(&dp, local_backend6());
+        let translated = dp.counter(Counter::ReplyTranslated);
+        let run = dp.run_on("to_pod", &reply, cli0);
+        assert_eq!(hex(&run.output), hex(&reply), "not looked up");
+        assert_eq!(dp.counter(Counter::ReplyTranslated), translated);
+        // ... until the flow's next refresh (at most once a second) clears
+        // it again.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        let ack = Tcp6::new(client6(), service6(), ACK).build();
+        let run = dp.run_on("from_pod", &ack, cli0);
+        assert_between6(&run.output, client6(), local_backend6(), "ClusterIP ACK");
+        assert_eq!(bits(&dp), Some(no_node_port), "refreshed: looked up again");
+        let run = dp.run_on("to_pod", &reply, cli0);
+        assert_between6(
+            &run.output,
+            service6(),
+            client6(),
+            "reply after the refresh",
+        );
+
+        // A NodePort flow from a client pod of the other node (tc) ...
+        let syn = Tcp6::new(remote_client6(), node_port, SYN).build();
+        let run = dp.run_on("from_outside", &syn, uplink0);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_between6(
+            &run.output,
+            remote_client6(),
+            local_backend6(),
+            "NodePort SYN",
+        );
+        assert_eq!(bits(&dp), Some(0), "after a NodePort flow");
+        assert_eq!(
+            dp.reply_source6(local_backend6())
+                .map(|v| v & reply_source_flags::IFINDEX_MASK),
+            Some(1),
+            "interface part kept"
+        );
+        // ... gets its reply translated to the NodePort where it leaves.
+        let reply = Tcp6::new(local_backend6(), remote_client6(), SYN | ACK).build();
+        let run = dp.run_on("to_outside", &reply, uplink0);
+        assert_between6(&run.output, node_port, remote_client6(), "NodePort reply");
+
+        // XDP's new NodePort flows clear the bits as tc's do.
+        mark_fresh6(&dp, local_backend6());
+        let other_client = sa6("fd00:10:244:2::4e", 41_000);
+        let syn = Tcp6::new(other_client, node_port, SYN).build();
+        let run = dp.run_xdp_on(&syn, uplink0);
+        assert_eq!(run.verdict, XDP_PASS, "the stack delivers it to the pod");
+        assert_between6(
+            &run.output,
+            other_client,
+            local_backend6(),
+            "NodePort SYN on XDP",
+        );
+        assert_eq!(bits(&dp), Some(0), "after a NodePort flow on XDP");
+    });
+}
+
+// `backends_added_while_carried_flows_may_reach_them_keep_their_replies_looked_up`
+// on IPv6 (flows in `CT6_*`, or a previous agent's programs still running).
+#[test]
+fn ipv6_backends_added_while_carried_flows_may_reach_them_keep_their_replies_looked_up() {
+    let mut dp = Harness::load().unwrap_or_else(|e| panic!("{e:#}"));
+    dp.engine.set_flows_carried6(true);
+    dp.sync_all6(&[("web6", service6(), Protocol::Tcp, &[local_backend6()])]);
+    assert_eq!(
+        dp.reply_source6(local_backend6()),
+        Some(reply_source_flags::MAY_HAVE_FLOWS),
+        "added by the first full sync"
+    );
+    // The first full sync is in: a backend added now is new to conntrack.
+    dp.sync_all6(&[(
+        "web6",
+        service6(),
+        Protocol::Tcp,
+        &[local_backend6(), remote_backend6()],
+    )]);
+    assert_eq!(
+        dp.reply_source6(remote_backend6()),
+        Some(reply_source_flags::FRESH),
+        "added later"
+    );
+    assert_eq!(
+        dp.reply_source6(local_backend6()),
+        Some(reply_source_flags::MAY_HAVE_FLOWS),
+        "kept"
+    );
+}
+
+// An agent starting on maps a previous agent pinned (a restart or an
+// upgrade within one layout) meets that agent's programs until `attach`
+// replaces them; those of the release before the IPv6 bits make flows
+// without clearing them. So its first sync's IPv6 backends keep their
+// replies looked up, even with no flow in conntrack yet.
+#[test]
+fn ipv6_backends_of_the_first_sync_after_a_previous_agent_keep_their_replies_looked_up() {
+    let first = Harness::load().unwrap_or_else(|e| panic!("{e:#}"));
+    let mut dp = Harness::load_on(first.into_bpffs(), &DatapathConfig::default())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    dp.sync_all6(&[("web6", service6(), Protocol::Tcp, &[local_backend6()])]);
+    assert_eq!(
+        dp.reply_source6(local_backend6()),
+        Some(reply_source_flags::MAY_HAVE_FLOWS),
+        "added by the first full sync after a previous agent"
+    );
+    dp.sync_all6(&[(
+        "web6",
+        service6(),
+        Protocol::Tcp,
+        &[local_backend6(), remote_backend6()],
+    )]);
+    assert_eq!(
+        dp.reply_source6(remote_backend6()),
+        Some(reply_source_flags::FRESH),
+        "added once this agent's programs run"
+    );
 }

@@ -176,13 +176,21 @@ const CT_REFRESH_NS: u64 = 1_000_000_000;
 /// Updates state and last-seen time of a flow's ORIGINAL entry for a packet in
 /// `direction`. State and flags only gain bits, each with one atomic OR, and
 /// only when the packet adds something; the last-seen time is written at
-/// most once per `CT_REFRESH_NS`.
+/// most once per `CT_REFRESH_NS`. Returns whether it wrote anything (as
+/// `ct4_update`).
 #[inline(always)]
-pub fn ct6_update(slot: Ct6Slot, flow: &Ipv6Flow, direction: u8, now_ns: u64) {
+pub fn ct6_update(slot: Ct6Slot, flow: &Ipv6Flow, direction: u8, now_ns: u64) -> bool {
     let e = slot.get();
-    if now_ns.saturating_sub(e.last_seen_ns) >= CT_REFRESH_NS {
+    let refreshed = now_ns.saturating_sub(e.last_seen_ns) >= CT_REFRESH_NS;
+    if refreshed {
         slot.set_last_seen(now_ns);
     }
+    ct6_update_state(slot, &e, flow, direction) || refreshed
+}
+
+/// The state part of `ct6_update`: whether it changed state or flags.
+#[inline(always)]
+fn ct6_update_state(slot: Ct6Slot, e: &Ct6Entry, flow: &Ipv6Flow, direction: u8) -> bool {
     let mut flags = 0;
     if direction == ct_dir::REPLY {
         flags |= ct_flags::SEEN_REPLY;
@@ -193,12 +201,10 @@ pub fn ct6_update(slot: Ct6Slot, flow: &Ipv6Flow, direction: u8, now_ns: u64) {
         } else {
             ct_state::OPENING
         };
-        ct6_or(slot, &e, state, flags);
-        return;
+        return ct6_or(slot, e, state, flags).0;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        ct6_or(slot, &e, ct_state::CLOSING, flags);
-        return;
+        return ct6_or(slot, e, ct_state::CLOSING, flags).0;
     }
     if flow.tcp_flags & TCP_FIN != 0 {
         flags |= if direction == ct_dir::ORIGINAL {
@@ -207,11 +213,11 @@ pub fn ct6_update(slot: Ct6Slot, flow: &Ipv6Flow, direction: u8, now_ns: u64) {
             ct_flags::FIN_REPLY
         };
     }
-    let (state, flags) = ct6_or(slot, &e, ct_state::OPENING, flags);
+    let (wrote, (state, flags)) = ct6_or(slot, e, ct_state::OPENING, flags);
     let both_fins = ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY;
     if flags & both_fins == both_fins {
         // Of two CPUs adding the two FINs at once, the later OR sees both.
-        ct6_or(slot, &e, ct_state::CLOSING, 0);
+        return ct6_or(slot, e, ct_state::CLOSING, 0).0 || wrote;
     } else if state == ct_state::OPENING
         && direction == ct_dir::ORIGINAL
         && flags & ct_flags::SEEN_REPLY != 0
@@ -220,16 +226,18 @@ pub fn ct6_update(slot: Ct6Slot, flow: &Ipv6Flow, direction: u8, now_ns: u64) {
         // The client's first segment after the backend's SYN-ACK completes
         // the handshake; the SYN-ACK alone does not (half-open flows keep
         // the short opening lifetime).
-        ct6_or(slot, &e, ct_state::ESTABLISHED, 0);
+        return ct6_or(slot, e, ct_state::ESTABLISHED, 0).0 || wrote;
     }
+    wrote
 }
 
 /// ORs `state` and `flags` into the entry unless `seen` (read just before)
-/// already has them all: the common packet writes nothing.
+/// already has them all: the common packet writes nothing. Returns whether
+/// it wrote, and state and flags after.
 #[inline(always)]
-fn ct6_or(slot: Ct6Slot, seen: &Ct6Entry, state: u8, flags: u8) -> (u8, u8) {
+fn ct6_or(slot: Ct6Slot, seen: &Ct6Entry, state: u8, flags: u8) -> (bool, (u8, u8)) {
     if state & !seen.state == 0 && flags & !seen.flags == 0 {
-        return (seen.state, seen.flags);
+        return (false, (seen.state, seen.flags));
     }
-    slot.or_state_flags(state, flags)
+    (true, slot.or_state_flags(state, flags))
 }

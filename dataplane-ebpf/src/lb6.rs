@@ -4,14 +4,14 @@
 //! `LB6_BACKENDS`.
 
 use dataplane_common::{
-    service_flags, service_ip_flags, service_scope, Affinity6Key, AffinityEntry, Backend6,
-    Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
+    reply_source_flags, service_flags, service_ip_flags, service_scope, Affinity6Key,
+    AffinityEntry, Backend6, Ct6Entry, Ipv6Bytes, ReplySource6, Service6Key, ServiceValue,
 };
 
 use crate::{
     maps::{
-        affinity6_insert, affinity6_slot, backend6_get, backend_slot_get, is_reply_source6,
-        service6_get, service6_ip_get, source_range6_contains,
+        affinity6_insert, affinity6_slot, backend6_get, backend_slot_get, reply_source6_get,
+        reply_source6_slot, service6_get, service6_ip_get, source_range6_contains,
     },
     parse6::Ipv6Flow,
     skb,
@@ -25,17 +25,50 @@ pub fn lb6_service_ip(addr: &Ipv6Bytes) -> Option<u32> {
 }
 
 /// Cheap pre-filter of reply translation, as `lb4_may_be_reply`: may
-/// `flow` (into a pod) come from an IPv6 backend? A later fragment,
-/// without ports, may.
+/// `flow` (into a pod) be a backend's reply to a flow of this node? Not
+/// when its source is no IPv6 backend, or one no flow went to yet
+/// (`NO_FLOWS`). A later fragment, without ports, may.
 #[inline(always)]
 pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
     !flow.has_l4_header()
-        || is_reply_source6(&ReplySource6 {
+        || reply_source6_get(&ReplySource6 {
             addr: flow.src_addr,
             port: flow.src_port,
             proto: flow.proto,
             _pad: 0,
         })
+        .is_some_and(|v| v & reply_source_flags::NO_FLOWS == 0)
+}
+
+/// `lb4_flow_to_backend` of an IPv6 flow: the flow `ct` (new, or
+/// refreshed) goes to its backend, so the backend's "no flows yet" bits go,
+/// the NodePort one when the flow's service address is this node's and the
+/// replies leave a local pod unhairpinned (`node_port_candidate`). With the
+/// bits already clear it reads one value and writes nothing. A call of its
+/// own: inlined, its key took the new-flow and established paths past the
+/// verifier's 512 bytes of stack.
+#[inline(never)]
+pub fn lb6_flow_to_backend(ct: &Ct6Entry, node_port_candidate: bool) {
+    let backend = ReplySource6 {
+        addr: ct.backend_addr,
+        port: ct.backend_port,
+        proto: ct.proto,
+        _pad: 0,
+    };
+    let Some(slot) = reply_source6_slot(&backend) else {
+        return;
+    };
+    let value = slot.get();
+    let mut bits = value & reply_source_flags::NO_FLOWS;
+    if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0
+        && node_port_candidate
+        && lb6_service_ip(&ct.service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+    {
+        bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
+    }
+    if bits != 0 {
+        slot.clear(bits);
+    }
 }
 
 #[inline(always)]

@@ -192,7 +192,8 @@ pub static LB6_SERVICES: HashMap<
 #[btf_map(name = "LB6_BACKENDS")]
 pub static LB6_BACKENDS: Array<Backend6, { capacity::LB6_BACKENDS as usize }> = Array::new();
 
-/// `REPLY_SOURCES` of the IPv6 backends, written with `LB6_BACKENDS`.
+/// `REPLY_SOURCES` of the IPv6 backends, written with `LB6_BACKENDS`; the
+/// same values (interface and "no flows yet" bits).
 #[btf_map(name = "LB6_REPLY_SOURCES")]
 static LB6_REPLY_SOURCES: HashMap<
     ReplySource6,
@@ -601,25 +602,34 @@ pub fn backend6_get(backend_id: u32) -> Option<Backend6> {
     copied(LB6_BACKENDS.get_ptr(backend_id)).filter(|b| b.addr != [0; 16])
 }
 
-/// Whether `source` is an IPv6 backend's (`LB6_REPLY_SOURCES`).
+/// The `LB6_REPLY_SOURCES` value of `source`, if it is an IPv6 backend's.
 #[inline(always)]
-pub fn is_reply_source6(source: &ReplySource6) -> bool {
-    LB6_REPLY_SOURCES.get_ptr(source).is_some()
+pub fn reply_source6_get(source: &ReplySource6) -> Option<u32> {
+    copied(LB6_REPLY_SOURCES.get_ptr(source))
 }
 
 /// [`backend_interface`] of an IPv6 backend.
 #[inline(always)]
 pub fn backend_interface6(backend: &ReplySource6) -> Option<u32> {
-    copied(LB6_REPLY_SOURCES.get_ptr(backend)).filter(|ifindex| *ifindex > 1)
+    reply_source6_get(backend)
+        .map(|v| v & reply_source_flags::IFINDEX_MASK)
+        .filter(|ifindex| *ifindex > 1)
 }
 
-/// [`learn_backend_interface`] of an IPv6 backend.
+/// [`learn_backend_interface`] of an IPv6 backend: the "no flows yet"
+/// bits are kept.
 #[inline(always)]
 pub fn learn_backend_interface6(backend: &ReplySource6, ifindex: u32) {
-    // IPv6 values carry no flags: the interface is the whole value.
-    if let Some(value) = LB6_REPLY_SOURCES.get_ptr_mut(backend) {
-        ReplySourceSlot(value).update(|_| ifindex);
+    if let Some(slot) = reply_source6_slot(backend) {
+        let mask = reply_source_flags::IFINDEX_MASK;
+        slot.update(|v| (v & !mask) | (ifindex & mask));
     }
+}
+
+/// [`reply_source_slot`] of an IPv6 backend (`LB6_REPLY_SOURCES`).
+#[inline(always)]
+pub fn reply_source6_slot(backend: &ReplySource6) -> Option<ReplySourceSlot> {
+    LB6_REPLY_SOURCES.get_ptr_mut(backend).map(ReplySourceSlot)
 }
 
 #[inline(always)]

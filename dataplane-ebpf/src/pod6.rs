@@ -14,7 +14,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    ct_dir, ct_flags, ct_state, service_ip_flags, trace_hook, Counter, Ct6Entry, IPPROTO_TCP,
+    backend_flags, ct_dir, ct_flags, ct_state, service_ip_flags, trace_hook, Counter, Ct6Entry,
+    IPPROTO_TCP,
 };
 
 use crate::{
@@ -28,8 +29,8 @@ use crate::{
     fragment::frag6_track,
     icmp6::{icmp6_error_flow, icmp6_reverse_translate},
     lb6::{
-        lb6_choose_backend, lb6_lookup_backend, lb6_lookup_frontend, lb6_may_be_reply,
-        lb6_service_ip, lb6_source_allowed, Choice6, Selected6,
+        lb6_choose_backend, lb6_flow_to_backend, lb6_lookup_backend, lb6_lookup_frontend,
+        lb6_may_be_reply, lb6_service_ip, lb6_source_allowed, Choice6, Selected6,
     },
     maps::{count, Ct6Slot},
     nat6::{nat6_rewrite_dst, nat6_rewrite_src},
@@ -377,11 +378,22 @@ pub(crate) fn known_flow<C: PacketCtx>(
 ) -> Outcome {
     let ct = slot.entry();
     let expired = ct6_is_expired(ct, now) || ct6_is_reopen(ct, flow);
-    let backend_alive = lb6_lookup_backend(ct.backend_id)
-        .is_some_and(|b| b.addr == ct.backend_addr && b.port == ct.backend_port);
-    if !expired && backend_alive {
-        ct6_update(slot, flow, ct_dir::ORIGINAL, now);
+    // The backend's flags, if it is still the flow's.
+    let backend = lb6_lookup_backend(ct.backend_id)
+        .filter(|b| b.addr == ct.backend_addr && b.port == ct.backend_port)
+        .map(|b| b.flags);
+    if let (false, Some(flags)) = (expired, backend) {
+        let wrote = ct6_update(slot, flow, ct_dir::ORIGINAL, now);
         ct6_restore_reply(ct, now);
+        if wrote && !C::DEFERS_TO_TC {
+            // Once a second at most: a backend that left and came back
+            // under its old id has its flows' replies looked up again.
+            // Not on XDP (its program is at the verifier's 1M
+            // instructions; as on IPv4, where only `from_pod` does it).
+            let local = flags & backend_flags::LOCAL != 0;
+            let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
+            lb6_flow_to_backend(ct, local && !hairpin);
+        }
         if let Err(verdict) = forward_established(ctx, flow, ct) {
             return Outcome::done(Err(verdict));
         }
@@ -473,6 +485,10 @@ pub(crate) fn ct6_new_flow<C: PacketCtx>(
             return Outcome::done(Err(fail_as::<C>(Counter::CtInsertFailed)))
         }
     }
+    // The backend's packets are now looked up as replies (`to_pod`), and
+    // the NodePort bit goes for a NodePort flow to a pod of this node.
+    let local = backend.flags & backend_flags::LOCAL != 0;
+    lb6_flow_to_backend(&entry, local && !hairpin);
     if let Err(verdict) = forward_established(ctx, flow, &entry) {
         return Outcome::done(Err(verdict));
     }

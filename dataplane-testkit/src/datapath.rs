@@ -4,7 +4,7 @@
 //! tests and the bench's per-packet figures both run it through here.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
     path::Path,
     time::Duration,
 };
@@ -145,6 +145,7 @@ impl Harness {
             DatapathMaps {
                 lb,
                 conntrack,
+                conntrack6,
                 counters,
                 nat_config,
                 ..
@@ -154,7 +155,10 @@ impl Harness {
         let mut engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
         // As the agent does: flows left by an earlier load (an upgrade
         // test's) keep their backends' replies looked up.
-        engine.set_flows_carried(conntrack.iter().next().is_some());
+        engine.set_flows_carried(conntrack.iter().next().is_some() || datapath.is_migrating());
+        engine.set_flows_carried6(
+            conntrack6.iter().next().is_some() || datapath.found_previous_maps(),
+        );
         Ok(Self {
             datapath,
             conntrack,
@@ -234,6 +238,55 @@ impl Harness {
         self.engine
             .sync_service(&service, &[(frontend, spec)])
             .expect("syncing the frontend into the maps");
+    }
+
+    /// [`Harness::set_frontend_with`] of an IPv6 frontend, through the
+    /// sync engine as the agent writes it.
+    pub fn set_frontend6_with(
+        &mut self,
+        name: &str,
+        frontend: Frontend,
+        backends: &[SocketAddrV6],
+        configure: impl FnOnce(&mut FrontendSpec),
+    ) {
+        let (service, mut spec) = plain_spec(name, &[]);
+        spec.backends = backends
+            .iter()
+            .map(|b| BackendAddr {
+                ip: (*b.ip()).into(),
+                port: b.port(),
+            })
+            .collect();
+        configure(&mut spec);
+        self.engine
+            .sync_service(&service, &[(frontend, spec)])
+            .expect("syncing the IPv6 frontend into the maps");
+    }
+
+    /// A full sync to exactly these IPv6 cluster-IP services (as
+    /// [`Harness::sync_all`]).
+    pub fn sync_all6(&mut self, services: &[(&str, SocketAddrV6, Protocol, &[SocketAddrV6])]) {
+        let all = services.iter().map(|(name, frontend, proto, backends)| {
+            let (service, mut spec) = plain_spec(name, &[]);
+            spec.backends = backends
+                .iter()
+                .map(|b| BackendAddr {
+                    ip: (*b.ip()).into(),
+                    port: b.port(),
+                })
+                .collect();
+            let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
+            (service, vec![(frontend, spec)])
+        });
+        let (_, errors) = self.engine.sync_all(all);
+        assert!(errors.is_empty(), "full sync: {errors:?}");
+    }
+
+    /// This node's IPv6 addresses, on which IPv6 NodePorts are served.
+    pub fn set_node_addresses6(&mut self, addrs: &[std::net::Ipv6Addr]) {
+        self.engine
+            .set_node_addresses6(addrs)
+            .expect("writing the node's IPv6 addresses");
     }
 
     /// This node's addresses, on which NodePorts are served.

@@ -249,12 +249,11 @@ impl ReplySourceKey {
     }
 }
 
-/// `value` is the IPv4 entry's ([`reply_source_flags`]); IPv6 entries
-/// carry no flags (its pre-filter has no "no flows yet" bits).
+/// `value`: a [`reply_source_flags`] value, the same for both families.
 fn set_reply_source(w: &mut LbWrites, key: ReplySourceKey, value: u32) {
     match key {
         ReplySourceKey::V4(k) => w.set_reply_source(k, value),
-        ReplySourceKey::V6(k) => w.set_reply_source6(k),
+        ReplySourceKey::V6(k) => w.set_reply_source6(k, value),
     }
 }
 
@@ -617,8 +616,10 @@ pub struct SyncEngine<M: LbMaps> {
     /// Conntrack may hold flows from before this engine started (a restart
     /// or an upgrade), to backends it is about to add: until its first
     /// full sync is written, the `REPLY_SOURCES` entries it adds say so
-    /// ([`set_flows_carried`](Self::set_flows_carried)).
-    flows_carried: bool,
+    /// ([`set_flows_carried`](Self::set_flows_carried)). IPv4, IPv6.
+    flows_carried: (bool, bool),
+    /// In [`sync_all`](Self::sync_all): frontends are logged at debug.
+    in_full_sync: bool,
     /// Frontends per service IP (NodePorts, address 0, are not counted).
     service_ips: FamilyMap<IpKey, u32>,
     /// This node's addresses, flagged in `SERVICE_IPS` (`LB6_SERVICE_IPS`)
@@ -808,7 +809,8 @@ impl<M: LbMaps> SyncEngine<M> {
             backends: FamilyMap::new(),
             backend_by_id: BackendsById::default(),
             reply_sources: HashMap::new(),
-            flows_carried: false,
+            flows_carried: (false, false),
+            in_full_sync: false,
             service_ips: FamilyMap::new(),
             node_addrs: BTreeSet::new(),
             service_ids: IdAllocator::from_used([], u32::MAX),
@@ -833,7 +835,14 @@ impl<M: LbMaps> SyncEngine<M> {
     /// `REPLY_SOURCES` entries go without the "no flows yet" bits
     /// (`reply_source_flags`), and their replies are looked up as before.
     pub fn set_flows_carried(&mut self, carried: bool) {
-        self.flows_carried = carried;
+        self.flows_carried.0 = carried;
+    }
+
+    /// [`set_flows_carried`](Self::set_flows_carried) for the IPv6 backends
+    /// (`LB6_REPLY_SOURCES`): true also while programs that do not clear
+    /// the bits may still make flows (see `run`).
+    pub fn set_flows_carried6(&mut self, carried: bool) {
+        self.flows_carried.1 = carried;
     }
 
     /// Backends that left the maps (no service uses them any more) since the
@@ -1412,7 +1421,15 @@ impl<M: LbMaps> SyncEngine<M> {
             0 => String::new(),
             n => format!(", {n} draining"),
         };
-        info!(
+        // One line per frontend for a change; a full sync (10 000 services
+        // at start) logs them at debug and sums them up once (`full_sync`).
+        let level = if self.in_full_sync {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        log::log!(
+            level,
             "service {service} {frontend}: {} endpoints{draining}{affinity}{empty}",
             desired.len()
         );
@@ -1478,7 +1495,11 @@ impl<M: LbMaps> SyncEngine<M> {
         if *source == 0 {
             // A backend new to the maps: no flow of this node goes to it
             // yet, unless conntrack holds flows from before.
-            let value = if self.flows_carried {
+            let carried = match backend.family() {
+                IpFamily::Ipv4 => self.flows_carried.0,
+                IpFamily::Ipv6 => self.flows_carried.1,
+            };
+            let value = if carried {
                 reply_source_flags::MAY_HAVE_FLOWS
             } else {
                 reply_source_flags::FRESH
@@ -1579,6 +1600,7 @@ impl<M: LbMaps> SyncEngine<M> {
                     // The maps are re-read and synced whole at the next
                     // full sync (`needs_resync`).
                     errors.push(SyncError::Write(source));
+                    self.in_full_sync = false;
                     return (stats, errors);
                 }
             }
@@ -1589,6 +1611,7 @@ impl<M: LbMaps> SyncEngine<M> {
                 Err(e) => errors.push(e),
             }
         }
+        self.in_full_sync = false;
         let unclaimed: Vec<FrontendKey> = self
             .frontends
             .iter()
@@ -1614,7 +1637,7 @@ impl<M: LbMaps> SyncEngine<M> {
         } else {
             // Every backend of the cluster is in: those added from now on
             // are new to conntrack too.
-            self.flows_carried = false;
+            self.flows_carried = (false, false);
         }
         (stats, errors)
     }

@@ -328,6 +328,8 @@ pub struct Datapath {
     /// Pinned XDP links of the uplinks.
     xdp_pins: Vec<PathBuf>,
     clock: DatapathClock,
+    /// Layout version of the maps found pinned at load (`None`: none were).
+    found_layout: Option<u32>,
 }
 
 impl Datapath {
@@ -406,6 +408,7 @@ impl Datapath {
             source,
         })?;
         set_lifetimes(&mut ebpf, &config.ct_lifetimes)?;
+        let found_layout = plan.found;
         let pending = if plan.is_migration() {
             migrate::convert(&plan, bpffs, &layouts, Pass::First)?;
             Some((plan, layouts))
@@ -435,6 +438,7 @@ impl Datapath {
                 uplinks: HashMap::new(),
                 xdp_pins: Vec::new(),
                 clock,
+                found_layout,
             },
             DatapathMaps {
                 lb,
@@ -453,6 +457,13 @@ impl Datapath {
     /// The clock the programs' timestamps come from.
     pub fn clock(&self) -> DatapathClock {
         self.clock
+    }
+
+    /// Whether an earlier agent's maps were found pinned: its programs may
+    /// still run (pinned links, clsact filters) until this agent's replace
+    /// them on every interface.
+    pub fn found_previous_maps(&self) -> bool {
+        self.found_layout.is_some()
     }
 
     /// Whether maps of an earlier agent wait for [`Datapath::commit_migration`].

@@ -203,8 +203,9 @@ impl LbWrites {
     pub fn remove_reply_source(&mut self, key: ReplySource) {
         self.reply_sources.push(key, None);
     }
-    pub fn set_reply_source6(&mut self, key: ReplySource6) {
-        self.reply_sources6.push(key, Some(1));
+    /// As [`LbWrites::set_reply_source`]: the same value format.
+    pub fn set_reply_source6(&mut self, key: ReplySource6, value: u32) {
+        self.reply_sources6.push(key, Some(value));
     }
     pub fn remove_reply_source6(&mut self, key: ReplySource6) {
         self.reply_sources6.push(key, None);

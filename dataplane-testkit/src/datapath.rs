@@ -250,13 +250,7 @@ impl Harness {
         configure: impl FnOnce(&mut FrontendSpec),
     ) {
         let (service, mut spec) = plain_spec(name, &[]);
-        spec.backends = backends
-            .iter()
-            .map(|b| BackendAddr {
-                ip: (*b.ip()).into(),
-                port: b.port(),
-            })
-            .collect();
+        spec.backends = backend_addrs(backends);
         configure(&mut spec);
         self.engine
             .sync_service(&service, &[(frontend, spec)])
@@ -268,13 +262,7 @@ impl Harness {
     pub fn sync_all6(&mut self, services: &[(&str, SocketAddrV6, Protocol, &[SocketAddrV6])]) {
         let all = services.iter().map(|(name, frontend, proto, backends)| {
             let (service, mut spec) = plain_spec(name, &[]);
-            spec.backends = backends
-                .iter()
-                .map(|b| BackendAddr {
-                    ip: (*b.ip()).into(),
-                    port: b.port(),
-                })
-                .collect();
+            spec.backends = backend_addrs(backends);
             let frontend = Frontend::cluster_ip(*frontend.ip(), frontend.port(), *proto);
             (service, vec![(frontend, spec)])
         });
@@ -543,6 +531,20 @@ pub fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), port)
 }
 
+/// The model's addresses of `backends` (either family).
+fn backend_addrs<A: Copy + Into<std::net::SocketAddr>>(backends: &[A]) -> Vec<BackendAddr> {
+    backends
+        .iter()
+        .map(|&b| {
+            let b: std::net::SocketAddr = b.into();
+            BackendAddr {
+                ip: b.ip(),
+                port: b.port(),
+            }
+        })
+        .collect()
+}
+
 /// Service `default/name` with these ready backends and nothing else set
 /// (no affinity, cluster policies, no external options).
 fn plain_spec(name: &str, backends: &[SocketAddrV4]) -> (ObjectRef, FrontendSpec) {
@@ -553,13 +555,7 @@ fn plain_spec(name: &str, backends: &[SocketAddrV4]) -> (ObjectRef, FrontendSpec
     let spec = FrontendSpec {
         service: service.clone(),
         port_name: None,
-        backends: backends
-            .iter()
-            .map(|b| BackendAddr {
-                ip: (*b.ip()).into(),
-                port: b.port(),
-            })
-            .collect(),
+        backends: backend_addrs(backends),
         draining: Vec::new(),
         affinity_timeout_s: None,
         drop_without_local_endpoints: false,

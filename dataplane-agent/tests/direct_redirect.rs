@@ -16,8 +16,7 @@ use dataplane_agent::{
     node::datapath::DatapathConfig,
 };
 use dataplane_common::{
-    ipv4_to_map, map_names, port_to_map, reply_source_flags, Counter, ReplySource, ReplySource6,
-    IPPROTO_TCP,
+    ipv4_to_map, map_names, port_to_map, reply_source_flags, Counter, ReplySource, IPPROTO_TCP,
 };
 use dataplane_testkit::datapath::{addr, Bpffs, Harness, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS};
 use dataplane_testkit::datapath6::Frontend6Options;
@@ -703,30 +702,11 @@ fn remote_client6() -> SocketAddrV6 {
     sa6("fd00:10:244:2::4d", 41_000)
 }
 
-/// The pinned `LB6_REPLY_SOURCES`.
-fn reply_source6_map(dp: &Harness) -> BpfHashMap<MapData, ReplySource6, u32> {
-    let data =
-        MapData::from_pin(dp.bpffs().join(map_names::LB6_REPLY_SOURCES)).expect("pinned map");
-    BpfHashMap::try_from(Map::HashMap(data)).expect("a hash map")
-}
-
-fn reply_source6_key(backend: SocketAddrV6) -> ReplySource6 {
-    ReplySource6 {
-        addr: backend.ip().octets(),
-        port: port_to_map(backend.port()),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    }
-}
-
 /// Sets the "no flows yet" bits of `backend` again, as the agent writes
 /// them for a backend new to conntrack.
 fn mark_fresh6(dp: &Harness, backend: SocketAddrV6) {
-    let mut map = reply_source6_map(dp);
-    let key = reply_source6_key(backend);
-    let value = map.get(&key, 0).expect("a backend");
-    map.insert(key, value | !reply_source_flags::IFINDEX_MASK, 0)
-        .expect("writing LB6_REPLY_SOURCES");
+    let value = dp.reply_source6(backend).expect("a backend");
+    dp.set_reply_source6(backend, value | !reply_source_flags::IFINDEX_MASK);
 }
 
 /// `frame` went on from `src` to `dst`, its checksum right.

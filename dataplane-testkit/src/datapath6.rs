@@ -291,6 +291,15 @@ impl Harness {
         map.get(&reply_source6_key(backend), 0).ok()
     }
 
+    /// Writes `value` as `LB6_REPLY_SOURCES`' value of the TCP backend at
+    /// `backend`, as the sync engine writes it.
+    pub fn set_reply_source6(&self, backend: SocketAddrV6, value: u32) {
+        let mut map: BpfHashMap<MapData, ReplySource6, u32> =
+            hash(self, map_names::LB6_REPLY_SOURCES);
+        map.insert(reply_source6_key(backend), value, 0)
+            .expect("writing LB6_REPLY_SOURCES");
+    }
+
     /// Removes the TCP backend at `backend` from `LB6_REPLY_SOURCES`, as
     /// the sync engine does when it leaves every service.
     pub fn remove_reply_source6(&self, backend: SocketAddrV6) {

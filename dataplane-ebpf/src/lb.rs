@@ -66,17 +66,10 @@ pub fn lb4_flow_to_backend(backend: &Backend, service_addr: u32, node_port_candi
     let Some(slot) = reply_source_slot(&ReplySource::of(backend)) else {
         return;
     };
-    let value = slot.get();
-    let mut bits = value & reply_source_flags::NO_FLOWS;
-    if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0
-        && node_port_candidate
-        && lb4_service_ip(service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
-    {
-        bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
-    }
-    if bits != 0 {
-        slot.clear(bits);
-    }
+    slot.clear_for_flow(|| {
+        node_port_candidate
+            && lb4_service_ip(service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+    });
 }
 
 /// The `SERVICE_IPS` value of `addr` (frontend count, node bit), if it is

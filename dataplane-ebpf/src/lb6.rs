@@ -58,17 +58,11 @@ pub fn lb6_flow_to_backend(ct: &Ct6Entry, node_port_candidate: bool) {
     let Some(slot) = reply_source6_slot(&backend) else {
         return;
     };
-    let value = slot.get();
-    let mut bits = value & reply_source_flags::NO_FLOWS;
-    if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0
-        && node_port_candidate
-        && lb6_service_ip(&ct.service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
-    {
-        bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
-    }
-    if bits != 0 {
-        slot.clear(bits);
-    }
+    slot.clear_for_flow(|| {
+        node_port_candidate
+            && lb6_service_ip(&ct.service_addr)
+                .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+    });
 }
 
 #[inline(always)]

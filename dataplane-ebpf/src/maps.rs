@@ -340,10 +340,22 @@ impl ReplySourceSlot {
         }
     }
 
-    /// Clears `bits` (`reply_source_flags`) if any is set.
+    /// A flow of this node now goes to the backend: clears `NO_FLOWS`,
+    /// and `NO_NODE_PORT_FLOWS` when `node_port_flow()` says it is a
+    /// NodePort flow to a local pod (asked only while that bit is set).
+    /// The common case, bits already clear, reads the value and writes
+    /// nothing. Both families (`lb4_flow_to_backend`,
+    /// `lb6_flow_to_backend`).
     #[inline(always)]
-    pub fn clear(&self, bits: u32) {
-        self.update(|v| v & !bits);
+    pub fn clear_for_flow(&self, node_port_flow: impl FnOnce() -> bool) {
+        let value = self.get();
+        let mut bits = value & reply_source_flags::NO_FLOWS;
+        if value & reply_source_flags::NO_NODE_PORT_FLOWS != 0 && node_port_flow() {
+            bits |= reply_source_flags::NO_NODE_PORT_FLOWS;
+        }
+        if bits != 0 {
+            self.update(|v| v & !bits);
+        }
     }
 }
 

@@ -612,19 +612,11 @@ async fn run_async(options: Options) -> anyhow::Result<()> {
     let mut nat6_config = maps.nat6_config;
     let mut nat6 = maps.nat6;
     let mut engine = SyncEngine::adopt(maps.lb).context("adopting the pinned maps")?;
-    // Flows carried over (a restart, an upgrade): their backends' replies
-    // stay looked up (`set_flows_carried`). One key read tells, or a
-    // migration: the earlier layout's programs make flows in its maps until
-    // they are replaced, and those are carried over at the commit.
-    engine.set_flows_carried(conntrack_maps.iter().next().is_some() || datapath.is_migrating());
-    // IPv6 too, and while a previous agent's programs run (from the first
-    // sync until `attach` replaced them): those of the release before the
-    // IPv6 bits make flows without clearing them, and their replies would
-    // then pass untranslated. Same layout, so nothing tells that release
-    // from this one: any previous agent counts.
-    engine.set_flows_carried6(
-        conntrack6_maps.iter().next().is_some() || datapath.found_previous_maps(),
-    );
+    // Flows carried over, or still made by an earlier agent's programs:
+    // their backends' replies stay looked up.
+    let (carried, carried6) = datapath.flows_carried(&conntrack_maps, &conntrack6_maps);
+    engine.set_flows_carried(carried);
+    engine.set_flows_carried6(carried6);
     // Subscribed before the uplinks and addresses are read: no change in
     // between is missed.
     let mut network_changes = if options.external_datapath == ExternalDatapath::None {

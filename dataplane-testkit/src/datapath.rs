@@ -155,10 +155,9 @@ impl Harness {
         let mut engine = SyncEngine::adopt(lb).context("adopting the fresh maps")?;
         // As the agent does: flows left by an earlier load (an upgrade
         // test's) keep their backends' replies looked up.
-        engine.set_flows_carried(conntrack.iter().next().is_some() || datapath.is_migrating());
-        engine.set_flows_carried6(
-            conntrack6.iter().next().is_some() || datapath.found_previous_maps(),
-        );
+        let (carried, carried6) = datapath.flows_carried(&conntrack, &conntrack6);
+        engine.set_flows_carried(carried);
+        engine.set_flows_carried6(carried6);
         Ok(Self {
             datapath,
             conntrack,

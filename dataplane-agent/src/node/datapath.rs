@@ -459,11 +459,25 @@ impl Datapath {
         self.clock
     }
 
-    /// Whether an earlier agent's maps were found pinned: its programs may
-    /// still run (pinned links, clsact filters) until this agent's replace
-    /// them on every interface.
-    pub fn found_previous_maps(&self) -> bool {
-        self.found_layout.is_some()
+    /// Whether conntrack may hold flows to backends the first full sync
+    /// adds, per family (IPv4, IPv6), so their replies stay looked up
+    /// (`SyncEngine::set_flows_carried`, `set_flows_carried6`): flows kept
+    /// from before (a restart, an upgrade; one key read tells), or flows
+    /// an earlier agent's programs may still make until this agent's
+    /// replace them on every interface (pinned links, clsact filters). On
+    /// IPv4 those of a migration's earlier layout, carried over at the
+    /// commit; on IPv6 any earlier agent's: the release before the IPv6
+    /// "no flows yet" bits has this same layout, so nothing tells it from
+    /// this one, and its flows' replies would pass untranslated.
+    pub fn flows_carried(
+        &self,
+        conntrack: &ConntrackMaps,
+        conntrack6: &Conntrack6Maps,
+    ) -> (bool, bool) {
+        (
+            conntrack.iter().next().is_some() || self.is_migrating(),
+            conntrack6.iter().next().is_some() || self.found_layout.is_some(),
+        )
     }
 
     /// Whether maps of an earlier agent wait for [`Datapath::commit_migration`].

@@ -50,11 +50,10 @@ use crate::{
     },
     pod6::{self, drop_as, next, Ids, Outcome},
     skb,
+    snat::{nat_port_candidate, NAT_PORT_TRIES},
     trace::Packet6,
 };
 
-/// As `snat::NAT_PORT_TRIES`.
-const NAT_PORT_TRIES: u32 = 8;
 /// As `snat::NAT_REFRESH_NS`.
 const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
@@ -415,9 +414,9 @@ fn nat6_create(entry: &mut Nat6Entry, now_ns: u64) -> u32 {
     let mut claimed = false;
     // Free ports only in the loop: one branch per try keeps the verifier's
     // paths few (a liveness check per try multiplies them past its limit).
-    for _ in 0..NAT_PORT_TRIES {
-        let port = u32::from(config.port_min) + skb::random_u32() % range;
-        entry.nat_port = (port as u16).to_be();
+    for attempt in 0..NAT_PORT_TRIES {
+        let port = nat_port_candidate(&config, range, entry.client_port, attempt);
+        entry.nat_port = port.to_be();
         if NAT6
             .insert(&entry.reply_key(), &*entry, BPF_NOEXIST as u64)
             .is_ok()

@@ -4,7 +4,7 @@
 //! live flow holds that tuple, so two flows never share a reply tuple.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use dataplane_common::{ct_state, nat_dir, NatEntry, NatKey, IPPROTO_TCP};
+use dataplane_common::{ct_state, nat_dir, NatConfig, NatEntry, NatKey, IPPROTO_TCP};
 
 use crate::{
     maps::{nat_config, nat_get, nat_slot, NatSlot, NAT},
@@ -12,9 +12,10 @@ use crate::{
     skb,
 };
 
-/// Random SNAT ports tried for a new flow before it is refused as
-/// exhausted: with the range half full, 8 tries all fail 0.4% of the time.
-const NAT_PORT_TRIES: u32 = 8;
+/// SNAT ports tried for a new flow before it is refused as exhausted: the
+/// client's own port first, then random ones (with the range half full,
+/// 7 random tries all fail 0.8% of the time).
+pub const NAT_PORT_TRIES: u32 = 8;
 
 /// How stale a flow's `last_seen_ns` may get before a packet refreshes it,
 /// as conntrack's: every write dirties a cache line the other direction's
@@ -76,9 +77,9 @@ pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<(), NatCreateErr
     entry.nat_addr = config.snat_addr;
     let range = u32::from(config.port_max - config.port_min) + 1;
     let mut claimed = false;
-    for _ in 0..NAT_PORT_TRIES {
-        let port = config.port_min as u32 + skb::random_u32() % range;
-        entry.nat_port = (port as u16).to_be();
+    for attempt in 0..NAT_PORT_TRIES {
+        let port = nat_port_candidate(&config, range, entry.client_port, attempt);
+        entry.nat_port = port.to_be();
         let reply = entry.reply_key();
         if NAT.insert(reply, *entry, BPF_NOEXIST as u64).is_ok() {
             claimed = true;
@@ -101,6 +102,23 @@ pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<(), NatCreateErr
         *entry = nat_get(&original).ok_or(NatCreateError::InsertFailed)?;
     }
     Ok(())
+}
+
+/// The SNAT port of try `attempt` (host order) for a client whose source
+/// port is `client_port` (network order): first the client's own port when
+/// the range holds it, as netfilter's NAT keeps a source port whose tuple
+/// is free, then random ones. A client reusing its ports (every connection
+/// of a busy client cycles through them within seconds) so finds each port
+/// freed by its own previous flow, whose entries the reopening SYN
+/// deleted, where random picks would collide with the range's other live
+/// and closing flows.
+#[inline(always)]
+pub fn nat_port_candidate(config: &NatConfig, range: u32, client_port: u16, attempt: u32) -> u16 {
+    let own = u16::from_be(client_port);
+    if attempt == 0 && config.port_min <= own && own <= config.port_max {
+        return own;
+    }
+    (u32::from(config.port_min) + skb::random_u32() % range) as u16
 }
 
 #[inline(always)]

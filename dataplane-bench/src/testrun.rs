@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use dataplane_agent::{
     control::model::IpFamily,
-    node::datapath::{BENCH_EMPTY, BENCH_FLOOR, FROM_POD, TO_POD},
+    node::datapath::{BENCH_EMPTY, BENCH_FLOOR, BENCH_FLOOR_FLOW, FROM_POD, TO_POD},
 };
 use dataplane_common::Counter;
 use dataplane_testkit::{
@@ -57,6 +57,13 @@ pub struct ScaleResult {
     pub backend_in: u32,
     pub new_flow: u32,
     pub established: u32,
+    /// `bench_floor_flow` (the floor plus one conntrack lookup of the
+    /// packet's own flow) on the established packets, in a pass of its own
+    /// after theirs: the least an established packet costs with per-flow
+    /// state in a BPF hash map. Median, ns.
+    pub floor_flow: u32,
+    /// established / floor_flow (medians), gross and net of `empty`.
+    pub established_to_floor_flow: (f64, f64),
     pub reply: u32,
     /// A later reply of an established flow (after one reply that found
     /// the flow established), as most of a flow's replies are.
@@ -180,6 +187,7 @@ impl Programs<'_> {
         let program = match which {
             Prog::Empty => BENCH_EMPTY,
             Prog::Floor => BENCH_FLOOR,
+            Prog::FloorFlow => BENCH_FLOOR_FLOW,
             Prog::FromPod => FROM_POD,
             Prog::ToPod => TO_POD,
         };
@@ -219,6 +227,7 @@ impl Programs<'_> {
 enum Prog {
     Empty,
     Floor,
+    FloorFlow,
     FromPod,
     ToPod,
 }
@@ -395,6 +404,22 @@ pub fn run_scale(
         })?;
     }
 
+    // The same packets through the floor plus one lookup of their own
+    // conntrack entry, the flows in another order, each after the same
+    // empty and floor runs: the part of "established" any design with
+    // per-flow state in a hash map pays. A pass of its own: paired before
+    // the established runs, its lookup would warm theirs.
+    picked.shuffle(&mut rng);
+    let mut floor_flow = Vec::with_capacity(samples);
+    for &f in &picked {
+        let fl = &flows[f];
+        let pkt = tcp_packet(fl.client, fl.service, ACK);
+        let (_, verdict) = p.paired(Prog::FloorFlow, &pkt, Some(&mut floor_flow))?;
+        expect(verdict == TC_ACT_OK, || {
+            format!("flow floor verdict {verdict}: the flow's entry was not found")
+        })?;
+    }
+
     // A later reply of each of those flows: the backend's data after the
     // handshake. One reply first, not measured, finds the flow established
     // (and stamps its reply entry: `ct4_reply_accept`); the measured one
@@ -450,6 +475,11 @@ pub fn run_scale(
     let ratio = ratios(pairs, 0);
     let net_ratio = ratios(pairs, empty);
     let ns = |pairs: &[Pair]| median(&mut pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let (established_ns, floor_flow_ns) = (ns(&established), ns(&floor_flow));
+    let over_floor_flow = |fixed: u32| {
+        let net = |v: u32| f64::from(v.saturating_sub(fixed).max(1));
+        net(established_ns) / net(floor_flow_ns)
+    };
     Ok(ScaleResult {
         family,
         services,
@@ -463,7 +493,9 @@ pub fn run_scale(
         backend_out: ns(&backend_out),
         backend_in: ns(&backend_in),
         new_flow: ns(&new_flow),
-        established: ns(&established),
+        established: established_ns,
+        floor_flow: floor_flow_ns,
+        established_to_floor_flow: (over_floor_flow(0), over_floor_flow(empty)),
         reply: ns(&reply),
         reply_established: ns(&reply_established),
         empty,
@@ -537,11 +569,12 @@ pub fn run(
         match r {
             Ok(r) => {
                 eprintln!(
-                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x), reply {} ns ({:.2}x, net {:.2}x), reply of an established flow {} ns ({:.2}x, net {:.2}x); floor with repeat={REPEAT}: {} ns",
+                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x; {:.2}x, net {:.2}x the floor with a flow lookup, {} ns), reply {} ns ({:.2}x, net {:.2}x), reply of an established flow {} ns ({:.2}x, net {:.2}x); floor with repeat={REPEAT}: {} ns",
                     r.flows, r.sync_time, r.empty, r.floor, r.non_service, r.into_pod,
                     r.backend_out, r.backend_in,
                     r.new_flow, r.ratio.new_flow, r.net_ratio.new_flow,
                     r.established, r.ratio.established, r.net_ratio.established,
+                    r.established_to_floor_flow.0, r.established_to_floor_flow.1, r.floor_flow,
                     r.reply, r.ratio.reply, r.net_ratio.reply,
                     r.reply_established, r.ratio.reply_established, r.net_ratio.reply_established,
                     r.floor_repeat

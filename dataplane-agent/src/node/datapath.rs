@@ -64,6 +64,9 @@ const DIRECT_REDIRECT: &str = "DIRECT_REDIRECT";
 const COARSE_CLOCK: &str = "COARSE_CLOCK";
 /// Benchmark reference program (parse + one lookup); loaded, never attached.
 pub const BENCH_FLOOR: &str = "bench_floor";
+/// Benchmark reference program: the floor plus one conntrack lookup of the
+/// packet's own flow. Loaded, never attached.
+pub const BENCH_FLOOR_FLOW: &str = "bench_floor_flow";
 /// Benchmark reference program that does nothing: the fixed cost of a test
 /// run. Loaded, never attached.
 pub const BENCH_EMPTY: &str = "bench_empty";
@@ -396,6 +399,7 @@ impl Datapath {
             FROM_OUTSIDE,
             TO_OUTSIDE,
             BENCH_FLOOR,
+            BENCH_FLOOR_FLOW,
             BENCH_EMPTY,
         ] {
             let program = program_mut(&mut ebpf, name)?;

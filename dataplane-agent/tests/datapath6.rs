@@ -11,6 +11,7 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 use aya::maps::{Array, Map, MapData, RingBuf};
 use dataplane_agent::{
     control::model::Protocol,
+    node::pinned::monotonic_now_ns,
     operator::monitor::{read_record, Record},
 };
 use dataplane_common::{
@@ -197,6 +198,56 @@ fn ipv6_backend_reply_is_translated_back_to_the_service_address() {
     assert_eq!(original.state, ct_state::ESTABLISHED);
     assert_ne!(original.flags & ct_flags::SEEN_REPLY, 0);
     assert_eq!(dp.counter(Counter::Established), 1);
+}
+
+#[test]
+fn ipv6_lost_reply_entry_is_rebuilt_by_the_clients_next_packet_a_second_on() {
+    // As on IPv4: the REPLY entry is looked for only when a packet
+    // refreshes the flow (at most once a second) or moves its state.
+    let dp = Harness::new();
+    web(&dp, &[backend()]);
+    dp.run_from_pod(&Tcp6::new(client(), service(), SYN).build());
+    dp.run_to_pod(&Tcp6::new(backend(), client(), SYN | ACK).build());
+    dp.run_from_pod(&Tcp6::new(client(), service(), ACK).build());
+    let original_key = ct6_key(client(), service(), Protocol::Tcp, ct_dir::ORIGINAL);
+    let reply_key = ct6_key(backend(), client(), Protocol::Tcp, ct_dir::REPLY);
+    let lost = dp.ct6_get(&reply_key).expect("the reply entry");
+    dp.ct6_remove(&reply_key);
+    let request = Tcp6::new(client(), service(), ACK)
+        .payload(b"GET / HTTP/1.1\r\n\r\n")
+        .build();
+
+    let within_the_second = dp.run_from_pod(&request);
+    assert_translated6(
+        &request,
+        &within_the_second.output,
+        client(),
+        backend(),
+        "request",
+    );
+    assert!(
+        dp.ct6_get(&reply_key).is_none(),
+        "not looked for on every packet"
+    );
+
+    let mut aged = dp.ct6_get(&original_key).expect("the original entry");
+    aged.last_seen_ns = monotonic_now_ns() - 2_000_000_000;
+    dp.ct6_insert(&original_key, &aged);
+    let forwarded = dp.run_from_pod(&request);
+    let response = Tcp6::new(backend(), client(), ACK)
+        .payload(b"HTTP/1.1 200 OK\r\n\r\n")
+        .build();
+    let reply = dp.run_to_pod(&response);
+
+    assert_translated6(&request, &forwarded.output, client(), backend(), "request");
+    let rebuilt = dp.ct6_get(&reply_key).expect("the reply entry is back");
+    assert_eq!(
+        (rebuilt.original_key(), rebuilt.reply_key()),
+        (lost.original_key(), lost.reply_key()),
+        "the rebuilt entry translates as the lost one did"
+    );
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_translated6(&response, &reply.output, service(), client(), "response");
 }
 
 #[test]

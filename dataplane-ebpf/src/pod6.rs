@@ -383,16 +383,20 @@ pub(crate) fn known_flow<C: PacketCtx>(
         .filter(|b| b.addr == ct.backend_addr && b.port == ct.backend_port)
         .map(|b| b.flags);
     if let (false, Some(flags)) = (expired, backend) {
-        let wrote = ct6_update(slot, flow, ct_dir::ORIGINAL, now);
-        ct6_restore_reply(ct, now);
-        if wrote && !C::DEFERS_TO_TC {
-            // Once a second at most: a backend that left and came back
-            // under its old id has its flows' replies looked up again.
-            // Not on XDP (its program is at the verifier's 1M
-            // instructions; as on IPv4, where only `from_pod` does it).
-            let local = flags & backend_flags::LOCAL != 0;
-            let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
-            lb6_flow_to_backend(ct, local && !hairpin);
+        if ct6_update(slot, flow, ct_dir::ORIGINAL, now) {
+            // Once a second at most, or on a move of state, as on IPv4: a
+            // lost REPLY entry is rebuilt, not looked for on every packet
+            // (a cold lookup, the largest part of an established packet).
+            ct6_restore_reply(ct, now);
+            // A backend that left and came back under its old id has its
+            // flows' replies looked up again. Not on XDP (its program is
+            // at the verifier's 1M instructions; as on IPv4, where only
+            // `from_pod` does it).
+            if !C::DEFERS_TO_TC {
+                let local = flags & backend_flags::LOCAL != 0;
+                let hairpin = ct.flags & ct_flags::HAIRPIN != 0;
+                lb6_flow_to_backend(ct, local && !hairpin);
+            }
         }
         if let Err(verdict) = forward_established(ctx, flow, ct) {
             return Outcome::done(Err(verdict));

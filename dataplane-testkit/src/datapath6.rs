@@ -311,13 +311,21 @@ impl Harness {
 
     /// A copy of the IPv6 conntrack entry at `key`.
     pub fn ct6_get(&self, key: &Ct6Key) -> Option<Ct6Entry> {
-        let name = if key.proto == IPPROTO_TCP {
-            map_names::CT6_TCP
-        } else {
-            map_names::CT6_OTHER
-        };
-        let map: BpfHashMap<MapData, Ct6Key, Ct6Entry> = lru(self, name);
+        let map: BpfHashMap<MapData, Ct6Key, Ct6Entry> = lru(self, ct6_map_name(key));
         map.get(key, 0).ok()
+    }
+
+    /// Writes (or overwrites) the IPv6 conntrack entry at `key`.
+    pub fn ct6_insert(&self, key: &Ct6Key, entry: &Ct6Entry) {
+        let mut map: BpfHashMap<MapData, Ct6Key, Ct6Entry> = lru(self, ct6_map_name(key));
+        map.insert(key, entry, 0)
+            .expect("writing an IPv6 conntrack entry");
+    }
+
+    /// Removes the IPv6 conntrack entry at `key`, as LRU eviction would.
+    pub fn ct6_remove(&self, key: &Ct6Key) {
+        let mut map: BpfHashMap<MapData, Ct6Key, Ct6Entry> = lru(self, ct6_map_name(key));
+        map.remove(key).expect("removing an IPv6 conntrack entry");
     }
 
     /// Entries in `CT6_TCP` and `CT6_OTHER`.
@@ -338,5 +346,14 @@ impl Harness {
         map.iter()
             .map(|e| e.expect("reading LB6_AFFINITY"))
             .collect()
+    }
+}
+
+/// The IPv6 conntrack map that holds `key`'s protocol.
+fn ct6_map_name(key: &Ct6Key) -> &'static str {
+    if key.proto == IPPROTO_TCP {
+        map_names::CT6_TCP
+    } else {
+        map_names::CT6_OTHER
     }
 }

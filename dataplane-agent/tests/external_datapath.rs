@@ -169,6 +169,38 @@ fn node_port_from_outside_to_a_local_endpoint_keeps_the_client_address() {
 }
 
 #[test]
+fn packets_leaving_the_uplink_from_no_backend_are_not_looked_up() {
+    // Only a backend's packets are looked up in conntrack on the uplink's
+    // egress: the node's own traffic and its other pods' leave as they
+    // are. A flow whose backend left the NodePort keeps its entries until
+    // the client's next packet, but its former backend's packets pass.
+    let mut dp = node(0);
+    node_port_to(&mut dp, local_backend(), true, Protocol::Tcp);
+    dp.run(
+        "from_outside",
+        &Tcp::new(outside_client(), node_port(), SYN).build(),
+    );
+    node_port_to(&mut dp, addr([10, 244, 1, 12], 8080), true, Protocol::Tcp);
+    assert!(
+        dp.ct_get(&ct_key(
+            local_backend(),
+            outside_client(),
+            Protocol::Tcp,
+            ct_dir::REPLY
+        ))
+        .is_some(),
+        "the reply entry is still there"
+    );
+    let reply = Tcp::new(local_backend(), outside_client(), SYN | ACK).build();
+
+    let run = dp.run("to_outside", &reply);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(run.output, reply, "a packet of no backend leaves untouched");
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 0);
+}
+
+#[test]
 fn a_local_endpoints_lost_reply_entry_is_rebuilt_by_the_clients_next_packet_a_second_on() {
     // A flow of a masquerading NodePort to this node's own endpoint is in
     // conntrack (its NAT lookup, made first, misses). As on the pod path,

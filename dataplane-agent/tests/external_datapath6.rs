@@ -119,6 +119,40 @@ fn assert_tcp_translated(
 }
 
 #[test]
+fn ipv6_packets_leaving_the_uplink_from_no_backend_are_not_looked_up() {
+    // As on IPv4: only a backend's packets are looked up in conntrack on
+    // the uplink's egress.
+    let dp = node_harness();
+    node_port_to(&dp, local_backend(), true);
+    dp.run(
+        "from_outside",
+        &Tcp6::new(outside_client(), node_port(), SYN).build(),
+    );
+    dp.remove_reply_source6(local_backend());
+    assert!(
+        dp.ct6_get(&ct6_key(
+            local_backend(),
+            outside_client(),
+            Protocol::Tcp,
+            ct_dir::REPLY
+        ))
+        .is_some(),
+        "the reply entry is still there"
+    );
+    let reply = Tcp6::new(local_backend(), outside_client(), SYN | ACK).build();
+
+    let run = dp.run("to_outside", &reply);
+
+    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(
+        hex(&run.output),
+        hex(&reply),
+        "a packet of no backend leaves untouched"
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 0);
+}
+
+#[test]
 fn ipv6_node_port_to_a_local_endpoint_keeps_the_client_address_and_replies_come_from_it() {
     let dp = node_harness();
     node_port_to(&dp, local_backend(), true);

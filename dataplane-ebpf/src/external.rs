@@ -37,8 +37,8 @@ use crate::{
         icmp4_nat_reverse_translate, icmp4_nat_translated_outer, IPPROTO_ICMP,
     },
     lb::{
-        lb4_choose_backend, lb4_lookup_backend, lb4_lookup_external, lb4_service_ip,
-        lb4_source_allowed, Choice, Client, Selected,
+        lb4_choose_backend, lb4_is_backend_source, lb4_lookup_backend, lb4_lookup_external,
+        lb4_service_ip, lb4_source_allowed, Choice, Client, Selected,
     },
     maps::{count, nat_config, nat_slot, NatSlot},
     nat::{nat4_rewrite_dst, nat4_rewrite_src},
@@ -504,6 +504,11 @@ pub fn try_to_outside(ctx: &TcContext) -> Verdict {
     let Ok(mut flow) = parse_ipv4_flow(ctx) else {
         return Ok(TC_ACT_OK);
     };
+    if !lb4_is_backend_source(&flow) {
+        // Not from a backend: the node's own traffic and its other pods'
+        // leave without a conntrack lookup.
+        return Ok(TC_ACT_OK);
+    }
     let Some(reply) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) else {
         return Ok(TC_ACT_OK);
     };

@@ -38,8 +38,8 @@ use crate::{
     fib::{fib6_lookup, NextHop, Route6},
     fragment::frag6_track,
     lb6::{
-        lb6_choose_backend, lb6_lookup_backend, lb6_lookup_external, lb6_service_ip,
-        lb6_source_allowed, Choice6, Selected6,
+        lb6_choose_backend, lb6_is_backend_source, lb6_lookup_backend, lb6_lookup_external,
+        lb6_service_ip, lb6_source_allowed, Choice6, Selected6,
     },
     maps::{count, nat6_config, nat6_get, nat6_slot, nat_config, Nat6Slot, NAT6},
     nat6::{csum6_add_pseudo, csum6_addr_diff, nat6_rewrite_dst, nat6_rewrite_src},
@@ -826,6 +826,11 @@ fn try_to_outside6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Ou
         // error to a client pod is made about the service.
         Err(Parse6Error::NotL4) => return pod6::icmp6_error_to_pod(ctx, flow, packet),
         Err(_) => return Outcome::done(Ok(TC_ACT_OK)),
+    }
+    if !lb6_is_backend_source(flow) {
+        // Not from a backend: the node's own traffic and its other pods'
+        // leave without a conntrack lookup.
+        return Outcome::done(Ok(TC_ACT_OK));
     }
     packet.arrived(flow);
     // Uplink egress: a local backend's reply to an outside client gets the

@@ -47,6 +47,16 @@ pub fn lb4_may_be_reply(flow: &Ipv4Flow) -> bool {
     lb4_source_may_have(flow, reply_source_flags::NO_FLOWS)
 }
 
+/// Pre-filter of reply translation on the uplink's egress (`to_outside`):
+/// is `flow`'s source a backend at all? Not its "no flows yet" bits: the
+/// XDP path does not refresh them on established packets (its program is
+/// at the verifier's limit), so a backend that left and came back under
+/// its old id could keep them set while an outside client's flow lives.
+#[inline(always)]
+pub fn lb4_is_backend_source(flow: &Ipv4Flow) -> bool {
+    lb4_source_may_have(flow, 0)
+}
+
 /// Pre-filter of NodePort reply translation in `from_pod`: may `flow`
 /// (out of a pod) answer a NodePort flow of this node? Only a backend a
 /// NodePort flow went to may (`NO_NODE_PORT_FLOWS` cleared).

@@ -30,6 +30,20 @@ pub fn lb6_service_ip(addr: &Ipv6Bytes) -> Option<u32> {
 /// (`NO_FLOWS`). A later fragment, without ports, may.
 #[inline(always)]
 pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
+    lb6_source_may_have(flow, reply_source_flags::NO_FLOWS)
+}
+
+/// `lb4_is_backend_source` of an IPv6 flow: is its source an IPv6 backend
+/// at all (the uplink egress's pre-filter)?
+#[inline(always)]
+pub fn lb6_is_backend_source(flow: &Ipv6Flow) -> bool {
+    lb6_source_may_have(flow, 0)
+}
+
+/// Whether `flow`'s source is an IPv6 backend whose `LB6_REPLY_SOURCES`
+/// value has none of `bits`; a later fragment, without ports, may be.
+#[inline(always)]
+fn lb6_source_may_have(flow: &Ipv6Flow, bits: u32) -> bool {
     !flow.has_l4_header()
         || reply_source6_get(&ReplySource6 {
             addr: flow.src_addr,
@@ -37,7 +51,7 @@ pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
             proto: flow.proto,
             _pad: 0,
         })
-        .is_some_and(|v| v & reply_source_flags::NO_FLOWS == 0)
+        .is_some_and(|v| v & bits == 0)
 }
 
 /// `lb4_flow_to_backend` of an IPv6 flow: the flow `ct` (new, or

@@ -13,8 +13,8 @@ use crate::{
 };
 
 /// SNAT ports tried for a new flow before it is refused as exhausted: the
-/// client's own port first, then random ones (with the range half full,
-/// 7 random tries all fail 0.8% of the time).
+/// client's own port (folded into the range) first, then random ones (with
+/// the range half full, 7 random tries all fail 0.8% of the time).
 pub const NAT_PORT_TRIES: u32 = 8;
 
 /// How stale a flow's `last_seen_ns` may get before a packet refreshes it,
@@ -105,20 +105,29 @@ pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<(), NatCreateErr
 }
 
 /// The SNAT port of try `attempt` (host order) for a client whose source
-/// port is `client_port` (network order): first the client's own port when
-/// the range holds it, as netfilter's NAT keeps a source port whose tuple
-/// is free, then random ones. A client reusing its ports (every connection
-/// of a busy client cycles through them within seconds) so finds each port
-/// freed by its own previous flow, whose entries the reopening SYN
-/// deleted, where random picks would collide with the range's other live
-/// and closing flows.
+/// port is `client_port` (network order): first the client's own port
+/// folded into the range (itself when the range holds it, as netfilter's
+/// NAT keeps a source port whose tuple is free), then random ones. A
+/// client reusing its ports (a busy one cycles through its ephemeral range
+/// within seconds) so finds each port freed by its own previous flow,
+/// whose entries the reopening SYN deleted, where random picks collide
+/// with the range's other live and closing flows; folding keeps distinct
+/// the ports of a client whose ephemeral range sticks out of ours.
 #[inline(always)]
 pub fn nat_port_candidate(config: &NatConfig, range: u32, client_port: u16, attempt: u32) -> u16 {
-    let own = u16::from_be(client_port);
-    if attempt == 0 && config.port_min <= own && own <= config.port_max {
-        return own;
-    }
-    (u32::from(config.port_min) + skb::random_u32() % range) as u16
+    let min = u32::from(config.port_min);
+    let offset = if attempt == 0 {
+        // (client port - min) mod range, for ports below min too.
+        let own = u32::from(u16::from_be(client_port));
+        if own >= min {
+            (own - min) % range
+        } else {
+            (range - (min - own) % range) % range
+        }
+    } else {
+        skb::random_u32() % range
+    };
+    (min + offset) as u16
 }
 
 #[inline(always)]

@@ -95,6 +95,15 @@ pub enum System {
     SocketLb,
     /// As `SocketLb`, the client a host-network process of the node.
     SocketLbHost,
+    /// Diagnostic, not in the default set: connecting to the backend pod
+    /// IP as `Direct`, with the agent running (tc programs on the pod
+    /// interfaces) and the client outside the node's cgroup: what the
+    /// tc programs cost traffic they do not translate.
+    DirectAgentTc,
+    /// Diagnostic, not in the default set: as `DirectAgentTc`, the client's
+    /// process in the node's cgroup (as `SocketLb`): the socket hooks run
+    /// and translate nothing. `SocketLb` minus this is the translation.
+    DirectAgent,
     /// kube-proxy's iptables layout, loaded with iptables-restore.
     Iptables,
     /// kube-proxy's nftables layout, loaded with nft -f.
@@ -119,6 +128,8 @@ impl System {
             System::EbpfRedirect => "eBPF dataplane, --direct-redirect true",
             System::SocketLb => "eBPF socket LB",
             System::SocketLbHost => "eBPF socket LB, host client",
+            System::DirectAgentTc => "direct, agent running, client outside its cgroup",
+            System::DirectAgent => "direct, agent running, client in its cgroup",
             System::Iptables => "kube-proxy iptables",
             System::Nftables => "kube-proxy nftables",
         }
@@ -618,7 +629,12 @@ fn setup(
             SocketAddr::new(server_ip(family), TARGET_PORT),
             Box::new(()),
         )),
-        System::Ebpf | System::EbpfRedirect | System::SocketLb | System::SocketLbHost => {
+        System::Ebpf
+        | System::EbpfRedirect
+        | System::SocketLb
+        | System::SocketLbHost
+        | System::DirectAgentTc
+        | System::DirectAgent => {
             let bpffs = Bpffs::new()?;
             let work = tempfile::tempdir()?;
             let manifests = work.path().join("manifests");
@@ -650,8 +666,14 @@ fn setup(
             // take the agent well over 30 s to parse and sync on a loaded
             // 2-core machine (1.8 s idle); the setup column shows how long.
             agent.wait_healthy(Duration::from_secs(120))?;
+            let target = match system {
+                System::DirectAgentTc | System::DirectAgent => {
+                    SocketAddr::new(server_ip(family), TARGET_PORT)
+                }
+                _ => service,
+            };
             // Drop order: the agent first, then its bpffs, then the files.
-            Ok((service, Box::new((agent, bpffs, work))))
+            Ok((target, Box::new((agent, bpffs, work))))
         }
         System::Iptables => {
             topo.node.sysctl(bridge_nf, "1")?;
@@ -749,12 +771,13 @@ fn client_ns(system: System, topo: &Topology) -> String {
 
 /// The load generator is this process's threads: for the socket hooks to
 /// see them, the whole process joins the node's cgroup while it loads a
-/// socket-LB case (and only then, the cases run side by side).
+/// socket-LB case (and only then, the cases run side by side), and the
+/// diagnostic `DirectAgent`.
 fn join_for_load(system: System, topo: &Topology) -> anyhow::Result<Option<JoinedCgroup>> {
     match system {
-        System::SocketLb | System::SocketLbHost => Ok(Some(JoinedCgroup::join(
-            &cgroup::node_cgroup(&topo.node.name),
-        )?)),
+        System::SocketLb | System::SocketLbHost | System::DirectAgent => Ok(Some(
+            JoinedCgroup::join(&cgroup::node_cgroup(&topo.node.name))?,
+        )),
         _ => Ok(None),
     }
 }

@@ -64,7 +64,8 @@ struct Cli {
     /// Print kube-proxy's iptables-restore input for N services and exit.
     #[arg(long, hide = true)]
     dump_iptables: Option<usize>,
-    /// End-to-end cases: only these systems (default: all).
+    /// End-to-end cases: only these systems (default: all but the
+    /// diagnostic `direct-agent-tc` and `direct-agent`).
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Vec<e2e::System>,
     /// End-to-end cases: how the node connects its pods.

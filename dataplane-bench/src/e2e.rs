@@ -382,17 +382,19 @@ pub(crate) struct Server {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn serve_one(mut s: TcpStream) {
+/// `buf` is the accepting thread's, reused: a fresh 256 KiB buffer per
+/// connection cost ~9 µs of zeroing (in every system alike, diluting their
+/// differences) and kept the caches the datapath's maps live in cold.
+fn serve_one(mut s: TcpStream, buf: &mut [u8]) {
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut buf = vec![0u8; 256 * 1024];
-    let Ok(n) = s.read(&mut buf) else { return };
+    let Ok(n) = s.read(buf) else { return };
     if n == 0 {
         return;
     }
     if buf[0] == b'S' {
         let mut total = n as u64;
-        while let Ok(k) = s.read(&mut buf) {
+        while let Ok(k) = s.read(buf) {
             if k == 0 {
                 break;
             }
@@ -421,9 +423,10 @@ impl Server {
             let l = listener.try_clone()?;
             let stop = stop.clone();
             handles.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((s, _)) = l.accept() {
-                        serve_one(s);
+                        serve_one(s, &mut buf);
                     }
                 }
             }));

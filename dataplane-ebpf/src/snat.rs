@@ -17,6 +17,9 @@ use crate::{
 /// the range half full, 7 random tries all fail 0.8% of the time).
 pub const NAT_PORT_TRIES: u32 = 8;
 
+/// What a `BPF_NOEXIST` insert over an existing key returns, negated.
+const EEXIST: i32 = 17;
+
 /// How stale a flow's `last_seen_ns` may get before a packet refreshes it,
 /// as conntrack's: every write dirties a cache line the other direction's
 /// CPU reads too; a flow may expire up to this much early.
@@ -81,9 +84,15 @@ pub fn nat4_create(entry: &mut NatEntry, now_ns: u64) -> Result<(), NatCreateErr
         let port = nat_port_candidate(&config, range, entry.client_port, attempt);
         entry.nat_port = port.to_be();
         let reply = entry.reply_key();
-        if NAT.insert(reply, *entry, BPF_NOEXIST as u64).is_ok() {
-            claimed = true;
-            break;
+        match NAT.insert(reply, *entry, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                claimed = true;
+                break;
+            }
+            // Not a taken tuple: the map took no entry (an LRU map that
+            // found no node to evict). Counted as such, not as exhaustion.
+            Err(errno) if errno != -EEXIST => return Err(NatCreateError::InsertFailed),
+            Err(_) => {}
         }
         // Held by a flow that is gone: its port is free again.
         if let Some(holder) = nat_slot(&reply) {

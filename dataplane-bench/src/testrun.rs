@@ -476,10 +476,7 @@ pub fn run_scale(
     let net_ratio = ratios(pairs, empty);
     let ns = |pairs: &[Pair]| median(&mut pairs.iter().map(|p| p.0).collect::<Vec<_>>());
     let (established_ns, floor_flow_ns) = (ns(&established), ns(&floor_flow));
-    let over_floor_flow = |fixed: u32| {
-        let net = |v: u32| f64::from(v.saturating_sub(fixed).max(1));
-        net(established_ns) / net(floor_flow_ns)
-    };
+    let over_floor_flow = |fixed: u32| paired_ratio(&[(established_ns, floor_flow_ns)], fixed);
     Ok(ScaleResult {
         family,
         services,

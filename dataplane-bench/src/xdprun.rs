@@ -46,7 +46,7 @@ use dataplane_agent::{
 };
 use dataplane_common::{ipv4_to_map, nat_dir, port_to_map, Counter, HopCache, NatKey, IPPROTO_TCP};
 use dataplane_testkit::{
-    datapath::{Harness, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_TX},
+    datapath::{Harness, Run, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_TX},
     datapath6::nat6_key,
     netns::link,
     packets::{ACK, SYN},
@@ -313,6 +313,23 @@ struct Flow {
     snat: SocketAddr,
 }
 
+impl Flow {
+    /// That `out`, the uplink program's run on the backend's packet of
+    /// this flow, was sent on back to the client, from the frontend.
+    fn ensure_reply(&self, family: IpFamily, uplink: Uplink, out: &Run) -> anyhow::Result<()> {
+        ensure!(
+            out.verdict == uplink.sent(),
+            "reply verdict {}",
+            out.verdict
+        );
+        ensure!(
+            flow_of(family, &out.output) == (self.frontend, self.client),
+            "reply not translated back to the client"
+        );
+        Ok(())
+    }
+}
+
 fn run_scale(
     uplink: Uplink,
     family: IpFamily,
@@ -429,15 +446,7 @@ fn run_scale(
     // caching both directions' next hops), not measured.
     for fl in &flows {
         let reply = run(&tcp_packet(fl.backend, fl.snat, SYN | ACK), 1)?;
-        ensure!(
-            reply.verdict == uplink.sent(),
-            "reply verdict {}",
-            reply.verdict
-        );
-        ensure!(
-            flow_of(family, &reply.output) == (fl.frontend, fl.client),
-            "reply not translated back to the client"
-        );
+        fl.ensure_reply(family, uplink, &reply)?;
         let ack = run(&tcp_packet(fl.client, fl.frontend, ACK), 1)?;
         ensure!(ack.verdict == uplink.sent(), "ACK verdict {}", ack.verdict);
     }
@@ -474,15 +483,7 @@ fn run_scale(
         let tuple = (fl.backend, fl.snat);
         rewrite_entry(&dp, family, tuple, nat_dir::REPLY, Hop::Fresh)?;
         let out = paired(fl.backend, fl.snat, ACK, &mut reply)?;
-        ensure!(
-            out.verdict == uplink.sent(),
-            "reply verdict {}",
-            out.verdict
-        );
-        ensure!(
-            flow_of(family, &out.output) == (fl.frontend, fl.client),
-            "reply not translated back to the client"
-        );
+        fl.ensure_reply(family, uplink, &out)?;
     }
     // tc: flows to the frontends that keep the client's address (new,
     // not measured), then their backends' replies through `to_outside`.

@@ -29,14 +29,20 @@ fn backend() -> SocketAddrV4 {
     addr([10, 244, 2, 10], 8080)
 }
 
+/// Key of the web flow's original entry.
+fn original_key() -> dataplane_common::CtKey {
+    ct_key(client(), service(), Protocol::Tcp, ct_dir::ORIGINAL)
+}
+
 fn original(dp: &Harness) -> CtEntry {
-    dp.ct_get(&ct_key(
-        client(),
-        service(),
-        Protocol::Tcp,
-        ct_dir::ORIGINAL,
-    ))
-    .expect("the flow is tracked")
+    dp.ct_get(&original_key()).expect("the flow is tracked")
+}
+
+/// The web flow's original entry gone, as LRU eviction takes it.
+fn evict_original(dp: &mut Harness) {
+    dp.conntrack
+        .remove(&original_key())
+        .expect("evicting the original entry");
 }
 
 /// A web service with one backend and the client's SYN through it.
@@ -253,7 +259,7 @@ fn established_flow() -> Harness {
 
 /// The original entry as if the flow's last packet were `secs` seconds old.
 fn age_tcp_flow(dp: &mut Harness, secs: u64) {
-    let key = ct_key(client(), service(), Protocol::Tcp, ct_dir::ORIGINAL);
+    let key = original_key();
     let mut entry = original(dp);
     entry.last_seen_ns = monotonic_now_ns() - secs * 1_000_000_000;
     dp.conntrack.insert(key, entry, 0).expect("aging the flow");
@@ -341,14 +347,7 @@ fn reply_tuple_left_by_a_forgotten_flow_is_taken_over() {
     let mut dp = opened_flow();
     dp.set_service("api", other_service(), Protocol::Tcp, &[backend()]);
     // The first flow's original entry is evicted; its reply entry stays.
-    dp.conntrack
-        .remove(&ct_key(
-            client(),
-            service(),
-            Protocol::Tcp,
-            ct_dir::ORIGINAL,
-        ))
-        .expect("evicting the original entry");
+    evict_original(&mut dp);
     let syn_other = Tcp::new(client(), other_service(), SYN).seq(3_000).build();
 
     let run = dp.run_from_pod(&syn_other);
@@ -445,7 +444,7 @@ fn udp_flows_expire_by_the_configured_unreplied_and_stream_lifetimes() {
 #[test]
 fn last_seen_is_refreshed_at_most_once_a_second_but_flags_at_once() {
     let mut dp = opened_flow();
-    let key = ct_key(client(), service(), Protocol::Tcp, ct_dir::ORIGINAL);
+    let key = original_key();
     let fin = Tcp::new(client(), service(), FIN | ACK).seq(7_001).build();
     let now = dataplane_agent::node::pinned::monotonic_now_ns();
 
@@ -522,14 +521,7 @@ fn replies_of_an_established_flow_are_translated_from_their_reply_entry_for_a_se
         "stamped now"
     );
 
-    dp.conntrack
-        .remove(&ct_key(
-            client(),
-            service(),
-            Protocol::Tcp,
-            ct_dir::ORIGINAL,
-        ))
-        .expect("evicting the original entry");
+    evict_original(&mut dp);
     let within = dp.run_to_pod(&response());
     assert_eq!(within.verdict, TC_ACT_OK);
     assert_translated(

@@ -291,6 +291,36 @@ fn packets_into_a_pod_from_a_pod_that_serves_no_service_are_not_looked_up() {
 }
 
 #[test]
+fn a_port_a_backend_pod_starts_serving_later_keeps_its_first_ports_replies_translated() {
+    // The reply pre-filter starts at the backend address's own entry, whose
+    // "no flows yet" bits stand for every port at the address: a port
+    // added after a flow went to another must not set them again.
+    let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
+    let syn_ack = Tcp::new(backend(), client(), SYN | ACK)
+        .seq(90_000)
+        .ack(7_001)
+        .build();
+    let admin = addr([10, 96, 0, 11], 80);
+    let admin_backend = addr([10, 244, 2, 10], 9090);
+    let mut dp = Harness::new();
+    dp.set_service("web", service(), Protocol::Tcp, &[backend()]);
+    assert_eq!(dp.run_from_pod(&syn).verdict, TC_ACT_OK);
+    dp.set_service("admin", admin, Protocol::Tcp, &[admin_backend]);
+
+    let reply = dp.run_to_pod(&syn_ack);
+
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_translated(
+        &syn_ack,
+        &reply.output,
+        service(),
+        client(),
+        "the first port's reply",
+    );
+    assert_eq!(dp.counter(Counter::ReplyTranslated), 1);
+}
+
+#[test]
 fn closed_connection_reopened_with_a_syn_is_a_new_flow() {
     let syn = Tcp::new(client(), service(), SYN).seq(7_000).build();
     let syn_ack = Tcp::new(backend(), client(), SYN | ACK)

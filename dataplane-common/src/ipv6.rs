@@ -64,6 +64,14 @@ impl ReplySource6 {
             _pad: 0,
         }
     }
+
+    /// The entry of address `addr` as a whole ([`crate::ReplySource::address`]).
+    pub fn address(addr: Ipv6Bytes) -> Self {
+        Self {
+            addr,
+            ..Self::default()
+        }
+    }
 }
 
 /// Key of `LB6_AFFINITY`; see [`crate::AffinityKey`]. Exactly one of

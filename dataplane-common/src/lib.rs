@@ -139,7 +139,10 @@ pub mod map_names {
 /// new, created and filled from the backends), the reply pre-filter and
 /// direct delivery of IPv6; `NatEntry` and `Nat6Entry` keep the flow's
 /// next hop ([`HopCache`]), so an established SNATed flow skips the FIB.
-pub const LAYOUT_VERSION: u32 = 7;
+/// Version 8: `REPLY_SOURCES` and `LB6_REPLY_SOURCES` hold an entry per
+/// backend address besides the per-port ones ([`ReplySource::address`]),
+/// twice the capacity (recreated, filled from the backends).
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Shape of a pinned map as this release creates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,12 +220,12 @@ pub mod capacity {
     /// half of it may be padding). A power of two itself.
     pub const BACKEND_SLOTS: u32 = 1_048_576;
     pub const BACKENDS: u32 = 262_144;
-    /// One entry per backend at most.
-    pub const REPLY_SOURCES: u32 = BACKENDS;
+    /// One entry per backend and one per backend address at most.
+    pub const REPLY_SOURCES: u32 = 2 * BACKENDS;
     /// IPv6 backends (an array, preallocated: fewer than IPv4's).
     pub const LB6_BACKENDS: u32 = 65_536;
-    /// One entry per IPv6 backend at most.
-    pub const LB6_REPLY_SOURCES: u32 = LB6_BACKENDS;
+    /// One entry per IPv6 backend and one per its address at most.
+    pub const LB6_REPLY_SOURCES: u32 = 2 * LB6_BACKENDS;
     /// `CT_TCP` and `CT_OTHER` as built; the agent sizes them at load.
     pub const CT_TCP: u32 = 131_072;
     pub const CT_OTHER: u32 = 65_536;
@@ -421,6 +424,14 @@ pub struct Backend {
 /// Key of `REPLY_SOURCES`: a backend's address, port and protocol, as its
 /// replies carry them in their source (network byte order). Only packets
 /// from such a source are looked up in conntrack on their way into a pod.
+///
+/// Each backend address also has an entry of its own, port and protocol 0
+/// ([`ReplySource::address`]; no packet's source has protocol 0), looked
+/// up first: its key is the same for every packet of a pod, so a pod that
+/// is no backend, or one no flow went to yet, is answered from a warm
+/// bucket instead of the one its ephemeral port hashes to. Its "no flows
+/// yet" bits are set only while they are set for every port of the
+/// address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ReplySource {
@@ -437,6 +448,14 @@ impl ReplySource {
             port: backend.port,
             proto: backend.proto,
             _pad: 0,
+        }
+    }
+
+    /// The entry of address `addr` (network byte order) as a whole.
+    pub fn address(addr: u32) -> Self {
+        Self {
+            addr,
+            ..Self::default()
         }
     }
 }

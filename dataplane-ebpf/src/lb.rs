@@ -23,19 +23,24 @@ pub fn lb4_is_service_ip(addr: u32) -> bool {
     SERVICE_IPS.get_ptr(addr).is_some()
 }
 
-/// Whether `flow`'s source is a backend whose `REPLY_SOURCES` value has
-/// none of `bits` (`reply_source_flags`): a flow of the kind they stand for
-/// may be this packet's. A later fragment, without ports, may always be.
+/// Whether `flow`'s source is a backend whose `REPLY_SOURCES` values (its
+/// address's, then its port's) have none of `bits` (`reply_source_flags`):
+/// a flow of the kind they stand for may be this packet's. The address
+/// first: a pod that is no backend, or none a flow went to, is answered by
+/// the entry of its address, the same for all its packets, not by a cold
+/// miss keyed by its ephemeral port. A later fragment, without ports, may
+/// always be.
 #[inline(always)]
 fn lb4_source_may_have(flow: &Ipv4Flow, bits: u32) -> bool {
+    let allows = |value: Option<u32>| value.is_some_and(|v| v & bits == 0);
     !flow.has_l4_header()
-        || reply_source_get(&ReplySource {
-            addr: flow.src_addr,
-            port: flow.src_port,
-            proto: flow.proto,
-            _pad: 0,
-        })
-        .is_some_and(|v| v & bits == 0)
+        || (allows(reply_source_get(&ReplySource::address(flow.src_addr)))
+            && allows(reply_source_get(&ReplySource {
+                addr: flow.src_addr,
+                port: flow.src_port,
+                proto: flow.proto,
+                _pad: 0,
+            })))
 }
 
 /// Cheap pre-filter of reply translation in `to_pod`: may `flow` (into a
@@ -67,19 +72,29 @@ pub fn lb4_may_be_node_port_reply(flow: &Ipv4Flow) -> bool {
 
 /// A flow of this node goes to `backend` (new, or refreshed: a backend
 /// that left and came back under its old id revives its flows): clears
-/// its "no flows yet" bits, the NodePort one when the flow's service
-/// address (`service_addr`) is this node's and its replies leave a local
-/// pod unhairpinned (`node_port_candidate`). The common case, bits already
-/// clear, reads one value and writes nothing.
+/// the "no flows yet" bits of its port's and its address's entries, the
+/// NodePort one when the flow's service address (`service_addr`) is this
+/// node's and its replies leave a local pod unhairpinned
+/// (`node_port_candidate`). The common case, bits already clear, reads two
+/// values and writes nothing. The address's entry is looked at even when
+/// the port's bits are clear: a refresh then mends a bit another CPU's
+/// write set again.
 #[inline(always)]
 pub fn lb4_flow_to_backend(backend: &Backend, service_addr: u32, node_port_candidate: bool) {
-    let Some(slot) = reply_source_slot(&ReplySource::of(backend)) else {
-        return;
+    let mut node_port = None;
+    let mut node_port_flow = || {
+        *node_port.get_or_insert_with(|| {
+            node_port_candidate
+                && lb4_service_ip(service_addr)
+                    .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+        })
     };
-    slot.clear_for_flow(|| {
-        node_port_candidate
-            && lb4_service_ip(service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
-    });
+    if let Some(slot) = reply_source_slot(&ReplySource::of(backend)) {
+        slot.clear_for_flow(&mut node_port_flow);
+    }
+    if let Some(slot) = reply_source_slot(&ReplySource::address(backend.addr)) {
+        slot.clear_for_flow(&mut node_port_flow);
+    }
 }
 
 /// The `SERVICE_IPS` value of `addr` (frontend count, node bit), if it is

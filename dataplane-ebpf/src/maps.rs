@@ -77,6 +77,8 @@ pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::ne
 /// it saw a flow to the backend go into (`redirect`). The top two bits
 /// (`reply_source_flags`) say no flow, or no NodePort flow, went to the
 /// backend yet: `to_pod` and `from_pod` then skip their conntrack lookups.
+/// Each backend address has an entry too (port and protocol 0), looked up
+/// before the port's: its bits stand for all its ports.
 #[btf_map(name = "REPLY_SOURCES")]
 static REPLY_SOURCES: HashMap<
     ReplySource,

@@ -240,10 +240,15 @@ impl Harness {
         let mut sources: BpfHashMap<MapData, ReplySource6, u32> =
             hash(self, map_names::LB6_REPLY_SOURCES);
         for (i, backend) in backends.iter().enumerate() {
-            if sources.get(&ReplySource6::of(backend), 0).is_err() {
-                sources
-                    .insert(ReplySource6::of(backend), 1, 0)
-                    .expect("writing LB6_REPLY_SOURCES");
+            for source in [
+                ReplySource6::of(backend),
+                ReplySource6::address(backend.addr),
+            ] {
+                if sources.get(&source, 0).is_err() {
+                    sources
+                        .insert(source, 1, 0)
+                        .expect("writing LB6_REPLY_SOURCES");
+                }
             }
             let id = first_backend_id + i as u32;
             lb_backends

@@ -414,10 +414,10 @@ fn open_connections_survive_an_upgrade_from_the_previous_release() {
     );
     let log = c.agent_log(1);
     // The previous release (xtask's previous_release COMMIT) is the last
-    // commit of layout 6; move this with the next layout bump.
+    // commit of layout 7; move this with the next layout bump.
     assert!(
-        log.contains("migrated from layout Some(6)"),
-        "the new agent migrated the maps from layout 6: {log}"
+        log.contains("migrated from layout Some(7)"),
+        "the new agent migrated the maps from layout 7: {log}"
     );
     assert!(
         c.tcp("client", http(WEB_IP)).backend().is_some(),

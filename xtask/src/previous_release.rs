@@ -7,11 +7,11 @@ use anyhow::{bail, Context as _};
 
 use crate::cargo::{clean_env, status, workspace_root};
 
-/// The last commit of main whose maps were of layout 6
-/// (`git log --first-parent -S'LAYOUT_VERSION: u32 = 6'`): the release an
-/// upgrade to layout 7 starts from. Its Cargo.lock is today's, so the
+/// The last commit of main whose maps were of layout 7
+/// (`git log --first-parent -S'LAYOUT_VERSION: u32 = 7'`): the release an
+/// upgrade to layout 8 starts from. Its Cargo.lock is today's, so the
 /// registry cache CI already has builds it. Move it with every layout bump.
-const COMMIT: &str = "4e9f60c7073f2d115a5855b767776f4f95bfa692";
+const COMMIT: &str = "8fb31a82fd902f6325460499e8c9c6cfef40a92e";
 
 /// Where the agent of `COMMIT` is built: a source tree from `git archive`
 /// and a target directory of its own, so this workspace's build artifacts

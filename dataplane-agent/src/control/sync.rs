@@ -247,6 +247,15 @@ impl ReplySourceKey {
             BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::of(b)),
         }
     }
+
+    /// The entry of the backend's address as a whole, which the datapath
+    /// looks up before the port's.
+    fn address_of(backend: &BackendKey) -> Self {
+        match backend {
+            BackendKey::V4(b) => ReplySourceKey::V4(ReplySource::address(b.addr)),
+            BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::address(b.addr)),
+        }
+    }
 }
 
 /// `value`: a [`reply_source_flags`] value, the same for both families.
@@ -611,7 +620,8 @@ pub struct SyncEngine<M: LbMaps> {
     backends: FamilyMap<BackendKey, BackendRef>,
     backend_by_id: BackendsById,
     /// Backend ids per `REPLY_SOURCES` (`LB6_REPLY_SOURCES`) key (an
-    /// endpoint may have two ids for a moment, e.g. while its flags change).
+    /// endpoint may have two ids for a moment, e.g. while its flags change;
+    /// an address's entry counts all the ids at the address).
     reply_sources: HashMap<ReplySourceKey, u32>,
     /// Conntrack may hold flows from before this engine started (a restart
     /// or an upgrade), to backends it is about to add: until its first
@@ -994,10 +1004,12 @@ impl<M: LbMaps> SyncEngine<M> {
         // left none).
         self.reply_sources.clear();
         for backend in self.backend_by_id.all() {
-            *self
-                .reply_sources
-                .entry(ReplySourceKey::of(&backend))
-                .or_insert(0) += 1;
+            for key in [
+                ReplySourceKey::of(&backend),
+                ReplySourceKey::address_of(&backend),
+            ] {
+                *self.reply_sources.entry(key).or_insert(0) += 1;
+            }
         }
         for key in self.reply_sources.keys() {
             if !reply_sources.contains(key) {
@@ -1490,23 +1502,32 @@ impl<M: LbMaps> SyncEngine<M> {
             r.refs += 1;
             return r.id;
         }
+        // A backend new to the maps: no flow of this node goes to it yet,
+        // unless conntrack holds flows from before.
+        let carried = match backend.family() {
+            IpFamily::Ipv4 => self.flows_carried.0,
+            IpFamily::Ipv6 => self.flows_carried.1,
+        };
+        let value = if carried {
+            reply_source_flags::MAY_HAVE_FLOWS
+        } else {
+            reply_source_flags::FRESH
+        };
         let source_key = ReplySourceKey::of(&backend);
         let source = self.reply_sources.entry(source_key).or_insert(0);
         if *source == 0 {
-            // A backend new to the maps: no flow of this node goes to it
-            // yet, unless conntrack holds flows from before.
-            let carried = match backend.family() {
-                IpFamily::Ipv4 => self.flows_carried.0,
-                IpFamily::Ipv6 => self.flows_carried.1,
-            };
-            let value = if carried {
-                reply_source_flags::MAY_HAVE_FLOWS
-            } else {
-                reply_source_flags::FRESH
-            };
             set_reply_source(&mut self.pending, source_key, value);
         }
         *source += 1;
+        // The address's bits stand for all its ports: set with its first
+        // backend only (the datapath may have cleared them since), cleared
+        // by any backend that may have flows.
+        let address_key = ReplySourceKey::address_of(&backend);
+        let address = self.reply_sources.entry(address_key).or_insert(0);
+        if *address == 0 || carried {
+            set_reply_source(&mut self.pending, address_key, value);
+        }
+        *address += 1;
         let id = match backend {
             BackendKey::V4(b) => {
                 let id = self.backend_ids.allocate();
@@ -1533,12 +1554,16 @@ impl<M: LbMaps> SyncEngine<M> {
             let id = r.id;
             self.backends.remove(&backend);
             self.backend_by_id.remove(backend.family(), id);
-            let source = ReplySourceKey::of(&backend);
-            if let Some(n) = self.reply_sources.get_mut(&source) {
-                *n -= 1;
-                if *n == 0 {
-                    self.reply_sources.remove(&source);
-                    remove_reply_source(&mut self.pending, source);
+            for source in [
+                ReplySourceKey::of(&backend),
+                ReplySourceKey::address_of(&backend),
+            ] {
+                if let Some(n) = self.reply_sources.get_mut(&source) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.reply_sources.remove(&source);
+                        remove_reply_source(&mut self.pending, source);
+                    }
                 }
             }
             match backend {
@@ -1862,9 +1887,69 @@ mod tests {
         maps.state.reply_sources.keys().copied().collect()
     }
 
-    /// `REPLY_SOURCES` of the backends in `BACKENDS`.
+    /// `REPLY_SOURCES` of the backends in `BACKENDS`: each backend's, and
+    /// its address's.
     fn sources_of_backends(maps: &MemLbMaps) -> BTreeSet<ReplySource> {
-        maps.state.backends.values().map(ReplySource::of).collect()
+        maps.state
+            .backends
+            .values()
+            .flat_map(|b| [ReplySource::of(b), ReplySource::address(b.addr)])
+            .collect()
+    }
+
+    /// The `REPLY_SOURCES` value of pod 10.244.1.`last`'s address entry.
+    fn address_value(maps: &MemLbMaps, last: u8) -> Option<u32> {
+        let addr = dataplane_common::ipv4_to_map([10, 244, 1, last]);
+        maps.state
+            .reply_sources
+            .get(&ReplySource::address(addr))
+            .copied()
+    }
+
+    #[test]
+    fn an_address_entry_stands_for_every_backend_at_the_address() {
+        let mut e = engine();
+        let web = frontend([10, 96, 0, 10], 80);
+        let admin = frontend([10, 96, 0, 11], 80);
+        e.sync_service(&name("web"), &[(web, spec("web", &[10]))])
+            .unwrap();
+        assert_eq!(address_value(e.maps(), 10), Some(reply_source_flags::FRESH));
+        // The datapath made a flow to 10:8080 and cleared the bits.
+        let addr = ReplySource::address(dataplane_common::ipv4_to_map([10, 244, 1, 10]));
+        e.maps
+            .state
+            .reply_sources
+            .insert(addr, reply_source_flags::MAY_HAVE_FLOWS);
+        // A second port of the same pod: its own entry is fresh, the
+        // address's is left as the datapath made it.
+        let mut admin_spec = spec("admin", &[10]);
+        admin_spec.backends[0].port = 9090;
+        e.sync_service(&name("admin"), &[(admin, admin_spec.clone())])
+            .unwrap();
+        assert_eq!(
+            address_value(e.maps(), 10),
+            Some(reply_source_flags::MAY_HAVE_FLOWS),
+            "a later port must not hide the first port's flows"
+        );
+        assert_eq!(reply_sources(e.maps()).len(), 3, "two ports, one address");
+        // The address stays while any of its backends does.
+        e.sync_service(&name("web"), &[]).unwrap();
+        assert!(address_value(e.maps(), 10).is_some());
+        e.sync_service(&name("admin"), &[]).unwrap();
+        assert_eq!(address_value(e.maps(), 10), None);
+        assert!(reply_sources(e.maps()).is_empty());
+
+        // While flows from before the agent's start may exist, a backend
+        // added at a fresh address clears the address's bits too.
+        e.sync_service(&name("web"), &[(web, spec("web", &[10]))])
+            .unwrap();
+        e.set_flows_carried(true);
+        e.sync_service(&name("admin"), &[(admin, admin_spec)])
+            .unwrap();
+        assert_eq!(
+            address_value(e.maps(), 10),
+            Some(reply_source_flags::MAY_HAVE_FLOWS)
+        );
     }
 
     #[test]
@@ -1877,14 +1962,15 @@ mod tests {
         // 11 serves both services: one reply source.
         e.sync_service(&name("api"), &[(api, spec("api", &[11, 12]))])
             .unwrap();
-        assert_eq!(reply_sources(e.maps()).len(), 3);
+        // Three backends, each its port's entry and its address's.
+        assert_eq!(reply_sources(e.maps()).len(), 6);
         assert_eq!(reply_sources(e.maps()), sources_of_backends(e.maps()));
         e.sync_service(&name("web"), &[(web, spec("web", &[10]))])
             .unwrap();
-        assert_eq!(reply_sources(e.maps()).len(), 3, "11 still serves api");
+        assert_eq!(reply_sources(e.maps()).len(), 6, "11 still serves api");
         e.sync_service(&name("api"), &[]).unwrap();
         assert_eq!(reply_sources(e.maps()), sources_of_backends(e.maps()));
-        assert_eq!(reply_sources(e.maps()).len(), 1, "only 10 is left");
+        assert_eq!(reply_sources(e.maps()).len(), 2, "only 10 is left");
 
         // An agent of layout 3 pinned no REPLY_SOURCES.
         let mut state = e.maps().state.clone();
@@ -1906,12 +1992,12 @@ mod tests {
         maps.state.reply_sources6.keys().copied().collect()
     }
 
-    /// `LB6_REPLY_SOURCES` of the backends in `LB6_BACKENDS`.
+    /// `LB6_REPLY_SOURCES` of the backends in `LB6_BACKENDS`, as IPv4's.
     fn sources6_of_backends(maps: &MemLbMaps) -> BTreeSet<ReplySource6> {
         maps.state
             .backends6
             .values()
-            .map(ReplySource6::of)
+            .flat_map(|b| [ReplySource6::of(b), ReplySource6::address(b.addr)])
             .collect()
     }
 
@@ -1925,17 +2011,17 @@ mod tests {
             &[(v6, spec6("web", &[10, 11])), (v4, spec("web", &[10, 11]))],
         )
         .unwrap();
-        assert_eq!(reply_sources6(e.maps()).len(), 2);
+        assert_eq!(reply_sources6(e.maps()).len(), 4);
         assert_eq!(reply_sources6(e.maps()), sources6_of_backends(e.maps()));
-        assert_eq!(reply_sources(e.maps()).len(), 2, "IPv4's in their own map");
+        assert_eq!(reply_sources(e.maps()).len(), 4, "IPv4's in their own map");
         e.sync_service(
             &name("web"),
             &[(v6, spec6("web", &[10])), (v4, spec("web", &[10, 11]))],
         )
         .unwrap();
         assert_eq!(reply_sources6(e.maps()), sources6_of_backends(e.maps()));
-        assert_eq!(reply_sources6(e.maps()).len(), 1);
-        assert_eq!(reply_sources(e.maps()).len(), 2);
+        assert_eq!(reply_sources6(e.maps()).len(), 2);
+        assert_eq!(reply_sources(e.maps()).len(), 4);
 
         // An agent of layout 6 pinned no LB6_REPLY_SOURCES.
         let mut state = e.maps().state.clone();
@@ -1949,7 +2035,7 @@ mod tests {
             reply_sources6(adopted.maps()),
             sources6_of_backends(adopted.maps())
         );
-        assert_eq!(reply_sources6(adopted.maps()).len(), 1);
+        assert_eq!(reply_sources6(adopted.maps()).len(), 2);
 
         e.sync_service(&name("web"), &[]).unwrap();
         assert!(reply_sources6(e.maps()).is_empty());
@@ -1964,12 +2050,13 @@ mod tests {
             .unwrap();
         let before = programmed(e.maps(), &web).unwrap();
         let writes = e.maps().writes;
-        // 11 replaced by 13: new backend and its reply source, its slot, the
-        // count, old backend and its reply source gone.
+        // 11 replaced by 13: new backend and its reply sources (port and
+        // address), its slot, the count, old backend and its reply sources
+        // gone.
         e.sync_service(&name("web"), &[(web, spec("web", &[10, 12, 13]))])
             .unwrap();
         let after = programmed(e.maps(), &web).unwrap();
-        assert_eq!(e.maps().writes - writes, 6);
+        assert_eq!(e.maps().writes - writes, 8);
         for (b, a) in before.iter().zip(&after) {
             if *b != 11 {
                 assert_eq!(a, b, "surviving backends keep their slots");
@@ -2205,8 +2292,9 @@ mod tests {
             .map(|b| b.addr[15])
             .collect();
         assert!(in_map.contains(&11), "{in_map:?}");
-        // One backend, its reply source, one slot, the service entry.
-        assert_eq!(e.maps().writes - writes, 4);
+        // One backend, its reply sources (port and address), one slot, the
+        // service entry.
+        assert_eq!(e.maps().writes - writes, 5);
         // The next sync without it lets it go.
         e.sync_service(&name("web"), &[(v6, spec6("web", &[10, 12]))])
             .unwrap();

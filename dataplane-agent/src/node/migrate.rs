@@ -169,6 +169,9 @@ const CHANGED_IN: &[(u32, &[&str])] = &[
             map_names::NAT6,
         ],
     ),
+    // The reply sources gained an entry per backend address (and twice the
+    // capacity): refilled from the backends, as in layout 7.
+    (8, &[map_names::REPLY_SOURCES, map_names::LB6_REPLY_SOURCES]),
 ];
 
 /// Maps of earlier layouts this one no longer has: unpinned at [`commit`].

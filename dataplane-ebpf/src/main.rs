@@ -376,7 +376,7 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         if !expired {
             count(Counter::UdpFlowMoved);
         }
-    } else if let Some(reply) = ct4_lookup(&ct4_key(&flow, ct_dir::REPLY)) {
+    } else if let Some(reply) = hairpin_reply(&flow) {
         // Reply of a hairpinned flow: the backend answers the service IP,
         // which stands for the client (itself).
         return reply_translate(&packet, &mut flow, reply, &reply.get(), now);
@@ -390,6 +390,19 @@ fn try_from_pod(ctx: &TcContext) -> Verdict {
         return Ok(verdict);
     }
     Ok(deliver(&packet.before, &flow))
+}
+
+/// The REPLY entry of the hairpinned flow a pod's packet to a service IP
+/// without a flow of its own may answer. Looked up only when the packet's
+/// source is a backend a flow went to (`lb4_may_be_reply`; a hairpinned
+/// flow cleared its backend's bits when it was made), so a client's new
+/// flow costs one conntrack miss, not two.
+#[inline(always)]
+fn hairpin_reply(flow: &Ipv4Flow) -> Option<CtSlot> {
+    if !lb4_may_be_reply(flow) {
+        return None;
+    }
+    ct4_lookup(&ct4_key(flow, ct_dir::REPLY))
 }
 
 /// Where a packet that passes goes: straight to its backend when it was

@@ -355,9 +355,13 @@ fn pod_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Outcome {
         if outcome.next != next::NEW_FLOW {
             return outcome;
         }
-    } else if let Some(reply) = ct6_lookup_flow(flow, ct_dir::REPLY) {
+    } else if let Some(reply) = lb6_may_be_reply(flow)
+        .then(|| ct6_lookup_flow(flow, ct_dir::REPLY))
+        .flatten()
+    {
         // Reply of a hairpinned flow: the backend answers the service
-        // address, which stands for the client (itself).
+        // address, which stands for the client (itself). Looked up only
+        // from a backend a flow went to (as IPv4's `hairpin_reply`).
         return reply_translate(ctx, flow, reply.entry(), now);
     }
     if flow.frag == frag::LATER {

@@ -120,17 +120,29 @@ fn learned_interface(dp: &Harness, backend: SocketAddrV4) -> Option<u32> {
     reply_source_value(dp, backend).map(|v| v & reply_source_flags::IFINDEX_MASK)
 }
 
-/// `backend`'s whole `REPLY_SOURCES` value: interface and flag bits.
+/// `backend`'s `REPLY_SOURCES` value: its interface.
 fn reply_source_value(dp: &Harness, backend: SocketAddrV4) -> Option<u32> {
+    reply_sources_get(
+        dp,
+        ReplySource {
+            addr: ipv4_to_map(backend.ip().octets()),
+            port: port_to_map(backend.port()),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        },
+    )
+}
+
+/// The `REPLY_SOURCES` value of `backend`'s address: 1 and the "no flows
+/// yet" bits.
+fn reply_address_value(dp: &Harness, backend: SocketAddrV4) -> Option<u32> {
+    reply_sources_get(dp, ReplySource::address(ipv4_to_map(backend.ip().octets())))
+}
+
+fn reply_sources_get(dp: &Harness, key: ReplySource) -> Option<u32> {
     let data = MapData::from_pin(dp.bpffs().join(map_names::REPLY_SOURCES)).expect("pinned map");
     let map: BpfHashMap<MapData, ReplySource, u32> =
         BpfHashMap::try_from(Map::HashMap(data)).expect("a hash map");
-    let key = ReplySource {
-        addr: ipv4_to_map(backend.ip().octets()),
-        port: port_to_map(backend.port()),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
     map.get(&key, 0).ok()
 }
 
@@ -317,7 +329,7 @@ fn a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it() {
         let (cli0, pod0, uplink0) = (ifindex("cli0"), ifindex("pod0"), ifindex("uplink0"));
         let node_port = addr(NODE_ADDR, 30_080);
         let bits = |dp: &Harness| {
-            reply_source_value(dp, local_backend()).map(|v| v & !reply_source_flags::IFINDEX_MASK)
+            reply_address_value(dp, local_backend()).map(|v| v & !reply_source_flags::IFINDEX_MASK)
         };
         let (no_flows, no_node_port) = (
             reply_source_flags::NO_FLOWS,
@@ -408,7 +420,7 @@ fn backends_added_while_carried_flows_may_reach_them_keep_their_replies_looked_u
     dp.engine.set_flows_carried(true);
     dp.sync_all(&[("web", service(), Protocol::Tcp, &[local_backend()])]);
     assert_eq!(
-        reply_source_value(&dp, local_backend()),
+        reply_address_value(&dp, local_backend()),
         Some(reply_source_flags::MAY_HAVE_FLOWS),
         "added by the first full sync"
     );
@@ -420,12 +432,12 @@ fn backends_added_while_carried_flows_may_reach_them_keep_their_replies_looked_u
         &[local_backend(), remote_backend()],
     )]);
     assert_eq!(
-        reply_source_value(&dp, remote_backend()),
+        reply_address_value(&dp, remote_backend()),
         Some(reply_source_flags::FRESH),
         "added later"
     );
     assert_eq!(
-        reply_source_value(&dp, local_backend()),
+        reply_address_value(&dp, local_backend()),
         Some(reply_source_flags::MAY_HAVE_FLOWS),
         "kept"
     );
@@ -702,11 +714,11 @@ fn remote_client6() -> SocketAddrV6 {
     sa6("fd00:10:244:2::4d", 41_000)
 }
 
-/// Sets the "no flows yet" bits of `backend` again, as the agent writes
-/// them for a backend new to conntrack.
+/// Sets the "no flows yet" bits of `backend`'s address again, as the
+/// agent writes them for an address new to conntrack.
 fn mark_fresh6(dp: &Harness, backend: SocketAddrV6) {
-    let value = dp.reply_source6(backend).expect("a backend");
-    dp.set_reply_source6(backend, value | !reply_source_flags::IFINDEX_MASK);
+    let value = dp.reply_address6(backend).expect("a backend's address");
+    dp.set_reply_address6(backend, value | !reply_source_flags::IFINDEX_MASK);
 }
 
 /// `frame` went on from `src` to `dst`, its checksum right.
@@ -744,7 +756,7 @@ fn ipv6_a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it(
         let (cli0, pod0, uplink0) = (ifindex("cli0"), ifindex("pod0"), ifindex("uplink0"));
         let node_port = SocketAddrV6::new(node6, 30_080, 0, 0);
         let bits = |dp: &Harness| {
-            dp.reply_source6(local_backend6())
+            dp.reply_address6(local_backend6())
                 .map(|v| v & !reply_source_flags::IFINDEX_MASK)
         };
         let (no_flows, no_node_port) = (
@@ -843,7 +855,7 @@ fn ipv6_backends_added_while_carried_flows_may_reach_them_keep_their_replies_loo
     dp.engine.set_flows_carried6(true);
     dp.sync_all6(&[("web6", service6(), Protocol::Tcp, &[local_backend6()])]);
     assert_eq!(
-        dp.reply_source6(local_backend6()),
+        dp.reply_address6(local_backend6()),
         Some(reply_source_flags::MAY_HAVE_FLOWS),
         "added by the first full sync"
     );
@@ -855,12 +867,12 @@ fn ipv6_backends_added_while_carried_flows_may_reach_them_keep_their_replies_loo
         &[local_backend6(), remote_backend6()],
     )]);
     assert_eq!(
-        dp.reply_source6(remote_backend6()),
+        dp.reply_address6(remote_backend6()),
         Some(reply_source_flags::FRESH),
         "added later"
     );
     assert_eq!(
-        dp.reply_source6(local_backend6()),
+        dp.reply_address6(local_backend6()),
         Some(reply_source_flags::MAY_HAVE_FLOWS),
         "kept"
     );
@@ -878,7 +890,7 @@ fn ipv6_backends_of_the_first_sync_after_a_previous_agent_keep_their_replies_loo
         .unwrap_or_else(|e| panic!("{e:#}"));
     dp.sync_all6(&[("web6", service6(), Protocol::Tcp, &[local_backend6()])]);
     assert_eq!(
-        dp.reply_source6(local_backend6()),
+        dp.reply_address6(local_backend6()),
         Some(reply_source_flags::MAY_HAVE_FLOWS),
         "added by the first full sync after a previous agent"
     );
@@ -889,7 +901,7 @@ fn ipv6_backends_of_the_first_sync_after_a_previous_agent_keep_their_replies_loo
         &[local_backend6(), remote_backend6()],
     )]);
     assert_eq!(
-        dp.reply_source6(remote_backend6()),
+        dp.reply_address6(remote_backend6()),
         Some(reply_source_flags::FRESH),
         "added once this agent's programs run"
     );

@@ -42,9 +42,9 @@ pub struct Backend6 {
 }
 
 /// Key of `LB6_REPLY_SOURCES`: an IPv6 backend's address, port and
-/// protocol, as its replies carry them in their source; see
-/// [`crate::ReplySource`]. The value is the same: 1, or the pod interface
-/// `to_pod` saw flows to the backend go into (`--direct-redirect`).
+/// protocol, as its replies carry them in their source, or its address as a
+/// whole (port and protocol 0); see [`crate::ReplySource`]. The values are
+/// the same (`reply_source_flags`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ReplySource6 {

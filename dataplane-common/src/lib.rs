@@ -141,6 +141,7 @@ pub mod map_names {
 /// next hop ([`HopCache`]), so an established SNATed flow skips the FIB.
 /// Version 8: `REPLY_SOURCES` and `LB6_REPLY_SOURCES` hold an entry per
 /// backend address besides the per-port ones ([`ReplySource::address`]),
+/// the "no flows yet" bits moved from the ports' entries to the address's,
 /// twice the capacity (recreated, filled from the backends).
 pub const LAYOUT_VERSION: u32 = 8;
 
@@ -422,16 +423,18 @@ pub struct Backend {
 }
 
 /// Key of `REPLY_SOURCES`: a backend's address, port and protocol, as its
-/// replies carry them in their source (network byte order). Only packets
-/// from such a source are looked up in conntrack on their way into a pod.
+/// replies carry them in their source (network byte order), or a backend
+/// address as a whole ([`ReplySource::address`]: port and protocol 0, which
+/// no packet's source has).
 ///
-/// Each backend address also has an entry of its own, port and protocol 0
-/// ([`ReplySource::address`]; no packet's source has protocol 0), looked
-/// up first: its key is the same for every packet of a pod, so a pod that
-/// is no backend, or one no flow went to yet, is answered from a warm
-/// bucket instead of the one its ephemeral port hashes to. Its "no flows
-/// yet" bits are set only while they are set for every port of the
-/// address.
+/// A port's entry says where the backend sits (the uplink's egress looks
+/// up only packets from one; `--direct-redirect` learns its interface). An
+/// address's entry carries the "no flows yet" bits of all its ports
+/// ([`reply_source_flags`]): the pre-filter of reply translation in pods
+/// looks up the address only, a key the same for every packet of a pod, so
+/// a pod that is no backend, or none a flow went to, is answered from a
+/// warm bucket instead of the one its ephemeral port hashes to, and a
+/// backend's reply costs one lookup before its conntrack one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ReplySource {
@@ -460,27 +463,31 @@ impl ReplySource {
     }
 }
 
-/// Bits of a `REPLY_SOURCES` value. The rest of the value is the pod
-/// interface `to_pod` saw flows to the backend go into (1 before it saw
-/// one: a backend). Both bits say "no flow of this node can be to this
-/// backend yet": the agent sets them on an entry it adds while conntrack
-/// holds nothing of the backend ([`reply_source_flags::FRESH`]); the
-/// datapath clears them when it creates a flow to it. A value without them
-/// (an earlier layout's, or the agent's while flows carried over from
-/// before its start may exist) means "look it up".
+/// `REPLY_SOURCES` values. A port's entry holds the pod interface `to_pod`
+/// saw flows to the backend go into (1 before it saw one: a backend,
+/// [`reply_source_flags::PORT`]). An address's entry holds 1 and two bits
+/// saying "no flow of this node can be to a backend at this address yet":
+/// the agent sets them on the entry it adds with the address's first
+/// backend while conntrack holds nothing of it
+/// ([`reply_source_flags::FRESH`]); the datapath clears them when it
+/// creates a flow to any of its ports. A value without them (the agent's
+/// while flows carried over from before its start may exist) means "look
+/// it up".
 pub mod reply_source_flags {
-    /// No flow to this backend yet: its packets into a pod are no replies,
-    /// `to_pod` leaves them without a conntrack lookup.
+    /// No flow to this address yet: its packets into a pod are no
+    /// replies, `to_pod` leaves them without a conntrack lookup.
     pub const NO_FLOWS: u32 = 1 << 30;
     /// No NodePort flow (one whose service address is this node's) to
-    /// this backend yet: `from_pod` does not look its packets up as
+    /// this address yet: `from_pod` does not look its packets up as
     /// NodePort replies.
     pub const NO_NODE_PORT_FLOWS: u32 = 1 << 31;
-    /// The interface part of the value.
+    /// The interface part of a port's value.
     pub const IFINDEX_MASK: u32 = !(NO_FLOWS | NO_NODE_PORT_FLOWS);
-    /// What the agent writes for a backend no flow can be to yet.
+    /// What the agent writes for a port: a backend, no interface learnt.
+    pub const PORT: u32 = 1;
+    /// What it writes for an address no flow can be to yet.
     pub const FRESH: u32 = 1 | NO_FLOWS | NO_NODE_PORT_FLOWS;
-    /// What it writes where flows to it may exist: a backend, no bit.
+    /// What it writes for an address flows to may exist: no bit.
     pub const MAY_HAVE_FLOWS: u32 = 1;
 }
 

@@ -23,78 +23,69 @@ pub fn lb4_is_service_ip(addr: u32) -> bool {
     SERVICE_IPS.get_ptr(addr).is_some()
 }
 
-/// Whether `flow`'s source is a backend whose `REPLY_SOURCES` values (its
-/// address's, then its port's) have none of `bits` (`reply_source_flags`):
-/// a flow of the kind they stand for may be this packet's. The address
-/// first: a pod that is no backend, or none a flow went to, is answered by
-/// the entry of its address, the same for all its packets, not by a cold
-/// miss keyed by its ephemeral port. A later fragment, without ports, may
+/// Whether `flow`'s source address is a backend's whose `REPLY_SOURCES`
+/// entry has none of `bits` (`reply_source_flags`): a flow of the kind they
+/// stand for may be this packet's. The address's entry only: its key is
+/// the same for all of a pod's packets, where a port's would be a cold miss
+/// keyed by a client's ephemeral port. A later fragment, without ports, may
 /// always be.
 #[inline(always)]
-fn lb4_source_may_have(flow: &Ipv4Flow, bits: u32) -> bool {
-    let allows = |value: Option<u32>| value.is_some_and(|v| v & bits == 0);
+fn lb4_address_may_have(flow: &Ipv4Flow, bits: u32) -> bool {
     !flow.has_l4_header()
-        || (allows(reply_source_get(&ReplySource::address(flow.src_addr)))
-            && allows(reply_source_get(&ReplySource {
-                addr: flow.src_addr,
-                port: flow.src_port,
-                proto: flow.proto,
-                _pad: 0,
-            })))
+        || reply_source_get(&ReplySource::address(flow.src_addr)).is_some_and(|v| v & bits == 0)
 }
 
 /// Cheap pre-filter of reply translation in `to_pod`: may `flow` (into a
 /// pod) be a backend's reply to a flow of this node? Not when its source
-/// is no backend, or a backend no flow went to yet (`NO_FLOWS`: the
+/// is no backend's address, or one no flow went to yet (`NO_FLOWS`: the
 /// backend's packets of socket-translated or direct connections).
 #[inline(always)]
 pub fn lb4_may_be_reply(flow: &Ipv4Flow) -> bool {
-    lb4_source_may_have(flow, reply_source_flags::NO_FLOWS)
+    lb4_address_may_have(flow, reply_source_flags::NO_FLOWS)
 }
 
 /// Pre-filter of reply translation on the uplink's egress (`to_outside`):
-/// is `flow`'s source a backend at all? Not its "no flows yet" bits: the
-/// XDP path does not refresh them on established packets (its program is
-/// at the verifier's limit), so a backend that left and came back under
-/// its old id could keep them set while an outside client's flow lives.
+/// is `flow`'s source a backend's address and port? Not the "no flows
+/// yet" bits: the XDP path does not refresh them on established packets
+/// (its program is at the verifier's limit), so a backend that left and
+/// came back under its old id could keep them set while an outside
+/// client's flow lives. The port's entry: a node address that is also a
+/// host-network backend's keeps the node's own traffic out.
 #[inline(always)]
 pub fn lb4_is_backend_source(flow: &Ipv4Flow) -> bool {
-    lb4_source_may_have(flow, 0)
+    !flow.has_l4_header()
+        || reply_source_get(&ReplySource {
+            addr: flow.src_addr,
+            port: flow.src_port,
+            proto: flow.proto,
+            _pad: 0,
+        })
+        .is_some()
 }
 
 /// Pre-filter of NodePort reply translation in `from_pod`: may `flow`
-/// (out of a pod) answer a NodePort flow of this node? Only a backend a
-/// NodePort flow went to may (`NO_NODE_PORT_FLOWS` cleared).
+/// (out of a pod) answer a NodePort flow of this node? Only from an
+/// address a NodePort flow went to (`NO_NODE_PORT_FLOWS` cleared).
 #[inline(always)]
 pub fn lb4_may_be_node_port_reply(flow: &Ipv4Flow) -> bool {
-    lb4_source_may_have(flow, reply_source_flags::NO_NODE_PORT_FLOWS)
+    lb4_address_may_have(flow, reply_source_flags::NO_NODE_PORT_FLOWS)
 }
 
 /// A flow of this node goes to `backend` (new, or refreshed: a backend
 /// that left and came back under its old id revives its flows): clears
-/// the "no flows yet" bits of its port's and its address's entries, the
-/// NodePort one when the flow's service address (`service_addr`) is this
-/// node's and its replies leave a local pod unhairpinned
-/// (`node_port_candidate`). The common case, bits already clear, reads two
-/// values and writes nothing. The address's entry is looked at even when
-/// the port's bits are clear: a refresh then mends a bit another CPU's
-/// write set again.
+/// the "no flows yet" bits of its address's entry, the NodePort one when
+/// the flow's service address (`service_addr`) is this node's and its
+/// replies leave a local pod unhairpinned (`node_port_candidate`). The
+/// common case, bits already clear, reads one value and writes nothing.
 #[inline(always)]
 pub fn lb4_flow_to_backend(backend: &Backend, service_addr: u32, node_port_candidate: bool) {
-    let mut node_port = None;
-    let mut node_port_flow = || {
-        *node_port.get_or_insert_with(|| {
-            node_port_candidate
-                && lb4_service_ip(service_addr)
-                    .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
-        })
+    let Some(slot) = reply_source_slot(&ReplySource::address(backend.addr)) else {
+        return;
     };
-    if let Some(slot) = reply_source_slot(&ReplySource::of(backend)) {
-        slot.clear_for_flow(&mut node_port_flow);
-    }
-    if let Some(slot) = reply_source_slot(&ReplySource::address(backend.addr)) {
-        slot.clear_for_flow(&mut node_port_flow);
-    }
+    slot.clear_for_flow(|| {
+        node_port_candidate
+            && lb4_service_ip(service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+    });
 }
 
 /// The `SERVICE_IPS` value of `addr` (frontend count, node bit), if it is

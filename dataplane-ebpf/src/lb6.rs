@@ -26,66 +26,47 @@ pub fn lb6_service_ip(addr: &Ipv6Bytes) -> Option<u32> {
 
 /// Cheap pre-filter of reply translation, as `lb4_may_be_reply`: may
 /// `flow` (into a pod) be a backend's reply to a flow of this node? Not
-/// when its source is no IPv6 backend, or one no flow went to yet
-/// (`NO_FLOWS`). A later fragment, without ports, may.
+/// when its source is no IPv6 backend's address, or one no flow went to
+/// yet (`NO_FLOWS`), by the address's `LB6_REPLY_SOURCES` entry only. A
+/// later fragment, without ports, may.
 #[inline(always)]
 pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
-    lb6_source_may_have(flow, reply_source_flags::NO_FLOWS)
+    !flow.has_l4_header()
+        || reply_source6_get(&ReplySource6::address(flow.src_addr))
+            .is_some_and(|v| v & reply_source_flags::NO_FLOWS == 0)
 }
 
-/// `lb4_is_backend_source` of an IPv6 flow: is its source an IPv6 backend
-/// at all (the uplink egress's pre-filter)?
+/// `lb4_is_backend_source` of an IPv6 flow: is its source an IPv6
+/// backend's address and port (the uplink egress's pre-filter)?
 #[inline(always)]
 pub fn lb6_is_backend_source(flow: &Ipv6Flow) -> bool {
-    lb6_source_may_have(flow, 0)
-}
-
-/// Whether `flow`'s source is an IPv6 backend whose `LB6_REPLY_SOURCES`
-/// values (its address's, then its port's, as `lb4_source_may_have`) have
-/// none of `bits`; a later fragment, without ports, may be.
-#[inline(always)]
-fn lb6_source_may_have(flow: &Ipv6Flow, bits: u32) -> bool {
-    let allows = |value: Option<u32>| value.is_some_and(|v| v & bits == 0);
     !flow.has_l4_header()
-        || (allows(reply_source6_get(&ReplySource6::address(flow.src_addr)))
-            && allows(reply_source6_get(&ReplySource6 {
-                addr: flow.src_addr,
-                port: flow.src_port,
-                proto: flow.proto,
-                _pad: 0,
-            })))
+        || reply_source6_get(&ReplySource6 {
+            addr: flow.src_addr,
+            port: flow.src_port,
+            proto: flow.proto,
+            _pad: 0,
+        })
+        .is_some()
 }
 
 /// `lb4_flow_to_backend` of an IPv6 flow: the flow `ct` (new, or
 /// refreshed) goes to its backend, so the "no flows yet" bits of the
-/// backend's port and address go, the NodePort one when the flow's service
-/// address is this node's and the replies leave a local pod unhairpinned
-/// (`node_port_candidate`). With the bits already clear it reads two
-/// values and writes nothing. A call of its own: inlined, its keys took
-/// the new-flow and established paths past the verifier's 512 bytes of
-/// stack.
+/// backend's address go, the NodePort one when the flow's service address
+/// is this node's and the replies leave a local pod unhairpinned
+/// (`node_port_candidate`). With the bits already clear it reads one value
+/// and writes nothing. A call of its own: inlined, its key took the
+/// new-flow and established paths past the verifier's 512 bytes of stack.
 #[inline(never)]
 pub fn lb6_flow_to_backend(ct: &Ct6Entry, node_port_candidate: bool) {
-    let mut node_port = None;
-    let mut node_port_flow = || {
-        *node_port.get_or_insert_with(|| {
-            node_port_candidate
-                && lb6_service_ip(&ct.service_addr)
-                    .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
-        })
+    let Some(slot) = reply_source6_slot(&ReplySource6::address(ct.backend_addr)) else {
+        return;
     };
-    let backend = ReplySource6 {
-        addr: ct.backend_addr,
-        port: ct.backend_port,
-        proto: ct.proto,
-        _pad: 0,
-    };
-    if let Some(slot) = reply_source6_slot(&backend) {
-        slot.clear_for_flow(&mut node_port_flow);
-    }
-    if let Some(slot) = reply_source6_slot(&ReplySource6::address(ct.backend_addr)) {
-        slot.clear_for_flow(&mut node_port_flow);
-    }
+    slot.clear_for_flow(|| {
+        node_port_candidate
+            && lb6_service_ip(&ct.service_addr)
+                .is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0)
+    });
 }
 
 #[inline(always)]

@@ -70,15 +70,15 @@ pub static BACKEND_SLOTS: Array<u32, { capacity::BACKEND_SLOTS as usize }> = Arr
 #[btf_map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
-/// Backends' (address, port, protocol) -> 1, written by the agent with
-/// `BACKENDS`: the only sources whose packets into a pod `to_pod` looks up
-/// in conntrack, so traffic between pods costs one lookup in this small map.
-/// With `--direct-redirect`, `to_pod` replaces the 1 with the pod interface
-/// it saw a flow to the backend go into (`redirect`). The top two bits
-/// (`reply_source_flags`) say no flow, or no NodePort flow, went to the
-/// backend yet: `to_pod` and `from_pod` then skip their conntrack lookups.
-/// Each backend address has an entry too (port and protocol 0), looked up
-/// before the port's: its bits stand for all its ports.
+/// Backends' (address, port, protocol) -> 1, and backend addresses (port
+/// and protocol 0) -> 1 and bits, written by the agent with `BACKENDS`: the
+/// only sources whose packets into a pod `to_pod` looks up in conntrack, so
+/// traffic between pods costs one lookup in this small map, keyed by the
+/// source address. The address's top two bits (`reply_source_flags`) say
+/// no flow, or no NodePort flow, went to a backend there yet: `to_pod` and
+/// `from_pod` then skip their conntrack lookups. With `--direct-redirect`,
+/// `to_pod` replaces a port's 1 with the pod interface it saw a flow to the
+/// backend go into (`redirect`); the uplink's egress looks up ports.
 #[btf_map(name = "REPLY_SOURCES")]
 static REPLY_SOURCES: HashMap<
     ReplySource,
@@ -326,12 +326,12 @@ impl ReplySourceSlot {
     /// Writes `change(value)` if that differs: the common packet writes
     /// nothing, so the line stays shared between CPUs. Not atomic (the BPF
     /// target without alu32 has no 32-bit atomic AND/OR): the value is read
-    /// just before the write, and the two writers (`to_pod` learning an
-    /// interface, a new flow clearing "no flows yet" bits) race only on a
-    /// backend's first flows on two CPUs at once. A lost interface is
-    /// learned again from the next opening packet; lost cleared bits are
-    /// cleared again by the flow's next refresh (`from_pod`, at most a
-    /// second later) or the next new flow.
+    /// just before the write. A port's entry has one kind of writer
+    /// (`to_pod` learning an interface), an address's another (new flows
+    /// clearing "no flows yet" bits, which race only on the address's first
+    /// flows on two CPUs at once: bits one cleared and the other wrote
+    /// back are cleared again by the flow's next refresh, `from_pod`, at
+    /// most a second later, or the next new flow).
     #[inline(always)]
     pub fn update(&self, change: impl FnOnce(u32) -> u32) {
         let value = self.get();
@@ -342,7 +342,8 @@ impl ReplySourceSlot {
         }
     }
 
-    /// A flow of this node now goes to the backend: clears `NO_FLOWS`,
+    /// A flow of this node now goes to a backend at the address whose
+    /// entry this is: clears `NO_FLOWS`,
     /// and `NO_NODE_PORT_FLOWS` when `node_port_flow()` says it is a
     /// NodePort flow to a local pod (asked only while that bit is set).
     /// The common case, bits already clear, reads the value and writes

@@ -296,22 +296,35 @@ impl Harness {
         map.get(&reply_source6_key(backend), 0).ok()
     }
 
-    /// Writes `value` as `LB6_REPLY_SOURCES`' value of the TCP backend at
+    /// `LB6_REPLY_SOURCES`' value for the address of `backend` as a whole
+    /// (1 and the "no flows yet" bits), if it is a backend's.
+    pub fn reply_address6(&self, backend: SocketAddrV6) -> Option<u32> {
+        let map: BpfHashMap<MapData, ReplySource6, u32> = hash(self, map_names::LB6_REPLY_SOURCES);
+        map.get(&ReplySource6::address(backend.ip().octets()), 0)
+            .ok()
+    }
+
+    /// Writes `value` as `LB6_REPLY_SOURCES`' value of the address of
     /// `backend`, as the sync engine writes it.
-    pub fn set_reply_source6(&self, backend: SocketAddrV6, value: u32) {
+    pub fn set_reply_address6(&self, backend: SocketAddrV6, value: u32) {
         let mut map: BpfHashMap<MapData, ReplySource6, u32> =
             hash(self, map_names::LB6_REPLY_SOURCES);
-        map.insert(reply_source6_key(backend), value, 0)
+        map.insert(ReplySource6::address(backend.ip().octets()), value, 0)
             .expect("writing LB6_REPLY_SOURCES");
     }
 
-    /// Removes the TCP backend at `backend` from `LB6_REPLY_SOURCES`, as
-    /// the sync engine does when it leaves every service.
+    /// Removes the TCP backend at `backend` and its address from
+    /// `LB6_REPLY_SOURCES`, as the sync engine does when the address's
+    /// only backend leaves every service.
     pub fn remove_reply_source6(&self, backend: SocketAddrV6) {
         let mut map: BpfHashMap<MapData, ReplySource6, u32> =
             hash(self, map_names::LB6_REPLY_SOURCES);
-        map.remove(&reply_source6_key(backend))
-            .expect("removing from LB6_REPLY_SOURCES");
+        for key in [
+            reply_source6_key(backend),
+            ReplySource6::address(backend.ip().octets()),
+        ] {
+            map.remove(&key).expect("removing from LB6_REPLY_SOURCES");
+        }
     }
 
     /// A copy of the IPv6 conntrack entry at `key`.

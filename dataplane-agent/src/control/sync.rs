@@ -248,12 +248,19 @@ impl ReplySourceKey {
         }
     }
 
-    /// The entry of the backend's address as a whole, which the datapath
-    /// looks up before the port's.
+    /// The entry of the backend's address as a whole, with the "no flows
+    /// yet" bits of all its ports.
     fn address_of(backend: &BackendKey) -> Self {
         match backend {
             BackendKey::V4(b) => ReplySourceKey::V4(ReplySource::address(b.addr)),
             BackendKey::V6(b) => ReplySourceKey::V6(ReplySource6::address(b.addr)),
+        }
+    }
+
+    fn is_address(&self) -> bool {
+        match self {
+            ReplySourceKey::V4(k) => *k == ReplySource::address(k.addr),
+            ReplySourceKey::V6(k) => *k == ReplySource6::address(k.addr),
         }
     }
 }
@@ -1014,7 +1021,12 @@ impl<M: LbMaps> SyncEngine<M> {
         for key in self.reply_sources.keys() {
             if !reply_sources.contains(key) {
                 // Adopted backends: flows to them may exist.
-                set_reply_source(&mut self.pending, *key, reply_source_flags::MAY_HAVE_FLOWS);
+                let value = if key.is_address() {
+                    reply_source_flags::MAY_HAVE_FLOWS
+                } else {
+                    reply_source_flags::PORT
+                };
+                set_reply_source(&mut self.pending, *key, value);
             }
         }
         for key in &reply_sources {
@@ -1502,30 +1514,31 @@ impl<M: LbMaps> SyncEngine<M> {
             r.refs += 1;
             return r.id;
         }
-        // A backend new to the maps: no flow of this node goes to it yet,
-        // unless conntrack holds flows from before.
+        let source_key = ReplySourceKey::of(&backend);
+        let source = self.reply_sources.entry(source_key).or_insert(0);
+        if *source == 0 {
+            set_reply_source(&mut self.pending, source_key, reply_source_flags::PORT);
+        }
+        *source += 1;
+        // The address's "no flows yet" bits stand for all its ports: set
+        // with its first backend, unless conntrack holds flows from before
+        // this engine's start, and never again while it has one (the
+        // datapath may have cleared them since); a later backend that may
+        // have carried flows clears them.
         let carried = match backend.family() {
             IpFamily::Ipv4 => self.flows_carried.0,
             IpFamily::Ipv6 => self.flows_carried.1,
         };
-        let value = if carried {
-            reply_source_flags::MAY_HAVE_FLOWS
-        } else {
-            reply_source_flags::FRESH
-        };
-        let source_key = ReplySourceKey::of(&backend);
-        let source = self.reply_sources.entry(source_key).or_insert(0);
-        if *source == 0 {
-            set_reply_source(&mut self.pending, source_key, value);
-        }
-        *source += 1;
-        // The address's bits stand for all its ports: set with its first
-        // backend only (the datapath may have cleared them since), cleared
-        // by any backend that may have flows.
         let address_key = ReplySourceKey::address_of(&backend);
         let address = self.reply_sources.entry(address_key).or_insert(0);
-        if *address == 0 || carried {
-            set_reply_source(&mut self.pending, address_key, value);
+        if carried {
+            set_reply_source(
+                &mut self.pending,
+                address_key,
+                reply_source_flags::MAY_HAVE_FLOWS,
+            );
+        } else if *address == 0 {
+            set_reply_source(&mut self.pending, address_key, reply_source_flags::FRESH);
         }
         *address += 1;
         let id = match backend {
@@ -1914,6 +1927,14 @@ mod tests {
         e.sync_service(&name("web"), &[(web, spec("web", &[10]))])
             .unwrap();
         assert_eq!(address_value(e.maps(), 10), Some(reply_source_flags::FRESH));
+        assert!(
+            e.maps()
+                .state
+                .reply_sources
+                .iter()
+                .all(|(k, v)| *k == ReplySource::address(k.addr) || *v == reply_source_flags::PORT),
+            "the bits are the address's only"
+        );
         // The datapath made a flow to 10:8080 and cleared the bits.
         let addr = ReplySource::address(dataplane_common::ipv4_to_map([10, 244, 1, 10]));
         e.maps

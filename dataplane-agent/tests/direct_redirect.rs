@@ -826,10 +826,28 @@ fn ipv6_a_backends_packets_skip_conntrack_until_a_flow_of_their_kind_reaches_it(
             Some(1),
             "interface part kept"
         );
-        // ... gets its reply translated to the NodePort where it leaves.
+        // ... gets its reply translated to the NodePort as it leaves the
+        // backend, and sent to the client's next hop (over an overlay,
+        // `to_outside` would never see it) ...
         let reply = Tcp6::new(local_backend6(), remote_client6(), SYN | ACK).build();
+        let translated = dp.counter(Counter::ReplyTranslated);
+        let run = dp.run_on("from_pod", &reply, pod0);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "NodePort reply");
+        assert_eq!(&run.output[..6], &NODE_MAC, "the client's next hop");
+        assert_between6(&run.output, node_port, remote_client6(), "NodePort reply");
+        assert_eq!(dp.counter(Counter::ReplyTranslated), translated + 1);
+        // ... or where it leaves the node, when it comes that way.
         let run = dp.run_on("to_outside", &reply, uplink0);
         assert_between6(&run.output, node_port, remote_client6(), "NodePort reply");
+        // A packet of no flow from the backend still passes as it is.
+        let stray = Tcp6::new(local_backend6(), sa6("fd00:10:244:2::4f", 41_000), ACK).build();
+        let run = dp.run_on("from_pod", &stray, pod0);
+        assert_eq!(run.verdict, TC_ACT_OK);
+        assert_eq!(
+            hex(&run.output),
+            hex(&stray),
+            "left as it is once looked up"
+        );
 
         // XDP's new NodePort flows clear the bits as tc's do.
         mark_fresh6(&dp, local_backend6());

@@ -31,9 +31,23 @@ pub fn lb6_service_ip(addr: &Ipv6Bytes) -> Option<u32> {
 /// later fragment, without ports, may.
 #[inline(always)]
 pub fn lb6_may_be_reply(flow: &Ipv6Flow) -> bool {
+    lb6_address_may_have(flow, reply_source_flags::NO_FLOWS)
+}
+
+/// Pre-filter of NodePort reply translation in `from_pod`, as
+/// `lb4_may_be_node_port_reply`: only from an address a NodePort flow went
+/// to (`NO_NODE_PORT_FLOWS` cleared).
+#[inline(always)]
+pub fn lb6_may_be_node_port_reply(flow: &Ipv6Flow) -> bool {
+    lb6_address_may_have(flow, reply_source_flags::NO_NODE_PORT_FLOWS)
+}
+
+/// Whether `flow`'s source address is an IPv6 backend's whose
+/// `LB6_REPLY_SOURCES` entry has none of `bits` (`lb4_address_may_have`).
+#[inline(always)]
+fn lb6_address_may_have(flow: &Ipv6Flow, bits: u32) -> bool {
     !flow.has_l4_header()
-        || reply_source6_get(&ReplySource6::address(flow.src_addr))
-            .is_some_and(|v| v & reply_source_flags::NO_FLOWS == 0)
+        || reply_source6_get(&ReplySource6::address(flow.src_addr)).is_some_and(|v| v & bits == 0)
 }
 
 /// `lb4_is_backend_source` of an IPv6 flow: is its source an IPv6

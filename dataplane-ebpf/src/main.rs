@@ -85,6 +85,10 @@ use crate::{
 pub fn from_pod(ctx: TcContext) -> i32 {
     if parse6::is_ipv6_frame(&ctx) {
         return match pod6::from_pod6(&ctx) {
+            MAYBE_NODE_PORT_REPLY => match pod6::node_port_reply_from_pod6(&ctx) {
+                TO_CLIENT => redirect6::redirect6_to_client(&ctx),
+                verdict => verdict,
+            },
             TO_BACKEND => redirect6::redirect6_to_backend(&ctx),
             verdict => verdict,
         };
@@ -98,10 +102,15 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// `from_pod4`'s answer for a packet to no service that may come from a
-/// backend a NodePort flow went to (`lb4_may_be_node_port_reply`): see
-/// [`node_port_reply_from_pod4`]. No tc verdict has this value.
+/// `from_pod4`'s (`from_pod6`'s) answer for a packet to no service that
+/// may come from a backend a NodePort flow went to
+/// (`lb4_may_be_node_port_reply`): see [`node_port_reply_from_pod4`]
+/// (`pod6::node_port_reply_from_pod6`). No tc verdict has this value.
 const MAYBE_NODE_PORT_REPLY: i32 = 0x4e50_5259;
+
+/// `pod6::node_port_reply_from_pod6`'s verdict for a NodePort reply it
+/// translated, to be sent on by `redirect6_to_client`; never a tc verdict.
+const TO_CLIENT: i32 = 0x2_0000;
 
 /// `from_pod4`'s (`from_pod6`'s) verdict for a packet it DNATed to a
 /// backend, to be sent on by [`redirect4_to_backend`]

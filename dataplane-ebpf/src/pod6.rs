@@ -30,7 +30,8 @@ use crate::{
     icmp6::{icmp6_error_flow, icmp6_reverse_translate},
     lb6::{
         lb6_choose_backend, lb6_flow_to_backend, lb6_lookup_backend, lb6_lookup_frontend,
-        lb6_may_be_reply, lb6_service_ip, lb6_source_allowed, Choice6, Selected6,
+        lb6_may_be_node_port_reply, lb6_may_be_reply, lb6_service_ip, lb6_source_allowed, Choice6,
+        Selected6,
     },
     maps::{count, Ct6Slot},
     nat6::{nat6_rewrite_dst, nat6_rewrite_src},
@@ -325,6 +326,9 @@ fn try_from_pod6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outc
         }
     }
     let Some(ip_value) = lb6_service_ip(&flow.dst_addr) else {
+        if lb6_may_be_node_port_reply(flow) {
+            return Outcome::done(Ok(crate::MAYBE_NODE_PORT_REPLY));
+        }
         return Outcome::done(Ok(TC_ACT_OK));
     };
     packet.arrived(flow);
@@ -588,6 +592,45 @@ fn try_to_pod6(ctx: &TcContext, flow: &mut Ipv6Flow, packet: &Packet6) -> Outcom
     }
     packet.arrived(flow);
     to_pod_flow(ctx, flow)
+}
+
+/// A local backend's reply to a client of a NodePort on this node's IPv6
+/// address, translated as it leaves the backend (IPv4's
+/// `node_port_reply_from_pod4`): the client may be a pod of another node
+/// reached over an overlay, where the uplink's `to_outside` sees only the
+/// encapsulated packet. Called by `from_pod` after `from_pod6` answered
+/// [`crate::MAYBE_NODE_PORT_REPLY`]; a translated reply is answered with
+/// [`crate::TO_CLIENT`], for `redirect6_to_client` to send on (with this
+/// node's address as source the stack would take it for a martian), a
+/// call of its own after this one returned: the FIB parameters on top of
+/// the translation's frames are past the verifier's 512 bytes.
+#[inline(never)]
+pub fn node_port_reply_from_pod6(ctx: &TcContext) -> i32 {
+    let mut flow = Ipv6Flow::default();
+    if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
+        return TC_ACT_OK;
+    }
+    let Some(reply) = ct6_lookup_flow(&flow, ct_dir::REPLY) else {
+        return TC_ACT_OK;
+    };
+    let ct = reply.entry();
+    let node_port =
+        lb6_service_ip(&ct.service_addr).is_some_and(|v| v & service_ip_flags::NODE_ADDRESS != 0);
+    if !node_port || ct.flags & ct_flags::HAIRPIN != 0 {
+        return TC_ACT_OK;
+    }
+    if flow.frag == frag::FIRST {
+        frag6_track(&flow);
+    }
+    let packet = Packet6::new(trace_hook::FROM_POD);
+    packet.arrived(&flow);
+    let outcome = reply_translate(ctx, &mut flow, ct, skb::now_ns());
+    let verdict = outcome.verdict();
+    outcome.trace(ctx, &packet, &flow);
+    if verdict == TC_ACT_OK && flow.src_addr == ct.service_addr {
+        return crate::TO_CLIENT;
+    }
+    verdict
 }
 
 /// A packet to a pod (or, from `external6`, to the uplink): translated

@@ -12,7 +12,7 @@ use dataplane_common::{ReplySource6, IPPROTO_TCP};
 
 use crate::{
     ctx::PacketCtx,
-    fib::{fib6_lookup_fitting, Route6},
+    fib::{fib6_lookup, fib6_lookup_fitting, Route6},
     lb6::lb6_service_ip,
     maps::{backend_interface6, learn_backend_interface6},
     parse::{frag, TCP_ACK, TCP_SYN},
@@ -85,5 +85,28 @@ pub fn redirect6_learn_backend(ctx: &TcContext, flow: &Ipv6Flow) {
     // 1 is the loopback (and a test run's device): never a pod's.
     if ifindex > 1 {
         learn_backend_interface6(&backend_of(flow), ifindex);
+    }
+}
+
+/// `from_pod`: a local backend's NodePort reply, translated by
+/// `pod6::node_port_reply_from_pod6`, goes to the client's next hop by FIB
+/// lookup, as `from_outside` sends SNATed replies; no route leaves it to
+/// the stack. A call of its own, on the packet as it is now.
+#[inline(never)]
+pub fn redirect6_to_client(ctx: &TcContext) -> i32 {
+    let mut flow = Ipv6Flow::default();
+    if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
+        return TC_ACT_OK;
+    }
+    let route = Route6 {
+        src_addr: &flow.src_addr,
+        dst_addr: &flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+    };
+    match fib6_lookup(PacketCtx::raw(ctx), PacketCtx::ifindex(ctx), &route) {
+        Some(hop) => PacketCtx::send(ctx, &hop),
+        None => TC_ACT_OK,
     }
 }

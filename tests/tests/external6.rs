@@ -14,7 +14,7 @@ use dataplane_lab::{
     traffic::TCP_PORT,
     CrossNode, Topology,
 };
-use integration_tests::{bulk, lab_pod, require_root, Cluster, WEB_IP};
+use integration_tests::{bulk, lab_pod, require_root, Cluster, Seen, WEB_IP};
 
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
@@ -652,4 +652,42 @@ fn ipv6_path_mtu_discovery_works_through_a_node_port_to_a_local_backend() {
         Some(NARROW_MTU),
         "the backend learnt the narrow link's MTU"
     );
+}
+
+/// `pods_reach_a_node_port_of_another_node_with_a_local_backend_across_a_vxlan_overlay`
+/// over IPv6: a pod of node 1 connects to node 2's IPv6 address on a
+/// NodePort whose only backend is on node 2, the nodes joined by a VXLAN
+/// overlay. The backend's reply goes back to the pod over the overlay, not
+/// out of the uplink where `to_outside` would see it, and is translated all
+/// the same as it leaves the backend: the pod sees the NodePort answer.
+#[test]
+fn pods_reach_an_ipv6_node_port_of_another_node_with_a_local_backend_across_a_vxlan_overlay() {
+    require_root();
+    let c = Cluster::start_dual(
+        Topology::Bridge,
+        CrossNode::Vxlan,
+        &[(
+            "web.yaml",
+            integration_tests::dual_stack_web_node_port(
+                [NODE_PORT_HTTP, NODE_PORT_DNS],
+                &["web-b"],
+            ),
+        )],
+    );
+    assert_eq!(lab_pod("client").node, 1);
+    assert_eq!(lab_pod("web-b").node, 2);
+    let to = SocketAddr::new(IpAddr::V6(node_ip6(2)), NODE_PORT_HTTP);
+    c.eventually(
+        "the IPv6 NodePort answers the pod of the other node",
+        || c.tcp("client", to).backend() == Some("web-b"),
+    );
+    match c.tcp("client", to) {
+        Seen::Answered { from, .. } => assert_eq!(from, to, "TCP reply from the NodePort"),
+        other => panic!("TCP: {other:?}\n{}", c.logs()),
+    }
+    let dns = SocketAddr::new(IpAddr::V6(node_ip6(2)), NODE_PORT_DNS);
+    match c.udp("client", dns) {
+        Seen::Answered { from, .. } => assert_eq!(from, dns, "UDP reply from the NodePort"),
+        other => panic!("UDP: {other:?}\n{}", c.logs()),
+    }
 }

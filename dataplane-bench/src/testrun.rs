@@ -20,7 +20,9 @@ use std::{
 use anyhow::{bail, Context as _};
 use dataplane_agent::{
     control::model::IpFamily,
-    node::datapath::{BENCH_EMPTY, BENCH_FLOOR, BENCH_FLOOR_FLOW, FROM_POD, TO_POD},
+    node::datapath::{
+        BENCH_EMPTY, BENCH_FLOOR, BENCH_FLOOR_FLOW, BENCH_FLOOR_INSERT, FROM_POD, TO_POD,
+    },
 };
 use dataplane_common::Counter;
 use dataplane_testkit::{
@@ -64,6 +66,18 @@ pub struct ScaleResult {
     pub floor_flow: u32,
     /// established / floor_flow (medians), gross and net of `empty`.
     pub established_to_floor_flow: (f64, f64),
+    /// `bench_floor_insert` (the floor plus the two conntrack inserts of
+    /// a new flow) on SYNs of flows of its own, after every other pass:
+    /// the least a new flow costs with its flows in a BPF LRU hash map.
+    /// Median, ns.
+    pub floor_insert: u32,
+    /// new_flow / floor_insert (medians), gross and net of `empty`.
+    pub new_flow_to_floor_insert: (f64, f64),
+    /// The two reference programs to the floor (median over their paired
+    /// runs), gross and net: what any design tracking flows in BPF hash
+    /// maps pays at least, in the targets' own unit.
+    pub floor_flow_ratio: (f64, f64),
+    pub floor_insert_ratio: (f64, f64),
     pub reply: u32,
     /// A later reply of an established flow (after one reply that found
     /// the flow established), as most of a flow's replies are.
@@ -188,6 +202,7 @@ impl Programs<'_> {
             Prog::Empty => BENCH_EMPTY,
             Prog::Floor => BENCH_FLOOR,
             Prog::FloorFlow => BENCH_FLOOR_FLOW,
+            Prog::FloorInsert => BENCH_FLOOR_INSERT,
             Prog::FromPod => FROM_POD,
             Prog::ToPod => TO_POD,
         };
@@ -228,6 +243,7 @@ enum Prog {
     Empty,
     Floor,
     FloorFlow,
+    FloorInsert,
     FromPod,
     ToPod,
 }
@@ -444,6 +460,20 @@ pub fn run_scale(
         })?;
     }
 
+    // The floor plus a new flow's two conntrack inserts, on SYNs of flows
+    // no other pass made (clients past the measured ones), last: its
+    // entries, which hold nothing, are met by no later run.
+    let mut floor_insert = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let client = client_of(family, flows_n + i);
+        let service = SocketAddr::new(scenario::service_ip(family, i % services), SERVICE_PORT);
+        let pkt = tcp_packet(client, service, SYN);
+        let (_, verdict) = p.paired(Prog::FloorInsert, &pkt, Some(&mut floor_insert))?;
+        expect(verdict == TC_ACT_OK, || {
+            format!("insert floor verdict {verdict}: an entry was there or the map refused it")
+        })?;
+    }
+
     let empty = median(&mut p.empty_samples);
     let floor = median(&mut p.floor_samples);
     let fl = &flows[picked[0]];
@@ -477,6 +507,8 @@ pub fn run_scale(
     let ns = |pairs: &[Pair]| median(&mut pairs.iter().map(|p| p.0).collect::<Vec<_>>());
     let (established_ns, floor_flow_ns) = (ns(&established), ns(&floor_flow));
     let over_floor_flow = |fixed: u32| paired_ratio(&[(established_ns, floor_flow_ns)], fixed);
+    let (new_flow_ns, floor_insert_ns) = (ns(&new_flow), ns(&floor_insert));
+    let over_floor_insert = |fixed: u32| paired_ratio(&[(new_flow_ns, floor_insert_ns)], fixed);
     Ok(ScaleResult {
         family,
         services,
@@ -489,10 +521,20 @@ pub fn run_scale(
         into_pod: ns(&into_pod),
         backend_out: ns(&backend_out),
         backend_in: ns(&backend_in),
-        new_flow: ns(&new_flow),
+        new_flow: new_flow_ns,
         established: established_ns,
         floor_flow: floor_flow_ns,
         established_to_floor_flow: (over_floor_flow(0), over_floor_flow(empty)),
+        floor_insert: floor_insert_ns,
+        new_flow_to_floor_insert: (over_floor_insert(0), over_floor_insert(empty)),
+        floor_flow_ratio: (
+            paired_ratio(&floor_flow, 0),
+            paired_ratio(&floor_flow, empty),
+        ),
+        floor_insert_ratio: (
+            paired_ratio(&floor_insert, 0),
+            paired_ratio(&floor_insert, empty),
+        ),
         reply: ns(&reply),
         reply_established: ns(&reply_established),
         empty,
@@ -566,10 +608,11 @@ pub fn run(
         match r {
             Ok(r) => {
                 eprintln!(
-                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x), established {} ns ({:.2}x, net {:.2}x; {:.2}x, net {:.2}x the floor with a flow lookup, {} ns), reply {} ns ({:.2}x, net {:.2}x), reply of an established flow {} ns ({:.2}x, net {:.2}x); floor with repeat={REPEAT}: {} ns",
+                    "  {family}, {services} services ({} flows, synced in {:?}): empty {} ns, floor {} ns, non-service {} ns, into a pod {} ns, backend packet without a flow out {} ns / in {} ns, new flow {} ns ({:.2}x, net {:.2}x; {:.2}x, net {:.2}x the floor with the flow's inserts, {} ns), established {} ns ({:.2}x, net {:.2}x; {:.2}x, net {:.2}x the floor with a flow lookup, {} ns), reply {} ns ({:.2}x, net {:.2}x), reply of an established flow {} ns ({:.2}x, net {:.2}x); floor with repeat={REPEAT}: {} ns",
                     r.flows, r.sync_time, r.empty, r.floor, r.non_service, r.into_pod,
                     r.backend_out, r.backend_in,
                     r.new_flow, r.ratio.new_flow, r.net_ratio.new_flow,
+                    r.new_flow_to_floor_insert.0, r.new_flow_to_floor_insert.1, r.floor_insert,
                     r.established, r.ratio.established, r.net_ratio.established,
                     r.established_to_floor_flow.0, r.established_to_floor_flow.1, r.floor_flow,
                     r.reply, r.ratio.reply, r.net_ratio.reply,

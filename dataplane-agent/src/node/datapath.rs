@@ -67,6 +67,9 @@ pub const BENCH_FLOOR: &str = "bench_floor";
 /// Benchmark reference program: the floor plus one conntrack lookup of the
 /// packet's own flow. Loaded, never attached.
 pub const BENCH_FLOOR_FLOW: &str = "bench_floor_flow";
+/// Benchmark reference program: the floor plus the two conntrack inserts
+/// of a new flow. Loaded, never attached.
+pub const BENCH_FLOOR_INSERT: &str = "bench_floor_insert";
 /// Benchmark reference program that does nothing: the fixed cost of a test
 /// run. Loaded, never attached.
 pub const BENCH_EMPTY: &str = "bench_empty";
@@ -400,6 +403,7 @@ impl Datapath {
             TO_OUTSIDE,
             BENCH_FLOOR,
             BENCH_FLOOR_FLOW,
+            BENCH_FLOOR_INSERT,
             BENCH_EMPTY,
         ] {
             let program = program_mut(&mut ebpf, name)?;

@@ -7,7 +7,7 @@ use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS};
 
 use dataplane_common::Ipv6Bytes;
 
-use crate::{parse::Ipv4Flow, skb};
+use crate::{parse::Ipv4Flow, parse6::Ipv6Flow, skb};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -103,6 +103,20 @@ pub struct Route6<'a> {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+}
+
+impl<'a> Route6<'a> {
+    /// The route of `flow` as it is now.
+    #[inline(always)]
+    pub fn of(flow: &'a Ipv6Flow) -> Self {
+        Self {
+            src_addr: &flow.src_addr,
+            dst_addr: &flow.dst_addr,
+            src_port: flow.src_port,
+            dst_port: flow.dst_port,
+            proto: flow.proto,
+        }
+    }
 }
 
 /// [`fib4_lookup`] for IPv6 (`AF_INET6`).

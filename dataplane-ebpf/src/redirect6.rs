@@ -59,13 +59,7 @@ pub fn redirect6_to_backend(ctx: &TcContext) -> i32 {
     } else {
         u16::try_from(IP6_HLEN as u32 + flow.payload_len).unwrap_or(u16::MAX)
     };
-    let route = Route6 {
-        src_addr: &flow.src_addr,
-        dst_addr: &flow.dst_addr,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-    };
+    let route = Route6::of(flow);
     let hop = fib6_lookup_fitting(PacketCtx::raw(ctx), ingress, &route, ip_len);
     send_to_hop(ctx, ingress, hop, || backend_interface6(&backend_of(flow)))
 }
@@ -98,13 +92,7 @@ pub fn redirect6_to_client(ctx: &TcContext) -> i32 {
     if parse_ipv6_flow_into(ctx, &mut flow).is_err() {
         return TC_ACT_OK;
     }
-    let route = Route6 {
-        src_addr: &flow.src_addr,
-        dst_addr: &flow.dst_addr,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-    };
+    let route = Route6::of(&flow);
     match fib6_lookup(PacketCtx::raw(ctx), PacketCtx::ifindex(ctx), &route) {
         Some(hop) => PacketCtx::send(ctx, &hop),
         None => TC_ACT_OK,
